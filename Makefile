@@ -1,0 +1,30 @@
+# Two entry points, each doing its own set-up on a fresh clone (Python >= 3.10 and pip only):
+#   make demo   sets up .venv and runs the main job on the embedded default
+#   make test   sets up .venv and runs ruff and the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# The CPU build of torch first, pinned: an unpinned torch on a fresh machine pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: setup demo test test-all lint
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/quantpredict demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check quantpredict tests benchmarks
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP) lint
+	$(PY) -m pytest -q -m "slow or not slow"

@@ -1,0 +1,5 @@
+import sys
+
+from quantpredict.cli import main
+
+sys.exit(main())

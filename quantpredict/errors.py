@@ -1,0 +1,39 @@
+"""User-facing errors.
+
+Every error a user can trigger with bad input is a :class:`QuantpredictError` whose message names the input and
+the fix. The CLI prints the message and exits non-zero (no traceback unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class QuantpredictError(Exception):
+    """Base class of every error quantpredict raises for bad input or state."""
+
+
+class FormatError(QuantpredictError, ValueError):
+    """Unknown format name, bad block size, or a tensor the format cannot take (NaN/Inf)."""
+
+
+class DataError(QuantpredictError, ValueError):
+    """Unknown data set or split, or empty/invalid calibration data."""
+
+
+class ModelError(QuantpredictError, ValueError):
+    """A model that cannot be found, loaded, or whose weights are not finite."""
+
+
+class UnsupportedArchitectureError(QuantpredictError, ValueError):
+    """A model family that the ``arch`` adapters do not know."""
+
+
+class StoreError(QuantpredictError, ValueError):
+    """A run store that is corrupt, of a newer schema, or not a run store at all."""
+
+
+class PredictorError(QuantpredictError, ValueError):
+    """A saved predictor that is missing, corrupt, or fitted on a different feature schema."""
+
+
+class NotImplementedYetError(QuantpredictError):
+    """A CLI stage that this version does not implement yet."""
