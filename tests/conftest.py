@@ -15,7 +15,7 @@ from transformers import (
     OPTForCausalLM,
 )
 
-VOCAB = 128
+VOCAB = 320
 
 
 def tiny_model(family: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):
@@ -56,3 +56,32 @@ def any_family(request):
 def token_windows():
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, VOCAB, (6, 24), generator=g)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with a vocabulary of ``VOCAB`` trained on a slice of WikiText-2 train (offline)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from quantpredict.data import load_text
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([load_text("wikitext2", "train")[:200_000]], vocab_size=VOCAB, min_frequency=2,
+                            special_tokens=["<pad>", "<s>", "</s>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_hf_dir(tmp_path, tokenizer):
+    """A tiny Llama and its tokenizer saved as a Hugging Face model directory."""
+    model = tiny_model("llama")
+    path = tmp_path / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
