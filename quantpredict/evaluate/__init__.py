@@ -1,0 +1,29 @@
+"""WikiText-2 perplexity with standard errors, and the quantized-vs-FP comparison (``quantpredict.evaluate``).
+
+- :func:`perplexity` -> :class:`PerplexityResult` (a float carrying ``nll``, ``nll_se``, ``tokens``, ``windows``...)
+- :func:`compare` -> :class:`Comparison` (delta NLL / perplexity with paired standard errors, KL divergence, top-1
+  agreement) of a quantized model against its FP original on the same windows.
+- Building blocks: :func:`make_windows` / :class:`Windows` (windowing), :func:`window_nlls` (mean NLL per window),
+  the ``*_of_ids`` / ``*_windows`` variants that take token ids or windows directly.
+
+Standard errors are over windows, which are the (approximately) independent units; see ``evaluate.stats``.
+"""
+
+from quantpredict.evaluate.compare import Comparison, compare, compare_ids, compare_windows
+from quantpredict.evaluate.perplexity import PerplexityResult, perplexity, perplexity_of_ids, perplexity_of_windows
+from quantpredict.evaluate.scoring import window_nlls
+from quantpredict.evaluate.windows import Windows, make_windows
+
+__all__ = [
+    "Comparison",
+    "PerplexityResult",
+    "Windows",
+    "compare",
+    "compare_ids",
+    "compare_windows",
+    "make_windows",
+    "perplexity",
+    "perplexity_of_ids",
+    "perplexity_of_windows",
+    "window_nlls",
+]

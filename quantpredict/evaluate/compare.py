@@ -1,0 +1,123 @@
+"""The quantization-quality report: a quantized model against its FP original on the same windows."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantpredict.evaluate.scoring import pair_sums
+from quantpredict.evaluate.stats import influence, se_from_influence
+from quantpredict.evaluate.windows import Windows, make_windows
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A quantized model against its FP original, measured on the same windows.
+
+    NLLs and KL divergence are in nats per predicted token. Standard errors (``*_se``) are over windows; the deltas'
+    are paired (window by window), so they are far smaller than the two perplexities' own errors. ``delta_ppl_se``
+    comes from the delta method on ``exp(nll_quant) - exp(nll_fp)``. ``kld`` is the mean KL(P_fp || P_quant) of the
+    next-token distributions; ``top1_agreement_pct`` the percentage of positions where both models' most likely next
+    token is the same. Every standard error is NaN when there is only one window.
+    """
+
+    ppl_fp: float
+    ppl_quant: float
+    nll_fp: float
+    nll_fp_se: float
+    nll_quant: float
+    nll_quant_se: float
+    delta_nll: float
+    delta_nll_se: float
+    delta_ppl: float
+    delta_ppl_se: float
+    kld: float
+    kld_se: float
+    top1_agreement_pct: float
+    top1_agreement_pct_se: float
+    eval_tokens: int
+    windows: int
+    seq_len: int
+    dataset: str
+    split: str
+    seconds: float
+    stride: int | None = None
+
+    @property
+    def ppl_fp_se(self) -> float:
+        return self.ppl_fp * self.nll_fp_se
+
+    @property
+    def ppl_quant_se(self) -> float:
+        return self.ppl_quant * self.nll_quant_se
+
+    @property
+    def delta_ppl_pct(self) -> float:
+        """Perplexity increase in percent of the FP perplexity."""
+        return 100.0 * self.delta_ppl / self.ppl_fp
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
+                    progress: bool | None = None, dataset: str = "", split: str = "") -> Comparison:
+    """:func:`compare` on given :class:`Windows`."""
+    start = time.perf_counter()
+    sums = {k: v.numpy() for k, v in pair_sums(model_fp, model_q, windows, batch_size=batch_size,
+                                                  progress=progress).items()}
+    counts = windows.scored_counts.numpy()
+    nll_fp, u_fp = influence(sums["nll_fp"], counts)
+    nll_q, u_q = influence(sums["nll_quant"], counts)
+    kld, u_kld = influence(sums["kld"], counts)
+    top1, u_top1 = influence(sums["top1"], counts)
+    ppl_fp, ppl_q = math.exp(nll_fp), math.exp(nll_q)
+    return Comparison(
+        ppl_fp=ppl_fp, ppl_quant=ppl_q,
+        nll_fp=nll_fp, nll_fp_se=se_from_influence(u_fp),
+        nll_quant=nll_q, nll_quant_se=se_from_influence(u_q),
+        # the difference of sums, not of the rounded means, so a model against itself gives exactly 0
+        delta_nll=float((sums["nll_quant"] - sums["nll_fp"]).sum() / counts.sum()),
+        delta_nll_se=se_from_influence(u_q - u_fp),
+        delta_ppl=ppl_q - ppl_fp, delta_ppl_se=se_from_influence(ppl_q * u_q - ppl_fp * u_fp),
+        kld=kld, kld_se=se_from_influence(u_kld),
+        top1_agreement_pct=100.0 * top1, top1_agreement_pct_se=100.0 * se_from_influence(u_top1),
+        eval_tokens=int(np.sum(counts)), windows=windows.n, seq_len=windows.seq_len, dataset=dataset, split=split,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, *, seq_len: int = 256,
+                stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
+                progress: bool | None = None, dataset: str = "", split: str = "") -> Comparison:
+    """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare`."""
+    windows = make_windows(ids, seq_len, stride=stride, max_windows=max_windows,
+                           source=f"{dataset} {split} tokens" if dataset else "the token ids")
+    res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
+                          dataset=dataset, split=split)
+    return Comparison(**{**res.to_dict(), "stride": stride})
+
+
+def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test",
+            seq_len: int = 256, max_windows: int | None = None, batch_size: int = 8, stride: int | None = None,
+            progress: bool | None = None) -> Comparison:
+    """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
+
+    Windows as in :func:`quantpredict.evaluate.perplexity` (non-overlapping, ``seq_len`` tokens, the first
+    ``max_windows``; ``stride`` for sliding windows). Both models run batch by batch; log-softmax is taken in
+    float32 per batch, and per-window sums are accumulated in float64. Returns a :class:`Comparison` (delta NLL and
+    perplexity with paired standard errors, mean KL divergence, top-1 agreement).
+    """
+    from quantpredict.data import token_ids
+
+    start = time.perf_counter()
+    ids = token_ids(tokenizer, dataset, split)
+    res = compare_ids(model_fp, model_q, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+                      batch_size=batch_size, progress=progress, dataset=dataset, split=split)
+    return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start})

@@ -1,0 +1,124 @@
+"""Perplexity of a causal LM on a bundled text split, with the standard error of its NLL over windows."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantpredict.evaluate.scoring import nll_sums
+from quantpredict.evaluate.stats import ratio_mean_se
+from quantpredict.evaluate.windows import Windows, make_windows
+
+
+class PerplexityResult(float):
+    """A perplexity (the float value itself) that carries how it was measured and its uncertainty.
+
+    ``nll``: mean NLL in nats per predicted token (``ppl = exp(nll)``); ``nll_se``: its standard error over windows
+    (NaN with one window); ``ppl_se``: the delta-method standard error ``ppl * nll_se``; ``tokens``: predicted
+    tokens scored; ``windows``, ``seq_len``, ``stride`` (None = non-overlapping), ``dataset``, ``split``, ``seconds``
+    (wall time of the evaluation).
+    """
+
+    _FIELDS = ("nll", "nll_se", "tokens", "windows", "seq_len", "stride", "dataset", "split", "seconds")
+
+    nll: float
+    nll_se: float
+    tokens: int
+    windows: int
+    seq_len: int
+    stride: int | None
+    dataset: str
+    split: str
+    seconds: float
+
+    def __new__(cls, *, nll: float, nll_se: float, tokens: int, windows: int, seq_len: int, stride: int | None = None,
+                dataset: str = "", split: str = "", seconds: float = 0.0, ppl: float | None = None) -> PerplexityResult:
+        self = super().__new__(cls, math.exp(nll) if ppl is None else ppl)
+        values = dict(nll=float(nll), nll_se=float(nll_se), tokens=int(tokens), windows=int(windows),
+                      seq_len=int(seq_len), stride=stride, dataset=dataset, split=split, seconds=float(seconds))
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+        return self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("PerplexityResult is immutable")
+
+    @property
+    def ppl(self) -> float:
+        return float(self)
+
+    @property
+    def ppl_se(self) -> float:
+        return float(self) * self.nll_se
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values: ``ppl``, ``ppl_se``, then every field."""
+        return {"ppl": self.ppl, "ppl_se": self.ppl_se, **{k: getattr(self, k) for k in self._FIELDS}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PerplexityResult:
+        return cls(**{k: d[k] for k in cls._FIELDS if k in d}, ppl=d.get("ppl"))
+
+    def __reduce__(self):  # pickles (e.g. across Dask workers) keep the fields
+        return (PerplexityResult.from_dict, (self.to_dict(),))
+
+    def __repr__(self) -> str:
+        return (f"PerplexityResult(ppl={self.ppl:.4f}, nll={self.nll:.5f} ± {self.nll_se:.5f}, tokens={self.tokens}, "
+                f"windows={self.windows}, seq_len={self.seq_len})")
+
+    def __str__(self) -> str:
+        return f"{self.ppl:.4f}"
+
+
+def perplexity_of_windows(model: nn.Module, windows: Windows, *, batch_size: int = 8,
+                          progress: bool | None = None, dataset: str = "", split: str = "") -> PerplexityResult:
+    """Perplexity over given :class:`Windows` (see :func:`perplexity`)."""
+    start = time.perf_counter()
+    sums = nll_sums(model, windows, batch_size=batch_size, progress=progress)
+    nll, se = ratio_mean_se(sums.numpy(), windows.scored_counts.numpy())
+    return PerplexityResult(nll=nll, nll_se=se, tokens=windows.scored_tokens, windows=windows.n,
+                            seq_len=windows.seq_len, dataset=dataset, split=split,
+                            seconds=time.perf_counter() - start)
+
+
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, seq_len: int = 256, stride: int | None = None,
+                      max_windows: int | None = None, batch_size: int = 8, progress: bool | None = None,
+                      dataset: str = "", split: str = "") -> PerplexityResult:
+    """Perplexity of a 1-D stream of token ids ``[N]``, windowed as in :func:`perplexity`."""
+    start = time.perf_counter()
+    windows = make_windows(ids, seq_len, stride=stride, max_windows=max_windows,
+                           source=f"{dataset} {split} tokens" if dataset else "the token ids")
+    res = perplexity_of_windows(model, windows, batch_size=batch_size, progress=progress, dataset=dataset, split=split)
+    return PerplexityResult.from_dict({**res.to_dict(), "stride": stride, "seconds": time.perf_counter() - start})
+
+
+def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test", seq_len: int = 256,
+               stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
+               progress: bool | None = None) -> PerplexityResult:
+    """Perplexity of a Hugging Face causal LM on a bundled text split.
+
+    The split's text, verbatim, is tokenized once (``quantpredict.data.token_ids``, no special tokens) and cut into
+    non-overlapping windows of ``seq_len`` tokens, the remainder dropped; each window scores its ``seq_len - 1``
+    next-token predictions, and the result is ``exp(total NLL / total predicted tokens)`` accumulated in float64.
+    ``stride`` switches to sliding windows (each token after the first scored once, with at least
+    ``seq_len - stride`` tokens of context). ``max_windows`` keeps the first windows (a fixed prefix of the split).
+
+    Returns a :class:`PerplexityResult`: a float that also carries ``nll``, ``nll_se`` (standard error over windows),
+    ``tokens``, ``windows``, ``seq_len``, ``seconds``. Raises :class:`DataError` for an unknown or empty split,
+    ``seq_len < 2``, or fewer tokens than one window.
+    """
+    from quantpredict.data import token_ids
+
+    start = time.perf_counter()
+    ids = token_ids(tokenizer, dataset, split)
+    res = perplexity_of_ids(model, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+                            batch_size=batch_size, progress=progress, dataset=dataset, split=split)
+    return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start})

@@ -1,0 +1,150 @@
+"""Batched forward passes that score windows: per-window sums of token statistics, accumulated in float64.
+
+Logits are turned into log-probabilities in float32 one batch at a time, so memory stays at
+``batch_size * seq_len * vocab`` floats whatever the number of windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantpredict.errors import DataError, ModelError
+from quantpredict.evaluate.windows import Windows
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, when its config says so."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_model(model: nn.Module, windows: Windows, name: str = "model") -> None:
+    """Raise a clear error before a forward pass would fail on a too-long window or an out-of-vocabulary id."""
+    limit = max_positions(model)
+    if limit is not None and windows.seq_len > limit:
+        raise DataError(f"seq_len={windows.seq_len} is longer than the {name}'s {limit} positions; "
+                        f"pass a seq_len of at most {limit}")
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is not None and windows.n and int(windows.ids.max()) >= vocab:
+        raise ModelError(f"the tokenizer produced id {int(windows.ids.max())}, outside the {name}'s vocabulary of "
+                         f"{vocab}; evaluate the model with its own tokenizer")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Dropout off and no autograd while scoring; each model's training flag is restored afterwards."""
+    flags = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.inference_mode():
+            yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
+
+
+def next_token_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, seq_len - 1, vocab]`` float32 logits; row ``j`` predicts token ``j + 1`` of each window."""
+    out = model(input_ids=ids.to(model_device(model)), use_cache=False)
+    return out.logits[:, :-1].float()
+
+
+def scored_mask(windows: Windows) -> torch.Tensor:
+    """``[n, seq_len - 1]`` bool: prediction row ``j`` (of token ``j + 1``) is scored."""
+    rows = torch.arange(1, windows.seq_len)
+    return rows.unsqueeze(0) >= windows.first_scored.unsqueeze(1)
+
+
+def batches(windows: Windows, batch_size: int, *, desc: str, progress: bool | None) -> Iterator[Windows]:
+    """The windows in consecutive batches, behind a tqdm bar counting windows (auto-hidden when not a TTY)."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
+    disable = None if progress is None else not progress
+    with tqdm(total=windows.n, desc=desc, unit="win", disable=disable, leave=False) as bar:
+        for lo in range(0, windows.n, batch_size):
+            batch = windows[lo : lo + batch_size]
+            yield batch
+            bar.update(batch.n)
+
+
+def nll_sums(model: nn.Module, windows: Windows, *, batch_size: int = 8, progress: bool | None = None,
+             desc: str = "perplexity") -> torch.Tensor:
+    """``[n]`` float64 sum of next-token NLL (nats) over each window's scored positions."""
+    check_model(model, windows)
+    out = torch.empty(windows.n, dtype=torch.float64)
+    with eval_mode(model):
+        lo = 0
+        for batch in batches(windows, batch_size, desc=desc, progress=progress):
+            logits = next_token_logits(model, batch.ids)
+            targets = batch.ids[:, 1:].to(logits.device)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            nll = nll.cpu().double() * scored_mask(batch)
+            out[lo : lo + batch.n] = nll.sum(dim=1)
+            lo += batch.n
+    return out
+
+
+def window_nlls(model: nn.Module, windows: torch.Tensor | Windows, *, batch_size: int = 8,
+                progress: bool | None = False) -> torch.Tensor:
+    """Mean next-token NLL (nats/token) of each window: ``[n]`` float64.
+
+    ``windows`` is a ``[n, seq_len]`` LongTensor of token ids (every position after the first is scored) or a
+    :class:`Windows` (its ``first_scored`` respected). A building block for anyone scoring their own windows.
+    """
+    if isinstance(windows, torch.Tensor):
+        if windows.dim() != 2 or windows.shape[1] < 2:
+            raise DataError(f"windows must be [n, seq_len >= 2] token ids, got shape {tuple(windows.shape)}")
+        windows = Windows(windows.long(), torch.ones(windows.shape[0], dtype=torch.long))
+    return nll_sums(model, windows, batch_size=batch_size, progress=progress) / windows.scored_counts.double()
+
+
+def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
+              progress: bool | None = None, desc: str = "compare") -> dict[str, torch.Tensor]:
+    """Per-window float64 sums, over scored positions, of the statistics ``compare`` reports.
+
+    Returns ``{"nll_fp", "nll_quant", "kld", "top1"}``, each ``[n]``: NLL of either model, KL(P_fp || P_q) in nats,
+    and the count of positions where both models' most likely next token agree.
+    """
+    check_model(model_fp, windows, "FP model")
+    check_model(model_q, windows, "quantized model")
+    keys = ("nll_fp", "nll_quant", "kld", "top1")
+    out = {k: torch.empty(windows.n, dtype=torch.float64) for k in keys}
+    with eval_mode(model_fp, model_q):
+        lo = 0
+        for batch in batches(windows, batch_size, desc=desc, progress=progress):
+            logp_fp = torch.log_softmax(next_token_logits(model_fp, batch.ids), dim=-1)
+            logp_q = torch.log_softmax(next_token_logits(model_q, batch.ids).to(logp_fp.device), dim=-1)
+            if logp_fp.shape != logp_q.shape:
+                raise ModelError(f"the FP and quantized models disagree on the vocabulary ({logp_fp.shape[-1]} vs "
+                                 f"{logp_q.shape[-1]} logits); compare a model only with its own quantized copy")
+            targets = batch.ids[:, 1:].to(logp_fp.device).unsqueeze(-1)
+            stats = {
+                "nll_fp": -logp_fp.gather(-1, targets).squeeze(-1),
+                "nll_quant": -logp_q.gather(-1, targets).squeeze(-1),
+                # sum_v p(v) (log p(v) - log q(v)); float32 per token, summed over tokens in float64 below
+                "kld": (logp_fp.exp() * (logp_fp - logp_q)).sum(dim=-1),
+                "top1": (logp_fp.argmax(dim=-1) == logp_q.argmax(dim=-1)),
+            }
+            mask = scored_mask(batch)
+            for k, v in stats.items():
+                out[k][lo : lo + batch.n] = (v.cpu().double() * mask).sum(dim=1)
+            lo += batch.n
+    return out
