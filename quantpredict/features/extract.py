@@ -1,0 +1,472 @@
+"""``extract``: every feature of ``schema.FEATURES`` for a model under a quantization recipe.
+
+All features are measured at the full-precision point ``W`` (the recipe's smoothed weights when it uses
+SmoothQuant, which leaves the FP function unchanged) on a small calibration batch cut from WikiText-2 *train*.
+The quantization direction is ``delta = Q(W) - W`` over the weights of every ``arch.linear_layers`` layer, with
+``Q`` the recipe's weight quantization (RTN: ``formats.fake_quantize`` per layer; GPTQ: ``quantize.quantize_model``
+on a deep copy). Second-order quantities are taken w.r.t. exactly those weights.
+
+The model is left as it was: parameters touched for the radial profile are restored bit for bit, and the
+attention implementation, ``requires_grad`` flags and train/eval mode are put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantpredict import arch
+from quantpredict.data import calibration_windows
+from quantpredict.errors import ModelError
+from quantpredict.features.hessian import HessianOperator, hutchinson_trace_op, top_eigenvalue_op
+from quantpredict.features.schema import FEATURES, GROUPS
+
+# A layer whose quantization error is exactly zero would have an infinite SQNR; features must stay finite, so
+# SQNRs are capped here (far above anything a <= 8-bit format reaches, ~6 dB per bit).
+SQNR_CAP_DB = 300.0
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Knobs of :func:`extract` (the defaults keep the whole feature set near a few percent of a WikiText-2 test
+    evaluation; see ``benchmarks/bench_features.py``)."""
+
+    n_windows: int = 8  # calibration windows
+    seq_len: int = 256  # tokens per window (clipped to the model's context)
+    batch_size: int = 8  # windows per forward pass
+    n_probes: int = 4  # Hutchinson probes
+    max_iter: int = 10  # power-iteration Hessian-vector products
+    tol: float = 1e-3  # power-iteration relative tolerance
+    n_noise_draws: int = 2  # random-direction sharpness draws
+
+
+def parse_which(which: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Groups to compute, in schema order; ``None`` means all. Unknown names raise ``ValueError``."""
+    if which is None:
+        return GROUPS
+    names = [w.strip() for w in (which.split(",") if isinstance(which, str) else which) if w.strip()]
+    unknown = [w for w in names if w not in GROUPS]
+    if unknown or not names:
+        raise ValueError(f"unknown feature group(s) {unknown or names!r}; valid groups: {', '.join(GROUPS)}")
+    return tuple(g for g in GROUPS if g in names)
+
+
+# ---- model state: eager attention, grads on the quantized weights only, eval mode ------------------------------
+
+
+def _set_attn(model: nn.Module, impl: str | None) -> None:
+    if impl is None:
+        return
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        try:
+            setter(impl)
+            return
+        except (ValueError, ImportError, AttributeError):
+            pass
+    model.config._attn_implementation = impl
+
+
+@contextlib.contextmanager
+def prepared(model: nn.Module, grad_params: Sequence[torch.Tensor] = ()) -> Iterator[None]:
+    """Eager attention (double backward fails through CPU SDPA), eval mode, and ``requires_grad`` on
+    ``grad_params`` only; everything is restored on exit."""
+    old_attn = getattr(model.config, "_attn_implementation", None)
+    old_training = model.training
+    old_flags = [(p, p.requires_grad) for p in model.parameters()]
+    grad_ids = {id(p) for p in grad_params}
+    try:
+        if old_attn != "eager":
+            _set_attn(model, "eager")
+        model.eval()
+        for p, _ in old_flags:
+            p.requires_grad_(id(p) in grad_ids)
+        yield
+    finally:
+        for p, flag in old_flags:
+            p.requires_grad_(flag)
+        model.train(old_training)
+        if old_attn != "eager":
+            _set_attn(model, old_attn)
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean next-token NLL (nats) over every predicted token of ``windows`` ([n, seq_len]); differentiable.
+
+    Batches are summed into one graph, so it is exactly the full batch's mean whatever ``batch_size`` is.
+    """
+    total = windows.shape[0] * (windows.shape[1] - 1)
+    loss = None
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size]
+        logits = model(ids, use_cache=False).logits[:, :-1]
+        part = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                               reduction="sum")
+        loss = part if loss is None else loss + part
+    return loss / total
+
+
+# ---- the quantization direction -------------------------------------------------------------------------------
+
+
+def _block_size(recipe: Any, fmt: Any) -> int | None:
+    bs = getattr(recipe, "block_size", None)
+    return bs if bs is not None else getattr(fmt, "default_block_size", None)
+
+
+def rtn_deltas(refs: Sequence[arch.LinearRef], recipe: Any) -> list[torch.Tensor]:
+    """``fake_quantize(W) - W`` ([out, in]) for each layer, in the recipe's weight format and block size."""
+    from quantpredict.formats import fake_quantize, get_format
+
+    fmt = get_format(recipe.weight_format)
+    bs = _block_size(recipe, fmt)
+    out = []
+    with torch.no_grad():
+        for ref in refs:
+            w = ref.weight.detach()
+            out.append((fake_quantize(w, recipe.weight_format, axis=-1, block_size=bs) - w).to(w.dtype))
+    return out
+
+
+def _base_model(model: nn.Module, recipe: Any, windows: torch.Tensor) -> nn.Module:
+    """The FP point the features are measured at: ``model`` itself, or a smoothed deep copy for SmoothQuant
+    recipes (SmoothQuant folds per-channel scales into norm and linear weights; the FP function is unchanged, but
+    the weights that get quantized are the smoothed ones)."""
+    alpha = getattr(recipe, "smoothquant_alpha", None)
+    if not alpha:
+        return model
+    from quantpredict import quantize
+
+    smooth = getattr(quantize, "smooth_model", None) or getattr(quantize, "smoothquant", None)
+    if smooth is None:
+        raise ModelError("this version of quantpredict.quantize has no SmoothQuant entry point (smooth_model); "
+                         "compute features for the recipe without smoothquant_alpha")
+    base = copy.deepcopy(model)
+    smooth(base, alpha, windows)
+    return base
+
+
+def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any,
+                   windows: torch.Tensor) -> list[torch.Tensor]:
+    """``Q(W) - W`` per layer from the PTQ backend (``quantize_model`` on a deep copy of ``base``, weights only).
+
+    SmoothQuant is already folded into ``base``, so the copy is quantized without it.
+    """
+    from quantpredict.quantize import quantize_model
+
+    q = copy.deepcopy(base)
+    if getattr(recipe, "smoothquant_alpha", None):
+        recipe = replace(recipe, smoothquant_alpha=None)
+    quantize_model(q, recipe, windows)
+    q_refs = arch.linear_layers(q)
+    with torch.no_grad():
+        return [(qr.weight.detach() - r.weight.detach()).to(r.weight.dtype) for qr, r in zip(q_refs, refs, strict=True)]
+
+
+# ---- the extraction context: lazily computed, shared between groups -------------------------------------------
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if signal <= 0.0:
+        return 0.0
+    if noise <= signal * 10 ** (-SQNR_CAP_DB / 10):
+        return SQNR_CAP_DB
+    return 10.0 * math.log10(signal / noise)
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
+
+
+class _Context:
+    def __init__(self, model: nn.Module, recipe: Any, windows: torch.Tensor, seed: int, opts: ExtractOptions):
+        self.model, self.recipe, self.windows, self.seed, self.opts = model, recipe, windows, seed, opts
+        self._cache: dict[str, Any] = {}
+        self._op: HessianOperator | None = None
+
+    def _lazy(self, key: str, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    @property
+    def base(self) -> nn.Module:
+        return self._lazy("base", lambda: _base_model(self.model, self.recipe, self.windows))
+
+    @property
+    def refs(self) -> list[arch.LinearRef]:
+        return self._lazy("refs", lambda: arch.linear_layers(self.base))
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [r.parameter for r in self.refs]
+
+    @property
+    def rtn_delta(self) -> list[torch.Tensor]:
+        return self._lazy("rtn_delta", lambda: rtn_deltas(self.refs, self.recipe))
+
+    @property
+    def delta(self) -> list[torch.Tensor]:
+        """The recipe's direction, in ``[out, in]`` layout."""
+        if getattr(self.recipe, "method", "rtn") == "rtn":
+            return self.rtn_delta
+        return self._lazy("delta", lambda: backend_deltas(self.base, self.refs, self.recipe, self.windows))
+
+    def param_layout(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[out, in]`` tensors in the parameters' storage layout (GPT-2's Conv1D stores ``[in, out]``)."""
+        return [t.t() if r.transposed else t for t, r in zip(tensors, self.refs, strict=True)]
+
+    @property
+    def fp_nll(self) -> float:
+        def compute() -> float:
+            with prepared(self.base), torch.no_grad():
+                return float(mean_nll(self.base, self.windows, self.opts.batch_size))
+        return self._lazy("fp_nll", compute)
+
+    def operator(self) -> HessianOperator:
+        if self._op is None:
+            with prepared(self.base, self.params):
+                self._op = HessianOperator(lambda: mean_nll(self.base, self.windows, self.opts.batch_size),
+                                           self.params)
+            self._cache.setdefault("fp_nll", self._op.loss)
+        return self._op
+
+    def release_operator(self) -> None:
+        if self._op is not None:
+            self._op.release()
+            self._op = None
+
+    def apply_hessian(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        op = self.operator()
+        with prepared(self.base, self.params):
+            return op.apply(vectors)
+
+    def nll_at(self, offsets: Sequence[torch.Tensor]) -> float:
+        """Calibration NLL with every linear weight moved by ``offsets`` ([out, in]); weights restored after."""
+        self.release_operator()  # the retained graph refers to the weights' current values
+        originals = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, d in zip(self.params, self.param_layout(offsets)):
+                    p.add_(d.to(p.dtype))
+            with prepared(self.base), torch.no_grad():
+                return float(mean_nll(self.base, self.windows, self.opts.batch_size))
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, originals):
+                    p.copy_(w)
+
+
+# ---- the groups --------------------------------------------------------------------------------------------------
+
+
+def _model_group(ctx: _Context) -> dict[str, float]:
+    m = ctx.model
+    return {
+        "n_params_nonembed": float(arch.non_embedding_parameters(m)),
+        "n_layers": float(len(arch.blocks(m))),
+        "hidden_size": float(arch.hidden_size(m)),
+        "fp_calib_nll": ctx.fp_nll,
+    }
+
+
+def _format_group(ctx: _Context) -> dict[str, float]:
+    from quantpredict.formats import get_format
+
+    fmt = get_format(ctx.recipe.weight_format)
+    bs = _block_size(ctx.recipe, fmt)
+    sizes = [(r.weight.numel(), r.in_features) for r in arch.linear_layers(ctx.model)]
+    total = sum(n for n, _ in sizes)
+    # per-channel scales cost 1/row bits per element, so layers of different widths differ: weight by size
+    bits = sum(n * float(fmt.bits_per_element(block_size=bs, row_length=k)) for n, k in sizes) / total
+    block = float(bs) if bs else sum(n * k for n, k in sizes) / total
+    return {"bits_per_element": bits, "element_is_fp": float(fmt.element == "fp"), "block_size": block}
+
+
+def _noise_group(ctx: _Context) -> dict[str, float]:
+    refs, deltas = ctx.refs, ctx.rtn_delta
+    w2 = [float(r.weight.detach().double().pow(2).sum()) for r in refs]
+    d2 = [float(d.double().pow(2).sum()) for d in deltas]
+    layer_db = [_sqnr_db(s, n) for s, n in zip(w2, d2)]
+
+    # output SQNR of each layer on its real calibration inputs: ||X W^T||^2 / ||X dW^T||^2, with X the FP model's
+    # activations (bias excluded: it is not quantized and would inflate the signal)
+    sums = {r.name: [0.0, 0.0] for r in refs}
+
+    def make_hook(ref: arch.LinearRef, delta: torch.Tensor):
+        def hook(_module, inputs, _output):
+            x = inputs[0].detach().reshape(-1, ref.in_features)
+            sums[ref.name][0] += float((x @ ref.weight.detach().t()).double().pow(2).sum())
+            sums[ref.name][1] += float((x @ delta.t()).double().pow(2).sum())
+        return hook
+
+    handles = [r.module.register_forward_hook(make_hook(r, d)) for r, d in zip(refs, deltas)]
+    try:
+        with prepared(ctx.base), torch.no_grad():
+            nll = mean_nll(ctx.base, ctx.windows, ctx.opts.batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    ctx._cache.setdefault("fp_nll", float(nll))
+    out_db = [_sqnr_db(*sums[r.name]) for r in refs]
+    worst = min(range(len(refs)), key=lambda i: out_db[i])
+    n_blocks = max(len(arch.blocks(ctx.base)), 1)
+    return {
+        "rtn_sqnr_db": _sqnr_db(sum(w2), sum(d2)),
+        "rtn_sqnr_db_min": min(layer_db),
+        "rtn_rel_weight_error": math.sqrt(sum(d2) / sum(w2)) if sum(w2) > 0 else 0.0,
+        "out_sqnr_db_mean": sum(out_db) / len(out_db),
+        "out_sqnr_db_min": out_db[worst],
+        "out_sqnr_worst_depth": (refs[worst].block_index + 0.5) / n_blocks,
+    }
+
+
+def _curvature_group(ctx: _Context) -> dict[str, float]:
+    op = ctx.operator()
+    groups = [r.block_index for r in ctx.refs]
+    with prepared(ctx.base, ctx.params):
+        trace, se, per_block = hutchinson_trace_op(op, ctx.opts.n_probes, seed=ctx.seed, groups=groups)
+        eig, _ = top_eigenvalue_op(op, tol=ctx.opts.tol, max_iter=ctx.opts.max_iter, seed=ctx.seed + 1)
+    n = op.numel
+    delta = ctx.delta
+    noise_var = sum(float(d.double().pow(2).sum()) for d in delta) / n
+    return {
+        "hessian_trace": trace,
+        "hessian_trace_se": se,
+        "hessian_trace_per_param": trace / n,
+        "top_eigenvalue": eig,
+        "trace_x_noise_var": 0.5 * trace * noise_var,
+        "hessian_trace_max_block_share": max(per_block) / trace if trace != 0 else 0.0,
+    }
+
+
+def _landscape_group(ctx: _Context) -> dict[str, float]:
+    delta = ctx.delta
+    op = ctx.operator()
+    d_param = ctx.param_layout(delta)
+    g_dot = _dot(op.grad, d_param)
+    quad = 0.5 * _dot(d_param, ctx.apply_hessian(d_param))
+    base = ctx.fp_nll
+    radial = {t: ctx.nll_at([t * d for d in delta]) - base for t in (0.25, 0.5, 1.0)}
+    gen = torch.Generator().manual_seed(ctx.seed + 2)
+    sharp = []
+    for _ in range(ctx.opts.n_noise_draws):
+        noise = []
+        for d in delta:
+            z = torch.randn(d.shape, generator=gen, dtype=torch.float64)
+            noise.append((z * (d.double().norm() / z.norm())).to(d.dtype))
+        sharp.append(ctx.nll_at(noise) - base)
+    return {
+        "grad_dot_delta": g_dot,
+        "quad_delta_h_delta": quad,
+        "taylor_dnll": g_dot + quad,
+        "radial_dnll_025": radial[0.25],
+        "radial_dnll_050": radial[0.5],
+        "radial_dnll_100": radial[1.0],
+        "sharpness_random": sum(sharp) / len(sharp) if sharp else 0.0,
+    }
+
+
+def _gptq_proxy_group(ctx: _Context) -> dict[str, float]:
+    from quantpredict.formats import get_format
+    from quantpredict.quantize import collect_hessians
+    from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
+
+    fmt = get_format(ctx.recipe.weight_format)
+    bs = _block_size(ctx.recipe, fmt)
+    with prepared(ctx.base), torch.no_grad():
+        hessians = collect_hessians(ctx.base, ctx.windows)
+    proxy_rtn = proxy_gptq = 0.0
+    for ref, d_rtn in zip(ctx.refs, ctx.rtn_delta):
+        h = hessians[ref.name]
+        w = ref.weight.detach()
+        proxy_rtn += layer_output_error(w, w + d_rtn, h)
+        wq = gptq_quantize(w.clone(), h, ctx.recipe.weight_format, block_size=bs,
+                           blocksize=ctx.recipe.gptq_blocksize, percdamp=ctx.recipe.percdamp,
+                           act_order=ctx.recipe.act_order)
+        proxy_gptq += layer_output_error(w, wq, h)
+    return {"gptq_proxy_rtn": proxy_rtn, "gptq_proxy_gptq": proxy_gptq}
+
+
+_GROUP_FNS = {
+    "model": _model_group,
+    "format": _format_group,
+    "noise": _noise_group,
+    "curvature": _curvature_group,
+    "landscape": _landscape_group,
+    "gptq_proxy": _gptq_proxy_group,
+}
+
+
+def feature_windows(model: nn.Module, calib_ids: torch.Tensor, n_windows: int = 8, seq_len: int = 256,
+                    seed: int = 0) -> torch.Tensor:
+    """The calibration batch ``[n_windows, seq_len]`` (``seq_len`` clipped to the model's context); 2-D
+    ``calib_ids`` are used as given."""
+    limit = _max_positions(model)
+    if limit is not None and calib_ids.dim() == 1:
+        seq_len = min(seq_len, limit)
+    return calibration_windows(calib_ids, n_windows, seq_len, seed=seed)
+
+
+def extract(model: nn.Module, recipe: Any, calib_ids: torch.Tensor, *, seed: int = 0,
+            which: str | Iterable[str] | None = None, options: ExtractOptions | None = None,
+            progress: bool = False, **overrides: Any) -> dict[str, float]:
+    """Every feature of the selected groups (all by default) for ``model`` under ``recipe``.
+
+    ``calib_ids``: 1-D WikiText-2 *train* token ids (cut into ``n_windows`` seeded windows of ``seq_len``) or a 2-D
+    ``[n, seq_len]`` batch used as given. ``options`` (or keyword overrides of its fields, e.g. ``n_probes=8``)
+    set the cost knobs. Returns ``{feature name: value}`` for the selected groups plus ``<group>_seconds`` for each.
+    Deterministic for a fixed ``seed``; the model is not modified. A model with NaN/Inf weights raises
+    :class:`ModelError` naming the parameter.
+    """
+    opts = replace(options or ExtractOptions(), **overrides)
+    groups = parse_which(which)
+    arch.check_finite(model)
+    windows = feature_windows(model, calib_ids, opts.n_windows, opts.seq_len, seed)
+    ctx = _Context(model, recipe, windows, seed, opts)
+    out: dict[str, float] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(groups), desc="features", unit="group")
+    try:
+        for group in groups:
+            if bar is not None:
+                bar.set_postfix_str(group)
+            t0 = time.perf_counter()
+            out.update(_GROUP_FNS[group](ctx))
+            out[f"{group}_seconds"] = time.perf_counter() - t0
+            if bar is not None:
+                bar.update()
+    finally:
+        ctx.release_operator()
+        if bar is not None:
+            bar.close()
+    expected = {f.name for f in FEATURES if f.group in groups}
+    missing = expected - out.keys()
+    if missing:  # a schema row without an implementation is a bug here, not a user error
+        raise RuntimeError(f"features {sorted(missing)} are in the schema but were not computed")
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise ModelError(f"features {bad} are not finite for this model and recipe; the model's calibration loss "
+                         "or its quantization is degenerate (check the weights and the format)")
+    return out
