@@ -1,0 +1,48 @@
+"""``fake_quantize``: validate, then run the fused kernel when it applies, else the torch reference."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from quantpredict.errors import FormatError
+from quantpredict.formats import native
+from quantpredict.formats.reference import (
+    fake_quantize_reference,
+    non_finite_error,
+    resolve_axis,
+    resolve_block,
+)
+from quantpredict.formats.table import get_format
+
+
+def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None = None) -> Tensor:
+    """Quantize ``x`` to the format ``fmt`` and back: same shape and dtype, every value on the format's grid.
+
+    MX formats: blocks of ``block_size`` (default 32) consecutive elements along ``axis`` share an E8M0 scale; the
+    last block may be shorter. int/fp8: one scale per slice along ``axis`` (for an [out, in] weight and axis=-1, one
+    per output row), or per group of ``block_size``. bf16/fp16: a plain cast (no scale; ``block_size`` ignored).
+    bf16/fp16/float64 inputs are computed in float32 and returned in their dtype. The result carries no autograd
+    history; for training use a straight-through estimator, ``x + (fake_quantize(x, fmt) - x).detach()``.
+
+    Raises :class:`~quantpredict.errors.FormatError` (a ValueError) for unknown formats, NaN/Inf input, a
+    non-floating tensor, or a bad axis / block size.
+    """
+    f = get_format(fmt)
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise FormatError(f"fake_quantize needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if f.family == "float" or x.device.type != "cpu" or x.numel() == 0 or not native.available():
+        return fake_quantize_reference(x, f, axis=axis, block_size=block_size)
+    x = x.detach()
+    squeeze = x.dim() == 0
+    x32 = x.reshape(1) if squeeze else x
+    ax = resolve_axis(x32, axis)
+    n = x32.shape[ax]
+    block = resolve_block(f, block_size, n)
+    xm = x32.to(torch.float32).movedim(ax, -1)
+    rows_shape = xm.shape
+    y = native.fake_quantize_rows(xm.reshape(-1, n).contiguous(), f, min(block, n))
+    if y is None:
+        raise non_finite_error(x32, f.name)
+    y = y.reshape(rows_shape).movedim(-1, ax)
+    return (y.reshape(()) if squeeze else y).to(x.dtype)

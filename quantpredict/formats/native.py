@@ -1,0 +1,201 @@
+"""A fused one-pass CPU kernel for fake quantization, compiled lazily with the system C compiler.
+
+Why: the reference path makes ~15 passes over memory (abs, amax, frexp, clamp, pow2, divide, round, multiply, ...);
+this kernel reads each block once into cache, finds its amax, and writes the quantized block, so a round trip costs
+about what a ``clone()`` does. It is plain C called through ctypes (no torch headers), so it compiles in about a
+second, once per machine: the shared library is cached under ``$QUANTPREDICT_CACHE`` (default
+``~/.cache/quantpredict``), keyed by a hash of the source, the flags, the compiler and the CPU. If there is no
+compiler or compilation fails, :func:`library` returns None and callers use the torch reference, which this kernel
+matches bit for bit (tests/test_formats.py checks it). ``QUANTPREDICT_FORMATS_BACKEND=torch`` forces the reference.
+
+Exactness: all arithmetic is IEEE float32 without fast-math or FMA contraction. Rounding to the element grid uses
+the add-and-subtract trick: for 0 <= a < 2^(e+1) and C = 2^(e - mbits + 23), (a + C) - C is a rounded to a multiple
+of 2^(e - mbits), ties to even, by the FPU's own rounding, which equals ``torch.round(a / step) * step``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from quantpredict.formats.table import ELEMENTS, Format
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* 2^k as float32, exact for k in [-149, 127] */
+static inline float pow2f(int k) {
+    return k >= -126 ? u2f((uint32_t)(k + 127) << 23) : u2f(1u << (k + 149));
+}
+
+/* Quantize one block x[0..len) into y. mx: the scale is the E8M0 power of two of the block amax; otherwise
+   scale = amax / maxval. fp_elem: FP element (step depends on the exponent) or integer element (step 2^int_step).
+   Returns 1 if the block holds a NaN or Inf. */
+static inline int qblock(const float* restrict x, float* restrict y, int64_t len, int mx, int fp_elem, int mbits,
+                         int emin, int emax, float maxval, int int_step) {
+    uint32_t mb = 0;
+    for (int64_t j = 0; j < len; j++) {
+        uint32_t u = f2u(x[j]) & 0x7fffffffu;  /* for non-negative floats the integer order is the float order */
+        mb = u > mb ? u : mb;
+    }
+    if (mb >= 0x7f800000u) return 1;
+    float scale, inv;
+    int divide = 0;
+    if (mx) {
+        int e = (int)(mb >> 23) - 127;          /* floor(log2 amax) for normal amax */
+        int s = mb >= 0x00800000u ? e - emax : -127;  /* zero or subnormal amax: below the clamp anyway */
+        s = s < -127 ? -127 : (s > 127 ? 127 : s);
+        scale = pow2f(s);
+        inv = pow2f(-s);                         /* x * 2^-s == x / 2^s exactly */
+    } else {
+        scale = u2f(mb) / maxval;
+        inv = scale;
+        divide = 1;
+    }
+    const float safe = scale == 0.0f ? 1.0f : scale;
+    const float cint = pow2f(int_step + 23);
+    for (int64_t j = 0; j < len; j++) {
+        float v = divide ? x[j] / safe : x[j] * inv;
+        uint32_t sign = f2u(v) & 0x80000000u;
+        float a = u2f(f2u(v) & 0x7fffffffu);
+        a = a < maxval ? a : maxval;
+        float c;
+        if (fp_elem) {
+            int e = (int)(f2u(a) >> 23) - 127;
+            e = e < emin ? emin : e;
+            c = u2f((uint32_t)(e - mbits + 23 + 127) << 23);
+        } else {
+            c = cint;
+        }
+        float r = (a + c) - c;
+        y[j] = u2f(f2u(r) | sign) * scale;
+    }
+    return 0;
+}
+
+/* x, y: [rows, n] contiguous; blocks of `block` along n (the last may be shorter). Returns 1 if any value is
+   NaN or Inf (y is then unspecified). */
+int qp_fake_quantize(const float* x, float* y, int64_t rows, int64_t n, int64_t block, int mx, int fp_elem,
+                     int mbits, int emin, int emax, float maxval, int int_step, int nthreads) {
+    const int64_t nb = (n + block - 1) / block;
+    const int64_t total = rows * nb;
+    int bad = 0;
+    #pragma omp parallel for schedule(static) reduction(|:bad) num_threads(nthreads)
+    for (int64_t t = 0; t < total; t++) {
+        const int64_t r = t / nb, b = t % nb;
+        const int64_t start = r * n + b * block;
+        const int64_t len = (b == nb - 1) ? n - b * block : block;
+        bad |= qblock(x + start, y + start, len, mx, fp_elem, mbits, emin, emax, maxval, int_step);
+    }
+    return bad;
+}
+"""
+
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c99"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # memo of the loaded library (or the reason there is none); one per process
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("QUANTPREDICT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quantpredict")
+    return Path(root) / "native"
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+
+
+def _compile(cc: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "qp_formats.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / target.name
+        last = None
+        # OpenMP when the compiler has it; a serial build otherwise (still one pass, just one core).
+        for extra in (["-fopenmp"], []):
+            proc = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode == 0:
+                os.replace(out, target)  # atomic: concurrent processes never load a half-written file
+                return
+            last = proc.stderr.strip()[-2000:]
+        raise RuntimeError(f"{cc} failed: {last}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel (compiling it on first use), or None if it cannot be built or is switched off."""
+    if os.environ.get("QUANTPREDICT_FORMATS_BACKEND", "auto") == "torch":
+        return None
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib = None
+        try:
+            cc = _compiler()
+            if cc is None:
+                raise RuntimeError("no C compiler (gcc, cc or clang) on PATH")
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+            key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
+            target = _cache_dir() / f"qp_formats_{key}.so"
+            if not target.exists():
+                _compile(cc, target)
+            lib = ctypes.CDLL(str(target))
+            fn = lib.qp_fake_quantize
+            fn.restype = ctypes.c_int
+            i64, ci = ctypes.c_int64, ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, ci, ci, ci, ci, ci, ctypes.c_float, ci, ci]
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
+            warnings.warn(f"quantpredict.formats: fused kernel unavailable ({exc}); using the slower torch path",
+                          RuntimeWarning, stacklevel=3)
+            _state["error"] = str(exc)
+            lib = None
+        _state["lib"] = lib
+        return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def fake_quantize_rows(x: Tensor, fmt: Format, block: int) -> Tensor | None:
+    """Quantize a contiguous float32 CPU tensor [rows, n] in blocks of ``block`` along n.
+
+    Returns the result, or None if the input holds NaN/Inf (the caller raises). Requires ``available()``.
+    """
+    lib = library()
+    assert lib is not None and x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2
+    el = ELEMENTS[fmt.element_format]
+    y = torch.empty_like(x)
+    rows, n = x.shape
+    if x.numel() == 0:
+        return y
+    bad = lib.qp_fake_quantize(x.data_ptr(), y.data_ptr(), rows, n, block, int(fmt.family == "mx"),
+                               int(el.kind == "fp"), el.mbits, el.emin, el.emax, el.max_normal,
+                               el.emin if el.kind == "int" else 0, torch.get_num_threads())
+    return None if bad else y
