@@ -1,0 +1,96 @@
+"""`quantpredict collect`: run a sweep of models x formats x methods into a run store (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "collect", help="run a sweep of models x formats x methods into a run store",
+        description="Run every (model, recipe) of the grid models x formats x block sizes x methods x SmoothQuant x "
+                    "activation formats that the store does not hold yet, recording each run as soon as it "
+                    "finishes. Run the same command again to resume a stopped sweep; failed runs are retried "
+                    "unless --no-retry-failed. Lists take spaces or commas; 'none' means the default.")
+    p.add_argument("--models", nargs="+", required=True,
+                   help="zoo names or model directories; 'zoo' expands to every zoo model on disk")
+    p.add_argument("--formats", nargs="+", required=True, help="weight formats, e.g. mxint4 int8 mxfp4_e2m1")
+    p.add_argument("--methods", nargs="+", required=True, help="rtn and/or gptq")
+    p.add_argument("--smoothquant", nargs="+", default=["none"], metavar="ALPHA",
+                   help="SmoothQuant strengths, 'none' for none (default: none)")
+    p.add_argument("--act-formats", nargs="+", default=["none"], metavar="FORMAT",
+                   help="activation formats, 'none' for weight-only (default: none)")
+    p.add_argument("--block-sizes", nargs="+", default=["none"], metavar="N",
+                   help="block sizes, 'none' for the format's default (default: none)")
+    p.add_argument("--block-size-formats", nargs="+", default=None, metavar="PREFIX",
+                   help="apply --block-sizes only to formats starting with these prefixes (e.g. mx); others "
+                        "get their default")
+    p.add_argument("--store", default="runs.sqlite", help="run store: SQLite path or SQLAlchemy URL "
+                   "(default: runs.sqlite)")
+    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes; default 1)")
+    p.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local processes, or a Dask cluster (default: local)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="Dask scheduler address, e.g. tcp://host:8786 (with --executor dask; without it a "
+                        "LocalCluster of --workers processes is started)")
+    p.add_argument("--eval-max-windows", type=int, default=None, metavar="N",
+                   help="evaluate on the first N windows of WikiText-2 test (default: all of it)")
+    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length in tokens (default 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
+    p.add_argument("--run-fn", default=None, metavar="MODULE:FUNC",
+                   help="run function (default: the real measurement, quantpredict.runs.execute:execute_run; "
+                        "quantpredict.runs.fake:fake_run for a dry rehearsal)")
+    p.add_argument("--no-retry-failed", action="store_true", help="skip runs recorded as failed")
+    p.add_argument("--no-weights-hash", action="store_true",
+                   help="key runs by model name alone instead of name + weights hash")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (to run / already done) and stop")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _models(values: list[str]) -> list[str]:
+    out = [m.strip() for v in values for m in v.split(",") if m.strip()]
+    if out == ["zoo"]:
+        from quantpredict.errors import ModelError
+        from quantpredict.models import list_zoo
+
+        out = list_zoo()
+        if not out:
+            raise ModelError("--models zoo: no zoo models on disk; build them with `quantpredict zoo build`")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.runs import collect, model_id, plan_runs
+    from quantpredict.runs.store import RunStore
+    from quantpredict.runs.sweep import _split
+
+    models = _models(args.models)
+    identify = None if args.no_weights_hash else model_id
+    run_kwargs = {"torch_threads": args.threads} if args.threads else None
+    if args.dry_run:
+        ids = {m: identify(m) if identify else m for m in models}
+        plan = plan_runs(models, _split(args.formats), _split(args.methods), smoothquant=_split(args.smoothquant),
+                         act_formats=_split(args.act_formats), block_sizes=_split(args.block_sizes),
+                         seq_len=args.seq_len, eval_max_windows=args.eval_max_windows, model_ids=ids,
+                         block_size_formats=args.block_size_formats)
+        with RunStore(args.store) as store:
+            skip = store.done_keys() if not args.no_retry_failed else store.keys()
+        todo = [s for s in plan if s.key not in skip]
+        for s in todo:
+            print(s.key)
+        print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {args.store}, {len(todo)} to run")
+        return 0
+    summary = collect(models, args.formats, args.methods, store=args.store, smoothquant=args.smoothquant,
+                      act_formats=args.act_formats, block_sizes=args.block_sizes, workers=args.workers,
+                      executor=args.executor, scheduler=args.scheduler, eval_max_windows=args.eval_max_windows,
+                      seq_len=args.seq_len, run_fn=args.run_fn, run_kwargs=run_kwargs, identify=identify,
+                      retry_failed=not args.no_retry_failed, progress=not args.no_progress,
+                      block_size_formats=args.block_size_formats)
+    print(summary)
+    if summary.failed:
+        print(f"{summary.failed} run(s) failed; see `quantpredict runs show --store {args.store} --status failed`",
+              file=sys.stderr)
+        return 1
+    return 0

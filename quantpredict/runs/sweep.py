@@ -1,0 +1,290 @@
+"""Sweeps: plan the grid, skip what the store holds, run the rest locally or on a Dask cluster, record each run.
+
+Only the driver process (the one calling :func:`collect`) writes to the store; workers compute and send back plain
+dicts. So a SQLite store works with any cluster, and each finished run is committed the moment it arrives: a sweep
+killed with SIGKILL loses at most the runs in flight, and running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from quantpredict.errors import QuantpredictError
+from quantpredict.runs.identity import model_id as _model_id
+from quantpredict.runs.provenance import provenance
+from quantpredict.runs.spec import RunSpec, plan_runs
+from quantpredict.runs.store import RunStore, _clean
+
+DEFAULT_RUN_FN = "quantpredict.runs.execute:execute_run"
+EXECUTORS = ("local", "dask")
+
+RunFn = Callable[..., Mapping]
+
+
+def resolve_run_fn(run_fn: str | RunFn | None) -> RunFn:
+    """A run function from a callable or an importable path (``pkg.module:func`` or ``pkg.module.func``).
+
+    ``None`` is the real :func:`quantpredict.runs.execute.execute_run`. Paths travel to Dask workers and
+    subprocesses by name, so they work wherever the package is installed.
+    """
+    if run_fn is None:
+        run_fn = DEFAULT_RUN_FN
+    if callable(run_fn):
+        return run_fn
+    text = str(run_fn)
+    module, sep, attr = text.partition(":") if ":" in text else text.rpartition(".")
+    if not module or not attr:
+        raise QuantpredictError(f"run function {text!r} is not an importable path; write it as package.module:func")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise QuantpredictError(f"cannot import run function {text!r}: {exc}") from exc
+    if not callable(fn):
+        raise QuantpredictError(f"run function {text!r} is not callable")
+    return fn
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _error_text(exc: BaseException) -> str:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)[-6:])
+    return f"{type(exc).__name__}: {exc}\n{tb}"[:8000]
+
+
+def run_one(spec: RunSpec, run_fn: str | RunFn | None = None, run_kwargs: Mapping | None = None) -> dict:
+    """Run one spec and return its outcome as a plain, picklable dict; never raises for a failing run.
+
+    Keys: ``key``, ``status`` (``done``/``failed``), ``error`` (type, message and traceback tail), ``result``
+    (the run function's dict), ``started_at``/``finished_at`` (UTC ISO), ``seconds``, ``provenance``.
+    This is what workers execute; the driver records the outcome.
+    """
+    started, t0 = _now(), time.perf_counter()
+    result, error = None, None
+    try:
+        fn = resolve_run_fn(run_fn)
+        result = fn(spec, **dict(run_kwargs or {}))
+        if not isinstance(result, Mapping):
+            raise TypeError(f"run function returned {type(result).__name__}, expected a dict")
+        result = _clean(dict(result))
+    except Exception as exc:  # a failing run is data (recorded as failed), not the end of the sweep
+        result, error = None, _error_text(exc)
+    return {
+        "key": spec.key, "status": "done" if error is None else "failed", "error": error, "result": result,
+        "started_at": started, "finished_at": _now(), "seconds": time.perf_counter() - t0,
+        "provenance": provenance() | {"pid": os.getpid()},
+    }
+
+
+def _lost(spec: RunSpec, why: str) -> dict:
+    """The outcome of a run whose worker died (killed, out of memory) before it could report."""
+    return {"key": spec.key, "status": "failed", "error": why, "result": None, "started_at": None,
+            "finished_at": _now(), "seconds": None, "provenance": provenance()}
+
+
+# ---- executors: each yields (spec, outcome) as runs finish ---------------------------------------------------------
+
+def _run_serial(specs, run_fn, run_kwargs) -> Iterator[tuple[RunSpec, dict]]:
+    for spec in specs:
+        yield spec, run_one(spec, run_fn, run_kwargs)
+
+
+def _run_pool(specs, run_fn, run_kwargs, workers: int) -> Iterator[tuple[RunSpec, dict]]:
+    """A pool of ``workers`` fresh (spawned) processes, at most ``workers`` runs in flight."""
+    pending = list(reversed(specs))
+    ctx = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    in_flight: dict = {}
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < workers:
+                spec = pending.pop()
+                in_flight[pool.submit(run_one, spec, run_fn, run_kwargs)] = spec
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            broken = False
+            for fut in finished:
+                spec = in_flight.pop(fut)
+                try:
+                    yield spec, fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    yield spec, _lost(spec, "worker process died (killed or out of memory) during this run")
+            if broken:  # the pool is unusable: count the other in-flight runs as lost too, start a new pool
+                for spec in in_flight.values():
+                    yield spec, _lost(spec, "worker pool broke (another run's process died) during this run")
+                in_flight.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_dask(specs, run_fn, run_kwargs, workers: int, scheduler, cluster_kwargs) -> Iterator[tuple[RunSpec, dict]]:
+    """Submit every run to a Dask cluster and yield outcomes as they complete.
+
+    ``scheduler`` is an address (``tcp://host:8786``), a ``distributed.Client`` or a cluster object (e.g.
+    ``dask_jobqueue.SLURMCluster``); ``None`` starts a ``LocalCluster`` of ``workers`` single-threaded processes.
+    """
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError as exc:  # pragma: no cover - dask[distributed] is a dependency
+        raise QuantpredictError("executor 'dask' needs dask[distributed]: pip install 'dask[distributed]'") from exc
+    cluster = client = None
+    own_client = True
+    try:
+        if scheduler is None:
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, **dict(cluster_kwargs or {}))
+            client = Client(cluster)
+        elif isinstance(scheduler, Client):
+            client, own_client = scheduler, False
+        else:
+            try:
+                client = Client(scheduler, timeout="60s")
+            except OSError as exc:
+                raise QuantpredictError(f"cannot reach Dask scheduler {scheduler!r}: {exc}; check the address "
+                                        "(tcp://HOST:8786) and that the scheduler is running") from exc
+        futures = {}
+        for spec in specs:
+            fut = client.submit(run_one, spec, run_fn, run_kwargs, pure=False)
+            futures[fut] = spec
+        for fut in as_completed(list(futures)):
+            spec = futures[fut]
+            try:
+                outcome = fut.result()
+            except Exception as exc:  # KilledWorker, a lost worker, a serialisation error: the run is failed
+                outcome = _lost(spec, f"dask task failed: {_error_text(exc)}")
+            fut.release()
+            yield spec, outcome
+    finally:
+        if client is not None and own_client:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+# ---- the sweep -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CollectSummary:
+    """What a :func:`collect` call did. ``skipped`` were already done in the store before it started."""
+
+    planned: int
+    skipped: int
+    done: int
+    failed: int
+    seconds: float
+    store: str
+    executor: str
+    failed_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def ran(self) -> int:
+        return self.done + self.failed
+
+    def __str__(self) -> str:
+        s = (f"{self.planned} runs planned: {self.skipped} already done, {self.done} done now, {self.failed} failed "
+             f"({self.seconds:.1f} s, executor {self.executor}) -> {self.store}")
+        if self.failed:
+            s += "\nfailed runs are retried by the next collect (pass retry_failed=False / --no-retry-failed to skip)"
+        return s
+
+
+def _split(values) -> list:
+    """Accept lists, tuples or comma-separated strings (as the CLI passes them)."""
+    if values is None:
+        return [None]
+    if isinstance(values, (str, int, float)):
+        values = [values]
+    out: list = []
+    for v in values:
+        out.extend(p.strip() for p in v.split(",") if p.strip()) if isinstance(v, str) else out.append(v)
+    return out
+
+
+def collect(models: Sequence[str], formats: Sequence[str], methods: Sequence[str], *, store: RunStore | str | Path,
+            smoothquant: Sequence[float | None] = (None,), act_formats: Sequence[str | None] = (None,),
+            block_sizes: Sequence[int | None] = (None,), workers: int = 1, executor: str = "local",
+            scheduler=None, eval_max_windows: int | None = None, seq_len: int = 256,
+            run_fn: str | RunFn | None = None, run_kwargs: Mapping | None = None,
+            identify: Callable[[str], str] | None = _model_id, retry_failed: bool = True, progress: bool = True,
+            cluster_kwargs: Mapping | None = None, block_size_formats: Sequence[str] | None = None) -> CollectSummary:
+    """Run the grid ``models x formats x block_sizes x methods x smoothquant x act_formats`` into ``store``.
+
+    Finished run keys are skipped (so calling it again resumes a killed sweep); ``failed`` runs are run again
+    unless ``retry_failed=False``. Each outcome is committed as soon as it arrives. A run that raises is recorded
+    as ``failed`` with its error text and the sweep goes on.
+
+    ``executor="local"`` runs in this process (``workers=1``) or in a pool of ``workers`` spawned processes;
+    ``executor="dask"`` submits to ``scheduler`` (an address such as ``tcp://host:8786``, a ``Client``, or a
+    cluster such as ``dask_jobqueue.SLURMCluster``) or, without one, to a ``LocalCluster`` of ``workers``
+    processes. ``run_fn`` (callable or ``"pkg.module:func"``) is called as ``run_fn(spec, **run_kwargs)``; the
+    default measures for real (:func:`quantpredict.runs.execute.execute_run`). ``identify`` maps a model to its
+    id with the weights hash (``None`` keys runs by the name alone). ``block_size_formats`` limits block sizes to
+    formats with those name prefixes (see :func:`plan_runs`). ``eval_max_windows`` limits evaluation to
+    a fixed prefix of the test split (``None``: all of it); it is part of the run key.
+    """
+    if executor not in EXECUTORS:
+        raise QuantpredictError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if int(workers) < 1:
+        raise QuantpredictError(f"workers must be at least 1, got {workers}")
+    if scheduler is not None and executor != "dask":
+        raise QuantpredictError("a scheduler address needs executor='dask' (--executor dask)")
+    t0 = time.perf_counter()
+    models, formats, methods = _split(models), _split(formats), _split(methods)
+    if not models or not formats or not methods:
+        raise QuantpredictError("collect needs at least one model, one format and one method")
+    ids = {m: (identify(m) if identify is not None else m) for m in models}
+    plan = plan_runs(models, formats, methods, smoothquant=_split(smoothquant), act_formats=_split(act_formats),
+                     block_sizes=_split(block_sizes), seq_len=seq_len, eval_max_windows=eval_max_windows,
+                     model_ids=ids, block_size_formats=block_size_formats)
+    if run_fn is not None and not callable(run_fn):
+        resolve_run_fn(run_fn)  # fail before the sweep starts for a bad path
+    own_store = not isinstance(store, RunStore)
+    st = RunStore(store) if own_store else store
+    try:
+        skip = st.done_keys() if retry_failed else st.keys()
+        todo = [s for s in plan if s.key not in skip]
+        skipped = len(plan) - len(todo)
+        done = failed = 0
+        failed_keys: list[str] = []
+        if executor == "dask":
+            outcomes = _run_dask(todo, run_fn, run_kwargs, int(workers), scheduler, cluster_kwargs)
+        elif int(workers) > 1 and len(todo) > 1:
+            outcomes = _run_pool(todo, run_fn, run_kwargs, int(workers))
+        else:
+            outcomes = _run_serial(todo, run_fn, run_kwargs)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(plan), initial=skipped, desc="collect", unit="run", disable=not progress,
+                  file=sys.stderr, dynamic_ncols=True) as bar:
+            if todo:
+                for spec, outcome in outcomes:
+                    st.record(spec, outcome)
+                    if outcome["status"] == "done":
+                        done += 1
+                    else:
+                        failed += 1
+                        failed_keys.append(spec.key)
+                        first = (outcome.get("error") or "").splitlines()[:1]
+                        bar.write(f"failed: {spec.key}: {first[0] if first else ''}", file=sys.stderr)
+                    bar.set_postfix(done=done, failed=failed, refresh=False)
+                    bar.update(1)
+        return CollectSummary(planned=len(plan), skipped=skipped, done=done, failed=failed,
+                              seconds=time.perf_counter() - t0, store=st.url, executor=executor,
+                              failed_keys=tuple(failed_keys))
+    finally:
+        if own_store:
+            st.close()
