@@ -1,0 +1,53 @@
+"""``quantpredict fit``: fit a predictor on a run store (or exported runs), optionally validating every kind."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fit", help="fit (and validate) a predictor on a run store",
+                              description="Fit a predictor of delta NLL / perplexity on the done runs of a store.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--store", help="run store (SQLite path or SQLAlchemy URL)")
+    src.add_argument("--runs", help="exported runs (.parquet or .csv)")
+    p.add_argument("--kind", default="ols", help="predictor kind to fit and save: ols, rf, gbm, bits, paper")
+    p.add_argument("--out", required=True, help="directory to save the predictor in")
+    p.add_argument("--validate", action="store_true",
+                   help="leave-one-model-out and leave-one-family-out validation of every kind, with a report")
+    p.add_argument("--kinds", default="ols,rf,gbm,bits,paper", help="kinds to validate (comma-separated)")
+    p.add_argument("--groups", default="model,family", help="validation groupings (comma-separated)")
+    p.add_argument("--report", default="reports/predictors.md", help="validation report path (with --validate)")
+    p.add_argument("--n-estimators", type=int, default=None, help="trees for rf/gbm/paper (default: 300)")
+    p.add_argument("--random-state", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.predict import Predictor, validate
+    from quantpredict.predict.design import LINEAR_KINDS
+    from quantpredict.predict.inputs import read_runs
+
+    runs = read_runs(args.store, args.runs)
+    tree_params = {} if args.n_estimators is None else {"n_estimators": args.n_estimators}
+    params = {k: ({} if k in LINEAR_KINDS else tree_params) for k in ("ols", "rf", "gbm", "bits", "paper")}
+    pred = Predictor(args.kind, args.random_state, **params.get(args.kind, {})).fit(runs)
+    print(f"fitted {pred!r} on {pred.metadata['n_models']} models; features: {', '.join(pred.features)}")
+    if args.validate:
+        import pandas as pd
+
+        from quantpredict.predict.render import best_kind, write_report
+
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+        val = validate(runs, kinds=kinds, groups=groups, random_state=args.random_state, predictor_params=params,
+                       progress=True)
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(val.metrics.drop(columns=["n_folds"]).round(4).to_string(index=False))
+        pred.attach_validation(val.metrics[val.metrics["kind"] == args.kind])
+        paths = write_report(val, args.report, source=args.store or args.runs, fitted=args.kind)
+        print(f"best kind (leave-one-{groups[-1]}-out): {best_kind(val.metrics, groups[-1])}")
+        print("wrote " + ", ".join(str(p) for p in paths))
+    out = pred.save(args.out)
+    print(f"saved to {out}")
+    return 0

@@ -1,0 +1,137 @@
+"""``predict_quality``: a model and a recipe in, predicted WikiText-2 perplexity with an interval out, without
+quantizing or evaluating the model: the features are computed on the fly on WikiText-2 *train* calibration data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from quantpredict.errors import PredictorError
+from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+from quantpredict.predict.predictor import Predictor
+
+DEFAULT_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "default"
+RECIPE_FIELDS = ("weight_format", "block_size", "method", "smoothquant_alpha", "act_format")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One recipe's prediction. Perplexities on WikiText-2 test; ``delta_*`` in nats; ``*_low``/``*_high`` bound
+    the predictor's (1 - alpha) interval (90% by default). ``ppl_fp_source``: ``"measured"`` (given) or
+    ``"predicted"`` (from the calibration NLL). ``seconds``: features + prediction (what replaces the evaluation);
+    ``load_seconds``: loading the model, which an evaluation pays too."""
+
+    model: str
+    recipe: str
+    ppl: float
+    ppl_low: float
+    ppl_high: float
+    delta_nll: float
+    delta_low: float
+    delta_high: float
+    ppl_fp: float
+    ppl_fp_source: str
+    seconds: float
+    load_seconds: float = 0.0
+    predictor_kind: str = ""
+    features: dict[str, float] = field(default_factory=dict)
+    feature_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_predictor(predictor: str | Path | Predictor) -> Predictor:
+    """A :class:`Predictor` instance, ``"default"`` (the one shipped in ``data/predictors/default``) or a directory."""
+    if isinstance(predictor, Predictor):
+        return predictor
+    if str(predictor) == "default":
+        if not (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
+            raise PredictorError(
+                f"no default predictor at {DEFAULT_PREDICTOR_DIR}; fit one on the shipped runs with "
+                "`quantpredict fit --store data/runs/runs.sqlite --kind ols --out data/predictors/default` (or "
+                "--runs data/runs/runs.parquet), or pass --predictor DIR")
+        return Predictor.load(DEFAULT_PREDICTOR_DIR)
+    return Predictor.load(predictor)
+
+
+def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
+    """The recipe's label and its run-store columns (``weight_format``, ``block_size``, ``method``, ...)."""
+    if isinstance(recipe, Mapping):
+        cols = {k: recipe.get(k) for k in RECIPE_FIELDS}
+        label = recipe.get("label") or recipe.get("recipe")
+    else:
+        missing = [k for k in ("weight_format", "method") if not hasattr(recipe, k)]
+        if missing:
+            raise PredictorError(f"recipe {recipe!r} lacks {missing}; pass a quantpredict.quantize.Recipe")
+        cols = {k: getattr(recipe, k, None) for k in RECIPE_FIELDS}
+        label = getattr(recipe, "label", None)
+        label = label() if callable(label) else label
+    if not cols.get("weight_format") or not cols.get("method"):
+        raise PredictorError(f"recipe {recipe!r} needs a weight_format and a method")
+    if label is None:
+        label = "-".join(str(cols[k]) for k in RECIPE_FIELDS if cols[k] is not None)
+    cols["smoothquant_alpha"] = np.nan if cols["smoothquant_alpha"] is None else float(cols["smoothquant_alpha"])
+    return str(label), cols
+
+
+def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Predictor = "default", *,
+                    tokenizer: Any = None, calib_ids: Any = None, ppl_fp: float | None = None,
+                    seed: int = 0) -> Prediction:
+    """Predict the WikiText-2 perplexity of ``model_or_path`` quantized with ``recipe``, without quantizing it.
+
+    ``model_or_path``: a zoo name or HF directory (loaded with ``quantpredict.models.load``), or a loaded model (then
+    pass ``tokenizer`` or ``calib_ids``). ``recipe``: a ``quantpredict.quantize.Recipe``. ``predictor``: "default",
+    a saved predictor directory, or a :class:`Predictor`. ``calib_ids``: calibration token ids (default: WikiText-2
+    train through the model's tokenizer). ``ppl_fp``: the measured FP perplexity if known (otherwise predicted).
+    Computes only the feature groups the predictor uses (``features.extract(..., which=groups)``).
+    """
+    pred = resolve_predictor(predictor)
+    label, cols = recipe_columns(recipe)
+    t_load = time.perf_counter()
+    if isinstance(model_or_path, (str, Path)):
+        from quantpredict import models
+
+        model, tok = models.load(str(model_or_path))
+        tokenizer = tokenizer or tok
+        name = str(model_or_path)
+    else:
+        model = model_or_path
+        name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
+    load_seconds = time.perf_counter() - t_load
+
+    t0 = time.perf_counter()
+    if calib_ids is None:
+        if tokenizer is None:
+            raise PredictorError("predict_quality got a model object without a tokenizer: pass tokenizer= (or "
+                                 "calib_ids=), or pass the model's name/path instead")
+        from quantpredict import data
+
+        calib_ids = data.token_ids(tokenizer, "wikitext2", "train")
+    from quantpredict import features as features_mod
+
+    raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups)))
+    row: dict[str, Any] = {**raw, **cols, "model": name}
+    try:
+        from quantpredict import arch
+
+        row["family"] = arch.family(model)
+    except Exception:  # noqa: BLE001 -- the family is informative only; the predictor does not use it
+        row["family"] = None
+    if ppl_fp is not None:
+        row["ppl_fp"] = float(ppl_fp)
+    out = pred.predict(pd.DataFrame([row])).iloc[0]
+    seconds = time.perf_counter() - t0
+    feats = {k: float(raw[k]) for k in FEATURE_NAMES if k in raw}
+    timings = {k: float(raw[k]) for k in TIMING_NAMES if k in raw}
+    return Prediction(model=name, recipe=label, ppl=float(out["ppl"]), ppl_low=float(out["ppl_low"]),
+                      ppl_high=float(out["ppl_high"]), delta_nll=float(out["delta_nll"]),
+                      delta_low=float(out["delta_low"]), delta_high=float(out["delta_high"]),
+                      ppl_fp=float(out["ppl_fp"]), ppl_fp_source=str(out["ppl_fp_source"]), seconds=seconds,
+                      load_seconds=load_seconds, predictor_kind=pred.kind, features=feats, feature_seconds=timings)

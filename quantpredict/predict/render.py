@@ -1,0 +1,196 @@
+"""The validation report: ``reports/predictors.md`` and its figures (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from quantpredict.predict.validate import Validation, crossover
+
+BASELINES = ("bits", "paper")
+# The issue's targets for the best kind under leave-one-family-out.
+TARGETS = {"r2": 0.9, "median_rel_error": 0.20, "spearman_within_model": 0.95, "coverage": (0.85, 0.95)}
+METRIC_COLUMNS = {
+    "kind": "kind", "n_runs": "runs", "r2": "R² (delta)", "median_rel_error": "median rel. err (delta)",
+    "median_rel_error_resolved": "… resolved runs", "spearman_within_model": "Spearman within model",
+    "coverage": "90% coverage", "median_rel_ppl_error": "median rel. err (ppl)",
+    "median_rel_ppl_error_fp_predicted": "… with predicted FP ppl", "feature_seconds": "feature s / run",
+}
+
+
+def best_kind(metrics: pd.DataFrame, groups: str = "family") -> str | None:
+    """The non-baseline kind with the lowest median relative delta error under ``groups`` (None if none)."""
+    m = metrics[(metrics["groups"] == groups) & ~metrics["kind"].isin(BASELINES)].dropna(subset=["median_rel_error"])
+    return None if m.empty else str(m.sort_values("median_rel_error").iloc[0]["kind"])
+
+
+def target_rows(metrics: pd.DataFrame, groups: str = "family") -> list[tuple[str, str, str, bool]]:
+    """(criterion, target, measured, met) for the best kind under ``groups``, including the beat-the-paper check."""
+    kind = best_kind(metrics, groups)
+    if kind is None:
+        return []
+    row = metrics[(metrics["groups"] == groups) & (metrics["kind"] == kind)].iloc[0]
+    out = [
+        ("R² on delta", f">= {TARGETS['r2']}", f"{row['r2']:.3f}", bool(row["r2"] >= TARGETS["r2"])),
+        ("median relative delta error", f"<= {TARGETS['median_rel_error']:.0%}", f"{row['median_rel_error']:.1%}",
+         bool(row["median_rel_error"] <= TARGETS["median_rel_error"])),
+        ("within-model Spearman", f">= {TARGETS['spearman_within_model']}", f"{row['spearman_within_model']:.3f}",
+         bool(row["spearman_within_model"] >= TARGETS["spearman_within_model"])),
+        ("90% interval coverage", "85%-95%", f"{row['coverage']:.1%}",
+         bool(TARGETS["coverage"][0] <= row["coverage"] <= TARGETS["coverage"][1])),
+    ]
+    paper = metrics[(metrics["groups"] == groups) & (metrics["kind"] == "paper")]
+    if not paper.empty:
+        pe = float(paper.iloc[0]["median_rel_error"])
+        # "clearly lower": at most 80% of the paper baseline's error
+        out.append(("median rel. delta error vs `paper`", f"<= 0.8 x {pe:.1%}", f"{row['median_rel_error']:.1%}",
+                    bool(row["median_rel_error"] <= 0.8 * pe)))
+    return out
+
+
+def _table(df: pd.DataFrame, columns: dict[str, str]) -> str:
+    cols = [c for c in columns if c in df]
+    head = "| " + " | ".join(columns[c] for c in cols) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    lines = [head, sep]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if isinstance(v, (float, np.floating)):
+                if not np.isfinite(v):
+                    cells.append("n/a")
+                elif "rel" in c or c == "coverage":
+                    cells.append(f"{v:.1%}" if abs(v) >= 0.01 else f"{v:.3%}")
+                else:
+                    cells.append(f"{v:.3g}")
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_predictions(validation: Validation, path: str | Path, groups: str = "family",
+                     kinds: Sequence[str] | None = None) -> Path:
+    """Predicted vs measured delta (symlog axes) with the 90% intervals, one panel per kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    p = validation.predictions
+    p = p[(p["groups"] == groups) & np.isfinite(p["delta_nll"].to_numpy(float))]
+    kinds = list(kinds or dict.fromkeys(p["kind"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.6), squeeze=False)
+    lim_lo = float(np.nanmin(p[["delta", "delta_low"]].to_numpy(float))) if len(p) else -1e-3
+    lim_hi = float(np.nanmax(p[["delta", "delta_high"]].to_numpy(float))) if len(p) else 1.0
+    thresh = max(float(np.nanmedian(np.abs(p["delta"]))) / 10, 1e-5) if len(p) else 1e-4
+    for ax, kind in zip(axes[0], kinds):
+        s = p[p["kind"] == kind]
+        for fam, g in s.groupby(s["family"].astype(str)):
+            yerr = np.vstack([g["delta_nll"] - g["delta_low"], g["delta_high"] - g["delta_nll"]]).clip(min=0)
+            ax.errorbar(g["delta"], g["delta_nll"], yerr=yerr, fmt="o", ms=2.5, lw=0.5, alpha=0.6, label=fam)
+        ax.plot([lim_lo, lim_hi], [lim_lo, lim_hi], "k--", lw=0.8)
+        ax.set_xscale("symlog", linthresh=thresh)
+        ax.set_yscale("symlog", linthresh=thresh)
+        ax.set_title(f"{kind} (leave-one-{groups}-out)", fontsize=9)
+        ax.set_xlabel("measured delta NLL (nats)")
+    axes[0][0].set_ylabel("predicted delta NLL, 90% interval")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_subsample(curve: pd.DataFrame, points: pd.DataFrame, path: str | Path) -> Path:
+    """Median relative delta error against seconds: the subsample curve, and each predictor kind as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(curve["seconds"], curve["median_rel_error"], "o-", label="evaluate a prefix of k test windows")
+    for _, r in points.iterrows():
+        ax.plot([r["feature_seconds"]], [r["median_rel_error"]], "s", label=f"predictor {r['kind']}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("seconds per run")
+    ax.set_ylabel("median relative delta error")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(validation: Validation, md_path: str | Path, *, source: str = "", fitted: str | None = None,
+                 subsample: pd.DataFrame | None = None) -> list[Path]:
+    """Write the markdown report and its figures next to it; returns the written paths.
+
+    ``source``: where the runs came from (printed); ``fitted``: the kind saved by ``quantpredict fit``;
+    ``subsample``: a :func:`~quantpredict.predict.validate.subsample_curve` table, if per-window deltas exist.
+    """
+    md_path = Path(md_path)
+    m = validation.metrics
+    groupings = list(dict.fromkeys(m["groups"]))
+    fig_group = "family" if "family" in groupings else groupings[0]
+    fig = plot_predictions(validation, md_path.with_name(f"predictors_{fig_group}.png"), fig_group)
+    written = [md_path, fig]
+    p = validation.predictions
+    n_runs = p.index.nunique()
+    lines = [
+        "# Predictors: validation", "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `quantpredict fit --validate`"
+        + (f" from {source}" if source else "") + f": {n_runs} runs, {p['model'].nunique()} models, "
+        f"{p['family'].nunique()} families." + (f" Saved predictor: `{fitted}`." if fitted else ""), "",
+        "Judged on the degradation delta = NLL_quant - NLL_fp (WikiText-2 test), not on perplexity. Relative errors "
+        "are |predicted - measured| / |measured|; *resolved runs* are those whose measured delta exceeds twice its "
+        "standard error (below that the measurement is mostly noise). Spearman is the rank correlation of the "
+        "recipes within each held-out model, averaged over models. Perplexity errors use the measured FP "
+        "perplexity, and again the one predicted from the calibration NLL. *feature s / run* is the median time "
+        "of the feature groups the kind needs.", "",
+    ]
+    for gr in groupings:
+        lines += [f"## Leave-one-{gr}-out", "", _table(m[m["groups"] == gr], METRIC_COLUMNS), ""]
+    tr = target_rows(m, "family" if "family" in groupings else groupings[0])
+    if tr:
+        kind = best_kind(m, "family" if "family" in groupings else groupings[0])
+        lines += [f"## Targets (best kind `{kind}`, leave-one-{fig_group}-out)", "",
+                  "| criterion | target | measured | met |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {'yes' if ok else '**no**'} |" for a, b, c, ok in tr]
+        missed = [a for a, _, _, ok in tr if not ok]
+        lines += ["", ("All targets met." if not missed else "Missed: " + ", ".join(missed) + "."), ""]
+    lines += [f"![predicted vs measured delta]({fig.name})", "", "## Subsample baseline", ""]
+    if subsample is not None and len(subsample):
+        sub_fig = plot_subsample(subsample, m[m["groups"] == fig_group], md_path.with_name("predictors_subsample.png"))
+        written.append(sub_fig)
+        lines += ["Estimating delta from the first k test windows (FP and quantized), against the seconds it costs:",
+                  "", _table(subsample, {"k": "windows", "seconds": "seconds", "median_rel_error":
+                                         "median rel. err (delta)", "median_abs_error": "median abs. err (nats)"}),
+                  ""]
+        for _, r in m[m["groups"] == fig_group].iterrows():
+            if np.isfinite(r["feature_seconds"]):
+                c = crossover(subsample, r["median_rel_error"], r["feature_seconds"])
+                verdict = "beats" if c["predictor_better_at_equal_cost"] else "does NOT beat"
+                cross = (f"the subsample matches it from {c['crossover_seconds']:.3g} s" if
+                         np.isfinite(c["crossover_seconds"]) else "the subsample never matches it within the curve")
+                lines.append(f"- `{r['kind']}` ({r['median_rel_error']:.1%} at {r['feature_seconds']:.3g} s) {verdict} "
+                             f"the subsample at equal cost ({c['subsample_error_at_equal_cost']:.1%}); {cross}.")
+        lines += ["", f"![error against seconds]({sub_fig.name})", ""]
+    else:
+        lines += ["Not computed: the runs carry no per-window deltas. `quantpredict.predict.subsample_curve` takes "
+                  "them (per run, the delta NLL of each test window, and the seconds per window) and the report "
+                  "then compares each predictor with evaluating a prefix of the windows at equal cost.", ""]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(lines))
+    return written
