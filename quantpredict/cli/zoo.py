@@ -1,0 +1,64 @@
+"""`quantpredict zoo list|build`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("zoo", help="list or build the model zoo")
+    zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
+    lp = zsub.add_parser("list", help="table of the trained zoo models (family, parameters, tokens, perplexity)")
+    lp.add_argument("--json", action="store_true", help="print the zoo cards as JSON")
+    lp.set_defaults(func=run_list)
+    bp = zsub.add_parser("build", help="train the missing zoo models (resumable) and measure their perplexity")
+    bp.add_argument("--only", default=None, help="comma-separated model names (default: all)")
+    bp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    bp.add_argument("--no-eval", action="store_true", help="skip measuring WikiText-2 valid/test perplexity")
+    bp.set_defaults(func=run_build)
+
+
+def zoo_table_rows() -> list[dict]:
+    from quantpredict.models import list_zoo, zoo_card
+
+    rows = []
+    for name in list_zoo():
+        c = zoo_card(name)
+        rows.append({
+            "model": name,
+            "family": c.get("family"),
+            "params (non-emb)": c.get("n_params_nonembed"),
+            "params (total)": c.get("n_params_total"),
+            "tokens": c.get("tokens_trained"),
+            "valid ppl": c.get("valid_ppl"),
+            "test ppl": c.get("test_ppl"),
+            "train s": c.get("train_seconds"),
+        })
+    return rows
+
+
+def run_list(args: argparse.Namespace) -> int:
+    import json
+
+    from quantpredict.models import list_zoo, zoo_card
+
+    if args.json:
+        print(json.dumps([zoo_card(n) for n in list_zoo()], indent=2))
+        return 0
+    rows = zoo_table_rows()
+    if not rows:
+        print("no zoo models on disk; run `quantpredict zoo build`")
+        return 1
+    import pandas as pd
+
+    print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from quantpredict.models.zoo import build_zoo
+
+    names = args.only.split(",") if args.only else None
+    trained = build_zoo(names, threads=args.threads, evaluate=not args.no_eval)
+    print(f"trained {len(trained)} model(s): {', '.join(trained) or 'none needed'}")
+    return run_list(argparse.Namespace(json=False))

@@ -1,0 +1,104 @@
+"""Loading models: the project's own zoo by name, or any Hugging Face causal LM directory on disk.
+
+Nothing here downloads: hub ids are refused with a message that says how to point at a local copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from quantpredict.errors import ModelError
+
+
+def zoo_root() -> Path:
+    from quantpredict.data import data_dir
+
+    return data_dir() / "zoo"
+
+
+def _card(path: Path) -> dict:
+    try:
+        return json.loads((path / "zoo_card.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def list_zoo() -> list[str]:
+    """Names of the trained zoo models present on disk, smallest (non-embedding parameters) first."""
+    root = zoo_root()
+    if not root.exists():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and (p / "zoo_card.json").exists()
+             and (p / "model.safetensors").exists()]
+    return [p.name for p in sorted(found, key=lambda p: (_card(p).get("n_params_nonembed", 0), p.name))]
+
+
+def zoo_card(name: str) -> dict:
+    """The ``zoo_card.json`` facts of a zoo model (family, parameters, tokens, perplexities, timings)."""
+    path = zoo_root() / name
+    if not (path / "zoo_card.json").exists():
+        raise ModelError(f"{name!r} is not a zoo model; zoo models: {', '.join(list_zoo()) or '(none built)'}")
+    return _card(path)
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """The model directory for a zoo name or a local path; a clear error for anything else."""
+    text = str(name_or_path)
+    zoo_path = zoo_root() / text
+    if "/" not in text and (zoo_path / "config.json").exists():
+        return zoo_path
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} is a directory but holds no config.json, so it is not a Hugging Face model "
+                             "directory; point at the folder that contains config.json and the weights")
+        return path
+    if path.exists():
+        raise ModelError(f"{path} is a file; pass the Hugging Face model directory that contains it")
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    hint = (f" It looks like a Hugging Face hub id: quantpredict never downloads. Download it on a machine with "
+            f"network access (e.g. `huggingface-cli download {text} --local-dir ./{text.split('/')[-1]}`) and pass "
+            f"that local directory.") if looks_like_hub_id else ""
+    raise ModelError(f"no model {text!r}: tried the zoo ({zoo_path}) and the local path {path.resolve()}.{hint} "
+                     f"Zoo models: {', '.join(list_zoo()) or '(none built; run `quantpredict zoo build`)'}")
+
+
+def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None):
+    """Load ``(model, tokenizer)`` for a zoo name or a local HF causal-LM directory, in ``eval()`` mode.
+
+    ``dtype`` defaults to ``torch.float32``. A directory written by ``quantize.save_quantized`` with activation
+    quantization gets its activation fake-quant hooks re-installed, so it evaluates as it was quantized.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve(name_or_path)
+    dtype = torch.float32 if dtype is None else dtype
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises several types for unreadable configs
+        raise ModelError(f"{path}: config.json could not be read as a Hugging Face config ({exc})") from exc
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ModelError(f"{path} holds a {', '.join(archs)}, not a causal language model; quantpredict needs a "
+                         "*ForCausalLM / *LMHeadModel checkpoint")
+    kwargs = {"dtype": dtype, "local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{path} could not be loaded as a causal LM with its tokenizer: {exc}") from exc
+    model.eval()
+    qjson = path / "quantization.json"
+    if qjson.exists():
+        from quantpredict.quantize import Recipe, install_act_quant
+
+        recipe = Recipe.from_dict(json.loads(qjson.read_text())["recipe"])
+        if recipe.act_format:
+            install_act_quant(model, recipe)
+    return model, tokenizer

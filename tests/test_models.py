@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+from quantpredict import models
+from quantpredict.cli import main
+from quantpredict.errors import ModelError
+
+
+def test_load_local_hf_dir(tiny_hf_dir):
+    model, tok = models.load(tiny_hf_dir)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    ids = tok("hello world", return_tensors="pt").input_ids
+    assert model(ids).logits.shape[-1] == model.config.vocab_size
+    model16, _ = models.load(tiny_hf_dir, dtype=torch.bfloat16)
+    assert next(model16.parameters()).dtype == torch.bfloat16
+
+
+def test_hub_id_gives_offline_hint():
+    with pytest.raises(ModelError, match="never downloads"):
+        models.load("facebook/opt-125m")
+
+
+def test_missing_path_and_non_model_dir(tmp_path):
+    with pytest.raises(ModelError, match="tried the zoo"):
+        models.load(tmp_path / "nope")
+    with pytest.raises(ModelError, match="no config.json"):
+        models.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ModelError, match="not a causal language model"):
+        models.load(tmp_path)
+
+
+def test_zoo_listing_sorted_by_size():
+    names = models.list_zoo()
+    sizes = [models.zoo_card(n)["n_params_nonembed"] for n in names]
+    assert sizes == sorted(sizes)
+
+
+def test_zoo_specs_span_families_and_sizes():
+    from quantpredict.models.zoo import zoo_specs
+
+    specs = zoo_specs()
+    fams = {s.family for s in specs}
+    assert fams >= {"llama", "opt", "gpt2"}
+    for fam in fams:
+        n = [s.hidden**2 * s.layers for s in specs if s.family == fam]
+        assert len(n) >= 4 and max(n) / min(n) >= 10
+
+
+def test_zoo_list_cli(capsys):
+    rc = main(["zoo", "list"])
+    out = capsys.readouterr().out
+    if models.list_zoo():
+        assert rc == 0 and "family" in out
+    else:
+        assert rc == 1 and "zoo build" in out
+
+
+def test_zoo_training_resumes_to_the_same_weights(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    from quantpredict.models.zoo import BATCH, SEQ_LEN, ZooSpec, train_model
+
+    spec = ZooSpec("tiny-llama", "llama", hidden=32, layers=1, tokens=6 * BATCH * SEQ_LEN, snapshots=(0.5,))
+    ids = torch.randint(0, len(tokenizer), (20_000,), generator=torch.Generator().manual_seed(0))
+    train_model(spec, tokenizer, ids, ckpt_dir=tmp_path / "a_ckpt", out_root=tmp_path / "a", ckpt_every=2)
+    train_model(spec, tokenizer, ids, ckpt_dir=tmp_path / "b_ckpt", out_root=tmp_path / "b", ckpt_every=2,
+                stop_after=4)
+    assert not (tmp_path / "b" / "tiny-llama").exists()
+    train_model(spec, tokenizer, ids, ckpt_dir=tmp_path / "b_ckpt", out_root=tmp_path / "b", ckpt_every=2)
+    a = load_file(tmp_path / "a" / "tiny-llama" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "tiny-llama" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # same data order and optimizer state: bit-identical
+    card = json.loads((tmp_path / "a" / "tiny-llama-t50" / "zoo_card.json").read_text())
+    assert card["tokens_trained"] == 3 * BATCH * SEQ_LEN and card["snapshot_of"] == "tiny-llama"
+    model, _ = models.load(tmp_path / "a" / "tiny-llama")
+    assert model.config.model_type == "llama"
