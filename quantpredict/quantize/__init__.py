@@ -1,0 +1,36 @@
+"""Post-training quantization: RTN, GPTQ, SmoothQuant (and both), activation fake-quant, in every format.
+
+Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.act`
+(activation fake-quant hooks), :mod:`.calib` (layer-input Hessians), :mod:`.model` (block-by-block
+:func:`quantize_model`, :class:`QuantReport`, :func:`save_quantized`).
+"""
+
+from __future__ import annotations
+
+from quantpredict.quantize.act import ActQuantHandle, has_act_quant, install_act_quant, install_act_quant_on
+from quantpredict.quantize.calib import InputStats, capture_linear_inputs, collect_hessians
+from quantpredict.quantize.gptq import gptq_quantize, layer_output_error, relative_output_error
+from quantpredict.quantize.model import (
+    QUANT_CONFIG,
+    LayerReport,
+    QuantReport,
+    SavedQuantization,
+    apply_saved_quantization,
+    code_version,
+    quantize_model,
+    quantized_linears,
+    read_quantization,
+    save_quantized,
+    size_report,
+)
+from quantpredict.quantize.recipe import METHODS, Recipe, resolve_block_size
+from quantpredict.quantize.rtn import rtn_quantize
+from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
+
+__all__ = [
+    "METHODS", "QUANT_CONFIG", "ActQuantHandle", "InputStats", "LayerReport", "QuantReport", "Recipe",
+    "SavedQuantization", "apply_saved_quantization", "apply_smoothing", "capture_linear_inputs", "code_version",
+    "collect_hessians", "gptq_quantize", "has_act_quant", "install_act_quant", "install_act_quant_on",
+    "layer_output_error", "quantize_model", "quantized_linears", "read_quantization", "relative_output_error",
+    "resolve_block_size", "rtn_quantize", "save_quantized", "size_report", "smoothing_scales",
+]

@@ -1,0 +1,94 @@
+"""Calibration statistics of linear-layer inputs: the GPTQ Hessian ``H = 2/N sum x x^T`` and per-channel max |x|.
+
+:func:`capture_linear_inputs` hooks the inputs of a set of linear layers while the caller runs forward passes;
+:func:`collect_hessians` does that for a whole (unquantized) model over calibration windows. Products ``x^T x`` are
+computed in float32 per batch and accumulated in float64, so that ``N`` large does not lose precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from quantpredict import arch
+from quantpredict.arch import LinearRef
+
+
+class InputStats:
+    """Running statistics of one linear layer's input ``x`` (``[..., in]``)."""
+
+    def __init__(self, in_features: int, *, hessian: bool = True):
+        self.in_features = in_features
+        self.tokens = 0
+        self.absmax = torch.zeros(in_features, dtype=torch.float32)
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        self.tokens += x.shape[0]
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        if self.xtx is not None:
+            self.xtx += (x.T @ x).double()
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``2/N sum x x^T`` over the ``N`` tokens seen, ``[in, in]`` float64."""
+        if self.xtx is None:
+            raise ValueError("these statistics were collected without the Hessian (hessian=False)")
+        if self.tokens == 0:
+            raise ValueError("no inputs were captured: run a forward pass inside capture_linear_inputs")
+        return self.xtx * (2.0 / self.tokens)
+
+
+@contextmanager
+def capture_linear_inputs(refs: Sequence[LinearRef], *, hessian: bool = True) -> Iterator[dict[str, InputStats]]:
+    """Hook the inputs of ``refs``; forward passes run inside the ``with`` fill ``{name: InputStats}``.
+
+    The hooks see the input as the module receives it (before any activation fake-quant hook registered later).
+    """
+    stats = {ref.name: InputStats(ref.in_features, hessian=hessian) for ref in refs}
+    handles = []
+    for ref in refs:
+        def hook(_module, args, _stats=stats[ref.name]):
+            _stats.add(args[0])
+
+        # prepend: see the input before any activation fake-quant pre-hook modifies it
+        handles.append(ref.module.register_forward_pre_hook(hook, prepend=True))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    names: Sequence[str] | None = None,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """``{linear name: H [in, in] (float64)}`` for the model's linear layers on ``windows`` ([n, seq_len] ids).
+
+    ``H = 2/N sum_t x_t x_t^T`` over all ``N`` calibration tokens of the layer's input, measured on the model as it
+    is (one full forward pass per batch). ``names`` restricts the layers (default: all of ``arch.linear_layers``).
+    """
+    if windows.dim() != 2 or windows.numel() == 0:
+        from quantpredict.errors import DataError
+
+        raise DataError(f"windows must be a non-empty [n, seq_len] tensor of token ids, got {tuple(windows.shape)}")
+    refs = arch.linear_layers(model)
+    if names is not None:
+        wanted = set(names)
+        unknown = wanted - {r.name for r in refs}
+        if unknown:
+            raise ValueError(f"unknown linear layer name(s) {sorted(unknown)}; see arch.linear_layers(model)")
+        refs = [r for r in refs if r.name in wanted]
+    with capture_linear_inputs(refs) as stats:
+        for start in range(0, windows.shape[0], batch_size):
+            model(windows[start : start + batch_size], use_cache=False)
+    return {name: s.hessian for name, s in stats.items()}

@@ -1,0 +1,324 @@
+"""Quantizing a whole model, block by block, and saving it.
+
+:func:`quantize_model` walks the transformer blocks in order. Block ``i`` is calibrated on the outputs of blocks
+``0 .. i-1`` *as already quantized* (weights and, if the recipe says so, activations), as GPTQ does:
+
+1. one forward pass of block ``i`` with hooks on its linear layers collects, per layer, ``H = 2/N sum x x^T`` and the
+   per-channel ``max|x|``; all linears of the block see the block's unquantized weights (GPTQ's "true sequential"
+   order within a block is not used: one pass per block instead of one per linear);
+2. SmoothQuant (if ``smoothquant_alpha`` is set) folds its scales into the norm -> linear pairs; each affected
+   Hessian is rescaled exactly (``X' = X / s`` gives ``H' = diag(1/s) H diag(1/s)``), so no second pass is needed;
+3. every linear not in ``recipe.skip`` is quantized (RTN or GPTQ); the report records RTN's and the method's output
+   error on the calibration inputs;
+4. activation fake-quant hooks go on the block's quantized linears, and the block's outputs become block ``i+1``'s
+   inputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantpredict import arch
+from quantpredict.arch import BlockInputs, LinearRef
+from quantpredict.quantize.act import install_act_quant, install_act_quant_on
+from quantpredict.quantize.calib import capture_linear_inputs
+from quantpredict.quantize.gptq import gptq_quantize, relative_output_error
+from quantpredict.quantize.recipe import Recipe
+from quantpredict.quantize.rtn import rtn_quantize
+from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
+
+QUANT_CONFIG = "quantization.json"
+
+
+# ---- report ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One quantized linear layer.
+
+    ``output_error_rtn`` / ``output_error`` are relative squared output errors on the calibration inputs,
+    ``||dW X||^2 / ||W X||^2``, for RTN and for the recipe's method (equal for RTN).
+    """
+
+    name: str
+    block_index: int
+    out_features: int
+    in_features: int
+    rel_weight_error: float  # ||Q(W) - W||_F / ||W||_F
+    output_error_rtn: float
+    output_error: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    """What :func:`quantize_model` did: per layer errors, and the model's size after quantization.
+
+    Sizes count quantized weights at the format's effective bits (element bits plus shared scales) and every other
+    parameter (embeddings, head, norms, biases, skipped layers) at 16 bits; ``compression_ratio`` is against the
+    whole model in bf16.
+    """
+
+    recipe_label: str
+    layers: tuple[LayerReport, ...]
+    quantized_params: int
+    total_params: int
+    effective_bits_per_param: float  # over the quantized weights, scales included
+    model_bits_per_param: float  # over every parameter
+    size_bytes: float
+    bf16_size_bytes: int
+    compression_ratio: float
+    calibration_tokens: int
+    total_seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        """The model-level numbers (no per-layer rows), JSON-ready."""
+        d = {k: v for k, v in asdict(self).items() if k != "layers"}
+        d["n_layers"] = len(self.layers)
+        if self.layers:
+            d["mean_rel_weight_error"] = sum(r.rel_weight_error for r in self.layers) / len(self.layers)
+            d["mean_output_error_rtn"] = sum(r.output_error_rtn for r in self.layers) / len(self.layers)
+            d["mean_output_error"] = sum(r.output_error for r in self.layers) / len(self.layers)
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.summary()
+        d["layers"] = [asdict(r) for r in self.layers]
+        return d
+
+    def format_table(self, *, max_rows: int | None = None) -> str:
+        """A plain-text table: one row per layer, then the model summary."""
+        head = f"{'layer':<44} {'shape':>11} {'rel.w.err':>9} {'out.err RTN':>11} {'out.err':>9} {'sec':>6}"
+        lines = [head, "-" * len(head)]
+        rows = self.layers if max_rows is None else self.layers[:max_rows]
+        for r in rows:
+            name = r.name if len(r.name) <= 44 else "..." + r.name[-41:]
+            lines.append(f"{name:<44} {f'{r.out_features}x{r.in_features}':>11} {r.rel_weight_error:9.4f} "
+                         f"{r.output_error_rtn:11.3e} {r.output_error:9.3e} {r.seconds:6.2f}")
+        if max_rows is not None and len(self.layers) > max_rows:
+            lines.append(f"... {len(self.layers) - max_rows} more layers")
+        lines.append("-" * len(head))
+        s = self.summary()
+        lines.append(
+            f"{self.recipe_label}: {self.quantized_params:,} of {self.total_params:,} parameters quantized at "
+            f"{self.effective_bits_per_param:.3f} bits each (scales included); model {self.size_bytes / 2**20:.2f} "
+            f"MiB, {self.compression_ratio:.2f}x smaller than bf16; {self.total_seconds:.1f} s")
+        if self.layers:
+            lines.append(f"mean output error: RTN {s['mean_output_error_rtn']:.3e}, this recipe "
+                         f"{s['mean_output_error']:.3e}")
+        return "\n".join(lines)
+
+
+# ---- which layers ---------------------------------------------------------------------------------------------------
+
+
+def _skipped(name: str, skip: tuple[str, ...]) -> bool:
+    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in skip)
+
+
+def quantized_linears(model: nn.Module, recipe: Recipe, block_index: int | None = None) -> list[LinearRef]:
+    """The linear layers ``recipe`` quantizes (all of ``arch.linear_layers`` but ``recipe.skip``)."""
+    refs = arch.linear_layers(model) if block_index is None else arch.block_linears(model, block_index)
+    return [r for r in refs if not _skipped(r.name, recipe.skip)]
+
+
+def size_report(model: nn.Module, recipe: Recipe) -> dict[str, float]:
+    """Effective bits and bytes of ``model`` quantized by ``recipe`` (see :class:`QuantReport`)."""
+    from quantpredict.formats import get_format
+
+    f = get_format(recipe.weight_format)
+    q_bits = 0.0
+    q_params = 0
+    for ref in quantized_linears(model, recipe):
+        n = ref.weight.numel()
+        q_bits += n * f.bits_per_element(recipe.weight_block_size, row_length=ref.in_features)
+        q_params += n
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    size_bytes = q_bits / 8 + (total - q_params) * 2
+    return {
+        "quantized_params": q_params,
+        "total_params": total,
+        "effective_bits_per_param": q_bits / q_params if q_params else 16.0,
+        "model_bits_per_param": 8 * size_bytes / total,
+        "size_bytes": size_bytes,
+        "bf16_size_bytes": 2 * total,
+        "compression_ratio": 2 * total / size_bytes,
+    }
+
+
+# ---- quantize -------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    calib_ids: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place as ``recipe`` says, calibrated on ``calib_ids``.
+
+    Args:
+        model: a Hugging Face causal LM of a family ``quantpredict.arch`` supports.
+        recipe: what to do.
+        calib_ids: 1-D token ids (cut into ``recipe.calib_samples`` windows of ``recipe.calib_seq_len`` at offsets
+            seeded by ``recipe.seed``) or 2-D ``[n, seq_len]`` windows used as given. Use WikiText-2 *train*.
+        batch_size: windows per forward pass.
+        progress: show a progress bar over blocks.
+
+    Returns:
+        A :class:`QuantReport`. Activation fake-quant hooks (``recipe.act_format``) stay installed on the model.
+    """
+    from tqdm.auto import tqdm
+
+    from quantpredict.data import calibration_windows
+
+    t_start = time.perf_counter()
+    arch.adapter(model)  # unsupported architecture: a clear error before any work
+    arch.check_finite(model)
+    windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
+    windows = windows.to(next(model.parameters()).device)
+
+    inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
+    n_tokens = windows.numel()
+    block_size = recipe.weight_block_size
+    layers: list[LayerReport] = []
+    blocks = arch.blocks(model)
+
+    bar = tqdm(blocks, desc=f"quantize {recipe.label}", unit="block", disable=not progress)
+    for index, block in enumerate(bar):
+        refs = arch.block_linears(model, index)
+        with capture_linear_inputs(refs) as stats:
+            arch.run_block(block, inputs, batch_size)
+        hessians = {name: s.hessian for name, s in stats.items()}
+
+        if recipe.smoothquant_alpha is not None:
+            for pair in arch.smooth_pairs(model, index):
+                absmax = stats[pair.linears[0].name].absmax
+                s = smoothing_scales(absmax, [r.weight for r in pair.linears], recipe.smoothquant_alpha)
+                apply_smoothing(pair, s)
+                inv = 1.0 / s
+                for r in pair.linears:
+                    hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
+
+        for ref in quantized_linears(model, recipe, index):
+            t0 = time.perf_counter()
+            w = ref.weight.detach().to(torch.float32)
+            H = hessians[ref.name]
+            w_rtn = rtn_quantize(w, recipe.weight_format, block_size=block_size)
+            if recipe.method == "gptq":
+                w_q = gptq_quantize(w, H, recipe.weight_format, block_size=block_size,
+                                    blocksize=recipe.gptq_blocksize, percdamp=recipe.percdamp,
+                                    act_order=recipe.act_order)
+            else:
+                w_q = w_rtn
+            err_rtn = relative_output_error(w, w_rtn, H)
+            err = err_rtn if w_q is w_rtn else relative_output_error(w, w_q, H)
+            w_norm = float(w.double().norm())
+            rel_w = float((w_q.double() - w.double()).norm()) / w_norm if w_norm > 0 else 0.0
+            ref.set_weight(w_q.to(ref.weight.dtype))
+            layers.append(LayerReport(ref.name, index, ref.out_features, ref.in_features, rel_w, err_rtn, err,
+                                      time.perf_counter() - t0))
+
+        if recipe.act_format is not None:
+            install_act_quant_on(quantized_linears(model, recipe, index), recipe.act_format, recipe.act_block_size)
+        if index + 1 < len(blocks):
+            inputs = BlockInputs(arch.run_block(block, inputs, batch_size), inputs.kwargs)
+        del hessians, stats
+    bar.close()
+
+    size = size_report(model, recipe)
+    return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=n_tokens,
+                       total_seconds=time.perf_counter() - t_start, **size)
+
+
+# ---- save / load ----------------------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """``quantpredict.__version__``, plus the git commit of the checkout when there is one."""
+    from quantpredict import __version__
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        commit = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{__version__}+g{commit}" if commit else __version__
+
+
+def save_quantized(
+    model: nn.Module,
+    recipe: Recipe,
+    report: QuantReport | None,
+    out_dir: str | Path,
+    tokenizer=None,
+) -> Path:
+    """Write ``model`` (safetensors, in its dtype), ``tokenizer`` (if given) and ``quantization.json`` to ``out_dir``.
+
+    The directory is an ordinary Hugging Face model directory: ``quantpredict.models.load`` reads it, and re-installs
+    activation fake-quant from ``quantization.json`` via :func:`apply_saved_quantization`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    meta = {
+        "recipe": recipe.to_dict(),
+        "label": recipe.label,
+        "report": None if report is None else report.summary(),
+        "code_version": code_version(),
+    }
+    (out / QUANT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+@dataclass(frozen=True)
+class SavedQuantization:
+    recipe: Recipe
+    report: dict[str, Any] | None = None
+    code_version: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_quantization(path: str | Path) -> SavedQuantization | None:
+    """The ``quantization.json`` of a model directory, or ``None`` when it has none (an unquantized model)."""
+    from quantpredict.errors import ModelError
+
+    f = Path(path) / QUANT_CONFIG
+    if not f.is_file():
+        return None
+    try:
+        meta = json.loads(f.read_text())
+        recipe = Recipe.from_dict(meta["recipe"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{f} is not a valid quantization config ({exc}); re-run `quantpredict quantize` to "
+                         "rewrite it or delete the file") from exc
+    extra = {k: v for k, v in meta.items() if k not in ("recipe", "report", "code_version")}
+    return SavedQuantization(recipe, meta.get("report"), meta.get("code_version"), extra)
+
+
+def apply_saved_quantization(model: nn.Module, path: str | Path) -> SavedQuantization | None:
+    """For a model just loaded from ``path``: install the activation fake-quant its ``quantization.json`` records.
+
+    Returns the saved quantization (``None`` for a directory without one). Weights need nothing: they are stored
+    already on the format's grid.
+    """
+    saved = read_quantization(path)
+    if saved is not None:
+        install_act_quant(model, saved.recipe)
+    return saved
