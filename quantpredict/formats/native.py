@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,15 +89,13 @@ static inline int qblock(const float* restrict x, float* restrict y, int64_t len
     return 0;
 }
 
-/* x, y: [rows, n] contiguous; blocks of `block` along n (the last may be shorter). Returns 1 if any value is
-   NaN or Inf (y is then unspecified). */
-int qp_fake_quantize(const float* x, float* y, int64_t rows, int64_t n, int64_t block, int mx, int fp_elem,
-                     int mbits, int emin, int emax, float maxval, int int_step, int nthreads) {
+/* x, y: [rows, n] contiguous; blocks of `block` along n (the last of each row may be shorter), numbered row by
+   row; quantizes blocks t0 <= t < t1. Returns 1 if any of them holds a NaN or Inf (y is then unspecified). */
+int qp_fake_quantize(const float* x, float* y, int64_t n, int64_t block, int64_t t0, int64_t t1, int mx,
+                     int fp_elem, int mbits, int emin, int emax, float maxval, int int_step) {
     const int64_t nb = (n + block - 1) / block;
-    const int64_t total = rows * nb;
     int bad = 0;
-    #pragma omp parallel for schedule(static) reduction(|:bad) num_threads(nthreads)
-    for (int64_t t = 0; t < total; t++) {
+    for (int64_t t = t0; t < t1; t++) {
         const int64_t r = t / nb, b = t % nb;
         const int64_t start = r * n + b * block;
         const int64_t len = (b == nb - 1) ? n - b * block : block;
@@ -108,6 +107,7 @@ int qp_fake_quantize(const float* x, float* y, int64_t rows, int64_t n, int64_t 
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c99"]
 
+PARALLEL_MIN_ELEMENTS = 1 << 18  # below this, threads cost more than they save
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # memo of the loaded library (or the reason there is none); one per process
 
@@ -136,16 +136,10 @@ def _compile(cc: str, target: Path) -> None:
         src = Path(tmp) / "qp_formats.c"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
-        last = None
-        # OpenMP when the compiler has it; a serial build otherwise (still one pass, just one core).
-        for extra in (["-fopenmp"], []):
-            proc = subprocess.run([cc, *FLAGS, *extra, str(src), "-o", str(out)], capture_output=True, text=True,
-                                  timeout=120)
-            if proc.returncode == 0:
-                os.replace(out, target)  # atomic: concurrent processes never load a half-written file
-                return
-            last = proc.stderr.strip()[-2000:]
-        raise RuntimeError(f"{cc} failed: {last}")
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent processes never load a half-written file
 
 
 def library() -> ctypes.CDLL | None:
@@ -169,7 +163,7 @@ def library() -> ctypes.CDLL | None:
             fn = lib.qp_fake_quantize
             fn.restype = ctypes.c_int
             i64, ci = ctypes.c_int64, ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, ci, ci, ci, ci, ci, ctypes.c_float, ci, ci]
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, ci, ci, ci, ci, ci, ctypes.c_float, ci]
         except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
             warnings.warn(f"quantpredict.formats: fused kernel unavailable ({exc}); using the slower torch path",
                           RuntimeWarning, stacklevel=3)
@@ -195,7 +189,26 @@ def fake_quantize_rows(x: Tensor, fmt: Format, block: int) -> Tensor | None:
     rows, n = x.shape
     if x.numel() == 0:
         return y
-    bad = lib.qp_fake_quantize(x.data_ptr(), y.data_ptr(), rows, n, block, int(fmt.family == "mx"),
-                               int(el.kind == "fp"), el.mbits, el.emin, el.emax, el.max_normal,
-                               el.emin if el.kind == "int" else 0, torch.get_num_threads())
+    nb = -(-n // block)
+    total = rows * nb
+    args = (int(fmt.family == "mx"), int(el.kind == "fp"), el.mbits, el.emin, el.emax, el.max_normal,
+            el.emin if el.kind == "int" else 0)
+    px, py = x.data_ptr(), y.data_ptr()
+    threads = min(torch.get_num_threads(), total) if x.numel() >= PARALLEL_MIN_ELEMENTS else 1
+    if threads <= 1:
+        bad = lib.qp_fake_quantize(px, py, n, block, 0, total, *args)
+    else:
+        # ctypes releases the GIL, so Python threads run the chunks in parallel; idle pool threads sleep (an
+        # OpenMP runtime next to torch's own would spin and fight torch's threads for the cores).
+        bounds = [total * i // threads for i in range(threads + 1)]
+        futures = [_pool().submit(lib.qp_fake_quantize, px, py, n, block, bounds[i], bounds[i + 1], *args)
+                   for i in range(threads)]
+        bad = max(f.result() for f in futures)
     return None if bad else y
+
+
+def _pool() -> ThreadPoolExecutor:
+    with _lock:
+        if "pool" not in _state:
+            _state["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qp-formats")
+        return _state["pool"]  # type: ignore[return-value]
