@@ -24,7 +24,8 @@ class Comparison:
     are paired (window by window), so they are far smaller than the two perplexities' own errors. ``delta_ppl_se``
     comes from the delta method on ``exp(nll_quant) - exp(nll_fp)``. ``kld`` is the mean KL(P_fp || P_quant) of the
     next-token distributions; ``top1_agreement_pct`` the percentage of positions where both models' most likely next
-    token is the same. Every standard error is NaN when there is only one window.
+    token is the same. Every standard error is NaN when there is only one window. ``seconds`` is the wall time of
+    the whole comparison, of which ``tokenize_seconds`` went to tokenizing the split (0 when cached).
     """
 
     ppl_fp: float
@@ -48,6 +49,7 @@ class Comparison:
     split: str
     seconds: float
     stride: int | None = None
+    tokenize_seconds: float = 0.0
 
     @property
     def ppl_fp_se(self) -> float:
@@ -118,6 +120,8 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str 
 
     start = time.perf_counter()
     ids = token_ids(tokenizer, dataset, split)
+    tokenize_seconds = time.perf_counter() - start
     res = compare_ids(model_fp, model_q, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
                       batch_size=batch_size, progress=progress, dataset=dataset, split=split)
-    return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start})
+    return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,
+                         "tokenize_seconds": tokenize_seconds})

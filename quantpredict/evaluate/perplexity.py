@@ -20,10 +20,11 @@ class PerplexityResult(float):
     ``nll``: mean NLL in nats per predicted token (``ppl = exp(nll)``); ``nll_se``: its standard error over windows
     (NaN with one window); ``ppl_se``: the delta-method standard error ``ppl * nll_se``; ``tokens``: predicted
     tokens scored; ``windows``, ``seq_len``, ``stride`` (None = non-overlapping), ``dataset``, ``split``, ``seconds``
-    (wall time of the evaluation).
+    (wall time of the whole evaluation) of which ``tokenize_seconds`` went to tokenizing the split (0 when cached).
     """
 
-    _FIELDS = ("nll", "nll_se", "tokens", "windows", "seq_len", "stride", "dataset", "split", "seconds")
+    _FIELDS = ("nll", "nll_se", "tokens", "windows", "seq_len", "stride", "dataset", "split", "seconds",
+               "tokenize_seconds")
 
     nll: float
     nll_se: float
@@ -34,12 +35,15 @@ class PerplexityResult(float):
     dataset: str
     split: str
     seconds: float
+    tokenize_seconds: float
 
     def __new__(cls, *, nll: float, nll_se: float, tokens: int, windows: int, seq_len: int, stride: int | None = None,
-                dataset: str = "", split: str = "", seconds: float = 0.0, ppl: float | None = None) -> PerplexityResult:
+                dataset: str = "", split: str = "", seconds: float = 0.0, tokenize_seconds: float = 0.0,
+                ppl: float | None = None) -> PerplexityResult:
         self = super().__new__(cls, math.exp(nll) if ppl is None else ppl)
         values = dict(nll=float(nll), nll_se=float(nll_se), tokens=int(tokens), windows=int(windows),
-                      seq_len=int(seq_len), stride=stride, dataset=dataset, split=split, seconds=float(seconds))
+                      seq_len=int(seq_len), stride=stride, dataset=dataset, split=split, seconds=float(seconds),
+                      tokenize_seconds=float(tokenize_seconds))
         for k, v in values.items():
             object.__setattr__(self, k, v)
         return self
@@ -57,7 +61,9 @@ class PerplexityResult(float):
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+        """Scoring throughput: predicted tokens per second of model time (tokenization excluded)."""
+        scoring = self.seconds - self.tokenize_seconds
+        return self.tokens / scoring if scoring > 0 else math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values: ``ppl``, ``ppl_se``, then every field."""
@@ -119,6 +125,8 @@ def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split
 
     start = time.perf_counter()
     ids = token_ids(tokenizer, dataset, split)
+    tokenize_seconds = time.perf_counter() - start
     res = perplexity_of_ids(model, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
                             batch_size=batch_size, progress=progress, dataset=dataset, split=split)
-    return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start})
+    return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start,
+                                       "tokenize_seconds": tokenize_seconds})

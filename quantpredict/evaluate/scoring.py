@@ -1,7 +1,8 @@
 """Batched forward passes that score windows: per-window sums of token statistics, accumulated in float64.
 
-Logits are turned into log-probabilities in float32 one batch at a time, so memory stays at
-``batch_size * seq_len * vocab`` floats whatever the number of windows.
+Logits are turned into log-probabilities one batch at a time (float32 for perplexity, float64 one window at a time
+for the comparison's KL divergence), so memory stays at ``batch_size * seq_len * vocab`` floats whatever the number
+of windows.
 """
 
 from __future__ import annotations
@@ -130,21 +131,26 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
     with eval_mode(model_fp, model_q):
         lo = 0
         for batch in batches(windows, batch_size, desc=desc, progress=progress):
-            logp_fp = torch.log_softmax(next_token_logits(model_fp, batch.ids), dim=-1)
-            logp_q = torch.log_softmax(next_token_logits(model_q, batch.ids).to(logp_fp.device), dim=-1)
-            if logp_fp.shape != logp_q.shape:
-                raise ModelError(f"the FP and quantized models disagree on the vocabulary ({logp_fp.shape[-1]} vs "
-                                 f"{logp_q.shape[-1]} logits); compare a model only with its own quantized copy")
-            targets = batch.ids[:, 1:].to(logp_fp.device).unsqueeze(-1)
-            stats = {
-                "nll_fp": -logp_fp.gather(-1, targets).squeeze(-1),
-                "nll_quant": -logp_q.gather(-1, targets).squeeze(-1),
-                # sum_v p(v) (log p(v) - log q(v)); float32 per token, summed over tokens in float64 below
-                "kld": (logp_fp.exp() * (logp_fp - logp_q)).sum(dim=-1),
-                "top1": (logp_fp.argmax(dim=-1) == logp_q.argmax(dim=-1)),
-            }
+            logits_fp = next_token_logits(model_fp, batch.ids)
+            logits_q = next_token_logits(model_q, batch.ids).to(logits_fp.device)
+            if logits_fp.shape != logits_q.shape:
+                raise ModelError(f"the FP and quantized models disagree on the vocabulary ({logits_fp.shape[-1]} vs "
+                                 f"{logits_q.shape[-1]} logits); compare a model only with its own quantized copy")
+            targets = batch.ids[:, 1:].to(logits_fp.device)
             mask = scored_mask(batch)
-            for k, v in stats.items():
-                out[k][lo : lo + batch.n] = (v.cpu().double() * mask).sum(dim=1)
+            # One window at a time in float64: KL of near-lossless formats is ~1e-5 nats, where float32
+            # log-softmax rounding (~1e-7 per token, not averaging out) would already be a 1% error.
+            for i in range(batch.n):
+                logp_fp = torch.log_softmax(logits_fp[i].double(), dim=-1)
+                logp_q = torch.log_softmax(logits_q[i].double(), dim=-1)
+                t = targets[i].unsqueeze(-1)
+                stats = {
+                    "nll_fp": -logp_fp.gather(-1, t).squeeze(-1),
+                    "nll_quant": -logp_q.gather(-1, t).squeeze(-1),
+                    "kld": (logp_fp.exp() * (logp_fp - logp_q)).sum(dim=-1),  # sum_v p(v) (log p(v) - log q(v))
+                    "top1": (logits_fp[i].argmax(dim=-1) == logits_q[i].argmax(dim=-1)).double(),
+                }
+                for k, v in stats.items():
+                    out[k][lo + i] = (v.cpu() * mask[i]).sum()
             lo += batch.n
     return out
