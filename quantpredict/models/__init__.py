@@ -85,6 +85,9 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: st
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ModelError(f"{path} holds a {', '.join(archs)}, not a causal language model; quantpredict needs a "
                          "*ForCausalLM / *LMHeadModel checkpoint")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for models that load in milliseconds
     kwargs = {"dtype": dtype, "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

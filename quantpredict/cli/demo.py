@@ -1,0 +1,96 @@
+"""`quantpredict demo`: the main job on the embedded default (README's first Quick-start command).
+
+With the shipped default predictor it predicts a zoo model's WikiText-2 perplexity for a few recipes and prints
+the seconds spent next to the seconds a full evaluation costs. Without one (a checkout before the sweep has been
+run), it quantizes the model's weights in each format and prints what it can measure cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_MODEL = "llama-m"
+DEFAULT_RECIPES = "mxint8:rtn,mxfp4_e2m1:rtn,mxint4:rtn,mxint4:gptq,int3:gptq"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the embedded default (README's first command)")
+    p.add_argument("--model", default=None, help=f"zoo model or HF directory (default: {DEFAULT_MODEL}, or the "
+                   "largest zoo model present)")
+    p.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated FORMAT:METHOD pairs")
+    p.set_defaults(func=run)
+
+
+def _pick_model(requested: str | None) -> str:
+    from quantpredict.errors import ModelError
+    from quantpredict.models import list_zoo
+
+    if requested:
+        return requested
+    zoo = list_zoo()
+    if not zoo:
+        raise ModelError("no zoo models on disk: run `quantpredict zoo build` (or pass --model DIR)")
+    return DEFAULT_MODEL if DEFAULT_MODEL in zoo else zoo[-1]
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR
+
+    model = _pick_model(args.model)
+    recipes = [tuple(r.split(":")) for r in args.recipes.split(",") if r]
+    if (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
+        return _predict(model, recipes)
+    print(f"(no default predictor at {DEFAULT_PREDICTOR_DIR} yet: showing the cheap quantization measurements)")
+    return _measure(model, recipes)
+
+
+def _full_eval_seconds(model: str) -> str:
+    from quantpredict.models import zoo_card
+
+    try:
+        secs = zoo_card(model).get("test_eval_seconds")
+    except Exception:  # noqa: BLE001 -- not a zoo model: no card, nothing to compare against
+        return "n/a"
+    return f"{secs:.1f}" if secs else "n/a"
+
+
+def _predict(model_name: str, recipes) -> int:
+    from quantpredict import models
+    from quantpredict.predict.quality import predict_quality, resolve_predictor
+    from quantpredict.quantize import Recipe
+
+    predictor = resolve_predictor("default")
+    model, tok = models.load(model_name, attn_implementation="eager")
+    full = _full_eval_seconds(model_name)
+    print(f"{model_name}: predicted WikiText-2 test perplexity ({predictor.kind} predictor, 90% interval); "
+          f"a full test evaluation of one quantized model costs {full} s")
+    print(f"{'recipe':24s} {'ppl':>9s} {'90% interval':>21s} {'delta NLL':>10s} {'FP ppl':>8s} {'seconds':>8s}")
+    for fmt, method in recipes:
+        pr = predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok)
+        print(f"{pr.recipe:24s} {pr.ppl:9.3f} [{pr.ppl_low:9.3f}, {pr.ppl_high:9.3f}] {pr.delta_nll:10.5f} "
+              f"{pr.ppl_fp:8.3f} {pr.seconds:8.2f}")
+    return 0
+
+
+def _measure(model_name: str, recipes) -> int:
+    import torch
+
+    from quantpredict import arch, models
+    from quantpredict.formats import fake_quantize, get_format
+
+    model, _ = models.load(model_name)
+    print(f"{model_name}: round-to-nearest weight quantization of {len(arch.linear_layers(model))} linear layers")
+    print(f"{'format':14s} {'bits/elem':>9s} {'weight SQNR dB':>15s} {'worst layer dB':>15s}")
+    for fmt in dict.fromkeys(f for f, _ in recipes):
+        spec = get_format(fmt)
+        sig = err = 0.0
+        worst = float("inf")
+        for ref in arch.linear_layers(model):
+            w = ref.weight.detach()
+            e = (fake_quantize(w, fmt, axis=-1) - w).pow(2).sum().item()
+            s = w.pow(2).sum().item()
+            sig, err = sig + s, err + e
+            worst = min(worst, 10 * torch.log10(torch.tensor(s / max(e, 1e-30))).item())
+        sqnr = 10 * torch.log10(torch.tensor(sig / max(err, 1e-30))).item()
+        print(f"{fmt:14s} {spec.bits_per_element(spec.default_block_size):9.3f} {sqnr:15.2f} {worst:15.2f}")
+    return 0
