@@ -518,3 +518,20 @@ def test_cli_formats(capsys):
     assert "4.2500" in out and "4.0625" in out  # mxfp4 at 32 and at 128
     assert cli_main(["formats", "--json", "--block-size", "64"]) == 0
     assert '"bits/elem (block 64)": 4.125' in capsys.readouterr().out
+
+
+@needs_native
+def test_native_after_fork():
+    # a forked child must not reuse the parent's (threadless) pool: it would hang
+    import multiprocessing as mp
+
+    x = _data((600, 512), seed=11)  # large enough for the threaded path
+    fake_quantize(x, "mxfp4_e2m1")
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:  # numpy across the pipe: torch's shared-memory tensor pickling is not under test
+        y = pool.apply_async(_fq_numpy, (x.numpy(), "mxfp4_e2m1")).get(timeout=120)
+    assert bits_equal(torch.from_numpy(y), fake_quantize_reference(x, "mxfp4_e2m1"))
+
+
+def _fq_numpy(x: np.ndarray, fmt: str) -> np.ndarray:
+    return fake_quantize(torch.from_numpy(x), fmt).numpy()

@@ -158,7 +158,12 @@ def library() -> ctypes.CDLL | None:
             key = hashlib.sha256("\0".join([SOURCE, *FLAGS, version, _cpu_id()]).encode()).hexdigest()[:16]
             target = _cache_dir() / f"qp_formats_{key}.so"
             if not target.exists():
-                _compile(cc, target)
+                try:
+                    _compile(cc, target)
+                except OSError:  # cache not writable: build in the temp dir instead
+                    target = Path(tempfile.gettempdir()) / "quantpredict-native" / target.name
+                    if not target.exists():
+                        _compile(cc, target)
             lib = ctypes.CDLL(str(target))
             fn = lib.qp_fake_quantize
             fn.restype = ctypes.c_int
@@ -208,7 +213,10 @@ def fake_quantize_rows(x: Tensor, fmt: Format, block: int) -> Tensor | None:
 
 
 def _pool() -> ThreadPoolExecutor:
+    # keyed by pid: a forked child (multiprocessing, Dask) inherits the pool object but none of its threads, and
+    # submitting to it would wait forever
     with _lock:
-        if "pool" not in _state:
+        if _state.get("pool_pid") != os.getpid():
             _state["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qp-formats")
+            _state["pool_pid"] = os.getpid()
         return _state["pool"]  # type: ignore[return-value]
