@@ -41,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("--run-fn", default=None, metavar="MODULE:FUNC",
                    help="run function (default: the real measurement, quantpredict.runs.execute:execute_run; "
                         "quantpredict.runs.fake:fake_run for a dry rehearsal)")
+    p.add_argument("--run-kwargs", default=None, metavar="JSON",
+                   help='extra keyword arguments of the run function as a JSON object, e.g. '
+                        '\'{"feature_options": {"n_probes": 8}}\'')
     p.add_argument("--no-retry-failed", action="store_true", help="skip runs recorded as failed")
     p.add_argument("--no-weights-hash", action="store_true",
                    help="key runs by model name alone instead of name + weights hash")
@@ -61,6 +64,23 @@ def _models(values: list[str]) -> list[str]:
     return out
 
 
+def _run_kwargs(text: str | None) -> dict:
+    import json
+
+    from quantpredict.errors import QuantpredictError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise QuantpredictError(f"--run-kwargs {text!r} is not valid JSON ({exc}); pass an object such as "
+                                '\'{"sleep_s": 0.5}\'') from None
+    if not isinstance(value, dict):
+        raise QuantpredictError(f"--run-kwargs must be a JSON object, got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from quantpredict.runs import collect, model_id, plan_runs
     from quantpredict.runs.store import RunStore
@@ -68,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
     models = _models(args.models)
     identify = None if args.no_weights_hash else model_id
-    run_kwargs = {"torch_threads": args.threads} if args.threads else None
+    run_kwargs = _run_kwargs(args.run_kwargs)
+    if args.threads:
+        run_kwargs["torch_threads"] = args.threads
     if args.dry_run:
         ids = {m: identify(m) if identify else m for m in models}
         plan = plan_runs(models, _split(args.formats), _split(args.methods), smoothquant=_split(args.smoothquant),

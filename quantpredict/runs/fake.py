@@ -20,8 +20,9 @@ def _unit(key: str, salt: str) -> float:
 
 def fake_run(spec, *, sleep_s: float = 0.0, fail_formats=(), fail_models=(), **_ignored) -> dict:
     """Pretend to quantize and evaluate ``spec``: sleeps ``sleep_s``, raises for formats/models listed to fail."""
-    from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+    from quantpredict.runs.store import _schema
 
+    FEATURE_NAMES, TIMING_NAMES = _schema()
     if sleep_s:
         time.sleep(sleep_s)
     if spec.weight_format in tuple(fail_formats) or spec.model in tuple(fail_models):

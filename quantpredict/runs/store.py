@@ -11,9 +11,11 @@ spreads them into one column each, in the order of :data:`quantpredict.features.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import json
 import math
 import sqlite3
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,10 +53,25 @@ _RESULT_ALIASES = {"windows": "eval_windows"}  # Comparison.to_dict() names -> s
 
 
 def _schema() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    # imported when needed: the features package pulls in torch, which workers and the CLI should not pay for
-    from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+    """FEATURE_NAMES and TIMING_NAMES of :mod:`quantpredict.features.schema`.
 
-    return FEATURE_NAMES, TIMING_NAMES
+    ``quantpredict.features`` imports torch and transformers in its ``__init__`` (seconds per process); the store,
+    the CLI and every Dask/pool worker only need the schema table, so when the package is not loaded yet the
+    schema file (plain Python, no imports) is executed on its own under a private module name.
+    """
+    mod = sys.modules.get("quantpredict.features.schema")
+    if mod is None and "quantpredict.features" not in sys.modules:
+        mod = sys.modules.get("quantpredict.runs._feature_schema")
+        if mod is None:
+            path = Path(__file__).resolve().parent.parent / "features" / "schema.py"
+            spec = importlib.util.spec_from_file_location("quantpredict.runs._feature_schema", path)
+            if spec is not None and spec.loader is not None:
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
+                spec.loader.exec_module(mod)
+    if mod is None:
+        from quantpredict.features import schema as mod
+    return tuple(mod.FEATURE_NAMES), tuple(mod.TIMING_NAMES)
 
 
 def _now() -> str:

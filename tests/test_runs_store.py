@@ -1,0 +1,177 @@
+"""The run store: round trip, public column order, refusing foreign files untouched, concurrent writers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import sqlite3
+
+import pandas as pd
+import pytest
+
+from quantpredict.errors import StoreError
+from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+from quantpredict.runs import PUBLIC_COLUMNS, SCHEMA_VERSION, RunSpec, RunStore, run_one
+from quantpredict.runs.fake import fake_run
+
+
+def _spec(model="m", fmt="mxint4", method="rtn", **kw) -> RunSpec:
+    return RunSpec(model=model, weight_format=fmt, method=method, seq_len=64, eval_max_windows=4, **kw)
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_round_trip_record_and_frame(tmp_path):
+    spec = _spec(block_size=128, smoothquant_alpha=0.5, act_format="mxint8", model_id="m@abc")
+    outcome = run_one(spec, fake_run)
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        assert store.record(spec, outcome)
+        assert store.done_keys() == {spec.key} and len(store) == 1
+        df = store.to_frame()
+    expected = fake_run(spec)
+    row = df.iloc[0]
+    assert row["run_key"] == spec.key and row["model"] == "m" and row["model_id"] == "m@abc"
+    assert row["recipe"] == spec.label and row["status"] == "done" and pd.isna(row["error"])
+    assert (row["weight_format"], row["method"], row["act_format"]) == ("mxint4", "rtn", "mxint8")
+    assert row["recipe_block_size"] == 128 and row["smoothquant_alpha"] == 0.5
+    cmp = expected["comparison"]
+    for col in ("ppl_fp", "ppl_quant", "nll_fp", "nll_quant", "delta_nll", "delta_nll_se", "kld", "top1_agree"):
+        assert row[col] == pytest.approx(cmp[col], rel=1e-12)
+    assert row["eval_tokens"] == cmp["eval_tokens"] and row["eval_windows"] == cmp["windows"]
+    assert row["family"] == "fake" and row["n_params"] == expected["n_params"]
+    for name in FEATURE_NAMES:  # every feature in its own column, value preserved exactly
+        assert row[name] == pytest.approx(expected["features"][name], rel=1e-12), name
+    assert row["git_commit"] == outcome["provenance"]["git_commit"]
+    prov = json.loads(row["provenance"])
+    assert prov["host"] and prov["packages"]["quantpredict"]
+    assert row["started_at"] <= row["finished_at"] and row["seconds"] >= 0
+
+
+def test_public_columns_first_then_features_in_schema_order(tmp_path):
+    with RunStore(tmp_path) as store:  # a directory gets runs.sqlite inside
+        assert store.path == tmp_path / "runs.sqlite"
+        empty = store.to_frame()
+        spec = _spec()
+        store.record(spec, run_one(spec, fake_run))
+        df = store.to_frame()
+    for frame in (empty, df):
+        cols = list(frame.columns)
+        assert cols[: len(PUBLIC_COLUMNS)] == list(PUBLIC_COLUMNS)
+        # the feature `block_size` shares the public column; the rest follow the status column in schema order
+        feats = [f for f in FEATURE_NAMES + TIMING_NAMES if f not in PUBLIC_COLUMNS]
+        assert cols[len(PUBLIC_COLUMNS): len(PUBLIC_COLUMNS) + len(feats)] == feats
+        assert {"run_key", "seq_len", "eval_windows", "seconds", "error", "provenance"} <= set(cols)
+    assert len(empty) == 0
+    # the public block_size column carries the measured (resolved) block size; the recipe's own field is kept
+    assert df["block_size"].iloc[0] == fake_run(spec)["features"]["block_size"]
+    assert pd.isna(df["recipe_block_size"].iloc[0])
+
+
+def test_failed_row_keeps_error_and_never_replaces_done(tmp_path):
+    store = RunStore(tmp_path / "s.sqlite")
+    spec = _spec()
+    failed = run_one(spec, fake_run, {"fail_formats": ["mxint4"]})
+    assert failed["status"] == "failed" and "fake failure" in failed["error"] and "Traceback" in failed["error"]
+    store.record(spec, failed)
+    assert store.failed_keys() == {spec.key} and store.done_keys() == set()
+    assert "RuntimeError: fake failure" in store.to_frame()["error"].iloc[0]
+    store.record(spec, run_one(spec, fake_run))  # the retry succeeds: the row is replaced, attempts counted
+    row = store.get(spec.key)
+    assert row["status"] == "done" and row["attempts"] == 2 and row["error"] is None
+    assert not store.record(spec, failed)  # a later failure does not erase a finished run
+    assert store.get(spec.key)["status"] == "done"
+    with pytest.raises(StoreError, match="status"):
+        store.add({"run_key": "k", "status": "running"})
+    with pytest.raises(StoreError, match="run_key"):
+        store.add({"status": "done"})
+    assert store.delete([spec.key]) == 1 and len(store) == 0
+
+
+def test_add_flat_row_and_nan(tmp_path):
+    with RunStore(f"sqlite:///{tmp_path / 'u.sqlite'}") as store:  # an SQLAlchemy URL works too
+        store.add({"run_key": "x|r|v|e", "status": "done", "model": "x", "ppl_fp": 10.0, "hessian_trace": math.nan,
+                   "taylor_dnll": 0.25, "my_new_feature": 3.0, "windows": 7})
+        df = store.to_frame()
+    assert df["taylor_dnll"].iloc[0] == 0.25 and math.isnan(df["hessian_trace"].iloc[0])
+    assert df["eval_windows"].iloc[0] == 7 and df["my_new_feature"].iloc[0] == 3.0
+    assert (tmp_path / "u.sqlite").exists()
+
+
+def test_text_file_is_refused_untouched(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("these are my notes\n" * 20)
+    before = _digest(path)
+    with pytest.raises(StoreError, match="not a quantpredict run store"):
+        RunStore(path)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_foreign_sqlite_is_refused_untouched(tmp_path):
+    path = tmp_path / "other.db"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    con.execute("INSERT INTO customers VALUES (1, 'ada')")
+    con.commit()
+    con.close()
+    before = _digest(path)
+    with pytest.raises(StoreError, match="customers"):
+        RunStore(path)
+    assert _digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
+
+
+def test_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        spec = _spec()
+        store.record(spec, run_one(spec, fake_run))
+    con = sqlite3.connect(path)
+    con.execute("UPDATE quantpredict_meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    con.commit()
+    con.close()
+    before = _digest(path)
+    with pytest.raises(StoreError, match="newer"):
+        RunStore(path)
+    assert _digest(path) == before
+
+
+def test_missing_store_without_create(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        RunStore(tmp_path / "absent.sqlite", create=False)
+    assert not (tmp_path / "absent.sqlite").exists()
+
+
+def _writer(path: str, prefix: str, n: int, start) -> None:
+    start.wait()
+    store = RunStore(path)
+    for i in range(n):
+        store.add({"run_key": f"{prefix}{i}|r|v|e", "status": "done", "model": prefix, "ppl_fp": float(i),
+                   "features": {"hessian_trace": float(i)}})
+    store.close()
+
+
+def test_second_writer_process_appends_concurrently(tmp_path):
+    path = str(tmp_path / "runs.sqlite")
+    RunStore(path).close()
+    # fork: the children only touch SQLite (no torch), and skip re-importing the test's modules (seconds each)
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    start = ctx.Event()
+    procs = [ctx.Process(target=_writer, args=(path, p, 40, start)) for p in ("a", "b")]
+    for p in procs:
+        p.start()
+    start.set()
+    _writer(path, "c", 40, start)  # this process writes at the same time
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with RunStore(path) as store:
+        keys = store.done_keys()
+        df = store.to_frame()
+    assert keys == {f"{p}{i}|r|v|e" for p in "abc" for i in range(40)}
+    assert sorted(df.groupby("model")["ppl_fp"].sum().tolist()) == [sum(range(40))] * 3
