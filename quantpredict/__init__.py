@@ -3,4 +3,13 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = ["__version__", "predict_quality"]
+
+
+def __getattr__(name: str):
+    # lazy: ``import quantpredict`` stays light (no torch, sklearn or statsmodels until a prediction is asked for)
+    if name == "predict_quality":
+        from quantpredict.predict.quality import predict_quality
+
+        return predict_quality
+    raise AttributeError(f"module 'quantpredict' has no attribute {name!r}")

@@ -83,14 +83,15 @@ def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
 
 def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Predictor = "default", *,
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: float | None = None,
-                    seed: int = 0) -> Prediction:
+                    seed: int = 0, extract_options: Mapping[str, Any] | None = None) -> Prediction:
     """Predict the WikiText-2 perplexity of ``model_or_path`` quantized with ``recipe``, without quantizing it.
 
     ``model_or_path``: a zoo name or HF directory (loaded with ``quantpredict.models.load``), or a loaded model (then
     pass ``tokenizer`` or ``calib_ids``). ``recipe``: a ``quantpredict.quantize.Recipe``. ``predictor``: "default",
     a saved predictor directory, or a :class:`Predictor`. ``calib_ids``: calibration token ids (default: WikiText-2
     train through the model's tokenizer). ``ppl_fp``: the measured FP perplexity if known (otherwise predicted).
-    Computes only the feature groups the predictor uses (``features.extract(..., which=groups)``).
+    Computes only the feature groups the predictor uses (``features.extract(..., which=groups)``);
+    ``extract_options`` overrides ``features.ExtractOptions`` fields (keep the defaults the training runs used).
     """
     pred = resolve_predictor(predictor)
     label, cols = recipe_columns(recipe)
@@ -98,7 +99,8 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
 
-        model, tok = models.load(str(model_or_path))
+        # eager attention: second derivatives (curvature, landscape features) fail through CPU SDPA
+        model, tok = models.load(str(model_or_path), attn_implementation="eager")
         tokenizer = tokenizer or tok
         name = str(model_or_path)
     else:
@@ -116,7 +118,8 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
         calib_ids = data.token_ids(tokenizer, "wikitext2", "train")
     from quantpredict import features as features_mod
 
-    raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups)))
+    raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups),
+                                    **dict(extract_options or {})))
     row: dict[str, Any] = {**raw, **cols, "model": name}
     try:
         from quantpredict import arch

@@ -1,0 +1,129 @@
+"""``quantpredict fit`` / ``quantpredict predict`` and ``predict_quality`` (feature extraction monkeypatched where the
+test is about the plumbing; one real extraction on a tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_model
+
+import quantpredict
+from quantpredict.cli import main
+from quantpredict.errors import PredictorError
+from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+from quantpredict.predict import Prediction, Predictor, predict_quality
+from quantpredict.predict import quality as quality_mod
+from quantpredict.predict.synthetic import synthetic_runs
+from quantpredict.quantize import Recipe
+
+
+@pytest.fixture(scope="module")
+def runs() -> pd.DataFrame:
+    return synthetic_runs(6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ols(runs) -> Predictor:
+    return Predictor("ols").fit(runs)
+
+
+def fake_extract(runs: pd.DataFrame, calls: list):
+    """features.extract stand-in: the synthetic features of llama-00 for the recipe's format and method."""
+
+    def extract(model, recipe, calib_ids, *, seed=0, which=None, **overrides):
+        calls.append({"which": which, "recipe": recipe, "n_ids": int(calib_ids.numel())})
+        row = runs[(runs["model"] == "llama-00") & (runs["weight_format"] == recipe.weight_format)
+                   & (runs["method"] == recipe.method) & (runs["status"] == "done")].iloc[0]
+        return {k: float(row[k]) for k in FEATURE_NAMES + TIMING_NAMES if k in row and pd.notna(row[k])}
+
+    return extract
+
+
+def test_predict_quality_with_patched_features(runs, ols, monkeypatch):
+    calls = []
+    monkeypatch.setattr("quantpredict.features.extract", fake_extract(runs, calls))
+    ids = torch.arange(3, 300)
+    recipe = Recipe(weight_format="mxint4", method="gptq")
+    pr = quantpredict.predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids)
+    assert isinstance(pr, Prediction)
+    assert calls[0]["which"] == list(ols.required_groups) == ["model", "format", "noise", "landscape"]
+    assert pr.recipe == recipe.label and pr.predictor_kind == "ols" and pr.ppl_fp_source == "predicted"
+    assert pr.ppl_low <= pr.ppl <= pr.ppl_high and pr.delta_low <= pr.delta_nll <= pr.delta_high
+    assert set(pr.features) <= set(FEATURE_NAMES) and "quad_delta_h_delta" in pr.features
+    assert pr.seconds > 0 and set(pr.feature_seconds) <= set(TIMING_NAMES)
+    # the same numbers as Predictor.predict on the synthetic run row (FP perplexity predicted in both)
+    row = runs[(runs["model"] == "llama-00") & (runs["recipe"] == "mxint4-b32-gptq")].drop(columns=["ppl_fp"])
+    ref = ols.predict(row).iloc[0]
+    assert pr.delta_nll == pytest.approx(ref["delta_nll"], rel=1e-12)
+    assert pr.ppl == pytest.approx(ref["ppl"], rel=1e-12)
+    measured = predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, ppl_fp=50.0)
+    assert measured.ppl_fp_source == "measured" and measured.ppl == pytest.approx(50 * np.exp(pr.delta_nll))
+    json.dumps(pr.to_dict())  # serialisable for --json
+
+
+def test_predict_quality_errors(ols, monkeypatch, tmp_path):
+    monkeypatch.setattr(quality_mod, "DEFAULT_PREDICTOR_DIR", tmp_path / "nothing")
+    with pytest.raises(PredictorError, match="no default predictor.*quantpredict fit"):
+        predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4"))
+    with pytest.raises(PredictorError, match="tokenizer"):
+        predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4"), ols)
+    with pytest.raises(PredictorError, match="not a saved predictor"):
+        predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4"), tmp_path)
+
+
+def test_fit_cli_writes_predictor_report_and_figure(runs, tmp_path, capsys):
+    path = tmp_path / "runs.csv"
+    runs.to_csv(path, index=False)
+    out, report = tmp_path / "pred", tmp_path / "reports" / "predictors.md"
+    rc = main(["fit", "--runs", str(path), "--kind", "ols", "--out", str(out), "--validate", "--kinds",
+               "ols,bits", "--groups", "family", "--report", str(report)])
+    assert rc == 0
+    text = report.read_text()
+    assert "Leave-one-family-out" in text and "| ols |" in text and "| bits |" in text and "Targets" in text
+    png = report.with_name("predictors_family.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    p = Predictor.load(out)
+    assert p.kind == "ols" and p.metadata["validation"][0]["kind"] == "ols"
+    assert p.metadata["validation"][0]["groups"] == "family"
+    assert "saved to" in capsys.readouterr().out
+
+
+def test_fit_cli_errors(tmp_path, capsys):
+    assert main(["fit", "--runs", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "p")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_predict_cli_json_and_table(runs, ols, tmp_path, monkeypatch, capsys, tokenizer):
+    d = ols.save(tmp_path / "pred")
+    calls = []
+    monkeypatch.setattr("quantpredict.features.extract", fake_extract(runs, calls))
+    monkeypatch.setattr("quantpredict.models.load", lambda name, **kw: (tiny_model("llama"), tokenizer))
+    monkeypatch.setattr("quantpredict.data.token_ids", lambda tok, name="wikitext2", split="test":
+                        torch.arange(3, 200) if split == "train" else pytest.fail("test split used for calibration"))
+    rc = main(["predict", "tiny", "--format", "mxint4,mxint8", "--method", "rtn", "--predictor", str(d), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["recipe"] for r in res] == ["mxint4-rtn", "mxint8-rtn"]
+    assert res[0]["delta_nll"] > res[1]["delta_nll"]  # 4 bits lose more than 8
+    assert main(["predict", "tiny", "--format", "mxint4", "--predictor", str(d)]) == 0
+    table = capsys.readouterr().out
+    assert "mxint4-rtn" in table and "interval" in table
+
+
+def test_predict_cli_missing_predictor(tmp_path, capsys):
+    assert main(["predict", "tiny", "--format", "mxint4", "--predictor", str(tmp_path / "none")]) == 2
+    assert "no predictor at" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_predict_quality_real_features_tiny_model(runs, ols):
+    """The real features.extract on a tiny random Llama, through the OLS predictor fitted on synthetic runs."""
+    ids = torch.randint(3, 320, (2000,), generator=torch.Generator().manual_seed(0))
+    pr = predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4", method="rtn"), ols, calib_ids=ids,
+                         extract_options={"n_windows": 2, "seq_len": 32})
+    assert np.isfinite([pr.ppl, pr.ppl_low, pr.ppl_high, pr.delta_nll]).all()
+    assert set(pr.features) >= set(ols.features)
