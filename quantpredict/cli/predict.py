@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict import models
     from quantpredict.quantize import Recipe
 
-    model, tok = models.load(args.model)
+    model, tok = models.load(args.model, attn_implementation="eager")  # HVPs need eager attention
     results = []
     for fmt, method in itertools.product(_split(args.weight_format), _split(args.method)):
         recipe = Recipe(weight_format=fmt, block_size=args.block_size, method=method,
