@@ -92,6 +92,35 @@ def test_fit_cli_writes_predictor_report_and_figure(runs, tmp_path, capsys):
     assert "saved to" in capsys.readouterr().out
 
 
+def test_fit_cli_subsample_section(runs, tmp_path):
+    path = tmp_path / "runs.parquet"
+    runs.to_parquet(path)
+    rng = np.random.default_rng(0)
+    sub = tmp_path / "windows.json"
+    sub.write_text(json.dumps({"window_seconds": 0.5,
+                               "window_deltas": [rng.normal(0.01, 0.02, 32).tolist() for _ in range(4)]}))
+    report = tmp_path / "r" / "predictors.md"
+    assert main(["fit", "--runs", str(path), "--kind", "bits", "--out", str(tmp_path / "p"), "--validate",
+                 "--kinds", "bits", "--groups", "family", "--report", str(report), "--subsample", str(sub)]) == 0
+    text = report.read_text()
+    assert "first k test windows" in text and "at equal cost" in text
+    assert report.with_name("predictors_subsample.png").is_file()
+
+
+def test_fit_from_a_run_store(tmp_path):
+    """The run store's real export (fake run results): recipe_block_size, None act_format, every column type."""
+    from quantpredict.runs import RunStore, collect
+
+    store = tmp_path / "runs.sqlite"
+    collect(["m1", "m2", "m3"], ["mxint4", "mxint8", "int4", "mxint3"], ["rtn", "gptq"], store=store,
+            run_fn="quantpredict.runs.fake:fake_run", identify=None, progress=False)
+    assert main(["fit", "--store", str(store), "--kind", "ols", "--out", str(tmp_path / "p")]) == 0
+    p = Predictor.load(tmp_path / "p")
+    frame = RunStore(store).to_frame()
+    out = p.predict(frame)
+    assert out.index.equals(frame.index) and np.isfinite(out["ppl"]).all()
+
+
 def test_fit_cli_errors(tmp_path, capsys):
     assert main(["fit", "--runs", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "p")]) == 2
     assert "does not exist" in capsys.readouterr().err

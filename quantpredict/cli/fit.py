@@ -18,6 +18,9 @@ def register(subparsers) -> None:
     p.add_argument("--kinds", default="ols,rf,gbm,bits,paper", help="kinds to validate (comma-separated)")
     p.add_argument("--groups", default="model,family", help="validation groupings (comma-separated)")
     p.add_argument("--report", default="reports/predictors.md", help="validation report path (with --validate)")
+    p.add_argument("--subsample", default=None, metavar="JSON",
+                   help='per-window deltas for the subsample baseline: {"window_seconds": s, "window_deltas": '
+                        '[[run 1 windows...], ...]} (with --validate)')
     p.add_argument("--n-estimators", type=int, default=None, help="trees for rf/gbm/paper (default: 300)")
     p.add_argument("--random-state", type=int, default=0)
     p.set_defaults(func=run)
@@ -45,9 +48,25 @@ def run(args: argparse.Namespace) -> int:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(val.metrics.drop(columns=["n_folds"]).round(4).to_string(index=False))
         pred.attach_validation(val.metrics[val.metrics["kind"] == args.kind])
-        paths = write_report(val, args.report, source=args.store or args.runs, fitted=args.kind)
+        curve = _subsample(args.subsample) if args.subsample else None
+        paths = write_report(val, args.report, source=args.store or args.runs, fitted=args.kind, subsample=curve)
         print(f"best kind (leave-one-{groups[-1]}-out): {best_kind(val.metrics, groups[-1])}")
         print("wrote " + ", ".join(str(p) for p in paths))
     out = pred.save(args.out)
     print(f"saved to {out}")
     return 0
+
+
+def _subsample(path: str):
+    import json
+    from pathlib import Path
+
+    from quantpredict.errors import PredictorError
+    from quantpredict.predict import subsample_curve
+
+    try:
+        d = json.loads(Path(path).read_text())
+        return subsample_curve(d["window_deltas"], d["window_seconds"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise PredictorError(f"--subsample {path}: expected a JSON file with window_deltas (one list of per-window "
+                             f"delta NLLs per run) and window_seconds ({type(exc).__name__}: {exc})") from None
