@@ -45,6 +45,9 @@ class ExtractOptions:
     batch_size: int = 8  # windows per forward pass
     n_probes: int = 4  # Hutchinson probes
     max_iter: int = 10  # power-iteration Hessian-vector products
+    # windows (the first ones of the batch) behind the curvature group's n_probes + max_iter HVPs: tr(H) and the top
+    # eigenvalue are batch averages that need fewer tokens than the loss differences of the landscape group
+    curvature_windows: int = 2
     tol: float = 1e-3  # power-iteration relative tolerance
     n_noise_draws: int = 2  # random-direction sharpness draws
 
@@ -118,8 +121,9 @@ def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> to
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size]
         logits = model(ids, use_cache=False).logits[:, :-1]
-        part = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                               reduction="sum")
+        if logits.dtype in (torch.float16, torch.bfloat16):  # a half-precision softmax loses the 1e-3 nats we need
+            logits = logits.float()
+        part = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
         loss = part if loss is None else loss + part
     return loss / total
 
@@ -132,50 +136,77 @@ def _block_size(recipe: Any, fmt: Any) -> int | None:
     return bs if bs is not None else getattr(fmt, "default_block_size", None)
 
 
-def rtn_deltas(refs: Sequence[arch.LinearRef], recipe: Any) -> list[torch.Tensor]:
-    """``fake_quantize(W) - W`` ([out, in]) for each layer, in the recipe's weight format and block size."""
+def _quantized_names(model: nn.Module, recipe: Any) -> set[str]:
+    """Names of the linears the recipe quantizes (all but ``recipe.skip``)."""
+    from quantpredict.quantize import quantized_linears
+
+    return {r.name for r in quantized_linears(model, recipe)}
+
+
+def rtn_deltas(model: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any) -> list[torch.Tensor]:
+    """``fake_quantize(W) - W`` ([out, in]) for each layer in the recipe's weight format and block size (zero for
+    layers the recipe skips)."""
     from quantpredict.formats import fake_quantize, get_format
 
     fmt = get_format(recipe.weight_format)
     bs = _block_size(recipe, fmt)
+    wanted = _quantized_names(model, recipe)
     out = []
     with torch.no_grad():
         for ref in refs:
             w = ref.weight.detach()
+            if ref.name not in wanted:
+                out.append(torch.zeros_like(w))
+                continue
             out.append((fake_quantize(w, recipe.weight_format, axis=-1, block_size=bs) - w).to(w.dtype))
     return out
 
 
-def _base_model(model: nn.Module, recipe: Any, windows: torch.Tensor) -> nn.Module:
-    """The FP point the features are measured at: ``model`` itself, or a smoothed deep copy for SmoothQuant
-    recipes (SmoothQuant folds per-channel scales into norm and linear weights; the FP function is unchanged, but
-    the weights that get quantized are the smoothed ones)."""
-    alpha = getattr(recipe, "smoothquant_alpha", None)
-    if not alpha:
-        return model
-    from quantpredict import quantize
+@torch.no_grad()
+def smoothed_copy(model: nn.Module, alpha: float, windows: torch.Tensor, batch_size: int = 8) -> nn.Module:
+    """A deep copy of ``model`` with SmoothQuant's scales folded in (same FP function, smoothed weights).
 
-    smooth = getattr(quantize, "smooth_model", None) or getattr(quantize, "smoothquant", None)
-    if smooth is None:
-        raise ModelError("this version of quantpredict.quantize has no SmoothQuant entry point (smooth_model); "
-                         "compute features for the recipe without smoothquant_alpha")
+    The per-channel activation maxima come from one FP forward over ``windows``; ``quantize_model`` measures them
+    block by block on the already-quantized prefix instead, so its smoothed weights can differ slightly.
+    """
+    from quantpredict.quantize import capture_linear_inputs, smoothing_scales
+    from quantpredict.quantize.smoothquant import apply_smoothing
+
     base = copy.deepcopy(model)
-    smooth(base, alpha, windows)
+    pairs = [pair for i in range(len(arch.blocks(base))) for pair in arch.smooth_pairs(base, i)]
+    firsts = [pair.linears[0] for pair in pairs]
+    with prepared(base), capture_linear_inputs(firsts, hessian=False) as stats:
+        for start in range(0, windows.shape[0], batch_size):
+            base(windows[start : start + batch_size], use_cache=False)
+    for pair in pairs:
+        s = smoothing_scales(stats[pair.linears[0].name].absmax, [r.weight for r in pair.linears], alpha)
+        apply_smoothing(pair, s)
     return base
 
 
-def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any,
-                   windows: torch.Tensor) -> list[torch.Tensor]:
-    """``Q(W) - W`` per layer from the PTQ backend (``quantize_model`` on a deep copy of ``base``, weights only).
+def _base_model(model: nn.Module, recipe: Any, windows: torch.Tensor, batch_size: int = 8) -> nn.Module:
+    """The FP point the features are measured at: ``model`` itself, or a smoothed deep copy for SmoothQuant
+    recipes (the FP function is unchanged, but the weights that get quantized are the smoothed ones)."""
+    alpha = getattr(recipe, "smoothquant_alpha", None)
+    if alpha is None:
+        return model
+    return smoothed_copy(model, alpha, windows, batch_size)
+
+
+def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any, windows: torch.Tensor,
+                   batch_size: int = 8) -> list[torch.Tensor]:
+    """``Q(W) - W`` per layer from the PTQ backend (``quantize_model`` on a deep copy of ``base``, weights only;
+    activation quantization, if the recipe has it, is not part of the direction).
 
     SmoothQuant is already folded into ``base``, so the copy is quantized without it.
     """
     from quantpredict.quantize import quantize_model
 
     q = copy.deepcopy(base)
-    if getattr(recipe, "smoothquant_alpha", None):
+    if getattr(recipe, "smoothquant_alpha", None) is not None:
         recipe = replace(recipe, smoothquant_alpha=None)
-    quantize_model(q, recipe, windows)
+    with prepared(q):
+        quantize_model(q, recipe, windows, batch_size=batch_size, progress=False)
     q_refs = arch.linear_layers(q)
     with torch.no_grad():
         return [(qr.weight.detach() - r.weight.detach()).to(r.weight.dtype) for qr, r in zip(q_refs, refs, strict=True)]
@@ -201,6 +232,7 @@ class _Context:
         self.model, self.recipe, self.windows, self.seed, self.opts = model, recipe, windows, seed, opts
         self._cache: dict[str, Any] = {}
         self._op: HessianOperator | None = None
+        self._op_windows = 0
 
     def _lazy(self, key: str, fn):
         if key not in self._cache:
@@ -209,7 +241,7 @@ class _Context:
 
     @property
     def base(self) -> nn.Module:
-        return self._lazy("base", lambda: _base_model(self.model, self.recipe, self.windows))
+        return self._lazy("base", lambda: _base_model(self.model, self.recipe, self.windows, self.opts.batch_size))
 
     @property
     def refs(self) -> list[arch.LinearRef]:
@@ -221,14 +253,15 @@ class _Context:
 
     @property
     def rtn_delta(self) -> list[torch.Tensor]:
-        return self._lazy("rtn_delta", lambda: rtn_deltas(self.refs, self.recipe))
+        return self._lazy("rtn_delta", lambda: rtn_deltas(self.base, self.refs, self.recipe))
 
     @property
     def delta(self) -> list[torch.Tensor]:
         """The recipe's direction, in ``[out, in]`` layout."""
         if getattr(self.recipe, "method", "rtn") == "rtn":
             return self.rtn_delta
-        return self._lazy("delta", lambda: backend_deltas(self.base, self.refs, self.recipe, self.windows))
+        return self._lazy("delta", lambda: backend_deltas(self.base, self.refs, self.recipe, self.windows,
+                                                          self.opts.batch_size))
 
     def param_layout(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[out, in]`` tensors in the parameters' storage layout (GPT-2's Conv1D stores ``[in, out]``)."""
@@ -241,12 +274,17 @@ class _Context:
                 return float(mean_nll(self.base, self.windows, self.opts.batch_size))
         return self._lazy("fp_nll", compute)
 
-    def operator(self) -> HessianOperator:
-        if self._op is None:
+    def operator(self, n_windows: int | None = None) -> HessianOperator:
+        """The Hessian operator at ``W`` on the first ``n_windows`` windows (default all); one is kept at a time."""
+        n = self.windows.shape[0] if n_windows is None else max(1, min(n_windows, self.windows.shape[0]))
+        if self._op is None or self._op_windows != n:
+            self.release_operator()
+            windows = self.windows[:n]
             with prepared(self.base, self.params):
-                self._op = HessianOperator(lambda: mean_nll(self.base, self.windows, self.opts.batch_size),
-                                           self.params)
-            self._cache.setdefault("fp_nll", self._op.loss)
+                self._op = HessianOperator(lambda: mean_nll(self.base, windows, self.opts.batch_size), self.params)
+            self._op_windows = n
+            if n == self.windows.shape[0]:
+                self._cache.setdefault("fp_nll", self._op.loss)
         return self._op
 
     def release_operator(self) -> None:
@@ -255,6 +293,7 @@ class _Context:
             self._op = None
 
     def apply_hessian(self, vectors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``H v`` on the whole calibration batch."""
         op = self.operator()
         with prepared(self.base, self.params):
             return op.apply(vectors)
@@ -302,7 +341,13 @@ def _format_group(ctx: _Context) -> dict[str, float]:
 
 
 def _noise_group(ctx: _Context) -> dict[str, float]:
-    refs, deltas = ctx.refs, ctx.rtn_delta
+    # layers the recipe skips stay FP: their noise is no part of the recipe's
+    wanted = _quantized_names(ctx.base, ctx.recipe)
+    pairs = [(r, d) for r, d in zip(ctx.refs, ctx.rtn_delta) if r.name in wanted]
+    if not pairs:
+        raise ModelError(f"recipe {ctx.recipe.label} skips every linear layer; there is no quantization noise to "
+                         "measure (narrow its skip patterns)")
+    refs, deltas = [r for r, _ in pairs], [d for _, d in pairs]
     w2 = [float(r.weight.detach().double().pow(2).sum()) for r in refs]
     d2 = [float(d.double().pow(2).sum()) for d in deltas]
     layer_db = [_sqnr_db(s, n) for s, n in zip(w2, d2)]
@@ -340,7 +385,7 @@ def _noise_group(ctx: _Context) -> dict[str, float]:
 
 
 def _curvature_group(ctx: _Context) -> dict[str, float]:
-    op = ctx.operator()
+    op = ctx.operator(ctx.opts.curvature_windows)
     groups = [r.block_index for r in ctx.refs]
     with prepared(ctx.base, ctx.params):
         trace, se, per_block = hutchinson_trace_op(op, ctx.opts.n_probes, seed=ctx.seed, groups=groups)
@@ -393,9 +438,12 @@ def _gptq_proxy_group(ctx: _Context) -> dict[str, float]:
     fmt = get_format(ctx.recipe.weight_format)
     bs = _block_size(ctx.recipe, fmt)
     with prepared(ctx.base), torch.no_grad():
-        hessians = collect_hessians(ctx.base, ctx.windows)
+        hessians = collect_hessians(ctx.base, ctx.windows, batch_size=ctx.opts.batch_size)
     proxy_rtn = proxy_gptq = 0.0
+    wanted = _quantized_names(ctx.base, ctx.recipe)
     for ref, d_rtn in zip(ctx.refs, ctx.rtn_delta):
+        if ref.name not in wanted:
+            continue
         h = hessians[ref.name]
         w = ref.weight.detach()
         proxy_rtn += layer_output_error(w, w + d_rtn, h)

@@ -1,0 +1,142 @@
+"""What the loss-landscape features cost against the evaluation they replace.
+
+For each zoo model (largest first) and one representative recipe (default ``mxint4`` RTN), time
+``features.extract`` (every group, default options: 8 windows x 256 tokens) against a full WikiText-2 test
+perplexity evaluation of the same quantized model, in the same run, on the same machine. Tokenization is done once
+up front and timed on neither side (both sides reuse cached token ids in practice). Prints each model's ratio and
+each group's share, and writes the ``features`` section of reports/benchmarks.md.
+
+    .venv/bin/python benchmarks/bench_features.py [--models a,b] [--recipe mxint4-rtn] [--budget-minutes 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import stamp, write_section  # noqa: E402
+
+from quantpredict import arch  # noqa: E402
+from quantpredict.data import token_ids  # noqa: E402
+from quantpredict.features import GROUPS, extract  # noqa: E402
+from quantpredict.models import list_zoo, load  # noqa: E402
+from quantpredict.quantize import Recipe, quantize_model  # noqa: E402
+
+TARGET = 0.10  # the feature set should cost at most 10% of the evaluation on the largest zoo models
+
+
+def _vocab_key(tokenizer) -> str:
+    # zoo models share one tokenizer saved in each directory: tokenize the splits once for all of them
+    return hashlib.sha1(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()
+
+
+def _evaluate(model, ids: torch.Tensor) -> tuple[float, float]:
+    """(seconds, NLL) of a full WikiText-2 test pass: the evaluate package's perplexity when present."""
+    t0 = time.perf_counter()
+    try:
+        from quantpredict.evaluate import perplexity_of_ids
+
+        nll = perplexity_of_ids(model, ids, seq_len=256, progress=False).nll
+    except ImportError:  # a plain loop over non-overlapping 256-token windows
+        n = (ids.numel() // 256) * 256
+        windows = ids[:n].view(-1, 256)
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], 8):
+                w = windows[start : start + 8]
+                logits = model(w, use_cache=False).logits[:, :-1]
+                total += float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
+        nll = total / (windows.shape[0] * 255)
+    return time.perf_counter() - t0, nll
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="comma-separated zoo names (default: all, largest first)")
+    parser.add_argument("--recipe", default="mxint4-rtn", help="recipe label (default mxint4-rtn)")
+    parser.add_argument("--budget-minutes", type=float, default=10.0, help="stop starting new models after this")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave reports/benchmarks.md alone")
+    args = parser.parse_args(argv)
+
+    names = args.models.split(",") if args.models else list_zoo()
+    if not names:
+        print("no zoo models built (data/zoo is empty): run `quantpredict zoo build` first")
+        return 1
+    recipe = Recipe.from_label(args.recipe)
+    loaded = []
+    for name in names:
+        model, tok = load(name, dtype=torch.float32, attn_implementation="eager")
+        loaded.append((arch.non_embedding_parameters(model), name, model, tok))
+    loaded.sort(key=lambda t: -t[0])  # the target is about the largest models: measure them first
+
+    token_cache: dict[tuple[str, str], torch.Tensor] = {}
+    rows = []
+    started = time.perf_counter()
+    for n_params, name, model, tok in loaded:
+        if rows and time.perf_counter() - started > 60 * args.budget_minutes:
+            print(f"budget of {args.budget_minutes} min spent; skipping {name} and smaller")
+            break
+        key = _vocab_key(tok)
+        for split in ("train", "test"):
+            if (key, split) not in token_cache:
+                token_cache[(key, split)] = token_ids(tok, "wikitext2", split)
+        train, test = token_cache[(key, "train")], token_cache[(key, "test")]
+
+        qmodel = copy.deepcopy(model)
+        quantize_model(qmodel, recipe, train, progress=False)
+        eval_s, nll_q = _evaluate(qmodel, test)
+        t0 = time.perf_counter()
+        feats = extract(model, recipe, train, seed=0)
+        feat_s = time.perf_counter() - t0
+        shares = {g: feats[f"{g}_seconds"] / feat_s for g in GROUPS}
+        rows.append(dict(name=name, params=n_params, tokens=test.numel(), eval_s=eval_s, feat_s=feat_s,
+                         ratio=feat_s / eval_s, shares=shares, nll_q=nll_q,
+                         radial=feats["radial_dnll_100"], taylor=feats["taylor_dnll"]))
+        print(f"{name:14s} {n_params / 1e6:6.2f}M  eval {eval_s:7.2f}s  features {feat_s:6.2f}s  "
+              f"ratio {feat_s / eval_s:6.1%}  " + " ".join(f"{g}={s:.0%}" for g, s in shares.items()), flush=True)
+        del qmodel
+
+    largest = rows[0]
+    verdict = "meets" if largest["ratio"] <= TARGET else "misses"
+    header = ("| model | non-emb params | eval tokens | eval s | features s | ratio | "
+              + " | ".join(GROUPS) + " |")
+    lines = [
+        "## features: cost of `features.extract` vs a full WikiText-2 test evaluation",
+        "",
+        stamp(),
+        "",
+        f"Recipe `{recipe.label}`; features with default options (8 windows x 256 tokens of WikiText-2 train, "
+        "4 Hutchinson probes, <= 10 power-iteration steps, 2 noise draws); evaluation = `evaluate.perplexity_of_ids` "
+        "over the whole test split in 256-token windows, of the same model quantized by `quantize_model`. "
+        "Tokenization excluded from both. Group columns: share of the feature time.",
+        "",
+        header,
+        "|" + "---|" * (6 + len(GROUPS)),
+    ]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['tokens']:,} | {r['eval_s']:.2f} | "
+                     f"{r['feat_s']:.2f} | {r['ratio']:.1%} | "
+                     + " | ".join(f"{r['shares'][g]:.0%}" for g in GROUPS) + " |")
+    lines += ["", f"Largest model ({largest['name']}): features cost {largest['ratio']:.1%} of its evaluation, "
+              f"which {verdict} the 10% target."]
+    text = "\n".join(lines)
+    print()
+    print(text)
+    if not args.no_write:
+        write_section("features", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
