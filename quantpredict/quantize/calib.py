@@ -92,3 +92,47 @@ def collect_hessians(
         for start in range(0, windows.shape[0], batch_size):
             model(windows[start : start + batch_size], use_cache=False)
     return {name: s.hessian for name, s in stats.items()}
+
+
+def sample_calibration(
+    tokenizer,
+    n_samples: int,
+    seq_len: int,
+    *,
+    seed: int = 0,
+    dataset: str = "wikitext2",
+    split: str = "train",
+) -> torch.Tensor:
+    """``[n_samples, seq_len]`` calibration windows of ``dataset``/``split`` (WikiText-2 *train* by default).
+
+    Tokenizing all of WikiText-2 train takes minutes on a busy 2-core machine, while calibration needs ~32k tokens:
+    this draws ``n_samples`` character offsets uniformly (seeded), moves each to the next word boundary, and
+    tokenizes only a chunk there, long enough for ``seq_len`` tokens. Same role as cutting 1-D ids at random offsets
+    (:func:`quantpredict.data.calibration_windows`), at a fraction of the cost; pass the result as ``calib_ids``.
+    """
+    from quantpredict.data import load_text
+    from quantpredict.errors import DataError
+
+    if n_samples < 1 or seq_len < 2:
+        raise DataError(f"need at least 1 calibration window of at least 2 tokens (got {n_samples} x {seq_len})")
+    text = load_text(dataset, split)
+    g = torch.Generator().manual_seed(seed)
+    windows = []
+    chars = 8 * seq_len
+    for _ in range(n_samples):
+        if len(text) < 2 * chars:
+            raise DataError(f"{dataset}/{split} has {len(text)} characters, too few for calibration windows of "
+                            f"{seq_len} tokens; use a shorter calib_seq_len")
+        start = int(torch.randint(0, len(text) - chars, (1,), generator=g))
+        while True:
+            space = text.find(" ", start, start + 200)
+            chunk = text[(space + 1 if space >= 0 else start) : start + chars]
+            ids = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(ids) >= seq_len or start + chars >= len(text):
+                break
+            chars *= 2  # a tokenizer with few characters per token: read longer chunks from now on
+        if len(ids) < seq_len:
+            raise DataError(f"could not cut a window of {seq_len} tokens from {dataset}/{split} at offset {start}; "
+                            "use a shorter calib_seq_len")
+        windows.append(torch.tensor(ids[:seq_len], dtype=torch.long))
+    return torch.stack(windows)

@@ -1,0 +1,60 @@
+"""``quantpredict quantize MODEL --format F --method {rtn,gptq} ... --out DIR``: quantize a model and save it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize",
+        help="quantize a model (RTN, GPTQ, SmoothQuant) and save it",
+        description="Quantize a zoo model or local Hugging Face causal LM, block by block, calibrated on WikiText-2 "
+                    "train, and save it as a model directory that `quantpredict eval DIR` takes as is.",
+    )
+    p.add_argument("model", metavar="MODEL", help="zoo name or local Hugging Face model directory")
+    p.add_argument("--format", required=True, dest="weight_format", metavar="F",
+                   help="weight format (see `quantpredict formats`), e.g. mxint4, mxfp4_e2m1, int4")
+    p.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="elements per shared scale along the input dimension (default: 32 for MX, per channel for "
+                        "INT/FP8)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="rounding method (default: gptq)")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="A", help="SmoothQuant alpha in [0, 1]")
+    p.add_argument("--act-format", default=None, metavar="F", help="fake-quantize linear-layer inputs to F")
+    p.add_argument("--act-block-size", type=int, default=None, metavar="N", help="block size of --act-format")
+    p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=256, metavar="N", help="tokens per window (default 256)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
+    p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag H (0.01)")
+    p.add_argument("--gptq-blocksize", type=int, default=128, metavar="N", help="GPTQ lazy-batch columns (128)")
+    p.add_argument("--skip", action="append", default=[], metavar="NAME",
+                   help="leave this linear layer unquantized (name, suffix such as mlp.down_proj, or pattern); "
+                        "repeatable")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
+    p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.models import load
+    from quantpredict.quantize import Recipe, quantize_model, sample_calibration, save_quantized
+
+    recipe = Recipe(
+        weight_format=args.weight_format, block_size=args.block_size, method=args.method,
+        smoothquant_alpha=args.smoothquant, act_format=args.act_format, act_block_size=args.act_block_size,
+        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, gptq_blocksize=args.gptq_blocksize,
+        percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed,
+    )
+    model, tokenizer = load(args.model)
+    calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
+    report = quantize_model(model, recipe, calib, batch_size=args.batch_size)
+    out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.format_table())
+        print(f"saved to {out}; measure it with `quantpredict eval {out} --against {args.model}`")
+    return 0
