@@ -37,7 +37,12 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     calib_ids = data.token_ids(tok, "wikitext2", "train")  # calibration: train split only, never test
     t = time.perf_counter()
     model_q = copy.deepcopy(model_fp)
-    report = quantize.quantize_model(model_q, recipe, calib_ids, batch_size=batch_size, progress=progress)
+    if spec.method in ("qat", "qat_gptq"):  # QAT: PTQ init (recipe.method), then fine-tuning on the same windows
+        from quantpredict.qat import run_qat
+
+        report = run_qat(model_q, spec.method, recipe, calib_ids, batch_size=batch_size, progress=progress)
+    else:
+        report = quantize.quantize_model(model_q, recipe, calib_ids, batch_size=batch_size, progress=progress)
     timings["run_quantize_seconds"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -54,7 +59,7 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     return {
         "family": arch.family(model_fp),
         "n_params": int(sum(p.numel() for p in model_fp.parameters())),
-        "recipe": recipe.label,
+        "recipe": getattr(report, "label", recipe.label),  # a QAT result's label reads `qat`/`qat_gptq`
         "recipe_dict": recipe.to_dict(),
         "comparison": cmp.to_dict(),
         "features": dict(feats),

@@ -32,6 +32,13 @@ def recipe_label(weight_format: str, block_size: int | None, method: str, smooth
     try:
         from quantpredict.quantize import Recipe
 
+        if _qat_init(method) is not None:  # QAT: the init recipe's label with method segment `qat`/`qat_gptq`
+            from quantpredict.qat.runs import qat_label
+
+            init = Recipe(**{k: v for k, v in {"weight_format": weight_format, "block_size": block_size,
+                                                "smoothquant_alpha": smoothquant_alpha,
+                                                "act_format": act_format}.items() if v is not None})
+            return qat_label(init, _qat_init(method))
         kwargs = {"weight_format": weight_format, "block_size": block_size, "method": method,
                   "smoothquant_alpha": smoothquant_alpha, "act_format": act_format}
         return Recipe(**{k: v for k, v in kwargs.items() if v is not None}).label
@@ -110,10 +117,21 @@ class RunSpec:
 
         # None means "the backend's default", so only set fields are passed on.
         kwargs = {k: v for k, v in self.recipe_fields().items() if v is not None}
+        if _qat_init(self.method) is not None:  # a QAT run's recipe is its PTQ init's (rtn for qat, gptq for qat_gptq)
+            kwargs["method"] = _qat_init(self.method)
         return Recipe(**kwargs)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"recipe": self.label, "run_key": self.key}
+
+
+def _qat_init(method: str) -> str | None:
+    """The PTQ init of a QAT run-store method (``qat`` -> ``rtn``, ``qat_gptq`` -> ``gptq``), else ``None``."""
+    try:
+        from quantpredict.qat.runs import QAT_METHODS
+    except ImportError:
+        return None
+    return QAT_METHODS.get(method)
 
 
 def _none_or(value, cast):

@@ -260,13 +260,19 @@ class RunStore:
     def _init(self) -> None:
         from sqlalchemy import inspect, select
 
-        def init(conn):
+        def check(conn) -> bool:
             tables = set(inspect(conn).get_table_names())
 
             def read_meta():
                 return {k: v for k, v in conn.execute(select(self._meta.c.key, self._meta.c.value))}
 
-            if _check_tables(self.url, tables, read_meta, strict=self.path is not None):
+            return _check_tables(self.url, tables, read_meta, strict=self.path is not None)
+
+        if self._read(check):  # an existing store: no write lock taken just to open it
+            return
+
+        def init(conn):
+            if check(conn):  # another process initialised it meanwhile
                 return
             self._md.create_all(conn)
             conn.execute(self._meta.insert(), [
@@ -422,11 +428,14 @@ class RunStore:
 
         return self._read(lambda c: c.execute(select(func.count()).select_from(self._runs)).scalar_one())
 
-    def rows(self) -> list[dict]:
-        """Every stored row as a dict with the JSON columns decoded, in the order runs finished."""
+    def rows(self, keys: Iterable[str] | None = None) -> list[dict]:
+        """Stored rows (all, or those of ``keys``) as dicts with the JSON columns decoded, in the order runs
+        finished."""
         from sqlalchemy import select
 
         q = select(self._runs).order_by(self._runs.c.finished_at, self._runs.c.run_key)
+        if keys is not None:
+            q = q.where(self._runs.c.run_key.in_(list(keys)))
         out = []
         for r in self._read(lambda c: [dict(x._mapping) for x in c.execute(q)]):
             for k in _JSON:
@@ -436,10 +445,8 @@ class RunStore:
 
     def get(self, key: str) -> dict | None:
         """One run by key (JSON columns decoded), or None."""
-        for r in self.rows():
-            if r["run_key"] == key:
-                return r
-        return None
+        found = self.rows([key])
+        return found[0] if found else None
 
     def to_frame(self, status: str | None = None):
         """All runs as a DataFrame: :data:`PUBLIC_COLUMNS`, then one column per feature (schema order, then any
