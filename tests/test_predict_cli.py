@@ -63,6 +63,11 @@ def test_predict_quality_with_patched_features(runs, ols, monkeypatch):
     measured = predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, ppl_fp=50.0)
     assert measured.ppl_fp_source == "measured" and measured.ppl == pytest.approx(50 * np.exp(pr.delta_nll))
     json.dumps(pr.to_dict())  # serialisable for --json
+    seen = predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, model_name="llama-00")
+    assert seen.model == "llama-00" and seen.eval_seconds is None  # synthetic runs carry no eval_seconds
+    timed = Predictor("bits").fit(runs.assign(eval_seconds=np.where(runs["model"] == "llama-00", 12.0, 30.0)))
+    assert predict_quality(tiny_model("llama"), recipe, timed, calib_ids=ids, model_name="llama-00"
+                           ).eval_seconds == 12.0
 
 
 def test_predict_quality_errors(ols, monkeypatch, tmp_path):
@@ -138,6 +143,7 @@ def test_predict_cli_json_and_table(runs, ols, tmp_path, monkeypatch, capsys, to
     res = json.loads(capsys.readouterr().out)
     assert [r["recipe"] for r in res] == ["mxint4-rtn", "mxint8-rtn"]
     assert res[0]["delta_nll"] > res[1]["delta_nll"]  # 4 bits lose more than 8
+    assert res[0]["model"] == "tiny" and res[0]["eval_seconds"] is None  # not a training model
     assert main(["predict", "tiny", "--format", "mxint4", "--predictor", str(d)]) == 0
     table = capsys.readouterr().out
     assert "mxint4-rtn" in table and "interval" in table

@@ -35,16 +35,19 @@ def run(args: argparse.Namespace) -> int:
     for fmt, method in itertools.product(_split(args.weight_format), _split(args.method)):
         recipe = Recipe(weight_format=fmt, block_size=args.block_size, method=method,
                         smoothquant_alpha=args.smoothquant, act_format=args.act_format)
-        pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp)
-        results.append(pr.to_dict() | {"model": args.model})
+        pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp,
+                             model_name=args.model)
+        results.append(pr.to_dict())
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], indent=1))
         return 0
     print(f"{args.model}: predicted WikiText-2 perplexity ({predictor.kind} predictor, 90% interval)")
-    print(f"{'recipe':32s} {'ppl':>10s} {'interval':>21s} {'delta NLL':>10s} {'FP ppl':>14s} {'seconds':>8s}")
+    print(f"{'recipe':32s} {'ppl':>10s} {'interval':>21s} {'delta NLL':>10s} {'FP ppl':>14s} {'seconds':>8s} "
+          f"{'full eval s':>11s}")
     for r in results:
+        ev = "n/a" if r["eval_seconds"] is None else f"{r['eval_seconds']:.1f}"
         print(f"{r['recipe']:32s} {r['ppl']:10.3f} [{r['ppl_low']:9.3f}, {r['ppl_high']:9.3f}] "
-              f"{r['delta_nll']:10.5f} {r['ppl_fp']:8.3f} ({r['ppl_fp_source'][:4]}) {r['seconds']:8.2f}")
+              f"{r['delta_nll']:10.5f} {r['ppl_fp']:8.3f} ({r['ppl_fp_source'][:4]}) {r['seconds']:8.2f} {ev:>11s}")
     return 0
 
 

@@ -172,6 +172,7 @@ class Predictor:
             "models": sorted(runs["model"].astype(str).unique()) if "model" in runs else [],
             "families": sorted(runs["family"].astype(str).unique()) if "family" in runs else [],
             "fit_seconds": time.perf_counter() - t0, "validation": None,
+            "eval_seconds_by_model": _eval_seconds(runs),
         }
         return self
 
@@ -346,6 +347,15 @@ def _check_schema(meta: Mapping, d: Path) -> None:
             f"the predictor at {d} was fitted on a different feature schema: features "
             f"{sorted(set(gone) | set(removed)) or '(none recorded)'} are not in quantpredict.features.schema."
             "FEATURE_NAMES of this version; refit it on runs collected with this version (`quantpredict fit`)")
+
+
+def _eval_seconds(runs: pd.DataFrame) -> dict[str, float]:
+    """Median measured seconds of a full quantized evaluation per training model (the cost a prediction saves)."""
+    if "eval_seconds" not in runs or "model" not in runs:
+        return {}
+    sec = pd.to_numeric(runs["eval_seconds"], errors="coerce")
+    per = sec.groupby(runs["model"].astype(str)).median().dropna()
+    return {str(k): float(v) for k, v in per.items()}
 
 
 def _all_finite(design: Design, runs: pd.DataFrame) -> bool:

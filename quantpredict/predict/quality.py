@@ -25,7 +25,8 @@ class Prediction:
     """One recipe's prediction. Perplexities on WikiText-2 test; ``delta_*`` in nats; ``*_low``/``*_high`` bound
     the predictor's (1 - alpha) interval (90% by default). ``ppl_fp_source``: ``"measured"`` (given) or
     ``"predicted"`` (from the calibration NLL). ``seconds``: features + prediction (what replaces the evaluation);
-    ``load_seconds``: loading the model, which an evaluation pays too."""
+    ``load_seconds``: loading the model, which an evaluation pays too; ``eval_seconds``: what a full WikiText-2
+    evaluation of this model cost in the predictor's training runs (None for a model it has not seen)."""
 
     model: str
     recipe: str
@@ -40,6 +41,7 @@ class Prediction:
     seconds: float
     load_seconds: float = 0.0
     predictor_kind: str = ""
+    eval_seconds: float | None = None  # a full evaluation's seconds for this model, when the training runs hold it
     features: dict[str, float] = field(default_factory=dict)
     feature_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -83,7 +85,8 @@ def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
 
 def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Predictor = "default", *,
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: float | None = None,
-                    seed: int = 0, extract_options: Mapping[str, Any] | None = None) -> Prediction:
+                    seed: int = 0, extract_options: Mapping[str, Any] | None = None,
+                    model_name: str | None = None) -> Prediction:
     """Predict the WikiText-2 perplexity of ``model_or_path`` quantized with ``recipe``, without quantizing it.
 
     ``model_or_path``: a zoo name or HF directory (loaded with ``quantpredict.models.load``), or a loaded model (then
@@ -92,6 +95,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     train through the model's tokenizer). ``ppl_fp``: the measured FP perplexity if known (otherwise predicted).
     Computes only the feature groups the predictor uses (``features.extract(..., which=groups)``);
     ``extract_options`` overrides ``features.ExtractOptions`` fields (keep the defaults the training runs used).
+    ``model_name``: the name to report (and to look up the training runs' evaluation seconds) for a model object.
     """
     pred = resolve_predictor(predictor)
     label, cols = recipe_columns(recipe)
@@ -107,6 +111,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
         model = model_or_path
         name = getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__
     load_seconds = time.perf_counter() - t_load
+    name = model_name or name
 
     t0 = time.perf_counter()
     if calib_ids is None:
@@ -137,4 +142,6 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
                       ppl_high=float(out["ppl_high"]), delta_nll=float(out["delta_nll"]),
                       delta_low=float(out["delta_low"]), delta_high=float(out["delta_high"]),
                       ppl_fp=float(out["ppl_fp"]), ppl_fp_source=str(out["ppl_fp_source"]), seconds=seconds,
-                      load_seconds=load_seconds, predictor_kind=pred.kind, features=feats, feature_seconds=timings)
+                      load_seconds=load_seconds, predictor_kind=pred.kind,
+                      eval_seconds=(pred.metadata.get("eval_seconds_by_model") or {}).get(name),
+                      features=feats, feature_seconds=timings)
