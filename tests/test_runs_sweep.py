@@ -207,3 +207,19 @@ def test_dask_local_cluster(tmp_path):
     assert set(df.query("status == 'failed'")["model"]) == {"m2"}
     pids = {int(__import__("json").loads(p)["pid"]) for p in df["provenance"]}
     assert os.getpid() not in pids and len(pids) == 2  # both workers computed, only the driver wrote
+
+
+@pytest.mark.slow
+def test_real_run_end_to_end(tiny_hf_dir, tmp_path):
+    """The real run function: load, quantize (RTN and GPTQ), compare on WikiText-2 test, extract features."""
+    store = tmp_path / "real.sqlite"
+    s = collect([str(tiny_hf_dir)], ["int4"], ["rtn", "gptq"], store=store, seq_len=32, eval_max_windows=2,
+                run_kwargs={"torch_threads": 1, "feature_options": {"n_windows": 2, "seq_len": 32, "n_probes": 2,
+                                                                     "max_iter": 2}}, progress=False)
+    assert (s.done, s.failed) == (2, 0), RunStore(store).to_frame()["error"].tolist()
+    df = RunStore(store).to_frame()
+    assert df["model_id"].str.startswith(f"{tiny_hf_dir}@").all() and set(df["family"]) == {"llama"}
+    assert (df["eval_windows"] == 2).all() and (df["eval_tokens"] == 2 * 31).all()
+    assert (df["ppl_fp"] == df["ppl_fp"].iloc[0]).all()  # the same FP measurement on the same windows
+    assert (df["nll_quant"] - df["nll_fp"] - df["delta_nll"]).abs().max() < 1e-9
+    assert df[["ppl_quant", "kld", "top1_agree", "rtn_sqnr_db", "hessian_trace"]].notna().all().all()

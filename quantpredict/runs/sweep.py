@@ -231,10 +231,13 @@ def collect(models: Sequence[str], formats: Sequence[str], methods: Sequence[str
     ``executor="dask"`` submits to ``scheduler`` (an address such as ``tcp://host:8786``, a ``Client``, or a
     cluster such as ``dask_jobqueue.SLURMCluster``) or, without one, to a ``LocalCluster`` of ``workers``
     processes. ``run_fn`` (callable or ``"pkg.module:func"``) is called as ``run_fn(spec, **run_kwargs)``; the
-    default measures for real (:func:`quantpredict.runs.execute.execute_run`). ``identify`` maps a model to its
-    id with the weights hash (``None`` keys runs by the name alone). ``block_size_formats`` limits block sizes to
-    formats with those name prefixes (see :func:`plan_runs`). ``eval_max_windows`` limits evaluation to
-    a fixed prefix of the test split (``None``: all of it); it is part of the run key.
+    default measures for real (:func:`quantpredict.runs.execute.execute_run`; with several workers on this
+    machine each run gets ``torch_threads = cores // workers`` unless ``run_kwargs`` says otherwise).
+    ``run_kwargs`` are not part of the run key: use another store for other feature options.
+    ``identify`` maps a model to its id with the weights hash (``None`` keys runs by the name alone).
+    ``block_size_formats`` limits block sizes to formats with those name prefixes (see :func:`plan_runs`).
+    ``eval_max_windows`` limits evaluation to a fixed prefix of the test split (``None``: all of it); it is part
+    of the run key.
     """
     if executor not in EXECUTORS:
         raise QuantpredictError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
@@ -252,6 +255,9 @@ def collect(models: Sequence[str], formats: Sequence[str], methods: Sequence[str
                      model_ids=ids, block_size_formats=block_size_formats)
     if run_fn is not None and not callable(run_fn):
         resolve_run_fn(run_fn)  # fail before the sweep starts for a bad path
+    if run_fn is None and int(workers) > 1 and scheduler is None and "torch_threads" not in (run_kwargs or {}):
+        # several runs share this machine: split its cores instead of every run using all of them
+        run_kwargs = dict(run_kwargs or {}) | {"torch_threads": max(1, (os.cpu_count() or 1) // int(workers))}
     own_store = not isinstance(store, RunStore)
     st = RunStore(store) if own_store else store
     try:
