@@ -1,0 +1,32 @@
+"""Quantization-aware fine-tuning (QAT) and the local-vs-global misalignment study (``quantpredict.qat``).
+
+- :func:`finetune` -> :class:`QATResult`: STE fake quantization of the layers PTQ quantizes, AdamW on the global
+  NLL, on exactly GPTQ's calibration windows, initialised from RTN or GPTQ.
+- :mod:`.trajectory`: the local objective (summed layer-output error) and the global NLL along a path:
+  :func:`ptq_trajectory` (GPTQ/RTN layer by layer), :func:`measure_point` (any model, e.g. QAT every few steps).
+- :mod:`.runs`: QAT as run-store methods ``qat`` (from RTN) and ``qat_gptq`` (from GPTQ).
+- :mod:`.study`: ``quantpredict study ptq-vs-qat`` (FP/RTN/GPTQ/QAT perplexities, trajectories, ``reports/qat.md``).
+"""
+
+from __future__ import annotations
+
+from quantpredict.qat.finetune import INITS, QATResult, finetune
+from quantpredict.qat.runs import QAT_METHODS, init_of, is_qat_method, method_of, qat_label, run_qat
+from quantpredict.qat.ste import WeightSTE, activation_ste, attach_weight_ste, detach_weight_ste
+from quantpredict.qat.trajectory import (
+    Reference,
+    TrajectoryPoint,
+    fp_reference,
+    local_objective,
+    mean_nll,
+    measure_point,
+    ptq_trajectory,
+    weight_distance,
+)
+
+__all__ = [
+    "INITS", "QAT_METHODS", "QATResult", "Reference", "TrajectoryPoint", "WeightSTE", "activation_ste",
+    "attach_weight_ste", "detach_weight_ste", "finetune", "fp_reference", "init_of", "is_qat_method",
+    "local_objective", "mean_nll", "measure_point", "method_of", "ptq_trajectory", "qat_label", "run_qat",
+    "weight_distance",
+]

@@ -1,0 +1,278 @@
+"""Quantization-aware fine-tuning (QAT): the global-objective baseline that PTQ (RTN, GPTQ) is measured against.
+
+:func:`finetune` trains, with AdamW on the model's next-token NLL, float *latent* weights behind a straight-through
+fake quantizer (:mod:`quantpredict.qat.ste`), for exactly the linear layers the PTQ backend quantizes
+(``quantize.quantized_linears(model, recipe)``: every ``arch.linear_layers`` entry but ``recipe.skip``), in the
+recipe's format and block size, on exactly the calibration windows GPTQ gets
+(``data.calibration_windows(train_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)``): the same
+data budget, seen ``steps * batch_size / calib_samples`` times.
+
+Choices, made explicit:
+
+* **Initialisation.** The model is first quantized by :func:`quantpredict.quantize.quantize_model` with the recipe's
+  method replaced by ``init``. The latent weights then start where the first forward pass reproduces that PTQ model:
+  for ``init="rtn"`` at the FP weights (``fake_quantize(W_fp)`` *is* RTN, and the latent keeps the sub-grid position
+  of every weight, as usual in QAT); for ``init="gptq"`` at GPTQ's output (the FP weights would round back to RTN).
+  With SmoothQuant the latent starts at the PTQ output for both inits (the smoothed FP weights are not kept).
+  For per-channel INT formats GPTQ may leave a row whose largest weight was rounded down; re-fitting that row's scale
+  moves the row onto a finer grid, so QAT from GPTQ starts a hair away from GPTQ there (``start_mismatch`` counts
+  those elements; 0 for MX formats).
+* **Only the quantized weights train**: embeddings, norms, biases and the head stay at their FP values, as in PTQ.
+* **Scales** are re-fitted from the latent weights on every forward, exactly as ``fake_quantize`` fits them (no
+  learned scales), so the returned weights satisfy ``fake_quantize(w) == w``.
+* **Optimiser**: AdamW (no weight decay by default: it would pull weights towards zero, off their basin), cosine
+  learning-rate decay to zero over ``steps``, gradient norm clipped at ``grad_clip``. Dropout stays off (the model is
+  trained in ``eval()`` mode): PTQ sees no dropout either. Minibatches are ``batch_size`` windows drawn without
+  replacement in a seeded random order, epoch after epoch.
+* **Activation quantization** (``recipe.act_format``) is applied with a straight-through gradient while training and
+  re-installed as the run-time hooks of :mod:`quantpredict.quantize.act` afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantpredict.qat.trajectory import Reference, TrajectoryPoint, fp_reference, mean_nll, measure_point
+from quantpredict.quantize.model import QuantReport
+from quantpredict.quantize.recipe import Recipe
+
+INITS: tuple[str, ...] = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class QATResult:
+    """What :func:`finetune` did.
+
+    ``losses``: the minibatch training NLL (nats/token) of every step, measured on the quantized forward pass *before*
+    that step's update. ``calib_nll_*``: mean NLL over the calibration windows (or the first ``eval_windows`` of them)
+    of the FP model, of the init's PTQ model (``before``) and of the returned model (``after``). ``start_mismatch``:
+    fraction of quantized weights whose first QAT forward value differs from the PTQ weights (see the module notes);
+    ``changed_fraction``: fraction of quantized weights whose final value differs from the PTQ init's.
+    ``trajectory``: :class:`TrajectoryPoint` every ``track_every`` steps (step 0 = the start), empty when not tracked.
+    """
+
+    recipe: Recipe
+    init: str
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    losses: tuple[float, ...]
+    seconds: float
+    init_seconds: float
+    calib_windows: int
+    calib_tokens: int
+    calib_nll_fp: float
+    calib_nll_before: float
+    calib_nll_after: float
+    start_mismatch: float
+    changed_fraction: float
+    init_report: QuantReport
+    trajectory: tuple[TrajectoryPoint, ...] = ()
+
+    @property
+    def label(self) -> str:
+        """The recipe's label with the method segment reading ``qat`` (RTN init) or ``qat_gptq`` (GPTQ init)."""
+        from quantpredict.qat.runs import qat_label
+
+        return qat_label(self.recipe, self.init)
+
+    @property
+    def epochs(self) -> float:
+        """Passes over the calibration windows: ``steps * batch_size / calib_windows``."""
+        return self.steps * self.batch_size / self.calib_windows if self.calib_windows else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """Scalars only, JSON-ready: the init's quantization summary plus the QAT numbers."""
+        d = dict(self.init_report.summary())
+        d.update({
+            "recipe_label": self.label, "qat_init": self.init, "qat_steps": self.steps, "qat_lr": self.lr,
+            "qat_batch_size": self.batch_size, "qat_seed": self.seed, "qat_epochs": self.epochs,
+            "qat_seconds": self.seconds, "init_seconds": self.init_seconds, "calib_windows": self.calib_windows,
+            "calib_tokens": self.calib_tokens, "calib_nll_fp": self.calib_nll_fp,
+            "calib_nll_before": self.calib_nll_before, "calib_nll_after": self.calib_nll_after,
+            "start_mismatch": self.start_mismatch, "changed_fraction": self.changed_fraction,
+            "final_loss": self.losses[-1] if self.losses else math.nan,
+        })
+        return d
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`summary` plus the recipe, the loss curve and the trajectory."""
+        return {**self.summary(), "recipe": self.recipe.to_dict(), "losses": list(self.losses),
+                "trajectory": [p.to_dict() for p in self.trajectory]}
+
+
+def finetune(
+    model: nn.Module,
+    recipe: Recipe,
+    train_ids: torch.Tensor,
+    *,
+    steps: int = 200,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    init: str = "rtn",
+    seed: int = 0,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = 1.0,
+    eval_windows: int | None = None,
+    track_every: int = 0,
+    track_windows: torch.Tensor | None = None,
+    reference: Reference | None = None,
+    progress: bool = True,
+    on_init: Callable[[nn.Module, QuantReport], None] | None = None,
+) -> QATResult:
+    """Quantize ``model`` in place with QAT: PTQ init, then ``steps`` AdamW steps of STE training on the global NLL.
+
+    Args:
+        model: a float32 Hugging Face causal LM of a family ``quantpredict.arch`` supports.
+        recipe: format, block size, skip list, SmoothQuant/activation options and the calibration budget
+            (``calib_samples`` windows of ``calib_seq_len`` tokens at offsets seeded by ``recipe.seed``).
+            ``recipe.method`` is ignored: ``init`` chooses the PTQ start.
+        train_ids: 1-D WikiText-2 *train* token ids, or 2-D ``[n, seq_len]`` windows used as given (as GPTQ does).
+        steps: optimizer steps (0: return the init's PTQ model).
+        lr: AdamW peak learning rate (cosine decay to 0 over ``steps``).
+        batch_size: windows per step (and per evaluation forward pass).
+        init: ``"rtn"`` or ``"gptq"``: the PTQ method quantizing the model before training.
+        seed: seed of the minibatch order.
+        weight_decay: AdamW's decoupled weight decay on the latent weights.
+        grad_clip: max global gradient norm (``None``: no clipping).
+        eval_windows: measure the calibration NLLs on the first ``eval_windows`` calibration windows only (``None``:
+            all of them).
+        track_every: record a :class:`TrajectoryPoint` every this many steps (0: no trajectory).
+        track_windows: ``[n, seq_len]`` ids on which the trajectory's NLL is measured (default: the calibration
+            windows used for ``eval_windows``).
+        reference: the FP yardstick of the local objective (default: computed from ``model`` on the calibration
+            windows before quantizing it).
+        progress: tqdm bars for the init and the steps.
+        on_init: called as ``on_init(model, report)`` right after the PTQ init, before training (the study measures
+            the PTQ baseline there, on exactly the model QAT starts from); it must leave the model unchanged.
+
+    Returns:
+        A :class:`QATResult`. ``model`` holds the quantized weights, each on the format's grid
+        (``fake_quantize(w) == w``), with activation fake-quant hooks installed when ``recipe.act_format`` is set.
+    """
+    from tqdm.auto import tqdm
+
+    from quantpredict import arch
+    from quantpredict.data import calibration_windows
+    from quantpredict.errors import ModelError
+    from quantpredict.qat.ste import activation_ste, attach_weight_ste, detach_weight_ste
+    from quantpredict.quantize import install_act_quant, quantize_model, quantized_linears
+
+    if init not in INITS:
+        raise ValueError(f"unknown QAT init {init!r}; valid inits: {', '.join(INITS)}")
+    if steps < 0 or batch_size < 1 or not lr > 0 or track_every < 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0 and track_every >= 0; got steps={steps}, "
+                         f"batch_size={batch_size}, lr={lr}, track_every={track_every}")
+    arch.adapter(model)  # unsupported architecture: a clear error before any work
+    refs = quantized_linears(model, recipe)
+    if not refs:
+        raise ValueError(f"recipe {recipe.label!r} quantizes no layer of this model (check recipe.skip)")
+    for ref in refs:
+        if ref.weight.dtype != torch.float32:
+            raise ModelError(f"{ref.name} is {ref.weight.dtype}; QAT trains float32 latent weights (small AdamW "
+                             "updates vanish in 16-bit): load the model with dtype=torch.float32")
+    if track_every and recipe.smoothquant_alpha is not None and reference is None:
+        raise ValueError("a trajectory measures distances to the FP weights, which SmoothQuant rescales; track "
+                         "recipes without smoothquant_alpha or pass a reference")
+
+    t_start = time.perf_counter()
+    device = next(model.parameters()).device
+    windows = calibration_windows(train_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed).to(device)
+    n_windows = windows.shape[0]
+    eval_w = windows if eval_windows is None else windows[: max(1, int(eval_windows))]
+    track_w = eval_w if track_windows is None else track_windows.to(device)
+    names = [r.name for r in refs]
+
+    calib_nll_fp = mean_nll(model, eval_w, batch_size=batch_size)
+    if track_every and reference is None:
+        reference = fp_reference(model, names, windows, batch_size=batch_size)
+    latent_from_fp = init == "rtn" and recipe.smoothquant_alpha is None
+    fp_weights = [r.parameter.detach().clone() for r in refs] if latent_from_fp else None
+
+    t0 = time.perf_counter()
+    # 2-D windows are used as given: PTQ calibrates on exactly the windows QAT trains on
+    report = quantize_model(model, dataclasses.replace(recipe, method=init), windows, batch_size=batch_size,
+                            progress=progress)
+    init_seconds = time.perf_counter() - t0
+    ptq_weights = [r.weight.detach().clone() for r in refs]
+    calib_nll_before = mean_nll(model, eval_w, batch_size=batch_size)
+    if on_init is not None:
+        on_init(model, report)
+
+    if fp_weights is not None:
+        with torch.no_grad():
+            for r, w in zip(refs, fp_weights):
+                r.parameter.copy_(w)
+
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fmt, block = recipe.weight_format, recipe.weight_block_size
+    latents = attach_weight_ste(refs, fmt, block)
+    losses: list[float] = []
+    trajectory: list[TrajectoryPoint] = []
+    try:
+        for p in latents:
+            p.requires_grad_(True)
+        with torch.no_grad():
+            start = [r.weight.detach() for r in refs]
+        mismatch = sum(int((s != w).sum()) for s, w in zip(start, ptq_weights))
+        total = sum(w.numel() for w in ptq_weights)
+
+        optimizer = torch.optim.AdamW(latents, lr=lr, weight_decay=weight_decay)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.empty(0, dtype=torch.long)
+        with activation_ste(refs, recipe.act_format, recipe.act_block):
+            if track_every:
+                trajectory.append(measure_point(model, reference, track_w, 0, batch_size=batch_size))
+            bar = tqdm(range(1, steps + 1), desc=f"qat {recipe.weight_format} from {init}", unit="step",
+                       disable=not progress)
+            for step in bar:
+                if order.numel() < batch_size:  # a fresh epoch; leftovers of the last one go first
+                    order = torch.cat([order, torch.randperm(n_windows, generator=gen)])
+                idx, order = order[:batch_size], order[batch_size:]
+                batch = windows[idx.to(device)]
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise ModelError(f"QAT loss became {float(loss)} at step {step}; lower the learning rate "
+                                     f"(lr={lr})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(latents, grad_clip)
+                optimizer.step()
+                schedule.step()
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                if track_every and (step % track_every == 0 or step == steps):
+                    trajectory.append(measure_point(model, reference, track_w, step, batch_size=batch_size))
+            bar.close()
+    finally:
+        detach_weight_ste(refs)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, True))
+        model.train(was_training)
+    if recipe.act_format is not None:
+        install_act_quant(model, recipe)
+
+    changed = sum(int((r.weight.detach() != w).sum()) for r, w in zip(refs, ptq_weights))
+    calib_nll_after = mean_nll(model, eval_w, batch_size=batch_size)
+    return QATResult(
+        recipe=recipe, init=init, steps=steps, lr=float(lr), batch_size=batch_size, seed=seed, losses=tuple(losses),
+        seconds=time.perf_counter() - t_start, init_seconds=init_seconds, calib_windows=n_windows,
+        calib_tokens=int(windows.numel()), calib_nll_fp=calib_nll_fp, calib_nll_before=calib_nll_before,
+        calib_nll_after=calib_nll_after, start_mismatch=mismatch / total if total else 0.0,
+        changed_fraction=changed / total if total else 0.0, init_report=report, trajectory=tuple(trajectory))

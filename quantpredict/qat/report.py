@@ -1,0 +1,300 @@
+"""``reports/qat.md`` and its figures from the study's results file (:mod:`quantpredict.qat.study`).
+
+Figures: ``qat_ppl.png`` (test NLL increase over FP, per format and method), ``qat_misalignment.png`` (local
+objective vs global NLL along GPTQ's layer-by-layer path and QAT's steps), ``qat_basin.png`` (distance to the FP
+weights vs NLL), ``qat_loss.png`` (QAT training loss curves).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from quantpredict.qat.study import STUDY_FORMATS
+
+LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "qat_rtn": "QAT<-RTN", "qat_gptq": "QAT<-GPTQ"}
+COLORS = {"rtn": "tab:orange", "gptq": "tab:blue", "qat_rtn": "tab:red", "qat_gptq": "tab:green"}
+
+
+def _fmt_order(records: Sequence[dict]) -> list[str]:
+    seen = [r["format"] for r in records]
+    return [f for f in STUDY_FORMATS if f in seen] + sorted({f for f in seen if f not in STUDY_FORMATS})
+
+
+def _precision(fmt: str) -> str:
+    digits = "".join(ch for ch in fmt.split("_")[0] if ch.isdigit())
+    return f"{digits}-bit" if digits else fmt
+
+
+def _best_qat(r: dict) -> str:
+    return min(("qat_rtn", "qat_gptq"), key=lambda m: r["methods"][m]["nll"])
+
+
+def verdicts(records: Sequence[dict]) -> list[dict[str, Any]]:
+    """Per format (pooled over models): GPTQ's and best QAT's NLL increase, and how often QAT wins significantly.
+
+    A cell counts as a win when the paired difference (best QAT - GPTQ) is below ``-2 se`` on the test windows. The
+    best QAT is chosen per cell on the test windows, so QAT<-GPTQ alone is reported too.
+    """
+    out = []
+    for fmt in _fmt_order(records):
+        rs = [r for r in records if r["format"] == fmt]
+        wins = ties = 0
+        d_best, d_g = [], []
+        for r in rs:
+            best = _best_qat(r)
+            key = "qat_gptq_minus_gptq" if best == "qat_gptq" else "qat_rtn_minus_gptq"
+            d = r["diffs"][key]
+            d_best.append(d["mean"])
+            d_g.append(r["diffs"]["qat_gptq_minus_gptq"]["mean"])
+            if d["mean"] < -2 * d["se"]:
+                wins += 1
+            elif abs(d["mean"]) <= 2 * d["se"]:
+                ties += 1
+        gptq = [r["methods"]["gptq"]["delta_nll"] for r in rs]
+        out.append({
+            "format": fmt, "precision": _precision(fmt), "cells": len(rs), "wins": wins, "ties": ties,
+            "gptq_delta": sum(gptq) / len(gptq), "best_qat_minus_gptq": sum(d_best) / len(d_best),
+            "qat_gptq_minus_gptq": sum(d_g) / len(d_g),
+            "recovered": (sum(-d for d in d_best) / len(d_best)) / (sum(gptq) / len(gptq)) if sum(gptq) > 0
+            else math.nan,
+        })
+    return out
+
+
+def _table(records: Sequence[dict]) -> str:
+    head = ("| model | format | bits/elt | FP ppl | RTN | GPTQ | QAT<-RTN | QAT<-GPTQ | best QAT - GPTQ (nats) "
+            "| rho(local, NLL) GPTQ path | rho QAT<-RTN path |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in sorted(records, key=lambda r: (r["model"], _fmt_order(records).index(r["format"]))):
+        m = r["methods"]
+        best = _best_qat(r)
+        d = r["diffs"]["qat_gptq_minus_gptq" if best == "qat_gptq" else "qat_rtn_minus_gptq"]
+        cells = [f"{m[k]['ppl']:.3f}" for k in ("fp", "rtn", "gptq", "qat_rtn", "qat_gptq")]
+        lines.append(f"| {r['model']} | {r['format']} | {r['bits']:.2f} | " + " | ".join(cells)
+                     + f" | {d['mean']:+.4f} ± {d['se']:.4f} | {r['spearman'].get('gptq', math.nan):+.2f} | "
+                     f"{r['spearman'].get('qat_rtn', math.nan):+.2f} |")
+    return "\n".join(lines)
+
+
+def render_figures(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
+    """Write the four figures; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fmts = _fmt_order(records)
+    models = sorted({r["model"] for r in records})
+    written = []
+
+    # 1. NLL increase over FP per format and method (averaged over models, bars = models' spread)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.2
+    for j, meth in enumerate(("rtn", "gptq", "qat_rtn", "qat_gptq")):
+        ys, es = [], []
+        for fmt in fmts:
+            rs = [r for r in records if r["format"] == fmt]
+            ys.append(sum(r["methods"][meth]["delta_nll"] for r in rs) / len(rs))
+            es.append(max(r["methods"][meth]["delta_nll_se"] for r in rs))
+        xs = [i + (j - 1.5) * width for i in range(len(fmts))]
+        ax.bar(xs, ys, width, yerr=es, label=LABELS[meth], color=COLORS[meth], capsize=2)
+    ax.set_xticks(range(len(fmts)), fmts)
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylabel("test NLL - FP NLL (nats/token)")
+    ax.set_title(f"Same calibration data: PTQ vs QAT ({', '.join(models)})")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "qat_ppl.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    # 2./3. local objective (resp. distance) vs global NLL along the paths, one panel per format (first model)
+    for fname, xkey, xlabel in (("qat_misalignment.png", "local", "summed layer-output error  sum tr(dW H dW^T)"),
+                                ("qat_basin.png", "distance", "||W - W_fp||_F (all quantized weights)")):
+        n = len(fmts)
+        cols = min(3, n)
+        rows = -(-n // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+        for ax, fmt in zip(axes.flat, fmts):
+            for r in (r for r in records if r["format"] == fmt):
+                marker = "o" if r["model"] == models[0] else "s"
+                for meth, path in r["paths"].items():
+                    xs = [p[xkey] for p in path]
+                    ys = [p["nll"] for p in path]
+                    style = "-" if meth.startswith("qat") else "--"
+                    ax.plot(xs, ys, style, marker=marker, ms=2.5, color=COLORS[meth], lw=1,
+                            label=f"{LABELS[meth]}" + ("" if len(models) == 1 else f" {r['model']}"))
+                    ax.plot(xs[-1:], ys[-1:], marker="*", ms=9, color=COLORS[meth])
+            ax.set_title(fmt)
+            ax.set_xlabel(xlabel, fontsize=8)
+            ax.set_ylabel("NLL on fixed test prefix", fontsize=8)
+        for ax in list(axes.flat)[n:]:
+            ax.axis("off")
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(4, len(uniq)), fontsize=8)
+        fig.suptitle("PTQ paths (dashed: layers quantized one by one) and QAT paths (solid: steps); * = end")
+        fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+        written.append(out / fname)
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    # 4. loss curves
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for r in records:
+        if r["model"] != models[0]:
+            continue
+        for init in ("rtn", "gptq"):
+            losses = r["qat"][init]["losses"]
+            ax.plot(range(1, len(losses) + 1), losses, lw=0.8,
+                    label=f"{r['format']} from {init.upper()}", ls="-" if init == "rtn" else ":")
+    ax.set_xlabel("step")
+    ax.set_ylabel("minibatch NLL (nats/token)")
+    ax.set_title(f"QAT training loss ({models[0]})")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    written.append(out / "qat_loss.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def statement(records: Sequence[dict]) -> str:
+    """The plain answer: does QAT beat GPTQ at the same data budget, for which precisions, by how much."""
+    vs = verdicts(records)
+    lines = []
+    for v in vs:
+        lines.append(
+            f"- **{v['format']}** ({v['precision']}): GPTQ raises test NLL by {v['gptq_delta']:.4f} nats; the better "
+            f"QAT run changes that by {v['best_qat_minus_gptq']:+.4f} nats (QAT<-GPTQ alone "
+            f"{v['qat_gptq_minus_gptq']:+.4f}), i.e. recovers {100 * v['recovered']:.0f}% of GPTQ's loss; "
+            f"QAT significantly better (< -2 se) in {v['wins']} of {v['cells']} model(s), indistinguishable in "
+            f"{v['ties']}.")
+    by_prec: dict[str, list[dict]] = {}
+    for v in vs:
+        by_prec.setdefault(v["precision"], []).append(v)
+    reproduced = [p for p, v in by_prec.items() if all(x["wins"] == x["cells"] for x in v)]
+    partial = [p for p, v in by_prec.items() if p not in reproduced and any(x["wins"] for x in v)]
+    not_rep = [p for p in by_prec if p not in reproduced and p not in partial]
+    gains = {p: sum(-x["best_qat_minus_gptq"] for x in v) / len(v) for p, v in by_prec.items()}
+    order = sorted(gains, key=lambda p: gains[p], reverse=True)
+    summary = ("The seed's finding (QAT beats GPTQ at the same data budget) "
+               + (f"**reproduces** at {', '.join(reproduced)} (QAT better in every cell)" if reproduced else
+                  "**does not reproduce in every cell at any precision**")
+               + (f"; partly at {', '.join(partial)}" if partial else "")
+               + (f"; not at {', '.join(not_rep)}" if not_rep else "") + ". "
+               + "Mean gain of the better QAT over GPTQ by precision (nats/token): "
+               + ", ".join(f"{p} {gains[p]:+.4f}" for p in order) + ". "
+               + ("The gain is largest at the lowest precision, as the seed found." if order and
+                  order[0] == min(by_prec, key=lambda p: int(p.split('-')[0]) if p[0].isdigit() else 99)
+                  else "The gain is not largest at the lowest precision."))
+    return summary + "\n\n" + "\n".join(lines)
+
+
+def misalignment_text(records: Sequence[dict]) -> str:
+    """Rank correlations of local objective vs NLL, along each path and across methods' end points."""
+    from scipy.stats import spearmanr
+
+    lines = ["| format | path | spearman(local, NLL) along the path | local: start -> end | NLL: start -> end |",
+             "|---|---|---|---|---|"]
+    for fmt in _fmt_order(records):
+        for r in (r for r in records if r["format"] == fmt):
+            for meth in ("rtn", "gptq", "qat_rtn", "qat_gptq"):
+                path = r["paths"].get(meth)
+                if not path:
+                    continue
+                lines.append(f"| {fmt} ({r['model']}) | {LABELS[meth]} | {r['spearman'][meth]:+.2f} | "
+                             f"{path[0]['local']:.3g} -> {path[-1]['local']:.3g} | "
+                             f"{path[0]['nll']:.4f} -> {path[-1]['nll']:.4f} |")
+    ends_local, ends_nll = [], []
+    for r in records:
+        for meth in ("rtn", "gptq", "qat_rtn", "qat_gptq"):
+            ends_local.append(r["paths"][meth][-1]["local_rel"])
+            ends_nll.append(r["methods"][meth]["delta_nll"])
+    rho = float(spearmanr(ends_local, ends_nll).statistic) if len(ends_local) > 2 else math.nan
+    qat_up = sum(1 for r in records for m in ("qat_rtn", "qat_gptq")
+                 if r["paths"][m][-1]["local"] > r["paths"]["gptq"][-1]["local"]
+                 and r["methods"][m]["nll"] < r["methods"]["gptq"]["nll"])
+    n_qat = 2 * len(records)
+    far = sum(1 for r in records for m in ("qat_rtn", "qat_gptq")
+              if r["paths"][m][-1]["distance"] > r["paths"]["gptq"][-1]["distance"]
+              and r["methods"][m]["nll"] < r["methods"]["gptq"]["nll"])
+    text = (f"Across all end points (every model, format and method: {len(ends_local)} quantized models), the "
+            f"rank correlation between the relative local objective and the test NLL increase is "
+            f"**{rho:+.2f}** (Spearman). In {qat_up} of {n_qat} QAT runs the QAT model ends with a *larger* summed "
+            f"layer-output error than GPTQ and yet a lower test NLL; in {far} of {n_qat} it ends *farther* from the "
+            f"FP weights than GPTQ and yet lower.")
+    return text + "\n\n" + "\n".join(lines)
+
+
+def render_report(records: Sequence[dict], out_dir: str | Path, *, command: str = "", pending: str = "") -> Path:
+    """Write the figures and ``qat.md`` into ``out_dir``; returns the markdown's path."""
+    out = Path(out_dir)
+    if not records:
+        raise ValueError("no study results to report; run `quantpredict study ptq-vs-qat` first")
+    render_figures(records, out)
+    s = records[0]["settings"]
+    models = sorted({r["model"] for r in records})
+    total_s = sum(r["seconds"] for r in records)
+    md = f"""# PTQ vs QAT at the same data budget, and the local-vs-global misalignment
+
+Generated by `quantpredict study ptq-vs-qat` (`quantpredict.qat.study` / `quantpredict.qat.report`) from
+`{RESULTS_NAME}`.
+
+## What was run
+
+- Models: {', '.join(models)}; formats: {', '.join(_fmt_order(records))}.
+- Calibration (the data budget, identical for every method): {s['calib_samples']} windows of {s['calib_seq_len']}
+  tokens of WikiText-2 *train* at seeded offsets (seed {s['seed']}), exactly the windows GPTQ calibrates on.
+- QAT: {s['steps']} AdamW steps of {s['batch_size']} windows ({s['steps'] * s['batch_size'] / s['calib_samples']:.2f}
+  passes over the calibration windows), peak lr {s['lr']:g} cosine-decayed to 0, straight-through fake quantization of
+  every linear layer PTQ quantizes, latent weights from the FP weights (from RTN) or GPTQ's output (from GPTQ).
+- Test: WikiText-2 *test*, the first {records[0]['eval_windows']} windows of {s['seq_len']} tokens
+  ({records[0]['eval_tokens']} scored tokens), every method on the same windows; ± is the paired standard error over
+  windows. Trajectory NLLs: the first {s['track_windows']} of those windows (a fixed test prefix), every
+  {s['track_every']} QAT steps and after every layer of PTQ.
+- Single-threaded CPU, shared with other jobs: {total_s / 60:.1f} minutes for the cells above.
+{('- Command: `' + command + '`') if command else ''}
+
+{('**Pending:** ' + pending) if pending else ''}
+
+## Result
+
+{statement(records)}
+
+| | |
+|---|---|
+| ![NLL increase](qat_ppl.png) | ![loss curves](qat_loss.png) |
+
+{_table(records)}
+
+(Perplexities on the test windows above; "best QAT - GPTQ" is the paired test-NLL difference of the better QAT run;
+rho: Spearman correlation of the summed local objective with the NLL along the GPTQ path (layers added one by one) and
+along the QAT-from-RTN steps.)
+
+## Misalignment: local objective vs global NLL
+
+The local objective is GPTQ's, summed over layers: `sum_l tr(dW_l H_l dW_l^T)` with `dW = W - W_fp` and `H_l` the FP
+model's layer-input Hessian on the calibration windows (= `2/N sum_l ||dW_l X_l||^2`). Along GPTQ's path it grows with
+every layer quantized and the NLL follows; along QAT's path the NLL is driven down while the local objective is free to
+move either way.
+
+{misalignment_text(records)}
+
+![local objective vs NLL](qat_misalignment.png)
+
+The basin picture: distance to the FP weights against NLL.
+
+![distance vs NLL](qat_basin.png)
+"""
+    path = out / "qat.md"
+    path.write_text(md)
+    return path
+
+
+RESULTS_NAME = "qat_results.jsonl"
