@@ -19,6 +19,7 @@ from quantpredict.quantize import (
     quantize_model,
     quantized_linears,
     read_quantization,
+    remove_act_quant,
     sample_calibration,
     save_quantized,
     size_report,
@@ -157,8 +158,8 @@ def test_quantize_model_with_act_format_keeps_hooks(token_windows):
     quantize_model(model, Recipe("mxint8", act_format="mxint8"), token_windows, progress=False)
     with torch.no_grad():
         a = model(token_windows).logits
-    for r in arch.linear_layers(model):
-        r.module._forward_pre_hooks.clear()
+    assert remove_act_quant(model) == len(arch.linear_layers(model))
+    assert all(not r.module._forward_pre_hooks for r in arch.linear_layers(model))
     with torch.no_grad():
         b = model(token_windows).logits
     assert not torch.equal(a, b)

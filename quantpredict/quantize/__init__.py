@@ -7,7 +7,13 @@ Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`
 
 from __future__ import annotations
 
-from quantpredict.quantize.act import ActQuantHandle, has_act_quant, install_act_quant, install_act_quant_on
+from quantpredict.quantize.act import (
+    ActQuantHandle,
+    has_act_quant,
+    install_act_quant,
+    install_act_quant_on,
+    remove_act_quant,
+)
 from quantpredict.quantize.calib import InputStats, capture_linear_inputs, collect_hessians, sample_calibration
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error, relative_output_error
 from quantpredict.quantize.model import (
@@ -28,9 +34,33 @@ from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 
 __all__ = [
-    "METHODS", "QUANT_CONFIG", "ActQuantHandle", "InputStats", "LayerReport", "QuantReport", "Recipe",
-    "SavedQuantization", "apply_saved_quantization", "apply_smoothing", "capture_linear_inputs", "code_version",
-    "collect_hessians", "gptq_quantize", "has_act_quant", "install_act_quant", "install_act_quant_on",
-    "layer_output_error", "quantize_model", "quantized_linears", "read_quantization", "relative_output_error",
-    "resolve_block_size", "rtn_quantize", "sample_calibration", "save_quantized", "size_report", "smoothing_scales",
+    "ActQuantHandle",
+    "InputStats",
+    "LayerReport",
+    "METHODS",
+    "QUANT_CONFIG",
+    "QuantReport",
+    "Recipe",
+    "SavedQuantization",
+    "apply_saved_quantization",
+    "apply_smoothing",
+    "capture_linear_inputs",
+    "code_version",
+    "collect_hessians",
+    "gptq_quantize",
+    "has_act_quant",
+    "install_act_quant",
+    "install_act_quant_on",
+    "layer_output_error",
+    "quantize_model",
+    "quantized_linears",
+    "read_quantization",
+    "relative_output_error",
+    "remove_act_quant",
+    "resolve_block_size",
+    "rtn_quantize",
+    "sample_calibration",
+    "save_quantized",
+    "size_report",
+    "smoothing_scales",
 ]

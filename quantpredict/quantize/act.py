@@ -75,3 +75,15 @@ def install_act_quant(model: nn.Module, recipe) -> ActQuantHandle | None:
 
 def has_act_quant(module: nn.Module) -> bool:
     return getattr(module, _ATTR, None) is not None
+
+
+def remove_act_quant(model: nn.Module) -> int:
+    """Take every activation fake-quant hook (installed by this module) off ``model``; returns how many."""
+    n = 0
+    for m in model.modules():
+        h = getattr(m, _ATTR, None)
+        if h is not None:
+            h.remove()
+            delattr(m, _ATTR)
+            n += 1
+    return n

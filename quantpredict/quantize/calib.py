@@ -28,6 +28,9 @@ class InputStats:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).to(torch.float32)
+        if self.absmax.device != x.device:  # first batch on an accelerator: keep the sums where the data is
+            self.absmax = self.absmax.to(x.device)
+            self.xtx = None if self.xtx is None else self.xtx.to(x.device)
         self.tokens += x.shape[0]
         self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
         if self.xtx is not None:
