@@ -201,6 +201,55 @@ def test_compare_perturbed_copy_matches_float64_hand_computation():
     assert json.loads(json.dumps(c.to_dict())) == c.to_dict()
 
 
+def _float64_reference(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor):
+    lp, lq = torch.log_softmax(a.double(), -1), torch.log_softmax(b.double(), -1)
+    kld = (lp.exp() * (lp - lq)).sum(-1)
+    delta = (lp - lq).gather(-1, t[:, None]).squeeze(-1)
+    return kld, delta, -lp.gather(-1, t[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.05, 2.0])
+def test_token_comparison_keeps_float64_precision(scale):
+    g = torch.Generator().manual_seed(0)
+    a = 3 * torch.randn(200, 4096, generator=g)
+    b = a * (1 + scale * torch.randn(200, 4096, generator=g))  # a perturbed copy: b ~ a elementwise
+    t = torch.randint(0, 4096, (200,), generator=g)
+    got = evaluate.token_comparison(a, b, t)
+    kld, delta, nll = _float64_reference(a, b, t)
+    # per token to ~1e-8 nats even where KL itself is ~3e-5 (plain float32 log-softmax errs by ~5e-7 here)
+    assert torch.allclose(got["kld"].double(), kld, rtol=5e-4, atol=1e-8)
+    assert torch.allclose(got["delta_nll"].double(), delta, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(got["nll_fp"].double(), nll, rtol=1e-6)
+    assert torch.equal(got["top1"], (a.argmax(-1) == b.argmax(-1)).float())
+    # logits offset by a constant make a - b inexact in float32: then it is as good as plain float32, no better
+    shifted = evaluate.token_comparison(a, b + 7.0, t)
+    assert torch.allclose(shifted["kld"].double(), _float64_reference(a, b + 7.0, t)[0], atol=5e-6)
+
+
+def test_token_comparison_falls_back_where_logits_differ_hugely():
+    a = torch.zeros(3, 50)
+    b = a.clone()
+    b[0, 7] = 200.0  # the quantized model puts all its mass on one token the FP model finds unremarkable
+    b[1, :] = torch.linspace(-90, 90, 50)
+    t = torch.tensor([7, 3, 0])
+    got = evaluate.token_comparison(a, b, t)
+    kld, delta, _ = _float64_reference(a, b, t)
+    assert torch.isfinite(got["kld"]).all() and got["kld"][2] == 0
+    assert torch.allclose(got["kld"].double(), kld, rtol=1e-6) and torch.allclose(got["delta_nll"].double(), delta)
+
+
+def test_non_finite_logits_are_a_clear_model_error():
+    model = tiny_model("llama")
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    ids = _stream(3 * L)
+    with pytest.raises(ModelError, match="quantized model produced non-finite logits"):
+        evaluate.compare_ids(model, broken, ids, seq_len=L)
+    with pytest.raises(ModelError, match="non-finite logits .* on window 0"):
+        evaluate.perplexity_of_ids(broken, ids, seq_len=L)
+
+
 def test_compare_one_window_on_the_dataset(tokenizer):
     model = tiny_model("gpt_neox")
     q = _perturbed(model, scale=0.1)

@@ -4,6 +4,7 @@
 - :func:`compare` -> :class:`Comparison` (delta NLL / perplexity with paired standard errors, KL divergence, top-1
   agreement) of a quantized model against its FP original on the same windows.
 - Building blocks: :func:`make_windows` / :class:`Windows` (windowing), :func:`window_nlls` (mean NLL per window),
+  :func:`token_comparison` (per-position delta NLL, KL and top-1 from two models' logits),
   the ``*_of_ids`` / ``*_windows`` variants that take token ids or windows directly.
 
 Standard errors are over windows, which are the (approximately) independent units; see ``evaluate.stats``.
@@ -11,7 +12,7 @@ Standard errors are over windows, which are the (approximately) independent unit
 
 from quantpredict.evaluate.compare import Comparison, compare, compare_ids, compare_windows
 from quantpredict.evaluate.perplexity import PerplexityResult, perplexity, perplexity_of_ids, perplexity_of_windows
-from quantpredict.evaluate.scoring import window_nlls
+from quantpredict.evaluate.scoring import token_comparison, window_nlls
 from quantpredict.evaluate.windows import Windows, make_windows
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "perplexity",
     "perplexity_of_ids",
     "perplexity_of_windows",
+    "token_comparison",
     "window_nlls",
 ]

@@ -76,18 +76,20 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
                                                   progress=progress).items()}
     counts = windows.scored_counts.numpy()
     nll_fp, u_fp = influence(sums["nll_fp"], counts)
-    nll_q, u_q = influence(sums["nll_quant"], counts)
+    delta, u_delta = influence(sums["delta_nll"], counts)
+    nll_q, u_q = influence(sums["nll_fp"] + sums["delta_nll"], counts)
     kld, u_kld = influence(sums["kld"], counts)
     top1, u_top1 = influence(sums["top1"], counts)
     ppl_fp, ppl_q = math.exp(nll_fp), math.exp(nll_q)
+    delta_ppl = ppl_fp * math.expm1(delta)
     return Comparison(
         ppl_fp=ppl_fp, ppl_quant=ppl_q,
         nll_fp=nll_fp, nll_fp_se=se_from_influence(u_fp),
         nll_quant=nll_q, nll_quant_se=se_from_influence(u_q),
-        # the difference of sums, not of the rounded means, so a model against itself gives exactly 0
-        delta_nll=float((sums["nll_quant"] - sums["nll_fp"]).sum() / counts.sum()),
-        delta_nll_se=se_from_influence(u_q - u_fp),
-        delta_ppl=ppl_q - ppl_fp, delta_ppl_se=se_from_influence(ppl_q * u_q - ppl_fp * u_fp),
+        # accumulated from per-token differences (not nll_quant - nll_fp) for precision at ~1e-5 nats
+        delta_nll=delta, delta_nll_se=se_from_influence(u_delta),
+        # delta method on exp(nll_fp + delta) - exp(nll_fp): gradient (delta_ppl, ppl_q) on (nll_fp, delta)
+        delta_ppl=delta_ppl, delta_ppl_se=se_from_influence(delta_ppl * u_fp + ppl_q * u_delta),
         kld=kld, kld_se=se_from_influence(u_kld),
         top1_agreement_pct=100.0 * top1, top1_agreement_pct_se=100.0 * se_from_influence(u_top1),
         eval_tokens=int(np.sum(counts)), windows=windows.n, seq_len=windows.seq_len, dataset=dataset, split=split,
