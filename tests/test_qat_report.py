@@ -1,0 +1,64 @@
+"""The study's report: verdict arithmetic on hand-made records, and that the page and figures are written."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from quantpredict.qat.report import render_report, statement, verdicts
+from quantpredict.qat.study import StudySettings, _paired, _spearman
+
+
+def _record(fmt, d_gptq, d_qat, se=0.001, model="m-xs"):
+    """A study cell whose GPTQ raises NLL by d_gptq and whose QAT<-GPTQ sits d_qat from GPTQ (QAT<-RTN worse)."""
+    fp = 3.0
+    nll = {"fp": fp, "rtn": fp + 2 * d_gptq, "gptq": fp + d_gptq, "qat_rtn": fp + d_gptq + abs(d_qat) + 0.01,
+           "qat_gptq": fp + d_gptq + d_qat}
+    methods = {m: {"nll": v, "ppl": math.exp(v), "delta_nll": v - fp, "delta_nll_se": se} for m, v in nll.items()}
+    path = [{"step": i, "nll": fp + d_gptq * i / 2, "local": float(i), "local_rel": i / 10, "distance": float(i),
+             "distance_rel": i / 10} for i in range(3)]
+    qpath = [{"step": i, "nll": fp + d_gptq - i * 0.001, "local": 2.0 + i, "local_rel": 0.2 + i / 10,
+              "distance": 2.0 + i, "distance_rel": 0.2} for i in range(3)]
+    return {
+        "model": model, "family": "llama", "format": fmt, "bits": 4.25, "n_params": 1, "eval_windows": 4,
+        "eval_tokens": 1020, "settings": StudySettings().to_dict(), "methods": methods,
+        "diffs": {"qat_gptq_minus_gptq": {"mean": d_qat, "se": se}, "qat_rtn_minus_gptq": {"mean": 0.5, "se": se},
+                  "gptq_minus_rtn": {"mean": -d_gptq, "se": se}, "qat_rtn_minus_rtn": {"mean": 0.0, "se": se}},
+        "paths": {"rtn": path, "gptq": path, "qat_rtn": qpath, "qat_gptq": qpath},
+        "fp_point": path[0], "spearman": {"rtn": 1.0, "gptq": 1.0, "qat_rtn": -1.0, "qat_gptq": -1.0},
+        "qat": {i: {"losses": [3.1, 3.05, 3.0]} for i in ("rtn", "gptq")}, "ptq": {}, "seconds": 60.0,
+    }
+
+
+def test_verdicts_count_significant_wins_and_recovered_share():
+    recs = [_record("int2", 0.5, -0.2), _record("int4", 0.01, 0.0005)]
+    v = {x["format"]: x for x in verdicts(recs)}
+    assert v["int2"]["wins"] == 1 and v["int2"]["best_qat_minus_gptq"] == pytest.approx(-0.2)
+    assert v["int2"]["recovered"] == pytest.approx(0.2 / 0.5)
+    assert v["int4"]["wins"] == 0 and v["int4"]["ties"] == 1
+    text = statement(recs)
+    assert "**reproduces** at 2-bit" in text and "not at 4-bit" in text
+    assert "largest at the lowest precision" in text
+
+
+def test_paired_difference_and_spearman_by_hand():
+    import torch
+
+    a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 1.0, 1.0])
+    d = _paired(a, b)  # differences 0.5, 1, 3: mean 1.5, sample sd sqrt(1.75)
+    assert d["mean"] == pytest.approx(1.5) and d["se"] == pytest.approx(math.sqrt(1.75) / math.sqrt(3))
+    assert _spearman([1, 2, 3, 4], [10, 20, 15, 40]) == pytest.approx(0.8)
+    assert math.isnan(_spearman([1, 2], [3, 4]))
+
+
+def test_render_report_writes_page_and_figures(tmp_path):
+    recs = [_record("int2", 0.5, -0.2), _record("int3", 0.1, -0.01), _record("mxint4", 0.01, 0.0)]
+    path = render_report(recs, tmp_path, command="quantpredict study ptq-vs-qat --models m-xs", pending="more")
+    text = path.read_text()
+    for name in ("qat_ppl.png", "qat_misalignment.png", "qat_basin.png", "qat_loss.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+        assert name in text
+    assert "| m-xs | int2 |" in text and "**Pending:** more" in text and "Spearman" in text
+    with pytest.raises(ValueError, match="no study results"):
+        render_report([], tmp_path)
