@@ -215,14 +215,16 @@ def load_model(model_dir: Path = DEFAULT_DIR) -> tuple[LlamaForCausalLM, ArithMo
 @dataclass(frozen=True)
 class GenerationResult:
     """Greedy generations of a batch: ``tokens`` per row (prompt included, up to and including ``<eos>``),
-    ``seconds`` of wall time for the whole batch, ``density``: attended keys over causal keys averaged over every
-    decoding step and row (1.0 for dense), ``new_tokens``: decoded tokens (all rows, up to each row's ``<eos>``)."""
+    ``seconds`` of wall time for the whole batch, ``cpu_seconds`` of the calling thread's CPU time, ``density``:
+    attended keys over causal keys averaged over every decoding step and row (1.0 for dense), ``new_tokens``:
+    decoded tokens (all rows, up to each row's ``<eos>``), ``logits`` ``[B, steps, V]`` when asked for."""
 
     tokens: list[list[int]]
     seconds: float
     density: float
     new_tokens: int
     logits: torch.Tensor | None = None
+    cpu_seconds: float = 0.0
 
 
 @torch.no_grad()
@@ -251,7 +253,7 @@ def generate(model: LlamaForCausalLM, prompts: torch.Tensor, max_len: int, *, sp
     out = [list(map(int, row)) for row in prompts]
     done = [False] * B
     dens_sum, dens_n, new = 0.0, 0, 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     # prefill
     ids = prompts
     pos = torch.arange(P)[None].expand(B, -1)
@@ -327,6 +329,6 @@ def generate(model: LlamaForCausalLM, prompts: torch.Tensor, max_len: int, *, sp
             kept.append(logits)
         nxt = logits.argmax(-1)
         length += 1
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.thread_time() - c0
     return GenerationResult(out, seconds, dens_sum / max(dens_n, 1), new,
-                            torch.stack(kept, 1) if keep_logits else None)
+                            torch.stack(kept, 1) if keep_logits else None, cpu)

@@ -27,13 +27,21 @@ def gather_blocks(cache: torch.Tensor, block_index: torch.Tensor, block_size: in
     """The attended blocks of a ``[B, H, T, D]`` cache, concatenated: ``[B, H, n * bs, D]``.
 
     ``block_index``: ``[n]`` (shared by the batch) or ``[B, n]``; entries ``< 0`` are padding (block 0 is read in
-    their place and must be masked by the caller).
+    their place and must be masked by the caller). A shared index that is one ascending run of blocks (a contiguous
+    span, the common case) is returned as a view of the cache, without a copy.
     """
+    B, H, T, D = cache.shape
+    if block_index.dim() == 1 and block_index.numel() and int(block_index[0]) >= 0:
+        first, n = int(block_index[0]), block_index.numel()
+        end = (first + n) * block_size
+        if end <= T and int(block_index[-1]) == first + n - 1 and bool((block_index.diff() == 1).all()):
+            return cache[:, :, first * block_size: end]
     blocks = _as_blocks(cache, block_size)
-    B, H, nb, bs, D = blocks.shape
+    nb, bs = blocks.shape[2], blocks.shape[3]
     idx = block_index.clamp(min=0)
     if idx.dim() == 1:
-        out = blocks.index_select(2, idx)
+        # index_select along a leading dim of a [B*H, nb, bs*D] view: several times faster than along dim 2 of 5-D
+        out = blocks.reshape(B * H, nb, bs * D).index_select(1, idx)
     else:
         out = torch.gather(blocks.reshape(B, H, nb, bs * D), 2,
                            idx[:, None, :, None].expand(B, H, idx.shape[1], bs * D))
