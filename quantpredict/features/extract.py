@@ -44,12 +44,12 @@ class ExtractOptions:
     seq_len: int = 256  # tokens per window (clipped to the model's context)
     batch_size: int = 8  # windows per forward pass
     n_probes: int = 4  # Hutchinson probes
-    max_iter: int = 10  # power-iteration Hessian-vector products
+    max_iter: int = 8  # power-iteration Hessian-vector products at most
     # windows (the first ones of the batch) behind the curvature group's n_probes + max_iter HVPs: tr(H) and the top
     # eigenvalue are batch averages that need fewer tokens than the loss differences of the landscape group
-    curvature_windows: int = 2
+    curvature_windows: int = 1
     tol: float = 1e-3  # power-iteration relative tolerance
-    n_noise_draws: int = 2  # random-direction sharpness draws
+    n_noise_draws: int = 1  # random-direction sharpness draws (one forward each)
 
 
 def parse_which(which: str | Iterable[str] | None) -> tuple[str, ...]:
