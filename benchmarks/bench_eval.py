@@ -3,9 +3,9 @@ evaluation takes at seq_len 256 (the cost that quantpredict's predictions are me
 
 For each zoo model (``quantpredict.models.list_zoo()``): perplexity on a fixed prefix of ``--windows`` windows at
 batch size 1 (the baseline: one window per forward pass) and at ``--batch-size``, and ``compare`` of the model against
-itself (two forward passes plus float64 KL per window). Full-split seconds are tokenization plus the full window count
-at the measured batched rate; ``--full`` also runs the full split and checks it against the zoo card's test perplexity.
-Writes the ``eval`` section of reports/benchmarks.md.
+itself (two forward passes plus the KL and top-1 statistics). Full-split seconds are tokenization plus the full
+window count at the measured batched rate; ``--full`` also runs the full split and checks it against the zoo card's
+test perplexity. Writes the ``eval`` section of reports/benchmarks.md.
 
     .venv/bin/python benchmarks/bench_eval.py [--windows 32] [--batch-size 8] [--full] [--models a,b] [--no-write]
 """
@@ -71,8 +71,8 @@ def render(rows: list[dict], args: argparse.Namespace) -> str:
         + (" --full" if args.full else "") + "`: WikiText-2 test, non-overlapping windows of 256 tokens. Rates are "
         f"predicted tokens per second of model time on the first {args.windows} windows; *b1* is the baseline of one "
         f"window per forward pass, *batched* uses {args.batch_size}; *compare* is `evaluate.compare` of the model "
-        "against itself (two models plus float64 KL per window). Full-split seconds = tokenization + the split's "
-        "windows at the batched rate" + ("; *measured* ran the full split." if args.full else "."),
+        "against itself (two forward passes plus the KL and top-1 statistics). Full-split seconds = tokenization + "
+        "the split's windows at the batched rate" + ("; *measured* ran the full split." if args.full else "."),
         "",
     ]
     head = ("| model | non-emb. params | b1 tok/s | batched tok/s | batched / b1 | compare tok/s | tokenize s "
