@@ -72,12 +72,22 @@ def _require(path: Path) -> None:
 _TOKEN_CACHE: dict[tuple, object] = {}
 
 
+def _tokenizer_key(tokenizer) -> str:
+    """A key that is equal for tokenizers that tokenize alike: the fast tokenizer's serialised content (every zoo
+    model ships the same tokenizer, so the splits are tokenized once per process, not once per model)."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+    return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}:{id(tokenizer)}"
+
+
 def token_ids(tokenizer, name: str = "wikitext2", split: str = "test"):
-    """The split's text tokenized once (no special tokens), as a 1-D ``LongTensor``; cached per tokenizer."""
+    """The split's text tokenized once (no special tokens), as a 1-D ``LongTensor``; cached per tokenizer content."""
     import torch
 
-    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), id(tokenizer) if not
-           getattr(tokenizer, "name_or_path", None) else 0, name, split)
+    key = (_tokenizer_key(tokenizer), name, split)
     if key not in _TOKEN_CACHE:
         text = load_text(name, split)
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]

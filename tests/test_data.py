@@ -33,3 +33,16 @@ def test_calibration_windows_seeded_and_validated():
         data.calibration_windows(torch.tensor([], dtype=torch.long), 4, 16)
     with pytest.raises(DataError, match="fewer than one window"):
         data.calibration_windows(torch.arange(10), 4, 16)
+
+
+def test_token_ids_cached_by_tokenizer_content(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "b")
+    a, b = AutoTokenizer.from_pretrained(tmp_path / "a"), AutoTokenizer.from_pretrained(tmp_path / "b")
+    ids = data.token_ids(a, "wikitext2", "valid")
+    assert data.token_ids(b, "wikitext2", "valid") is ids  # same content: one tokenization
+    assert ids.dtype == torch.long and ids.numel() > 100_000
+    assert ids[:50].tolist() == a(data.load_text("wikitext2", "valid")[:2000], add_special_tokens=False)[
+        "input_ids"][:50]
