@@ -138,7 +138,7 @@ def render_figures(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
         handles, labels = axes.flat[0].get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(4, len(uniq)), fontsize=8)
-        fig.suptitle("PTQ paths (dashed: layers quantized one by one) and QAT paths (solid: steps); * = end")
+        fig.suptitle("PTQ (dashed: layer by layer) and QAT (solid: steps); * = end", fontsize=9)
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
         written.append(out / fname)
         fig.savefig(written[-1], dpi=120)
