@@ -80,3 +80,21 @@ def test_zoo_training_resumes_to_the_same_weights(tmp_path, tokenizer):
     assert card["tokens_trained"] == 3 * BATCH * SEQ_LEN and card["snapshot_of"] == "tiny-llama"
     model, _ = models.load(tmp_path / "a" / "tiny-llama")
     assert model.config.model_type == "llama"
+
+
+def test_shipped_zoo_models_are_real():
+    """Within each family test perplexity falls with size, and every model beats a unigram model by far."""
+    from quantpredict.data import token_ids
+
+    names = [n for n in models.list_zoo() if models.zoo_card(n).get("snapshot_of") is None]
+    if len(names) < 12:
+        pytest.skip("the zoo is not built in this checkout")
+    cards = [models.zoo_card(n) for n in names]
+    for fam in {c["family"] for c in cards}:
+        ppl = [c["test_ppl"] for c in sorted(cards, key=lambda c: c["n_params_nonembed"]) if c["family"] == fam]
+        assert len(ppl) >= 4 and all(a > b for a, b in zip(ppl, ppl[1:])), (fam, ppl)
+    _, tok = models.load(names[0])
+    valid, test = token_ids(tok, "wikitext2", "valid"), token_ids(tok, "wikitext2", "test")
+    counts = torch.bincount(valid, minlength=len(tok)).double() + 1
+    unigram_ppl = torch.exp(-torch.log(counts / counts.sum())[test].mean()).item()
+    assert max(c["test_ppl"] for c in cards) < unigram_ppl / 3
