@@ -134,7 +134,7 @@ def render_report(runs: str | Path | pd.DataFrame, out: str | Path = "reports", 
     groups = "family" if done["family"].nunique() >= 2 else "model"
 
     params = {k: ({} if k in LINEAR_KINDS else {"n_estimators": int(n_estimators)}) for k in kinds}
-    val = validate(done, kinds=list(kinds), groups=(groups,), random_state=random_state, predictor_params=params,
+    val = validate(table, kinds=list(kinds), groups=(groups,), random_state=random_state, predictor_params=params,
                    progress=progress)
     best = best_kind(val.metrics, groups)
     shown = [best] if best else []
@@ -153,7 +153,7 @@ def render_report(runs: str | Path | pd.DataFrame, out: str | Path = "reports", 
     importance, imp_note = None, ""
     if best is not None:
         try:
-            importance = permutation_importance(done, best, groups=groups, n_repeats=n_repeats,
+            importance = permutation_importance(table, best, groups=groups, n_repeats=n_repeats,
                                                 random_state=random_state, predictor_params=params[best])
         except Exception as exc:  # noqa: BLE001 -- one figure failing must not lose the whole report
             imp_note = f" (not computed: {exc})"

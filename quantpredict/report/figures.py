@@ -52,17 +52,22 @@ def _number(v: float) -> str:
 
 
 def log_axis(ax, which: str, values) -> None:
-    """Log scale on ``which`` ("x"/"y") with readable ticks: decades over more than three decades, 1-2-5 per decade
-    over one to three, about five evenly spaced ticks within a decade, short numbers (no 1.2x10^2 labels colliding)."""
+    """Log scale on ``which`` ("x"/"y") with readable ticks (see :func:`log_ticks`)."""
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    log_ticks(ax.xaxis if which == "x" else ax.yaxis, values)
+
+
+def log_ticks(axis, values) -> None:
+    """Readable ticks on a log-scaled ``axis`` spanning ``values``: decades over more than three decades, 1-2-5 per
+    decade over one to three, about five evenly spaced ticks within a decade; short numbers (no colliding
+    1.2x10^2 labels)."""
     from matplotlib import ticker
 
     v = np.asarray(values, float)
     v = v[np.isfinite(v) & (v > 0)]
-    axis = ax.xaxis if which == "x" else ax.yaxis
-    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
     if v.size == 0:
         return
-    span = np.log10(v.max() / v.min()) if v.min() > 0 else 0.0
+    span = np.log10(v.max() / v.min())
     if span > 3:
         axis.set_major_locator(ticker.LogLocator(base=10, numticks=8))
     elif span >= 1:
@@ -113,7 +118,9 @@ def plot_ppl_predictions(predictions: pd.DataFrame, path: str | Path, kinds: Seq
             log_axis(ax, "y", np.concatenate([vals.ravel(), s[["ppl_low", "ppl_high"]].to_numpy(float).ravel()]))
             rel = np.abs(s["ppl"] - s["ppl_quant"]) / s["ppl_quant"]
             inside = ((s["ppl_low"] <= s["ppl_quant"]) & (s["ppl_quant"] <= s["ppl_high"])).mean()
-            ax.set_title(f"{kind}: median |error| {np.median(rel):.1%}, {inside:.0%} inside interval")
+            med = float(np.median(rel))
+            med_text = f"{med:.1%}" if med >= 0.01 else f"{med:.2%}"
+            ax.set_title(f"{kind}: median |error| {med_text}, {inside:.0%} inside interval")
             ax.set_xlabel("measured perplexity (WikiText-2 test)")
             ax.set_ylabel("predicted perplexity (90% interval)")
             ax.legend(loc="upper left")
@@ -142,12 +149,15 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, y: str = "ppl_quant") ->
             empty_panel(axes[0], "no finished weight-only runs with a perplexity")
             return save(fig, path)
         best = best[best["format_kind"].isin(kinds)]
-        logp = np.log10(best["params"].clip(lower=1).to_numpy(float))
-        norm = plt.Normalize(vmin=float(np.nanmin(logp)), vmax=float(np.nanmax(logp)) + 1e-9)
+        from matplotlib import colors
+
+        params = best["params"].clip(lower=1).to_numpy(float)
+        lo, hi = float(np.nanmin(params)), float(np.nanmax(params))
+        norm = colors.LogNorm(vmin=lo, vmax=hi if hi > lo else lo * 1.01)
         cmap = plt.get_cmap("viridis")
 
-        def colour(params: float):
-            return cmap(norm(np.log10(max(float(params), 1.0))))
+        def colour(n: float):
+            return cmap(norm(max(float(n), 1.0)))
 
         for ax, kind in zip(axes, kinds):
             s = best[best["format_kind"] == kind]
@@ -177,8 +187,9 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, y: str = "ppl_quant") ->
         ax.set_xlabel("quantized weights (MB = non-embedding params × bits / 8)")
         ax.set_ylabel(ylabel)
         ax.legend(loc="upper right")
-        fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="log10 non-embedding parameters",
-                     shrink=0.6)
+        bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="non-embedding parameters",
+                           shrink=0.6)
+        log_ticks(bar.ax.yaxis, [norm.vmin, norm.vmax])
         return save(fig, path)
 
 
