@@ -134,6 +134,7 @@ def test_report_cli_renders_every_figure_from_a_store(runs, tmp_path, capsys):
         assert f"]({name})" in index, f"index.md does not embed {name}"
     assert_png(out / VALIDATION_PAGE.with_name("predictors_family.png"))
     assert f"({VALIDATION_PAGE.as_posix()})" in index
+    assert "by `quantpredict report`" in (out / VALIDATION_PAGE).read_text()
     for name in ("qat_ppl.png", "qat_misalignment.png", "attention_bench.png"):
         assert f"]({name})" in index
     assert "](qat.md)" in index and "PTQ vs QAT" in index and "Sparse attention" in index

@@ -143,6 +143,8 @@ def render_report(runs: str | Path | pd.DataFrame, out: str | Path = "reports", 
     if not shown:
         shown = [k for k in kinds if np.isfinite(val.predictions.loc[val.predictions["kind"] == k, "ppl"]).any()][:2]
     validation = tuple(write_report(val, out / VALIDATION_PAGE, source=source))
+    page = out / VALIDATION_PAGE  # the page names the command that wrote it
+    page.write_text(page.read_text().replace("by `quantpredict fit --validate`", "by `quantpredict report`", 1))
 
     figs = {
         "predicted_vs_measured": F.plot_ppl_predictions(val.predictions, out / FIGURES["predicted_vs_measured"],
