@@ -54,6 +54,15 @@ def _full_eval_seconds(model: str) -> str:
     return f"{secs:.1f}" if secs else "n/a"
 
 
+def _card_ppl(model: str) -> float | None:
+    from quantpredict.models import zoo_card
+
+    try:
+        return zoo_card(model).get("test_ppl")
+    except Exception:  # noqa: BLE001 -- not a zoo model: the FP perplexity is predicted instead
+        return None
+
+
 def _predict(model_name: str, recipes) -> int:
     from quantpredict import models
     from quantpredict.predict.quality import predict_quality, resolve_predictor
@@ -62,11 +71,14 @@ def _predict(model_name: str, recipes) -> int:
     predictor = resolve_predictor("default")
     model, tok = models.load(model_name, attn_implementation="eager")
     full = _full_eval_seconds(model_name)
+    ppl_fp = _card_ppl(model_name)  # the FP model's measured test perplexity, when the zoo card has it
     print(f"{model_name}: predicted WikiText-2 test perplexity ({predictor.kind} predictor, 90% interval); "
           f"a full test evaluation of one quantized model costs {full} s")
+    print(f"FP perplexity: {'measured (zoo card)' if ppl_fp else 'predicted from the calibration NLL'}")
     print(f"{'recipe':24s} {'ppl':>9s} {'90% interval':>21s} {'delta NLL':>10s} {'FP ppl':>8s} {'seconds':>8s}")
     for fmt, method in recipes:
-        pr = predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok)
+        pr = predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok,
+                             ppl_fp=ppl_fp)
         print(f"{pr.recipe:24s} {pr.ppl:9.3f} [{pr.ppl_low:9.3f}, {pr.ppl_high:9.3f}] {pr.delta_nll:10.5f} "
               f"{pr.ppl_fp:8.3f} {pr.seconds:8.2f}")
     return 0

@@ -125,7 +125,8 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
 
     raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups),
                                     **dict(extract_options or {})))
-    row: dict[str, Any] = {**raw, **cols, "model": name}
+    # features last: the store's `block_size` column holds the resolved block size (a feature), never the recipe's None
+    row: dict[str, Any] = {**cols, **raw, "model": name}
     try:
         from quantpredict import arch
 
