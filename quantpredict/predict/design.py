@@ -74,14 +74,15 @@ def feature_groups(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(f.group for f in FEATURES if f.name in wanted))
 
 
-def delta_scale_from(runs: pd.DataFrame) -> float:
-    """The asinh scale ``s``: median positive ``delta_nll_se`` of the runs, else :data:`DEFAULT_DELTA_SCALE`."""
+def delta_scale_from(runs: pd.DataFrame, default: float = DEFAULT_DELTA_SCALE) -> float:
+    """The asinh scale ``s``: median positive ``delta_nll_se`` of the runs (the measurement noise floor), else
+    ``default``."""
     if "delta_nll_se" in runs:
         se = pd.to_numeric(runs["delta_nll_se"], errors="coerce").to_numpy(float)
         se = se[np.isfinite(se) & (se > 0)]
         if se.size:
             return float(np.median(se))
-    return DEFAULT_DELTA_SCALE
+    return default
 
 
 def to_target(delta: np.ndarray, scale: float) -> np.ndarray:

@@ -101,12 +101,7 @@ def plot_predictions(validation: Validation, path: str | Path, groups: str = "fa
         ax.set_xlabel("measured delta NLL (nats)")
     axes[0][0].set_ylabel("predicted delta NLL, 90% interval")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_subsample(curve: pd.DataFrame, points: pd.DataFrame, path: str | Path) -> Path:
@@ -125,12 +120,7 @@ def plot_subsample(curve: pd.DataFrame, points: pd.DataFrame, path: str | Path) 
     ax.set_xlabel("seconds per run")
     ax.set_ylabel("median relative delta error")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(validation: Validation, md_path: str | Path, *, source: str = "", fitted: str | None = None,
@@ -194,3 +184,15 @@ def write_report(validation: Validation, md_path: str | Path, *, source: str = "
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines))
     return written
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

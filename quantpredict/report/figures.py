@@ -80,12 +80,9 @@ def log_ticks(axis, values) -> None:
 
 def _noise_floor(runs: pd.DataFrame) -> float:
     """The symlog linear range for delta: the median measured standard error of delta (1e-4 nats if none)."""
-    if "delta_nll_se" in runs:
-        se = pd.to_numeric(runs["delta_nll_se"], errors="coerce").to_numpy(float)
-        se = se[np.isfinite(se) & (se > 0)]
-        if se.size:
-            return float(np.median(se))
-    return 1e-4
+    from quantpredict.predict.design import delta_scale_from
+
+    return delta_scale_from(runs, default=1e-4)
 
 
 def plot_ppl_predictions(predictions: pd.DataFrame, path: str | Path, kinds: Sequence[str],
