@@ -234,26 +234,13 @@ class Design:
             out["smoothquant_alpha"] = a.fillna(0.0).to_numpy(float)
         frame = pd.DataFrame(out, index=df.index)
         if check:
-            bad = ~np.isfinite(frame.to_numpy(float))
-            if bad.any():
-                rows, cols = np.nonzero(bad)
-                names = sorted({frame.columns[c] for c in cols})
-                raise PredictorError(f"{len(set(rows))} input row(s) have missing or non-finite values in {names} "
-                                     f"(first row index {df.index[rows[0]]!r}); recompute those features or "
-                                     "drop the rows")
+            _require_finite(frame, df.index)
         return frame
 
     def matrix(self, df: pd.DataFrame) -> pd.DataFrame:
         """The design matrix [n_rows, len(columns)] as a DataFrame indexed like ``df``."""
-        frame = self._frame(df, check=False)
-        frame = frame[list(self.columns)]
-        bad = ~np.isfinite(frame.to_numpy(float))
-        if bad.any():
-            rows, cols = np.nonzero(bad)
-            names = sorted({frame.columns[c] for c in cols})
-            raise PredictorError(f"{len(set(rows))} input row(s) have missing or non-finite values in {names} "
-                                 f"(first row index {df.index[rows[0]]!r}); recompute those features or drop "
-                                 "the rows")
+        frame = self._frame(df, check=False)[list(self.columns)]
+        _require_finite(frame, df.index)
         return frame
 
     # ---- JSON -----------------------------------------------------------------------------------------------------
@@ -274,3 +261,13 @@ class Design:
 def _level_order(level: str) -> tuple[int, str]:
     # the natural baseline first (plain RTN, no activation quantization), so OLS coefficients read as "vs RTN"
     return (0 if level in ("rtn", NO_ACT) else 1, level)
+
+
+def _require_finite(frame: pd.DataFrame, index: pd.Index) -> None:
+    """Raise :class:`PredictorError` naming the columns and first row of ``frame`` that hold NaN or Inf."""
+    bad = ~np.isfinite(frame.to_numpy(float))
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        names = sorted({frame.columns[c] for c in cols})
+        raise PredictorError(f"{len(set(rows))} input row(s) have missing or non-finite values in {names} "
+                             f"(first row index {index[rows[0]]!r}); recompute those features or drop the rows")
