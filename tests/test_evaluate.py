@@ -189,6 +189,7 @@ def test_compare_perturbed_copy_matches_float64_hand_computation():
     assert c.kld == pytest.approx(klds.mean(), rel=1e-5)
     assert c.top1_agreement_pct == pytest.approx(100 * np.mean(agree))
     assert c.delta_nll == pytest.approx(d.mean(), abs=1e-6)
+    assert np.allclose(c.window_delta_nll, d, atol=1e-6) and list(c.window_tokens) == [L - 1] * 5
     # paired standard errors: over per-window differences, not the two perplexities' own errors
     assert c.delta_nll_se == pytest.approx(d.std(ddof=1) / math.sqrt(5), rel=1e-3)
     assert c.kld_se == pytest.approx(klds.std(ddof=1) / math.sqrt(5), rel=1e-3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,8 @@ class Comparison:
     next-token distributions; ``top1_agreement_pct`` the percentage of positions where both models' most likely next
     token is the same. Every standard error is NaN when there is only one window. ``seconds`` is the wall time of
     the whole comparison, of which ``tokenize_seconds`` went to tokenizing the split (0 when cached).
+    ``window_delta_nll`` holds each window's own mean delta NLL (``[windows]``, in window order) and
+    ``window_tokens`` its scored-token count: what a cheaper estimate on a subsample of the windows would see.
     """
 
     ppl_fp: float
@@ -50,6 +52,8 @@ class Comparison:
     seconds: float
     stride: int | None = None
     tokenize_seconds: float = 0.0
+    window_delta_nll: tuple[float, ...] = field(default=(), repr=False)
+    window_tokens: tuple[int, ...] = field(default=(), repr=False)
 
     @property
     def ppl_fp_se(self) -> float:
@@ -65,7 +69,8 @@ class Comparison:
         return 100.0 * self.delta_ppl / self.ppl_fp
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON-ready values (the per-window tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
@@ -94,6 +99,8 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
         top1_agreement_pct=100.0 * top1, top1_agreement_pct_se=100.0 * se_from_influence(u_top1),
         eval_tokens=int(np.sum(counts)), windows=windows.n, seq_len=windows.seq_len, dataset=dataset, split=split,
         seconds=time.perf_counter() - start,
+        window_delta_nll=tuple(float(x) for x in sums["delta_nll"] / np.maximum(counts, 1)),
+        window_tokens=tuple(int(c) for c in counts),
     )
 
 
