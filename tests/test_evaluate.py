@@ -333,3 +333,26 @@ def test_cli_eval_errors_are_one_clear_line(tiny_hf_dir, tmp_path, capsys):
     assert main(["eval", str(tiny_hf_dir), "--dataset", "c4"]) == 2
     err = capsys.readouterr().err
     assert "valid names" in err and "Traceback" not in err
+
+
+def test_fp_logits_cache_reuses_the_fp_side_and_changes_nothing():
+    model = tiny_model("llama")
+    q = _perturbed(model)
+    ids = _stream(6 * L)
+    plain = evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=2, progress=False)
+    cache = evaluate.FPLogitsCache()
+    first = evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=2, progress=False, fp_cache=cache, fp_key="m")
+    assert cache.hits == 0 and len(cache.logits) == 3
+    # a different "FP" model under the same key: the cached logits stand in for it, so the result is unchanged
+    other = tiny_model("llama", seed=5)
+    again = evaluate.compare_ids(other, q, ids, seq_len=L, batch_size=2, progress=False, fp_cache=cache, fp_key="m")
+    assert cache.hits == 3
+    for c in (first, again):
+        assert c.delta_nll == pytest.approx(plain.delta_nll, abs=1e-9)
+        assert c.kld == pytest.approx(plain.kld, rel=1e-9)
+    # other windows or another key start a fresh entry; a budget too small keeps nothing
+    evaluate.compare_ids(model, q, ids[L:], seq_len=L, batch_size=2, progress=False, fp_cache=cache, fp_key="m")
+    assert cache.hits == 3
+    tiny = evaluate.FPLogitsCache(max_bytes=10)
+    evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=2, progress=False, fp_cache=tiny, fp_key="m")
+    assert tiny.logits == {}

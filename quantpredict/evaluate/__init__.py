@@ -12,10 +12,11 @@ Standard errors are over windows, which are the (approximately) independent unit
 
 from quantpredict.evaluate.compare import Comparison, compare, compare_ids, compare_windows
 from quantpredict.evaluate.perplexity import PerplexityResult, perplexity, perplexity_of_ids, perplexity_of_windows
-from quantpredict.evaluate.scoring import token_comparison, window_nlls
+from quantpredict.evaluate.scoring import FPLogitsCache, token_comparison, window_nlls
 from quantpredict.evaluate.windows import Windows, make_windows
 
 __all__ = [
+    "FPLogitsCache",
     "Comparison",
     "PerplexityResult",
     "Windows",

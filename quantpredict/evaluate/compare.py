@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from quantpredict.evaluate.scoring import pair_sums
+from quantpredict.evaluate.scoring import FPLogitsCache, pair_sums
 from quantpredict.evaluate.stats import influence, se_from_influence
 from quantpredict.evaluate.windows import Windows, make_windows
 
@@ -74,11 +74,12 @@ class Comparison:
 
 
 def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
-                    progress: bool | None = None, dataset: str = "", split: str = "") -> Comparison:
+                    progress: bool | None = None, dataset: str = "", split: str = "",
+                    fp_cache: FPLogitsCache | None = None, fp_key: str | None = None) -> Comparison:
     """:func:`compare` on given :class:`Windows`."""
     start = time.perf_counter()
     sums = {k: v.numpy() for k, v in pair_sums(model_fp, model_q, windows, batch_size=batch_size,
-                                                  progress=progress).items()}
+                                                  progress=progress, fp_cache=fp_cache, fp_key=fp_key).items()}
     counts = windows.scored_counts.numpy()
     nll_fp, u_fp = influence(sums["nll_fp"], counts)
     delta, u_delta = influence(sums["delta_nll"], counts)
@@ -106,24 +107,28 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
 
 def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, *, seq_len: int = 256,
                 stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
-                progress: bool | None = None, dataset: str = "", split: str = "") -> Comparison:
+                progress: bool | None = None, dataset: str = "", split: str = "",
+                fp_cache: FPLogitsCache | None = None, fp_key: str | None = None) -> Comparison:
     """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare`."""
     windows = make_windows(ids, seq_len, stride=stride, max_windows=max_windows,
                            source=f"{dataset} {split} tokens" if dataset else "the token ids")
     res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
-                          dataset=dataset, split=split)
+                          dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key)
     return Comparison(**{**res.to_dict(), "stride": stride})
 
 
 def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test",
             seq_len: int = 256, max_windows: int | None = None, batch_size: int = 8, stride: int | None = None,
-            progress: bool | None = None) -> Comparison:
+            progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
+            fp_key: str | None = None) -> Comparison:
     """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
 
     Windows as in :func:`quantpredict.evaluate.perplexity` (non-overlapping, ``seq_len`` tokens, the first
     ``max_windows``; ``stride`` for sliding windows). Both models run batch by batch; log-softmax is taken in
     float32 per batch, and per-window sums are accumulated in float64. Returns a :class:`Comparison` (delta NLL and
-    perplexity with paired standard errors, mean KL divergence, top-1 agreement).
+    perplexity with paired standard errors, mean KL divergence, top-1 agreement). ``fp_cache`` and ``fp_key``
+    (a :class:`~quantpredict.evaluate.FPLogitsCache` and a name for ``model_fp``) skip the FP forward passes when
+    the same FP model was compared on the same windows before, as in a sweep.
     """
     from quantpredict.data import token_ids
 
@@ -131,6 +136,7 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str 
     ids = token_ids(tokenizer, dataset, split)
     tokenize_seconds = time.perf_counter() - start
     res = compare_ids(model_fp, model_q, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
-                      batch_size=batch_size, progress=progress, dataset=dataset, split=split)
+                      batch_size=batch_size, progress=progress, dataset=dataset, split=split,
+                      fp_cache=fp_cache, fp_key=fp_key)
     return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,
                          "tokenize_seconds": tokenize_seconds})

@@ -151,21 +151,59 @@ def token_comparison(logits_fp: torch.Tensor, logits_q: torch.Tensor, targets: t
     return {"nll_fp": nll_fp, "delta_nll": delta, "kld": kld, "top1": top1}
 
 
+class FPLogitsCache:
+    """The FP model's logits, batch by batch, kept between comparisons of one FP model with many quantized copies.
+
+    A sweep compares each FP model with dozens of recipes on the same windows; keeping the FP side's logits saves
+    one of the two forward passes of every comparison after the first. One entry (FP model key x windows x batch
+    size) is held at a time, and only if its logits fit in ``max_bytes`` (float32: ``n x (seq_len - 1) x vocab x
+    4`` bytes, 1 GiB for 256 windows of 256 tokens with a 4096-token vocabulary); otherwise nothing is kept.
+    The caller names the FP model by ``key`` (e.g. its name and weights hash): a wrong key gives wrong results.
+    """
+
+    def __init__(self, max_bytes: int = 2 * 2**30):
+        self.max_bytes = int(max_bytes)
+        self.entry: tuple | None = None
+        self.logits: dict[int, torch.Tensor] = {}
+        self.hits = 0
+
+    def lookup(self, key: str, windows: Windows, batch_size: int, vocab: int) -> bool:
+        """Select the entry for ``key`` on ``windows``; True if its logits may be kept (they fit the budget)."""
+        ids = windows.ids.long()
+        checksum = int((ids * torch.arange(1, ids.numel() + 1).view_as(ids)).sum())  # same windows, same order
+        entry = (key, tuple(ids.shape), checksum, int(windows.first_scored.sum()), batch_size)
+        if entry != self.entry:
+            self.entry, self.logits = entry, {}
+        return windows.n * (windows.seq_len - 1) * vocab * 4 <= self.max_bytes
+
+
 def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
-              progress: bool | None = None, desc: str = "compare") -> dict[str, torch.Tensor]:
+              progress: bool | None = None, desc: str = "compare", fp_cache: FPLogitsCache | None = None,
+              fp_key: str | None = None) -> dict[str, torch.Tensor]:
     """Per-window float64 sums, over scored positions, of the statistics ``compare`` reports.
 
     Returns ``{"nll_fp", "delta_nll", "kld", "top1"}``, each ``[n]`` (see :func:`token_comparison`): the FP NLL, the
     quantized-minus-FP NLL, KL(P_fp || P_q) in nats, and the count of positions whose most likely next token agrees.
+    ``fp_cache`` with ``fp_key`` (naming ``model_fp``) reuses the FP logits of an earlier call on the same windows.
     """
     check_model(model_fp, windows, "FP model")
     check_model(model_q, windows, "quantized model")
     keys = ("nll_fp", "delta_nll", "kld", "top1")
     out = {k: torch.empty(windows.n, dtype=torch.float64) for k in keys}
+    keep = False
+    if fp_cache is not None and fp_key is not None:
+        vocab = int(getattr(model_fp.config, "vocab_size", 0) or 0)
+        keep = vocab > 0 and fp_cache.lookup(fp_key, windows, batch_size, vocab)
     with eval_mode(model_fp, model_q):
         lo = 0
-        for batch in batches(windows, batch_size, desc=desc, progress=progress):
-            logits_fp = next_token_logits(model_fp, batch.ids)
+        for b, batch in enumerate(batches(windows, batch_size, desc=desc, progress=progress)):
+            if keep and b in fp_cache.logits:
+                logits_fp = fp_cache.logits[b]
+                fp_cache.hits += 1
+            else:
+                logits_fp = next_token_logits(model_fp, batch.ids)
+                if keep:
+                    fp_cache.logits[b] = logits_fp
             logits_q = next_token_logits(model_q, batch.ids).to(logits_fp.device)
             if logits_fp.shape != logits_q.shape:
                 raise ModelError(f"the FP and quantized models disagree on the vocabulary ({logits_fp.shape[-1]} vs "
