@@ -228,8 +228,10 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 
 
 class _Context:
-    def __init__(self, model: nn.Module, recipe: Any, windows: torch.Tensor, seed: int, opts: ExtractOptions):
+    def __init__(self, model: nn.Module, recipe: Any, windows: torch.Tensor, seed: int, opts: ExtractOptions,
+                 groups: Sequence[str] = GROUPS):
         self.model, self.recipe, self.windows, self.seed, self.opts = model, recipe, windows, seed, opts
+        self.groups = tuple(groups)
         self._cache: dict[str, Any] = {}
         self._op: HessianOperator | None = None
         self._op_windows = 0
@@ -270,9 +272,28 @@ class _Context:
     @property
     def fp_nll(self) -> float:
         def compute() -> float:
+            if self.wants_hessians:  # the layer-input pass gives the NLL too: one forward instead of two
+                return self._lazy("hessians_nll", self._hessian_pass)[1]
             with prepared(self.base), torch.no_grad():
                 return float(mean_nll(self.base, self.windows, self.opts.batch_size))
         return self._lazy("fp_nll", compute)
+
+    @property
+    def wants_hessians(self) -> bool:
+        return bool({"noise", "gptq_proxy"} & set(self.groups))
+
+    def _hessian_pass(self) -> tuple[dict[str, torch.Tensor], float]:
+        from quantpredict.quantize import capture_linear_inputs
+
+        with prepared(self.base), torch.no_grad(), capture_linear_inputs(self.refs) as stats:
+            nll = float(mean_nll(self.base, self.windows, self.opts.batch_size))
+        return {name: st.hessian for name, st in stats.items()}, nll
+
+    @property
+    def hessians(self) -> dict[str, torch.Tensor]:
+        """``{linear name: H = 2/N X^T X}`` ([in, in], float64) of each linear's FP input on the calibration batch,
+        from the same forward pass that gives ``fp_nll``: the noise group's output SQNR and the GPTQ proxy share it."""
+        return self._lazy("hessians_nll", self._hessian_pass)[0]
 
     def operator(self, n_windows: int | None = None) -> HessianOperator:
         """The Hessian operator at ``W`` on the first ``n_windows`` windows (default all); one is kept at a time."""
@@ -352,25 +373,11 @@ def _noise_group(ctx: _Context) -> dict[str, float]:
     d2 = [float(d.double().pow(2).sum()) for d in deltas]
     layer_db = [_sqnr_db(s, n) for s, n in zip(w2, d2)]
 
-    # output SQNR of each layer on its real calibration inputs: ||X W^T||^2 / ||X dW^T||^2, with X the FP model's
-    # activations (bias excluded: it is not quantized and would inflate the signal)
-    sums = {r.name: [0.0, 0.0] for r in refs}
-
-    def make_hook(ref: arch.LinearRef, delta: torch.Tensor):
-        def hook(_module, inputs, _output):
-            x = inputs[0].detach().reshape(-1, ref.in_features)
-            sums[ref.name][0] += float((x @ ref.weight.detach().t()).double().pow(2).sum())
-            sums[ref.name][1] += float((x @ delta.t()).double().pow(2).sum())
-        return hook
-
-    handles = [r.module.register_forward_hook(make_hook(r, d)) for r, d in zip(refs, deltas)]
-    try:
-        with prepared(ctx.base), torch.no_grad():
-            nll = mean_nll(ctx.base, ctx.windows, ctx.opts.batch_size)
-    finally:
-        for h in handles:
-            h.remove()
-    ctx._cache.setdefault("fp_nll", float(nll))
+    # output SQNR of each layer on its real calibration inputs: ||X W^T||^2 / ||X dW^T||^2 = tr(W H W^T) /
+    # tr(dW H dW^T), with X the FP model's activations and H = 2/N X^T X (bias excluded: it is not quantized and
+    # would inflate the signal)
+    hessians = ctx.hessians
+    sums = {r.name: (_quadratic(r.weight, hessians[r.name]), _quadratic(d, hessians[r.name])) for r, d in pairs}
     out_db = [_sqnr_db(*sums[r.name]) for r in refs]
     worst = min(range(len(refs)), key=lambda i: out_db[i])
     n_blocks = max(len(arch.blocks(ctx.base)), 1)
@@ -382,6 +389,12 @@ def _noise_group(ctx: _Context) -> dict[str, float]:
         "out_sqnr_db_min": out_db[worst],
         "out_sqnr_worst_depth": (refs[worst].block_index + 0.5) / n_blocks,
     }
+
+
+def _quadratic(w: torch.Tensor, h: torch.Tensor) -> float:
+    """``tr(W H W^T)`` in float64 for ``W`` [out, in] and ``H`` [in, in]."""
+    w = w.detach().double()
+    return float(((w @ h) * w).sum())
 
 
 def _curvature_group(ctx: _Context) -> dict[str, float]:
@@ -432,13 +445,11 @@ def _landscape_group(ctx: _Context) -> dict[str, float]:
 
 def _gptq_proxy_group(ctx: _Context) -> dict[str, float]:
     from quantpredict.formats import get_format
-    from quantpredict.quantize import collect_hessians
     from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
     fmt = get_format(ctx.recipe.weight_format)
     bs = _block_size(ctx.recipe, fmt)
-    with prepared(ctx.base), torch.no_grad():
-        hessians = collect_hessians(ctx.base, ctx.windows, batch_size=ctx.opts.batch_size)
+    hessians = ctx.hessians
     proxy_rtn = proxy_gptq = 0.0
     wanted = _quantized_names(ctx.base, ctx.recipe)
     for ref, d_rtn in zip(ctx.refs, ctx.rtn_delta):
@@ -489,7 +500,7 @@ def extract(model: nn.Module, recipe: Any, calib_ids: torch.Tensor, *, seed: int
     groups = parse_which(which)
     arch.check_finite(model)
     windows = feature_windows(model, calib_ids, opts.n_windows, opts.seq_len, seed)
-    ctx = _Context(model, recipe, windows, seed, opts)
+    ctx = _Context(model, recipe, windows, seed, opts, groups)
     out: dict[str, float] = {}
     bar = None
     if progress:
