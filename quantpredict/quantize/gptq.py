@@ -68,6 +68,7 @@ def gptq_quantize(
 
 def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> torch.Tensor:
     from quantpredict.formats import compute_scale, get_format, quantize_with_scale
+    from quantpredict.formats.reference import round_to_element
 
     f = get_format(fmt)
     if weight.dim() != 2:
@@ -116,8 +117,14 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
 
     n_groups = 0 if group is None else -(-columns // group)
-    group_scale: list[torch.Tensor | None] = [None] * n_groups
+    group_scale: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_groups
     Q = torch.zeros_like(W)
+    # the column loop runs once per input channel: keep Python-side lookups out of it
+    element = None if f.family == "float" else f.element_format
+    order = perm.tolist()
+    hinv_diag = Hinv.diagonal().tolist()
+    if row_scale is not None:
+        row_scale = (row_scale, torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale))
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -129,12 +136,12 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
 
         for i in range(count):
             w = W1[:, i]
-            d = Hinv1[i, i]
+            d = hinv_diag[i1 + i]
 
             if group is None:
                 scale = row_scale
             else:
-                g = int(perm[i1 + i]) // group
+                g = order[i1 + i] // group
                 if group_scale[g] is None:
                     # first column of this group in processing order: fit its scale on the group's columns as they
                     # stand now, i.e. with the updates from every column quantized so far
@@ -146,9 +153,13 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
                     later = pos[~here]
                     if later.numel():  # pending lazy-batch updates from columns i1 .. i1+i-1
                         current[:, ~here] = W[:, later] - Err1[:, :i] @ Hinv[i1 : i1 + i, later]
-                    group_scale[g] = compute_scale(current, fmt, axis=-1, block_size=cols.numel())
+                    s = compute_scale(current, fmt, axis=-1, block_size=cols.numel())
+                    group_scale[g] = (s, torch.where(s == 0, torch.ones_like(s), s))
                 scale = group_scale[g]
-            q = quantize_with_scale(w.unsqueeze(1), fmt, scale).flatten()
+            if element is None:  # bf16 / fp16: a plain cast
+                q = quantize_with_scale(w.unsqueeze(1), fmt, scale[0]).flatten()
+            else:  # quantize_with_scale, inlined: x / s on the element grid, times s (a zero scale gives zeros)
+                q = (round_to_element(w.unsqueeze(1) / scale[1], element) * scale[0]).flatten()
 
             Q1[:, i] = q
             err = (w - q) / d
