@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             recipe = Recipe(args.format, method=method, calib_samples=args.calib_samples,
                             calib_seq_len=args.calib_seq_len)
             t = time.perf_counter()
-            quantize_model(model, recipe, calib, progress=False)
+            quantize_model(model, recipe, calib, progress=False, output_errors=True)
             secs[method] = time.perf_counter() - t
         n = arch.non_embedding_parameters(model)
         rows.append((name, n, secs["rtn"], secs["gptq"]))

@@ -213,7 +213,8 @@ def test_clear_errors(token_windows):
 def test_one_dim_calibration_ids_are_cut_into_windows():
     model = tiny_model("gpt_neox")
     ids = torch.randint(3, VOCAB, (500,), generator=torch.Generator().manual_seed(0))
-    report = quantize_model(model, Recipe("mxint4", calib_samples=5, calib_seq_len=20), ids, progress=False)
+    recipe = Recipe("mxint4", method="gptq", calib_samples=5, calib_seq_len=20)  # RTN would skip calibration
+    report = quantize_model(model, recipe, ids, progress=False)
     assert report.calibration_tokens == 100
 
 
@@ -257,3 +258,23 @@ def test_cli_quantize(tiny_hf_dir, tmp_path, capsys):
     rc = main(["quantize", str(tiny_hf_dir), "--format", "mxint17", "--out", str(out)])
     assert rc == 2
     assert "unknown format 'mxint17'" in capsys.readouterr().err
+
+
+def test_rtn_is_data_free_unless_output_errors_are_asked_for(any_family, token_windows):
+    import math
+
+    model = tiny_model(any_family)
+    with_pass, data_free = tiny_model(any_family), tiny_model(any_family)
+    rep_pass = quantize_model(with_pass, Recipe("mxint4", act_format="mxint8"), token_windows, progress=False,
+                              output_errors=True)
+    rep_free = quantize_model(data_free, Recipe("mxint4", act_format="mxint8"), token_windows, progress=False)
+    # the same weights either way: RTN rounds each weight on its own
+    for a, b, fp in zip(arch.linear_layers(with_pass), arch.linear_layers(data_free), arch.linear_layers(model)):
+        assert torch.equal(a.weight, b.weight)
+        assert torch.equal(b.weight, fake_quantize(fp.weight.detach(), "mxint4", axis=-1))
+    assert rep_free.calibration_tokens == 0 and rep_pass.calibration_tokens == token_windows.numel()
+    assert all(math.isnan(r.output_error) for r in rep_free.layers)
+    assert all(r.output_error >= 0 for r in rep_pass.layers)
+    assert [r.rel_weight_error for r in rep_free.layers] == pytest.approx([r.rel_weight_error for r in rep_pass.layers])
+    with torch.no_grad():  # activation quantization is installed on the data-free path too
+        assert torch.equal(with_pass(token_windows).logits, data_free(token_windows).logits)

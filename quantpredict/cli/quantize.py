@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     )
     model, tokenizer = load(args.model)
     calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
-    report = quantize_model(model, recipe, calib, batch_size=args.batch_size)
+    report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=True)
     out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -167,6 +167,7 @@ def quantize_model(
     *,
     batch_size: int = 8,
     progress: bool = True,
+    output_errors: bool | None = None,
 ) -> QuantReport:
     """Quantize ``model`` in place as ``recipe`` says, calibrated on ``calib_ids``.
 
@@ -177,6 +178,10 @@ def quantize_model(
             seeded by ``recipe.seed``) or 2-D ``[n, seq_len]`` windows used as given. Use WikiText-2 *train*.
         batch_size: windows per forward pass.
         progress: show a progress bar over blocks.
+        output_errors: measure each layer's output error on the calibration inputs. ``None`` (default): only when
+            the recipe needs a calibration pass anyway (GPTQ or SmoothQuant); plain RTN is data-free, and skipping
+            the pass makes it ~10x cheaper (its report's output errors are then NaN). ``calib_ids`` is checked either
+            way.
 
     Returns:
         A :class:`QuantReport`. Activation fake-quant hooks (``recipe.act_format``) stay installed on the model.
@@ -191,11 +196,16 @@ def quantize_model(
     windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
     windows = windows.to(next(model.parameters()).device)
 
-    inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
-    n_tokens = windows.numel()
     block_size = recipe.weight_block_size
     layers: list[LayerReport] = []
     blocks = arch.blocks(model)
+    if output_errors is None:
+        output_errors = recipe.method != "rtn" or recipe.smoothquant_alpha is not None
+    if not output_errors and recipe.method == "rtn" and recipe.smoothquant_alpha is None:
+        return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
+
+    inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
+    n_tokens = windows.numel()
 
     bar = tqdm(blocks, desc=f"quantize {recipe.label}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
@@ -241,6 +251,30 @@ def quantize_model(
 
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=n_tokens,
+                       total_seconds=time.perf_counter() - t_start, **size)
+
+
+def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: float, progress: bool) -> QuantReport:
+    """RTN without a calibration pass: each weight rounded on its own (output errors not measured: NaN)."""
+    from tqdm.auto import tqdm
+
+    nan = float("nan")
+    layers: list[LayerReport] = []
+    for index in tqdm(range(len(blocks)), desc=f"quantize {recipe.label}", unit="block", disable=not progress):
+        refs = quantized_linears(model, recipe, index)
+        for ref in refs:
+            t0 = time.perf_counter()
+            w = ref.weight.detach().to(torch.float32)
+            w_q = rtn_quantize(w, recipe.weight_format, block_size=recipe.weight_block_size)
+            w_norm = float(w.double().norm())
+            rel_w = float((w_q.double() - w.double()).norm()) / w_norm if w_norm > 0 else 0.0
+            ref.set_weight(w_q.to(ref.weight.dtype))
+            layers.append(LayerReport(ref.name, index, ref.out_features, ref.in_features, rel_w, nan, nan,
+                                      time.perf_counter() - t0))
+        if recipe.act_format is not None:
+            install_act_quant_on(refs, recipe.act_format, recipe.act_block_size)
+    size = size_report(model, recipe)
+    return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=0,
                        total_seconds=time.perf_counter() - t_start, **size)
 
 
