@@ -13,7 +13,15 @@ import pandas as pd
 import pytest
 
 from quantpredict.errors import PredictorError
-from quantpredict.predict import Predictor, crossover, delta_metrics, group_splits, subsample_curve, validate
+from quantpredict.predict import (
+    Predictor,
+    crossover,
+    delta_metrics,
+    group_splits,
+    store_subsample_curve,
+    subsample_curve,
+    validate,
+)
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS, from_target, to_target
 from quantpredict.predict.engines import conformal_quantile
 from quantpredict.predict.predictor import FPModel
@@ -359,3 +367,22 @@ def test_import_quantpredict_stays_light():
                           "'sklearn' in sys.modules, 'statsmodels' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False"], (code, out.stdout)
+
+
+def test_store_subsample_curve_reads_window_deltas_and_charges_quantization():
+    import json
+
+    runs = pd.DataFrame({
+        "status": ["done", "done", "failed", "done"],
+        "window_delta_nll": [json.dumps([0.1, 0.3, 0.2, 0.2]), json.dumps([1.0, 1.0, 2.0, 0.0]), None, None],
+        "eval_windows": [4, 4, 4, 4], "eval_seconds": [2.0, 4.0, 1.0, 1.0],
+        "run_quantize_seconds": [1.0, 3.0, 0.0, 0.0],
+    })
+    c = store_subsample_curve(runs, ks=[1, 2, 4]).set_index("k")
+    # run 1: delta 0.2, prefixes 0.1 / 0.2 / 0.2; run 2: delta 1.0, prefixes 1.0 / 1.0 / 1.0
+    assert c.loc[1, "median_rel_error"] == pytest.approx(np.median([0.5, 0.0]))
+    assert c.loc[2, "median_rel_error"] == pytest.approx(0.0) and c.loc[4, "n_runs"] == 2
+    # seconds: quantize + k windows at eval_seconds / eval_windows (0.5 s and 1.0 s): medians of (1.5, 4) etc.
+    assert c.loc[1, "seconds"] == pytest.approx(np.median([1.0 + 0.5, 3.0 + 1.0]))
+    assert c.loc[4, "seconds"] == pytest.approx(np.median([1.0 + 2.0, 3.0 + 4.0]))
+    assert store_subsample_curve(runs.drop(columns="window_delta_nll")) is None

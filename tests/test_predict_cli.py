@@ -162,3 +162,15 @@ def test_predict_quality_real_features_tiny_model(runs, ols):
                          extract_options={"n_windows": 2, "seq_len": 32})
     assert np.isfinite([pr.ppl, pr.ppl_low, pr.ppl_high, pr.delta_nll]).all()
     assert set(pr.features) >= set(ols.features)
+
+
+def test_fit_cli_feature_groups_restrict_what_predict_computes(runs, tmp_path, capsys):
+    path = tmp_path / "runs.parquet"
+    runs.to_parquet(path)
+    assert main(["fit", "--runs", str(path), "--kind", "ols", "--out", str(tmp_path / "p"),
+                 "--feature-groups", "model,format,noise"]) == 0
+    p = Predictor.load(tmp_path / "p")
+    assert set(p.required_groups) <= {"model", "format", "noise"}
+    assert main(["fit", "--runs", str(path), "--kind", "ols", "--out", str(tmp_path / "q"),
+                 "--feature-groups", "model,sharpness"]) == 2  # the exit status of every user error
+    assert "unknown feature group" in capsys.readouterr().err

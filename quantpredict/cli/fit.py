@@ -21,6 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--subsample", default=None, metavar="JSON",
                    help='per-window deltas for the subsample baseline: {"window_seconds": s, "window_deltas": '
                         '[[run 1 windows...], ...]} (with --validate)')
+    p.add_argument("--feature-groups", default=None, metavar="GROUPS",
+                   help="feature groups the ols/rf/gbm kinds use (comma-separated, e.g. "
+                        "model,format,noise,landscape,gptq_proxy; default: every group). The saved predictor then "
+                        "computes only these groups at predict time")
     p.add_argument("--n-estimators", type=int, default=None, help="trees for rf/gbm/paper (default: 300)")
     p.add_argument("--random-state", type=int, default=0)
     p.set_defaults(func=run)
@@ -34,6 +38,19 @@ def run(args: argparse.Namespace) -> int:
     runs = read_runs(args.store, args.runs)
     tree_params = {} if args.n_estimators is None else {"n_estimators": args.n_estimators}
     params = {k: ({} if k in LINEAR_KINDS else tree_params) for k in ("ols", "rf", "gbm", "bits", "paper")}
+    if args.feature_groups:
+        from quantpredict.errors import PredictorError
+        from quantpredict.features import FEATURES
+        from quantpredict.features.extract import parse_which
+
+        try:
+            groups = parse_which(args.feature_groups)
+        except ValueError as exc:
+            raise PredictorError(f"--feature-groups: {exc}") from None
+        # a group's features the runs do not carry (older runs, other extractors) are left out, not an error
+        names = [f.name for f in FEATURES if f.group in groups and f.name in runs and runs[f.name].notna().any()]
+        for k in ("ols", "rf", "gbm"):
+            params[k] = {**params[k], "features": names}
     pred = Predictor(args.kind, args.random_state, **params.get(args.kind, {})).fit(runs)
     print(f"fitted {pred!r} on {pred.metadata['n_models']} models; features: {', '.join(pred.features)}")
     if args.validate:
@@ -48,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(val.metrics.drop(columns=["n_folds"]).round(4).to_string(index=False))
         pred.attach_validation(val.metrics[val.metrics["kind"] == args.kind])
-        curve = _subsample(args.subsample) if args.subsample else None
+        if args.subsample:
+            curve = _subsample(args.subsample)
+        else:
+            from quantpredict.predict import store_subsample_curve
+
+            curve = store_subsample_curve(runs)
         paths = write_report(val, args.report, source=args.store or args.runs, fitted=args.kind, subsample=curve)
         print(f"best kind (leave-one-{groups[-1]}-out): {best_kind(val.metrics, groups[-1])}")
         print("wrote " + ", ".join(str(p) for p in paths))

@@ -17,11 +17,13 @@ from quantpredict.predict.validate import (
     crossover,
     delta_metrics,
     group_splits,
+    store_subsample_curve,
     subsample_curve,
     validate,
 )
 
 __all__ = [
     "DEFAULT_FEATURES", "DEFAULT_PREDICTOR_DIR", "KINDS", "Prediction", "Predictor", "PredictorError", "Validation",
-    "crossover", "delta_metrics", "group_splits", "predict_quality", "subsample_curve", "validate",
+    "crossover", "delta_metrics", "group_splits", "predict_quality", "store_subsample_curve", "subsample_curve",
+    "validate",
 ]

@@ -165,13 +165,14 @@ def feature_seconds(runs: pd.DataFrame, groups: Sequence[str]) -> float:
 
 # ---- the subsample baseline ---------------------------------------------------------------------------------------
 def subsample_curve(window_deltas: Sequence[np.ndarray], window_seconds: float | Sequence[float],
-                    ks: Sequence[int] | None = None) -> pd.DataFrame:
+                    ks: Sequence[int] | None = None, base_seconds: float | Sequence[float] = 0.0) -> pd.DataFrame:
     """Error of estimating each run's delta from a prefix of its first ``k`` test windows, against seconds.
 
     ``window_deltas``: per run, a 1-D array [n_windows] of per-window delta NLL (mean over the window's tokens of
     NLL_quant - NLL_fp; equal-length windows, so the run's measured delta is their mean). ``window_seconds``: the
     seconds one window of the subsample evaluation costs (FP and quantized forwards, as the caller measured it),
     one number or one per run. ``ks``: prefix lengths (default: powers of two up to the shortest run, and its length).
+    ``base_seconds``: a fixed cost paid before the first window (e.g. quantizing the model), one number or per run.
     Returns one row per k: ``k``, ``seconds`` (median over runs), ``median_rel_error`` (median over runs of
     |prefix mean - delta| / |delta|), ``median_abs_error`` (nats), ``n_runs``.
     """
@@ -179,6 +180,7 @@ def subsample_curve(window_deltas: Sequence[np.ndarray], window_seconds: float |
     if not arrays or any(a.size == 0 for a in arrays):
         raise PredictorError("subsample_curve needs at least one run with at least one window delta")
     secs = np.broadcast_to(np.asarray(window_seconds, float), (len(arrays),))
+    base = np.broadcast_to(np.asarray(base_seconds, float), (len(arrays),))
     n_min = min(a.size for a in arrays)
     if ks is None:
         ks = sorted({*(2**i for i in range(int(np.log2(n_min)) + 1)), n_min})
@@ -190,10 +192,40 @@ def subsample_curve(window_deltas: Sequence[np.ndarray], window_seconds: float |
         full = np.array([a.mean() for a in arrays])
         abs_err = np.abs(est - full)
         nz = full != 0
-        rows.append({"k": int(k), "seconds": float(np.median(k * secs)),
+        rows.append({"k": int(k), "seconds": float(np.median(base + k * secs)),
                      "median_rel_error": float(np.median(abs_err[nz] / np.abs(full[nz]))) if nz.any() else np.nan,
                      "median_abs_error": float(np.median(abs_err)), "n_runs": len(arrays)})
     return pd.DataFrame(rows)
+
+
+def store_subsample_curve(runs: pd.DataFrame, ks: Sequence[int] | None = None) -> pd.DataFrame | None:
+    """:func:`subsample_curve` from a run store's exported runs, or None if no run carries per-window deltas.
+
+    Uses the done runs with a ``window_delta_nll`` column (JSON text or a list: each test window's delta NLL, in
+    window order, as :class:`~quantpredict.evaluate.Comparison` records it). A window costs the run's
+    ``eval_seconds / eval_windows`` (FP and quantized forward passes), and every prefix first pays the run's
+    ``run_quantize_seconds``: a subsample can only be evaluated on a quantized model.
+    """
+    import json
+
+    if "window_delta_nll" not in runs:
+        return None
+    deltas, secs, base = [], [], []
+    for _, r in runs.iterrows():
+        raw = r.get("window_delta_nll")
+        if r.get("status", "done") != "done" or raw is None or (isinstance(raw, float) and not np.isfinite(raw)):
+            continue
+        w = np.asarray(json.loads(raw) if isinstance(raw, str) else raw, float)
+        n, eval_s = r.get("eval_windows"), r.get("eval_seconds")
+        if w.size == 0 or not n or not eval_s or not np.isfinite(float(eval_s)):
+            continue
+        deltas.append(w)
+        secs.append(float(eval_s) / float(n))
+        q = r.get("run_quantize_seconds")
+        base.append(float(q) if q is not None and np.isfinite(float(q)) else 0.0)
+    if not deltas:
+        return None
+    return subsample_curve(deltas, secs, ks, base_seconds=base)
 
 
 def crossover(curve: pd.DataFrame, predictor_error: float, predictor_seconds: float) -> dict[str, float | bool]:
