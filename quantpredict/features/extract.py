@@ -80,15 +80,19 @@ def _set_attn(model: nn.Module, impl: str | None) -> None:
 
 
 @contextlib.contextmanager
-def prepared(model: nn.Module, grad_params: Sequence[torch.Tensor] = ()) -> Iterator[None]:
-    """Eager attention (double backward fails through CPU SDPA), eval mode, and ``requires_grad`` on
-    ``grad_params`` only; everything is restored on exit."""
+def prepared(model: nn.Module, grad_params: Sequence[torch.Tensor] = (), *,
+             eager: bool | None = None) -> Iterator[None]:
+    """Eval mode and ``requires_grad`` on ``grad_params`` only; eager attention when gradients are taken (double
+    backward fails through CPU SDPA; ``eager`` overrides), the model's own attention otherwise (faster forward
+    passes). Everything is restored on exit."""
     old_attn = getattr(model.config, "_attn_implementation", None)
     old_training = model.training
     old_flags = [(p, p.requires_grad) for p in model.parameters()]
     grad_ids = {id(p) for p in grad_params}
+    use_eager = bool(grad_params) if eager is None else eager
+    switch = use_eager and old_attn != "eager"
     try:
-        if old_attn != "eager":
+        if switch:
             _set_attn(model, "eager")
         model.eval()
         for p, _ in old_flags:
@@ -98,7 +102,7 @@ def prepared(model: nn.Module, grad_params: Sequence[torch.Tensor] = ()) -> Iter
         for p, flag in old_flags:
             p.requires_grad_(flag)
         model.train(old_training)
-        if old_attn != "eager":
+        if switch:
             _set_attn(model, old_attn)
 
 
@@ -175,7 +179,8 @@ def smoothed_copy(model: nn.Module, alpha: float, windows: torch.Tensor, batch_s
     base = copy.deepcopy(model)
     pairs = [pair for i in range(len(arch.blocks(base))) for pair in arch.smooth_pairs(base, i)]
     firsts = [pair.linears[0] for pair in pairs]
-    with prepared(base), capture_linear_inputs(firsts, hessian=False) as stats:
+    # eager, as in the sweeps that produced the training runs: the direction must not depend on the attention kernel
+    with prepared(base, eager=True), capture_linear_inputs(firsts, hessian=False) as stats:
         for start in range(0, windows.shape[0], batch_size):
             base(windows[start : start + batch_size], use_cache=False)
     for pair in pairs:
@@ -205,7 +210,7 @@ def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any,
     q = copy.deepcopy(base)
     if getattr(recipe, "smoothquant_alpha", None) is not None:
         recipe = replace(recipe, smoothquant_alpha=None)
-    with prepared(q):
+    with prepared(q, eager=True):  # eager, as in the sweeps: GPTQ's rounding decisions follow its Hessians' last bits
         quantize_model(q, recipe, windows, batch_size=batch_size, progress=False)
     q_refs = arch.linear_layers(q)
     with torch.no_grad():
