@@ -174,3 +174,21 @@ def test_fit_cli_feature_groups_restrict_what_predict_computes(runs, tmp_path, c
     assert main(["fit", "--runs", str(path), "--kind", "ols", "--out", str(tmp_path / "q"),
                  "--feature-groups", "model,sharpness"]) == 2  # the exit status of every user error
     assert "unknown feature group" in capsys.readouterr().err
+
+
+def test_fit_cli_subsample_from_the_runs_own_window_deltas(runs, tmp_path):
+    rng = np.random.default_rng(1)
+    frame = runs.copy()
+    done = frame.index[frame["status"] == "done"][:30]
+    delta = frame.loc[done, "nll_quant"] - frame.loc[done, "nll_fp"]
+    frame["window_delta_nll"] = None
+    frame.loc[done, "window_delta_nll"] = [json.dumps((d + rng.normal(0, 0.01, 16)).tolist()) for d in delta]
+    frame.loc[done, ["eval_windows", "eval_seconds", "run_quantize_seconds"]] = [16, 8.0, 1.0]
+    path = tmp_path / "runs.parquet"
+    frame.to_parquet(path)
+    report = tmp_path / "r" / "predictors.md"
+    assert main(["fit", "--runs", str(path), "--kind", "bits", "--out", str(tmp_path / "p"), "--validate",
+                 "--kinds", "bits,ols", "--groups", "family", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "covers the 30 runs that stored per-window deltas" in text and "at equal cost" in text
+    assert report.with_name("predictors_subsample.png").is_file()

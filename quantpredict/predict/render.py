@@ -162,14 +162,22 @@ def write_report(validation: Validation, md_path: str | Path, *, source: str = "
         lines += ["", ("All targets met." if not missed else "Missed: " + ", ".join(missed) + "."), ""]
     lines += [f"![predicted vs measured delta]({fig.name})", "", "## Subsample baseline", ""]
     if subsample is not None and len(subsample):
-        sub_fig = plot_subsample(subsample, m[m["groups"] == fig_group], md_path.with_name("predictors_subsample.png"))
+        sub_fig = plot_subsample(subsample, _same_runs_points(validation.predictions, m[m["groups"] == fig_group],
+                                                              fig_group, subsample.attrs.get("runs")),
+                                 md_path.with_name("predictors_subsample.png"))
         written.append(sub_fig)
         lines += ["Estimating delta from the first k test windows (FP and quantized), against the seconds it costs:",
                   "", _table(subsample, {"k": "windows", "seconds": "seconds", "median_rel_error":
                                          "median rel. err (delta)", "median_abs_error": "median abs. err (nats)"}),
                   ""]
-        for _, r in m[m["groups"] == fig_group].iterrows():
-            if np.isfinite(r["feature_seconds"]):
+        same = _same_runs_points(validation.predictions, m[m["groups"] == fig_group], fig_group,
+                                 subsample.attrs.get("runs"))
+        if subsample.attrs.get("runs"):
+            lines += [f"The curve covers the {len(subsample.attrs['runs'])} runs that stored per-window deltas; each "
+                      "predictor's error below is its leave-one-{fig}-out error on those same runs, at the median "
+                      "feature time of the groups it needs.".replace("{fig}", fig_group), ""]
+        for _, r in same.iterrows():
+            if np.isfinite(r["feature_seconds"]) and np.isfinite(r["median_rel_error"]):
                 c = crossover(subsample, r["median_rel_error"], r["feature_seconds"])
                 verdict = "beats" if c["predictor_better_at_equal_cost"] else "does NOT beat"
                 cross = (f"the subsample matches it from {c['crossover_seconds']:.3g} s" if
@@ -184,6 +192,23 @@ def write_report(validation: Validation, md_path: str | Path, *, source: str = "
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(lines))
     return written
+
+
+def _same_runs_points(predictions: pd.DataFrame, metrics: pd.DataFrame, groups: str, runs) -> pd.DataFrame:
+    """``metrics`` rows (kind, feature_seconds, median_rel_error) with the error recomputed on ``runs`` only
+    ((model, recipe) pairs; all runs when None), so a predictor and the subsample curve are judged on the same runs."""
+    if not runs:
+        return metrics
+    keys = set(map(tuple, runs))
+    out = metrics.copy()
+    for i, r in out.iterrows():
+        p = predictions[(predictions["groups"] == groups) & (predictions["kind"] == r["kind"])]
+        p = p[[(str(a), str(b)) in keys for a, b in zip(p["model"], p["recipe"])]]
+        d, dh = p["delta"].to_numpy(float), p["delta_nll"].to_numpy(float)
+        ok = np.isfinite(dh) & (d != 0)
+        out.loc[i, "median_rel_error"] = float(np.median(np.abs(dh[ok] - d[ok]) / np.abs(d[ok]))) if ok.any() \
+            else float("nan")
+    return out
 
 
 def _save(fig, path: str | Path) -> Path:

@@ -204,13 +204,14 @@ def store_subsample_curve(runs: pd.DataFrame, ks: Sequence[int] | None = None) -
     Uses the done runs with a ``window_delta_nll`` column (JSON text or a list: each test window's delta NLL, in
     window order, as :class:`~quantpredict.evaluate.Comparison` records it). A window costs the run's
     ``eval_seconds / eval_windows`` (FP and quantized forward passes), and every prefix first pays the run's
-    ``run_quantize_seconds``: a subsample can only be evaluated on a quantized model.
+    ``run_quantize_seconds``: a subsample can only be evaluated on a quantized model. ``curve.attrs["runs"]``
+    lists the (model, recipe) pairs used.
     """
     import json
 
     if "window_delta_nll" not in runs:
         return None
-    deltas, secs, base = [], [], []
+    deltas, secs, base, used = [], [], [], []
     for _, r in runs.iterrows():
         raw = r.get("window_delta_nll")
         if r.get("status", "done") != "done" or raw is None or (isinstance(raw, float) and not np.isfinite(raw)):
@@ -223,9 +224,12 @@ def store_subsample_curve(runs: pd.DataFrame, ks: Sequence[int] | None = None) -
         secs.append(float(eval_s) / float(n))
         q = r.get("run_quantize_seconds")
         base.append(float(q) if q is not None and np.isfinite(float(q)) else 0.0)
+        used.append((str(r.get("model")), str(r.get("recipe"))))
     if not deltas:
         return None
-    return subsample_curve(deltas, secs, ks, base_seconds=base)
+    curve = subsample_curve(deltas, secs, ks, base_seconds=base)
+    curve.attrs["runs"] = used  # (model, recipe) of each run behind the curve: compare predictors on the same runs
+    return curve
 
 
 def crossover(curve: pd.DataFrame, predictor_error: float, predictor_seconds: float) -> dict[str, float | bool]:
