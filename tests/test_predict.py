@@ -386,3 +386,18 @@ def test_store_subsample_curve_reads_window_deltas_and_charges_quantization():
     assert c.loc[1, "seconds"] == pytest.approx(np.median([1.0 + 0.5, 3.0 + 1.0]))
     assert c.loc[4, "seconds"] == pytest.approx(np.median([1.0 + 2.0, 3.0 + 4.0]))
     assert store_subsample_curve(runs.drop(columns="window_delta_nll")) is None
+
+
+def test_limits_section_numbers_by_hand():
+    from quantpredict.predict.render import limits_section
+
+    pred = pd.DataFrame({"kind": "gbm", "model": ["a", "a", "b", "b"],
+                         "delta": [0.001, 0.02, 0.0005, 0.05], "delta_nll": [0.002, 0.022, 0.0004, 0.045],
+                         "delta_nll_se": [0.001, 0.001, 0.0005, 0.001]})
+    text = "\n".join(limits_section(pred, "gbm"))
+    # SE/|delta| = 1, 0.05, 1, 0.02 -> median 52%; unresolved: runs 1 and 3 -> 50%
+    assert "a median 52% of delta" in text and "50% of the runs" in text
+    # resolved runs 2 and 4: rel errors 10% and 10%; both lose > 0.01 nats
+    assert "resolved runs the median relative error is 10.0%" in text and "it is 10.0%" in text
+    assert "cover 2 models" in text
+    assert limits_section(pred.assign(delta_nll=np.nan), "gbm") == []
