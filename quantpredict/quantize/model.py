@@ -236,11 +236,7 @@ def quantize_model(
                 w_q = w_rtn
             err_rtn = relative_output_error(w, w_rtn, H)
             err = err_rtn if w_q is w_rtn else relative_output_error(w, w_q, H)
-            w_norm = float(w.double().norm())
-            rel_w = float((w_q.double() - w.double()).norm()) / w_norm if w_norm > 0 else 0.0
-            ref.set_weight(w_q.to(ref.weight.dtype))
-            layers.append(LayerReport(ref.name, index, ref.out_features, ref.in_features, rel_w, err_rtn, err,
-                                      time.perf_counter() - t0))
+            layers.append(_set_quantized(ref, index, w, w_q, err_rtn, err, t0))
 
         if recipe.act_format is not None:
             install_act_quant_on(quantized_linears(model, recipe, index), recipe.act_format, recipe.act_block_size)
@@ -252,6 +248,16 @@ def quantize_model(
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=n_tokens,
                        total_seconds=time.perf_counter() - t_start, **size)
+
+
+def _set_quantized(ref: LinearRef, index: int, w: torch.Tensor, w_q: torch.Tensor, err_rtn: float, err: float,
+                   t0: float) -> LayerReport:
+    """Write ``w_q`` into the layer and report it (relative weight error from ``w``, seconds since ``t0``)."""
+    w_norm = float(w.double().norm())
+    rel_w = float((w_q.double() - w.double()).norm()) / w_norm if w_norm > 0 else 0.0
+    ref.set_weight(w_q.to(ref.weight.dtype))
+    return LayerReport(ref.name, index, ref.out_features, ref.in_features, rel_w, err_rtn, err,
+                       time.perf_counter() - t0)
 
 
 def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: float, progress: bool) -> QuantReport:
@@ -266,11 +272,7 @@ def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: f
             t0 = time.perf_counter()
             w = ref.weight.detach().to(torch.float32)
             w_q = rtn_quantize(w, recipe.weight_format, block_size=recipe.weight_block_size)
-            w_norm = float(w.double().norm())
-            rel_w = float((w_q.double() - w.double()).norm()) / w_norm if w_norm > 0 else 0.0
-            ref.set_weight(w_q.to(ref.weight.dtype))
-            layers.append(LayerReport(ref.name, index, ref.out_features, ref.in_features, rel_w, nan, nan,
-                                      time.perf_counter() - t0))
+            layers.append(_set_quantized(ref, index, w, w_q, nan, nan, t0))
         if recipe.act_format is not None:
             install_act_quant_on(refs, recipe.act_format, recipe.act_block_size)
     size = size_report(model, recipe)
