@@ -7,13 +7,18 @@ This is the default ``run_fn`` of :func:`quantpredict.runs.collect`; it runs on 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 
-from quantpredict.evaluate.scoring import FPLogitsCache
 
-# One per worker process: a sweep runs a model's recipes back to back, and every comparison after the first reuses
-# the FP model's logits on the evaluation windows (about a quarter of a run's time) instead of recomputing them.
-FP_LOGITS = FPLogitsCache()
+@functools.cache
+def fp_logits_cache():
+    """One :class:`~quantpredict.evaluate.FPLogitsCache` per worker process, made on first use (importing
+    ``quantpredict.runs`` for the store alone must not pull in torch). A sweep runs a model's recipes back to back,
+    and every comparison after the first reuses the FP model's logits on the evaluation windows."""
+    from quantpredict.evaluate import FPLogitsCache
+
+    return FPLogitsCache()
 
 
 def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, feature_options: dict | None = None,
@@ -53,7 +58,7 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
 
     t = time.perf_counter()
     cmp = evaluate.compare(model_fp, model_q, tok, seq_len=spec.seq_len, max_windows=spec.eval_max_windows,
-                           batch_size=batch_size, progress=progress, fp_cache=FP_LOGITS, fp_key=spec.model_id)
+                           batch_size=batch_size, progress=progress, fp_cache=fp_logits_cache(), fp_key=spec.model_id)
     timings["run_eval_seconds"] = time.perf_counter() - t
     del model_q
 
