@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -137,7 +138,7 @@ def render(results: dict, args) -> str:
         out.append("")
 
     def med(x):
-        return sorted(x)[len(x) // 2] if x else float("nan")
+        return statistics.median(x) if x else float("nan")
 
     out += [
         "## Findings",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from quantpredict.predict.validate import Validation, crossover
+from quantpredict.predict.validate import Validation, crossover, delta_metrics
 
 BASELINES = ("bits", "paper")
 # The issue's targets for the best kind under leave-one-family-out.
@@ -164,9 +164,9 @@ def write_report(validation: Validation, md_path: str | Path, *, source: str = "
             lines += limits_section(validation.predictions[validation.predictions["groups"] == fig_group], kind)
     lines += [f"![predicted vs measured delta]({fig.name})", "", "## Subsample baseline", ""]
     if subsample is not None and len(subsample):
-        sub_fig = plot_subsample(subsample, _same_runs_points(validation.predictions, m[m["groups"] == fig_group],
-                                                              fig_group, subsample.attrs.get("runs")),
-                                 md_path.with_name("predictors_subsample.png"))
+        same = _same_runs_points(validation.predictions, m[m["groups"] == fig_group], fig_group,
+                                 subsample.attrs.get("runs"))
+        sub_fig = plot_subsample(subsample, same, md_path.with_name("predictors_subsample.png"))
         written.append(sub_fig)
         lines += ["Estimating delta from the first k test windows (FP and quantized), against the seconds it costs "
                   "(quantizing the model, then k windows). The reference is each run's own measured delta, of whose "
@@ -174,8 +174,6 @@ def write_report(validation: Validation, md_path: str | Path, *, source: str = "
                   _table(subsample, {"k": "windows", "seconds": "seconds", "median_rel_error":
                                          "median rel. err (delta)", "median_abs_error": "median abs. err (nats)"}),
                   ""]
-        same = _same_runs_points(validation.predictions, m[m["groups"] == fig_group], fig_group,
-                                 subsample.attrs.get("runs"))
         if subsample.attrs.get("runs"):
             lines += [f"The curve covers the {len(subsample.attrs['runs'])} runs that stored per-window deltas; each "
                       "predictor's error below is its leave-one-{fig}-out error on those same runs, at the median "
@@ -238,10 +236,7 @@ def _same_runs_points(predictions: pd.DataFrame, metrics: pd.DataFrame, groups: 
     for i, r in out.iterrows():
         p = predictions[(predictions["groups"] == groups) & (predictions["kind"] == r["kind"])]
         p = p[[(str(a), str(b)) in keys for a, b in zip(p["model"], p["recipe"])]]
-        d, dh = p["delta"].to_numpy(float), p["delta_nll"].to_numpy(float)
-        ok = np.isfinite(dh) & (d != 0)
-        out.loc[i, "median_rel_error"] = float(np.median(np.abs(dh[ok] - d[ok]) / np.abs(d[ok]))) if ok.any() \
-            else float("nan")
+        out.loc[i, "median_rel_error"] = delta_metrics(p)["median_rel_error"]
     return out
 
 

@@ -199,9 +199,7 @@ def quantize_model(
     block_size = recipe.weight_block_size
     layers: list[LayerReport] = []
     blocks = arch.blocks(model)
-    if output_errors is None:
-        output_errors = recipe.method != "rtn" or recipe.smoothquant_alpha is not None
-    if not output_errors and recipe.method == "rtn" and recipe.smoothquant_alpha is None:
+    if recipe.method == "rtn" and recipe.smoothquant_alpha is None and not output_errors:
         return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
 
     inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
