@@ -149,6 +149,29 @@ def test_decode_full_density_equals_unmasked_sdpa():
     assert rel_err(out, ref) < 1e-5
 
 
+def test_decode_range_block_index_equals_tensor_index_and_reference():
+    q, k, v, _ = _decode_inputs(2, 2, 100, 8, seed=5)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 71:] = 1e4  # past kv_len: garbage that must not be read
+    v2[:, :, 71:] = -1e4
+    for blocks, kv_len in [(range(3, 8), 71), (range(0, 1), 5), (range(7, 8), 71), (range(2, 10), None),
+                           (range(4, 8), torch.tensor([71, 71]))]:
+        out = sparse_decode_attention(q, k2 if kv_len is not None else k, v2 if kv_len is not None else v, blocks,
+                                      block_size=10, kv_len=kv_len)
+        ref = dense_decode_reference(q, k, v, torch.tensor(list(blocks)), block_size=10, kv_len=kv_len)
+        via_tensor = sparse_decode_attention(q, k, v, torch.tensor(list(blocks)), block_size=10, kv_len=kv_len)
+        assert rel_err(out, ref) < 1e-5
+        assert rel_err(out, via_tensor) < 1e-6
+    # per-row kv_len that differs falls back to the masked path
+    kv = torch.tensor([71, 45])
+    out = sparse_decode_attention(q, k, v, range(2, 8), block_size=10, kv_len=kv)
+    assert rel_err(out, dense_decode_reference(q, k, v, range(2, 8), block_size=10, kv_len=kv)) < 1e-5
+    with pytest.raises(DataError, match="step 1"):
+        sparse_decode_attention(q, k, v, range(0, 8, 2), block_size=10)
+    with pytest.raises(DataError, match="no valid key"):
+        sparse_decode_attention(q, k, v, range(8, 9), block_size=10, kv_len=50)
+
+
 def test_decode_shape_errors():
     q, k, v, _ = _decode_inputs(1, 1, 8, 4, seed=0)
     with pytest.raises(DataError, match="q \\[B, H, D\\]"):

@@ -283,26 +283,24 @@ def generate(model: LlamaForCausalLM, prompts: torch.Tensor, max_len: int, *, sp
                 break
             nxt = forced[:, length - P]
         p = length  # position of the token being fed
-        for b in range(B):
-            t = int(nxt[b])
+        for b, t in enumerate(nxt.tolist()):
             if not done[b]:
                 out[b].append(t)
                 new += 1
                 done[b] = t == tok.eos_id
         block_index = None
         if sparse:
-            rows = []
-            for b in range(B):
-                s = trackers[b].push(int(nxt[b]))
-                first = s // block_size
-                last = p // block_size
-                blocks = list(range(min(sink_blocks, first))) + list(range(first, last + 1))
-                rows.append(blocks)
-                dens_sum += min(p + 1, sum(min(block_size, p + 1 - i * block_size) for i in blocks)) / (p + 1)
-            n = max(len(r) for r in rows)
-            if all(len(r) == n for r in rows) and all(r == rows[0] for r in rows):
-                block_index = torch.tensor(rows[0])
+            last = p // block_size
+            firsts = [trackers[b].push(t) // block_size for b, t in enumerate(nxt.tolist())]
+            for first in firsts:
+                # keys read: the sink blocks before the span (all full, as they precede the current block) + the
+                # span's blocks up to the current position
+                dens_sum += (min(sink_blocks, first) * block_size + p + 1 - first * block_size) / (p + 1)
+            if all(f == firsts[0] for f in firsts) and (firsts[0] == 0 or sink_blocks == 0):
+                block_index = range(firsts[0], last + 1)  # one shared contiguous run: a view of the cache
             else:
+                rows = [list(range(min(sink_blocks, f))) + list(range(f, last + 1)) for f in firsts]
+                n = max(len(r) for r in rows)
                 block_index = torch.tensor([r + [-1] * (n - len(r)) for r in rows])
         else:
             dens_sum += B

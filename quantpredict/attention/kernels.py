@@ -56,20 +56,24 @@ def _key_positions(block_index: torch.Tensor, block_size: int) -> torch.Tensor:
     return pos.flatten(-2)
 
 
-def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_index: torch.Tensor,
-                            *, block_size: int, kv_len: int | torch.Tensor | None = None,
-                            scale: float | None = None) -> torch.Tensor:
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_index: torch.Tensor | range, *, block_size: int,
+                            kv_len: int | torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """One decoding step of attention that reads only the attended K/V blocks.
 
     q: ``[B, H, D]``; k_cache, v_cache: ``[B, H, T, D]`` (``T`` the cache capacity); block_index: ``[n]`` or
-    ``[B, n]`` attended block ids (``-1`` = padding, for rows that attend fewer blocks); kv_len: the number of valid
-    cached keys (int or ``[B]``; default ``T``): keys at or past it (the unfilled part of the last block) are
-    masked. Every row must attend at least one valid key. Returns ``[B, H, D]``.
+    ``[B, n]`` attended block ids (``-1`` = padding, for rows that attend fewer blocks), or a ``range`` of block ids
+    shared by the batch (one contiguous span, read as a view of the cache with no per-call tensor bookkeeping: the
+    decoder's common case); kv_len: the number of valid cached keys (int or ``[B]``; default ``T``): keys at or past
+    it (the unfilled part of the last block) are masked. Every row must attend at least one valid key. Returns
+    ``[B, H, D]``.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise DataError(f"sparse_decode_attention: want q [B, H, D] and caches [B, H, T, D], got q {tuple(q.shape)}, "
                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     B, H, T, D = k_cache.shape
+    if isinstance(block_index, range):
+        return _contiguous_decode(q, k_cache, v_cache, block_index, block_size, kv_len, scale)
     k = gather_blocks(k_cache, block_index, block_size)
     v = gather_blocks(v_cache, block_index, block_size)
     pos = _key_positions(block_index, block_size)  # [n*bs] or [B, n*bs]
@@ -83,12 +87,34 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out[:, :, 0, :]
 
 
-def dense_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_index: torch.Tensor,
-                           *, block_size: int, kv_len: int | torch.Tensor | None = None,
-                           scale: float | None = None) -> torch.Tensor:
+def _contiguous_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: range,
+                       block_size: int, kv_len: int | torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """:func:`sparse_decode_attention` for one ascending run of blocks shared by the batch: SDPA over a cache slice."""
+    T = k_cache.shape[2]
+    if blocks.step != 1 or len(blocks) == 0 or blocks.start < 0:
+        raise DataError(f"sparse_decode_attention: a range block_index must be a non-empty run of block ids with "
+                        f"step 1, got {blocks}")
+    if torch.is_tensor(kv_len):
+        if kv_len.numel() > 1 and bool((kv_len != kv_len.flatten()[0]).any()):
+            return sparse_decode_attention(q, k_cache, v_cache, torch.tensor(blocks), block_size=block_size,
+                                           kv_len=kv_len, scale=scale)
+        kv_len = int(kv_len.flatten()[0])
+    start, end = blocks.start * block_size, min(blocks.stop * block_size, T if kv_len is None else kv_len)
+    if end <= start:
+        raise DataError(f"sparse_decode_attention: blocks {blocks} hold no valid key (kv_len={kv_len})")
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k_cache[:, :, start:end], v_cache[:, :, start:end],
+                                         scale=scale)
+    return out[:, :, 0, :]
+
+
+def dense_decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_index: torch.Tensor | range, *, block_size: int,
+                           kv_len: int | torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """What :func:`sparse_decode_attention` computes, by dense SDPA over the whole cache with the equivalent bool
     mask. Same arguments and result shape."""
     B, H, T, D = k_cache.shape
+    if isinstance(block_index, range):
+        block_index = torch.tensor(list(block_index), dtype=torch.long)
     idx = block_index if block_index.dim() == 2 else block_index.expand(B, -1)
     key_block = torch.arange(T, device=q.device) // block_size
     attended = (key_block[None, :, None] == idx[:, None, :]).any(dim=2)  # [B, T]
