@@ -320,3 +320,38 @@ def test_cli_features_json(tiny_hf_dir, capsys, monkeypatch):
     rc = main(["features", str(tiny_hf_dir), "--format", "mxint4", "--which", "format"])
     assert rc == 0
     assert "bits_per_element" in capsys.readouterr().out
+
+
+def test_mean_nll_cross_entropy_derivatives_equal_autograd_of_f_cross_entropy():
+    """mean_nll's cross-entropy has its own (differentiable) backward: gradient and Hessian-vector product must
+    equal autograd's through F.cross_entropy, in float64."""
+    from torch.autograd.gradcheck import gradcheck, gradgradcheck
+
+    feats = __import__("importlib").import_module("quantpredict.features.extract")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    target = torch.randint(0, 5, (7,), generator=g)
+    ours = feats._SummedCrossEntropy.apply(z, target)
+    ref = torch.nn.functional.cross_entropy(z, target, reduction="sum")
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-15)
+    (g1,) = torch.autograd.grad(ours, z, create_graph=True)
+    (r1,) = torch.autograd.grad(ref, z, create_graph=True)
+    assert torch.allclose(g1, r1, rtol=1e-12, atol=1e-14)
+    v = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    (hv,) = torch.autograd.grad((g1 * v).sum(), z)
+    (rv,) = torch.autograd.grad((r1 * v).sum(), z)
+    assert torch.allclose(hv, rv, rtol=1e-12, atol=1e-14)
+    assert gradcheck(lambda x: feats._SummedCrossEntropy.apply(x, target), (z,))
+    assert gradgradcheck(lambda x: feats._SummedCrossEntropy.apply(x, target), (z,))
+
+
+def test_predictor_groups_share_one_forward_and_agree_with_separate_passes():
+    """With landscape and without curvature, the layer Hessians and the FP NLL come from the Hessian operator's
+    forward pass: the values must equal those of the separate no-grad pass (float64, eager both ways)."""
+    model = tiny_model("gpt2", hidden=16, layers=2, heads=2).double()
+    merged = extract(model, Recipe("int4"), _calib(), which="model,noise,landscape", **FAST)
+    alone = extract(model, Recipe("int4"), _calib(), which="model,noise", **FAST)
+    landscape = extract(model, Recipe("int4"), _calib(), which="landscape", **FAST)
+    for k, v in {**alone, **landscape}.items():
+        if not k.endswith("_seconds"):
+            assert merged[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
