@@ -16,6 +16,7 @@ import copy
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=10.0, help="stop starting new models after this")
     parser.add_argument("--eval-windows", type=int, default=None,
                         help="time only this many test windows and extrapolate to the whole split (busy machines)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="time each side this many times and keep the median (default 3)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave reports/benchmarks.md alone")
     parser.add_argument("--predictor-groups", default=None,
                         help="also time extract(which=these groups), the set a predictor computes (default: the "
@@ -125,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         q_recipe = replace(recipe, calib_samples=8) if recipe.method == "rtn" and not recipe.smoothquant_alpha \
             else recipe
         quantize_model(qmodel, q_recipe, train, progress=False)
-        eval_s, nll_q = _evaluate(qmodel, test, args.eval_windows)
-        t0 = time.perf_counter()
-        feats = extract(model, recipe, train, seed=0)
-        feat_s = time.perf_counter() - t0
-        shares = {g: feats[f"{g}_seconds"] / feat_s for g in GROUPS}
-        t0 = time.perf_counter()
-        extract(model, recipe, train, seed=0, which=pred_groups)
-        pred_s = time.perf_counter() - t0
+        # each side `repeat` times, interleaved so that load changes hit all three; the median of each
+        evals, feat_times, pred_times, feat_runs = [], [], [], []
+        for _ in range(max(1, args.repeat)):
+            eval_s, nll_q = _evaluate(qmodel, test, args.eval_windows)
+            evals.append(eval_s)
+            t0 = time.perf_counter()
+            feat_runs.append(extract(model, recipe, train, seed=0))
+            feat_times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            extract(model, recipe, train, seed=0, which=pred_groups)
+            pred_times.append(time.perf_counter() - t0)
+        eval_s, feat_s, pred_s = (statistics.median(x) for x in (evals, feat_times, pred_times))
+        feats = feat_runs[feat_times.index(sorted(feat_times)[(len(feat_times) - 1) // 2])]
+        shares = {g: feats[f"{g}_seconds"] / sum(feats[f"{h}_seconds"] for h in GROUPS) for g in GROUPS}
         rows.append(dict(name=name, params=n_params, tokens=test.numel(), eval_s=eval_s, feat_s=feat_s,
                          ratio=feat_s / eval_s, shares=shares, nll_q=nll_q, pred_s=pred_s, pred_ratio=pred_s / eval_s,
                          radial=feats["radial_dnll_100"], taylor=feats["taylor_dnll"]))
@@ -159,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                               else "") + ". "
         "Tokenization excluded from both. *All features*: every group; *predictor's set*: a separate "
         f"`extract(which={','.join(pred_groups)})`, the groups the shipped default predictor computes in "
-        "`predict_quality`. Group columns: share of the all-features time.",
+        f"`predict_quality`. Each time is the median of {max(1, args.repeat)} runs of that side (the three sides "
+        "interleaved). Group columns: share of the all-features time.",
         "",
         header,
         "|" + "---|" * (8 + len(GROUPS)),
