@@ -62,3 +62,20 @@ def test_render_report_writes_page_and_figures(tmp_path):
     assert "| m-xs | int2 |" in text and "**Pending:** more" in text and "Spearman" in text
     with pytest.raises(ValueError, match="no study results"):
         render_report([], tmp_path)
+
+
+def test_records_of_other_settings_go_to_a_sensitivity_section(tmp_path):
+    main = [_record("int2", 0.5, 0.01, model="a-xs"), _record("int2", 0.5, 0.02, model="b-xs"),
+            _record("int4", 0.01, 0.003, model="a-xs")]
+    low_lr = [_record("int2", 0.5, -0.1, model="a-xs")]
+    low_lr[0]["settings"] = {**low_lr[0]["settings"], "lr": 1e-4}
+    from quantpredict.qat.report import sensitivity_text, split_settings
+
+    kept, other = split_settings(main + low_lr)
+    assert kept == main and other == low_lr
+    text = sensitivity_text(kept, other)
+    assert "lr 0.001 -> 0.0001" in text and "(1 cells: a-xs)" in text
+    # the same cell (a-xs, int2): main study +0.0100 nats, no win; the low-lr run -0.1000, a win
+    assert "| 2-bit | 1 | +0.0100 | 0 | -0.1000 | 1 |" in text
+    page = render_report(main + low_lr, tmp_path).read_text()
+    assert "## Sensitivity" in page and "a-xs, b-xs" in page

@@ -7,8 +7,10 @@ weights vs NLL), ``qat_loss.png`` (QAT training loss curves).
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -267,11 +269,60 @@ def misalignment_text(records: Sequence[dict]) -> str:
             "</summary>\n\n" + "\n".join(lines) + "\n\n</details>")
 
 
+def _settings_key(r: dict) -> str:
+    return json.dumps(r["settings"], sort_keys=True)
+
+
+def split_settings(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(main, other): the records of the most common study settings (the study proper), and the rest (runs with
+    other settings, e.g. another QAT learning rate, reported as a sensitivity check)."""
+    counts = Counter(_settings_key(r) for r in records)
+    main_key = counts.most_common(1)[0][0] if counts else ""
+    return ([r for r in records if _settings_key(r) == main_key], [r for r in records if _settings_key(r) != main_key])
+
+
+def sensitivity_text(main: Sequence[dict], other: Sequence[dict]) -> str:
+    """Per alternative settings (what differs from the main study's), per precision: the better QAT minus GPTQ in
+    the main study and under those settings on the same model x format cells, and the significant wins of each."""
+    if not other:
+        return ""
+    base = json.loads(_settings_key(main[0])) if main else {}
+    by_key: dict[str, list[dict]] = {}
+    for r in other:
+        by_key.setdefault(_settings_key(r), []).append(r)
+    main_cell = {(r["model"], r["format"]): r for r in main}
+    blocks = []
+    for key, rs in by_key.items():
+        st = json.loads(key)
+        changed = ", ".join(f"{k} {base.get(k)} -> {v}" for k, v in st.items() if base.get(k) != v) or "none"
+        lines = [f"**{changed}** ({len(rs)} cells: {', '.join(sorted({r['model'] for r in rs}))}):", "",
+                 "| precision | cells | best QAT - GPTQ, main (nats) | QAT wins, main | best QAT - GPTQ, these "
+                 "settings | QAT wins, these settings |", "|---|---|---|---|---|---|"]
+        pairs = [(main_cell[(r["model"], r["format"])], r) for r in rs if (r["model"], r["format"]) in main_cell]
+        by_prec: dict[str, list[tuple[dict, dict]]] = {}
+        for m, r in pairs:
+            by_prec.setdefault(_precision(r["format"]), []).append((m, r))
+        for prec in sorted(by_prec, key=lambda x: (not x[0].isdigit(), x)):
+            ps = by_prec[prec]
+            cols = []
+            for side in (0, 1):
+                ds = [x[side]["diffs"]["qat_gptq_minus_gptq" if _best_qat(x[side]) == "qat_gptq"
+                                       else "qat_rtn_minus_gptq"] for x in ps]
+                cols += [f"{sum(d['mean'] for d in ds) / len(ds):+.4f}", str(sum(d["mean"] < -2 * d["se"] for d in ds))]
+            lines.append(f"| {prec} | {len(ps)} | " + " | ".join(cols) + " |")
+        blocks.append("\n".join(lines))
+    return ("## Sensitivity: the same cells under other settings\n\nThe study above uses one QAT recipe. Cells "
+            "re-run with other settings (same results file, told apart by their settings) are compared here with "
+            "the main study on exactly those cells.\n\n" + "\n\n".join(blocks) + "\n")
+
+
 def render_report(records: Sequence[dict], out_dir: str | Path, *, command: str = "", pending: str = "") -> Path:
-    """Write the figures and ``qat.md`` into ``out_dir``; returns the markdown's path."""
+    """Write the figures and ``qat.md`` into ``out_dir``; returns the markdown's path. Records of settings other
+    than the most common one go to a sensitivity section only."""
     out = Path(out_dir)
     if not records:
         raise ValueError("no study results to report; run `quantpredict study ptq-vs-qat` first")
+    records, other = split_settings(records)
     render_figures(records, out)
     s = records[0]["settings"]
     models = sorted({r["model"] for r in records})
@@ -330,7 +381,8 @@ move either way.
 The basin picture: distance to the FP weights against NLL.
 
 ![distance vs NLL](qat_basin.png)
-"""
+
+{sensitivity_text(records, other)}"""
     path = out / "qat.md"
     path.write_text(md)
     return path
