@@ -79,3 +79,6 @@ def test_records_of_other_settings_go_to_a_sensitivity_section(tmp_path):
     assert "| 2-bit | 1 | +0.0100 | 0 | -0.1000 | 1 |" in text
     page = render_report(main + low_lr, tmp_path).read_text()
     assert "## Sensitivity" in page and "a-xs, b-xs" in page
+    # each settings' own reproduction command, with its learning rate
+    assert "study ptq-vs-qat --models a-xs b-xs --formats int4,int2 --steps 32 --lr 0.001" in page
+    assert "--models a-xs --formats int2 --steps 32 --lr 0.0001" in page

@@ -53,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
     results = out / RESULTS_FILE
-    command = "quantpredict " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else ""
+    # a --report-only rendering reproduces nothing: the page prints the study's own reproduction command instead
+    command = ("quantpredict " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+               if sys.argv[1:] and not args.report_only else "")
     if not args.report_only:
         models = args.models or list_zoo()
         if not models:
