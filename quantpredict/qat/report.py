@@ -218,9 +218,10 @@ def statement(records: Sequence[dict]) -> str:
                   "**does not reproduce in every cell at any precision**")
                + (f"; partly at {', '.join(partial)}" if partial else "")
                + (f"; not at {', '.join(not_rep)}" if not_rep else "") + ". "
-               + "Mean gain of the better QAT over GPTQ by precision (nats/token): "
+               + "Mean gain of the better QAT over GPTQ by precision (nats/token; negative: QAT worse): "
                + ", ".join(f"{p} {gains[p]:+.4f}" for p in order) + ". "
-               + ("The gain is largest at the lowest precision, as the seed found." if order and
+               + ("On average QAT is worse than GPTQ at every precision." if all(g <= 0 for g in gains.values())
+                  else "The gain is largest at the lowest precision, as the seed found." if order and
                   order[0] == min(by_prec, key=lambda p: int(p.split('-')[0]) if p[0].isdigit() else 99)
                   else "The gain is not largest at the lowest precision."))
     return summary + "\n\n" + "\n".join(lines)
