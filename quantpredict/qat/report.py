@@ -390,9 +390,10 @@ along the QAT-from-RTN steps.)
 ## Misalignment: local objective vs global NLL
 
 The local objective is GPTQ's, summed over layers: `sum_l tr(dW_l H_l dW_l^T)` with `dW = W - W_fp` and `H_l` the FP
-model's layer-input Hessian on the calibration windows (= `2/N sum_l ||dW_l X_l||^2`). Along GPTQ's path it grows with
-every layer quantized and the NLL follows; along QAT's path the NLL is driven down while the local objective is free to
-move either way.
+model's layer-input Hessian on the calibration windows (= `2/N sum_l ||dW_l X_l||^2`). GPTQ minimises it layer by
+layer; QAT minimises the training NLL on the calibration windows and leaves the local objective free to move either way.
+The rank correlations below say how closely the test NLL followed the local objective along each path (QAT paths have
+only a few tracked points, so their correlations are coarse).
 
 {misalignment_text(records)}
 
