@@ -82,3 +82,15 @@ def test_records_of_other_settings_go_to_a_sensitivity_section(tmp_path):
     # each settings' own reproduction command, with its learning rate
     assert "study ptq-vs-qat --models a-xs b-xs --formats int4,int2 --steps 32 --lr 0.001" in page
     assert "--models a-xs --formats int2 --steps 32 --lr 0.0001" in page
+
+
+def test_headline_leaves_out_training_snapshots():
+    from quantpredict.qat.report import _headline, is_snapshot
+
+    assert is_snapshot("llama-s-t25") and not is_snapshot("llama-s") and not is_snapshot("gpt_neox-l")
+    trained = [_record("int2", 0.5, 0.05, model="a-s")]
+    snaps = [_record("int2", 0.5, -0.3, model="a-s-t25")]
+    text = _headline(trained + snaps)
+    assert text.startswith("On the 1 fully trained models (1 cells")
+    assert "does not reproduce" in text  # the snapshot's QAT win is not counted
+    assert "**reproduces**" in _headline(snaps)  # snapshots only: reported as they are
