@@ -76,7 +76,7 @@ def test_records_of_other_settings_go_to_a_sensitivity_section(tmp_path):
     text = sensitivity_text(kept, other)
     assert "lr 0.001 -> 0.0001" in text and "(1 cells: a-xs)" in text
     # the same cell (a-xs, int2): main study +0.0100 nats, no win; the low-lr run -0.1000, a win
-    assert "| 2-bit | 1 | +0.0100 | 0 | -0.1000 | 1 |" in text
+    assert "| 2-bit | 1 | 0.5000 | +0.0100 | 0 | -0.1000 | 1 |" in text
     page = render_report(main + low_lr, tmp_path).read_text()
     assert "## Sensitivity" in page and "a-xs, b-xs" in page
     # each settings' own reproduction command, with its learning rate

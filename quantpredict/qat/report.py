@@ -301,8 +301,8 @@ def sensitivity_text(main: Sequence[dict], other: Sequence[dict]) -> str:
         st = json.loads(key)
         changed = ", ".join(f"{k} {base.get(k)} -> {v}" for k, v in st.items() if base.get(k) != v) or "none"
         lines = [f"**{changed}** ({len(rs)} cells: {', '.join(sorted({r['model'] for r in rs}))}):", "",
-                 "| precision | cells | best QAT - GPTQ, main (nats) | QAT wins, main | best QAT - GPTQ, these "
-                 "settings | QAT wins, these settings |", "|---|---|---|---|---|---|"]
+                 "| precision | cells | GPTQ increase (nats) | best QAT - GPTQ, main | QAT wins, main | "
+                 "best QAT - GPTQ, these settings | QAT wins, these settings |", "|---|---|---|---|---|---|---|"]
         pairs = [(main_cell[(r["model"], r["format"])], r) for r in rs if (r["model"], r["format"]) in main_cell]
         by_prec: dict[str, list[tuple[dict, dict]]] = {}
         for m, r in pairs:
@@ -314,7 +314,8 @@ def sensitivity_text(main: Sequence[dict], other: Sequence[dict]) -> str:
                 ds = [x[side]["diffs"]["qat_gptq_minus_gptq" if _best_qat(x[side]) == "qat_gptq"
                                        else "qat_rtn_minus_gptq"] for x in ps]
                 cols += [f"{sum(d['mean'] for d in ds) / len(ds):+.4f}", str(sum(d["mean"] < -2 * d["se"] for d in ds))]
-            lines.append(f"| {prec} | {len(ps)} | " + " | ".join(cols) + " |")
+            gptq = sum(m["methods"]["gptq"]["delta_nll"] for m, _ in ps) / len(ps)
+            lines.append(f"| {prec} | {len(ps)} | {gptq:.4f} | " + " | ".join(cols) + " |")
         lines += ["", f"Reproduce: `{reproduce_command(rs)}`"]
         blocks.append("\n".join(lines))
     return ("## Sensitivity: the same cells under other settings\n\nThe study above uses one QAT recipe. Cells "
