@@ -110,7 +110,8 @@ def render_figures(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
     ax.set_xticks(range(len(fmts)), fmts)
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_ylabel("test NLL - FP NLL (nats/token)")
-    ax.set_title(f"Same calibration data: PTQ vs QAT ({', '.join(models)})")
+    ax.set_title("Same calibration data: PTQ vs QAT (" + (models[0] if len(models) == 1 else
+                 f"mean over {len(models)} models; bars: largest paired se") + ")")
     ax.legend()
     fig.tight_layout()
     written.append(out / "qat_ppl.png")
@@ -118,8 +119,14 @@ def render_figures(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
     plt.close(fig)
 
     # 2./3. local objective (resp. distance) vs global NLL along the paths, one panel per format (first model)
+    # with several models, relative x (over the FP model's own scale) and NLL above FP put every model on one scale,
+    # and the legend names methods only
+    many = len(models) > 1
     for fname, xkey, xlabel in (("qat_misalignment.png", "local", "summed layer-output error  sum tr(dW H dW^T)"),
                                 ("qat_basin.png", "distance", "||W - W_fp||_F (all quantized weights)")):
+        if many:
+            xkey, xlabel = xkey + "_rel", {"local": "sum tr(dW H dW^T) / sum tr(W H W^T)",
+                                           "distance": "||W - W_fp|| / ||W_fp||"}[xkey]
         n = len(fmts)
         cols = min(3, n)
         rows = -(-n // cols)
@@ -127,22 +134,28 @@ def render_figures(records: Sequence[dict], out_dir: str | Path) -> list[Path]:
         for ax, fmt in zip(axes.flat, fmts):
             for r in (r for r in records if r["format"] == fmt):
                 marker = "o" if r["model"] == models[0] else "s"
+                y0 = r["fp_point"]["nll"] if many else 0.0
                 for meth, path in r["paths"].items():
                     xs = [p[xkey] for p in path]
-                    ys = [p["nll"] for p in path]
+                    ys = [p["nll"] - y0 for p in path]
                     style = "-" if meth.startswith("qat") else "--"
-                    ax.plot(xs, ys, style, marker=marker, ms=2.5, color=COLORS[meth], lw=1,
-                            label=f"{LABELS[meth]}" + ("" if len(models) == 1 else f" {r['model']}"))
-                    ax.plot(xs[-1:], ys[-1:], marker="*", ms=9, color=COLORS[meth])
+                    ax.plot(xs, ys, style, marker=marker, ms=2 if many else 2.5, color=COLORS[meth],
+                            lw=0.6 if many else 1, alpha=0.5 if many else 1.0, label=LABELS[meth])
+                    ax.plot(xs[-1:], ys[-1:], marker="*", ms=6 if many else 9, color=COLORS[meth])
             ax.set_title(fmt)
             ax.set_xlabel(xlabel, fontsize=8)
-            ax.set_ylabel("NLL on fixed test prefix", fontsize=8)
+            ax.set_ylabel("NLL above FP on fixed test prefix" if many else "NLL on fixed test prefix", fontsize=8)
+            if many:  # local errors span decades across formats; relative distances do not
+                if xkey == "local_rel":
+                    ax.set_xscale("symlog", linthresh=1e-3)
+                ax.set_yscale("symlog", linthresh=1e-2)
         for ax in list(axes.flat)[n:]:
             ax.axis("off")
         handles, labels = axes.flat[0].get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         fig.legend(uniq.values(), uniq.keys(), loc="lower center", ncol=min(4, len(uniq)), fontsize=8)
-        fig.suptitle("PTQ (dashed: layer by layer) and QAT (solid: steps); * = end", fontsize=9)
+        fig.suptitle("PTQ (dashed: layer by layer) and QAT (solid: steps); * = end"
+                     + (f"; {len(models)} models" if many else ""), fontsize=9)
         fig.tight_layout(rect=(0, 0.06, 1, 0.96))
         written.append(out / fname)
         fig.savefig(written[-1], dpi=120)
@@ -367,7 +380,8 @@ def render_report(records: Sequence[dict], out_dir: str | Path, *, command: str 
     if not records:
         raise ValueError("no study results to report; run `quantpredict study ptq-vs-qat` first")
     records, other = split_settings(records)
-    render_figures(records, out)
+    trained = [r for r in records if not is_snapshot(r["model"])]
+    render_figures(trained or records, out)  # the snapshots would only blur the picture (see the size table)
     s = records[0]["settings"]
     models = sorted({r["model"] for r in records})
     total_s = sum(r["seconds"] for r in records)
