@@ -36,6 +36,11 @@ def _best_qat(r: dict) -> str:
     return min(("qat_rtn", "qat_gptq"), key=lambda m: r["methods"][m]["nll"])
 
 
+def _best_minus_gptq(r: dict) -> dict[str, float]:
+    """The paired test-NLL difference (``mean``, ``se``) of the cell's better QAT run minus GPTQ."""
+    return r["diffs"]["qat_gptq_minus_gptq" if _best_qat(r) == "qat_gptq" else "qat_rtn_minus_gptq"]
+
+
 def verdicts(records: Sequence[dict]) -> list[dict[str, Any]]:
     """Per format (pooled over models): GPTQ's and best QAT's NLL increase, and how often QAT wins significantly.
 
@@ -48,9 +53,7 @@ def verdicts(records: Sequence[dict]) -> list[dict[str, Any]]:
         wins = ties = 0
         d_best, d_g = [], []
         for r in rs:
-            best = _best_qat(r)
-            key = "qat_gptq_minus_gptq" if best == "qat_gptq" else "qat_rtn_minus_gptq"
-            d = r["diffs"][key]
+            d = _best_minus_gptq(r)
             d_best.append(d["mean"])
             d_g.append(r["diffs"]["qat_gptq_minus_gptq"]["mean"])
             if d["mean"] < -2 * d["se"]:
@@ -74,8 +77,7 @@ def _table(records: Sequence[dict]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in sorted(records, key=lambda r: (r["model"], _fmt_order(records).index(r["format"]))):
         m = r["methods"]
-        best = _best_qat(r)
-        d = r["diffs"]["qat_gptq_minus_gptq" if best == "qat_gptq" else "qat_rtn_minus_gptq"]
+        d = _best_minus_gptq(r)
         cells = [f"{m[k]['ppl']:.3f}" for k in ("fp", "rtn", "gptq", "qat_rtn", "qat_gptq")]
         lines.append(f"| {r['model']} | {r['format']} | {r['bits']:.2f} | " + " | ".join(cells)
                      + f" | {d['mean']:+.4f} ± {d['se']:.4f} | {r['spearman'].get('gptq', math.nan):+.2f} | "
@@ -193,8 +195,7 @@ def by_size(records: Sequence[dict]) -> str:
              "best QAT below FP |", "|---|---|---|---|---|---|---|---|"]
     for size in sorted(groups, key=lambda g: (order.get(g.split("-")[0], 9), g)):
         rs = groups[size]
-        diffs = [r["diffs"]["qat_gptq_minus_gptq" if _best_qat(r) == "qat_gptq" else "qat_rtn_minus_gptq"]
-                 for r in rs]
+        diffs = [_best_minus_gptq(r) for r in rs]
         win = sum(d["mean"] < -2 * d["se"] for d in diffs)
         lose = sum(d["mean"] > 2 * d["se"] for d in diffs)
         lines.append(f"| {size} | {len(rs)} | {win} | {len(rs) - win - lose} | {lose} | "
@@ -324,8 +325,7 @@ def sensitivity_text(main: Sequence[dict], other: Sequence[dict]) -> str:
             ps = by_prec[prec]
             cols = []
             for side in (0, 1):
-                ds = [x[side]["diffs"]["qat_gptq_minus_gptq" if _best_qat(x[side]) == "qat_gptq"
-                                       else "qat_rtn_minus_gptq"] for x in ps]
+                ds = [_best_minus_gptq(x[side]) for x in ps]
                 cols += [f"{sum(d['mean'] for d in ds) / len(ds):+.4f}", str(sum(d["mean"] < -2 * d["se"] for d in ds))]
             gptq = sum(m["methods"]["gptq"]["delta_nll"] for m, _ in ps) / len(ps)
             lines.append(f"| {prec} | {len(ps)} | {gptq:.4f} | " + " | ".join(cols) + " |")
