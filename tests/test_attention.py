@@ -172,6 +172,22 @@ def test_decode_range_block_index_equals_tensor_index_and_reference():
         sparse_decode_attention(q, k, v, range(8, 9), block_size=10, kv_len=50)
 
 
+def test_workspace_reuses_gather_buffers_and_changes_nothing():
+    q, k, v, _ = _decode_inputs(2, 3, 96, 8, seed=6)
+    ws: dict = {}
+    for idx in (torch.tensor([0, 2, 5]), torch.tensor([1, 4, 5]), torch.tensor([[0, 3, 5], [2, 5, -1]]),
+                torch.tensor([3, 5])):
+        kv = torch.tensor([96, 90]) if idx.dim() == 2 else 96
+        plain = sparse_decode_attention(q, k, v, idx, block_size=16, kv_len=kv)
+        reused = sparse_decode_attention(q, k, v, idx, block_size=16, kv_len=kv, workspace=ws)
+        assert torch.equal(plain, reused)
+        assert rel_err(reused, dense_decode_reference(q, k, v, idx, block_size=16, kv_len=kv)) < 1e-5
+    assert set(ws) == {"k", "v"}
+    ptr = ws["k"].data_ptr()
+    sparse_decode_attention(q, k, v, torch.tensor([1, 5]), block_size=16, workspace=ws)  # same shape: same buffer
+    assert ws["k"].data_ptr() == ptr
+
+
 def test_decode_shape_errors():
     q, k, v, _ = _decode_inputs(1, 1, 8, 4, seed=0)
     with pytest.raises(DataError, match="q \\[B, H, D\\]"):

@@ -249,6 +249,7 @@ def generate(model: LlamaForCausalLM, prompts: torch.Tensor, max_len: int, *, sp
     H, hd = model.config.num_key_value_heads, att0.head_dim
     kc = [torch.zeros(B, H, cap, hd) for _ in inner.layers]
     vc = [torch.zeros(B, H, cap, hd) for _ in inner.layers]
+    workspaces: list[dict[str, torch.Tensor]] = [{} for _ in inner.layers]  # gather buffers, one set per layer
     trackers = [SpanTracker(tok) for _ in range(B)]
     out = [list(map(int, row)) for row in prompts]
     done = [False] * B
@@ -317,7 +318,7 @@ def generate(model: LlamaForCausalLM, prompts: torch.Tensor, max_len: int, *, sp
             kc[li][:, :, p], vc[li][:, :, p] = k[:, :, 0], v[:, :, 0]
             if sparse:
                 o = sparse_decode_attention(q[:, :, 0], kc[li], vc[li], block_index, block_size=block_size,
-                                            kv_len=p + 1)
+                                            kv_len=p + 1, workspace=workspaces[li])
             else:
                 o = F.scaled_dot_product_attention(q, kc[li][:, :, : p + 1], vc[li][:, :, : p + 1])[:, :, 0]
             h = h + att.o_proj(o.reshape(B, 1, -1))

@@ -23,12 +23,27 @@ def _as_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x.view(B, H, (T + pad) // block_size, block_size, D)
 
 
-def gather_blocks(cache: torch.Tensor, block_index: torch.Tensor, block_size: int) -> torch.Tensor:
+def _buffer(workspace: dict[str, torch.Tensor] | None, key: str, shape: tuple[int, ...],
+            like: torch.Tensor) -> torch.Tensor | None:
+    """A buffer of ``shape`` kept in ``workspace`` under ``key`` (made or remade on a change of shape), or None."""
+    if workspace is None:
+        return None
+    buf = workspace.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = workspace[key] = like.new_empty(shape)
+    return buf
+
+
+def gather_blocks(cache: torch.Tensor, block_index: torch.Tensor, block_size: int, *,
+                  workspace: dict[str, torch.Tensor] | None = None, key: str = "blocks") -> torch.Tensor:
     """The attended blocks of a ``[B, H, T, D]`` cache, concatenated: ``[B, H, n * bs, D]``.
 
     ``block_index``: ``[n]`` (shared by the batch) or ``[B, n]``; entries ``< 0`` are padding (block 0 is read in
     their place and must be masked by the caller). A shared index that is one ascending run of blocks (a contiguous
-    span, the common case) is returned as a view of the cache, without a copy.
+    span, the common case) is returned as a view of the cache, without a copy. ``workspace``: a dict the caller keeps
+    between calls; the copy is written into a buffer kept there under ``key`` instead of a fresh allocation (a
+    gather of megabytes otherwise pays the allocator's page faults on every call, several times the copy itself).
+    The result then aliases that buffer until the next call with the same key.
     """
     B, H, T, D = cache.shape
     if block_index.dim() == 1 and block_index.numel() and int(block_index[0]) >= 0:
@@ -41,10 +56,14 @@ def gather_blocks(cache: torch.Tensor, block_index: torch.Tensor, block_size: in
     idx = block_index.clamp(min=0)
     if idx.dim() == 1:
         # index_select along a leading dim of a [B*H, nb, bs*D] view: several times faster than along dim 2 of 5-D
-        out = blocks.reshape(B * H, nb, bs * D).index_select(1, idx)
+        buf = _buffer(workspace, key, (B * H, idx.numel(), bs * D), cache)
+        src = blocks.reshape(B * H, nb, bs * D)
+        out = src.index_select(1, idx) if buf is None else torch.index_select(src, 1, idx, out=buf)
     else:
-        out = torch.gather(blocks.reshape(B, H, nb, bs * D), 2,
-                           idx[:, None, :, None].expand(B, H, idx.shape[1], bs * D))
+        buf = _buffer(workspace, key, (B, H, idx.shape[1], bs * D), cache)
+        where = idx[:, None, :, None].expand(B, H, idx.shape[1], bs * D)
+        src = blocks.reshape(B, H, nb, bs * D)
+        out = torch.gather(src, 2, where) if buf is None else torch.gather(src, 2, where, out=buf)
     return out.reshape(B, H, -1, D)
 
 
@@ -58,15 +77,17 @@ def _key_positions(block_index: torch.Tensor, block_size: int) -> torch.Tensor:
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_index: torch.Tensor | range, *, block_size: int,
-                            kv_len: int | torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                            kv_len: int | torch.Tensor | None = None, scale: float | None = None,
+                            workspace: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One decoding step of attention that reads only the attended K/V blocks.
 
     q: ``[B, H, D]``; k_cache, v_cache: ``[B, H, T, D]`` (``T`` the cache capacity); block_index: ``[n]`` or
     ``[B, n]`` attended block ids (``-1`` = padding, for rows that attend fewer blocks), or a ``range`` of block ids
     shared by the batch (one contiguous span, read as a view of the cache with no per-call tensor bookkeeping: the
     decoder's common case); kv_len: the number of valid cached keys (int or ``[B]``; default ``T``): keys at or past
-    it (the unfilled part of the last block) are masked. Every row must attend at least one valid key. Returns
-    ``[B, H, D]``.
+    it (the unfilled part of the last block) are masked. Every row must attend at least one valid key.
+    ``workspace``: a dict kept between calls (e.g. one per layer) to reuse the gather buffers, see
+    :func:`gather_blocks`. Returns ``[B, H, D]``.
     """
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise DataError(f"sparse_decode_attention: want q [B, H, D] and caches [B, H, T, D], got q {tuple(q.shape)}, "
@@ -74,8 +95,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     B, H, T, D = k_cache.shape
     if isinstance(block_index, range):
         return _contiguous_decode(q, k_cache, v_cache, block_index, block_size, kv_len, scale)
-    k = gather_blocks(k_cache, block_index, block_size)
-    v = gather_blocks(v_cache, block_index, block_size)
+    k = gather_blocks(k_cache, block_index, block_size, workspace=workspace, key="k")
+    v = gather_blocks(v_cache, block_index, block_size, workspace=workspace, key="v")
     pos = _key_positions(block_index, block_size)  # [n*bs] or [B, n*bs]
     limit = T if kv_len is None else kv_len
     limit_t = torch.as_tensor(limit, device=q.device).reshape(-1, 1) if torch.is_tensor(limit) else limit
