@@ -28,8 +28,8 @@ def _floats(text: str) -> list[float]:
     return vals
 
 
-CLOCK_TEXT = {"thread": "the calling thread's CPU time (the machine was shared with other jobs, so wall time "
-                        "would mostly measure the wait for a core)", "wall": "wall time"}
+CLOCK_TEXT = {"thread": "the calling thread's CPU time (on a shared machine wall time would mostly measure the "
+                        "wait for a core)", "wall": "wall time"}
 
 
 def register(subparsers) -> None:
