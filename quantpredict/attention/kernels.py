@@ -94,7 +94,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     B, H, T, D = k_cache.shape
     if isinstance(block_index, range):
-        return _contiguous_decode(q, k_cache, v_cache, block_index, block_size, kv_len, scale)
+        return _contiguous_decode(q, k_cache, v_cache, block_index, block_size, kv_len, scale, workspace)
     k = gather_blocks(k_cache, block_index, block_size, workspace=workspace, key="k")
     v = gather_blocks(v_cache, block_index, block_size, workspace=workspace, key="v")
     pos = _key_positions(block_index, block_size)  # [n*bs] or [B, n*bs]
@@ -109,7 +109,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 def _contiguous_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: range,
-                       block_size: int, kv_len: int | torch.Tensor | None, scale: float | None) -> torch.Tensor:
+                       block_size: int, kv_len: int | torch.Tensor | None, scale: float | None,
+                       workspace: dict[str, torch.Tensor] | None) -> torch.Tensor:
     """:func:`sparse_decode_attention` for one ascending run of blocks shared by the batch: SDPA over a cache slice."""
     T = k_cache.shape[2]
     if blocks.step != 1 or len(blocks) == 0 or blocks.start < 0:
@@ -118,7 +119,7 @@ def _contiguous_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     if torch.is_tensor(kv_len):
         if kv_len.numel() > 1 and bool((kv_len != kv_len.flatten()[0]).any()):
             return sparse_decode_attention(q, k_cache, v_cache, torch.tensor(blocks), block_size=block_size,
-                                           kv_len=kv_len, scale=scale)
+                                           kv_len=kv_len, scale=scale, workspace=workspace)
         kv_len = int(kv_len.flatten()[0])
     start, end = blocks.start * block_size, min(blocks.stop * block_size, T if kv_len is None else kv_len)
     if end <= start:
