@@ -297,8 +297,10 @@ def generate(model: LlamaForCausalLM, prompts: torch.Tensor, max_len: int, *, sp
                 # keys read: the sink blocks before the span (all full, as they precede the current block) + the
                 # span's blocks up to the current position
                 dens_sum += (min(sink_blocks, first) * block_size + p + 1 - first * block_size) / (p + 1)
-            if all(f == firsts[0] for f in firsts) and (firsts[0] == 0 or sink_blocks == 0):
-                block_index = range(firsts[0], last + 1)  # one shared contiguous run: a view of the cache
+            # a row reads sink blocks [0, min(sink, first)) and span blocks [first, last]: one contiguous run when the
+            # span starts inside the sink or there is no sink
+            if all(f == firsts[0] for f in firsts) and (firsts[0] <= sink_blocks or sink_blocks == 0):
+                block_index = range(0 if firsts[0] <= sink_blocks else firsts[0], last + 1)  # a view of the cache
             else:
                 rows = [list(range(min(sink_blocks, f))) + list(range(f, last + 1)) for f in firsts]
                 n = max(len(r) for r in rows)
