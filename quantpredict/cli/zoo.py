@@ -15,6 +15,8 @@ def register(sub) -> None:
     bp.add_argument("--only", default=None, help="comma-separated model names (default: all)")
     bp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     bp.add_argument("--no-eval", action="store_true", help="skip measuring WikiText-2 valid/test perplexity")
+    bp.add_argument("--long", action="store_true",
+                    help="train the long-trained checkpoints <base>-d<tokens per parameter> instead (WSD schedule)")
     bp.set_defaults(func=run_build)
 
 
@@ -59,6 +61,11 @@ def run_build(args: argparse.Namespace) -> int:
     from quantpredict.models.zoo import build_zoo
 
     names = args.only.split(",") if args.only else None
-    trained = build_zoo(names, threads=args.threads, evaluate=not args.no_eval)
+    if args.long:
+        from quantpredict.models.zoo import build_long
+
+        trained = build_long(names, threads=args.threads, evaluate=not args.no_eval)
+    else:
+        trained = build_zoo(names, threads=args.threads, evaluate=not args.no_eval)
     print(f"trained {len(trained)} model(s): {', '.join(trained) or 'none needed'}")
     return run_list(argparse.Namespace(json=False))

@@ -245,3 +245,201 @@ def evaluate_cards(names: list[str], seq_len: int = SEQ_LEN) -> None:
             card[f"{split}_eval_seconds"] = round(res.seconds, 2)
         card["eval_seq_len"] = seq_len
         card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+# ---- long-trained checkpoints (WSD schedule) ---------------------------------------------------------------------
+
+LONG_CORPUS: tuple[tuple[str, str], ...] = (("wikitext2", "train"), ("tinyshakespeare", "train"))
+
+
+@dataclass(frozen=True)
+class LongRun:
+    """One long training run of a zoo architecture, saved at several token budgets as models ``<base>-d<NN>``.
+
+    ``NN`` is the budget in training tokens per non-embedding parameter. The schedule is warmup-stable-decay (WSD,
+    as SmolLM2 and MiniCPM were trained): one run at constant learning rate, and at each budget a branch whose last
+    ``cooldown`` fraction of the budget decays the rate to 0.1x (the zoo's cosine floor). Every saved checkpoint is
+    therefore annealed like the base zoo models, and the budgets share one stable trajectory (about 1.3x the tokens
+    of the largest budget in all, instead of the sum of the budgets).
+    """
+
+    base: str  # zoo model whose architecture, width, depth and seed it shares
+    tokens_per_param: tuple[int, ...]  # budgets, ascending
+    cooldown: float = 0.2
+
+    @property
+    def spec(self) -> ZooSpec:
+        return next(s for s in zoo_specs() if s.name == self.base)
+
+    def names(self) -> list[str]:
+        return [f"{self.base}-d{t}" for t in self.tokens_per_param]
+
+
+def long_runs() -> list[LongRun]:
+    """The long-trained zoo: xs of three families to 300 tokens/parameter, s of two to 100."""
+    return [
+        LongRun("llama-xs", (30, 100, 300)),
+        LongRun("opt-xs", (30, 100, 300)),
+        LongRun("gpt2-xs", (30, 100, 300)),
+        LongRun("llama-s", (30, 100)),
+        LongRun("gpt2-s", (30, 100)),  # last: the study needs 2 sizes of 1 family at least
+    ]
+
+
+def _long_lr(spec: ZooSpec, step: int, *, cooldown_start: int | None = None, cooldown_steps: int = 0) -> float:
+    warmup = max(1, spec.steps // 20)  # the base model's warmup, so the first steps match it
+    if step < warmup:
+        return spec.lr * (step + 1) / warmup
+    if cooldown_start is None or step < cooldown_start:
+        return spec.lr
+    progress = min(1.0, (step - cooldown_start) / max(1, cooldown_steps))
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def long_corpus_ids(tokenizer) -> tuple[torch.Tensor, dict]:
+    """The long runs' training stream (every text of :data:`LONG_CORPUS`, concatenated) and its token counts."""
+    from quantpredict.data import token_ids
+
+    parts = {f"{name}/{split}": token_ids(tokenizer, name, split) for name, split in LONG_CORPUS}
+    return torch.cat(list(parts.values())), {k: int(v.numel()) for k, v in parts.items()}
+
+
+def _train_steps(model, opt, spec: ZooSpec, ids: torch.Tensor, first: int, last: int, lr_of, *, bar,
+                 on_step=None) -> float:
+    """Optimizer steps ``first .. last-1`` (data of step k is a pure function of (seed, k)); the last loss."""
+    loss_value = float("nan")
+    for step in range(first, last):
+        starts = _batch_starts(spec.seed, step, ids.numel())
+        x = torch.stack([ids[s : s + SEQ_LEN] for s in starts.tolist()])
+        for group in opt.param_groups:
+            group["lr"] = lr_of(step)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if on_step is not None:
+            on_step(step + 1)
+    return loss_value
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def train_long(run: LongRun, tokenizer, *, ckpt_dir: Path, out_root: Path, ckpt_every: int = 200,
+               evaluate: bool = True) -> list[str]:
+    """Train ``run`` (resuming its checkpoints) and save every budget not on disk yet; returns the names saved.
+
+    Resumable at any step: ``<ckpt_dir>/<base>-long.pt`` holds the stable trajectory, and ``<name>.cooldown.pt`` a
+    branch in progress.
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from quantpredict import arch
+
+    spec = run.spec
+    ids, corpus_tokens = long_corpus_ids(tokenizer)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(make_config(spec, len(tokenizer)))
+    n_nonembed = arch.non_embedding_parameters(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    main_ckpt = ckpt_dir / f"{run.base}-long.pt"
+    step, seconds = 0, 0.0
+    if main_ckpt.exists():
+        state = torch.load(main_ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+    tokens_per_step = BATCH * SEQ_LEN
+    saved: list[str] = []
+    t0 = time.time() - seconds
+    model.train()
+
+    def save_main(at: int) -> None:
+        _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": at,
+                      "seconds": time.time() - t0}, main_ckpt)
+
+    for tpp, name in zip(run.tokens_per_param, run.names()):
+        total_steps = int(round(tpp * n_nonembed / tokens_per_step))
+        cd_steps = int(round(run.cooldown * total_steps))
+        branch_at = total_steps - cd_steps
+        if (out_root / name / "model.safetensors").exists():
+            continue
+        if step > branch_at:
+            raise RuntimeError(f"{main_ckpt} is at step {step}, past {name}'s branch point {branch_at}, but {name} "
+                               f"is not on disk; delete {main_ckpt} to retrain {run.base}'s long run from scratch")
+        if step < branch_at:  # stable phase up to this budget's branch point
+            bar = tqdm(total=branch_at, initial=step, desc=f"{run.base} stable", unit="step", mininterval=10)
+            _train_steps(model, opt, spec, ids, step, branch_at, lambda k: _long_lr(spec, k), bar=bar,
+                         on_step=lambda k: save_main(k) if k % ckpt_every == 0 else None)
+            bar.close()
+            step = branch_at
+            save_main(step)
+        # the cooldown branch, from the stable state at branch_at (resumed from its own checkpoint if one exists)
+        stable_model, stable_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        cd_ckpt = ckpt_dir / f"{name}.cooldown.pt"
+        k = branch_at
+        if cd_ckpt.exists():
+            state = torch.load(cd_ckpt, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            k = int(state["step"])
+        bar = tqdm(total=total_steps, initial=k, desc=f"{name} cooldown", unit="step", mininterval=10)
+
+        def save_cd(at: int, path: Path = cd_ckpt) -> None:
+            if at % ckpt_every == 0:
+                _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": at}, path)
+
+        def cd_lr(s: int, start: int = branch_at, n: int = cd_steps) -> float:
+            return _long_lr(spec, s, cooldown_start=start, cooldown_steps=n)
+
+        loss = _train_steps(model, opt, spec, ids, k, total_steps, cd_lr, bar=bar, on_step=save_cd)
+        bar.close()
+        model.eval()
+        card = _card(spec, model, name, total_steps, time.time() - t0, arch=arch)
+        card.update({
+            "long_run_of": run.base,
+            "tokens_per_param": round(total_steps * tokens_per_step / n_nonembed, 1),
+            "schedule": f"WSD: constant lr {spec.lr:.3g} after {max(1, spec.steps // 20)} warmup steps, cosine "
+                        f"decay to 0.1x over the last {run.cooldown:.0%} of the budget (steps {branch_at}-"
+                        f"{total_steps}); branched from one shared stable run",
+            "corpus": corpus_tokens,
+            "epochs": round(total_steps * tokens_per_step / ids.numel(), 2),
+            "final_train_loss": round(loss, 4),
+            "regularization": "AdamW weight decay 0.1, gradient clip 1.0, no dropout, no early stopping "
+                              "(valid perplexity is on this card)",
+        })
+        save_model_dir(model, tokenizer, out_root / name, card)
+        saved.append(name)
+        if evaluate:
+            evaluate_cards([name])
+        cd_ckpt.unlink(missing_ok=True)
+        model.train()
+        model.load_state_dict(stable_model)
+        opt.load_state_dict(stable_opt)
+    return saved
+
+
+def build_long(names: list[str] | None = None, *, threads: int | None = None, evaluate: bool = True) -> list[str]:
+    """Train the long runs (all, or those whose base or checkpoint name is in ``names``); resumable."""
+    from quantpredict.models.tokenizer import load_or_train_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    root = zoo_root()
+    tok = load_or_train_tokenizer(root / "tokenizer")
+    saved = []
+    for run in long_runs():
+        if names is not None and run.base not in names and not set(run.names()) & set(names):
+            continue
+        saved += train_long(run, tok, ckpt_dir=root / "_long", out_root=root, evaluate=evaluate)
+    return saved
