@@ -15,6 +15,10 @@ class FormatError(QuantpredictError, ValueError):
     """Unknown format name, bad block size, or a tensor the format cannot take (NaN/Inf)."""
 
 
+class RecipeError(QuantpredictError, ValueError):
+    """A recipe or evaluation setting with an unknown method, an out-of-range option or an unparseable label."""
+
+
 class DataError(QuantpredictError, ValueError):
     """Unknown data set or split, or empty/invalid calibration data."""
 

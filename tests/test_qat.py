@@ -113,7 +113,7 @@ def test_finetune_lowers_calibration_nll_of_rtn_model_and_returns_weights_on_gri
     assert res.start_mismatch == 0.0  # RTN init: the first forward is exactly RTN
     assert res.changed_fraction > 0
     assert [p.step for p in res.trajectory] == [0, 10, 20, 30, 40]
-    assert res.label == "int2-qat-cal16x32"
+    assert res.label == "int2-qat-cal16x32-qs40-qlr0.003-qbs4"  # the QAT settings are part of what was done
     _on_grid(model, recipe)
     # only the quantized weights trained; every parameter is trainable again as before
     assert torch.equal(model.get_input_embeddings().weight, embed_before)
@@ -256,7 +256,7 @@ def test_cli_qat_saves_a_loadable_quantized_model(tiny_hf_dir, tmp_path, capsys)
     assert rc == 0
     assert "mxint4-qat-cal4x32" in capsys.readouterr().out
     saved = read_quantization(out)
-    assert saved.extra["label"] == "mxint4-qat-cal4x32" and len(saved.extra["qat"]["losses"]) == 2
+    assert saved.extra["label"] == "mxint4-qat-cal4x32-qs2-qbs2" and len(saved.extra["qat"]["losses"]) == 2
     model, _ = load(out)
     _on_grid(model, saved.recipe)
     assert json.loads((out / "quantization.json").read_text())["qat"]["qat_steps"] == 2

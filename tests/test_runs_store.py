@@ -175,3 +175,52 @@ def test_second_writer_process_appends_concurrently(tmp_path):
         df = store.to_frame()
     assert keys == {f"{p}{i}|r|v|e" for p in "abc" for i in range(40)}
     assert sorted(df.groupby("model")["ppl_fp"].sum().tolist()) == [sum(range(40))] * 3
+
+
+# ---- the shipped runs: one Recipe, one key ------------------------------------------------------------------------
+
+
+def test_every_shipped_run_key_is_rebuilt_from_its_recipe_and_evaluation_setting():
+    """The 992 shipped runs keep their keys: every stored label parses into a Recipe whose label is the same, and a
+    RunSpec built from the Recipe and the evaluation setting has exactly the stored key."""
+    from quantpredict.data import data_dir
+    from quantpredict.recipe import EvalSetting, Recipe
+
+    with RunStore(data_dir() / "runs" / "runs.sqlite", create=False) as store:
+        rows = store.rows()
+    assert len(rows) >= 992
+    for r in rows:
+        recipe = Recipe.from_label(r["recipe"])
+        assert recipe.label == r["recipe"]
+        assert recipe.columns() == {k: r[k] for k in recipe.columns()}
+        spec = RunSpec(r["model"], recipe, EvalSetting(r["seq_len"], r["eval_max_windows"]), model_id=r["model_id"],
+                       code_version=r["code_version"])
+        assert spec.key == r["run_key"]
+        legacy = RunSpec(r["model"], r["weight_format"], r["method"], block_size=r["block_size"],
+                         smoothquant_alpha=r["smoothquant_alpha"], act_format=r["act_format"], seq_len=r["seq_len"],
+                         eval_max_windows=r["eval_max_windows"], model_id=r["model_id"],
+                         code_version=r["code_version"])
+        assert legacy == spec
+
+
+def test_run_keys_are_built_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from quantpredict.runs import RunSpec, RunStore; from quantpredict.recipe import Recipe;"
+            "k = RunSpec('llama-s', Recipe('mxint4', method='gptq', layers=('mlp.down_proj=mxint8',))).key;"
+            "assert k == 'llama-s|mxint4-gptq-@mlp.down_proj=mxint8|0.1.0+m1|seq256-wall', k;"
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_runspec_pickles_and_keeps_its_key():
+    import pickle
+
+    from quantpredict.recipe import EvalSetting, Recipe
+
+    spec = RunSpec("m", Recipe("int4", method="gptq", qat=True, qat_lr=1e-4), EvalSetting(256, 64, bos=True),
+                   model_id="m@abc")
+    back = pickle.loads(pickle.dumps(spec))
+    assert back == spec and back.key == spec.key == "m@abc|int4-qat_gptq-qlr0.0001|0.1.0+m1|seq256-w64-bos"
+    assert back.method == "qat_gptq" and back.recipe_fields()["method"] == "qat_gptq"

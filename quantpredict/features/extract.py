@@ -106,15 +106,6 @@ def prepared(model: nn.Module, grad_params: Sequence[torch.Tensor] = (), *,
             _set_attn(model, old_attn)
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    cfg = model.config
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 class _SummedCrossEntropy(torch.autograd.Function):
     """``F.cross_entropy(z, target, reduction="sum")`` whose backward, ``(softmax(z) - onehot(target)) * g``, is
     written in differentiable ops: a Hessian-vector product then runs through one softmax instead of autograd's
@@ -156,34 +147,35 @@ def mean_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> to
 # ---- the quantization direction -------------------------------------------------------------------------------
 
 
-def _block_size(recipe: Any, fmt: Any) -> int | None:
-    bs = getattr(recipe, "block_size", None)
-    return bs if bs is not None else getattr(fmt, "default_block_size", None)
+def _layer_formats(model: nn.Module, refs: Sequence[arch.LinearRef],
+                   recipe: Any) -> list[tuple[str, int | None] | None]:
+    """Each layer's ``(format, block size)`` under the recipe, ``None`` for layers it leaves in full precision."""
+    from quantpredict.quantize import layer_plan
+
+    planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(model, recipe)}
+    return [planned.get(r.name) for r in refs]
 
 
 def _quantized_names(model: nn.Module, recipe: Any) -> set[str]:
-    """Names of the linears the recipe quantizes (all but ``recipe.skip``)."""
+    """Names of the linears the recipe quantizes (all but those it leaves in full precision)."""
     from quantpredict.quantize import quantized_linears
 
     return {r.name for r in quantized_linears(model, recipe)}
 
 
 def rtn_deltas(model: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any) -> list[torch.Tensor]:
-    """``fake_quantize(W) - W`` ([out, in]) for each layer in the recipe's weight format and block size (zero for
-    layers the recipe skips)."""
-    from quantpredict.formats import fake_quantize, get_format
+    """``fake_quantize(W) - W`` ([out, in]) for each layer in its format and block size under the recipe (zero for
+    layers the recipe leaves in full precision)."""
+    from quantpredict.formats import fake_quantize
 
-    fmt = get_format(recipe.weight_format)
-    bs = _block_size(recipe, fmt)
-    wanted = _quantized_names(model, recipe)
     out = []
     with torch.no_grad():
-        for ref in refs:
+        for ref, fb in zip(refs, _layer_formats(model, refs, recipe), strict=True):
             w = ref.weight.detach()
-            if ref.name not in wanted:
+            if fb is None:
                 out.append(torch.zeros_like(w))
                 continue
-            out.append((fake_quantize(w, recipe.weight_format, axis=-1, block_size=bs) - w).to(w.dtype))
+            out.append((fake_quantize(w, fb[0], axis=-1, block_size=fb[1]) - w).to(w.dtype))
     return out
 
 
@@ -384,14 +376,22 @@ def _model_group(ctx: _Context) -> dict[str, float]:
 def _format_group(ctx: _Context) -> dict[str, float]:
     from quantpredict.formats import get_format
 
-    fmt = get_format(ctx.recipe.weight_format)
-    bs = _block_size(ctx.recipe, fmt)
-    sizes = [(r.weight.numel(), r.in_features) for r in arch.linear_layers(ctx.model)]
-    total = sum(n for n, _ in sizes)
-    # per-channel scales cost 1/row bits per element, so layers of different widths differ: weight by size
-    bits = sum(n * float(fmt.bits_per_element(block_size=bs, row_length=k)) for n, k in sizes) / total
-    block = float(bs) if bs else sum(n * k for n, k in sizes) / total
-    return {"bits_per_element": bits, "element_is_fp": float(fmt.element == "fp"), "block_size": block}
+    refs = arch.linear_layers(ctx.model)
+    # per-channel scales cost 1/row bits per element, so layers of different widths differ: weight by size. Layers a
+    # recipe leaves in full precision count at 16 bits (a per-layer recipe's bits are its average over the linears).
+    rows = []
+    for ref, fb in zip(refs, _layer_formats(ctx.model, refs, ctx.recipe), strict=True):
+        n = ref.weight.numel()
+        if fb is None:
+            rows.append((n, 16.0, 0.0, float(ref.in_features)))
+            continue
+        fmt = get_format(fb[0])
+        rows.append((n, float(fmt.bits_per_element(block_size=fb[1], row_length=ref.in_features)),
+                     float(fmt.element == "fp"), float(fb[1] or ref.in_features)))
+    total = sum(r[0] for r in rows)
+    return {"bits_per_element": sum(r[0] * r[1] for r in rows) / total,
+            "element_is_fp": sum(r[0] * r[2] for r in rows) / total,
+            "block_size": sum(r[0] * r[3] for r in rows) / total}
 
 
 def _noise_group(ctx: _Context) -> dict[str, float]:
@@ -477,21 +477,18 @@ def _landscape_group(ctx: _Context) -> dict[str, float]:
 
 
 def _gptq_proxy_group(ctx: _Context) -> dict[str, float]:
-    from quantpredict.formats import get_format
     from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
-    fmt = get_format(ctx.recipe.weight_format)
-    bs = _block_size(ctx.recipe, fmt)
     hessians = ctx.hessians
     proxy_rtn = proxy_gptq = 0.0
-    wanted = _quantized_names(ctx.base, ctx.recipe)
-    for ref, d_rtn in zip(ctx.refs, ctx.rtn_delta):
-        if ref.name not in wanted:
+    formats = _layer_formats(ctx.base, ctx.refs, ctx.recipe)
+    for ref, d_rtn, fb in zip(ctx.refs, ctx.rtn_delta, formats, strict=True):
+        if fb is None:
             continue
         h = hessians[ref.name]
         w = ref.weight.detach()
         proxy_rtn += layer_output_error(w, w + d_rtn, h)
-        wq = gptq_quantize(w.clone(), h, ctx.recipe.weight_format, block_size=bs,
+        wq = gptq_quantize(w.clone(), h, fb[0], block_size=fb[1],
                            blocksize=ctx.recipe.gptq_blocksize, percdamp=ctx.recipe.percdamp,
                            act_order=ctx.recipe.act_order)
         proxy_gptq += layer_output_error(w, wq, h)
@@ -512,8 +509,11 @@ def feature_windows(model: nn.Module, calib_ids: torch.Tensor, n_windows: int = 
                     seed: int = 0) -> torch.Tensor:
     """The calibration batch ``[n_windows, seq_len]`` (``seq_len`` clipped to the model's context); 2-D
     ``calib_ids`` are used as given."""
-    limit = _max_positions(model)
-    if limit is not None and calib_ids.dim() == 1:
+    from quantpredict.data import TokenStream
+    from quantpredict.evaluate.scoring import max_positions
+
+    limit = max_positions(model)
+    if limit is not None and (isinstance(calib_ids, TokenStream) or calib_ids.dim() == 1):
         seq_len = min(seq_len, limit)
     return calibration_windows(calib_ids, n_windows, seq_len, seed=seed)
 

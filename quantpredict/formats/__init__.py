@@ -10,29 +10,34 @@ Public API::
 
 ``fake_quantize(x, f, block_size=B) == quantize_with_scale(x, f, compute_scale(x, f, block_size=B))`` whenever x's
 axis has length B: GPTQ fits a block's scales once, then quantizes column by column with them.
+
+The tables (``get_format``, ``list_formats``, ``FORMATS``, ``ELEMENTS``) need no torch: ``quantpredict.recipe`` and
+the run store validate format names without it. The tensor functions load torch on first use.
 """
 
-from quantpredict.formats.core import fake_quantize
-from quantpredict.formats.reference import (
-    compute_scale,
-    expand_scale,
-    fake_quantize_reference,
-    quantize_with_scale,
-    round_to_element,
-)
+from __future__ import annotations
+
+from typing import Any
+
 from quantpredict.formats.table import ELEMENTS, FORMATS, Element, Format, get_format, list_formats
 
-__all__ = [
-    "ELEMENTS",
-    "FORMATS",
-    "Element",
-    "Format",
-    "compute_scale",
-    "expand_scale",
-    "fake_quantize",
-    "fake_quantize_reference",
-    "get_format",
-    "list_formats",
-    "quantize_with_scale",
-    "round_to_element",
-]
+_TENSOR_API = {
+    "fake_quantize": "quantpredict.formats.core",
+    "compute_scale": "quantpredict.formats.reference",
+    "expand_scale": "quantpredict.formats.reference",
+    "fake_quantize_reference": "quantpredict.formats.reference",
+    "quantize_with_scale": "quantpredict.formats.reference",
+    "round_to_element": "quantpredict.formats.reference",
+}
+
+__all__ = ["ELEMENTS", "FORMATS", "Element", "Format", "get_format", "list_formats", *_TENSOR_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TENSOR_API:
+        import importlib
+
+        value = getattr(importlib.import_module(_TENSOR_API[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module 'quantpredict.formats' has no attribute {name!r}")

@@ -80,10 +80,12 @@ class QATResult:
 
     @property
     def label(self) -> str:
-        """The recipe's label with the method segment reading ``qat`` (RTN init) or ``qat_gptq`` (GPTQ init)."""
-        from quantpredict.qat.runs import qat_label
+        """The label of the QAT recipe this run carried out (its method segment ``qat`` from RTN, ``qat_gptq`` from
+        GPTQ; steps, learning rate and batch size in it where they differ from the defaults)."""
+        import dataclasses
 
-        return qat_label(self.recipe, self.init)
+        return dataclasses.replace(self.recipe, method=self.init, qat=True, qat_steps=self.steps, qat_lr=self.lr,
+                                   qat_batch_size=self.batch_size).label
 
     @property
     def epochs(self) -> float:

@@ -1,23 +1,26 @@
-"""QAT as a run-store method: ``qat`` (QAT from RTN) and ``qat_gptq`` (QAT from GPTQ).
+"""QAT as a recipe option: ``Recipe(..., qat=True)`` is QAT from the recipe's PTQ ``method`` (RTN or GPTQ), with
+``qat_steps`` AdamW steps at ``qat_lr`` on batches of ``qat_batch_size`` of the recipe's calibration windows.
 
-The run store keys runs by recipe label. A QAT run's label is the init recipe's label with the method segment
-replaced (``mxint4-rtn`` -> ``mxint4-qat``, ``int3-gptq`` -> ``int3-qat_gptq``); the hyper-parameters are this
-module's defaults, which are part of the code version (change them and bump ``runs.spec.CODE_VERSION``).
+Its label reads ``qat`` (from RTN) or ``qat_gptq`` (from GPTQ) in the method segment, so the run store's ``method``
+column tells QAT runs apart (:attr:`quantpredict.recipe.Recipe.method_name`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
+from quantpredict.errors import RecipeError
 from quantpredict.quantize.recipe import Recipe
 
 # run-store method -> the PTQ method QAT starts from
 QAT_METHODS: dict[str, str] = {"qat": "rtn", "qat_gptq": "gptq"}
 
-# the settings of a stored QAT run (and the CLI's defaults)
-DEFAULT_STEPS = 200
-DEFAULT_LR = 1e-3
-DEFAULT_BATCH_SIZE = 8
+# the settings of a stored QAT run (and the CLI's defaults): the Recipe's
+DEFAULT_STEPS = Recipe("int4").qat_steps
+DEFAULT_LR = Recipe("int4").qat_lr
+DEFAULT_BATCH_SIZE = Recipe("int4").qat_batch_size
 
 
 def is_qat_method(method: str) -> bool:
@@ -29,35 +32,34 @@ def init_of(method: str) -> str:
     try:
         return QAT_METHODS[method]
     except KeyError:
-        raise ValueError(f"unknown QAT method {method!r}; valid: {', '.join(QAT_METHODS)}") from None
+        raise RecipeError(f"unknown QAT method {method!r}; valid: {', '.join(QAT_METHODS)}") from None
 
 
 def method_of(init: str) -> str:
     """The run-store method name of QAT from ``init`` (``rtn`` -> ``qat``, ``gptq`` -> ``qat_gptq``)."""
-    for method, i in QAT_METHODS.items():
-        if i == init:
-            return method
-    raise ValueError(f"unknown QAT init {init!r}; valid: {', '.join(QAT_METHODS.values())}")
+    return qat_recipe(Recipe("int4"), init).method_name
+
+
+def qat_recipe(recipe: Recipe, init: str, **options) -> Recipe:
+    """``recipe`` as QAT from ``init`` (``rtn`` or ``gptq``); ``options`` set ``qat_steps``/``qat_lr``/..."""
+    return dataclasses.replace(recipe, method=init, qat=True, **options)
 
 
 def qat_label(recipe: Recipe, init: str) -> str:
-    """``recipe``'s label with its method segment (always the second) replaced by the QAT method of ``init``."""
-    parts = recipe.label.split("-")
-    parts[1] = method_of(init)
-    return "-".join(parts)
+    """The label of QAT from ``init`` with ``recipe``'s other options (its method segment ``qat``/``qat_gptq``)."""
+    return qat_recipe(recipe, init).label
 
 
-def run_qat(model: nn.Module, method: str, recipe: Recipe, calib_ids, *, batch_size: int = DEFAULT_BATCH_SIZE,
-            steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, progress: bool = False):
-    """QAT of ``model`` in place for a run of method ``qat``/``qat_gptq``; returns the :class:`QATResult`.
-
-    ``recipe`` is the run's recipe (its method is ignored). The result's ``summary()`` is what the store keeps as the
-    run's quantization summary.
-    """
+def run_qat(model: nn.Module, recipe: Recipe, calib_ids, *, progress: bool = False):
+    """QAT of ``model`` in place as the QAT ``recipe`` says; returns the :class:`QATResult` (whose ``summary()`` the
+    store keeps as the run's quantization summary)."""
     from quantpredict.qat.finetune import finetune
 
-    return finetune(model, recipe, calib_ids, steps=steps, lr=lr, batch_size=batch_size, init=init_of(method),
-                    seed=recipe.seed, progress=progress)
+    if not recipe.qat:
+        raise RecipeError(f"recipe {recipe.label} is not a QAT recipe; set qat=True")
+    return finetune(model, dataclasses.replace(recipe, qat=False), calib_ids, steps=recipe.qat_steps,
+                    lr=recipe.qat_lr, batch_size=recipe.qat_batch_size, init=recipe.method, seed=recipe.seed,
+                    progress=progress)
 
 
 def save_qat(model: nn.Module, result, out_dir, tokenizer=None):
@@ -71,16 +73,10 @@ def save_qat(model: nn.Module, result, out_dir, tokenizer=None):
 
     from quantpredict.quantize import QUANT_CONFIG, save_quantized
 
-    recipe = result.recipe if result.recipe.method == result.init else _with_method(result.recipe, result.init)
+    recipe = dataclasses.replace(result.recipe, method=result.init, qat=False)
     out = save_quantized(model, recipe, result.init_report, out_dir, tokenizer=tokenizer)
     meta = json.loads((out / QUANT_CONFIG).read_text())
     meta["label"] = result.label
     meta["qat"] = {**result.summary(), "losses": list(result.losses)}
     (out / QUANT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def _with_method(recipe: Recipe, method: str) -> Recipe:
-    import dataclasses
-
-    return dataclasses.replace(recipe, method=method)

@@ -19,17 +19,19 @@ from quantpredict.quantize.gptq import gptq_quantize, layer_output_error, relati
 from quantpredict.quantize.model import (
     QUANT_CONFIG,
     LayerReport,
+    PlannedLayer,
     QuantReport,
     SavedQuantization,
     apply_saved_quantization,
     code_version,
+    layer_plan,
     quantize_model,
     quantized_linears,
     read_quantization,
     save_quantized,
     size_report,
 )
-from quantpredict.quantize.recipe import METHODS, Recipe, resolve_block_size
+from quantpredict.quantize.recipe import METHODS, LayerRule, Recipe, mixed_recipe, resolve_block_size
 from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 
@@ -37,6 +39,8 @@ __all__ = [
     "ActQuantHandle",
     "InputStats",
     "LayerReport",
+    "LayerRule",
+    "PlannedLayer",
     "METHODS",
     "QUANT_CONFIG",
     "QuantReport",
@@ -52,6 +56,8 @@ __all__ = [
     "install_act_quant",
     "install_act_quant_on",
     "layer_output_error",
+    "layer_plan",
+    "mixed_recipe",
     "quantize_model",
     "quantized_linears",
     "read_quantization",

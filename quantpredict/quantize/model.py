@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import subprocess
 import time
@@ -122,26 +121,39 @@ class QuantReport:
 # ---- which layers ---------------------------------------------------------------------------------------------------
 
 
-def _skipped(name: str, skip: tuple[str, ...]) -> bool:
-    return any(name == p or name.endswith("." + p) or fnmatch.fnmatchcase(name, p) for p in skip)
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One linear layer a recipe quantizes, with the format and resolved block size it gets."""
+
+    ref: LinearRef
+    weight_format: str
+    block_size: int | None
+
+
+def layer_plan(model: nn.Module, recipe: Recipe, block_index: int | None = None) -> list[PlannedLayer]:
+    """The layers ``recipe`` quantizes (of ``arch.linear_layers``, or of one block) with each one's format: the
+    recipe's format, or its per-layer override or list entry; layers it leaves in full precision are left out."""
+    all_refs = arch.linear_layers(model)
+    formats = recipe.layer_formats_for([r.name for r in all_refs])
+    plan = [PlannedLayer(ref, *fb) for ref, fb in zip(all_refs, formats) if fb is not None]
+    return plan if block_index is None else [p for p in plan if p.ref.block_index == block_index]
 
 
 def quantized_linears(model: nn.Module, recipe: Recipe, block_index: int | None = None) -> list[LinearRef]:
-    """The linear layers ``recipe`` quantizes (all of ``arch.linear_layers`` but ``recipe.skip``)."""
-    refs = arch.linear_layers(model) if block_index is None else arch.block_linears(model, block_index)
-    return [r for r in refs if not _skipped(r.name, recipe.skip)]
+    """The linear layers ``recipe`` quantizes (all of ``arch.linear_layers`` but those it leaves in full
+    precision: ``recipe.skip`` and ``skip`` overrides)."""
+    return [p.ref for p in layer_plan(model, recipe, block_index)]
 
 
 def size_report(model: nn.Module, recipe: Recipe) -> dict[str, float]:
     """Effective bits and bytes of ``model`` quantized by ``recipe`` (see :class:`QuantReport`)."""
     from quantpredict.formats import get_format
 
-    f = get_format(recipe.weight_format)
     q_bits = 0.0
     q_params = 0
-    for ref in quantized_linears(model, recipe):
-        n = ref.weight.numel()
-        q_bits += n * f.bits_per_element(recipe.weight_block_size, row_length=ref.in_features)
+    for p in layer_plan(model, recipe):
+        n = p.ref.weight.numel()
+        q_bits += n * get_format(p.weight_format).bits_per_element(p.block_size, row_length=p.ref.in_features)
         q_params += n
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     size_bytes = q_bits / 8 + (total - q_params) * 2
@@ -195,8 +207,12 @@ def quantize_model(
     arch.check_finite(model)
     windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
     windows = windows.to(next(model.parameters()).device)
+    if recipe.awq:
+        from quantpredict.errors import RecipeError
 
-    block_size = recipe.weight_block_size
+        raise RecipeError(f"recipe {recipe.label}: AWQ is not available in this version yet; drop awq=True")
+    plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
+
     layers: list[LayerReport] = []
     blocks = arch.blocks(model)
     if recipe.method == "rtn" and recipe.smoothquant_alpha is None and not output_errors:
@@ -205,7 +221,7 @@ def quantize_model(
     inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
     n_tokens = windows.numel()
 
-    bar = tqdm(blocks, desc=f"quantize {recipe.label}", unit="block", disable=not progress)
+    bar = tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block", disable=not progress)
     for index, block in enumerate(bar):
         refs = arch.block_linears(model, index)
         with capture_linear_inputs(refs) as stats:
@@ -221,13 +237,15 @@ def quantize_model(
                 for r in pair.linears:
                     hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
 
-        for ref in quantized_linears(model, recipe, index):
+        block_plan = [p for p in plan if p.ref.block_index == index]
+        for p in block_plan:
+            ref = p.ref
             t0 = time.perf_counter()
             w = ref.weight.detach().to(torch.float32)
             H = hessians[ref.name]
-            w_rtn = rtn_quantize(w, recipe.weight_format, block_size=block_size)
+            w_rtn = rtn_quantize(w, p.weight_format, block_size=p.block_size)
             if recipe.method == "gptq":
-                w_q = gptq_quantize(w, H, recipe.weight_format, block_size=block_size,
+                w_q = gptq_quantize(w, H, p.weight_format, block_size=p.block_size,
                                     blocksize=recipe.gptq_blocksize, percdamp=recipe.percdamp,
                                     act_order=recipe.act_order)
             else:
@@ -237,7 +255,7 @@ def quantize_model(
             layers.append(_set_quantized(ref, index, w, w_q, err_rtn, err, t0))
 
         if recipe.act_format is not None:
-            install_act_quant_on(quantized_linears(model, recipe, index), recipe.act_format, recipe.act_block_size)
+            install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
         if index + 1 < len(blocks):
             inputs = BlockInputs(arch.run_block(block, inputs, batch_size), inputs.kwargs)
         del hessians, stats
@@ -264,15 +282,16 @@ def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: f
 
     nan = float("nan")
     layers: list[LayerReport] = []
-    for index in tqdm(range(len(blocks)), desc=f"quantize {recipe.label}", unit="block", disable=not progress):
-        refs = quantized_linears(model, recipe, index)
-        for ref in refs:
+    plan = layer_plan(model, recipe)
+    for index in tqdm(range(len(blocks)), desc=f"quantize {recipe.label[:40]}", unit="block", disable=not progress):
+        block_plan = [p for p in plan if p.ref.block_index == index]
+        for p in block_plan:
             t0 = time.perf_counter()
-            w = ref.weight.detach().to(torch.float32)
-            w_q = rtn_quantize(w, recipe.weight_format, block_size=recipe.weight_block_size)
-            layers.append(_set_quantized(ref, index, w, w_q, nan, nan, t0))
+            w = p.ref.weight.detach().to(torch.float32)
+            w_q = rtn_quantize(w, p.weight_format, block_size=p.block_size)
+            layers.append(_set_quantized(p.ref, index, w, w_q, nan, nan, t0))
         if recipe.act_format is not None:
-            install_act_quant_on(refs, recipe.act_format, recipe.act_block_size)
+            install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=0,
                        total_seconds=time.perf_counter() - t_start, **size)

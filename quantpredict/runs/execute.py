@@ -21,21 +21,45 @@ def fp_logits_cache():
     return FPLogitsCache()
 
 
+def _ptq(model, recipe, calib, *, batch_size: int, progress: bool):
+    from quantpredict import quantize
+
+    return quantize.quantize_model(model, recipe, calib, batch_size=batch_size, progress=progress)
+
+
+def _qat(model, recipe, calib, *, batch_size: int, progress: bool):
+    from quantpredict.qat import run_qat
+
+    return run_qat(model, recipe, calib, progress=progress)  # QAT batches come from the recipe (qat_batch_size)
+
+
+#: How a recipe is carried out, by :func:`procedure`: post-training quantization, or QAT on top of it.
+PROCEDURES = {"ptq": _ptq, "qat": _qat}
+
+
+def procedure(recipe) -> str:
+    """The :data:`PROCEDURES` entry that carries ``recipe`` out."""
+    return "qat" if recipe.qat else "ptq"
+
+
 def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, feature_options: dict | None = None,
-                progress: bool = False) -> dict:
+                progress: bool = False, calib_text: str | None = None, eval_text: str | None = None) -> dict:
     """Measure one :class:`~quantpredict.runs.RunSpec`.
 
-    Steps: ``models.load(spec.model)`` (float32) -> deep copy -> ``quantize.quantize_model(copy, recipe,
-    calib_ids)`` with ``calib_ids`` = WikiText-2 *train* -> ``evaluate.compare(fp, quantized, tokenizer,
-    seq_len=spec.seq_len, max_windows=spec.eval_max_windows)`` on WikiText-2 *test* (both models on the same
-    windows) -> ``features.extract(fp, recipe, calib_ids)``. ``torch_threads`` caps intra-op threads (set it to
-    cores / workers when several runs share a machine). Returns ``family``, ``n_params``, ``recipe`` (the
-    backend's label), ``recipe_dict``, ``comparison`` (``Comparison.to_dict()``), ``features`` (with
-    ``<group>_seconds``), ``quant`` (the quantization report's summary) and ``timings`` (seconds per stage).
+    Steps: ``models.load(spec.model)`` (float32) -> deep copy -> quantize the copy as ``spec.recipe()`` says (PTQ,
+    or QAT on top of it; :data:`PROCEDURES`) on calibration windows of WikiText-2 *train* (or ``calib_text``) ->
+    ``evaluate.compare(fp, quantized, tokenizer, seq_len=spec.seq_len, max_windows=spec.eval_max_windows)`` on
+    WikiText-2 *test* (or ``eval_text``, whose sha256 prefix must be the spec's ``evaluation.text``), both models
+    on the same windows and under the model's protocol (BOS when its tokenizer prepends one) ->
+    ``features.extract(fp, recipe, calib)``. ``torch_threads`` caps intra-op threads (set it to cores / workers
+    when several runs share a machine). Returns ``family``, ``n_params``, ``recipe`` (the backend's label),
+    ``recipe_dict``, ``comparison`` (``Comparison.to_dict()``), ``features`` (with ``<group>_seconds``), ``quant``
+    (the quantization report's summary), ``protocol`` and ``timings`` (seconds per stage).
     """
     import torch
 
-    from quantpredict import arch, data, evaluate, features, models, quantize
+    from quantpredict import arch, data, evaluate, features, models
+    from quantpredict.errors import DataError
 
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
@@ -45,25 +69,27 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     timings["run_load_seconds"] = time.perf_counter() - t
 
     recipe = spec.recipe()
-    calib_ids = data.token_ids(tok, "wikitext2", "train")  # calibration: train split only, never test
+    protocol = data.eval_protocol(tok)
+    if protocol.bos != spec.evaluation.bos:
+        raise DataError(f"run {spec.key}: the model's tokenizer {'prepends' if protocol.bos else 'adds no'} BOS, but "
+                        "the run was planned with the other protocol; plan it again (collect probes the tokenizer)")
+    calib = data.token_stream(tok, "wikitext2", "train", text_file=calib_text, protocol=protocol)  # never test
     t = time.perf_counter()
     model_q = copy.deepcopy(model_fp)
-    if spec.method in ("qat", "qat_gptq"):  # QAT: PTQ init (recipe.method), then fine-tuning on the same windows
-        from quantpredict.qat import run_qat
-
-        report = run_qat(model_q, spec.method, recipe, calib_ids, batch_size=batch_size, progress=progress)
-    else:
-        report = quantize.quantize_model(model_q, recipe, calib_ids, batch_size=batch_size, progress=progress)
+    report = PROCEDURES[procedure(recipe)](model_q, recipe, calib, batch_size=batch_size, progress=progress)
     timings["run_quantize_seconds"] = time.perf_counter() - t
 
+    if eval_text is not None and data.read_text_file(eval_text)[1] != spec.evaluation.text:
+        raise DataError(f"run {spec.key}: the evaluation text {eval_text} is not the one the run was planned with")
     t = time.perf_counter()
     cmp = evaluate.compare(model_fp, model_q, tok, seq_len=spec.seq_len, max_windows=spec.eval_max_windows,
-                           batch_size=batch_size, progress=progress, fp_cache=fp_logits_cache(), fp_key=spec.model_id)
+                           batch_size=batch_size, progress=progress, fp_cache=fp_logits_cache(), fp_key=spec.model_id,
+                           text=eval_text)
     timings["run_eval_seconds"] = time.perf_counter() - t
     del model_q
 
     t = time.perf_counter()
-    feats = features.extract(model_fp, recipe, calib_ids, **dict(feature_options or {}))
+    feats = features.extract(model_fp, recipe, calib, **dict(feature_options or {}))
     timings["run_features_seconds"] = time.perf_counter() - t
 
     summary = report.summary() if hasattr(report, "summary") else {}
@@ -75,5 +101,6 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
         "comparison": cmp.to_dict(),
         "features": dict(feats),
         "quant": summary,
+        "protocol": protocol.to_dict() | {"calib_source": calib.source, "eval_source": cmp.source},
         "timings": timings,
     }

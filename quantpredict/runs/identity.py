@@ -58,3 +58,20 @@ def resolve_model_dir(name_or_path: str) -> Path:
 def model_id(name_or_path: str) -> str:
     """``name@<12 hex digits of the weights hash>``: the model part of a run key."""
     return f"{name_or_path}@{weights_hash(resolve_model_dir(name_or_path))}"
+
+
+@lru_cache(maxsize=256)
+def model_uses_bos(name_or_path: str) -> bool:
+    """Whether the model's tokenizer prepends a BOS token (:func:`quantpredict.data.eval_protocol`): part of its
+    run keys. Loads the tokenizer only."""
+    from transformers import AutoTokenizer
+
+    from quantpredict.data import eval_protocol
+
+    path = resolve_model_dir(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: its tokenizer could not be loaded ({exc}); a model directory needs its "
+                         "tokenizer files") from exc
+    return eval_protocol(tok).bos

@@ -11,11 +11,9 @@ spreads them into one column each, in the order of :data:`quantpredict.features.
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import json
 import math
 import sqlite3
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -53,25 +51,10 @@ _RESULT_ALIASES = {"windows": "eval_windows"}  # Comparison.to_dict() names -> s
 
 
 def _schema() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """FEATURE_NAMES and TIMING_NAMES of :mod:`quantpredict.features.schema`.
+    """FEATURE_NAMES and TIMING_NAMES of the torch-free :mod:`quantpredict.schema`."""
+    from quantpredict import schema
 
-    ``quantpredict.features`` imports torch and transformers in its ``__init__`` (seconds per process); the store,
-    the CLI and every Dask/pool worker only need the schema table, so when the package is not loaded yet the
-    schema file (plain Python, no imports) is executed on its own under a private module name.
-    """
-    mod = sys.modules.get("quantpredict.features.schema")
-    if mod is None and "quantpredict.features" not in sys.modules:
-        mod = sys.modules.get("quantpredict.runs._feature_schema")
-        if mod is None:
-            path = Path(__file__).resolve().parent.parent / "features" / "schema.py"
-            spec = importlib.util.spec_from_file_location("quantpredict.runs._feature_schema", path)
-            if spec is not None and spec.loader is not None:
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-                spec.loader.exec_module(mod)
-    if mod is None:
-        from quantpredict.features import schema as mod
-    return tuple(mod.FEATURE_NAMES), tuple(mod.TIMING_NAMES)
+    return schema.FEATURE_NAMES, schema.TIMING_NAMES
 
 
 def _now() -> str:
@@ -380,6 +363,8 @@ class RunStore:
         row: dict = spec.recipe_fields() | {
             "run_key": spec.key, "model": spec.model, "model_id": spec.model_id, "recipe": spec.label,
             "seq_len": spec.seq_len, "eval_max_windows": spec.eval_max_windows, "code_version": spec.code_version,
+            "eval_bos": spec.evaluation.bos, "eval_text": spec.evaluation.text,
+            "recipe_json": spec.quantization.to_json(),
         }
         comparison = dict(result.pop("comparison", None) or {})
         if "seconds" in comparison:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from quantpredict.errors import QuantpredictError
 from quantpredict.runs.identity import model_id as _model_id
+from quantpredict.runs.identity import model_uses_bos
 from quantpredict.runs.provenance import provenance
 from quantpredict.runs.spec import RunSpec, plan_runs
 from quantpredict.runs.store import RunStore, _clean
@@ -214,13 +215,16 @@ def _split(values) -> list:
     return out
 
 
-def collect(models: Sequence[str], formats: Sequence[str], methods: Sequence[str], *, store: RunStore | str | Path,
+def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequence[str] = (), *,
+            store: RunStore | str | Path,
             smoothquant: Sequence[float | None] = (None,), act_formats: Sequence[str | None] = (None,),
             block_sizes: Sequence[int | None] = (None,), workers: int = 1, executor: str = "local",
             scheduler=None, eval_max_windows: int | None = None, seq_len: int = 256,
             run_fn: str | RunFn | None = None, run_kwargs: Mapping | None = None,
             identify: Callable[[str], str] | None = _model_id, retry_failed: bool = True, progress: bool = True,
-            cluster_kwargs: Mapping | None = None, block_size_formats: Sequence[str] | None = None) -> CollectSummary:
+            cluster_kwargs: Mapping | None = None, block_size_formats: Sequence[str] | None = None,
+            recipes: Sequence = (), eval_text: str | Path | None = None,
+            calib_text: str | Path | None = None) -> CollectSummary:
     """Run the grid ``models x formats x block_sizes x methods x smoothquant x act_formats`` into ``store``.
 
     Finished run keys are skipped (so calling it again resumes a killed sweep); ``failed`` runs are run again
@@ -237,7 +241,10 @@ def collect(models: Sequence[str], formats: Sequence[str], methods: Sequence[str
     ``identify`` maps a model to its id with the weights hash (``None`` keys runs by the name alone).
     ``block_size_formats`` limits block sizes to formats with those name prefixes (see :func:`plan_runs`).
     ``eval_max_windows`` limits evaluation to a fixed prefix of the test split (``None``: all of it); it is part
-    of the run key.
+    of the run key. ``recipes`` adds explicit recipes (or labels) to the grid: per-layer allocations, named mixes,
+    QAT recipes with their own options. Each identified model's tokenizer is probed for its protocol (BOS or not,
+    :func:`quantpredict.data.eval_protocol`), which is part of its run keys. ``eval_text`` / ``calib_text``: a
+    user's UTF-8 text files for evaluation (its sha256 prefix enters the run key) and for calibration.
     """
     if executor not in EXECUTORS:
         raise QuantpredictError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
@@ -246,13 +253,30 @@ def collect(models: Sequence[str], formats: Sequence[str], methods: Sequence[str
     if scheduler is not None and executor != "dask":
         raise QuantpredictError("a scheduler address needs executor='dask' (--executor dask)")
     t0 = time.perf_counter()
-    models, formats, methods = _split(models), _split(formats), _split(methods)
-    if not models or not formats or not methods:
-        raise QuantpredictError("collect needs at least one model, one format and one method")
+    models = _split(models)
+    formats = [f for f in _split(formats) if f is not None]
+    methods = [m for m in _split(methods) if m is not None]
+    if not models or models == [None] or not ((formats and methods) or recipes):
+        raise QuantpredictError("collect needs at least one model and either one format and one method, or one "
+                                "explicit recipe")
     ids = {m: (identify(m) if identify is not None else m) for m in models}
+    bos = {m: model_uses_bos(m) for m in models} if identify is not None else {}
+    text_sha = None
+    if eval_text is not None:
+        from quantpredict.data import read_text_file
+
+        text_sha = read_text_file(eval_text)[1]
+    if calib_text is not None:
+        from quantpredict.data import read_text_file
+
+        read_text_file(calib_text)  # a clear error now rather than in every run
     plan = plan_runs(models, formats, methods, smoothquant=_split(smoothquant), act_formats=_split(act_formats),
                      block_sizes=_split(block_sizes), seq_len=seq_len, eval_max_windows=eval_max_windows,
-                     model_ids=ids, block_size_formats=block_size_formats)
+                     model_ids=ids, block_size_formats=block_size_formats, recipes=recipes, bos=bos,
+                     eval_text=text_sha)
+    if eval_text is not None or calib_text is not None:
+        run_kwargs = dict(run_kwargs or {}) | {"eval_text": None if eval_text is None else str(eval_text),
+                                               "calib_text": None if calib_text is None else str(calib_text)}
     if run_fn is not None and not callable(run_fn):
         resolve_run_fn(run_fn)  # fail before the sweep starts for a bad path
     if run_fn is None and int(workers) > 1 and scheduler is None and "torch_threads" not in (run_kwargs or {}):
