@@ -41,8 +41,92 @@ def test_token_ids_cached_by_tokenizer_content(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path / "a")
     tokenizer.save_pretrained(tmp_path / "b")
     a, b = AutoTokenizer.from_pretrained(tmp_path / "a"), AutoTokenizer.from_pretrained(tmp_path / "b")
-    ids = data.token_ids(a, "wikitext2", "valid")
-    assert data.token_ids(b, "wikitext2", "valid") is ids  # same content: one tokenization
+    calls = []
+    real = data._encode
+    data._TOKEN_CACHE.clear()
+    try:
+        data._encode = lambda tok, text: calls.append(1) or real(tok, text)
+        ids = data.token_ids(a, "wikitext2", "valid")
+        again = data.token_ids(b, "wikitext2", "valid")
+    finally:
+        data._encode = real
+    assert len(calls) == 1 and torch.equal(again, ids)  # same content: one tokenization
     assert ids.dtype == torch.long and ids.numel() > 100_000
     assert ids[:50].tolist() == a(data.load_text("wikitext2", "valid")[:2000], add_special_tokens=False)[
         "input_ids"][:50]
+
+
+def test_token_cache_hands_out_copies_and_is_bounded(tokenizer):
+    data._TOKEN_CACHE.clear()
+    first = data.token_ids(tokenizer, "wikitext2", "valid")
+    first[:10] = -1  # a caller scribbling on its tensor
+    assert int(data.token_ids(tokenizer, "wikitext2", "valid")[:10].min()) >= 0  # nobody else sees it
+    cache = data._TokenCache(maxsize=2)
+    for k in range(3):
+        cache.get((k,), lambda k=k: torch.tensor([k]))
+    assert list(cache._entries) == [(1,), (2,)]  # the least recently used entry went
+
+
+def _bos_tokenizer(prepend: bool, *, unk: bool = False):
+    """A tiny word-level tokenizer that prepends <s> (id 1) when ``prepend``, with a distinct <unk> when ``unk``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "the": 4, "cat": 5, "sat": 6, "<": 7, ">": 8, "unk": 9,
+             "quick": 10, "brown": 11, "fox": 12, "The": 13}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if prepend:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    kw = {"unk_token": "<unk>"} if unk else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", **kw)
+
+
+def test_protocol_is_decided_by_encoding_a_probe_not_by_the_attribute():
+    with_bos, without = _bos_tokenizer(True), _bos_tokenizer(False)
+    assert data.eval_protocol(with_bos) == data.Protocol(1) and data.eval_protocol(with_bos).bos
+    assert data.eval_protocol(without) == data.Protocol(None)
+    # Gemma-3's tokenizer reads add_bos_token False and still prepends id 2: only the encoding counts
+    with_bos._add_bos_token = False
+    assert with_bos.add_bos_token is False and with_bos("the")["input_ids"][0] == 1
+    assert data.eval_protocol(with_bos).bos_id == 1
+
+
+def test_unk_text_stays_text_under_a_tokenizer_with_a_distinct_unknown_token():
+    tok = _bos_tokenizer(False, unk=True)
+    plain = tok("the <unk> cat", add_special_tokens=False)["input_ids"]
+    assert 3 in plain  # without the protocol the literal text becomes the unknown-token id
+    ids = data._encode(tok, "the <unk> cat")
+    assert ids.tolist() == [4, 7, 9, 8, 5] and 3 not in ids.tolist()
+
+
+def test_bos_protocol_starts_every_calibration_and_evaluation_window_with_bos():
+    from quantpredict.evaluate import make_windows
+
+    ids = torch.arange(10, 110)
+    stream = data.TokenStream(ids, 1, "test")
+    calib = data.calibration_windows(stream, 5, 16, seed=0)
+    assert calib.shape == (5, 16) and calib[:, 0].tolist() == [1] * 5 and int(calib[:, 1:].min()) >= 10
+    win = make_windows(ids, 16, bos_id=1)
+    assert win.ids[:, 0].tolist() == [1] * win.n and win.n == 100 // 15
+    assert win.first_scored.tolist() == [1] * win.n  # every text token is scored, the first from BOS alone
+    assert win.ids[0, 1:].tolist() == list(range(10, 25)) and win.ids[1, 1:].tolist() == list(range(25, 40))
+    slide = make_windows(ids, 16, stride=5, bos_id=1)
+    plain = make_windows(ids, 15, stride=5)
+    assert slide.ids[:, 0].tolist() == [1] * slide.n and torch.equal(slide.ids[:, 1:], plain.ids)
+    assert slide.first_scored[0] == 1 and torch.equal(slide.first_scored[1:], plain.first_scored[1:] + 1)
+    # without BOS nothing changes: the zoo's windows (and run keys) stay as they were
+    assert torch.equal(make_windows(ids, 16).ids, ids[:96].view(6, 16))
+
+
+def test_token_stream_of_a_user_text_file(tmp_path, tokenizer):
+    f = tmp_path / "mine.txt"
+    f.write_text("The cat sat on the mat. " * 200, encoding="utf-8")
+    stream = data.token_stream(tokenizer, text_file=f)
+    assert stream.source.startswith("file:mine.txt#") and len(stream.text_sha) == 12
+    assert stream.ids.numel() > 100
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(data.DataError, match="empty"):
+        data.token_stream(tokenizer, text_file=tmp_path / "empty.txt")
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.token_stream(tokenizer, text_file=tmp_path / "nope.txt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,8 @@ class Comparison:
     the whole comparison, of which ``tokenize_seconds`` went to tokenizing the split (0 when cached).
     ``window_delta_nll`` holds each window's own mean delta NLL (``[windows]``, in window order) and
     ``window_tokens`` its scored-token count: what a cheaper estimate on a subsample of the windows would see.
+    ``bos``: every window started with the BOS token (the protocol); ``source``: the text (``wikitext2:test``, or
+    ``file:<name>#<sha256 prefix>`` for a user's file).
     """
 
     ppl_fp: float
@@ -54,6 +57,8 @@ class Comparison:
     tokenize_seconds: float = 0.0
     window_delta_nll: tuple[float, ...] = field(default=(), repr=False)
     window_tokens: tuple[int, ...] = field(default=(), repr=False)
+    bos: bool = False
+    source: str = ""
 
     @property
     def ppl_fp_se(self) -> float:
@@ -108,19 +113,21 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
 def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, *, seq_len: int = 256,
                 stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
                 progress: bool | None = None, dataset: str = "", split: str = "",
-                fp_cache: FPLogitsCache | None = None, fp_key: str | None = None) -> Comparison:
-    """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare`."""
+                fp_cache: FPLogitsCache | None = None, fp_key: str | None = None,
+                bos_id: int | None = None) -> Comparison:
+    """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare` (``bos_id``: every
+    window starts with that token)."""
     windows = make_windows(ids, seq_len, stride=stride, max_windows=max_windows,
-                           source=f"{dataset} {split} tokens" if dataset else "the token ids")
+                           source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id)
     res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
                           dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key)
-    return Comparison(**{**res.to_dict(), "stride": stride})
+    return Comparison(**{**res.to_dict(), "stride": stride, "bos": bos_id is not None})
 
 
 def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test",
             seq_len: int = 256, max_windows: int | None = None, batch_size: int = 8, stride: int | None = None,
             progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
-            fp_key: str | None = None) -> Comparison:
+            fp_key: str | None = None, text: str | Path | None = None, bos: bool | None = None) -> Comparison:
     """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
 
     Windows as in :func:`quantpredict.evaluate.perplexity` (non-overlapping, ``seq_len`` tokens, the first
@@ -128,15 +135,16 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str 
     float32 per batch, and per-window sums are accumulated in float64. Returns a :class:`Comparison` (delta NLL and
     perplexity with paired standard errors, mean KL divergence, top-1 agreement). ``fp_cache`` and ``fp_key``
     (a :class:`~quantpredict.evaluate.FPLogitsCache` and a name for ``model_fp``) skip the FP forward passes when
-    the same FP model was compared on the same windows before, as in a sweep.
+    the same FP model was compared on the same windows before, as in a sweep. The protocol and ``text`` are those
+    of :func:`quantpredict.evaluate.perplexity` (BOS when the tokenizer prepends one; ``bos`` forces it).
     """
-    from quantpredict.data import token_ids
+    from quantpredict.evaluate.perplexity import eval_stream
 
     start = time.perf_counter()
-    ids = token_ids(tokenizer, dataset, split)
+    stream = eval_stream(tokenizer, dataset, split, text=text, bos=bos)
     tokenize_seconds = time.perf_counter() - start
-    res = compare_ids(model_fp, model_q, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+    res = compare_ids(model_fp, model_q, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
                       batch_size=batch_size, progress=progress, dataset=dataset, split=split,
-                      fp_cache=fp_cache, fp_key=fp_key)
+                      fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id)
     return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,
-                         "tokenize_seconds": tokenize_seconds})
+                         "tokenize_seconds": tokenize_seconds, "source": stream.source})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,11 +21,12 @@ class PerplexityResult(float):
     ``nll``: mean NLL in nats per predicted token (``ppl = exp(nll)``); ``nll_se``: its standard error over windows
     (NaN with one window); ``ppl_se``: the delta-method standard error ``ppl * nll_se``; ``tokens``: predicted
     tokens scored; ``windows``, ``seq_len``, ``stride`` (None = non-overlapping), ``dataset``, ``split``, ``seconds``
-    (wall time of the whole evaluation) of which ``tokenize_seconds`` went to tokenizing the split (0 when cached).
+    (wall time of the whole evaluation) of which ``tokenize_seconds`` went to tokenizing the split (0 when cached);
+    ``bos``: whether every window started with the BOS token; ``source``: the text (``wikitext2:test``, ``file:...``).
     """
 
     _FIELDS = ("nll", "nll_se", "tokens", "windows", "seq_len", "stride", "dataset", "split", "seconds",
-               "tokenize_seconds")
+               "tokenize_seconds", "bos", "source")
 
     nll: float
     nll_se: float
@@ -36,14 +38,16 @@ class PerplexityResult(float):
     split: str
     seconds: float
     tokenize_seconds: float
+    bos: bool
+    source: str
 
     def __new__(cls, *, nll: float, nll_se: float, tokens: int, windows: int, seq_len: int, stride: int | None = None,
                 dataset: str = "", split: str = "", seconds: float = 0.0, tokenize_seconds: float = 0.0,
-                ppl: float | None = None) -> PerplexityResult:
+                bos: bool = False, source: str = "", ppl: float | None = None) -> PerplexityResult:
         self = super().__new__(cls, math.exp(nll) if ppl is None else ppl)
         values = dict(nll=float(nll), nll_se=float(nll_se), tokens=int(tokens), windows=int(windows),
                       seq_len=int(seq_len), stride=stride, dataset=dataset, split=split, seconds=float(seconds),
-                      tokenize_seconds=float(tokenize_seconds))
+                      tokenize_seconds=float(tokenize_seconds), bos=bool(bos), source=str(source))
         for k, v in values.items():
             object.__setattr__(self, k, v)
         return self
@@ -97,18 +101,21 @@ def perplexity_of_windows(model: nn.Module, windows: Windows, *, batch_size: int
 
 def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, seq_len: int = 256, stride: int | None = None,
                       max_windows: int | None = None, batch_size: int = 8, progress: bool | None = None,
-                      dataset: str = "", split: str = "") -> PerplexityResult:
-    """Perplexity of a 1-D stream of token ids ``[N]``, windowed as in :func:`perplexity`."""
+                      dataset: str = "", split: str = "", bos_id: int | None = None) -> PerplexityResult:
+    """Perplexity of a 1-D stream of token ids ``[N]``, windowed as in :func:`perplexity` (``bos_id``: every window
+    starts with that token)."""
     start = time.perf_counter()
     windows = make_windows(ids, seq_len, stride=stride, max_windows=max_windows,
-                           source=f"{dataset} {split} tokens" if dataset else "the token ids")
+                           source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id)
     res = perplexity_of_windows(model, windows, batch_size=batch_size, progress=progress, dataset=dataset, split=split)
-    return PerplexityResult.from_dict({**res.to_dict(), "stride": stride, "seconds": time.perf_counter() - start})
+    return PerplexityResult.from_dict({**res.to_dict(), "stride": stride, "seconds": time.perf_counter() - start,
+                                       "bos": bos_id is not None})
 
 
 def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test", seq_len: int = 256,
                stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
-               progress: bool | None = None) -> PerplexityResult:
+               progress: bool | None = None, text: str | Path | None = None,
+               bos: bool | None = None) -> PerplexityResult:
     """Perplexity of a Hugging Face causal LM on a bundled text split.
 
     The split's text, verbatim, is tokenized once (``quantpredict.data.token_ids``, no special tokens) and cut into
@@ -117,16 +124,36 @@ def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split
     ``stride`` switches to sliding windows (each token after the first scored once, with at least
     ``seq_len - stride`` tokens of context). ``max_windows`` keeps the first windows (a fixed prefix of the split).
 
-    Returns a :class:`PerplexityResult`: a float that also carries ``nll``, ``nll_se`` (standard error over windows),
-    ``tokens``, ``windows``, ``seq_len``, ``seconds``. Raises :class:`DataError` for an unknown or empty split,
-    ``seq_len < 2``, or fewer tokens than one window.
-    """
-    from quantpredict.data import token_ids
+    The protocol (:func:`quantpredict.data.eval_protocol`): when the tokenizer prepends a BOS token, every window
+    starts with it (``bos`` forces it on or off); WikiText's literal ``<unk>`` stays text. ``text``: a UTF-8 file of
+    the user's own text instead of the bundled split.
 
+    Returns a :class:`PerplexityResult`: a float that also carries ``nll``, ``nll_se`` (standard error over windows),
+    ``tokens``, ``windows``, ``seq_len``, ``seconds``, ``bos``, ``source``. Raises :class:`DataError` for an unknown
+    or empty split, ``seq_len < 2``, or fewer tokens than one window.
+    """
     start = time.perf_counter()
-    ids = token_ids(tokenizer, dataset, split)
+    stream = eval_stream(tokenizer, dataset, split, text=text, bos=bos)
     tokenize_seconds = time.perf_counter() - start
-    res = perplexity_of_ids(model, ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
-                            batch_size=batch_size, progress=progress, dataset=dataset, split=split)
+    res = perplexity_of_ids(model, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+                            batch_size=batch_size, progress=progress, dataset=dataset, split=split,
+                            bos_id=stream.bos_id)
     return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start,
-                                       "tokenize_seconds": tokenize_seconds})
+                                       "tokenize_seconds": tokenize_seconds, "source": stream.source})
+
+
+def eval_stream(tokenizer, dataset: str = "wikitext2", split: str = "test", *, text: str | Path | None = None,
+                bos: bool | None = None):
+    """The evaluation text as a :class:`quantpredict.data.TokenStream` under the tokenizer's protocol (``bos``
+    forces BOS on or off; ``text`` is a user's file instead of the bundled split)."""
+    from quantpredict.data import Protocol, eval_protocol, token_stream
+
+    protocol = eval_protocol(tokenizer)
+    if bos is not None:
+        bos_id = getattr(tokenizer, "bos_token_id", None)
+        if bos and bos_id is None:
+            from quantpredict.errors import DataError
+
+            raise DataError("bos=True, but the tokenizer has no BOS token; leave bos unset (the protocol decides)")
+        protocol = Protocol(int(bos_id) if bos else None)
+    return token_stream(tokenizer, dataset, split, text_file=text, protocol=protocol)

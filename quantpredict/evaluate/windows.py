@@ -47,7 +47,7 @@ class Windows:
 
 
 def make_windows(ids: torch.Tensor, seq_len: int, *, stride: int | None = None,
-                 max_windows: int | None = None, source: str = "the token ids") -> Windows:
+                 max_windows: int | None = None, source: str = "the token ids", bos_id: int | None = None) -> Windows:
     """Windows over a 1-D stream of ``N`` token ids.
 
     ``stride=None``: ``N // seq_len`` non-overlapping windows, the remainder dropped; each window scores its
@@ -58,7 +58,23 @@ def make_windows(ids: torch.Tensor, seq_len: int, *, stride: int | None = None,
     is moved back to end at the last token, so no window is shorter than ``seq_len``.
 
     ``max_windows`` keeps the first windows only (a fixed prefix of the stream). ``source`` names the data in errors.
+
+    ``bos_id`` (the BOS protocol, :func:`quantpredict.data.eval_protocol`): every window is that token followed by
+    ``seq_len - 1`` text tokens, windowed as above over the text alone; the first text token of the stream is then
+    scored too (predicted from BOS), and later windows score exactly the text tokens they would without BOS.
     """
+    if bos_id is not None:
+        if seq_len < 3:
+            raise DataError(f"seq_len must be at least 3 under the BOS protocol (BOS, one token of context and one to "
+                            f"predict), got {seq_len}")
+        text = make_windows(ids, seq_len - 1, stride=stride, max_windows=max_windows, source=source)
+        bos = torch.full((text.n, 1), int(bos_id), dtype=torch.long)
+        first = text.first_scored + 1
+        if stride is None:
+            first = torch.ones_like(first)  # with BOS in front, a window's first text token is scored as well
+        else:
+            first[0] = 1
+        return Windows(torch.cat([bos, text.ids], dim=1), first)
     if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
         shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise DataError(f"{source} must be a 1-D tensor of token ids, got {shape}")
