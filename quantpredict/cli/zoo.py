@@ -18,34 +18,58 @@ def register(sub) -> None:
     bp.add_argument("--long", action="store_true",
                     help="train the long-trained checkpoints <base>-d<tokens per parameter> instead (WSD schedule)")
     bp.set_defaults(func=run_build)
+    ip = zsub.add_parser("import", help="convert a real pre-trained model (a registry package or a GGUF file) into a "
+                                        "cached model directory, usable by name everywhere")
+    ip.add_argument("source", metavar="SOURCE", help="a registry model name (smollm2-135m) or the path of a .gguf file")
+    ip.add_argument("--name", default=None, help="the name to use it by (default: the registry name or file stem)")
+    ip.add_argument("--force", action="store_true", help="convert again even if it is imported already")
+    ip.set_defaults(func=run_import)
 
 
 def zoo_table_rows() -> list[dict]:
     from quantpredict.models import list_zoo, zoo_card
+    from quantpredict.models.imported import list_imported
 
     rows = []
-    for name in list_zoo():
+    for name in list_zoo() + list_imported():
         c = zoo_card(name)
+        tokens, nonembed = c.get("tokens_trained"), c.get("n_params_nonembed")
         rows.append({
             "model": name,
             "family": c.get("family"),
-            "params (non-emb)": c.get("n_params_nonembed"),
+            "params (non-emb)": nonembed,
             "params (total)": c.get("n_params_total"),
-            "tokens": c.get("tokens_trained"),
+            "tokens": tokens,
+            "tokens/param": round(tokens / nonembed, 1) if tokens and nonembed else None,
             "valid ppl": c.get("valid_ppl"),
             "test ppl": c.get("test_ppl"),
-            "train s": c.get("train_seconds"),
+            "source": c.get("package") or ("long run" if c.get("long_run_of") else "zoo"),
         })
     return rows
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from quantpredict.models import zoo_card
+    from quantpredict.models.imported import import_model
+
+    path = import_model(args.source, args.name, force=args.force)
+    card = zoo_card(path.name)
+    origin = card.get("package") or card["gguf_file"]
+    print(f"{path.name}: {card['n_params_total']:,} parameters ({card['family']}), from {origin} (tensor types "
+          f"{card['gguf_tensor_types']}) -> {path}")
+    if card.get("note"):
+        print(f"note: {card['note']}")
+    return 0
 
 
 def run_list(args: argparse.Namespace) -> int:
     import json
 
     from quantpredict.models import list_zoo, zoo_card
+    from quantpredict.models.imported import list_imported
 
     if args.json:
-        print(json.dumps([zoo_card(n) for n in list_zoo()], indent=2))
+        print(json.dumps([zoo_card(n) for n in list_zoo() + list_imported()], indent=2))
         return 0
     rows = zoo_table_rows()
     if not rows:

@@ -36,19 +36,31 @@ def list_zoo() -> list[str]:
 
 
 def zoo_card(name: str) -> dict:
-    """The ``zoo_card.json`` facts of a zoo model (family, parameters, tokens, perplexities, timings)."""
+    """The ``zoo_card.json`` facts of a zoo or imported model (family, parameters, tokens, perplexities, source)."""
+    from quantpredict.models.imported import imported_path, list_imported
+
     path = zoo_root() / name
     if not (path / "zoo_card.json").exists():
-        raise ModelError(f"{name!r} is not a zoo model; zoo models: {', '.join(list_zoo()) or '(none built)'}")
+        path = imported_path(name)
+        if path is None:
+            raise ModelError(f"{name!r} is not a zoo model; zoo models: {', '.join(list_zoo()) or '(none built)'}"
+                             f"; imported models: {', '.join(list_imported()) or '(none)'}")
     return _card(path)
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """The model directory for a zoo name or a local path; a clear error for anything else."""
+    """The model directory for a zoo name, an imported registry model (``smollm2-135m``, imported on first use) or a
+    local path; a clear error for anything else."""
+    from quantpredict.models.imported import resolve_imported
+
     text = str(name_or_path)
     zoo_path = zoo_root() / text
     if "/" not in text and (zoo_path / "config.json").exists():
         return zoo_path
+    if "/" not in text:
+        imported = resolve_imported(text)
+        if imported is not None:
+            return imported
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -76,7 +88,6 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: st
 
     path = resolve(name_or_path)
     dtype = torch.float32 if dtype is None else dtype
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises several types for unreadable configs
