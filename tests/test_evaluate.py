@@ -356,3 +356,21 @@ def test_fp_logits_cache_reuses_the_fp_side_and_changes_nothing():
     tiny = evaluate.FPLogitsCache(max_bytes=10)
     evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=2, progress=False, fp_cache=tiny, fp_key="m")
     assert tiny.logits == {}
+
+
+def test_fp_logits_cache_on_disk_when_over_budget(tmp_path):
+    model = tiny_model("llama")
+    q = _perturbed(model)
+    ids = _stream(6 * L)
+    plain = evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=2, progress=False)
+    disk = evaluate.FPLogitsCache(max_bytes=10, directory=tmp_path / "fp")
+    (tmp_path / "fp").mkdir()
+    (tmp_path / "fp" / "foreign.npy").write_bytes(b"not ours")
+    evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=2, progress=False, fp_cache=disk, fp_key="m")
+    assert disk.logits == {} and len(list((tmp_path / "fp").glob("fp-logits-*.npy"))) == 3
+    other = tiny_model("llama", seed=5)  # the mapped FP logits stand in for it
+    again = evaluate.compare_ids(other, q, ids, seq_len=L, batch_size=2, progress=False, fp_cache=disk, fp_key="m")
+    assert disk.hits == 3 and again.kld == pytest.approx(plain.kld, rel=1e-9)
+    assert again.delta_nll == pytest.approx(plain.delta_nll, abs=1e-9)
+    disk.close()
+    assert [p.name for p in (tmp_path / "fp").iterdir()] == ["foreign.npy"]  # only its own files are deleted

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -156,25 +157,74 @@ class FPLogitsCache:
 
     A sweep compares each FP model with dozens of recipes on the same windows; keeping the FP side's logits saves
     one of the two forward passes of every comparison after the first. One entry (FP model key x windows x batch
-    size) is held at a time, and only if its logits fit in ``max_bytes`` (float32: ``n x (seq_len - 1) x vocab x
-    4`` bytes, 1 GiB for 256 windows of 256 tokens with a 4096-token vocabulary); otherwise nothing is kept.
-    The caller names the FP model by ``key`` (e.g. its name and weights hash): a wrong key gives wrong results.
+    size) is held at a time: in memory if its logits fit in ``max_bytes`` (float32: ``n x (seq_len - 1) x vocab x
+    4`` bytes, 1 GiB for 256 windows of 256 tokens with a 4096-token vocabulary), else, with ``directory`` set, on
+    disk as one memory-mapped float32 ``.npy`` file per batch (64 windows of a 49k vocabulary are 3.2 GB: they stay
+    out of memory), else not at all. The caller names the FP model by ``key`` (e.g. its name and weights hash): a
+    wrong key gives wrong results. The cache only ever deletes the files it wrote.
     """
 
-    def __init__(self, max_bytes: int = 2 * 2**30):
+    def __init__(self, max_bytes: int = 2 * 2**30, directory: str | Path | None = None):
         self.max_bytes = int(max_bytes)
+        self.directory = None if directory is None else Path(directory)
         self.entry: tuple | None = None
         self.logits: dict[int, torch.Tensor] = {}
         self.hits = 0
+        self._on_disk = False
+        self._written: list[Path] = []
 
     def lookup(self, key: str, windows: Windows, batch_size: int, vocab: int) -> bool:
-        """Select the entry for ``key`` on ``windows``; True if its logits may be kept (they fit the budget)."""
+        """Select the entry for ``key`` on ``windows``; True if its logits may be kept (in memory or on disk)."""
         ids = windows.ids.long()
         checksum = int((ids * torch.arange(1, ids.numel() + 1).view_as(ids)).sum())  # same windows, same order
         entry = (key, tuple(ids.shape), checksum, int(windows.first_scored.sum()), batch_size)
+        nbytes = windows.n * (windows.seq_len - 1) * vocab * 4
         if entry != self.entry:
-            self.entry, self.logits = entry, {}
-        return windows.n * (windows.seq_len - 1) * vocab * 4 <= self.max_bytes
+            self._drop()
+            self.entry, self._on_disk = entry, nbytes > self.max_bytes
+        return not self._on_disk or self.directory is not None
+
+    def _path(self, batch: int) -> Path:
+        import hashlib
+
+        digest = hashlib.sha256(repr(self.entry).encode()).hexdigest()[:16]
+        return self.directory / f"fp-logits-{digest}-b{batch}.npy"
+
+    def get(self, batch: int) -> torch.Tensor | None:
+        """The cached logits of batch ``batch`` of the current entry, or ``None``."""
+        if batch in self.logits:
+            self.hits += 1
+            return self.logits[batch]
+        if self._on_disk and self.directory is not None and self._path(batch) in self._written:
+            import numpy as np
+
+            self.hits += 1
+            return torch.from_numpy(np.load(self._path(batch), mmap_mode="c"))
+        return None
+
+    def put(self, batch: int, logits: torch.Tensor) -> None:
+        if not self._on_disk:
+            self.logits[batch] = logits
+            return
+        import numpy as np
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(batch)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, logits.detach().cpu().float().numpy())
+        tmp.replace(path)
+        self._written.append(path)
+
+    def _drop(self) -> None:
+        self.logits = {}
+        for path in self._written:
+            path.unlink(missing_ok=True)
+        self._written = []
+
+    def close(self) -> None:
+        """Forget the entry and delete the files this cache wrote."""
+        self._drop()
+        self.entry = None
 
 
 def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
@@ -197,13 +247,11 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
     with eval_mode(model_fp, model_q):
         lo = 0
         for b, batch in enumerate(batches(windows, batch_size, desc=desc, progress=progress)):
-            if keep and b in fp_cache.logits:
-                logits_fp = fp_cache.logits[b]
-                fp_cache.hits += 1
-            else:
+            logits_fp = fp_cache.get(b) if keep else None
+            if logits_fp is None:
                 logits_fp = next_token_logits(model_fp, batch.ids)
                 if keep:
-                    fp_cache.logits[b] = logits_fp
+                    fp_cache.put(b, logits_fp)
             logits_q = next_token_logits(model_q, batch.ids).to(logits_fp.device)
             if logits_fp.shape != logits_q.shape:
                 raise ModelError(f"the FP and quantized models disagree on the vocabulary ({logits_fp.shape[-1]} vs "

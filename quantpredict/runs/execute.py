@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
+from pathlib import Path
 
 
 @functools.cache
@@ -16,9 +17,17 @@ def fp_logits_cache():
     """One :class:`~quantpredict.evaluate.FPLogitsCache` per worker process, made on first use (importing
     ``quantpredict.runs`` for the store alone must not pull in torch). A sweep runs a model's recipes back to back,
     and every comparison after the first reuses the FP model's logits on the evaluation windows."""
+    import os
+    import tempfile
+
     from quantpredict.evaluate import FPLogitsCache
 
-    return FPLogitsCache()
+    # logits too large for memory (a real model's 49k vocabulary) go to memory-mapped files of this process's own
+    cache = FPLogitsCache(directory=Path(tempfile.gettempdir()) / f"quantpredict-fp-logits-{os.getpid()}")
+    import atexit
+
+    atexit.register(cache.close)
+    return cache
 
 
 def _ptq(model, recipe, calib, *, batch_size: int, progress: bool):
