@@ -28,7 +28,8 @@ class Comparison:
     token is the same. Every standard error is NaN when there is only one window. ``seconds`` is the wall time of
     the whole comparison, of which ``tokenize_seconds`` went to tokenizing the split (0 when cached).
     ``window_delta_nll`` holds each window's own mean delta NLL (``[windows]``, in window order) and
-    ``window_tokens`` its scored-token count: what a cheaper estimate on a subsample of the windows would see.
+    ``window_tokens`` its scored-token count, ``window_kld`` / ``window_top1`` its mean KL divergence and top-1
+    agreement (a fraction): what a cheaper estimate on a subsample of the windows would see.
     ``bos``: every window started with the BOS token (the protocol); ``source``: the text (``wikitext2:test``, or
     ``file:<name>#<sha256 prefix>`` for a user's file).
     """
@@ -57,6 +58,8 @@ class Comparison:
     tokenize_seconds: float = 0.0
     window_delta_nll: tuple[float, ...] = field(default=(), repr=False)
     window_tokens: tuple[int, ...] = field(default=(), repr=False)
+    window_kld: tuple[float, ...] = field(default=(), repr=False)
+    window_top1: tuple[float, ...] = field(default=(), repr=False)
     bos: bool = False
     source: str = ""
 
@@ -107,6 +110,8 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
         seconds=time.perf_counter() - start,
         window_delta_nll=tuple(float(x) for x in sums["delta_nll"] / np.maximum(counts, 1)),
         window_tokens=tuple(int(c) for c in counts),
+        window_kld=tuple(float(x) for x in sums["kld"] / np.maximum(counts, 1)),
+        window_top1=tuple(float(x) for x in sums["top1"] / np.maximum(counts, 1)),
     )
 
 
