@@ -66,6 +66,22 @@ FEATURES: tuple[FeatureSpec, ...] = (
     # gptq_proxy: layer-wise objectives from the PTQ backend's Hessians
     FeatureSpec("gptq_proxy_rtn", "gptq_proxy", "sum over layers of tr(dW H dW^T) for RTN", "1 forward + GPTQ"),
     FeatureSpec("gptq_proxy_gptq", "gptq_proxy", "sum over layers of tr(dW H dW^T) for GPTQ", "1 forward + GPTQ"),
+    # fisher: the second-order KL along delta, exactly (forward-mode JVP), and the measured change on calibration
+    FeatureSpec("fisher_quad", "fisher", "0.5 delta^T F delta: second-order KL(P_fp || P_q) with F the Fisher of the "
+                "next-token distribution, by a Jacobian-vector product on the calibration batch (nats)", "1 JVP"),
+    FeatureSpec("kl_calib", "fisher", "measured mean KL(P_fp || P_q) on the calibration batch (nats)", "1 forward"),
+    FeatureSpec("dnll_calib", "fisher", "measured NLL(W + delta) - NLL(W) on the calibration batch (nats; equals "
+                "radial_dnll_100)", "with kl_calib"),
+    FeatureSpec("top1_calib", "fisher", "top-1 agreement of P_q with P_fp on the calibration batch (fraction)",
+                "with kl_calib"),
+    FeatureSpec("fp_entropy_calib", "fisher", "mean next-token entropy of the FP model on the calibration batch "
+                "(nats)", "with the JVP"),
+    # profile: the recipe priced from weights alone against per-layer K-FAC factors measured once per model
+    FeatureSpec("kfac_quad", "profile", "0.5 sum_l tr(dW_l A_l dW_l^T G_l): block-diagonal K-FAC estimate of "
+                "0.5 delta^T F delta from the model's profile (nats)", "weights only"),
+    FeatureSpec("kfac_quad_diag", "profile", "kfac_quad with the diagonal of each output factor G_l (nats)",
+                "weights only"),
+    FeatureSpec("kfac_max_layer_share", "profile", "largest layer's share of kfac_quad", "weights only"),
 )
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(f.group for f in FEATURES))

@@ -27,6 +27,7 @@ from torch import nn
 from quantpredict import arch
 from quantpredict.data import calibration_windows
 from quantpredict.errors import ModelError
+from quantpredict.features.fisher import fisher_group, profile_group
 from quantpredict.features.hessian import HessianOperator, hutchinson_trace_op, top_eigenvalue_op
 from quantpredict.features.schema import FEATURES, GROUPS
 
@@ -247,9 +248,10 @@ def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
 
 class _Context:
     def __init__(self, model: nn.Module, recipe: Any, windows: torch.Tensor, seed: int, opts: ExtractOptions,
-                 groups: Sequence[str] = GROUPS):
+                 groups: Sequence[str] = GROUPS, profile: Any = None):
         self.model, self.recipe, self.windows, self.seed, self.opts = model, recipe, windows, seed, opts
         self.groups = tuple(groups)
+        self._profile = profile
         self._cache: dict[str, Any] = {}
         self._op: HessianOperator | None = None
         self._op_windows = 0
@@ -262,6 +264,16 @@ class _Context:
     @property
     def base(self) -> nn.Module:
         return self._lazy("base", lambda: _base_model(self.model, self.recipe, self.windows, self.opts.batch_size))
+
+    @property
+    def profile(self):
+        """The model's :class:`~quantpredict.features.fisher.SensitivityProfile`: the one given to ``extract``
+        (measured on the unsmoothed model, so only for recipes without SmoothQuant), else measured here."""
+        from quantpredict.features.fisher import measure_profile
+
+        if self._profile is not None and getattr(self.recipe, "smoothquant_alpha", None) is None:
+            return self._profile
+        return self._lazy("profile", lambda: measure_profile(self.base, self.windows, seed=self.seed))
 
     @property
     def refs(self) -> list[arch.LinearRef]:
@@ -502,6 +514,8 @@ _GROUP_FNS = {
     "curvature": _curvature_group,
     "landscape": _landscape_group,
     "gptq_proxy": _gptq_proxy_group,
+    "fisher": fisher_group,
+    "profile": profile_group,
 }
 
 
@@ -520,20 +534,22 @@ def feature_windows(model: nn.Module, calib_ids: torch.Tensor, n_windows: int = 
 
 def extract(model: nn.Module, recipe: Any, calib_ids: torch.Tensor, *, seed: int = 0,
             which: str | Iterable[str] | None = None, options: ExtractOptions | None = None,
-            progress: bool = False, **overrides: Any) -> dict[str, float]:
+            progress: bool = False, profile: Any = None, **overrides: Any) -> dict[str, float]:
     """Every feature of the selected groups (all by default) for ``model`` under ``recipe``.
 
     ``calib_ids``: 1-D WikiText-2 *train* token ids (cut into ``n_windows`` seeded windows of ``seq_len``) or a 2-D
     ``[n, seq_len]`` batch used as given. ``options`` (or keyword overrides of its fields, e.g. ``n_probes=8``)
-    set the cost knobs. Returns ``{feature name: value}`` for the selected groups plus ``<group>_seconds`` for each.
-    Deterministic for a fixed ``seed``; the model is not modified. A model with NaN/Inf weights raises
-    :class:`ModelError` naming the parameter.
+    set the cost knobs. ``profile``: a :class:`~quantpredict.features.fisher.SensitivityProfile` of ``model``
+    measured once (``fisher.measure_profile``) for the ``profile`` group to reuse across recipes. Returns
+    ``{feature name: value}`` for the selected groups plus ``<group>_seconds`` for each. Deterministic for a fixed
+    ``seed``; the model is not modified. A model with NaN/Inf weights raises :class:`ModelError` naming the
+    parameter.
     """
     opts = replace(options or ExtractOptions(), **overrides)
     groups = parse_which(which)
     arch.check_finite(model)
     windows = feature_windows(model, calib_ids, opts.n_windows, opts.seq_len, seed)
-    ctx = _Context(model, recipe, windows, seed, opts, groups)
+    ctx = _Context(model, recipe, windows, seed, opts, groups, profile)
     out: dict[str, float] = {}
     bar = None
     if progress:

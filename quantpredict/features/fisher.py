@@ -1,0 +1,274 @@
+"""The Fisher side of the loss landscape: KL(P_fp || P_q) to second order, measured and priced.
+
+To second order in the weight change ``delta``, the mean next-token KL divergence of a quantized model from its FP
+original is exactly ``0.5 delta^T F delta``, with ``F`` the Fisher (= Gauss-Newton) matrix of the next-token
+distribution: ``0.5 * mean_t dz_t^T (diag(p_t) - p_t p_t^T) dz_t``, where ``dz = J delta`` is the change of the
+logits along ``delta`` (a Jacobian-vector product). Unlike the NLL Hessian, ``F`` is positive semi-definite and does
+not depend on how well the model fits the calibration text, so the constant in ``KLD ~ c * 0.5 delta^T F delta``
+is 1 by construction.
+
+Two ways to get it, at two costs:
+
+- :func:`fisher_group` (feature group ``fisher``): the exact quadratic by forward-mode differentiation
+  (``torch.func.jvp``) on the calibration windows, plus the measured KL, NLL change and top-1 agreement of the
+  quantized weights on the same windows. A few forward passes per recipe.
+- :class:`SensitivityProfile` / :func:`price` (feature group ``profile``): measured once per model, priced per
+  recipe from weights alone. For every linear layer ``l`` it keeps the Kronecker factors of K-FAC (Martens & Grosse
+  2015): ``A_l = E[x x^T]`` over the layer's inputs and ``G_l = E[s s^T]`` over the gradients of the sampled
+  next-token log-likelihood at the layer's outputs (labels drawn from the model itself, so ``E[s s^T]`` is the
+  Fisher's, not the empirical one). Then ``0.5 delta^T F delta ~ 0.5 sum_l tr(dW_l A_l dW_l^T G_l)``. Two
+  approximations: cross-layer blocks of ``F`` are dropped (block-diagonal), and within a layer inputs and output
+  gradients are taken as independent and uncorrelated across positions (the Kronecker factorisation). The learned
+  constant of a predictor absorbs their average; ``fisher_quad / kfac_quad`` in the store measures what they cost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantpredict import arch
+
+
+def _named_weights(model: nn.Module, refs: Sequence[arch.LinearRef]) -> list[str]:
+    ids = {id(p): name for name, p in model.named_parameters()}
+    return [ids[id(r.parameter)] for r in refs]
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, seq_len - 1, vocab]`` float32 next-token logits."""
+    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+
+
+def _gauss_newton_quadratic(z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """``dz^T (diag p - p p^T) dz`` per position, ``p = softmax(z)``; ``z``, ``dz`` ``[..., vocab]`` -> ``[...]``."""
+    p = torch.softmax(z.double(), dim=-1)
+    dz = dz.double()
+    mean = (p * dz).sum(-1)
+    return (p * dz * dz).sum(-1) - mean * mean
+
+
+@torch.no_grad()
+def fisher_measures(model: nn.Module, refs: Sequence[arch.LinearRef], deltas: Sequence[torch.Tensor],
+                    windows: torch.Tensor, batch_size: int = 1) -> dict[str, float]:
+    """The ``fisher`` group's quantities of ``model`` moved by ``deltas`` (``[out, in]`` per ref) on ``windows``
+    (``[n, seq_len]``): the exact second-order KL by a Jacobian-vector product, and the measured KL, NLL change and
+    top-1 agreement. ``model`` is left as it was (the moved weights are restored bit for bit)."""
+    from torch.func import functional_call, jvp
+
+    from quantpredict.evaluate.scoring import token_comparison
+
+    names = _named_weights(model, refs)
+    primals = {n: r.parameter.detach() for n, r in zip(names, refs)}
+    tangents = {n: (d.t() if r.transposed else d).to(r.parameter.dtype).contiguous()
+                for n, r, d in zip(names, refs, deltas)}
+    quad = kl = dnll = top1 = entropy = 0.0
+    tokens = 0
+    for lo in range(0, windows.shape[0], batch_size):
+        ids = windows[lo: lo + batch_size]
+
+        def logits_of(weights, ids=ids):
+            out = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "use_cache": False})
+            return out.logits[:, :-1].float()
+
+        z, dz = jvp(logits_of, (primals,), (tangents,))
+        quad += float(_gauss_newton_quadratic(z, dz).sum())
+        p = torch.log_softmax(z.double(), dim=-1)
+        entropy += float(-(p.exp() * p).sum(-1).sum())
+        originals = [r.parameter.detach().clone() for r in refs]
+        try:
+            for r, d in zip(refs, deltas):
+                r.parameter.add_((d.t() if r.transposed else d).to(r.parameter.dtype))
+            zq = _logits(model, ids)
+        finally:
+            for r, w in zip(refs, originals):
+                r.parameter.copy_(w)
+        stats = token_comparison(z, zq, ids[:, 1:])
+        kl += float(stats["kld"].double().sum())
+        dnll += float(stats["delta_nll"].double().sum())
+        top1 += float(stats["top1"].double().sum())
+        tokens += int(z.shape[0] * z.shape[1])
+    return {"fisher_quad": 0.5 * quad / tokens, "kl_calib": kl / tokens, "dnll_calib": dnll / tokens,
+            "top1_calib": top1 / tokens, "fp_entropy_calib": entropy / tokens}
+
+
+# ---- the sensitivity profile: K-FAC factors, measured once per model ----------------------------------------------
+
+
+@dataclass
+class SensitivityProfile:
+    """What a model's quantization sensitivity is made of, measured once on calibration windows.
+
+    ``names``: the linear layers (``arch.linear_layers`` order). ``input_moment[name]``: ``A = E[x x^T]``
+    ``[in, in]`` float64 over the layer's input tokens; ``output_fisher[name]``: ``G = E[s s^T]`` ``[out, out]``
+    float64 over the sampled-label log-likelihood gradients at its output (per token). ``tokens``: predicted tokens
+    behind them; ``fp_nll`` and ``fp_entropy``: the FP model's mean NLL and next-token entropy on those windows;
+    ``seconds``: what measuring it cost.
+    """
+
+    names: list[str]
+    input_moment: dict[str, torch.Tensor]
+    output_fisher: dict[str, torch.Tensor]
+    tokens: int
+    fp_nll: float
+    fp_entropy: float
+    seconds: float
+    label_samples: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def hessian(self, name: str) -> torch.Tensor:
+        """GPTQ's Hessian of layer ``name``, ``2 A`` (``[in, in]`` float64)."""
+        return 2.0 * self.input_moment[name]
+
+
+def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
+                    batch_size: int = 1) -> SensitivityProfile:
+    """The :class:`SensitivityProfile` of ``model`` on ``windows`` (``[n, seq_len]``).
+
+    One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every
+    linear layer give ``A``; the gradients at its outputs of ``sum_t log p(y_t)``, with ``y_t`` drawn from the model's
+    own next-token distribution, give ``G`` (the Fisher's output factor). Memory is that of one micro-batch's
+    backward plus the factors (``in^2 + out^2`` float64 per layer).
+    """
+    t0 = time.perf_counter()
+    refs = arch.linear_layers(model)
+    names = [r.name for r in refs]
+    a_sums = {r.name: torch.zeros(r.in_features, r.in_features, dtype=torch.float64) for r in refs}
+    g_sums = {r.name: torch.zeros(r.out_features, r.out_features, dtype=torch.float64) for r in refs}
+    in_tokens = dict.fromkeys(names, 0)
+    gen = torch.Generator().manual_seed(seed)
+    nll_sum = entropy_sum = 0.0
+    tokens = 0
+    old_flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = []
+
+    def forward_hook(module, args, output, name):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        if capture_inputs[0]:
+            a_sums[name] += (x.T @ x).double()
+            in_tokens[name] += x.shape[0]
+        if output.requires_grad:
+            def grad_hook(g, name=name):
+                s = g.detach().reshape(-1, g.shape[-1]).float()
+                g_sums[name] += (s.T @ s).double()
+            output.register_hook(grad_hook)
+
+    capture_inputs = [True]
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        # the token embeddings' output becomes the graph's leaf: gradients flow to every layer output, and no
+        # weight gradient (the 49k x 576 tied head's, say) is ever computed
+        handles.append(model.get_input_embeddings().register_forward_hook(
+            lambda m, a, o: o.detach().requires_grad_(True)))
+        for r in refs:
+            handles.append(r.module.register_forward_hook(
+                lambda m, a, o, name=r.name: forward_hook(m, a, o, name)))
+        model.eval()
+        for lo in range(0, windows.shape[0], batch_size):
+            ids = windows[lo: lo + batch_size]
+            for k in range(label_samples):
+                capture_inputs[0] = k == 0
+                z = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                logp = torch.log_softmax(z, dim=-1)
+                if k == 0:
+                    with torch.no_grad():
+                        nll_sum += float(-logp.gather(-1, ids[:, 1:, None]).double().sum())
+                        entropy_sum += float(-(logp.exp() * logp).double().sum())
+                        tokens += int(ids.shape[0] * (ids.shape[1] - 1))
+                with torch.no_grad():
+                    y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=gen)
+                loss = logp.reshape(-1, logp.shape[-1]).gather(-1, y).sum()
+                loss.backward()
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+        for p, flag in old_flags:
+            p.requires_grad_(flag)
+    n_label = tokens * label_samples
+    return SensitivityProfile(
+        names=names,
+        input_moment={n: a_sums[n] / max(in_tokens[n], 1) for n in names},
+        output_fisher={n: g_sums[n] / max(n_label, 1) for n in names},
+        tokens=tokens, fp_nll=nll_sum / max(tokens, 1), fp_entropy=entropy_sum / max(tokens, 1),
+        seconds=time.perf_counter() - t0, label_samples=label_samples,
+        meta={"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seed": seed})
+
+
+def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
+    """``(0.5 tr(dW A dW^T G), 0.5 sum_i G_ii (dW A dW^T)_ii)`` for ``dW`` ``[out, in]``: the K-FAC quadratic with the
+    full and with the diagonal output factor, in float64."""
+    d = delta.double()
+    da = d @ a
+    full = float(((g @ d) * da).sum())
+    diag = float((torch.diagonal(g) * (da * d).sum(1)).sum())
+    return 0.5 * full, 0.5 * diag
+
+
+def price_deltas(profile: SensitivityProfile, names: Sequence[str],
+                 deltas: Sequence[torch.Tensor | None]) -> dict[str, float]:
+    """The ``profile`` group's features of per-layer weight changes (``None``: layer left in full precision)."""
+    full = diag = 0.0
+    per_layer = []
+    for name, d in zip(names, deltas, strict=True):
+        if d is None:
+            continue
+        f, dg = kfac_quadratic(d, profile.input_moment[name], profile.output_fisher[name])
+        full += f
+        diag += dg
+        per_layer.append(f)
+    top = max(per_layer) / full if per_layer and full > 0 else 0.0
+    return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top}
+
+
+def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,
+                   profile: SensitivityProfile, *, gptq_options: dict | None = None) -> list[torch.Tensor | None]:
+    """Each layer's ``Q(W) - W`` ([out, in]) from its weights alone: RTN, or GPTQ with the profile's FP-input
+    Hessian ``2A`` (the layer-wise GPTQ of :mod:`quantpredict.quantize.gptq`; the sequential pass of
+    ``quantize_model`` feeds each block the already-quantized blocks' outputs instead). ``None`` for layers left in
+    full precision."""
+    from quantpredict.quantize.gptq import gptq_quantize
+    from quantpredict.quantize.rtn import rtn_quantize
+
+    out: list[torch.Tensor | None] = []
+    with torch.no_grad():
+        for ref, fb in zip(refs, formats, strict=True):
+            if fb is None:
+                out.append(None)
+                continue
+            w = ref.weight.detach().float()
+            if method == "gptq":
+                wq = gptq_quantize(w.clone(), profile.hessian(ref.name), fb[0], block_size=fb[1],
+                                   **dict(gptq_options or {}))
+            else:
+                wq = rtn_quantize(w, fb[0], block_size=fb[1])
+            out.append(wq - w)
+    return out
+
+
+# ---- the feature groups --------------------------------------------------------------------------------------------
+
+
+def fisher_group(ctx) -> dict[str, float]:
+    """Feature group ``fisher`` of an extraction context (``features.extract``)."""
+    return fisher_measures(ctx.base, ctx.refs, ctx.delta, ctx.windows, batch_size=1)
+
+
+def profile_group(ctx) -> dict[str, float]:
+    """Feature group ``profile``: the recipe priced from weights alone against the model's profile (given to
+    ``extract(profile=...)``, or measured here on the calibration windows)."""
+    from quantpredict.features.extract import _layer_formats
+
+    profile = ctx.profile
+    recipe = ctx.recipe
+    formats = _layer_formats(ctx.base, ctx.refs, recipe)
+    gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
+    deltas = profile_deltas(ctx.refs, formats, recipe.method, profile, gptq_options=gptq)
+    return price_deltas(profile, [r.name for r in ctx.refs], deltas)
