@@ -234,13 +234,56 @@ class _Stop(Exception):
 _CACHE_ARGS = ("cache", "past_key_value", "past_key_values", "layer_past")
 
 
+@dataclass(frozen=True)
+class PerBlock:
+    """A block keyword argument whose value is not the same for every block: Qwen-2 and Gemma-2/3 pass each
+    layer the attention mask of its type (sliding window or full), Gemma-3 also its rotary embeddings (local or
+    global). ``values[i]`` is what ``blocks[i]`` receives."""
+
+    blocks: tuple[nn.Module, ...]
+    values: tuple[Any, ...]
+
+    def for_block(self, block: nn.Module) -> Any:
+        for b, v in zip(self.blocks, self.values):
+            if b is block:
+                return v
+        raise ModelError(f"block {type(block).__name__} is not one of the blocks these inputs were captured on; "
+                         "capture_block_inputs on the model whose blocks you run")
+
+
 @dataclass
 class BlockInputs:
     """What block 0 receives for a batch of windows: the hidden states and the keyword arguments (masks, positions,
-    rotary embeddings) that every block of the model receives alike."""
+    rotary embeddings) of every block; one that differs between blocks is a :class:`PerBlock`."""
 
     hidden: torch.Tensor  # [n, seq_len, hidden]
     kwargs: dict[str, Any]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable objects are different
+        return False
+
+
+def _merge_block_kwargs(block_list: list[nn.Module], per_block: list[dict[str, Any]]) -> dict[str, Any]:
+    """Block 0's kwargs, with a :class:`PerBlock` for every key whose value differs in some block."""
+    first = per_block[0]
+    out = dict(first)
+    for key, value in first.items():
+        values = tuple(kw.get(key) for kw in per_block)
+        if not all(_same(value, v) for v in values[1:]):
+            out[key] = PerBlock(tuple(block_list), values)
+    return out
 
 
 @torch.no_grad()
@@ -249,24 +292,33 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
     The keyword arguments (attention mask, position ids and embeddings) depend on the sequence length and batch
     size only, so they are captured once for ``batch_size`` windows and reused for every batch of the same size.
+    The first batch runs through every block but the last, so that kwargs differing between blocks are seen; the
+    other batches stop at block 0.
     """
-    first = blocks(model)[0]
+    block_list = blocks(model)
     captured: list[torch.Tensor] = []
-    kwargs_holder: dict[str, Any] = {}
+    per_block: list[dict[str, Any]] = []
 
-    signature = inspect.signature(first.forward)
-
-    def hook(_module, args, kwargs):
-        bound = signature.bind_partial(*args, **kwargs).arguments
-        bound.update(bound.pop("kwargs", {}))  # a trailing **kwargs binds as one dict
+    def make_hook(index: int, signature: inspect.Signature):
         first_name = next(iter(signature.parameters))
-        captured.append(bound.pop(first_name).detach())
-        if not kwargs_holder:
-            kwargs_holder.update({k: v for k, v in bound.items() if k not in _CACHE_ARGS})
-            kwargs_holder["use_cache"] = False
-        raise _Stop
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        def hook(_module, args, kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            bound.update(bound.pop("kwargs", {}))  # a trailing **kwargs binds as one dict
+            hidden = bound.pop(first_name)
+            if index == 0:
+                captured.append(hidden.detach())
+            if len(per_block) == index:  # the first batch: every block's kwargs
+                kw = {k: v for k, v in bound.items() if k not in _CACHE_ARGS}
+                kw["use_cache"] = False
+                per_block.append(kw)
+            if len(per_block) == len(block_list):
+                raise _Stop
+
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i, inspect.signature(b.forward)), with_kwargs=True)
+               for i, b in enumerate(block_list)]
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             try:
@@ -274,29 +326,46 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return BlockInputs(torch.cat(captured), kwargs_holder)
+        for h in handles:
+            h.remove()
+    if len(per_block) != len(block_list):
+        raise ModelError(f"only {len(per_block)} of the {len(block_list)} blocks ran in the model's forward; "
+                         "block-by-block execution needs every block to run")
+    return BlockInputs(torch.cat(captured), _merge_block_kwargs(block_list, per_block))
 
 
-def _batch_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
-    """Slice batch-shaped tensors in ``kwargs`` (captured for ``batch_size`` rows) to ``n`` rows."""
+def _slice_rows(v: Any, n: int, captured: int) -> Any:
+    """``v`` cut from ``captured`` windows to ``n``: batch-major tensors with ``m`` rows per window (ALiBi's
+    ``[batch * heads, ...]``) keep ``m * n`` rows; others with more than ``n`` rows keep ``n``."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] <= n:
+        return v
+    rows = v.shape[0]
+    if rows > captured and rows % captured == 0:
+        return v[: rows // captured * n]
+    return v[:n]
+
+
+def _batch_kwargs(kwargs: dict[str, Any], n: int, captured: int) -> dict[str, Any]:
+    """Slice batch-shaped tensors in ``kwargs`` (captured for ``captured`` rows) to ``n`` rows."""
     out = {}
     for k, v in kwargs.items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] > n:
-            out[k] = v[:n]
-        elif isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
-            out[k] = tuple(t[:n] if t.dim() >= 1 and t.shape[0] > n else t for t in v)
+        if isinstance(v, tuple) and all(isinstance(t, torch.Tensor) for t in v):
+            out[k] = tuple(_slice_rows(t, n, captured) for t in v)
         else:
-            out[k] = v
+            out[k] = _slice_rows(v, n, captured)
     return out
 
 
 def run_block(block: nn.Module, inputs: BlockInputs, batch_size: int = 8) -> torch.Tensor:
-    """Apply ``block`` to ``inputs.hidden`` ([n, seq_len, hidden]) in batches; returns the output hidden states."""
+    """Apply ``block`` to ``inputs.hidden`` ([n, seq_len, hidden]) in batches; returns the output hidden states.
+
+    ``batch_size`` must be the one the inputs were captured with (their kwargs are shaped for it)."""
+    kwargs = {k: v.for_block(block) if isinstance(v, PerBlock) else v for k, v in inputs.kwargs.items()}
+    captured = min(batch_size, inputs.hidden.shape[0])
     outs = []
     for start in range(0, inputs.hidden.shape[0], batch_size):
         h = inputs.hidden[start : start + batch_size]
-        out = block(h, **_batch_kwargs(inputs.kwargs, h.shape[0]))
+        out = block(h, **_batch_kwargs(kwargs, h.shape[0], captured))
         outs.append(out[0] if isinstance(out, tuple) else out)
     return torch.cat(outs)
 
