@@ -6,6 +6,9 @@ random weights and biases so that SmoothQuant's fold is exercised away from the 
 
 from __future__ import annotations
 
+import types
+import warnings
+
 import pytest
 import torch
 import transformers as tf
@@ -307,3 +310,100 @@ def test_smoothquant_features_measure_the_same_fp_model(case, stream):
         return
     smoothed = features.extract(model, recipe, stream, which="model,noise", n_windows=2, seq_len=16)
     assert smoothed["fp_calib_nll"] == pytest.approx(plain["fp_calib_nll"], abs=1e-5)
+
+
+# ---- the generic walk ----------------------------------------------------------------------------------------------
+
+
+def test_generic_walk_agrees_with_the_adapters(case):
+    model = build(case)
+    ad, walked = arch.adapter(model), arch.generic_adapter(model, warn=False)
+    for field in ("blocks", "linears", "embeddings", "head", "final_norm"):
+        assert getattr(walked, field) == getattr(ad, field), field
+    assert int(getattr(model.config, walked.hidden_size_attr)) == arch.hidden_size(model)
+
+
+def _gpt_neo():
+    cfg = tf.GPTNeoConfig(hidden_size=H, num_layers=L, num_heads=NH, attention_types=[[["global", "local"], 1]],
+                          window_size=8, max_position_embeddings=128, vocab_size=VOCAB, bos_token_id=1,
+                          eos_token_id=2)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    return tf.GPTNeoForCausalLM(cfg).eval()
+
+
+def test_generic_fallback_walks_an_unknown_type(windows, stream):
+    model = _gpt_neo()  # no adapter for gpt_neo
+    with pytest.warns(arch.GenericArchitectureWarning, match=r"'gpt_neo'.*'transformer\.h'.*6 linears per block in "
+                                                             r"forward order"):
+        ad = arch.adapter(model)
+    # forward order, not module order (GPT-Neo registers k, v, q but runs q, k, v)
+    assert ad.linears == ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj",
+                          "attn.attention.out_proj", "mlp.c_fc", "mlp.c_proj")
+    assert ad.final_norm == "transformer.ln_f" and ad.embeddings == ("transformer.wte", "transformer.wpe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model: the walk is cached on it
+        arch.adapter(model)
+        report = quantize_model(model, Recipe("int4"), stream, progress=False)
+    assert len(report.layers) == len(_tree_linears(model))
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt_neo' has no adapter"):
+        quantize_model(model, Recipe("int4", smoothquant_alpha=0.5, calib_samples=4, calib_seq_len=16), stream,
+                       progress=False)
+    fp = _gpt_neo()
+    with pytest.warns(arch.GenericArchitectureWarning):
+        inputs = arch.capture_block_inputs(fp, windows, batch_size=4)
+    h = inputs.hidden
+    with torch.no_grad():
+        for block in arch.blocks(fp):
+            h = arch.run_block(block, arch.BlockInputs(h, inputs.kwargs), batch_size=4)
+        torch.testing.assert_close(arch.logits(fp, h), _logits(fp, windows), rtol=0, atol=1e-5)
+
+
+class _ToyBlock(nn.Module):
+    def __init__(self, three_d: bool = False):
+        super().__init__()
+        self.second = nn.Linear(8, 8)
+        self.first = nn.Linear(8, 8)
+        if three_d:
+            self.experts = nn.Parameter(torch.zeros(2, 8, 8))
+
+
+class _Toy(nn.Module):
+    """A model whose forward fails: the walk falls back to module order."""
+
+    def __init__(self, three_d: bool = False):
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy", hidden_size=8, vocab_size=10)
+        self.embed = nn.Embedding(10, 8)
+        self.layers = nn.ModuleList([_ToyBlock(three_d) for _ in range(3)])
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 10)
+
+    def get_output_embeddings(self):
+        return self.out
+
+    def forward(self, ids):
+        raise RuntimeError("no forward")
+
+
+def test_generic_walk_falls_back_to_module_order():
+    with pytest.warns(arch.GenericArchitectureWarning, match="'toy'.*module order"):
+        ad = arch.adapter(_Toy())
+    assert (ad.blocks, ad.linears, ad.final_norm, ad.head) == ("layers", ("second", "first"), "norm", "out")
+
+
+def test_mixture_of_experts_is_refused():
+    with pytest.raises(UnsupportedArchitectureError, match="3-D weights"):
+        arch.adapter(_Toy(three_d=True))
+    cfg = tf.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, num_local_experts=2, vocab_size=VOCAB)
+    with pytest.raises(UnsupportedArchitectureError, match="'mixtral'.*mixture-of-experts.*supported families: "
+                                                           "llama, opt, gpt2, gpt_neox"):
+        arch.adapter(tf.MixtralForCausalLM(cfg))
+
+
+def test_unknown_layout_of_a_known_type_is_refused():
+    model = build("falcon-new")
+    model.config.parallel_attn = False  # a layout the table does not list
+    with pytest.raises(UnsupportedArchitectureError, match="'falcon' with .*parallel_attn=False.*matches none"):
+        arch.adapter(model)
