@@ -6,6 +6,7 @@ random weights and biases so that SmoothQuant's fold is exercised away from the 
 
 from __future__ import annotations
 
+import json
 import types
 import warnings
 
@@ -17,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from quantpredict import arch, evaluate, features
+from quantpredict.cli import main
 from quantpredict.errors import UnsupportedArchitectureError
 from quantpredict.quantize import Recipe, apply_smoothing, quantize_model
 
@@ -407,3 +409,23 @@ def test_unknown_layout_of_a_known_type_is_refused():
     model.config.parallel_attn = False  # a layout the table does not list
     with pytest.raises(UnsupportedArchitectureError, match="'falcon' with .*parallel_attn=False.*matches none"):
         arch.adapter(model)
+
+
+# ---- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def test_zoo_list_architectures(capsys):
+    assert main(["zoo", "list", "--architectures"]) == 0
+    text = capsys.readouterr().out
+    for model_type in arch.SUPPORTED_FAMILIES:
+        assert model_type in text
+    assert main(["zoo", "list", "--architectures", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_type = {}
+    for row in rows:
+        by_type.setdefault(row["model_type"], []).append(row)
+    assert set(by_type) == set(arch.SUPPORTED_FAMILIES)
+    assert [r["smoothquant"] for r in by_type["olmo2"]] == [False] and "post-norm" in by_type["olmo2"][0][
+        "smoothquant_note"]
+    assert by_type["phi3"][0]["fused_projections"] == ["self_attn.qkv_proj", "mlp.gate_up_proj"]
+    assert by_type["gptj"][0]["parallel_block"] and by_type["gemma"][0]["norm"] == "x_hat*(1+w)"
