@@ -9,7 +9,9 @@ def register(sub) -> None:
     p = sub.add_parser("zoo", help="list or build the model zoo")
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
     lp = zsub.add_parser("list", help="table of the trained zoo models (family, parameters, tokens, perplexity)")
-    lp.add_argument("--json", action="store_true", help="print the zoo cards as JSON")
+    lp.add_argument("--json", action="store_true", help="print the zoo cards (or the architectures) as JSON")
+    lp.add_argument("--architectures", action="store_true",
+                    help="list the supported model types instead: SmoothQuant, parallel blocks, fused projections")
     lp.set_defaults(func=run_list)
     bp = zsub.add_parser("build", help="train the missing zoo models (resumable) and measure their perplexity")
     bp.add_argument("--only", default=None, help="comma-separated model names (default: all)")
@@ -62,12 +64,51 @@ def run_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def architecture_rows() -> list[dict]:
+    """The adapter table as display rows (one per model type and config layout)."""
+    from quantpredict import arch
+
+    rows = []
+    for r in arch.architecture_table():
+        sq = "yes" if r["smoothquant"] else "no"
+        rows.append({
+            "model type": r["model_type"],
+            "layout": r["layout"],
+            "SmoothQuant": sq,
+            "parallel": "yes" if r["parallel_block"] else "",
+            "fused": ", ".join(p.rsplit(".", 1)[-1] for p in r["fused_projections"]),
+            "norm": r["norm"],
+            "notes": "; ".join(x for x in (r["notes"], r["smoothquant_note"]) if x),
+        })
+    return rows
+
+
+def run_architectures(args: argparse.Namespace) -> int:
+    import json
+
+    from quantpredict import arch
+
+    if args.json:
+        print(json.dumps(arch.architecture_table(), indent=2))
+        return 0
+    rows = architecture_rows()
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols[:-1]}  # the notes column runs free
+    for line in [dict(zip(cols, cols)), *rows]:
+        print("  ".join([line[c].ljust(widths[c]) for c in cols[:-1]] + [line[cols[-1]]]).rstrip())
+    print("\nany other model type: walked generically (blocks and linears found by a dummy forward, a warning says "
+          "what was found); SmoothQuant unsupported")
+    return 0
+
+
 def run_list(args: argparse.Namespace) -> int:
     import json
 
     from quantpredict.models import list_zoo, zoo_card
     from quantpredict.models.imported import list_imported
 
+    if getattr(args, "architectures", False):
+        return run_architectures(args)
     if args.json:
         print(json.dumps([zoo_card(n) for n in list_zoo() + list_imported()], indent=2))
         return 0

@@ -204,6 +204,8 @@ def quantize_model(
 
     t_start = time.perf_counter()
     arch.adapter(model)  # unsupported architecture: a clear error before any work
+    if recipe.smoothquant_alpha is not None:
+        arch.require_smoothquant(model)  # so is SmoothQuant where no fold is exact (post-norm, generic walk)
     arch.check_finite(model)
     windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
     windows = windows.to(next(model.parameters()).device)

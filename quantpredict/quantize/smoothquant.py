@@ -29,10 +29,20 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], 
 
 @torch.no_grad()
 def apply_smoothing(pair: SmoothPair, scales: torch.Tensor) -> None:
-    """Fold ``1/scales`` into the norm's weight (and bias) and ``scales`` into the linears' input columns."""
+    """Fold ``1/scales`` [in] into the norm's weight (and bias) and ``scales`` into the linears' input columns.
+
+    A norm computing ``x_hat * (c + w) + b`` (``c = pair.norm_offset``: 0 for LayerNorm/RMSNorm, 1 for Gemma's
+    RMSNorm) gets ``w -> (c + w) / s - c`` and ``b -> b / s``, so its output is divided by ``s`` exactly (up to
+    rounding in the weight's dtype); plain ``w / s`` would be wrong whenever ``c != 0``.
+    """
     norm = pair.norm
     s = scales.to(norm.weight.dtype)
-    norm.weight.div_(s)
+    offset = pair.norm_offset
+    if offset == 0.0:
+        norm.weight.div_(s)
+    else:
+        w = norm.weight
+        w.copy_(((w.double() + offset) / scales.double() - offset).to(w.dtype))
     bias = getattr(norm, "bias", None)
     if bias is not None:
         bias.div_(s)
