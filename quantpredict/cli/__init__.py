@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "features": ("features", "loss-landscape features of a model under a recipe"),
     "collect": ("collect", "run a sweep of models x formats x methods into a run store"),
     "runs": ("runs", "show or export a run store"),
+    "backfill": ("backfill", "add feature groups to a store's runs without evaluating them again"),
     "fit": ("fit", "fit (and validate) a predictor on a run store"),
     "predict": ("predict", "predict a quantized model's perplexity without evaluating it"),
     "report": ("report", "render figures and reports/index.md from a run store"),

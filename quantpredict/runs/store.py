@@ -383,6 +383,31 @@ class RunStore:
                                                "provenance")}
         return self.add(row)
 
+    def update_features(self, key: str, features: Mapping, *, timings: Mapping | None = None) -> None:
+        """Add (or overwrite) feature values of one stored run, leaving every measured column as it is: how a feature
+        group that arrives after a sweep reaches its runs without evaluating them again (``quantpredict backfill``).
+        Names must be schema features or ``<group>_seconds``."""
+        from sqlalchemy import select
+
+        FEATURE_NAMES, TIMING_NAMES = _schema()
+        unknown = sorted(set(features) - set(FEATURE_NAMES) - set(TIMING_NAMES))
+        if unknown:
+            raise StoreError(f"update_features: {unknown} are not schema features of quantpredict.schema")
+        runs = self._runs
+
+        def write(conn):
+            row = conn.execute(select(runs.c.features, runs.c.timings).where(runs.c.run_key == key)).first()
+            if row is None:
+                raise StoreError(f"run {key!r} is not in {self.url}")
+            merged = json.loads(row.features or "{}") | dict(_clean(dict(features)))
+            values = {"features": json.dumps(merged, sort_keys=True)}
+            if timings:
+                values["timings"] = json.dumps(json.loads(row.timings or "{}") | dict(_clean(dict(timings))),
+                                               sort_keys=True)
+            conn.execute(runs.update().where(runs.c.run_key == key).values(**values))
+
+        self._write(write)
+
     def delete(self, keys: Iterable[str]) -> int:
         """Remove runs by key (e.g. to force re-running them); returns how many were removed."""
         keys = list(keys)

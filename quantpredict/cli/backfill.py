@@ -1,0 +1,37 @@
+"""``quantpredict backfill``: add feature groups to a store's runs without evaluating them again."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "backfill", help="add feature groups to a store's runs without evaluating them again",
+        description="Compute the given feature groups for every done run of the store that lacks them (each model "
+                    "loaded once, its profile measured once) and write them into the runs; measured columns are "
+                    "untouched. Resumable: runs that have the features are skipped.")
+    p.add_argument("--store", required=True, help="run store: SQLite path or SQLAlchemy URL")
+    p.add_argument("--groups", required=True, help="comma-separated feature groups, e.g. fisher,profile")
+    p.add_argument("--models", nargs="+", default=None, help="only the runs of these models")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--limit", type=int, default=None, help="stop after N runs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.errors import QuantpredictError
+    from quantpredict.features.extract import parse_which
+    from quantpredict.runs.backfill import backfill
+
+    try:
+        groups = parse_which(args.groups)
+    except ValueError as exc:
+        raise QuantpredictError(f"--groups {args.groups!r}: {exc}") from None
+    if args.threads is not None and args.threads < 1:
+        raise QuantpredictError(f"--threads must be at least 1, got {args.threads}")
+    summary = backfill(args.store, groups, models=args.models, torch_threads=args.threads,
+                       progress=not args.no_progress, limit=args.limit)
+    print(summary)
+    return 1 if summary.failed else 0

@@ -1,0 +1,116 @@
+"""Backfill: add feature groups that arrived after a sweep to its stored runs, without evaluating them again.
+
+The evaluation is the expensive part of a run; features are cheap and keep growing (the ``fisher`` and ``profile``
+groups came after the shipped sweep). :func:`backfill` loads each model once, measures its sensitivity profile once
+(when the ``profile`` group is asked for), computes the missing groups for every done run of that model with the
+same calibration windows a sweep uses, and writes them into the run's row. Measured columns are never touched; a
+run that already has every feature of the groups is skipped, so a killed backfill resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantpredict.errors import QuantpredictError
+from quantpredict.runs.store import RunStore
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    runs: int
+    filled: int
+    skipped: int
+    failed: int
+    left: int
+    models: int
+    seconds: float
+    store: str
+    errors: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        s = (f"{self.runs} done runs: {self.filled} backfilled, {self.skipped} already had the features, {self.failed} "
+             f"failed, {self.left} left for the next call ({self.models} models, {self.seconds:.1f} s) -> "
+             f"{self.store}")
+        return s + "".join(f"\n  failed: {e}" for e in self.errors[:10])
+
+
+def _missing(row: dict, names: set[str]) -> bool:
+    have = row.get("features") or {}
+    return any(have.get(n) is None for n in names)
+
+
+def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Sequence[str] | None = None,
+             torch_threads: int | None = None, progress: bool = True, limit: int | None = None,
+             on_run: Callable[[str], None] | None = None) -> BackfillSummary:
+    """Compute feature ``groups`` for every done run of ``store`` (of ``models``, if given) that lacks them.
+
+    Each model is loaded once (float32, eager attention) and, for the ``profile`` group, profiled once on the
+    sweep's calibration windows; ``features.extract(model, recipe, calib, which=groups, profile=...)`` then gives
+    each run's values, written with :meth:`RunStore.update_features`. ``torch_threads`` caps intra-op threads.
+    ``limit`` stops after that many runs (a rehearsal). Returns a :class:`BackfillSummary`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from quantpredict import data, features
+    from quantpredict import models as zoo
+    from quantpredict.features.extract import ExtractOptions, feature_windows, parse_which
+    from quantpredict.features.fisher import measure_profile
+    from quantpredict.recipe import Recipe
+    from quantpredict.schema import FEATURES
+
+    groups = parse_which(list(groups))
+    names = {f.name for f in FEATURES if f.group in groups}
+    t0 = time.perf_counter()
+    own = not isinstance(store, RunStore)
+    st = RunStore(store, create=False) if own else store
+    if torch_threads:
+        torch.set_num_threads(int(torch_threads))
+    try:
+        rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)]
+        missing = [r for r in rows if _missing(r, names)]
+        todo = missing if limit is None else missing[: int(limit)]
+        by_model: dict[str, list[dict]] = {}
+        for r in todo:
+            by_model.setdefault(r["model"], []).append(r)
+        filled = failed = 0
+        errors: list[str] = []
+        bar = tqdm(total=len(todo), desc=f"backfill {','.join(groups)}", unit="run", disable=not progress)
+        for name, model_rows in by_model.items():
+            model, tok = zoo.load(name, attn_implementation="eager")
+            calib = data.token_stream(tok, "wikitext2", "train")
+            profile = None
+            if "profile" in groups:
+                opts = ExtractOptions()
+                windows = feature_windows(model, calib, opts.n_windows, opts.seq_len, 0)
+                profile = measure_profile(model, windows)
+            for r in model_rows:
+                try:
+                    recipe = Recipe.from_label(r["recipe"])
+                    t = time.perf_counter()
+                    out = features.extract(model, recipe, calib, which=groups, profile=profile)
+                    if profile is not None:
+                        out["profile_seconds"] = out.get("profile_seconds", 0.0)
+                    timings = {"backfill_seconds": time.perf_counter() - t}
+                    st.update_features(r["run_key"], {k: v for k, v in out.items()}, timings=timings)
+                    filled += 1
+                except QuantpredictError as exc:
+                    failed += 1
+                    errors.append(f"{r['run_key']}: {exc}")
+                if on_run is not None:
+                    on_run(r["run_key"])
+                bar.update(1)
+            if profile is not None:
+                bar.write(f"{name}: profile measured in {profile.seconds:.1f} s")
+            del model
+        bar.close()
+        return BackfillSummary(runs=len(rows), filled=filled, skipped=len(rows) - len(missing), failed=failed,
+                               left=len(missing) - len(todo),
+                               models=len(by_model), seconds=time.perf_counter() - t0, store=st.url,
+                               errors=tuple(errors))
+    finally:
+        if own:
+            st.close()
