@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "predict_quality"]
+__all__ = ["__version__", "predict_quality", "rank_recipes"]
 
 
 def __getattr__(name: str):
@@ -12,4 +12,8 @@ def __getattr__(name: str):
         from quantpredict.predict.quality import predict_quality
 
         return predict_quality
+    if name == "rank_recipes":
+        from quantpredict.predict.rank import rank_recipes
+
+        return rank_recipes
     raise AttributeError(f"module 'quantpredict' has no attribute {name!r}")

@@ -40,9 +40,13 @@ def _named_weights(model: nn.Module, refs: Sequence[arch.LinearRef]) -> list[str
     return [ids[id(r.parameter)] for r in refs]
 
 
+def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
+    return z if z.dtype == torch.float64 else z.float()
+
+
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``[b, seq_len - 1, vocab]`` float32 next-token logits."""
-    return model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    """``[b, seq_len - 1, vocab]`` next-token logits in float32 (float64 for a float64 model)."""
+    return _at_least_float32(model(input_ids=ids, use_cache=False).logits[:, :-1])
 
 
 def _gauss_newton_quadratic(z: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
@@ -74,7 +78,7 @@ def fisher_measures(model: nn.Module, refs: Sequence[arch.LinearRef], deltas: Se
 
         def logits_of(weights, ids=ids):
             out = functional_call(model, weights, args=(), kwargs={"input_ids": ids, "use_cache": False})
-            return out.logits[:, :-1].float()
+            return _at_least_float32(out.logits[:, :-1])
 
         z, dz = jvp(logits_of, (primals,), (tangents,))
         quad += float(_gauss_newton_quadratic(z, dz).sum())
@@ -148,13 +152,13 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     handles = []
 
     def forward_hook(module, args, output, name):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        x = _at_least_float32(args[0].detach().reshape(-1, args[0].shape[-1]))
         if capture_inputs[0]:
             a_sums[name] += (x.T @ x).double()
             in_tokens[name] += x.shape[0]
         if output.requires_grad:
             def grad_hook(g, name=name):
-                s = g.detach().reshape(-1, g.shape[-1]).float()
+                s = _at_least_float32(g.detach().reshape(-1, g.shape[-1]))
                 g_sums[name] += (s.T @ s).double()
             output.register_hook(grad_hook)
 
@@ -175,7 +179,7 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
             ids = windows[lo: lo + batch_size]
             for k in range(label_samples):
                 capture_inputs[0] = k == 0
-                z = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                z = _logits(model, ids)
                 logp = torch.log_softmax(z, dim=-1)
                 if k == 0:
                     with torch.no_grad():

@@ -290,7 +290,8 @@ class Predictor:
 
     @classmethod
     def load(cls, directory: str | Path) -> Predictor:
-        """Load a predictor saved by :meth:`save`. Reads JSON and (for trees) an allow-listed skops file only."""
+        """Load a predictor saved by :meth:`save` (or by a :class:`~quantpredict.predict.physics.PhysicsPredictor`,
+        which is then what is returned). Reads JSON and (for trees) an allow-listed skops file only."""
         d = Path(directory)
         fix = "fit one with `quantpredict fit --runs RUNS --kind ols --out DIR`"
         if not d.exists():
@@ -311,6 +312,10 @@ class Predictor:
             raise PredictorError(f"{d} was saved by a newer quantpredict (predictor format "
                                  f"{meta['format_version']} > {FORMAT_VERSION}); upgrade quantpredict or refit")
         _check_schema(meta, d)
+        from quantpredict.predict.physics import PHYSICS_KINDS, PhysicsPredictor
+
+        if meta.get("kind") in PHYSICS_KINDS:
+            return PhysicsPredictor.from_meta(meta, d)
         try:
             p = cls(meta["kind"], meta["params"]["random_state"], features=meta["params"]["features"],
                     alpha=meta["params"]["alpha"], conformal_folds=meta["params"]["conformal_folds"],

@@ -15,15 +15,18 @@ import pandas as pd
 from quantpredict.errors import PredictorError
 from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
 from quantpredict.predict.predictor import Predictor
+from quantpredict.recipe import RECIPE_COLUMNS, Recipe
 
 DEFAULT_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "default"
-RECIPE_FIELDS = ("weight_format", "block_size", "method", "smoothquant_alpha", "act_format")
+RECIPE_FIELDS = RECIPE_COLUMNS  # the run-store columns of a recipe (quantpredict.recipe)
 
 
 @dataclass(frozen=True)
 class Prediction:
     """One recipe's prediction. Perplexities on WikiText-2 test; ``delta_*`` in nats; ``*_low``/``*_high`` bound
-    the predictor's (1 - alpha) interval (90% by default). ``ppl_fp_source``: ``"measured"`` (given) or
+    the predictor's (1 - alpha) interval (90% by default). ``kld`` (mean KL(P_fp || P_q), nats) and ``top1`` (top-1
+    agreement, a fraction) with their intervals come from the KLD-first kinds (``physics``, ``kfac``); NaN from the
+    delta-only kinds. ``ppl_fp_source``: ``"measured"`` (given) or
     ``"predicted"`` (from the calibration NLL). ``seconds``: features + prediction (what replaces the evaluation);
     ``load_seconds``: loading the model, which an evaluation pays too; ``eval_seconds``: what a full WikiText-2
     evaluation of this model cost in the predictor's training runs (None for a model it has not seen)."""
@@ -44,6 +47,12 @@ class Prediction:
     eval_seconds: float | None = None  # a full evaluation's seconds for this model, when the training runs hold it
     features: dict[str, float] = field(default_factory=dict)
     feature_seconds: dict[str, float] = field(default_factory=dict)
+    kld: float = float("nan")
+    kld_low: float = float("nan")
+    kld_high: float = float("nan")
+    top1: float = float("nan")
+    top1_low: float = float("nan")
+    top1_high: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,7 +60,9 @@ class Prediction:
 
 def resolve_predictor(predictor: str | Path | Predictor) -> Predictor:
     """A :class:`Predictor` instance, ``"default"`` (the one shipped in ``data/predictors/default``) or a directory."""
-    if isinstance(predictor, Predictor):
+    from quantpredict.predict.physics import PhysicsPredictor
+
+    if isinstance(predictor, (Predictor, PhysicsPredictor)):
         return predictor
     if str(predictor) == "default":
         if not (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
@@ -64,23 +75,15 @@ def resolve_predictor(predictor: str | Path | Predictor) -> Predictor:
 
 
 def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
-    """The recipe's label and its run-store columns (``weight_format``, ``block_size``, ``method``, ...)."""
-    if isinstance(recipe, Mapping):
-        cols = {k: recipe.get(k) for k in RECIPE_FIELDS}
-        label = recipe.get("label") or recipe.get("recipe")
-    else:
-        missing = [k for k in ("weight_format", "method") if not hasattr(recipe, k)]
-        if missing:
-            raise PredictorError(f"recipe {recipe!r} lacks {missing}; pass a quantpredict.quantize.Recipe")
-        cols = {k: getattr(recipe, k, None) for k in RECIPE_FIELDS}
-        label = getattr(recipe, "label", None)
-        label = label() if callable(label) else label
-    if not cols.get("weight_format") or not cols.get("method"):
-        raise PredictorError(f"recipe {recipe!r} needs a weight_format and a method")
-    if label is None:
-        label = "-".join(str(cols[k]) for k in RECIPE_FIELDS if cols[k] is not None)
+    """The recipe's label and its run-store columns (``weight_format``, ``block_size``, ``method``, ...).
+
+    ``recipe``: a :class:`~quantpredict.recipe.Recipe`, a label (``"mxint4-gptq"``) or a dict of Recipe fields;
+    anything else, or a dict with unknown fields, raises :class:`~quantpredict.errors.RecipeError`.
+    """
+    r = Recipe.coerce(recipe)
+    cols = r.columns()
     cols["smoothquant_alpha"] = np.nan if cols["smoothquant_alpha"] is None else float(cols["smoothquant_alpha"])
-    return str(label), cols
+    return r.label, cols
 
 
 def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Predictor = "default", *,
@@ -99,6 +102,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     """
     pred = resolve_predictor(predictor)
     label, cols = recipe_columns(recipe)
+    recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
     t_load = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
@@ -120,7 +124,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
                                  "calib_ids=), or pass the model's name/path instead")
         from quantpredict import data
 
-        calib_ids = data.token_ids(tokenizer, "wikitext2", "train")
+        calib_ids = data.token_stream(tokenizer, "wikitext2", "train")
     from quantpredict import features as features_mod
 
     raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups),
@@ -137,6 +141,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
         row["ppl_fp"] = float(ppl_fp)
     out = pred.predict(pd.DataFrame([row])).iloc[0]
     seconds = time.perf_counter() - t0
+    extra = {k: float(out[k]) for k in ("kld", "kld_low", "kld_high", "top1", "top1_low", "top1_high") if k in out}
     feats = {k: float(raw[k]) for k in FEATURE_NAMES if k in raw}
     timings = {k: float(raw[k]) for k in TIMING_NAMES if k in raw}
     return Prediction(model=name, recipe=label, ppl=float(out["ppl"]), ppl_low=float(out["ppl_low"]),
@@ -145,4 +150,4 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
                       ppl_fp=float(out["ppl_fp"]), ppl_fp_source=str(out["ppl_fp_source"]), seconds=seconds,
                       load_seconds=load_seconds, predictor_kind=pred.kind,
                       eval_seconds=(pred.metadata.get("eval_seconds_by_model") or {}).get(name),
-                      features=feats, feature_seconds=timings)
+                      features=feats, feature_seconds=timings, **extra)

@@ -1,0 +1,86 @@
+"""``quantpredict rank MODEL``: every candidate recipe ranked by predicted quality, with the recommendation under a
+bit, KLD or perplexity budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "rank", help="rank every candidate recipe by predicted KLD and perplexity, and recommend one under a budget",
+        description="Measure MODEL's sensitivity profile once, price every candidate recipe from its weights alone "
+                    "and predict its KLD, delta NLL, perplexity and top-1 agreement with 90%% intervals. The default "
+                    "candidates are the shipped grid (14 formats x RTN and GPTQ).")
+    p.add_argument("model", metavar="MODEL", help="zoo name, imported model (smollm2-135m) or HF model directory")
+    p.add_argument("--formats", default=None, help="comma-separated weight formats (default: the shipped 14)")
+    p.add_argument("--methods", default="rtn,gptq", help="comma-separated methods (default: rtn,gptq)")
+    p.add_argument("--recipes", default=None, help="comma-separated recipe labels instead of formats x methods")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--max-bits", type=float, default=None, metavar="B", help="bits per element at most")
+    budget.add_argument("--max-kld", type=float, default=None, metavar="K", help="predicted KLD at most (nats)")
+    budget.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                        help="predicted perplexity at most PCT percent above the FP one")
+    p.add_argument("--predictor", default="default", help="a saved kfac predictor (default: the shipped one)")
+    p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write the frontier figure (PNG) to FILE")
+    p.set_defaults(func=run)
+
+
+def _recipes(args):
+    from quantpredict.predict.rank import DEFAULT_FORMATS
+    from quantpredict.recipe import Recipe
+
+    if args.recipes:
+        return [Recipe.from_label(r.strip()) for r in args.recipes.split(",") if r.strip()]
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else DEFAULT_FORMATS
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    return [Recipe(f, method=m) for f in formats for m in methods]
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.errors import QuantpredictError
+    from quantpredict.predict.rank import COLUMNS, rank_recipes
+
+    if args.plot and not str(args.plot).lower().endswith(".png"):
+        raise QuantpredictError(f"--plot {args.plot}: the figure is a PNG; give a file name ending in .png")
+    recipes = _recipes(args)  # bad labels or formats fail here, before the model is loaded
+    frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
+                         max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
+                         progress=True)
+    a = frame.attrs
+    if args.plot:
+        from quantpredict.report.frontier import frontier_figure
+
+        frontier_figure(frame, args.plot)
+    if args.json:
+        rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                for r in frame[list(COLUMNS)].to_dict("records")]
+        print(json.dumps({"model": a["model"], "recommended": a["recommended"], "constraint": a["constraint"],
+                          "seconds": a["seconds"], "profile_seconds": a["profile_seconds"],
+                          "full_eval_seconds": a["full_eval_seconds"], "kept_16bit": a["kept_16bit"],
+                          "candidates": rows}, indent=1, default=str))
+        return 0
+    print(f"{a['model']}: {len(frame)} candidates, predicted on WikiText-2 test ({a['predictor_kind']} predictor, "
+          "90% intervals); * = Pareto-optimal in KLD vs bits")
+    print(f"{'recipe':22s} {'bits':>5s} {'MiB':>7s} {'KLD':>9s} {'KLD interval':>21s} {'dNLL':>8s} {'ppl':>8s} "
+          f"{'ppl interval':>19s} {'top1%':>6s}")
+    for _, r in frame.iterrows():
+        mark = "<-" if r["recommended"] else ("*" if r["pareto"] else "")
+        print(f"{r['recipe']:22s} {r['bits_per_element']:5.2f} {r['size_bytes'] / 2**20:7.1f} {r['kld']:9.5f} "
+              f"[{r['kld_low']:9.5f}, {r['kld_high']:9.5f}] {r['delta_nll']:8.4f} {r['ppl']:8.2f} "
+              f"[{r['ppl_low']:8.2f}, {r['ppl_high']:8.2f}] {100 * r['top1']:6.2f} {mark}")
+    c = {k: v for k, v in a["constraint"].items() if v is not None}
+    if c:
+        what = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in c.items())
+        print(f"recommended under {what}: {a['recommended'] or 'none of the candidates meets it'}")
+    print(f"kept in 16 bits: {', '.join(a['kept_16bit'])}")
+    print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} measuring the profile once, "
+          f"{a['seconds_per_recipe']:.2f} per recipe); a full WikiText-2 test evaluation of one recipe: "
+          f"~{a['full_eval_seconds']:.0f} s (estimated from one forward pass)")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,187 @@
+"""Per-layer formats under a bit budget: minimise the predicted KLD from per-layer quantities.
+
+The model is profiled once (:func:`quantpredict.predict.rank.profile_model`). For every linear layer ``l`` and
+candidate format ``f`` the layer's own second-order KL, ``c[l, f] = 0.5 tr(dW A dW^T G)`` against its K-FAC
+factors, and its storage ``b[l, f]`` (bits per element times elements) are computed from the weights alone. The
+allocation minimises ``sum_l c[l, f_l]`` subject to ``sum_l b[l, f_l] <= B * sum_l n_l``: a multiple-choice
+knapsack, solved by Lagrangian relaxation (each layer takes ``argmin_f c[l, f] + lambda b[l, f]``, bisection on
+``lambda`` to the budget) and then a greedy fill of the budget left over, best cost reduction per bit first.
+
+Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the K-FAC
+profile has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
+allocation; the predicted KLD of the result comes from the ``kfac`` predictor, whose constant was fitted on
+measured KLDs of whole models (so it absorbs their average effect), and the allocated recipes are measured in
+the run store beside the uniform ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from quantpredict.errors import PredictorError, RecipeError
+from quantpredict.recipe import Recipe, mixed_recipe
+
+DEFAULT_CANDIDATES: tuple[str, ...] = ("mxint3", "mxint4", "mxfp4_e2m1", "mxint6", "mxfp6_e2m3", "mxfp6_e3m2",
+                                       "mxint8", "mxfp8_e4m3")
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen recipe and what the allocation expected of it.
+
+    ``recipe``: an explicit per-layer recipe (``L=...`` label); ``bits_per_element``: its average over the quantized
+    linears; ``objective``: the summed per-layer second-order KL (nats); ``prediction``: the predictor's row for it
+    (kld, ppl... with intervals); ``layers``: one row per layer (name, elements, format, bits, cost);
+    ``best_uniform``: the best uniform candidate of no more bits, by the same objective, for comparison.
+    """
+
+    recipe: Recipe
+    target_bits: float
+    bits_per_element: float
+    objective: float
+    prediction: dict[str, Any]
+    layers: pd.DataFrame
+    best_uniform: dict[str, Any] | None
+    seconds: float
+    lagrange_multiplier: float
+    notes: tuple[str, ...] = field(default=())
+
+
+def solve_budget(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
+    """Choose one option per row minimising ``sum cost[i, choice_i]`` with ``sum bits[i, choice_i] <= budget``.
+
+    ``cost``, ``bits``: ``[layers, options]`` (``bits`` already multiplied by each layer's element count). Returns
+    ``(choice [layers], lambda)``. Raises :class:`RecipeError` when even the cheapest choice exceeds the budget.
+    """
+    cost, bits = np.asarray(cost, float), np.asarray(bits, float)
+    rows = np.arange(len(cost))
+    if bits.min(axis=1).sum() > budget * (1 + 1e-12):
+        raise RecipeError(f"the bit budget is below what the fewest-bit candidate of every layer needs "
+                          f"({bits.min(axis=1).sum() / bits.shape[0]:.3g} per layer); raise it or add smaller "
+                          "candidate formats")
+
+    def pick(lam: float) -> np.ndarray:
+        score = cost + lam * bits
+        best = score.min(axis=1, keepdims=True)
+        # ties (common at lam = 0 for formats of equal cost) go to the fewer bits
+        return np.where(score <= best + 1e-15 * np.abs(best), bits, np.inf).argmin(axis=1)
+
+    lo, hi = 0.0, 1.0
+    if bits[rows, pick(0.0)].sum() <= budget:
+        choice, lam = pick(0.0), 0.0
+    else:
+        while bits[rows, pick(hi)].sum() > budget:
+            hi *= 2
+            if hi > 1e30:
+                break
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            if bits[rows, pick(mid)].sum() > budget:
+                lo = mid
+            else:
+                hi = mid
+        choice, lam = pick(hi), hi
+    # greedy fill: spend what is left on the upgrades with the largest cost reduction per extra bit
+    used = bits[rows, choice].sum()
+    while True:
+        gain = cost[rows, choice][:, None] - cost
+        extra = bits - bits[rows, choice][:, None]
+        ok = (gain > 0) & (extra > 0) & (extra <= budget - used + 1e-9)
+        if not ok.any():
+            break
+        ratio = np.where(ok, gain / np.where(extra > 0, extra, 1), -np.inf)
+        i, j = np.unravel_index(np.argmax(ratio), ratio.shape)
+        used += extra[i, j]
+        choice[i] = j
+    return choice, lam
+
+
+def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, base: Recipe
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cost [L, F], bits_per_element [L, F], elements [L])`` of every linear layer under every candidate."""
+    from quantpredict.features.fisher import kfac_quadratic, profile_deltas
+    from quantpredict.formats import get_format
+
+    refs = mp.refs
+    L, F = len(refs), len(candidates)
+    cost, bpe = np.zeros((L, F)), np.zeros((L, F))
+    gptq = {"blocksize": base.gptq_blocksize, "percdamp": base.percdamp, "act_order": base.act_order}
+    for j, (fmt, bs) in enumerate(candidates):
+        fb = (fmt, bs if bs is not None else get_format(fmt).default_block_size)
+        deltas = profile_deltas(refs, [fb] * L, method, mp.profile, gptq_options=gptq)
+        for i, (ref, d) in enumerate(zip(refs, deltas)):
+            cost[i, j] = kfac_quadratic(d, mp.profile.input_moment[ref.name], mp.profile.output_fisher[ref.name])[0]
+            bpe[i, j] = get_format(fmt).bits_per_element(fb[1], row_length=ref.in_features)
+    sizes = np.array([r.weight.numel() for r in refs], float)
+    return cost, bpe, sizes
+
+
+def _parse_candidates(candidates: Sequence[str]) -> list[tuple[str, int | None]]:
+    from quantpredict.recipe import _split_block
+
+    out = []
+    for c in candidates:
+        fmt, bs = _split_block(str(c).strip())
+        Recipe(fmt, block_size=bs)  # validates the name and block size
+        out.append((fmt, bs))
+    if len(out) < 2:
+        raise RecipeError("allocate needs at least two candidate formats to choose between")
+    return out
+
+
+def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFAULT_CANDIDATES,
+             method: str = "rtn", predictor: Any = "default", tokenizer: Any = None, profile=None,
+             ppl_fp: float | None = None) -> Allocation:
+    """Per-layer formats for ``model`` from ``candidates`` (format names, ``_bN`` for a block size) with at most
+    ``target_bits`` bits per element on average over the quantized linears, minimising the predicted KLD.
+
+    ``method``: ``rtn`` or ``gptq`` for every layer (GPTQ costs come from per-layer GPTQ against the profile's
+    Hessian). ``profile``: a :class:`~quantpredict.predict.rank.ModelProfile` already measured (else measured
+    here). Returns an :class:`Allocation` whose ``recipe`` quantize_model, the features, predict and the run store
+    all take.
+    """
+    from quantpredict.predict.quality import resolve_predictor
+    from quantpredict.predict.rank import KFAC_PREDICTOR_DIR, profile_model, recipe_row
+
+    if not (np.isfinite(target_bits) and target_bits > 0):
+        raise RecipeError(f"target_bits must be a positive number of bits per element, got {target_bits!r}")
+    if method not in ("rtn", "gptq"):
+        raise RecipeError(f"allocate's method must be rtn or gptq, got {method!r}")
+    cands = _parse_candidates(candidates)
+    pred = resolve_predictor(KFAC_PREDICTOR_DIR if str(predictor) == "default" else predictor)
+    if getattr(pred, "kind", None) != "kfac":
+        raise PredictorError("allocate needs a 'kfac' predictor (it prices layers from weights alone)")
+    t0 = time.perf_counter()
+    mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer)
+    base = Recipe(cands[0][0], method=method)
+    cost, bpe, sizes = layer_table(mp, cands, method, base)
+    choice, lam = solve_budget(cost, bpe * sizes[:, None], target_bits * sizes.sum())
+    rows = np.arange(len(choice))
+    chosen = [cands[j] for j in choice]
+    recipe = mixed_recipe(base, chosen)
+    row = recipe_row(mp, recipe)
+    if ppl_fp is not None:
+        row["ppl_fp"] = float(ppl_fp)
+    prediction = pred.predict(pd.DataFrame([row])).iloc[0].to_dict() | {"kfac_quad": row["kfac_quad"]}
+    layers = pd.DataFrame({"layer": [r.name for r in mp.refs], "elements": sizes.astype(int),
+                           "format": [f"{f}" + (f"_b{b}" if b else "") for f, b in chosen],
+                           "bits_per_element": bpe[rows, choice], "cost": cost[rows, choice]})
+    uniform = []
+    for j, (fmt, bs) in enumerate(cands):
+        bits_j = float((bpe[:, j] * sizes).sum() / sizes.sum())
+        if bits_j <= target_bits + 1e-9:
+            uniform.append({"recipe": Recipe(fmt, block_size=bs, method=method).label, "bits_per_element": bits_j,
+                            "objective": float(cost[:, j].sum())})
+    best_uniform = min(uniform, key=lambda u: u["objective"]) if uniform else None
+    return Allocation(recipe=recipe, target_bits=float(target_bits),
+                      bits_per_element=float((bpe[rows, choice] * sizes).sum() / sizes.sum()),
+                      objective=float(cost[rows, choice].sum()), prediction=prediction, layers=layers,
+                      best_uniform=best_uniform, seconds=time.perf_counter() - t0, lagrange_multiplier=float(lam),
+                      notes=("cross-layer terms of the Fisher are not modelled (the objective is additive over "
+                             "layers)",))

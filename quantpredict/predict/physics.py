@@ -1,0 +1,380 @@
+"""Predictors built on the second-order law: KLD, delta NLL, top-1 agreement and perplexity, each with an interval.
+
+To second order, KL(P_fp || P_q) = 0.5 delta^T F delta with F the Fisher of the next-token distribution: the
+constant is 1 by construction, for any model at any size. The predictor therefore regresses each target on the
+logarithm of a measured second-order quantity plus a few *scale-free* corrections (ratios, bits, element kind,
+method; never a raw parameter count or width), so a fit on small models carries over to large ones:
+
+- ``log KLD = a + b log(Q) + c . z`` with ``Q`` the kind's base quantity:
+  - kind ``physics``: ``fisher_quad`` (the exact 0.5 delta^T F delta on the calibration batch, a forward-mode JVP)
+    with the measured calibration KL as a higher-order correction, ``log(kl_calib / fisher_quad)``;
+  - kind ``kfac``: ``kfac_quad`` (the same quadratic priced from weights alone against the model's K-FAC profile,
+    what ``rank`` and ``allocate`` use: no forward pass per recipe).
+- ``log delta_NLL`` on the runs whose delta is resolved (> 2 standard errors), on the same base, the kind's
+  calibration NLL-to-KL ratio where it has one, and the model's calibration gap ``fp_calib_nll - fp_entropy_calib``
+  (zero for a calibrated model, for which the expected delta NLL *is* the KL).
+- ``log(1 - top1)`` on the base (disagreement grows like sqrt(KL) for small perturbations) and the FP entropy.
+- ``ppl = ppl_fp * exp(delta_NLL)``, ``ppl_fp`` measured when given, else from the calibration NLL.
+
+Intervals: split-conformal per target on out-of-fold log residuals from folds grouped by model (the residuals a
+*new* model would see), widened for inputs outside the training ranges (see :meth:`PhysicsPredictor.predict`).
+MAPIE's conformal regressors would do the same residual bookkeeping, but a saved predictor here must load
+without pickle (plain JSON numbers), so the quantile is computed directly, exactly as MAPIE's split method does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from quantpredict.errors import PredictorError
+
+PHYSICS_KINDS: tuple[str, ...] = ("physics", "kfac")
+BASE_FEATURE = {"physics": "fisher_quad", "kfac": "kfac_quad"}
+TARGETS = ("kld", "delta_nll", "top1")
+FLOOR = 1e-12  # nats: log() of a second-order term that rounds to zero
+
+
+class OutOfRangeWarning(UserWarning):
+    """A prediction for an input outside the range the predictor was fitted on (its interval is widened)."""
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    if col not in df:
+        return np.full(len(df), np.nan)
+    return pd.to_numeric(df[col], errors="coerce").to_numpy(float)
+
+
+def _log(x: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(np.asarray(x, float), FLOOR))
+
+
+def _flag(df: pd.DataFrame, col: str, value: str | None = None) -> np.ndarray:
+    """1.0 where the recipe column is set (or equals ``value``)."""
+    if col not in df:
+        return np.zeros(len(df))
+    s = df[col]
+    if value is not None:
+        return (s.astype(str) == value).to_numpy(float)
+    return s.map(lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))
+                 and str(v).lower() not in ("", "none", "nan")).to_numpy(float)
+
+
+def _gptq(df: pd.DataFrame) -> np.ndarray:
+    return df["method"].astype(str).isin(["gptq", "qat_gptq"]).to_numpy(float) if "method" in df else \
+        np.zeros(len(df))
+
+
+def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
+    """The scale-free design matrix of one target, ``[n_rows, columns]`` (no intercept column)."""
+    base = _log(_num(df, BASE_FEATURE[kind]))
+    cols: dict[str, np.ndarray] = {"log_base": base}
+    if kind == "physics":
+        cols["log_kl_over_quad"] = _log(_num(df, "kl_calib")) - base
+    else:
+        cols["log_diag_over_full"] = _log(_num(df, "kfac_quad_diag")) - base
+        cols["max_layer_share"] = _num(df, "kfac_max_layer_share")
+    cols["element_is_fp"] = _num(df, "element_is_fp")
+    cols["gptq"] = _gptq(df)
+    cols["act_quant"] = _flag(df, "act_format")
+    if target == "delta_nll":
+        cols["calib_gap"] = _num(df, "fp_calib_nll") - _num(df, "fp_entropy_calib")
+        if kind == "physics":
+            # the calibration batch's own NLL change per unit KL, squashed: it can be ~0 or negative at 8 bits
+            ratio = _num(df, "dnll_calib") / np.maximum(_num(df, "kl_calib"), FLOOR)
+            cols["calib_dnll_per_kl"] = np.arcsinh(ratio)
+    if target == "top1":
+        cols["log_fp_entropy"] = _log(_num(df, "fp_entropy_calib"))
+    return pd.DataFrame(cols, index=df.index)
+
+
+def describe(kind: str, column: str) -> str:
+    """A design column in the schema's words, for messages."""
+    names = {"log_base": f"log {BASE_FEATURE[kind]}", "log_kl_over_quad": "log(kl_calib / fisher_quad)",
+             "log_diag_over_full": "log(kfac_quad_diag / kfac_quad)", "max_layer_share": "kfac_max_layer_share",
+             "calib_gap": "fp_calib_nll - fp_entropy_calib", "calib_dnll_per_kl": "asinh(dnll_calib / kl_calib)",
+             "log_fp_entropy": "log fp_entropy_calib"}
+    return names.get(column, column)
+
+
+def required_features(kind: str) -> tuple[str, ...]:
+    """The schema features a predictor of ``kind`` reads."""
+    common = ("element_is_fp", "fp_calib_nll", "fp_entropy_calib")
+    if kind == "physics":
+        return ("fisher_quad", "kl_calib", "dnll_calib") + common
+    return ("kfac_quad", "kfac_quad_diag", "kfac_max_layer_share") + common
+
+
+def target_values(target: str, df: pd.DataFrame) -> np.ndarray:
+    """The transformed measured target: log KLD, log delta NLL, log(1 - top1)."""
+    if target == "kld":
+        return _log(_num(df, "kld"))
+    if target == "delta_nll":
+        return _log(_num(df, "nll_quant") - _num(df, "nll_fp"))
+    return _log(1.0 - _num(df, "top1_agree"))
+
+
+def resolved(df: pd.DataFrame, min_se: float = 2.0) -> np.ndarray:
+    """Runs whose delta NLL is above ``min_se`` standard errors (what the delta NLL law is fitted on)."""
+    delta = _num(df, "nll_quant") - _num(df, "nll_fp")
+    se = np.nan_to_num(_num(df, "delta_nll_se"), nan=0.0)
+    return delta > np.maximum(min_se * se, 0.0)
+
+
+def conformal_quantile(abs_residuals: np.ndarray, alpha: float) -> float:
+    """The split-conformal quantile: the ceil((n + 1)(1 - alpha))-th smallest residual (inf if n is too small)."""
+    r = np.sort(np.asarray(abs_residuals, float))
+    k = int(np.ceil((len(r) + 1) * (1 - alpha)))
+    return float(r[k - 1]) if k <= len(r) else float("inf")
+
+
+@dataclass
+class LogLaw:
+    """One target's fitted law: least squares in log space, its conformal half-width and its training ranges."""
+
+    target: str
+    columns: tuple[str, ...]
+    coef: np.ndarray  # [1 + len(columns)]: intercept first
+    q: float  # conformal half-width in log space (1 - alpha coverage)
+    ranges: dict[str, tuple[float, float]]
+    n: int
+    dropped: tuple[str, ...] = ()
+
+    def predict_log(self, X: pd.DataFrame) -> np.ndarray:
+        A = np.column_stack([np.ones(len(X))] + [X[c].to_numpy(float) for c in self.columns])
+        return A @ self.coef
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "columns": list(self.columns), "coef": [float(c) for c in self.coef],
+                "q": self.q, "ranges": {k: list(v) for k, v in self.ranges.items()}, "n": self.n,
+                "dropped": list(self.dropped)}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> LogLaw:
+        return cls(str(d["target"]), tuple(d["columns"]), np.asarray(d["coef"], float), float(d["q"]),
+                   {k: (float(v[0]), float(v[1])) for k, v in d["ranges"].items()}, int(d["n"]),
+                   tuple(d.get("dropped", ())))
+
+
+def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """Least squares with an unpenalised intercept and a tiny ridge (keeps collinear indicator columns finite)."""
+    A = np.column_stack([np.ones(len(X)), X])
+    reg = ridge * np.eye(A.shape[1])
+    reg[0, 0] = 0.0
+    return np.linalg.solve(A.T @ A + reg * len(y), A.T @ y)
+
+
+def fit_law(target: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, alpha: float,
+            n_folds: int = 10) -> LogLaw:
+    """Fit one target and its grouped cross-conformal half-width (out-of-fold residuals, folds grouped by model)."""
+    from sklearn.model_selection import GroupKFold
+
+    keep_cols = [c for c in X.columns if np.nanstd(X[c].to_numpy(float)) > 0]
+    dropped = tuple(c for c in X.columns if c not in keep_cols)
+    Xa = X[keep_cols].to_numpy(float)
+    coef = _lstsq(Xa, y)
+    n_groups = len(np.unique(groups))
+    resid = np.full(len(y), np.nan)
+    if n_groups >= 2:
+        for tr, te in GroupKFold(n_splits=min(n_folds, n_groups)).split(Xa, y, groups):
+            c = _lstsq(Xa[tr], y[tr])
+            resid[te] = y[te] - np.column_stack([np.ones(len(te)), Xa[te]]) @ c
+    q = conformal_quantile(np.abs(resid[np.isfinite(resid)]), alpha) if np.isfinite(resid).any() else float("inf")
+    ranges = {c: (float(np.min(X[c])), float(np.max(X[c]))) for c in keep_cols
+              if X[c].nunique() > 2}  # indicators are in range by construction
+    return LogLaw(target, tuple(keep_cols), coef, q, ranges, len(y), dropped)
+
+
+@dataclass
+class PhysicsPredictor:
+    """The KLD-first predictor (kinds ``physics`` and ``kfac``); see the module docstring.
+
+    ``predict(frame)`` returns every column the delta-only kinds return (``delta_nll``, ``ppl`` ... with intervals)
+    plus ``kld``, ``kld_low``, ``kld_high``, ``top1``, ``top1_low``, ``top1_high``.
+    """
+
+    kind: str = "physics"
+    alpha: float = 0.1
+    laws: dict[str, LogLaw] = field(default_factory=dict)
+    fp_model: object = None
+    metadata: dict = field(default_factory=dict)
+    _warned: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in PHYSICS_KINDS:
+            raise PredictorError(f"unknown physics predictor kind {self.kind!r}; choose one of {list(PHYSICS_KINDS)}")
+        if not 0 < self.alpha < 1:
+            raise PredictorError(f"alpha must be in (0, 1), got {self.alpha}")
+
+    # ---- fit -------------------------------------------------------------------------------------------------------
+    @property
+    def features(self) -> tuple[str, ...]:
+        return required_features(self.kind)
+
+    @property
+    def required_groups(self) -> tuple[str, ...]:
+        from quantpredict.predict.design import feature_groups
+
+        return tuple(dict.fromkeys(("model", "format") + feature_groups(self.features)))
+
+    def usable(self, runs: pd.DataFrame) -> pd.DataFrame:
+        """The done runs with every feature and measured target this kind needs."""
+        from quantpredict.predict.design import done_runs
+
+        runs = done_runs(runs)
+        need = list(self.features) + ["kld", "top1_agree"]
+        missing = [c for c in need if c not in runs]
+        if missing:
+            raise PredictorError(f"the runs lack {missing}, which the {self.kind!r} predictor needs; add them with "
+                                 f"`quantpredict backfill --store S --groups "
+                                 f"{','.join(self.required_groups[2:])}`")
+        ok = np.all([np.isfinite(_num(runs, c)) for c in need], axis=0)
+        return runs[ok]
+
+    def fit(self, runs_df: pd.DataFrame) -> PhysicsPredictor:
+        from quantpredict.predict.predictor import FPModel, _eval_seconds
+
+        t0 = time.perf_counter()
+        runs = self.usable(runs_df)
+        if runs["model"].nunique() < 2 or len(runs) < 20:
+            raise PredictorError(f"the {self.kind!r} predictor needs runs of at least 2 models (20 runs); got "
+                                 f"{len(runs)} runs of {runs['model'].nunique()} model(s) with its features")
+        groups = runs["model"].astype(str).to_numpy()
+        laws = {}
+        for target in TARGETS:
+            rows = resolved(runs) if target == "delta_nll" else np.isfinite(target_values(target, runs))
+            X = design_columns(self.kind, target, runs[rows])
+            laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha)
+        self.laws = laws
+        self.fp_model = FPModel.fit(runs)
+        self.metadata = {"n_runs": int(len(runs)), "n_models": int(runs["model"].nunique()),
+                         "models": sorted(runs["model"].astype(str).unique()),
+                         "families": sorted(runs["family"].astype(str).unique()) if "family" in runs else [],
+                         "fit_seconds": time.perf_counter() - t0, "eval_seconds_by_model": _eval_seconds(runs),
+                         "validation": None}
+        return self
+
+    # ---- predict ---------------------------------------------------------------------------------------------------
+    def _widen(self, law: LogLaw, X: pd.DataFrame) -> np.ndarray:
+        """Half-width per row: ``q`` times (1 + the summed distance outside the training ranges, in range units)."""
+        excess = np.zeros(len(X))
+        for col, (lo, hi) in law.ranges.items():
+            v = X[col].to_numpy(float)
+            span = max(hi - lo, 1e-9)
+            out = np.maximum(lo - v, 0.0) + np.maximum(v - hi, 0.0)
+            if (out > 0).any() and col not in self._warned:
+                self._warned.add(col)
+                worst = float(v[np.argmax(out)])
+                warnings.warn(f"{self.kind} predictor: input {describe(self.kind, col)} = {worst:.4g} lies outside "
+                              f"its training range [{lo:.4g}, {hi:.4g}]; the intervals are widened by the distance "
+                              "outside (in units of the range)", OutOfRangeWarning, stacklevel=3)
+            excess += out / span
+        return law.q * (1.0 + excess)
+
+    def predict(self, features_df: pd.DataFrame) -> pd.DataFrame:
+        if not self.laws:
+            raise PredictorError("this predictor is not fitted; call fit(runs) or load it first")
+        if not isinstance(features_df, pd.DataFrame):
+            raise PredictorError(f"predict() takes a pandas DataFrame, got {type(features_df).__name__}")
+        missing = [c for c in self.features if c not in features_df]
+        if missing:
+            raise PredictorError(f"the input lacks {missing} that this {self.kind!r} predictor needs; compute the "
+                                 f"feature groups {list(self.required_groups)} (features.extract(which=...))")
+        out = {}
+        for target, law in self.laws.items():
+            X = design_columns(self.kind, target, features_df)
+            bad = ~np.isfinite(X[list(law.columns)].to_numpy(float)).all(axis=1)
+            if bad.any():
+                raise PredictorError(f"{int(bad.sum())} input row(s) have missing or non-finite {self.kind} features "
+                                     f"for {target} (first row {features_df.index[np.argmax(bad)]!r}); recompute them")
+            mid = law.predict_log(X)
+            half = self._widen(law, X)
+            out[target] = (mid, mid - half, mid + half)
+        kld = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["kld"])}
+        dn = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["delta_nll"])}
+        dis = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["top1"])}
+        frame = pd.DataFrame({
+            "kld": kld["mid"], "kld_low": kld["lo"], "kld_high": kld["hi"],
+            "delta_nll": dn["mid"], "delta_low": dn["lo"], "delta_high": dn["hi"],
+            "top1": 1 - dis["mid"], "top1_low": 1 - np.minimum(dis["hi"], 1.0), "top1_high": 1 - dis["lo"],
+        }, index=features_df.index)
+        return frame.join(self._ppl(features_df, frame))
+
+    def _ppl(self, df: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
+        n = len(df)
+        log_fp, fp_half = np.full(n, np.nan), np.zeros(n)
+        source = np.array(["unavailable"] * n, dtype=object)
+        measured = _num(df, "ppl_fp")
+        has = np.isfinite(measured) & (measured > 0)
+        log_fp[has], source[has] = np.log(measured[has]), "measured"
+        need = source == "unavailable"
+        if need.any() and self.fp_model is not None:
+            pred, half = self.fp_model.predict(_num(df, "fp_calib_nll"), self.alpha)
+            ok = need & np.isfinite(pred)
+            log_fp[ok], fp_half[ok], source[ok] = pred[ok], np.nan_to_num(half[ok], nan=0.0), "predicted"
+        d, lo, hi = (frame[c].to_numpy(float) for c in ("delta_nll", "delta_low", "delta_high"))
+        lo_w, hi_w = np.sqrt((d - lo) ** 2 + fp_half**2), np.sqrt((hi - d) ** 2 + fp_half**2)
+        return pd.DataFrame({"ppl": np.exp(log_fp + d), "ppl_low": np.exp(log_fp + d - lo_w),
+                             "ppl_high": np.exp(log_fp + d + hi_w), "ppl_fp": np.exp(log_fp),
+                             "ppl_fp_source": source}, index=df.index)
+
+    def summary(self) -> str:
+        lines = [f"quantpredict predictor kind={self.kind!r}: {self.metadata.get('n_runs')} runs of "
+                 f"{self.metadata.get('n_models')} models; log-space laws (intercept first), conformal half-width q"]
+        for t, law in self.laws.items():
+            terms = ", ".join(f"{c} {v:+.3f}" for c, v in zip(("1",) + law.columns, law.coef))
+            lines.append(f"  {t:10s} n={law.n:4d} q={law.q:.3f}: {terms}")
+        return "\n".join(lines)
+
+    # ---- save / load -----------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        from quantpredict.predict.predictor import FORMAT_NAME, FORMAT_VERSION, META_FILE, _jsonable, _versions
+        from quantpredict.schema import FEATURE_NAMES
+
+        d = Path(directory)
+        if d.exists() and not d.is_dir():
+            raise PredictorError(f"{d} exists and is not a directory; pass a directory to save the predictor in")
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
+                "params": {"alpha": self.alpha},
+                "schema": {"feature_names": list(FEATURE_NAMES), "used": list(self.features)},
+                "laws": {t: law.to_json() for t, law in self.laws.items()},
+                "fp_model": None if self.fp_model is None else self.fp_model.to_json(),
+                "training": {k: _jsonable(v) for k, v in self.metadata.items() if k != "validation"},
+                "validation": self.metadata.get("validation"), "versions": _versions(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (d / META_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
+        return d
+
+    @classmethod
+    def from_meta(cls, meta: Mapping, directory: Path) -> PhysicsPredictor:
+        from quantpredict.predict.predictor import FPModel
+
+        try:
+            p = cls(str(meta["kind"]), float(meta["params"]["alpha"]))
+            p.laws = {t: LogLaw.from_json(v) for t, v in meta["laws"].items()}
+            p.fp_model = FPModel.from_json(meta.get("fp_model"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PredictorError(f"{directory}: the saved {meta.get('kind')!r} predictor is incomplete or corrupt "
+                                 f"({type(exc).__name__}: {exc}); refit it with `quantpredict fit`") from None
+        if set(p.laws) != set(TARGETS):
+            raise PredictorError(f"{directory}: the saved predictor lacks the laws {sorted(set(TARGETS) - set(p.laws))}"
+                                 "; refit it with `quantpredict fit`")
+        p.metadata = {**meta.get("training", {}), "validation": meta.get("validation"),
+                      "versions": meta.get("versions"), "created": meta.get("created")}
+        return p
+
+    def attach_validation(self, metrics: pd.DataFrame | Sequence[Mapping]) -> PhysicsPredictor:
+        from quantpredict.predict.predictor import _jsonable
+
+        rows = metrics.to_dict("records") if isinstance(metrics, pd.DataFrame) else [dict(r) for r in metrics]
+        self.metadata["validation"] = [{k: _jsonable(v) for k, v in r.items()} for r in rows]
+        return self

@@ -1,0 +1,233 @@
+"""Rank every candidate recipe in one call: measure the model once, price each recipe from its weights alone.
+
+:func:`rank_recipes` loads the model, measures its :class:`~quantpredict.features.fisher.SensitivityProfile` once
+(one forward and one sampled-label backward pass over the calibration windows: per-layer K-FAC factors), then for
+each candidate computes every layer's ``Q(W) - W`` (RTN, or GPTQ against the profile's Hessian: GPTQ recipes pay
+their per-layer GPTQ, no forward pass), prices it against the profile (``kfac_quad``) and lets a ``kfac``-kind
+predictor turn that into KLD, delta NLL, perplexity and top-1 agreement with intervals. No candidate runs a
+forward pass over calibration tokens, so the marginal RTN recipe costs a few weight passes.
+
+Sizes and bits per element count the quantized linear layers at their format's storage (scales included); what
+stays in 16 bits (embeddings, the head, norms, biases, layers a recipe leaves unquantized) is counted at 16 bits
+in ``size_bytes`` and named in ``DataFrame.attrs["kept_16bit"]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from quantpredict.errors import PredictorError, RecipeError
+from quantpredict.recipe import Recipe
+
+#: The shipped sweep's weight formats: the default candidate grid with RTN and GPTQ (28 recipes).
+DEFAULT_FORMATS: tuple[str, ...] = (
+    "mxint8", "mxint6", "mxint4", "mxint3", "mxint2", "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3",
+    "mxfp4_e2m1", "int8", "int4", "int3", "int2",
+)
+DEFAULT_METHODS: tuple[str, ...] = ("rtn", "gptq")
+KFAC_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "kfac"
+
+
+def default_recipes(formats: Sequence[str] = DEFAULT_FORMATS, methods: Sequence[str] = DEFAULT_METHODS
+                    ) -> list[Recipe]:
+    return [Recipe(f, method=m) for f in formats for m in methods]
+
+
+@dataclass
+class ModelProfile:
+    """What :func:`rank_recipes` measures once per model: the model, its profile and its model-level features."""
+
+    name: str
+    model: Any
+    profile: Any
+    model_features: dict[str, float]
+    refs: list
+    seconds: float
+    forward_seconds_per_window: float
+    full_split_windows: int
+
+
+def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = None, seed: int = 0,
+                  n_windows: int = 8, seq_len: int = 256, name: str | None = None) -> ModelProfile:
+    """Load ``model_or_path`` (or take a loaded model with its ``tokenizer``) and measure its profile once."""
+    import torch
+
+    from quantpredict import arch, data, models
+    from quantpredict.features.extract import feature_windows
+    from quantpredict.features.fisher import measure_profile
+
+    t0 = time.perf_counter()
+    if isinstance(model_or_path, (str, Path)):
+        model, tok = models.load(str(model_or_path), attn_implementation="eager")
+        tokenizer = tokenizer or tok
+        name = name or str(model_or_path)
+    else:
+        model = model_or_path
+        name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
+    if calib is None:
+        if tokenizer is None:
+            raise PredictorError("rank_recipes got a model object without a tokenizer: pass tokenizer= or calib=")
+        calib = data.token_stream(tokenizer, "wikitext2", "train")
+    windows = feature_windows(model, calib, n_windows, seq_len, seed)
+    profile = measure_profile(model, windows, seed=seed)
+    feats = {"n_params_nonembed": float(arch.non_embedding_parameters(model)),
+             "n_layers": float(len(arch.blocks(model))), "hidden_size": float(arch.hidden_size(model)),
+             "fp_calib_nll": profile.fp_nll, "fp_entropy_calib": profile.fp_entropy}
+    # the cost a full evaluation would have: one FP and one quantized forward per window of the whole test split
+    t = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=windows[:1], use_cache=False)
+    fwd = time.perf_counter() - t
+    n_split = 0
+    if tokenizer is not None:
+        n_split = int(data.token_ids(tokenizer, "wikitext2", "test").numel() // windows.shape[1])
+    return ModelProfile(name, model, profile, feats, arch.linear_layers(model), time.perf_counter() - t0, fwd,
+                        n_split)
+
+
+def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
+    """One candidate's features from weights alone (``format`` and ``profile`` groups) and its size."""
+    from quantpredict.features.fisher import price_deltas, profile_deltas
+    from quantpredict.formats import get_format
+    from quantpredict.quantize import layer_plan, size_report
+
+    if recipe.smoothquant_alpha is not None or recipe.act_format is not None or recipe.qat or recipe.awq:
+        raise RecipeError(f"rank prices weight-only PTQ recipes from the weights; {recipe.label} needs SmoothQuant, "
+                          "activation quantization, AWQ or QAT: predict it with `quantpredict predict` instead")
+    t0 = time.perf_counter()
+    planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
+    formats = [planned.get(r.name) for r in mp.refs]
+    gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
+    deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+    feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas)
+    rows = []
+    for ref, fb in zip(mp.refs, formats):
+        n = ref.weight.numel()
+        if fb is None:
+            rows.append((n, 16.0, 0.0, float(ref.in_features)))
+        else:
+            f = get_format(fb[0])
+            rows.append((n, f.bits_per_element(fb[1], row_length=ref.in_features), float(f.element == "fp"),
+                         float(fb[1] or ref.in_features)))
+    total = sum(r[0] for r in rows)
+    size = size_report(mp.model, recipe)
+    return {**mp.model_features, **feats,
+            "bits_per_element": sum(r[0] * r[1] for r in rows) / total,
+            "element_is_fp": sum(r[0] * r[2] for r in rows) / total,
+            "block_size": sum(r[0] * r[3] for r in rows) / total,
+            "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
+            recipe.block_size, "smoothquant_alpha": np.nan, "act_format": None, "recipe": recipe.label,
+            "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
+            "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
+
+
+def pareto_mask(bits: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """True where no other candidate has at most as many bits and a strictly lower cost (or equal cost and fewer
+    bits): the frontier of cost against bits."""
+    n = len(bits)
+    out = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = (bits <= bits[i]) & ((cost < cost[i]) | ((cost == cost[i]) & (bits < bits[i])))
+        out[i] = not dominated.any()
+    return out
+
+
+def recommend(frame: pd.DataFrame, *, max_bits: float | None = None, max_kld: float | None = None,
+              max_ppl_increase: float | None = None) -> int | None:
+    """The index of the recommended row under one constraint (on the point predictions): the lowest predicted KLD
+    within ``max_bits``; or the fewest bits whose predicted KLD is at most ``max_kld``, or whose predicted perplexity
+    is at most ``max_ppl_increase`` percent above the FP one (ties: the lower KLD). ``None`` if nothing qualifies."""
+    given = [v is not None for v in (max_bits, max_kld, max_ppl_increase)]
+    if sum(given) > 1:
+        raise PredictorError("give one constraint at a time: max_bits, max_kld or max_ppl_increase")
+    if not any(given):
+        return None
+    if max_bits is not None:
+        ok = frame[frame["bits_per_element"] <= max_bits + 1e-9]
+        return None if ok.empty else ok["kld"].idxmin()
+    if max_kld is not None:
+        ok = frame[frame["kld"] <= max_kld]
+    else:
+        ok = frame[100 * (frame["ppl"] / frame["ppl_fp"] - 1) <= max_ppl_increase]
+    return None if ok.empty else ok.sort_values(["bits_per_element", "kld"]).index[0]
+
+
+def _check_constraint(name: str, value: float | None, lo: float, hint: str) -> None:
+    if value is not None and not (np.isfinite(value) and value > lo):
+        raise PredictorError(f"{name} must be a number above {lo:g} ({hint}), got {value!r}")
+
+
+def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, predictor: Any = "default",
+                 max_bits: float | None = None, max_kld: float | None = None,
+                 max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: float | None = None,
+                 progress: bool = False) -> pd.DataFrame:
+    """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
+    bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
+
+    ``model``: a zoo name, an imported model or an HF directory, or a loaded model (with ``tokenizer``).
+    ``recipes``: Recipes or labels; default the shipped grid (14 formats x RTN/GPTQ). ``predictor``: ``"default"``
+    (the shipped ``kfac`` predictor, which needs nothing but weights per recipe), a directory or a fitted
+    predictor of kind ``kfac``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
+    (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known.
+
+    Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
+    ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` (an estimate: one FP and one
+    quantized forward pass per window of the whole WikiText-2 test split) and ``kept_16bit``.
+    """
+    from tqdm.auto import tqdm
+
+    from quantpredict import arch
+    from quantpredict.predict.quality import resolve_predictor
+
+    _check_constraint("max_bits", max_bits, 0, "bits per element, e.g. 4.5")
+    _check_constraint("max_kld", max_kld, 0, "nats, e.g. 0.01")
+    _check_constraint("max_ppl_increase", max_ppl_increase, 0, "percent of the FP perplexity, e.g. 5")
+    recommend(pd.DataFrame(columns=["bits_per_element", "kld", "ppl", "ppl_fp"]), max_bits=max_bits,
+              max_kld=max_kld, max_ppl_increase=max_ppl_increase)  # one constraint at most, checked before work
+    pred = resolve_predictor(KFAC_PREDICTOR_DIR if str(predictor) == "default" else predictor)
+    if getattr(pred, "kind", None) != "kfac":
+        raise PredictorError(f"rank prices recipes from weights alone and needs a 'kfac' predictor; got kind "
+                             f"{getattr(pred, 'kind', None)!r} (fit one with `quantpredict fit --kind kfac`)")
+    cands = [Recipe.coerce(r) for r in (recipes if recipes is not None else default_recipes())]
+    if not cands:
+        raise RecipeError("rank_recipes needs at least one candidate recipe")
+    t0 = time.perf_counter()
+    mp = profile_model(model, tokenizer=tokenizer)
+    rows = []
+    for r in tqdm(cands, desc="rank", unit="recipe", disable=not progress):
+        rows.append(recipe_row(mp, r))
+    frame = pd.DataFrame(rows)
+    if ppl_fp is not None:
+        frame["ppl_fp"] = float(ppl_fp)
+    out = pred.predict(frame)
+    frame = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
+    frame["pareto"] = pareto_mask(frame["bits_per_element"].to_numpy(float), frame["kld"].to_numpy(float))
+    frame = frame.sort_values(["bits_per_element", "kld"]).reset_index(drop=True)
+    best = recommend(frame, max_bits=max_bits, max_kld=max_kld, max_ppl_increase=max_ppl_increase)
+    frame["recommended"] = False
+    if best is not None:
+        frame.loc[best, "recommended"] = True
+    kept = [type(m).__name__ for m in arch.embedding_modules(mp.model)] + ["lm_head (" + (
+        "tied to the embedding" if getattr(mp.model.config, "tie_word_embeddings", False) else "own weights") + ")"]
+    total = time.perf_counter() - t0
+    frame.attrs.update({
+        "model": mp.name, "recommended": None if best is None else frame.loc[best, "recipe"],
+        "constraint": {"max_bits": max_bits, "max_kld": max_kld, "max_ppl_increase": max_ppl_increase},
+        "seconds": total, "profile_seconds": mp.seconds,
+        "seconds_per_recipe": float(frame["price_seconds"].mean()),
+        "full_eval_seconds": 2 * mp.forward_seconds_per_window * mp.full_split_windows,
+        "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
+        "predictor_kind": pred.kind,
+    })
+    return frame
+
+
+COLUMNS = ("recipe", "bits_per_element", "size_bytes", "kld", "kld_low", "kld_high", "delta_nll", "ppl", "ppl_low",
+           "ppl_high", "top1", "pareto", "recommended", "price_seconds")
