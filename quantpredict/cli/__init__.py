@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("fit", "fit (and validate) a predictor on a run store"),
     "predict": ("predict", "predict a quantized model's perplexity without evaluating it"),
     "rank": ("rank", "rank every candidate recipe by predicted quality; recommend one under a budget"),
+    "allocate": ("allocate", "choose per-layer formats minimising the predicted KLD under a bit budget"),
     "report": ("report", "render figures and reports/index.md from a run store"),
     "qat": ("qat", "quantization-aware fine-tuning baseline"),
     "study": ("study", "studies: ptq-vs-qat"),

@@ -9,14 +9,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("fit", help="fit (and validate) a predictor on a run store",
                               description="Fit a predictor of delta NLL / perplexity on the done runs of a store.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--store", help="run store (SQLite path or SQLAlchemy URL)")
+    src.add_argument("--store", nargs="+", help="run store(s) (SQLite paths or SQLAlchemy URLs; several are merged)")
     src.add_argument("--runs", help="exported runs (.parquet or .csv)")
-    p.add_argument("--kind", default="ols", help="predictor kind to fit and save: ols, rf, gbm, bits, paper")
+    p.add_argument("--kind", default="ols",
+                   help="predictor kind to fit and save: physics, kfac (KLD-first: KLD, delta NLL, top-1, ppl), or "
+                        "the delta-only ols, rf, gbm, bits, paper")
     p.add_argument("--out", required=True, help="directory to save the predictor in")
     p.add_argument("--validate", action="store_true",
                    help="leave-one-model-out and leave-one-family-out validation of every kind, with a report")
-    p.add_argument("--kinds", default="ols,rf,gbm,bits,paper", help="kinds to validate (comma-separated)")
-    p.add_argument("--groups", default="model,family", help="validation groupings (comma-separated)")
+    p.add_argument("--kinds", default=None,
+                   help="kinds to validate (comma-separated; default: physics,kfac and the baselines const_law, "
+                        "paper, gbm for a KLD-first kind, else ols,rf,gbm,bits,paper)")
+    p.add_argument("--groups", default=None,
+                   help="validation splits (comma-separated; KLD-first kinds: family,model,largest_size,real; "
+                        "delta-only kinds: model,family)")
     p.add_argument("--report", default="reports/predictors.md", help="validation report path (with --validate)")
     p.add_argument("--subsample", default=None, metavar="JSON",
                    help='per-window deltas for the subsample baseline: {"window_seconds": s, "window_deltas": '
@@ -30,12 +36,40 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def _csv(text: str | None, default: str) -> list[str]:
+    return [k.strip() for k in (text or default).split(",") if k.strip()]
+
+
+def run_physics(args: argparse.Namespace, runs) -> int:
+    from quantpredict.predict.physics import PhysicsPredictor
+
+    pred = PhysicsPredictor(args.kind).fit(runs)
+    print(pred.summary())
+    if args.validate:
+        from quantpredict.predict.render_targets import write_targets_report
+        from quantpredict.predict.targets import validate_targets
+
+        kinds = _csv(args.kinds, "physics,kfac,const_law,paper,gbm")
+        splits = _csv(args.groups, "family,model,largest_size,real")
+        metrics, predictions = validate_targets(runs, kinds=kinds, splits=splits)
+        pred.attach_validation(metrics[metrics["kind"] == args.kind])
+        sources = args.store or [args.runs]
+        path = write_targets_report(metrics, predictions, runs, args.report, sources=sources, fitted=args.kind)
+        print(f"wrote {path}")
+    out = pred.save(args.out)
+    print(f"saved to {out}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from quantpredict.predict import Predictor, validate
     from quantpredict.predict.design import LINEAR_KINDS
     from quantpredict.predict.inputs import read_runs
+    from quantpredict.predict.physics import PHYSICS_KINDS
 
     runs = read_runs(args.store, args.runs)
+    if args.kind in PHYSICS_KINDS:
+        return run_physics(args, runs)
     tree_params = {} if args.n_estimators is None else {"n_estimators": args.n_estimators}
     params = {k: ({} if k in LINEAR_KINDS else tree_params) for k in ("ols", "rf", "gbm", "bits", "paper")}
     if args.feature_groups:
@@ -58,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
 
         from quantpredict.predict.render import best_kind, write_report
 
-        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-        groups = [g.strip() for g in args.groups.split(",") if g.strip()]
+        kinds = _csv(args.kinds, "ols,rf,gbm,bits,paper")
+        groups = _csv(args.groups, "model,family")
         val = validate(runs, kinds=kinds, groups=groups, random_state=args.random_state, predictor_params=params,
                        progress=True)
         with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -71,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             from quantpredict.predict import store_subsample_curve
 
             curve = store_subsample_curve(runs)
-        paths = write_report(val, args.report, source=args.store or args.runs, fitted=args.kind, subsample=curve)
+        source = ", ".join(args.store) if args.store else args.runs
+        paths = write_report(val, args.report, source=source, fitted=args.kind, subsample=curve)
         print(f"best kind (leave-one-{groups[-1]}-out): {best_kind(val.metrics, groups[-1])}")
         print("wrote " + ", ".join(str(p) for p in paths))
     out = pred.save(args.out)

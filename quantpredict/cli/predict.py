@@ -39,14 +39,24 @@ def run(args: argparse.Namespace) -> int:
                              model_name=args.model)
         results.append(pr.to_dict())
     if args.json:
-        print(json.dumps(results if len(results) > 1 else results[0], indent=1))
+        import math
+
+        clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                 for r in results]  # strict JSON has no NaN (the delta-only kinds predict no KLD)
+        print(json.dumps(clean if len(clean) > 1 else clean[0], indent=1))
         return 0
-    print(f"{args.model}: predicted WikiText-2 perplexity ({predictor.kind} predictor, 90% interval)")
-    print(f"{'recipe':32s} {'ppl':>10s} {'interval':>21s} {'delta NLL':>10s} {'FP ppl':>14s} {'seconds':>8s} "
-          f"{'full eval s':>11s}")
+    import math
+
+    has_kld = any(math.isfinite(r["kld"]) for r in results)
+    print(f"{args.model}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals)")
+    kld_head = f" {'KLD':>9s} {'KLD interval':>21s} {'top-1%':>7s}" if has_kld else ""
+    print(f"{'recipe':32s}{kld_head} {'ppl':>10s} {'interval':>21s} {'delta NLL':>10s} {'FP ppl':>14s} "
+          f"{'seconds':>8s} {'full eval s':>11s}")
     for r in results:
         ev = "n/a" if r["eval_seconds"] is None else f"{r['eval_seconds']:.1f}"
-        print(f"{r['recipe']:32s} {r['ppl']:10.3f} [{r['ppl_low']:9.3f}, {r['ppl_high']:9.3f}] "
+        kld = (f" {r['kld']:9.5f} [{r['kld_low']:9.5f}, {r['kld_high']:9.5f}] {100 * r['top1']:7.2f}"
+               if has_kld else "")
+        print(f"{r['recipe']:32s}{kld} {r['ppl']:10.3f} [{r['ppl_low']:9.3f}, {r['ppl_high']:9.3f}] "
               f"{r['delta_nll']:10.5f} {r['ppl_fp']:8.3f} ({r['ppl_fp_source'][:4]}) {r['seconds']:8.2f} {ev:>11s}")
     return 0
 

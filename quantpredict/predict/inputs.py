@@ -9,17 +9,26 @@ import pandas as pd
 from quantpredict.errors import PredictorError
 
 
-def read_runs(store: str | Path | None = None, runs: str | Path | None = None) -> pd.DataFrame:
-    """The run table from ``store`` (a RunStore path or SQLAlchemy URL) or ``runs`` (.parquet or .csv)."""
+def read_runs(store: str | Path | list | tuple | None = None, runs: str | Path | None = None) -> pd.DataFrame:
+    """The run table from ``store`` (a RunStore path or SQLAlchemy URL, or several: one store file per source of
+    runs, merged here, each run keeping its own key) or ``runs`` (.parquet or .csv)."""
     if (store is None) == (runs is None):
         raise PredictorError("pass exactly one of --store PATH (a run store) or --runs FILE (.parquet or .csv)")
     if store is not None:
-        try:
-            from quantpredict.runs import RunStore
-        except ImportError:
-            raise PredictorError("the run store (quantpredict.runs) is not available in this version; export the "
-                                 "runs to parquet or CSV and pass --runs FILE") from None
-        return RunStore(store).to_frame()
+        from quantpredict.runs import RunStore
+
+        stores = list(store) if isinstance(store, (list, tuple)) else [store]
+        frames = []
+        for s in stores:
+            if "://" not in str(s) and not Path(s).exists():
+                raise PredictorError(f"run store {s} does not exist; pass an existing store (e.g. "
+                                     "data/runs/runs.sqlite) or collect runs first")
+            with RunStore(s, create=False) as st:
+                frames.append(st.to_frame())
+        frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        if "run_key" in frame and frame["run_key"].duplicated().any():
+            frame = frame.drop_duplicates("run_key", keep="last")
+        return frame
     path = Path(runs)
     if not path.is_file():
         raise PredictorError(f"runs file {path} does not exist; export one with `quantpredict runs export --store "

@@ -1,0 +1,66 @@
+"""``quantpredict allocate MODEL --target-bits B``: per-layer formats minimising the predicted KLD under a budget."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "allocate", help="choose per-layer formats minimising the predicted KLD under an average-bits budget",
+        description="Profile MODEL once, price every (layer, candidate format) from the weights alone, and choose "
+                    "one format per linear layer minimising the summed per-layer second-order KL with at most "
+                    "--target-bits bits per element on average (cross-layer terms are not modelled). Writes the "
+                    "recipe, which quantize, features, predict and collect all take.")
+    p.add_argument("model", metavar="MODEL", help="zoo name, imported model or HF model directory")
+    p.add_argument("--target-bits", type=float, required=True, metavar="B", help="average bits per element, at most")
+    p.add_argument("--candidates", default=None,
+                   help="comma-separated candidate formats (FORMAT or FORMAT_bN; default: MX 3-8 bit formats)")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="one method for every layer")
+    p.add_argument("--predictor", default="default", help="a saved kfac predictor (default: the shipped one)")
+    p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
+    p.add_argument("--out", default=None, metavar="FILE", help="write the recipe (JSON with its label) to FILE")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from quantpredict.errors import QuantpredictError
+    from quantpredict.predict.allocate import DEFAULT_CANDIDATES, allocate
+
+    if args.out is not None and Path(args.out).is_dir():
+        raise QuantpredictError(f"--out {args.out} is a directory; give a file name for the recipe")
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else DEFAULT_CANDIDATES
+    res = allocate(args.model, args.target_bits, candidates=cands, method=args.method, predictor=args.predictor,
+                   ppl_fp=args.ppl_fp)
+    counts = res.layers.groupby("format")["elements"].agg(["count", "sum"])
+    doc = {"model": args.model, "recipe": res.recipe.label, "recipe_fields": res.recipe.to_dict(),
+           "target_bits": res.target_bits, "bits_per_element": res.bits_per_element, "objective": res.objective,
+           "prediction": {k: v for k, v in res.prediction.items() if isinstance(v, (int, float, str))},
+           "best_uniform": res.best_uniform, "seconds": res.seconds, "notes": list(res.notes),
+           "formats": {f: {"layers": int(r["count"]), "elements": int(r["sum"])} for f, r in counts.iterrows()}}
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    if args.json:
+        print(json.dumps(doc, indent=1, default=str))
+        return 0
+    p = res.prediction
+    print(f"{args.model}: {res.bits_per_element:.3f} bits per element (budget {res.target_bits:g}), method "
+          f"{args.method}")
+    for f, r in counts.iterrows():
+        print(f"  {f:14s} {int(r['count']):4d} layers, {int(r['sum']):,} elements")
+    print(f"predicted KLD {p['kld']:.5f} [{p['kld_low']:.5f}, {p['kld_high']:.5f}], perplexity {p['ppl']:.3f} "
+          f"[{p['ppl_low']:.3f}, {p['ppl_high']:.3f}] (summed per-layer second-order KL {res.objective:.5f})")
+    if res.best_uniform:
+        u = res.best_uniform
+        print(f"best uniform candidate within the budget: {u['recipe']} ({u['bits_per_element']:.3f} bits, summed "
+              f"per-layer KL {u['objective']:.5f})")
+    print(f"recipe: {res.recipe.label[:200]}{'...' if len(res.recipe.label) > 200 else ''}")
+    if args.out:
+        print(f"wrote {args.out}")
+    print(f"{res.seconds:.1f} s; note: {res.notes[0]}")
+    return 0
