@@ -12,7 +12,9 @@ def register(sub) -> None:
                     "loaded once, its profile measured once) and write them into the runs; measured columns are "
                     "untouched. Resumable: runs that have the features are skipped.")
     p.add_argument("--store", required=True, help="run store: SQLite path or SQLAlchemy URL")
-    p.add_argument("--groups", required=True, help="comma-separated feature groups, e.g. fisher,profile")
+    p.add_argument("--groups", default=None, help="comma-separated feature groups, e.g. fisher,profile")
+    p.add_argument("--attributes", action="store_true",
+                   help="also add model attributes the runs lack (training tokens per parameter, from the cards)")
     p.add_argument("--models", nargs="+", default=None, help="only the runs of these models")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--limit", type=int, default=None, help="stop after N runs")
@@ -23,14 +25,25 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import QuantpredictError
     from quantpredict.features.extract import parse_which
-    from quantpredict.runs.backfill import backfill
+    from quantpredict.runs.backfill import backfill, backfill_attributes
 
-    try:
-        groups = parse_which(args.groups)
-    except ValueError as exc:
-        raise QuantpredictError(f"--groups {args.groups!r}: {exc}") from None
+    if not args.groups and not args.attributes:
+        raise QuantpredictError("give --groups GROUPS (e.g. fisher,profile) and/or --attributes")
     if args.threads is not None and args.threads < 1:
         raise QuantpredictError(f"--threads must be at least 1, got {args.threads}")
+    groups = None
+    if args.groups:
+        try:
+            groups = parse_which(args.groups)
+        except ValueError as exc:
+            raise QuantpredictError(f"--groups {args.groups!r}: {exc}") from None
+    from quantpredict.runs import RunStore
+
+    RunStore(args.store, create=False).close()  # a missing or foreign store fails before any work
+    if args.attributes:
+        print(f"model attributes added to {backfill_attributes(args.store)} runs")
+    if groups is None:
+        return 0
     summary = backfill(args.store, groups, models=args.models, torch_threads=args.threads,
                        progress=not args.no_progress, limit=args.limit)
     print(summary)

@@ -114,3 +114,26 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     finally:
         if own:
             st.close()
+
+
+def backfill_attributes(store: str | Path | RunStore) -> int:
+    """Add the recipe-independent model attributes a run did not record (its model's training tokens, where the
+    model's card knows them) to every run of ``store``; returns how many runs gained them."""
+    from quantpredict.runs.execute import training_tokens
+
+    own = not isinstance(store, RunStore)
+    st = RunStore(store, create=False) if own else store
+    try:
+        cache: dict[str, dict] = {}
+        n = 0
+        for r in st.rows():
+            if (r.get("extra") or {}).get("tokens_per_param") is not None:
+                continue
+            attrs = cache.setdefault(r["model"], training_tokens(r["model"]))
+            if attrs:
+                st.update_extra(r["run_key"], attrs)
+                n += 1
+        return n
+    finally:
+        if own:
+            st.close()

@@ -51,6 +51,22 @@ def procedure(recipe) -> str:
     return "qat" if recipe.qat else "ptq"
 
 
+def training_tokens(model: str) -> dict:
+    """The model's pre-training tokens and tokens per non-embedding parameter, where its card knows them (zoo and
+    imported models): a recipe-independent model attribute of every run (``{}`` for a model without a card)."""
+    from quantpredict.errors import ModelError
+    from quantpredict.models import zoo_card
+
+    try:
+        card = zoo_card(model)
+    except ModelError:
+        return {}
+    tokens, nonembed = card.get("tokens_trained"), card.get("n_params_nonembed")
+    if not tokens or not nonembed:
+        return {}
+    return {"tokens_trained": float(tokens), "tokens_per_param": float(tokens) / float(nonembed)}
+
+
 def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, feature_options: dict | None = None,
                 progress: bool = False, calib_text: str | None = None, eval_text: str | None = None) -> dict:
     """Measure one :class:`~quantpredict.runs.RunSpec`.
@@ -103,6 +119,7 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
 
     summary = report.summary() if hasattr(report, "summary") else {}
     return {
+        **training_tokens(spec.model),
         "family": arch.family(model_fp),
         "n_params": int(sum(p.numel() for p in model_fp.parameters())),
         "recipe": getattr(report, "label", recipe.label),  # a QAT result's label reads `qat`/`qat_gptq`

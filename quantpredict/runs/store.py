@@ -408,6 +408,26 @@ class RunStore:
 
         self._write(write)
 
+    def update_extra(self, key: str, values: Mapping) -> None:
+        """Add (or overwrite) extra values of one stored run (e.g. a model attribute known only later, such as its
+        training tokens); measured columns and features are left as they are."""
+        from sqlalchemy import select
+
+        runs = self._runs
+        clash = sorted(set(values) & (set(_STR) | set(_INT) | set(_FLOAT) | set(_TEXT) | set(_JSON)))
+        if clash:
+            raise StoreError(f"update_extra: {clash} are stored columns, not extra values")
+
+        def write(conn):
+            row = conn.execute(select(runs.c.extra).where(runs.c.run_key == key)).first()
+            if row is None:
+                raise StoreError(f"run {key!r} is not in {self.url}")
+            merged = json.loads(row.extra or "{}") | dict(_clean(dict(values)))
+            conn.execute(runs.update().where(runs.c.run_key == key).values(
+                extra=json.dumps(merged, sort_keys=True, default=str)))
+
+        self._write(write)
+
     def delete(self, keys: Iterable[str]) -> int:
         """Remove runs by key (e.g. to force re-running them); returns how many were removed."""
         keys = list(keys)
