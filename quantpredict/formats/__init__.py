@@ -1,4 +1,6 @@
-"""Exact low-precision number formats: OCP MX (MXFP8/6/4, MXINT2-8), per-channel/per-group intK and fp8, bf16/fp16.
+"""Exact low-precision number formats: OCP MX (MXFP8/6/4, MXINT2-8), per-channel/per-group intK and fp8, bf16/fp16,
+and the layouts checkpoints ship: GPTQ-style asymmetric uintK (:mod:`.asym`), bitsandbytes NF4 (:mod:`.nf4`), and
+llama.cpp's Q8_0 and k-quants (:mod:`.ggml`).
 
 Public API::
 
@@ -7,12 +9,17 @@ Public API::
     list_formats() -> list[str]
     compute_scale(x, fmt, *, axis=-1, block_size=None) -> Tensor    # the scales fake_quantize uses
     quantize_with_scale(x, fmt, scale) -> Tensor                    # round x/scale onto the grid, times scale
+    fit_params(x, fmt, *, axis=-1, block_size=None) -> QuantParams  # every format: per-element parameters
+    quantize_with_params(x, params) -> Tensor                       # x on the grid of those parameters
 
 ``fake_quantize(x, f, block_size=B) == quantize_with_scale(x, f, compute_scale(x, f, block_size=B))`` whenever x's
-axis has length B: GPTQ fits a block's scales once, then quantizes column by column with them.
+axis has length B: GPTQ fits a block's scales once, then quantizes column by column with them. For every format,
+``fake_quantize(x, f, block_size=B) == quantize_with_params(x, fit_params(x, f, block_size=B))``.
 """
 
 from quantpredict.formats.core import fake_quantize
+from quantpredict.formats.ggml import to_gguf_bytes
+from quantpredict.formats.params import QuantParams, fit_params, quantize_with_params
 from quantpredict.formats.reference import (
     compute_scale,
     expand_scale,
@@ -27,12 +34,16 @@ __all__ = [
     "FORMATS",
     "Element",
     "Format",
+    "QuantParams",
     "compute_scale",
     "expand_scale",
     "fake_quantize",
     "fake_quantize_reference",
+    "fit_params",
     "get_format",
     "list_formats",
+    "quantize_with_params",
     "quantize_with_scale",
     "round_to_element",
+    "to_gguf_bytes",
 ]
