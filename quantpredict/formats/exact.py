@@ -99,4 +99,4 @@ def nearest_code_thresholds(values: Sequence[float]) -> Tensor:
 def nearest_code(s: Tensor, thresholds: Tensor) -> Tensor:
     """Index of the code value nearest to each float32 ``s`` (exact distances; a tie goes to the lower code), int64,
     same shape."""
-    return torch.bucketize(s, thresholds, right=False)
+    return torch.bucketize(s.contiguous(), thresholds, right=False)
