@@ -31,6 +31,7 @@ from quantpredict.formats import (
     fit_params,
     get_format,
     list_formats,
+    native,
     quantize_with_params,
     quantize_with_scale,
     to_gguf_bytes,
@@ -337,6 +338,18 @@ def test_dynamic_map_matches_description():
     assert ours[0] == np.float32(-(1 - 0.9 / 128)) and ours[-1] == 1.0 and 0.0 in ours
     # the smallest magnitudes: 10^-6 * 0.55 (the one midpoint of linspace(0.1, 1, 2))
     assert ours[128] == np.float32(0.55e-6) and ours[126] == np.float32(-0.55e-6)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch search is the only path")
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_native_search_matches_torch(fmt, monkeypatch):
+    # the C kernel's scale search (64 sub-blocks a pass) against the torch one, sub-block counts not a multiple of 64
+    x = torch.cat([torch.randn(37, 1024, generator=torch.Generator().manual_seed(9)) * 3, edge_cases(n=1024, seed=11)])
+    got = fake_quantize(x, fmt)
+    assert_bits_equal(got, fake_quantize_reference(x, fmt).numpy(), f"{fmt} native vs torch")
+    monkeypatch.setenv("QUANTPREDICT_FORMATS_BACKEND", "torch")
+    assert not native.available()
+    assert_bits_equal(fake_quantize(x, fmt), got.numpy(), f"{fmt} with the torch backend")
 
 
 # --------------------------------------------------------------------------------- gguf byte layouts

@@ -49,8 +49,8 @@ def fit(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """``fp16(scale) * (clamp(round(x / scale) + zero, 0, 2^k - 1) - zero)`` elementwise (float32, x's shape; the
     parameters broadcast against x)."""
-    q = (torch.round(x / p["scale"]) + p["zero"]).clamp_(0.0, float(2**fmt.element_bits - 1))
-    return p["scale16"] * (q - p["zero"])
+    q = (x / p["scale"]).round_().add_(p["zero"]).clamp_(0.0, float(2**fmt.element_bits - 1))
+    return q.sub_(p["zero"]).mul_(p["scale16"])
 
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:

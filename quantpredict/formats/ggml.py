@@ -38,13 +38,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from quantpredict.formats.exact import nearest_int, positive_zero, rdiv, roundf, sqrt, to_fp16
+from quantpredict.formats import native
+from quantpredict.formats.exact import nearest_int, rdiv, sqrt, to_fp16
 from quantpredict.formats.table import Format
 
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a group is "all zero"
 # make_qkx2_quants arguments of the reference quantizers: (nmax, rmin, rdelta, nstep)
 KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
-CHUNK = 1 << 15  # sub-blocks per pass of the vectorised search (bounds memory; 32768 x 32 floats = 4 MB a tensor)
+CHUNK = 1 << 13  # sub-blocks per pass of the vectorised search: 8192 x 32 floats = 1 MB a tensor, cache-sized
 
 
 def _f32(v: float) -> float:
@@ -69,34 +70,56 @@ def _fit_q8_0(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
 
 
 def _codes_q8_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    return positive_zero(roundf(x * p["inv"]).clamp_(-127.0, 127.0))
+    """C ``roundf(x * id)`` (halves away from zero, exact: ``a - floor(a)`` is exact in float32), as float codes with
+    +0 for 0, clamped to +-127 for values beyond the fitted block (GPTQ)."""
+    v = x * p["inv"]
+    a = v.abs()
+    q = torch.floor(a)
+    q.add_(a.sub_(q).ge_(0.5))
+    return q.copysign_(v).clamp_(-127.0, 127.0).add_(0.0)
 
 
 # ------------------------------------------------------------------------------------------------ Q4_K / Q5_K
+
+
+def _levels(x: Tensor, shift: Tensor, iscale: Tensor, lo: int, hi: int) -> Tensor:
+    """``clamp(nearest_int(iscale * (x - shift)), lo, hi)`` as float32 ([n, M] with per-column shift and iscale)."""
+    v = x - shift
+    v.mul_(iscale)
+    return nearest_int(v).clamp_(lo, hi).to(torch.float32)
+
+
+def _weighted_sq_error(x: Tensor, w: Tensor, lv: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Sequential float32 sum over positions of ``w * ((scale * l + shift) - x)^2`` ([n, M] -> [M])."""
+    diff = lv * scale
+    diff.add_(shift).sub_(x)
+    diff.mul_(diff).mul_(w)
+    return _seq_sum(diff)
 
 
 def _qkx2_chunk(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Tensor, Tensor]:
     """``make_qkx2_quants`` on sub-blocks ``x`` [32, M] (position-major): (scale, the_min), each [M]."""
     sum_x2 = _seq_sum(x * x)
     av_x = sqrt(sum_x2 / 32.0)
-    w = av_x + x.abs()
+    w = x.abs().add_(av_x)
     sum_w = _seq_sum(w)
-    sum_x = _seq_sum(w * x)
+    wx = w * x
+    sum_x = _seq_sum(wx)
     mn = x.amin(0)
     mx = x.amax(0)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn  # C: L = 0, the_min = -min, scale 0
     iscale = rdiv(float(nmax), mx - mn)
     scale = rdiv(1.0, iscale)
-    lv = nearest_int(iscale * (x - mn)).clamp_(0, nmax).to(torch.float32)
-    diff = (scale * lv + mn) - x
-    best = _seq_sum(w * (diff * diff))
+    best = _weighted_sq_error(x, w, _levels(x, mn, iscale, 0, nmax), scale, mn)
+    terms = torch.empty(x.shape[0], 3, x.shape[1])  # per position: w*l, w*l*l, w*l*x
     for step in range(nstep + 1):
         num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)  # (rmin + rdelta*is + nmax) in float32
-        iscale = rdiv(num, mx - mn)
-        lv = nearest_int(iscale * (x - mn)).clamp_(0, nmax).to(torch.float32)
-        wl = w * lv
-        sums = _seq_sum(torch.stack([wl, wl * lv, wl * x], dim=1))  # [3, M]: sum_l, sum_l2, sum_xl
+        lv = _levels(x, mn, rdiv(num, mx - mn), 0, nmax)
+        wl = torch.mul(w, lv, out=terms[:, 0])
+        torch.mul(wl, lv, out=terms[:, 1])
+        torch.mul(wl, x, out=terms[:, 2])
+        sums = _seq_sum(terms)  # [3, M]: sum_l, sum_l2, sum_xl
         sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
         det = sum_w * sum_l2 - sum_l * sum_l
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
@@ -104,8 +127,7 @@ def _qkx2_chunk(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) ->
         positive = this_min > 0
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        diff = (this_scale * lv + this_min) - x
-        cur = _seq_sum(w * (diff * diff))
+        cur = _weighted_sq_error(x, w, lv, this_scale, this_min)
         better = (det > 0) & (cur < best) & ~flat
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
@@ -114,14 +136,17 @@ def _qkx2_chunk(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) ->
     return scale, -mn
 
 
-def _fit_kx2(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
     nmax, rmin, rdelta, nstep = KX2[fmt.name]
     sub = blocks.reshape(-1, 32)  # [M, 32]: sub-blocks in order, 8 per super-block
-    scales = torch.empty(sub.shape[0])
-    mins = torch.empty(sub.shape[0])
-    for a in range(0, sub.shape[0], CHUNK):
-        xt = sub[a : a + CHUNK].t().contiguous()
-        scales[a : a + CHUNK], mins[a : a + CHUNK] = _qkx2_chunk(xt, nmax, rmin, rdelta, nstep)
+    found = native.kx2_search(sub, nmax, _f32(rmin), _f32(rdelta), nstep) if use_native else None
+    if found is not None:
+        scales, mins = found
+    else:
+        scales, mins = torch.empty(sub.shape[0]), torch.empty(sub.shape[0])
+        for a in range(0, sub.shape[0], CHUNK):
+            xt = sub[a : a + CHUNK].t().contiguous()
+            scales[a : a + CHUNK], mins[a : a + CHUNK] = _qkx2_chunk(xt, nmax, rmin, rdelta, nstep)
     scales = scales.reshape(-1, 8)
     mins = mins.reshape(-1, 8)
     zero = torch.zeros(())
@@ -142,10 +167,23 @@ def _fit_kx2(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
             "d16": d16, "dmin16": dmin16, "sc": ls, "m": lm}
 
 
+def _rounded(v: Tensor, lo: int, hi: int) -> Tensor:
+    """``clamp(nearest_int(v), lo, hi)`` as float32 (+0 for 0, as an int converted to float), in place in ``v``'s
+    storage where possible."""
+    lo_v, hi_v = torch.aminmax(v)
+    if max(-float(lo_v), float(hi_v)) < 4194304.0:  # nearest_int is round-half-even below 2^22
+        return v.round_().clamp_(lo, hi).add_(0.0)
+    return nearest_int(v).clamp_(lo, hi).to(torch.float32)
+
+
 def _codes_kx2(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     nmax = KX2[fmt.name][0]
-    l = nearest_int((x + p["dm"]) / p["d"]).clamp_(0, nmax)  # noqa: E741
-    return torch.where(p["d"] == 0, torch.zeros_like(l), l).to(torch.float32)  # d == 0: any code (value -dm)
+    d = p["d"]
+    v = (x + p["dm"]).div_(d)
+    dead = d == 0  # sub-block scale 0: any code (the value is -dm); 0 here, llama.cpp keeps its search's codes
+    if bool(dead.any()):
+        v.masked_fill_(dead.expand_as(v), 0.0)
+    return _rounded(v, 0, nmax)
 
 
 # ------------------------------------------------------------------------------------------------------- Q6_K
@@ -155,41 +193,47 @@ def _qx_chunk(x: Tensor) -> tuple[Tensor, Tensor]:
     """``make_qx_quants(16, 32, x, L, rmse_type=1, NULL)`` on sub-blocks ``x`` [16, M] (position-major):
     (scale [M], the codes L - 32 it leaves [16, M])."""
     nmax = 32
-    absx = x.abs()
-    amax, where_max = absx.max(0)  # first index of the largest |x|, as the C loop's strict '>'
+    amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
     big = x.gather(0, where_max.unsqueeze(0))[0]
     zero_sub = amax < GROUP_MAX_EPS
     w = x * x
     wx = w * x
-    steps = [0, *range(-9, 0), *range(1, 10)]  # the initial iscale is -(32 + 0.1f*0)/max
-    num = torch.tensor([-_f32(nmax + _f32(_f32(0.1) * s)) for s in steps])  # -(nmax + 0.1f*is) in float32
-    iscale = num[:, None] / big[None, :]  # [C, M]
-    l = nearest_int(iscale[:, None, :] * x[None]).clamp_(-nmax, nmax - 1).to(torch.float32)  # noqa: E741  [C,16,M]
-    wl = w[None] * l
-    sumlx = _seq_sum((wx[None] * l).transpose(0, 1))  # [C, M]
-    suml2 = _seq_sum((wl * l).transpose(0, 1))
-    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(sumlx[0]))
-    best = scale * sumlx[0]
-    chosen = torch.zeros_like(where_max)
-    for c in range(1, len(steps)):
-        better = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        scale = torch.where(better, sumlx[c] / suml2[c], scale)
-        best = torch.where(better, scale * sumlx[c], best)
-        chosen = torch.where(better, c, chosen)
-    codes = l.gather(0, chosen[None, None, :].expand(1, 16, -1))[0]
+    no_shift = torch.zeros(())
+    terms = torch.empty(x.shape[0], 2, x.shape[1])  # per position: w*x*l, w*l*l
+
+    def attempt(step: int) -> tuple[Tensor, Tensor, Tensor]:
+        num = -_f32(nmax + _f32(_f32(0.1) * step))  # -(nmax + 0.1f*is); the initial iscale is -nmax/max (is = 0)
+        lv = _levels(x, no_shift, rdiv(num, big), -nmax, nmax - 1)
+        torch.mul(wx, lv, out=terms[:, 0])
+        torch.mul(w, lv, out=terms[:, 1]).mul_(lv)
+        sums = _seq_sum(terms)
+        return lv, sums[0], sums[1]
+
+    codes, sumlx, suml2 = attempt(0)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in [*range(-9, 0), *range(1, 10)]:
+        lv, sumlx, suml2 = attempt(step)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+        codes = torch.where(better, lv, codes)
     scale = torch.where(zero_sub, torch.zeros_like(scale), scale)
-    codes = torch.where(zero_sub[None, :], torch.full_like(codes, -nmax), codes)  # C: L = 0, i.e. code -32
+    codes = torch.where(zero_sub, torch.full_like(codes, -nmax), codes)  # C: L = 0, i.e. code -32
     return scale, codes
 
 
-def _fit_q6_k(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+def _fit_q6_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
     sub = blocks.reshape(-1, 16)  # [M, 16]
-    scales = torch.empty(sub.shape[0])
-    fallback = torch.empty_like(sub)
-    for a in range(0, sub.shape[0], CHUNK):
-        s, c = _qx_chunk(sub[a : a + CHUNK].t().contiguous())
-        scales[a : a + CHUNK] = s
-        fallback[a : a + CHUNK] = c.t()
+    found = native.qx_search(sub) if use_native else None
+    if found is not None:
+        scales, fallback = found
+    else:
+        scales, fallback = torch.empty(sub.shape[0]), torch.empty_like(sub)
+        for a in range(0, sub.shape[0], CHUNK):
+            s, c = _qx_chunk(sub[a : a + CHUNK].t().contiguous())
+            scales[a : a + CHUNK] = s
+            fallback[a : a + CHUNK] = c.t()
     scales = scales.reshape(-1, 16)
     max_abs, where_max = scales.abs().max(-1, keepdim=True)
     max_scale = scales.gather(-1, where_max)
@@ -206,8 +250,13 @@ def _fit_q6_k(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
 
 
 def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    l = nearest_int(x / p["d"]).clamp_(-32, 31).to(torch.float32)  # noqa: E741
-    return torch.where(p["d"] == 0, p["fallback"], l)  # d == 0: the codes make_qx_quants left (value +-0)
+    d = p["d"]
+    dead = d == 0  # d * sc == 0: the codes make_qx_quants left (the value is +-0, its sign from the code)
+    v = x / d
+    if bool(dead.any()):
+        v.masked_fill_(dead.expand_as(v), 0.0)
+        return torch.where(dead, p["fallback"], _rounded(v, -32, 31))
+    return _rounded(v, -32, 31)
 
 
 # ----------------------------------------------------------------------------------------------------- public
@@ -216,19 +265,23 @@ def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 _ELEMENTWISE = {"q8_0": ("inv", "d"), "q6_k": ("d", "fallback"), "q4_k": ("d", "dm"), "q5_k": ("d", "dm")}
 
 
-def _fit_all(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+def _fit_all(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     if fmt.name == "q8_0":
         return _fit_q8_0(blocks, fmt)
     if fmt.name == "q6_k":
-        return _fit_q6_k(blocks, fmt)
-    return _fit_kx2(blocks, fmt)
+        return _fit_q6_k(blocks, fmt, use_native)
+    return _fit_kx2(blocks, fmt, use_native)
 
 
-def fit(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
     against ``blocks``: ``inv``/``d`` (Q8_0, per block), ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
-    ``dmin * m``, per element) or ``d``/``fallback`` (Q6_K: ``d * sc`` and the codes left where that is 0)."""
-    p = _fit_all(blocks, fmt)
+    ``dmin * m``, per element) or ``d``/``fallback`` (Q6_K: ``d * sc`` and the codes left where that is 0).
+
+    ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
+    available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
+    ``QUANTPREDICT_FORMATS_BACKEND=torch``, or for :func:`~quantpredict.formats.fake_quantize_reference`)."""
+    p = _fit_all(blocks, fmt, use_native and native.available())
     return {k: p[k] for k in _ELEMENTWISE[fmt.name]}
 
 
@@ -246,11 +299,9 @@ def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``d * q - dm`` (Q4_K,
     Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale). float32, x's shape."""
     q = codes(x, fmt, p)
-    if fmt.name == "q8_0":
-        return q * p["d"]
-    if fmt.name == "q6_k":
-        return p["d"] * q
-    return p["d"] * q - p["dm"]
+    if fmt.name == "q4_k" or fmt.name == "q5_k":
+        return q.mul_(p["d"]).sub_(p["dm"])
+    return q.mul_(p["d"])  # q * d (Q8_0), d * q (Q6_K): the same product
 
 
 # ---------------------------------------------------------------------------------------------------- packing
@@ -277,7 +328,7 @@ def encode(x: Tensor, fmt: Format) -> Encoded:
     fmt.check_row_length(n)
     block = fmt.default_block_size
     blocks = x32.reshape(rows, n // block, block)
-    p = _fit_all(blocks, fmt)
+    p = _fit_all(blocks, fmt, native.available())
     q = codes(blocks, fmt, p).reshape(rows, n)
     nb = n // block
     if fmt.name == "q8_0":

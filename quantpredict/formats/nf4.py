@@ -36,7 +36,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from quantpredict.formats.exact import nearest_code, nearest_code_thresholds, nearest_float32, rdiv
+from quantpredict.formats.exact import lookup_for, nearest_code, nearest_code_thresholds, nearest_float32, rdiv
 from quantpredict.formats.table import NF4_VALUES, Format
 
 
@@ -117,9 +117,17 @@ def fit(blocks: Tensor, fmt: Format, stats: Mapping[str, Tensor] | None = None) 
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The NF4 code index (0..15) of each element, int64, x's shape (parameters broadcast against x)."""
-    return nearest_code(_normalised(x, p["inv"]), _table("nf4")[1])
+    return nearest_code(_normalised(x, p["inv"]), _table("nf4")[1])  # the definition; quantize uses a look-up
+
+
+@functools.lru_cache(maxsize=1)
+def _nf4_lookup():
+    return lookup_for(*_table("nf4"))
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """``code[q] * absmax`` elementwise (float32, x's shape)."""
-    return _table("nf4")[0][codes(x, fmt, p)] * p["absmax"]
+    lut = _nf4_lookup()
+    s = _normalised(x, p["inv"])
+    values = lut(s) if lut is not None else _table("nf4")[0][nearest_code(s, _table("nf4")[1])]
+    return values.mul_(p["absmax"])

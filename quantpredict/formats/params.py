@@ -59,11 +59,15 @@ def shipped_block(fmt: Format, block_size: int | None, n: int) -> int:
     return max(n, 1) if block is None else block
 
 
-def fit_blocks(blocks: Tensor, fmt: Format, stats: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite), broadcasting against ``blocks``."""
+def fit_blocks(blocks: Tensor, fmt: Format, stats: Mapping[str, Tensor] | None = None,
+               use_native: bool = True) -> dict[str, Tensor]:
+    """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite), broadcasting against ``blocks``
+    (``use_native``: the k-quant searches may run in the C kernel, bit-identical to torch)."""
     if fmt.family == "nf4":
         return nf4.fit(blocks, fmt, stats)
-    return _CODECS[fmt.family].fit(blocks, fmt)
+    if fmt.family == "ggml":
+        return ggml.fit(blocks, fmt, use_native)
+    return asym.fit(blocks, fmt)
 
 
 def quantize_blocks(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
@@ -145,8 +149,9 @@ def quantize_with_params(x: Tensor, params: QuantParams) -> Tensor:
     return quantize_blocks(x32, f, params.tensors).to(x.dtype)
 
 
-def fake_quantize_shipped(x: Tensor, f: Format, axis: int, block_size: int | None) -> Tensor:
-    """:func:`~quantpredict.formats.fake_quantize` for the shipped formats (torch). Same shape and dtype."""
+def fake_quantize_shipped(x: Tensor, f: Format, axis: int, block_size: int | None, use_native: bool = True) -> Tensor:
+    """:func:`~quantpredict.formats.fake_quantize` for the shipped formats (torch, with llama.cpp's scale searches
+    in the C kernel when ``use_native`` and it is available). Same shape and dtype."""
     from quantpredict.formats.reference import _blocked, check_finite, resolve_axis
 
     x = x.detach()
@@ -161,6 +166,6 @@ def fake_quantize_shipped(x: Tensor, f: Format, axis: int, block_size: int | Non
         return x.clone()
     xm = x32.movedim(ax, -1)
     blocks = _blocked(xm.reshape(-1, n), block)
-    y = quantize_blocks(blocks, f, fit_blocks(blocks, f))
+    y = quantize_blocks(blocks, f, fit_blocks(blocks, f, use_native=use_native))
     y = y.reshape(y.shape[0], -1)[:, :n].reshape(xm.shape).movedim(-1, ax)
     return (y.reshape(()) if squeeze else y).to(x.dtype)
