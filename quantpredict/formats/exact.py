@@ -102,38 +102,41 @@ def nearest_code(s: Tensor, thresholds: Tensor) -> Tensor:
     return torch.bucketize(s.contiguous(), thresholds, right=False)
 
 
-LUT_BUCKETS = 1 << 16  # buckets over [-1, 1] for ValueLookup: width 2^-15, an exact power-of-two multiply
+LUT_SCALE = 1 << 15  # buckets of width 2^-15 over [-1, 1] for ValueLookup: an exact power-of-two multiply
+_TWO23 = 8388608.0
 
 
 class ValueLookup:
     """The code value nearest to each ``s`` in [-1, 1] by one table look-up (``torch.bucketize`` costs ~50 ns an
     element, a gather ~6).
 
-    [-1, 1] is cut into 2^16 buckets; a bucket without a threshold maps to its single nearest code value, a bucket
-    holding one is marked NaN and its (rare, ~0.02%) elements are decided exactly by :func:`nearest_code`. The
-    bucket ``floor((s + 1) * 2^15)`` can be off by one only within 2^-9 of a bucket's width from an edge, which
-    gives the same value as long as no threshold lies that close to an edge (checked, :func:`lookup_for`)."""
+    Bucket ``k = round((s + 1) * 2^15)`` (read off the bits of ``(s + 1) * 2^15 + 2^23``, no float-to-int pass)
+    covers ``[(k - 1/2) / 2^15 - 1, (k + 1/2) / 2^15 - 1)``. A bucket without a threshold maps to its single nearest
+    code value; one holding a threshold is marked NaN and its (rare, ~0.02%) elements are decided exactly by
+    :func:`nearest_code`. The computed bucket can differ from the exact one only within 2^-9 of a bucket's width
+    from an edge, which gives the same value as long as no threshold lies that close to an edge (checked,
+    :func:`lookup_for`)."""
 
     def __init__(self, values: Tensor, thresholds: Tensor) -> None:
-        k = LUT_BUCKETS
-        edges = torch.arange(k + 1, dtype=torch.float64) * (2.0 / k) - 1.0
+        k = torch.arange(2 * LUT_SCALE + 1, dtype=torch.float64)
+        starts, ends = (k - 0.5) / LUT_SCALE - 1.0, (k + 0.5) / LUT_SCALE - 1.0
         t = thresholds.to(torch.float64)
-        first = torch.bucketize(edges[:-1], t, right=True)  # code of a bucket's start
-        last = torch.bucketize(edges[1:], t, right=False)  # code just below its end
+        first = torch.bucketize(starts, t)  # the code of a bucket's start: thresholds below it
+        last = torch.bucketize(ends, t)
         table = values.to(torch.float32)[first].clone()
         table[first != last] = float("nan")
         self.table = table
         self.values, self.thresholds = values, thresholds
-        width = 2.0 / k
-        pos = (t + 1.0) / width
-        self.ok = bool(((pos - pos.round()).abs() > 2.0**-8).all())
+        pos = (t + 1.0) * LUT_SCALE
+        self.ok = bool(((pos - pos.floor() - 0.5).abs() > 2.0**-8).all())
 
     def __call__(self, s: Tensor) -> Tensor:
-        k = (s + 1.0).mul_(LUT_BUCKETS / 2).floor_().clamp_(0, LUT_BUCKETS - 1).to(torch.int64)
-        y = self.table.take(k)
+        s = s.contiguous()
+        k = (s + 1.0).mul_(LUT_SCALE).add_(_TWO23).view(torch.int32).bitwise_and_(0x007FFFFF)
+        y = torch.index_select(self.table, 0, k.view(-1)).view(s.shape)
         odd = torch.isnan(y).view(-1).nonzero().squeeze(1)  # the elements of buckets that hold a threshold
         if odd.numel():
-            y.view(-1)[odd] = self.values[nearest_code(s.reshape(-1)[odd], self.thresholds)]
+            y.view(-1)[odd] = self.values[nearest_code(s.view(-1)[odd], self.thresholds)]
         return y
 
 

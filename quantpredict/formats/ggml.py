@@ -160,11 +160,9 @@ def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]
     lm = torch.clamp_max(nearest_int(inv_min * mins) & 0xFF, 63).to(torch.float32)
     d16 = to_fp16(max_scale / 63.0, "super-block scale (max sub-block scale / 63)", fmt.name)
     dmin16 = to_fp16(max_min / 63.0, "super-block min scale (max sub-block min / 63)", fmt.name)
-    shape = (*blocks.shape[:-1], 8, 32)
-    d = (d16 * ls).unsqueeze(-1).expand(-1, -1, 32)
-    dm = (dmin16 * lm).unsqueeze(-1).expand(-1, -1, 32)
-    return {"d": d.reshape(shape).reshape(blocks.shape), "dm": dm.reshape(shape).reshape(blocks.shape),
-            "d16": d16, "dmin16": dmin16, "sc": ls, "m": lm}
+    # per sub-block [S, 8, 1]: the d * sc and dmin * m every element of the sub-block is rounded with
+    return {"d": (d16 * ls).unsqueeze(-1), "dm": (dmin16 * lm).unsqueeze(-1), "d16": d16, "dmin16": dmin16,
+            "sc": ls, "m": lm}
 
 
 def _rounded(v: Tensor, lo: int, hi: int) -> Tensor:
@@ -244,9 +242,10 @@ def _fit_q6_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor
     sc = torch.clamp_max(nearest_int(iscale * scales), 127).to(torch.float32)
     sc = torch.where(zero_block, torch.zeros_like(sc), sc)
     fallback = fallback.reshape(-1, 16, 16)
-    fallback = torch.where(zero_block[..., None], torch.full_like(fallback, -32.0), fallback)
-    d = (d16 * sc).unsqueeze(-1).expand(-1, -1, 16).reshape(blocks.shape)
-    return {"d": d, "fallback": fallback.reshape(blocks.shape), "d16": d16, "sc": sc}
+    if bool(zero_block.any()):
+        fallback = torch.where(zero_block[..., None], torch.full_like(fallback, -32.0), fallback)
+    # per sub-block [S, 16, 1]: d * sc; per element [S, 16, 16]: the codes left where that is 0
+    return {"d": (d16 * sc).unsqueeze(-1), "fallback": fallback, "d16": d16, "sc": sc}
 
 
 def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
@@ -282,7 +281,30 @@ def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tenso
     available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
     ``QUANTPREDICT_FORMATS_BACKEND=torch``, or for :func:`~quantpredict.formats.fake_quantize_reference`)."""
     p = _fit_all(blocks, fmt, use_native and native.available())
-    return {k: p[k] for k in _ELEMENTWISE[fmt.name]}
+    return {k: _per_element(p[k], blocks.shape) for k in _ELEMENTWISE[fmt.name]}
+
+
+def _per_element(t: Tensor, shape: torch.Size) -> Tensor:
+    """Per-block [R, nb, 1] stays; per-sub-block [S, nsub, 1] or [S, nsub, sub] -> per element of ``shape``."""
+    if t.dim() == 3 and t.shape[:2] == shape[:2]:
+        return t
+    sub = shape[-1] // t.shape[1]
+    return t.expand(-1, -1, sub).reshape(shape)
+
+
+def _sub_blocks(blocks: Tensor, fmt: Format) -> Tensor:
+    """[R, nb, B] -> [S, nsub, sub] (sub-blocks of each super-block; Q8_0 blocks unchanged)."""
+    if fmt.sub_block is None:
+        return blocks
+    return blocks.reshape(-1, fmt.default_block_size // fmt.sub_block, fmt.sub_block)
+
+
+def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -> Tensor:
+    """``quantize(blocks, fmt, fit(blocks, fmt))`` without spreading the sub-block parameters over the elements
+    (the same values: each element meets the same operands). [R, nb, B] float32 -> the same shape."""
+    p = _fit_all(blocks, fmt, use_native and native.available())
+    xs = _sub_blocks(blocks, fmt)
+    return quantize(xs, fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(blocks.shape)
 
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
@@ -329,7 +351,7 @@ def encode(x: Tensor, fmt: Format) -> Encoded:
     block = fmt.default_block_size
     blocks = x32.reshape(rows, n // block, block)
     p = _fit_all(blocks, fmt, native.available())
-    q = codes(blocks, fmt, p).reshape(rows, n)
+    q = codes(_sub_blocks(blocks, fmt), fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(rows, n)
     nb = n // block
     if fmt.name == "q8_0":
         return Encoded(fmt.name, q, p["d"].reshape(rows, nb), None, None, None)

@@ -166,6 +166,9 @@ def fake_quantize_shipped(x: Tensor, f: Format, axis: int, block_size: int | Non
         return x.clone()
     xm = x32.movedim(ax, -1)
     blocks = _blocked(xm.reshape(-1, n), block)
-    y = quantize_blocks(blocks, f, fit_blocks(blocks, f, use_native=use_native))
+    if f.family == "ggml":
+        y = ggml.fake_quantize_blocks(blocks, f, use_native)
+    else:
+        y = quantize_blocks(blocks, f, fit_blocks(blocks, f))
     y = y.reshape(y.shape[0], -1)[:, :n].reshape(xm.shape).movedim(-1, ax)
     return (y.reshape(()) if squeeze else y).to(x.dtype)
