@@ -198,9 +198,9 @@ def shipped(args) -> int:
         "of the same tensor; *torch path*: one run of `fake_quantize_reference` (no C kernel). *Search*: llama.cpp's "
         "per-sub-block scale search alone (`make_qkx2_quants` for q4_k/q5_k, `make_qx_quants` for q6_k), in the C "
         "kernel of `quantpredict/formats/native.py` (64 sub-blocks per vectorised pass; best of 3) and in torch"
-        + ("; *llama.cpp ref*: its own `quantize_row_*_ref` (scalar C) on the same tensor, best of 2" if args.llama_ref
-           else "") + ". Path: " + ("C kernel for the searches, torch for the rest" if fused else
-                                     "torch only (no compiler)")
+        + (f"; *llama.cpp ref*: its own `quantize_row_*_ref` (scalar C, from `{Path(args.llama_ref).name}`) on the "
+           "same tensor, best of 2" if args.llama_ref else "") + ". Path: "
+        + ("C kernel for the searches, torch for the rest" if fused else "torch only (no compiler)")
         + f". Load average at the end of the run: {os.getloadavg()[0]:.1f} (the machine is shared: other jobs ran).",
         "",
         "| format | round trip ms (median) | min ms | clone ms | ratio | torch path ms | search C ms | search torch ms"

@@ -617,7 +617,7 @@ def _problem(rows=32, cols=512, seed=0):
     return w, 2 * x @ x.T / x.shape[1]
 
 
-@pytest.mark.parametrize("fmt", ["uint4", "uint3_pc", "uint8", "nf4", "nf4_dq", "q8_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("fmt", SHIPPED)
 def test_gptq_on_grid_and_better_than_rtn(fmt):
     w, h = _problem()
     q, p = gptq_quantize(w, h, fmt, return_params=True)
