@@ -447,7 +447,7 @@ def test_hand_q4_k_constant_sub_blocks():
 # ------------------------------------------------------------------------------------------------- properties
 
 
-@pytest.mark.parametrize("fmt", SHIPPED)
+@pytest.mark.parametrize("fmt", [*SHIPPED, "int4", "mxfp4_e2m1", "fp8_e4m3", "mxint8", "bf16"])
 def test_params_api_matches_fake_quantize(fmt):
     x = DATA[0]
     p = fit_params(x, fmt)

@@ -12,6 +12,15 @@ Public API::
     fit_params(x, fmt, *, axis=-1, block_size=None) -> QuantParams  # every format: per-element parameters
     quantize_with_params(x, params) -> Tensor                       # x on the grid of those parameters
 
+Names of the shipped layouts (lowercase; never ``_b<digits>``, which recipe labels use for a block size):
+
+* ``uint2`` .. ``uint8``: AutoGPTQ's asymmetric min/max quantizer (:mod:`.asym`), an fp16 scale and a k-bit zero point
+  per group of 128 inputs by default (what nearly every GPTQ/AWQ checkpoint on the hubs uses, and AutoGPTQ's and
+  AutoAWQ's default; it costs (16 + k) / 128 bits, 0.16 at 4 bits); ``block_size`` picks g32, g64, ...
+* ``uint2_pc`` .. ``uint8_pc``: the same with one scale and zero point per output channel (``block_size`` None).
+* ``nf4``, ``nf4_dq``: bitsandbytes NF4, blocks of 64, without / with double quantization (:mod:`.nf4`).
+* ``q8_0``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's reference quantizers and GGUF layouts (:mod:`.ggml`).
+
 ``fake_quantize(x, f, block_size=B) == quantize_with_scale(x, f, compute_scale(x, f, block_size=B))`` whenever x's
 axis has length B: GPTQ fits a block's scales once, then quantizes column by column with them. For every format,
 ``fake_quantize(x, f, block_size=B) == quantize_with_params(x, fit_params(x, f, block_size=B))``.

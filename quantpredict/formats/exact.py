@@ -44,20 +44,6 @@ def nearest_int(v: Tensor) -> Tensor:
     return (bits & 0x007FFFFF) - 0x00400000
 
 
-def roundf(v: Tensor) -> Tensor:
-    """C ``roundf``: to the nearest integer, halves away from zero (float32, same shape). Exact: ``a - floor(a)`` is
-    exact in float32, unlike ``floor(a + 0.5)``."""
-    a = v.abs()
-    f = torch.floor(a)
-    return torch.copysign(f + (a - f >= 0.5).to(v.dtype), v)
-
-
-def positive_zero(q: Tensor) -> Tensor:
-    """Integer-valued float codes with -0.0 turned into +0.0, as an int-to-float conversion gives (dequantizers
-    multiply integer codes, so a code 0 times a negative scale is -0.0 and times a positive one +0.0)."""
-    return q + 0.0
-
-
 def to_fp16(v: Tensor, what: str, fmt: str) -> Tensor:
     """float32 ``v`` rounded to fp16 (nearest, ties to even, subnormals kept) and back to float32, as a stored fp16
     scale. A :class:`FormatError` naming ``what`` if a finite value overflows fp16."""
