@@ -238,7 +238,7 @@ def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order
     hinv_diag = Hinv.diagonal().tolist()
     n_groups = 0 if group is None else -(-columns // group)
     group_params: list[dict[str, torch.Tensor] | None] = [None] * n_groups
-    used = {k: torch.empty(rows, columns) for k in (full.tensors if full is not None and group is None else ())}
+    used: dict[str, torch.Tensor] = {}  # per element: the parameters each weight was rounded with
     Q = torch.zeros_like(W)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
