@@ -1,4 +1,5 @@
-"""`quantpredict formats`: every number format with its element and bits per element (scales included)."""
+"""`quantpredict formats`: every number format with its element and bits per element (scales, zero points,
+sub-block and second-level scales included)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 def register(sub) -> None:
     p = sub.add_parser("formats", help="list every number format with its bits per element")
     p.add_argument("--block-size", type=int, default=128,
-                   help="also show bits per element with this block (group) size for MX/int/fp8 (default 128)")
+                   help="also show bits per element with this block (group) size for MX/int/fp8/uint/nf4 "
+                        "(default 128)")
     p.add_argument("--row-length", type=int, default=4096,
                    help="row length over which a per-channel scale is spread (default 4096)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -40,5 +42,7 @@ def run(args: argparse.Namespace) -> int:
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
     print(f"\nper-channel scales are spread over rows of {args.row_length} elements; MX scales are E8M0 (8 bits), "
-          "int/fp8 scales fp16 (16 bits).")
+          "int/fp8 scales fp16 (16 bits).\nuintK: fp16 scale + k-bit zero point per group (uintK_pc: per channel); "
+          "nf4: fp32 absmax per block, nf4_dq: 8-bit absmax per block + fp32 per 256 blocks;\nq8_0/q*_k: llama.cpp's "
+          "block layouts (their block is fixed: '-' at other block sizes; rows must be a multiple of it).")
     return 0

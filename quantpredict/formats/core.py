@@ -7,6 +7,7 @@ from torch import Tensor
 
 from quantpredict.errors import FormatError
 from quantpredict.formats import native
+from quantpredict.formats.params import fake_quantize_shipped, is_shipped
 from quantpredict.formats.reference import (
     fake_quantize_reference,
     non_finite_error,
@@ -22,6 +23,9 @@ def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None
     MX formats: blocks of ``block_size`` (default 32) consecutive elements along ``axis`` share an E8M0 scale; the
     last block may be shorter. int/fp8: one scale per slice along ``axis`` (for an [out, in] weight and axis=-1, one
     per output row), or per group of ``block_size``. bf16/fp16: a plain cast (no scale; ``block_size`` ignored).
+    Shipped layouts: uintK (AutoGPTQ's asymmetric quantizer, groups of 128 by default; uintK_pc per channel), nf4 /
+    nf4_dq (bitsandbytes, blocks of 64), q8_0 / q4_k / q5_k / q6_k (llama.cpp's reference quantizers; the rows along
+    ``axis`` must be a multiple of 32 or 256); their values are what the stored checkpoint dequantizes to.
     bf16/fp16/float64 inputs are computed in float32 and returned in their dtype. The result carries no autograd
     history; for training use a straight-through estimator, ``x + (fake_quantize(x, fmt) - x).detach()``.
 
@@ -31,6 +35,8 @@ def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None
     f = get_format(fmt)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise FormatError(f"fake_quantize needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if is_shipped(f):
+        return fake_quantize_shipped(x, f, axis, block_size)
     if f.family == "float" or x.device.type != "cpu" or x.numel() == 0 or not native.available():
         return fake_quantize_reference(x, f, axis=axis, block_size=block_size)
     x = x.detach()

@@ -8,6 +8,9 @@ second, once per machine: the shared library is cached under ``$QUANTPREDICT_CAC
 compiler or compilation fails, :func:`library` returns None and callers use the torch reference, which this kernel
 matches bit for bit (tests/test_formats.py checks it). ``QUANTPREDICT_FORMATS_BACKEND=torch`` forces the reference.
 
+It also runs llama.cpp's k-quant scale searches (``qp_kx2``, ``qp_qx``), the slow part of Q4_K/Q5_K/Q6_K
+quantization, 64 sub-blocks per vectorised pass; :mod:`quantpredict.formats.ggml` has the same search in torch.
+
 Exactness: all arithmetic is IEEE float32 without fast-math or FMA contraction. Rounding to the element grid uses
 the add-and-subtract trick: for 0 <= a < 2^(e+1) and C = 2^(e - mbits + 23), (a + C) - C is a rounded to a multiple
 of 2^(e - mbits), ties to even, by the FPU's own rounding, which equals ``torch.round(a / step) * step``.
@@ -33,6 +36,7 @@ from torch import Tensor
 from quantpredict.formats.table import ELEMENTS, Format
 
 SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -103,9 +107,175 @@ int qp_fake_quantize(const float* x, float* y, int64_t n, int64_t block, int64_t
     }
     return bad;
 }
+
+/* ---- llama.cpp k-quant scale searches (ggml-quants.c make_qkx2_quants / make_qx_quants, reference path) ----
+   The same float32 operations in the same order as the C reference, for LANES sub-blocks at once: every loop over
+   j < LANES is independent per lane, so the compiler vectorises across sub-blocks while each lane keeps the
+   reference's sequential sums (no reassociation without -ffast-math; no FMA with -ffp-contract=off). */
+#define LANES 64  /* sub-blocks per pass: 32 x 64 floats = 8 KB per array, in L1 */
+
+static inline int32_t qp_nearest_int(float f) {
+    float v = f + 12582912.0f;
+    int32_t i;
+    memcpy(&i, &v, 4);
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* x: [nsub, 32] row-major; scales, mins: [nsub] */
+void qp_kx2(const float* x, int64_t nsub, int nmax, float rmin, float rdelta, int nstep, float* scales,
+            float* mins) {
+    for (int64_t s0 = 0; s0 < nsub; s0 += LANES) {
+        const int64_t lanes = nsub - s0 < LANES ? nsub - s0 : LANES;
+        float xs[32][LANES], w[32][LANES];
+        float sum_x2[LANES], sum_w[LANES], sum_x[LANES], mn[LANES], mx[LANES], iscale[LANES], scale[LANES];
+        float best[LANES], rng[LANES];
+        int flat[LANES];
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < LANES; j++) xs[i][j] = j < lanes ? x[(s0 + j) * 32 + i] : 0.0f;
+        for (int j = 0; j < LANES; j++) sum_x2[j] = 0.0f;
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < LANES; j++) sum_x2[j] += xs[i][j] * xs[i][j];
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < LANES; j++) w[i][j] = sqrtf(sum_x2[j] / 32) + fabsf(xs[i][j]);
+        for (int j = 0; j < LANES; j++) {
+            mn[j] = xs[0][j]; mx[j] = xs[0][j]; sum_w[j] = w[0][j]; sum_x[j] = w[0][j] * xs[0][j];
+        }
+        for (int i = 1; i < 32; i++)
+            for (int j = 0; j < LANES; j++) {
+                mn[j] = xs[i][j] < mn[j] ? xs[i][j] : mn[j];
+                mx[j] = xs[i][j] > mx[j] ? xs[i][j] : mx[j];
+                sum_w[j] += w[i][j];
+                sum_x[j] += w[i][j] * xs[i][j];
+            }
+        for (int j = 0; j < LANES; j++) {
+            mn[j] = mn[j] > 0 ? 0.0f : mn[j];
+            flat[j] = mx[j] == mn[j];
+            iscale[j] = nmax / (mx[j] - mn[j]);
+            scale[j] = 1 / iscale[j];
+            best[j] = 0.0f;
+        }
+        for (int i = 0; i < 32; i++)
+            for (int j = 0; j < LANES; j++) {
+                int l = qp_nearest_int(iscale[j] * (xs[i][j] - mn[j]));
+                l = l < 0 ? 0 : l;  /* two statements: a nested ?: stops GCC's vectoriser */
+                l = l > nmax ? nmax : l;
+                float diff = scale[j] * l + mn[j] - xs[i][j];
+                best[j] += w[i][j] * (diff * diff);
+            }
+        for (int is = 0; is <= nstep; ++is) {
+            const float num = rmin + rdelta * is + nmax;
+            float sl[LANES], sl2[LANES], sxl[LANES], cur[LANES], ts[LANES], tm[LANES], D[LANES];
+            float lv[32][LANES];
+            for (int j = 0; j < LANES; j++) {
+                rng[j] = mx[j] - mn[j];
+                iscale[j] = num / rng[j];
+                sl[j] = 0.0f; sl2[j] = 0.0f; sxl[j] = 0.0f; cur[j] = 0.0f;
+            }
+            for (int i = 0; i < 32; i++)
+                for (int j = 0; j < LANES; j++) {
+                    int l = qp_nearest_int(iscale[j] * (xs[i][j] - mn[j]));
+                    l = l < 0 ? 0 : l;  /* two statements: a nested ?: stops GCC's vectoriser */
+                l = l > nmax ? nmax : l;
+                    const float fl = (float)l, wl = w[i][j] * fl;
+                    lv[i][j] = fl;
+                    sl[j] += wl;
+                    sl2[j] += wl * fl;
+                    sxl[j] += wl * xs[i][j];
+                }
+            for (int j = 0; j < LANES; j++) {
+                D[j] = sum_w[j] * sl2[j] - sl[j] * sl[j];
+                ts[j] = (sum_w[j] * sxl[j] - sum_x[j] * sl[j]) / D[j];
+                tm[j] = (sl2[j] * sum_x[j] - sl[j] * sxl[j]) / D[j];
+                const int pos = tm[j] > 0;
+                ts[j] = pos ? sxl[j] / sl2[j] : ts[j];
+                tm[j] = pos ? 0.0f : tm[j];
+            }
+            for (int i = 0; i < 32; i++)
+                for (int j = 0; j < LANES; j++) {
+                    float diff = ts[j] * lv[i][j] + tm[j] - xs[i][j];
+                    cur[j] += w[i][j] * (diff * diff);
+                }
+            for (int j = 0; j < LANES; j++) {
+                const int better = D[j] > 0 && cur[j] < best[j] && !flat[j];
+                best[j] = better ? cur[j] : best[j];
+                scale[j] = better ? ts[j] : scale[j];
+                mn[j] = better ? tm[j] : mn[j];
+            }
+        }
+        for (int j = 0; j < lanes; j++) {
+            scales[s0 + j] = flat[j] ? 0.0f : scale[j];
+            mins[s0 + j] = -mn[j];
+        }
+    }
+}
+
+/* make_qx_quants(16, 32, x, L, 1, NULL). x: [nsub, 16]; scales [nsub]; codes [nsub, 16] (L - 32, as floats) */
+void qp_qx(const float* x, int64_t nsub, float* scales, float* codes) {
+    const int nmax = 32;
+    for (int64_t s0 = 0; s0 < nsub; s0 += LANES) {
+        const int64_t lanes = nsub - s0 < LANES ? nsub - s0 : LANES;
+        float xs[16][LANES], w[16][LANES], wx[16][LANES], best_l[16][LANES];
+        float amax[LANES], big[LANES], scale[LANES], best[LANES];
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < LANES; j++) {
+                xs[i][j] = j < lanes ? x[(s0 + j) * 16 + i] : 0.0f;
+                w[i][j] = xs[i][j] * xs[i][j];
+                wx[i][j] = w[i][j] * xs[i][j];
+            }
+        for (int j = 0; j < LANES; j++) { amax[j] = 0.0f; big[j] = 0.0f; }
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < LANES; j++) {
+                const float ax = fabsf(xs[i][j]);
+                const int gt = ax > amax[j];
+                big[j] = gt ? xs[i][j] : big[j];
+                amax[j] = gt ? ax : amax[j];
+            }
+        for (int step = -10; step <= 9; ++step) {  /* -10 stands for the initial attempt (is = 0) */
+            if (step == 0) continue;
+            const int is = step == -10 ? 0 : step;
+            const float num = -(nmax + 0.1f * is);
+            float sumlx[LANES], suml2[LANES], iscale[LANES], lv[16][LANES];
+            for (int j = 0; j < LANES; j++) { iscale[j] = num / big[j]; sumlx[j] = 0.0f; suml2[j] = 0.0f; }
+            for (int i = 0; i < 16; i++)
+                for (int j = 0; j < LANES; j++) {
+                    int l = qp_nearest_int(iscale[j] * xs[i][j]);
+                    l = l < -nmax ? -nmax : l;
+                    l = l > nmax - 1 ? nmax - 1 : l;
+                    const float fl = (float)l;
+                    lv[i][j] = fl;
+                    sumlx[j] += wx[i][j] * fl;
+                    suml2[j] += w[i][j] * fl * fl;
+                }
+            if (step == -10) {
+                for (int j = 0; j < LANES; j++) {
+                    scale[j] = suml2[j] != 0 ? sumlx[j] / suml2[j] : 0.0f;
+                    best[j] = scale[j] * sumlx[j];
+                }
+                for (int i = 0; i < 16; i++)
+                    for (int j = 0; j < LANES; j++) best_l[i][j] = lv[i][j];
+            } else {
+                int better[LANES];
+                for (int j = 0; j < LANES; j++) {
+                    better[j] = suml2[j] > 0 && sumlx[j] * sumlx[j] > best[j] * suml2[j];
+                    scale[j] = better[j] ? sumlx[j] / suml2[j] : scale[j];
+                    best[j] = better[j] ? scale[j] * sumlx[j] : best[j];
+                }
+                for (int i = 0; i < 16; i++)
+                    for (int j = 0; j < LANES; j++) best_l[i][j] = better[j] ? lv[i][j] : best_l[i][j];
+            }
+        }
+        for (int j = 0; j < lanes; j++) {
+            const int zero = amax[j] < 1e-15f;
+            scales[s0 + j] = zero ? 0.0f : scale[j];
+            for (int i = 0; i < 16; i++) codes[(s0 + j) * 16 + i] = zero ? -32.0f : best_l[i][j];
+        }
+    }
+}
 """
 
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=c99"]
+# -fno-math-errno lets sqrtf vectorise (errno is the only difference; results are IEEE either way)
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno", "-fPIC", "-shared",
+         "-std=c99"]
 
 PARALLEL_MIN_ELEMENTS = 1 << 18  # below this, threads cost more than they save
 _lock = threading.Lock()
@@ -136,7 +306,8 @@ def _compile(cc: str, target: Path) -> None:
         src = Path(tmp) / "qp_formats.c"
         src.write_text(SOURCE)
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent processes never load a half-written file
@@ -169,6 +340,11 @@ def library() -> ctypes.CDLL | None:
             fn.restype = ctypes.c_int
             i64, ci = ctypes.c_int64, ctypes.c_int
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, ci, ci, ci, ci, ci, ctypes.c_float, ci]
+            cf, vp = ctypes.c_float, ctypes.c_void_p
+            lib.qp_kx2.restype = None
+            lib.qp_kx2.argtypes = [vp, i64, ci, cf, cf, ci, vp, vp]
+            lib.qp_qx.restype = None
+            lib.qp_qx.argtypes = [vp, i64, vp, vp]
         except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
             warnings.warn(f"quantpredict.formats: fused kernel unavailable ({exc}); using the slower torch path",
                           RuntimeWarning, stacklevel=3)
@@ -220,3 +396,53 @@ def _pool() -> ThreadPoolExecutor:
             _state["pool"] = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="qp-formats")
             _state["pool_pid"] = os.getpid()
         return _state["pool"]  # type: ignore[return-value]
+
+
+def _run_chunks(fn, total: int, align: int, *per_chunk) -> None:
+    """Call ``fn(start, stop)`` over [0, total) in chunks (multiples of ``align``) on the pool's threads, or inline
+    with one torch thread."""
+    threads = min(torch.get_num_threads(), max(total // 4096, 1))
+    if threads <= 1:
+        fn(0, total)
+        return
+    step = -(-total // threads)
+    step = -(-step // align) * align
+    futures = [_pool().submit(fn, a, min(a + step, total)) for a in range(0, total, step)]
+    for f in futures:
+        f.result()
+
+
+def kx2_search(sub: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Tensor, Tensor] | None:
+    """llama.cpp's ``make_qkx2_quants`` on sub-blocks ``sub`` [M, 32] (contiguous float32): (scales, mins) [M], or
+    None without the kernel. Bit-identical to the torch search in :mod:`quantpredict.formats.ggml`."""
+    lib = library()
+    if lib is None:
+        return None
+    sub = sub.contiguous()
+    m = sub.shape[0]
+    scales, mins = torch.empty(m), torch.empty(m)
+    px, ps, pm = sub.data_ptr(), scales.data_ptr(), mins.data_ptr()
+
+    def run(a: int, b: int) -> None:
+        lib.qp_kx2(px + 4 * 32 * a, b - a, nmax, rmin, rdelta, nstep, ps + 4 * a, pm + 4 * a)
+
+    _run_chunks(run, m, 8)
+    return scales, mins
+
+
+def qx_search(sub: Tensor) -> tuple[Tensor, Tensor] | None:
+    """llama.cpp's ``make_qx_quants(16, 32, ., ., 1, NULL)`` on sub-blocks ``sub`` [M, 16] (contiguous float32):
+    (scales [M], codes L - 32 [M, 16]), or None without the kernel. Bit-identical to the torch search."""
+    lib = library()
+    if lib is None:
+        return None
+    sub = sub.contiguous()
+    m = sub.shape[0]
+    scales, codes = torch.empty(m), torch.empty(m, 16)
+    px, ps, pc = sub.data_ptr(), scales.data_ptr(), codes.data_ptr()
+
+    def run(a: int, b: int) -> None:
+        lib.qp_qx(px + 4 * 16 * a, b - a, ps + 4 * a, pc + 4 * 16 * a)
+
+    _run_chunks(run, m, 8)
+    return scales, codes

@@ -33,8 +33,10 @@ def floor_log2(a: Tensor) -> Tensor:
 
 def check_finite(x: Tensor, fmt: str) -> None:
     """Raise :class:`FormatError` saying how many values of ``x`` are NaN / Inf."""
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x)  # one pass without a mask: NaN propagates into both, Inf shows at an end
+    if not (math.isfinite(float(lo)) and math.isfinite(float(hi))):
         raise non_finite_error(x, fmt)
 
 
@@ -96,13 +98,22 @@ def _blocked(xm: Tensor, block: int) -> Tensor:
     return xm.reshape(*xm.shape[:-1], nb, block)
 
 
+def _single_scale_only(f: Format, what: str) -> None:
+    if f.family in ("asym", "nf4", "ggml"):
+        raise FormatError(
+            f"{what} covers the single-scale formats (MX, int, fp8, float); {f.name} also stores zero points, mins "
+            "or second-level scales: use fit_params / quantize_with_params (quantpredict.formats) instead")
+
+
 def compute_scale(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: int | None = None) -> Tensor:
-    """The scales :func:`fake_quantize` would use, float32.
+    """The scales :func:`fake_quantize` would use, float32 (single-scale formats: MX, int, fp8, float; the others
+    are fitted with :func:`quantpredict.formats.fit_params`).
 
     Same number of dims as ``x``; the ``axis`` dim has size ceil(n / block) (1 for per-channel formats); all ones
     for bf16/fp16. Example: W[:, a:a+B] of shape [out, B] with ``block_size=B`` gives [out, 1].
     """
     f = get_format(fmt)
+    _single_scale_only(f, "compute_scale")
     x32 = x.detach().to(torch.float32)
     squeeze = x32.dim() == 0
     x32 = x32.reshape(1) if squeeze else x32
@@ -120,8 +131,10 @@ def compute_scale(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: i
 
 def quantize_with_scale(x: Tensor, fmt: str | Format, scale: Tensor) -> Tensor:
     """``x / scale`` rounded onto the element grid (nearest, ties to even, saturating, subnormals kept), times
-    ``scale``. ``scale`` broadcasts against ``x``; a zero scale gives zeros. Same shape and dtype as ``x``."""
+    ``scale``. ``scale`` broadcasts against ``x``; a zero scale gives zeros. Same shape and dtype as ``x``.
+    Single-scale formats only (see :func:`compute_scale`)."""
     f = get_format(fmt)
+    _single_scale_only(f, "quantize_with_scale")
     x32 = x.detach().to(torch.float32)
     if f.family == "float":
         return x.detach().to(_FLOAT_DTYPES[f.name]).to(x.dtype)
@@ -138,6 +151,10 @@ def fake_quantize_reference(x: Tensor, fmt: str | Format, *, axis: int = -1, blo
     f = get_format(fmt)
     if not x.is_floating_point():
         raise FormatError(f"fake_quantize needs a floating-point tensor, got dtype {x.dtype}")
+    if f.family in ("asym", "nf4", "ggml"):
+        from quantpredict.formats.params import fake_quantize_shipped
+
+        return fake_quantize_shipped(x, f, axis, block_size, use_native=False)
     x = x.detach()
     if f.family == "float":
         check_finite(x, f.name)

@@ -6,7 +6,13 @@ and ``mbits`` stored mantissa bits; its grid is {0} U {2^e * (1 + k/2^mbits)} fo
 normal is listed explicitly because the formats differ in which top codes they reserve: E4M3 keeps only
 S.1111.111 for NaN (so 448, not 480), E5M2 reserves its top exponent for Inf/NaN like IEEE (57344), and the MX-only
 FP6/FP4 elements reserve nothing (28, 7.5, 6). An integer element is a signed integer times a fixed ``step``,
-clamped symmetrically to +-max_normal (two's complement's extra negative code is not used).
+clamped symmetrically to +-max_normal (two's complement's extra negative code is not used), except ``int6_full``
+(llama.cpp's Q6_K codes, -32..31). A ``uint`` element is an unsigned integer 0..2^k-1 (the codes of asymmetric
+formats, which subtract a zero point or a min), and a ``table`` element is a list of code values (NF4).
+
+The formats shipped in checkpoints (see :mod:`quantpredict.formats.asym`, :mod:`~quantpredict.formats.nf4` and
+:mod:`~quantpredict.formats.ggml`) are rows of the same format table, with the extra storage their layouts need
+(zero points, sub-block scales, second-level scales) counted by :meth:`Format.bits_per_element`.
 """
 
 from __future__ import annotations
@@ -19,24 +25,46 @@ from quantpredict.errors import FormatError
 MX_BLOCK = 32  # OCP MX v1.0 block size
 E8M0_BITS = 8  # MX shared scale: an 8-bit power of two
 CHANNEL_SCALE_BITS = 16  # int/fp8 scales are stored as fp16 by the usual kernels (GPTQ, FBGEMM fp8 rowwise)
+ASYM_GROUP = 128  # default group of the asymmetric uintK formats: what GPTQ/AWQ checkpoints on hubs almost all use
+NF4_BLOCK = 64  # bitsandbytes' default block for NF4
+NF4_DQ_BLOCK = 256  # bitsandbytes' double quantization: absmaxes quantized to 8 bits in blocks of 256
+QK_K = 256  # llama.cpp k-quant super-block
+QK8_0 = 32  # llama.cpp Q8_0 block
+
+# bitsandbytes' NF4 code (bitsandbytes/functional.py, get_4bit_type("nf4")): the float32 values, ascending
+NF4_VALUES: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
 
 
 @dataclass(frozen=True)
 class Element:
     """One element format (without scaling)."""
 
-    kind: str  # "fp" | "int"
+    kind: str  # "fp" | "int" | "uint" | "table"
     bits: int
     ebits: int
-    mbits: int  # fp: stored mantissa bits; int: magnitude bits (bits - 1)
-    emax: int  # fp: largest normal exponent; int: floor(log2(max_normal))
-    emin: int  # fp: smallest normal exponent; int: log2(step)
+    mbits: int  # fp: stored mantissa bits; int: magnitude bits (bits - 1); uint/table: bits
+    emax: int  # fp: largest normal exponent; int/uint: floor(log2(max_normal)); table: 0
+    emin: int  # fp: smallest normal exponent; int/uint: log2(step); table: 0
     max_normal: float
+    min_value: float | None = None  # the smallest value; None: -max_normal (symmetric)
+    values: tuple[float, ...] = ()  # table: every code value, ascending
 
     @property
     def step(self) -> float:
-        """The smallest positive value: the subnormal step for fp, the grid step for int."""
+        """The smallest positive value: the subnormal step for fp, the grid step for int/uint, the smallest positive
+        code for a table."""
+        if self.kind == "table":
+            return min(v for v in self.values if v > 0)
         return 2.0 ** (self.emin - self.mbits) if self.kind == "fp" else 2.0**self.emin
+
+    @property
+    def lowest(self) -> float:
+        """The smallest (most negative) value of the grid."""
+        return -self.max_normal if self.min_value is None else self.min_value
 
 
 def _fp(ebits: int, mbits: int, max_normal: float, emax: int) -> Element:
@@ -48,6 +76,11 @@ def _int(bits: int, step_exp: int) -> Element:
     qmax = 2 ** (bits - 1) - 1
     max_normal = qmax * 2.0**step_exp
     return Element("int", bits, 0, bits - 1, math.floor(math.log2(max_normal)), step_exp, max_normal)
+
+
+def _uint(bits: int) -> Element:
+    top = 2**bits - 1
+    return Element("uint", bits, 0, bits, math.floor(math.log2(top)), 0, float(top), min_value=0.0)
 
 
 # The single table of element formats. Integer elements of MXINT-K carry an implicit step 2^-(K-2) (so a block's
@@ -62,6 +95,9 @@ ELEMENTS: dict[str, Element] = {
     "fp16": _fp(5, 10, 65504.0, 15),
     **{f"mxint{k}": _int(k, -(k - 2)) for k in range(2, 9)},
     **{f"int{k}": _int(k, 0) for k in range(2, 9)},
+    **{f"uint{k}": _uint(k) for k in range(2, 9)},
+    "int6_full": Element("int", 6, 0, 5, 4, 0, 31.0, min_value=-32.0),  # llama.cpp Q6_K: -32..31
+    "nf4": Element("table", 4, 0, 4, 0, 0, 1.0, min_value=-1.0, values=NF4_VALUES),
 }
 
 
@@ -70,12 +106,15 @@ class Format:
     """A named number format: an element format plus how its scales are shared.
 
     ``family``: "mx" (blocks along ``axis`` share an E8M0 power-of-two scale), "int" / "fp8" (one scale per channel,
-    or per group of ``block_size``, mapping max|x| to ``max_normal``), "float" (a plain cast, no scale).
+    or per group of ``block_size``, mapping max|x| to ``max_normal``), "float" (a plain cast, no scale), and the
+    layouts shipped in checkpoints: "asym" (AutoGPTQ's min/max quantizer: fp16 scale and an integer zero point per
+    group or channel), "nf4" (bitsandbytes NF4, absmax per block, optionally double-quantized), "ggml" (llama.cpp's
+    Q8_0 and k-quants, whose block is part of the layout).
     """
 
     name: str
     family: str
-    element: str  # "int" | "fp"
+    element: str  # "int" | "fp" | "uint" | "table"
     element_bits: int
     ebits: int
     mbits: int
@@ -83,32 +122,72 @@ class Format:
     emin_elem: int
     max_normal: float
     default_block_size: int | None  # 32 for MX; None = per channel (int, fp8) or no scale (float)
-    scale_bits: int  # bits of one scale: 8 (E8M0), 16 (fp16 scale of a channel/group), 0 (no scale)
+    scale_bits: int  # bits of one scale: 8 (E8M0), 16 (fp16 scale of a channel/group), 0 (no scale); see below
     element_format: str  # key into ELEMENTS
+    # Extra storage of the shipped layouts, per block of ``block_size`` elements unless said otherwise:
+    zero_bits: int = 0  # asym: one zero point, stored as a k-bit integer (AutoGPTQ packs qzeros at k bits)
+    sub_block: int | None = None  # ggml k-quants: elements per sub-block (32 for q4_k/q5_k, 16 for q6_k)
+    sub_scale_bits: int = 0  # ggml k-quants: bits of one sub-block's scale and min (6 + 6) or scale (8)
+    scale2_block: int | None = None  # nf4_dq: first-level scales that share one second-level scale (256)
+    scale2_bits: int = 0  # nf4_dq: bits of one second-level scale (fp32)
+    fixed_block: bool = False  # ggml: the block is part of the layout (block_size must be None or equal it)
 
     @property
     def step(self) -> float:
         return ELEMENTS[self.element_format].step
 
+    def check_block(self, block_size: int | None) -> int | None:
+        """``block_size`` or the default; a :class:`FormatError` for a bad one (a fixed-layout format accepts only
+        its own block)."""
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size < 1):
+            raise FormatError(f"block_size must be a positive integer, got {block_size!r}")
+        if self.fixed_block and block_size is not None and block_size != self.default_block_size:
+            raise FormatError(
+                f"{self.name} stores blocks of {self.default_block_size} elements by definition (llama.cpp's layout); "
+                f"got block_size={block_size}: pass block_size=None (or {self.default_block_size})")
+        return self.default_block_size if block_size is None else block_size
+
+    def check_row_length(self, n: int) -> None:
+        """A :class:`FormatError` if rows of ``n`` elements cannot be stored in this (fixed-layout) format."""
+        if self.fixed_block and n % self.default_block_size:
+            fallback = GGML_FALLBACK.get(self.name)
+            hint = f"; llama.cpp would store such a tensor as {fallback} instead" if fallback else ""
+            raise FormatError(
+                f"{self.name} needs rows whose length is a multiple of {self.default_block_size} (llama.cpp's rule), "
+                f"got rows of {n} elements{hint}: pick another format for this tensor (e.g. {fallback or 'int8'}) "
+                f"or pad its rows")
+
     def bits_per_element(self, block_size: int | None = None, row_length: int | None = None) -> float:
         """Storage bits per element, scales included.
 
-        ``block_size`` None means the default (32 for MX; one scale per channel for int/fp8). A per-channel scale
-        costs ``scale_bits / row_length`` per element when ``row_length`` is given (else it is counted as 0); given
-        ``row_length``, a shorter last block is counted as one more scale.
+        ``block_size`` None means the default (32 for MX, 128 for uintK, 64 for NF4, the layout's for ggml; one scale
+        per channel for int/fp8/uintK_pc). A per-channel scale costs ``scale_bits / row_length`` per element when
+        ``row_length`` is given (else it is counted as 0); given ``row_length``, a shorter last block is counted as
+        one more scale. Zero points count ``zero_bits`` (k) each; k-quant sub-block scales and NF4's second-level
+        scales are counted as their layouts store them. NF4-DQ's one fp32 mean per tensor is not counted.
         """
         if self.family == "float":
             return float(self.element_bits)
-        if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-            raise FormatError(f"block_size must be a positive integer, got {block_size!r}")
         if row_length is not None and (not isinstance(row_length, int) or row_length < 1):
             raise FormatError(f"row_length must be a positive integer, got {row_length!r}")
-        block = block_size if block_size is not None else self.default_block_size
+        block = self.check_block(block_size)
+        if row_length is not None:
+            self.check_row_length(row_length)
+        per_block = self.scale_bits + self.zero_bits
+        if self.scale2_block:
+            per_block += self.scale2_bits / self.scale2_block
+        sub = self.sub_scale_bits / self.sub_block if self.sub_block else 0.0
         if block is None:  # per channel
-            return self.element_bits + (self.scale_bits / row_length if row_length else 0.0)
+            return self.element_bits + (per_block / row_length if row_length else 0.0)
         if row_length:
-            return self.element_bits + self.scale_bits * math.ceil(row_length / block) / row_length
-        return self.element_bits + self.scale_bits / block
+            return self.element_bits + per_block * math.ceil(row_length / block) / row_length + sub
+        return self.element_bits + per_block / block + sub
+
+
+# llama.cpp's replacement type for a tensor whose rows are not a multiple of the k-quant super-block
+# (llama-quant.cpp, "incompatible tensor" fallback)
+GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 def _make(name: str, family: str, element_format: str) -> Format:
@@ -117,6 +196,17 @@ def _make(name: str, family: str, element_format: str) -> Format:
     scale_bits = {"mx": E8M0_BITS, "int": CHANNEL_SCALE_BITS, "fp8": CHANNEL_SCALE_BITS, "float": 0}[family]
     return Format(name, family, el.kind, el.bits, el.ebits, el.mbits, el.emax, el.emin, el.max_normal, block,
                   scale_bits, element_format)
+
+
+def _shipped(name: str, family: str, element_format: str, block: int | None, scale_bits: int, **extra) -> Format:
+    el = ELEMENTS[element_format]
+    return Format(name, family, el.kind, el.bits, el.ebits, el.mbits, el.emax, el.emin, el.max_normal, block,
+                  scale_bits, element_format, **extra)
+
+
+def _asym(k: int, block: int | None) -> Format:
+    name = f"uint{k}" if block else f"uint{k}_pc"
+    return _shipped(name, "asym", f"uint{k}", block, CHANNEL_SCALE_BITS, zero_bits=k)
 
 
 FORMATS: dict[str, Format] = {
@@ -131,6 +221,17 @@ FORMATS: dict[str, Format] = {
         *[_make(f"int{k}", "int", f"int{k}") for k in range(8, 1, -1)],
         _make("fp8_e4m3", "fp8", "e4m3"),
         _make("fp8_e5m2", "fp8", "e5m2"),
+        # GPTQ/AWQ-style asymmetric integers: uintK per group (default 128), uintK_pc per output channel
+        *[_asym(k, ASYM_GROUP) for k in range(8, 1, -1)],
+        *[_asym(k, None) for k in range(8, 1, -1)],
+        # bitsandbytes NF4: an fp32 absmax per block of 64; nf4_dq stores the absmaxes as 8-bit codes (blocks of 256)
+        _shipped("nf4", "nf4", "nf4", NF4_BLOCK, 32),
+        _shipped("nf4_dq", "nf4", "nf4", NF4_BLOCK, 8, scale2_block=NF4_DQ_BLOCK, scale2_bits=32),
+        # llama.cpp: Q8_0 (fp16 d per 32), k-quants (fp16 d [and dmin] per 256, sub-block scales [and mins])
+        _shipped("q8_0", "ggml", "int8", QK8_0, 16, fixed_block=True),
+        _shipped("q6_k", "ggml", "int6_full", QK_K, 16, sub_block=16, sub_scale_bits=8, fixed_block=True),
+        _shipped("q5_k", "ggml", "uint5", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
+        _shipped("q4_k", "ggml", "uint4", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
         _make("bf16", "float", "bf16"),
         _make("fp16", "float", "fp16"),
     ]
@@ -138,7 +239,8 @@ FORMATS: dict[str, Format] = {
 
 
 def list_formats() -> list[str]:
-    """Every format name, MX first, then int, fp8, and the plain float casts."""
+    """Every format name: MX first, then int, fp8, the shipped layouts (uintK, uintK_pc, nf4, nf4_dq, q8_0, q6_k,
+    q5_k, q4_k), and the plain float casts."""
     return list(FORMATS)
 
 
@@ -152,22 +254,54 @@ def get_format(name: str | Format) -> Format:
         raise FormatError(f"unknown format {name!r}; valid formats: {', '.join(FORMATS)}") from None
 
 
+_SCALE_TEXT = {"mx": "E8M0 per block", "int": "fp16 per channel", "fp8": "fp16 per channel"}
+
+
+def _scale_text(f: Format) -> str:
+    if f.family == "asym":
+        where = "group" if f.default_block_size else "channel"
+        return f"fp16 scale + uint{f.element_bits} zero per {where}"
+    if f.family == "nf4":
+        return "fp32 absmax per block" if not f.scale2_block else "8-bit absmax per block, fp32 per 256 blocks"
+    if f.family == "ggml":
+        return {"q8_0": "fp16 per 32", "q6_k": "fp16 per 256, int8 per 16",
+                }.get(f.name, "fp16 d, dmin per 256; 6-bit scale, min per 32")
+    return _SCALE_TEXT.get(f.family, "-")
+
+
+def _element_text(f: Format) -> str:
+    if f.element == "fp":
+        return f"fp E{f.ebits}M{f.mbits}"
+    if f.element_format == "int6_full":
+        return "int6 (-32..31)"
+    if f.element == "int":
+        return f"int{f.element_bits}"
+    return "nf4 table" if f.element == "table" else f.element_format
+
+
 def format_rows(block_size: int = 128, row_length: int = 4096) -> list[dict[str, object]]:
     """One row per format: kind, element bits, default block, bits per element at the default block and at
-    ``block_size`` (per-channel scales spread over ``row_length`` elements)."""
+    ``block_size`` (per-channel scales spread over ``row_length`` elements; "-" where the layout fixes the block)."""
     rows = []
     for f in FORMATS.values():
         scaled = f.family != "float"
+        fits = not f.fixed_block or row_length % f.default_block_size == 0
+        at_block: object
+        if not scaled:
+            at_block = f.bits_per_element()
+        elif f.fixed_block:
+            at_block = "-"
+        else:
+            at_block = f.bits_per_element(block_size, row_length)
         rows.append({
             "format": f.name,
             "family": f.family,
-            "element": f"{f.element} E{f.ebits}M{f.mbits}" if f.element == "fp" else f"int{f.element_bits}",
+            "element": _element_text(f),
             "element bits": f.element_bits,
             "max element": f.max_normal,
-            "scale": {"mx": "E8M0 per block", "int": "fp16 per channel", "fp8": "fp16 per channel"}.get(f.family, "-"),
+            "scale": _scale_text(f),
             "default block": f.default_block_size or ("channel" if scaled else "-"),
-            "bits/elem (default)": f.bits_per_element(row_length=row_length),
-            f"bits/elem (block {block_size})": f.bits_per_element(block_size, row_length) if scaled else
-            f.bits_per_element(),
+            "bits/elem (default)": f.bits_per_element(row_length=row_length if fits else None),
+            f"bits/elem (block {block_size})": at_block,
         })
     return rows

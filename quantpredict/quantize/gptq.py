@@ -18,6 +18,13 @@ Choices made explicit (where the reference leaves room):
   (after dead columns are zeroed) before the loop, as the reference does without groups.
 * **Float formats** (``bf16``, ``fp16``) have no scale (``compute_scale`` gives ones): each column is cast as it
   comes.
+* **Shipped layouts** (uintK, nf4, q8_0, k-quants; see :func:`quantpredict.formats.fit_params`): a group is the
+  layout's block (``block_size`` columns for uintK/nf4, 32 for q8_0, a 256-column super-block for the k-quants), and
+  all its parameters (scale and zero point; absmax; d, dmin, sub-block scales and mins found by llama.cpp's search)
+  are fitted once, like a scale above, then each column is rounded with them. uintK_pc fits one scale and zero point
+  per row before the loop. nf4_dq's tensor-level statistics (the mean of all absmaxes and each run of 256 absmaxes'
+  second-level scale) are fitted once on the whole weight before the loop; each group's absmax is then refitted as
+  it comes and stored through that second level, so the result is a valid nf4_dq tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import torch
 
 from quantpredict.errors import FormatError
+from quantpredict.formats.params import QuantParams, fit_params, is_shipped, quantize_blocks
 
 
 def gptq_quantize(
@@ -37,7 +45,8 @@ def gptq_quantize(
     percdamp: float = 0.01,
     act_order: bool = False,
     num_threads: int | None = 1,
-) -> torch.Tensor:
+    return_params: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, QuantParams]:
     """Quantize ``weight`` [out, in] with GPTQ against the layer Hessian ``hessian`` [in, in] (``2/N sum x x^T``).
 
     Args:
@@ -52,69 +61,43 @@ def gptq_quantize(
         num_threads: torch intra-op threads while this runs (restored after); ``None`` keeps torch's setting. The
             loop is thousands of small ops, for which thread hand-offs cost more than they save: with 2 threads on a
             loaded 2-core machine a 1024x1024 layer took 8.4 s, with 1 thread 0.8 s.
+        return_params: also return the parameters each element was rounded with, per element ([out, in] tensors in
+            a :class:`~quantpredict.formats.QuantParams`; the scale for single-scale formats).
 
     Returns:
-        The dequantized weight, ``[out, in]``, in ``weight``'s dtype; every value lies on the format's grid.
+        The dequantized weight, ``[out, in]``, in ``weight``'s dtype; every value lies on the format's grid (and,
+        with ``return_params``, the parameters).
     """
+    args = (weight, hessian, fmt, block_size, blocksize, percdamp, act_order)
     if num_threads is None:
-        return _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order)
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        return _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order)
-    finally:
-        torch.set_num_threads(before)
+        q, params = _gptq(*args)
+    else:
+        before = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            q, params = _gptq(*args)
+        finally:
+            torch.set_num_threads(before)
+    return (q, params) if return_params else q
 
 
-def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> torch.Tensor:
+def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> tuple[torch.Tensor, QuantParams]:
     from quantpredict.formats import compute_scale, get_format, quantize_with_scale
     from quantpredict.formats.reference import round_to_element
 
     f = get_format(fmt)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if is_shipped(f):
+        return _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order)
+    group = _check_inputs(weight, hessian, f, block_size, blocksize)
     rows, columns = weight.shape
-    if tuple(hessian.shape) != (columns, columns):
-        raise ValueError(f"hessian must be [in, in] = [{columns}, {columns}], got {tuple(hessian.shape)}")
-    if not torch.isfinite(hessian).all():
-        raise ValueError("hessian holds NaN/Inf values; the calibration activations are not finite")
-    if blocksize < 1:
-        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
-    group = f.default_block_size if block_size is None else int(block_size)
-    if group is not None and group < 1:
-        raise FormatError(f"block_size must be a positive integer or None, got {block_size}")
-
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(torch.float64).clone()
-
-    # Dead inputs (never active in calibration) carry no information: their weights are set to zero, and a unit
-    # diagonal keeps H invertible.
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = _dead_zeroed(weight, hessian)
 
     row_scale = None
     if group is None:  # per channel (or no scale at all for bf16/fp16: compute_scale gives ones)
         row_scale = compute_scale(W, fmt, axis=-1, block_size=None)  # [out, 1]
 
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm][:, perm]
-    else:
-        perm = torch.arange(columns)
-    position = torch.argsort(perm)  # position[c] = where original column c is processed
-
-    damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
-    H[diag, diag] += damp
-    # H^-1 = L^-T L^-1 from the Cholesky factor of H; then the upper Cholesky factor U of H^-1 (H^-1 = U^T U), whose
-    # rows give each column's error-propagation coefficients over the columns not yet quantized.
-    L, info = torch.linalg.cholesky_ex(H)
-    if info.item() != 0:
-        raise ValueError(f"the damped Hessian is not positive definite (percdamp={percdamp}); increase percdamp "
-                         "(e.g. 0.1) or use more calibration data")
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+    W, H, perm, position = _ordered(W, H, act_order)
+    Hinv = _inverse_factor(H, percdamp)
 
     n_groups = 0 if group is None else -(-columns // group)
     group_scale: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_groups
@@ -124,7 +107,10 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
     order = perm.tolist()
     hinv_diag = Hinv.diagonal().tolist()
     if row_scale is not None:
+        used_scale = row_scale.expand(rows, columns)
         row_scale = (row_scale, torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale))
+    else:
+        used_scale = torch.empty(rows, columns)
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -146,15 +132,10 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
                     # first column of this group in processing order: fit its scale on the group's columns as they
                     # stand now, i.e. with the updates from every column quantized so far
                     cols = torch.arange(g * group, min((g + 1) * group, columns))
-                    pos = position[cols]
-                    current = torch.empty(rows, cols.numel(), dtype=W.dtype)
-                    here = pos < i2
-                    current[:, here] = W1[:, pos[here] - i1]
-                    later = pos[~here]
-                    if later.numel():  # pending lazy-batch updates from columns i1 .. i1+i-1
-                        current[:, ~here] = W[:, later] - Err1[:, :i] @ Hinv[i1 : i1 + i, later]
+                    current = _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols)
                     s = compute_scale(current, fmt, axis=-1, block_size=cols.numel())
                     group_scale[g] = (s, torch.where(s == 0, torch.ones_like(s), s))
+                    used_scale[:, cols] = s
                 scale = group_scale[g]
             if element is None:  # bf16 / fp16: a plain cast
                 q = quantize_with_scale(w.unsqueeze(1), fmt, scale[0]).flatten()
@@ -171,7 +152,125 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
         # lazy batch update: apply the whole batch's error to every later column at once
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
 
-    return Q[:, position].to(weight.dtype)
+    return Q[:, position].to(weight.dtype), QuantParams(f.name, {"scale": used_scale})
+
+
+def _check_inputs(weight, hessian, f, block_size, blocksize) -> int | None:
+    """Validate the arguments; the group length along ``in`` (None: per channel)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    rows, columns = weight.shape
+    if tuple(hessian.shape) != (columns, columns):
+        raise ValueError(f"hessian must be [in, in] = [{columns}, {columns}], got {tuple(hessian.shape)}")
+    if not torch.isfinite(hessian).all():
+        raise ValueError("hessian holds NaN/Inf values; the calibration activations are not finite")
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if is_shipped(f):
+        f.check_row_length(columns)
+        return f.check_block(None if block_size is None else int(block_size))
+    group = f.default_block_size if block_size is None else int(block_size)
+    if group is not None and group < 1:
+        raise FormatError(f"block_size must be a positive integer or None, got {block_size}")
+    return group
+
+
+def _dead_zeroed(weight, hessian) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 W and float64 H, with dead inputs (never active in calibration) zeroed in W and a unit diagonal in H
+    (they carry no information, and the unit diagonal keeps H invertible)."""
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def _ordered(W, H, act_order):
+    """W, H in processing order, the permutation, and position[c] = where original column c is processed."""
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(W.shape[1])
+    return W, H, perm, torch.argsort(perm)
+
+
+def _inverse_factor(H, percdamp) -> torch.Tensor:
+    """The upper Cholesky factor U of the damped H^-1 (H^-1 = U^T U), float32: its rows give each column's
+    error-propagation coefficients over the columns not yet quantized."""
+    H = H.clone()
+    damp = percdamp * torch.mean(torch.diag(H))
+    diag = torch.arange(H.shape[0])
+    H[diag, diag] += damp
+    # H^-1 = L^-T L^-1 from the Cholesky factor of H
+    L, info = torch.linalg.cholesky_ex(H)
+    if info.item() != 0:
+        raise ValueError(f"the damped Hessian is not positive definite (percdamp={percdamp}); increase percdamp "
+                         "(e.g. 0.1) or use more calibration data")
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+
+
+def _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols) -> torch.Tensor:
+    """The current values [rows, len(cols)] of original columns ``cols``: W1 for those in this lazy batch, W minus
+    the updates still pending from columns i1 .. i1+i-1 for later ones."""
+    pos = position[cols]
+    current = torch.empty(W.shape[0], cols.numel(), dtype=W.dtype)
+    here = pos < i2
+    current[:, here] = W1[:, pos[here] - i1]
+    later = pos[~here]
+    if later.numel():  # pending lazy-batch updates from columns i1 .. i1+i-1
+        current[:, ~here] = W[:, later] - Err1[:, :i] @ Hinv[i1 : i1 + i, later]
+    return current
+
+
+def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order):
+    """GPTQ for the shipped layouts: each group's parameters from :func:`fit_params` on its current values."""
+    group = _check_inputs(weight, hessian, f, block_size, blocksize)
+    rows, columns = weight.shape
+    W, H = _dead_zeroed(weight, hessian)
+    # per channel: the row's parameters; nf4_dq: the tensor-level second level; both fitted on the whole weight
+    full = fit_params(W, f, block_size=group) if group is None or f.scale2_block else None
+    W, H, perm, position = _ordered(W, H, act_order)
+    Hinv = _inverse_factor(H, percdamp)
+    order = perm.tolist()
+    hinv_diag = Hinv.diagonal().tolist()
+    n_groups = 0 if group is None else -(-columns // group)
+    group_params: list[dict[str, torch.Tensor] | None] = [None] * n_groups
+    used: dict[str, torch.Tensor] = {}  # per element: the parameters each weight was rounded with
+    Q = torch.zeros_like(W)
+    for i1 in range(0, columns, blocksize):
+        i2 = min(i1 + blocksize, columns)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = order[i1 + i]
+            if group is None:
+                p = {k: v[:, c : c + 1] for k, v in full.tensors.items()}
+            else:
+                g = c // group
+                if group_params[g] is None:
+                    cols = torch.arange(g * group, min((g + 1) * group, columns))
+                    current = _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols)
+                    stats = full.narrow(-1, g * group, cols.numel()) if full is not None else None
+                    group_params[g] = dict(fit_params(current, f, block_size=group, stats_from=stats).tensors)
+                    for k, v in group_params[g].items():
+                        used.setdefault(k, torch.empty(rows, columns))[:, cols] = v
+                p = {k: v[:, c - g * group : c - g * group + 1] for k, v in group_params[g].items()}
+            w = W1[:, i]
+            q = quantize_blocks(w.unsqueeze(1), f, p).flatten()
+            Q1[:, i] = q
+            err = (w - q) / hinv_diag[i1 + i]
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if group is None:
+        used = dict(full.tensors)
+    return Q[:, position].to(weight.dtype), QuantParams(f.name, used)
 
 
 def layer_output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -1,0 +1,431 @@
+"""llama.cpp's Q8_0 and k-quants (Q4_K, Q5_K, Q6_K), reproducing its reference quantizers bit for bit.
+
+The quantizers are ``quantize_row_q8_0_ref``, ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and
+``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what ``llama-quantize`` runs for these types without an
+importance matrix (``quantize_q4_K`` etc. call the ``_ref`` functions when ``quant_weights`` is NULL). Every float
+operation of the C source is done in the same order in float32 (torch's elementwise ops are correctly rounded, like
+the C code's), sums over a sub-block are accumulated sequentially as the C loops do, ``nearest_int`` is its
+magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` does (nearest, ties to even).
+
+* **Q8_0** (blocks of 32): ``d = amax / 127``, ``q = roundf(x * (1/d))``, stored fp16 ``d``; value ``q * d``.
+* **Q4_K / Q5_K** (super-blocks of 256 = 8 sub-blocks of 32): each sub-block's scale and min come from
+  ``make_qkx2_quants`` (weights ``sqrt(mean x^2) + |x|``, a search over ``nstep + 1`` candidate scales, 21 for Q4_K
+  and 16 for Q5_K, each refined by weighted least squares, keeping the lowest weighted squared error; as in the C
+  code each candidate is scored from the best min found so far); the 8 scales and mins are quantized to 6 bits
+  against fp16 super-block scales ``d = max_scale / 63`` and ``dmin = max_min / 63``; each element is then
+  ``l = clamp(nearest_int((x + dm) / d), 0, nmax)`` with ``d = d * sc``, ``dm = dmin * m`` of its sub-block, and
+  dequantizes to ``d * l - dm``.
+* **Q6_K** (super-blocks of 256 = 16 sub-blocks of 16): each sub-block's signed scale from ``make_qx_quants(16, 32,
+  rmse_type=1)`` (19 candidate scales, weights x^2, kept if they raise ``sumlx^2 / suml2``); 8-bit signed sub-block
+  scales against an fp16 ``d = -max_scale / 128``; ``l = clamp(nearest_int(x / (d * sc)), -32, 31)``; value
+  ``d * sc * l``.
+
+The output of :func:`quantize` is the dequantization of those codes with the arithmetic of gguf-py's (and
+llama.cpp's) dequantizers, so it matches ``gguf.quants.dequantize`` of the packed bytes bit for bit
+(:func:`to_gguf_bytes` packs them).
+
+Checked against llama.cpp's own ``quantize_row_*_ref`` (ggml-quants.c as vendored by llama-cpp-python 0.3.36,
+compiled with ``-O3 -ffp-contract=off``, 4M normal values with per-row scales): identical bytes in every block, for
+all four types. Deviation: llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's default
+``-ffp-contract=fast`` with ``-march=native``), which fuses some multiply-adds of the search; against such a build
+2.0% (Q4_K), 11% (Q5_K), 0.07% (Q6_K) and 0% (Q8_0) of the values differ, by a code step where the search picks a
+neighbouring scale, with the relative MSE within 0.1%. The un-fused float32 semantics of the source are followed here,
+as they are machine-independent. Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
+otherwise (naming llama.cpp's fallback type for that tensor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from quantpredict.formats import native
+from quantpredict.formats.exact import nearest_int, rdiv, sqrt, to_fp16
+from quantpredict.formats.table import Format
+
+GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a group is "all zero"
+# make_qkx2_quants arguments of the reference quantizers: (nmax, rmin, rdelta, nstep)
+KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
+CHUNK = 1 << 13  # sub-blocks per pass of the vectorised search: 8192 x 32 floats = 1 MB a tensor, cache-sized
+
+
+def _f32(v: float) -> float:
+    return float(np.float32(v))
+
+
+def _seq_sum(terms: Tensor) -> Tensor:
+    """Sum of ``terms`` [n, ...] over the first dim, accumulated in float32 in index order (as a C loop does)."""
+    acc = terms[0].clone()
+    for i in range(1, terms.shape[0]):
+        acc += terms[i]
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------------- Q8_0
+
+
+def _fit_q8_0(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+    d = blocks.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+    return {"inv": inv, "d": to_fp16(d, "block scale (max|x| / 127)", fmt.name)}
+
+
+def _codes_q8_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """C ``roundf(x * id)`` (halves away from zero, exact: ``a - floor(a)`` is exact in float32), as float codes with
+    +0 for 0, clamped to +-127 for values beyond the fitted block (GPTQ)."""
+    v = x * p["inv"]
+    a = v.abs()
+    q = torch.floor(a)
+    q.add_(a.sub_(q).ge_(0.5))
+    return q.copysign_(v).clamp_(-127.0, 127.0).add_(0.0)
+
+
+# ------------------------------------------------------------------------------------------------ Q4_K / Q5_K
+
+
+def _levels(x: Tensor, shift: Tensor, iscale: Tensor, lo: int, hi: int) -> Tensor:
+    """``clamp(nearest_int(iscale * (x - shift)), lo, hi)`` as float32 ([n, M] with per-column shift and iscale)."""
+    v = x - shift
+    v.mul_(iscale)
+    return nearest_int(v).clamp_(lo, hi).to(torch.float32)
+
+
+def _weighted_sq_error(x: Tensor, w: Tensor, lv: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """Sequential float32 sum over positions of ``w * ((scale * l + shift) - x)^2`` ([n, M] -> [M])."""
+    diff = lv * scale
+    diff.add_(shift).sub_(x)
+    diff.mul_(diff).mul_(w)
+    return _seq_sum(diff)
+
+
+def _qkx2_chunk(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Tensor, Tensor]:
+    """``make_qkx2_quants`` on sub-blocks ``x`` [32, M] (position-major): (scale, the_min), each [M]."""
+    sum_x2 = _seq_sum(x * x)
+    av_x = sqrt(sum_x2 / 32.0)
+    w = x.abs().add_(av_x)
+    sum_w = _seq_sum(w)
+    wx = w * x
+    sum_x = _seq_sum(wx)
+    mn = x.amin(0)
+    mx = x.amax(0)
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx == mn  # C: L = 0, the_min = -min, scale 0
+    iscale = rdiv(float(nmax), mx - mn)
+    scale = rdiv(1.0, iscale)
+    best = _weighted_sq_error(x, w, _levels(x, mn, iscale, 0, nmax), scale, mn)
+    terms = torch.empty(x.shape[0], 3, x.shape[1])  # per position: w*l, w*l*l, w*l*x
+    for step in range(nstep + 1):
+        num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)  # (rmin + rdelta*is + nmax) in float32
+        lv = _levels(x, mn, rdiv(num, mx - mn), 0, nmax)
+        wl = torch.mul(w, lv, out=terms[:, 0])
+        torch.mul(wl, lv, out=terms[:, 1])
+        torch.mul(wl, x, out=terms[:, 2])
+        sums = _seq_sum(terms)  # [3, M]: sum_l, sum_l2, sum_xl
+        sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
+        det = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det
+        positive = this_min > 0
+        this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
+        cur = _weighted_sq_error(x, w, lv, this_scale, this_min)
+        better = (det > 0) & (cur < best) & ~flat
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -mn
+
+
+def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    nmax, rmin, rdelta, nstep = KX2[fmt.name]
+    sub = blocks.reshape(-1, 32)  # [M, 32]: sub-blocks in order, 8 per super-block
+    found = native.kx2_search(sub, nmax, _f32(rmin), _f32(rdelta), nstep) if use_native else None
+    if found is not None:
+        scales, mins = found
+    else:
+        scales, mins = torch.empty(sub.shape[0]), torch.empty(sub.shape[0])
+        for a in range(0, sub.shape[0], CHUNK):
+            xt = sub[a : a + CHUNK].t().contiguous()
+            scales[a : a + CHUNK], mins[a : a + CHUNK] = _qkx2_chunk(xt, nmax, rmin, rdelta, nstep)
+    scales = scales.reshape(-1, 8)
+    mins = mins.reshape(-1, 8)
+    zero = torch.zeros(())
+    # C: max_scale/max_min start at 0 and take any larger value
+    max_scale = torch.maximum(scales.amax(-1, keepdim=True), zero)
+    max_min = torch.maximum(mins.amax(-1, keepdim=True), zero)
+    inv_scale = torch.where(max_scale > 0, rdiv(63.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, rdiv(63.0, max_min), zero)
+    # uint8_t ls = nearest_int(...); ls = MIN(63, ls): the conversion to uint8_t wraps negative values
+    ls = torch.clamp_max(nearest_int(inv_scale * scales) & 0xFF, 63).to(torch.float32)
+    lm = torch.clamp_max(nearest_int(inv_min * mins) & 0xFF, 63).to(torch.float32)
+    d16 = to_fp16(max_scale / 63.0, "super-block scale (max sub-block scale / 63)", fmt.name)
+    dmin16 = to_fp16(max_min / 63.0, "super-block min scale (max sub-block min / 63)", fmt.name)
+    # per sub-block [S, 8, 1]: the d * sc and dmin * m every element of the sub-block is rounded with
+    return {"d": (d16 * ls).unsqueeze(-1), "dm": (dmin16 * lm).unsqueeze(-1), "d16": d16, "dmin16": dmin16,
+            "sc": ls, "m": lm}
+
+
+def _rounded(v: Tensor, lo: int, hi: int) -> Tensor:
+    """``clamp(nearest_int(v), lo, hi)`` as float32 (+0 for 0, as an int converted to float), in place in ``v``'s
+    storage where possible."""
+    lo_v, hi_v = torch.aminmax(v)
+    if max(-float(lo_v), float(hi_v)) < 4194304.0:  # nearest_int is round-half-even below 2^22
+        return v.round_().clamp_(lo, hi).add_(0.0)
+    return nearest_int(v).clamp_(lo, hi).to(torch.float32)
+
+
+def _codes_kx2(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
+    nmax = KX2[fmt.name][0]
+    d = p["d"]
+    v = (x + p["dm"]).div_(d)
+    dead = d == 0  # sub-block scale 0: any code (the value is -dm); 0 here, llama.cpp keeps its search's codes
+    if bool(dead.any()):
+        v.masked_fill_(dead.expand_as(v), 0.0)
+    return _rounded(v, 0, nmax)
+
+
+# ------------------------------------------------------------------------------------------------------- Q6_K
+
+
+def _qx_chunk(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``make_qx_quants(16, 32, x, L, rmse_type=1, NULL)`` on sub-blocks ``x`` [16, M] (position-major):
+    (scale [M], the codes L - 32 it leaves [16, M])."""
+    nmax = 32
+    amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
+    big = x.gather(0, where_max.unsqueeze(0))[0]
+    zero_sub = amax < GROUP_MAX_EPS
+    w = x * x
+    wx = w * x
+    no_shift = torch.zeros(())
+    terms = torch.empty(x.shape[0], 2, x.shape[1])  # per position: w*x*l, w*l*l
+
+    def attempt(step: int) -> tuple[Tensor, Tensor, Tensor]:
+        num = -_f32(nmax + _f32(_f32(0.1) * step))  # -(nmax + 0.1f*is); the initial iscale is -nmax/max (is = 0)
+        lv = _levels(x, no_shift, rdiv(num, big), -nmax, nmax - 1)
+        torch.mul(wx, lv, out=terms[:, 0])
+        torch.mul(w, lv, out=terms[:, 1]).mul_(lv)
+        sums = _seq_sum(terms)
+        return lv, sums[0], sums[1]
+
+    codes, sumlx, suml2 = attempt(0)
+    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
+    best = scale * sumlx
+    for step in [*range(-9, 0), *range(1, 10)]:
+        lv, sumlx, suml2 = attempt(step)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        scale = torch.where(better, sumlx / suml2, scale)
+        best = torch.where(better, scale * sumlx, best)
+        codes = torch.where(better, lv, codes)
+    scale = torch.where(zero_sub, torch.zeros_like(scale), scale)
+    codes = torch.where(zero_sub, torch.full_like(codes, -nmax), codes)  # C: L = 0, i.e. code -32
+    return scale, codes
+
+
+def _fit_q6_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    sub = blocks.reshape(-1, 16)  # [M, 16]
+    found = native.qx_search(sub) if use_native else None
+    if found is not None:
+        scales, fallback = found
+    else:
+        scales, fallback = torch.empty(sub.shape[0]), torch.empty_like(sub)
+        for a in range(0, sub.shape[0], CHUNK):
+            s, c = _qx_chunk(sub[a : a + CHUNK].t().contiguous())
+            scales[a : a + CHUNK] = s
+            fallback[a : a + CHUNK] = c.t()
+    scales = scales.reshape(-1, 16)
+    max_abs, where_max = scales.abs().max(-1, keepdim=True)
+    max_scale = scales.gather(-1, where_max)
+    zero_block = max_abs < GROUP_MAX_EPS  # C: the whole block is stored as zeros (d = 0, scales 0, L = 0)
+    iscale = torch.where(zero_block, torch.ones_like(max_scale), rdiv(-128.0, max_scale))
+    d16 = to_fp16(torch.where(zero_block, torch.zeros_like(iscale), rdiv(1.0, iscale)),
+                  "super-block scale (max sub-block scale / 128)", fmt.name)
+    sc = torch.clamp_max(nearest_int(iscale * scales), 127).to(torch.float32)
+    sc = torch.where(zero_block, torch.zeros_like(sc), sc)
+    fallback = fallback.reshape(-1, 16, 16)
+    if bool(zero_block.any()):
+        fallback = torch.where(zero_block[..., None], torch.full_like(fallback, -32.0), fallback)
+    # per sub-block [S, 16, 1]: d * sc; per element [S, 16, 16]: the codes left where that is 0
+    return {"d": (d16 * sc).unsqueeze(-1), "fallback": fallback, "d16": d16, "sc": sc}
+
+
+def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    d = p["d"]
+    dead = d == 0  # d * sc == 0: the codes make_qx_quants left (the value is +-0, its sign from the code)
+    v = x / d
+    if bool(dead.any()):
+        v.masked_fill_(dead.expand_as(v), 0.0)
+        return torch.where(dead, p["fallback"], _rounded(v, -32, 31))
+    return _rounded(v, -32, 31)
+
+
+# ----------------------------------------------------------------------------------------------------- public
+
+
+_ELEMENTWISE = {"q8_0": ("inv", "d"), "q6_k": ("d", "fallback"), "q4_k": ("d", "dm"), "q5_k": ("d", "dm")}
+
+
+def _fit_all(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
+    if fmt.name == "q8_0":
+        return _fit_q8_0(blocks, fmt)
+    if fmt.name == "q6_k":
+        return _fit_q6_k(blocks, fmt, use_native)
+    return _fit_kx2(blocks, fmt, use_native)
+
+
+def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
+    """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
+    against ``blocks``: ``inv``/``d`` (Q8_0, per block), ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
+    ``dmin * m``, per element) or ``d``/``fallback`` (Q6_K: ``d * sc`` and the codes left where that is 0).
+
+    ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
+    available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
+    ``QUANTPREDICT_FORMATS_BACKEND=torch``, or for :func:`~quantpredict.formats.fake_quantize_reference`)."""
+    p = _fit_all(blocks, fmt, use_native and native.available())
+    return {k: _per_element(p[k], blocks.shape) for k in _ELEMENTWISE[fmt.name]}
+
+
+def _per_element(t: Tensor, shape: torch.Size) -> Tensor:
+    """Per-block [R, nb, 1] stays; per-sub-block [S, nsub, 1] or [S, nsub, sub] -> per element of ``shape``."""
+    if t.dim() == 3 and t.shape[:2] == shape[:2]:
+        return t
+    sub = shape[-1] // t.shape[1]
+    return t.expand(-1, -1, sub).reshape(shape)
+
+
+def _sub_blocks(blocks: Tensor, fmt: Format) -> Tensor:
+    """[R, nb, B] -> [S, nsub, sub] (sub-blocks of each super-block; Q8_0 blocks unchanged)."""
+    if fmt.sub_block is None:
+        return blocks
+    return blocks.reshape(-1, fmt.default_block_size // fmt.sub_block, fmt.sub_block)
+
+
+def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -> Tensor:
+    """``quantize(blocks, fmt, fit(blocks, fmt))`` without spreading the sub-block parameters over the elements
+    (the same values: each element meets the same operands). [R, nb, B] float32 -> the same shape."""
+    p = _fit_all(blocks, fmt, use_native and native.available())
+    xs = _sub_blocks(blocks, fmt)
+    return quantize(xs, fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(blocks.shape)
+
+
+def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
+    """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q4_K 0..15,
+    Q5_K 0..31."""
+    if fmt.name == "q8_0":
+        return _codes_q8_0(x, p)
+    if fmt.name == "q6_k":
+        return _codes_q6_k(x, p)
+    return _codes_kx2(x, fmt, p)
+
+
+def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
+    """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``d * q - dm`` (Q4_K,
+    Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale). float32, x's shape."""
+    q = codes(x, fmt, p)
+    if fmt.name == "q4_k" or fmt.name == "q5_k":
+        return q.mul_(p["d"]).sub_(p["dm"])
+    return q.mul_(p["d"])  # q * d (Q8_0), d * q (Q6_K): the same product
+
+
+# ---------------------------------------------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tensor in a ggml layout: ``codes`` [rows, n] and the stored scales per (super-)block, [rows, nb, ...]."""
+
+    fmt: str
+    codes: Tensor
+    d: Tensor  # fp16 values as float32: [rows, nb]
+    dmin: Tensor | None  # k-quants with mins
+    sc: Tensor | None  # sub-block scales [rows, nb, 8 or 16]
+    m: Tensor | None  # sub-block mins [rows, nb, 8]
+
+
+def encode(x: Tensor, fmt: Format) -> Encoded:
+    """The codes and stored scales llama.cpp's reference quantizer writes for ``x`` [rows, n] (n a multiple of the
+    block). Codes of sub-blocks whose scale is 0 are 0 for Q4_K/Q5_K (llama.cpp leaves its search's codes there; the
+    dequantized values are the same)."""
+    x32 = x.detach().to(torch.float32)
+    rows, n = x32.shape
+    fmt.check_row_length(n)
+    block = fmt.default_block_size
+    blocks = x32.reshape(rows, n // block, block)
+    p = _fit_all(blocks, fmt, native.available())
+    q = codes(_sub_blocks(blocks, fmt), fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(rows, n)
+    nb = n // block
+    if fmt.name == "q8_0":
+        return Encoded(fmt.name, q, p["d"].reshape(rows, nb), None, None, None)
+    if fmt.name == "q6_k":
+        return Encoded(fmt.name, q, p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16), None)
+    return Encoded(fmt.name, q, p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb),
+                   p["sc"].reshape(rows, nb, 8), p["m"].reshape(rows, nb, 8))
+
+
+def _fp16_bytes(v: Tensor) -> np.ndarray:
+    return v.to(torch.float16).numpy().reshape(-1, 1).view(np.uint8)
+
+
+def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The 12 bytes of 6-bit scales and mins of Q4_K/Q5_K (``get_scale_min_k4``'s layout), [nblocks, 12]."""
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = (sc[:, 0:4] & 63) | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = (m[:, 0:4] & 63) | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0xF) | ((m[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _pack_q8_0(e: Encoded) -> np.ndarray:
+    q = e.codes.to(torch.int8).numpy().reshape(-1, 32).view(np.uint8)
+    return np.concatenate([_fp16_bytes(e.d), q], axis=1)
+
+
+def _pack_q4_k(e: Encoded) -> np.ndarray:
+    q = e.codes.to(torch.uint8).numpy().reshape(-1, 4, 2, 32)  # 4 pairs of sub-blocks: low nibble, high nibble
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    sc = _k_scales(e.sc.to(torch.uint8).numpy().reshape(-1, 8), e.m.to(torch.uint8).numpy().reshape(-1, 8))
+    return np.concatenate([_fp16_bytes(e.d), _fp16_bytes(e.dmin), sc, qs], axis=1)
+
+
+def _pack_q5_k(e: Encoded) -> np.ndarray:
+    q = e.codes.to(torch.uint8).numpy().reshape(-1, 4, 2, 32)
+    lo = q & 0xF
+    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
+    hi = (q >> 4).reshape(-1, 8, 32)  # bit 4 of sub-block j goes to bit j of qh[l]
+    qh = np.zeros((hi.shape[0], 32), dtype=np.uint8)
+    for j in range(8):
+        qh |= hi[:, j] << j
+    sc = _k_scales(e.sc.to(torch.uint8).numpy().reshape(-1, 8), e.m.to(torch.uint8).numpy().reshape(-1, 8))
+    return np.concatenate([_fp16_bytes(e.d), _fp16_bytes(e.dmin), sc, qh, qs], axis=1)
+
+
+def _pack_q6_k(e: Encoded) -> np.ndarray:
+    L = (e.codes.to(torch.int16) + 32).to(torch.uint8).numpy().reshape(-1, 2, 4, 32)  # two halves of 128
+    lo = L & 0xF
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)  # [nb,2,64]
+    hi = L >> 4
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [nb, 2, 32]
+    sc = e.sc.to(torch.int8).numpy().reshape(-1, 16).view(np.uint8)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc, _fp16_bytes(e.d)], axis=1)
+
+
+_PACK = {"q8_0": _pack_q8_0, "q4_k": _pack_q4_k, "q5_k": _pack_q5_k, "q6_k": _pack_q6_k}
+
+
+def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
+    """``x`` [rows, n] quantized by llama.cpp's reference quantizer and packed in its block layout (``block_q8_0``,
+    ``block_q4_K``, ...), as stored in a GGUF file: uint8 [rows, n / block * bytes per block]. ``gguf.quants.
+    dequantize(out, GGMLQuantizationType.Q4_K)`` gives :func:`quantpredict.formats.fake_quantize` of ``x``."""
+    from quantpredict.formats.table import get_format
+
+    f = get_format(fmt)
+    if f.family != "ggml":
+        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: q8_0, q4_k, q5_k, q6_k")
+    if x.dim() != 2:
+        raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
+    e = encode(x, f)
+    return _PACK[f.name](e).reshape(x.shape[0], -1)

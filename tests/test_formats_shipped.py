@@ -1,0 +1,647 @@
+"""Exactness tests of the layouts checkpoints ship: uintK (AutoGPTQ), NF4 / NF4-DQ (bitsandbytes), Q8_0 and the
+k-quants (llama.cpp).
+
+Each format is re-implemented here from its published description in float64 numpy, independently of
+quantpredict.formats: where the description computes in float32 (every one of these does), the float64 result of
+each operation is rounded to float32 with ``f32`` (a float64 op on float32 operands rounded once to float32 equals
+the float32 op: 53 >= 2*24 + 2), and stored fp16 scales are rounded with numpy's float16. The outputs must be
+bit-identical to ``fake_quantize`` (signs of zero included). The llama.cpp layouts are also packed into their GGUF
+byte layout and dequantized with the ``gguf`` package's own dequantizer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import re
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as GT
+
+from quantpredict.cli import main as cli_main
+from quantpredict.errors import FormatError
+from quantpredict.formats import (
+    compute_scale,
+    fake_quantize,
+    fake_quantize_reference,
+    fit_params,
+    get_format,
+    list_formats,
+    native,
+    quantize_with_params,
+    quantize_with_scale,
+    to_gguf_bytes,
+)
+from quantpredict.formats.nf4 import dynamic_map
+from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
+
+ASYM = [f"uint{k}" for k in range(2, 9)] + [f"uint{k}_pc" for k in range(2, 9)]
+GGML = ["q8_0", "q4_k", "q5_k", "q6_k"]
+SHIPPED = ASYM + ["nf4", "nf4_dq"] + GGML
+GGUF_TYPE = {"q8_0": GT.Q8_0, "q4_k": GT.Q4_K, "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
+
+# bitsandbytes' NF4 code values (bitsandbytes/functional.py, get_4bit_type("nf4")), as float32
+NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                0.7229568362236023, 1.0], dtype=np.float32).astype(np.float64)
+
+
+def f32(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float64)
+
+
+def f16(a) -> np.ndarray:
+    """A float32 value stored as fp16 (nearest, ties to even), back in float64."""
+    return np.asarray(a, dtype=np.float64).astype(np.float32).astype(np.float16).astype(np.float64)
+
+
+def ndiv(a, b) -> np.ndarray:
+    """float32 a / b, 0 where b == 0 (never used where the description divides by 0)."""
+    b = np.asarray(b, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return f32(np.where(b == 0, 0.0, np.asarray(a, dtype=np.float64) / np.where(b == 0, 1.0, b)))
+
+
+def nearest_int(v) -> np.ndarray:
+    """llama.cpp's nearest_int: bits(fval + 12582912.f) & 0x7fffff minus 0x400000 (round half to even below 2^22)."""
+    val = (np.asarray(v, dtype=np.float64) + 12582912.0).astype(np.float32)
+    return ((val.view(np.int32) & 0x007FFFFF) - 0x00400000).astype(np.int64)
+
+
+def bits(t) -> np.ndarray:
+    a = t.detach().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return a.astype(np.float32).view(np.uint32)
+
+
+def assert_bits_equal(got: torch.Tensor, want: np.ndarray, what: str = "") -> None:
+    g, w = bits(got), bits(want)
+    bad = int((g != w).sum())
+    first = int(np.argmax((g != w).reshape(-1)))
+    assert bad == 0, f"{what}: {bad} of {g.size} values differ, e.g. got {float(got.reshape(-1)[first])}"
+
+
+# --------------------------------------------------------------------------------- independent references
+
+
+def ref_asym(x: np.ndarray, k: int, group: int | None) -> np.ndarray:
+    """AutoGPTQ's Quantizer (sym=False) on [rows, n] in groups of ``group`` columns (None: the whole row), values as
+    the packed checkpoint dequantizes them: fp16(scale) * (q - zero)."""
+    maxq = 2**k - 1
+    n = x.shape[1]
+    g = group or n
+    out = np.empty_like(x)
+    for a in range(0, n, g):
+        xg = x[:, a : a + g]
+        xmin = np.minimum(xg.min(1, keepdims=True), 0.0)
+        xmax = np.maximum(xg.max(1, keepdims=True), 0.0)
+        both = (xmin == 0) & (xmax == 0)
+        xmin, xmax = np.where(both, -1.0, xmin), np.where(both, 1.0, xmax)
+        scale = f32(f32(xmax - xmin) / maxq)
+        zero = np.rint(f32(-xmin / scale))
+        q = np.clip(np.rint(f32(xg / scale)) + zero, 0, maxq)
+        out[:, a : a + g] = f32(f16(scale) * (q - zero))
+    return out
+
+
+def ref_dynamic_map() -> np.ndarray:
+    """bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8), from its description:
+    for i = 0..6 the 2^i midpoints of linspace(0.1, 1, 2^i + 1) times 10^(i-6), both signs, plus 0 and 1."""
+    vals = [0.0, 1.0]
+    for i in range(7):
+        b = np.linspace(0.1, 1.0, 2**i + 1)
+        means = (b[:-1] + b[1:]) / 2
+        vals += list(10.0 ** (i - 6) * means) + list(-(10.0 ** (i - 6)) * means)
+    return f32(np.sort(vals))
+
+
+def nearest_index(s: np.ndarray, code: np.ndarray) -> np.ndarray:
+    """Index of the nearest code value (exact float64 distances, the lower index on a tie)."""
+    return np.argmin(np.abs(s[..., None] - code), axis=-1)
+
+
+def ref_nf4(x: np.ndarray, block: int, dq: bool) -> np.ndarray:
+    """bitsandbytes quantize_4bit(nf4) [+ compress_statistics] then dequantize_4bit, blocks along each row."""
+    rows, n = x.shape
+    nb = math.ceil(n / block)
+    xp = np.pad(x, ((0, 0), (0, nb * block - n))).reshape(rows, nb, block)
+    absmax = np.abs(xp).max(-1)
+    inv = ndiv(1.0, absmax)
+    s = np.clip(f32(xp * inv[..., None]), -1, 1)
+    idx = nearest_index(s, NF4)
+    scale = absmax
+    if dq:
+        flat = absmax.reshape(-1)
+        offset = f32(math.fsum(flat) / flat.size)
+        r = f32(flat - offset)
+        runs = math.ceil(r.size / 256)
+        a2 = np.array([np.abs(r[256 * j : 256 * (j + 1)]).max() for j in range(runs)]).repeat(256)[: r.size]
+        s2 = np.clip(f32(r * ndiv(1.0, a2)), -1, 1)
+        dyn = ref_dynamic_map()
+        scale = f32(f32(dyn[nearest_index(s2, dyn)] * a2) + offset).reshape(rows, nb)
+    return f32(NF4[idx] * scale[..., None]).reshape(rows, nb * block)[:, :n]
+
+
+def ref_q8_0(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q8_0_ref then dequantize_row_q8_0."""
+    b = x.reshape(-1, 32)
+    d = f32(np.abs(b).max(1, keepdims=True) / 127)
+    inv = ndiv(1.0, d)
+    v = f32(b * inv)
+    q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)  # roundf: halves away from zero
+    return f32(q * f16(d)).reshape(x.shape)
+
+
+def seq_sum(terms: np.ndarray) -> np.ndarray:
+    """float32 sum over the last axis in index order, starting from 0 (as the C loops)."""
+    acc = np.zeros(terms.shape[:-1])
+    for i in range(terms.shape[-1]):
+        acc = f32(acc + terms[..., i])
+    return acc
+
+
+def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """make_qkx2_quants(n=32, use_mad=false) on sub-blocks x [M, 32] with weights w: (scale, the_min), each [M]."""
+    lo, hi = x.min(1), x.max(1)
+    sum_w = w[:, 0].copy()
+    sum_x = f32(sum_w * x[:, 0])
+    for i in range(1, x.shape[1]):
+        sum_w = f32(sum_w + w[:, i])
+        sum_x = f32(sum_x + f32(w[:, i] * x[:, i]))
+    mn = np.where(lo > 0, 0.0, lo)
+    flat = hi == mn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = f32(nmax / f32(hi - mn))
+        scale = f32(1.0 / iscale)
+        L = np.clip(nearest_int(f32(iscale[:, None] * f32(x - mn[:, None]))), 0, nmax)
+        diff = f32(f32(f32(scale[:, None] * L) + mn[:, None]) - x)
+        best = seq_sum(f32(w * f32(diff * diff)))
+        for step in range(nstep + 1):
+            num = f32(f32(rmin + f32(f32(rdelta) * step)) + nmax)
+            isc = f32(num / f32(hi - mn))
+            L = np.clip(nearest_int(f32(isc[:, None] * f32(x - mn[:, None]))), 0, nmax).astype(np.float64)
+            wl = f32(w * L)
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(f32(wl * L)), seq_sum(f32(wl * x))
+            D = f32(f32(sum_w * sum_l2) - f32(sum_l * sum_l))
+            t_scale = f32(f32(f32(sum_w * sum_xl) - f32(sum_x * sum_l)) / D)
+            t_min = f32(f32(f32(sum_l2 * sum_x) - f32(sum_l * sum_xl)) / D)
+            pos = t_min > 0
+            t_min = np.where(pos, 0.0, t_min)
+            t_scale = np.where(pos, f32(sum_xl / sum_l2), t_scale)
+            diff = f32(f32(f32(t_scale[:, None] * L) + t_min[:, None]) - x)
+            cur = seq_sum(f32(w * f32(diff * diff)))
+            take = (D > 0) & (cur < best) & ~flat
+            best, scale, mn = np.where(take, cur, best), np.where(take, t_scale, scale), np.where(take, t_min, mn)
+    return np.where(flat, 0.0, scale), -mn
+
+
+def ref_q45_k(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
+    """quantize_row_q4_K_ref / quantize_row_q5_K_ref, then their dequantization (d * q - dm)."""
+    sub = x.reshape(-1, 32)
+    av = f32(np.sqrt(f32(seq_sum(f32(sub * sub)) / 32)))
+    w = f32(av[:, None] + np.abs(sub))
+    scales, mins = ref_make_qkx2(sub, w, nmax, rmin, rdelta, nstep)
+    scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
+    max_scale = np.maximum(scales.max(1, keepdims=True), 0.0)
+    max_min = np.maximum(mins.max(1, keepdims=True), 0.0)
+    inv_s = np.where(max_scale > 0, ndiv(63.0, max_scale), 0.0)
+    inv_m = np.where(max_min > 0, ndiv(63.0, max_min), 0.0)
+    ls = np.minimum(nearest_int(f32(inv_s * scales)) & 0xFF, 63)  # (uint8_t) wraps, then MIN(63, .)
+    lm = np.minimum(nearest_int(f32(inv_m * mins)) & 0xFF, 63)
+    d = f32(f16(f32(max_scale / 63)) * ls).reshape(-1, 1)
+    dm = f32(f16(f32(max_min / 63)) * lm).reshape(-1, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(nearest_int(f32(f32(sub + dm) / d)), 0, nmax)
+    q = np.where(d == 0, 0, q)  # scale 0: the value is -dm whatever the code
+    return f32(f32(d * q) - dm).reshape(x.shape)
+
+
+def ref_make_qx(x: np.ndarray):
+    """make_qx_quants(16, 32, x, L, rmse_type=1, NULL) on sub-blocks x [M, 16]: (scale [M], L - 32 [M, 16])."""
+    nmax = 32
+    big = x[np.arange(x.shape[0]), np.argmax(np.abs(x), 1)]  # the first largest |x|, with its sign
+    zero = np.abs(big) < f32(1e-15)
+    w = f32(x * x)
+    wx = f32(w * x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def attempt(step):
+            isc = f32(-f32(nmax + f32(f32(0.1) * step)) / big)
+            L = np.clip(nearest_int(f32(isc[:, None] * x)), -nmax, nmax - 1).astype(np.float64)
+            return L, seq_sum(f32(wx * L)), seq_sum(f32(f32(w * L) * L))
+
+        L, sumlx, suml2 = attempt(0)
+        scale = np.where(suml2 != 0, f32(sumlx / suml2), 0.0)
+        best = f32(scale * sumlx)
+        for step in [*range(-9, 0), *range(1, 10)]:
+            Ls, sumlx, suml2 = attempt(step)
+            take = (suml2 > 0) & (f32(sumlx * sumlx) > f32(best * suml2))
+            L = np.where(take[:, None], Ls, L)
+            scale = np.where(take, f32(sumlx / suml2), scale)
+            best = np.where(take, f32(scale * sumlx), best)
+    return np.where(zero, 0.0, scale), np.where(zero[:, None], -32.0, L)
+
+
+def ref_q6_k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q6_K_ref then dequantize (d * sc * q)."""
+    sub = x.reshape(-1, 16)
+    scales, L = ref_make_qx(sub)
+    scales, L = scales.reshape(-1, 16), L.reshape(-1, 16, 16)
+    j = np.argmax(np.abs(scales), 1)
+    max_scale = scales[np.arange(scales.shape[0]), j][:, None]
+    zero = np.abs(max_scale) < f32(1e-15)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = f32(-128.0 / max_scale)
+        d16 = np.where(zero, 0.0, f16(f32(1.0 / iscale)))
+        sc = np.where(zero, 0, np.minimum(nearest_int(f32(iscale * scales)), 127))
+    d = f32(d16 * sc)[..., None]  # [S, 16, 1]
+    xs = sub.reshape(-1, 16, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(nearest_int(f32(xs / d)), -32, 31).astype(np.float64)
+    q = np.where(d == 0, np.where(zero[..., None], -32.0, L), q)
+    return f32(d * q).reshape(x.shape)
+
+
+KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
+
+
+def reference(x: torch.Tensor, fmt: str, block_size: int | None = None) -> np.ndarray:
+    a = x.double().numpy()
+    if fmt.startswith("uint"):
+        k = int(re.match(r"uint(\d)", fmt).group(1))
+        group = block_size or (None if fmt.endswith("_pc") else 128)
+        return ref_asym(a, k, group)
+    if fmt.startswith("nf4"):
+        return ref_nf4(a, block_size or 64, fmt == "nf4_dq")
+    if fmt == "q8_0":
+        return ref_q8_0(a)
+    if fmt == "q6_k":
+        return ref_q6_k(a)
+    return ref_q45_k(a, *KX2[fmt])
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def edge_cases(rows: int = 16, n: int = 512, seed: int = 0) -> torch.Tensor:
+    """Random rows of varying magnitude plus: all-zero blocks and rows, a single outlier, negative-only and
+    positive-only rows, exact ties on a coarse grid, constant rows, tiny values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * torch.exp(torch.randn(rows, 1, generator=g))
+    x[0, 3] = 60.0  # one outlier
+    x[1] = -x[1].abs()  # negative only
+    x[2] = x[2].abs()  # positive only
+    x[3] = 0.0  # an all-zero row (every block zero)
+    x[4, 32:96] = 0.0  # zero sub-blocks and a zero NF4 block
+    x[5] = torch.randint(-16, 17, (n,), generator=g).float() / 8  # ties: multiples of 1/8
+    x[6] = 0.375  # constant positive
+    x[7] = -0.625  # constant negative
+    x[8] *= 1e-4  # tiny
+    x[9, ::7] = 0.0
+    x[10, :256] = torch.randint(-2, 3, (min(n, 256),), generator=g).float()  # few distinct values, ties
+    return x
+
+
+DATA = [edge_cases(seed=s) for s in range(3)] + [torch.randn(8, 1024, generator=torch.Generator().manual_seed(7))]
+
+
+# ------------------------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("fmt", SHIPPED)
+def test_bit_identical_to_reference(fmt):
+    for i, x in enumerate(DATA):
+        assert_bits_equal(fake_quantize(x, fmt), reference(x, fmt), f"{fmt} data {i}")
+        assert_bits_equal(fake_quantize_reference(x, fmt), reference(x, fmt), f"{fmt} data {i} (reference path)")
+
+
+@pytest.mark.parametrize("fmt,block", [("uint4", 32), ("uint4", 64), ("uint3", 200), ("uint8", 48), ("nf4", 32),
+                                       ("nf4", 128), ("nf4_dq", 32), ("uint4_pc", 64)])
+def test_bit_identical_other_blocks(fmt, block):
+    x = edge_cases(rows=12, n=200, seed=3)  # 200: a shorter last group / block
+    assert_bits_equal(fake_quantize(x, fmt, block_size=block), reference(x, fmt, block), f"{fmt} block {block}")
+
+
+def test_nf4_dq_runs_cross_rows():
+    # 300 rows x 1 block: the 256-absmax runs of double quantization span rows (bitsandbytes blocks the flat tensor)
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.1, 3, 300)[:, None]
+    assert_bits_equal(fake_quantize(x, "nf4_dq"), reference(x, "nf4_dq"), "nf4_dq 300 rows")
+
+
+def test_dynamic_map_matches_description():
+    ours = np.array(dynamic_map())
+    assert ours.shape == (256,) and np.all(np.diff(ours) > 0)
+    np.testing.assert_array_equal(ours, ref_dynamic_map())
+    assert ours[0] == np.float32(-(1 - 0.9 / 128)) and ours[-1] == 1.0 and 0.0 in ours
+    # the smallest magnitudes: 10^-6 * 0.55 (the one midpoint of linspace(0.1, 1, 2))
+    assert ours[128] == np.float32(0.55e-6) and ours[126] == np.float32(-0.55e-6)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch search is the only path")
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_native_search_matches_torch(fmt, monkeypatch):
+    # the C kernel's scale search (64 sub-blocks a pass) against the torch one, sub-block counts not a multiple of 64
+    x = torch.cat([torch.randn(37, 1024, generator=torch.Generator().manual_seed(9)) * 3, edge_cases(n=1024, seed=11)])
+    got = fake_quantize(x, fmt)
+    assert_bits_equal(got, fake_quantize_reference(x, fmt).numpy(), f"{fmt} native vs torch")
+    monkeypatch.setenv("QUANTPREDICT_FORMATS_BACKEND", "torch")
+    assert not native.available()
+    assert_bits_equal(fake_quantize(x, fmt), got.numpy(), f"{fmt} with the torch backend")
+
+
+# --------------------------------------------------------------------------------- gguf byte layouts
+
+
+@pytest.mark.parametrize("fmt", GGML)
+def test_gguf_dequantizer_matches(fmt):
+    for i, x in enumerate(DATA):
+        packed = to_gguf_bytes(x, fmt)
+        block, size = gguf.GGML_QUANT_SIZES[GGUF_TYPE[fmt]]
+        assert packed.dtype == np.uint8 and packed.shape == (x.shape[0], x.shape[1] // block * size)
+        y = gguf.quants.dequantize(packed, GGUF_TYPE[fmt])
+        assert_bits_equal(fake_quantize(x, fmt), y, f"{fmt} vs gguf.dequantize, data {i}")
+
+
+def test_gguf_quantize_q8_0_agrees():
+    # gguf-py implements Q8_0's quantizer ("bit-exact with the reference implementation"): same bytes
+    for x in DATA:
+        np.testing.assert_array_equal(to_gguf_bytes(x, "q8_0"), gguf.quants.quantize(x.numpy(), GT.Q8_0))
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+def test_gguf_has_no_k_quantizer(fmt):
+    # gguf 0.19 only dequantizes the k-quants: the codes are checked against llama.cpp itself in
+    # test_llama_cpp_reference (optional) and, through the float64 reference above, against its description
+    with pytest.raises(NotImplementedError):
+        gguf.quants.quantize(DATA[0].numpy(), GGUF_TYPE[fmt])
+
+
+_ORACLE = os.environ.get("QUANTPREDICT_GGML_REF_LIB")
+
+
+@pytest.mark.skipif(not _ORACLE, reason="set QUANTPREDICT_GGML_REF_LIB to a libggml-base built with -ffp-contract=off")
+@pytest.mark.parametrize("fmt", GGML)
+def test_llama_cpp_reference(fmt):
+    # llama.cpp's own quantize_row_*_ref / dequantize_row_* through ctypes; the build must not contract FMAs
+    # (GCC's default with -march=native does, and then Q4_K/Q5_K differ in a few percent of values)
+    lib = ctypes.CDLL(_ORACLE)
+    name = {"q8_0": "q8_0", "q4_k": "q4_K", "q5_k": "q5_K", "q6_k": "q6_K"}[fmt]
+    block, size = gguf.GGML_QUANT_SIZES[GGUF_TYPE[fmt]]
+    for x in DATA:
+        a = np.ascontiguousarray(x.numpy())
+        out = np.zeros(a.size // block * size, dtype=np.uint8)
+        y = np.zeros(a.size, dtype=np.float32)
+        getattr(lib, f"quantize_row_{name}_ref")(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data),
+                                                 ctypes.c_int64(a.size))
+        getattr(lib, f"dequantize_row_{name}")(ctypes.c_void_p(out.ctypes.data), ctypes.c_void_p(y.ctypes.data),
+                                               ctypes.c_int64(a.size))
+        assert_bits_equal(fake_quantize(x, fmt), y.reshape(x.shape), f"{fmt} vs llama.cpp")
+
+
+# ------------------------------------------------------------------------------------- hand-computed values
+
+
+def test_hand_uint4():
+    # xmin -1, xmax 2: scale 3/15 = 0.2, zero round(1/0.2) = 5; q = round(x/0.2) + 5 = 0, round(2.5)=2 -> 7, 15,
+    # round(1.25)=1 -> 6; values fp16(0.2) * (q - 5), fp16(0.2) = 0.199951171875
+    x = torch.tensor([[-1.0, 0.5, 2.0, 0.25]])
+    s16 = 0.199951171875
+    assert fake_quantize(x, "uint4_pc").tolist() == [[-5 * s16, 2 * s16, 10 * s16, 1 * s16]]
+    p = fit_params(x, "uint4_pc")
+    assert p["zero"].tolist() == [[5.0] * 4] and p["scale16"][0, 0].item() == s16
+    # all non-negative: xmin is clamped to 0, zero point 0: 0, 1, 2, 3 -> scale 3/15, q = 0, 5, 10, 15
+    assert fake_quantize(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), "uint4_pc").tolist() == [[0, 5 * s16, 10 * s16,
+                                                                                          15 * s16]]
+
+
+def test_hand_nf4():
+    # absmax 1: -0.5 is nearer -0.52507 (0.025) than -0.39492 (0.105); 0.1 nearer 0.07958 than 0.16093
+    x = torch.tensor([[1.0, -0.5, 0.1, 0.0]])
+    assert fake_quantize(x, "nf4", block_size=4).tolist() == [[1.0, NF4[2], NF4[8], 0.0]]
+    assert fake_quantize(2 * x, "nf4", block_size=4).tolist() == [[2.0, 2 * NF4[2], 2 * NF4[8], 0.0]]
+
+
+def test_hand_q8_0():
+    # amax 127: d = 1, 1/d = 1; roundf rounds halves away from zero (0.5 -> 1, -0.5 -> -1, 2.5 -> 3)
+    x = torch.zeros(1, 32)
+    x[0, :5] = torch.tensor([127.0, 0.5, -0.5, 2.5, 1.49])
+    assert fake_quantize(x, "q8_0")[0, :5].tolist() == [127.0, 1.0, -1.0, 3.0, 1.0]
+    # d = 1000/127 is stored as fp16: values are multiples of fp16(d) = 7.875
+    x[0, 0] = 1000.0
+    y = fake_quantize(x, "q8_0")[0]
+    assert y[0].item() == 127 * 7.875 and y[4].item() == 0.0
+
+
+def test_hand_q4_k_constant_sub_blocks():
+    # every sub-block constant at c >= 0: make_qkx2 sets min = 0, the search keeps scale c/15 (codes 15),
+    # max_scale/63 -> d; sub-block scale codes 63 for the largest; min 0 -> values 15 * d * 63 * ...
+    x = torch.full((1, 256), 0.75)
+    y = fake_quantize(x, "q4_k")
+    d = float(np.float16(np.float32(np.float32(0.75 / 15) / 63)))
+    assert torch.all(y == np.float32(np.float32(d * 63) * 15))
+
+
+# ------------------------------------------------------------------------------------------------- properties
+
+
+@pytest.mark.parametrize("fmt", [*SHIPPED, "int4", "mxfp4_e2m1", "fp8_e4m3", "mxint8", "bf16"])
+def test_params_api_matches_fake_quantize(fmt):
+    x = DATA[0]
+    p = fit_params(x, fmt)
+    assert all(t.shape == x.shape for t in p.tensors.values())
+    assert torch.equal(quantize_with_params(x, p).view(torch.int32), fake_quantize(x, fmt).view(torch.int32))
+    # any column slice with its parameters narrowed alike (GPTQ's use)
+    cols = torch.cat([quantize_with_params(x[:, j : j + 1], p.narrow(-1, j, 1)) for j in range(256, 320)], 1)
+    assert torch.equal(cols, fake_quantize(x, fmt)[:, 256:320])
+
+
+TIE_ROWS = (5, 10)  # rows of edge_cases() on a coarse grid: groups whose -min/scale and max/scale are exact ties
+
+
+@pytest.mark.parametrize("fmt", ["uint4", "uint3_pc", "uint8", "uint2", "nf4", "q8_0"])
+def test_idempotent(fmt):
+    keep = [r for r in range(16) if r not in TIE_ROWS]
+    for x in [d[keep] if d.shape[0] == 16 else d for d in DATA]:
+        y = fake_quantize(x, fmt)
+        assert torch.equal(fake_quantize(y, fmt), y)
+
+
+def test_uint_not_idempotent_on_symmetric_ties():
+    # AutoGPTQ's min/max quantizer is not a projection: for max = -min, -min/scale = max/scale = 7.5 up to an ulp,
+    # both round down (zero 7, top code 14), code 15 goes unused, and requantizing refits a smaller scale
+    x = torch.tensor([[-2.0, 2.0, 0.5]])
+    y = fake_quantize(x, "uint4_pc")
+    assert y[0, 1].item() == -y[0, 0].item() == 7 * 0.2666015625
+    assert not torch.equal(fake_quantize(y, "uint4_pc"), y)
+
+
+@pytest.mark.parametrize("fmt,moved_max", [("nf4_dq", 1.0), ("q4_k", 0.05), ("q5_k", 0.1), ("q6_k", 0.05)])
+def test_requantizing_is_nearly_a_fixed_point(fmt, moved_max):
+    # Not exactly idempotent: nf4_dq refits its mean on the dequantized absmaxes (on random rows most values move,
+    # by < 1e-3 relative; blocks far below their run's largest absmax move more), and llama.cpp's k-quant search
+    # scores candidate scales with weights from the values themselves (measured: q4_k and q6_k keep random rows
+    # fixed but not every outlier or tiny row, q5_k moves ~2% of values). The error barely changes.
+    rand = torch.randn(64, 1024, generator=torch.Generator().manual_seed(5))
+    for x in [*DATA, rand]:
+        y = fake_quantize(x, fmt)
+        yy = fake_quantize(y, fmt)
+        assert (yy != y).float().mean().item() <= moved_max
+        assert ((yy - x) ** 2).mean() <= 1.1 * ((y - x) ** 2).mean()
+        if fmt == "nf4_dq" and x is rand:
+            assert ((yy - y).abs() <= 1e-3 * y.abs()).all()
+
+
+@pytest.mark.parametrize("fmt", SHIPPED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_shape_dtype(fmt, dtype):
+    x = DATA[1][:4].to(dtype)
+    y = fake_quantize(x, fmt)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert torch.equal(y, fake_quantize(x.float(), fmt).to(dtype))
+    z = torch.zeros(0, 256, dtype=dtype)
+    assert fake_quantize(z, fmt).shape == (0, 256)
+
+
+@pytest.mark.parametrize("fmt", ["uint4", "nf4_dq", "q4_k", "q6_k", "q8_0"])
+def test_axes_and_3d(fmt):
+    x = torch.randn(3, 256, 5, generator=torch.Generator().manual_seed(6))
+    y = fake_quantize(x, fmt, axis=1)
+    assert torch.equal(y, fake_quantize(x.movedim(1, -1).contiguous(), fmt).movedim(-1, 1))
+    w = torch.randn(512, 40, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(fake_quantize(w, fmt, axis=0), fake_quantize(w.t().contiguous(), fmt).t())
+    p = fit_params(x, fmt, axis=1)
+    assert torch.equal(quantize_with_params(x, p), y)
+
+
+@pytest.mark.parametrize("fmt", SHIPPED)
+def test_non_finite_input(fmt):
+    x = torch.ones(4, 256)
+    x[0, 3] = math.nan
+    x[2, 255] = math.inf
+    x[3, 0] = -math.inf
+    for fn in (fake_quantize, fake_quantize_reference, fit_params):
+        with pytest.raises(FormatError, match="1 NaN and 2 Inf") as info:
+            fn(x, fmt)
+        assert isinstance(info.value, ValueError)
+
+
+def test_layout_errors():
+    with pytest.raises(FormatError, match=r"multiple of 256.*300.*q5_0"):
+        fake_quantize(torch.ones(2, 300), "q4_k")
+    with pytest.raises(FormatError, match="multiple of 32"):
+        fake_quantize(torch.ones(2, 40), "q8_0")
+    with pytest.raises(FormatError, match="blocks of 256 elements"):
+        fake_quantize(torch.ones(2, 512), "q6_k", block_size=128)
+    assert torch.equal(fake_quantize(torch.ones(2, 512), "q6_k", block_size=256), fake_quantize(torch.ones(2, 512),
+                                                                                               "q6_k"))
+    with pytest.raises(FormatError, match="block_size"):
+        fake_quantize(torch.ones(2, 64), "uint4", block_size=0)
+    with pytest.raises(FormatError, match="fp16"):
+        fake_quantize(torch.full((1, 32), 1e7), "q8_0")  # d = 1e7 / 127 overflows fp16
+    with pytest.raises(FormatError, match="fp16"):
+        fake_quantize(torch.tensor([[-1e9, 1e9]]), "uint4_pc")
+    with pytest.raises(FormatError, match="fit_params"):
+        compute_scale(torch.ones(2, 64), "nf4")
+    with pytest.raises(FormatError, match="fit_params"):
+        quantize_with_scale(torch.ones(2, 64), "uint4", torch.ones(2, 1))
+    with pytest.raises(FormatError, match="floating-point"):
+        fake_quantize(torch.ones(2, 256, dtype=torch.int32), "q4_k")
+
+
+def test_names_and_bits():
+    for name in list_formats():
+        assert re.fullmatch(r"[a-z0-9_]+", name) and not re.search(r"_b\d+$", name), name
+    assert get_format("q4_k").bits_per_element() == 4.5
+    assert get_format("q5_k").bits_per_element() == 5.5
+    assert get_format("q6_k").bits_per_element() == 6.5625
+    assert get_format("q8_0").bits_per_element(row_length=4096) == 8.5
+    assert get_format("nf4").bits_per_element() == 4.5
+    assert get_format("nf4").bits_per_element(128) == 4 + 32 / 128
+    assert get_format("nf4_dq").bits_per_element() == 4 + 8 / 64 + 32 / (64 * 256)
+    assert abs(get_format("nf4_dq").bits_per_element() - 4.127) < 1e-3
+    assert get_format("uint4").bits_per_element() == 4 + (16 + 4) / 128  # fp16 scale + 4-bit zero per group
+    assert get_format("uint4").bits_per_element(32) == 4 + 20 / 32
+    assert get_format("uint3").bits_per_element(128, row_length=200) == 3 + 2 * 19 / 200  # short last group
+    assert get_format("uint4_pc").bits_per_element(row_length=4096) == 4 + 20 / 4096
+    assert get_format("uint8_pc").bits_per_element() == 8
+    assert get_format("uint4").default_block_size == 128 and get_format("uint4_pc").default_block_size is None
+    with pytest.raises(FormatError, match="blocks of 256"):
+        get_format("q4_k").bits_per_element(128)
+    with pytest.raises(FormatError, match="multiple of 256"):
+        get_format("q4_k").bits_per_element(row_length=300)
+
+
+def test_cli_lists_shipped_formats(capsys):
+    assert cli_main(["formats"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln and ln.split()[0] in SHIPPED}
+    assert set(lines) == set(SHIPPED)
+    assert "4.5000" in lines["q4_k"] and "6.5625" in lines["q6_k"] and "8.5000" in lines["q8_0"]
+    assert "4.1270" in lines["nf4_dq"] and "4.1562" in lines["uint4"] and "4.0049" in lines["uint4_pc"]
+
+
+# ------------------------------------------------------------------------------------------------------ GPTQ
+
+
+def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
+    """Every value of ``q`` is the dequantized value of a valid code under the parameters ``p`` it was rounded
+    with (checked from the stored values, independently of the quantizer)."""
+    f = get_format(fmt)
+    v = q.double().numpy()
+    t = {k: x.double().numpy() for k, x in p.tensors.items()}
+    if f.family == "asym":
+        m = np.rint(v / t["scale16"])
+        ok = (f32(t["scale16"] * m) == v) & (m + t["zero"] >= 0) & (m + t["zero"] <= 2**f.element_bits - 1)
+    elif f.family == "nf4":
+        ok = (f32(NF4 * t["absmax"][..., None]) == v[..., None]).any(-1)
+    elif fmt == "q8_0":
+        m = np.rint(ndiv(v, t["d"]))
+        ok = (f32(m * t["d"]) == v) & (np.abs(m) <= 127)
+    elif fmt == "q6_k":
+        m = np.rint(ndiv(v, t["d"]))
+        ok = (f32(t["d"] * m) == v) & (m >= -32) & (m <= 31)
+    else:
+        m = np.rint(ndiv(v + t["dm"], t["d"]))
+        ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= KX2[fmt][0])
+    return bool(ok.all())
+
+
+def _problem(rows=32, cols=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    x = torch.randn(cols, 2048, generator=g) * torch.linspace(0.2, 3, cols)[:, None]
+    x = x + 0.6 * x.roll(1, 0)  # correlated inputs: where GPTQ's updates help
+    return w, 2 * x @ x.T / x.shape[1]
+
+
+@pytest.mark.parametrize("fmt", SHIPPED)
+def test_gptq_on_grid_and_better_than_rtn(fmt):
+    w, h = _problem()
+    q, p = gptq_quantize(w, h, fmt, return_params=True)
+    assert q.shape == w.shape and q.dtype == w.dtype
+    assert _on_grid(q, fmt, p)
+    assert layer_output_error(w, q, h) <= layer_output_error(w, fake_quantize(w, fmt), h)
+
+
+@pytest.mark.parametrize("fmt", ["uint4", "q4_k", "nf4_dq"])
+def test_gptq_act_order(fmt):
+    w, h = _problem(rows=16, seed=1)
+    q, p = gptq_quantize(w, h, fmt, act_order=True, return_params=True)
+    assert _on_grid(q, fmt, p)
+    assert layer_output_error(w, q, h) <= layer_output_error(w, fake_quantize(w, fmt), h)
+
+
+def test_gptq_identity_hessian_is_rtn_for_fixed_params():
+    # with H = I no error propagates: every group is fitted on the original values, so GPTQ is RTN exactly
+    w, _ = _problem(rows=8, cols=256)
+    for fmt in ("uint4", "nf4", "q4_k", "q6_k", "q8_0"):
+        assert torch.equal(gptq_quantize(w, torch.eye(256), fmt, percdamp=0.0), fake_quantize(w, fmt))
+
+
+def test_gptq_layout_errors():
+    w, h = _problem(rows=4, cols=300)
+    with pytest.raises(FormatError, match="multiple of 256"):
+        gptq_quantize(w, h, "q4_k")
