@@ -15,8 +15,17 @@ def register(sub) -> None:
                     "unless --no-retry-failed. Lists take spaces or commas; 'none' means the default.")
     p.add_argument("--models", nargs="+", required=True,
                    help="zoo names or model directories; 'zoo' expands to every zoo model on disk")
-    p.add_argument("--formats", nargs="+", required=True, help="weight formats, e.g. mxint4 int8 mxfp4_e2m1")
-    p.add_argument("--methods", nargs="+", required=True, help="rtn and/or gptq")
+    p.add_argument("--formats", nargs="+", default=[], help="weight formats, e.g. mxint4 int8 mxfp4_e2m1")
+    p.add_argument("--methods", nargs="+", default=[], help="rtn, gptq, qat (QAT from RTN) and/or qat_gptq")
+    p.add_argument("--recipes", nargs="+", default=[], metavar="LABEL",
+                   help="explicit recipe labels (per-layer allocations, named mixes, QAT with its own options), "
+                        "run for every model next to the formats x methods grid")
+    p.add_argument("--recipes-file", default=None, metavar="FILE",
+                   help="a file of recipe labels, one per line (or the JSON `quantpredict allocate --out` writes)")
+    p.add_argument("--eval-text", default=None, metavar="FILE",
+                   help="evaluate on this UTF-8 text instead of WikiText-2 test (its sha256 enters the run key)")
+    p.add_argument("--calib-text", default=None, metavar="FILE",
+                   help="calibrate on this UTF-8 text instead of WikiText-2 train")
     p.add_argument("--smoothquant", nargs="+", default=["none"], metavar="ALPHA",
                    help="SmoothQuant strengths, 'none' for none (default: none)")
     p.add_argument("--act-formats", nargs="+", default=["none"], metavar="FORMAT",
@@ -81,11 +90,38 @@ def _run_kwargs(text: str | None) -> dict:
     return value
 
 
+def _recipe_labels(args: argparse.Namespace) -> list[str]:
+    import json
+    from pathlib import Path
+
+    from quantpredict.errors import RecipeError
+    from quantpredict.recipe import Recipe
+
+    labels = [r for v in args.recipes for r in v.split(",") if r.strip()]
+    if args.recipes_file:
+        path = Path(args.recipes_file)
+        if not path.is_file():
+            raise RecipeError(f"--recipes-file {path} does not exist; pass a file of recipe labels")
+        text = path.read_text()
+        try:
+            doc = json.loads(text)
+            labels += [doc["recipe"]] if isinstance(doc, dict) else [str(x) for x in doc]
+        except (ValueError, KeyError, TypeError):
+            labels += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    for label in labels:
+        Recipe.from_label(label)  # a bad label fails here, before any model is touched
+    return labels
+
+
 def run(args: argparse.Namespace) -> int:
+    from quantpredict.errors import RecipeError
     from quantpredict.runs import collect, model_id, plan_runs
     from quantpredict.runs.store import RunStore
     from quantpredict.runs.sweep import _split
 
+    recipes = _recipe_labels(args)
+    if not recipes and not (args.formats and args.methods):
+        raise RecipeError("give --formats and --methods (the grid), or --recipes / --recipes-file")
     models = _models(args.models)
     identify = None if args.no_weights_hash else model_id
     run_kwargs = _run_kwargs(args.run_kwargs)
@@ -93,12 +129,25 @@ def run(args: argparse.Namespace) -> int:
         run_kwargs["torch_threads"] = args.threads
     if args.dry_run:
         ids = {m: identify(m) if identify else m for m in models}
-        plan = plan_runs(models, _split(args.formats), _split(args.methods), smoothquant=_split(args.smoothquant),
-                         act_formats=_split(args.act_formats), block_sizes=_split(args.block_sizes),
-                         seq_len=args.seq_len, eval_max_windows=args.eval_max_windows, model_ids=ids,
-                         block_size_formats=args.block_size_formats)
-        with RunStore(args.store) as store:
-            skip = store.done_keys() if not args.no_retry_failed else store.keys()
+        from quantpredict.runs.identity import model_uses_bos
+
+        bos = {m: model_uses_bos(m) for m in models} if identify else {}
+        text_sha = None
+        if args.eval_text:
+            from quantpredict.data import read_text_file
+
+            text_sha = read_text_file(args.eval_text)[1]
+        plan = plan_runs(models, [f for f in _split(args.formats) if f], [m for m in _split(args.methods) if m],
+                         smoothquant=_split(args.smoothquant), act_formats=_split(args.act_formats),
+                         block_sizes=_split(args.block_sizes), seq_len=args.seq_len,
+                         eval_max_windows=args.eval_max_windows, model_ids=ids,
+                         block_size_formats=args.block_size_formats, recipes=recipes, bos=bos, eval_text=text_sha)
+        from pathlib import Path
+
+        skip: set[str] = set()
+        if "://" in args.store or Path(args.store).exists():  # a dry run never creates the store
+            with RunStore(args.store, create=False) as store:
+                skip = store.done_keys() if not args.no_retry_failed else store.keys()
         todo = [s for s in plan if s.key not in skip]
         for s in todo:
             print(s.key)
@@ -109,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
                       executor=args.executor, scheduler=args.scheduler, eval_max_windows=args.eval_max_windows,
                       seq_len=args.seq_len, run_fn=args.run_fn, run_kwargs=run_kwargs, identify=identify,
                       retry_failed=not args.no_retry_failed, progress=not args.no_progress,
-                      block_size_formats=args.block_size_formats)
+                      block_size_formats=args.block_size_formats, recipes=recipes, eval_text=args.eval_text,
+                      calib_text=args.calib_text)
     print(summary)
     if summary.failed:
         print(f"{summary.failed} run(s) failed; see `quantpredict runs show --store {args.store} --status failed`",
