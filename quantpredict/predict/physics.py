@@ -129,6 +129,17 @@ def resolved(df: pd.DataFrame, min_se: float = 2.0) -> np.ndarray:
     return delta > np.maximum(min_se * se, 0.0)
 
 
+DELTA_LAW_SCATTER = 0.1  # log-space scatter of the law itself, beside each run's measurement noise
+
+
+def delta_weights(df: pd.DataFrame) -> np.ndarray:
+    """Inverse-variance weights of log delta NLL: a run's relative standard error (its measurement noise in log
+    space) in quadrature with the law's own scatter. A delta measured to 3% counts ~10x one measured to 40%."""
+    delta = _num(df, "nll_quant") - _num(df, "nll_fp")
+    rel = np.nan_to_num(_num(df, "delta_nll_se"), nan=0.0) / np.maximum(np.abs(delta), FLOOR)
+    return 1.0 / (DELTA_LAW_SCATTER**2 + rel**2)
+
+
 def conformal_quantile(abs_residuals: np.ndarray, alpha: float) -> float:
     """The split-conformal quantile: the ceil((n + 1)(1 - alpha))-th smallest residual (inf if n is too small)."""
     r = np.sort(np.asarray(abs_residuals, float))
@@ -164,28 +175,34 @@ class LogLaw:
                    tuple(d.get("dropped", ())))
 
 
-def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
-    """Least squares with an unpenalised intercept and a tiny ridge (keeps collinear indicator columns finite)."""
+def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-6, weights: np.ndarray | None = None) -> np.ndarray:
+    """(Weighted) least squares with an unpenalised intercept and a tiny ridge (keeps collinear indicator columns
+    finite)."""
     A = np.column_stack([np.ones(len(X)), X])
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, float)
     reg = ridge * np.eye(A.shape[1])
     reg[0, 0] = 0.0
-    return np.linalg.solve(A.T @ A + reg * len(y), A.T @ y)
+    Aw = A * w[:, None]
+    return np.linalg.solve(A.T @ Aw + reg * w.sum(), Aw.T @ y)
 
 
 def fit_law(target: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, alpha: float,
-            n_folds: int = 10) -> LogLaw:
-    """Fit one target and its grouped cross-conformal half-width (out-of-fold residuals, folds grouped by model)."""
+            n_folds: int = 10, weights: np.ndarray | None = None) -> LogLaw:
+    """Fit one target and its grouped cross-conformal half-width (out-of-fold residuals, folds grouped by model).
+
+    ``weights``: per-run least-squares weights (the delta NLL law weighs runs by their measurement precision)."""
     from sklearn.model_selection import GroupKFold
 
     keep_cols = [c for c in X.columns if np.nanstd(X[c].to_numpy(float)) > 0]
     dropped = tuple(c for c in X.columns if c not in keep_cols)
     Xa = X[keep_cols].to_numpy(float)
-    coef = _lstsq(Xa, y)
+    w = None if weights is None else np.asarray(weights, float)
+    coef = _lstsq(Xa, y, weights=w)
     n_groups = len(np.unique(groups))
     resid = np.full(len(y), np.nan)
     if n_groups >= 2:
         for tr, te in GroupKFold(n_splits=min(n_folds, n_groups)).split(Xa, y, groups):
-            c = _lstsq(Xa[tr], y[tr])
+            c = _lstsq(Xa[tr], y[tr], weights=None if w is None else w[tr])
             resid[te] = y[te] - np.column_stack([np.ones(len(te)), Xa[te]]) @ c
     q = conformal_quantile(np.abs(resid[np.isfinite(resid)]), alpha) if np.isfinite(resid).any() else float("inf")
     ranges = {c: (float(np.min(X[c])), float(np.max(X[c]))) for c in keep_cols
@@ -205,6 +222,7 @@ class PhysicsPredictor:
     alpha: float = 0.1
     laws: dict[str, LogLaw] = field(default_factory=dict)
     fp_model: object = None
+    delta_noise: float = 0.0  # nats: the training runs' median standard error of a measured delta NLL
     metadata: dict = field(default_factory=dict)
     _warned: set = field(default_factory=set, repr=False)
 
@@ -252,9 +270,12 @@ class PhysicsPredictor:
         for target in TARGETS:
             rows = resolved(runs) if target == "delta_nll" else np.isfinite(target_values(target, runs))
             X = design_columns(self.kind, target, runs[rows])
-            laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha)
+            laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha,
+                                   weights=delta_weights(runs[rows]) if target == "delta_nll" else None)
         self.laws = laws
         self.fp_model = FPModel.fit(runs)
+        se = _num(runs, "delta_nll_se")
+        self.delta_noise = float(np.nanmedian(se)) if np.isfinite(se).any() else 0.0
         self.metadata = {"n_runs": int(len(runs)), "n_models": int(runs["model"].nunique()),
                          "models": sorted(runs["model"].astype(str).unique()),
                          "families": sorted(runs["family"].astype(str).unique()) if "family" in runs else [],
@@ -300,6 +321,13 @@ class PhysicsPredictor:
             out[target] = (mid, mid - half, mid + half)
         kld = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["kld"])}
         dn = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["delta_nll"])}
+        # an interval for a *measured* delta: the law's (log-space, fitted on resolved runs) widened in quadrature by
+        # the measurement noise of a delta, so tiny or negative measured deltas of 8-bit recipes are covered too
+        from scipy.stats import norm
+
+        noise = norm.ppf(1 - self.alpha / 2) * self.delta_noise
+        dn["lo"] = dn["mid"] - np.sqrt((dn["mid"] - dn["lo"]) ** 2 + noise**2)
+        dn["hi"] = dn["mid"] + np.sqrt((dn["hi"] - dn["mid"]) ** 2 + noise**2)
         dis = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["top1"])}
         frame = pd.DataFrame({
             "kld": kld["mid"], "kld_low": kld["lo"], "kld_high": kld["hi"],
@@ -344,7 +372,7 @@ class PhysicsPredictor:
             raise PredictorError(f"{d} exists and is not a directory; pass a directory to save the predictor in")
         d.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
-                "params": {"alpha": self.alpha},
+                "params": {"alpha": self.alpha, "delta_noise": self.delta_noise},
                 "schema": {"feature_names": list(FEATURE_NAMES), "used": list(self.features)},
                 "laws": {t: law.to_json() for t, law in self.laws.items()},
                 "fp_model": None if self.fp_model is None else self.fp_model.to_json(),
@@ -359,7 +387,8 @@ class PhysicsPredictor:
         from quantpredict.predict.predictor import FPModel
 
         try:
-            p = cls(str(meta["kind"]), float(meta["params"]["alpha"]))
+            p = cls(str(meta["kind"]), float(meta["params"]["alpha"]), delta_noise=float(meta["params"].get(
+                "delta_noise", 0.0)))
             p.laws = {t: LogLaw.from_json(v) for t, v in meta["laws"].items()}
             p.fp_model = FPModel.from_json(meta.get("fp_model"))
         except (KeyError, TypeError, ValueError) as exc:

@@ -16,7 +16,10 @@ COLUMNS = (
     ("kld_r2_log", "R² log KLD", 0.98, "high"),
     ("kld_coverage", "KLD 90% cover", None, None),
     ("delta_median_rel_err", "ΔNLL med. rel. err (resolved)", 0.20, "low"),
+    ("delta_median_rel_err_precise", "ΔNLL med. rel. err (> 10 SE)", None, None),
+    ("delta_noise_floor", "ΔNLL noise floor", None, None),
     ("delta_r2", "R² ΔNLL", 0.90, "high"),
+    ("delta_coverage", "ΔNLL 90% cover", None, None),
     ("delta_coverage_noise", "ΔNLL 90% cover (±2 SE)", None, None),
     ("top1_median_abs_err_pp", "top-1 med. abs. err (pp)", 0.5, "low"),
     ("top1_coverage", "top-1 90% cover", None, None),
@@ -31,7 +34,7 @@ def _fmt(v, col: str) -> str:
         return "–"
     if "coverage" in col:
         return f"{100 * v:.0f}%"
-    if "rel_err" in col:
+    if "rel_err" in col or col == "delta_noise_floor":
         return f"{100 * v:.1f}%"
     if col.endswith("_pp"):
         return f"{v:.2f}"
@@ -68,9 +71,9 @@ def target_verdicts(metrics: pd.DataFrame, kind: str) -> list[str]:
         if r.empty:
             continue
         cov = [f"{t} {_fmt(float(r.iloc[0][c]), c)}" for t, c in (("KLD", "kld_coverage"),
-                                                                   ("ΔNLL", "delta_coverage_noise"),
+                                                                   ("ΔNLL", "delta_coverage"),
                                                                    ("top-1", "top1_coverage")) if c in r]
-        inside = all(0.85 <= float(r.iloc[0][c]) <= 0.95 for c in ("kld_coverage", "delta_coverage_noise",
+        inside = all(0.85 <= float(r.iloc[0][c]) <= 0.95 for c in ("kld_coverage", "delta_coverage",
                                                                    "top1_coverage") if c in r)
         out.append(f"- 90% coverage, {SPLIT_TITLES[split]}: {', '.join(cov)} (target 85-95%: "
                    f"**{'met' if inside else 'missed'}**)")

@@ -101,6 +101,13 @@ def target_metrics(runs: pd.DataFrame, pred: pd.DataFrame) -> dict[str, float]:
         d = pred["delta_nll"].to_numpy(float)
         out["delta_n_resolved"] = int(res.sum())
         out["delta_median_rel_err"] = float(np.nanmedian(np.abs(d[res] / delta[res] - 1))) if res.any() else np.nan
+        # the runs whose own noise is small beside the target (> 10 SE): where the law, not the measurement, limits
+        precise = resolved(runs, 10.0)
+        out["delta_n_precise"] = int(precise.sum())
+        out["delta_median_rel_err_precise"] = (float(np.nanmedian(np.abs(d[precise] / delta[precise] - 1)))
+                                               if precise.any() else np.nan)
+        se_all = np.nan_to_num(pd.to_numeric(runs["delta_nll_se"], errors="coerce").to_numpy(float))
+        out["delta_noise_floor"] = float(np.nanmedian(0.674 * se_all[res] / delta[res])) if res.any() else np.nan
         out["delta_r2"] = _r2(delta, d)
         out["delta_r2_log_resolved"] = _r2(np.log(delta[res]), np.log(np.maximum(d[res], 1e-12)))
         if "delta_low" in pred:
