@@ -113,6 +113,17 @@ def test_profile_factors_are_moments_of_inputs_and_sampled_output_gradients():
     assert prof.tokens == 2 * 15 and prof.fp_entropy > 0
 
 
+def test_profile_shares_the_input_moment_of_layers_fed_by_one_tensor():
+    model = tiny_model("llama")
+    prof = measure_profile(model, _windows(2))
+    a = prof.input_moment
+    blk = "model.layers.0."
+    assert a[blk + "self_attn.q_proj"] is a[blk + "self_attn.k_proj"] is a[blk + "self_attn.v_proj"]
+    assert a[blk + "mlp.gate_proj"] is a[blk + "mlp.up_proj"]
+    distinct = {id(a[blk + n]) for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    assert len(distinct) == 4 and a[blk + "mlp.down_proj"].dtype == torch.float32
+
+
 def test_kfac_tracks_the_exact_quadratic_on_a_tiny_model():
     from quantpredict.features.fisher import price_deltas
 

@@ -109,8 +109,10 @@ class SensitivityProfile:
     """What a model's quantization sensitivity is made of, measured once on calibration windows.
 
     ``names``: the linear layers (``arch.linear_layers`` order). ``input_moment[name]``: ``A = E[x x^T]``
-    ``[in, in]`` float64 over the layer's input tokens; ``output_fisher[name]``: ``G = E[s s^T]`` ``[out, out]``
-    float64 over the sampled-label log-likelihood gradients at its output (per token). ``tokens``: predicted tokens
+    ``[in, in]`` over the layer's input tokens (one tensor shared by the layers that read the same input, such as
+    q/k/v); ``output_fisher[name]``: ``G = E[s s^T]`` ``[out, out]`` over the sampled-label log-likelihood gradients
+    at its output (per token). Both are float32 (float64 for a float64 model): for SmolLM2 they take ~1.1 GB.
+    ``tokens``: predicted tokens
     behind them; ``fp_nll`` and ``fp_entropy``: the FP model's mean NLL and next-token entropy on those windows;
     ``seconds``: what measuring it cost.
     """
@@ -127,7 +129,7 @@ class SensitivityProfile:
 
     def hessian(self, name: str) -> torch.Tensor:
         """GPTQ's Hessian of layer ``name``, ``2 A`` (``[in, in]`` float64)."""
-        return 2.0 * self.input_moment[name]
+        return 2.0 * self.input_moment[name].double()
 
 
 def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
@@ -137,13 +139,16 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every
     linear layer give ``A``; the gradients at its outputs of ``sum_t log p(y_t)``, with ``y_t`` drawn from the model's
     own next-token distribution, give ``G`` (the Fisher's output factor). Memory is that of one micro-batch's
-    backward plus the factors (``in^2 + out^2`` float64 per layer).
+    backward plus the factors (``in^2`` per distinct layer input and ``out^2`` per layer, float32).
     """
     t0 = time.perf_counter()
     refs = arch.linear_layers(model)
     names = [r.name for r in refs]
-    a_sums = {r.name: torch.zeros(r.in_features, r.in_features, dtype=torch.float64) for r in refs}
-    g_sums = {r.name: torch.zeros(r.out_features, r.out_features, dtype=torch.float64) for r in refs}
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    g_sums = {r.name: torch.zeros(r.out_features, r.out_features, dtype=dtype) for r in refs}
+    a_sums: dict[str, torch.Tensor] = {}
+    owner: dict[str, str] = {}  # layer -> the first layer that read the same input tensor (its A is shared)
+    seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # the tensor is held so that its id is not reused
     in_tokens = dict.fromkeys(names, 0)
     gen = torch.Generator().manual_seed(seed)
     nll_sum = entropy_sum = 0.0
@@ -152,14 +157,19 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     handles = []
 
     def forward_hook(module, args, output, name):
-        x = _at_least_float32(args[0].detach().reshape(-1, args[0].shape[-1]))
         if capture_inputs[0]:
-            a_sums[name] += (x.T @ x).double()
-            in_tokens[name] += x.shape[0]
+            if name not in owner:  # first micro-batch: find the layers fed by one tensor (q/k/v, gate/up)
+                owner[name] = seen_inputs.setdefault(id(args[0]), (args[0], name))[1]
+            if owner[name] == name:
+                x = _at_least_float32(args[0].detach().reshape(-1, args[0].shape[-1])).to(dtype)
+                if name not in a_sums:
+                    a_sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
+                a_sums[name] += x.T @ x
+                in_tokens[name] += x.shape[0]
         if output.requires_grad:
             def grad_hook(g, name=name):
-                s = _at_least_float32(g.detach().reshape(-1, g.shape[-1]))
-                g_sums[name] += (s.T @ s).double()
+                s = _at_least_float32(g.detach().reshape(-1, g.shape[-1])).to(dtype)
+                g_sums[name] += s.T @ s
             output.register_hook(grad_hook)
 
     capture_inputs = [True]
@@ -179,6 +189,7 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
             ids = windows[lo: lo + batch_size]
             for k in range(label_samples):
                 capture_inputs[0] = k == 0
+                seen_inputs.clear()
                 z = _logits(model, ids)
                 logp = torch.log_softmax(z, dim=-1)
                 if k == 0:
@@ -197,9 +208,10 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         for p, flag in old_flags:
             p.requires_grad_(flag)
     n_label = tokens * label_samples
+    moments = {n: a / max(in_tokens[n], 1) for n, a in a_sums.items()}
     return SensitivityProfile(
         names=names,
-        input_moment={n: a_sums[n] / max(in_tokens[n], 1) for n in names},
+        input_moment={n: moments[owner[n]] for n in names},
         output_fisher={n: g_sums[n] / max(n_label, 1) for n in names},
         tokens=tokens, fp_nll=nll_sum / max(tokens, 1), fp_entropy=entropy_sum / max(tokens, 1),
         seconds=time.perf_counter() - t0, label_samples=label_samples,
@@ -210,6 +222,7 @@ def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tup
     """``(0.5 tr(dW A dW^T G), 0.5 sum_i G_ii (dW A dW^T)_ii)`` for ``dW`` ``[out, in]``: the K-FAC quadratic with the
     full and with the diagonal output factor, in float64."""
     d = delta.double()
+    a, g = a.double(), g.double()
     da = d @ a
     full = float(((g @ d) * da).sum())
     diag = float((torch.diagonal(g) * (da * d).sum(1)).sum())
