@@ -74,6 +74,10 @@ FEATURES: tuple[FeatureSpec, ...] = (
                 "radial_dnll_100)", "with kl_calib"),
     FeatureSpec("top1_calib", "fisher", "top-1 agreement of P_q with P_fp on the calibration batch (fraction)",
                 "with kl_calib"),
+    FeatureSpec("kl_calib_se", "fisher", "standard error of kl_calib over the calibration windows (nats)",
+                "with kl_calib"),
+    FeatureSpec("dnll_calib_se", "fisher", "standard error of dnll_calib over the calibration windows (nats)",
+                "with kl_calib"),
     FeatureSpec("fp_entropy_calib", "fisher", "mean next-token entropy of the FP model on the calibration batch "
                 "(nats)", "with the JVP"),
     # profile: the recipe priced from weights alone against per-layer K-FAC factors measured once per model

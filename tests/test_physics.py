@@ -153,7 +153,8 @@ def synthetic_runs(n_models=8, n_recipes=24, seed=0, noise=0.05):
             fp = rng.uniform(3, 4)
             rows.append({"model": f"m{m}", "family": f"f{m % 4}", "recipe": f"r{r}", "status": "done",
                          "method": "rtn" if r % 2 else "gptq", "act_format": None, "element_is_fp": float(r % 3 == 0),
-                         "fisher_quad": fq, "kl_calib": fq * np.exp(rng.normal(0, 0.01)), "dnll_calib": 1.2 * fq,
+                         "fisher_quad": fq, "kl_calib": fq * np.exp(rng.normal(0, 0.01)),
+                         "dnll_calib": delta * np.exp(rng.normal(0, 0.3)), "dnll_calib_se": 0.3 * delta,
                          "kfac_quad": fq * np.exp(rng.normal(0, 0.02)), "kfac_quad_diag": fq,
                          "kfac_max_layer_share": rng.uniform(0.1, 0.4), "fp_calib_nll": fp + 0.1,
                          "fp_entropy_calib": ent, "nll_fp": fp, "nll_quant": fp + delta, "delta_nll_se": delta / 50,

@@ -73,6 +73,7 @@ def fisher_measures(model: nn.Module, refs: Sequence[arch.LinearRef], deltas: Se
                 for n, r, d in zip(names, refs, deltas)}
     quad = kl = dnll = top1 = entropy = 0.0
     tokens = 0
+    per_window: dict[str, list[float]] = {"kl": [], "dnll": []}  # window means, for the standard errors
     for lo in range(0, windows.shape[0], batch_size):
         ids = windows[lo: lo + batch_size]
 
@@ -97,8 +98,17 @@ def fisher_measures(model: nn.Module, refs: Sequence[arch.LinearRef], deltas: Se
         dnll += float(stats["delta_nll"].double().sum())
         top1 += float(stats["top1"].double().sum())
         tokens += int(z.shape[0] * z.shape[1])
+        per_window["kl"] += stats["kld"].double().mean(dim=-1).tolist()
+        per_window["dnll"] += stats["delta_nll"].double().mean(dim=-1).tolist()
     return {"fisher_quad": 0.5 * quad / tokens, "kl_calib": kl / tokens, "dnll_calib": dnll / tokens,
-            "top1_calib": top1 / tokens, "fp_entropy_calib": entropy / tokens}
+            "top1_calib": top1 / tokens, "fp_entropy_calib": entropy / tokens,
+            "kl_calib_se": _se(per_window["kl"]), "dnll_calib_se": _se(per_window["dnll"])}
+
+
+def _se(values: Sequence[float]) -> float:
+    """Standard error of the mean of equal-length windows' means (0 for a single window)."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return float(v.std(unbiased=True) / v.numel() ** 0.5) if v.numel() > 1 else 0.0
 
 
 # ---- the sensitivity profile: K-FAC factors, measured once per model ----------------------------------------------

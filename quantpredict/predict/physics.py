@@ -10,9 +10,13 @@ method; never a raw parameter count or width), so a fit on small models carries 
     with the measured calibration KL as a higher-order correction, ``log(kl_calib / fisher_quad)``;
   - kind ``kfac``: ``kfac_quad`` (the same quadratic priced from weights alone against the model's K-FAC profile,
     what ``rank`` and ``allocate`` use: no forward pass per recipe).
-- ``log delta_NLL`` on the runs whose delta is resolved (> 2 standard errors), on the same base, the kind's
-  calibration NLL-to-KL ratio where it has one, and the model's calibration gap ``fp_calib_nll - fp_entropy_calib``
-  (zero for a calibrated model, for which the expected delta NLL *is* the KL).
+- ``log delta_NLL`` on the runs whose delta is resolved (> 2 standard errors), on the same base and corrections,
+  weighted by each run's measurement precision (the law B). The ratio of delta NLL to KL is a property of the
+  model (1 for a model that matches the data's distribution; 1.1-1.5 on the undertrained zoo, 0.83 on SmolLM2),
+  which no scale-free input predicts across such different models. The ``physics`` kind therefore combines B
+  with the NLL change it measured on the calibration batch (A = ``dnll_calib`` +- ``dnll_calib_se``) by their
+  precisions: A decides where the quantization error is large beside its calibration noise (low bits, real
+  models), B where it is not (8-bit recipes of small models).
 - ``log(1 - top1)`` on the base (disagreement grows like sqrt(KL) for small perturbations) and the FP entropy.
 - ``ppl = ppl_fp * exp(delta_NLL)``, ``ppl_fp`` measured when given, else from the calibration NLL.
 
@@ -85,12 +89,6 @@ def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
     cols["element_is_fp"] = _num(df, "element_is_fp")
     cols["gptq"] = _gptq(df)
     cols["act_quant"] = _flag(df, "act_format")
-    if target == "delta_nll":
-        cols["calib_gap"] = _num(df, "fp_calib_nll") - _num(df, "fp_entropy_calib")
-        if kind == "physics":
-            # the calibration batch's own NLL change per unit KL, squashed: it can be ~0 or negative at 8 bits
-            ratio = _num(df, "dnll_calib") / np.maximum(_num(df, "kl_calib"), FLOOR)
-            cols["calib_dnll_per_kl"] = np.arcsinh(ratio)
     if target == "top1":
         cols["log_fp_entropy"] = _log(_num(df, "fp_entropy_calib"))
     return pd.DataFrame(cols, index=df.index)
@@ -111,6 +109,10 @@ def required_features(kind: str) -> tuple[str, ...]:
     if kind == "physics":
         return ("fisher_quad", "kl_calib", "dnll_calib") + common
     return ("kfac_quad", "kfac_quad_diag", "kfac_max_layer_share") + common
+
+
+#: Read when present (runs extracted before it existed lack it; the law then stands alone).
+OPTIONAL_FEATURES = {"physics": ("dnll_calib_se",), "kfac": ()}
 
 
 def target_values(target: str, df: pd.DataFrame) -> np.ndarray:
@@ -149,7 +151,11 @@ def conformal_quantile(abs_residuals: np.ndarray, alpha: float) -> float:
 
 @dataclass
 class LogLaw:
-    """One target's fitted law: least squares in log space, its conformal half-width and its training ranges."""
+    """One target's fitted law: least squares in log space, its conformal half-width and its training ranges.
+
+    ``sd``: the law's out-of-fold scatter in log space (its precision when it is combined with a measurement);
+    ``q_combined``: the conformal half-width of the precision-weighted combination with the calibration
+    measurement (delta NLL of the ``physics`` kind), NaN where there is none."""
 
     target: str
     columns: tuple[str, ...]
@@ -158,6 +164,9 @@ class LogLaw:
     ranges: dict[str, tuple[float, float]]
     n: int
     dropped: tuple[str, ...] = ()
+    sd: float = float("nan")
+    q_combined: float = float("nan")
+    oof: np.ndarray | None = None  # out-of-fold log predictions of the training rows (not saved)
 
     def predict_log(self, X: pd.DataFrame) -> np.ndarray:
         A = np.column_stack([np.ones(len(X))] + [X[c].to_numpy(float) for c in self.columns])
@@ -166,13 +175,14 @@ class LogLaw:
     def to_json(self) -> dict:
         return {"target": self.target, "columns": list(self.columns), "coef": [float(c) for c in self.coef],
                 "q": self.q, "ranges": {k: list(v) for k, v in self.ranges.items()}, "n": self.n,
-                "dropped": list(self.dropped)}
+                "dropped": list(self.dropped), "sd": self.sd, "q_combined": self.q_combined}
 
     @classmethod
     def from_json(cls, d: Mapping) -> LogLaw:
         return cls(str(d["target"]), tuple(d["columns"]), np.asarray(d["coef"], float), float(d["q"]),
                    {k: (float(v[0]), float(v[1])) for k, v in d["ranges"].items()}, int(d["n"]),
-                   tuple(d.get("dropped", ())))
+                   tuple(d.get("dropped", ())), float(d.get("sd", float("nan"))),
+                   float(d.get("q_combined", float("nan"))))
 
 
 def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-6, weights: np.ndarray | None = None) -> np.ndarray:
@@ -204,10 +214,25 @@ def fit_law(target: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, alp
         for tr, te in GroupKFold(n_splits=min(n_folds, n_groups)).split(Xa, y, groups):
             c = _lstsq(Xa[tr], y[tr], weights=None if w is None else w[tr])
             resid[te] = y[te] - np.column_stack([np.ones(len(te)), Xa[te]]) @ c
-    q = conformal_quantile(np.abs(resid[np.isfinite(resid)]), alpha) if np.isfinite(resid).any() else float("inf")
+    ok = np.isfinite(resid)
+    q = conformal_quantile(np.abs(resid[ok]), alpha) if ok.any() else float("inf")
+    sd = float(np.sqrt(np.mean(resid[ok] ** 2))) if ok.any() else float("nan")
     ranges = {c: (float(np.min(X[c])), float(np.max(X[c]))) for c in keep_cols
               if X[c].nunique() > 2}  # indicators are in range by construction
-    return LogLaw(target, tuple(keep_cols), coef, q, ranges, len(y), dropped)
+    return LogLaw(target, tuple(keep_cols), coef, q, ranges, len(y), dropped, sd, oof=y - resid)
+
+
+def combine_with_measurement(law_value: np.ndarray, law_sd: float, measured: np.ndarray,
+                             measured_se: np.ndarray) -> np.ndarray:
+    """Precision-weighted mean of a law's prediction (relative scatter ``law_sd``) and a noisy measurement of the
+    same quantity (standard error ``measured_se``); the law alone where the measurement is missing."""
+    law_var = (law_sd * law_value) ** 2
+    se = np.asarray(measured_se, float)
+    has = np.isfinite(measured) & np.isfinite(se) & (se > 0)
+    w_m = np.where(has, 1.0 / np.where(has, se, 1.0) ** 2, 0.0)
+    w_l = 1.0 / np.maximum(law_var, FLOOR**2)
+    out = (w_l * law_value + w_m * np.where(has, measured, 0.0)) / (w_l + w_m)
+    return np.maximum(out, FLOOR)
 
 
 @dataclass
@@ -235,7 +260,8 @@ class PhysicsPredictor:
     # ---- fit -------------------------------------------------------------------------------------------------------
     @property
     def features(self) -> tuple[str, ...]:
-        return required_features(self.kind)
+        """Every schema feature the predictor reads (the optional ones included)."""
+        return required_features(self.kind) + OPTIONAL_FEATURES[self.kind]
 
     @property
     def required_groups(self) -> tuple[str, ...]:
@@ -248,7 +274,7 @@ class PhysicsPredictor:
         from quantpredict.predict.design import done_runs
 
         runs = done_runs(runs)
-        need = list(self.features) + ["kld", "top1_agree"]
+        need = list(required_features(self.kind)) + ["kld", "top1_agree"]
         missing = [c for c in need if c not in runs]
         if missing:
             raise PredictorError(f"the runs lack {missing}, which the {self.kind!r} predictor needs; add them with "
@@ -272,6 +298,13 @@ class PhysicsPredictor:
             X = design_columns(self.kind, target, runs[rows])
             laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha,
                                    weights=delta_weights(runs[rows]) if target == "delta_nll" else None)
+            if target == "delta_nll" and self.kind == "physics":
+                law = laws[target]
+                sub = runs[rows]
+                combined = combine_with_measurement(np.exp(law.oof), law.sd, _num(sub, "dnll_calib"),
+                                                    _num(sub, "dnll_calib_se"))
+                res = np.abs(target_values(target, sub) - np.log(combined))
+                law.q_combined = conformal_quantile(res[np.isfinite(res)], self.alpha)
         self.laws = laws
         self.fp_model = FPModel.fit(runs)
         se = _num(runs, "delta_nll_se")
@@ -305,7 +338,7 @@ class PhysicsPredictor:
             raise PredictorError("this predictor is not fitted; call fit(runs) or load it first")
         if not isinstance(features_df, pd.DataFrame):
             raise PredictorError(f"predict() takes a pandas DataFrame, got {type(features_df).__name__}")
-        missing = [c for c in self.features if c not in features_df]
+        missing = [c for c in required_features(self.kind) if c not in features_df]
         if missing:
             raise PredictorError(f"the input lacks {missing} that this {self.kind!r} predictor needs; compute the "
                                  f"feature groups {list(self.required_groups)} (features.extract(which=...))")
@@ -318,6 +351,12 @@ class PhysicsPredictor:
                                      f"for {target} (first row {features_df.index[np.argmax(bad)]!r}); recompute them")
             mid = law.predict_log(X)
             half = self._widen(law, X)
+            if target == "delta_nll" and self.kind == "physics" and np.isfinite(law.q_combined):
+                measured_se = _num(features_df, "dnll_calib_se")
+                mid = np.log(combine_with_measurement(np.exp(mid), law.sd, _num(features_df, "dnll_calib"),
+                                                      measured_se))
+                has = np.isfinite(measured_se) & (measured_se > 0)
+                half = np.where(has, half * law.q_combined / law.q, half)
             out[target] = (mid, mid - half, mid + half)
         kld = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["kld"])}
         dn = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["delta_nll"])}
