@@ -85,7 +85,11 @@ FEATURES: tuple[FeatureSpec, ...] = (
                 "0.5 delta^T F delta from the model's profile (nats)", "weights only"),
     FeatureSpec("kfac_quad_diag", "profile", "kfac_quad with the diagonal of each output factor G_l (nats)",
                 "weights only"),
-    FeatureSpec("kfac_max_layer_share", "profile", "largest layer's share of kfac_quad", "weights only"),
+    FeatureSpec("kfac_max_layer_share", "profile", "largest layer's share of the second-order KL (token_gn_quad's "
+                "terms)", "weights only"),
+    FeatureSpec("token_gn_quad", "profile", "0.5 sum_l mean_t (s_t^T dW_l x_t)^2 from every profile token's layer "
+                "inputs and sampled output gradients: exact per token, cross-position and cross-layer terms dropped "
+                "(nats)", "weights only"),
 )
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(f.group for f in FEATURES))

@@ -155,14 +155,15 @@ def synthetic_runs(n_models=8, n_recipes=24, seed=0, noise=0.05):
                          "method": "rtn" if r % 2 else "gptq", "act_format": None, "element_is_fp": float(r % 3 == 0),
                          "fisher_quad": fq, "kl_calib": fq * np.exp(rng.normal(0, 0.01)),
                          "dnll_calib": delta * np.exp(rng.normal(0, 0.3)), "dnll_calib_se": 0.3 * delta,
-                         "kfac_quad": fq * np.exp(rng.normal(0, 0.02)), "kfac_quad_diag": fq,
+                         "kfac_quad": fq * np.exp(rng.normal(0, 0.02)),
+                         "token_gn_quad": fq * np.exp(rng.normal(0, 0.02)),
                          "kfac_max_layer_share": rng.uniform(0.1, 0.4), "fp_calib_nll": fp + 0.1,
                          "fp_entropy_calib": ent, "nll_fp": fp, "nll_quant": fp + delta, "delta_nll_se": delta / 50,
                          "kld": kld, "top1_agree": 1 - 0.8 * np.sqrt(kld), "ppl_fp": np.exp(fp)})
     return pd.DataFrame(rows)
 
 
-@pytest.mark.parametrize("kind", ["physics", "kfac"])
+@pytest.mark.parametrize("kind", ["physics", "profile"])
 def test_laws_recover_the_synthetic_law_and_intervals_cover(kind):
     train, test = synthetic_runs(seed=0), synthetic_runs(n_models=20, seed=1)
     p = PhysicsPredictor(kind).fit(train)
@@ -199,10 +200,10 @@ def test_physics_predictor_save_load_round_trip(tmp_path):
     from quantpredict.predict import Predictor
 
     runs = synthetic_runs()
-    p = PhysicsPredictor("kfac").fit(runs)
+    p = PhysicsPredictor("profile").fit(runs)
     p.save(tmp_path / "k")
     back = Predictor.load(tmp_path / "k")
-    assert isinstance(back, PhysicsPredictor) and back.kind == "kfac"
+    assert isinstance(back, PhysicsPredictor) and back.kind == "profile"
     pd.testing.assert_frame_equal(back.predict(runs.head(10)), p.predict(runs.head(10)))
 
 
@@ -212,7 +213,7 @@ def test_physics_predictor_errors_name_the_fix():
     with pytest.raises(PredictorError, match="backfill"):
         PhysicsPredictor("physics").fit(synthetic_runs().drop(columns=["fisher_quad"]))
     with pytest.raises(PredictorError, match="not fitted"):
-        PhysicsPredictor("kfac").predict(synthetic_runs())
+        PhysicsPredictor("profile").predict(synthetic_runs())
     with pytest.raises(PredictorError, match="unknown physics predictor kind"):
         PhysicsPredictor("nope")
 

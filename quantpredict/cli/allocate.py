@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--candidates", default=None,
                    help="comma-separated candidate formats (FORMAT or FORMAT_bN; default: MX 3-8 bit formats)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="one method for every layer")
-    p.add_argument("--predictor", default="default", help="a saved kfac predictor (default: the shipped one)")
+    p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--out", default=None, metavar="FILE", help="write the recipe (JSON with its label) to FILE")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -12,13 +12,13 @@ def register(subparsers) -> None:
     src.add_argument("--store", nargs="+", help="run store(s) (SQLite paths or SQLAlchemy URLs; several are merged)")
     src.add_argument("--runs", help="exported runs (.parquet or .csv)")
     p.add_argument("--kind", default="ols",
-                   help="predictor kind to fit and save: physics, kfac (KLD-first: KLD, delta NLL, top-1, ppl), or "
+                   help="predictor kind to fit and save: physics, profile (KLD-first: KLD, delta NLL, top-1, ppl), or "
                         "the delta-only ols, rf, gbm, bits, paper")
     p.add_argument("--out", required=True, help="directory to save the predictor in")
     p.add_argument("--validate", action="store_true",
                    help="leave-one-model-out and leave-one-family-out validation of every kind, with a report")
     p.add_argument("--kinds", default=None,
-                   help="kinds to validate (comma-separated; default: physics,kfac and the baselines const_law, "
+                   help="kinds to validate (comma-separated; default: physics,profile and the baselines const_law, "
                         "paper, gbm for a KLD-first kind, else ols,rf,gbm,bits,paper)")
     p.add_argument("--groups", default=None,
                    help="validation splits (comma-separated; KLD-first kinds: family,model,largest_size,real; "
@@ -49,7 +49,7 @@ def run_physics(args: argparse.Namespace, runs) -> int:
         from quantpredict.predict.render_targets import write_targets_report
         from quantpredict.predict.targets import validate_targets
 
-        kinds = _csv(args.kinds, "physics,kfac,const_law,paper,gbm")
+        kinds = _csv(args.kinds, "physics,profile,const_law,paper,gbm")
         splits = _csv(args.groups, "family,model,largest_size,real")
         metrics, predictions = validate_targets(runs, kinds=kinds, splits=splits)
         pred.attach_validation(metrics[metrics["kind"] == args.kind])

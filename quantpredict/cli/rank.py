@@ -23,7 +23,7 @@ def register(sub) -> None:
     budget.add_argument("--max-kld", type=float, default=None, metavar="K", help="predicted KLD at most (nats)")
     budget.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
                         help="predicted perplexity at most PCT percent above the FP one")
-    p.add_argument("--predictor", default="default", help="a saved kfac predictor (default: the shipped one)")
+    p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write the frontier figure (PNG) to FILE")

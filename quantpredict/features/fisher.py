@@ -24,6 +24,7 @@ Two ways to get it, at two costs:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,11 @@ class SensitivityProfile:
     seconds: float
     label_samples: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    # per-token layer inputs [T, in] (shared like input_moment) and sampled output gradients [T, out], bf16: the
+    # token-wise estimate keeps what the Kronecker factorisation loses (inputs and gradients correlated token by
+    # token, as with the massive activations of real models' down projections)
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    token_grads: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def hessian(self, name: str) -> torch.Tensor:
         """GPTQ's Hessian of layer ``name``, ``2 A`` (``[in, in]`` float64)."""
@@ -143,13 +149,15 @@ class SensitivityProfile:
 
 
 def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
-                    batch_size: int = 1) -> SensitivityProfile:
+                    batch_size: int = 1, token_store: bool = True) -> SensitivityProfile:
     """The :class:`SensitivityProfile` of ``model`` on ``windows`` (``[n, seq_len]``).
 
     One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every
     linear layer give ``A``; the gradients at its outputs of ``sum_t log p(y_t)``, with ``y_t`` drawn from the model's
     own next-token distribution, give ``G`` (the Fisher's output factor). Memory is that of one micro-batch's
-    backward plus the factors (``in^2`` per distinct layer input and ``out^2`` per layer, float32).
+    backward plus the factors (``in^2`` per distinct layer input and ``out^2`` per layer, float32), plus, with
+    ``token_store`` (and one label sample), every token's layer inputs and output gradients in bf16 (``T * (in + out)``
+    per layer; ~1 GB for SmolLM2 on 2,040 tokens).
     """
     t0 = time.perf_counter()
     refs = arch.linear_layers(model)
@@ -160,6 +168,9 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     owner: dict[str, str] = {}  # layer -> the first layer that read the same input tensor (its A is shared)
     seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # the tensor is held so that its id is not reused
     in_tokens = dict.fromkeys(names, 0)
+    keep_tokens = token_store and label_samples == 1
+    x_parts: dict[str, list[torch.Tensor]] = {}
+    s_parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     gen = torch.Generator().manual_seed(seed)
     nll_sum = entropy_sum = 0.0
     tokens = 0
@@ -176,10 +187,14 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
                     a_sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
                 a_sums[name] += x.T @ x
                 in_tokens[name] += x.shape[0]
+                if keep_tokens:
+                    x_parts.setdefault(name, []).append(x.to(torch.bfloat16))
         if output.requires_grad:
             def grad_hook(g, name=name):
                 s = _at_least_float32(g.detach().reshape(-1, g.shape[-1])).to(dtype)
                 g_sums[name] += s.T @ s
+                if keep_tokens:
+                    s_parts[name].append(s.to(torch.bfloat16))
             output.register_hook(grad_hook)
 
     capture_inputs = [True]
@@ -219,11 +234,14 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
             p.requires_grad_(flag)
     n_label = tokens * label_samples
     moments = {n: a / max(in_tokens[n], 1) for n, a in a_sums.items()}
+    inputs = {n: torch.cat(v) for n, v in x_parts.items()}
     return SensitivityProfile(
         names=names,
         input_moment={n: moments[owner[n]] for n in names},
         output_fisher={n: g_sums[n] / max(n_label, 1) for n in names},
         tokens=tokens, fp_nll=nll_sum / max(tokens, 1), fp_entropy=entropy_sum / max(tokens, 1),
+        token_inputs={n: inputs[owner[n]] for n in names} if keep_tokens else {},
+        token_grads={n: torch.cat(v) for n, v in s_parts.items()} if keep_tokens else {},
         seconds=time.perf_counter() - t0, label_samples=label_samples,
         meta={"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seed": seed})
 
@@ -239,20 +257,46 @@ def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tup
     return 0.5 * full, 0.5 * diag
 
 
+def token_quadratic(delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor, tokens: int,
+                    chunk: int = 512) -> float:
+    """``0.5 / T sum_t (s_t^T dW x_t)^2`` for ``dW`` ``[out, in]``, per-token inputs ``x`` ``[T, in]`` and sampled
+    output gradients ``s`` ``[T, out]``: the layer's Gauss-Newton quadratic exact in every token's own input and
+    gradient (only the cross-position terms are dropped), in float32 chunks with a float64 sum."""
+    d = delta.float()
+    total = 0.0
+    for lo in range(0, x.shape[0], chunk):
+        v = ((s[lo: lo + chunk].float() @ d) * x[lo: lo + chunk].float()).sum(1)
+        total += float(v.double().pow(2).sum())
+    return 0.5 * total / max(tokens, 1)
+
+
+def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor) -> tuple[float, float, float]:
+    """``(K-FAC, K-FAC with diagonal G, token-wise)`` second-order KL of one layer's weight change."""
+    full, diag = kfac_quadratic(delta, profile.input_moment[name], profile.output_fisher[name])
+    if name in profile.token_grads:
+        tok = token_quadratic(delta, profile.token_inputs[name], profile.token_grads[name],
+                              profile.tokens * profile.label_samples)
+    else:
+        tok = float("nan")
+    return full, diag, tok
+
+
 def price_deltas(profile: SensitivityProfile, names: Sequence[str],
                  deltas: Sequence[torch.Tensor | None]) -> dict[str, float]:
     """The ``profile`` group's features of per-layer weight changes (``None``: layer left in full precision)."""
-    full = diag = 0.0
+    full = diag = tok = 0.0
     per_layer = []
     for name, d in zip(names, deltas, strict=True):
         if d is None:
             continue
-        f, dg = kfac_quadratic(d, profile.input_moment[name], profile.output_fisher[name])
+        f, dg, t = layer_prices(profile, name, d)
         full += f
         diag += dg
-        per_layer.append(f)
-    top = max(per_layer) / full if per_layer and full > 0 else 0.0
-    return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top}
+        tok += t
+        per_layer.append(t if math.isfinite(t) else f)
+    total = sum(per_layer)
+    top = max(per_layer) / total if per_layer and total > 0 else 0.0
+    return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top, "token_gn_quad": tok}
 
 
 def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,

@@ -9,7 +9,7 @@ knapsack, solved by Lagrangian relaxation (each layer takes ``argmin_f c[l, f] +
 
 Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the K-FAC
 profile has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
-allocation; the predicted KLD of the result comes from the ``kfac`` predictor, whose constant was fitted on
+allocation; the predicted KLD of the result comes from the ``profile`` predictor, whose constant was fitted on
 measured KLDs of whole models (so it absorbs their average effect), and the allocated recipes are measured in
 the run store beside the uniform ones.
 """
@@ -147,16 +147,16 @@ def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFA
     all take.
     """
     from quantpredict.predict.quality import resolve_predictor
-    from quantpredict.predict.rank import KFAC_PREDICTOR_DIR, profile_model, recipe_row
+    from quantpredict.predict.rank import PROFILE_PREDICTOR_DIR, profile_model, recipe_row
 
     if not (np.isfinite(target_bits) and target_bits > 0):
         raise RecipeError(f"target_bits must be a positive number of bits per element, got {target_bits!r}")
     if method not in ("rtn", "gptq"):
         raise RecipeError(f"allocate's method must be rtn or gptq, got {method!r}")
     cands = _parse_candidates(candidates)
-    pred = resolve_predictor(KFAC_PREDICTOR_DIR if str(predictor) == "default" else predictor)
-    if getattr(pred, "kind", None) != "kfac":
-        raise PredictorError("allocate needs a 'kfac' predictor (it prices layers from weights alone)")
+    pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)
+    if getattr(pred, "kind", None) != "profile":
+        raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
     t0 = time.perf_counter()
     mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer)
     base = Recipe(cands[0][0], method=method)

@@ -8,7 +8,7 @@ method; never a raw parameter count or width), so a fit on small models carries 
 - ``log KLD = a + b log(Q) + c . z`` with ``Q`` the kind's base quantity:
   - kind ``physics``: ``fisher_quad`` (the exact 0.5 delta^T F delta on the calibration batch, a forward-mode JVP)
     with the measured calibration KL as a higher-order correction, ``log(kl_calib / fisher_quad)``;
-  - kind ``kfac``: ``kfac_quad`` (the same quadratic priced from weights alone against the model's K-FAC profile,
+  - kind ``profile``: ``kfac_quad`` (the same quadratic priced from weights alone against the model's K-FAC profile,
     what ``rank`` and ``allocate`` use: no forward pass per recipe).
 - ``log delta_NLL`` on the runs whose delta is resolved (> 2 standard errors), on the same base and corrections,
   weighted by each run's measurement precision (the law B). The ratio of delta NLL to KL is a property of the
@@ -41,8 +41,8 @@ import pandas as pd
 
 from quantpredict.errors import PredictorError
 
-PHYSICS_KINDS: tuple[str, ...] = ("physics", "kfac")
-BASE_FEATURE = {"physics": "fisher_quad", "kfac": "kfac_quad"}
+PHYSICS_KINDS: tuple[str, ...] = ("physics", "profile")
+BASE_FEATURE = {"physics": "fisher_quad", "profile": "token_gn_quad"}
 TARGETS = ("kld", "delta_nll", "top1")
 FLOOR = 1e-12  # nats: log() of a second-order term that rounds to zero
 
@@ -84,7 +84,9 @@ def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
     if kind == "physics":
         cols["log_kl_over_quad"] = _log(_num(df, "kl_calib")) - base
     else:
-        cols["log_diag_over_full"] = _log(_num(df, "kfac_quad_diag")) - base
+        # how much the Kronecker factorisation inflates the price: large where inputs and gradients are correlated
+        # token by token (massive activations), a property of the model the law may need
+        cols["log_kfac_over_token"] = _log(_num(df, "kfac_quad")) - base
         cols["max_layer_share"] = _num(df, "kfac_max_layer_share")
     cols["element_is_fp"] = _num(df, "element_is_fp")
     cols["gptq"] = _gptq(df)
@@ -97,7 +99,7 @@ def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
 def describe(kind: str, column: str) -> str:
     """A design column in the schema's words, for messages."""
     names = {"log_base": f"log {BASE_FEATURE[kind]}", "log_kl_over_quad": "log(kl_calib / fisher_quad)",
-             "log_diag_over_full": "log(kfac_quad_diag / kfac_quad)", "max_layer_share": "kfac_max_layer_share",
+             "log_kfac_over_token": "log(kfac_quad / token_gn_quad)", "max_layer_share": "kfac_max_layer_share",
              "calib_gap": "fp_calib_nll - fp_entropy_calib", "calib_dnll_per_kl": "asinh(dnll_calib / kl_calib)",
              "log_fp_entropy": "log fp_entropy_calib"}
     return names.get(column, column)
@@ -108,11 +110,11 @@ def required_features(kind: str) -> tuple[str, ...]:
     common = ("element_is_fp", "fp_calib_nll", "fp_entropy_calib")
     if kind == "physics":
         return ("fisher_quad", "kl_calib", "dnll_calib") + common
-    return ("kfac_quad", "kfac_quad_diag", "kfac_max_layer_share") + common
+    return ("token_gn_quad", "kfac_quad", "kfac_max_layer_share") + common
 
 
 #: Read when present (runs extracted before it existed lack it; the law then stands alone).
-OPTIONAL_FEATURES = {"physics": ("dnll_calib_se",), "kfac": ()}
+OPTIONAL_FEATURES = {"physics": ("dnll_calib_se",), "profile": ()}
 
 
 def target_values(target: str, df: pd.DataFrame) -> np.ndarray:
@@ -237,7 +239,7 @@ def combine_with_measurement(law_value: np.ndarray, law_sd: float, measured: np.
 
 @dataclass
 class PhysicsPredictor:
-    """The KLD-first predictor (kinds ``physics`` and ``kfac``); see the module docstring.
+    """The KLD-first predictor (kinds ``physics`` and ``profile``); see the module docstring.
 
     ``predict(frame)`` returns every column the delta-only kinds return (``delta_nll``, ``ppl`` ... with intervals)
     plus ``kld``, ``kld_low``, ``kld_high``, ``top1``, ``top1_low``, ``top1_high``.

@@ -25,7 +25,7 @@ RECIPE_FIELDS = RECIPE_COLUMNS  # the run-store columns of a recipe (quantpredic
 class Prediction:
     """One recipe's prediction. Perplexities on WikiText-2 test; ``delta_*`` in nats; ``*_low``/``*_high`` bound
     the predictor's (1 - alpha) interval (90% by default). ``kld`` (mean KL(P_fp || P_q), nats) and ``top1`` (top-1
-    agreement, a fraction) with their intervals come from the KLD-first kinds (``physics``, ``kfac``); NaN from the
+    agreement, a fraction) with their intervals come from the KLD-first kinds (``physics``, ``profile``); NaN from the
     delta-only kinds. ``ppl_fp_source``: ``"measured"`` (given) or
     ``"predicted"`` (from the calibration NLL). ``seconds``: features + prediction (what replaces the evaluation);
     ``load_seconds``: loading the model, which an evaluation pays too; ``eval_seconds``: what a full WikiText-2

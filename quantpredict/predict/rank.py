@@ -3,7 +3,7 @@
 :func:`rank_recipes` loads the model, measures its :class:`~quantpredict.features.fisher.SensitivityProfile` once
 (one forward and one sampled-label backward pass over the calibration windows: per-layer K-FAC factors), then for
 each candidate computes every layer's ``Q(W) - W`` (RTN, or GPTQ against the profile's Hessian: GPTQ recipes pay
-their per-layer GPTQ, no forward pass), prices it against the profile (``kfac_quad``) and lets a ``kfac``-kind
+their per-layer GPTQ, no forward pass), prices it against the profile (``kfac_quad``) and lets a ``profile``-kind
 predictor turn that into KLD, delta NLL, perplexity and top-1 agreement with intervals. No candidate runs a
 forward pass over calibration tokens, so the marginal RTN recipe costs a few weight passes.
 
@@ -32,7 +32,7 @@ DEFAULT_FORMATS: tuple[str, ...] = (
     "mxfp4_e2m1", "int8", "int4", "int3", "int2",
 )
 DEFAULT_METHODS: tuple[str, ...] = ("rtn", "gptq")
-KFAC_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "kfac"
+PROFILE_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "profile"
 
 
 def default_recipes(formats: Sequence[str] = DEFAULT_FORMATS, methods: Sequence[str] = DEFAULT_METHODS
@@ -173,8 +173,8 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
 
     ``model``: a zoo name, an imported model or an HF directory, or a loaded model (with ``tokenizer``).
     ``recipes``: Recipes or labels; default the shipped grid (14 formats x RTN/GPTQ). ``predictor``: ``"default"``
-    (the shipped ``kfac`` predictor, which needs nothing but weights per recipe), a directory or a fitted
-    predictor of kind ``kfac``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
+    (the shipped ``profile`` predictor, which needs nothing but weights per recipe), a directory or a fitted
+    predictor of kind ``profile``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
     (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known.
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
@@ -191,10 +191,10 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     _check_constraint("max_ppl_increase", max_ppl_increase, 0, "percent of the FP perplexity, e.g. 5")
     recommend(pd.DataFrame(columns=["bits_per_element", "kld", "ppl", "ppl_fp"]), max_bits=max_bits,
               max_kld=max_kld, max_ppl_increase=max_ppl_increase)  # one constraint at most, checked before work
-    pred = resolve_predictor(KFAC_PREDICTOR_DIR if str(predictor) == "default" else predictor)
-    if getattr(pred, "kind", None) != "kfac":
-        raise PredictorError(f"rank prices recipes from weights alone and needs a 'kfac' predictor; got kind "
-                             f"{getattr(pred, 'kind', None)!r} (fit one with `quantpredict fit --kind kfac`)")
+    pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)
+    if getattr(pred, "kind", None) != "profile":
+        raise PredictorError(f"rank prices recipes from weights alone and needs a 'profile' predictor; got kind "
+                             f"{getattr(pred, 'kind', None)!r} (fit one with `quantpredict fit --kind profile`)")
     cands = [Recipe.coerce(r) for r in (recipes if recipes is not None else default_recipes())]
     if not cands:
         raise RecipeError("rank_recipes needs at least one candidate recipe")

@@ -142,8 +142,9 @@ def write_targets_report(metrics: pd.DataFrame, predictions: pd.DataFrame, runs:
         "interval, since the measured delta itself is noisy.",
         "",
         "Kinds: `physics` (the exact second-order KL 0.5 δᵀFδ by a JVP on the calibration batch, plus the measured "
-        "calibration KL), `kfac` (the same quadratic priced from weights alone against a K-FAC profile measured once "
-        "per model: what `rank` and `allocate` use), and the baselines `const_law` (KLD = c · 0.5 δᵀHδ with c the "
+        "calibration KL), `profile` (the same quadratic priced from weights alone against a profile measured once "
+        "per model, token-wise from every calibration token's layer inputs and sampled output gradients: what `rank` "
+        "and `allocate` use), and the baselines `const_law` (KLD = c · 0.5 δᵀHδ with c the "
         "training runs' median ratio), `paper` (the seed study's random forest, fitted to log KLD) and `gbm` (the "
         "former default, delta NLL only).",
         "",
