@@ -149,15 +149,17 @@ class SensitivityProfile:
 
 
 def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
-                    batch_size: int = 1, token_store: bool = True) -> SensitivityProfile:
+                    batch_size: int = 1, token_windows: int | None = 2) -> SensitivityProfile:
     """The :class:`SensitivityProfile` of ``model`` on ``windows`` (``[n, seq_len]``).
 
     One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every
     linear layer give ``A``; the gradients at its outputs of ``sum_t log p(y_t)``, with ``y_t`` drawn from the model's
     own next-token distribution, give ``G`` (the Fisher's output factor). Memory is that of one micro-batch's
-    backward plus the factors (``in^2`` per distinct layer input and ``out^2`` per layer, float32), plus, with
-    ``token_store`` (and one label sample), every token's layer inputs and output gradients in bf16 (``T * (in + out)``
-    per layer; ~1 GB for SmolLM2 on 2,040 tokens).
+    backward plus the factors (``in^2`` per distinct layer input and ``out^2`` per layer, float32), plus the layer
+    inputs and output gradients of every token of the first ``token_windows`` windows in bf16 (``T * (in + out)`` per
+    layer: 250 MB for SmolLM2 at the default 2 windows = 510 tokens; ``None`` keeps every window's, ``0`` none, and
+    only with one label sample). Pricing a recipe token-wise costs ``2 T sum_l out_l in_l`` FLOPs, so T is what
+    ``token_windows`` trades against the estimate's noise.
     """
     t0 = time.perf_counter()
     refs = arch.linear_layers(model)
@@ -168,7 +170,8 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     owner: dict[str, str] = {}  # layer -> the first layer that read the same input tensor (its A is shared)
     seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # the tensor is held so that its id is not reused
     in_tokens = dict.fromkeys(names, 0)
-    keep_tokens = token_store and label_samples == 1
+    keep_tokens = token_windows != 0 and label_samples == 1
+    n_token_windows = windows.shape[0] if token_windows is None else min(int(token_windows), windows.shape[0])
     x_parts: dict[str, list[torch.Tensor]] = {}
     s_parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     gen = torch.Generator().manual_seed(seed)
@@ -187,17 +190,18 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
                     a_sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
                 a_sums[name] += x.T @ x
                 in_tokens[name] += x.shape[0]
-                if keep_tokens:
+                if keep_tokens and window_index[0] < n_token_windows:
                     x_parts.setdefault(name, []).append(x.to(torch.bfloat16))
         if output.requires_grad:
             def grad_hook(g, name=name):
                 s = _at_least_float32(g.detach().reshape(-1, g.shape[-1])).to(dtype)
                 g_sums[name] += s.T @ s
-                if keep_tokens:
+                if keep_tokens and window_index[0] < n_token_windows:
                     s_parts[name].append(s.to(torch.bfloat16))
             output.register_hook(grad_hook)
 
     capture_inputs = [True]
+    window_index = [0]  # the first window of the current micro-batch
     was_training = model.training
     try:
         for p in model.parameters():
@@ -212,6 +216,7 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         model.eval()
         for lo in range(0, windows.shape[0], batch_size):
             ids = windows[lo: lo + batch_size]
+            window_index[0] = lo
             for k in range(label_samples):
                 capture_inputs[0] = k == 0
                 seen_inputs.clear()
@@ -240,8 +245,8 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         input_moment={n: moments[owner[n]] for n in names},
         output_fisher={n: g_sums[n] / max(n_label, 1) for n in names},
         tokens=tokens, fp_nll=nll_sum / max(tokens, 1), fp_entropy=entropy_sum / max(tokens, 1),
-        token_inputs={n: inputs[owner[n]] for n in names} if keep_tokens else {},
-        token_grads={n: torch.cat(v) for n, v in s_parts.items()} if keep_tokens else {},
+        token_inputs={n: inputs[owner[n]] for n in names} if keep_tokens and inputs else {},
+        token_grads={n: torch.cat(v) for n, v in s_parts.items()} if keep_tokens and inputs else {},
         seconds=time.perf_counter() - t0, label_samples=label_samples,
         meta={"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seed": seed})
 
@@ -270,26 +275,29 @@ def token_quadratic(delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor, token
     return 0.5 * total / max(tokens, 1)
 
 
-def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor) -> tuple[float, float, float]:
-    """``(K-FAC, K-FAC with diagonal G, token-wise)`` second-order KL of one layer's weight change."""
-    full, diag = kfac_quadratic(delta, profile.input_moment[name], profile.output_fisher[name])
+def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor, *,
+                 kfac: bool = True) -> tuple[float, float, float]:
+    """``(K-FAC, K-FAC with diagonal G, token-wise)`` second-order KL of one layer's weight change (the K-FAC ones
+    NaN without ``kfac``: they cost as much again)."""
+    full, diag = (kfac_quadratic(delta, profile.input_moment[name], profile.output_fisher[name]) if kfac
+                  else (float("nan"), float("nan")))
+    tok = float("nan")
     if name in profile.token_grads:
-        tok = token_quadratic(delta, profile.token_inputs[name], profile.token_grads[name],
-                              profile.tokens * profile.label_samples)
-    else:
-        tok = float("nan")
+        x = profile.token_inputs[name]
+        tok = token_quadratic(delta, x, profile.token_grads[name], x.shape[0])
     return full, diag, tok
 
 
-def price_deltas(profile: SensitivityProfile, names: Sequence[str],
-                 deltas: Sequence[torch.Tensor | None]) -> dict[str, float]:
-    """The ``profile`` group's features of per-layer weight changes (``None``: layer left in full precision)."""
+def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequence[torch.Tensor | None], *,
+                 kfac: bool = True) -> dict[str, float]:
+    """The ``profile`` group's features of per-layer weight changes (``None``: layer left in full precision);
+    without ``kfac`` only the token-wise price (what the ``profile`` predictor reads)."""
     full = diag = tok = 0.0
     per_layer = []
     for name, d in zip(names, deltas, strict=True):
         if d is None:
             continue
-        f, dg, t = layer_prices(profile, name, d)
+        f, dg, t = layer_prices(profile, name, d, kfac=kfac)
         full += f
         diag += dg
         tok += t

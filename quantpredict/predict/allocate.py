@@ -1,14 +1,14 @@
 """Per-layer formats under a bit budget: minimise the predicted KLD from per-layer quantities.
 
 The model is profiled once (:func:`quantpredict.predict.rank.profile_model`). For every linear layer ``l`` and
-candidate format ``f`` the layer's own second-order KL, ``c[l, f] = 0.5 tr(dW A dW^T G)`` against its K-FAC
-factors, and its storage ``b[l, f]`` (bits per element times elements) are computed from the weights alone. The
-allocation minimises ``sum_l c[l, f_l]`` subject to ``sum_l b[l, f_l] <= B * sum_l n_l``: a multiple-choice
+candidate format ``f`` the layer's own second-order KL, ``c[l, f] = 0.5 mean_t (s_t^T dW x_t)^2`` priced token-wise
+against the profile, and its storage ``b[l, f]`` (bits per element times elements) are computed from the weights
+alone. The allocation minimises ``sum_l c[l, f_l]`` subject to ``sum_l b[l, f_l] <= B * sum_l n_l``: a multiple-choice
 knapsack, solved by Lagrangian relaxation (each layer takes ``argmin_f c[l, f] + lambda b[l, f]``, bisection on
 ``lambda`` to the budget) and then a greedy fill of the budget left over, best cost reduction per bit first.
 
-Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the K-FAC
-profile has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
+Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the profile
+has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
 allocation; the predicted KLD of the result comes from the ``profile`` predictor, whose constant was fitted on
 measured KLDs of whole models (so it absorbs their average effect), and the allocated recipes are measured in
 the run store beside the uniform ones.
@@ -105,7 +105,7 @@ def solve_budget(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.
 def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, base: Recipe
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(cost [L, F], bits_per_element [L, F], elements [L])`` of every linear layer under every candidate."""
-    from quantpredict.features.fisher import kfac_quadratic, profile_deltas
+    from quantpredict.features.fisher import layer_prices, profile_deltas
     from quantpredict.formats import get_format
 
     refs = mp.refs
@@ -116,7 +116,7 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
         fb = (fmt, bs if bs is not None else get_format(fmt).default_block_size)
         deltas = profile_deltas(refs, [fb] * L, method, mp.profile, gptq_options=gptq)
         for i, (ref, d) in enumerate(zip(refs, deltas)):
-            cost[i, j] = kfac_quadratic(d, mp.profile.input_moment[ref.name], mp.profile.output_fisher[ref.name])[0]
+            cost[i, j] = layer_prices(mp.profile, ref.name, d, kfac=False)[2]
             bpe[i, j] = get_format(fmt).bits_per_element(fb[1], row_length=ref.in_features)
     sizes = np.array([r.weight.numel() for r in refs], float)
     return cost, bpe, sizes

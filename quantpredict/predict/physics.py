@@ -84,9 +84,6 @@ def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
     if kind == "physics":
         cols["log_kl_over_quad"] = _log(_num(df, "kl_calib")) - base
     else:
-        # how much the Kronecker factorisation inflates the price: large where inputs and gradients are correlated
-        # token by token (massive activations), a property of the model the law may need
-        cols["log_kfac_over_token"] = _log(_num(df, "kfac_quad")) - base
         cols["max_layer_share"] = _num(df, "kfac_max_layer_share")
     cols["element_is_fp"] = _num(df, "element_is_fp")
     cols["gptq"] = _gptq(df)
@@ -99,7 +96,7 @@ def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
 def describe(kind: str, column: str) -> str:
     """A design column in the schema's words, for messages."""
     names = {"log_base": f"log {BASE_FEATURE[kind]}", "log_kl_over_quad": "log(kl_calib / fisher_quad)",
-             "log_kfac_over_token": "log(kfac_quad / token_gn_quad)", "max_layer_share": "kfac_max_layer_share",
+             "max_layer_share": "kfac_max_layer_share",
              "calib_gap": "fp_calib_nll - fp_entropy_calib", "calib_dnll_per_kl": "asinh(dnll_calib / kl_calib)",
              "log_fp_entropy": "log fp_entropy_calib"}
     return names.get(column, column)
@@ -110,7 +107,7 @@ def required_features(kind: str) -> tuple[str, ...]:
     common = ("element_is_fp", "fp_calib_nll", "fp_entropy_calib")
     if kind == "physics":
         return ("fisher_quad", "kl_calib", "dnll_calib") + common
-    return ("token_gn_quad", "kfac_quad", "kfac_max_layer_share") + common
+    return ("token_gn_quad", "kfac_max_layer_share") + common
 
 
 #: Read when present (runs extracted before it existed lack it; the law then stands alone).

@@ -106,7 +106,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
     deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
-    feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas)
+    feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
     rows = []
     for ref, fb in zip(mp.refs, formats):
         n = ref.weight.numel()
