@@ -54,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     for f, r in counts.iterrows():
         print(f"  {f:14s} {int(r['count']):4d} layers, {int(r['sum']):,} elements")
     print(f"predicted KLD {p['kld']:.5f} [{p['kld_low']:.5f}, {p['kld_high']:.5f}], perplexity {p['ppl']:.3f} "
-          f"[{p['ppl_low']:.3f}, {p['ppl_high']:.3f}] (summed per-layer second-order KL {res.objective:.5f})")
+          f"[{p['ppl_low']:.3f}, {p['ppl_high']:.3f}] (summed per-layer second-order KL {res.objective:.5f})"
+          if "kld" in p else f"summed per-layer second-order KL {res.objective:.5f}")
     if res.best_uniform:
         u = res.best_uniform
         print(f"best uniform candidate within the budget: {u['recipe']} ({u['bits_per_element']:.3f} bits, summed "

@@ -154,9 +154,11 @@ def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFA
     if method not in ("rtn", "gptq"):
         raise RecipeError(f"allocate's method must be rtn or gptq, got {method!r}")
     cands = _parse_candidates(candidates)
-    pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)
-    if getattr(pred, "kind", None) != "profile":
-        raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
+    pred = None
+    if predictor is not None:  # None: allocate without predicting the result (e.g. before a predictor is fitted)
+        pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)
+        if getattr(pred, "kind", None) != "profile":
+            raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
     t0 = time.perf_counter()
     mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer)
     base = Recipe(cands[0][0], method=method)
@@ -168,7 +170,9 @@ def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFA
     row = recipe_row(mp, recipe)
     if ppl_fp is not None:
         row["ppl_fp"] = float(ppl_fp)
-    prediction = pred.predict(pd.DataFrame([row])).iloc[0].to_dict() | {"kfac_quad": row["kfac_quad"]}
+    prediction = {"token_gn_quad": row["token_gn_quad"]}
+    if pred is not None:
+        prediction = pred.predict(pd.DataFrame([row])).iloc[0].to_dict() | prediction
     layers = pd.DataFrame({"layer": [r.name for r in mp.refs], "elements": sizes.astype(int),
                            "format": [f"{f}" + (f"_b{b}" if b else "") for f, b in chosen],
                            "bits_per_element": bpe[rows, choice], "cost": cost[rows, choice]})

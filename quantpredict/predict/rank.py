@@ -3,9 +3,9 @@
 :func:`rank_recipes` loads the model, measures its :class:`~quantpredict.features.fisher.SensitivityProfile` once
 (one forward and one sampled-label backward pass over the calibration windows: per-layer K-FAC factors), then for
 each candidate computes every layer's ``Q(W) - W`` (RTN, or GPTQ against the profile's Hessian: GPTQ recipes pay
-their per-layer GPTQ, no forward pass), prices it against the profile (``kfac_quad``) and lets a ``profile``-kind
-predictor turn that into KLD, delta NLL, perplexity and top-1 agreement with intervals. No candidate runs a
-forward pass over calibration tokens, so the marginal RTN recipe costs a few weight passes.
+their per-layer GPTQ, no forward pass), prices it token-wise against the profile (``token_gn_quad``) and lets a
+``profile``-kind predictor turn that into KLD, delta NLL, perplexity and top-1 agreement with intervals. No candidate
+runs a forward pass over calibration tokens, so the marginal RTN recipe costs a few weight passes.
 
 Sizes and bits per element count the quantized linear layers at their format's storage (scales included); what
 stays in 16 bits (embeddings, the head, norms, biases, layers a recipe leaves unquantized) is counted at 16 bits
