@@ -252,3 +252,50 @@ def test_allocation_refuses_an_impossible_budget():
 
     with pytest.raises(RecipeError, match="bit budget"):
         solve_budget(np.ones((2, 2)), np.full((2, 2), 4.0), 5.0)
+
+
+def _profile_predictor():
+    warnings.simplefilter("ignore", OutOfRangeWarning)
+    return PhysicsPredictor("profile").fit(synthetic_runs())
+
+
+def _calib_ids():
+    return torch.randint(3, 320, (4000,), generator=torch.Generator().manual_seed(0))
+
+
+def test_rank_recipes_end_to_end_on_a_tiny_model():
+    from quantpredict.predict.rank import rank_recipes
+    from quantpredict.recipe import Recipe
+
+    model = tiny_model("llama", hidden=64)
+    recipes = [Recipe(f, method=m) for f in ("mxint8", "mxint4", "mxint3", "int4") for m in ("rtn", "gptq")]
+    frame = rank_recipes(model, recipes, predictor=_profile_predictor(), calib=_calib_ids(), max_bits=4.5)
+    assert len(frame) == 8 and frame["pareto"].any() and frame["recommended"].sum() == 1
+    rec = frame[frame["recommended"]].iloc[0]
+    assert rec["bits_per_element"] <= 4.5
+    within = frame[frame["bits_per_element"] <= 4.5]
+    assert rec["kld"] == within["kld"].min()  # the lowest predicted KLD within the budget
+    assert (frame["kld_low"] <= frame["kld"]).all() and (frame["kld"] <= frame["kld_high"]).all()
+    # fewer bits, more error: the priced second-order KL falls with the format's precision, per method
+    rtn = frame[frame["method"] == "rtn"].set_index("weight_format")["token_gn_quad"]
+    assert rtn["mxint3"] > rtn["mxint4"] > rtn["mxint8"]
+    assert frame.attrs["seconds"] > 0 and frame.attrs["kept_16bit"]
+
+
+def test_allocate_end_to_end_gives_a_recipe_that_quantizes():
+    import copy
+
+    from quantpredict.predict.allocate import allocate
+    from quantpredict.quantize import quantize_model
+
+    model = tiny_model("llama", hidden=64)
+    res = allocate(model, 4.5, candidates=("mxint3", "mxint4", "mxint8"), predictor=_profile_predictor(),
+                   calib=_calib_ids())
+    assert res.bits_per_element <= 4.5 + 1e-9 and res.objective <= res.best_uniform["objective"] + 1e-12
+    assert len(res.recipe.layer_formats) == len(arch.linear_layers(model))
+    from quantpredict.recipe import Recipe
+
+    assert Recipe.from_label(res.recipe.label) == res.recipe
+    q = copy.deepcopy(model)
+    report = quantize_model(q, res.recipe, _calib_ids(), progress=False)
+    assert report.effective_bits_per_param == pytest.approx(res.bits_per_element, rel=1e-9)

@@ -137,7 +137,7 @@ def _parse_candidates(candidates: Sequence[str]) -> list[tuple[str, int | None]]
 
 def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFAULT_CANDIDATES,
              method: str = "rtn", predictor: Any = "default", tokenizer: Any = None, profile=None,
-             ppl_fp: float | None = None) -> Allocation:
+             ppl_fp: float | None = None, calib: Any = None) -> Allocation:
     """Per-layer formats for ``model`` from ``candidates`` (format names, ``_bN`` for a block size) with at most
     ``target_bits`` bits per element on average over the quantized linears, minimising the predicted KLD.
 
@@ -160,7 +160,7 @@ def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFA
         if getattr(pred, "kind", None) != "profile":
             raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
     t0 = time.perf_counter()
-    mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer)
+    mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer, calib=calib)
     base = Recipe(cands[0][0], method=method)
     cost, bpe, sizes = layer_table(mp, cands, method, base)
     choice, lam = solve_budget(cost, bpe * sizes[:, None], target_bits * sizes.sum())

@@ -167,7 +167,7 @@ def _check_constraint(name: str, value: float | None, lo: float, hint: str) -> N
 def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, predictor: Any = "default",
                  max_bits: float | None = None, max_kld: float | None = None,
                  max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: float | None = None,
-                 progress: bool = False) -> pd.DataFrame:
+                 progress: bool = False, calib: Any = None) -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -175,7 +175,8 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     ``recipes``: Recipes or labels; default the shipped grid (14 formats x RTN/GPTQ). ``predictor``: ``"default"``
     (the shipped ``profile`` predictor, which needs nothing but weights per recipe), a directory or a fitted
     predictor of kind ``profile``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
-    (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known.
+    (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known. ``calib``: calibration ids
+    or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``).
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` (an estimate: one FP and one
@@ -199,7 +200,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     if not cands:
         raise RecipeError("rank_recipes needs at least one candidate recipe")
     t0 = time.perf_counter()
-    mp = profile_model(model, tokenizer=tokenizer)
+    mp = profile_model(model, tokenizer=tokenizer, calib=calib)
     rows = []
     for r in tqdm(cands, desc="rank", unit="recipe", disable=not progress):
         rows.append(recipe_row(mp, r))
