@@ -203,3 +203,47 @@ def validate_targets(runs: pd.DataFrame, kinds: Sequence[str] = PHYSICS_KINDS + 
             pred_frames.append(pred.assign(kind=kind, split=split, model=held["model"].to_numpy(),
                                            recipe=held["recipe"].to_numpy()))
     return pd.DataFrame(metric_rows), (pd.concat(pred_frames) if pred_frames else pd.DataFrame())
+
+
+# ---- the equal-cost subsample ---------------------------------------------------------------------------------------
+
+GROUP_SECONDS = {"physics": ("model_seconds", "format_seconds", "fisher_seconds"),
+                 "profile": ("model_seconds", "format_seconds", "profile_seconds")}
+
+
+def predictor_seconds(runs: pd.DataFrame, kind: str) -> pd.Series:
+    """Per run (indexed by run key), the seconds the ``kind`` predictor's features cost: its groups' stored seconds;
+    for ``profile`` the model's one profile measurement is shared by its recipes (its seconds are in each run's
+    ``profile_seconds`` only when the run measured it itself)."""
+    cols = [c for c in GROUP_SECONDS[kind] if c in runs]
+    sec = runs[cols].apply(pd.to_numeric, errors="coerce").fillna(0.0).sum(axis=1)
+    return pd.Series(sec.to_numpy(float), index=runs["run_key"].to_numpy())
+
+
+def subsample_comparison(runs: pd.DataFrame, sub: pd.DataFrame, predictions: pd.DataFrame, kind: str,
+                         split: str = "family") -> dict[str, float]:
+    """The ``kind`` predictor's held-out KLD error against the equal-cost subsample's on the same runs, and the
+    subsample curve (error against windows and seconds) to read the crossover from."""
+    from quantpredict.predict.subsample import equal_cost, subsample_curve
+
+    p = predictions[(predictions["kind"] == kind) & (predictions["split"] == split)]
+    held = runs.loc[p.index]
+    keys = held["run_key"].to_numpy()
+    secs = predictor_seconds(held, kind)
+    eq = equal_cost(sub[sub["run_key"].isin(keys)], secs)
+    if eq.empty:
+        return {}
+    truth = held.set_index("run_key")
+    common = eq.index.intersection(truth.index)
+    pred_kld = pd.Series(p["kld"].to_numpy(float), index=keys).loc[common]
+    t = truth.loc[common, "kld"].to_numpy(float)
+    curve = subsample_curve(sub[sub["run_key"].isin(common)], truth.loc[common, ["kld", "top1_agree"]])
+    pred_err = float(np.median(np.abs(pred_kld.to_numpy(float) / t - 1)))
+    sub_err = float(np.median(np.abs(eq.loc[common, "kld"].to_numpy(float) / t - 1)))
+    cross = curve[curve["kld_median_rel_err"] <= pred_err]
+    return {"kind": kind, "n_runs": len(common), "predictor_kld_median_rel_err": pred_err,
+            "subsample_kld_median_rel_err": sub_err, "median_predictor_seconds": float(secs.loc[common].median()),
+            "median_subsample_windows": float(eq.loc[common, "k"].median()),
+            "crossover_windows": float(cross["k"].min()) if not cross.empty else float("nan"),
+            "crossover_seconds": float(cross["median_seconds"].min()) if not cross.empty else float("nan"),
+            "curve": curve.to_dict("records")}
