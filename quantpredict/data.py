@@ -114,6 +114,13 @@ class TokenStream:
     bos_id: int | None
     source: str
 
+    def numel(self) -> int:
+        """Tokens in the stream (as for a 1-D tensor of ids)."""
+        return int(self.ids.numel())
+
+    def __len__(self) -> int:
+        return self.numel()
+
     @property
     def text_sha(self) -> str | None:
         """The sha256 prefix of a user's text (``None`` for a bundled split): part of its run keys."""

@@ -336,8 +336,13 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
 
 
 def fisher_group(ctx) -> dict[str, float]:
-    """Feature group ``fisher`` of an extraction context (``features.extract``)."""
-    return fisher_measures(ctx.base, ctx.refs, ctx.delta, ctx.windows, batch_size=1)
+    """Feature group ``fisher`` of an extraction context (``features.extract``). Forward-mode differentiation does not
+    run through PyTorch's CPU SDPA kernel, so attention is eager here (and restored after)."""
+    from quantpredict.features.extract import prepared
+
+    deltas = ctx.delta
+    with prepared(ctx.base, eager=True):
+        return fisher_measures(ctx.base, ctx.refs, deltas, ctx.windows, batch_size=1)
 
 
 def profile_group(ctx) -> dict[str, float]:
