@@ -77,8 +77,9 @@ def _gptq(df: pd.DataFrame) -> np.ndarray:
         np.zeros(len(df))
 
 
-def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
-    """The scale-free design matrix of one target, ``[n_rows, columns]`` (no intercept column)."""
+def design_columns(kind: str, target: str, df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """The scale-free design matrix of one target, ``[n_rows, columns]`` (no intercept column); ``extra`` columns of
+    ``df`` (positive attributes such as ``tokens_per_param``) enter as logarithms."""
     base = _log(_num(df, BASE_FEATURE[kind]))
     cols: dict[str, np.ndarray] = {"log_base": base}
     if kind == "physics":
@@ -90,6 +91,8 @@ def design_columns(kind: str, target: str, df: pd.DataFrame) -> pd.DataFrame:
     cols["act_quant"] = _flag(df, "act_format")
     if target == "top1":
         cols["log_fp_entropy"] = _log(_num(df, "fp_entropy_calib"))
+    for name in extra:
+        cols[f"log_{name}"] = _log(_num(df, name))
     return pd.DataFrame(cols, index=df.index)
 
 
@@ -247,6 +250,7 @@ class PhysicsPredictor:
     laws: dict[str, LogLaw] = field(default_factory=dict)
     fp_model: object = None
     delta_noise: float = 0.0  # nats: the training runs' median standard error of a measured delta NLL
+    extra_columns: tuple[str, ...] = ()  # further positive inputs, as logs (e.g. tokens_per_param, for a study)
     metadata: dict = field(default_factory=dict)
     _warned: set = field(default_factory=set, repr=False)
 
@@ -273,7 +277,7 @@ class PhysicsPredictor:
         from quantpredict.predict.design import done_runs
 
         runs = done_runs(runs)
-        need = list(required_features(self.kind)) + ["kld", "top1_agree"]
+        need = list(required_features(self.kind)) + list(self.extra_columns) + ["kld", "top1_agree"]
         missing = [c for c in need if c not in runs]
         if missing:
             raise PredictorError(f"the runs lack {missing}, which the {self.kind!r} predictor needs; add them with "
@@ -294,7 +298,7 @@ class PhysicsPredictor:
         laws = {}
         for target in TARGETS:
             rows = resolved(runs) if target == "delta_nll" else np.isfinite(target_values(target, runs))
-            X = design_columns(self.kind, target, runs[rows])
+            X = design_columns(self.kind, target, runs[rows], self.extra_columns)
             laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha,
                                    weights=delta_weights(runs[rows]) if target == "delta_nll" else None)
             if target == "delta_nll" and self.kind == "physics":
@@ -343,7 +347,7 @@ class PhysicsPredictor:
                                  f"feature groups {list(self.required_groups)} (features.extract(which=...))")
         out = {}
         for target, law in self.laws.items():
-            X = design_columns(self.kind, target, features_df)
+            X = design_columns(self.kind, target, features_df, self.extra_columns)
             bad = ~np.isfinite(X[list(law.columns)].to_numpy(float)).all(axis=1)
             if bad.any():
                 raise PredictorError(f"{int(bad.sum())} input row(s) have missing or non-finite {self.kind} features "
@@ -410,7 +414,8 @@ class PhysicsPredictor:
             raise PredictorError(f"{d} exists and is not a directory; pass a directory to save the predictor in")
         d.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
-                "params": {"alpha": self.alpha, "delta_noise": self.delta_noise},
+                "params": {"alpha": self.alpha, "delta_noise": self.delta_noise,
+                           "extra_columns": list(self.extra_columns)},
                 "schema": {"feature_names": list(FEATURE_NAMES), "used": list(self.features)},
                 "laws": {t: law.to_json() for t, law in self.laws.items()},
                 "fp_model": None if self.fp_model is None else self.fp_model.to_json(),
@@ -426,7 +431,7 @@ class PhysicsPredictor:
 
         try:
             p = cls(str(meta["kind"]), float(meta["params"]["alpha"]), delta_noise=float(meta["params"].get(
-                "delta_noise", 0.0)))
+                "delta_noise", 0.0)), extra_columns=tuple(meta["params"].get("extra_columns", ())))
             p.laws = {t: LogLaw.from_json(v) for t, v in meta["laws"].items()}
             p.fp_model = FPModel.from_json(meta.get("fp_model"))
         except (KeyError, TypeError, ValueError) as exc:
