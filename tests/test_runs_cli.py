@@ -71,3 +71,22 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["collect", "--models", "m", "--formats", "int8", "--methods", "rtn", "--store",
                  str(tmp_path / "s.sqlite"), "--run-kwargs", "{oops", "--no-weights-hash"]) == 2
     assert "--run-kwargs" in capsys.readouterr().err
+
+
+def test_collect_cli_takes_explicit_recipes(tmp_path, capsys):
+    from quantpredict.cli import main
+
+    store = tmp_path / "r.sqlite"
+    rc = main(["collect", "--models", "m", "--recipes", "mxint4-rtn-@mlp.down_proj=mxint8", "q4_k-gptq-L=mxint4*2",
+               "--store", str(store), "--run-fn", "quantpredict.runs.fake:fake_run", "--no-weights-hash",
+               "--no-progress"])
+    assert rc == 0
+    from quantpredict.runs import RunStore
+
+    with RunStore(store, create=False) as st:
+        assert sorted(r["recipe"] for r in st.rows()) == ["mxint4-rtn-@mlp.down_proj=mxint8", "q4_k-gptq-L=mxint4*2"]
+    rc = main(["collect", "--models", "m", "--recipes", "mxint4-zzz", "--store", str(tmp_path / "x.sqlite"),
+               "--run-fn", "quantpredict.runs.fake:fake_run", "--no-weights-hash"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown quantization method 'zzz'" in err and "Traceback" not in err
+    assert not (tmp_path / "x.sqlite").exists()

@@ -224,3 +224,41 @@ def test_runspec_pickles_and_keeps_its_key():
     back = pickle.loads(pickle.dumps(spec))
     assert back == spec and back.key == spec.key == "m@abc|int4-qat_gptq-qlr0.0001|0.1.0+m1|seq256-w64-bos"
     assert back.method == "qat_gptq" and back.recipe_fields()["method"] == "qat_gptq"
+
+
+def test_update_features_and_extra_touch_nothing_measured(tmp_path):
+    spec = _spec()
+    with RunStore(tmp_path / "runs.sqlite") as store:
+        store.record(spec, run_one(spec, fake_run))
+        before = store.get(spec.key)
+        store.update_features(spec.key, {"fisher_quad": 0.25, "kl_calib": 0.3}, timings={"backfill_seconds": 1.5})
+        store.update_extra(spec.key, {"tokens_per_param": 12.0})
+        after = store.get(spec.key)
+        with pytest.raises(StoreError, match="not schema features"):
+            store.update_features(spec.key, {"kld": 1.0})
+        with pytest.raises(StoreError, match="stored columns"):
+            store.update_extra(spec.key, {"kld": 1.0})
+        with pytest.raises(StoreError, match="is not in"):
+            store.update_features("nope", {"fisher_quad": 1.0})
+    assert after["features"]["fisher_quad"] == 0.25 and after["extra"]["tokens_per_param"] == 12.0
+    assert after["timings"]["backfill_seconds"] == 1.5
+    for col in ("kld", "nll_fp", "nll_quant", "delta_nll_se", "status", "finished_at"):
+        assert after[col] == before[col]
+    changed = ("fisher_quad", "kl_calib")
+    assert {k: v for k, v in after["features"].items() if k not in changed} == \
+        {k: v for k, v in before["features"].items() if k not in changed}
+
+
+def test_read_runs_merges_stores_and_refuses_a_missing_one(tmp_path):
+    from quantpredict.errors import PredictorError
+    from quantpredict.predict.inputs import read_runs
+
+    a, b = _spec(model="a"), _spec(model="b")
+    for spec, name in ((a, "a.sqlite"), (b, "b.sqlite")):
+        with RunStore(tmp_path / name) as store:
+            store.record(spec, run_one(spec, fake_run))
+    frame = read_runs([tmp_path / "a.sqlite", tmp_path / "b.sqlite"])
+    assert sorted(frame["model"]) == ["a", "b"]
+    with pytest.raises(PredictorError, match="does not exist"):
+        read_runs(tmp_path / "typo.sqlite")
+    assert not (tmp_path / "typo.sqlite").exists()  # a read never creates a store
