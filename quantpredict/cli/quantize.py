@@ -9,7 +9,7 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize",
-        help="quantize a model (RTN, GPTQ, SmoothQuant) and save it",
+        help="quantize a model (RTN, GPTQ, SmoothQuant, AWQ) and save it",
         description="Quantize a zoo model or local Hugging Face causal LM, block by block, calibrated on WikiText-2 "
                     "train, and save it as a model directory that `quantpredict eval DIR` takes as is.",
     )
@@ -21,6 +21,8 @@ def register(subparsers) -> None:
                         "INT/FP8)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="rounding method (default: gptq)")
     p.add_argument("--smoothquant", type=float, default=None, metavar="A", help="SmoothQuant alpha in [0, 1]")
+    p.add_argument("--awq", action="store_true",
+                   help="AWQ's activation-aware scales (and, before RTN, its clipping search) before rounding")
     p.add_argument("--act-format", default=None, metavar="F", help="fake-quantize linear-layer inputs to F")
     p.add_argument("--act-block-size", type=int, default=None, metavar="N", help="block size of --act-format")
     p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         weight_format=args.weight_format, block_size=args.block_size, method=args.method,
         smoothquant_alpha=args.smoothquant, act_format=args.act_format, act_block_size=args.act_block_size,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, gptq_blocksize=args.gptq_blocksize,
-        percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed,
+        percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed, awq=args.awq,
     )
     model, tokenizer = load(args.model)
     calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)

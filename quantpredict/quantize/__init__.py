@@ -1,6 +1,6 @@
-"""Post-training quantization: RTN, GPTQ, SmoothQuant (and both), activation fake-quant, in every format.
+"""Post-training quantization: RTN, GPTQ, SmoothQuant, AWQ (each composable), activation fake-quant, in every format.
 
-Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.act`
+Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.awq`, :mod:`.act`
 (activation fake-quant hooks), :mod:`.calib` (layer-input Hessians), :mod:`.model` (block-by-block
 :func:`quantize_model`, :class:`QuantReport`, :func:`save_quantized`).
 """
@@ -13,6 +13,14 @@ from quantpredict.quantize.act import (
     install_act_quant,
     install_act_quant_on,
     remove_act_quant,
+)
+from quantpredict.quantize.awq import (
+    AwqClipReport,
+    AwqGroupReport,
+    apply_recorded_scales,
+    fold_scales,
+    search_clip,
+    search_scales,
 )
 from quantpredict.quantize.calib import InputStats, capture_linear_inputs, collect_hessians, sample_calibration
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error, relative_output_error
@@ -37,6 +45,8 @@ from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 
 __all__ = [
     "ActQuantHandle",
+    "AwqClipReport",
+    "AwqGroupReport",
     "InputStats",
     "LayerReport",
     "LayerRule",
@@ -46,11 +56,13 @@ __all__ = [
     "QuantReport",
     "Recipe",
     "SavedQuantization",
+    "apply_recorded_scales",
     "apply_saved_quantization",
     "apply_smoothing",
     "capture_linear_inputs",
     "code_version",
     "collect_hessians",
+    "fold_scales",
     "gptq_quantize",
     "has_act_quant",
     "install_act_quant",
@@ -67,6 +79,8 @@ __all__ = [
     "rtn_quantize",
     "sample_calibration",
     "save_quantized",
+    "search_clip",
+    "search_scales",
     "size_report",
     "smoothing_scales",
 ]
