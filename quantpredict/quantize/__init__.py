@@ -7,6 +7,7 @@ Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`
 
 from __future__ import annotations
 
+from quantpredict.mixes import MIX_NAMES, named_mix
 from quantpredict.quantize.act import (
     ActQuantHandle,
     has_act_quant,
@@ -52,6 +53,7 @@ __all__ = [
     "LayerRule",
     "PlannedLayer",
     "METHODS",
+    "MIX_NAMES",
     "QUANT_CONFIG",
     "QuantReport",
     "Recipe",
@@ -70,6 +72,7 @@ __all__ = [
     "layer_output_error",
     "layer_plan",
     "mixed_recipe",
+    "named_mix",
     "quantize_model",
     "quantized_linears",
     "read_quantization",
