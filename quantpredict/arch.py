@@ -61,6 +61,25 @@ Condition = tuple[str, tuple[Any, ...]]  # (config attribute, the values it may 
 
 
 @dataclass(frozen=True)
+class LinearFold:
+    """A linear whose outputs feed ``nexts`` through per-channel operations only, so that AWQ can fold ``1/s`` into
+    its output rows and ``s`` into the input columns of ``nexts`` (as AutoAWQ's ``v_proj -> o_proj`` and
+    ``up_proj -> down_proj``).
+
+    ``parts``: ``prev``'s outputs split into that many equal chunks and the *last* one feeds ``nexts`` (fused
+    ``c_attn``/``qkv_proj``: 3, value last; fused ``gate_up_proj``: 2, up last); the fold applies only when
+    ``prev.out_features == parts * next.in_features`` (with grouped-query attention v is narrower than o's input
+    and the fold is skipped, as AutoAWQ does). ``when``: config conditions for it to be exact (OPT's fc1 -> fc2 only
+    through a ReLU, which commutes with positive scales).
+    """
+
+    prev: str
+    nexts: tuple[str, ...]
+    parts: int = 1
+    when: tuple[Condition, ...] = ()
+
+
+@dataclass(frozen=True)
 class Adapter:
     """Where an architecture keeps its parts (attribute paths relative to the model or a block), and what
     SmoothQuant may fold.
@@ -78,6 +97,7 @@ class Adapter:
         parallel: attention and MLP read the same block input (parallel residual).
         fused: linears that compute several projections at once (q/k/v, gate/up).
         smoothquant_unsupported: why no fold can be exact here (then ``smooth_pairs`` is empty).
+        linear_folds: linear -> linear folds AWQ may use besides the norm -> linear pairs (:class:`LinearFold`).
         logit_softcap: config attribute of a ``cap * tanh(logits / cap)`` applied after the head (Gemma-2/3).
         when: the config conditions under which this layout holds (``getattr(config, attr)`` in the values); the
             first row of a model type whose conditions hold is its adapter.
@@ -97,6 +117,7 @@ class Adapter:
     parallel: bool = False
     fused: tuple[str, ...] = ()
     smoothquant_unsupported: str | None = None
+    linear_folds: tuple[LinearFold, ...] = ()
     logit_softcap: str | None = None
     when: tuple[Condition, ...] = ()
     notes: str = ""
@@ -108,6 +129,7 @@ class Adapter:
             raise ValueError(f"{self.family}: give smooth_pairs or smoothquant_unsupported (exactly one)")
         stray = [p for _, lins in self.smooth_pairs for p in lins if p not in self.linears]
         stray += [p for p in self.fused if p not in self.linears]
+        stray += [p for f in self.linear_folds for p in (f.prev, *f.nexts) if p not in self.linears]
         if stray:
             raise ValueError(f"{self.family}: {stray} are not among its linears")
         norms = [n for n, _ in self.smooth_pairs]
@@ -137,12 +159,15 @@ _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _LLAMA_LINEARS = (*_QKV, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 _LLAMA_PAIRS = (("input_layernorm", _QKV), ("post_attention_layernorm", _GATE_UP))
+# AutoAWQ's llama folds: v -> o (skipped at run time under grouped-query attention), up -> down (act(gate) * up)
+_LLAMA_FOLDS = (LinearFold("self_attn.v_proj", ("self_attn.o_proj",)), LinearFold("mlp.up_proj", ("mlp.down_proj",)))
 _GEMMA_SANDWICH_PAIRS = (("input_layernorm", _QKV), ("pre_feedforward_layernorm", _GATE_UP))
 
 
 def _llama_like(family: str, smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = _LLAMA_PAIRS,
                 **fields: Any) -> Adapter:
     """A Llama-layout row: ``model.layers``, q/k/v/o and gate/up/down projections, ``model.norm``."""
+    fields.setdefault("linear_folds", _LLAMA_FOLDS)
     return Adapter(family=family, blocks="model.layers", embeddings=("model.embed_tokens",), head="lm_head",
                    final_norm="model.norm", linears=_LLAMA_LINEARS, smooth_pairs=smooth_pairs, **fields)
 
@@ -196,6 +221,7 @@ _ADAPTERS: dict[str, tuple[Adapter, ...]] = {
             ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ),
+        linear_folds=_LLAMA_FOLDS,
     ),),
     "opt": (Adapter(
         family="opt",
@@ -210,6 +236,8 @@ _ADAPTERS: dict[str, tuple[Adapter, ...]] = {
             ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",)),
         ),
+        linear_folds=(LinearFold("self_attn.v_proj", ("self_attn.out_proj",)),
+                      LinearFold("fc1", ("fc2",), when=_when(activation_function="relu"))),
         notes="learned positions; LayerNorm with bias",
     ),),
     "gpt2": (Adapter(
@@ -220,6 +248,7 @@ _ADAPTERS: dict[str, tuple[Adapter, ...]] = {
         final_norm="transformer.ln_f",
         linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
         smooth_pairs=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+        linear_folds=(LinearFold("attn.c_attn", ("attn.c_proj",), parts=3),),
         hidden_size_attr="n_embd",
         fused=("attn.c_attn",),
         notes="Conv1D layers (weights stored [in, out])",
@@ -245,9 +274,11 @@ _ADAPTERS: dict[str, tuple[Adapter, ...]] = {
         linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
         smooth_pairs=(("input_layernorm", ("self_attn.qkv_proj",)),
                       ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+        linear_folds=(LinearFold("self_attn.qkv_proj", ("self_attn.o_proj",), parts=3),
+                      LinearFold("mlp.gate_up_proj", ("mlp.down_proj",), parts=2)),
         fused=("self_attn.qkv_proj", "mlp.gate_up_proj")),),
     "olmo2": (_llama_like(
-        "olmo2", smooth_pairs=(),
+        "olmo2", smooth_pairs=(), linear_folds=(),
         smoothquant_unsupported="OLMo-2 normalizes the attention and MLP outputs (post-norm: "
                                 "post_attention_layernorm, post_feedforward_layernorm), so no norm feeds a linear "
                                 "directly and there is nowhere to fold 1/s",
@@ -278,6 +309,7 @@ _ADAPTERS: dict[str, tuple[Adapter, ...]] = {
         final_norm="transformer.ln_f",
         linears=("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
         smooth_pairs=(("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in")),),
+        linear_folds=(LinearFold("attn.v_proj", ("attn.out_proj",)),),
         hidden_size_attr="n_embd", parallel=True, notes="ln_1 feeds attention and MLP"),),
     "bloom": (
         _BLOOM,
@@ -291,6 +323,7 @@ _ADAPTERS: dict[str, tuple[Adapter, ...]] = {
         final_norm="model.final_layernorm",
         linears=(*_QKV, "self_attn.dense", "mlp.fc1", "mlp.fc2"),
         smooth_pairs=(("input_layernorm", (*_QKV, "mlp.fc1")),),
+        linear_folds=(LinearFold("self_attn.v_proj", ("self_attn.dense",)),),
         parallel=True, notes="Phi-1/1.5/2: input_layernorm feeds attention and MLP"),),
 }
 
@@ -433,13 +466,19 @@ def smoothquant_supported(model: nn.Module) -> bool:
     return adapter(model).smoothquant
 
 
-def require_smoothquant(model: nn.Module) -> None:
-    """Raise :class:`UnsupportedArchitectureError` naming the model type when SmoothQuant cannot be exact for it."""
+def require_scale_folds(model: nn.Module, method: str = "SmoothQuant", option: str = "smoothquant_alpha") -> None:
+    """Raise :class:`UnsupportedArchitectureError` naming the model type when no norm -> linear fold can be exact for
+    it (``method`` names the scaling that needs one, ``option`` the recipe field to drop)."""
     ad = adapter(model)
     if not ad.smoothquant:
         raise UnsupportedArchitectureError(
-            f"SmoothQuant is not supported for model type {_model_type(model)!r}: {ad.smoothquant_unsupported}; "
-            "quantize it without smoothquant_alpha")
+            f"{method} is not supported for model type {_model_type(model)!r}: {ad.smoothquant_unsupported}; "
+            f"quantize it without {option}")
+
+
+def require_smoothquant(model: nn.Module) -> None:
+    """Raise :class:`UnsupportedArchitectureError` naming the model type when SmoothQuant cannot be exact for it."""
+    require_scale_folds(model)
 
 
 def smooth_pairs(model: nn.Module, index: int) -> list[SmoothPair]:
@@ -452,6 +491,47 @@ def smooth_pairs(model: nn.Module, index: int) -> list[SmoothPair]:
         refs = [LinearRef(f"{ad.blocks}.{index}.{p}", _get(block, p), index) for p in lin_paths]
         pairs.append(SmoothPair(_get(block, norm_path), f"{ad.blocks}.{index}.{norm_path}", refs, ad.norm_offset))
     return pairs
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """One place AWQ scales: ``linears`` read the same input, their input columns are multiplied by ``s`` and ``1/s``
+    is folded into what produces that input: a norm (``pair``, as SmoothQuant folds) or the last
+    ``linears[0].in_features`` output rows of a previous linear (``prev``, a :class:`LinearFold`)."""
+
+    name: str  # "<prev module>-><linear>+<linear>", stable across copies of the model
+    linears: list[LinearRef]
+    pair: SmoothPair | None = None
+    prev: LinearRef | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.linears[0].in_features
+
+
+def _fold_applies(model: nn.Module, fold: LinearFold, prev: LinearRef, nexts: list[LinearRef]) -> bool:
+    if not all(getattr(model.config, attr, None) in values for attr, values in fold.when):
+        return False
+    return all(prev.out_features == fold.parts * n.in_features for n in nexts)
+
+
+def awq_groups(model: nn.Module, index: int) -> list[ScaleGroup]:
+    """AWQ's scaling groups of block ``index``: every norm -> linears pair (as SmoothQuant folds them), then every
+    :class:`LinearFold` of the adapter whose exactness conditions hold (``v -> o`` without grouped-query attention,
+    ``up -> down``, OPT's ``fc1 -> fc2`` through ReLU). Raises :class:`UnsupportedArchitectureError` where no norm
+    fold is exact (post-norm blocks, the generic walk), as SmoothQuant does."""
+    require_scale_folds(model, "AWQ", "awq")
+    ad = adapter(model)
+    block = blocks(model)[index]
+    prefix = f"{ad.blocks}.{index}."
+    groups = [ScaleGroup(f"{pair.norm_name}->{'+'.join(r.name.removeprefix(prefix) for r in pair.linears)}",
+                         pair.linears, pair=pair) for pair in smooth_pairs(model, index)]
+    for fold in ad.linear_folds:
+        prev = LinearRef(prefix + fold.prev, _get(block, fold.prev), index)
+        nexts = [LinearRef(prefix + p, _get(block, p), index) for p in fold.nexts]
+        if _fold_applies(model, fold, prev, nexts):
+            groups.append(ScaleGroup(f"{prev.name}->{'+'.join(fold.nexts)}", nexts, prev=prev))
+    return groups
 
 
 def embedding_modules(model: nn.Module) -> list[nn.Module]:
@@ -510,6 +590,7 @@ def architecture_table() -> list[dict[str, Any]]:
                 "smoothquant_note": ad.smoothquant_unsupported or "",
                 "parallel_block": ad.parallel,
                 "fused_projections": list(ad.fused),
+                "awq_linear_folds": [f"{f.prev}->{'+'.join(f.nexts)}" for f in ad.linear_folds],
                 "norm": f"x_hat*({ad.norm_offset:g}+w)" if ad.norm_offset else "x_hat*w",
                 "linears_per_block": len(ad.linears),
                 "notes": ad.notes,

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from quantpredict import arch, evaluate, features
 from quantpredict.cli import main
 from quantpredict.errors import UnsupportedArchitectureError
-from quantpredict.quantize import Recipe, apply_smoothing, quantize_model
+from quantpredict.quantize import Recipe, apply_recorded_scales, apply_smoothing, fold_scales, quantize_model
 
 VOCAB = 320
 H, L, NH = 64, 2, 4
@@ -284,6 +284,89 @@ def test_gemma_models_need_the_offset(windows):
 def test_gemma2_folds_only_into_the_norms_before_linears():
     pairs = dict(arch.adapter(build("gemma2")).smooth_pairs)
     assert set(pairs) == {"input_layernorm", "pre_feedforward_layernorm"}  # post_* norms act on branch outputs
+
+
+# ---- AWQ -----------------------------------------------------------------------------------------------------------
+
+# the linear -> linear folds each case takes (the tiny mistral/qwen2/qwen3/gemma*/olmo2/stablelm/phi3/falcon-new configs
+# use grouped-query attention, so their v -> o fold does not apply)
+AWQ_LINEAR_FOLDS = {
+    "llama": {"self_attn.v_proj->self_attn.o_proj", "mlp.up_proj->mlp.down_proj"},
+    "opt": {"self_attn.v_proj->self_attn.out_proj", "fc1->fc2"},
+    "gpt2": {"attn.c_attn->attn.c_proj"},
+    "phi3": {"mlp.gate_up_proj->mlp.down_proj"},
+    "gptj": {"attn.v_proj->attn.out_proj"},
+    "phi": {"self_attn.v_proj->self_attn.dense"},
+    **{c: {"mlp.up_proj->mlp.down_proj"} for c in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                                                    "stablelm", "stablelm-parallel")},
+}
+
+
+def _random_awq_folds(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    for i in range(len(arch.blocks(model))):
+        for group in arch.awq_groups(model, i):
+            s = torch.exp(0.7 * torch.randn(group.in_features, generator=g, dtype=torch.float64))
+            fold_scales(group, s)
+            n += 1
+    return n
+
+
+def test_awq_folds_preserve_logits_or_refuse(case, windows):
+    # every scaling group (norm -> linears and linear -> linear) folded with random scales: the same function
+    model = build(case)
+    model_type = model.config.model_type
+    if not arch.smoothquant_supported(model):
+        with pytest.raises(UnsupportedArchitectureError, match=f"AWQ is not supported for model type "
+                                                                f"'{model_type}'.*without awq"):
+            arch.awq_groups(model, 0)
+        with pytest.raises(UnsupportedArchitectureError, match=f"AWQ is not supported for model type '{model_type}'"):
+            quantize_model(model, Recipe("uint4", awq=True), windows, progress=False)
+        return
+    ref = _logits(model, windows)
+    prefix = arch.adapter(model).blocks + ".0."
+    folds = {g.name.removeprefix(prefix) for g in arch.awq_groups(model, 0) if g.prev is not None}
+    assert folds == AWQ_LINEAR_FOLDS.get(case, set()), case
+    n = _random_awq_folds(model)
+    assert n == L * len(arch.awq_groups(model, 0))
+    torch.testing.assert_close(_logits(model, windows), ref, rtol=0, atol=1e-5)
+
+
+def test_awq_linear_folds_break_where_they_are_refused(windows):
+    # the conditions are needed: under grouped-query attention (mistral) v is narrower than o's input; through
+    # GELU (gpt_neox) fc1 -> fc2 would not commute; OPT with a GELU activation loses its fc1 -> fc2 fold
+    opt = build("opt")
+    opt.config.activation_function = "gelu"
+    assert all(g.prev is None or "fc1" not in g.name for g in arch.awq_groups(opt, 0))
+    neox = build("gpt_neox-sequential")
+    ref = _logits(neox, windows)
+    block = arch.blocks(neox)[0]
+    prev = arch.LinearRef("fc1", block.mlp.dense_h_to_4h, 0)
+    nxt = arch.LinearRef("fc2", block.mlp.dense_4h_to_h, 0)
+    s = torch.exp(0.7 * torch.randn(prev.out_features, generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.float64))
+    fold_scales(arch.ScaleGroup("fc1->fc2", [nxt], prev=prev), s)
+    assert (_logits(neox, windows) - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_awq_quantize_model_on_every_architecture(case, method, stream):
+    model = build(case)
+    if not arch.smoothquant_supported(model):
+        pytest.skip("AWQ is refused for this layout (tested above)")
+    fp = build(case)
+    recipe = Recipe("uint4", block_size=32, method=method, awq=True, calib_samples=4, calib_seq_len=16)
+    report = quantize_model(model, recipe, stream, batch_size=4, progress=False)
+    assert len(report.layers) == len(_tree_linears(model))
+    assert len(report.awq) == L * len(arch.awq_groups(fp, 0))
+    assert all(g.loss <= g.loss_rtn for g in report.awq)  # ratio 0 (s = 1) is RTN and always a candidate
+    assert "AWQ:" in report.format_table() and report.summary()["awq_groups"] == len(report.awq)
+    # the recorded scales, folded into an FP copy, give the model AWQ quantized: the same function as before
+    ref = _logits(fp, stream[:32].view(2, 16))
+    apply_recorded_scales(fp, report.awq)
+    torch.testing.assert_close(_logits(fp, stream[:32].view(2, 16)), ref, rtol=0, atol=1e-5)
+    assert torch.isfinite(_logits(model, stream[:32].view(2, 16))).all()
 
 
 # ---- features and evaluation ---------------------------------------------------------------------------------------

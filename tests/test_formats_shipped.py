@@ -40,9 +40,9 @@ from quantpredict.formats.nf4 import dynamic_map
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
 ASYM = [f"uint{k}" for k in range(2, 9)] + [f"uint{k}_pc" for k in range(2, 9)]
-GGML = ["q8_0", "q4_k", "q5_k", "q6_k"]
+GGML = ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
 SHIPPED = ASYM + ["nf4", "nf4_dq"] + GGML
-GGUF_TYPE = {"q8_0": GT.Q8_0, "q4_k": GT.Q4_K, "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
+GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_k": GT.Q4_K, "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
 
 # bitsandbytes' NF4 code values (bitsandbytes/functional.py, get_4bit_type("nf4")), as float32
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -154,6 +154,28 @@ def ref_q8_0(x: np.ndarray) -> np.ndarray:
     v = f32(b * inv)
     q = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64)  # roundf: halves away from zero
     return f32(q * f16(d)).reshape(x.shape)
+
+
+def ref_q5_0(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q5_0_ref then dequantize_row_q5_0: d = max / -16 (max: the first value of largest |x|),
+    q = MIN(31, (int8_t)(x * (1/d) + 16.5f)), value (q - 16) * fp16(d)."""
+    b = x.reshape(-1, 32)
+    big = np.take_along_axis(b, np.abs(b).argmax(1)[:, None], 1)
+    d = f32(big / -16.0)
+    inv = ndiv(1.0, d)
+    q = np.minimum(31, np.trunc(f32(f32(b * inv) + 16.5)))
+    return f32((q - 16) * f16(d)).reshape(x.shape)
+
+
+def ref_q5_1(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q5_1_ref then dequantize_row_q5_1: d = (max - min) / 31, q = (uint8_t)((x - min) * (1/d) +
+    0.5f), value fp16(d) * q + fp16(min)."""
+    b = x.reshape(-1, 32)
+    lo, hi = b.min(1, keepdims=True), b.max(1, keepdims=True)
+    d = f32(f32(hi - lo) / 31.0)
+    inv = ndiv(1.0, d)
+    q = np.trunc(f32(f32(f32(b - lo) * inv) + 0.5))
+    return f32(f32(f16(d) * q) + f16(lo)).reshape(x.shape)
 
 
 def seq_sum(terms: np.ndarray) -> np.ndarray:
@@ -278,6 +300,10 @@ def reference(x: torch.Tensor, fmt: str, block_size: int | None = None) -> np.nd
         return ref_nf4(a, block_size or 64, fmt == "nf4_dq")
     if fmt == "q8_0":
         return ref_q8_0(a)
+    if fmt == "q5_0":
+        return ref_q5_0(a)
+    if fmt == "q5_1":
+        return ref_q5_1(a)
     if fmt == "q6_k":
         return ref_q6_k(a)
     return ref_q45_k(a, *KX2[fmt])
@@ -365,10 +391,11 @@ def test_gguf_dequantizer_matches(fmt):
         assert_bits_equal(fake_quantize(x, fmt), y, f"{fmt} vs gguf.dequantize, data {i}")
 
 
-def test_gguf_quantize_q8_0_agrees():
-    # gguf-py implements Q8_0's quantizer ("bit-exact with the reference implementation"): same bytes
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1"])
+def test_gguf_quantize_agrees(fmt):
+    # gguf-py implements the quantizers of Q8_0, Q5_0 and Q5_1 (as the reference functions do): same bytes
     for x in DATA:
-        np.testing.assert_array_equal(to_gguf_bytes(x, "q8_0"), gguf.quants.quantize(x.numpy(), GT.Q8_0))
+        np.testing.assert_array_equal(to_gguf_bytes(x, fmt), gguf.quants.quantize(x.numpy(), GGUF_TYPE[fmt]))
 
 
 @pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
@@ -388,7 +415,7 @@ def test_llama_cpp_reference(fmt):
     # llama.cpp's own quantize_row_*_ref / dequantize_row_* through ctypes; the build must not contract FMAs
     # (GCC's default with -march=native does, and then Q4_K/Q5_K differ in a few percent of values)
     lib = ctypes.CDLL(_ORACLE)
-    name = {"q8_0": "q8_0", "q4_k": "q4_K", "q5_k": "q5_K", "q6_k": "q6_K"}[fmt]
+    name = {"q8_0": "q8_0", "q5_0": "q5_0", "q5_1": "q5_1", "q4_k": "q4_K", "q5_k": "q5_K", "q6_k": "q6_K"}[fmt]
     block, size = gguf.GGML_QUANT_SIZES[GGUF_TYPE[fmt]]
     for x in DATA:
         a = np.ascontiguousarray(x.numpy())
@@ -433,6 +460,21 @@ def test_hand_q8_0():
     x[0, 0] = 1000.0
     y = fake_quantize(x, "q8_0")[0]
     assert y[0].item() == 127 * 7.875 and y[4].item() == 0.0
+
+
+def test_hand_q5_0_and_q5_1():
+    # Q5_0: the largest |x| is -1.6, d = -1.6 / -16 = 0.1, codes x / d + 16.5 truncated: -1.6 -> 0, 0.8 -> 24, 0 -> 16,
+    # and +1.6 -> 32.5 -> 31 (the positive end is one code short: Q5_0's grid is -16..15 steps of d)
+    d16 = float(np.float16(np.float32(0.1)))
+    x = torch.zeros(1, 32)
+    x[0, :4] = torch.tensor([-1.6, 0.8, 0.0, 1.6])
+    y = fake_quantize(x, "q5_0")[0, :4].tolist()
+    assert y == [float(np.float32(-16 * d16)), float(np.float32(8 * d16)), 0.0, float(np.float32(15 * d16))]
+    # Q5_1: min 0, max 3.1, d = 0.1; 1.26 -> 12.6 + 0.5 -> 13 (truncation after adding a half: round half up)
+    x = torch.zeros(1, 32)
+    x[0, :3] = torch.tensor([3.1, 1.26, 0.0])
+    y = fake_quantize(x, "q5_1")[0, :3].tolist()
+    assert y == [float(np.float32(31 * d16)), float(np.float32(13 * d16)), 0.0]
 
 
 def test_hand_q4_k_constant_sub_blocks():
@@ -558,6 +600,7 @@ def test_names_and_bits():
     assert get_format("q5_k").bits_per_element() == 5.5
     assert get_format("q6_k").bits_per_element() == 6.5625
     assert get_format("q8_0").bits_per_element(row_length=4096) == 8.5
+    assert get_format("q5_0").bits_per_element() == 5.5 and get_format("q5_1").bits_per_element() == 6.0
     assert get_format("nf4").bits_per_element() == 4.5
     assert get_format("nf4").bits_per_element(128) == 4 + 32 / 128
     assert get_format("nf4_dq").bits_per_element() == 4 + 8 / 64 + 32 / (64 * 256)
@@ -603,6 +646,12 @@ def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
     elif fmt == "q6_k":
         m = np.rint(ndiv(v, t["d"]))
         ok = (f32(t["d"] * m) == v) & (m >= -32) & (m <= 31)
+    elif fmt == "q5_0":
+        m = np.rint(ndiv(v, t["d"]))
+        ok = (f32(m * t["d"]) == v) & (m >= -16) & (m <= 15)
+    elif fmt == "q5_1":
+        m = np.rint(ndiv(v - t["m"], t["d"]))
+        ok = (f32(f32(t["d"] * m) + t["m"]) == v) & (m >= 0) & (m <= 31)
     else:
         m = np.rint(ndiv(v + t["dm"], t["d"]))
         ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= KX2[fmt][0])

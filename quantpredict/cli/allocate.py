@@ -15,9 +15,16 @@ def register(sub) -> None:
                     "--target-bits bits per element on average (cross-layer terms are not modelled). Writes the "
                     "recipe, which quantize, features, predict and collect all take.")
     p.add_argument("model", metavar="MODEL", help="zoo name, imported model or HF model directory")
-    p.add_argument("--target-bits", type=float, required=True, metavar="B", help="average bits per element, at most")
+    p.add_argument("--target-bits", type=float, default=None, metavar="B",
+                   help="average bits per element, at most (default with --match: the mix's)")
     p.add_argument("--candidates", default=None,
-                   help="comma-separated candidate formats (FORMAT or FORMAT_bN; default: MX 3-8 bit formats)")
+                   help="comma-separated candidate formats (FORMAT or FORMAT_bN; default: MX 3-8 bit formats, or "
+                        "with --match the formats the mix uses)")
+    p.add_argument("--match", default=None, metavar="MIX",
+                   help="allocate against a named mix (q4_k_m, q5_k_m, ...): its bits, its formats, and the mix "
+                        "priced beside the allocation")
+    p.add_argument("--compare", default=None, metavar="RECIPES",
+                   help="comma-separated recipe labels or named mixes to price beside the allocation")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="one method for every layer")
     p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
@@ -32,15 +39,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None and Path(args.out).is_dir():
         raise QuantpredictError(f"--out {args.out} is a directory; give a file name for the recipe")
-    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else DEFAULT_CANDIDATES
+    if args.target_bits is None and args.match is None:
+        raise QuantpredictError("give --target-bits B, or --match MIX to allocate at a named mix's bits")
+    cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
+    if cands is None and args.match is None:
+        cands = list(DEFAULT_CANDIDATES)
+    compare = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else []
     res = allocate(args.model, args.target_bits, candidates=cands, method=args.method, predictor=args.predictor,
-                   ppl_fp=args.ppl_fp)
+                   ppl_fp=args.ppl_fp, match=args.match, compare=compare)
     counts = res.layers.groupby("format")["elements"].agg(["count", "sum"])
     doc = {"model": args.model, "recipe": res.recipe.label, "recipe_fields": res.recipe.to_dict(),
            "target_bits": res.target_bits, "bits_per_element": res.bits_per_element, "objective": res.objective,
            "prediction": {k: v for k, v in res.prediction.items() if isinstance(v, (int, float, str))},
            "best_uniform": res.best_uniform, "seconds": res.seconds, "notes": list(res.notes),
-           "formats": {f: {"layers": int(r["count"]), "elements": int(r["sum"])} for f, r in counts.iterrows()}}
+           "formats": {f: {"layers": int(r["count"]), "elements": int(r["sum"])} for f, r in counts.iterrows()},
+           "compared": [{k: v for k, v in c.items() if k != "prediction"}
+                        | {"prediction": {k: v for k, v in c["prediction"].items() if isinstance(v, (int, float))}}
+                        for c in res.compared]}
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
         u = res.best_uniform
         print(f"best uniform candidate within the budget: {u['recipe']} ({u['bits_per_element']:.3f} bits, summed "
               f"per-layer KL {u['objective']:.5f})")
+    for c in res.compared:
+        q = c["prediction"]
+        print(f"compared: {c['mix'] or c['recipe'][:60]}: {c['bits_per_element']:.3f} bits, summed per-layer KL "
+              f"{c['objective']:.5f}, predicted KLD {q['kld']:.5f}, perplexity {q['ppl']:.3f}")
     print(f"recipe: {res.recipe.label[:200]}{'...' if len(res.recipe.label) > 200 else ''}")
     if args.out:
         print(f"wrote {args.out}")

@@ -18,8 +18,9 @@ def register(sub) -> None:
     p.add_argument("--formats", nargs="+", default=[], help="weight formats, e.g. mxint4 int8 mxfp4_e2m1")
     p.add_argument("--methods", nargs="+", default=[], help="rtn, gptq, qat (QAT from RTN) and/or qat_gptq")
     p.add_argument("--recipes", nargs="+", default=[], metavar="LABEL",
-                   help="explicit recipe labels (per-layer allocations, named mixes, QAT with its own options), "
-                        "run for every model next to the formats x methods grid")
+                   help="explicit recipe labels (per-layer allocations, QAT with its own options) or named mixes "
+                        "(q4_k_m, q5_k_m, q4_k_s, q5_k_s, q4_k_pure ...; with options: q4_k_m-gptq), resolved for "
+                        "each model's layers; run for every model next to the formats x methods grid")
     p.add_argument("--recipes-file", default=None, metavar="FILE",
                    help="a file of recipe labels, one per line (or the JSON `quantpredict allocate --out` writes)")
     p.add_argument("--eval-text", default=None, metavar="FILE",
@@ -95,6 +96,7 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
     from pathlib import Path
 
     from quantpredict.errors import RecipeError
+    from quantpredict.mixes import is_mix_spec
     from quantpredict.recipe import Recipe
 
     labels = [r for v in args.recipes for r in v.split(",") if r.strip()]
@@ -109,7 +111,8 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
         except (ValueError, KeyError, TypeError):
             labels += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
     for label in labels:
-        Recipe.from_label(label)  # a bad label fails here, before any model is touched
+        if not is_mix_spec(label):  # a named mix is resolved per model; its options were checked just now
+            Recipe.from_label(label)  # a bad label fails here, before any model is touched
     return labels
 
 
@@ -137,11 +140,15 @@ def run(args: argparse.Namespace) -> int:
             from quantpredict.data import read_text_file
 
             text_sha = read_text_file(args.eval_text)[1]
+        from quantpredict.mixes import resolve_for_models, split_specs
+
+        plain, mix_specs = split_specs(recipes)
         plan = plan_runs(models, [f for f in _split(args.formats) if f], [m for m in _split(args.methods) if m],
                          smoothquant=_split(args.smoothquant), act_formats=_split(args.act_formats),
                          block_sizes=_split(args.block_sizes), seq_len=args.seq_len,
                          eval_max_windows=args.eval_max_windows, model_ids=ids,
-                         block_size_formats=args.block_size_formats, recipes=recipes, bos=bos, eval_text=text_sha)
+                         block_size_formats=args.block_size_formats, recipes=plain, bos=bos, eval_text=text_sha,
+                         model_recipes=resolve_for_models(models, mix_specs))
         from pathlib import Path
 
         skip: set[str] = set()

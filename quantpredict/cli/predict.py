@@ -12,7 +12,10 @@ def register(subparsers) -> None:
                               description="Predict WikiText-2 perplexity (90%% interval) of MODEL under each recipe; "
                                           "--format and --method take comma-separated lists (all combinations).")
     p.add_argument("model", metavar="MODEL", help="zoo model name or HF model directory")
-    p.add_argument("--format", required=True, dest="weight_format", help="weight format(s), e.g. mxint4,mxfp4_e2m1")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--format", dest="weight_format", help="weight format(s), e.g. mxint4,mxfp4_e2m1")
+    what.add_argument("--mix", default=None, help="named mix(es) instead, e.g. q4_k_m,q5_k_m (llama.cpp's per-layer "
+                                                  "types for this model's layers)")
     p.add_argument("--method", default="rtn", help="rtn or gptq (comma-separated for several)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA")
@@ -31,10 +34,14 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.quantize import Recipe
 
     model, tok = models.load(args.model, attn_implementation="eager")  # HVPs need eager attention
+    from quantpredict.mixes import named_mix
+
     results = []
-    for fmt, method in itertools.product(_split(args.weight_format), _split(args.method)):
-        recipe = Recipe(weight_format=fmt, block_size=args.block_size, method=method,
-                        smoothquant_alpha=args.smoothquant, act_format=args.act_format)
+    for what, method in itertools.product(_split(args.weight_format or args.mix), _split(args.method)):
+        recipe = Recipe(weight_format=what if args.weight_format else "q4_k", block_size=args.block_size,
+                        method=method, smoothquant_alpha=args.smoothquant, act_format=args.act_format)
+        if args.mix:
+            recipe = named_mix(what, model, base=recipe)
         pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp,
                              model_name=args.model)
         results.append(pr.to_dict())

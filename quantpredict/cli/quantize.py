@@ -9,18 +9,25 @@ import json
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize",
-        help="quantize a model (RTN, GPTQ, SmoothQuant) and save it",
+        help="quantize a model (RTN, GPTQ, SmoothQuant, AWQ) and save it",
         description="Quantize a zoo model or local Hugging Face causal LM, block by block, calibrated on WikiText-2 "
                     "train, and save it as a model directory that `quantpredict eval DIR` takes as is.",
     )
     p.add_argument("model", metavar="MODEL", help="zoo name or local Hugging Face model directory")
-    p.add_argument("--format", required=True, dest="weight_format", metavar="F",
-                   help="weight format (see `quantpredict formats`), e.g. mxint4, mxfp4_e2m1, int4")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--format", dest="weight_format", metavar="F",
+                      help="weight format (see `quantpredict formats`), e.g. mxint4, mxfp4_e2m1, int4")
+    what.add_argument("--mix", default=None, metavar="NAME",
+                      help="one of llama.cpp's named mixes instead of one format: q4_k_m, q5_k_m, q4_k_s, q5_k_s, "
+                           "q4_k_pure, q5_k_pure, q6_k_pure (its per-layer types for this model's layers, with "
+                           "llama.cpp's fallback where rows are not a multiple of 256)")
     p.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="elements per shared scale along the input dimension (default: 32 for MX, per channel for "
                         "INT/FP8)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="rounding method (default: gptq)")
     p.add_argument("--smoothquant", type=float, default=None, metavar="A", help="SmoothQuant alpha in [0, 1]")
+    p.add_argument("--awq", action="store_true",
+                   help="AWQ's activation-aware scales (and, before RTN, its clipping search) before rounding")
     p.add_argument("--act-format", default=None, metavar="F", help="fake-quantize linear-layer inputs to F")
     p.add_argument("--act-block-size", type=int, default=None, metavar="N", help="block size of --act-format")
     p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
@@ -43,12 +50,20 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.quantize import Recipe, quantize_model, sample_calibration, save_quantized
 
     recipe = Recipe(
-        weight_format=args.weight_format, block_size=args.block_size, method=args.method,
+        weight_format=args.weight_format or "q4_k", block_size=args.block_size, method=args.method,
         smoothquant_alpha=args.smoothquant, act_format=args.act_format, act_block_size=args.act_block_size,
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, gptq_blocksize=args.gptq_blocksize,
-        percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed,
+        percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed, awq=args.awq,
     )
     model, tokenizer = load(args.model)
+    if args.mix:
+        from quantpredict.mixes import named_mix
+
+        if args.block_size is not None:
+            from quantpredict.errors import RecipeError
+
+            raise RecipeError("--block-size does not apply to --mix: llama.cpp's layouts fix their blocks")
+        recipe = named_mix(args.mix, model, base=recipe)
     calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
     report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=True)
     out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)

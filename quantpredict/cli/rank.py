@@ -17,7 +17,9 @@ def register(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="zoo name, imported model (smollm2-135m) or HF model directory")
     p.add_argument("--formats", default=None, help="comma-separated weight formats (default: the shipped 14)")
     p.add_argument("--methods", default="rtn,gptq", help="comma-separated methods (default: rtn,gptq)")
-    p.add_argument("--recipes", default=None, help="comma-separated recipe labels instead of formats x methods")
+    p.add_argument("--recipes", default=None,
+                   help="comma-separated recipe labels or named mixes (q4_k_m, q5_k_m-gptq, q4_k_pure ...: resolved "
+                        "for MODEL's layers) instead of formats x methods")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--max-bits", type=float, default=None, metavar="B", help="bits per element at most")
     budget.add_argument("--max-kld", type=float, default=None, metavar="K", help="predicted KLD at most (nats)")
@@ -31,11 +33,13 @@ def register(sub) -> None:
 
 
 def _recipes(args):
+    from quantpredict.mixes import is_mix_spec
     from quantpredict.predict.rank import DEFAULT_FORMATS
     from quantpredict.recipe import Recipe
 
     if args.recipes:
-        return [Recipe.from_label(r.strip()) for r in args.recipes.split(",") if r.strip()]
+        specs = [r.strip() for r in args.recipes.split(",") if r.strip()]
+        return [s if is_mix_spec(s) else Recipe.from_label(s) for s in specs]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else DEFAULT_FORMATS
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return [Recipe(f, method=m) for f in formats for m in methods]
@@ -70,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
           f"{'ppl interval':>19s} {'top1%':>6s}")
     for _, r in frame.iterrows():
         mark = "<-" if r["recommended"] else ("*" if r["pareto"] else "")
-        print(f"{r['recipe']:22s} {r['bits_per_element']:5.2f} {r['size_bytes'] / 2**20:7.1f} {r['kld']:9.5f} "
+        name = r["mix"] if isinstance(r.get("mix"), str) else r["recipe"]
+        print(f"{name[:22]:22s} {r['bits_per_element']:5.2f} {r['size_bytes'] / 2**20:7.1f} {r['kld']:9.5f} "
               f"[{r['kld_low']:9.5f}, {r['kld_high']:9.5f}] {r['delta_nll']:8.4f} {r['ppl']:8.2f} "
               f"[{r['ppl_low']:8.2f}, {r['ppl_high']:8.2f}] {100 * r['top1']:6.2f} {mark}")
     c = {k: v for k, v in a["constraint"].items() if v is not None}

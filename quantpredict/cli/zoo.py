@@ -75,6 +75,8 @@ def architecture_rows() -> list[dict]:
             "model type": r["model_type"],
             "layout": r["layout"],
             "SmoothQuant": sq,
+            "AWQ folds": (", ".join(f.replace("self_attn.", "").replace("mlp.", "").replace("attn.", "")
+                                    for f in r["awq_linear_folds"]) or "norms only") if r["smoothquant"] else "no AWQ",
             "parallel": "yes" if r["parallel_block"] else "",
             "fused": ", ".join(p.rsplit(".", 1)[-1] for p in r["fused_projections"]),
             "norm": r["norm"],
@@ -97,7 +99,8 @@ def run_architectures(args: argparse.Namespace) -> int:
     for line in [dict(zip(cols, cols)), *rows]:
         print("  ".join([line[c].ljust(widths[c]) for c in cols[:-1]] + [line[cols[-1]]]).rstrip())
     print("\nany other model type: walked generically (blocks and linears found by a dummy forward, a warning says "
-          "what was found); SmoothQuant unsupported")
+          "what was found); SmoothQuant and AWQ unsupported\nAWQ folds: the linear -> linear folds besides the norm -> "
+          "linear pairs (v -> o only without grouped-query attention)")
     return 0
 
 

@@ -1,10 +1,12 @@
 """``extract``: every feature of ``schema.FEATURES`` for a model under a quantization recipe.
 
 All features are measured at the full-precision point ``W`` (the recipe's smoothed weights when it uses
-SmoothQuant, which leaves the FP function unchanged) on a small calibration batch cut from WikiText-2 *train*.
-The quantization direction is ``delta = Q(W) - W`` over the weights of every ``arch.linear_layers`` layer, with
-``Q`` the recipe's weight quantization (RTN: ``formats.fake_quantize`` per layer; GPTQ: ``quantize.quantize_model``
-on a deep copy). Second-order quantities are taken w.r.t. exactly those weights.
+SmoothQuant, its AWQ-scaled weights when it uses AWQ: both leave the FP function unchanged) on a small calibration
+batch cut from WikiText-2 *train*. The quantization direction is ``delta = Q(W) - W`` over the weights of every
+``arch.linear_layers`` layer, with ``Q`` the recipe's weight quantization (RTN: ``formats.fake_quantize`` per layer;
+GPTQ and AWQ: ``quantize.quantize_model`` on a deep copy; AWQ's clipping is part of ``delta``). Second-order
+quantities are taken w.r.t. exactly those weights. The RTN-based features (``noise``, ``gptq_proxy``, ``profile``)
+of an AWQ recipe round the scaled weights as they are (no clipping).
 
 The model is left as it was: parameters touched for the radial profile are restored bit for bit, and the
 attention implementation, ``requires_grad`` flags and train/eval mode are put back.
@@ -205,11 +207,31 @@ def smoothed_copy(model: nn.Module, alpha: float, windows: torch.Tensor, batch_s
 
 def _base_model(model: nn.Module, recipe: Any, windows: torch.Tensor, batch_size: int = 8) -> nn.Module:
     """The FP point the features are measured at: ``model`` itself, or a smoothed deep copy for SmoothQuant
-    recipes (the FP function is unchanged, but the weights that get quantized are the smoothed ones)."""
+    recipes (the FP function is unchanged, but the weights that get quantized are the smoothed ones). AWQ's scales
+    come on top, from :func:`awq_backend`."""
     alpha = getattr(recipe, "smoothquant_alpha", None)
     if alpha is None:
         return model
     return smoothed_copy(model, alpha, windows, batch_size)
+
+
+def _backend_copy(base: nn.Module, recipe: Any, windows: torch.Tensor, batch_size: int):
+    """``(quantized deep copy of base, its QuantReport)``; SmoothQuant is already folded into ``base``, so the copy
+    is quantized without it."""
+    from quantpredict.quantize import quantize_model
+
+    q = copy.deepcopy(base)
+    if getattr(recipe, "smoothquant_alpha", None) is not None:
+        recipe = replace(recipe, smoothquant_alpha=None)
+    with prepared(q, eager=True):  # eager, as in the sweeps: GPTQ's rounding decisions follow its Hessians' last bits
+        report = quantize_model(q, recipe, windows, batch_size=batch_size, progress=False)
+    return q, report
+
+
+def _weight_deltas(q: nn.Module, refs: Sequence[arch.LinearRef]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [(qr.weight.detach() - r.weight.detach()).to(r.weight.dtype)
+                for qr, r in zip(arch.linear_layers(q), refs, strict=True)]
 
 
 def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any, windows: torch.Tensor,
@@ -217,18 +239,24 @@ def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any,
     """``Q(W) - W`` per layer from the PTQ backend (``quantize_model`` on a deep copy of ``base``, weights only;
     activation quantization, if the recipe has it, is not part of the direction).
 
-    SmoothQuant is already folded into ``base``, so the copy is quantized without it.
+    SmoothQuant is already folded into ``base``, so the copy is quantized without it. For AWQ recipes use
+    :func:`awq_backend`, which also moves the FP point to the scaled weights.
     """
-    from quantpredict.quantize import quantize_model
+    q, _ = _backend_copy(base, recipe, windows, batch_size)
+    return _weight_deltas(q, refs)
 
-    q = copy.deepcopy(base)
-    if getattr(recipe, "smoothquant_alpha", None) is not None:
-        recipe = replace(recipe, smoothquant_alpha=None)
-    with prepared(q, eager=True):  # eager, as in the sweeps: GPTQ's rounding decisions follow its Hessians' last bits
-        quantize_model(q, recipe, windows, batch_size=batch_size, progress=False)
-    q_refs = arch.linear_layers(q)
-    with torch.no_grad():
-        return [(qr.weight.detach() - r.weight.detach()).to(r.weight.dtype) for qr, r in zip(q_refs, refs, strict=True)]
+
+def awq_backend(base: nn.Module, recipe: Any, windows: torch.Tensor,
+                batch_size: int = 8) -> tuple[nn.Module, list[torch.Tensor]]:
+    """For an AWQ recipe: ``(scaled, deltas)``, where ``scaled`` is a deep copy of ``base`` with the scales the PTQ
+    backend chose folded in (the same FP function; its weights are the ones that get rounded) and ``deltas`` the
+    backend's ``Q(W) - W`` at ``scaled`` (clipping included)."""
+    from quantpredict.quantize import apply_recorded_scales
+
+    q, report = _backend_copy(base, recipe, windows, batch_size)
+    scaled = copy.deepcopy(base)
+    apply_recorded_scales(scaled, report.awq)
+    return scaled, _weight_deltas(q, arch.linear_layers(scaled))
 
 
 # ---- the extraction context: lazily computed, shared between groups -------------------------------------------
@@ -262,16 +290,30 @@ class _Context:
         return self._cache[key]
 
     @property
+    def awq(self) -> bool:
+        return bool(getattr(self.recipe, "awq", False))
+
+    @property
     def base(self) -> nn.Module:
+        if self.awq:
+            return self._awq[0]
         return self._lazy("base", lambda: _base_model(self.model, self.recipe, self.windows, self.opts.batch_size))
+
+    @property
+    def _awq(self) -> tuple[nn.Module, list[torch.Tensor]]:
+        def run() -> tuple[nn.Module, list[torch.Tensor]]:
+            smoothed = _base_model(self.model, self.recipe, self.windows, self.opts.batch_size)
+            return awq_backend(smoothed, self.recipe, self.windows, self.opts.batch_size)
+        return self._lazy("awq", run)
 
     @property
     def profile(self):
         """The model's :class:`~quantpredict.features.fisher.SensitivityProfile`: the one given to ``extract``
-        (measured on the unsmoothed model, so only for recipes without SmoothQuant), else measured here."""
+        (measured on the unsmoothed, unscaled model, so only for recipes without SmoothQuant and AWQ), else measured
+        here."""
         from quantpredict.features.fisher import measure_profile
 
-        if self._profile is not None and getattr(self.recipe, "smoothquant_alpha", None) is None:
+        if self._profile is not None and getattr(self.recipe, "smoothquant_alpha", None) is None and not self.awq:
             return self._profile
         return self._lazy("profile", lambda: measure_profile(self.base, self.windows, seed=self.seed))
 
@@ -290,6 +332,8 @@ class _Context:
     @property
     def delta(self) -> list[torch.Tensor]:
         """The recipe's direction, in ``[out, in]`` layout."""
+        if self.awq:
+            return self._awq[1]
         if getattr(self.recipe, "method", "rtn") == "rtn":
             return self.rtn_delta
         return self._lazy("delta", lambda: backend_deltas(self.base, self.refs, self.recipe, self.windows,

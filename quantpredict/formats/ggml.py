@@ -1,13 +1,19 @@
-"""llama.cpp's Q8_0 and k-quants (Q4_K, Q5_K, Q6_K), reproducing its reference quantizers bit for bit.
+"""llama.cpp's Q8_0, Q5_0, Q5_1 and k-quants (Q4_K, Q5_K, Q6_K), reproducing its reference quantizers bit for bit.
 
-The quantizers are ``quantize_row_q8_0_ref``, ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and
-``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what ``llama-quantize`` runs for these types without an
-importance matrix (``quantize_q4_K`` etc. call the ``_ref`` functions when ``quant_weights`` is NULL). Every float
+The quantizers are ``quantize_row_q8_0_ref``, ``quantize_row_q5_0_ref``, ``quantize_row_q5_1_ref``,
+``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and ``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what
+``llama-quantize`` runs for these types without an importance matrix (``quantize_q4_K`` etc. call the ``_ref``
+functions when ``quant_weights`` is NULL). Every float
 operation of the C source is done in the same order in float32 (torch's elementwise ops are correctly rounded, like
 the C code's), sums over a sub-block are accumulated sequentially as the C loops do, ``nearest_int`` is its
 magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` does (nearest, ties to even).
 
 * **Q8_0** (blocks of 32): ``d = amax / 127``, ``q = roundf(x * (1/d))``, stored fp16 ``d``; value ``q * d``.
+* **Q5_0** (blocks of 32): ``d = max / -16`` with ``max`` the block's value of largest magnitude (the first one),
+  ``q = min(31, (int8_t)(x * (1/d) + 16.5))``, stored fp16 ``d``; value ``(q - 16) * d``.
+* **Q5_1** (blocks of 32): ``d = (max - min) / 31``, ``q = (uint8_t)((x - min) * (1/d) + 0.5)``, stored fp16 ``d``
+  and ``m = min``; value ``d * q + m``. Q5_0 and Q5_1 are llama.cpp's replacement types for a Q4_K or Q5_K tensor
+  whose rows are not a multiple of 256 (see :data:`quantpredict.formats.table.GGML_FALLBACK`).
 * **Q4_K / Q5_K** (super-blocks of 256 = 8 sub-blocks of 32): each sub-block's scale and min come from
   ``make_qkx2_quants`` (weights ``sqrt(mean x^2) + |x|``, a search over ``nstep + 1`` candidate scales, 21 for Q4_K
   and 16 for Q5_K, each refined by weighted least squares, keeping the lowest weighted squared error; as in the C
@@ -26,8 +32,10 @@ llama.cpp's) dequantizers, so it matches ``gguf.quants.dequantize`` of the packe
 
 Checked against llama.cpp's own ``quantize_row_*_ref`` (ggml-quants.c as vendored by llama-cpp-python 0.3.36,
 compiled with ``-O3 -ffp-contract=off``, 4M normal values with per-row scales): identical bytes in every block, for
-all four types. Deviation: llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's default
-``-ffp-contract=fast`` with ``-march=native``), which fuses some multiply-adds of the search; against such a build
+Q8_0, Q4_K, Q5_K and Q6_K. Q5_0 and Q5_1 (added later) are checked against gguf-py's quantizers, which implement
+the same reference functions (identical bytes), and against a float64 re-implementation in the tests. Deviation:
+llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's default ``-ffp-contract=fast`` with
+``-march=native``), which fuses some multiply-adds of the search; against such a build
 2.0% (Q4_K), 11% (Q5_K), 0.07% (Q6_K) and 0% (Q8_0) of the values differ, by a code step where the search picks a
 neighbouring scale, with the relative MSE within 0.1%. The un-fused float32 semantics of the source are followed here,
 as they are machine-independent. Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
@@ -82,6 +90,40 @@ def _codes_q8_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
     q = torch.floor(a)
     q.add_(a.sub_(q).ge_(0.5))
     return q.copysign_(v).clamp_(-127.0, 127.0).add_(0.0)
+
+
+# ------------------------------------------------------------------------------------------------ Q5_0 / Q5_1
+
+
+def _fit_q5_0(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+    where = blocks.abs().argmax(-1, keepdim=True)  # the first largest |x|, as the C loop's strict '<'
+    big = blocks.gather(-1, where)
+    d = big / -16.0
+    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+    return {"inv": inv, "d": to_fp16(d, "block scale (max / -16)", fmt.name)}
+
+
+def _codes_q5_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """C ``MIN(31, (int8_t)(x * id + 16.5f))`` (truncation), clamped at 0 too for values beyond the fitted block."""
+    v = x * p["inv"]
+    v.add_(16.5)
+    return v.trunc_().clamp_(0.0, 31.0).add_(0.0)
+
+
+def _fit_q5_1(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+    lo = blocks.amin(-1, keepdim=True)
+    hi = blocks.amax(-1, keepdim=True)
+    d = (hi - lo) / 31.0
+    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+    return {"inv": inv, "min": lo, "d": to_fp16(d, "block scale ((max - min) / 31)", fmt.name),
+            "m": to_fp16(lo, "block min", fmt.name)}
+
+
+def _codes_q5_1(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """C ``(uint8_t)((x - min) * id + 0.5f)`` (truncation), clamped to 0..31 for values beyond the fitted block."""
+    v = x - p["min"]
+    v.mul_(p["inv"]).add_(0.5)
+    return v.trunc_().clamp_(0.0, 31.0).add_(0.0)
 
 
 # ------------------------------------------------------------------------------------------------ Q4_K / Q5_K
@@ -266,12 +308,17 @@ def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------------------------------- public
 
 
-_ELEMENTWISE = {"q8_0": ("inv", "d"), "q6_k": ("d", "fallback"), "q4_k": ("d", "dm"), "q5_k": ("d", "dm")}
+_ELEMENTWISE = {"q8_0": ("inv", "d"), "q5_0": ("inv", "d"), "q5_1": ("inv", "min", "d", "m"),
+                "q6_k": ("d", "fallback"), "q4_k": ("d", "dm"), "q5_k": ("d", "dm")}
 
 
 def _fit_all(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     if fmt.name == "q8_0":
         return _fit_q8_0(blocks, fmt)
+    if fmt.name == "q5_0":
+        return _fit_q5_0(blocks, fmt)
+    if fmt.name == "q5_1":
+        return _fit_q5_1(blocks, fmt)
     if fmt.name == "q6_k":
         return _fit_q6_k(blocks, fmt, use_native)
     return _fit_kx2(blocks, fmt, use_native)
@@ -279,7 +326,8 @@ def _fit_all(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, 
 
 def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
-    against ``blocks``: ``inv``/``d`` (Q8_0, per block), ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
+    against ``blocks``: ``inv``/``d`` (Q8_0 and Q5_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, per block),
+    ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
     ``dmin * m``, per element) or ``d``/``fallback`` (Q6_K: ``d * sc`` and the codes left where that is 0).
 
     ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
@@ -314,20 +362,29 @@ def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q4_K 0..15,
-    Q5_K 0..31."""
+    Q5_K, Q5_0 and Q5_1 0..31."""
     if fmt.name == "q8_0":
         return _codes_q8_0(x, p)
+    if fmt.name == "q5_0":
+        return _codes_q5_0(x, p)
+    if fmt.name == "q5_1":
+        return _codes_q5_1(x, p)
     if fmt.name == "q6_k":
         return _codes_q6_k(x, p)
     return _codes_kx2(x, fmt, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
-    """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``d * q - dm`` (Q4_K,
-    Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale). float32, x's shape."""
+    """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``(q - 16) * d`` (Q5_0),
+    ``d * q + m`` (Q5_1), ``d * q - dm`` (Q4_K, Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale).
+    float32, x's shape."""
     q = codes(x, fmt, p)
     if fmt.name == "q4_k" or fmt.name == "q5_k":
         return q.mul_(p["d"]).sub_(p["dm"])
+    if fmt.name == "q5_0":
+        return q.sub_(16.0).mul_(p["d"])
+    if fmt.name == "q5_1":
+        return q.mul_(p["d"]).add_(p["m"])
     return q.mul_(p["d"])  # q * d (Q8_0), d * q (Q6_K): the same product
 
 
@@ -343,7 +400,7 @@ class Encoded:
     d: Tensor  # fp16 values as float32: [rows, nb]
     dmin: Tensor | None  # k-quants with mins
     sc: Tensor | None  # sub-block scales [rows, nb, 8 or 16]
-    m: Tensor | None  # sub-block mins [rows, nb, 8]
+    m: Tensor | None  # sub-block mins [rows, nb, 8]; Q5_1: the fp16 block min [rows, nb]
 
 
 def encode(x: Tensor, fmt: Format) -> Encoded:
@@ -358,8 +415,10 @@ def encode(x: Tensor, fmt: Format) -> Encoded:
     p = _fit_all(blocks, fmt, native.available())
     q = codes(_sub_blocks(blocks, fmt), fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(rows, n)
     nb = n // block
-    if fmt.name == "q8_0":
+    if fmt.name in ("q8_0", "q5_0"):
         return Encoded(fmt.name, q, p["d"].reshape(rows, nb), None, None, None)
+    if fmt.name == "q5_1":
+        return Encoded(fmt.name, q, p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb))
     if fmt.name == "q6_k":
         return Encoded(fmt.name, q, p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16), None)
     return Encoded(fmt.name, q, p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb),
@@ -382,6 +441,25 @@ def _k_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
 def _pack_q8_0(e: Encoded) -> np.ndarray:
     q = e.codes.to(torch.int8).numpy().reshape(-1, 32).view(np.uint8)
     return np.concatenate([_fp16_bytes(e.d), q], axis=1)
+
+
+def _low_high_5bit(codes: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``qh`` (4 bytes: bit j is bit 4 of code j) and ``qs`` (16 bytes: code j in the low nibble, j + 16 in the high)
+    of Q5_0/Q5_1 blocks of 32 codes 0..31."""
+    q = codes.to(torch.uint8).numpy().reshape(-1, 32)
+    qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
+    qh = np.packbits((q >> 4).astype(np.uint8), axis=1, bitorder="little")
+    return qh, qs
+
+
+def _pack_q5_0(e: Encoded) -> np.ndarray:
+    qh, qs = _low_high_5bit(e.codes)
+    return np.concatenate([_fp16_bytes(e.d), qh, qs], axis=1)
+
+
+def _pack_q5_1(e: Encoded) -> np.ndarray:
+    qh, qs = _low_high_5bit(e.codes)
+    return np.concatenate([_fp16_bytes(e.d), _fp16_bytes(e.m), qh, qs], axis=1)
 
 
 def _pack_q4_k(e: Encoded) -> np.ndarray:
@@ -413,7 +491,8 @@ def _pack_q6_k(e: Encoded) -> np.ndarray:
     return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc, _fp16_bytes(e.d)], axis=1)
 
 
-_PACK = {"q8_0": _pack_q8_0, "q4_k": _pack_q4_k, "q5_k": _pack_q5_k, "q6_k": _pack_q6_k}
+_PACK = {"q8_0": _pack_q8_0, "q5_0": _pack_q5_0, "q5_1": _pack_q5_1, "q4_k": _pack_q4_k, "q5_k": _pack_q5_k,
+         "q6_k": _pack_q6_k}
 
 
 def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
@@ -424,7 +503,8 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
 
     f = get_format(fmt)
     if f.family != "ggml":
-        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: q8_0, q4_k, q5_k, q6_k")
+        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: q8_0, q5_0, q5_1, q4_k, q5_k, "
+                         "q6_k")
     if x.dim() != 2:
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)

@@ -7,8 +7,9 @@ normal is listed explicitly because the formats differ in which top codes they r
 S.1111.111 for NaN (so 448, not 480), E5M2 reserves its top exponent for Inf/NaN like IEEE (57344), and the MX-only
 FP6/FP4 elements reserve nothing (28, 7.5, 6). An integer element is a signed integer times a fixed ``step``,
 clamped symmetrically to +-max_normal (two's complement's extra negative code is not used), except ``int6_full``
-(llama.cpp's Q6_K codes, -32..31). A ``uint`` element is an unsigned integer 0..2^k-1 (the codes of asymmetric
-formats, which subtract a zero point or a min), and a ``table`` element is a list of code values (NF4).
+and ``int5_full`` (llama.cpp's Q6_K codes, -32..31, and Q5_0 codes, -16..15). A ``uint`` element is an unsigned
+integer 0..2^k-1 (the codes of asymmetric formats, which subtract a zero point or a min), and a ``table`` element is
+a list of code values (NF4).
 
 The formats shipped in checkpoints (see :mod:`quantpredict.formats.asym`, :mod:`~quantpredict.formats.nf4` and
 :mod:`~quantpredict.formats.ggml`) are rows of the same format table, with the extra storage their layouts need
@@ -30,6 +31,7 @@ NF4_BLOCK = 64  # bitsandbytes' default block for NF4
 NF4_DQ_BLOCK = 256  # bitsandbytes' double quantization: absmaxes quantized to 8 bits in blocks of 256
 QK_K = 256  # llama.cpp k-quant super-block
 QK8_0 = 32  # llama.cpp Q8_0 block
+QK5 = 32  # llama.cpp Q5_0 / Q5_1 block
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py, get_4bit_type("nf4")): the float32 values, ascending
 NF4_VALUES: tuple[float, ...] = (
@@ -97,6 +99,7 @@ ELEMENTS: dict[str, Element] = {
     **{f"int{k}": _int(k, 0) for k in range(2, 9)},
     **{f"uint{k}": _uint(k) for k in range(2, 9)},
     "int6_full": Element("int", 6, 0, 5, 4, 0, 31.0, min_value=-32.0),  # llama.cpp Q6_K: -32..31
+    "int5_full": Element("int", 5, 0, 4, 3, 0, 15.0, min_value=-16.0),  # llama.cpp Q5_0: -16..15
     "nf4": Element("table", 4, 0, 4, 0, 0, 1.0, min_value=-1.0, values=NF4_VALUES),
 }
 
@@ -229,6 +232,9 @@ FORMATS: dict[str, Format] = {
         _shipped("nf4_dq", "nf4", "nf4", NF4_BLOCK, 8, scale2_block=NF4_DQ_BLOCK, scale2_bits=32),
         # llama.cpp: Q8_0 (fp16 d per 32), k-quants (fp16 d [and dmin] per 256, sub-block scales [and mins])
         _shipped("q8_0", "ggml", "int8", QK8_0, 16, fixed_block=True),
+        # Q5_0 (fp16 d per 32, codes -16..15) and Q5_1 (fp16 d and min per 32): llama.cpp's fallbacks for Q4_K/Q5_K
+        _shipped("q5_0", "ggml", "int5_full", QK5, 16, fixed_block=True),
+        _shipped("q5_1", "ggml", "uint5", QK5, 32, fixed_block=True),
         _shipped("q6_k", "ggml", "int6_full", QK_K, 16, sub_block=16, sub_scale_bits=8, fixed_block=True),
         _shipped("q5_k", "ggml", "uint5", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
         _shipped("q4_k", "ggml", "uint4", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
@@ -239,8 +245,8 @@ FORMATS: dict[str, Format] = {
 
 
 def list_formats() -> list[str]:
-    """Every format name: MX first, then int, fp8, the shipped layouts (uintK, uintK_pc, nf4, nf4_dq, q8_0, q6_k,
-    q5_k, q4_k), and the plain float casts."""
+    """Every format name: MX first, then int, fp8, the shipped layouts (uintK, uintK_pc, nf4, nf4_dq, q8_0, q5_0,
+    q5_1, q6_k, q5_k, q4_k), and the plain float casts."""
     return list(FORMATS)
 
 
@@ -264,7 +270,8 @@ def _scale_text(f: Format) -> str:
     if f.family == "nf4":
         return "fp32 absmax per block" if not f.scale2_block else "8-bit absmax per block, fp32 per 256 blocks"
     if f.family == "ggml":
-        return {"q8_0": "fp16 per 32", "q6_k": "fp16 per 256, int8 per 16",
+        return {"q8_0": "fp16 per 32", "q5_0": "fp16 per 32", "q5_1": "fp16 d, min per 32",
+                "q6_k": "fp16 per 256, int8 per 16",
                 }.get(f.name, "fp16 d, dmin per 256; 6-bit scale, min per 32")
     return _SCALE_TEXT.get(f.family, "-")
 
@@ -274,6 +281,8 @@ def _element_text(f: Format) -> str:
         return f"fp E{f.ebits}M{f.mbits}"
     if f.element_format == "int6_full":
         return "int6 (-32..31)"
+    if f.element_format == "int5_full":
+        return "int5 (-16..15)"
     if f.element == "int":
         return f"int{f.element_bits}"
     return "nf4 table" if f.element == "table" else f.element_format

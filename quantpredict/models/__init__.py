@@ -77,6 +77,21 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
                      f"Zoo models: {', '.join(list_zoo()) or '(none built; run `quantpredict zoo build`)'}")
 
 
+def skeleton(name_or_path: str | os.PathLike):
+    """The model's module tree built from its config on the meta device: names and shapes, no weights (what a
+    per-layer recipe such as a named mix needs to be resolved, in milliseconds)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # transformers raises several types for unreadable configs
+        raise ModelError(f"{path}: config.json could not be read as a Hugging Face config ({exc})") from exc
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
 def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None):
     """Load ``(model, tokenizer)`` for a zoo name or a local HF causal-LM directory, in ``eval()`` mode.
 

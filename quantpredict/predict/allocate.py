@@ -1,17 +1,23 @@
 """Per-layer formats under a bit budget: minimise the predicted KLD from per-layer quantities.
 
 The model is profiled once (:func:`quantpredict.predict.rank.profile_model`). For every linear layer ``l`` and
-candidate format ``f`` the layer's own second-order KL, ``c[l, f] = 0.5 mean_t (s_t^T dW x_t)^2`` priced token-wise
-against the profile, and its storage ``b[l, f]`` (bits per element times elements) are computed from the weights
-alone. The allocation minimises ``sum_l c[l, f_l]`` subject to ``sum_l b[l, f_l] <= B * sum_l n_l``: a multiple-choice
+candidate format ``f`` the layer's own second-order KL, ``c[l, f] = 0.5 tr(dW A dW^T G)`` against its K-FAC
+factors, and its storage ``b[l, f]`` (bits per element times elements) are computed from the weights alone. The
+allocation minimises ``sum_l c[l, f_l]`` subject to ``sum_l b[l, f_l] <= B * sum_l n_l``: a multiple-choice
 knapsack, solved by Lagrangian relaxation (each layer takes ``argmin_f c[l, f] + lambda b[l, f]``, bisection on
 ``lambda`` to the budget) and then a greedy fill of the budget left over, best cost reduction per bit first.
 
-Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the profile
-has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
+Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the K-FAC
+profile has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
 allocation; the predicted KLD of the result comes from the ``profile`` predictor, whose constant was fitted on
 measured KLDs of whole models (so it absorbs their average effect), and the allocated recipes are measured in
 the run store beside the uniform ones.
+
+A (layer, format) pair the layout cannot store (a k-quant on rows that are not a multiple of 256) is not a choice
+for that layer. ``match="q4_k_m"`` allocates against one of llama.cpp's named mixes (:mod:`quantpredict.mixes`):
+the budget is the mix's bits, the candidates default to the formats the mix uses on this model, and the mix is
+priced beside the allocation (``compared``, with any other ``compare`` recipes), by the same objective and
+predictor.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ class Allocation:
     ``recipe``: an explicit per-layer recipe (``L=...`` label); ``bits_per_element``: its average over the quantized
     linears; ``objective``: the summed per-layer second-order KL (nats); ``prediction``: the predictor's row for it
     (kld, ppl... with intervals); ``layers``: one row per layer (name, elements, format, bits, cost);
-    ``best_uniform``: the best uniform candidate of no more bits, by the same objective, for comparison.
+    ``best_uniform``: the best uniform candidate of no more bits, by the same objective, for comparison;
+    ``compared``: the matched mix and the ``compare`` recipes, each with its bits, objective and prediction.
     """
 
     recipe: Recipe
@@ -51,23 +58,29 @@ class Allocation:
     seconds: float
     lagrange_multiplier: float
     notes: tuple[str, ...] = field(default=())
+    compared: tuple[dict[str, Any], ...] = field(default=())
 
 
 def solve_budget(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
     """Choose one option per row minimising ``sum cost[i, choice_i]`` with ``sum bits[i, choice_i] <= budget``.
 
     ``cost``, ``bits``: ``[layers, options]`` (``bits`` already multiplied by each layer's element count). Returns
-    ``(choice [layers], lambda)``. Raises :class:`RecipeError` when even the cheapest choice exceeds the budget.
+    ``(choice [layers], lambda)``. An option of infinite cost or bits is not a choice (a layout that cannot store
+    that layer); every row needs a finite one. Raises :class:`RecipeError` when even the cheapest choice exceeds
+    the budget.
     """
     cost, bits = np.asarray(cost, float), np.asarray(bits, float)
     rows = np.arange(len(cost))
+    feasible = np.isfinite(cost) & np.isfinite(bits)
+    if not feasible.any(axis=1).all():
+        raise RecipeError("every layer needs at least one candidate of finite cost and bits")
     if bits.min(axis=1).sum() > budget * (1 + 1e-12):
         raise RecipeError(f"the bit budget is below what the fewest-bit candidate of every layer needs "
                           f"({bits.min(axis=1).sum() / bits.shape[0]:.3g} per layer); raise it or add smaller "
                           "candidate formats")
 
     def pick(lam: float) -> np.ndarray:
-        score = cost + lam * bits
+        score = np.where(feasible, cost + lam * np.where(feasible, bits, 0.0), np.inf)
         best = score.min(axis=1, keepdims=True)
         # ties (common at lam = 0 for formats of equal cost) go to the fewer bits
         return np.where(score <= best + 1e-15 * np.abs(best), bits, np.inf).argmin(axis=1)
@@ -92,10 +105,11 @@ def solve_budget(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.
     while True:
         gain = cost[rows, choice][:, None] - cost
         extra = bits - bits[rows, choice][:, None]
-        ok = (gain > 0) & (extra > 0) & (extra <= budget - used + 1e-9)
+        ok = feasible & (gain > 0) & (extra > 0) & (extra <= budget - used + 1e-9)
         if not ok.any():
             break
-        ratio = np.where(ok, gain / np.where(extra > 0, extra, 1), -np.inf)
+        with np.errstate(invalid="ignore"):
+            ratio = np.where(ok, gain / np.where(ok, extra, 1.0), -np.inf)
         i, j = np.unravel_index(np.argmax(ratio), ratio.shape)
         used += extra[i, j]
         choice[i] = j
@@ -110,16 +124,58 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
 
     refs = mp.refs
     L, F = len(refs), len(candidates)
-    cost, bpe = np.zeros((L, F)), np.zeros((L, F))
+    cost, bpe = np.full((L, F), np.inf), np.full((L, F), np.inf)
     gptq = {"blocksize": base.gptq_blocksize, "percdamp": base.percdamp, "act_order": base.act_order}
     for j, (fmt, bs) in enumerate(candidates):
-        fb = (fmt, bs if bs is not None else get_format(fmt).default_block_size)
-        deltas = profile_deltas(refs, [fb] * L, method, mp.profile, gptq_options=gptq)
-        for i, (ref, d) in enumerate(zip(refs, deltas)):
+        f = get_format(fmt)
+        fb = (fmt, bs if bs is not None else f.default_block_size)
+        for i, ref in enumerate(refs):
+            if not _fits(f, ref.in_features):
+                continue  # e.g. a k-quant on rows that are not a multiple of 256: not a choice for this layer
+            d = profile_deltas([ref], [fb], method, mp.profile, gptq_options=gptq)[0]
             cost[i, j] = layer_prices(mp.profile, ref.name, d, kfac=False)[2]
-            bpe[i, j] = get_format(fmt).bits_per_element(fb[1], row_length=ref.in_features)
+            bpe[i, j] = f.bits_per_element(fb[1], row_length=ref.in_features)
+    stuck = [refs[i] for i in range(L) if not np.isfinite(cost[i]).any()]
+    if stuck:
+        r = stuck[0]
+        raise RecipeError(f"layer {r.name} (rows of {r.in_features}) fits none of the candidate formats "
+                          f"{', '.join(f for f, _ in candidates)} ({len(stuck)} such layers): llama.cpp layouts need "
+                          "rows that are a multiple of their block (256 for k-quants, 32 for q8_0/q5_0/q5_1); add a "
+                          "format that fits, e.g. q5_0, q8_0 or an MX format")
     sizes = np.array([r.weight.numel() for r in refs], float)
     return cost, bpe, sizes
+
+
+def _fits(fmt, in_features: int) -> bool:
+    from quantpredict.errors import FormatError
+
+    try:
+        fmt.check_row_length(in_features)
+    except FormatError:
+        return False
+    return True
+
+
+def recipe_objective(mp, recipe: Recipe) -> tuple[float, float]:
+    """``(summed per-layer second-order KL, bits per element)`` of any recipe, by the allocation's objective."""
+    from quantpredict.features.fisher import layer_prices, profile_deltas
+    from quantpredict.formats import get_format
+    from quantpredict.quantize import layer_plan
+
+    planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
+    formats = [planned.get(r.name) for r in mp.refs]
+    gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
+    deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+    total = bits = elements = 0.0
+    for ref, fb, d in zip(mp.refs, formats, deltas, strict=True):
+        n = ref.weight.numel()
+        elements += n
+        if fb is None:
+            bits += 16.0 * n
+            continue
+        total += layer_prices(mp.profile, ref.name, d, kfac=False)[2]
+        bits += get_format(fb[0]).bits_per_element(fb[1], row_length=ref.in_features) * n
+    return float(total), bits / elements
 
 
 def _parse_candidates(candidates: Sequence[str]) -> list[tuple[str, int | None]]:
@@ -135,51 +191,89 @@ def _parse_candidates(candidates: Sequence[str]) -> list[tuple[str, int | None]]
     return out
 
 
-def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFAULT_CANDIDATES,
+def _predict_row(pred, mp, recipe: Recipe, ppl_fp: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    from quantpredict.predict.rank import recipe_row
+
+    row = recipe_row(mp, recipe)
+    if ppl_fp is not None:
+        row["ppl_fp"] = float(ppl_fp)
+    price = {"token_gn_quad": row["token_gn_quad"]}
+    if pred is None:  # allocation alone, nothing predicted
+        return row, price
+    return row, pred.predict(pd.DataFrame([row])).iloc[0].to_dict() | price
+
+
+def _compared(pred, mp, specs: Sequence[Any], ppl_fp: float | None) -> list[dict[str, Any]]:
+    from quantpredict.mixes import is_mix_spec, resolve_recipe
+
+    out = []
+    for spec in specs:
+        recipe = resolve_recipe(spec, mp.model)
+        objective, bits = recipe_objective(mp, recipe)
+        _, prediction = _predict_row(pred, mp, recipe, ppl_fp)
+        out.append({"recipe": recipe.label, "mix": spec if is_mix_spec(spec) else None, "bits_per_element": bits,
+                    "objective": objective, "prediction": prediction})
+    return out
+
+
+def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequence[str] | None = None,
              method: str = "rtn", predictor: Any = "default", tokenizer: Any = None, profile=None,
-             ppl_fp: float | None = None, calib: Any = None) -> Allocation:
-    """Per-layer formats for ``model`` from ``candidates`` (format names, ``_bN`` for a block size) with at most
-    ``target_bits`` bits per element on average over the quantized linears, minimising the predicted KLD.
+             ppl_fp: float | None = None, match: str | None = None, compare: Sequence[Any] = (),
+             calib: Any = None) -> Allocation:
+    """Per-layer formats for ``model`` from ``candidates`` (format names, ``_bN`` for a block size; default
+    :data:`DEFAULT_CANDIDATES`) with at most ``target_bits`` bits per element on average over the quantized linears,
+    minimising the predicted KLD.
 
     ``method``: ``rtn`` or ``gptq`` for every layer (GPTQ costs come from per-layer GPTQ against the profile's
     Hessian). ``profile``: a :class:`~quantpredict.predict.rank.ModelProfile` already measured (else measured
-    here). Returns an :class:`Allocation` whose ``recipe`` quantize_model, the features, predict and the run store
-    all take.
+    here). ``match``: a named mix (``q4_k_m``) to allocate against: ``target_bits`` defaults to its bits and
+    ``candidates`` to the formats it uses on this model. ``compare``: more recipes, labels or mixes to price beside
+    the allocation. ``predictor=None`` allocates without predicting the result (before a predictor is fitted).
+    ``calib``: calibration ids for the profile (default: WikiText-2 train). Returns an :class:`Allocation` whose
+    ``recipe`` quantize_model, the features, predict and the run store all take.
     """
+    from quantpredict.mixes import is_mix_spec, resolve_recipe
     from quantpredict.predict.quality import resolve_predictor
-    from quantpredict.predict.rank import PROFILE_PREDICTOR_DIR, profile_model, recipe_row
+    from quantpredict.predict.rank import PROFILE_PREDICTOR_DIR, profile_model
 
-    if not (np.isfinite(target_bits) and target_bits > 0):
+    if match is not None and not is_mix_spec(match):
+        raise RecipeError(f"match={match!r} is not a named mix; see quantpredict.mixes.MIX_NAMES")
+    if target_bits is None and match is None:
+        raise RecipeError("give target_bits (bits per element) or match (a named mix whose bits to match)")
+    if target_bits is not None and not (np.isfinite(target_bits) and target_bits > 0):
         raise RecipeError(f"target_bits must be a positive number of bits per element, got {target_bits!r}")
     if method not in ("rtn", "gptq"):
         raise RecipeError(f"allocate's method must be rtn or gptq, got {method!r}")
-    cands = _parse_candidates(candidates)
+    if candidates is not None or match is None:
+        cands = _parse_candidates(DEFAULT_CANDIDATES if candidates is None else candidates)
     pred = None
-    if predictor is not None:  # None: allocate without predicting the result (e.g. before a predictor is fitted)
+    if predictor is not None:
         pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)
         if getattr(pred, "kind", None) != "profile":
             raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
     t0 = time.perf_counter()
     mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer, calib=calib)
+    specs = [match, *compare] if match is not None else list(compare)
+    if match is not None:
+        mix = resolve_recipe(match, mp.model)
+        if candidates is None:
+            cands = _parse_candidates(sorted({f for f, _ in mix.layer_formats}))
+        if target_bits is None:
+            target_bits = recipe_objective(mp, mix)[1]
     base = Recipe(cands[0][0], method=method)
     cost, bpe, sizes = layer_table(mp, cands, method, base)
     choice, lam = solve_budget(cost, bpe * sizes[:, None], target_bits * sizes.sum())
     rows = np.arange(len(choice))
     chosen = [cands[j] for j in choice]
     recipe = mixed_recipe(base, chosen)
-    row = recipe_row(mp, recipe)
-    if ppl_fp is not None:
-        row["ppl_fp"] = float(ppl_fp)
-    prediction = {"token_gn_quad": row["token_gn_quad"]}
-    if pred is not None:
-        prediction = pred.predict(pd.DataFrame([row])).iloc[0].to_dict() | prediction
+    _, prediction = _predict_row(pred, mp, recipe, ppl_fp)
     layers = pd.DataFrame({"layer": [r.name for r in mp.refs], "elements": sizes.astype(int),
                            "format": [f"{f}" + (f"_b{b}" if b else "") for f, b in chosen],
                            "bits_per_element": bpe[rows, choice], "cost": cost[rows, choice]})
     uniform = []
     for j, (fmt, bs) in enumerate(cands):
         bits_j = float((bpe[:, j] * sizes).sum() / sizes.sum())
-        if bits_j <= target_bits + 1e-9:
+        if np.isfinite(bits_j) and bits_j <= target_bits + 1e-9:
             uniform.append({"recipe": Recipe(fmt, block_size=bs, method=method).label, "bits_per_element": bits_j,
                             "objective": float(cost[:, j].sum())})
     best_uniform = min(uniform, key=lambda u: u["objective"]) if uniform else None
@@ -188,4 +282,4 @@ def allocate(model: Any, target_bits: float, *, candidates: Sequence[str] = DEFA
                       objective=float(cost[rows, choice].sum()), prediction=prediction, layers=layers,
                       best_uniform=best_uniform, seconds=time.perf_counter() - t0, lagrange_multiplier=float(lam),
                       notes=("cross-layer terms of the Fisher are not modelled (the objective is additive over "
-                             "layers)",))
+                             "layers)",), compared=tuple(_compared(pred, mp, specs, ppl_fp)))

@@ -172,7 +172,9 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
     ``model``: a zoo name, an imported model or an HF directory, or a loaded model (with ``tokenizer``).
-    ``recipes``: Recipes or labels; default the shipped grid (14 formats x RTN/GPTQ). ``predictor``: ``"default"``
+    ``recipes``: Recipes, labels or named mixes (``q4_k_m``, ``q5_k_m-gptq``: resolved for the model's layers, see
+    :mod:`quantpredict.mixes`); default the shipped grid (14 formats x RTN/GPTQ); the ``mix`` column names the mix
+    a row came from. ``predictor``: ``"default"``
     (the shipped ``profile`` predictor, which needs nothing but weights per recipe), a directory or a fitted
     predictor of kind ``profile``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
     (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known. ``calib``: calibration ids
@@ -196,14 +198,19 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     if getattr(pred, "kind", None) != "profile":
         raise PredictorError(f"rank prices recipes from weights alone and needs a 'profile' predictor; got kind "
                              f"{getattr(pred, 'kind', None)!r} (fit one with `quantpredict fit --kind profile`)")
-    cands = [Recipe.coerce(r) for r in (recipes if recipes is not None else default_recipes())]
-    if not cands:
+    from quantpredict.mixes import is_mix_spec, resolve_recipe
+
+    specs = list(recipes if recipes is not None else default_recipes())
+    for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
+        if not is_mix_spec(s):
+            Recipe.coerce(s)
+    if not specs:
         raise RecipeError("rank_recipes needs at least one candidate recipe")
     t0 = time.perf_counter()
     mp = profile_model(model, tokenizer=tokenizer, calib=calib)
     rows = []
-    for r in tqdm(cands, desc="rank", unit="recipe", disable=not progress):
-        rows.append(recipe_row(mp, r))
+    for s in tqdm(specs, desc="rank", unit="recipe", disable=not progress):
+        rows.append(recipe_row(mp, resolve_recipe(s, mp.model)) | {"mix": s if is_mix_spec(s) else None})
     frame = pd.DataFrame(rows)
     if ppl_fp is not None:
         frame["ppl_fp"] = float(ppl_fp)
@@ -230,5 +237,5 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     return frame
 
 
-COLUMNS = ("recipe", "bits_per_element", "size_bytes", "kld", "kld_low", "kld_high", "delta_nll", "ppl", "ppl_low",
-           "ppl_high", "top1", "pareto", "recommended", "price_seconds")
+COLUMNS = ("recipe", "mix", "bits_per_element", "size_bytes", "kld", "kld_low", "kld_high", "delta_nll", "ppl",
+           "ppl_low", "ppl_high", "top1", "pareto", "recommended", "price_seconds")

@@ -1,18 +1,27 @@
-"""Post-training quantization: RTN, GPTQ, SmoothQuant (and both), activation fake-quant, in every format.
+"""Post-training quantization: RTN, GPTQ, SmoothQuant, AWQ (each composable), activation fake-quant, in every format.
 
-Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.act`
+Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.awq`, :mod:`.act`
 (activation fake-quant hooks), :mod:`.calib` (layer-input Hessians), :mod:`.model` (block-by-block
 :func:`quantize_model`, :class:`QuantReport`, :func:`save_quantized`).
 """
 
 from __future__ import annotations
 
+from quantpredict.mixes import MIX_NAMES, named_mix
 from quantpredict.quantize.act import (
     ActQuantHandle,
     has_act_quant,
     install_act_quant,
     install_act_quant_on,
     remove_act_quant,
+)
+from quantpredict.quantize.awq import (
+    AwqClipReport,
+    AwqGroupReport,
+    apply_recorded_scales,
+    fold_scales,
+    search_clip,
+    search_scales,
 )
 from quantpredict.quantize.calib import InputStats, capture_linear_inputs, collect_hessians, sample_calibration
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error, relative_output_error
@@ -37,20 +46,25 @@ from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 
 __all__ = [
     "ActQuantHandle",
+    "AwqClipReport",
+    "AwqGroupReport",
     "InputStats",
     "LayerReport",
     "LayerRule",
     "PlannedLayer",
     "METHODS",
+    "MIX_NAMES",
     "QUANT_CONFIG",
     "QuantReport",
     "Recipe",
     "SavedQuantization",
+    "apply_recorded_scales",
     "apply_saved_quantization",
     "apply_smoothing",
     "capture_linear_inputs",
     "code_version",
     "collect_hessians",
+    "fold_scales",
     "gptq_quantize",
     "has_act_quant",
     "install_act_quant",
@@ -58,6 +72,7 @@ __all__ = [
     "layer_output_error",
     "layer_plan",
     "mixed_recipe",
+    "named_mix",
     "quantize_model",
     "quantized_linears",
     "read_quantization",
@@ -67,6 +82,8 @@ __all__ = [
     "rtn_quantize",
     "sample_calibration",
     "save_quantized",
+    "search_clip",
+    "search_scales",
     "size_report",
     "smoothing_scales",
 ]

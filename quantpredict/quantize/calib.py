@@ -1,4 +1,5 @@
-"""Calibration statistics of linear-layer inputs: the GPTQ Hessian ``H = 2/N sum x x^T`` and per-channel max |x|.
+"""Calibration statistics of linear-layer inputs: the GPTQ Hessian ``H = 2/N sum x x^T``, per-channel max |x| and
+mean |x| (AWQ's activation statistic).
 
 :func:`capture_linear_inputs` hooks the inputs of a set of linear layers while the caller runs forward passes;
 :func:`collect_hessians` does that for a whole (unquantized) model over calibration windows. Products ``x^T x`` are
@@ -24,17 +25,27 @@ class InputStats:
         self.in_features = in_features
         self.tokens = 0
         self.absmax = torch.zeros(in_features, dtype=torch.float32)
+        self.abssum = torch.zeros(in_features, dtype=torch.float64)
         self.xtx = torch.zeros(in_features, in_features, dtype=torch.float64) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).to(torch.float32)
         if self.absmax.device != x.device:  # first batch on an accelerator: keep the sums where the data is
             self.absmax = self.absmax.to(x.device)
+            self.abssum = self.abssum.to(x.device)
             self.xtx = None if self.xtx is None else self.xtx.to(x.device)
         self.tokens += x.shape[0]
         self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.abssum += x.abs().sum(dim=0, dtype=torch.float64)
         if self.xtx is not None:
             self.xtx += (x.T @ x).double()
+
+    @property
+    def absmean(self) -> torch.Tensor:
+        """Per-channel mean ``|x|`` over the ``N`` tokens seen, ``[in]`` float64."""
+        if self.tokens == 0:
+            raise ValueError("no inputs were captured: run a forward pass inside capture_linear_inputs")
+        return self.abssum / self.tokens
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -8,9 +8,11 @@
    order within a block is not used: one pass per block instead of one per linear);
 2. SmoothQuant (if ``smoothquant_alpha`` is set) folds its scales into the norm -> linear pairs; each affected
    Hessian is rescaled exactly (``X' = X / s`` gives ``H' = diag(1/s) H diag(1/s)``), so no second pass is needed;
-3. every linear not in ``recipe.skip`` is quantized (RTN or GPTQ); the report records RTN's and the method's output
+3. AWQ (if ``recipe.awq``, :mod:`.awq`) searches each scaling group's scales on those Hessians, folds them (the
+   Hessians rescaled the same way) and, before RTN, clips the weights;
+4. every linear not in ``recipe.skip`` is quantized (RTN or GPTQ); the report records RTN's and the method's output
    error on the calibration inputs;
-4. activation fake-quant hooks go on the block's quantized linears, and the block's outputs become block ``i+1``'s
+5. activation fake-quant hooks go on the block's quantized linears, and the block's outputs become block ``i+1``'s
    inputs.
 """
 
@@ -29,6 +31,7 @@ from torch import nn
 from quantpredict import arch
 from quantpredict.arch import BlockInputs, LinearRef
 from quantpredict.quantize.act import install_act_quant, install_act_quant_on
+from quantpredict.quantize.awq import AwqClipReport, AwqGroupReport, awq_block
 from quantpredict.quantize.calib import capture_linear_inputs
 from quantpredict.quantize.gptq import gptq_quantize, relative_output_error
 from quantpredict.quantize.recipe import Recipe
@@ -46,7 +49,10 @@ class LayerReport:
     """One quantized linear layer.
 
     ``output_error_rtn`` / ``output_error`` are relative squared output errors on the calibration inputs,
-    ``||dW X||^2 / ||W X||^2``, for RTN and for the recipe's method (equal for RTN).
+    ``||dW X||^2 / ||W X||^2``, for RTN and for the recipe's method (equal for RTN). With AWQ, ``output_error_rtn``
+    is plain RTN of the layer as it was (unscaled, unclipped: the baseline AWQ improves on) and ``output_error``
+    that of the stored layer against its scaled FP weight on its scaled inputs; both measure the same outputs,
+    except for a linear whose output rows AWQ scaled (v, up: that error is of the scaled outputs).
     """
 
     name: str
@@ -79,20 +85,31 @@ class QuantReport:
     compression_ratio: float
     calibration_tokens: int
     total_seconds: float
+    awq: tuple[AwqGroupReport, ...] = ()  # AWQ's scaling groups, with the scales folded
+    awq_clips: tuple[AwqClipReport, ...] = ()  # AWQ's clipping search, per linear
 
     def summary(self) -> dict[str, Any]:
-        """The model-level numbers (no per-layer rows), JSON-ready."""
-        d = {k: v for k, v in asdict(self).items() if k != "layers"}
+        """The model-level numbers (no per-layer rows, no AWQ scales), JSON-ready."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("layers", "awq", "awq_clips")}
         d["n_layers"] = len(self.layers)
         if self.layers:
             d["mean_rel_weight_error"] = sum(r.rel_weight_error for r in self.layers) / len(self.layers)
             d["mean_output_error_rtn"] = sum(r.output_error_rtn for r in self.layers) / len(self.layers)
             d["mean_output_error"] = sum(r.output_error for r in self.layers) / len(self.layers)
+        if self.awq:
+            d["awq_groups"] = len(self.awq)
+            d["awq_mean_ratio"] = sum(g.ratio for g in self.awq) / len(self.awq)
+            gains = [g.loss / g.loss_rtn for g in self.awq if g.loss_rtn > 0]
+            d["awq_mean_loss_ratio"] = sum(gains) / len(gains) if gains else 1.0
+        if self.awq_clips:
+            d["awq_clipped_fraction"] = sum(c.clipped_fraction for c in self.awq_clips) / len(self.awq_clips)
         return d
 
     def to_dict(self) -> dict[str, Any]:
         d = self.summary()
         d["layers"] = [asdict(r) for r in self.layers]
+        d["awq"] = [asdict(g) for g in self.awq]
+        d["awq_clips"] = [asdict(c) for c in self.awq_clips]
         return d
 
     def format_table(self, *, max_rows: int | None = None) -> str:
@@ -115,6 +132,11 @@ class QuantReport:
         if self.layers:
             lines.append(f"mean output error: RTN {s['mean_output_error_rtn']:.3e}, this recipe "
                          f"{s['mean_output_error']:.3e}")
+        if self.awq:
+            lines.append(f"AWQ: {s['awq_groups']} scaling groups, mean alpha {s['awq_mean_ratio']:.2f}, group output "
+                         f"error {s['awq_mean_loss_ratio']:.3f}x RTN's before clipping"
+                         + (f"; clipping shrank {100 * s['awq_clipped_fraction']:.1f}% of the group maxima"
+                            if self.awq_clips else ""))
         return "\n".join(lines)
 
 
@@ -191,7 +213,7 @@ def quantize_model(
         batch_size: windows per forward pass.
         progress: show a progress bar over blocks.
         output_errors: measure each layer's output error on the calibration inputs. ``None`` (default): only when
-            the recipe needs a calibration pass anyway (GPTQ or SmoothQuant); plain RTN is data-free, and skipping
+            the recipe needs a calibration pass anyway (GPTQ, SmoothQuant or AWQ); plain RTN is data-free, and skipping
             the pass makes it ~10x cheaper (its report's output errors are then NaN). ``calib_ids`` is checked either
             way.
 
@@ -206,18 +228,19 @@ def quantize_model(
     arch.adapter(model)  # unsupported architecture: a clear error before any work
     if recipe.smoothquant_alpha is not None:
         arch.require_smoothquant(model)  # so is SmoothQuant where no fold is exact (post-norm, generic walk)
+    if recipe.awq:
+        arch.require_scale_folds(model, "AWQ", "awq")  # and AWQ, which folds into the same norms
     arch.check_finite(model)
     windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
     windows = windows.to(next(model.parameters()).device)
-    if recipe.awq:
-        from quantpredict.errors import RecipeError
-
-        raise RecipeError(f"recipe {recipe.label}: AWQ is not available in this version yet; drop awq=True")
     plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
 
     layers: list[LayerReport] = []
+    awq_groups: list[AwqGroupReport] = []
+    awq_clips: list[AwqClipReport] = []
     blocks = arch.blocks(model)
-    if recipe.method == "rtn" and recipe.smoothquant_alpha is None and not output_errors:
+    data_free = recipe.method == "rtn" and recipe.smoothquant_alpha is None and not recipe.awq
+    if data_free and not output_errors:
         return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
 
     inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
@@ -229,6 +252,7 @@ def quantize_model(
         with capture_linear_inputs(refs) as stats:
             arch.run_block(block, inputs, batch_size)
         hessians = {name: s.hessian for name, s in stats.items()}
+        absmeans = {name: s.absmean for name, s in stats.items()} if recipe.awq else {}
 
         if recipe.smoothquant_alpha is not None:
             for pair in arch.smooth_pairs(model, index):
@@ -238,23 +262,25 @@ def quantize_model(
                 inv = 1.0 / s
                 for r in pair.linears:
                     hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
+                    if r.name in absmeans:
+                        absmeans[r.name] = absmeans[r.name] * inv
 
         block_plan = [p for p in plan if p.ref.block_index == index]
+        baseline: dict[str, float] = {}  # AWQ: plain RTN's error of each layer before scaling
+        reference: dict[str, torch.Tensor] = {}  # AWQ: the scaled FP weights, before clipping
+        if recipe.awq:
+            for p in block_plan:
+                w0 = p.ref.weight.detach().to(torch.float32)
+                baseline[p.ref.name] = relative_output_error(
+                    w0, rtn_quantize(w0, p.weight_format, block_size=p.block_size), hessians[p.ref.name])
+            result = awq_block(model, index, {p.ref.name: (p.weight_format, p.block_size) for p in block_plan},
+                               hessians, absmeans, clip=recipe.method == "rtn")
+            awq_groups.extend(result.groups)
+            awq_clips.extend(result.clips)
+            reference = result.reference
         for p in block_plan:
-            ref = p.ref
-            t0 = time.perf_counter()
-            w = ref.weight.detach().to(torch.float32)
-            H = hessians[ref.name]
-            w_rtn = rtn_quantize(w, p.weight_format, block_size=p.block_size)
-            if recipe.method == "gptq":
-                w_q = gptq_quantize(w, H, p.weight_format, block_size=p.block_size,
-                                    blocksize=recipe.gptq_blocksize, percdamp=recipe.percdamp,
-                                    act_order=recipe.act_order)
-            else:
-                w_q = w_rtn
-            err_rtn = relative_output_error(w, w_rtn, H)
-            err = err_rtn if w_q is w_rtn else relative_output_error(w, w_q, H)
-            layers.append(_set_quantized(ref, index, w, w_q, err_rtn, err, t0))
+            layers.append(_quantize_layer(p, index, recipe, hessians[p.ref.name], reference.get(p.ref.name),
+                                          baseline.get(p.ref.name)))
 
         if recipe.act_format is not None:
             install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
@@ -265,7 +291,28 @@ def quantize_model(
 
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=n_tokens,
-                       total_seconds=time.perf_counter() - t_start, **size)
+                       total_seconds=time.perf_counter() - t_start, awq=tuple(awq_groups), awq_clips=tuple(awq_clips),
+                       **size)
+
+
+def _quantize_layer(p: PlannedLayer, index: int, recipe: Recipe, H: torch.Tensor, reference: torch.Tensor | None,
+                    baseline_rtn: float | None) -> LayerReport:
+    """Round one layer (RTN or GPTQ on ``H``) and report it. ``reference``: the FP weight errors are measured against
+    when it is not the layer's current weight (AWQ: scaled but not clipped); ``baseline_rtn``: the RTN error to
+    report instead of RTN of the current weight (AWQ: RTN of the layer before scaling)."""
+    ref = p.ref
+    t0 = time.perf_counter()
+    w_in = ref.weight.detach().to(torch.float32)
+    w = w_in if reference is None else reference
+    w_rtn = rtn_quantize(w_in, p.weight_format, block_size=p.block_size)
+    if recipe.method == "gptq":
+        w_q = gptq_quantize(w_in, H, p.weight_format, block_size=p.block_size, blocksize=recipe.gptq_blocksize,
+                            percdamp=recipe.percdamp, act_order=recipe.act_order)
+    else:
+        w_q = w_rtn
+    err_rtn = relative_output_error(w, w_rtn, H) if baseline_rtn is None else baseline_rtn
+    err = relative_output_error(w, w_q, H) if (w_q is not w_rtn or baseline_rtn is not None) else err_rtn
+    return _set_quantized(ref, index, w, w_q, err_rtn, err, t0)
 
 
 def _set_quantized(ref: LinearRef, index: int, w: torch.Tensor, w_q: torch.Tensor, err_rtn: float, err: float,

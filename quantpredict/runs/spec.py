@@ -171,9 +171,11 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
               block_sizes: Iterable[int | None] = (None,), seq_len: int = 256, eval_max_windows: int | None = None,
               model_ids: Mapping[str, str] | None = None, code_version: str = CODE_VERSION,
               block_size_formats: Sequence[str] | None = None, recipes: Sequence[Recipe | str] = (),
-              bos: Mapping[str, bool] | None = None, eval_text: str | None = None) -> list[RunSpec]:
+              bos: Mapping[str, bool] | None = None, eval_text: str | None = None,
+              model_recipes: Mapping[str, Sequence[Recipe | str]] | None = None) -> list[RunSpec]:
     """The full grid ``models x formats x block_sizes x methods x smoothquant x act_formats`` as run specs, plus
-    every model x each of ``recipes`` (explicit recipes or labels: mixed-precision allocations, named mixes).
+    every model x each of ``recipes`` (explicit recipes or labels: mixed-precision allocations), plus the recipes
+    ``model_recipes`` lists for one model (named mixes resolved for that model's layers).
 
     A pure function: the order is the nested-loop order of the arguments (models outermost, so a model's runs are
     adjacent), duplicates are dropped keeping the first. ``None`` (or the strings ``"none"``/``"default"``) in
@@ -188,7 +190,8 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
     """
     from quantpredict.errors import RecipeError
 
-    if not models or not ((formats and methods) or recipes):
+    per_model = {m: [Recipe.coerce(r) for r in rs] for m, rs in (model_recipes or {}).items()}
+    if not models or not ((formats and methods) or recipes or any(per_model.values())):
         raise RecipeError("plan_runs needs at least one model and either one format and one method or one recipe")
     unknown = [m for m in methods if str(m) not in METHOD_NAMES]
     if unknown:
@@ -210,7 +213,7 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
     for model in models:
         setting = EvalSetting(int(seq_len), None if eval_max_windows is None else int(eval_max_windows),
                               bool((bos or {}).get(model, False)), eval_text)
-        for recipe in grid:
+        for recipe in [*grid, *per_model.get(model, ())]:
             spec = RunSpec(str(model), recipe, setting, model_id=ids.get(model, str(model)),
                            code_version=code_version)
             if spec.key not in seen:

@@ -241,8 +241,9 @@ def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequenc
     ``identify`` maps a model to its id with the weights hash (``None`` keys runs by the name alone).
     ``block_size_formats`` limits block sizes to formats with those name prefixes (see :func:`plan_runs`).
     ``eval_max_windows`` limits evaluation to a fixed prefix of the test split (``None``: all of it); it is part
-    of the run key. ``recipes`` adds explicit recipes (or labels) to the grid: per-layer allocations, named mixes,
-    QAT recipes with their own options. Each identified model's tokenizer is probed for its protocol (BOS or not,
+    of the run key. ``recipes`` adds explicit recipes (or labels) to the grid: per-layer allocations, QAT recipes
+    with their own options, and named mixes (``q4_k_m``, ``q4_k_m-gptq``: resolved for each model's layers,
+    :mod:`quantpredict.mixes`). Each identified model's tokenizer is probed for its protocol (BOS or not,
     :func:`quantpredict.data.eval_protocol`), which is part of its run keys. ``eval_text`` / ``calib_text``: a
     user's UTF-8 text files for evaluation (its sha256 prefix enters the run key) and for calibration.
     """
@@ -256,9 +257,13 @@ def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequenc
     models = _split(models)
     formats = [f for f in _split(formats) if f is not None]
     methods = [m for m in _split(methods) if m is not None]
-    if not models or models == [None] or not ((formats and methods) or recipes):
+    from quantpredict.mixes import resolve_for_models, split_specs
+
+    recipes, mix_specs = split_specs(list(recipes))
+    if not models or models == [None] or not ((formats and methods) or recipes or mix_specs):
         raise QuantpredictError("collect needs at least one model and either one format and one method, or one "
                                 "explicit recipe")
+    model_recipes = resolve_for_models(models, mix_specs)
     ids = {m: (identify(m) if identify is not None else m) for m in models}
     bos = {m: model_uses_bos(m) for m in models} if identify is not None else {}
     text_sha = None
@@ -273,7 +278,7 @@ def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequenc
     plan = plan_runs(models, formats, methods, smoothquant=_split(smoothquant), act_formats=_split(act_formats),
                      block_sizes=_split(block_sizes), seq_len=seq_len, eval_max_windows=eval_max_windows,
                      model_ids=ids, block_size_formats=block_size_formats, recipes=recipes, bos=bos,
-                     eval_text=text_sha)
+                     eval_text=text_sha, model_recipes=model_recipes)
     if eval_text is not None or calib_text is not None:
         run_kwargs = dict(run_kwargs or {}) | {"eval_text": None if eval_text is None else str(eval_text),
                                                "calib_text": None if calib_text is None else str(calib_text)}
