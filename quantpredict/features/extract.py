@@ -29,7 +29,7 @@ from torch import nn
 from quantpredict import arch
 from quantpredict.data import calibration_windows
 from quantpredict.errors import ModelError
-from quantpredict.features.fisher import fisher_group, profile_group
+from quantpredict.features.fisher import fisher_measures, price_deltas, profile_deltas
 from quantpredict.features.hessian import HessianOperator, hutchinson_trace_op, top_eigenvalue_op
 from quantpredict.features.schema import FEATURES, GROUPS
 
@@ -551,6 +551,22 @@ def _gptq_proxy_group(ctx: _Context) -> dict[str, float]:
     return {"gptq_proxy_rtn": proxy_rtn, "gptq_proxy_gptq": proxy_gptq}
 
 
+def _fisher_group(ctx: _Context) -> dict[str, float]:
+    # forward-mode differentiation does not run through PyTorch's CPU SDPA kernel: eager attention, restored after
+    deltas = ctx.delta
+    with prepared(ctx.base, eager=True):
+        return fisher_measures(ctx.base, ctx.refs, deltas, ctx.windows, batch_size=1)
+
+
+def _profile_group(ctx: _Context) -> dict[str, float]:
+    # the recipe priced from weights alone against the model's profile (given to extract, or measured here)
+    recipe = ctx.recipe
+    gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
+    deltas = profile_deltas(ctx.refs, _layer_formats(ctx.base, ctx.refs, recipe), recipe.method, ctx.profile,
+                            gptq_options=gptq)
+    return price_deltas(ctx.profile, [r.name for r in ctx.refs], deltas)
+
+
 _GROUP_FNS = {
     "model": _model_group,
     "format": _format_group,
@@ -558,8 +574,8 @@ _GROUP_FNS = {
     "curvature": _curvature_group,
     "landscape": _landscape_group,
     "gptq_proxy": _gptq_proxy_group,
-    "fisher": fisher_group,
-    "profile": profile_group,
+    "fisher": _fisher_group,
+    "profile": _profile_group,
 }
 
 

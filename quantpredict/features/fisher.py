@@ -330,29 +330,3 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
                 wq = rtn_quantize(w, fb[0], block_size=fb[1])
             out.append(wq - w)
     return out
-
-
-# ---- the feature groups --------------------------------------------------------------------------------------------
-
-
-def fisher_group(ctx) -> dict[str, float]:
-    """Feature group ``fisher`` of an extraction context (``features.extract``). Forward-mode differentiation does not
-    run through PyTorch's CPU SDPA kernel, so attention is eager here (and restored after)."""
-    from quantpredict.features.extract import prepared
-
-    deltas = ctx.delta
-    with prepared(ctx.base, eager=True):
-        return fisher_measures(ctx.base, ctx.refs, deltas, ctx.windows, batch_size=1)
-
-
-def profile_group(ctx) -> dict[str, float]:
-    """Feature group ``profile``: the recipe priced from weights alone against the model's profile (given to
-    ``extract(profile=...)``, or measured here on the calibration windows)."""
-    from quantpredict.features.extract import _layer_formats
-
-    profile = ctx.profile
-    recipe = ctx.recipe
-    formats = _layer_formats(ctx.base, ctx.refs, recipe)
-    gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    deltas = profile_deltas(ctx.refs, formats, recipe.method, profile, gptq_options=gptq)
-    return price_deltas(profile, [r.name for r in ctx.refs], deltas)
