@@ -72,15 +72,21 @@ def _predict(model_name: str, recipes) -> int:
     model, tok = models.load(model_name, attn_implementation="eager")
     full = _full_eval_seconds(model_name)
     ppl_fp = _card_ppl(model_name)  # the FP model's measured test perplexity, when the zoo card has it
-    print(f"{model_name}: predicted WikiText-2 test perplexity ({predictor.kind} predictor, 90% interval); "
-          f"a full test evaluation of one quantized model costs {full} s")
+    import math
+
+    print(f"{model_name}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals); a full test "
+          f"evaluation of one quantized model costs {full} s")
     print(f"FP perplexity: {'measured (zoo card)' if ppl_fp else 'predicted from the calibration NLL'}")
-    print(f"{'recipe':24s} {'ppl':>9s} {'90% interval':>21s} {'delta NLL':>10s} {'FP ppl':>8s} {'seconds':>8s}")
+    print(f"{'recipe':20s} {'KLD':>9s} {'KLD 90% interval':>21s} {'ppl':>8s} {'ppl 90% interval':>19s} "
+          f"{'top-1%':>7s} {'seconds':>8s}")
     for fmt, method in recipes:
         pr = predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok,
                              ppl_fp=ppl_fp)
-        print(f"{pr.recipe:24s} {pr.ppl:9.3f} [{pr.ppl_low:9.3f}, {pr.ppl_high:9.3f}] {pr.delta_nll:10.5f} "
-              f"{pr.ppl_fp:8.3f} {pr.seconds:8.2f}")
+        kld = (f"{pr.kld:9.5f} [{pr.kld_low:9.5f}, {pr.kld_high:9.5f}]" if math.isfinite(pr.kld)
+               else f"{'n/a':>9s} {'':21s}")
+        top1 = f"{100 * pr.top1:7.2f}" if math.isfinite(pr.top1) else f"{'n/a':>7s}"
+        print(f"{pr.recipe:20s} {kld} {pr.ppl:8.3f} [{pr.ppl_low:8.3f}, {pr.ppl_high:8.3f}] {top1} "
+              f"{pr.seconds:8.2f}")
     return 0
 
 
