@@ -80,6 +80,21 @@ def target_verdicts(metrics: pd.DataFrame, kind: str) -> list[str]:
     return out
 
 
+def limits(metrics: pd.DataFrame, kind: str) -> list[str]:
+    """What limits the delta NLL target, in the runs' own numbers (when it is missed)."""
+    r = metrics[(metrics["kind"] == kind) & (metrics["split"] == "family")]
+    if r.empty or "delta_median_rel_err" not in r or float(r.iloc[0]["delta_median_rel_err"]) <= 0.20:
+        return []
+    r = r.iloc[0]
+    return ["", f"**What limits delta NLL.** A measured delta NLL is itself noisy: on the resolved runs its standard "
+                f"error alone would give a median relative error of {_fmt(r['delta_noise_floor'], 'rel_err')} against "
+                f"a perfect predictor, and 'resolved' (> 2 SE) keeps many runs whose delta is barely above its noise. "
+                f"On the {int(r['delta_n_precise'])} runs resolved to more than 10 SE the error is "
+                f"{_fmt(r['delta_median_rel_err_precise'], 'rel_err')}. The rest is the model-specific ratio of delta "
+                "NLL to KL (1.1-1.5 on the zoo), which the physics kind reads off the calibration batch's own NLL "
+                "change where that is resolved, and which no scale-free input predicts where it is not."]
+
+
 def kld_figure(predictions: pd.DataFrame, runs: pd.DataFrame, out: Path, kind: str, split: str = "family") -> Path:
     from quantpredict.report.style import PANEL, family_colors, pyplot, style
 
@@ -153,6 +168,7 @@ def write_targets_report(metrics: pd.DataFrame, predictions: pd.DataFrame, runs:
         f"## Targets ({fitted}, leave one family out unless stated)",
         "",
         *target_verdicts(metrics, fitted),
+        *limits(metrics, fitted),
     ]
     for split in ("family", "model", "largest_size", "real"):
         if (metrics["split"] == split).any():
