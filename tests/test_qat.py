@@ -262,6 +262,10 @@ def test_reference_shares_equal_hessians_and_float32_agrees(trained_llama):
     assert local_objective(q, ref32)[0] == pytest.approx(local_objective(q, ref)[0], rel=1e-5)
     assert weight_distance(q, ref32)[0] == pytest.approx(weight_distance(q, ref)[0], rel=1e-6)
     assert ref32.energy == pytest.approx(ref.energy, rel=1e-5)
+    shared = fp_reference(fp, names, windows, dtype=torch.float32, share_weights=True)
+    first = arch.linear_layers(fp)[0]
+    assert shared.weights[first.name].data_ptr() == first.weight.data_ptr()  # a view, not a copy
+    assert ref32.weights[first.name].data_ptr() != first.weight.data_ptr()
 
 
 def test_micro_batches_give_the_same_gradient(trained_llama):

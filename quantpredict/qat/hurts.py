@@ -317,10 +317,14 @@ def hurts_command(records: Sequence[dict], out: str = "reports") -> str:
 
 def _cost_line(records: Sequence[dict]) -> str:
     secs = [r["seconds"] for r in records]
+    cpu = [r["cpu_seconds"] for r in records if r.get("cpu_seconds") is not None]
     rss = [r.get("max_rss_gb") for r in records if r.get("max_rss_gb")]
     opts = records[0].get("options") or {}
-    return (f"{len(records)} cells, {sum(secs) / 60:.0f} minutes in all (median {sorted(secs)[len(secs) // 2] / 60:.1f}"
-            f" per cell, single-threaded on a shared 2-core machine)" + (f", peak RSS {max(rss):.1f} GB" if rss else "")
+    median = sorted(secs)[len(secs) // 2] / 60
+    return (f"{len(records)} cells, {sum(secs) / 60:.0f} minutes wall in all (median {median:.1f} per cell"
+            + (f"; {sum(cpu) / 60:.0f} CPU minutes" if cpu else "")
+            + ", single-threaded on a shared 2-core machine; a model's FP reference is not counted, a format's PTQ "
+            "baselines count in its first cell only)" + (f", peak RSS {max(rss):.1f} GB" if rss else "")
             + f"; trajectory points: PTQ after every {opts.get('ptq_points', 'layer')}, QAT every "
             f"{records[0]['settings']['track_every']} steps; local-objective reference in "
             f"{opts.get('reference_dtype', 'float64')}" + (f"; QAT micro-batches of {opts['micro_batch_size']} "

@@ -161,14 +161,15 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
         ctx["fp_nll"] = window_nlls(model_fp, ctx["windows"], batch_size=8)
         calib_w = data.calibration_windows(ctx["calib_ids"], s.calib_samples, s.calib_seq_len, seed=s.seed)
         names = [r.name for r in arch.linear_layers(model_fp)]
+        # model_fp is never modified here (QAT and the PTQ replays work on copies): its weights can be shared
         ctx["reference"] = fp_reference(model_fp, names, calib_w, batch_size=8,
-                                        dtype=REFERENCE_DTYPES[opts.reference_dtype])
+                                        dtype=REFERENCE_DTYPES[opts.reference_dtype], share_weights=True)
         ctx["fp_point"] = measure_point(model_fp, ctx["reference"], ctx["track"], 0).to_dict()
         ctx["ptq"] = {}
     windows, track, reference = ctx["windows"], ctx["track"], ctx["reference"]
     recipe = Recipe(fmt, calib_samples=s.calib_samples, calib_seq_len=s.calib_seq_len, seed=s.seed)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     nlls: dict[str, torch.Tensor] = {"fp": ctx["fp_nll"]}
     paths: dict[str, list[dict]] = {}
     qat: dict[str, dict] = {}
@@ -218,7 +219,7 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
         "settings": s.to_dict(), "eval_windows": windows.n, "eval_tokens": windows.scored_tokens,
         "methods": methods, "diffs": diffs, "paths": paths, "fp_point": ctx["fp_point"], "spearman": spearman,
         "qat": qat, "ptq": ptq_reports, "seconds": time.perf_counter() - t0,
-        "options": opts.to_dict(), "max_rss_gb": _max_rss_gb(),
+        "options": opts.to_dict(), "max_rss_gb": _max_rss_gb(), "cpu_seconds": time.process_time() - c0,
         "window_nll": {m: [float(x) for x in nlls[m]] for m in METHODS}, "windows_sha": _windows_sha(windows.ids),
     }
 

@@ -88,12 +88,14 @@ def _share_equal(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def fp_reference(model: nn.Module, names: list[str], windows: torch.Tensor, *, batch_size: int = 8,
-                 dtype: torch.dtype = torch.float64) -> Reference:
+                 dtype: torch.dtype = torch.float64, share_weights: bool = False) -> Reference:
     """Snapshot ``model``'s (FP) weights of the layers ``names`` and their input Hessians on ``windows`` [n, seq].
 
     ``dtype``: of the stored weights and Hessians and of the local-objective products. float64 (the default) for
     exact sums; float32 halves the memory and time (SmolLM2: ~0.8 GB instead of ~1.9 GB; relative error ~1e-6).
-    Equal Hessians (layers fed by one input) are stored once.
+    Equal Hessians (layers fed by one input) are stored once. ``share_weights``: where the weights already have
+    ``dtype``, keep views of them instead of copies (another model's worth of memory saved); the caller must then
+    leave ``model``'s weights unchanged for as long as the reference is used.
     """
     from quantpredict.quantize import collect_hessians
 
@@ -103,7 +105,7 @@ def fp_reference(model: nn.Module, names: list[str], windows: torch.Tensor, *, b
     del hessians
     cast: dict[int, torch.Tensor] = {}
     h = {n: cast.setdefault(id(t), t.to(dtype)) for n, t in shared.items()}
-    weights = {n: refs[n].weight.detach().to(dtype, copy=True) for n in names}
+    weights = {n: refs[n].weight.detach().to(dtype, copy=not share_weights) for n in names}
     return Reference(tuple(names), weights, h)
 
 
