@@ -52,6 +52,7 @@ def register(subparsers) -> None:
                    help="QAT forward/backward passes of at most N windows, gradients accumulated (default: the "
                         "whole batch; bounds activation memory)")
     q.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
     q.add_argument("--pending", default="", help="a note on what is still to run, printed in the report")
     q.add_argument("--report-only", action="store_true", help="re-render the report from OUT/qat_results.jsonl")
     q.add_argument("--out", default="reports", metavar="DIR", help="output folder (default reports/)")
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                                   track_every=args.track_every, seed=args.seed) for lr in args.lr]
         options = RunOptions(ptq_points=args.ptq_points, reference_dtype=args.reference_dtype,
                              micro_batch_size=args.micro_batch_size)
-        run_study(models, formats, settings=settings, results=results, options=options)
+        run_study(models, formats, settings=settings, results=results, options=options,
+                  progress=not args.no_progress)
     records = read_results(out / RESULTS_FILES["zoo"])
     hurts = read_results(out / RESULTS_FILES["hurts"])
     if not records and not hurts:
