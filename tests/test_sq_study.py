@@ -110,6 +110,7 @@ def test_sq_verdicts_per_model_and_across_models():
     assert vs[("SmoothQuant (alpha 0.5)", "a-m")].verdict == "holds"
     assert vs[("SmoothQuant (alpha 0.5)", "b-m")].verdict == "undecided"  # no effect: within noise
     assert vs[("SmoothQuant (alpha 0.5) KLD", "c-m")].verdict == "holds"
+    assert vs[("MXINT8 activations raise the NLL on top of GPTQ's weights", "a-m")].verdict == "holds"  # +0.05
     layers = [v for v in claims(recs) if "across layers" in v.claim]
     assert {v.verdict for v in layers} == {"holds"}  # the local gain rises with the ratio in every model
     (across,) = [v for v in claims(recs) if "across models" in v.scope]

@@ -322,7 +322,7 @@ def _cost_line(records: Sequence[dict]) -> str:
     opts = records[0].get("options") or {}
     median = sorted(secs)[len(secs) // 2] / 60
     return (f"{len(records)} cells, {sum(secs) / 60:.0f} minutes wall in all (median {median:.1f} per cell"
-            + (f"; {sum(cpu) / 60:.0f} CPU minutes" if cpu else "")
+            + (f"; {sum(cpu) / 60:.1f} CPU minutes" if cpu else "")
             + ", single-threaded on a shared 2-core machine; a model's FP reference is not counted, a format's PTQ "
             "baselines count in its first cell only)" + (f", peak RSS {max(rss):.1f} GB" if rss else "")
             + f"; trajectory points: PTQ after every {opts.get('ptq_points', 'layer')}, QAT every "

@@ -237,13 +237,21 @@ def _formats(records: Sequence[dict]) -> list[str]:
 
 
 def claims(records: Sequence[dict]) -> list[Verdict]:
-    """Per model: SmoothQuant lowers NLL / KLD at each alpha (cells: formats), its local gain follows the outliers
-    across layers (cells: format x alpha); across models: its NLL gain follows the models' median outlier ratio."""
+    """Per model: the activation format costs NLL on top of GPTQ (cells: formats; what SmoothQuant could win back),
+    SmoothQuant lowers NLL / KLD at each alpha (cells: formats), its local gain follows the outliers across layers
+    (cells: format x alpha); across models: its NLL gain follows the models' median outlier ratio."""
     runs, outl = _runs(records), _outliers(records)
     models = sorted({r["model"] for r in records})
     act = next((r["act_format"] for r in records if r["kind"] == "run" and r["act_format"]), "mxint8")
     out: list[Verdict] = []
     for model in models:
+        ev = []
+        for fmt in _formats(records):
+            w_only, w_a = runs.get((model, fmt, None, None)), runs.get((model, fmt, None, act))
+            if w_only and w_a:
+                ev.append(Evidence(f"{model} {fmt}", *sq_gain(w_a, w_only)))  # W+A minus W only: the activations' cost
+        if ev:
+            out.append(verdict(f"{act.upper()} activations raise the NLL on top of GPTQ's weights", model, ev))
         for alpha in _alphas(records):
             for key, what in (("window_delta_nll", "NLL"), ("window_kld", "KLD to FP")):
                 ev = []
