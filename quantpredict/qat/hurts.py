@@ -267,7 +267,8 @@ def tokens_figure(records: Sequence[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     groups = sorted({group_of(r["model"]) for r in long})
-    fig, axes = plt.subplots(2, len(groups), figsize=(4.2 * len(groups), 6.4), squeeze=False)
+    budgets = sorted({tokens_per_param(r) for r in long})
+    fig, axes = plt.subplots(2, len(groups), figsize=(max(6.0, 4.2 * len(groups)), 6.4), squeeze=False)
     for j, group in enumerate(groups):
         rs = [r for r in long if group_of(r["model"]) == group]
         for (lr, fmt), frs in sorted(_by(rs, lambda r: (lr_of(r), r["format"])).items()):
@@ -282,12 +283,15 @@ def tokens_figure(records: Sequence[dict], path: Path) -> Path | None:
         for i, ylabel in enumerate(("GPTQ: test NLL - FP (nats)", "NLL(GPTQ) - NLL(QAT<-GPTQ) (nats)")):
             ax = axes[i, j]
             ax.set_xscale("log")
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.minorticks_off()
             ax.set_xlabel("training tokens per parameter")
             ax.set_ylabel(ylabel, fontsize=8)
             ax.axhline(0, color="grey", lw=0.5)
             ax.set_title(group, fontsize=9)
             ax.legend(fontsize=6)
-    fig.suptitle("Long-trained checkpoints: PTQ loss and QAT's gain over GPTQ (bars: 2 paired se)", fontsize=9)
+    fig.suptitle("Long-trained checkpoints: PTQ loss (top) and QAT's gain over GPTQ\n(bottom; solid: lowest lr, "
+                 "dotted: higher; bars: 2 paired se)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
