@@ -130,6 +130,7 @@ def finetune(
     reference: Reference | None = None,
     progress: bool = True,
     on_init: Callable[[nn.Module, QuantReport], None] | None = None,
+    micro_batch_size: int | None = None,
 ) -> QATResult:
     """Quantize ``model`` in place with QAT: PTQ init, then ``steps`` AdamW steps of STE training on the global NLL.
 
@@ -156,6 +157,10 @@ def finetune(
         progress: tqdm bars for the init and the steps.
         on_init: called as ``on_init(model, report)`` right after the PTQ init, before training (the study measures
             the PTQ baseline there, on exactly the model QAT starts from); it must leave the model unchanged.
+        micro_batch_size: run each step's ``batch_size`` windows in forward/backward passes of at most this many
+            windows and accumulate the gradients (each micro-batch's mean loss weighted by its share of the windows:
+            the same step as one pass, up to float rounding, since all windows are equally long); bounds the
+            activation memory (SmolLM2: ~0.5 GB per window of 256 tokens). ``None``: one pass per step.
 
     Returns:
         A :class:`QATResult`. ``model`` holds the quantized weights, each on the format's grid
@@ -171,9 +176,11 @@ def finetune(
 
     if init not in INITS:
         raise ValueError(f"unknown QAT init {init!r}; valid inits: {', '.join(INITS)}")
-    if steps < 0 or batch_size < 1 or not lr > 0 or track_every < 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0 and track_every >= 0; got steps={steps}, "
-                         f"batch_size={batch_size}, lr={lr}, track_every={track_every}")
+    if (steps < 0 or batch_size < 1 or not lr > 0 or track_every < 0
+            or (micro_batch_size is not None and micro_batch_size < 1)):
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, track_every >= 0 and micro_batch_size >= 1; got "
+                         f"steps={steps}, batch_size={batch_size}, lr={lr}, track_every={track_every}, "
+                         f"micro_batch_size={micro_batch_size}")
     arch.adapter(model)  # unsupported architecture: a clear error before any work
     refs = quantized_linears(model, recipe)
     if not refs:
@@ -214,6 +221,7 @@ def finetune(
         with torch.no_grad():
             for r, w in zip(refs, fp_weights):
                 r.parameter.copy_(w)
+        del fp_weights  # a model's worth of weights, not needed while training
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -231,6 +239,7 @@ def finetune(
             start = [r.weight.detach() for r in refs]
         mismatch = sum(int((s != w).sum()) for s, w in zip(start, ptq_weights))
         total = sum(w.numel() for w in ptq_weights)
+        del start
 
         optimizer = torch.optim.AdamW(latents, lr=lr, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -247,17 +256,15 @@ def finetune(
                     order = torch.cat([order, torch.randperm(n_windows, generator=gen)])
                 idx, order = order[:batch_size], order[batch_size:]
                 batch = windows[idx.to(device)]
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise ModelError(f"QAT loss became {float(loss)} at step {step}; lower the learning rate "
-                                     f"(lr={lr})")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = _loss_and_backward(model, batch, micro_batch_size)
+                if not math.isfinite(loss):
+                    raise ModelError(f"QAT loss became {loss} at step {step}; lower the learning rate (lr={lr})")
                 if grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(latents, grad_clip)
                 optimizer.step()
                 schedule.step()
-                losses.append(float(loss.detach()))
+                losses.append(loss)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if track_every and (step % track_every == 0 or step == steps):
                     trajectory.append(measure_point(model, reference, track_w, step, batch_size=batch_size))
@@ -278,3 +285,28 @@ def finetune(
         calib_tokens=int(windows.numel()), calib_nll_fp=calib_nll_fp, calib_nll_before=calib_nll_before,
         calib_nll_after=calib_nll_after, start_mismatch=mismatch / total if total else 0.0,
         changed_fraction=changed / total if total else 0.0, init_report=report, trajectory=tuple(trajectory))
+
+
+def _loss_and_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int | None) -> float:
+    """The minibatch's mean next-token NLL, its gradient accumulated into the parameters' ``.grad``.
+
+    ``micro_batch_size=None`` (or at least the batch): one forward/backward pass. Otherwise passes of at most that
+    many windows, each mean loss scaled by its share of the windows; a non-finite loss is returned before any
+    backward pass of the offending micro-batch.
+    """
+    if micro_batch_size is None or micro_batch_size >= batch.shape[0]:
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        if torch.isfinite(loss):
+            loss.backward()
+        return float(loss.detach())
+    total = 0.0
+    n = batch.shape[0]
+    for lo in range(0, n, micro_batch_size):
+        part = batch[lo : lo + micro_batch_size]
+        loss = model(input_ids=part, labels=part, use_cache=False).loss
+        if not torch.isfinite(loss):
+            return float(loss.detach())
+        share = part.shape[0] / n
+        (loss * share).backward()
+        total += float(loss.detach()) * share
+    return total

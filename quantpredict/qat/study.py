@@ -7,6 +7,10 @@ the paths: RTN and GPTQ replayed layer by layer (:func:`quantpredict.qat.ptq_tra
 ``track_every`` steps, each point holding the summed local objective, the NLL on a fixed test prefix and the
 distance to the FP weights. :func:`run_study` appends one JSON line per (model, format) to a results file as it
 goes (resumable: finished pairs are skipped), and :mod:`quantpredict.qat.report` renders ``reports/qat.md``.
+
+:class:`RunOptions` are how a cell is measured, not what: trajectory resolution, the reference's dtype and QAT
+micro-batches change memory and time (and float rounding), never the data budget or the recipe, so they are
+recorded with each result (``options``) but are not part of the settings that identify a cell.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import resource
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +30,8 @@ import torch
 STUDY_FORMATS: tuple[str, ...] = ("int4", "int3", "int2", "mxint4", "mxint3", "mxfp4_e2m1")
 METHODS: tuple[str, ...] = ("fp", "rtn", "gptq", "qat_rtn", "qat_gptq")
 RESULTS_FILE = "qat_results.jsonl"
+HURTS_FILE = "qat_hurts_results.jsonl"
+RESULTS_FILES = {"zoo": RESULTS_FILE, "hurts": HURTS_FILE}  # the shipped zoo study; models where quantization hurts
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,66 @@ class StudySettings:
         return asdict(self)
 
 
+REFERENCE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a cell is measured (recorded as ``options``; not part of the cell's identity).
+
+    ``ptq_points``: ``"layer"`` (a PTQ trajectory point after every layer, as the zoo study) or ``"block"`` (after
+    each transformer block: the NLL forward passes of a 211-point path dominate a SmolLM2 cell otherwise).
+    ``reference_dtype``: ``"float64"`` or ``"float32"`` for the FP weights and Hessians of the local objective.
+    ``micro_batch_size``: QAT forward/backward passes of at most this many windows (gradients accumulated;
+    ``None``: the whole batch at once).
+    """
+
+    ptq_points: str = "layer"
+    reference_dtype: str = "float64"
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        from quantpredict.qat.trajectory import PTQ_POINTS
+
+        if self.ptq_points not in PTQ_POINTS:
+            raise ValueError(f"unknown ptq_points {self.ptq_points!r}; valid: {', '.join(PTQ_POINTS)}")
+        if self.reference_dtype not in REFERENCE_DTYPES:
+            raise ValueError(f"unknown reference_dtype {self.reference_dtype!r}; valid: {', '.join(REFERENCE_DTYPES)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be at least 1 (or None), got {self.micro_batch_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_label(name: str) -> str:
+    """The name a model's results are filed under: a zoo or registry name as given, a directory by its last part
+    (``/work/main/data/zoo/llama-xs-d30`` -> ``llama-xs-d30``)."""
+    return Path(name).name if "/" in name else name
+
+
+def model_card(name: str) -> dict[str, Any]:
+    """The facts of a model's card the study records: tokens per parameter, source, origin (empty if no card)."""
+    from quantpredict.models import resolve
+
+    path = resolve(name) / "zoo_card.json"
+    card = json.loads(path.read_text()) if path.exists() else {}
+    return {k: card.get(k) for k in ("tokens_per_param", "source", "origin", "n_params_nonembed")}
+
+
+def _windows_sha(ids: torch.Tensor) -> str:
+    """A short digest of the test windows' token ids: cells with equal digests were scored on the same tokens, so
+    their per-window NLLs pair (zoo models share one tokenizer)."""
+    import hashlib
+
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def _max_rss_gb() -> float:
+    """This process's peak resident memory so far (GB; ``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _paired(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     """Mean of ``a - b`` over windows [n] and its standard error (NaN for one window)."""
     d = (a - b).double()
@@ -64,11 +131,14 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings, *, context: dict | None = None,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, options: RunOptions | None = None) -> dict[str, Any]:
     """One (model, format) cell of the study, as a JSON-ready dict (see the module docstring).
 
-    ``context`` caches what every format of one model shares (ids, windows, FP scores, the FP reference); pass the
-    same dict for every format of a model.
+    ``context`` caches what every format of one model shares (ids, windows, FP scores, the FP reference, and the
+    PTQ baselines' measurements by format, reused by a cell of other QAT settings with the same calibration and test
+    windows: GPTQ is deterministic, so they are the same numbers); pass the same dict for every cell of a model.
+    Calibration (train) and test windows follow the tokenizer's BOS protocol (:func:`quantpredict.data.eval_protocol`;
+    no BOS for the zoo's tokenizer and SmolLM2's).
     """
     from quantpredict import arch, data
     from quantpredict.evaluate import make_windows, window_nlls
@@ -78,34 +148,48 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
 
     ctx = context if context is not None else {}
     s = settings
-    if not ctx:
-        ctx["calib_ids"] = data.token_ids(tokenizer, "wikitext2", "train")  # calibration: train only
-        test_ids = data.token_ids(tokenizer, "wikitext2", "test")
-        ctx["windows"] = make_windows(test_ids, s.seq_len, max_windows=s.max_windows)
+    opts = options or RunOptions()
+    shared_key = (s.calib_samples, s.calib_seq_len, s.seed, s.seq_len, s.max_windows, s.track_windows,
+                  opts.reference_dtype)
+    if ctx.get("key") != shared_key:
+        ctx.clear()
+        ctx["key"] = shared_key
+        ctx["calib_ids"] = data.token_stream(tokenizer, "wikitext2", "train")  # calibration: train only
+        test = data.token_stream(tokenizer, "wikitext2", "test")
+        ctx["windows"] = make_windows(test.ids, s.seq_len, max_windows=s.max_windows, bos_id=test.bos_id)
         ctx["track"] = ctx["windows"].ids[: s.track_windows]
         ctx["fp_nll"] = window_nlls(model_fp, ctx["windows"], batch_size=8)
         calib_w = data.calibration_windows(ctx["calib_ids"], s.calib_samples, s.calib_seq_len, seed=s.seed)
         names = [r.name for r in arch.linear_layers(model_fp)]
-        ctx["reference"] = fp_reference(model_fp, names, calib_w, batch_size=8)
+        # model_fp is never modified here (QAT and the PTQ replays work on copies): its weights can be shared
+        ctx["reference"] = fp_reference(model_fp, names, calib_w, batch_size=8,
+                                        dtype=REFERENCE_DTYPES[opts.reference_dtype], share_weights=True)
         ctx["fp_point"] = measure_point(model_fp, ctx["reference"], ctx["track"], 0).to_dict()
+        ctx["ptq"] = {}
     windows, track, reference = ctx["windows"], ctx["track"], ctx["reference"]
     recipe = Recipe(fmt, calib_samples=s.calib_samples, calib_seq_len=s.calib_seq_len, seed=s.seed)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     nlls: dict[str, torch.Tensor] = {"fp": ctx["fp_nll"]}
     paths: dict[str, list[dict]] = {}
     qat: dict[str, dict] = {}
     ptq_reports: dict[str, dict] = {}
     for init in ("rtn", "gptq"):
-        def on_init(model, report, init=init):
-            nlls[init] = window_nlls(model, windows, batch_size=8)
-            paths[init] = [p.to_dict() for p in ptq_trajectory(model_fp, model, reference, track)]
-            ptq_reports[init] = report.summary()
+        cache_key = (fmt, init, opts.ptq_points)
+
+        def on_init(model, report, init=init, cache_key=cache_key):
+            if cache_key not in ctx["ptq"]:
+                ctx["ptq"][cache_key] = (
+                    window_nlls(model, windows, batch_size=8),
+                    [p.to_dict() for p in ptq_trajectory(model_fp, model, reference, track, points=opts.ptq_points)],
+                    report.summary())
+            nlls[init], paths[init], ptq_reports[init] = ctx["ptq"][cache_key]
 
         model = copy.deepcopy(model_fp)
         res = finetune(model, recipe, ctx["calib_ids"], steps=s.steps, lr=s.lr, batch_size=s.batch_size, init=init,
                        seed=s.seed, eval_windows=s.eval_windows, track_every=s.track_every, track_windows=track,
-                       reference=reference, progress=progress, on_init=on_init)
+                       reference=reference, progress=progress, on_init=on_init,
+                       micro_batch_size=opts.micro_batch_size)
         nlls[f"qat_{init}"] = window_nlls(model, windows, batch_size=8)
         paths[f"qat_{init}"] = [p.to_dict() for p in res.trajectory]
         qat[init] = {**res.summary(), "losses": list(res.losses)}
@@ -128,13 +212,15 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
     from quantpredict.formats import get_format
 
     return {
-        "model": name, "family": _arch.family(model_fp), "format": fmt,
+        "model": model_label(name), "family": _arch.family(model_fp), "format": fmt,
         "bits": get_format(fmt).bits_per_element(recipe.weight_block_size, row_length=reference.weights[
             reference.names[0]].shape[1]),
         "n_params": int(sum(p.numel() for p in model_fp.parameters())),
         "settings": s.to_dict(), "eval_windows": windows.n, "eval_tokens": windows.scored_tokens,
         "methods": methods, "diffs": diffs, "paths": paths, "fp_point": ctx["fp_point"], "spearman": spearman,
         "qat": qat, "ptq": ptq_reports, "seconds": time.perf_counter() - t0,
+        "options": opts.to_dict(), "max_rss_gb": _max_rss_gb(), "cpu_seconds": time.process_time() - c0,
+        "window_nll": {m: [float(x) for x in nlls[m]] for m in METHODS}, "windows_sha": _windows_sha(windows.ids),
     }
 
 
@@ -146,34 +232,49 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *, settings: StudySettings | None = None,
-              results: str | Path = Path("reports") / RESULTS_FILE, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the study for ``models x formats``, appending each finished cell to ``results`` (JSON lines).
+def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
+              settings: StudySettings | Sequence[StudySettings] | None = None,
+              results: str | Path = Path("reports") / RESULTS_FILE, progress: bool = True,
+              options: RunOptions | None = None) -> list[dict[str, Any]]:
+    """Run the study for ``models x settings x formats``, appending each finished cell to ``results`` (JSON lines).
 
+    ``settings``: one :class:`StudySettings` or several (e.g. two QAT learning rates), run in the order given for
+    each model, so the first settings' cells finish first; cells of several settings share the model's FP reference
+    and PTQ baselines. ``models``: zoo or registry names, or model directories (filed under their last path part).
     Cells already in ``results`` with the same settings are skipped, so an interrupted run resumes. Returns every
     record in the file afterwards.
     """
     from quantpredict.formats import get_format
     from quantpredict.models import load
 
-    s = settings or StudySettings()
+    all_settings = [StudySettings()] if settings is None else (
+        [settings] if isinstance(settings, StudySettings) else list(settings))
+    if not all_settings:
+        raise ValueError("no study settings given")
     for fmt in formats:
         get_format(fmt)  # unknown names fail before any work
+    opts = options or RunOptions()
     out = Path(results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["model"], r["format"]) for r in read_results(out) if r.get("settings") == s.to_dict()}
+    done = {(r["model"], r["format"], json.dumps(r.get("settings"), sort_keys=True)) for r in read_results(out)}
     for name in models:
-        todo = [f for f in formats if (name, f) not in done]
+        label = model_label(name)
+        todo = [(st, f) for st in all_settings for f in formats
+                if (label, f, json.dumps(st.to_dict(), sort_keys=True)) not in done]
         if not todo:
             continue
+        card = model_card(name)
         model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager")
         context: dict = {}
-        for fmt in todo:
-            record = study_one(model_fp, tokenizer, name, fmt, s, context=context, progress=progress)
+        for st, fmt in todo:
+            record = study_one(model_fp, tokenizer, name, fmt, st, context=context, progress=progress, options=opts)
+            record["card"] = card
             with out.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             m = record["methods"]
-            print(f"{name} {fmt}: ppl FP {m['fp']['ppl']:.3f} RTN {m['rtn']['ppl']:.3f} GPTQ {m['gptq']['ppl']:.3f} "
-                  f"QAT<-RTN {m['qat_rtn']['ppl']:.3f} QAT<-GPTQ {m['qat_gptq']['ppl']:.3f} "
-                  f"({record['seconds']:.0f} s)", flush=True)
+            print(f"{label} {fmt} lr {st.lr:g}: ppl FP {m['fp']['ppl']:.3f} RTN {m['rtn']['ppl']:.3f} "
+                  f"GPTQ {m['gptq']['ppl']:.3f} QAT<-RTN {m['qat_rtn']['ppl']:.3f} "
+                  f"QAT<-GPTQ {m['qat_gptq']['ppl']:.3f} "
+                  f"({record['seconds']:.0f} s, peak RSS {record['max_rss_gb']:.2f} GB)", flush=True)
+        del model_fp, context
     return read_results(out)
