@@ -227,14 +227,16 @@ def fit_law(target: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, alp
 def combine_with_measurement(law_value: np.ndarray, law_sd: float, measured: np.ndarray,
                              measured_se: np.ndarray) -> np.ndarray:
     """Precision-weighted mean of a law's prediction (relative scatter ``law_sd``) and a noisy measurement of the
-    same quantity (standard error ``measured_se``); the law alone where the measurement is missing."""
+    same quantity (standard error ``measured_se``); the law alone where the measurement is missing. The result is
+    kept above the law's 3-sigma lower bound: a measurement that is negative within its noise (an 8-bit recipe's
+    calibration NLL change) must not drag a positive quantity to zero."""
     law_var = (law_sd * law_value) ** 2
     se = np.asarray(measured_se, float)
     has = np.isfinite(measured) & np.isfinite(se) & (se > 0)
     w_m = np.where(has, 1.0 / np.where(has, se, 1.0) ** 2, 0.0)
     w_l = 1.0 / np.maximum(law_var, FLOOR**2)
     out = (w_l * law_value + w_m * np.where(has, measured, 0.0)) / (w_l + w_m)
-    return np.maximum(out, FLOOR)
+    return np.maximum(out, law_value * np.exp(-3.0 * law_sd))
 
 
 @dataclass
