@@ -1,0 +1,312 @@
+"""Bounded memory: the chunked head, micro-batched second-order quantities and streamed statistics against the
+whole-batch computations they replace (float64 on tiny models, float32 on a zoo model), and today's features."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from torch.autograd.gradcheck import gradcheck, gradgradcheck
+
+from quantpredict import arch, lmhead
+from quantpredict.errors import DeviceError, ResourceError
+from quantpredict.features import ExtractOptions, extract
+from quantpredict.features.extract import (
+    _Context,
+    along_direction,
+    feature_windows,
+    graph_bytes_per_window,
+    mean_nll,
+    offset_weights,
+    prepared,
+    rtn_deltas,
+)
+from quantpredict.features.hessian import AccumulatedHessianOperator, HessianOperator, directional_derivatives
+from quantpredict.memory import logits_chunk_tokens, parse_bytes, resolve_device, resolve_dtype
+from quantpredict.quantize import Recipe
+
+REFERENCE = Path(__file__).parent / "data" / "features_reference.json"
+
+
+@pytest.fixture
+def one_thread():
+    """The zoo reference was computed with one torch thread (float32 sums follow the thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _windows(n: int = 4, seq: int = 12, seed: int = 3) -> torch.Tensor:
+    return torch.randint(3, 320, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- the chunked head ---------------------------------------------------------------------------------------------
+
+
+def test_chunked_cross_entropy_value_gradient_and_hvp_equal_f_cross_entropy_in_float64():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    m = torch.randn(8, 8, dtype=torch.float64, generator=g)
+    w = torch.randn(50, 8, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 50, (37,), generator=g)
+    v = torch.randn(37, 8, dtype=torch.float64, generator=g)
+
+    def terms(chunk):
+        h = torch.tanh(a @ m)  # a nonlinear map in front: second derivatives flow through h
+        loss = (lmhead.chunked_cross_entropy(h, w, y, chunk) if chunk
+                else F.cross_entropy(F.linear(h, w), y, reduction="sum"))
+        loss = loss * loss / 100  # the incoming gradient then depends on `a` too (the g-branch of the backward)
+        (grad,) = torch.autograd.grad(loss, a, create_graph=True)
+        (hv,) = torch.autograd.grad((grad * v).sum(), a)
+        return loss.detach(), grad.detach(), hv
+
+    ref = terms(None)
+    for chunk in (1, 5, 37, 100):
+        for ours, theirs in zip(terms(chunk), ref):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w2, y2 = torch.randn(9, 4, dtype=torch.float64, generator=g), torch.randint(0, 9, (6,), generator=g)
+    assert gradcheck(lambda x: lmhead.chunked_cross_entropy(x, w2, y2, 4), (h,))
+    assert gradgradcheck(lambda x: lmhead.chunked_cross_entropy(x, w2, y2, 4), (h,))
+
+
+def test_chunked_cross_entropy_rejects_a_trainable_head_and_bad_chunks():
+    w = torch.randn(5, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="detach"):
+        lmhead.chunked_cross_entropy(torch.randn(2, 3), w, torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match="chunk"):
+        lmhead.chunked_cross_entropy(torch.randn(2, 3), w.detach(), torch.tensor([0, 1]), 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "gpt_neox"])
+def test_final_hidden_times_the_head_is_the_models_logits(family):
+    model = tiny_model(family, hidden=16, layers=2, heads=2)
+    ids = _windows(2, 10)
+    assert lmhead.supports_chunking(model)
+    with torch.no_grad():
+        ours = F.linear(lmhead.final_hidden(model, ids), lmhead.head_weight(model))
+        theirs = model(ids, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_mean_nll_in_token_chunks_equals_the_whole_logits_in_float64(family):
+    model = tiny_model(family, hidden=16, layers=2, heads=2).double()
+    ids = _windows(4, 12)
+    params = [r.parameter for r in arch.linear_layers(model)]
+    v = [torch.randn(p.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) for p in params]
+    out = []
+    for chunk_bytes in (10**9, 4 * 320 * 7):  # whole logits; 7-token chunks of the 320-token vocabulary
+        with prepared(model, params):
+            op = HessianOperator(lambda cb=chunk_bytes: mean_nll(model, ids, 2, chunk_bytes=cb), params)
+            out.append((op.loss, op.grad, op.apply(v)))
+    (l0, g0, h0), (l1, g1, h1) = out
+    assert l1 == pytest.approx(l0, rel=1e-12)
+    for a, b in zip(g0 + h0, g1 + h1):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# ---- micro-batched second order -----------------------------------------------------------------------------------
+
+
+def _exact_setup():
+    model = tiny_model("llama", hidden=16, layers=2, heads=2).double()
+    ids = _windows(4, 12)
+    params = [r.parameter for r in arch.linear_layers(model)]
+    g = torch.Generator().manual_seed(5)
+    v = [torch.randn(p.shape, dtype=torch.float64, generator=g) * 0.01 for p in params]
+    return model, ids, params, v
+
+
+def test_accumulated_operator_equals_the_retained_graph_in_float64():
+    model, ids, params, v = _exact_setup()
+    total = ids.numel() - ids.shape[0]
+    with prepared(model, params):
+        whole = HessianOperator(lambda: mean_nll(model, ids), params)
+        shares = [lambda w=ids[i : i + 1]: mean_nll(model, w) * (w.numel() - 1) / total for i in range(4)]
+        acc = AccumulatedHessianOperator(shares, params)
+        hv_whole, hv_acc = whole.apply(v), acc.apply(v)
+    assert acc.loss == pytest.approx(whole.loss, rel=1e-12)
+    assert acc.numel == whole.numel and acc.n_products == 1
+    for a, b in zip(whole.grad + hv_whole, acc.grad + hv_acc):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_directional_derivatives_equal_g_dot_v_and_v_h_v_in_float64():
+    model, ids, params, v = _exact_setup()
+    refs = arch.linear_layers(model)
+    with prepared(model, params):
+        op = HessianOperator(lambda: mean_nll(model, ids), params)
+        g_dot = sum(float((a * b).sum()) for a, b in zip(op.grad, v))
+        vhv = sum(float((a * b).sum()) for a, b in zip(op.apply(v), v))
+    total = ids.numel() - ids.shape[0]
+
+    def share(w):
+        def fn(t):
+            with along_direction(refs, v, t):
+                return mean_nll(model, w) * (w.numel() - w.shape[0]) / total
+        return fn
+
+    with prepared(model, eager=True):
+        loss, first, second = directional_derivatives([share(ids[:3]), share(ids[3:])],
+                                                      torch.zeros((), dtype=torch.float64))
+    assert loss == pytest.approx(op.loss, rel=1e-12)
+    assert first == pytest.approx(g_dot, rel=1e-9)
+    assert second == pytest.approx(vhv, rel=1e-9)
+
+
+def test_offset_weights_compute_with_moved_weights_and_never_write_them():
+    model = tiny_model("gpt2", hidden=16, layers=2, heads=2)  # Conv1D: offsets in the [in, out] storage layout
+    ids = _windows(2, 10)
+    refs = arch.linear_layers(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    offsets = [torch.full_like(r.parameter, 0.01) for r in refs]
+    moved = tiny_model("gpt2", hidden=16, layers=2, heads=2)
+    with torch.no_grad():
+        for r, d in zip(arch.linear_layers(moved), offsets):
+            r.parameter.add_(d)
+        expected = float(mean_nll(moved, ids))
+        with offset_weights(refs, offsets.__getitem__):
+            got = float(mean_nll(model, ids))
+    assert got == expected  # the same elementwise sums: bit for bit
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError, match="boom"), offset_weights(refs, offsets.__getitem__):
+        model(ids)
+        raise RuntimeError("boom")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_bounded_extract_equals_the_whole_batch_extract_in_float64(family):
+    model = tiny_model(family, hidden=16, layers=2, heads=2).double()
+    calib = torch.randint(3, 320, (4000,), generator=torch.Generator().manual_seed(0))
+    opts = dict(n_windows=4, seq_len=16, n_probes=2, max_iter=3, curvature_windows=2)
+    whole = extract(model, Recipe("mxint4"), calib, **opts)
+    bounded = extract(model, Recipe("mxint4"), calib, micro_batch=1, logits_chunk_bytes=4 * 320 * 5, **opts)
+    for k, v in whole.items():
+        if not k.endswith("_seconds"):
+            assert bounded[k] == pytest.approx(v, rel=1e-9, abs=1e-12), k
+
+
+def test_noise_traces_equal_quadratic_forms_of_the_float64_input_gram():
+    model = tiny_model("opt", hidden=16, layers=2, heads=2).double()
+    windows = feature_windows(model, _windows(4, 16), 4, 16)
+    recipe = Recipe("int4")
+    ctx = _Context(model, recipe, windows, 0, ExtractOptions(), ("noise",))
+    traces = ctx.calib_stats.traces
+    inputs: dict[str, list[torch.Tensor]] = {r.name: [] for r in ctx.refs}
+    handles = [r.module.register_forward_pre_hook(lambda _m, a, n=r.name: inputs[n].append(a[0].reshape(
+        -1, a[0].shape[-1]))) for r in ctx.refs]
+    with torch.no_grad():
+        model(windows)
+    for h in handles:
+        h.remove()
+    for ref, d in zip(ctx.refs, rtn_deltas(model, ctx.refs, recipe)):
+        x = torch.cat(inputs[ref.name])
+        h = 2.0 / x.shape[0] * x.T @ x  # float64 throughout: an independent reference
+        w = ref.weight.detach()
+        assert traces[ref.name][0] == pytest.approx(float(((w @ h) * w).sum()), rel=1e-12)
+        assert traces[ref.name][1] == pytest.approx(float(((d @ h) * d).sum()), rel=1e-12)
+
+
+def test_the_budget_sets_the_micro_batch():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # SmolLM2-135M's shape on the meta device: ~2.4 GB of double-backward graph per 256-token window
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    with torch.device("meta"):
+        smol = LlamaForCausalLM(cfg)
+    per = graph_bytes_per_window(smol, 256)
+    assert 1.5e9 < per < 4e9
+    model = tiny_model("llama", hidden=64, layers=2, heads=2)
+    windows = _windows(8, 128)
+    assert _Context(model, Recipe("mxint4"), windows, 0, ExtractOptions()).whole_graph()  # a zoo-sized model
+    small = ExtractOptions(max_memory=2 * graph_bytes_per_window(model, 128) + 1)
+    assert _Context(model, Recipe("mxint4"), windows, 0, small).micro_batch(8) == 2
+    assert _Context(model, Recipe("mxint4"), windows, 0, ExtractOptions(micro_batch=3)).micro_batch(8) == 3
+
+
+# ---- the zoo: today's values, and the bounded paths in float32 -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zoo_reference():
+    from quantpredict import models
+
+    spec = json.loads(REFERENCE.read_text())
+    model, tok = models.load(spec["model"], attn_implementation="eager")
+    import importlib.util
+
+    loader = importlib.util.spec_from_file_location("make_features_reference",
+                                                    REFERENCE.parent / "make_features_reference.py")
+    maker = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(maker)
+    return model, maker.reference_windows(tok), spec["features"]
+
+
+def _recipe(label: str) -> Recipe:
+    fmt, method = label.split("-")
+    return Recipe(weight_format=fmt, method=method)
+
+
+@pytest.mark.parametrize("label", ["mxint4-rtn", "mxint4-gptq"])
+def test_zoo_features_equal_todays_within_1e_6(zoo_reference, one_thread, label):
+    model, windows, reference = zoo_reference
+    out = extract(model, _recipe(label), windows)
+    for k, v in reference[label].items():
+        assert out[k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
+
+
+LOSS_DIFFERENCES = ("radial_dnll_025", "radial_dnll_050", "radial_dnll_100", "sharpness_random")
+
+
+@pytest.mark.parametrize("label", ["mxint4-rtn", "mxint4-gptq"])
+def test_zoo_bounded_paths_equal_the_whole_batch_within_1e_5(zoo_reference, one_thread, label):
+    """Micro-batches of one window and a head chunked into 16-token blocks against the whole-batch path, float32.
+    Loss differences (NLL at a moved point minus the FP NLL) are compared at 4 float32 units in the last place of
+    the NLL they are differences of: the whole path's own float32 sums are no finer than that."""
+    model, windows, reference = zoo_reference
+    out = extract(model, _recipe(label), windows, micro_batch=1, logits_chunk_bytes=16 * 4096 * 4)
+    ulp = torch.finfo(torch.float32).eps * reference[label]["fp_calib_nll"]
+    for k, v in reference[label].items():
+        if k in LOSS_DIFFERENCES:
+            assert out[k] == pytest.approx(v, abs=4 * ulp), k
+        else:
+            assert out[k] == pytest.approx(v, rel=1e-5, abs=1e-12), k
+
+
+# ---- budgets, devices, dtypes ------------------------------------------------------------------------------------
+
+
+def test_parse_bytes_reads_units_and_rejects_nonsense():
+    assert parse_bytes("6GiB") == 6 * 2**30
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes(2e9) == 2 * 10**9
+    assert parse_bytes(None) > 2**30
+    for bad in ("six gigs", "12 parsecs", "0.1KB", True):
+        with pytest.raises(ResourceError, match="max_memory"):
+            parse_bytes(bad)
+
+
+def test_resolve_device_and_dtype():
+    assert resolve_device(None) == torch.device("cpu") == resolve_device("cpu")
+    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("fp32") is torch.float32
+    assert resolve_dtype(None) is None
+    with pytest.raises(ResourceError, match="--dtype"):
+        resolve_dtype("int8", flag="--dtype")
+    with pytest.raises(DeviceError, match="--device"):
+        resolve_device("warp-drive", flag="--device")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match=r"--device cuda: CUDA is not available.*available: cpu"):
+            resolve_device("cuda", flag="--device")
+
+
+def test_logits_chunk_tokens():
+    assert logits_chunk_tokens(49152) == 341  # 64 MiB of float32 rows
+    assert logits_chunk_tokens(10**9) == 1
