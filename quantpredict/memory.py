@@ -19,9 +19,11 @@ import re
 
 from quantpredict.errors import DeviceError, ResourceError
 
-#: Working memory (beyond the weights) that calibration, evaluation and the features aim to stay within.
-DEFAULT_MAX_MEMORY = 4 * 2**30
-DEFAULT_MAX_MEMORY_TEXT = "4GiB"
+#: Working memory that calibration, evaluation and the features aim to stay within, beyond the weights (and, for
+#: the features, the quantization direction, one more copy of the linear weights): the block inputs and outputs of
+#: calibration, one micro-batch's double-backward graph. 2 GiB keeps SmolLM2-135M's features under 4 GB in all.
+DEFAULT_MAX_MEMORY = 2 * 2**30
+DEFAULT_MAX_MEMORY_TEXT = "2GiB"
 #: The largest ``[tokens, vocab]`` float32 logits block computed at once where the vocabulary is large.
 LOGITS_CHUNK_BYTES = 64 * 2**20
 
@@ -50,6 +52,22 @@ def parse_bytes(value: int | float | str | None, *, flag: str = "max_memory") ->
     if not math.isfinite(out) or out < 2**20:
         raise ResourceError(f"{flag}={value!r} is below 1 MiB; pass a budget such as 4GiB")
     return int(out)
+
+
+def release_freed_heap() -> None:
+    """Hand memory that the C heap holds free back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Tokenizing a whole split allocates ~1 GB of short-lived Python and Rust objects; once freed, glibc keeps that
+    heap mapped, and the process's resident size stays 1 GB higher for the rest of a run."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def format_bytes(n: float) -> str:
@@ -131,10 +149,27 @@ def logits_chunk_tokens(vocab: int, budget_bytes: int = LOGITS_CHUNK_BYTES) -> i
     return max(1, int(budget_bytes) // (4 * max(int(vocab), 1)))
 
 
-def check_cuda_device_matches(model, device) -> None:
-    """Raise :class:`DeviceError` when ``model``'s parameters are not on ``device`` (a caller mixing devices)."""
-    for p in model.parameters():
-        if p.device != device:
-            raise DeviceError(f"the model's parameters are on {p.device}, not on {device}; load it with "
-                              f"device='{device}' or move it with model.to('{device}')")
-        return
+class placed:
+    """Context manager: ``models`` on ``device`` for the ``with`` (``None``: where they are), each moved back to
+    where it was on exit. Values are unchanged by the round trip (a device copy is exact)."""
+
+    def __init__(self, models, device, *, flag: str = "device"):
+        self.models = [m for m in models if m is not None]
+        self.device = None if device is None else resolve_device(device, flag=flag)
+        self._before: list = []
+
+    def __enter__(self):
+        import torch
+
+        for m in self.models:
+            p = next(m.parameters(), None)
+            before = p.device if p is not None else torch.device("cpu")
+            self._before.append(before)
+            if self.device is not None and before != self.device:
+                m.to(self.device)
+        return self.device
+
+    def __exit__(self, *exc) -> None:
+        for m, before in zip(self.models, self._before):
+            if self.device is not None and before != self.device:
+                m.to(before)
