@@ -305,3 +305,50 @@ def iter_block_linears(model: nn.Module) -> Iterator[tuple[int, nn.Module, list[
     """(index, block, its linears) for every block, in order."""
     for i, block in enumerate(blocks(model)):
         yield i, block, block_linears(model, i)
+
+
+# ---- block-by-block execution in bounded memory (see quantpredict.quantize.offload) --------------------------------
+
+
+@torch.no_grad()
+def capture_block_input_batches(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                                sink: Any) -> dict[str, Any]:
+    """Like :func:`capture_block_inputs`, but hands each batch's block-0 hidden states ``[b, seq, hidden]`` to
+    ``sink(hidden)`` as soon as it is computed instead of concatenating them, so a caller can keep them on disk.
+    Returns the keyword arguments every block receives (captured for ``batch_size`` windows)."""
+    first = blocks(model)[0]
+    kwargs_holder: dict[str, Any] = {}
+    signature = inspect.signature(first.forward)
+    first_name = next(iter(signature.parameters))
+
+    def hook(_module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound.update(bound.pop("kwargs", {}))  # a trailing **kwargs binds as one dict
+        sink(bound.pop(first_name).detach())
+        if not kwargs_holder:
+            kwargs_holder.update({k: v for k, v in bound.items() if k not in _CACHE_ARGS})
+            kwargs_holder["use_cache"] = False
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return kwargs_holder
+
+
+def batch_kwargs(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    """The block keyword arguments ``kwargs`` (captured for a full batch) sliced to a batch of ``n`` windows."""
+    return _batch_kwargs(kwargs, n)
+
+
+def linears_of(model: nn.Module, index: int, block: nn.Module) -> list[LinearRef]:
+    """The linears of ``block`` (block ``index`` of ``model``, or a copy of it), named as in the model."""
+    ad = adapter(model)
+    return [LinearRef(f"{ad.blocks}.{index}.{p}", _get(block, p), index) for p in ad.linears]

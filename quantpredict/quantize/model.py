@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
-from quantpredict.arch import BlockInputs, LinearRef
+from quantpredict.arch import LinearRef
 from quantpredict.quantize.act import install_act_quant, install_act_quant_on
 from quantpredict.quantize.calib import capture_linear_inputs
 from quantpredict.quantize.gptq import gptq_quantize, relative_output_error
@@ -180,6 +182,9 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     output_errors: bool | None = None,
+    max_memory: int | str | None = None,
+    device: Any = None,
+    dtype: Any = None,
 ) -> QuantReport:
     """Quantize ``model`` in place as ``recipe`` says, calibrated on ``calib_ids``.
 
@@ -194,76 +199,161 @@ def quantize_model(
             the recipe needs a calibration pass anyway (GPTQ or SmoothQuant); plain RTN is data-free, and skipping
             the pass makes it ~10x cheaper (its report's output errors are then NaN). ``calib_ids`` is checked either
             way.
+        max_memory: working-memory budget (bytes or text such as ``"4GiB"``; default
+            ``memory.DEFAULT_MAX_MEMORY``): when the hidden states between blocks (inputs and outputs of one block,
+            ``2 x n x seq x hidden``) would take more than half of it, they go to files in a temporary directory,
+            one batch resident at a time. The weights are not counted: they stay where and as they are.
+        device: where block forward passes and GPTQ run (``"cuda"``; default: where the model is). Blocks are
+            copied there one at a time; the model itself does not move.
+        dtype: compute dtype of the block forward passes (``"bf16"``, ``"fp32"``; default: the model's). A bf16 model
+            calibrated in float32 is upcast one block at a time; a float32 model calibrated in bf16 runs a bf16 copy
+            of each block. Hessians are accumulated in float64 from float32 products, GPTQ runs in float32/64 on
+            the stored weights, and the quantized weights are written in the model's own dtype.
 
     Returns:
         A :class:`QuantReport`. Activation fake-quant hooks (``recipe.act_format``) stay installed on the model.
     """
-    from tqdm.auto import tqdm
-
     from quantpredict.data import calibration_windows
+    from quantpredict.memory import parse_bytes, resolve_device, resolve_dtype
 
     t_start = time.perf_counter()
     arch.adapter(model)  # unsupported architecture: a clear error before any work
     arch.check_finite(model)
     windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
-    windows = windows.to(next(model.parameters()).device)
+    budget = parse_bytes(max_memory, flag="max_memory")
+    stored = next(model.parameters())
+    target = stored.device if device is None else resolve_device(device, flag="device")
+    compute_dtype = resolve_dtype(dtype, flag="dtype") or stored.dtype
     if recipe.awq:
         from quantpredict.errors import RecipeError
 
         raise RecipeError(f"recipe {recipe.label}: AWQ is not available in this version yet; drop awq=True")
     plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
 
-    layers: list[LayerReport] = []
     blocks = arch.blocks(model)
     if recipe.method == "rtn" and recipe.smoothquant_alpha is None and not output_errors:
         return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
-
-    inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
-    n_tokens = windows.numel()
-
-    bar = tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block", disable=not progress)
-    for index, block in enumerate(bar):
-        refs = arch.block_linears(model, index)
-        with capture_linear_inputs(refs) as stats:
-            arch.run_block(block, inputs, batch_size)
-        hessians = {name: s.hessian for name, s in stats.items()}
-
-        if recipe.smoothquant_alpha is not None:
-            for pair in arch.smooth_pairs(model, index):
-                absmax = stats[pair.linears[0].name].absmax
-                s = smoothing_scales(absmax, [r.weight for r in pair.linears], recipe.smoothquant_alpha)
-                apply_smoothing(pair, s)
-                inv = 1.0 / s
-                for r in pair.linears:
-                    hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
-
-        block_plan = [p for p in plan if p.ref.block_index == index]
-        for p in block_plan:
-            ref = p.ref
-            t0 = time.perf_counter()
-            w = ref.weight.detach().to(torch.float32)
-            H = hessians[ref.name]
-            w_rtn = rtn_quantize(w, p.weight_format, block_size=p.block_size)
-            if recipe.method == "gptq":
-                w_q = gptq_quantize(w, H, p.weight_format, block_size=p.block_size,
-                                    blocksize=recipe.gptq_blocksize, percdamp=recipe.percdamp,
-                                    act_order=recipe.act_order)
-            else:
-                w_q = w_rtn
-            err_rtn = relative_output_error(w, w_rtn, H)
-            err = err_rtn if w_q is w_rtn else relative_output_error(w, w_q, H)
-            layers.append(_set_quantized(ref, index, w, w_q, err_rtn, err, t0))
-
-        if recipe.act_format is not None:
-            install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
-        if index + 1 < len(blocks):
-            inputs = BlockInputs(arch.run_block(block, inputs, batch_size), inputs.kwargs)
-        del hessians, stats
-    bar.close()
-
+    layers = _calibrated_blocks(model, recipe, plan, windows, batch_size=batch_size, progress=progress,
+                                budget=budget, device=target, dtype=compute_dtype)
     size = size_report(model, recipe)
-    return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=n_tokens,
+    return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=windows.numel(),
                        total_seconds=time.perf_counter() - t_start, **size)
+
+
+def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer], windows: torch.Tensor, *,
+                       batch_size: int, progress: bool, budget: int, device: torch.device,
+                       dtype: torch.dtype) -> list[LayerReport]:
+    """The block-by-block calibration loop (module docstring), with the hidden states between blocks in an
+    :class:`~quantpredict.quantize.offload.ActivationStore` and each block's forwards on its compute copy."""
+    from tqdm.auto import tqdm
+
+    from quantpredict.quantize.offload import ActivationStore, spill_to_disk, to_compute
+
+    blocks = arch.blocks(model)
+    on_disk = spill_to_disk(windows.shape[0], windows.shape[1], arch.hidden_size(model), dtype, budget)
+    inputs = ActivationStore(on_disk)
+    with _embeddings_widened(model, dtype):
+        kwargs = arch.capture_block_input_batches(model, windows, batch_size,
+                                                  lambda h: inputs.append(h.to(device=device, dtype=dtype)))
+    kwargs = {k: to_compute(v, device, dtype) for k, v in kwargs.items()}
+    layers: list[LayerReport] = []
+    try:
+        for index, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block",
+                                           disable=not progress)):
+            hessians, stats = _block_statistics(model, index, block, inputs, kwargs, device, dtype)
+            if recipe.smoothquant_alpha is not None:
+                _smooth_block(model, index, recipe.smoothquant_alpha, stats, hessians)
+            block_plan = [p for p in plan if p.ref.block_index == index]
+            layers += _quantize_block(block_plan, index, hessians, recipe, device)
+            if recipe.act_format is not None:
+                install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
+            del hessians, stats
+            if index + 1 < len(blocks):
+                outputs = ActivationStore(on_disk)
+                work = _compute_block(block, device, dtype)
+                for h in inputs:
+                    outputs.append(_run(work, h, kwargs))
+                inputs.close()
+                inputs = outputs
+    finally:
+        inputs.close()
+    return layers
+
+
+@contextlib.contextmanager
+def _embeddings_widened(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The embeddings in ``dtype`` for the ``with`` when it is wider than theirs (a bf16 model calibrated in
+    float32: block 0's inputs, mask and rotary tables are then those of the float32 model), cast back after (exact:
+    a widening round trip). Never narrowed in place: a bf16 calibration of a float32 model casts block 0's inputs."""
+    mods = arch.embedding_modules(model)
+    old = [next(m.parameters()).dtype for m in mods]
+    wider = [o for o in old if torch.empty((), dtype=o).element_size() < torch.empty((), dtype=dtype).element_size()]
+    try:
+        if wider:
+            for m in mods:
+                m.to(dtype)
+        yield
+    finally:
+        if wider:
+            for m, o in zip(mods, old):
+                m.to(o)
+
+
+def _compute_block(block: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from quantpredict.quantize.offload import compute_copy
+
+    return compute_copy(block, device, dtype)
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """One batch ``[b, seq, hidden]`` through ``block``."""
+    out = block(hidden, **arch.batch_kwargs(kwargs, hidden.shape[0]))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_statistics(model: nn.Module, index: int, block: nn.Module, inputs, kwargs: dict[str, Any],
+                      device: torch.device, dtype: torch.dtype):
+    """Each linear's input statistics (Hessian, per-channel max) over the calibration batches, measured on the
+    block's compute copy: ``({name: H [in, in] float64}, {name: InputStats})``."""
+    work = _compute_block(block, device, dtype)
+    refs = arch.linears_of(model, index, work)
+    with capture_linear_inputs(refs) as stats:
+        for h in inputs:
+            _run(work, h, kwargs)
+    return {name: s.hessian for name, s in stats.items()}, stats
+
+
+def _smooth_block(model: nn.Module, index: int, alpha: float, stats, hessians: dict[str, torch.Tensor]) -> None:
+    """Fold SmoothQuant's scales into block ``index`` and rescale the affected Hessians exactly."""
+    for pair in arch.smooth_pairs(model, index):
+        absmax = stats[pair.linears[0].name].absmax
+        s = smoothing_scales(absmax.to(pair.linears[0].weight.device), [r.weight for r in pair.linears], alpha)
+        apply_smoothing(pair, s)
+        inv = (1.0 / s).to(hessians[pair.linears[0].name].device)
+        for r in pair.linears:
+            hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
+
+
+def _quantize_block(block_plan: list[PlannedLayer], index: int, hessians: dict[str, torch.Tensor], recipe: Recipe,
+                    device: torch.device) -> list[LayerReport]:
+    """RTN or GPTQ for every planned linear of one block (on ``device``, float32 weights, float64 Hessians); the
+    quantized weights are written into the model in its dtype."""
+    out = []
+    for p in block_plan:
+        ref = p.ref
+        t0 = time.perf_counter()
+        w = ref.weight.detach().to(device=device, dtype=torch.float32)
+        H = hessians[ref.name].to(device)
+        w_rtn = rtn_quantize(w, p.weight_format, block_size=p.block_size)
+        if recipe.method == "gptq":
+            w_q = gptq_quantize(w, H, p.weight_format, block_size=p.block_size, blocksize=recipe.gptq_blocksize,
+                                percdamp=recipe.percdamp, act_order=recipe.act_order)
+        else:
+            w_q = w_rtn
+        err_rtn = relative_output_error(w, w_rtn, H)
+        err = err_rtn if w_q is w_rtn else relative_output_error(w, w_q, H)
+        out.append(_set_quantized(ref, index, w, w_q, err_rtn, err, t0))
+    return out
 
 
 def _set_quantized(ref: LinearRef, index: int, w: torch.Tensor, w_q: torch.Tensor, err_rtn: float, err: float,
