@@ -481,3 +481,56 @@ def test_cuda_calibration_evaluation_and_features_match_cpu(zoo_calibration):
     f_gpu = extract(model, Recipe("mxint4"), ids, which="model,noise,landscape", device="cuda")
     for k in ("fp_calib_nll", "out_sqnr_db_mean", "grad_dot_delta", "quad_delta_h_delta"):
         assert f_gpu[k] == pytest.approx(f_cpu[k], rel=1e-3), k
+
+
+# ---- the command line: --device, --dtype, --max-memory ------------------------------------------------------------
+
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="this machine has CUDA: the error path cannot be reached")
+@pytest.mark.parametrize("argv", [
+    ["eval", "{dir}"],
+    ["eval", "{dir}", "--against", "{dir}", "--dtype", "bf16"],
+    ["quantize", "{dir}", "--format", "mxint4", "--out", "{tmp}/q"],
+    ["features", "{dir}", "--format", "mxint4"],
+    ["predict", "{dir}", "--format", "mxint4"],
+    ["qat", "{dir}", "--format", "mxint4", "--out", "{tmp}/q"],
+    ["demo", "--model", "{dir}"],
+    ["study", "ptq-vs-qat", "--models", "{dir}", "--out", "{tmp}/s"],
+    ["collect", "--models", "{dir}", "--formats", "mxint4", "--methods", "rtn", "--store", "{tmp}/s.sqlite"],
+])
+def test_every_model_command_refuses_an_unavailable_device_with_one_message(argv, tiny_hf_dir, tmp_path, capsys):
+    from quantpredict.cli import main
+
+    argv = [a.format(dir=tiny_hf_dir, tmp=tmp_path) for a in argv] + ["--device", "cuda"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--device cuda: CUDA is not available" in err and "available: cpu" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_cli_device_cpu_dtype_and_max_memory(tiny_hf_dir, tmp_path, capsys, monkeypatch):
+    from quantpredict import data
+    from quantpredict.cli import main
+
+    calib = torch.randint(3, 320, (6000,), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(data, "token_ids", lambda tok, name, split: calib.clone())
+    assert main(["eval", str(tiny_hf_dir), "--max-windows", "3", "--seq-len", "32", "--device", "cpu",
+                 "--dtype", "bf16", "--json"]) == 0
+    bf16 = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(tiny_hf_dir), "--max-windows", "3", "--seq-len", "32", "--device", "cpu",
+                 "--json"]) == 0
+    fp32 = json.loads(capsys.readouterr().out)
+    assert bf16["nll"] == pytest.approx(fp32["nll"], abs=0.05)
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_hf_dir), "--format", "mxint4", "--calib-samples", "4", "--calib-seq-len", "32",
+                 "--device", "cpu", "--dtype", "bf16", "--max-memory", "1MiB", "--out", str(out), "--json"]) == 0
+    capsys.readouterr()
+    assert (out / "model.safetensors").exists()
+    assert main(["features", str(tiny_hf_dir), "--format", "mxint4", "--which", "landscape", "--n-windows", "2",
+                 "--seq-len", "32", "--device", "cpu", "--max-memory", "1MiB", "--json"]) == 0
+    assert "grad_dot_delta" in json.loads(capsys.readouterr().out)["features"]
+    assert main(["quantize", str(tiny_hf_dir), "--format", "mxint4", "--max-memory", "lots", "--out", str(out)]) == 2
+    assert "--max-memory" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 
+from quantpredict.cli import options
+
 
 def register(subparsers) -> None:
     from quantpredict.qat.study import STUDY_FORMATS, StudySettings
@@ -37,6 +39,7 @@ def register(subparsers) -> None:
     q.add_argument("--pending", default="", help="a note on what is still to run, printed in the report")
     q.add_argument("--report-only", action="store_true", help="re-render the report from OUT/qat_results.jsonl")
     q.add_argument("--out", default="reports", metavar="DIR", help="output folder (default reports/)")
+    options.add_device(q)
     q.set_defaults(func=run)
 
 
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
                                  calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                  max_windows=args.max_windows or None, track_windows=args.track_windows,
                                  track_every=args.track_every, seed=args.seed)
-        run_study(models, formats, settings=settings, results=results)
+        run_study(models, formats, settings=settings, results=results, device=options.device(args))
     records = read_results(results)
     if not records:
         raise DataError(f"{results} holds no results; run the study without --report-only first")

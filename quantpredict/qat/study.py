@@ -147,11 +147,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 
 
 def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *, settings: StudySettings | None = None,
-              results: str | Path = Path("reports") / RESULTS_FILE, progress: bool = True) -> list[dict[str, Any]]:
+              results: str | Path = Path("reports") / RESULTS_FILE, progress: bool = True,
+              device: Any = None) -> list[dict[str, Any]]:
     """Run the study for ``models x formats``, appending each finished cell to ``results`` (JSON lines).
 
     Cells already in ``results`` with the same settings are skipped, so an interrupted run resumes. Returns every
-    record in the file afterwards.
+    record in the file afterwards. ``device``: where the models run (default CPU).
     """
     from quantpredict.formats import get_format
     from quantpredict.models import load
@@ -166,7 +167,7 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *, 
         todo = [f for f in formats if (name, f) not in done]
         if not todo:
             continue
-        model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager")
+        model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager", device=device)
         context: dict = {}
         for fmt in todo:
             record = study_one(model_fp, tokenizer, name, fmt, s, context=context, progress=progress)
