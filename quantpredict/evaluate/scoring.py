@@ -327,6 +327,8 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
                 first = batch_hidden(model_fp, batch.ids) if chunked else next_token_logits(model_fp, batch.ids)
                 if keep:
                     fp_cache.put(b, first)
+            elif chunked:  # hidden states read back from disk: to the device of the FP head
+                first = first.to(heads[0].device)
             second = batch_hidden(model_q, batch.ids) if chunked else next_token_logits(model_q, batch.ids)
             second = second.to(first.device)
             if heads is None and first.shape != second.shape:

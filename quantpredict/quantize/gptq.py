@@ -102,11 +102,11 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
         W = W[:, perm]
         H = H[perm][:, perm]
     else:
-        perm = torch.arange(columns)
+        perm = torch.arange(columns, device=W.device)
     position = torch.argsort(perm)  # position[c] = where original column c is processed
 
     damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(columns)
+    diag = torch.arange(columns, device=H.device)
     H[diag, diag] += damp
     # H^-1 = L^-T L^-1 from the Cholesky factor of H; then the upper Cholesky factor U of H^-1 (H^-1 = U^T U), whose
     # rows give each column's error-propagation coefficients over the columns not yet quantized.
@@ -145,9 +145,9 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
                 if group_scale[g] is None:
                     # first column of this group in processing order: fit its scale on the group's columns as they
                     # stand now, i.e. with the updates from every column quantized so far
-                    cols = torch.arange(g * group, min((g + 1) * group, columns))
+                    cols = torch.arange(g * group, min((g + 1) * group, columns), device=W.device)
                     pos = position[cols]
-                    current = torch.empty(rows, cols.numel(), dtype=W.dtype)
+                    current = torch.empty(rows, cols.numel(), dtype=W.dtype, device=W.device)
                     here = pos < i2
                     current[:, here] = W1[:, pos[here] - i1]
                     later = pos[~here]

@@ -29,8 +29,8 @@ from torch import nn
 class ActivationStore:
     """Hidden states ``[b, seq, hidden]`` batch by batch: in memory, or one file per batch under ``directory``.
 
-    ``append`` adds the next batch; iterating yields them in order (from disk, one at a time). ``close`` deletes the
-    files this store wrote (and its directory if it made it)."""
+    ``append`` adds the next batch; iterating yields them in order (from disk, one at a time, on the device the
+    batches came from). ``close`` deletes the files this store wrote (and its directory if it made it)."""
 
     def __init__(self, on_disk: bool = False, directory: str | Path | None = None):
         self.on_disk = on_disk
@@ -41,11 +41,13 @@ class ActivationStore:
             self.directory.mkdir(parents=True, exist_ok=True)
         self._batches: list[torch.Tensor] = []
         self._files: list[Path] = []
+        self.device: torch.device | None = None  # where batches are handed back (that of the first one appended)
         self.n = 0  # windows held
         self.nbytes = 0
 
     def append(self, hidden: torch.Tensor) -> None:
         hidden = hidden.detach()
+        self.device = hidden.device if self.device is None else self.device
         self.n += hidden.shape[0]
         self.nbytes += hidden.numel() * hidden.element_size()
         if not self.on_disk:
@@ -63,7 +65,7 @@ class ActivationStore:
             yield from self._batches
             return
         for path in self._files:
-            yield torch.load(path, weights_only=True)
+            yield torch.load(path, weights_only=True, map_location=self.device)
 
     def close(self) -> None:
         self._batches = []
