@@ -534,3 +534,25 @@ def test_cli_device_cpu_dtype_and_max_memory(tiny_hf_dir, tmp_path, capsys, monk
     assert "grad_dot_delta" in json.loads(capsys.readouterr().out)["features"]
     assert main(["quantize", str(tiny_hf_dir), "--format", "mxint4", "--max-memory", "lots", "--out", str(out)]) == 2
     assert "--max-memory" in capsys.readouterr().err
+
+
+def test_a_bf16_model_is_measured_in_float32_and_left_bf16():
+    """Features of a bf16 model are those of its stored weights measured in float32, with the MXINT4 direction kept
+    in bf16 (exact there): equal to the features of a float32 copy, and the model is bitwise as it was."""
+    import copy
+
+    model = tiny_model("llama", hidden=16, layers=2, heads=2).to(torch.bfloat16)
+    before = copy.deepcopy(model.state_dict())
+    calib = torch.randint(3, 320, (4000,), generator=torch.Generator().manual_seed(0))
+    opts = dict(n_windows=4, seq_len=16, n_probes=2, max_iter=3)
+    for extra in ({}, {"micro_batch": 1}):
+        ours = extract(model, Recipe("mxint4"), calib, **opts, **extra)
+        theirs = extract(copy.deepcopy(model).float(), Recipe("mxint4"), calib, **opts, **extra)
+        for k, v in theirs.items():
+            if not k.endswith("_seconds"):
+                assert ours[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (extra, k)
+    assert all(p.dtype is torch.bfloat16 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    refs = arch.linear_layers(model)
+    deltas = rtn_deltas(model.float(), refs, Recipe("mxint4"), compact=torch.bfloat16)
+    assert all(d.dtype is torch.bfloat16 for d in deltas)  # MXINT4 of bf16 weights: exact in bf16

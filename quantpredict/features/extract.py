@@ -232,9 +232,11 @@ def _quantized_names(model: nn.Module, recipe: Any) -> set[str]:
     return {r.name for r in quantized_linears(model, recipe)}
 
 
-def rtn_deltas(model: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any) -> list[torch.Tensor]:
+def rtn_deltas(model: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any, *,
+               compact: torch.dtype | None = None) -> list[torch.Tensor]:
     """``fake_quantize(W) - W`` ([out, in]) for each layer in its format and block size under the recipe (zero for
-    layers the recipe leaves in full precision)."""
+    layers the recipe leaves in full precision). ``compact``: keep each layer's direction in that (narrower) dtype
+    when it holds it exactly (MXINT4 on bf16 weights does: half the memory of a float32 copy)."""
     from quantpredict.formats import fake_quantize
 
     out = []
@@ -242,10 +244,19 @@ def rtn_deltas(model: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any) ->
         for ref, fb in zip(refs, _layer_formats(model, refs, recipe), strict=True):
             w = ref.weight.detach()
             if fb is None:
-                out.append(torch.zeros_like(w))
+                out.append(torch.zeros_like(w, dtype=compact or w.dtype))
                 continue
-            out.append((fake_quantize(w, fb[0], axis=-1, block_size=fb[1]) - w).to(w.dtype))
+            out.append(compact_if_exact((fake_quantize(w, fb[0], axis=-1, block_size=fb[1]) - w).to(w.dtype),
+                                        compact))
     return out
+
+
+def compact_if_exact(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` in ``dtype`` when the round trip is exact (every value representable), else ``t`` unchanged."""
+    if dtype is None or dtype == t.dtype:
+        return t
+    small = t.to(dtype)
+    return small if torch.equal(small.to(t.dtype), t) else t
 
 
 @torch.no_grad()
@@ -281,7 +292,7 @@ def _base_model(model: nn.Module, recipe: Any, windows: torch.Tensor, batch_size
 
 
 def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any, windows: torch.Tensor,
-                   batch_size: int = 8) -> list[torch.Tensor]:
+                   batch_size: int = 8, *, compact: torch.dtype | None = None) -> list[torch.Tensor]:
     """``Q(W) - W`` per layer from the PTQ backend (``quantize_model`` on a deep copy of ``base``, weights only;
     activation quantization, if the recipe has it, is not part of the direction).
 
@@ -296,7 +307,8 @@ def backend_deltas(base: nn.Module, refs: Sequence[arch.LinearRef], recipe: Any,
         quantize_model(q, recipe, windows, batch_size=batch_size, progress=False)
     q_refs = arch.linear_layers(q)
     with torch.no_grad():
-        return [(qr.weight.detach() - r.weight.detach()).to(r.weight.dtype) for qr, r in zip(q_refs, refs, strict=True)]
+        return [compact_if_exact((qr.weight.detach() - r.weight.detach()).to(r.weight.dtype), compact)
+                for qr, r in zip(q_refs, refs, strict=True)]
 
 
 # ---- streaming statistics and weight offsets applied inside each linear's forward -------------------------------
@@ -387,7 +399,7 @@ def along_direction(refs: Sequence[arch.LinearRef], deltas: Sequence[torch.Tenso
     handles = []
     for ref, delta in zip(refs, deltas, strict=True):
         def hook(_module, args, out, _delta=delta):
-            return out + t * F.linear(args[0], _delta.to(args[0].dtype))
+            return out + t * _StoredLinear.apply(args[0], _delta)
 
         handles.append(ref.module.register_forward_hook(hook))
     try:
@@ -397,14 +409,46 @@ def along_direction(refs: Sequence[arch.LinearRef], deltas: Sequence[torch.Tenso
             h.remove()
 
 
+class _StoredLinear(torch.autograd.Function):
+    """``x @ d^T`` with ``d`` ``[out, in]`` a constant kept in its storage dtype (e.g. a bf16 quantization
+    direction): it is upcast to ``x``'s dtype inside each forward and backward and only the stored tensor is saved,
+    so the autograd graph never holds a float32 copy of every layer's direction. Differentiable to any order in
+    ``x`` (its backward is :class:`_StoredLinearT`, whose backward is this)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d)
+        return F.linear(x, d.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        return _StoredLinearT.apply(g, d), None
+
+
+class _StoredLinearT(torch.autograd.Function):
+    """``g @ d`` (the backward of :class:`_StoredLinear`), ``d`` kept in its storage dtype."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(d)
+        return g @ d.to(g.dtype)
+
+    @staticmethod
+    def backward(ctx, u: torch.Tensor):
+        (d,) = ctx.saved_tensors
+        return _StoredLinear.apply(u, d), None
+
+
 class _SeededNoise:
     """The sharpness group's random direction, layer by layer, without holding it: ``z_i ~ N(0, 1)`` drawn in
     float64 from one generator in layer order and scaled to ``||delta_i||``. Each layer's generator state and scale
     are kept, so layer ``i`` is redrawn on demand bit for bit (and kept, up to ``cache_bytes``)."""
 
-    def __init__(self, deltas: Sequence[torch.Tensor], generator: torch.Generator, cache_bytes: int):
+    def __init__(self, deltas: Sequence[torch.Tensor], generator: torch.Generator, cache_bytes: int,
+                 dtypes: Sequence[torch.dtype] | None = None):
         self.shapes = [d.shape for d in deltas]
-        self.dtypes = [d.dtype for d in deltas]
+        self.dtypes = list(dtypes) if dtypes is not None else [d.dtype for d in deltas]
         self.devices = [d.device for d in deltas]
         self.states: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] = []
@@ -454,8 +498,10 @@ class _CalibStats:
 
 class _Context:
     def __init__(self, model: nn.Module, recipe: Any, windows: torch.Tensor, seed: int, opts: ExtractOptions,
-                 groups: Sequence[str] = GROUPS):
+                 groups: Sequence[str] = GROUPS, storage_dtype: torch.dtype | None = None):
         self.model, self.recipe, self.windows, self.seed, self.opts = model, recipe, windows, seed, opts
+        # the model's own dtype when it was upcast for the call: directions are kept in it where that is exact
+        self.storage_dtype = storage_dtype
         self.groups = tuple(groups)
         self.budget = parse_bytes(opts.max_memory, flag="max_memory")
         self._cache: dict[str, Any] = {}
@@ -481,7 +527,8 @@ class _Context:
 
     @property
     def rtn_delta(self) -> list[torch.Tensor]:
-        return self._lazy("rtn_delta", lambda: rtn_deltas(self.base, self.refs, self.recipe))
+        return self._lazy("rtn_delta", lambda: rtn_deltas(self.base, self.refs, self.recipe,
+                                                          compact=self.storage_dtype))
 
     @property
     def delta(self) -> list[torch.Tensor]:
@@ -489,7 +536,7 @@ class _Context:
         if getattr(self.recipe, "method", "rtn") == "rtn":
             return self.rtn_delta
         return self._lazy("delta", lambda: backend_deltas(self.base, self.refs, self.recipe, self.windows,
-                                                          self.opts.batch_size))
+                                                          self.opts.batch_size, compact=self.storage_dtype))
 
     def param_layout(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``[out, in]`` tensors in the parameters' storage layout (GPT-2's Conv1D stores ``[in, out]``)."""
@@ -741,7 +788,7 @@ def _landscape_group(ctx: _Context) -> dict[str, float]:
     gen = torch.Generator().manual_seed(ctx.seed + 2)
     sharp = []
     for _ in range(ctx.opts.n_noise_draws):
-        noise = _SeededNoise(delta, gen, cache_bytes=ctx.budget // 4)
+        noise = _SeededNoise(delta, gen, cache_bytes=ctx.budget // 4, dtypes=[p.dtype for p in ctx.params])
         sharp.append(ctx.nll_at(lambda i, noise=noise: layout(i, noise(i))) - base)
     return {
         "grad_dot_delta": g_dot,
@@ -836,9 +883,11 @@ def extract(model: nn.Module, recipe: Any, calib_ids: torch.Tensor, *, seed: int
     opts = replace(options or ExtractOptions(), **overrides)
     groups = parse_which(which)
     arch.check_finite(model)
+    storage = next(model.parameters()).dtype
     with compute_placement(model, device) as dev:
         windows = feature_windows(model, calib_ids, opts.n_windows, opts.seq_len, seed).to(dev)
-        out = _extract_groups(_Context(model, recipe, windows, seed, opts, groups), groups, progress)
+        compact = storage if storage != next(model.parameters()).dtype else None
+        out = _extract_groups(_Context(model, recipe, windows, seed, opts, groups, compact), groups, progress)
     expected = {f.name for f in FEATURES if f.group in groups}
     missing = expected - out.keys()
     if missing:  # a schema row without an implementation is a bug here, not a user error
