@@ -41,3 +41,36 @@ def write_section(name: str, markdown: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCH_MD.write_text(text)
+
+
+def run_measured(argv: list[str], *, threads: int = 1, timeout: float | None = None) -> dict:
+    """Run ``argv`` (a Python child that prints one JSON object as its last stdout line) under ``/usr/bin/time -v``
+    with ``threads`` OpenMP/MKL threads; returns that object plus ``wall_s`` and ``peak_rss_bytes`` of the child
+    process (its maximum resident set size, which includes the interpreter, torch and the data)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run(["/usr/bin/time", "-v", sys.executable, *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    fields = {}
+    for line in proc.stderr.splitlines():
+        key, _, value = line.strip().partition(": ")
+        fields[key] = value
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(argv)} failed with status {proc.returncode}:\n{tail}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    wall = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
+    out["wall_s"] = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
+    out["peak_rss_bytes"] = int(fields["Maximum resident set size (kbytes)"]) * 1024
+    return out
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"

@@ -235,10 +235,18 @@ def test_the_budget_sets_the_micro_batch():
 # ---- the zoo: today's values, and the bounded paths in float32 -----------------------------------------------------
 
 
+def _require_zoo(name: str = "llama-s") -> None:
+    from quantpredict.models import zoo_root
+
+    if not (zoo_root() / name / "model.safetensors").exists():
+        pytest.skip(f"needs the zoo model {name} (data/zoo/{name}); a tree without the zoo weights skips it")
+
+
 @pytest.fixture(scope="module")
 def zoo_reference():
     from quantpredict import models
 
+    _require_zoo()
     spec = json.loads(REFERENCE.read_text())
     model, tok = models.load(spec["model"], attn_implementation="eager")
     import importlib.util
@@ -352,6 +360,7 @@ def test_bf16_evaluation_tracks_float32_on_a_zoo_model():
     within 1e-3 nats and the quantization's delta NLL within 10% (measured: 6e-5 nats and 1.6%)."""
     from quantpredict import evaluate, models
 
+    _require_zoo()
     fp32, tok = models.load("llama-s")
     bf16, _ = models.load("llama-s", dtype="bf16")
     assert next(bf16.parameters()).dtype is torch.bfloat16
@@ -390,6 +399,7 @@ def zoo_calibration():
     from quantpredict import models
     from quantpredict.data import load_text
 
+    _require_zoo()
     model, tok = models.load("llama-s")
     ids = torch.tensor(tok(load_text("wikitext2", "train")[:120_000], add_special_tokens=False)["input_ids"])
     return model, tok, ids
@@ -465,20 +475,25 @@ def test_quantize_rejects_an_unavailable_device(zoo_calibration):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU paths are tested above)")
-def test_cuda_calibration_evaluation_and_features_match_cpu(zoo_calibration):
+def test_cuda_calibration_evaluation_and_features_match_cpu():
+    """On a GPU: GPTQ with blocks computed there, the comparison and the features equal the CPU's within float
+    tolerance (a tiny seeded model: no zoo weights needed; benchmarks/gpu_check.py checks more)."""
     from quantpredict import evaluate
 
-    model, tok, ids = zoo_calibration
+    model = tiny_model("llama", hidden=64, layers=2, heads=4)
+    ids = _windows(16, 64)
     cpu, _ = _gptq(model, ids)
     gpu, _ = _gptq(model, ids, device="cuda")  # blocks copied to the GPU one at a time
     changed = sum(int((a != b).sum()) for a, b in zip(cpu.state_dict().values(), gpu.state_dict().values()))
     assert changed < 0.01 * sum(p.numel() for p in model.parameters())  # rounding ties may flip on another device
-    c_cpu = evaluate.compare(model, cpu, tok, max_windows=8, progress=False)
-    c_gpu = evaluate.compare(model, cpu, tok, max_windows=8, progress=False, device="cuda")
+    windows = evaluate.Windows(ids[:8], torch.ones(8, dtype=torch.long))
+    c_cpu = evaluate.compare_windows(model, cpu, windows, progress=False)
+    with __import__("quantpredict.memory", fromlist=["placed"]).placed([model, cpu], "cuda"):
+        c_gpu = evaluate.compare_windows(model, cpu, windows, progress=False)
     assert c_gpu.delta_nll == pytest.approx(c_cpu.delta_nll, rel=1e-3, abs=1e-5)
     assert next(model.parameters()).device.type == "cpu"  # moved back
-    f_cpu = extract(model, Recipe("mxint4"), ids, which="model,noise,landscape")
-    f_gpu = extract(model, Recipe("mxint4"), ids, which="model,noise,landscape", device="cuda")
+    f_cpu = extract(model, Recipe("mxint4"), ids, which="model,noise,landscape", micro_batch=2)
+    f_gpu = extract(model, Recipe("mxint4"), ids, which="model,noise,landscape", micro_batch=2, device="cuda")
     for k in ("fp_calib_nll", "out_sqnr_db_mean", "grad_dot_delta", "quad_delta_h_delta"):
         assert f_gpu[k] == pytest.approx(f_cpu[k], rel=1e-3), k
 
@@ -556,3 +571,19 @@ def test_a_bf16_model_is_measured_in_float32_and_left_bf16():
     refs = arch.linear_layers(model)
     deltas = rtn_deltas(model.float(), refs, Recipe("mxint4"), compact=torch.bfloat16)
     assert all(d.dtype is torch.bfloat16 for d in deltas)  # MXINT4 of bf16 weights: exact in bf16
+
+
+def test_gpu_check_script_cpu_fallback(capsys):
+    """benchmarks/gpu_check.py is run by hand on a GPU machine; here its CPU fallback runs every check (small model,
+    no pytest runs) and refuses CUDA cleanly where there is none."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    checks = gpu_check.run_checks("cpu", hidden=32, layers=2, vocab=1024, pytests=False)
+    assert len(checks.rows) == 14 and checks.failed == 0
+    if NO_CUDA:
+        assert gpu_check.main(["--no-pytest"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err

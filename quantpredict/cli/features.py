@@ -35,7 +35,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from quantpredict import data
     from quantpredict.features import FEATURES, extract, parse_which
@@ -58,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise DataError(f"bad recipe: {exc}") from exc
     device, budget = options.device(args), options.max_memory(args)
-    model, tokenizer = load(args.model, dtype=torch.float32, attn_implementation="eager", device=device)
+    # the checkpoint's dtype: the features upcast a bf16 one in place (same values as a float32 load, less memory)
+    model, tokenizer = load(args.model, dtype="auto", attn_implementation="eager", device=device)
     calib_ids = data.token_ids(tokenizer, "wikitext2", "train")
     knobs = {k: getattr(args, k) for k in ("n_windows", "seq_len", "n_probes", "max_iter")
              if getattr(args, k) is not None}

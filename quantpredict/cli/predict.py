@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict import models
     from quantpredict.quantize import Recipe
 
-    model, tok = models.load(args.model, attn_implementation="eager", device=device)  # HVPs need eager attention
+    model, tok = models.load(args.model, attn_implementation="eager", device=device, dtype="auto")  # eager: HVPs
     results = []
     for fmt, method in itertools.product(_split(args.weight_format), _split(args.method)):
         recipe = Recipe(weight_format=fmt, block_size=args.block_size, method=method,

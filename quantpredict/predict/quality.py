@@ -110,8 +110,9 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
 
-        # eager attention: second derivatives (curvature, landscape features) fail through CPU SDPA
-        model, tok = models.load(str(model_or_path), attn_implementation="eager", device=device)
+        # eager attention: second derivatives (curvature, landscape features) fail through CPU SDPA. The
+        # checkpoint's own dtype: a bf16 one stays bf16 until the features upcast it (same values as a float32 load)
+        model, tok = models.load(str(model_or_path), attn_implementation="eager", device=device, dtype="auto")
         tokenizer = tokenizer or tok
         name = str(model_or_path)
     else:
