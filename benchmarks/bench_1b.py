@@ -281,7 +281,9 @@ def main() -> int:
     directory = Path(args.dir)
     if not (directory / "config.json").exists():
         results["build"] = run_measured([__file__, "--child", "build", "--dir", str(directory)])
-        print(f"built {results['build']['n_params'] / 1e9:.2f}B parameters in {results['build']['seconds']:.0f} s")
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        print(f"built {results['build']['n_params'] / 1e9:.2f}B parameters in {results['build']['seconds']:.0f} s, "
+              f"peak {_gib(results['build']['peak_rss_bytes'])} GiB")
     for stage in [s for s in args.stages.split(",") if s]:
         if stage in results and not args.force:
             continue

@@ -504,6 +504,7 @@ class _Context:
         self.storage_dtype = storage_dtype
         self.groups = tuple(groups)
         self.budget = parse_bytes(opts.max_memory, flag="max_memory")
+        self.progress = False  # a bar over micro-batches (extract(progress=True) sets it)
         self._cache: dict[str, Any] = {}
         self._op: HessianOperator | AccumulatedHessianOperator | None = None
         self._op_windows = 0
@@ -678,8 +679,13 @@ class _Context:
 
         like = self.params[0].detach()
         like = like.new_zeros((), dtype=torch.promote_types(like.dtype, torch.float32))
+        fns = [along(fn) for fn in shares]
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            fns = tqdm(fns, desc="g.delta, delta'H delta", unit="micro-batch", leave=False)
         with prepared(self.base, eager=True):
-            _, first, second = directional_derivatives([along(fn) for fn in shares], like)
+            _, first, second = directional_derivatives(fns, like)
         return first, second
 
     def nll_at(self, offset: Any) -> float:
@@ -901,6 +907,7 @@ def extract(model: nn.Module, recipe: Any, calib_ids: torch.Tensor, *, seed: int
 
 def _extract_groups(ctx: _Context, groups: Sequence[str], progress: bool) -> dict[str, float]:
     out: dict[str, float] = {}
+    ctx.progress = progress
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -18,7 +18,7 @@ parameter-sized vector at all. Memory is then that of one micro-batch, whatever 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -142,7 +142,7 @@ def _scalar(loss: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def directional_derivatives(loss_fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+def directional_derivatives(loss_fns: Iterable[Callable[[torch.Tensor], torch.Tensor]],
                             like: torch.Tensor) -> tuple[float, float, float]:
     """``(L, dL/dt, d2L/dt2)`` at ``t = 0`` for ``L(t) = sum_i loss_fns[i](t)``, summed in float64.
 
