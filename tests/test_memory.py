@@ -355,6 +355,23 @@ def test_scoring_in_token_chunks_equals_the_whole_logits(family):
     assert all(t.shape[-1] == 16 for t in cache.logits.values())  # hidden states, not logits
 
 
+def test_zoo_comparison_in_head_chunks_equals_the_whole_logits_within_1e_5(zoo_calibration):
+    """llama-s, float32, 8 windows: the head in 100-token chunks (as SmolLM2's 49k vocabulary runs it) against the
+    whole logits, for the perplexity and every comparison statistic."""
+    from quantpredict.evaluate import make_windows
+    from quantpredict.evaluate.scoring import nll_sums, pair_sums
+
+    model, _, ids = zoo_calibration
+    q = _rtn_copy(model, "mxint4")
+    windows = make_windows(ids, 256, max_windows=8)
+    small = 100 * 4096 * 4
+    torch.testing.assert_close(nll_sums(model, windows, chunk_bytes=small), nll_sums(model, windows),
+                               rtol=1e-5, atol=0)
+    whole, chunked = pair_sums(model, q, windows), pair_sums(model, q, windows, chunk_bytes=small)
+    for k in whole:
+        torch.testing.assert_close(chunked[k], whole[k], rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_evaluation_tracks_float32_on_a_zoo_model():
     """bf16 forward passes (head, softmax and sums in float32/float64) on llama-s against float32: the perplexity
     within 1e-3 nats and the quantization's delta NLL within 10% (measured: 6e-5 nats and 1.6%)."""
