@@ -100,9 +100,11 @@ def child(stage: str, directory: str) -> dict:
         calib = sample_calibration(tok, 128, 256)
         out["calib_seconds"] = time.perf_counter() - t0
         kept = arch.blocks(model)  # held, so the whole model stays in memory
+        fp_block = copy.deepcopy(kept[0].state_dict())  # GPTQ starts from the FP block, not from RTN's output
         parent = model.model
         times = {}
         for method in ("rtn", "gptq"):
+            kept[0].load_state_dict(fp_block)
             parent.layers = torch.nn.ModuleList(kept[:1])
             model.config.num_hidden_layers = 1
             t0 = time.perf_counter()
@@ -287,7 +289,8 @@ def main() -> int:
     for stage in [s for s in args.stages.split(",") if s]:
         if stage in results and not args.force:
             continue
-        r = run_measured([__file__, "--child", stage, "--dir", str(directory)])
+        r = run_measured([__file__, "--child", stage, "--dir", str(directory)],
+                         max_rss_bytes=int(TARGET_GIB * 2**30))
         results[stage] = r
         print(f"{stage:12s} {r['seconds']:8.1f} s  peak {_gib(r['peak_rss_bytes'])} GiB", flush=True)
         results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average()}

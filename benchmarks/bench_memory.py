@@ -188,7 +188,7 @@ def main() -> int:
             argv = [__file__, "--child", model, stage]
             if args.gptq_blocks:
                 argv += ["--gptq-blocks", str(args.gptq_blocks)]
-            r = run_measured(argv)
+            r = run_measured(argv, max_rss_bytes=int(TARGET_GIB * 2**30))
             results.setdefault(model, {})[stage] = r
             print(f"{model:14s} {stage:14s} {r['seconds']:8.1f} s  peak {_gib(r['peak_rss_bytes'])} GiB", flush=True)
             results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average()}
