@@ -167,12 +167,16 @@ def _graph_bytes(s: dict, seq: int = 256) -> float:
 def _fmt_s(seconds: float) -> str:
     if seconds != seconds:  # NaN: the 1B stage was not measured
         return "n/a"
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 \
-        else f"{seconds:.0f} s"
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    if seconds >= 90:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.1f} s"
 
 
 def extrapolate(results: dict) -> list[str]:
-    """Memory and time of the features' pass, whole-model GPTQ and a 64-window comparison for 7B and 70B.
+    """Memory and time of the features' landscape pass (the default 8 windows), whole-model GPTQ and a 64-window
+    comparison, for this model and for 7B and 70B.
 
     Memory: what each stage holds (bytes per parameter plus per-block and per-window terms). CPU time: the 1B
     stage's measured seconds scaled by FLOPs (the comparison and the features are linear in parameters; GPTQ is one
@@ -182,14 +186,15 @@ def extrapolate(results: dict) -> list[str]:
     one = SHAPES["1B (measured model)"]
     p1, blk1 = _params(one), _linear_params(one) / one["layers"]
     sens, quant, comp = (results.get(k) for k in ("sensitivity", "quantize", "compare"))
-    feat_tokens, calib_tokens, eval_tokens = FEATURE_WINDOWS * 256, 128 * 256, 64 * 256
-    lines = ["| model | params | features: memory | CPU | GPU | GPTQ: CPU memory | GPU memory | CPU | GPU | "
-             "64-window compare: memory | CPU | GPU |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    feat_tokens, calib_tokens, eval_tokens = 8 * 256, 128 * 256, 64 * 256  # the defaults: 8 feature windows
+    lines = ["| model | params | landscape pass (8 windows): memory | CPU | GPU | whole-model GPTQ: CPU memory | "
+             "GPU memory | CPU | GPU | 64-window compare: memory | CPU | GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in SHAPES.items():
         p, lin = _params(s), _linear_params(s)
         blk = lin / s["layers"]
         feat_mem = 4 * p + 2 * lin + _graph_bytes(s) + CPU_OVERHEAD
-        feat_cpu = sens["seconds"] * p / p1 if sens else nan
+        feat_cpu = sens["seconds"] * (feat_tokens / (FEATURE_WINDOWS * 256)) * p / p1 if sens else nan
         feat_gpu = FEATURE_FORWARDS * 2 * p * feat_tokens / GPU_FP32
         gptq_cpu_mem = 2 * p + 4 * blk + 2 * calib_tokens * s["hidden"] * 4 + CPU_OVERHEAD
         gptq_gpu_mem = 4 * blk + 2 * calib_tokens * s["hidden"] * 4 + 4 * s["inter"] ** 2 * 2  # + the Hessians
@@ -253,7 +258,9 @@ def render(results: dict) -> str:
         "are 2 x parameters per forward pass; GPTQ by one block's measured seconds times the blocks). GPU times "
         f"count FLOPs on one H100/H200-class GPU: the features' pass ~{FEATURE_FORWARDS} forward-equivalents per "
         "token in float32 at 50% of 67 TFLOP/s, the comparison in bf16 at 40% of 990 TFLOP/s, GPTQ's two float32 "
-        "block passes plus ~0.1 ms per column of its column loop. All estimates.",
+        "block passes plus ~0.1 ms per column of its column loop. Every row is an estimate (the 1B row scales "
+        "this model's stages to the defaults: 8 feature windows, all 16 blocks, 64 windows); CPU times inherit the "
+        "load of the machine they were measured on.",
         "",
         *extrapolate(results),
         "",

@@ -604,3 +604,20 @@ def test_gpu_check_script_cpu_fallback(capsys):
     if NO_CUDA:
         assert gpu_check.main(["--no-pytest"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_every_zoo_model_keeps_the_whole_batch_graph_under_the_default_budget():
+    """The shipped runs' features were computed with one graph over the 8 calibration windows: under the default
+    max_memory every zoo model must still take that path (so its features reproduce, see the 1e-6 test above)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantpredict.memory import DEFAULT_MAX_MEMORY
+    from quantpredict.models import list_zoo, resolve
+
+    names = list_zoo()
+    if not names:
+        pytest.skip("no zoo models on disk")
+    for name in names:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve(name)))
+        assert 8 * graph_bytes_per_window(model, 256) <= DEFAULT_MAX_MEMORY, name
