@@ -266,7 +266,7 @@ def render(results: dict) -> str:
         "",
         "What still scales with the model beyond the weights: the embedding and the head (a 128k-token vocabulary "
         "is 2 GB of bf16 at 8B); the features' float32 weights and direction (6 B/param: a 70B model's features "
-        "need ~430 GB, more than one GPU holds; the landscape group would have to run block-sharded there); the "
+        "need ~440 GiB, more than one GPU holds; the landscape group would have to run block-sharded there); the "
         "comparison's two models (one FP and one quantized copy).",
     ])
 
