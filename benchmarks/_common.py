@@ -41,3 +41,82 @@ def write_section(name: str, markdown: str) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCH_MD.write_text(text)
+
+
+def _rss_of_tree(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (from /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def run_measured(argv: list[str], *, threads: int = 1, timeout: float | None = None,
+                 max_rss_bytes: int | None = None, min_available_bytes: int = 3 * 2**30) -> dict:
+    """Run ``argv`` (a Python child that prints one JSON object as its last stdout line) under ``/usr/bin/time -v``
+    with ``threads`` OpenMP/MKL threads; returns that object plus ``wall_s`` and ``peak_rss_bytes`` of the child
+    process (its maximum resident set size, which includes the interpreter, torch and the data).
+
+    A watchdog stops the child (and raises) if its resident size passes ``max_rss_bytes`` or the machine's available
+    memory falls below ``min_available_bytes``: a shared machine's other jobs must not meet the OOM killer."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(["/usr/bin/time", "-v", sys.executable, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    start, stopped = time.monotonic(), None
+    while proc.poll() is None:
+        try:
+            proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            rss = _rss_of_tree(proc.pid)
+            if max_rss_bytes is not None and rss > max_rss_bytes:
+                stopped = f"its resident size reached {rss / 2**30:.1f} GiB (limit {max_rss_bytes / 2**30:.1f})"
+            elif _mem_available() < min_available_bytes:
+                stopped = f"the machine's available memory fell below {min_available_bytes / 2**30:.1f} GiB"
+            elif timeout is not None and time.monotonic() - start > timeout:
+                stopped = f"it ran past {timeout:.0f} s"
+            if stopped:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    stdout, stderr = proc.communicate()
+    if stopped:
+        raise RuntimeError(f"{' '.join(argv)} was stopped: {stopped}")
+    fields = {}
+    for line in stderr.splitlines():
+        key, _, value = line.strip().partition(": ")
+        fields[key] = value
+    if proc.returncode != 0:
+        tail = "\n".join(stderr.splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(argv)} failed with status {proc.returncode}:\n{tail}")
+    out = json.loads(stdout.strip().splitlines()[-1])
+    wall = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
+    out["wall_s"] = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall)))
+    out["peak_rss_bytes"] = int(fields["Maximum resident set size (kbytes)"]) * 1024
+    return out
+
+
+def load_average() -> str:
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"

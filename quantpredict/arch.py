@@ -901,3 +901,66 @@ def iter_block_linears(model: nn.Module) -> Iterator[tuple[int, nn.Module, list[
     """(index, block, its linears) for every block, in order."""
     for i, block in enumerate(blocks(model)):
         yield i, block, block_linears(model, i)
+
+
+# ---- block-by-block execution in bounded memory (see quantpredict.quantize.offload) --------------------------------
+
+
+@torch.no_grad()
+def capture_block_input_batches(model: nn.Module, input_ids: torch.Tensor, batch_size: int,
+                                sink: Any) -> dict[str, Any]:
+    """Like :func:`capture_block_inputs`, but hands each batch's block-0 hidden states ``[b, seq, hidden]`` to
+    ``sink(hidden)`` as soon as it is computed instead of concatenating them, so a caller can keep them on disk.
+    Every batch stops at block 0. Returns block 0's keyword arguments (captured for ``batch_size`` windows); the
+    kwargs of every block, where they differ, come from :func:`capture_block_kwargs`."""
+    first = blocks(model)[0]
+    kwargs_holder: dict[str, Any] = {}
+    signature = inspect.signature(first.forward)
+    first_name = next(iter(signature.parameters))
+
+    def hook(_module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        bound.update(bound.pop("kwargs", {}))  # a trailing **kwargs binds as one dict
+        sink(bound.pop(first_name).detach())
+        if not kwargs_holder:
+            kwargs_holder.update({k: v for k, v in bound.items() if k not in _CACHE_ARGS})
+            kwargs_holder["use_cache"] = False
+        raise _Stop
+
+    device = next(model.parameters()).device
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return kwargs_holder
+
+
+@torch.no_grad()
+def capture_block_kwargs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
+    """The keyword arguments of every block for one batch of windows ``[b, seq_len]`` (one forward through every
+    block but the last's own computation): block 0's, with a :class:`PerBlock` for those that differ between
+    blocks (Qwen-2 and Gemma-2/3's per-layer masks and rotary embeddings). See :func:`block_kwargs`."""
+    device = next(model.parameters()).device
+    return capture_block_inputs(model, input_ids.to(device), batch_size=input_ids.shape[0]).kwargs
+
+
+def block_kwargs(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
+    """The keyword arguments block ``index`` receives (a :class:`PerBlock` resolved by position, so a compute copy
+    of the block gets its original's)."""
+    return {k: v.values[index] if isinstance(v, PerBlock) else v for k, v in kwargs.items()}
+
+
+def batch_kwargs(kwargs: dict[str, Any], n: int, captured: int) -> dict[str, Any]:
+    """The block keyword arguments ``kwargs`` (captured for ``captured`` windows) sliced to a batch of ``n``."""
+    return _batch_kwargs(kwargs, n, captured)
+
+
+def linears_of(model: nn.Module, index: int, block: nn.Module) -> list[LinearRef]:
+    """The linears of ``block`` (block ``index`` of ``model``, or a copy of it), named as in the model."""
+    ad = adapter(model)
+    return [LinearRef(f"{ad.blocks}.{index}.{p}", _get(block, p), index) for p in ad.linears]

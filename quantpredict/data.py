@@ -175,8 +175,13 @@ def _tokenizer_key(tokenizer) -> str:
 def _encode(tokenizer, text: str):
     import torch
 
+    from quantpredict.memory import release_freed_heap
+
     ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    out = torch.tensor(ids, dtype=torch.long)
+    del ids
+    release_freed_heap()  # the encoding's ~1 GB of temporaries for a whole split: give it back
+    return out
 
 
 def token_ids(tokenizer, name: str = "wikitext2", split: str = "test"):

@@ -41,3 +41,11 @@ class PredictorError(QuantpredictError, ValueError):
 
 class NotImplementedYetError(QuantpredictError):
     """A CLI stage that this version does not implement yet."""
+
+
+class ResourceError(QuantpredictError, ValueError):
+    """A device that is not available, a compute dtype it cannot run, or an unreadable memory budget."""
+
+
+class DeviceError(ResourceError):
+    """A ``--device`` / ``device=`` that this machine does not have (e.g. ``cuda`` without a CUDA build or GPU)."""

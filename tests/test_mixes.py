@@ -125,14 +125,14 @@ def test_a_mix_quantizes_on_the_formats_it_names():
 
 
 class _StubPredictor:
-    """A 'profile' predictor whose KLD is the summed K-FAC price (what the shipped one is fitted on)."""
+    """A 'profile' predictor whose KLD is the summed token-wise price (what the shipped one is fitted on)."""
 
     kind = "profile"
 
     def predict(self, frame):
         import pandas as pd
 
-        k = frame["kfac_quad"].to_numpy(float)
+        k = frame["token_gn_quad"].to_numpy(float)
         return pd.DataFrame({"kld": k, "kld_low": 0.5 * k, "kld_high": 2 * k, "delta_nll": k, "ppl": 10 + k,
                              "ppl_low": 10 + k / 2, "ppl_high": 10 + 2 * k, "top1": 1 - k}, index=frame.index)
 
@@ -165,7 +165,7 @@ def test_rank_and_allocate_take_the_mixes(stub_predictor):
     assert set(frame["mix"].dropna()) == {"q4_k_m", "q4_k_pure"}
     by_mix = frame.set_index(frame["mix"].fillna(frame["recipe"]))
     assert by_mix.loc["q4_k_m", "bits_per_element"] > by_mix.loc["q4_k_pure", "bits_per_element"]
-    assert by_mix.loc["q4_k_m", "kfac_quad"] < by_mix.loc["q4_k_pure", "kfac_quad"]
+    assert by_mix.loc["q4_k_m", "token_gn_quad"] < by_mix.loc["q4_k_pure", "token_gn_quad"]
     mp = profile_model("llama-l")
     res = allocate("llama-l", match="q4_k_m", compare=["q4_k_pure"], profile=mp)
     mix = res.compared[0]

@@ -59,6 +59,12 @@ def register(sub) -> None:
                    help="key runs by model name alone instead of name + weights hash")
     p.add_argument("--dry-run", action="store_true", help="print the plan (to run / already done) and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None, metavar="DEV",
+                   help="where each run computes (cpu, cuda, cuda:N; passed to the run function as device=; default "
+                        "cpu). Checked here and again on each worker")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="working-memory budget of each run (passed as max_memory=, e.g. 6GiB; default "
+                        "the run function's, 2GiB)")
     p.set_defaults(func=run)
 
 
@@ -130,6 +136,15 @@ def run(args: argparse.Namespace) -> int:
     run_kwargs = _run_kwargs(args.run_kwargs)
     if args.threads:
         run_kwargs["torch_threads"] = args.threads
+    if args.device is not None:
+        from quantpredict.memory import resolve_device
+
+        resolve_device(args.device, flag="--device")  # fail here, not in every worker
+        run_kwargs["device"] = args.device
+    if args.max_memory is not None:
+        from quantpredict.memory import parse_bytes
+
+        run_kwargs["max_memory"] = parse_bytes(args.max_memory, flag="--max-memory")
     if args.dry_run:
         ids = {m: identify(m) if identify else m for m in models}
         from quantpredict.runs.identity import model_uses_bos

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from quantpredict.cli import options
+
 DEFAULT_MODEL = "llama-m"
 DEFAULT_RECIPES = "mxint8:rtn,mxfp4_e2m1:rtn,mxint4:rtn,mxint4:gptq,int3:gptq"
 
@@ -18,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help=f"zoo model or HF directory (default: {DEFAULT_MODEL}, or the "
                    "largest zoo model present)")
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated FORMAT:METHOD pairs")
+    options.add_device(p)
     p.set_defaults(func=run)
 
 
@@ -36,12 +39,13 @@ def _pick_model(requested: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR
 
+    device = options.device(args)
     model = _pick_model(args.model)
     recipes = [tuple(r.split(":")) for r in args.recipes.split(",") if r]
     if (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
-        return _predict(model, recipes)
+        return _predict(model, recipes, device)
     print(f"(no default predictor at {DEFAULT_PREDICTOR_DIR} yet: showing the cheap quantization measurements)")
-    return _measure(model, recipes)
+    return _measure(model, recipes, device)
 
 
 def _full_eval_seconds(model: str) -> str:
@@ -63,13 +67,13 @@ def _card_ppl(model: str) -> float | None:
         return None
 
 
-def _predict(model_name: str, recipes) -> int:
+def _predict(model_name: str, recipes, device=None) -> int:
     from quantpredict import models
     from quantpredict.predict.quality import predict_quality, resolve_predictor
     from quantpredict.quantize import Recipe
 
     predictor = resolve_predictor("default")
-    model, tok = models.load(model_name, attn_implementation="eager")
+    model, tok = models.load(model_name, attn_implementation="eager", device=device)
     full = _full_eval_seconds(model_name)
     ppl_fp = _card_ppl(model_name)  # the FP model's measured test perplexity, when the zoo card has it
     import math
@@ -90,13 +94,13 @@ def _predict(model_name: str, recipes) -> int:
     return 0
 
 
-def _measure(model_name: str, recipes) -> int:
+def _measure(model_name: str, recipes, device=None) -> int:
     import torch
 
     from quantpredict import arch, models
     from quantpredict.formats import fake_quantize, get_format
 
-    model, _ = models.load(model_name)
+    model, _ = models.load(model_name, device=device)
     print(f"{model_name}: round-to-nearest weight quantization of {len(arch.linear_layers(model))} linear layers")
     print(f"{'format':14s} {'bits/elem':>9s} {'weight SQNR dB':>15s} {'worst layer dB':>15s}")
     for fmt in dict.fromkeys(f for f, _ in recipes):

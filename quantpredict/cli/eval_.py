@@ -8,6 +8,8 @@ import json
 import math
 from typing import Any
 
+from quantpredict.cli import options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -28,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    options.add_device(p)
+    options.add_dtype(p, "evaluation's forward passes (the models are loaded in it)")
     p.set_defaults(func=run)
 
 
@@ -45,10 +49,11 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.evaluate import compare, perplexity
     from quantpredict.models import load
 
+    device, dtype = options.device(args), options.dtype(args)
     opts = dict(dataset=args.dataset, split=args.split, seq_len=args.seq_len, stride=args.stride,
                 max_windows=args.max_windows, batch_size=args.batch_size)
     if args.against is None:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, dtype=dtype, device=device)
         res = perplexity(model, tokenizer, **opts)
         if args.json:
             print(json.dumps(_jsonable({"model": str(args.model), **res.to_dict()})))
@@ -62,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
                      + (f"; {res.tokenize_seconds:.1f} s of it tokenizing)" if res.tokenize_seconds >= 0.05 else ")")),
         ]
     else:
-        model_fp, tokenizer = load(args.against)
-        model_q, _ = load(args.model)
+        model_fp, tokenizer = load(args.against, dtype=dtype, device=device)
+        model_q, _ = load(args.model, dtype=dtype, device=device)
         c = compare(model_fp, model_q, tokenizer, **opts)
         if args.json:
             print(json.dumps(_jsonable({"model": str(args.model), "against": str(args.against), **c.to_dict()})))

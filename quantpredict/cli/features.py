@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from quantpredict.cli import options
 from quantpredict.errors import DataError, QuantpredictError
 
 
@@ -28,11 +29,12 @@ def register(subparsers) -> None:
     p.add_argument("--n-probes", type=int, default=None, help="Hutchinson probes")
     p.add_argument("--max-iter", type=int, default=None, help="power-iteration steps at most")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    options.add_device(p)
+    options.add_max_memory(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from quantpredict import data
     from quantpredict.features import FEATURES, extract, parse_which
@@ -54,11 +56,14 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(exc, QuantpredictError):  # e.g. FormatError naming the valid formats
             raise
         raise DataError(f"bad recipe: {exc}") from exc
-    model, tokenizer = load(args.model, dtype=torch.float32, attn_implementation="eager")
+    device, budget = options.device(args), options.max_memory(args)
+    # the checkpoint's dtype: the features upcast a bf16 one in place (same values as a float32 load, less memory)
+    model, tokenizer = load(args.model, dtype="auto", attn_implementation="eager", device=device)
     calib_ids = data.token_ids(tokenizer, "wikitext2", "train")
     knobs = {k: getattr(args, k) for k in ("n_windows", "seq_len", "n_probes", "max_iter")
              if getattr(args, k) is not None}
-    out = extract(model, recipe, calib_ids, seed=args.seed, which=groups, progress=not args.json, **knobs)
+    out = extract(model, recipe, calib_ids, seed=args.seed, which=groups, progress=not args.json,
+                  max_memory=budget, **knobs)
 
     if args.json:
         print(json.dumps({"model": args.model, "recipe": recipe.label, "features": out}, indent=2))

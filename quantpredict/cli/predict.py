@@ -6,6 +6,8 @@ import argparse
 import itertools
 import json
 
+from quantpredict.cli import options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="predict a quantized model's perplexity without evaluating it",
@@ -23,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--predictor", default="default", help="saved predictor directory (default: the shipped one)")
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    options.add_device(p)
+    options.add_max_memory(p)
     p.set_defaults(func=run)
 
 
@@ -30,10 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.predict.quality import predict_quality, resolve_predictor
 
     predictor = resolve_predictor(args.predictor)  # fail fast, before loading the model
+    device, budget = options.device(args), options.max_memory(args)
     from quantpredict import models
     from quantpredict.quantize import Recipe
 
-    model, tok = models.load(args.model, attn_implementation="eager")  # HVPs need eager attention
+    model, tok = models.load(args.model, attn_implementation="eager", device=device, dtype="auto")  # eager: HVPs
     from quantpredict.mixes import named_mix
 
     results = []
@@ -43,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if args.mix:
             recipe = named_mix(what, model, base=recipe)
         pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp,
-                             model_name=args.model)
+                             model_name=args.model, extract_options={"max_memory": budget})
         results.append(pr.to_dict())
     if args.json:
         import math

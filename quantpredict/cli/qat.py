@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from quantpredict.cli import options
+
 
 def register(subparsers) -> None:
     from quantpredict.qat.runs import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS
@@ -38,6 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch intra-op threads")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    options.add_device(p)
     p.set_defaults(func=run)
 
 
@@ -50,12 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.qat.runs import save_qat
     from quantpredict.quantize import Recipe
 
+    device = options.device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = Recipe(weight_format=args.weight_format, block_size=args.block_size, method=args.init,
                     act_format=args.act_format, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                     skip=tuple(args.skip), seed=args.seed)
-    model, tokenizer = load(args.model, dtype=torch.float32)
+    model, tokenizer = load(args.model, dtype=torch.float32, device=device)
     calib = token_ids(tokenizer, "wikitext2", "train")  # calibration: train split only
     result = finetune(model, recipe, calib, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                       init=args.init, seed=args.seed)

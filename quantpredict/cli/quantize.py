@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from quantpredict.cli import options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -42,6 +44,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    options.add_device(p)
+    options.add_dtype(p, "calibration's block forward passes (the model stays in its checkpoint's dtype)")
+    options.add_max_memory(p)
     p.set_defaults(func=run)
 
 
@@ -55,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, gptq_blocksize=args.gptq_blocksize,
         percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed, awq=args.awq,
     )
-    model, tokenizer = load(args.model)
+    device, dtype, budget = options.device(args), options.dtype(args), options.max_memory(args)
+    # the checkpoint's own dtype in memory (a bf16 checkpoint stays bf16), blocks computed in --dtype on --device
+    model, tokenizer = load(args.model, dtype="auto")
     if args.mix:
         from quantpredict.mixes import named_mix
 
@@ -65,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
             raise RecipeError("--block-size does not apply to --mix: llama.cpp's layouts fix their blocks")
         recipe = named_mix(args.mix, model, base=recipe)
     calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
-    report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=True)
+    report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=True,
+                            max_memory=budget, device=device, dtype=dtype)
     out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

@@ -7,6 +7,8 @@ import argparse
 import shlex
 import sys
 
+from quantpredict.cli import options
+
 
 def register(subparsers) -> None:
     from quantpredict.qat.study import RESULTS_FILES, STUDY_FORMATS, RunOptions, StudySettings
@@ -56,6 +58,7 @@ def register(subparsers) -> None:
     q.add_argument("--pending", default="", help="a note on what is still to run, printed in the report")
     q.add_argument("--report-only", action="store_true", help="re-render the report from OUT/qat_results.jsonl")
     q.add_argument("--out", default="reports", metavar="DIR", help="output folder (default reports/)")
+    options.add_device(q)
     q.set_defaults(func=run)
 
     from quantpredict.quantize.sq_study import ALPHAS, SQ_FORMATS, SQSettings
@@ -114,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
                                   calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                                   max_windows=args.max_windows or None, track_windows=args.track_windows,
                                   track_every=args.track_every, seed=args.seed) for lr in args.lr]
-        options = RunOptions(ptq_points=args.ptq_points, reference_dtype=args.reference_dtype,
+        run_options = RunOptions(ptq_points=args.ptq_points, reference_dtype=args.reference_dtype,
                              micro_batch_size=args.micro_batch_size)
-        run_study(models, formats, settings=settings, results=results, options=options,
-                  progress=not args.no_progress)
+        run_study(models, formats, settings=settings, results=results, options=run_options,
+                  progress=not args.no_progress, device=options.device(args))
     records = read_results(out / RESULTS_FILES["zoo"])
     hurts = read_results(out / RESULTS_FILES["hurts"])
     if not records and not hurts:

@@ -132,7 +132,8 @@ def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, *, s
 def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test",
             seq_len: int = 256, max_windows: int | None = None, batch_size: int = 8, stride: int | None = None,
             progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
-            fp_key: str | None = None, text: str | Path | None = None, bos: bool | None = None) -> Comparison:
+            fp_key: str | None = None, text: str | Path | None = None, bos: bool | None = None,
+            device: Any = None) -> Comparison:
     """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
 
     Windows as in :func:`quantpredict.evaluate.perplexity` (non-overlapping, ``seq_len`` tokens, the first
@@ -142,14 +143,19 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str 
     (a :class:`~quantpredict.evaluate.FPLogitsCache` and a name for ``model_fp``) skip the FP forward passes when
     the same FP model was compared on the same windows before, as in a sweep. The protocol and ``text`` are those
     of :func:`quantpredict.evaluate.perplexity` (BOS when the tokenizer prepends one; ``bos`` forces it).
+    ``device``: where both models run (default: where they are); they are moved there for the call and back. Where
+    the vocabulary is large the heads run in 64 MiB token chunks (``evaluate.scoring``), so memory beyond the
+    models is one batch's activations plus a few such chunks, whatever ``max_windows`` is.
     """
     from quantpredict.evaluate.perplexity import eval_stream
+    from quantpredict.memory import placed
 
     start = time.perf_counter()
     stream = eval_stream(tokenizer, dataset, split, text=text, bos=bos)
     tokenize_seconds = time.perf_counter() - start
-    res = compare_ids(model_fp, model_q, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
-                      batch_size=batch_size, progress=progress, dataset=dataset, split=split,
-                      fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id)
+    with placed([model_fp, model_q], device):
+        res = compare_ids(model_fp, model_q, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+                          batch_size=batch_size, progress=progress, dataset=dataset, split=split,
+                          fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id)
     return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,
                          "tokenize_seconds": tokenize_seconds, "source": stream.source})

@@ -115,7 +115,7 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, seq_len: int = 256
 def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test", seq_len: int = 256,
                stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
                progress: bool | None = None, text: str | Path | None = None,
-               bos: bool | None = None) -> PerplexityResult:
+               bos: bool | None = None, device: Any = None) -> PerplexityResult:
     """Perplexity of a Hugging Face causal LM on a bundled text split.
 
     The split's text, verbatim, is tokenized once (``quantpredict.data.token_ids``, no special tokens) and cut into
@@ -131,13 +131,20 @@ def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split
     Returns a :class:`PerplexityResult`: a float that also carries ``nll``, ``nll_se`` (standard error over windows),
     ``tokens``, ``windows``, ``seq_len``, ``seconds``, ``bos``, ``source``. Raises :class:`DataError` for an unknown
     or empty split, ``seq_len < 2``, or fewer tokens than one window.
+
+    ``device``: where the forward passes run (``"cuda"``; default: where the model is); the model is moved there
+    for the call and back. The compute dtype is the model's (load it in bf16 for bf16 forward passes; the head,
+    softmax and sums stay float32/float64).
     """
+    from quantpredict.memory import placed
+
     start = time.perf_counter()
     stream = eval_stream(tokenizer, dataset, split, text=text, bos=bos)
     tokenize_seconds = time.perf_counter() - start
-    res = perplexity_of_ids(model, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
-                            batch_size=batch_size, progress=progress, dataset=dataset, split=split,
-                            bos_id=stream.bos_id)
+    with placed([model], device):
+        res = perplexity_of_ids(model, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+                                batch_size=batch_size, progress=progress, dataset=dataset, split=split,
+                                bos_id=stream.bos_id)
     return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start,
                                        "tokenize_seconds": tokenize_seconds, "source": stream.source})
 

@@ -3,6 +3,14 @@
 Logits are turned into log-probabilities in float32 one batch at a time, so memory stays at
 ``batch_size * seq_len * vocab`` floats whatever the number of windows; the comparison's KL divergence uses a
 centred form that keeps float64 precision in float32 (see :func:`token_comparison`).
+
+Where that batch of logits would be larger than ``chunk_bytes`` (``memory.LOGITS_CHUNK_BYTES``, 64 MiB: a 49k
+vocabulary over 8 windows of 256 tokens is 400 MB), and for every half-precision model, the model body runs on the
+batch and the head is applied to its last hidden state window by window in token chunks, in float32
+(``lmhead.iter_logits``). The bound is then: the body's activations for one batch, plus per model one
+``[chunk, vocab]`` float32 block (at most ``chunk_bytes``) and ``token_comparison``'s few temporaries of that size;
+nothing held grows with the number of windows except the ``[n]`` float64 sums. The FP cache then keeps the FP
+model's last hidden states (``hidden / vocab`` of the logits' size: 85x smaller for SmolLM2) instead of logits.
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from quantpredict.errors import DataError, ModelError
 from quantpredict.evaluate.windows import Windows
+from quantpredict.memory import LOGITS_CHUNK_BYTES, logits_chunk_tokens
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -87,22 +97,71 @@ def batches(windows: Windows, batch_size: int, *, desc: str, progress: bool | No
             bar.update(batch.n)
 
 
+def chunked_head(model: nn.Module, batch_tokens: int, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> bool:
+    """True when scoring should apply the head in token chunks on the body's hidden states: the batch's float32
+    logits (``batch_tokens x vocab x 4`` bytes) exceed ``chunk_bytes``, or the model computes in half precision
+    (its head then runs in float32). Only for heads that :func:`quantpredict.lmhead.supports_chunking`."""
+    from quantpredict import lmhead
+
+    if not lmhead.supports_chunking(model):
+        return False
+    vocab = int(lmhead.head_weight(model).shape[0])
+    half = lmhead.head_weight(model).dtype in (torch.float16, torch.bfloat16)
+    return half or batch_tokens * vocab * 4 > chunk_bytes
+
+
+def _head32(model: nn.Module) -> torch.Tensor:
+    """The head's weight ``[vocab, hidden]`` in float32 (a copy for a half-precision model, once per call)."""
+    from quantpredict import lmhead
+
+    w = lmhead.head_weight(model).detach()
+    return w if w.dtype == torch.float32 else w.float()
+
+
+def batch_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``[b, seq_len - 1, hidden]``: the last hidden states that predict tokens ``1 ..`` of each window."""
+    from quantpredict import lmhead
+
+    return lmhead.final_hidden(model, ids.to(model_device(model)))[:, :-1]
+
+
 def nll_sums(model: nn.Module, windows: Windows, *, batch_size: int = 8, progress: bool | None = None,
-             desc: str = "perplexity") -> torch.Tensor:
-    """``[n]`` float64 sum of next-token NLL (nats) over each window's scored positions."""
+             desc: str = "perplexity", chunk_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
+    """``[n]`` float64 sum of next-token NLL (nats) over each window's scored positions (head in token chunks of at
+    most ``chunk_bytes`` float32 logits where the vocabulary is large; see the module docstring)."""
     check_model(model, windows)
     out = torch.empty(windows.n, dtype=torch.float64)
+    chunked = chunked_head(model, batch_size * (windows.seq_len - 1), chunk_bytes)
+    head = _head32(model) if chunked else None
     with eval_mode(model):
         lo = 0
         for batch in batches(windows, batch_size, desc=desc, progress=progress):
-            logits = next_token_logits(model, batch.ids)
-            targets = batch.ids[:, 1:].to(logits.device)
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-            nll = nll.cpu().double() * scored_mask(batch)
-            out[lo : lo + batch.n] = nll.sum(dim=1)
+            mask = scored_mask(batch)
+            if chunked:
+                hidden = batch_hidden(model, batch.ids)
+                out[lo : lo + batch.n] = _chunked_nll(hidden, head, batch.ids[:, 1:].to(hidden.device), mask,
+                                                      logits_chunk_tokens(head.shape[0], chunk_bytes))
+            else:
+                logits = next_token_logits(model, batch.ids)
+                targets = batch.ids[:, 1:].to(logits.device)
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                out[lo : lo + batch.n] = (nll.cpu().double() * mask).sum(dim=1)
             _check_finite(out[lo : lo + batch.n], lo, "model")
             lo += batch.n
     return out
+
+
+def _chunked_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                 chunk: int) -> torch.Tensor:
+    """``[b]`` float64 NLL sums of ``hidden`` ``[b, s, d]`` under ``head`` ``[V, d]``, ``chunk`` tokens at a time."""
+    from quantpredict import lmhead
+
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float64)
+    for i in range(hidden.shape[0]):
+        for lo, logits in lmhead.iter_logits(hidden[i], head, chunk):
+            nll = torch.nn.functional.cross_entropy(logits, targets[i, lo : lo + logits.shape[0]], reduction="none")
+            sums[i] += float((nll.cpu().double() * mask[i, lo : lo + logits.shape[0]]).sum())
+    return sums
 
 
 def window_nlls(model: nn.Module, windows: torch.Tensor | Windows, *, batch_size: int = 8,
@@ -173,11 +232,16 @@ class FPLogitsCache:
         self._on_disk = False
         self._written: list[Path] = []
 
-    def lookup(self, key: str, windows: Windows, batch_size: int, vocab: int) -> bool:
-        """Select the entry for ``key`` on ``windows``; True if its logits may be kept (in memory or on disk)."""
+    def lookup(self, key: str, windows: Windows, batch_size: int, vocab: int, *, what: str = "logits") -> bool:
+        """Select the entry for ``key`` on ``windows``; True if its logits may be kept (in memory or on disk).
+
+        ``what="hidden"`` keeps the FP model's last hidden states instead (``vocab`` is then the hidden size): the
+        comparison applies the head in chunks itself when the vocabulary is large."""
         ids = windows.ids.long()
         checksum = int((ids * torch.arange(1, ids.numel() + 1).view_as(ids)).sum())  # same windows, same order
         entry = (key, tuple(ids.shape), checksum, int(windows.first_scored.sum()), batch_size)
+        if what != "logits":
+            entry += (what,)
         nbytes = windows.n * (windows.seq_len - 1) * vocab * 4
         if entry != self.entry:
             self._drop()
@@ -229,43 +293,86 @@ class FPLogitsCache:
 
 def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
               progress: bool | None = None, desc: str = "compare", fp_cache: FPLogitsCache | None = None,
-              fp_key: str | None = None) -> dict[str, torch.Tensor]:
+              fp_key: str | None = None, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> dict[str, torch.Tensor]:
     """Per-window float64 sums, over scored positions, of the statistics ``compare`` reports.
 
     Returns ``{"nll_fp", "delta_nll", "kld", "top1"}``, each ``[n]`` (see :func:`token_comparison`): the FP NLL, the
     quantized-minus-FP NLL, KL(P_fp || P_q) in nats, and the count of positions whose most likely next token agrees.
     ``fp_cache`` with ``fp_key`` (naming ``model_fp``) reuses the FP logits of an earlier call on the same windows.
+    Where the vocabulary is large (or a model is half precision) both heads run in token chunks of at most
+    ``chunk_bytes`` float32 logits on the models' hidden states (see the module docstring for the bound).
     """
     check_model(model_fp, windows, "FP model")
     check_model(model_q, windows, "quantized model")
     keys = ("nll_fp", "delta_nll", "kld", "top1")
     out = {k: torch.empty(windows.n, dtype=torch.float64) for k in keys}
+    from quantpredict import lmhead
+
+    tokens = batch_size * (windows.seq_len - 1)
+    chunked = (lmhead.supports_chunking(model_fp) and lmhead.supports_chunking(model_q)
+               and (chunked_head(model_fp, tokens, chunk_bytes) or chunked_head(model_q, tokens, chunk_bytes)))
+    heads = (_head32(model_fp), _head32(model_q)) if chunked else None
+    if heads is not None and heads[0].shape != heads[1].shape:
+        _vocab_mismatch(heads[0].shape[0], heads[1].shape[0])
     keep = False
     if fp_cache is not None and fp_key is not None:
-        vocab = int(getattr(model_fp.config, "vocab_size", 0) or 0)
-        keep = vocab > 0 and fp_cache.lookup(fp_key, windows, batch_size, vocab)
+        width = arch_width(model_fp) if chunked else int(getattr(model_fp.config, "vocab_size", 0) or 0)
+        keep = width > 0 and fp_cache.lookup(fp_key, windows, batch_size, width,
+                                             what="hidden" if chunked else "logits")
     with eval_mode(model_fp, model_q):
         lo = 0
         for b, batch in enumerate(batches(windows, batch_size, desc=desc, progress=progress)):
-            logits_fp = fp_cache.get(b) if keep else None
-            if logits_fp is None:
-                logits_fp = next_token_logits(model_fp, batch.ids)
+            first = fp_cache.get(b) if keep else None
+            if first is None:
+                first = batch_hidden(model_fp, batch.ids) if chunked else next_token_logits(model_fp, batch.ids)
                 if keep:
-                    fp_cache.put(b, logits_fp)
-            logits_q = next_token_logits(model_q, batch.ids).to(logits_fp.device)
-            if logits_fp.shape != logits_q.shape:
-                raise ModelError(f"the FP and quantized models disagree on the vocabulary ({logits_fp.shape[-1]} vs "
-                                 f"{logits_q.shape[-1]} logits); compare a model only with its own quantized copy")
-            targets = batch.ids[:, 1:].to(logits_fp.device)
+                    fp_cache.put(b, first)
+            elif chunked:  # hidden states read back from disk: to the device of the FP head
+                first = first.to(heads[0].device)
+            second = batch_hidden(model_q, batch.ids) if chunked else next_token_logits(model_q, batch.ids)
+            second = second.to(first.device)
+            if heads is None and first.shape != second.shape:
+                _vocab_mismatch(first.shape[-1], second.shape[-1])
+            targets = batch.ids[:, 1:].to(first.device)
             mask = scored_mask(batch)
             for i in range(batch.n):  # one window at a time bounds the temporaries to seq_len x vocab
-                stats = token_comparison(logits_fp[i], logits_q[i], targets[i])
-                for k, v in stats.items():
-                    out[k][lo + i] = (v.cpu().double() * mask[i]).sum()
+                for k, v in _window_stats(first[i], second[i], targets[i], mask[i], heads, chunk_bytes).items():
+                    out[k][lo + i] = v
             _check_finite(out["nll_fp"][lo : lo + batch.n], lo, "FP model")
             _check_finite(out["delta_nll"][lo : lo + batch.n], lo, "quantized model")
             lo += batch.n
     return out
+
+
+def _vocab_mismatch(v_fp: int, v_q: int) -> None:
+    raise ModelError(f"the FP and quantized models disagree on the vocabulary ({v_fp} vs {v_q} logits); compare a "
+                     "model only with its own quantized copy")
+
+
+def arch_width(model: nn.Module) -> int:
+    """The hidden size the head reads (the width of the FP cache's hidden states)."""
+    from quantpredict import lmhead
+
+    return int(lmhead.head_weight(model).shape[1])
+
+
+def _window_stats(first: torch.Tensor, second: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                  heads: tuple[torch.Tensor, torch.Tensor] | None, chunk_bytes: int) -> dict[str, float]:
+    """One window's float64 sums of :func:`token_comparison` over its scored positions: from the two models'
+    logits ``[s, V]``, or (``heads`` given) from their hidden states ``[s, d]``, ``chunk`` token rows at a time."""
+    if heads is None:
+        stats = token_comparison(first, second, targets)
+        return {k: float((v.cpu().double() * mask).sum()) for k, v in stats.items()}
+    from quantpredict import lmhead
+
+    chunk = logits_chunk_tokens(heads[0].shape[0], chunk_bytes)
+    sums = dict.fromkeys(("nll_fp", "delta_nll", "kld", "top1"), 0.0)
+    for lo, z_fp in lmhead.iter_logits(first, heads[0], chunk):
+        hi = lo + z_fp.shape[0]
+        z_q = F.linear(second[lo:hi].to(heads[1].dtype), heads[1]).float()
+        for k, v in token_comparison(z_fp, z_q, targets[lo:hi]).items():
+            sums[k] += float((v.cpu().double() * mask[lo:hi]).sum())
+    return sums
 
 
 def _check_finite(sums: torch.Tensor, offset: int, name: str) -> None:

@@ -7,12 +7,18 @@ op it uses (for Hugging Face models: eager attention, not PyTorch's CPU SDPA ker
 
 :class:`HessianOperator` builds the gradient graph once and applies ``H`` to as many vectors as wanted, each costing
 one extra backward pass through the retained graph instead of a fresh forward + backward + backward.
+
+When the loss is a sum over micro-batches (``L = sum_i L_i``, e.g. the mean NLL over windows split into groups of
+windows), so are its gradient and its Hessian-vector products: :class:`AccumulatedHessianOperator` holds one
+micro-batch's graph at a time (forward, gradient with ``create_graph``, gradient of ``g . v``, accumulate, free),
+and :func:`directional_derivatives` gives ``L``, ``dL/dt`` and ``d2L/dt2`` along one direction without any
+parameter-sized vector at all. Memory is then that of one micro-batch, whatever the number of windows.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -69,6 +75,97 @@ class HessianOperator:
     def release(self) -> None:
         """Free the retained graph (the operator can no longer apply)."""
         self._grads = None  # type: ignore[assignment]
+
+
+class AccumulatedHessianOperator:
+    """``v -> H v`` for the Hessian of ``sum_i loss_fns[i]()`` w.r.t. ``params``, one micro-batch graph at a time.
+
+    Same interface as :class:`HessianOperator` (``params``, ``loss``, ``grad``, ``numel``, ``apply``, ``release``,
+    ``n_products``). Construction runs a forward and a backward pass per micro-batch (no ``create_graph``) and sums
+    the losses (float64) and gradients; each :meth:`apply` runs, per micro-batch, a forward pass, a gradient with
+    ``create_graph`` and the gradient of ``g_i . v``, adds ``H_i v`` to the result and frees that graph. Sums are
+    kept in the parameters' dtype promoted to at least float32. Costs a forward pass per micro-batch per product
+    more than the retained graph; holds one micro-batch's graph instead of all of them.
+    """
+
+    def __init__(self, loss_fns: Sequence[LossFn], params: Sequence[torch.Tensor]):
+        self.params = _check_params(params)
+        self.loss_fns = list(loss_fns)
+        if not self.loss_fns:
+            raise ValueError("loss_fns is empty: pass one loss closure per micro-batch")
+        self.n_products = 0
+        total = 0.0
+        grad = [torch.zeros_like(p, dtype=_acc_dtype(p)) for p in self.params]
+        for fn in self.loss_fns:
+            loss = _scalar(fn())
+            parts = torch.autograd.grad(loss, self.params, allow_unused=True)
+            for acc, part in zip(grad, parts):
+                if part is not None:
+                    acc += part
+            total += float(loss.detach())
+        self.loss = total
+        self.grad: Vectors = [g.to(p.dtype) for g, p in zip(grad, self.params)]
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def apply(self, vectors: Sequence[torch.Tensor]) -> Vectors:
+        """``H v`` for ``v`` shaped like ``params``: the sum over micro-batches of ``H_i v``."""
+        vectors = [v.to(p.dtype) for v, p in zip(vectors, self.params, strict=True)]
+        out = [torch.zeros_like(p, dtype=_acc_dtype(p)) for p in self.params]
+        for fn in self.loss_fns:
+            loss = _scalar(fn())
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, vectors) if g is not None and g.requires_grad)
+            if not torch.is_tensor(dot):  # the loss is linear in every parameter: this micro-batch's H is zero
+                continue
+            parts = torch.autograd.grad(dot, self.params, allow_unused=True)
+            for acc, part in zip(out, parts):
+                if part is not None:
+                    acc += part
+            del loss, grads, dot, parts
+        self.n_products += 1
+        return [h.to(p.dtype) for h, p in zip(out, self.params)]
+
+    def release(self) -> None:
+        """Nothing is retained between products; kept for :class:`HessianOperator`'s interface."""
+
+
+def _acc_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+def _scalar(loss: torch.Tensor) -> torch.Tensor:
+    if loss.dim() != 0:
+        raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+    return loss
+
+
+def directional_derivatives(loss_fns: Iterable[Callable[[torch.Tensor], torch.Tensor]],
+                            like: torch.Tensor) -> tuple[float, float, float]:
+    """``(L, dL/dt, d2L/dt2)`` at ``t = 0`` for ``L(t) = sum_i loss_fns[i](t)``, summed in float64.
+
+    Each ``loss_fns[i]`` takes the scalar ``t`` (a 0-d tensor of ``like``'s dtype and device, requiring grad) and
+    returns its micro-batch's loss with the parameters moved to ``W + t v``. With ``v`` the quantization direction
+    these are the loss, ``g . v`` and ``v^T H v``: the Taylor terms of the landscape group, for the memory of one
+    micro-batch's graph and no parameter-sized gradient or product. Per micro-batch: one forward, one backward with
+    ``create_graph`` (to ``t`` only) and one more backward.
+    """
+    loss_total = first = second = 0.0
+    for fn in loss_fns:
+        t = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
+        loss = _scalar(fn(t))
+        (d1,) = torch.autograd.grad(loss, t, create_graph=True, allow_unused=True)
+        if d1 is not None and d1.requires_grad:
+            (d2,) = torch.autograd.grad(d1, t, allow_unused=True)
+        else:  # the loss is at most linear in t
+            d2 = None
+        loss_total += float(loss.detach())
+        first += 0.0 if d1 is None else float(d1.detach())
+        second += 0.0 if d2 is None else float(d2)
+        del loss, d1, d2
+    return loss_total, first, second
 
 
 def hvp(loss_fn: LossFn, params: Sequence[torch.Tensor], vectors: Sequence[torch.Tensor]) -> Vectors:

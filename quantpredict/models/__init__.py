@@ -92,21 +92,41 @@ def skeleton(name_or_path: str | os.PathLike):
         return AutoModelForCausalLM.from_config(config).eval()
 
 
-def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None):
+def checkpoint_dtype(config):
+    """The dtype a checkpoint's config records (``dtype`` / ``torch_dtype``), float32 when it records none."""
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32
+
+
+def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: str | None = None, device=None):
     """Load ``(model, tokenizer)`` for a zoo name or a local HF causal-LM directory, in ``eval()`` mode.
 
-    ``dtype`` defaults to ``torch.float32``. A directory written by ``quantize.save_quantized`` with activation
-    quantization gets its activation fake-quant hooks re-installed, so it evaluates as it was quantized.
+    ``dtype`` defaults to ``torch.float32``; ``"bf16"``/``"fp32"`` (or a torch dtype) choose another, ``"auto"``
+    keeps the checkpoint's own (a bf16 checkpoint stays bf16: half the memory). ``device`` (``"cuda"``, ``"cuda:1"``;
+    default CPU) is checked first: an unavailable one raises :class:`~quantpredict.errors.DeviceError`. A directory
+    written by ``quantize.save_quantized`` with activation quantization gets its activation fake-quant hooks
+    re-installed, so it evaluates as it was quantized.
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from quantpredict.memory import resolve_device, resolve_dtype
+
+    target = resolve_device(device, flag="device")
     path = resolve(name_or_path)
-    dtype = torch.float32 if dtype is None else dtype
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises several types for unreadable configs
         raise ModelError(f"{path}: config.json could not be read as a Hugging Face config ({exc})") from exc
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        dtype = checkpoint_dtype(config)
+    else:
+        import torch
+
+        dtype = resolve_dtype(dtype, flag="dtype") or torch.float32
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ModelError(f"{path} holds a {', '.join(archs)}, not a causal language model; quantpredict needs a "
@@ -123,6 +143,8 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: st
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{path} could not be loaded as a causal LM with its tokenizer: {exc}") from exc
     model.eval()
+    if target.type != "cpu":
+        model.to(target)
     qjson = path / "quantization.json"
     if qjson.exists():
         from quantpredict.quantize import Recipe, install_act_quant

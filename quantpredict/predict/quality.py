@@ -89,7 +89,7 @@ def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
 def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Predictor = "default", *,
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: float | None = None,
                     seed: int = 0, extract_options: Mapping[str, Any] | None = None,
-                    model_name: str | None = None) -> Prediction:
+                    model_name: str | None = None, device: Any = None) -> Prediction:
     """Predict the WikiText-2 perplexity of ``model_or_path`` quantized with ``recipe``, without quantizing it.
 
     ``model_or_path``: a zoo name or HF directory (loaded with ``quantpredict.models.load``), or a loaded model (then
@@ -99,7 +99,14 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     Computes only the feature groups the predictor uses (``features.extract(..., which=groups)``);
     ``extract_options`` overrides ``features.ExtractOptions`` fields (keep the defaults the training runs used).
     ``model_name``: the name to report (and to look up the training runs' evaluation seconds) for a model object.
+    ``device``: where the features are computed (``"cuda"``; default: where the model is, CPU for a name); a model
+    object is moved there for the call and back. Memory: ``extract_options={"max_memory": ...}`` (default 2 GiB of
+    working memory beyond the weights and the quantization direction).
     """
+    from quantpredict.memory import resolve_device
+
+    if device is not None:
+        device = resolve_device(device, flag="device")  # before any loading
     pred = resolve_predictor(predictor)
     label, cols = recipe_columns(recipe)
     recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
@@ -107,8 +114,9 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
 
-        # eager attention: second derivatives (curvature, landscape features) fail through CPU SDPA
-        model, tok = models.load(str(model_or_path), attn_implementation="eager")
+        # eager attention: second derivatives (curvature, landscape features) fail through CPU SDPA. The
+        # checkpoint's own dtype: a bf16 one stays bf16 until the features upcast it (same values as a float32 load)
+        model, tok = models.load(str(model_or_path), attn_implementation="eager", device=device, dtype="auto")
         tokenizer = tokenizer or tok
         name = str(model_or_path)
     else:
@@ -128,7 +136,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Pre
     from quantpredict import features as features_mod
 
     raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups),
-                                    **dict(extract_options or {})))
+                                    device=device, **dict(extract_options or {})))
     # features last: the store's `block_size` column holds the resolved block size (a feature), never the recipe's None
     row: dict[str, Any] = {**cols, **raw, "model": name}
     try:

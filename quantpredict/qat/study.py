@@ -235,14 +235,14 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
               settings: StudySettings | Sequence[StudySettings] | None = None,
               results: str | Path = Path("reports") / RESULTS_FILE, progress: bool = True,
-              options: RunOptions | None = None) -> list[dict[str, Any]]:
+              options: RunOptions | None = None, device: Any = None) -> list[dict[str, Any]]:
     """Run the study for ``models x settings x formats``, appending each finished cell to ``results`` (JSON lines).
 
     ``settings``: one :class:`StudySettings` or several (e.g. two QAT learning rates), run in the order given for
     each model, so the first settings' cells finish first; cells of several settings share the model's FP reference
     and PTQ baselines. ``models``: zoo or registry names, or model directories (filed under their last path part).
     Cells already in ``results`` with the same settings are skipped, so an interrupted run resumes. Returns every
-    record in the file afterwards.
+    record in the file afterwards. ``device``: where the models run (default CPU).
     """
     from quantpredict.formats import get_format
     from quantpredict.models import load
@@ -264,7 +264,7 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
         if not todo:
             continue
         card = model_card(name)
-        model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager")
+        model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager", device=device)
         context: dict = {}
         for st, fmt in todo:
             record = study_one(model_fp, tokenizer, name, fmt, st, context=context, progress=progress, options=opts)

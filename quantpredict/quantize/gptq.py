@@ -110,7 +110,7 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
         used_scale = row_scale.expand(rows, columns)
         row_scale = (row_scale, torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale))
     else:
-        used_scale = torch.empty(rows, columns)
+        used_scale = torch.empty(rows, columns, device=W.device)
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
@@ -131,7 +131,7 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
                 if group_scale[g] is None:
                     # first column of this group in processing order: fit its scale on the group's columns as they
                     # stand now, i.e. with the updates from every column quantized so far
-                    cols = torch.arange(g * group, min((g + 1) * group, columns))
+                    cols = torch.arange(g * group, min((g + 1) * group, columns), device=W.device)
                     current = _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols)
                     s = compute_scale(current, fmt, axis=-1, block_size=cols.numel())
                     group_scale[g] = (s, torch.where(s == 0, torch.ones_like(s), s))
@@ -193,7 +193,7 @@ def _ordered(W, H, act_order):
         W = W[:, perm]
         H = H[perm][:, perm]
     else:
-        perm = torch.arange(W.shape[1])
+        perm = torch.arange(W.shape[1], device=W.device)
     return W, H, perm, torch.argsort(perm)
 
 
@@ -202,7 +202,7 @@ def _inverse_factor(H, percdamp) -> torch.Tensor:
     error-propagation coefficients over the columns not yet quantized."""
     H = H.clone()
     damp = percdamp * torch.mean(torch.diag(H))
-    diag = torch.arange(H.shape[0])
+    diag = torch.arange(H.shape[0], device=H.device)
     H[diag, diag] += damp
     # H^-1 = L^-T L^-1 from the Cholesky factor of H
     L, info = torch.linalg.cholesky_ex(H)
@@ -216,7 +216,7 @@ def _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols) -> torch.Tensor
     """The current values [rows, len(cols)] of original columns ``cols``: W1 for those in this lazy batch, W minus
     the updates still pending from columns i1 .. i1+i-1 for later ones."""
     pos = position[cols]
-    current = torch.empty(W.shape[0], cols.numel(), dtype=W.dtype)
+    current = torch.empty(W.shape[0], cols.numel(), dtype=W.dtype, device=W.device)
     here = pos < i2
     current[:, here] = W1[:, pos[here] - i1]
     later = pos[~here]
@@ -253,12 +253,12 @@ def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order
             else:
                 g = c // group
                 if group_params[g] is None:
-                    cols = torch.arange(g * group, min((g + 1) * group, columns))
+                    cols = torch.arange(g * group, min((g + 1) * group, columns), device=W.device)
                     current = _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols)
                     stats = full.narrow(-1, g * group, cols.numel()) if full is not None else None
                     group_params[g] = dict(fit_params(current, f, block_size=group, stats_from=stats).tensors)
                     for k, v in group_params[g].items():
-                        used.setdefault(k, torch.empty(rows, columns))[:, cols] = v
+                        used.setdefault(k, torch.empty(rows, columns, device=W.device))[:, cols] = v
                 p = {k: v[:, c - g * group : c - g * group + 1] for k, v in group_params[g].items()}
             w = W1[:, i]
             q = quantize_blocks(w.unsqueeze(1), f, p).flatten()

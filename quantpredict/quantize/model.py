@@ -18,9 +18,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
-from quantpredict.arch import BlockInputs, LinearRef
+from quantpredict.arch import LinearRef
 from quantpredict.quantize.act import install_act_quant, install_act_quant_on
 from quantpredict.quantize.awq import AwqClipReport, AwqGroupReport, awq_block
 from quantpredict.quantize.calib import capture_linear_inputs
@@ -202,6 +204,9 @@ def quantize_model(
     batch_size: int = 8,
     progress: bool = True,
     output_errors: bool | None = None,
+    max_memory: int | str | None = None,
+    device: Any = None,
+    dtype: Any = None,
 ) -> QuantReport:
     """Quantize ``model`` in place as ``recipe`` says, calibrated on ``calib_ids``.
 
@@ -216,13 +221,22 @@ def quantize_model(
             the recipe needs a calibration pass anyway (GPTQ, SmoothQuant or AWQ); plain RTN is data-free, and skipping
             the pass makes it ~10x cheaper (its report's output errors are then NaN). ``calib_ids`` is checked either
             way.
+        max_memory: working-memory budget (bytes or text such as ``"4GiB"``; default
+            ``memory.DEFAULT_MAX_MEMORY``): when the hidden states between blocks (inputs and outputs of one block,
+            ``2 x n x seq x hidden``) would take more than half of it, they go to files in a temporary directory,
+            one batch resident at a time. The weights are not counted: they stay where and as they are.
+        device: where block forward passes and GPTQ run (``"cuda"``; default: where the model is). Blocks are
+            copied there one at a time; the model itself does not move.
+        dtype: compute dtype of the block forward passes (``"bf16"``, ``"fp32"``; default: the model's). A bf16 model
+            calibrated in float32 is upcast one block at a time; a float32 model calibrated in bf16 runs a bf16 copy
+            of each block. Hessians are accumulated in float64 from float32 products, GPTQ runs in float32/64 on
+            the stored weights, and the quantized weights are written in the model's own dtype.
 
     Returns:
         A :class:`QuantReport`. Activation fake-quant hooks (``recipe.act_format``) stay installed on the model.
     """
-    from tqdm.auto import tqdm
-
     from quantpredict.data import calibration_windows
+    from quantpredict.memory import parse_bytes, resolve_device, resolve_dtype
 
     t_start = time.perf_counter()
     arch.adapter(model)  # unsupported architecture: a clear error before any work
@@ -232,78 +246,34 @@ def quantize_model(
         arch.require_scale_folds(model, "AWQ", "awq")  # and AWQ, which folds into the same norms
     arch.check_finite(model)
     windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
-    windows = windows.to(next(model.parameters()).device)
+    budget = parse_bytes(max_memory, flag="max_memory")
+    stored = next(model.parameters())
+    target = stored.device if device is None else resolve_device(device, flag="device")
+    compute_dtype = resolve_dtype(dtype, flag="dtype") or stored.dtype
     plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
 
-    layers: list[LayerReport] = []
-    awq_groups: list[AwqGroupReport] = []
-    awq_clips: list[AwqClipReport] = []
     blocks = arch.blocks(model)
     data_free = recipe.method == "rtn" and recipe.smoothquant_alpha is None and not recipe.awq
     if data_free and not output_errors:
         return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
-
-    inputs = arch.capture_block_inputs(model, windows, batch_size=batch_size)
-    n_tokens = windows.numel()
-
-    bar = tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block", disable=not progress)
-    for index, block in enumerate(bar):
-        refs = arch.block_linears(model, index)
-        with capture_linear_inputs(refs) as stats:
-            arch.run_block(block, inputs, batch_size)
-        hessians = {name: s.hessian for name, s in stats.items()}
-        absmeans = {name: s.absmean for name, s in stats.items()} if recipe.awq else {}
-
-        if recipe.smoothquant_alpha is not None:
-            for pair in arch.smooth_pairs(model, index):
-                absmax = stats[pair.linears[0].name].absmax
-                s = smoothing_scales(absmax, [r.weight for r in pair.linears], recipe.smoothquant_alpha)
-                apply_smoothing(pair, s)
-                inv = 1.0 / s
-                for r in pair.linears:
-                    hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
-                    if r.name in absmeans:
-                        absmeans[r.name] = absmeans[r.name] * inv
-
-        block_plan = [p for p in plan if p.ref.block_index == index]
-        baseline: dict[str, float] = {}  # AWQ: plain RTN's error of each layer before scaling
-        reference: dict[str, torch.Tensor] = {}  # AWQ: the scaled FP weights, before clipping
-        if recipe.awq:
-            for p in block_plan:
-                w0 = p.ref.weight.detach().to(torch.float32)
-                baseline[p.ref.name] = relative_output_error(
-                    w0, rtn_quantize(w0, p.weight_format, block_size=p.block_size), hessians[p.ref.name])
-            result = awq_block(model, index, {p.ref.name: (p.weight_format, p.block_size) for p in block_plan},
-                               hessians, absmeans, clip=recipe.method == "rtn")
-            awq_groups.extend(result.groups)
-            awq_clips.extend(result.clips)
-            reference = result.reference
-        for p in block_plan:
-            layers.append(_quantize_layer(p, index, recipe, hessians[p.ref.name], reference.get(p.ref.name),
-                                          baseline.get(p.ref.name)))
-
-        if recipe.act_format is not None:
-            install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
-        if index + 1 < len(blocks):
-            inputs = BlockInputs(arch.run_block(block, inputs, batch_size), inputs.kwargs)
-        del hessians, stats
-    bar.close()
-
+    layers, awq_groups, awq_clips = _calibrated_blocks(model, recipe, plan, windows, batch_size=batch_size,
+                                                       progress=progress, budget=budget, device=target,
+                                                       dtype=compute_dtype)
     size = size_report(model, recipe)
-    return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=n_tokens,
+    return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=windows.numel(),
                        total_seconds=time.perf_counter() - t_start, awq=tuple(awq_groups), awq_clips=tuple(awq_clips),
                        **size)
 
 
 def _quantize_layer(p: PlannedLayer, index: int, recipe: Recipe, H: torch.Tensor, reference: torch.Tensor | None,
-                    baseline_rtn: float | None) -> LayerReport:
+                    baseline_rtn: float | None, device: torch.device | None = None) -> LayerReport:
     """Round one layer (RTN or GPTQ on ``H``) and report it. ``reference``: the FP weight errors are measured against
     when it is not the layer's current weight (AWQ: scaled but not clipped); ``baseline_rtn``: the RTN error to
     report instead of RTN of the current weight (AWQ: RTN of the layer before scaling)."""
     ref = p.ref
     t0 = time.perf_counter()
-    w_in = ref.weight.detach().to(torch.float32)
-    w = w_in if reference is None else reference
+    w_in = ref.weight.detach().to(device=device or ref.weight.device, dtype=torch.float32)
+    w = w_in if reference is None else reference.to(w_in.device)
     w_rtn = rtn_quantize(w_in, p.weight_format, block_size=p.block_size)
     if recipe.method == "gptq":
         w_q = gptq_quantize(w_in, H, p.weight_format, block_size=p.block_size, blocksize=recipe.gptq_blocksize,
@@ -313,6 +283,128 @@ def _quantize_layer(p: PlannedLayer, index: int, recipe: Recipe, H: torch.Tensor
     err_rtn = relative_output_error(w, w_rtn, H) if baseline_rtn is None else baseline_rtn
     err = relative_output_error(w, w_q, H) if (w_q is not w_rtn or baseline_rtn is not None) else err_rtn
     return _set_quantized(ref, index, w, w_q, err_rtn, err, t0)
+
+
+def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer], windows: torch.Tensor, *,
+                       batch_size: int, progress: bool, budget: int, device: torch.device,
+                       dtype: torch.dtype) -> tuple[list[LayerReport], list[AwqGroupReport], list[AwqClipReport]]:
+    """The block-by-block calibration loop (module docstring), with the hidden states between blocks in an
+    :class:`~quantpredict.quantize.offload.ActivationStore` and each block's forwards on its compute copy. Returns
+    the layers' reports and AWQ's (its groups and clips; empty without AWQ)."""
+    from tqdm.auto import tqdm
+
+    from quantpredict.quantize.offload import ActivationStore, spill_to_disk, to_compute
+
+    blocks = arch.blocks(model)
+    on_disk = spill_to_disk(windows.shape[0], windows.shape[1], arch.hidden_size(model), dtype, budget)
+    inputs = ActivationStore(on_disk)
+    with _embeddings_widened(model, dtype):
+        kwargs = arch.capture_block_input_batches(model, windows, batch_size,
+                                                  lambda h: inputs.append(h.to(device=device, dtype=dtype)))
+    # keyword arguments that differ between blocks (Qwen-2, Gemma-2/3) come from one batch run through every block
+    # in the model's own dtype: a bf16 model's blocks cannot take the widened hidden states
+    kwargs |= {k: v for k, v in arch.capture_block_kwargs(model, windows[:batch_size]).items()
+               if isinstance(v, arch.PerBlock)}
+    captured = min(batch_size, windows.shape[0])  # the batch the kwargs are shaped for
+    layers: list[LayerReport] = []
+    awq_groups: list[AwqGroupReport] = []
+    awq_clips: list[AwqClipReport] = []
+    try:
+        for index, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block",
+                                           disable=not progress)):
+            kw = {k: to_compute(v, device, dtype) for k, v in arch.block_kwargs(kwargs, index).items()}
+            hessians, stats = _block_statistics(model, index, block, inputs, kw, device, dtype, captured)
+            absmeans = {name: st.absmean for name, st in stats.items()} if recipe.awq else {}
+            if recipe.smoothquant_alpha is not None:
+                _smooth_block(model, index, recipe.smoothquant_alpha, stats, hessians, absmeans)
+            block_plan = [p for p in plan if p.ref.block_index == index]
+            baseline: dict[str, float] = {}  # AWQ: plain RTN's error of each layer before scaling
+            reference: dict[str, torch.Tensor] = {}  # AWQ: the scaled FP weights, before clipping
+            if recipe.awq:
+                for p in block_plan:
+                    w0 = p.ref.weight.detach().to(torch.float32)
+                    baseline[p.ref.name] = relative_output_error(
+                        w0, rtn_quantize(w0, p.weight_format, block_size=p.block_size),
+                        hessians[p.ref.name].to(w0.device))
+                result = awq_block(model, index, {p.ref.name: (p.weight_format, p.block_size) for p in block_plan},
+                                   hessians, absmeans, clip=recipe.method == "rtn")
+                awq_groups.extend(result.groups)
+                awq_clips.extend(result.clips)
+                reference = result.reference
+            for p in block_plan:
+                layers.append(_quantize_layer(p, index, recipe, hessians[p.ref.name].to(device),
+                                              reference.get(p.ref.name), baseline.get(p.ref.name), device))
+            if recipe.act_format is not None:
+                install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
+            del hessians, stats
+            if index + 1 < len(blocks):
+                outputs = ActivationStore(on_disk)
+                work = _compute_block(block, device, dtype)
+                for h in inputs:
+                    outputs.append(_run(work, h, kw, captured))
+                inputs.close()
+                inputs = outputs
+    finally:
+        inputs.close()
+    return layers, awq_groups, awq_clips
+
+
+@contextlib.contextmanager
+def _embeddings_widened(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """The embeddings in ``dtype`` for the ``with`` when it is wider than theirs (a bf16 model calibrated in
+    float32: block 0's inputs, mask and rotary tables are then those of the float32 model), cast back after (exact:
+    a widening round trip). Never narrowed in place: a bf16 calibration of a float32 model casts block 0's inputs."""
+    mods = arch.embedding_modules(model)
+    old = [next(m.parameters()).dtype for m in mods]
+    wider = [o for o in old if torch.empty((), dtype=o).element_size() < torch.empty((), dtype=dtype).element_size()]
+    try:
+        if wider:
+            for m in mods:
+                m.to(dtype)
+        yield
+    finally:
+        if wider:
+            for m, o in zip(mods, old):
+                m.to(o)
+
+
+def _compute_block(block: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from quantpredict.quantize.offload import compute_copy
+
+    return compute_copy(block, device, dtype)
+
+
+def _run(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], captured: int) -> torch.Tensor:
+    """One batch ``[b, seq, hidden]`` through ``block`` (``kwargs`` captured for ``captured`` windows)."""
+    out = block(hidden, **arch.batch_kwargs(kwargs, hidden.shape[0], captured))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _block_statistics(model: nn.Module, index: int, block: nn.Module, inputs, kwargs: dict[str, Any],
+                      device: torch.device, dtype: torch.dtype, captured: int):
+    """Each linear's input statistics (Hessian, per-channel max) over the calibration batches, measured on the
+    block's compute copy: ``({name: H [in, in] float64}, {name: InputStats})``."""
+    work = _compute_block(block, device, dtype)
+    refs = arch.linears_of(model, index, work)
+    with capture_linear_inputs(refs) as stats:
+        for h in inputs:
+            _run(work, h, kwargs, captured)
+    return {name: s.hessian for name, s in stats.items()}, stats
+
+
+def _smooth_block(model: nn.Module, index: int, alpha: float, stats, hessians: dict[str, torch.Tensor],
+                  absmeans: dict[str, torch.Tensor] | None = None) -> None:
+    """Fold SmoothQuant's scales into block ``index`` and rescale the affected Hessians (and AWQ's input means)
+    exactly."""
+    for pair in arch.smooth_pairs(model, index):
+        absmax = stats[pair.linears[0].name].absmax
+        s = smoothing_scales(absmax.to(pair.linears[0].weight.device), [r.weight for r in pair.linears], alpha)
+        apply_smoothing(pair, s)
+        inv = (1.0 / s).to(hessians[pair.linears[0].name].device)
+        for r in pair.linears:
+            hessians[r.name] = hessians[r.name] * inv.unsqueeze(0) * inv.unsqueeze(1)
+            if absmeans and r.name in absmeans:
+                absmeans[r.name] = absmeans[r.name] * inv.to(absmeans[r.name].device)
 
 
 def _set_quantized(ref: LinearRef, index: int, w: torch.Tensor, w_q: torch.Tensor, err_rtn: float, err: float,

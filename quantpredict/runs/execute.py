@@ -30,13 +30,14 @@ def fp_logits_cache():
     return cache
 
 
-def _ptq(model, recipe, calib, *, batch_size: int, progress: bool):
+def _ptq(model, recipe, calib, *, batch_size: int, progress: bool, max_memory=None):
     from quantpredict import quantize
 
-    return quantize.quantize_model(model, recipe, calib, batch_size=batch_size, progress=progress)
+    return quantize.quantize_model(model, recipe, calib, batch_size=batch_size, progress=progress,
+                                   max_memory=max_memory)
 
 
-def _qat(model, recipe, calib, *, batch_size: int, progress: bool):
+def _qat(model, recipe, calib, *, batch_size: int, progress: bool, max_memory=None):
     from quantpredict.qat import run_qat
 
     return run_qat(model, recipe, calib, progress=progress)  # QAT batches come from the recipe (qat_batch_size)
@@ -68,7 +69,8 @@ def training_tokens(model: str) -> dict:
 
 
 def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, feature_options: dict | None = None,
-                progress: bool = False, calib_text: str | None = None, eval_text: str | None = None) -> dict:
+                progress: bool = False, calib_text: str | None = None, eval_text: str | None = None,
+                device: str | None = None, max_memory: int | str | None = None) -> dict:
     """Measure one :class:`~quantpredict.runs.RunSpec`.
 
     Steps: ``models.load(spec.model)`` (float32) -> deep copy -> quantize the copy as ``spec.recipe()`` says (PTQ,
@@ -77,7 +79,10 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     WikiText-2 *test* (or ``eval_text``, whose sha256 prefix must be the spec's ``evaluation.text``), both models
     on the same windows and under the model's protocol (BOS when its tokenizer prepends one) ->
     ``features.extract(fp, recipe, calib)``. ``torch_threads`` caps intra-op threads (set it to cores / workers
-    when several runs share a machine). Returns ``family``, ``n_params``, ``recipe`` (the backend's label),
+    when several runs share a machine). ``device`` (``"cuda"``; default CPU) is where the models run and
+    ``max_memory`` the working-memory budget of calibration and features (``memory.DEFAULT_MAX_MEMORY``); both
+    change where and in how many pieces the numbers are computed, not the numbers (up to float rounding on another
+    device), so they are not part of the run key. Returns ``family``, ``n_params``, ``recipe`` (the backend's label),
     ``recipe_dict``, ``comparison`` (``Comparison.to_dict()``), ``features`` (with ``<group>_seconds``), ``quant``
     (the quantization report's summary), ``protocol`` and ``timings`` (seconds per stage).
     """
@@ -90,7 +95,7 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
         torch.set_num_threads(int(torch_threads))
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model_fp, tok = models.load(spec.model, dtype=torch.float32, attn_implementation="eager")
+    model_fp, tok = models.load(spec.model, dtype=torch.float32, attn_implementation="eager", device=device)
     timings["run_load_seconds"] = time.perf_counter() - t
 
     recipe = spec.recipe()
@@ -101,7 +106,8 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     calib = data.token_stream(tok, "wikitext2", "train", text_file=calib_text, protocol=protocol)  # never test
     t = time.perf_counter()
     model_q = copy.deepcopy(model_fp)
-    report = PROCEDURES[procedure(recipe)](model_q, recipe, calib, batch_size=batch_size, progress=progress)
+    report = PROCEDURES[procedure(recipe)](model_q, recipe, calib, batch_size=batch_size, progress=progress,
+                                           max_memory=max_memory)
     timings["run_quantize_seconds"] = time.perf_counter() - t
 
     if eval_text is not None and data.read_text_file(eval_text)[1] != spec.evaluation.text:
@@ -114,7 +120,10 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     del model_q
 
     t = time.perf_counter()
-    feats = features.extract(model_fp, recipe, calib, **dict(feature_options or {}))
+    feature_options = dict(feature_options or {})
+    if max_memory is not None:
+        feature_options.setdefault("max_memory", max_memory)
+    feats = features.extract(model_fp, recipe, calib, **feature_options)
     timings["run_features_seconds"] = time.perf_counter() - t
 
     summary = report.summary() if hasattr(report, "summary") else {}
