@@ -276,13 +276,14 @@ class LongRun:
 
 
 def long_runs() -> list[LongRun]:
-    """The long-trained zoo: xs of three families to 300 tokens/parameter, s of one to 100 (11 checkpoints; every
-    CPU-hour on this machine is shared with the sweeps, so no second s family)."""
+    """The long-trained zoo: xs of three families to 300 tokens/parameter, s of one to 100 (12 checkpoints; every
+    CPU-hour on this machine is shared with the sweeps, so no second s family). llama-s saves at 10 tokens/parameter
+    on the way, so that a run stopped early still gives the s size a long-trained point."""
     return [
         LongRun("llama-xs", (30, 100, 300)),
         LongRun("opt-xs", (30, 100, 300)),
         LongRun("gpt2-xs", (30, 100, 300)),
-        LongRun("llama-s", (30, 100)),
+        LongRun("llama-s", (10, 30, 100)),
     ]
 
 
