@@ -66,7 +66,7 @@ def install_act_quant(model: nn.Module, recipe) -> ActQuantHandle | None:
     ``quantpredict.models.load`` calls this (through :func:`quantpredict.quantize.apply_saved_quantization`) for a
     saved directory whose ``quantization.json`` names an act_format: the hooks are not part of the weights.
     """
-    from quantpredict.quantize.model import quantized_linears
+    from quantpredict.quantize.plan import quantized_linears
 
     if recipe.act_format is None:
         return None

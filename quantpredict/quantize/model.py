@@ -36,6 +36,7 @@ from quantpredict.quantize.act import install_act_quant, install_act_quant_on
 from quantpredict.quantize.awq import AwqClipReport, AwqGroupReport, awq_block
 from quantpredict.quantize.calib import capture_linear_inputs
 from quantpredict.quantize.gptq import gptq_quantize, relative_output_error
+from quantpredict.quantize.plan import PlannedLayer, layer_plan, quantized_linears  # noqa: F401 (kept at this path)
 from quantpredict.quantize.recipe import Recipe
 from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
@@ -140,33 +141,6 @@ class QuantReport:
                          + (f"; clipping shrank {100 * s['awq_clipped_fraction']:.1f}% of the group maxima"
                             if self.awq_clips else ""))
         return "\n".join(lines)
-
-
-# ---- which layers ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PlannedLayer:
-    """One linear layer a recipe quantizes, with the format and resolved block size it gets."""
-
-    ref: LinearRef
-    weight_format: str
-    block_size: int | None
-
-
-def layer_plan(model: nn.Module, recipe: Recipe, block_index: int | None = None) -> list[PlannedLayer]:
-    """The layers ``recipe`` quantizes (of ``arch.linear_layers``, or of one block) with each one's format: the
-    recipe's format, or its per-layer override or list entry; layers it leaves in full precision are left out."""
-    all_refs = arch.linear_layers(model)
-    formats = recipe.layer_formats_for([r.name for r in all_refs])
-    plan = [PlannedLayer(ref, *fb) for ref, fb in zip(all_refs, formats) if fb is not None]
-    return plan if block_index is None else [p for p in plan if p.ref.block_index == block_index]
-
-
-def quantized_linears(model: nn.Module, recipe: Recipe, block_index: int | None = None) -> list[LinearRef]:
-    """The linear layers ``recipe`` quantizes (all of ``arch.linear_layers`` but those it leaves in full
-    precision: ``recipe.skip`` and ``skip`` overrides)."""
-    return [p.ref for p in layer_plan(model, recipe, block_index)]
 
 
 def size_report(model: nn.Module, recipe: Recipe) -> dict[str, float]:
