@@ -4,14 +4,15 @@
   NLL, on exactly GPTQ's calibration windows, initialised from RTN or GPTQ.
 - :mod:`.trajectory`: the local objective (summed layer-output error) and the global NLL along a path:
   :func:`ptq_trajectory` (GPTQ/RTN layer by layer), :func:`measure_point` (any model, e.g. QAT every few steps).
-- :mod:`.runs`: QAT as run-store methods ``qat`` (from RTN) and ``qat_gptq`` (from GPTQ).
+- :mod:`.runs`: QAT as run-store methods ``qat`` (from RTN) and ``qat_gptq`` (from GPTQ); :func:`run_qat` (in
+  :mod:`.finetune`) carries a QAT recipe out.
 - :mod:`.study`: ``quantpredict study ptq-vs-qat`` (FP/RTN/GPTQ/QAT perplexities, trajectories, ``reports/qat.md``).
 """
 
 from __future__ import annotations
 
-from quantpredict.qat.finetune import INITS, QATResult, finetune
-from quantpredict.qat.runs import QAT_METHODS, init_of, is_qat_method, method_of, qat_label, run_qat
+from quantpredict.qat.finetune import INITS, QATResult, finetune, run_qat
+from quantpredict.qat.runs import QAT_METHODS, init_of, is_qat_method, method_of, qat_label
 from quantpredict.qat.ste import WeightSTE, activation_ste, attach_weight_ste, detach_weight_ste
 from quantpredict.qat.trajectory import (
     Reference,

@@ -287,6 +287,18 @@ def finetune(
         changed_fraction=changed / total if total else 0.0, init_report=report, trajectory=tuple(trajectory))
 
 
+def run_qat(model: nn.Module, recipe: Recipe, calib_ids, *, progress: bool = False):
+    """QAT of ``model`` in place as the QAT ``recipe`` says; returns the :class:`QATResult` (whose ``summary()`` the
+    store keeps as the run's quantization summary)."""
+    from quantpredict.errors import RecipeError
+
+    if not recipe.qat:
+        raise RecipeError(f"recipe {recipe.label} is not a QAT recipe; set qat=True")
+    return finetune(model, dataclasses.replace(recipe, qat=False), calib_ids, steps=recipe.qat_steps,
+                    lr=recipe.qat_lr, batch_size=recipe.qat_batch_size, init=recipe.method, seed=recipe.seed,
+                    progress=progress)
+
+
 def _loss_and_backward(model: nn.Module, batch: torch.Tensor, micro_batch_size: int | None) -> float:
     """The minibatch's mean next-token NLL, its gradient accumulated into the parameters' ``.grad``.
 

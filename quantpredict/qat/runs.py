@@ -2,7 +2,8 @@
 ``qat_steps`` AdamW steps at ``qat_lr`` on batches of ``qat_batch_size`` of the recipe's calibration windows.
 
 Its label reads ``qat`` (from RTN) or ``qat_gptq`` (from GPTQ) in the method segment, so the run store's ``method``
-column tells QAT runs apart (:attr:`quantpredict.recipe.Recipe.method_name`).
+column tells QAT runs apart (:attr:`quantpredict.recipe.Recipe.method_name`). Running a QAT recipe is
+:func:`quantpredict.qat.finetune.run_qat` (this module names and saves QAT runs; it never imports the trainer).
 """
 
 from __future__ import annotations
@@ -48,18 +49,6 @@ def qat_recipe(recipe: Recipe, init: str, **options) -> Recipe:
 def qat_label(recipe: Recipe, init: str) -> str:
     """The label of QAT from ``init`` with ``recipe``'s other options (its method segment ``qat``/``qat_gptq``)."""
     return qat_recipe(recipe, init).label
-
-
-def run_qat(model: nn.Module, recipe: Recipe, calib_ids, *, progress: bool = False):
-    """QAT of ``model`` in place as the QAT ``recipe`` says; returns the :class:`QATResult` (whose ``summary()`` the
-    store keeps as the run's quantization summary)."""
-    from quantpredict.qat.finetune import finetune
-
-    if not recipe.qat:
-        raise RecipeError(f"recipe {recipe.label} is not a QAT recipe; set qat=True")
-    return finetune(model, dataclasses.replace(recipe, qat=False), calib_ids, steps=recipe.qat_steps,
-                    lr=recipe.qat_lr, batch_size=recipe.qat_batch_size, init=recipe.method, seed=recipe.seed,
-                    progress=progress)
 
 
 def save_qat(model: nn.Module, result, out_dir, tokenizer=None):
