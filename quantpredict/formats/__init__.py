@@ -44,7 +44,7 @@ _TENSOR_API = {
     "quantize_with_params": "quantpredict.formats.params",
     "compute_scale": "quantpredict.formats.reference",
     "expand_scale": "quantpredict.formats.reference",
-    "fake_quantize_reference": "quantpredict.formats.reference",
+    "fake_quantize_reference": "quantpredict.formats.core",
     "quantize_with_scale": "quantpredict.formats.reference",
     "round_to_element": "quantpredict.formats.reference",
 }

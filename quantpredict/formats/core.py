@@ -9,12 +9,12 @@ from quantpredict.errors import FormatError
 from quantpredict.formats import native
 from quantpredict.formats.params import fake_quantize_shipped, is_shipped
 from quantpredict.formats.reference import (
-    fake_quantize_reference,
+    fake_quantize_scaled,
     non_finite_error,
     resolve_axis,
     resolve_block,
 )
-from quantpredict.formats.table import get_format
+from quantpredict.formats.table import Format, get_format
 
 
 def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None = None) -> Tensor:
@@ -53,3 +53,13 @@ def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None
         raise non_finite_error(x32, f.name)
     y = y.reshape(rows_shape).movedim(-1, ax)
     return (y.reshape(()) if squeeze else y).to(x.dtype)
+
+
+def fake_quantize_reference(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: int | None = None) -> Tensor:
+    """Reference :func:`quantpredict.formats.fake_quantize` (plain torch, any device). Same shape and dtype."""
+    f = get_format(fmt)
+    if not x.is_floating_point():
+        raise FormatError(f"fake_quantize needs a floating-point tensor, got dtype {x.dtype}")
+    if is_shipped(f):
+        return fake_quantize_shipped(x, f, axis, block_size, use_native=False)
+    return fake_quantize_scaled(x, f, axis=axis, block_size=block_size)

@@ -146,15 +146,12 @@ def quantize_with_scale(x: Tensor, fmt: str | Format, scale: Tensor) -> Tensor:
 _FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def fake_quantize_reference(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: int | None = None) -> Tensor:
-    """Reference :func:`quantpredict.formats.fake_quantize` (plain torch, any device). Same shape and dtype."""
-    f = get_format(fmt)
-    if not x.is_floating_point():
-        raise FormatError(f"fake_quantize needs a floating-point tensor, got dtype {x.dtype}")
-    if f.family in ("asym", "nf4", "ggml"):
-        from quantpredict.formats.params import fake_quantize_shipped
-
-        return fake_quantize_shipped(x, f, axis, block_size, use_native=False)
+def fake_quantize_scaled(x: Tensor, f: Format, *, axis: int = -1, block_size: int | None = None) -> Tensor:
+    """The torch reference of :func:`quantpredict.formats.fake_quantize` for the element (MX, int, fp8) and float
+    formats: blocks along ``axis`` share a scale from their absmax. Same shape and dtype as ``x`` (floating point).
+    The shipped layouts (asym, nf4, ggml) are :func:`quantpredict.formats.params.fake_quantize_shipped`'s; the
+    dispatch between the two is :func:`quantpredict.formats.core.fake_quantize_reference` (kept out of this module
+    so that it and :mod:`.params`, which builds on it, do not import each other)."""
     x = x.detach()
     if f.family == "float":
         check_finite(x, f.name)
