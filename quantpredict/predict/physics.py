@@ -289,7 +289,7 @@ class PhysicsPredictor:
         return runs[ok]
 
     def fit(self, runs_df: pd.DataFrame) -> PhysicsPredictor:
-        from quantpredict.predict.predictor import FPModel, _eval_seconds
+        from quantpredict.predict.saved import FPModel, _eval_seconds
 
         t0 = time.perf_counter()
         runs = self.usable(runs_df)
@@ -408,7 +408,7 @@ class PhysicsPredictor:
 
     # ---- save / load -----------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        from quantpredict.predict.predictor import FORMAT_NAME, FORMAT_VERSION, META_FILE, _jsonable, _versions
+        from quantpredict.predict.saved import FORMAT_NAME, FORMAT_VERSION, META_FILE, _jsonable, _versions
         from quantpredict.schema import FEATURE_NAMES
 
         d = Path(directory)
@@ -429,7 +429,7 @@ class PhysicsPredictor:
 
     @classmethod
     def from_meta(cls, meta: Mapping, directory: Path) -> PhysicsPredictor:
-        from quantpredict.predict.predictor import FPModel
+        from quantpredict.predict.saved import FPModel
 
         try:
             p = cls(str(meta["kind"]), float(meta["params"]["alpha"]), delta_noise=float(meta["params"].get(
@@ -447,7 +447,7 @@ class PhysicsPredictor:
         return p
 
     def attach_validation(self, metrics: pd.DataFrame | Sequence[Mapping]) -> PhysicsPredictor:
-        from quantpredict.predict.predictor import _jsonable
+        from quantpredict.predict.saved import _jsonable
 
         rows = metrics.to_dict("records") if isinstance(metrics, pd.DataFrame) else [dict(r) for r in metrics]
         self.metadata["validation"] = [{k: _jsonable(v) for k, v in r.items()} for r in rows]
