@@ -336,7 +336,7 @@ def _cost_line(records: Sequence[dict]) -> str:
 
 
 def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, prefix: str) -> str:
-    from quantpredict.qat.report import render_figures
+    from quantpredict.qat.figures import render_figures
 
     by_lr = _by(records, lr_of)
     main_lr = max(sorted(by_lr), key=lambda lr: len(by_lr[lr]))
