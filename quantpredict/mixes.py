@@ -226,20 +226,6 @@ def split_specs(specs: Sequence[Any]) -> tuple[list[Any], list[str]]:
     return plain, [s for s in specs if is_mix_spec(s)]
 
 
-def resolve_for_models(models: Sequence[str], mix_specs: Sequence[str]) -> dict[str, list[Recipe]]:
-    """``{model: [recipe of each named mix]}`` for zoo names or model directories, from their module trees alone
-    (:func:`quantpredict.models.skeleton`: no weights are read)."""
-    from quantpredict.models import skeleton
-
-    if not mix_specs:
-        return {}
-    out = {}
-    for m in models:
-        tree = skeleton(m)
-        out[m] = [named_mix(spec, tree) for spec in mix_specs]
-    return out
-
-
 def mix_of(recipe: Recipe, model: Any) -> str | None:
     """The mix text (``q4_k_m``, ``q4_k_m-gptq``) whose resolution for ``model`` is ``recipe``, if any."""
     if not recipe.layer_formats:

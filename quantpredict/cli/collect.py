@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
             from quantpredict.data import read_text_file
 
             text_sha = read_text_file(args.eval_text)[1]
-        from quantpredict.mixes import resolve_for_models, split_specs
+        from quantpredict.mixes import split_specs
+        from quantpredict.models import resolve_for_models
 
         plain, mix_specs = split_specs(recipes)
         plan = plan_runs(models, [f for f in _split(args.formats) if f], [m for m in _split(args.methods) if m],

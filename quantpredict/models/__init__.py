@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from quantpredict.errors import ModelError
@@ -90,6 +91,21 @@ def skeleton(name_or_path: str | os.PathLike):
         raise ModelError(f"{path}: config.json could not be read as a Hugging Face config ({exc})") from exc
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config).eval()
+
+
+def resolve_for_models(models: Sequence[str], mix_specs: Sequence[str]) -> dict:
+    """``{model: [recipe of each named mix]}`` for zoo names or model directories, from their module trees alone
+    (:func:`skeleton`: no weights are read). It lives here, not in :mod:`quantpredict.mixes`, because it loads
+    model trees, and the mixes sit below the models in the layers."""
+    from quantpredict.mixes import named_mix
+
+    if not mix_specs:
+        return {}
+    out = {}
+    for m in models:
+        tree = skeleton(m)
+        out[m] = [named_mix(spec, tree) for spec in mix_specs]
+    return out
 
 
 def checkpoint_dtype(config):

@@ -257,7 +257,8 @@ def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequenc
     models = _split(models)
     formats = [f for f in _split(formats) if f is not None]
     methods = [m for m in _split(methods) if m is not None]
-    from quantpredict.mixes import resolve_for_models, split_specs
+    from quantpredict.mixes import split_specs
+    from quantpredict.models import resolve_for_models
 
     recipes, mix_specs = split_specs(list(recipes))
     if not models or models == [None] or not ((formats and methods) or recipes or mix_specs):
