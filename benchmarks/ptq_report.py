@@ -8,7 +8,7 @@ under), so an interrupted run resumes with ``--resume`` and the page can be re-r
 
 Above the zoo's sections the page carries the SmoothQuant+GPTQ study where quantization hurts (a real model and
 long-trained checkpoints), rendered from reports/sq_results.jsonl (``quantpredict study smoothquant``) with its
-verdicts computed by :mod:`quantpredict.quantize.sq_study`. ``--render-only`` keeps the zoo's measurement stamp.
+verdicts computed by :mod:`quantpredict.qat.sq_study`. ``--render-only`` keeps the zoo's measurement stamp.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
 def compose(zoo_md: str, sq_results: Path) -> str:
     """The page: the zoo's title, the SmoothQuant study where quantization hurts (if it has results), then the zoo's
     sections one heading level down."""
-    from quantpredict.quantize.sq_study import read_records, sq_sections
+    from quantpredict.qat.sq_study import read_records, sq_sections
 
     top = sq_sections(read_records(sq_results), str(REPORTS.name))
     if not top:

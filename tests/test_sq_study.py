@@ -11,8 +11,8 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from quantpredict import arch
+from quantpredict.qat.sq_study import SQSettings, claims, layer_gains, sq_command, sq_gain, sq_sections
 from quantpredict.quantize.outliers import outlier_profile, smoothing_local_errors
-from quantpredict.quantize.sq_study import SQSettings, claims, layer_gains, sq_command, sq_gain, sq_sections
 
 N = 16
 
@@ -129,7 +129,7 @@ def test_sq_gain_is_paired_and_layer_gains_match_pairs():
 
 
 def test_sq_sections_render_from_a_results_file(tmp_path):
-    from quantpredict.quantize.sq_study import read_records
+    from quantpredict.qat.sq_study import read_records
 
     recs = _study({"smollm2-135m": 0.05}) + _study({"fam-xs-d30": 0.0})
     path = tmp_path / "sq_results.jsonl"

@@ -61,7 +61,7 @@ def register(subparsers) -> None:
     options.add_device(q)
     q.set_defaults(func=run)
 
-    from quantpredict.quantize.sq_study import ALPHAS, SQ_FORMATS, SQSettings
+    from quantpredict.qat.sq_study import ALPHAS, SQ_FORMATS, SQSettings
 
     sd = SQSettings()
     sq = sub.add_parser("smoothquant", help="SmoothQuant+GPTQ with MXINT8 activations, and the activation outliers",
@@ -136,7 +136,7 @@ def run_smoothquant(args: argparse.Namespace) -> int:
 
     import torch
 
-    from quantpredict.quantize.sq_study import RESULTS_FILE, SQSettings, run_sq_study
+    from quantpredict.qat.sq_study import RESULTS_FILE, SQSettings, run_sq_study
 
     torch.set_num_threads(max(1, args.threads))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]

@@ -6,6 +6,8 @@
   :func:`ptq_trajectory` (GPTQ/RTN layer by layer), :func:`measure_point` (any model, e.g. QAT every few steps).
 - :mod:`.runs`: QAT as run-store methods ``qat`` (from RTN) and ``qat_gptq`` (from GPTQ); :func:`run_qat` (in
   :mod:`.finetune`) carries a QAT recipe out.
+- :mod:`.sq_study`: ``quantpredict study smoothquant`` (SmoothQuant + GPTQ with activation outliers; a study, so it sits
+  beside the QAT one, above the models it loads).
 - :mod:`.study`: ``quantpredict study ptq-vs-qat`` (FP/RTN/GPTQ/QAT perplexities, trajectories, ``reports/qat.md``).
 """
 

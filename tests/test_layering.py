@@ -1,0 +1,136 @@
+"""The package's imports run one way (docs: quantpredict/__init__.py's layer list).
+
+Every ``import`` in quantpredict, at module level or inside a function (a lazy import is still a dependency), is an
+edge between two modules. The test fails on an edge from a lower layer to a higher one, on the pairs of modules
+that must not know each other, and on any import cycle between modules.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "quantpredict"
+
+#: Lowest first. Top-level modules and sub-packages alike; a module may import its own layer or any below.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("errors",),
+    ("schema", "memory", "claims", "style"),  # torch-free utilities, no quantpredict imports but errors
+    ("formats", "arch", "data", "lmhead"),
+    ("recipe", "mixes"),  # the Recipe and llama.cpp's named mixes: formats + arch, no torch at import
+    ("quantize", "evaluate"),
+    ("features", "models", "qat", "attention"),
+    ("runs",),
+    ("predict",),
+    ("report",),
+    ("cli", "__main__"),
+)
+LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+#: Modules of one layer that must not import each other (either way).
+APART = (("quantpredict.quantize.act", "quantpredict.quantize.model"),
+         ("quantpredict.qat.finetune", "quantpredict.qat.runs"))
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _resolve(name: str) -> str:
+    while name not in MODULES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def import_edges() -> dict[str, dict[str, int]]:
+    """``{module: {imported module: first line}}`` for every quantpredict-internal import, lazy ones included.
+    ``from pkg import sub`` counts as an edge to ``pkg.sub`` alone (``quantpredict/__init__.py`` is lazy)."""
+    edges: dict[str, dict[str, int]] = {}
+    for mod, path in MODULES.items():
+        package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+        out = edges.setdefault(mod, {})
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                subs = [f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES]
+                targets = subs if len(subs) == len(node.names) else [base, *subs]
+            for t in targets:
+                if t == "quantpredict" or not t.startswith("quantpredict."):
+                    continue
+                t = _resolve(t)
+                if t != mod:
+                    out.setdefault(t, node.lineno)
+    return edges
+
+
+def unit(module: str) -> str:
+    """The layer unit of a module: its sub-package, or the top-level module itself."""
+    return module.split(".")[1]
+
+
+def test_every_unit_has_a_layer():
+    missing = sorted({unit(m) for m in MODULES if m != "quantpredict"} - set(LAYER))
+    assert not missing, f"place these in LAYERS: {missing}"
+
+
+def test_no_import_points_up():
+    bad = [f"{m}:{line} imports {t} ({unit(m)} is below {unit(t)})"
+           for m, targets in import_edges().items() if m != "quantpredict"
+           for t, line in targets.items() if LAYER[unit(t)] > LAYER[unit(m)]]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("a,b", APART)
+def test_modules_kept_apart(a, b):
+    edges = import_edges()
+    assert b not in edges[a] and a not in edges[b]
+
+
+def test_no_import_cycle():
+    edges = import_edges()
+    # Tarjan's strongly connected components; any component of more than one module is a cycle
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in edges.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_walker_sees_lazy_and_relative_imports():
+    edges = import_edges()
+    assert "quantpredict.errors" in edges["quantpredict.recipe"]  # module level
+    assert any(t.startswith("quantpredict.predict") for t in edges["quantpredict.cli.predict"])  # inside functions
