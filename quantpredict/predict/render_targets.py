@@ -96,7 +96,7 @@ def limits(metrics: pd.DataFrame, kind: str) -> list[str]:
 
 
 def kld_figure(predictions: pd.DataFrame, runs: pd.DataFrame, out: Path, kind: str, split: str = "family") -> Path:
-    from quantpredict.report.style import PANEL, family_colors, pyplot, style
+    from quantpredict.style import PANEL, family_colors, pyplot, style
 
     plt = pyplot()
     p = predictions[(predictions["kind"] == kind) & (predictions["split"] == split)]
