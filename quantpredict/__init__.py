@@ -1,4 +1,19 @@
-"""quantpredict: predict the quality a quantized LLM loses, before you ship it."""
+"""quantpredict: predict the quality a quantized LLM loses, before you ship it.
+
+Imports run one way, lowest first; a module imports its own layer or those below, never one above (lazy,
+in-function imports included), and no two modules import each other (``tests/test_layering.py`` checks all three):
+
+1. ``errors``: the user-facing exception types;
+2. ``schema``, ``memory``, ``claims``, ``style``: torch-free utilities (feature names, memory budgets, verdict
+   helpers, the figure look);
+3. ``formats``, ``arch``, ``data``, ``lmhead``: number formats, model architectures, text and windows;
+4. ``recipe``, ``mixes``: the Recipe and llama.cpp's named mixes (torch-free: the run store reads recipes);
+5. ``quantize``, ``evaluate``: post-training quantization, and perplexity / KLD comparison;
+6. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT and the
+   studies, attention arithmetic;
+7. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``);
+8. ``predict``; 9. ``report``; 10. ``cli`` (and ``__main__``).
+"""
 
 from __future__ import annotations
 
