@@ -3,7 +3,7 @@
 Imports run one way, lowest first; a module imports its own layer or those below, never one above (lazy,
 in-function imports included), and no two modules import each other (``tests/test_layering.py`` checks all three):
 
-1. ``errors``: the user-facing exception types;
+1. ``errors``, ``version``: the user-facing exception types; the package and run-key versions;
 2. ``schema``, ``memory``, ``claims``, ``style``: torch-free utilities (feature names, memory budgets, verdict
    helpers, the figure look);
 3. ``formats``, ``arch``, ``data``, ``lmhead``: number formats, model architectures, text and windows;
@@ -17,7 +17,8 @@ in-function imports included), and no two modules import each other (``tests/tes
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from quantpredict.version import __version__
+
 __all__ = ["__version__", "predict_quality", "rank_recipes"]
 
 

@@ -36,12 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantpredict.errors import FormatError, RecipeError
+from quantpredict.version import MEASUREMENT_VERSION, __version__  # noqa: F401 (both kept at this path)
 
-__version__ = "0.1.0"
-
-# Part of every run key. Bump the suffix when what a run measures changes meaning (a new evaluation protocol, a fixed
-# quantizer bug) so that old rows stop counting as done; plain refactors keep it, so commits do not void a sweep.
-CODE_VERSION = f"{__version__}+m1"
+# Part of every run key: the measurement version under its historical name (see quantpredict.version).
+CODE_VERSION = MEASUREMENT_VERSION
 
 #: Post-training methods (how each weight is rounded). QAT is an option on top of one of them (``Recipe.qat``).
 METHODS: tuple[str, ...] = ("rtn", "gptq")

@@ -262,3 +262,13 @@ def test_read_runs_merges_stores_and_refuses_a_missing_one(tmp_path):
     with pytest.raises(PredictorError, match="does not exist"):
         read_runs(tmp_path / "typo.sqlite")
     assert not (tmp_path / "typo.sqlite").exists()  # a read never creates a store
+
+
+def test_one_run_key_version_and_one_build_version():
+    """The run-key version has one value under its names; the build version is a different thing (no run key)."""
+    from quantpredict import __version__, recipe, runs, version
+    from quantpredict.runs import spec
+
+    assert version.MEASUREMENT_VERSION == recipe.CODE_VERSION == runs.CODE_VERSION == spec.CODE_VERSION == "0.1.0+m1"
+    assert recipe.__version__ == __version__ == version.__version__
+    assert version.build_version().startswith(__version__)

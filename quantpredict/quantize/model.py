@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -416,16 +415,11 @@ def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: f
 
 
 def code_version() -> str:
-    """``quantpredict.__version__``, plus the git commit of the checkout when there is one."""
-    from quantpredict import __version__
+    """The build that writes a saved model: :func:`quantpredict.version.build_version` (this name is kept for
+    callers; it is not the run-key version, :data:`quantpredict.version.MEASUREMENT_VERSION`)."""
+    from quantpredict.version import build_version
 
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        commit = out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return f"{__version__}+g{commit}" if commit else __version__
+    return build_version()
 
 
 def save_quantized(
