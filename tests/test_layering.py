@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "quantpredict"
 
 #: Lowest first. Top-level modules and sub-packages alike; a module may import its own layer or any below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "version"),
+    ("errors", "version", "threads"),
     ("schema", "memory", "claims", "style"),  # torch-free utilities, no quantpredict imports but errors
     ("formats", "arch", "data", "lmhead"),
     ("recipe", "mixes"),  # the Recipe and llama.cpp's named mixes: formats + arch, no torch at import
@@ -138,3 +138,36 @@ def test_the_walker_sees_lazy_and_relative_imports():
     edges = import_edges()
     assert "quantpredict.errors" in edges["quantpredict.recipe"]  # module level
     assert any(t.startswith("quantpredict.predict") for t in edges["quantpredict.cli.predict"])  # inside functions
+
+
+def test_library_functions_leave_the_thread_count_alone():
+    """Only the CLI (its --threads flags) and quantpredict.threads set torch's process-wide thread count."""
+    bad = [f"{m}: {line.strip()}" for m, path in MODULES.items()
+           if not m.startswith("quantpredict.cli") and m != "quantpredict.threads"
+           for line in path.read_text().splitlines() if "set_num_threads(" in line]
+    assert not bad, "\n".join(bad)
+
+
+def test_torch_threads_restores_the_count():
+    import threading
+
+    import torch
+
+    from quantpredict.threads import torch_threads
+
+    before = torch.get_num_threads()
+    seen = []
+
+    def work(n):
+        with torch_threads(n):
+            seen.append((n, torch.get_num_threads()))
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(seen) == [(1, 1), (2, 2), (3, 3)]  # each block ran under its own count
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before

@@ -34,6 +34,7 @@ from quantpredict.attention.arith import (
 from quantpredict.attention.kernels import sparse_decode_attention
 from quantpredict.attention.masks import starts_to_block_mask
 from quantpredict.errors import ModelError
+from quantpredict.threads import torch_threads
 
 DEFAULT_DIR = Path("data/attention")
 BLOCK_SIZE = 32
@@ -124,59 +125,59 @@ def train_arith(out_dir: Path = DEFAULT_DIR, cfg: TrainConfig = TrainConfig(), s
                 log: Callable[[str], None] = print) -> Path:
     """Train (or resume) the task model for ``cfg.minutes`` of wall time; saves ``model.safetensors`` + ``config.json``
     + ``arith.json`` under ``out_dir`` and a resumable ``checkpoint.pt`` every ``checkpoint_seconds``."""
-    torch.set_num_threads(cfg.threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = ArithTokenizer()
-    model = build_model(spec, cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    ckpt = out_dir / "checkpoint.pt"
-    step, elapsed, rng = 0, 0.0, random.Random(cfg.seed)
-    if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, elapsed = state["step"], state["elapsed"]
-        rng.setstate(state["rng"])
-        log(f"resumed at step {step}, {elapsed / 60:.1f} min")
-    budget = cfg.minutes * 60
-    masks: dict[int, torch.Tensor] = {}
-    t0, last_ckpt, ema = time.time() - elapsed, time.time(), None
-    model.train()
-    while time.time() - t0 < budget:
-        # short traces are cheap and teach the same fixed-offset rules; a few long ones teach dense attention to
-        # ignore a long past
-        hi = min(cfg.max_operands, max_operands(spec.width))
-        n = cfg.min_operands + int((hi - cfg.min_operands + 1) * rng.random() ** 2)
-        T = n * spec.width + 1
-        batch = training_batch(n, max(1, cfg.tokens_per_step // T), rng, tok, spec.width)
-        mask = None
-        if rng.random() < cfg.masked_fraction:
-            if n not in masks:  # the span structure depends only on n (fixed-width lines)
-                masks[n] = span_mask(batch[0], tok)
-            mask = masks[n][:-1, :-1]
-        logits = forward(model, batch[:, :-1], mask)
-        # the question line is given, not predicted
-        target = batch[:, 1:].clone()
-        target[:, : spec.width - 1] = -100
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step, (time.time() - t0) / budget)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
-        if step % 25 == 0:
-            log(f"step {step} n={n} loss {loss.item():.4f} ema {ema:.4f} t={(time.time() - t0) / 60:.1f}min")
-        if time.time() - last_ckpt > cfg.checkpoint_seconds:
-            _checkpoint(ckpt, model, opt, step, time.time() - t0, rng)
-            last_ckpt = time.time()
-    _checkpoint(ckpt, model, opt, step, time.time() - t0, rng)
-    save_model(model, out_dir, spec, {"steps": step, "minutes": (time.time() - t0) / 60, **asdict(cfg)})
-    log(f"done: {step} steps, saved to {out_dir}")
-    return out_dir
+    with torch_threads(cfg.threads):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tok = ArithTokenizer()
+        model = build_model(spec, cfg.seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        ckpt = out_dir / "checkpoint.pt"
+        step, elapsed, rng = 0, 0.0, random.Random(cfg.seed)
+        if ckpt.exists():
+            state = torch.load(ckpt, weights_only=False)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            step, elapsed = state["step"], state["elapsed"]
+            rng.setstate(state["rng"])
+            log(f"resumed at step {step}, {elapsed / 60:.1f} min")
+        budget = cfg.minutes * 60
+        masks: dict[int, torch.Tensor] = {}
+        t0, last_ckpt, ema = time.time() - elapsed, time.time(), None
+        model.train()
+        while time.time() - t0 < budget:
+            # short traces are cheap and teach the same fixed-offset rules; a few long ones teach dense attention to
+            # ignore a long past
+            hi = min(cfg.max_operands, max_operands(spec.width))
+            n = cfg.min_operands + int((hi - cfg.min_operands + 1) * rng.random() ** 2)
+            T = n * spec.width + 1
+            batch = training_batch(n, max(1, cfg.tokens_per_step // T), rng, tok, spec.width)
+            mask = None
+            if rng.random() < cfg.masked_fraction:
+                if n not in masks:  # the span structure depends only on n (fixed-width lines)
+                    masks[n] = span_mask(batch[0], tok)
+                mask = masks[n][:-1, :-1]
+            logits = forward(model, batch[:, :-1], mask)
+            # the question line is given, not predicted
+            target = batch[:, 1:].clone()
+            target[:, : spec.width - 1] = -100
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+            for g in opt.param_groups:
+                g["lr"] = _lr(cfg, step, (time.time() - t0) / budget)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            if step % 25 == 0:
+                log(f"step {step} n={n} loss {loss.item():.4f} ema {ema:.4f} t={(time.time() - t0) / 60:.1f}min")
+            if time.time() - last_ckpt > cfg.checkpoint_seconds:
+                _checkpoint(ckpt, model, opt, step, time.time() - t0, rng)
+                last_ckpt = time.time()
+        _checkpoint(ckpt, model, opt, step, time.time() - t0, rng)
+        save_model(model, out_dir, spec, {"steps": step, "minutes": (time.time() - t0) / 60, **asdict(cfg)})
+        log(f"done: {step} steps, saved to {out_dir}")
+        return out_dir
 
 
 def _checkpoint(path: Path, model, opt, step: int, elapsed: float, rng: random.Random) -> None:

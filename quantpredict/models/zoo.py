@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from quantpredict.data import data_dir
+from quantpredict.threads import torch_threads
 
 SEQ_LEN = 256
 BATCH = 8
@@ -204,23 +205,22 @@ def build_zoo(names: list[str] | None = None, *, threads: int | None = None, eva
     """
     from quantpredict.models.tokenizer import load_or_train_tokenizer
 
-    if threads:
-        torch.set_num_threads(threads)
-    root = zoo_root()
-    tok = load_or_train_tokenizer(root / "tokenizer")
-    specs = [s for s in zoo_specs() if names is None or s.name in names]
-    todo = [s for s in specs if not (root / s.name / "model.safetensors").exists()]
-    trained = []
-    if todo:
-        from quantpredict.data import token_ids
+    with torch_threads(threads):
+        root = zoo_root()
+        tok = load_or_train_tokenizer(root / "tokenizer")
+        specs = [s for s in zoo_specs() if names is None or s.name in names]
+        todo = [s for s in specs if not (root / s.name / "model.safetensors").exists()]
+        trained = []
+        if todo:
+            from quantpredict.data import token_ids
 
-        train_ids = token_ids(tok, "wikitext2", "train")
-        for spec in todo:
-            train_model(spec, tok, train_ids, ckpt_dir=root / "_ckpt", out_root=root)
-            trained.append(spec.name)
-    if evaluate:
-        evaluate_cards([s.name for s in specs] + [f"{s.name}-t{int(f * 100)}" for s in specs for f in s.snapshots])
-    return trained
+            train_ids = token_ids(tok, "wikitext2", "train")
+            for spec in todo:
+                train_model(spec, tok, train_ids, ckpt_dir=root / "_ckpt", out_root=root)
+                trained.append(spec.name)
+        if evaluate:
+            evaluate_cards([s.name for s in specs] + [f"{s.name}-t{int(f * 100)}" for s in specs for f in s.snapshots])
+        return trained
 
 
 def evaluate_cards(names: list[str], seq_len: int = SEQ_LEN) -> None:
@@ -434,13 +434,12 @@ def build_long(names: list[str] | None = None, *, threads: int | None = None, ev
     """Train the long runs (all, or those whose base or checkpoint name is in ``names``); resumable."""
     from quantpredict.models.tokenizer import load_or_train_tokenizer
 
-    if threads:
-        torch.set_num_threads(threads)
-    root = zoo_root()
-    tok = load_or_train_tokenizer(root / "tokenizer")
-    saved = []
-    for run in long_runs():
-        if names is not None and run.base not in names and not set(run.names()) & set(names):
-            continue
-        saved += train_long(run, tok, ckpt_dir=root / "_long", out_root=root, evaluate=evaluate)
-    return saved
+    with torch_threads(threads):
+        root = zoo_root()
+        tok = load_or_train_tokenizer(root / "tokenizer")
+        saved = []
+        for run in long_runs():
+            if names is not None and run.base not in names and not set(run.names()) & set(names):
+                continue
+            saved += train_long(run, tok, ckpt_dir=root / "_long", out_root=root, evaluate=evaluate)
+        return saved

@@ -46,58 +46,57 @@ def measure_subsample(store: str | Path, *, windows: int = 32, models: Sequence[
     from quantpredict.runs import RunStore
     from quantpredict.runs.execute import PROCEDURES, procedure
 
-    if torch_threads:
-        torch.set_num_threads(int(torch_threads))
-    out = Path(out) if out is not None else subsample_path(store)
-    done = set(pd.read_parquet(out)["run_key"]) if out.exists() else set()
-    with RunStore(store, create=False) as st:
-        rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)
-                and r["run_key"] not in done]
-    by_model: dict[str, list[dict]] = {}
-    for r in rows:
-        by_model.setdefault(r["model"], []).append(r)
-    bar = tqdm(total=len(rows), desc="subsample", unit="run", disable=not progress)
-    for name, model_rows in by_model.items():
-        fp, tok = zoo.load(name)
-        stream = eval_stream(tok)
-        calib = data.token_stream(tok, "wikitext2", "train")
-        seq_len = int(model_rows[0]["seq_len"])
-        all_w = make_windows(stream.ids, seq_len, bos_id=stream.bos_id)
-        fp_cache = evaluate.FPLogitsCache()
-        records = []
-        for r in model_rows:
-            first = int(r["eval_max_windows"] or all_w.n)
-            if all_w.n - first < windows:
-                raise PredictorError(f"{name}: the test split has {all_w.n} windows, too few beyond the {first} truth "
-                                     f"windows for a subsample of {windows}; lower windows=")
-            pick = np.linspace(first, all_w.n - 1, windows).round().astype(int)
-            recipe = Recipe.from_label(r["recipe"])
-            q = copy.deepcopy(fp)
-            t = time.perf_counter()
-            PROCEDURES[procedure(recipe)](q, recipe, calib, batch_size=8, progress=False)
-            quantize_seconds = time.perf_counter() - t
-            t = time.perf_counter()
-            sums = pair_sums(fp, q, all_w[torch.as_tensor(pick)], batch_size=8, progress=False, fp_cache=fp_cache,
-                             fp_key=name)
-            window_seconds = (time.perf_counter() - t) / windows
-            counts = all_w.scored_counts[torch.as_tensor(pick)].double()
-            records.append({
-                "run_key": r["run_key"], "model": name, "recipe": r["recipe"], "windows": json.dumps(pick.tolist()),
-                "window_kld": json.dumps((sums["kld"] / counts).tolist()),
-                "window_delta_nll": json.dumps((sums["delta_nll"] / counts).tolist()),
-                "window_top1": json.dumps((sums["top1"] / counts).tolist()),
-                "window_tokens": json.dumps(counts.long().tolist()),
-                "quantize_seconds": quantize_seconds, "window_seconds": window_seconds})
-            del q
-            bar.update(1)
-        frame = pd.DataFrame(records)
-        if out.exists():
-            frame = pd.concat([pd.read_parquet(out), frame], ignore_index=True)
-        tmp = out.with_suffix(".tmp.parquet")
-        frame.to_parquet(tmp, index=False)
-        tmp.replace(out)  # a kill mid-write keeps the previous file
-    bar.close()
-    return out
+    with torch_threads(torch_threads):
+        out = Path(out) if out is not None else subsample_path(store)
+        done = set(pd.read_parquet(out)["run_key"]) if out.exists() else set()
+        with RunStore(store, create=False) as st:
+            rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)
+                    and r["run_key"] not in done]
+        by_model: dict[str, list[dict]] = {}
+        for r in rows:
+            by_model.setdefault(r["model"], []).append(r)
+        bar = tqdm(total=len(rows), desc="subsample", unit="run", disable=not progress)
+        for name, model_rows in by_model.items():
+            fp, tok = zoo.load(name)
+            stream = eval_stream(tok)
+            calib = data.token_stream(tok, "wikitext2", "train")
+            seq_len = int(model_rows[0]["seq_len"])
+            all_w = make_windows(stream.ids, seq_len, bos_id=stream.bos_id)
+            fp_cache = evaluate.FPLogitsCache()
+            records = []
+            for r in model_rows:
+                first = int(r["eval_max_windows"] or all_w.n)
+                if all_w.n - first < windows:
+                    raise PredictorError(f"{name}: the test split has {all_w.n} windows, too few beyond the {first} "
+                                         f"truth windows for a subsample of {windows}; lower windows=")
+                pick = np.linspace(first, all_w.n - 1, windows).round().astype(int)
+                recipe = Recipe.from_label(r["recipe"])
+                q = copy.deepcopy(fp)
+                t = time.perf_counter()
+                PROCEDURES[procedure(recipe)](q, recipe, calib, batch_size=8, progress=False)
+                quantize_seconds = time.perf_counter() - t
+                t = time.perf_counter()
+                sums = pair_sums(fp, q, all_w[torch.as_tensor(pick)], batch_size=8, progress=False, fp_cache=fp_cache,
+                                 fp_key=name)
+                window_seconds = (time.perf_counter() - t) / windows
+                counts = all_w.scored_counts[torch.as_tensor(pick)].double()
+                records.append({
+                    "run_key": r["run_key"], "model": name, "recipe": r["recipe"], "windows": json.dumps(pick.tolist()),
+                    "window_kld": json.dumps((sums["kld"] / counts).tolist()),
+                    "window_delta_nll": json.dumps((sums["delta_nll"] / counts).tolist()),
+                    "window_top1": json.dumps((sums["top1"] / counts).tolist()),
+                    "window_tokens": json.dumps(counts.long().tolist()),
+                    "quantize_seconds": quantize_seconds, "window_seconds": window_seconds})
+                del q
+                bar.update(1)
+            frame = pd.DataFrame(records)
+            if out.exists():
+                frame = pd.concat([pd.read_parquet(out), frame], ignore_index=True)
+            tmp = out.with_suffix(".tmp.parquet")
+            frame.to_parquet(tmp, index=False)
+            tmp.replace(out)  # a kill mid-write keeps the previous file
+        bar.close()
+        return out
 
 
 def equal_cost(sub: pd.DataFrame, predictor_seconds: pd.Series, *, fp_shared: bool = True) -> pd.DataFrame:

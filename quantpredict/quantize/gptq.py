@@ -33,6 +33,7 @@ import torch
 
 from quantpredict.errors import FormatError
 from quantpredict.formats.params import QuantParams, fit_params, is_shipped, quantize_blocks
+from quantpredict.threads import torch_threads
 
 
 def gptq_quantize(
@@ -58,7 +59,8 @@ def gptq_quantize(
         blocksize: columns per lazy batch update (affects speed only, up to float rounding).
         percdamp: damping added to the Hessian's diagonal, as a fraction of its mean diagonal.
         act_order: process columns by descending Hessian diagonal (then put them back in place).
-        num_threads: torch intra-op threads while this runs (restored after); ``None`` keeps torch's setting. The
+        num_threads: torch intra-op threads while this runs (:func:`quantpredict.threads.torch_threads`: set for
+            this call only, restored after); ``None`` keeps torch's setting. The
             loop is thousands of small ops, for which thread hand-offs cost more than they save: with 2 threads on a
             loaded 2-core machine a 1024x1024 layer took 8.4 s, with 1 thread 0.8 s.
         return_params: also return the parameters each element was rounded with, per element ([out, in] tensors in
@@ -69,15 +71,8 @@ def gptq_quantize(
         with ``return_params``, the parameters).
     """
     args = (weight, hessian, fmt, block_size, blocksize, percdamp, act_order)
-    if num_threads is None:
+    with torch_threads(num_threads):  # restored after; thread-safe (see quantpredict.threads)
         q, params = _gptq(*args)
-    else:
-        before = torch.get_num_threads()
-        torch.set_num_threads(num_threads)
-        try:
-            q, params = _gptq(*args)
-        finally:
-            torch.set_num_threads(before)
     return (q, params) if return_params else q
 
 

@@ -52,7 +52,6 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     each run's values, written with :meth:`RunStore.update_features`. ``torch_threads`` caps intra-op threads.
     ``limit`` stops after that many runs (a rehearsal). Returns a :class:`BackfillSummary`.
     """
-    import torch
     from tqdm.auto import tqdm
 
     from quantpredict import data, features
@@ -67,53 +66,52 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     t0 = time.perf_counter()
     own = not isinstance(store, RunStore)
     st = RunStore(store, create=False) if own else store
-    if torch_threads:
-        torch.set_num_threads(int(torch_threads))
-    try:
-        rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)]
-        missing = [r for r in rows if _missing(r, names)]
-        todo = missing if limit is None else missing[: int(limit)]
-        by_model: dict[str, list[dict]] = {}
-        for r in todo:
-            by_model.setdefault(r["model"], []).append(r)
-        filled = failed = 0
-        errors: list[str] = []
-        bar = tqdm(total=len(todo), desc=f"backfill {','.join(groups)}", unit="run", disable=not progress)
-        for name, model_rows in by_model.items():
-            model, tok = zoo.load(name, attn_implementation="eager")
-            calib = data.token_stream(tok, "wikitext2", "train")
-            profile = None
-            if "profile" in groups:
-                opts = ExtractOptions()
-                windows = feature_windows(model, calib, opts.n_windows, opts.seq_len, 0)
-                profile = measure_profile(model, windows)
-            for r in model_rows:
-                try:
-                    recipe = Recipe.from_label(r["recipe"])
-                    t = time.perf_counter()
-                    out = features.extract(model, recipe, calib, which=groups, profile=profile)
-                    if profile is not None:
-                        out["profile_seconds"] = out.get("profile_seconds", 0.0)
-                    timings = {"backfill_seconds": time.perf_counter() - t}
-                    st.update_features(r["run_key"], {k: v for k, v in out.items()}, timings=timings)
-                    filled += 1
-                except QuantpredictError as exc:
-                    failed += 1
-                    errors.append(f"{r['run_key']}: {exc}")
-                if on_run is not None:
-                    on_run(r["run_key"])
-                bar.update(1)
-            if profile is not None:
-                bar.write(f"{name}: profile measured in {profile.seconds:.1f} s")
-            del model
-        bar.close()
-        return BackfillSummary(runs=len(rows), filled=filled, skipped=len(rows) - len(missing), failed=failed,
-                               left=len(missing) - len(todo),
-                               models=len(by_model), seconds=time.perf_counter() - t0, store=st.url,
-                               errors=tuple(errors))
-    finally:
-        if own:
-            st.close()
+    with torch_threads(torch_threads):
+        try:
+            rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)]
+            missing = [r for r in rows if _missing(r, names)]
+            todo = missing if limit is None else missing[: int(limit)]
+            by_model: dict[str, list[dict]] = {}
+            for r in todo:
+                by_model.setdefault(r["model"], []).append(r)
+            filled = failed = 0
+            errors: list[str] = []
+            bar = tqdm(total=len(todo), desc=f"backfill {','.join(groups)}", unit="run", disable=not progress)
+            for name, model_rows in by_model.items():
+                model, tok = zoo.load(name, attn_implementation="eager")
+                calib = data.token_stream(tok, "wikitext2", "train")
+                profile = None
+                if "profile" in groups:
+                    opts = ExtractOptions()
+                    windows = feature_windows(model, calib, opts.n_windows, opts.seq_len, 0)
+                    profile = measure_profile(model, windows)
+                for r in model_rows:
+                    try:
+                        recipe = Recipe.from_label(r["recipe"])
+                        t = time.perf_counter()
+                        out = features.extract(model, recipe, calib, which=groups, profile=profile)
+                        if profile is not None:
+                            out["profile_seconds"] = out.get("profile_seconds", 0.0)
+                        timings = {"backfill_seconds": time.perf_counter() - t}
+                        st.update_features(r["run_key"], {k: v for k, v in out.items()}, timings=timings)
+                        filled += 1
+                    except QuantpredictError as exc:
+                        failed += 1
+                        errors.append(f"{r['run_key']}: {exc}")
+                    if on_run is not None:
+                        on_run(r["run_key"])
+                    bar.update(1)
+                if profile is not None:
+                    bar.write(f"{name}: profile measured in {profile.seconds:.1f} s")
+                del model
+            bar.close()
+            return BackfillSummary(runs=len(rows), filled=filled, skipped=len(rows) - len(missing), failed=failed,
+                                   left=len(missing) - len(todo),
+                                   models=len(by_model), seconds=time.perf_counter() - t0, store=st.url,
+                                   errors=tuple(errors))
+        finally:
+            if own:
+                st.close()
 
 
 def backfill_attributes(store: str | Path | RunStore) -> int:

@@ -91,51 +91,51 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     from quantpredict import arch, data, evaluate, features, models
     from quantpredict.errors import DataError
 
-    if torch_threads:
-        torch.set_num_threads(int(torch_threads))
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    model_fp, tok = models.load(spec.model, dtype=torch.float32, attn_implementation="eager", device=device)
-    timings["run_load_seconds"] = time.perf_counter() - t
+    with torch_threads(torch_threads):
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        model_fp, tok = models.load(spec.model, dtype=torch.float32, attn_implementation="eager", device=device)
+        timings["run_load_seconds"] = time.perf_counter() - t
 
-    recipe = spec.recipe()
-    protocol = data.eval_protocol(tok)
-    if protocol.bos != spec.evaluation.bos:
-        raise DataError(f"run {spec.key}: the model's tokenizer {'prepends' if protocol.bos else 'adds no'} BOS, but "
-                        "the run was planned with the other protocol; plan it again (collect probes the tokenizer)")
-    calib = data.token_stream(tok, "wikitext2", "train", text_file=calib_text, protocol=protocol)  # never test
-    t = time.perf_counter()
-    model_q = copy.deepcopy(model_fp)
-    report = PROCEDURES[procedure(recipe)](model_q, recipe, calib, batch_size=batch_size, progress=progress,
-                                           max_memory=max_memory)
-    timings["run_quantize_seconds"] = time.perf_counter() - t
+        recipe = spec.recipe()
+        protocol = data.eval_protocol(tok)
+        if protocol.bos != spec.evaluation.bos:
+            raise DataError(f"run {spec.key}: the model's tokenizer {'prepends' if protocol.bos else 'adds no'} BOS, "
+                            "but the run was planned with the other protocol; plan it again "
+                            "(collect probes the tokenizer)")
+        calib = data.token_stream(tok, "wikitext2", "train", text_file=calib_text, protocol=protocol)  # never test
+        t = time.perf_counter()
+        model_q = copy.deepcopy(model_fp)
+        report = PROCEDURES[procedure(recipe)](model_q, recipe, calib, batch_size=batch_size, progress=progress,
+                                               max_memory=max_memory)
+        timings["run_quantize_seconds"] = time.perf_counter() - t
 
-    if eval_text is not None and data.read_text_file(eval_text)[1] != spec.evaluation.text:
-        raise DataError(f"run {spec.key}: the evaluation text {eval_text} is not the one the run was planned with")
-    t = time.perf_counter()
-    cmp = evaluate.compare(model_fp, model_q, tok, seq_len=spec.seq_len, max_windows=spec.eval_max_windows,
-                           batch_size=batch_size, progress=progress, fp_cache=fp_logits_cache(), fp_key=spec.model_id,
-                           text=eval_text)
-    timings["run_eval_seconds"] = time.perf_counter() - t
-    del model_q
+        if eval_text is not None and data.read_text_file(eval_text)[1] != spec.evaluation.text:
+            raise DataError(f"run {spec.key}: the evaluation text {eval_text} is not the one the run was planned with")
+        t = time.perf_counter()
+        cmp = evaluate.compare(model_fp, model_q, tok, seq_len=spec.seq_len, max_windows=spec.eval_max_windows,
+                               batch_size=batch_size, progress=progress, fp_cache=fp_logits_cache(),
+                               fp_key=spec.model_id, text=eval_text)
+        timings["run_eval_seconds"] = time.perf_counter() - t
+        del model_q
 
-    t = time.perf_counter()
-    feature_options = dict(feature_options or {})
-    if max_memory is not None:
-        feature_options.setdefault("max_memory", max_memory)
-    feats = features.extract(model_fp, recipe, calib, **feature_options)
-    timings["run_features_seconds"] = time.perf_counter() - t
+        t = time.perf_counter()
+        feature_options = dict(feature_options or {})
+        if max_memory is not None:
+            feature_options.setdefault("max_memory", max_memory)
+        feats = features.extract(model_fp, recipe, calib, **feature_options)
+        timings["run_features_seconds"] = time.perf_counter() - t
 
-    summary = report.summary() if hasattr(report, "summary") else {}
-    return {
-        **training_tokens(spec.model),
-        "family": arch.family(model_fp),
-        "n_params": int(sum(p.numel() for p in model_fp.parameters())),
-        "recipe": getattr(report, "label", recipe.label),  # a QAT result's label reads `qat`/`qat_gptq`
-        "recipe_dict": recipe.to_dict(),
-        "comparison": cmp.to_dict(),
-        "features": dict(feats),
-        "quant": summary,
-        "protocol": protocol.to_dict() | {"calib_source": calib.source, "eval_source": cmp.source},
-        "timings": timings,
-    }
+        summary = report.summary() if hasattr(report, "summary") else {}
+        return {
+            **training_tokens(spec.model),
+            "family": arch.family(model_fp),
+            "n_params": int(sum(p.numel() for p in model_fp.parameters())),
+            "recipe": getattr(report, "label", recipe.label),  # a QAT result's label reads `qat`/`qat_gptq`
+            "recipe_dict": recipe.to_dict(),
+            "comparison": cmp.to_dict(),
+            "features": dict(feats),
+            "quant": summary,
+            "protocol": protocol.to_dict() | {"calib_source": calib.source, "eval_source": cmp.source},
+            "timings": timings,
+        }
