@@ -43,8 +43,21 @@ def _stub(name: str):
     return run
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (the command, the problem, where the help is) and exit
+    code 2, like every other user error; sub-parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: an error message's line breaks become '; ' (the CLI prints exactly one line)."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="quantpredict",
         description="Predict how much quality a quantized LLM loses, before evaluating it.",
     )
@@ -74,11 +87,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QuantpredictError as exc:
         if args.debug:
             raise
-        print(f"quantpredict {args.command}: error: {exc}", file=sys.stderr)
+        print(f"quantpredict {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: still one line without --debug, and a distinct exit code
+        if args.debug:
+            raise
+        print(f"quantpredict {args.command}: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with "
+              "--debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from quantpredict.cli import options
 from quantpredict.errors import DataError
 
 
@@ -53,7 +54,8 @@ def register(subparsers) -> None:
 
     t = sub.add_parser("train-arith", help="train the small Llama on the arithmetic task (CPU, resumable)")
     t.add_argument("--out", type=Path, default=Path("data/attention"))
-    t.add_argument("--minutes", type=float, default=25.0, help="wall-time budget, resumed runs included")
+    t.add_argument("--minutes", type=options.positive(float), default=25.0,
+                   help="wall-time budget, resumed runs included")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=run_train)

@@ -113,9 +113,14 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
         text = path.read_text()
         try:
             doc = json.loads(text)
-            labels += [doc["recipe"]] if isinstance(doc, dict) else [str(x) for x in doc]
+            items = [doc["recipe"]] if isinstance(doc, dict) else list(doc)
         except (ValueError, KeyError, TypeError):
-            labels += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+            items = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        for x in items:  # a JSON list may hold recipe dicts: checked field by field, filed under their label
+            try:
+                labels.append(Recipe.coerce(x).label if isinstance(x, dict) else str(x))
+            except RecipeError as exc:
+                raise RecipeError(f"--recipes-file {path}: {exc}") from None
     for label in labels:
         if not is_mix_spec(label):  # a named mix is resolved per model; its options were checked just now
             Recipe.from_label(label)  # a bad label fails here, before any model is touched

@@ -40,12 +40,33 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR
 
     device = options.device(args)
+    recipes = parse_recipes(args.recipes)  # checked before any model is loaded
     model = _pick_model(args.model)
-    recipes = [tuple(r.split(":")) for r in args.recipes.split(",") if r]
     if (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
         return _predict(model, recipes, device)
     print(f"(no default predictor at {DEFAULT_PREDICTOR_DIR} yet: showing the cheap quantization measurements)")
     return _measure(model, recipes, device)
+
+
+def parse_recipes(text: str) -> list[tuple[str, str]]:
+    """``[(format, method)]`` of ``--recipes`` text (``mxint4:gptq,int8:rtn``); a bad pair raises naming it."""
+    from quantpredict.errors import RecipeError
+    from quantpredict.formats import get_format
+    from quantpredict.recipe import METHODS
+
+    out = []
+    for item in (r.strip() for r in text.split(",")):
+        if not item:
+            continue
+        fmt, sep, method = item.partition(":")
+        if not sep or method not in METHODS:
+            raise RecipeError(f"--recipes {item!r}: expected FORMAT:METHOD with METHOD one of {', '.join(METHODS)} "
+                              f"(e.g. {DEFAULT_RECIPES.split(',')[0]})")
+        get_format(fmt)  # FormatError names the format and lists the valid ones
+        out.append((fmt, method))
+    if not out:
+        raise RecipeError(f"--recipes {text!r} names no recipe; pass FORMAT:METHOD pairs, e.g. {DEFAULT_RECIPES}")
+    return out
 
 
 def _full_eval_seconds(model: str) -> str:

@@ -49,3 +49,19 @@ def max_memory(args: argparse.Namespace) -> int:
     from quantpredict.memory import parse_bytes
 
     return parse_bytes(getattr(args, "max_memory", None), flag="--max-memory")
+
+
+def positive(kind: type = int):
+    """An argparse ``type=`` that accepts numbers above zero only (a usage error, exit 2, otherwise)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be above zero")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse

@@ -125,10 +125,24 @@ def run_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(names: list[str], *, long: bool) -> None:
+    from quantpredict.errors import ModelError
+    from quantpredict.models.zoo import long_runs, zoo_specs
+
+    known = ({r.base for r in long_runs()} | {n for r in long_runs() for n in r.names()} if long
+             else {s.name for s in zoo_specs()})
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ModelError(f"--only {','.join(unknown)}: no such {'long-run' if long else 'zoo'} model; known: "
+                         f"{', '.join(sorted(known))}")
+
+
 def run_build(args: argparse.Namespace) -> int:
     from quantpredict.models.zoo import build_zoo
 
     names = args.only.split(",") if args.only else None
+    if names is not None:
+        _check_names(names, long=args.long)
     if args.long:
         from quantpredict.models.zoo import build_long
 
