@@ -7,16 +7,36 @@ text, split 90/10 by characters as nanoGPT does.
 
 from __future__ import annotations
 
+import os
 import threading
 import zipfile
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from quantpredict.errors import DataError
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: The environment variable naming the data folder (a copy of the repository's ``data/``) for an installed package.
+DATA_ENV = "QUANTPREDICT_DATA"
+_CHECKOUT_DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+def locate_data_dir(environ: Mapping[str, str] | None = None, checkout: Path = _CHECKOUT_DATA) -> Path:
+    """Where the data lives: ``$QUANTPREDICT_DATA`` when set, else the checkout's ``data/`` beside the package.
+
+    A wheel holds the code only (the repository's data/ is ~100 MB of zoo weights): an installed quantpredict reads
+    its zoo, texts and default predictor from the folder the variable names. Pure (nothing is read); whether the
+    folder exists is :func:`data_dir`'s check.
+    """
+    env = os.environ if environ is None else environ
+    value = env.get(DATA_ENV, "").strip()
+    return Path(value).expanduser() if value else checkout
+
+
+#: The data folder as located when quantpredict was imported (see :func:`locate_data_dir`).
+DATA_DIR = locate_data_dir()
 
 _SPLITS: dict[str, tuple[str, ...]] = {
     "wikitext2": ("train", "valid", "test"),
@@ -26,7 +46,13 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 
 
 def data_dir() -> Path:
-    """The repository's ``data/`` folder."""
+    """The data folder (the repository's ``data/``, or ``$QUANTPREDICT_DATA``); raises :class:`DataError` naming
+    the variable when it is not there (an installed package run without the data)."""
+    if not DATA_DIR.is_dir():
+        how = (f"${DATA_ENV} is {DATA_DIR}, which is not a directory" if os.environ.get(DATA_ENV, "").strip()
+               else f"no data/ beside the package ({DATA_DIR}): an installed quantpredict does not ship it")
+        raise DataError(f"quantpredict's data (zoo models, WikiText-2, the default predictor) was not found: {how}; "
+                        f"set {DATA_ENV} to a copy of the repository's data/ folder")
     return DATA_DIR
 
 

@@ -37,10 +37,12 @@ def _pick_model(requested: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantpredict.data import data_dir
     from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR
 
     device = options.device(args)
     recipes = parse_recipes(args.recipes)  # checked before any model is loaded
+    data_dir()  # the zoo, the texts and the default predictor: an installed package names $QUANTPREDICT_DATA here
     model = _pick_model(args.model)
     if (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
         return _predict(model, recipes, device)

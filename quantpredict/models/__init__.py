@@ -14,9 +14,10 @@ from quantpredict.errors import ModelError
 
 
 def zoo_root() -> Path:
-    from quantpredict.data import data_dir
+    """``<data folder>/zoo`` (it may not exist: a local model directory needs no data folder)."""
+    from quantpredict.data import DATA_DIR
 
-    return data_dir() / "zoo"
+    return DATA_DIR / "zoo"
 
 
 def _card(path: Path) -> dict:

@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from quantpredict.data import DATA_DIR
 from quantpredict.errors import PredictorError
 from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
 from quantpredict.predict.predictor import Predictor
 from quantpredict.recipe import RECIPE_COLUMNS, Recipe
 
-DEFAULT_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "default"
+DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"  # the data folder: checkout, or $QUANTPREDICT_DATA
 RECIPE_FIELDS = RECIPE_COLUMNS  # the run-store columns of a recipe (quantpredict.recipe)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from quantpredict.data import DATA_DIR
 from quantpredict.errors import PredictorError, RecipeError
 from quantpredict.recipe import Recipe
 
@@ -32,7 +33,7 @@ DEFAULT_FORMATS: tuple[str, ...] = (
     "mxfp4_e2m1", "int8", "int4", "int3", "int2",
 )
 DEFAULT_METHODS: tuple[str, ...] = ("rtn", "gptq")
-PROFILE_PREDICTOR_DIR = Path(__file__).resolve().parents[2] / "data" / "predictors" / "profile"
+PROFILE_PREDICTOR_DIR = DATA_DIR / "predictors" / "profile"  # the data folder: checkout, or $QUANTPREDICT_DATA
 
 
 def default_recipes(formats: Sequence[str] = DEFAULT_FORMATS, methods: Sequence[str] = DEFAULT_METHODS
