@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantpredict import lmhead
 from quantpredict.errors import DataError, ModelError
 from quantpredict.evaluate.windows import Windows
 from quantpredict.memory import LOGITS_CHUNK_BYTES, logits_chunk_tokens
@@ -127,6 +128,8 @@ def batch_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 def nll_sums(model: nn.Module, windows: Windows, *, batch_size: int = 8, progress: bool | None = None,
              desc: str = "perplexity", chunk_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
+    # the NLL itself is quantpredict.lmhead's (token_nll; chunked_cross_entropy for a large vocabulary), the one
+    # the features differentiate: evaluation and features cannot disagree on what a token's loss is
     """``[n]`` float64 sum of next-token NLL (nats) over each window's scored positions (head in token chunks of at
     most ``chunk_bytes`` float32 logits where the vocabulary is large; see the module docstring)."""
     check_model(model, windows)
@@ -144,8 +147,8 @@ def nll_sums(model: nn.Module, windows: Windows, *, batch_size: int = 8, progres
             else:
                 logits = next_token_logits(model, batch.ids)
                 targets = batch.ids[:, 1:].to(logits.device)
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-                out[lo : lo + batch.n] = (nll.cpu().double() * mask).sum(dim=1)
+                nll = lmhead.token_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+                out[lo : lo + batch.n] = (nll.reshape(targets.shape).cpu().double() * mask).sum(dim=1)
             _check_finite(out[lo : lo + batch.n], lo, "model")
             lo += batch.n
     return out
@@ -158,9 +161,8 @@ def _chunked_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor
 
     sums = torch.zeros(hidden.shape[0], dtype=torch.float64)
     for i in range(hidden.shape[0]):
-        for lo, logits in lmhead.iter_logits(hidden[i], head, chunk):
-            nll = torch.nn.functional.cross_entropy(logits, targets[i, lo : lo + logits.shape[0]], reduction="none")
-            sums[i] += float((nll.cpu().double() * mask[i, lo : lo + logits.shape[0]]).sum())
+        keep = mask[i].to(hidden.device).bool()  # the scored positions only (mask is 0/1)
+        sums[i] = float(lmhead.chunked_cross_entropy(hidden[i][keep], head, targets[i][keep], chunk))
     return sums
 
 

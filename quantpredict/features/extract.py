@@ -133,25 +133,6 @@ def prepared(model: nn.Module, grad_params: Sequence[torch.Tensor] = (), *,
             _set_attn(model, old_attn)
 
 
-class _SummedCrossEntropy(torch.autograd.Function):
-    """``F.cross_entropy(z, target, reduction="sum")`` whose backward, ``(softmax(z) - onehot(target)) * g``, is
-    written in differentiable ops: a Hessian-vector product then runs through one softmax instead of autograd's
-    generic double backward of ``log_softmax`` (several full ``[tokens, vocab]`` temporaries; ~10% of an HVP here).
-    Same value, same derivatives."""
-
-    @staticmethod
-    def forward(ctx, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # z [N, V], target [N]
-        ctx.save_for_backward(z, target)
-        return F.cross_entropy(z, target, reduction="sum")
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
-        z, target = ctx.saved_tensors
-        grad = torch.softmax(z, dim=-1).scatter_add(
-            -1, target[:, None], torch.full_like(target[:, None], -1, dtype=z.dtype))
-        return grad * g, None
-
-
 def summed_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *,
                chunk_bytes: int = LOGITS_CHUNK_BYTES) -> torch.Tensor:
     """Summed next-token NLL (nats) over every predicted token of ``windows`` ([n, seq_len]); differentiable twice.
@@ -178,8 +159,7 @@ def summed_nll(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, *,
             if logits.dtype in (torch.float16, torch.bfloat16):  # a half-precision softmax loses the 1e-3 nats
                 logits = logits.float()
             z = logits.reshape(-1, logits.shape[-1])
-            part = _SummedCrossEntropy.apply(z, target) if z.requires_grad else F.cross_entropy(z, target,
-                                                                                                reduction="sum")
+            part = lmhead.summed_cross_entropy(z, target)
         loss = part if loss is None else loss + part
     return loss
 
