@@ -45,6 +45,12 @@ def is_long_trained(model: str) -> bool:
     return _LONG.match(model) is not None
 
 
+def real_and_long(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """``(real-model records, long-trained checkpoint records)``, each in the order given."""
+    return ([r for r in records if not is_long_trained(r["model"])],
+            [r for r in records if is_long_trained(r["model"])])
+
+
 def group_of(model: str) -> str:
     """The family a checkpoint belongs to: ``llama-xs`` for ``llama-xs-d100``; other models are their own group."""
     m = _LONG.match(model)
@@ -367,8 +373,7 @@ def hurts_sections(records: Sequence[dict], out_dir: str | Path) -> str:
     """The markdown of the real-model and long-trained sections (empty string for no records); writes figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    real = [r for r in records if not is_long_trained(r["model"])]
-    long = [r for r in records if is_long_trained(r["model"])]
+    real, long = real_and_long(records)
     parts = []
     if real:
         names = ", ".join(sorted({r["model"] for r in real}))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from quantpredict.claims import Evidence, Verdict, paired, spearman_evidence, verdict, verdict_table
+from quantpredict.qat.hurts import is_long_trained, real_and_long  # noqa: F401 (is_long_trained: kept here too)
 
 SQ_FORMATS: tuple[str, ...] = ("mxint4", "mxfp4_e2m1", "int4", "mxint8")
 ALPHAS: tuple[float, ...] = (0.5, 0.75)
@@ -182,10 +183,6 @@ def _median(xs: Sequence[float]) -> float:
         return math.nan
     n = len(ys)
     return ys[n // 2] if n % 2 else 0.5 * (ys[n // 2 - 1] + ys[n // 2])
-
-
-def is_long_trained(model: str) -> bool:
-    return _LONG.match(model) is not None
 
 
 def _runs(records: Sequence[dict]) -> dict[tuple[str, str, float | None, str | None], dict]:
@@ -379,8 +376,7 @@ def _section(title: str, intro: str, records: Sequence[dict], out: str) -> str:
 
 def sq_sections(records: Sequence[dict], out: str = "reports") -> str:
     """The markdown of the real-model and long-trained sections of ``ptq.md`` (empty string for no records)."""
-    real = [r for r in records if not is_long_trained(r["model"])]
-    long = [r for r in records if is_long_trained(r["model"])]
+    real, long = real_and_long(records)
     parts = []
     if real:
         names = ", ".join(sorted({r["model"] for r in real}))
