@@ -323,15 +323,15 @@ def test_cli_features_json(tiny_hf_dir, capsys, monkeypatch):
 
 
 def test_mean_nll_cross_entropy_derivatives_equal_autograd_of_f_cross_entropy():
-    """mean_nll's cross-entropy has its own (differentiable) backward: gradient and Hessian-vector product must
-    equal autograd's through F.cross_entropy, in float64."""
+    """mean_nll's cross-entropy (lmhead.summed_cross_entropy) has its own (differentiable) backward: gradient and
+    Hessian-vector product must equal autograd's through F.cross_entropy, in float64."""
     from torch.autograd.gradcheck import gradcheck, gradgradcheck
 
-    feats = __import__("importlib").import_module("quantpredict.features.extract")
+    from quantpredict import lmhead
     g = torch.Generator().manual_seed(0)
     z = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     target = torch.randint(0, 5, (7,), generator=g)
-    ours = feats._SummedCrossEntropy.apply(z, target)
+    ours = lmhead.summed_cross_entropy(z, target)
     ref = torch.nn.functional.cross_entropy(z, target, reduction="sum")
     assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-15)
     (g1,) = torch.autograd.grad(ours, z, create_graph=True)
@@ -341,8 +341,8 @@ def test_mean_nll_cross_entropy_derivatives_equal_autograd_of_f_cross_entropy():
     (hv,) = torch.autograd.grad((g1 * v).sum(), z)
     (rv,) = torch.autograd.grad((r1 * v).sum(), z)
     assert torch.allclose(hv, rv, rtol=1e-12, atol=1e-14)
-    assert gradcheck(lambda x: feats._SummedCrossEntropy.apply(x, target), (z,))
-    assert gradgradcheck(lambda x: feats._SummedCrossEntropy.apply(x, target), (z,))
+    assert gradcheck(lambda x: lmhead.summed_cross_entropy(x, target), (z,))
+    assert gradgradcheck(lambda x: lmhead.summed_cross_entropy(x, target), (z,))
 
 
 def test_predictor_groups_share_one_forward_and_agree_with_separate_passes():
