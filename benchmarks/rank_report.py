@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", nargs="+", type=float, default=[4.5, 6.5, 8.5])
     args = ap.parse_args(argv)
     from quantpredict.predict.inputs import read_runs
-    from quantpredict.report.rank_report import (allocation_checks, load_allocations, lomo_predictions, rank_checks,
-                                                 render)
+    from quantpredict.report.rank_report import (
+        allocation_checks,
+        load_allocations,
+        lomo_predictions,
+        rank_checks,
+        render,
+    )
 
     runs = read_runs([RUNS / s for s in SWEEPS if (RUNS / s).exists()])
     runs = runs[runs["status"] == "done"]
