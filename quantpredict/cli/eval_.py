@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         rows = [
             ("model", str(args.model)),
-            ("data", _data_line(*_what(args, res.dataset, res.split), res.windows, res.seq_len, res.stride, res.tokens)),
+            ("data", _data_line(*_what(args, res.dataset, res.split), res.windows, res.seq_len, res.stride,
+                                res.tokens)),
             ("perplexity", f"{res.ppl:.4f} ± {res.ppl_se:.4f}"),
             ("NLL", f"{res.nll:.5f} ± {res.nll_se:.5f} nats/token"),
             ("time", f"{res.seconds:.1f} s ({res.tokens_per_second:,.0f} tokens/s"
