@@ -128,5 +128,41 @@ def test_token_stream_of_a_user_text_file(tmp_path, tokenizer):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(data.DataError, match="empty"):
         data.token_stream(tokenizer, text_file=tmp_path / "empty.txt")
-    with pytest.raises(data.DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         data.token_stream(tokenizer, text_file=tmp_path / "nope.txt")
+
+
+def test_sampled_calibration_windows_follow_the_protocol_and_take_a_user_text(tmp_path):
+    from quantpredict.quantize import sample_calibration
+
+    f = tmp_path / "mine.txt"
+    f.write_text("the quick brown fox sat the <unk> cat " * 400, encoding="utf-8")
+    with_bos = sample_calibration(_bos_tokenizer(True, unk=True), 4, 12, seed=0, text_file=f)
+    assert with_bos.shape == (4, 12) and with_bos[:, 0].tolist() == [1] * 4  # BOS, then 11 text tokens
+    assert 1 not in with_bos[:, 1:].tolist() and 3 not in with_bos.tolist()  # '<unk>' stayed text
+    plain = sample_calibration(_bos_tokenizer(False, unk=True), 4, 12, seed=0, text_file=f)
+    assert plain.shape == (4, 12) and 1 not in plain.tolist()
+    with pytest.raises(DataError, match="does not exist"):
+        sample_calibration(_bos_tokenizer(False), 4, 12, text_file=tmp_path / "missing.txt")
+
+
+def test_cli_evaluates_and_calibrates_on_a_users_text(tmp_path, capsys):
+    import json
+
+    from quantpredict.cli import main
+
+    f = tmp_path / "mine.txt"
+    f.write_text("The cat sat on the mat, and the dog sat by the door. " * 300, encoding="utf-8")
+    assert main(["eval", "llama-xs", "--eval-text", str(f), "--max-windows", "2", "--seq-len", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["windows"] == 2 and res["source"] == f"file:mine.txt#{data.read_text_file(f)[1]}"
+    assert res["ppl"] > 0
+    # the same text as calibration: the features run on it under the same protocol
+    assert main(["features", "llama-xs", "--format", "mxint4", "--which", "model,format,noise", "--calib-text",
+                 str(f), "--n-windows", "2", "--seq-len", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == "mxint4-rtn"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["eval", "llama-xs", "--eval-text", str(tmp_path / "nope.txt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope.txt does not exist" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -272,3 +272,28 @@ def test_one_run_key_version_and_one_build_version():
     assert version.MEASUREMENT_VERSION == recipe.CODE_VERSION == runs.CODE_VERSION == spec.CODE_VERSION == "0.1.0+m1"
     assert recipe.__version__ == __version__ == version.__version__
     assert version.build_version().startswith(__version__)
+
+
+def test_backfill_fills_only_the_runs_of_the_methods_asked_for(tmp_path):
+    """A real backfill of the fisher group on a zoo model: the RTN run gains the features, the GPTQ run is left
+    for a later call, and nothing measured changes."""
+    from quantpredict.features.schema import FEATURES
+    from quantpredict.runs.backfill import backfill
+
+    fisher = {f.name: None for f in FEATURES if f.group == "fisher"}
+    rtn, gptq = _spec("llama-xs", "mxint4", "rtn"), _spec("llama-xs", "mxint4", "gptq")
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        for spec in (rtn, gptq):
+            store.record(spec, run_one(spec, fake_run))
+            store.update_features(spec.key, fisher)  # a run of a sweep that predates the group
+        before = {k: store.get(k.key) for k in (rtn, gptq)}
+    summary = backfill(path, ["fisher"], methods=["rtn"], torch_threads=1, progress=False)
+    assert (summary.runs, summary.filled, summary.failed) == (1, 1, 0)
+    assert before[rtn]["features"]["fisher_quad"] is None
+    with RunStore(path, create=False) as store:
+        after = {k: store.get(k.key) for k in (rtn, gptq)}
+    assert after[rtn]["features"]["fisher_quad"] > 0 and after[rtn]["features"]["kl_calib"] > 0
+    assert after[gptq]["features"] == before[gptq]["features"]
+    for col in ("kld", "nll_fp", "nll_quant", "status"):
+        assert after[rtn][col] == before[rtn][col]

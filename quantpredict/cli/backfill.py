@@ -17,6 +17,8 @@ def register(sub) -> None:
                    help="also add model attributes the runs lack (training tokens per parameter, from the cards)")
     p.add_argument("--models", nargs="+", default=None, help="only the runs of these models")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="only the runs of these methods (rtn first: a GPTQ run is quantized again to be backfilled)")
     p.add_argument("--limit", type=int, default=None, help="stop after N runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"model attributes added to {backfill_attributes(args.store)} runs")
     if groups is None:
         return 0
-    summary = backfill(args.store, groups, models=args.models, torch_threads=args.threads,
+    summary = backfill(args.store, groups, models=args.models, methods=args.methods, torch_threads=args.threads,
                        progress=not args.no_progress, limit=args.limit)
     print(summary)
     return 1 if summary.failed else 0

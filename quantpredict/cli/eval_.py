@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    options.add_text(p, eval_text=True)
     options.add_device(p)
     options.add_dtype(p, "evaluation's forward passes (the models are loaded in it)")
     p.set_defaults(func=run)
@@ -42,7 +43,12 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 def _data_line(dataset: str, split: str, windows: int, seq_len: int, stride: int | None, tokens: int) -> str:
     how = f"windows of {seq_len} tokens" + (f", stride {stride}" if stride else "")
-    return f"{dataset} {split}: {windows:,} {how}, {tokens:,} predicted tokens"
+    return f"{dataset} {split}".rstrip() + f": {windows:,} {how}, {tokens:,} predicted tokens"
+
+
+def _what(args: argparse.Namespace, dataset: str, split: str) -> tuple[str, str]:
+    """What was evaluated, for the table: the user's text file, or the bundled split."""
+    return (f"text file {args.eval_text}", "") if args.eval_text else (dataset, split)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     device, dtype = options.device(args), options.dtype(args)
     opts = dict(dataset=args.dataset, split=args.split, seq_len=args.seq_len, stride=args.stride,
-                max_windows=args.max_windows, batch_size=args.batch_size)
+                max_windows=args.max_windows, batch_size=args.batch_size, text=args.eval_text)
+    options.check_texts(args)  # a missing or non-UTF-8 file fails before any model loads
     if args.against is None:
         model, tokenizer = load(args.model, dtype=dtype, device=device)
         res = perplexity(model, tokenizer, **opts)
@@ -60,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         rows = [
             ("model", str(args.model)),
-            ("data", _data_line(res.dataset, res.split, res.windows, res.seq_len, res.stride, res.tokens)),
+            ("data", _data_line(*_what(args, res.dataset, res.split), res.windows, res.seq_len, res.stride,
+                                res.tokens)),
             ("perplexity", f"{res.ppl:.4f} ± {res.ppl_se:.4f}"),
             ("NLL", f"{res.nll:.5f} ± {res.nll_se:.5f} nats/token"),
             ("time", f"{res.seconds:.1f} s ({res.tokens_per_second:,.0f} tokens/s"
@@ -76,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [
             ("model", str(args.model)),
             ("against (FP)", str(args.against)),
-            ("data", _data_line(c.dataset, c.split, c.windows, c.seq_len, c.stride, c.eval_tokens)),
+            ("data", _data_line(*_what(args, c.dataset, c.split), c.windows, c.seq_len, c.stride, c.eval_tokens)),
             ("perplexity", f"{c.ppl_quant:.4f} vs FP {c.ppl_fp:.4f}: {c.delta_ppl:+.4f} ± {c.delta_ppl_se:.4f} "
                            f"({c.delta_ppl_pct:+.2f}%)"),
             ("NLL", f"{c.nll_quant:.5f} vs FP {c.nll_fp:.5f}: {c.delta_nll:+.5f} ± {c.delta_nll_se:.5f} nats/token"),

@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-probes", type=int, default=None, help="Hutchinson probes")
     p.add_argument("--max-iter", type=int, default=None, help="power-iteration steps at most")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    options.add_text(p, calib_text=True)
     options.add_device(p)
     options.add_max_memory(p)
     p.set_defaults(func=run)
@@ -36,7 +37,6 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
 
-    from quantpredict import data
     from quantpredict.features import FEATURES, extract, parse_which
     from quantpredict.models import load
     from quantpredict.quantize import Recipe
@@ -57,9 +57,10 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise DataError(f"bad recipe: {exc}") from exc
     device, budget = options.device(args), options.max_memory(args)
+    options.check_texts(args)
     # the checkpoint's dtype: the features upcast a bf16 one in place (same values as a float32 load, less memory)
     model, tokenizer = load(args.model, dtype="auto", attn_implementation="eager", device=device)
-    calib_ids = data.token_ids(tokenizer, "wikitext2", "train")
+    calib_ids = options.calib_stream(args, tokenizer)  # the protocol's BOS-led windows, or the user's text
     knobs = {k: getattr(args, k) for k in ("n_windows", "seq_len", "n_probes", "max_iter")
              if getattr(args, k) is not None}
     out = extract(model, recipe, calib_ids, seed=args.seed, which=groups, progress=not args.json,

@@ -30,6 +30,34 @@ def add_max_memory(p: argparse.ArgumentParser) -> None:
                         "split their autograd graphs into micro-batches that fit it")
 
 
+def add_text(p: argparse.ArgumentParser, *, eval_text: bool = False, calib_text: bool = False) -> None:
+    """``--eval-text FILE`` / ``--calib-text FILE``: a user's own UTF-8 text instead of WikiText-2, under the same
+    protocol (BOS where the tokenizer prepends one, literal ``<unk>`` kept as text)."""
+    if eval_text:
+        p.add_argument("--eval-text", default=None, metavar="FILE",
+                       help="evaluate on this UTF-8 text instead of WikiText-2 test")
+    if calib_text:
+        p.add_argument("--calib-text", default=None, metavar="FILE",
+                       help="calibrate on this UTF-8 text instead of WikiText-2 train")
+
+
+def check_texts(args: argparse.Namespace) -> None:
+    """Fail on a missing, empty or non-UTF-8 ``--eval-text``/``--calib-text`` before any model is loaded."""
+    from quantpredict.data import read_text_file
+
+    for name in ("eval_text", "calib_text"):
+        if getattr(args, name, None) is not None:
+            read_text_file(getattr(args, name))
+
+
+def calib_stream(args: argparse.Namespace, tokenizer) -> Any:
+    """The calibration token stream: ``--calib-text`` if given, else WikiText-2 train, under the tokenizer's
+    protocol (:func:`quantpredict.data.token_stream`)."""
+    from quantpredict import data
+
+    return data.token_stream(tokenizer, "wikitext2", "train", text_file=getattr(args, "calib_text", None))
+
+
 def device(args: argparse.Namespace) -> Any:
     """``--device`` as a torch device (a clear error naming the flag when this machine lacks it)."""
     from quantpredict.memory import resolve_device

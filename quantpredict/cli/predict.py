@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--predictor", default="default", help="saved predictor directory (default: the shipped one)")
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    options.add_text(p, calib_text=True)
     options.add_device(p)
     options.add_max_memory(p)
     p.set_defaults(func=run)
@@ -35,11 +36,14 @@ def run(args: argparse.Namespace) -> int:
 
     predictor = resolve_predictor(args.predictor)  # fail fast, before loading the model
     device, budget = options.device(args), options.max_memory(args)
+    options.check_texts(args)
     from quantpredict import models
     from quantpredict.quantize import Recipe
 
     model, tok = models.load(args.model, attn_implementation="eager", device=device, dtype="auto")  # eager: HVPs
     from quantpredict.mixes import named_mix
+
+    calib = options.calib_stream(args, tok)
 
     results = []
     for what, method in itertools.product(_split(args.weight_format or args.mix), _split(args.method)):
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
                         method=method, smoothquant_alpha=args.smoothquant, act_format=args.act_format)
         if args.mix:
             recipe = named_mix(what, model, base=recipe)
-        pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp,
+        pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp, calib_ids=calib,
                              model_name=args.model, extract_options={"max_memory": budget})
         results.append(pr.to_dict())
     if args.json:

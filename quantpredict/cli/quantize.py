@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    options.add_text(p, calib_text=True)
     options.add_device(p)
     options.add_dtype(p, "calibration's block forward passes (the model stays in its checkpoint's dtype)")
     options.add_max_memory(p)
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed, awq=args.awq,
     )
     device, dtype, budget = options.device(args), options.dtype(args), options.max_memory(args)
+    options.check_texts(args)
     # the checkpoint's own dtype in memory (a bf16 checkpoint stays bf16), blocks computed in --dtype on --device
     model, tokenizer = load(args.model, dtype="auto")
     if args.mix:
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
 
             raise RecipeError("--block-size does not apply to --mix: llama.cpp's layouts fix their blocks")
         recipe = named_mix(args.mix, model, base=recipe)
-    calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
+    calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed,
+                               text_file=args.calib_text)
     report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=True,
                             max_memory=budget, device=device, dtype=dtype)
     out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)

@@ -116,6 +116,7 @@ def sample_calibration(
     seed: int = 0,
     dataset: str = "wikitext2",
     split: str = "train",
+    text_file: str | None = None,
 ) -> torch.Tensor:
     """``[n_samples, seq_len]`` calibration windows of ``dataset``/``split`` (WikiText-2 *train* by default).
 
@@ -123,13 +124,21 @@ def sample_calibration(
     this draws ``n_samples`` character offsets uniformly (seeded), moves each to the next word boundary, and
     tokenizes only a chunk there, long enough for ``seq_len`` tokens. Same role as cutting 1-D ids at random offsets
     (:func:`quantpredict.data.calibration_windows`), at a fraction of the cost; pass the result as ``calib_ids``.
+
+    The evaluation protocol holds here too (:func:`quantpredict.data.eval_protocol`): under a BOS protocol each
+    window is the BOS token and ``seq_len - 1`` text tokens, and WikiText's literal ``<unk>`` stays text.
+    ``text_file``: a user's UTF-8 text instead of the bundled split.
     """
-    from quantpredict.data import load_text
+    from quantpredict.data import eval_protocol, load_text, read_text_file
     from quantpredict.errors import DataError
 
     if n_samples < 1 or seq_len < 2:
         raise DataError(f"need at least 1 calibration window of at least 2 tokens (got {n_samples} x {seq_len})")
-    text = load_text(dataset, split)
+    text = read_text_file(text_file)[0] if text_file is not None else load_text(dataset, split)
+    if text_file is not None:
+        dataset, split = f"file {text_file}", "text"
+    bos_id = eval_protocol(tokenizer).bos_id
+    n_text = seq_len - (bos_id is not None)
     g = torch.Generator().manual_seed(seed)
     windows = []
     chars = 8 * seq_len
@@ -141,12 +150,13 @@ def sample_calibration(
         while True:
             space = text.find(" ", start, start + 200)
             chunk = text[(space + 1 if space >= 0 else start) : start + chars]
-            ids = tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]
-            if len(ids) >= seq_len or start + chars >= len(text):
+            ids = tokenizer(chunk, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+            if len(ids) >= n_text or start + chars >= len(text):
                 break
             chars *= 2  # a tokenizer with few characters per token: read longer chunks from now on
-        if len(ids) < seq_len:
+        if len(ids) < n_text:
             raise DataError(f"could not cut a window of {seq_len} tokens from {dataset}/{split} at offset {start}; "
                             "use a shorter calib_seq_len")
-        windows.append(torch.tensor(ids[:seq_len], dtype=torch.long))
+        head = [bos_id] if bos_id is not None else []
+        windows.append(torch.tensor(head + ids[:n_text], dtype=torch.long))
     return torch.stack(windows)

@@ -113,8 +113,8 @@ def render(path: str | Path, rank: pd.DataFrame, alloc: pd.DataFrame, *, figure:
                   "| model | max bits | recommended | its KLD | measured best | best KLD | gap ± SE | ok |",
                   "|---|---|---|---|---|---|---|---|"]
         for _, r in rank.iterrows():
-            parts.append(f"| {r['model']} | {r['max_bits']:g} | {r['recommended']} | {r['recommended_kld']:.5f} | "
-                         f"{r['best']} | {r['best_kld']:.5f} | {r['gap']:+.5f} ± {r['gap_se']:.5f} | "
+            parts.append(f"| {r['model']} | {r['max_bits']:g} | {r['recommended']} | {r['recommended_kld']:.3g} | "
+                         f"{r['best']} | {r['best_kld']:.3g} | {r['gap']:+.2g} ± {r['gap_se']:.2g} | "
                          f"{'yes' if r['within_2se'] else 'no'} |")
     if not alloc.empty:
         n, below = len(alloc), int(alloc["below"].sum())
@@ -126,11 +126,11 @@ def render(path: str | Path, rank: pd.DataFrame, alloc: pd.DataFrame, *, figure:
                   "| model | method | budget of | bits | allocated KLD | best uniform | its bits | its KLD | "
                   "predicted KLD [90%] |", "|---|---|---|---|---|---|---|---|---|"]
         for _, r in alloc.iterrows():
-            pred = (f"{r['predicted_kld']:.5f} [{r['predicted_low']:.5f}, {r['predicted_high']:.5f}]"
+            pred = (f"{r['predicted_kld']:.3g} [{r['predicted_low']:.3g}, {r['predicted_high']:.3g}]"
                     if "predicted_kld" in r and pd.notna(r.get("predicted_kld")) else "")
             parts.append(f"| {r['model']} | {r['method']} | {r['budget_of']} | {r['bits']:.3f} | "
-                         f"{r['allocated_kld']:.5f} ± {r['allocated_kld_se']:.5f} | {r['best_uniform']} | "
-                         f"{r['best_uniform_bits']:.3f} | {r['best_uniform_kld']:.5f} | {pred} |")
+                         f"{r['allocated_kld']:.3g} ± {r['allocated_kld_se']:.2g} | {r['best_uniform']} | "
+                         f"{r['best_uniform_bits']:.3f} | {r['best_uniform_kld']:.3g} | {pred} |")
         if "predicted_kld" in alloc:
             a = alloc.dropna(subset=["predicted_kld"])
             if not a.empty:

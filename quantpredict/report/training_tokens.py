@@ -39,27 +39,39 @@ def study_frame(runs: pd.DataFrame, bases: Sequence[str]) -> pd.DataFrame:
     return r
 
 
-def fit_ouyang(df: pd.DataFrame, target: str) -> dict:
-    """Least squares of ``log target = log k + beta log D - alpha log N - gamma log P`` on the resolved runs of integer
-    formats; coefficients with standard errors (statsmodels OLS)."""
+def fit_ouyang(df: pd.DataFrame, target: str, form: str = "ouyang") -> dict:
+    """Least squares on the resolved runs of integer formats, coefficients with standard errors (statsmodels OLS).
+
+    ``form="ouyang"``: ``log target = log k + beta log D - alpha log N - gamma log P`` (Ouyang et al.'s law).
+    ``form="ratio"``: ``log target = log k + beta log (D/N) - gamma log P``, the scale-free special case
+    alpha = beta (damage set by tokens per parameter, as Kumar et al. find for post-training quantization); it is
+    the form that can be carried to a model far larger than the zoo without extrapolating a size exponent."""
     import statsmodels.api as sm
 
+    if form not in ("ouyang", "ratio"):
+        raise ValueError(f"form must be 'ouyang' or 'ratio', got {form!r}")
     d = df[df["P"].notna() & (df[target] > 0)]
     if target == "delta":
         d = d[d["delta"] > 2 * d["delta_nll_se"]]
     if len(d) < 8 or d["model"].nunique() < 3:
-        return {"n": len(d)}
-    X = pd.DataFrame({"log_D": np.log(d["tokens_per_param"] * d["n_params_nonembed"]),
-                      "neg_log_N": -np.log(d["n_params_nonembed"]), "neg_log_P": -np.log(d["P"].astype(float))})
+        return {"n": len(d), "form": form}
+    tpp, n = d["tokens_per_param"].to_numpy(float), d["n_params_nonembed"].to_numpy(float)
+    cols = {"log_D": np.log(tpp * n), "neg_log_N": -np.log(n)} if form == "ouyang" else {"log_D": np.log(tpp)}
+    X = pd.DataFrame(cols | {"neg_log_P": -np.log(d["P"].to_numpy(float))}, index=d.index)
     fit = sm.OLS(np.log(d[target].to_numpy(float)), sm.add_constant(X)).fit()
-    return {"n": len(d), "models": int(d["model"].nunique()), "log_k": float(fit.params["const"]),
-            "beta": float(fit.params["log_D"]), "beta_se": float(fit.bse["log_D"]),
-            "alpha": float(fit.params["neg_log_N"]), "alpha_se": float(fit.bse["neg_log_N"]),
-            "gamma": float(fit.params["neg_log_P"]), "gamma_se": float(fit.bse["neg_log_P"]),
-            "r2": float(fit.rsquared), "resid_sd": float(np.sqrt(fit.scale)), "result": fit}
+    out = {"n": len(d), "form": form, "models": int(d["model"].nunique()), "log_k": float(fit.params["const"]),
+           "beta": float(fit.params["log_D"]), "beta_se": float(fit.bse["log_D"]),
+           "gamma": float(fit.params["neg_log_P"]), "gamma_se": float(fit.bse["neg_log_P"]),
+           "r2": float(fit.rsquared), "resid_sd": float(np.sqrt(fit.scale)), "result": fit}
+    if form == "ouyang":
+        out |= {"alpha": float(fit.params["neg_log_N"]), "alpha_se": float(fit.bse["neg_log_N"])}
+    else:  # alpha = beta by construction
+        out |= {"alpha": out["beta"], "alpha_se": out["beta_se"]}
+    return out
 
 
 def law_predict(fit: dict, D: np.ndarray, N: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """The fitted law at training tokens ``D``, non-embedding parameters ``N`` and element bits ``P``."""
     return np.exp(fit["log_k"] + fit["beta"] * np.log(D) - fit["alpha"] * np.log(N) - fit["gamma"] * np.log(P))
 
 
@@ -75,7 +87,7 @@ def figure(df: pd.DataFrame, out: Path, target: str, formats: Sequence[str], rea
                 if len(s):
                     ax.plot(s["tokens_per_param"], s[target].clip(lower=1e-6), "o-", ms=3, label=base)
             if real is not None:
-                rr = real[real["recipe"] == f"{fmt}-rtn"]
+                rr = real[real["recipe"] == f"{fmt}-rtn"].assign(delta=lambda r: r["nll_quant"] - r["nll_fp"])
                 if len(rr):
                     ax.plot(rr["tokens_per_param"], rr[target], "*", ms=10, color="k", label=rr["model"].iloc[0])
             ax.set_xscale("log")
@@ -93,6 +105,7 @@ def render(runs: pd.DataFrame, cards: dict[str, dict], out: str | Path, *, bases
            real: pd.DataFrame | None = None, predictor_note: Sequence[str] = (), commands: Sequence[str] = ()
            ) -> Path:
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     df = study_frame(runs, bases)
     figs = {t: figure(df, out.parent / f"training_tokens_{t}.png", t, ("mxint4", "int4", "mxint3", "mxfp6_e2m3"),
                       real) for t in ("kld", "delta")}
@@ -135,36 +148,54 @@ def render(runs: pd.DataFrame, cards: dict[str, dict], out: str | Path, *, bases
               "|---|---|---|---|---|---|---|---|"]
     fits = {}
     for target in ("delta", "kld"):
-        f = fit_ouyang(df, target)
-        fits[target] = f
-        if "beta" in f:
-            parts.append(f"| {target} | {f['n']} | {f['models']} | {f['beta']:.3f} ± {f['beta_se']:.3f} | "
-                         f"{f['alpha']:.3f} ± {f['alpha_se']:.3f} | {f['gamma']:.2f} ± {f['gamma_se']:.2f} | "
-                         f"{f['r2']:.3f} | {f['resid_sd']:.2f} |")
-        else:
-            parts.append(f"| {target} | {f['n']} | – | too few runs to fit | | | | |")
+        for form in ("ouyang", "ratio"):
+            f = fit_ouyang(df, target, form)
+            fits[target, form] = f
+            label = f"{target}, " + ("Ouyang's form" if form == "ouyang" else "tokens/param only (alpha = beta)")
+            if "beta" in f:
+                parts.append(f"| {label} | {f['n']} | {f['models']} | {f['beta']:.3f} ± {f['beta_se']:.3f} | "
+                             f"{f['alpha']:.3f} ± {f['alpha_se']:.3f} | {f['gamma']:.2f} ± {f['gamma_se']:.2f} | "
+                             f"{f['r2']:.3f} | {f['resid_sd']:.2f} |")
+            else:
+                parts.append(f"| {label} | {f['n']} | – | too few runs to fit | | | | |")
     parts.append(f"| published (Pythia, ΔqLoss) | 1,500+ | | {PUBLISHED['beta']} | {PUBLISHED['alpha']} | "
                  f"{PUBLISHED['gamma']} | | |")
     parts.append("")
-    f = fits.get("delta", {})
+    f = fits.get(("delta", "ouyang"), {})
     if "beta" in f:
         sign = "grows" if f["beta"] - 2 * f["beta_se"] > 0 else ("shrinks" if f["beta"] + 2 * f["beta_se"] < 0 else
                                                                    "does not change significantly")
         parts += [f"Here delta NLL {sign} with training tokens at fixed size and bits (beta = {f['beta']:.3f} ± "
                   f"{f['beta_se']:.3f}, published {PUBLISHED['beta']}). The size exponent is poorly determined: the "
-                  "long runs cover two widths only.", ""]
+                  f"long runs cover {df['n_params_nonembed'].nunique()} widths within "
+                  f"{df['n_params_nonembed'].max() / df['n_params_nonembed'].min():.1f}x of each other, so alpha is "
+                  "not identified apart from beta and must not be extrapolated.", ""]
         if real is not None and len(real):
-            rr = real[real["weight_format"].isin(INT_BITS) & real["method"].isin(["rtn", "gptq"])].copy()
+            rr = real[real["weight_format"].isin(INT_BITS) & real["method"].isin(["rtn", "gptq"])
+                      & real["recipe_block_size"].isna()].copy()
             rr["P"] = rr["weight_format"].map(INT_BITS)
-            rr["pred"] = law_predict(f, rr["tokens_per_param"] * rr["n_params_nonembed"], rr["n_params_nonembed"],
-                                     rr["P"].astype(float))
             rr["delta"] = rr["nll_quant"] - rr["nll_fp"]
-            parts += ["**Where the real model falls.** The law fitted on the zoo, extrapolated to "
+            D, N = rr["tokens_per_param"] * rr["n_params_nonembed"], rr["n_params_nonembed"]
+            for form in ("ouyang", "ratio"):
+                if "beta" in fits.get(("delta", form), {}):
+                    rr[form] = law_predict(fits["delta", form], D, N, rr["P"].astype(float))
+            ratio = rr["ratio"] / rr["delta"] if "ratio" in rr else None
+            parts += ["**Where the real model falls.** Both laws fitted on the zoo, carried to "
                       f"{rr['model'].iloc[0]} ({rr['tokens_per_param'].iloc[0]:,.0f} tokens per parameter, "
-                      f"{rr['n_params_nonembed'].iloc[0] / 1e6:.0f}M parameters):", "",
-                      "| recipe | measured delta NLL | law | ratio |", "|---|---|---|---|"]
-            for _, r in rr.sort_values("P").iterrows():
-                parts.append(f"| {r['recipe']} | {r['delta']:.4f} | {r['pred']:.4g} | {r['pred'] / r['delta']:.3g} |")
+                      f"{rr['n_params_nonembed'].iloc[0] / 1e6:.0f}M non-embedding parameters):", "",
+                      "| recipe | measured delta NLL | Ouyang's form | tokens/param only | ratio (tokens/param) |",
+                      "|---|---|---|---|---|"]
+            for _, r in rr.sort_values(["P", "recipe"]).iterrows():
+                parts.append(f"| {r['recipe']} | {r['delta']:.4f} | {r.get('ouyang', float('nan')):.4g} | "
+                             f"{r.get('ratio', float('nan')):.4g} | {r.get('ratio', float('nan')) / r['delta']:.3g} |")
+            if ratio is not None and len(ratio):
+                parts += ["", f"Ouyang's full form, with its ill-determined size exponent, misses the real model by "
+                          f"orders of magnitude; the tokens-per-parameter form is off by a median factor "
+                          f"{float(np.exp(np.median(np.abs(np.log(ratio.to_numpy(float)))))):.1f} (ratios "
+                          f"{ratio.min():.2g}-{ratio.max():.2g}). Extrapolating "
+                          f"{rr['tokens_per_param'].iloc[0] / df['tokens_per_param'].max():.0f}x past the zoo's "
+                          "largest budget in tokens per parameter, that is the honest range of such a law here; the "
+                          "loss-landscape predictors below do not extrapolate in tokens at all."]
             parts.append("")
     parts += list(predictor_note)
     if commands:

