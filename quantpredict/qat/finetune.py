@@ -112,6 +112,43 @@ class QATResult:
                 "trajectory": [p.to_dict() for p in self.trajectory]}
 
 
+@dataclass(frozen=True)
+class QATConfig:
+    """The training hyper-parameters of :func:`finetune` (see its arguments for what each means), checked when built.
+
+    ``QATConfig(steps=64, lr=3e-3)`` trains as ``finetune(..., steps=64, lr=3e-3)`` does; the defaults are
+    :func:`finetune`'s. What a run reads besides these (the model, the recipe, the data, the FP ``reference``, the
+    ``track_windows``, ``progress`` and ``on_init``) stays an argument of :func:`finetune`.
+    """
+
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 8
+    init: str = "rtn"
+    seed: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    eval_windows: int | None = None
+    track_every: int = 0
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"unknown QAT init {self.init!r}; valid inits: {', '.join(INITS)}")
+        if (self.steps < 0 or self.batch_size < 1 or not self.lr > 0 or self.track_every < 0
+                or (self.micro_batch_size is not None and self.micro_batch_size < 1)):
+            raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, track_every >= 0 and micro_batch_size >= 1; "
+                             f"got steps={self.steps}, batch_size={self.batch_size}, lr={self.lr}, "
+                             f"track_every={self.track_every}, micro_batch_size={self.micro_batch_size}")
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, **options: Any) -> QATConfig:
+        """The training a QAT ``recipe`` asks for: its ``qat_steps``, ``qat_lr``, ``qat_batch_size``, its ``method``
+        as the init and its ``seed``; ``options`` set the other fields (``micro_batch_size``, ...)."""
+        return cls(steps=recipe.qat_steps, lr=recipe.qat_lr, batch_size=recipe.qat_batch_size, init=recipe.method,
+                   seed=recipe.seed, **options)
+
+
 def finetune(
     model: nn.Module,
     recipe: Recipe,
@@ -131,6 +168,7 @@ def finetune(
     progress: bool = True,
     on_init: Callable[[nn.Module, QuantReport], None] | None = None,
     micro_batch_size: int | None = None,
+    config: QATConfig | None = None,
 ) -> QATResult:
     """Quantize ``model`` in place with QAT: PTQ init, then ``steps`` AdamW steps of STE training on the global NLL.
 
@@ -161,26 +199,61 @@ def finetune(
             windows and accumulate the gradients (each micro-batch's mean loss weighted by its share of the windows:
             the same step as one pass, up to float rounding, since all windows are equally long); bounds the
             activation memory (SmolLM2: ~0.5 GB per window of 256 tokens). ``None``: one pass per step.
+        config: the training hyper-parameters (``steps`` to ``micro_batch_size``) as one :class:`QATConfig`. With a
+            config the keywords it covers keep their defaults or repeat the config's values: a keyword set to
+            anything else is a ``ValueError`` (no silent precedence; ``dataclasses.replace`` the config instead).
 
     Returns:
         A :class:`QATResult`. ``model`` holds the quantized weights, each on the format's grid
         (``fake_quantize(w) == w``), with activation fake-quant hooks installed when ``recipe.act_format`` is set.
     """
-    from tqdm.auto import tqdm
+    cfg = _config(config, steps=steps, lr=lr, batch_size=batch_size, init=init, seed=seed,
+                  weight_decay=weight_decay, grad_clip=grad_clip, eval_windows=eval_windows, track_every=track_every,
+                  micro_batch_size=micro_batch_size)
+    refs = _check(model, recipe, cfg, reference)
+    t_start = time.perf_counter()
+    windows, eval_w, track_w = _calibration(model, recipe, train_ids, cfg, track_windows)
+    calib_nll_fp = mean_nll(model, eval_w, batch_size=cfg.batch_size)
+    if cfg.track_every and reference is None:
+        reference = fp_reference(model, [r.name for r in refs], windows, batch_size=cfg.batch_size)
+    start = _ptq_init(model, recipe, refs, windows, eval_w, cfg, progress=progress, on_init=on_init)
+    losses, trajectory, mismatch = _train(model, recipe, refs, windows, track_w, reference, start.weights, cfg,
+                                          progress=progress)
+    changed, calib_nll_after = _measure_after(model, recipe, refs, start.weights, eval_w, cfg)
+    total = sum(w.numel() for w in start.weights)
+    return QATResult(
+        recipe=recipe, init=cfg.init, steps=cfg.steps, lr=float(cfg.lr), batch_size=cfg.batch_size, seed=cfg.seed,
+        losses=tuple(losses), seconds=time.perf_counter() - t_start, init_seconds=start.seconds,
+        calib_windows=windows.shape[0], calib_tokens=int(windows.numel()), calib_nll_fp=calib_nll_fp,
+        calib_nll_before=start.nll, calib_nll_after=calib_nll_after,
+        start_mismatch=mismatch / total if total else 0.0, changed_fraction=changed / total if total else 0.0,
+        init_report=start.report, trajectory=tuple(trajectory))
 
+
+def _config(config: QATConfig | None, **keywords: Any) -> QATConfig:
+    """The :class:`QATConfig` of a :func:`finetune` call: built from the keywords, or ``config`` when the keywords
+    agree with it (a keyword at its default defers to the config; one set to another value than the config's
+    raises ``ValueError``)."""
+    if config is None:
+        return QATConfig(**keywords)
+    if not isinstance(config, QATConfig):
+        raise TypeError(f"config must be a QATConfig, got {type(config).__name__}")
+    defaults = {f.name: f.default for f in dataclasses.fields(QATConfig)}
+    clash = [f"{k}={v!r} (config: {getattr(config, k)!r})" for k, v in keywords.items()
+             if v != defaults[k] and v != getattr(config, k)]
+    if clash:
+        raise ValueError(f"finetune got a config and conflicting keyword(s): {', '.join(clash)}; set them in the "
+                         "config (dataclasses.replace(config, ...)) or drop the config")
+    return config
+
+
+def _check(model: nn.Module, recipe: Recipe, cfg: QATConfig, reference: Reference | None) -> list:
+    """Checks before any work: a supported architecture, at least one quantized layer, float32 weights, and an FP
+    reference for a SmoothQuant trajectory. Returns the quantized layers' refs (``quantized_linears``)."""
     from quantpredict import arch
-    from quantpredict.data import calibration_windows
     from quantpredict.errors import ModelError
-    from quantpredict.qat.ste import activation_ste, attach_weight_ste, detach_weight_ste
-    from quantpredict.quantize import install_act_quant, quantize_model, quantized_linears
+    from quantpredict.quantize import quantized_linears
 
-    if init not in INITS:
-        raise ValueError(f"unknown QAT init {init!r}; valid inits: {', '.join(INITS)}")
-    if (steps < 0 or batch_size < 1 or not lr > 0 or track_every < 0
-            or (micro_batch_size is not None and micro_batch_size < 1)):
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, track_every >= 0 and micro_batch_size >= 1; got "
-                         f"steps={steps}, batch_size={batch_size}, lr={lr}, track_every={track_every}, "
-                         f"micro_batch_size={micro_batch_size}")
     arch.adapter(model)  # unsupported architecture: a clear error before any work
     refs = quantized_linears(model, recipe)
     if not refs:
@@ -189,102 +262,149 @@ def finetune(
         if ref.weight.dtype != torch.float32:
             raise ModelError(f"{ref.name} is {ref.weight.dtype}; QAT trains float32 latent weights (small AdamW "
                              "updates vanish in 16-bit): load the model with dtype=torch.float32")
-    if track_every and recipe.smoothquant_alpha is not None and reference is None:
+    if cfg.track_every and recipe.smoothquant_alpha is not None and reference is None:
         raise ValueError("a trajectory measures distances to the FP weights, which SmoothQuant rescales; track "
                          "recipes without smoothquant_alpha or pass a reference")
+    return refs
 
-    t_start = time.perf_counter()
+
+def _calibration(model: nn.Module, recipe: Recipe, train_ids: torch.Tensor, cfg: QATConfig,
+                 track_windows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(windows, eval_windows, track_windows)`` on the model's device: GPTQ's calibration windows (QAT trains on
+    them), the prefix of them the calibration NLLs are measured on, and the trajectory's windows."""
+    from quantpredict.data import calibration_windows
+
     device = next(model.parameters()).device
     windows = calibration_windows(train_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed).to(device)
-    n_windows = windows.shape[0]
-    eval_w = windows if eval_windows is None else windows[: max(1, int(eval_windows))]
+    eval_w = windows if cfg.eval_windows is None else windows[: max(1, int(cfg.eval_windows))]
     track_w = eval_w if track_windows is None else track_windows.to(device)
-    names = [r.name for r in refs]
+    return windows, eval_w, track_w
 
-    calib_nll_fp = mean_nll(model, eval_w, batch_size=batch_size)
-    if track_every and reference is None:
-        reference = fp_reference(model, names, windows, batch_size=batch_size)
-    latent_from_fp = init == "rtn" and recipe.smoothquant_alpha is None
+
+@dataclass(frozen=True)
+class _Start:
+    """Where training starts: the init's PTQ report, its seconds, its quantized weights and calibration NLL."""
+
+    report: QuantReport
+    seconds: float
+    weights: list[torch.Tensor]
+    nll: float
+
+
+def _ptq_init(model: nn.Module, recipe: Recipe, refs: list, windows: torch.Tensor, eval_w: torch.Tensor,
+              cfg: QATConfig, *, progress: bool, on_init) -> _Start:
+    """Quantize ``model`` with the init's PTQ method on ``windows``, measure it, call ``on_init``, then (RTN init
+    without SmoothQuant) put the FP weights back as the latents' start (see the module notes)."""
+    from quantpredict.quantize import quantize_model
+
+    latent_from_fp = cfg.init == "rtn" and recipe.smoothquant_alpha is None
     fp_weights = [r.parameter.detach().clone() for r in refs] if latent_from_fp else None
-
     t0 = time.perf_counter()
     # 2-D windows are used as given: PTQ calibrates on exactly the windows QAT trains on
-    report = quantize_model(model, dataclasses.replace(recipe, method=init), windows, batch_size=batch_size,
+    report = quantize_model(model, dataclasses.replace(recipe, method=cfg.init), windows, batch_size=cfg.batch_size,
                             progress=progress)
-    init_seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     ptq_weights = [r.weight.detach().clone() for r in refs]
-    calib_nll_before = mean_nll(model, eval_w, batch_size=batch_size)
+    nll = mean_nll(model, eval_w, batch_size=cfg.batch_size)
     if on_init is not None:
         on_init(model, report)
-
     if fp_weights is not None:
         with torch.no_grad():
             for r, w in zip(refs, fp_weights):
                 r.parameter.copy_(w)
-        del fp_weights  # a model's worth of weights, not needed while training
+    return _Start(report=report, seconds=seconds, weights=ptq_weights, nll=nll)
+
+
+def _train(model: nn.Module, recipe: Recipe, refs: list, windows: torch.Tensor, track_w: torch.Tensor,
+           reference: Reference | None, ptq_weights: list[torch.Tensor], cfg: QATConfig, *,
+           progress: bool) -> tuple[list[float], list[TrajectoryPoint], int]:
+    """STE training of the quantized layers' latent weights, everything else frozen, in ``eval()`` mode.
+
+    Attaches the weight STE, counts the weights whose first QAT forward value differs from the PTQ init's (the
+    ``mismatch``), runs :func:`_ste_steps`, and always restores the model's ``requires_grad`` flags, its training
+    mode and plain weights. Returns ``(losses, trajectory, mismatch)``.
+    """
+    from quantpredict.qat.ste import attach_weight_ste, detach_weight_ste
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    fmt, block = recipe.weight_format, recipe.weight_block_size
-    latents = attach_weight_ste(refs, fmt, block)
-    losses: list[float] = []
-    trajectory: list[TrajectoryPoint] = []
+    latents = attach_weight_ste(refs, recipe.weight_format, recipe.weight_block_size)
     try:
         for p in latents:
             p.requires_grad_(True)
         with torch.no_grad():
             start = [r.weight.detach() for r in refs]
         mismatch = sum(int((s != w).sum()) for s, w in zip(start, ptq_weights))
-        total = sum(w.numel() for w in ptq_weights)
         del start
-
-        optimizer = torch.optim.AdamW(latents, lr=lr, weight_decay=weight_decay)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.empty(0, dtype=torch.long)
-        with activation_ste(refs, recipe.act_format, recipe.act_block):
-            if track_every:
-                trajectory.append(measure_point(model, reference, track_w, 0, batch_size=batch_size))
-            bar = tqdm(range(1, steps + 1), desc=f"qat {recipe.weight_format} from {init}", unit="step",
-                       disable=not progress)
-            for step in bar:
-                if order.numel() < batch_size:  # a fresh epoch; leftovers of the last one go first
-                    order = torch.cat([order, torch.randperm(n_windows, generator=gen)])
-                idx, order = order[:batch_size], order[batch_size:]
-                batch = windows[idx.to(device)]
-                optimizer.zero_grad(set_to_none=True)
-                loss = _loss_and_backward(model, batch, micro_batch_size)
-                if not math.isfinite(loss):
-                    raise ModelError(f"QAT loss became {loss} at step {step}; lower the learning rate (lr={lr})")
-                if grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(latents, grad_clip)
-                optimizer.step()
-                schedule.step()
-                losses.append(loss)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if track_every and (step % track_every == 0 or step == steps):
-                    trajectory.append(measure_point(model, reference, track_w, step, batch_size=batch_size))
-            bar.close()
+        losses, trajectory = _ste_steps(model, recipe, refs, latents, windows, track_w, reference, cfg,
+                                        progress=progress)
     finally:
         detach_weight_ste(refs)
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, True))
         model.train(was_training)
+    return losses, trajectory, mismatch
+
+
+def _ste_steps(model: nn.Module, recipe: Recipe, refs: list, latents: list, windows: torch.Tensor,
+               track_w: torch.Tensor, reference: Reference | None, cfg: QATConfig, *,
+               progress: bool) -> tuple[list[float], list[TrajectoryPoint]]:
+    """The training loop: AdamW with cosine decay over ``cfg.steps``, seeded minibatches drawn epoch after epoch
+    without replacement, gradient clipping, activation STE; a trajectory point every ``cfg.track_every`` steps
+    (and at steps 0 and the last). A non-finite loss raises :class:`~quantpredict.errors.ModelError`."""
+    from tqdm.auto import tqdm
+
+    from quantpredict.errors import ModelError
+    from quantpredict.qat.ste import activation_ste
+
+    steps, batch_size = cfg.steps, cfg.batch_size
+    device = windows.device
+    losses: list[float] = []
+    trajectory: list[TrajectoryPoint] = []
+    optimizer = torch.optim.AdamW(latents, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: 0.5 * (1.0 + math.cos(math.pi * min(i, steps) / max(steps, 1))))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.empty(0, dtype=torch.long)
+    with activation_ste(refs, recipe.act_format, recipe.act_block):
+        if cfg.track_every:
+            trajectory.append(measure_point(model, reference, track_w, 0, batch_size=batch_size))
+        bar = tqdm(range(1, steps + 1), desc=f"qat {recipe.weight_format} from {cfg.init}", unit="step",
+                   disable=not progress)
+        for step in bar:
+            if order.numel() < batch_size:  # a fresh epoch; leftovers of the last one go first
+                order = torch.cat([order, torch.randperm(windows.shape[0], generator=gen)])
+            idx, order = order[:batch_size], order[batch_size:]
+            batch = windows[idx.to(device)]
+            optimizer.zero_grad(set_to_none=True)
+            loss = _loss_and_backward(model, batch, cfg.micro_batch_size)
+            if not math.isfinite(loss):
+                raise ModelError(f"QAT loss became {loss} at step {step}; lower the learning rate (lr={cfg.lr})")
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(latents, cfg.grad_clip)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if cfg.track_every and (step % cfg.track_every == 0 or step == steps):
+                trajectory.append(measure_point(model, reference, track_w, step, batch_size=batch_size))
+        bar.close()
+    return losses, trajectory
+
+
+def _measure_after(model: nn.Module, recipe: Recipe, refs: list, ptq_weights: list[torch.Tensor],
+                   eval_w: torch.Tensor, cfg: QATConfig) -> tuple[int, float]:
+    """The final measurement: re-install the activation hooks (``recipe.act_format``), then count the weights that
+    moved off the PTQ init's and measure the calibration NLL. Returns ``(changed, calib_nll_after)``."""
+    from quantpredict.quantize import install_act_quant
+
     if recipe.act_format is not None:
         install_act_quant(model, recipe)
-
     changed = sum(int((r.weight.detach() != w).sum()) for r, w in zip(refs, ptq_weights))
-    calib_nll_after = mean_nll(model, eval_w, batch_size=batch_size)
-    return QATResult(
-        recipe=recipe, init=init, steps=steps, lr=float(lr), batch_size=batch_size, seed=seed, losses=tuple(losses),
-        seconds=time.perf_counter() - t_start, init_seconds=init_seconds, calib_windows=n_windows,
-        calib_tokens=int(windows.numel()), calib_nll_fp=calib_nll_fp, calib_nll_before=calib_nll_before,
-        calib_nll_after=calib_nll_after, start_mismatch=mismatch / total if total else 0.0,
-        changed_fraction=changed / total if total else 0.0, init_report=report, trajectory=tuple(trajectory))
+    return changed, mean_nll(model, eval_w, batch_size=cfg.batch_size)
 
 
 def run_qat(model: nn.Module, recipe: Recipe, calib_ids, *, progress: bool = False):
@@ -294,8 +414,7 @@ def run_qat(model: nn.Module, recipe: Recipe, calib_ids, *, progress: bool = Fal
 
     if not recipe.qat:
         raise RecipeError(f"recipe {recipe.label} is not a QAT recipe; set qat=True")
-    return finetune(model, dataclasses.replace(recipe, qat=False), calib_ids, steps=recipe.qat_steps,
-                    lr=recipe.qat_lr, batch_size=recipe.qat_batch_size, init=recipe.method, seed=recipe.seed,
+    return finetune(model, dataclasses.replace(recipe, qat=False), calib_ids, config=QATConfig.from_recipe(recipe),
                     progress=progress)
 
 
