@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quantpredict.data import token_ids
     from quantpredict.models import load
-    from quantpredict.qat import finetune
+    from quantpredict.qat import QATConfig, finetune
     from quantpredict.qat.runs import save_qat
     from quantpredict.quantize import Recipe
 
@@ -59,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe(weight_format=args.weight_format, block_size=args.block_size, method=args.init,
                     act_format=args.act_format, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                     skip=tuple(args.skip), seed=args.seed)
+    # checked before the model loads: a bad --steps/--lr/--batch-size fails at once
+    config = QATConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init, seed=args.seed)
     model, tokenizer = load(args.model, dtype=torch.float32, device=device)
     calib = token_ids(tokenizer, "wikitext2", "train")  # calibration: train split only
-    result = finetune(model, recipe, calib, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                      init=args.init, seed=args.seed)
+    result = finetune(model, recipe, calib, config=config)
     out = save_qat(model, result, args.out, tokenizer=tokenizer)
     if args.json:
         print(json.dumps(result.summary(), indent=2))

@@ -53,6 +53,14 @@ class StudySettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def qat_config(self, init: str, *, micro_batch_size: int | None = None):
+        """The :class:`~quantpredict.qat.QATConfig` of this study's QAT run from ``init``."""
+        from quantpredict.qat.finetune import QATConfig
+
+        return QATConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size, init=init, seed=self.seed,
+                         eval_windows=self.eval_windows, track_every=self.track_every,
+                         micro_batch_size=micro_batch_size)
+
 
 REFERENCE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -186,10 +194,9 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
             nlls[init], paths[init], ptq_reports[init] = ctx["ptq"][cache_key]
 
         model = copy.deepcopy(model_fp)
-        res = finetune(model, recipe, ctx["calib_ids"], steps=s.steps, lr=s.lr, batch_size=s.batch_size, init=init,
-                       seed=s.seed, eval_windows=s.eval_windows, track_every=s.track_every, track_windows=track,
-                       reference=reference, progress=progress, on_init=on_init,
-                       micro_batch_size=opts.micro_batch_size)
+        config = s.qat_config(init, micro_batch_size=opts.micro_batch_size)
+        res = finetune(model, recipe, ctx["calib_ids"], config=config, track_windows=track, reference=reference,
+                       progress=progress, on_init=on_init)
         nlls[f"qat_{init}"] = window_nlls(model, windows, batch_size=8)
         paths[f"qat_{init}"] = [p.to_dict() for p in res.trajectory]
         qat[init] = {**res.summary(), "losses": list(res.losses)}
