@@ -129,9 +129,8 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import RecipeError
-    from quantpredict.runs import collect, model_id, plan_runs
+    from quantpredict.runs import collect, model_id
     from quantpredict.runs.store import RunStore
-    from quantpredict.runs.sweep import _split
 
     recipes = _recipe_labels(args)
     if not recipes and not (args.formats and args.methods):
@@ -151,25 +150,14 @@ def run(args: argparse.Namespace) -> int:
 
         run_kwargs["max_memory"] = parse_bytes(args.max_memory, flag="--max-memory")
     if args.dry_run:
-        ids = {m: identify(m) if identify else m for m in models}
-        from quantpredict.runs.identity import model_uses_bos
+        from quantpredict.runs.spec import SweepGrid, evaluation_setting
+        from quantpredict.runs.sweep import plan_sweep
 
-        bos = {m: model_uses_bos(m) for m in models} if identify else {}
-        text_sha = None
-        if args.eval_text:
-            from quantpredict.data import read_text_file
-
-            text_sha = read_text_file(args.eval_text)[1]
-        from quantpredict.mixes import split_specs
-        from quantpredict.models import resolve_for_models
-
-        plain, mix_specs = split_specs(recipes)
-        plan = plan_runs(models, [f for f in _split(args.formats) if f], [m for m in _split(args.methods) if m],
-                         smoothquant=_split(args.smoothquant), act_formats=_split(args.act_formats),
-                         block_sizes=_split(args.block_sizes), seq_len=args.seq_len,
-                         eval_max_windows=args.eval_max_windows, model_ids=ids,
-                         block_size_formats=args.block_size_formats, recipes=plain, bos=bos, eval_text=text_sha,
-                         model_recipes=resolve_for_models(models, mix_specs))
+        grid = SweepGrid(models, args.formats, args.methods, smoothquant=args.smoothquant,
+                         act_formats=args.act_formats, block_sizes=args.block_sizes,
+                         block_size_formats=args.block_size_formats, recipes=recipes)
+        plan = plan_sweep(grid, evaluation_setting(args.seq_len, args.eval_max_windows), identify=identify,
+                          eval_text=args.eval_text)
         from pathlib import Path
 
         skip: set[str] = set()

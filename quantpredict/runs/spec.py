@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Any
 
@@ -18,7 +18,8 @@ from quantpredict.recipe import CODE_VERSION, METHOD_NAMES, RECIPE_COLUMNS, Eval
 
 RECIPE_FIELDS = RECIPE_COLUMNS  # the name this module always exported
 
-__all__ = ["CODE_VERSION", "RECIPE_FIELDS", "RunSpec", "eval_label", "plan_runs", "recipe_label", "run_key"]
+__all__ = ["CODE_VERSION", "RECIPE_FIELDS", "RunSpec", "SweepGrid", "eval_label", "plan_runs", "recipe_label",
+           "run_key"]
 
 
 def make_recipe(weight_format: str, block_size: int | None = None, method: str = "rtn",
@@ -41,7 +42,14 @@ def recipe_label(weight_format: str, block_size: int | None, method: str, smooth
 def eval_label(seq_len: int, eval_max_windows: int | None, *, bos: bool = False, text: str | None = None) -> str:
     """The evaluation setting part of a run key: ``seq256-w256`` (``wall`` for the whole test split); see
     :class:`~quantpredict.recipe.EvalSetting`."""
-    return EvalSetting(int(seq_len), None if eval_max_windows is None else int(eval_max_windows), bos, text).label
+    return evaluation_setting(seq_len, eval_max_windows, bos=bos, text=text).label
+
+
+def evaluation_setting(seq_len: int = 256, eval_max_windows: int | None = None, *, bos: bool = False,
+                       text: str | None = None) -> EvalSetting:
+    """The :class:`~quantpredict.recipe.EvalSetting` of the loose arguments sweeps and run specs take (``seq_len``
+    and ``eval_max_windows`` cast to ``int``, as the CLI may pass other numbers)."""
+    return EvalSetting(int(seq_len), None if eval_max_windows is None else int(eval_max_windows), bool(bos), text)
 
 
 def run_key(model_id: str, recipe: str, code_version: str = CODE_VERSION, *, seq_len: int = 256,
@@ -91,8 +99,7 @@ class RunSpec:
         else:
             recipe = make_recipe(weight_format, block_size, method or "rtn", smoothquant_alpha, act_format)
         if evaluation is None:
-            evaluation = EvalSetting(int(seq_len), None if eval_max_windows is None else int(eval_max_windows),
-                                     bool(bos), eval_text)
+            evaluation = evaluation_setting(seq_len, eval_max_windows, bos=bos, text=eval_text)
         object.__setattr__(self, "model", str(model))
         object.__setattr__(self, "quantization", recipe)
         object.__setattr__(self, "evaluation", evaluation)
@@ -172,7 +179,8 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
               model_ids: Mapping[str, str] | None = None, code_version: str = CODE_VERSION,
               block_size_formats: Sequence[str] | None = None, recipes: Sequence[Recipe | str] = (),
               bos: Mapping[str, bool] | None = None, eval_text: str | None = None,
-              model_recipes: Mapping[str, Sequence[Recipe | str]] | None = None) -> list[RunSpec]:
+              model_recipes: Mapping[str, Sequence[Recipe | str]] | None = None,
+              evaluation: EvalSetting | None = None) -> list[RunSpec]:
     """The full grid ``models x formats x block_sizes x methods x smoothquant x act_formats`` as run specs, plus
     every model x each of ``recipes`` (explicit recipes or labels: mixed-precision allocations), plus the recipes
     ``model_recipes`` lists for one model (named mixes resolved for that model's layers).
@@ -183,7 +191,9 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
     weight-only quantization. ``methods`` may hold ``rtn``, ``gptq`` and the QAT methods ``qat``/``qat_gptq``.
     ``model_ids`` maps a model to its identified name (with weights hash); ``bos`` maps a model to its BOS protocol
     (:func:`quantpredict.data.eval_protocol`; absent: no BOS); ``eval_text`` is the sha256 prefix of a user's
-    evaluation text. Block sizes apply to every format, or, with ``block_size_formats`` (name prefixes such as
+    evaluation text; ``evaluation`` (an :class:`~quantpredict.recipe.EvalSetting`) takes precedence over ``seq_len``,
+    ``eval_max_windows`` and ``eval_text``, its ``bos`` being the default of the models ``bos`` does not map. Block
+    sizes apply to every format, or, with ``block_size_formats`` (name prefixes such as
     ``("mx",)``), only to the formats starting with one of them; the others get their default (``None``) alone.
     An invalid recipe (unknown format or method, alpha out of range) raises
     :class:`~quantpredict.errors.RecipeError` before anything runs.
@@ -200,6 +210,7 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
     sqs = [_none_or(a, float) for a in smoothquant] or [None]
     acts = [_none_or(a, str) for a in act_formats] or [None]
     ids = dict(model_ids or {})
+    base = evaluation if evaluation is not None else evaluation_setting(seq_len, eval_max_windows, text=eval_text)
     prefixes = tuple(block_size_formats) if block_size_formats is not None else None
 
     def sizes(fmt: str) -> list[int | None]:
@@ -211,8 +222,7 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
     seen: set[str] = set()
     out: list[RunSpec] = []
     for model in models:
-        setting = EvalSetting(int(seq_len), None if eval_max_windows is None else int(eval_max_windows),
-                              bool((bos or {}).get(model, False)), eval_text)
+        setting = replace(base, bos=bool((bos or {}).get(model, base.bos)))
         for recipe in [*grid, *per_model.get(model, ())]:
             spec = RunSpec(str(model), recipe, setting, model_id=ids.get(model, str(model)),
                            code_version=code_version)
@@ -220,6 +230,90 @@ def plan_runs(models: Sequence[str], formats: Sequence[str] = (), methods: Seque
                 seen.add(spec.key)
                 out.append(spec)
     return out
+
+
+def split_values(values) -> list:
+    """A sweep axis as a list: lists, tuples or comma-separated strings (as the CLI passes them); ``None`` is
+    ``[None]`` (the axis' default alone)."""
+    if values is None:
+        return [None]
+    if isinstance(values, (str, int, float)):
+        values = [values]
+    out: list = []
+    for v in values:
+        out.extend(p.strip() for p in v.split(",") if p.strip()) if isinstance(v, str) else out.append(v)
+    return out
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """What a sweep runs: ``models x formats x block_sizes x methods x smoothquant x act_formats``, plus every model
+    x each of ``recipes`` (explicit recipes, labels, or named mixes such as ``q4_k_m`` resolved per model).
+
+    The axes are those of :func:`plan_runs` (and :func:`quantpredict.runs.collect`), normalised when built: each
+    becomes a tuple, a comma-separated string is split (``"int4,int8"``), ``None`` entries of ``formats`` and
+    ``methods`` are dropped. A grid without a model, or with neither a format and a method nor a recipe, raises
+    :class:`~quantpredict.errors.RecipeError`. How the runs are evaluated is not part of the grid:
+    :meth:`plan` takes the :class:`~quantpredict.recipe.EvalSetting`.
+    """
+
+    models: tuple[str, ...]
+    formats: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    smoothquant: tuple[float | None, ...] = (None,)
+    act_formats: tuple[str | None, ...] = (None,)
+    block_sizes: tuple[int | None, ...] = (None,)
+    block_size_formats: tuple[str, ...] | None = None
+    recipes: tuple = ()
+
+    def __post_init__(self) -> None:
+        from quantpredict.errors import RecipeError
+
+        axes = {
+            "models": tuple(split_values(self.models)),
+            "formats": tuple(f for f in split_values(self.formats) if f is not None),
+            "methods": tuple(m for m in split_values(self.methods) if m is not None),
+            "smoothquant": tuple(split_values(self.smoothquant)),
+            "act_formats": tuple(split_values(self.act_formats)),
+            "block_sizes": tuple(split_values(self.block_sizes)),
+            "block_size_formats": None if self.block_size_formats is None else tuple(self.block_size_formats),
+            "recipes": tuple(self.recipes),
+        }
+        for name, value in axes.items():
+            object.__setattr__(self, name, value)
+        if not self.models or self.models == (None,) or not ((self.formats and self.methods) or self.recipes):
+            raise RecipeError("a sweep needs at least one model and either one format and one method, or one "
+                              "explicit recipe")
+
+    def model_recipes(self) -> dict[str, list[Recipe]]:
+        """``{model: [recipe of each named mix]}`` of the named mixes in ``recipes`` (``{}`` without one): a mix is
+        resolved for each model's layers, read from its module tree (:func:`quantpredict.models.resolve_for_models`,
+        which imports torch)."""
+        from quantpredict.mixes import split_specs
+
+        mixes = split_specs(list(self.recipes))[1]
+        if not mixes:
+            return {}
+        from quantpredict.models import resolve_for_models
+
+        return resolve_for_models(list(self.models), mixes)
+
+    def plan(self, evaluation: EvalSetting | None = None, *, model_ids: Mapping[str, str] | None = None,
+             bos: Mapping[str, bool] | None = None, model_recipes: Mapping[str, Sequence[Recipe | str]] | None = None,
+             code_version: str = CODE_VERSION) -> list[RunSpec]:
+        """The grid's run specs, :func:`plan_runs` of its axes, evaluated as ``evaluation`` says (default
+        ``EvalSetting()``: 256-token windows, the whole test split); ``model_ids`` / ``bos`` as in
+        :func:`plan_runs`. ``model_recipes``: the named mixes already resolved per model (default:
+        :meth:`model_recipes`)."""
+        from quantpredict.mixes import split_specs
+
+        if model_recipes is None:
+            model_recipes = self.model_recipes()
+        return plan_runs(list(self.models), list(self.formats), list(self.methods), smoothquant=self.smoothquant,
+                         act_formats=self.act_formats, block_sizes=self.block_sizes, model_ids=model_ids,
+                         code_version=code_version, block_size_formats=self.block_size_formats,
+                         recipes=split_specs(list(self.recipes))[0], bos=bos, model_recipes=model_recipes,
+                         evaluation=evaluation if evaluation is not None else EvalSetting())
 
 
 def short_hash(data: bytes, n: int = 12) -> str:

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantpredict.errors import QuantpredictError
+from quantpredict.recipe import EvalSetting
 from quantpredict.runs.identity import model_id as _model_id
 from quantpredict.runs.identity import model_uses_bos
 from quantpredict.runs.provenance import provenance
-from quantpredict.runs.spec import RunSpec, plan_runs
+from quantpredict.runs.spec import RunSpec, SweepGrid, evaluation_setting
 from quantpredict.runs.store import RunStore, _clean
 
 DEFAULT_RUN_FN = "quantpredict.runs.execute:execute_run"
@@ -203,19 +204,7 @@ class CollectSummary:
         return s
 
 
-def _split(values) -> list:
-    """Accept lists, tuples or comma-separated strings (as the CLI passes them)."""
-    if values is None:
-        return [None]
-    if isinstance(values, (str, int, float)):
-        values = [values]
-    out: list = []
-    for v in values:
-        out.extend(p.strip() for p in v.split(",") if p.strip()) if isinstance(v, str) else out.append(v)
-    return out
-
-
-def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequence[str] = (), *,
+def collect(models: Sequence[str] | SweepGrid, formats: Sequence[str] = (), methods: Sequence[str] = (), *,
             store: RunStore | str | Path,
             smoothquant: Sequence[float | None] = (None,), act_formats: Sequence[str | None] = (None,),
             block_sizes: Sequence[int | None] = (None,), workers: int = 1, executor: str = "local",
@@ -246,40 +235,82 @@ def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequenc
     :mod:`quantpredict.mixes`). Each identified model's tokenizer is probed for its protocol (BOS or not,
     :func:`quantpredict.data.eval_protocol`), which is part of its run keys. ``eval_text`` / ``calib_text``: a
     user's UTF-8 text files for evaluation (its sha256 prefix enters the run key) and for calibration.
+
+    ``models`` may also be a whole :class:`~quantpredict.runs.SweepGrid` (``collect(grid, store=...)``); the grid's
+    axes (``formats`` to ``recipes``) are then left at their defaults here, or it is an error.
     """
+    _check_executor(executor, workers, scheduler)
+    t0 = time.perf_counter()
+    grid = _grid(models, formats, methods, smoothquant=smoothquant, act_formats=act_formats, block_sizes=block_sizes,
+                 block_size_formats=block_size_formats, recipes=recipes)
+    if calib_text is not None:
+        from quantpredict.data import read_text_file
+
+        read_text_file(calib_text)  # a clear error now rather than in every run
+    plan = plan_sweep(grid, evaluation_setting(seq_len, eval_max_windows), identify=identify, eval_text=eval_text)
+    run_kwargs = _run_kwargs(run_fn, run_kwargs, workers, scheduler, eval_text=eval_text, calib_text=calib_text)
+    own_store = not isinstance(store, RunStore)
+    st = RunStore(store) if own_store else store
+    try:
+        return _run_plan(plan, st, run_fn, run_kwargs, executor=executor, workers=int(workers), scheduler=scheduler,
+                         cluster_kwargs=cluster_kwargs, retry_failed=retry_failed, progress=progress, t0=t0)
+    finally:
+        if own_store:
+            st.close()
+
+
+def plan_sweep(grid: SweepGrid, evaluation: EvalSetting | None = None, *,
+               identify: Callable[[str], str] | None = _model_id,
+               eval_text: str | Path | None = None) -> list[RunSpec]:
+    """The run specs :func:`collect` runs for ``grid`` (before skipping what the store holds), as ``--dry-run``
+    lists them: its named mixes resolved per model, each model identified (``identify``: the weights hash;
+    ``None``: by name, and no BOS probe) and probed for its BOS protocol, ``eval_text``'s sha256 prefix in the
+    evaluation setting (``evaluation``, default ``EvalSetting()``)."""
+    model_recipes = grid.model_recipes()
+    models = list(grid.models)
+    ids = {m: (identify(m) if identify is not None else m) for m in models}
+    bos = {m: model_uses_bos(m) for m in models} if identify is not None else {}
+    evaluation = evaluation if evaluation is not None else EvalSetting()
+    if eval_text is not None:
+        import dataclasses
+
+        from quantpredict.data import read_text_file
+
+        evaluation = dataclasses.replace(evaluation, text=read_text_file(eval_text)[1])
+    return grid.plan(evaluation, model_ids=ids, bos=bos, model_recipes=model_recipes)
+
+
+def _check_executor(executor: str, workers: int, scheduler) -> None:
+    """A known executor, at least one worker, and a scheduler only for Dask."""
     if executor not in EXECUTORS:
         raise QuantpredictError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if int(workers) < 1:
         raise QuantpredictError(f"workers must be at least 1, got {workers}")
     if scheduler is not None and executor != "dask":
         raise QuantpredictError("a scheduler address needs executor='dask' (--executor dask)")
-    t0 = time.perf_counter()
-    models = _split(models)
-    formats = [f for f in _split(formats) if f is not None]
-    methods = [m for m in _split(methods) if m is not None]
-    from quantpredict.mixes import split_specs
-    from quantpredict.models import resolve_for_models
 
-    recipes, mix_specs = split_specs(list(recipes))
-    if not models or models == [None] or not ((formats and methods) or recipes or mix_specs):
-        raise QuantpredictError("collect needs at least one model and either one format and one method, or one "
-                                "explicit recipe")
-    model_recipes = resolve_for_models(models, mix_specs)
-    ids = {m: (identify(m) if identify is not None else m) for m in models}
-    bos = {m: model_uses_bos(m) for m in models} if identify is not None else {}
-    text_sha = None
-    if eval_text is not None:
-        from quantpredict.data import read_text_file
 
-        text_sha = read_text_file(eval_text)[1]
-    if calib_text is not None:
-        from quantpredict.data import read_text_file
+_GRID_DEFAULTS = {"formats": (), "methods": (), "smoothquant": (None,), "act_formats": (None,),
+                  "block_sizes": (None,), "block_size_formats": None, "recipes": ()}
 
-        read_text_file(calib_text)  # a clear error now rather than in every run
-    plan = plan_runs(models, formats, methods, smoothquant=_split(smoothquant), act_formats=_split(act_formats),
-                     block_sizes=_split(block_sizes), seq_len=seq_len, eval_max_windows=eval_max_windows,
-                     model_ids=ids, block_size_formats=block_size_formats, recipes=recipes, bos=bos,
-                     eval_text=text_sha, model_recipes=model_recipes)
+
+def _grid(models, formats, methods, **axes) -> SweepGrid:
+    """The :class:`SweepGrid` of :func:`collect`'s arguments: ``models`` itself when it is one (the other axes must
+    then be left at their defaults), else a grid of all of them."""
+    if isinstance(models, SweepGrid):
+        given = [k for k, v in {"formats": formats, "methods": methods, **axes}.items()
+                 if not (v is _GRID_DEFAULTS[k] or v == _GRID_DEFAULTS[k])]
+        if given:
+            raise QuantpredictError(f"collect got a SweepGrid and grid axes ({', '.join(given)}); put them in the "
+                                    "grid (dataclasses.replace(grid, ...))")
+        return models
+    return SweepGrid(models, formats, methods, **axes)
+
+
+def _run_kwargs(run_fn, run_kwargs: Mapping | None, workers: int, scheduler, *, eval_text,
+                calib_text) -> Mapping | None:
+    """``run_kwargs`` plus what the runs need to know: the user's text files, and a share of this machine's cores
+    when several workers run the default run function here. A bad ``run_fn`` path fails here, before the sweep."""
     if eval_text is not None or calib_text is not None:
         run_kwargs = dict(run_kwargs or {}) | {"eval_text": None if eval_text is None else str(eval_text),
                                                "calib_text": None if calib_text is None else str(calib_text)}
@@ -288,39 +319,40 @@ def collect(models: Sequence[str], formats: Sequence[str] = (), methods: Sequenc
     if run_fn is None and int(workers) > 1 and scheduler is None and "torch_threads" not in (run_kwargs or {}):
         # several runs share this machine: split its cores instead of every run using all of them
         run_kwargs = dict(run_kwargs or {}) | {"torch_threads": max(1, (os.cpu_count() or 1) // int(workers))}
-    own_store = not isinstance(store, RunStore)
-    st = RunStore(store) if own_store else store
-    try:
-        skip = st.done_keys() if retry_failed else st.keys()
-        todo = [s for s in plan if s.key not in skip]
-        skipped = len(plan) - len(todo)
-        done = failed = 0
-        failed_keys: list[str] = []
-        if executor == "dask":
-            outcomes = _run_dask(todo, run_fn, run_kwargs, int(workers), scheduler, cluster_kwargs)
-        elif int(workers) > 1 and len(todo) > 1:
-            outcomes = _run_pool(todo, run_fn, run_kwargs, int(workers))
-        else:
-            outcomes = _run_serial(todo, run_fn, run_kwargs)
-        from tqdm.auto import tqdm
+    return run_kwargs
 
-        with tqdm(total=len(plan), initial=skipped, desc="collect", unit="run", disable=not progress,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
-            if todo:
-                for spec, outcome in outcomes:
-                    st.record(spec, outcome)
-                    if outcome["status"] == "done":
-                        done += 1
-                    else:
-                        failed += 1
-                        failed_keys.append(spec.key)
-                        first = (outcome.get("error") or "").splitlines()[:1]
-                        bar.write(f"failed: {spec.key}: {first[0] if first else ''}", file=sys.stderr)
-                    bar.set_postfix(done=done, failed=failed, refresh=False)
-                    bar.update(1)
-        return CollectSummary(planned=len(plan), skipped=skipped, done=done, failed=failed,
-                              seconds=time.perf_counter() - t0, store=st.url, executor=executor,
-                              failed_keys=tuple(failed_keys))
-    finally:
-        if own_store:
-            st.close()
+
+def _run_plan(plan: list[RunSpec], st: RunStore, run_fn, run_kwargs, *, executor: str, workers: int, scheduler,
+              cluster_kwargs, retry_failed: bool, progress: bool, t0: float) -> CollectSummary:
+    """Skip what ``st`` holds (done runs, or every recorded run without ``retry_failed``), run the rest on the
+    executor and record each outcome as it arrives; a progress bar counts them and names each failure."""
+    from tqdm.auto import tqdm
+
+    skip = st.done_keys() if retry_failed else st.keys()
+    todo = [s for s in plan if s.key not in skip]
+    skipped = len(plan) - len(todo)
+    done = failed = 0
+    failed_keys: list[str] = []
+    if executor == "dask":
+        outcomes = _run_dask(todo, run_fn, run_kwargs, workers, scheduler, cluster_kwargs)
+    elif workers > 1 and len(todo) > 1:
+        outcomes = _run_pool(todo, run_fn, run_kwargs, workers)
+    else:
+        outcomes = _run_serial(todo, run_fn, run_kwargs)
+    with tqdm(total=len(plan), initial=skipped, desc="collect", unit="run", disable=not progress,
+              file=sys.stderr, dynamic_ncols=True) as bar:
+        if todo:
+            for spec, outcome in outcomes:
+                st.record(spec, outcome)
+                if outcome["status"] == "done":
+                    done += 1
+                else:
+                    failed += 1
+                    failed_keys.append(spec.key)
+                    first = (outcome.get("error") or "").splitlines()[:1]
+                    bar.write(f"failed: {spec.key}: {first[0] if first else ''}", file=sys.stderr)
+                bar.set_postfix(done=done, failed=failed, refresh=False)
+                bar.update(1)
+    return CollectSummary(planned=len(plan), skipped=skipped, done=done, failed=failed,
+                          seconds=time.perf_counter() - t0, store=st.url, executor=executor,
+                          failed_keys=tuple(failed_keys))
