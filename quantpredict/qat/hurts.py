@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,21 @@ def real_and_long(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
     """``(real-model records, long-trained checkpoint records)``, each in the order given."""
     return ([r for r in records if not is_long_trained(r["model"])],
             [r for r in records if is_long_trained(r["model"])])
+
+
+def real_and_long_sections(records: Sequence[dict], real_section: Callable[[list[dict], str], str],
+                           long_section: Callable[[list[dict], str], str]) -> str:
+    """The markdown of a study's real-model and long-trained sections, joined (empty string for neither):
+    ``real_section(real records, their model names)`` when there are real-model records, then
+    ``long_section(long-trained records, their families)`` when there are long-trained ones (names comma-joined,
+    sorted). The QAT study (:func:`hurts_sections`) and the SmoothQuant one both lay their reports out so."""
+    real, long = real_and_long(records)
+    parts = []
+    if real:
+        parts.append(real_section(real, ", ".join(sorted({r["model"] for r in real}))))
+    if long:
+        parts.append(long_section(long, ", ".join(sorted({group_of(r["model"]) for r in long}))))
+    return "\n".join(parts)
 
 
 def group_of(model: str) -> str:
@@ -373,21 +388,16 @@ def hurts_sections(records: Sequence[dict], out_dir: str | Path) -> str:
     """The markdown of the real-model and long-trained sections (empty string for no records); writes figures."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    real, long = real_and_long(records)
-    parts = []
-    if real:
-        names = ", ".join(sorted({r["model"] for r in real}))
-        parts.append(_section(
+    return real_and_long_sections(
+        records,
+        lambda real, names: _section(
             f"Where quantization hurts: a real pre-trained model ({names})",
             "The same study (FP, RTN, GPTQ, QAT from RTN and from GPTQ, all at the same calibration windows) on a "
             "real pre-trained model. SmolLM2-135M was trained on ~2T tokens (~19k per non-embedding parameter) and "
             "its weights arrived as llama.cpp Q4_1 (see its zoo card): its 'FP' model is that dequantized model, "
-            "so these numbers measure re-quantizing an already 4-bit network.", real, out, "qat_real"))
-    if long:
-        fams = ", ".join(sorted({group_of(r["model"]) for r in long}))
-        parts.append(_section(
+            "so these numbers measure re-quantizing an already 4-bit network.", real, out, "qat_real"),
+        lambda long, fams: _section(
             f"Where quantization hurts: long-trained checkpoints ({fams})",
             "Zoo architectures trained to 30-300 tokens per parameter (`<family>-d<tokens per parameter>`): the "
             "longer a model trains, the more its weights carry, and the more PTQ is expected to cost. Same study "
             "settings as the zoo's.", long, out, "qat_long"))
-    return "\n".join(parts)

@@ -29,7 +29,11 @@ from typing import Any
 import torch
 
 from quantpredict.claims import Evidence, Verdict, paired, spearman_evidence, verdict, verdict_table
-from quantpredict.qat.hurts import is_long_trained, real_and_long  # noqa: F401 (is_long_trained: kept here too)
+from quantpredict.qat.hurts import (  # noqa: F401 (is_long_trained, real_and_long: kept here too)
+    is_long_trained,
+    real_and_long,
+    real_and_long_sections,
+)
 
 SQ_FORMATS: tuple[str, ...] = ("mxint4", "mxfp4_e2m1", "int4", "mxint8")
 ALPHAS: tuple[float, ...] = (0.5, 0.75)
@@ -376,18 +380,13 @@ def _section(title: str, intro: str, records: Sequence[dict], out: str) -> str:
 
 def sq_sections(records: Sequence[dict], out: str = "reports") -> str:
     """The markdown of the real-model and long-trained sections of ``ptq.md`` (empty string for no records)."""
-    real, long = real_and_long(records)
-    parts = []
-    if real:
-        names = ", ".join(sorted({r["model"] for r in real}))
-        parts.append(_section(
+    return real_and_long_sections(
+        records,
+        lambda real, names: _section(
             f"SmoothQuant+GPTQ where quantization hurts: a real model ({names})",
             "SmolLM2-135M, trained on ~2T tokens; its 'FP' weights are the dequantized Q4_1 weights it was shipped "
-            "in (see its zoo card), so re-quantizing them is quantizing an already 4-bit network.", real, out))
-    if long:
-        fams = ", ".join(sorted({_LONG.match(r["model"]).group("base") for r in long}))
-        parts.append(_section(
+            "in (see its zoo card), so re-quantizing them is quantizing an already 4-bit network.", real, out),
+        lambda long, fams: _section(
             f"SmoothQuant+GPTQ where quantization hurts: long-trained checkpoints ({fams})",
             "Zoo architectures trained to 30-300 tokens per parameter (`<family>-d<tokens per parameter>`).",
             long, out))
-    return "\n".join(parts)
