@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from quantpredict.data import token_ids
+    from quantpredict.errors import RecipeError
     from quantpredict.models import load
     from quantpredict.qat import QATConfig, finetune
     from quantpredict.qat.runs import save_qat
@@ -59,8 +60,10 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe(weight_format=args.weight_format, block_size=args.block_size, method=args.init,
                     act_format=args.act_format, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                     skip=tuple(args.skip), seed=args.seed)
-    # checked before the model loads: a bad --steps/--lr/--batch-size fails at once
-    config = QATConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init, seed=args.seed)
+    try:  # checked before the model loads: a bad --steps/--lr/--batch-size is a user error, at once
+        config = QATConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init, seed=args.seed)
+    except ValueError as exc:
+        raise RecipeError(f"{exc} (--steps, --lr, --batch-size)") from None
     model, tokenizer = load(args.model, dtype=torch.float32, device=device)
     calib = token_ids(tokenizer, "wikitext2", "train")  # calibration: train split only
     result = finetune(model, recipe, calib, config=config)

@@ -18,8 +18,8 @@ from quantpredict.recipe import CODE_VERSION, METHOD_NAMES, RECIPE_COLUMNS, Eval
 
 RECIPE_FIELDS = RECIPE_COLUMNS  # the name this module always exported
 
-__all__ = ["CODE_VERSION", "RECIPE_FIELDS", "RunSpec", "SweepGrid", "eval_label", "plan_runs", "recipe_label",
-           "run_key"]
+__all__ = ["CODE_VERSION", "RECIPE_FIELDS", "RunSpec", "SweepGrid", "eval_label", "evaluation_setting", "plan_runs",
+           "recipe_label", "run_key", "split_values"]
 
 
 def make_recipe(weight_format: str, block_size: int | None = None, method: str = "rtn",
