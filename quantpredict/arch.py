@@ -38,9 +38,10 @@ fails), and SmoothQuant is refused (no norm pairs are known). Left out, with a c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -958,6 +959,24 @@ def block_kwargs(kwargs: dict[str, Any], index: int) -> dict[str, Any]:
 def batch_kwargs(kwargs: dict[str, Any], n: int, captured: int) -> dict[str, Any]:
     """The block keyword arguments ``kwargs`` (captured for ``captured`` windows) sliced to a batch of ``n``."""
     return _batch_kwargs(kwargs, n, captured)
+
+
+@contextlib.contextmanager
+def input_hooks(refs: Sequence[LinearRef], on_input: Callable[[LinearRef, torch.Tensor], None]) -> Iterator[None]:
+    """Inside the ``with``, every forward pass calls ``on_input(ref, x)`` with the input ``x`` ``[..., in]`` of each
+    linear ``ref``, as the module receives it: the hooks are prepended, so they see the input before any activation
+    fake-quant pre-hook changes it. The hooks are removed on exit, also after an error."""
+    handles = []
+    for ref in refs:
+        def hook(_module, args, _ref=ref):
+            on_input(_ref, args[0])
+
+        handles.append(ref.module.register_forward_pre_hook(hook, prepend=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def linears_of(model: nn.Module, index: int, block: nn.Module) -> list[LinearRef]:

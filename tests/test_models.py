@@ -99,3 +99,46 @@ def test_shipped_zoo_models_are_real():
     counts = torch.bincount(valid, minlength=len(tok)).double() + 1
     unigram_ppl = torch.exp(-torch.log(counts / counts.sum())[test].mean()).item()
     assert max(c["test_ppl"] for c in cards) < unigram_ppl / 3
+
+
+def test_long_training_resumes_to_the_same_checkpoints(tmp_path, tokenizer, monkeypatch):
+    """A long run killed in its stable phase and again inside a cooldown branch resumes to bit-identical
+    checkpoints, and every budget's card carries its tokens per parameter."""
+    from safetensors.torch import load_file
+
+    from quantpredict.models import zoo
+
+    spec = zoo.ZooSpec("tiny-llama", "llama", hidden=32, layers=1, tokens=6 * zoo.BATCH * zoo.SEQ_LEN)
+    ids = torch.randint(0, len(tokenizer), (40_000,), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(zoo, "zoo_specs", lambda: [spec])
+    monkeypatch.setattr(zoo, "long_corpus_ids", lambda tok: (ids, {"random": ids.numel()}))
+    run = zoo.LongRun("tiny-llama", (1, 3))
+    kw = dict(ckpt_every=2, evaluate=False)
+    assert zoo.train_long(run, tokenizer, ckpt_dir=tmp_path / "a_ckpt", out_root=tmp_path / "a", **kw) == \
+        ["tiny-llama-d1", "tiny-llama-d3"]
+
+    real_steps, calls = zoo._train_steps, {"n": 0}
+
+    def killed(model, opt, spec_, ids_, first, last, lr_of, *, bar, on_step=None):
+        def step_then_maybe_die(k):
+            if on_step is not None:
+                on_step(k)
+            calls["n"] += 1
+            if calls["n"] in (5, 11):  # once in a stable phase, once inside a cooldown branch
+                raise KeyboardInterrupt
+        return real_steps(model, opt, spec_, ids_, first, last, lr_of, bar=bar, on_step=step_then_maybe_die)
+
+    monkeypatch.setattr(zoo, "_train_steps", killed)
+    for _ in range(3):
+        try:
+            zoo.train_long(run, tokenizer, ckpt_dir=tmp_path / "b_ckpt", out_root=tmp_path / "b", **kw)
+            break
+        except KeyboardInterrupt:
+            continue
+    for name, tpp in (("tiny-llama-d1", 1), ("tiny-llama-d3", 3)):
+        a = load_file(tmp_path / "a" / name / "model.safetensors")
+        b = load_file(tmp_path / "b" / name / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        card = json.loads((tmp_path / "b" / name / "zoo_card.json").read_text())
+        assert card["long_run_of"] == "tiny-llama" and card["tokens_per_param"] == pytest.approx(tpp, rel=0.2)
+    assert calls["n"] > 11  # both kills happened

@@ -357,17 +357,9 @@ class _Quadratics:
 def capture_quadratics(refs: Sequence[arch.LinearRef], deltas: Sequence[torch.Tensor]) -> Iterator[_Quadratics]:
     """Hook the inputs of ``refs``; forward passes inside the ``with`` fill the :class:`_Quadratics`."""
     stats = _Quadratics(refs, deltas)
-    handles = []
-    for ref, delta in zip(refs, deltas, strict=True):
-        def hook(_module, args, _ref=ref, _delta=delta):
-            stats.add(_ref, _delta, args[0])
-
-        handles.append(ref.module.register_forward_pre_hook(hook, prepend=True))
-    try:
+    delta_of = {id(ref): delta for ref, delta in zip(refs, deltas, strict=True)}
+    with arch.input_hooks(refs, lambda ref, x: stats.add(ref, delta_of[id(ref)], x)):
         yield stats
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager

@@ -116,6 +116,23 @@ def save_model_dir(model, tokenizer, out: Path, card: dict) -> None:
     (out / "zoo_card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
+def _model_and_optimizer(spec: ZooSpec, tokenizer, ckpt: Path):
+    """A fresh seeded model of ``spec`` and its AdamW (the zoo's settings), resumed from ``ckpt`` when it exists:
+    ``(model, optimizer, step, seconds trained so far)``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(make_config(spec, len(tokenizer)))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    step, seconds = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+    return model, opt, step, seconds
+
+
 def train_model(spec: ZooSpec, tokenizer, train_ids: torch.Tensor, *, ckpt_dir: Path, out_root: Path,
                 ckpt_every: int = 100, stop_after: int | None = None) -> None:
     """Train ``spec`` from scratch (or resume its checkpoint) and save it and its snapshots under ``out_root``.
@@ -123,20 +140,10 @@ def train_model(spec: ZooSpec, tokenizer, train_ids: torch.Tensor, *, ckpt_dir: 
     ``stop_after`` ends the run after that many steps without saving the model (as an interruption would), so
     that resuming can be tested.
     """
-    from transformers import AutoModelForCausalLM
-
     from quantpredict import arch
 
-    torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(make_config(spec, len(tokenizer)))
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     ckpt = ckpt_dir / f"{spec.name}.pt"
-    step, seconds = 0, 0.0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, seconds = int(state["step"]), float(state["seconds"])
+    model, opt, step, seconds = _model_and_optimizer(spec, tokenizer, ckpt)
     snap_steps = {int(round(f * spec.steps)): f for f in spec.snapshots}
     model.train()
     bar = tqdm(total=spec.steps, initial=step, desc=f"train {spec.name}", unit="step", mininterval=5)
@@ -343,23 +350,13 @@ def train_long(run: LongRun, tokenizer, *, ckpt_dir: Path, out_root: Path, ckpt_
     """
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     from quantpredict import arch
 
     spec = run.spec
     ids, corpus_tokens = long_corpus_ids(tokenizer)
-    torch.manual_seed(spec.seed)
-    model = AutoModelForCausalLM.from_config(make_config(spec, len(tokenizer)))
-    n_nonembed = arch.non_embedding_parameters(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.1)
     main_ckpt = ckpt_dir / f"{run.base}-long.pt"
-    step, seconds = 0, 0.0
-    if main_ckpt.exists():
-        state = torch.load(main_ckpt, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        step, seconds = int(state["step"]), float(state["seconds"])
+    model, opt, step, seconds = _model_and_optimizer(spec, tokenizer, main_ckpt)
+    n_nonembed = arch.non_embedding_parameters(model)
     tokens_per_step = BATCH * SEQ_LEN
     saved: list[str] = []
     t0 = time.time() - seconds

@@ -64,18 +64,8 @@ def capture_linear_inputs(refs: Sequence[LinearRef], *, hessian: bool = True) ->
     The hooks see the input as the module receives it (before any activation fake-quant hook registered later).
     """
     stats = {ref.name: InputStats(ref.in_features, hessian=hessian) for ref in refs}
-    handles = []
-    for ref in refs:
-        def hook(_module, args, _stats=stats[ref.name]):
-            _stats.add(args[0])
-
-        # prepend: see the input before any activation fake-quant pre-hook modifies it
-        handles.append(ref.module.register_forward_pre_hook(hook, prepend=True))
-    try:
+    with arch.input_hooks(refs, lambda ref, x: stats[ref.name].add(x)):
         yield stats
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
