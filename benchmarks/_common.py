@@ -120,3 +120,21 @@ def load_average() -> str:
         return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
     except OSError:
         return "n/a"
+
+
+def timed_compare(model, tok, windows: int) -> dict:
+    """The comparison stage of the memory benchmarks: an RTN mxint4 copy of ``model`` (quantized on one dummy
+    window: RTN needs no data) against ``model`` on the first ``windows`` test windows, timed."""
+    import copy
+    import time
+
+    import torch
+
+    from quantpredict import evaluate
+    from quantpredict.quantize import Recipe, quantize_model
+
+    q = copy.deepcopy(model)
+    quantize_model(q, Recipe("mxint4"), torch.zeros(1, 8, dtype=torch.long), progress=False)
+    t0 = time.perf_counter()
+    c = evaluate.compare(model, q, tok, max_windows=windows, progress=False)
+    return {"seconds": time.perf_counter() - t0, "tokenize_seconds": c.tokenize_seconds, "delta_nll": c.delta_nll}

@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPORTS, load_average, machine, run_measured, write_section  # noqa: E402
+from _common import REPORTS, load_average, machine, run_measured, timed_compare, write_section  # noqa: E402
 
 STAGES = ("sensitivity", "quantize", "compare", "predict")
 RESULTS = REPORTS / "bench_1b.json"
@@ -74,7 +74,7 @@ def child(stage: str, directory: str) -> dict:
 
     import torch
 
-    from quantpredict import arch, evaluate, models
+    from quantpredict import arch, models
     from quantpredict.quantize import Recipe, quantize_model, sample_calibration
 
     torch.set_num_threads(1)
@@ -116,12 +116,7 @@ def child(stage: str, directory: str) -> dict:
         return {"seconds": times["rtn"] + times["gptq"], "rtn_seconds": times["rtn"],
                 "gptq_seconds": times["gptq"], **out}
     if stage == "compare":
-        q = copy.deepcopy(model)
-        quantize_model(q, Recipe("mxint4"), torch.zeros(1, 8, dtype=torch.long), progress=False)
-        t0 = time.perf_counter()
-        c = evaluate.compare(model, q, tok, max_windows=4, progress=False)
-        return {"seconds": time.perf_counter() - t0, "tokenize_seconds": c.tokenize_seconds,
-                "delta_nll": c.delta_nll, **out}
+        return {**timed_compare(model, tok, 4), **out}
     raise SystemExit(f"unknown stage {stage!r}; stages: build, {', '.join(STAGES)}")
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPORTS, load_average, machine, run_measured, write_section  # noqa: E402
+from _common import REPORTS, load_average, machine, run_measured, timed_compare, write_section  # noqa: E402
 
 STAGES = ("load", "rtn", "gptq", "compare", "features_rtn", "features_gptq", "predict")
 RESULTS = REPORTS / "bench_memory.json"
@@ -71,7 +71,7 @@ def _truncate(model, n_blocks: int) -> int:
 def child(name: str, stage: str, gptq_blocks: int | None) -> dict:
     import torch
 
-    from quantpredict import arch, data, evaluate
+    from quantpredict import arch, data
     from quantpredict.quantize import Recipe, quantize_model, sample_calibration
 
     torch.set_num_threads(1)
@@ -103,14 +103,7 @@ def child(name: str, stage: str, gptq_blocks: int | None) -> dict:
         return {"seconds": seconds * total / done, "measured_seconds": seconds, "blocks_timed": done,
                 "blocks": total, **out}
     if stage == "compare":
-        import copy
-
-        q = copy.deepcopy(model)
-        quantize_model(q, Recipe("mxint4"), torch.zeros(1, 8, dtype=torch.long), progress=False)
-        t0 = time.perf_counter()
-        c = evaluate.compare(model, q, tok, max_windows=64, progress=False)
-        return {"seconds": time.perf_counter() - t0, "tokenize_seconds": c.tokenize_seconds,
-                "delta_nll": c.delta_nll, **out}
+        return {**timed_compare(model, tok, 64), **out}
     if stage.startswith("features_"):
         from quantpredict.features import extract
 
