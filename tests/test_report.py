@@ -156,3 +156,21 @@ def test_report_errors(tmp_path, capsys):
     failed["status"] = "failed"
     with pytest.raises(StoreError, match="no finished runs"):
         render_report(failed, tmp_path / "r")
+
+
+def test_allocation_checks_compare_with_the_uniform_recipe_whose_bits_were_the_budget():
+    import pandas as pd
+
+    from quantpredict.report.rank_report import allocation_checks, rank_checks
+
+    uniform = pd.DataFrame({"model": "m", "method": "rtn", "recipe": ["mxint6-rtn", "mxint4-rtn", "int8-rtn"],
+                            "bits_per_element": [6.2526, 4.2526, 8.1], "kld": [2e-4, 5e-3, 1e-5],
+                            "kld_se": [1e-6, 1e-5, 1e-7]}, index=[10, 11, 12])
+    alloc = pd.DataFrame({"model": "m", "method": "rtn", "recipe": ["mix6"], "bits_per_element": [6.237],
+                          "kld": [1.9e-4], "kld_se": [1e-6]})
+    rows = allocation_checks(alloc, uniform, {"m": {"rtn@mxint6": {"recipe": "mix6", "budget": 6.2526}}})
+    # the allocation landed 0.016 bits under its budget: it still competes with mxint6, not with mxint4
+    assert rows.loc[0, "best_uniform"] == "mxint6-rtn" and bool(rows.loc[0, "below"]) and rows.loc[0, "below_2se"]
+    preds = pd.DataFrame({"kld": [3e-4, 1e-3, 1e-6]}, index=[10, 11, 12])  # predicted KLDs, same order as truth
+    r = rank_checks(uniform, preds.assign(model="m"), budgets=(6.5, 8.5))
+    assert list(r["recommended"]) == ["mxint6-rtn", "int8-rtn"] and r["within_2se"].all()

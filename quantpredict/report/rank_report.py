@@ -67,8 +67,9 @@ def rank_checks(runs: pd.DataFrame, preds: pd.DataFrame, budgets: Sequence[float
 
 def allocation_checks(alloc_runs: pd.DataFrame, uniform_runs: pd.DataFrame, allocations: dict,
                       preds: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per allocated run: its measured KLD against the best uniform run of no more bits and the same
-    method (bits from each run's ``bits_per_element``), and its predicted KLD where ``preds`` has it."""
+    """One row per allocated run: its measured KLD against the best uniform run of the same method whose bits are
+    no more than the allocation's budget (``budget`` of its entry, else its own ``bits_per_element``), and its
+    predicted KLD where ``preds`` has it."""
     rows = []
     for model, entries in allocations.items():
         for key, e in entries.items():
@@ -77,9 +78,12 @@ def allocation_checks(alloc_runs: pd.DataFrame, uniform_runs: pd.DataFrame, allo
             if a.empty:
                 continue
             a = a.iloc[0]
+            # the budget the allocation was given (the bits of a uniform recipe): an allocation that lands a little
+            # under it still competes with that uniform recipe, not with the next one down
+            limit = max(float(a["bits_per_element"]), float(e.get("budget", a["bits_per_element"])))
             u = uniform_runs[(uniform_runs["model"] == model) & (uniform_runs["method"] == method)
                              & uniform_runs["recipe"].isin(GRID_LABELS)
-                             & (uniform_runs["bits_per_element"] <= a["bits_per_element"] + 1e-6)]
+                             & (uniform_runs["bits_per_element"] <= limit + 1e-6)]
             if u.empty:
                 continue
             best = u.loc[u["kld"].idxmin()]
