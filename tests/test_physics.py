@@ -196,6 +196,18 @@ def test_out_of_range_input_warns_once_and_widens_the_interval():
         p.predict(far)  # warned once per feature: the second call is silent
 
 
+def test_top1_stays_a_probability_where_the_disagreement_law_extrapolates_past_one():
+    p = PhysicsPredictor("physics").fit(synthetic_runs())
+    warnings.simplefilter("ignore", OutOfRangeWarning)
+    row = synthetic_runs(n_models=1, n_recipes=1, seed=0)
+    far = row.assign(fisher_quad=50.0, kl_calib=50.0, dnll_calib=65.0)  # a 2-bit recipe: KLD of 45 nats
+    out = p.predict(far).iloc[0]
+    assert out["kld"] > 10
+    for col in ("top1", "top1_low", "top1_high"):
+        assert 0.0 <= out[col] <= 1.0, (col, out[col])
+    assert out["top1_low"] <= out["top1"] <= out["top1_high"]
+
+
 def test_physics_predictor_save_load_round_trip(tmp_path):
     from quantpredict.predict import Predictor
 

@@ -376,7 +376,9 @@ class PhysicsPredictor:
         frame = pd.DataFrame({
             "kld": kld["mid"], "kld_low": kld["lo"], "kld_high": kld["hi"],
             "delta_nll": dn["mid"], "delta_low": dn["lo"], "delta_high": dn["hi"],
-            "top1": 1 - dis["mid"], "top1_low": 1 - np.minimum(dis["hi"], 1.0), "top1_high": 1 - dis["lo"],
+            # the law is for the disagreement 1 - top1, which cannot exceed 1: at 2 bits it extrapolates past it
+            "top1": 1 - np.minimum(dis["mid"], 1.0), "top1_low": 1 - np.minimum(dis["hi"], 1.0),
+            "top1_high": 1 - np.minimum(dis["lo"], 1.0),
         }, index=features_df.index)
         return frame.join(self._ppl(features_df, frame))
 
