@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         real = with_card_attributes(real[real["status"] == "done"], cards)
         real = real[real["eval_windows"] == real["eval_windows"].mode().iloc[0]]
     note = ["## What the training-token count adds to the predictor", "",
-            *tokens_value(pd.concat([runs, real]) if real is not None else runs)]
+            *tokens_value(pd.concat([runs, real], ignore_index=True) if real is not None else runs)]
     commands = ["quantpredict zoo build --long --threads 1   # resumable; checkpoints <base>-d<NN> in data/zoo",
                 "quantpredict collect --models llama-xs-d30 ... --formats mxint8 mxint6 mxint4 mxint3 mxint2 "
                 "mxfp8_e4m3 mxfp8_e5m2 mxfp6_e3m2 mxfp6_e2m3 mxfp4_e2m1 int8 int4 int3 int2 --methods rtn gptq "

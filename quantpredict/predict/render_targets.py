@@ -160,8 +160,8 @@ def write_targets_report(metrics: pd.DataFrame, predictions: pd.DataFrame, runs:
         "calibration KL), `profile` (the same quadratic priced from weights alone against a profile measured once "
         "per model, token-wise from every calibration token's layer inputs and sampled output gradients: what `rank` "
         "and `allocate` use), and the baselines `const_law` (KLD = c · 0.5 δᵀHδ with c the "
-        "training runs' median ratio), `paper` (the seed study's random forest, fitted to log KLD) and `gbm` (the "
-        "former default, delta NLL only).",
+        "training runs' median ratio), `paper` (the seed study's random forest, fitted to log KLD)"
+        + (" and `gbm` (the former default, delta NLL only)." if "gbm" in set(metrics["kind"]) else "."),
         "",
         f"![predicted vs measured KLD]({fig.name})",
         "",
