@@ -138,3 +138,19 @@ def timed_compare(model, tok, windows: int) -> dict:
     t0 = time.perf_counter()
     c = evaluate.compare(model, q, tok, max_windows=windows, progress=False)
     return {"seconds": time.perf_counter() - t0, "tokenize_seconds": c.tokenize_seconds, "delta_nll": c.delta_nll}
+
+
+def measure_stage(argv: list[str], *, label: str, target_gib: float, results: dict, where: dict, key: str,
+                  results_path: Path) -> dict:
+    """Run one benchmark stage as its own measured process (:func:`run_measured`, stopped past ``target_gib``), file
+    its result under ``where[key]``, print one line, and rewrite ``results_path`` with ``results`` and the machine,
+    so an interrupted benchmark keeps every stage it finished."""
+    import json
+    import time
+
+    r = run_measured(argv, max_rss_bytes=int(target_gib * 2**30))
+    where[key] = r
+    print(f"{label} {r['seconds']:8.1f} s  peak {r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+    results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average()}
+    results_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    return r

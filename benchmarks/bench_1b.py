@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPORTS, load_average, machine, run_measured, timed_compare, write_section  # noqa: E402
+from _common import REPORTS, measure_stage, run_measured, timed_compare, write_section  # noqa: E402
 
 STAGES = ("sensitivity", "quantize", "compare", "predict")
 RESULTS = REPORTS / "bench_1b.json"
@@ -291,12 +291,8 @@ def main() -> int:
     for stage in [s for s in args.stages.split(",") if s]:
         if stage in results and not args.force:
             continue
-        r = run_measured([__file__, "--child", stage, "--dir", str(directory)],
-                         max_rss_bytes=int(TARGET_GIB * 2**30))
-        results[stage] = r
-        print(f"{stage:12s} {r['seconds']:8.1f} s  peak {_gib(r['peak_rss_bytes'])} GiB", flush=True)
-        results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average()}
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        measure_stage([__file__, "--child", stage, "--dir", str(directory)], label=f"{stage:12s}",
+                      target_gib=TARGET_GIB, results=results, where=results, key=stage, results_path=RESULTS)
     if args.write:
         write_section("1b", render(results))
         print(f"wrote the 1b section of {REPORTS / 'benchmarks.md'}")

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPORTS, load_average, machine, run_measured, timed_compare, write_section  # noqa: E402
+from _common import REPORTS, measure_stage, timed_compare, write_section  # noqa: E402
 
 STAGES = ("load", "rtn", "gptq", "compare", "features_rtn", "features_gptq", "predict")
 RESULTS = REPORTS / "bench_memory.json"
@@ -191,11 +191,8 @@ def main() -> int:
             argv = [__file__, "--child", model, stage]
             if args.gptq_blocks:
                 argv += ["--gptq-blocks", str(args.gptq_blocks)]
-            r = run_measured(argv, max_rss_bytes=int(TARGET_GIB * 2**30))
-            results.setdefault(model, {})[stage] = r
-            print(f"{model:14s} {stage:14s} {r['seconds']:8.1f} s  peak {_gib(r['peak_rss_bytes'])} GiB", flush=True)
-            results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average()}
-            RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+            measure_stage(argv, label=f"{model:14s} {stage:14s}", target_gib=TARGET_GIB, results=results,
+                          where=results.setdefault(model, {}), key=stage, results_path=RESULTS)
     if args.write:
         write_section("memory", render(results))
         print(f"wrote the memory section of {REPORTS / 'benchmarks.md'}")

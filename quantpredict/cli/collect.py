@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from quantpredict.cli import options
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -59,12 +61,10 @@ def register(sub) -> None:
                    help="key runs by model name alone instead of name + weights hash")
     p.add_argument("--dry-run", action="store_true", help="print the plan (to run / already done) and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--device", default=None, metavar="DEV",
-                   help="where each run computes (cpu, cuda, cuda:N; passed to the run function as device=; default "
-                        "cpu). Checked here and again on each worker")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="working-memory budget of each run (passed as max_memory=, e.g. 6GiB; default "
-                        "the run function's, 2GiB)")
+    options.add_device(p, default=None, help="where each run computes (cpu, cuda, cuda:N; passed to the run function "
+                                             "as device=; default cpu). Checked here and again on each worker")
+    options.add_max_memory(p, default=None, help="working-memory budget of each run (passed as max_memory=, e.g. "
+                                                 "6GiB; default the run function's, 2GiB)")
     p.set_defaults(func=run)
 
 

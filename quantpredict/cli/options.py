@@ -12,9 +12,9 @@ from typing import Any
 from quantpredict.memory import DEFAULT_MAX_MEMORY_TEXT
 
 
-def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", metavar="DEV",
-                   help="where the model runs: cpu (default), cuda, cuda:N or mps")
+def add_device(p: argparse.ArgumentParser, *, default: str | None = "cpu",
+               help: str = "where the model runs: cpu (default), cuda, cuda:N or mps") -> None:
+    p.add_argument("--device", default=default, metavar="DEV", help=help)
 
 
 def add_dtype(p: argparse.ArgumentParser, what: str = "forward passes") -> None:
@@ -23,9 +23,10 @@ def add_dtype(p: argparse.ArgumentParser, what: str = "forward passes") -> None:
                         "KL, Hessians and every accumulator")
 
 
-def add_max_memory(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", default=DEFAULT_MAX_MEMORY_TEXT, metavar="SIZE",
-                   help="working-memory budget beyond the weights, e.g. 6GiB or 512MB (default "
+def add_max_memory(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MAX_MEMORY_TEXT,
+                   help: str | None = None) -> None:
+    p.add_argument("--max-memory", default=default, metavar="SIZE",
+                   help=help or "working-memory budget beyond the weights, e.g. 6GiB or 512MB (default "
                         f"{DEFAULT_MAX_MEMORY_TEXT}): calibration spills block inputs to disk above it, the features "
                         "split their autograd graphs into micro-batches that fit it")
 
