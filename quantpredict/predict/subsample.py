@@ -45,8 +45,9 @@ def measure_subsample(store: str | Path, *, windows: int = 32, models: Sequence[
     from quantpredict.recipe import Recipe
     from quantpredict.runs import RunStore
     from quantpredict.runs.execute import PROCEDURES, procedure
+    from quantpredict.threads import torch_threads as thread_limit  # the parameter shadows the name
 
-    with torch_threads(torch_threads):
+    with thread_limit(torch_threads):
         out = Path(out) if out is not None else subsample_path(store)
         done = set(pd.read_parquet(out)["run_key"]) if out.exists() else set()
         with RunStore(store, create=False) as st:

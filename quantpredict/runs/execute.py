@@ -90,8 +90,9 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
 
     from quantpredict import arch, data, evaluate, features, models
     from quantpredict.errors import DataError
+    from quantpredict.threads import torch_threads as thread_limit  # the parameter shadows the name
 
-    with torch_threads(torch_threads):
+    with thread_limit(torch_threads):
         timings: dict[str, float] = {}
         t = time.perf_counter()
         model_fp, tok = models.load(spec.model, dtype=torch.float32, attn_implementation="eager", device=device)
