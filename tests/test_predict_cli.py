@@ -154,7 +154,7 @@ def test_predict_cli_missing_predictor(tmp_path, capsys):
     assert "no predictor at" in capsys.readouterr().err
 
 
-@pytest.mark.slow
+@pytest.mark.e2e  # in CI: about a second
 def test_predict_quality_real_features_tiny_model(runs, ols):
     """The real features.extract on a tiny random Llama, through the OLS predictor fitted on synthetic runs."""
     ids = torch.randint(3, 320, (2000,), generator=torch.Generator().manual_seed(0))

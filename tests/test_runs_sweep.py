@@ -209,7 +209,7 @@ def test_dask_local_cluster(tmp_path):
     assert os.getpid() not in pids and len(pids) == 2  # both workers computed, only the driver wrote
 
 
-@pytest.mark.slow
+@pytest.mark.e2e  # in CI: 15 s, and the only test that drives execute_run through a real sweep
 def test_real_run_end_to_end(tiny_hf_dir, tmp_path):
     """The real run function: load, quantize (RTN and GPTQ), compare on WikiText-2 test, extract features."""
     store = tmp_path / "real.sqlite"
