@@ -210,15 +210,21 @@ def test_local_objective_equals_summed_layer_output_error(trained_llama):
     assert dist == pytest.approx(by_hand**0.5, rel=1e-12) and 0 < dist_rel < 1
 
 
-def test_ptq_trajectory_goes_from_fp_to_the_ptq_model(trained_llama):
-    from quantpredict.qat import mean_nll
-
-    fp, ids = trained_llama
+def _gptq_int3_and_reference(fp):
+    """Three windows, the layer names, the FP reference on them and an int3 GPTQ copy of ``fp``."""
     windows = _windows(3, 20)
     names = [r.name for r in arch.linear_layers(fp)]
     ref = fp_reference(fp, names, windows)
     q = copy.deepcopy(fp)
     quantize_model(q, Recipe("int3", method="gptq", calib_samples=4, calib_seq_len=20), windows, progress=False)
+    return windows, names, ref, q
+
+
+def test_ptq_trajectory_goes_from_fp_to_the_ptq_model(trained_llama):
+    from quantpredict.qat import mean_nll
+
+    fp, ids = trained_llama
+    windows, names, ref, q = _gptq_int3_and_reference(fp)
     traj = ptq_trajectory(fp, q, ref, windows)
     assert [p.step for p in traj] == list(range(len(names) + 1))
     assert traj[0].local == 0.0 and traj[0].distance == 0.0
@@ -232,11 +238,7 @@ def test_ptq_trajectory_goes_from_fp_to_the_ptq_model(trained_llama):
 def test_block_trajectory_keeps_the_layer_paths_numbers_at_block_ends(trained_llama):
     """points="block": the steps that end a block, with exactly the per-layer path's numbers there."""
     fp, _ = trained_llama
-    windows = _windows(3, 20)
-    names = [r.name for r in arch.linear_layers(fp)]
-    ref = fp_reference(fp, names, windows)
-    q = copy.deepcopy(fp)
-    quantize_model(q, Recipe("int3", method="gptq", calib_samples=4, calib_seq_len=20), windows, progress=False)
+    windows, names, ref, q = _gptq_int3_and_reference(fp)
     full = {p.step: p for p in ptq_trajectory(fp, q, ref, windows)}
     blocks = ptq_trajectory(fp, q, ref, windows, points="block")
     per_block = [r.block_index for r in arch.linear_layers(fp)]
