@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,29 +22,14 @@ RUNS = ROOT / "data" / "runs"
 SWEEPS = ("runs.sqlite", "long.sqlite", "smollm2.sqlite")
 
 
-def alloc_predictions(uniform, alloc, kind: str = "profile"):
-    """The allocated runs of each model predicted by a ``kind`` predictor fitted on every other model's runs."""
-    import pandas as pd
-
-    from quantpredict.predict.physics import PhysicsPredictor
-
-    both = pd.concat([uniform, alloc])
-    usable, test_all = PhysicsPredictor(kind).usable(both), PhysicsPredictor(kind).usable(alloc)
-    out = []
-    for m in test_all["model"].unique():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p = PhysicsPredictor(kind).fit(usable[usable["model"] != m]).predict(test_all[test_all["model"] == m])
-        out.append(p)
-    return pd.concat(out) if out else None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "rank.md")
     ap.add_argument("--budgets", nargs="+", type=float, default=[4.5, 6.5, 8.5])
     args = ap.parse_args(argv)
-    from quantpredict.predict.inputs import read_runs
+    import pandas as pd
+
+    from quantpredict.predict.inputs import read_runs, sweep_setting_runs
     from quantpredict.report.rank_report import (
         allocation_checks,
         load_allocations,
@@ -56,20 +40,21 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = read_runs([RUNS / s for s in SWEEPS if (RUNS / s).exists()])
     runs = runs[runs["status"] == "done"]
-    # one evaluation setting per model: SmolLM2's 64-window rehearsal run is not a second candidate
-    setting = runs.groupby("model")["eval_windows"].agg(lambda w: w.mode().iloc[0])
-    runs = runs[runs["eval_windows"] == runs["model"].map(setting)]
+    runs = sweep_setting_runs(runs)[0]  # SmolLM2's 64-window rehearsal run is not a second candidate
     models = sorted(m for m in runs["model"].unique()
                     if m.endswith("-l") or re.search(r"-d\d+$", m) or m == "smollm2-135m")
     preds = lomo_predictions(runs, models, kind="profile")
     rank = rank_checks(runs, preds, budgets=args.budgets)
     alloc_store = RUNS / "alloc.sqlite"
     allocations = load_allocations(RUNS / "allocations.json") | load_allocations(RUNS / "allocations_smollm2.json")
-    alloc = rank.iloc[0:0]
+    alloc = pd.DataFrame()
     if alloc_store.exists() and allocations:
         alloc_runs = read_runs(alloc_store)
         alloc_runs = alloc_runs[alloc_runs["status"] == "done"]
-        alloc = allocation_checks(alloc_runs, runs, allocations, alloc_predictions(runs, alloc_runs))
+        # each model's allocated runs predicted by a profile predictor fitted on every other model's runs
+        preds_alloc = lomo_predictions(pd.concat([runs, alloc_runs]), alloc_runs["model"].unique(),
+                                       test_runs=alloc_runs)
+        alloc = allocation_checks(alloc_runs, runs, allocations, preds_alloc if len(preds_alloc) else None)
     figure = "frontier_smollm2.png" if (args.out.parent / "frontier_smollm2.png").exists() else None
     costs = ["What rank costs against the evaluations it replaces (SmolLM2, measured in one run) is in "
              "[benchmarks.md](benchmarks.md#rank-one-profile-every-recipe-priced-from-weights)."]

@@ -45,17 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "real_models.md")
     args = ap.parse_args(argv)
     from quantpredict.models import zoo_card
-    from quantpredict.predict.inputs import read_runs
+    from quantpredict.predict.inputs import read_runs, sweep_setting_runs
     from quantpredict.report.real_models import render
 
     real = read_runs([p for p in args.real if p.exists()])
     real = real[real["status"] == "done"]
-    # one evaluation setting per model (its sweep's): a rehearsal on fewer windows is not a second data point
-    setting = real.groupby("model")["eval_windows"].agg(lambda w: w.mode().iloc[0])
-    other = real["eval_windows"] != real["model"].map(setting)
-    if other.any():
-        print(f"left out {int(other.sum())} run(s) measured on another window count than their model's sweep")
-    real = real[~other]
+    real, left_out = sweep_setting_runs(real)
+    if left_out:
+        print(f"left out {left_out} run(s) measured on another window count than their model's sweep")
     zoo = read_runs([p for p in args.zoo if p.exists()])
     cards = {}
     for m in real["model"].unique():

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from quantpredict.models import zoo_card
-    from quantpredict.predict.inputs import read_runs
+    from quantpredict.predict.inputs import read_runs, sweep_setting_runs
     from quantpredict.report.training_tokens import base_of, render, tokens_value
 
     runs = read_runs([p for p in args.zoo + args.long if p.exists()])
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = with_card_attributes(runs, cards)
     if real is not None:
         real = with_card_attributes(real[real["status"] == "done"], cards)
-        real = real[real["eval_windows"] == real["eval_windows"].mode().iloc[0]]
+        real = sweep_setting_runs(real)[0]
     note = ["## What the training-token count adds to the predictor", "",
             *tokens_value(pd.concat([runs, real], ignore_index=True) if real is not None else runs)]
     commands = ["quantpredict zoo build --long --threads 1   # resumable; checkpoints <base>-d<NN> in data/zoo",

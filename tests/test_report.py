@@ -174,3 +174,13 @@ def test_allocation_checks_compare_with_the_uniform_recipe_whose_bits_were_the_b
     preds = pd.DataFrame({"kld": [3e-4, 1e-3, 1e-6]}, index=[10, 11, 12])  # predicted KLDs, same order as truth
     r = rank_checks(uniform, preds.assign(model="m"), budgets=(6.5, 8.5))
     assert list(r["recommended"]) == ["mxint6-rtn", "int8-rtn"] and r["within_2se"].all()
+
+
+def test_sweep_setting_runs_keeps_each_models_own_window_count():
+    import pandas as pd
+
+    from quantpredict.predict.inputs import sweep_setting_runs
+
+    runs = pd.DataFrame({"model": ["a", "a", "a", "b", "b"], "eval_windows": [128, 128, 64, 256, 256]})
+    kept, left_out = sweep_setting_runs(runs)
+    assert left_out == 1 and list(kept.index) == [0, 1, 3, 4]

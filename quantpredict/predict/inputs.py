@@ -38,3 +38,11 @@ def read_runs(store: str | Path | list | tuple | None = None, runs: str | Path |
     if path.suffix == ".csv":
         return pd.read_csv(path)
     raise PredictorError(f"runs file {path} must end in .parquet or .csv")
+
+
+def sweep_setting_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The runs measured on their model's most common window count (its sweep's), and how many others were left
+    out: a rehearsal on fewer windows is not a second data point of the same recipe."""
+    setting = runs.groupby("model")["eval_windows"].agg(lambda w: w.mode().iloc[0])
+    other = runs["eval_windows"] != runs["model"].map(setting)
+    return runs[~other], int(other.sum())

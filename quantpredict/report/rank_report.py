@@ -24,14 +24,17 @@ from quantpredict.predict.rank import DEFAULT_FORMATS
 GRID_LABELS = tuple(f"{f}-{m}" for f in DEFAULT_FORMATS for m in ("rtn", "gptq"))
 
 
-def lomo_predictions(runs: pd.DataFrame, models: Sequence[str], kind: str = "profile") -> pd.DataFrame:
-    """Each model's runs predicted by a ``kind`` predictor fitted on every other model's runs."""
+def lomo_predictions(runs: pd.DataFrame, models: Sequence[str], kind: str = "profile",
+                     test_runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each model's runs (of ``test_runs``, default ``runs``) predicted by a ``kind`` predictor fitted on every
+    other model's runs of ``runs``."""
     from quantpredict.predict.physics import PhysicsPredictor
 
     out = []
     usable = PhysicsPredictor(kind).usable(runs)
+    targets = usable if test_runs is None else PhysicsPredictor(kind).usable(test_runs)
     for m in models:
-        test = usable[usable["model"] == m]
+        test = targets[targets["model"] == m]
         if test.empty:
             continue
         with warnings.catch_warnings():
