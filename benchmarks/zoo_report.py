@@ -33,13 +33,14 @@ def main() -> None:
         "`quantpredict zoo build` (seeded, resumable), with one byte-level BPE tokenizer (vocab 4096) for all. "
         "Perplexity is measured on the WikiText-2 valid and test splits (non-overlapping windows of 256 tokens, "
         "the bf16-stored weights loaded in float32). `-tNN` models are snapshots at NN% of their model's token "
-        "budget.",
+        "budget. `-dNN` models are the long-trained checkpoints, NN training tokens per non-embedding parameter "
+        "(multi-epoch over WikiText-2 and TinyShakespeare train, WSD schedule; `reports/training_tokens.md`).",
         "",
         f"Unigram baseline (add-one smoothed train frequencies, same tokenizer): test perplexity **{base:.1f}**.",
         "",
-        "| model | family | non-emb params | total params | tokens | valid ppl | test ppl (NLL +- SE) | vs unigram "
-        "| train s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | family | non-emb params | total params | tokens | tokens/param | valid ppl | test ppl (NLL +- SE) "
+        "| vs unigram | train s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in list_zoo():
         c = zoo_card(name)
@@ -47,7 +48,8 @@ def main() -> None:
         nll = f" ({c['test_nll']:.3f} +- {c['test_nll_se']:.3f})" if "test_nll" in c else ""
         ratio = f"{base / test:.1f}x lower" if test else "n/a"
         lines.append(f"| {name} | {c['family']} | {c['n_params_nonembed']:,} | {c['n_params_total']:,} | "
-                     f"{c['tokens_trained']:,} | {c.get('valid_ppl', 'n/a')} | {test}{nll} | {ratio} | "
+                     f"{c['tokens_trained']:,} | {c['tokens_trained'] / c['n_params_nonembed']:.1f} | "
+                     f"{c.get('valid_ppl', 'n/a')} | {test}{nll} | {ratio} | "
                      f"{c['train_seconds']:.0f} |")
     OUT.write_text("\n".join(lines) + "\n")
     print(OUT.read_text())

@@ -142,3 +142,134 @@ def test_long_training_resumes_to_the_same_checkpoints(tmp_path, tokenizer, monk
         card = json.loads((tmp_path / "b" / name / "zoo_card.json").read_text())
         assert card["long_run_of"] == "tiny-llama" and card["tokens_per_param"] == pytest.approx(tpp, rel=0.2)
     assert calls["n"] > 11  # both kills happened
+
+
+def _tiny_long_setup(monkeypatch, tokenizer, family="llama"):
+    from quantpredict.models import zoo
+
+    spec = zoo.ZooSpec("tiny-llama", family, hidden=32, layers=1, tokens=6 * zoo.BATCH * zoo.SEQ_LEN)
+    ids = torch.randint(0, len(tokenizer), (40_000,), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(zoo, "zoo_specs", lambda: [spec])
+    monkeypatch.setattr(zoo, "long_corpus_ids", lambda tok: (ids, {"random": ids.numel()}))
+    return zoo, spec, ids
+
+
+def test_compact_resume_state_round_trips_in_bf16_and_refuses_foreign_files(tmp_path, tokenizer, monkeypatch):
+    """The committed resume state holds every weight once (the tied lm_head is re-tied, not stored), loads back
+    exactly as the bf16 rounding of the saved weights, and a file of another format or model is refused."""
+    from safetensors.torch import load_file, save_file
+
+    zoo, spec, _ = _tiny_long_setup(monkeypatch, tokenizer, family="gpt2")  # gpt2: lm_head tied to wte
+    model, _, _, _ = zoo._model_and_optimizer(spec, tokenizer, tmp_path / "none.pt")
+    path = tmp_path / "r.resume.safetensors"
+    zoo.save_resume_state(model, 1234, 56.7, path)
+    stored = load_file(str(path))
+    assert len(stored) == len({v.data_ptr() for v in model.state_dict().values()}) < len(model.state_dict())
+    fresh, _, _, _ = zoo._model_and_optimizer(zoo.ZooSpec("tiny-llama", "gpt2", 32, 1, 1, seed=7), tokenizer,
+                                               tmp_path / "none.pt")
+    assert zoo.load_resume_state(fresh, path) == (1234, 56.7)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value.to(torch.bfloat16).float()), key
+    assert fresh.lm_head.weight.data_ptr() == fresh.transformer.wte.weight.data_ptr()
+    save_file(stored, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a long-run resume state"):
+        zoo.load_resume_state(fresh, tmp_path / "plain.safetensors")
+    llama, _, _, _ = zoo._model_and_optimizer(zoo.ZooSpec("x", "llama", 32, 1, 1), tokenizer, tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="does not fit the model"):
+        zoo.load_resume_state(llama, path)
+
+
+def test_reestimated_moments_equal_a_float64_ema_of_the_clipped_gradients(tokenizer, monkeypatch):
+    """Re-estimating AdamW's moments leaves the weights bit-identical and gives exactly Adam's two EMAs (betas
+    0.9, 0.95) of the norm-clipped gradients of the batches before the resume point, recomputed here in float64."""
+    zoo, spec, ids = _tiny_long_setup(monkeypatch, tokenizer)
+    monkeypatch.setattr(zoo, "MOMENT_STEPS", 4)
+    model, opt, _, _ = zoo._model_and_optimizer(spec, tokenizer, zoo.Path("/nonexistent.pt"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [p for p in model.parameters()]
+    m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    v = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    model.train()
+    for step in range(6, 10):  # the 4 batches before step 10
+        starts = zoo._batch_starts(spec.seed, step, ids.numel())
+        x = torch.stack([ids[s : s + zoo.SEQ_LEN] for s in starts.tolist()])
+        model(input_ids=x, labels=x).loss.backward()
+        grads = [p.grad.double() for p in params]
+        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        scale = min(1.0, 1.0 / (float(norm) + 1e-6))
+        for i, g in enumerate(grads):
+            m[i] = 0.9 * m[i] + 0.1 * g * scale
+            v[i] = 0.95 * v[i] + 0.05 * (g * scale) ** 2
+        model.zero_grad(set_to_none=True)
+    assert zoo.reestimate_moments(model, opt, spec, ids, 10) == 4
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    for i, p in enumerate(params):
+        state = opt.state[p]
+        assert float(state["step"]) == 4
+        torch.testing.assert_close(state["exp_avg"].double(), m[i], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(state["exp_avg_sq"].double(), v[i], rtol=1e-4, atol=1e-12)
+
+
+def test_long_run_resumes_on_a_fresh_clone_from_the_committed_state(tmp_path, tokenizer, monkeypatch):
+    """Killed in its stable phase with only the committed compact state left (the .pt files are not committed),
+    the long run resumes and ends close to the uninterrupted run: far closer than a resume with fresh (zero) AdamW
+    moments, the naive alternative, and a small fraction of the distance between its two checkpoints."""
+    from safetensors.torch import load_file
+
+    zoo, spec, _ = _tiny_long_setup(monkeypatch, tokenizer)
+    run = zoo.LongRun("tiny-llama", (1, 3))
+    kw = dict(ckpt_every=2, evaluate=False)
+    zoo.train_long(run, tokenizer, ckpt_dir=tmp_path / "a_ckpt", out_root=tmp_path / "a", **kw)
+    real_steps = zoo._train_steps
+
+    def resumed_on_a_fresh_clone(tag: str) -> dict:
+        calls = {"n": 0}
+
+        def killed(model, opt, spec_, ids_, first, last, lr_of, *, bar, on_step=None):
+            def step_then_maybe_die(k):
+                if on_step is not None:
+                    on_step(k)
+                calls["n"] += 1
+                if calls["n"] == 13:  # inside the stable phase towards d3, after d1 was saved
+                    raise KeyboardInterrupt
+            return real_steps(model, opt, spec_, ids_, first, last, lr_of, bar=bar, on_step=step_then_maybe_die)
+
+        monkeypatch.setattr(zoo, "_train_steps", killed)
+        with pytest.raises(KeyboardInterrupt):
+            zoo.train_long(run, tokenizer, ckpt_dir=tmp_path / f"{tag}_ckpt", out_root=tmp_path / tag, **kw)
+        monkeypatch.setattr(zoo, "_train_steps", real_steps)
+        compact = zoo.resume_path(tmp_path / f"{tag}_ckpt", "tiny-llama")
+        for pt in (tmp_path / f"{tag}_ckpt").glob("*.pt"):
+            pt.unlink()  # a fresh clone: only the committed state survives
+        probe = zoo._model_and_optimizer(spec, tokenizer, tmp_path / "none.pt")[0]
+        assert 5 < zoo.load_resume_state(probe, compact)[0] <= 12  # past d1's branch point, before d3's
+        assert zoo.train_long(run, tokenizer, ckpt_dir=tmp_path / f"{tag}_ckpt", out_root=tmp_path / tag,
+                              **kw) == ["tiny-llama-d3"]
+        return load_file(tmp_path / tag / "tiny-llama-d3" / "model.safetensors")
+
+    def dist(x, y):
+        return torch.sqrt(sum(((x[k].float() - y[k].float()) ** 2).sum() for k in x)).item()
+
+    a = load_file(tmp_path / "a" / "tiny-llama-d3" / "model.safetensors")
+    d1 = load_file(tmp_path / "a" / "tiny-llama-d1" / "model.safetensors")
+    resumed = resumed_on_a_fresh_clone("b")
+    with monkeypatch.context() as m:
+        m.setattr(zoo, "reestimate_moments", lambda *args, **kwargs: 0)
+        zero_moments = resumed_on_a_fresh_clone("c")
+    assert 0 < dist(a, resumed) < 0.5 * dist(a, zero_moments)  # measured: 0.44 vs 1.42
+    assert dist(a, resumed) < 0.25 * dist(a, d1)  # measured: 0.44 vs 2.34
+
+
+def test_long_checkpoints_link_the_shared_tokenizer(tmp_path):
+    """A checkpoint's tokenizer.json becomes a relative link to the zoo's when the bytes are equal, else stays."""
+    from quantpredict.models import zoo
+
+    shared, own, other = tmp_path / "tokenizer", tmp_path / "m", tmp_path / "n"
+    for d, text in ((shared, "{}"), (own, "{}"), (other, '{"x": 1}')):
+        d.mkdir()
+        (d / "tokenizer.json").write_text(text)
+    assert zoo.link_shared_tokenizer(own, shared) and not zoo.link_shared_tokenizer(other, shared)
+    assert (own / "tokenizer.json").is_symlink() and (own / "tokenizer.json").read_text() == "{}"
+    assert not (own / "tokenizer.json").readlink().is_absolute()
+    assert not (other / "tokenizer.json").is_symlink()
+    assert not zoo.link_shared_tokenizer(own, shared)  # already a link

@@ -116,6 +116,23 @@ def save_model_dir(model, tokenizer, out: Path, card: dict) -> None:
     (out / "zoo_card.json").write_text(json.dumps(card, indent=2) + "\n")
 
 
+def link_shared_tokenizer(model_dir: Path, shared: Path) -> bool:
+    """Replace ``model_dir/tokenizer.json`` by a relative symlink to ``shared/tokenizer.json`` when the two are
+    byte-identical; returns whether it linked. Every long-trained checkpoint carries the zoo's tokenizer, and the
+    264 KB file ten times over was an eighth of what the long zoo added to the tracked tree; through the link the
+    directory still loads with ``from_pretrained``."""
+    import os
+
+    own, target = model_dir / "tokenizer.json", shared / "tokenizer.json"
+    if own.is_symlink() or not own.is_file() or not target.is_file() or own.read_bytes() != target.read_bytes():
+        return False
+    tmp = own.with_name("tokenizer.json.link")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(target, model_dir))
+    tmp.replace(own)
+    return True
+
+
 def _model_and_optimizer(spec: ZooSpec, tokenizer, ckpt: Path):
     """A fresh seeded model of ``spec`` and its AdamW (the zoo's settings), resumed from ``ckpt`` when it exists:
     ``(model, optimizer, step, seconds trained so far)``."""
@@ -341,12 +358,88 @@ def _atomic_save(obj, path: Path) -> None:
     tmp.replace(path)  # a kill mid-save leaves the previous checkpoint intact
 
 
+# ---- the committed resume state of a long run ---------------------------------------------------------------------
+# The full resume state (fp32 weights and both AdamW moments, 4-9 MB per run) stays on the training machine. What is
+# committed is a compact one, about a quarter of the bytes: the weights in bf16 (as the zoo's checkpoints are), the
+# step and the seconds. The moments are not stored but re-estimated on resume, with the weights frozen, over the
+# MOMENT_STEPS batches that preceded the resume point (the same batches the run saw). With beta2 = 0.95 the second
+# moment forgets its history in ~20 steps, so 100 steps reconstruct it (1 - 0.95^100 = 99.4% of its weight); the
+# state's step count restarts at 100, so Adam's bias corrections stay exact for the moments actually held.
+
+RESUME_FORMAT = "quantpredict-long-resume-1"
+MOMENT_STEPS = 100
+
+
+def resume_path(ckpt_dir: Path, base: str) -> Path:
+    """The compact (committed) resume state of ``base``'s long run: ``<ckpt_dir>/<base>-long.resume.safetensors``."""
+    return ckpt_dir / f"{base}-long.resume.safetensors"
+
+
+def save_resume_state(model, step: int, seconds: float, path: Path) -> None:
+    """Write the compact resume state (bf16 weights, each tied tensor once; step and seconds in the metadata),
+    atomically."""
+    from safetensors.torch import save_file
+
+    seen: set[int] = set()
+    state = {}
+    for key, value in model.state_dict().items():
+        if value.data_ptr() in seen:  # a tied weight (lm_head = embedding): stored once, re-tied on load
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().to(torch.bfloat16).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": RESUME_FORMAT, "step": str(int(step)),
+                                         "seconds": f"{seconds:.1f}"})
+    tmp.replace(path)
+
+
+def load_resume_state(model, path: Path) -> tuple[int, float]:
+    """Load a compact resume state into ``model`` (bf16 -> the model's dtype); returns ``(step, seconds)``.
+
+    Raises ``ValueError`` when the file is not one, or does not fit the model (a key missing that is not tied to a
+    stored one, or an unexpected key)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != RESUME_FORMAT:
+        raise ValueError(f"{path} is not a long-run resume state (format {meta.get('format')!r}, expected "
+                         f"{RESUME_FORMAT!r}); delete it to train the run from scratch")
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = set(own) - set(state)
+    unexpected = set(state) - set(own)
+    stored_ptrs = {own[k].data_ptr() for k in state if k in own}
+    if unexpected or any(own[k].data_ptr() not in stored_ptrs for k in missing):
+        raise ValueError(f"{path} does not fit the model: unexpected {sorted(unexpected)}, missing "
+                         f"{sorted(k for k in missing if own[k].data_ptr() not in stored_ptrs)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(value.to(own[key].dtype))
+    return int(meta["step"]), float(meta["seconds"])
+
+
+def reestimate_moments(model, opt, spec: ZooSpec, ids: torch.Tensor, step: int) -> int:
+    """Rebuild AdamW's moments at ``step`` without moving the weights: optimizer steps at learning rate 0 (no
+    update, no weight decay) on the batches of steps ``step - k .. step - 1``, ``k = min(MOMENT_STEPS, step)``.
+    Returns ``k``."""
+    k = min(MOMENT_STEPS, step)
+    bar = tqdm(total=k, desc=f"{spec.name} moments", unit="step", mininterval=10)
+    _train_steps(model, opt, spec, ids, step - k, step, lambda _: 0.0, bar=bar)
+    bar.close()
+    return k
+
+
 def train_long(run: LongRun, tokenizer, *, ckpt_dir: Path, out_root: Path, ckpt_every: int = 200,
                evaluate: bool = True) -> list[str]:
     """Train ``run`` (resuming its checkpoints) and save every budget not on disk yet; returns the names saved.
 
     Resumable at any step: ``<ckpt_dir>/<base>-long.pt`` holds the stable trajectory, and ``<name>.cooldown.pt`` a
-    branch in progress.
+    branch in progress. Where neither is (a fresh clone), the committed compact state of the stable trajectory,
+    ``<base>-long.resume.safetensors`` (:func:`save_resume_state`), resumes it: bf16 weights, moments re-estimated
+    (:func:`reestimate_moments`) -- close to, not bit-identical with, the uninterrupted run.
     """
     import copy
 
@@ -355,7 +448,11 @@ def train_long(run: LongRun, tokenizer, *, ckpt_dir: Path, out_root: Path, ckpt_
     spec = run.spec
     ids, corpus_tokens = long_corpus_ids(tokenizer)
     main_ckpt = ckpt_dir / f"{run.base}-long.pt"
+    compact = resume_path(ckpt_dir, run.base)
     model, opt, step, seconds = _model_and_optimizer(spec, tokenizer, main_ckpt)
+    if not main_ckpt.exists() and compact.exists():  # a fresh machine: only the committed state is here
+        step, seconds = load_resume_state(model, compact)
+        reestimate_moments(model, opt, spec, ids, step)
     n_nonembed = arch.non_embedding_parameters(model)
     tokens_per_step = BATCH * SEQ_LEN
     saved: list[str] = []
@@ -365,6 +462,7 @@ def train_long(run: LongRun, tokenizer, *, ckpt_dir: Path, out_root: Path, ckpt_
     def save_main(at: int) -> None:
         _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": at,
                       "seconds": time.time() - t0}, main_ckpt)
+        save_resume_state(model, at, time.time() - t0, compact)
 
     for tpp, name in zip(run.tokens_per_param, run.names()):
         total_steps = int(round(tpp * n_nonembed / tokens_per_step))
@@ -417,6 +515,7 @@ def train_long(run: LongRun, tokenizer, *, ckpt_dir: Path, out_root: Path, ckpt_
                               "(valid perplexity is on this card)",
         })
         save_model_dir(model, tokenizer, out_root / name, card)
+        link_shared_tokenizer(out_root / name, out_root / "tokenizer")
         saved.append(name)
         if evaluate:
             evaluate_cards([name])

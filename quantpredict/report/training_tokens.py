@@ -114,7 +114,13 @@ def render(runs: pd.DataFrame, cards: dict[str, dict], out: str | Path, *, bases
              "cooldown branch) at 30, 100 and 300 training tokens per non-embedding parameter; the base zoo model "
              "(1-10 tokens per parameter, its own cosine schedule) is the first point. The corpus is WikiText-2 train "
              "plus tiny-shakespeare train (3.48M tokens), so the longer budgets repeat it for up to ~9 epochs: these "
-             "are not Pythia's fresh tokens, and a model may start to overfit (valid perplexity is in the table).", ""]
+             "are not Pythia's fresh tokens, and a model may start to overfit (valid perplexity is in the table).", "",
+             "Overfitting is held by AdamW weight decay 0.1 and gradient clipping at 1.0 only (no dropout, no early "
+             "stopping), and valid perplexity fell at every budget. Training resumes from "
+             "`data/zoo/_long/<base>-long.resume.safetensors`, the committed compact state of each run whose budgets "
+             "are not all trained (bf16 weights; AdamW's moments are re-estimated at resume over the 100 batches "
+             "before it, with the weights frozen), or from the full fp32 state with the moments where the training "
+             "machine kept it; `quantpredict zoo build --long` does either.", ""]
     parts += ["| checkpoint | tokens/param | tokens | epochs | valid ppl | test ppl |", "|---|---|---|---|---|---|"]
     for name in sorted(df["model"].unique(), key=lambda n: (base_of(n), cards.get(n, {}).get("tokens_trained", 0))):
         c = cards.get(name, {})
