@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -328,3 +329,44 @@ def test_cli_qat_saves_a_loadable_quantized_model(tiny_hf_dir, tmp_path, capsys)
     _on_grid(model, saved.recipe)
     assert json.loads((out / "quantization.json").read_text())["qat"]["qat_steps"] == 2
     assert main(["qat", str(tiny_hf_dir), "--format", "mxint17", "--out", str(out)]) == 2
+
+
+def test_fp_finetune_is_qats_training_without_quantization(trained_llama):
+    """The FP control trains exactly the layers QAT trains, with QAT's optimizer, schedule, minibatch order and
+    clipping: equal to an independent hand-written loop, with the embeddings and norms untouched."""
+    from quantpredict.data import calibration_windows
+    from quantpredict.qat import QATConfig
+    from quantpredict.qat.finetune import fp_finetune
+
+    fp, ids = trained_llama
+    recipe = Recipe("int4", calib_samples=8, calib_seq_len=24, seed=3)
+    cfg = QATConfig(steps=5, lr=1e-3, batch_size=3, init="gptq", seed=2, track_every=2)
+    model = copy.deepcopy(fp)
+    losses = fp_finetune(model, recipe, ids, config=cfg)
+
+    ref = copy.deepcopy(fp)
+    weights = [r.module.weight for r in arch.linear_layers(ref)]
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    windows = calibration_windows(ids, 8, 24, seed=3)
+    opt = torch.optim.AdamW(weights, lr=1e-3, weight_decay=cfg.weight_decay)
+    gen, order, hand = torch.Generator().manual_seed(2), torch.empty(0, dtype=torch.long), []
+    for step in range(5):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * step / 5))
+        if order.numel() < 3:
+            order = torch.cat([order, torch.randperm(8, generator=gen)])
+        idx, order = order[:3], order[3:]
+        loss = ref(input_ids=windows[idx], labels=windows[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(weights, cfg.grad_clip)
+        opt.step()
+        hand.append(float(loss.detach()))
+    assert losses == pytest.approx(hand, rel=1e-6)
+    for (name, a), (_, b), (_, c) in zip(model.named_parameters(), ref.named_parameters(), fp.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert torch.equal(a, c) != any(name == f"{r.name}.weight" for r in arch.linear_layers(model)), name
+    assert all(p.requires_grad for p in model.parameters())  # flags restored

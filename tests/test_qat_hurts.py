@@ -162,3 +162,40 @@ def test_sections_render_verdicts_from_a_results_file(tmp_path):
     assert len(claims(recs)) > 0
     assert hurts_command(recs[:2]).startswith("quantpredict study ptq-vs-qat --models smollm2-135m --formats "
                                               "mxint4,mxint3 --steps 32 --lr 0.0001")
+
+
+def _control(cell: dict, adapt: float, *, seed: int = 9) -> dict:
+    """The FP fine-tuning control of ``cell``'s model and settings: FP fine-tuned sits ``adapt`` nats below FP."""
+    fp = np.array(cell["window_nll"]["fp"])
+    win = {"fp": fp, "fp_ft": fp - adapt + _noise(seed)}
+    methods = {m: {"nll": float(v.mean()), "ppl": math.exp(float(v.mean())), "delta_nll": float((v - fp).mean()),
+                   "delta_nll_se": float((v - fp).std(ddof=1) / math.sqrt(N))} for m, v in win.items()}
+    return {"model": cell["model"], "kind": "fp_finetune", "settings": cell["settings"], "methods": methods,
+            "window_nll": {m: [float(x) for x in v] for m, v in win.items()}, "windows_sha": cell["windows_sha"],
+            "losses": [3.0], "seconds": 1.0}
+
+
+def test_fp_control_separates_adaptation_from_recovery(tmp_path):
+    """QAT 0.3 nats below GPTQ beats GPTQ; but when FP fine-tuned the same way gains 0.5 nats, QAT's gap to it
+    (0.3 - 0.3 + 0.5 = +0.5) is larger than GPTQ's 0.3 to FP: the gain was adaptation, and the claim fails. With an
+    adaptation of 0.0 the same cells support it. Paired: 0.01-nat window noise decides 0.2-nat contrasts."""
+    from quantpredict.qat.hurts import claim_control, control_of, control_table
+    from quantpredict.qat.report import render_report
+
+    cells = [_record("smollm2-135m", "mxint4", 0.3, 0.3, 0.3, seed=1),
+             _record("smollm2-135m", "mxint3", 0.6, 0.6 - 0.2, 0.6 - 0.2, seed=1)]  # same FP windows (seed 1)
+    adapted = [_control(cells[0], 0.5)]
+    assert control_of(cells[1], adapted) is adapted[0]  # one control per model and settings serves every format
+    assert control_of(_record("other", "int4", 0.1, 0.0, 0.0), adapted) is None
+    v = {x.claim: x for x in claim_control(cells, adapted)}
+    assert v["FP fine-tuned at the same data beats FP (QAT's gain is partly adaptation)"].verdict == "holds"
+    gap = "QAT<-GPTQ's gap to FP fine-tuned at the same data is smaller than GPTQ's to FP"
+    assert v[gap].verdict == "fails"
+    # (GPTQ - FP) - (QAT - FP_ft) per cell: mxint4 0.3 - 0.5, mxint3 0.6 - 0.7
+    assert v[gap].mean == pytest.approx(((0.3 - 0.5) + (0.6 - 0.7)) / 2, abs=0.02) and v[gap].cells == 2
+    unadapted = {x.claim: x for x in claim_control(cells, [_control(cells[0], 0.0)])}
+    assert unadapted[gap].verdict == "holds"
+    assert "| smollm2-135m | 0.0001 | mxint4 |" in control_table(cells, adapted)
+    assert control_table(cells, []) == "" and claim_control(cells, []) == []
+    page = render_report([], tmp_path, hurts=cells, controls=adapted).read_text()
+    assert "### The FP fine-tuning control" in page and f"| {gap} | smollm2-135m, lr 0.0001 | **fails** |" in page

@@ -53,6 +53,10 @@ def register(subparsers) -> None:
     q.add_argument("--micro-batch-size", type=int, default=None, metavar="N",
                    help="QAT forward/backward passes of at most N windows, gradients accumulated (default: the "
                         "whole batch; bounds activation memory)")
+    q.add_argument("--fp-control", action="store_true",
+                   help="also fine-tune the FP model at each lr's data budget (the control: what fine-tuning on the "
+                        "calibration text gains without quantization), once per model and lr, into "
+                        "OUT/qat_fp_control.jsonl (resumable); the report pairs it with the cells")
     q.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars (one line per finished cell)")
     q.add_argument("--pending", default="", help="a note on what is still to run, printed in the report")
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import DataError
     from quantpredict.models import list_zoo
     from quantpredict.qat.report import render_report
-    from quantpredict.qat.study import RESULTS_FILES, RunOptions, StudySettings, read_results, run_study
+    from quantpredict.qat.study import CONTROL_FILE, RESULTS_FILES, RunOptions, StudySettings, read_results, run_study
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
@@ -120,13 +124,14 @@ def run(args: argparse.Namespace) -> int:
         run_options = RunOptions(ptq_points=args.ptq_points, reference_dtype=args.reference_dtype,
                              micro_batch_size=args.micro_batch_size)
         run_study(models, formats, settings=settings, results=results, options=run_options,
-                  progress=not args.no_progress, device=options.device(args))
+                  progress=not args.no_progress, device=options.device(args), fp_control=args.fp_control)
     records = read_results(out / RESULTS_FILES["zoo"])
     hurts = read_results(out / RESULTS_FILES["hurts"])
+    controls = read_results(out / CONTROL_FILE)
     if not records and not hurts:
         raise DataError(f"{out} holds no study results; run the study without --report-only first")
     path = render_report(records, out, command=command if args.results == "zoo" else "", pending=args.pending,
-                         hurts=hurts)
+                         hurts=hurts, controls=controls)
     print(f"wrote {path} ({len(records)} zoo cells, {len(hurts)} cells where quantization hurts) and its figures")
     return 0
 

@@ -230,6 +230,43 @@ def finetune(
         init_report=start.report, trajectory=tuple(trajectory))
 
 
+def fp_finetune(model: nn.Module, recipe: Recipe, train_ids: torch.Tensor, *, config: QATConfig,
+                progress: bool = False) -> list[float]:
+    """The control of a QAT run: the same training without quantization, in place; returns the step losses.
+
+    The layers ``recipe`` quantizes are trained as QAT trains their latents (the same calibration windows, AdamW,
+    cosine schedule, minibatch order and clipping; everything else frozen), but forward in full precision. A model
+    fine-tuned on WikiText-2 train gets better at WikiText-2 test whether or not it is quantized (SmolLM2-Instruct
+    was not trained on it), so QAT's gain over GPTQ is recovery only beyond what this control gains over FP.
+
+    Args:
+        model: float32 causal LM, trained in place.
+        recipe: only its layer selection (``skip``) and calibration (``calib_samples``, ``calib_seq_len``, ``seed``)
+            are used; its format is not.
+        train_ids: 1-D WikiText-2 *train* token ids, as for :func:`finetune`.
+        config: the QAT run's :class:`QATConfig` (``init`` and the trajectory settings are ignored).
+    """
+    cfg = dataclasses.replace(config, track_every=0)
+    refs = _check(model, recipe, cfg, None)
+    windows, eval_w, _ = _calibration(model, recipe, train_ids, cfg, None)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = [ref.module.weight for ref in refs]  # the stored parameters (Conv1D's [in, out] included)
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        plain = dataclasses.replace(recipe, act_format=None, smoothquant_alpha=None)
+        losses, _ = _ste_steps(model, plain, refs, weights, windows, eval_w, None, cfg, progress=progress)
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, True))
+        model.train(was_training)
+    return losses
+
+
 def _config(config: QATConfig | None, **keywords: Any) -> QATConfig:
     """The :class:`QATConfig` of a :func:`finetune` call: built from the keywords, or ``config`` when the keywords
     agree with it (a keyword at its default defers to the config; one set to another value than the config's

@@ -218,10 +218,63 @@ def claim_misalignment(records: Sequence[dict]) -> list[Verdict]:
     return out
 
 
-def claims(records: Sequence[dict]) -> list[Verdict]:
-    """Every claim's verdict on ``records`` (see the module docstring), scoped by model group and learning rate."""
+def _settings_key(r: dict) -> tuple[str, str]:
+    import json
+
+    return r["model"], json.dumps(r.get("settings"), sort_keys=True)
+
+
+def control_of(r: dict, controls: Sequence[dict]) -> dict | None:
+    """The FP fine-tuning control of a cell's model and settings (``qat_fp_control.jsonl``), or None."""
+    key = _settings_key(r)
+    return next((c for c in controls if _settings_key(c) == key), None)
+
+
+def claim_control(records: Sequence[dict], controls: Sequence[dict]) -> list[Verdict]:
+    """With the FP fine-tuning controls: does fine-tuning alone beat FP (then part of QAT's gain is adaptation to
+    the calibration text, not recovery), and is QAT's gap to the fine-tuned FP model smaller than GPTQ's gap to FP:
+    ``(NLL(GPTQ) - NLL(FP)) - (NLL(QAT) - NLL(FP fine-tuned))`` per cell, positive as claimed."""
+    out = []
+    with_control = [(r, c) for r in records if (c := control_of(r, controls)) is not None]
+    for (group, lr), pairs in sorted(_by(with_control, lambda rc: (group_of(rc[0]["model"]), lr_of(rc[0]))).items()):
+        seen = {}
+        for _, c in pairs:
+            seen.setdefault(id(c), c)
+        ev = [Evidence(f"{c['model']} lr {lr_of(c):g}", *contrast([(1.0, c, "fp"), (-1.0, c, "fp_ft")]))
+              for c in seen.values()]
+        out.append(verdict("FP fine-tuned at the same data beats FP (QAT's gain is partly adaptation)",
+                           _scope(group, lr), ev))
+        for init in INITS:
+            ev = [Evidence(_cell(r), *contrast([(1.0, r, "gptq"), (-1.0, r, "fp"), (-1.0, r, init), (1.0, c, "fp_ft")]))
+                  for r, c in pairs]
+            out.append(verdict(f"{LABELS[init]}'s gap to FP fine-tuned at the same data is smaller than GPTQ's to FP",
+                               _scope(group, lr), ev))
+    return out
+
+
+def claims(records: Sequence[dict], controls: Sequence[dict] = ()) -> list[Verdict]:
+    """Every claim's verdict on ``records`` (see the module docstring), scoped by model group and learning rate;
+    ``controls`` (FP fine-tuned at the cells' settings) add the claims of :func:`claim_control`."""
     return (claim_qat_beats_gptq(records) + claim_gain_grows_at_lower_precision(records)
-            + claim_tokens_per_param(records) + claim_misalignment(records))
+            + claim_tokens_per_param(records) + claim_misalignment(records) + claim_control(records, controls))
+
+
+def control_table(records: Sequence[dict], controls: Sequence[dict]) -> str:
+    """Per cell with a control: FP and FP fine-tuned perplexity, and each method's NLL gap to its own reference
+    (GPTQ to FP; QAT to FP fine-tuned the same way), paired, in nats."""
+    rows = [(r, c) for r in _order(records) if (c := control_of(r, controls)) is not None]
+    if not rows:
+        return ""
+    head = ("| model | lr | format | FP ppl | FP fine-tuned ppl | FP fine-tuned - FP | GPTQ - FP | QAT<-RTN - FP "
+            "fine-tuned | QAT<-GPTQ - FP fine-tuned |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r, c in rows:
+        cells = [contrast([(1.0, c, "fp_ft"), (-1.0, c, "fp")]), contrast([(1.0, r, "gptq"), (-1.0, r, "fp")]),
+                 *(contrast([(1.0, r, init), (-1.0, c, "fp_ft")]) for init in ("qat_rtn", "qat_gptq"))]
+        lines.append(f"| {r['model']} | {lr_of(r):g} | {r['format']} | {c['methods']['fp']['ppl']:.3f} | "
+                     f"{c['methods']['fp_ft']['ppl']:.3f} | " + " | ".join(f"{v:+.4f} ± {se:.4f}" for v, se in cells)
+                     + " |")
+    return "\n".join(lines)
 
 
 # ---- tables, figures, sections ------------------------------------------------------------------------------------
@@ -356,13 +409,14 @@ def _cost_line(records: Sequence[dict]) -> str:
                                                           "window(s)" if opts.get("micro_batch_size") else ""))
 
 
-def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, prefix: str) -> str:
+def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, prefix: str,
+             controls: Sequence[dict] = ()) -> str:
     from quantpredict.qat.figures import render_figures
 
     by_lr = _by(records, lr_of)
     main_lr = max(sorted(by_lr), key=lambda lr: len(by_lr[lr]))
     figs = render_figures(by_lr[main_lr], out_dir, prefix=prefix)
-    vs = claims(records)
+    vs = claims(records, controls)
     text = [f"## {title}", "", intro, "",
             f"- Cost: {_cost_line(records)}.",
             f"- Reproduce (resumable): `{hurts_command(records, str(out_dir))}`", "",
@@ -371,6 +425,14 @@ def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, pre
             "contradicts it beyond 2 se the other way; **holds**: supported in most cells, contradicted in none; "
             "**fails**: the reverse; **undecided**: otherwise. Values in nats/token (rank correlations: rho).", "",
             verdict_table(vs), "", "### Cells", "", cell_table(records), ""]
+    ct = control_table(records, controls)
+    if ct:
+        text += ["### The FP fine-tuning control", "",
+                 "QAT trains on the calibration windows (WikiText-2 train), so it also adapts the model to the text "
+                 "it is tested on. The control fine-tunes the *unquantized* model exactly as QAT trains (same layers, "
+                 "windows, steps, lr and order; `--fp-control`). Each method is measured against its own reference: "
+                 "GPTQ against FP, QAT against the FP model fine-tuned the same way (nats/token, paired se).", "",
+                 ct, ""]
     tt = tokens_table(records)
     if tt:
         fig = tokens_figure(records, out_dir / f"{prefix}_tokens.png")
@@ -384,8 +446,9 @@ def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, pre
     return "\n".join(text)
 
 
-def hurts_sections(records: Sequence[dict], out_dir: str | Path) -> str:
-    """The markdown of the real-model and long-trained sections (empty string for no records); writes figures."""
+def hurts_sections(records: Sequence[dict], out_dir: str | Path, *, controls: Sequence[dict] = ()) -> str:
+    """The markdown of the real-model and long-trained sections (empty string for no records); writes figures.
+    ``controls``: FP fine-tuning controls (:func:`quantpredict.qat.study.fp_control`), paired with their cells."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return real_and_long_sections(
@@ -395,9 +458,9 @@ def hurts_sections(records: Sequence[dict], out_dir: str | Path) -> str:
             "The same study (FP, RTN, GPTQ, QAT from RTN and from GPTQ, all at the same calibration windows) on a "
             "real pre-trained model. SmolLM2-135M was trained on ~2T tokens (~19k per non-embedding parameter) and "
             "its weights arrived as llama.cpp Q4_1 (see its zoo card): its 'FP' model is that dequantized model, "
-            "so these numbers measure re-quantizing an already 4-bit network.", real, out, "qat_real"),
+            "so these numbers measure re-quantizing an already 4-bit network.", real, out, "qat_real", controls),
         lambda long, fams: _section(
             f"Where quantization hurts: long-trained checkpoints ({fams})",
             "Zoo architectures trained to 30-300 tokens per parameter (`<family>-d<tokens per parameter>`): the "
             "longer a model trains, the more its weights carry, and the more PTQ is expected to cost. Same study "
-            "settings as the zoo's.", long, out, "qat_long"))
+            "settings as the zoo's.", long, out, "qat_long", controls))

@@ -269,13 +269,14 @@ def _settings_line(records: Sequence[dict], other: Sequence[dict]) -> str:
 
 
 def render_report(records: Sequence[dict], out_dir: str | Path, *, command: str = "", pending: str = "",
-                  hurts: Sequence[dict] = ()) -> Path:
+                  hurts: Sequence[dict] = (), controls: Sequence[dict] = ()) -> Path:
     """Write the figures and ``qat.md`` into ``out_dir``; returns the markdown's path.
 
     ``records``: the zoo study (``qat_results.jsonl``); records of settings other than the most common one go to its
     sensitivity section only. ``hurts``: the study where quantization hurts (``qat_hurts_results.jsonl``: a real
     model and long-trained checkpoints), rendered above the zoo's sections by :func:`quantpredict.qat.hurts.
-    hurts_sections`, with verdicts computed from the records.
+    hurts_sections`, with verdicts computed from the records. ``controls``: the FP fine-tuning controls
+    (``qat_fp_control.jsonl``), paired there with the cells of the same model and settings.
     """
     from quantpredict.qat.hurts import hurts_sections
 
@@ -283,7 +284,7 @@ def render_report(records: Sequence[dict], out_dir: str | Path, *, command: str 
     if not records and not hurts:
         raise ValueError("no study results to report; run `quantpredict study ptq-vs-qat` first")
     out.mkdir(parents=True, exist_ok=True)
-    top = hurts_sections(hurts, out) if hurts else ""
+    top = hurts_sections(hurts, out, controls=controls) if hurts else ""
     zoo = _zoo_markdown(records, out, command=command, pending=pending) if records else ""
     md = (f"""# PTQ vs QAT at the same data budget, and the local-vs-global misalignment
 

@@ -31,6 +31,7 @@ STUDY_FORMATS: tuple[str, ...] = ("int4", "int3", "int2", "mxint4", "mxint3", "m
 METHODS: tuple[str, ...] = ("fp", "rtn", "gptq", "qat_rtn", "qat_gptq")
 RESULTS_FILE = "qat_results.jsonl"
 HURTS_FILE = "qat_hurts_results.jsonl"
+CONTROL_FILE = "qat_fp_control.jsonl"  # FP fine-tuned at each data budget (--fp-control), beside the results file
 RESULTS_FILES = {"zoo": RESULTS_FILE, "hurts": HURTS_FILE}  # the shipped zoo study; models where quantization hurts
 
 
@@ -138,6 +139,57 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def _shared_context(model_fp, tokenizer, s: StudySettings, opts: RunOptions, ctx: dict) -> None:
+    """Fill ``ctx`` with what every cell and control of one model and data budget share: the train ids, the test
+    windows and their FP NLLs (cleared and rebuilt when the budget changes; the FP reference is added by
+    :func:`study_one` when a cell needs it)."""
+    from quantpredict import data
+    from quantpredict.evaluate import make_windows, window_nlls
+
+    key = (s.calib_samples, s.calib_seq_len, s.seed, s.seq_len, s.max_windows, s.track_windows, opts.reference_dtype)
+    if ctx.get("key") == key:
+        return
+    ctx.clear()
+    ctx["key"] = key
+    ctx["calib_ids"] = data.token_stream(tokenizer, "wikitext2", "train")  # calibration: train only
+    test = data.token_stream(tokenizer, "wikitext2", "test")
+    ctx["windows"] = make_windows(test.ids, s.seq_len, max_windows=s.max_windows, bos_id=test.bos_id)
+    ctx["track"] = ctx["windows"].ids[: s.track_windows]
+    ctx["fp_nll"] = window_nlls(model_fp, ctx["windows"], batch_size=8)
+    ctx["ptq"] = {}
+
+
+def fp_control(model_fp, tokenizer, name: str, settings: StudySettings, *, context: dict | None = None,
+               progress: bool = True, options: RunOptions | None = None) -> dict[str, Any]:
+    """The FP fine-tuning control of one model and data budget, as a JSON-ready dict: a copy of the FP model
+    trained exactly as the cells' QAT runs train (:func:`~quantpredict.qat.finetune.fp_finetune`, same windows,
+    steps, lr, order), scored on the cells' test windows (``window_nll`` of ``fp`` and ``fp_ft``, paired)."""
+    from quantpredict.evaluate import window_nlls
+    from quantpredict.qat.finetune import fp_finetune
+    from quantpredict.quantize import Recipe
+
+    ctx = context if context is not None else {}
+    s = settings
+    opts = options or RunOptions()
+    _shared_context(model_fp, tokenizer, s, opts, ctx)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = copy.deepcopy(model_fp)
+    recipe = Recipe(STUDY_FORMATS[0], calib_samples=s.calib_samples, calib_seq_len=s.calib_seq_len, seed=s.seed)
+    losses = fp_finetune(model, recipe, ctx["calib_ids"], config=s.qat_config("rtn",
+                         micro_batch_size=opts.micro_batch_size), progress=progress)
+    nlls = {"fp": ctx["fp_nll"], "fp_ft": window_nlls(model, ctx["windows"], batch_size=8)}
+    del model
+    fp_mean = float(nlls["fp"].mean())
+    methods = {m: {"nll": float(v.mean()), "ppl": math.exp(float(v.mean())), "delta_nll": float(v.mean()) - fp_mean,
+                   "delta_nll_se": _paired(v, nlls["fp"])["se"] if m != "fp" else 0.0} for m, v in nlls.items()}
+    return {"model": model_label(name), "kind": "fp_finetune", "settings": s.to_dict(),
+            "eval_windows": ctx["windows"].n, "eval_tokens": ctx["windows"].scored_tokens, "methods": methods,
+            "losses": losses, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "max_rss_gb": _max_rss_gb(), "options": opts.to_dict(),
+            "window_nll": {m: [float(x) for x in v] for m, v in nlls.items()},
+            "windows_sha": _windows_sha(ctx["windows"].ids)}
+
+
 def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings, *, context: dict | None = None,
               progress: bool = True, options: RunOptions | None = None) -> dict[str, Any]:
     """One (model, format) cell of the study, as a JSON-ready dict (see the module docstring).
@@ -149,7 +201,7 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
     no BOS for the zoo's tokenizer and SmolLM2's).
     """
     from quantpredict import arch, data
-    from quantpredict.evaluate import make_windows, window_nlls
+    from quantpredict.evaluate import window_nlls
     from quantpredict.qat.finetune import finetune
     from quantpredict.qat.trajectory import fp_reference, measure_point, ptq_trajectory
     from quantpredict.quantize import Recipe
@@ -157,23 +209,14 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
     ctx = context if context is not None else {}
     s = settings
     opts = options or RunOptions()
-    shared_key = (s.calib_samples, s.calib_seq_len, s.seed, s.seq_len, s.max_windows, s.track_windows,
-                  opts.reference_dtype)
-    if ctx.get("key") != shared_key:
-        ctx.clear()
-        ctx["key"] = shared_key
-        ctx["calib_ids"] = data.token_stream(tokenizer, "wikitext2", "train")  # calibration: train only
-        test = data.token_stream(tokenizer, "wikitext2", "test")
-        ctx["windows"] = make_windows(test.ids, s.seq_len, max_windows=s.max_windows, bos_id=test.bos_id)
-        ctx["track"] = ctx["windows"].ids[: s.track_windows]
-        ctx["fp_nll"] = window_nlls(model_fp, ctx["windows"], batch_size=8)
+    _shared_context(model_fp, tokenizer, s, opts, ctx)
+    if "reference" not in ctx:
         calib_w = data.calibration_windows(ctx["calib_ids"], s.calib_samples, s.calib_seq_len, seed=s.seed)
         names = [r.name for r in arch.linear_layers(model_fp)]
         # model_fp is never modified here (QAT and the PTQ replays work on copies): its weights can be shared
         ctx["reference"] = fp_reference(model_fp, names, calib_w, batch_size=8,
                                         dtype=REFERENCE_DTYPES[opts.reference_dtype], share_weights=True)
         ctx["fp_point"] = measure_point(model_fp, ctx["reference"], ctx["track"], 0).to_dict()
-        ctx["ptq"] = {}
     windows, track, reference = ctx["windows"], ctx["track"], ctx["reference"]
     recipe = Recipe(fmt, calib_samples=s.calib_samples, calib_seq_len=s.calib_seq_len, seed=s.seed)
 
@@ -242,8 +285,12 @@ def read_results(path: str | Path) -> list[dict[str, Any]]:
 def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
               settings: StudySettings | Sequence[StudySettings] | None = None,
               results: str | Path = Path("reports") / RESULTS_FILE, progress: bool = True,
-              options: RunOptions | None = None, device: Any = None) -> list[dict[str, Any]]:
+              options: RunOptions | None = None, device: Any = None, fp_control: bool = False
+              ) -> list[dict[str, Any]]:
     """Run the study for ``models x settings x formats``, appending each finished cell to ``results`` (JSON lines).
+
+    ``fp_control``: also run, before a model's cells, its FP fine-tuning control at each settings
+    (:func:`fp_control`, appended to :data:`CONTROL_FILE` beside ``results``; resumable the same way).
 
     ``settings``: one :class:`StudySettings` or several (e.g. two QAT learning rates), run in the order given for
     each model, so the first settings' cells finish first; cells of several settings share the model's FP reference
@@ -264,15 +311,26 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
     out = Path(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["model"], r["format"], json.dumps(r.get("settings"), sort_keys=True)) for r in read_results(out)}
+    control_out = out.parent / CONTROL_FILE
+    controlled = {(r["model"], json.dumps(r.get("settings"), sort_keys=True)) for r in read_results(control_out)}
     for name in models:
         label = model_label(name)
         todo = [(st, f) for st in all_settings for f in formats
                 if (label, f, json.dumps(st.to_dict(), sort_keys=True)) not in done]
-        if not todo:
+        controls = [st for st in all_settings if fp_control
+                    and (label, json.dumps(st.to_dict(), sort_keys=True)) not in controlled]
+        if not todo and not controls:
             continue
         card = model_card(name)
         model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager", device=device)
         context: dict = {}
+        for st in controls:
+            record = fp_control(model_fp, tokenizer, name, st, context=context, progress=progress, options=opts)
+            with control_out.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            m = record["methods"]
+            print(f"{label} FP fine-tuned, lr {st.lr:g}: ppl FP {m['fp']['ppl']:.3f} -> {m['fp_ft']['ppl']:.3f} "
+                  f"({record['seconds']:.0f} s)", flush=True)
         for st, fmt in todo:
             record = study_one(model_fp, tokenizer, name, fmt, st, context=context, progress=progress, options=opts)
             record["card"] = card
