@@ -78,7 +78,7 @@ def test_write_and_check(tmp_path, capsys):
 
 def test_docs_cli_md_is_current():
     """docs/cli.md (and README's marked block) match the real parser: regenerate with
-    `python -m quantpredict.report.cli_reference` after changing any command's arguments or help."""
+    `python -m quantpredict.cli.reference` after changing any command's arguments or help."""
     from quantpredict.cli import build_parser
 
     stale = ref.stale(parser=build_parser())
