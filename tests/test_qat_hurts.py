@@ -199,3 +199,24 @@ def test_fp_control_separates_adaptation_from_recovery(tmp_path):
     assert control_table(cells, []) == "" and claim_control(cells, []) == []
     page = render_report([], tmp_path, hurts=cells, controls=adapted).read_text()
     assert "### The FP fine-tuning control" in page and f"| {gap} | smollm2-135m, lr 0.0001 | **fails** |" in page
+
+
+def test_run_study_writes_cells_and_the_fp_control_and_resumes(tiny_hf_dir, tmp_path):
+    """End to end on a tiny model: one cell and its FP fine-tuning control are appended to their files, the
+    control is scored on the cell's test windows (same sha) and moved the model, and a rerun does nothing."""
+    from quantpredict.qat.study import CONTROL_FILE, HURTS_FILE, read_results, run_study
+
+    st = StudySettings(steps=2, lr=1e-3, batch_size=2, calib_samples=4, calib_seq_len=32, seq_len=32, max_windows=3,
+                       track_windows=2, track_every=1, eval_windows=2)
+    results = tmp_path / HURTS_FILE
+    run_study([str(tiny_hf_dir)], ["int4"], settings=st, results=results, progress=False, fp_control=True)
+    cells, controls = read_results(results), read_results(tmp_path / CONTROL_FILE)
+    assert len(cells) == 1 and len(controls) == 1
+    c = controls[0]
+    assert c["kind"] == "fp_finetune" and c["model"] == cells[0]["model"] == "tiny-llama"
+    assert c["windows_sha"] == cells[0]["windows_sha"] and len(c["window_nll"]["fp_ft"]) == 3
+    assert c["window_nll"]["fp"] == cells[0]["window_nll"]["fp"]  # the same FP scores the cells pair with
+    assert c["window_nll"]["fp_ft"] != c["window_nll"]["fp"] and len(c["losses"]) == 2
+    before = (results.read_text(), (tmp_path / CONTROL_FILE).read_text())
+    run_study([str(tiny_hf_dir)], ["int4"], settings=st, results=results, progress=False, fp_control=True)
+    assert (results.read_text(), (tmp_path / CONTROL_FILE).read_text()) == before

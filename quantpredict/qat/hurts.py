@@ -448,7 +448,7 @@ def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, pre
 
 def hurts_sections(records: Sequence[dict], out_dir: str | Path, *, controls: Sequence[dict] = ()) -> str:
     """The markdown of the real-model and long-trained sections (empty string for no records); writes figures.
-    ``controls``: FP fine-tuning controls (:func:`quantpredict.qat.study.fp_control`), paired with their cells."""
+    ``controls``: FP fine-tuning controls (:func:`quantpredict.qat.study.fp_control_cell`), paired with their cells."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return real_and_long_sections(

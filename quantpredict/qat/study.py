@@ -159,8 +159,8 @@ def _shared_context(model_fp, tokenizer, s: StudySettings, opts: RunOptions, ctx
     ctx["ptq"] = {}
 
 
-def fp_control(model_fp, tokenizer, name: str, settings: StudySettings, *, context: dict | None = None,
-               progress: bool = True, options: RunOptions | None = None) -> dict[str, Any]:
+def fp_control_cell(model_fp, tokenizer, name: str, settings: StudySettings, *, context: dict | None = None,
+                    progress: bool = True, options: RunOptions | None = None) -> dict[str, Any]:
     """The FP fine-tuning control of one model and data budget, as a JSON-ready dict: a copy of the FP model
     trained exactly as the cells' QAT runs train (:func:`~quantpredict.qat.finetune.fp_finetune`, same windows,
     steps, lr, order), scored on the cells' test windows (``window_nll`` of ``fp`` and ``fp_ft``, paired)."""
@@ -290,7 +290,7 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
     """Run the study for ``models x settings x formats``, appending each finished cell to ``results`` (JSON lines).
 
     ``fp_control``: also run, before a model's cells, its FP fine-tuning control at each settings
-    (:func:`fp_control`, appended to :data:`CONTROL_FILE` beside ``results``; resumable the same way).
+    (:func:`fp_control_cell`, appended to :data:`CONTROL_FILE` beside ``results``; resumable the same way).
 
     ``settings``: one :class:`StudySettings` or several (e.g. two QAT learning rates), run in the order given for
     each model, so the first settings' cells finish first; cells of several settings share the model's FP reference
@@ -325,7 +325,8 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
         model_fp, tokenizer = load(name, dtype=torch.float32, attn_implementation="eager", device=device)
         context: dict = {}
         for st in controls:
-            record = fp_control(model_fp, tokenizer, name, st, context=context, progress=progress, options=opts)
+            record = fp_control_cell(model_fp, tokenizer, name, st, context=context, progress=progress,
+                                     options=opts)
             with control_out.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
             m = record["methods"]
