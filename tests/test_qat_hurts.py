@@ -199,6 +199,7 @@ def test_fp_control_separates_adaptation_from_recovery(tmp_path):
     assert control_table(cells, []) == "" and claim_control(cells, []) == []
     page = render_report([], tmp_path, hurts=cells, controls=adapted).read_text()
     assert "### The FP fine-tuning control" in page and f"| {gap} | smollm2-135m, lr 0.0001 | **fails** |" in page
+    assert "--micro-batch-size 1 --out " in page and page.count(" --fp-control`") == 1
 
 
 def test_run_study_writes_cells_and_the_fp_control_and_resumes(tiny_hf_dir, tmp_path):

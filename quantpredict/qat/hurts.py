@@ -419,7 +419,8 @@ def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, pre
     vs = claims(records, controls)
     text = [f"## {title}", "", intro, "",
             f"- Cost: {_cost_line(records)}.",
-            f"- Reproduce (resumable): `{hurts_command(records, str(out_dir))}`", "",
+            f"- Reproduce (resumable): `{hurts_command(records, str(out_dir))}"
+            f"{' --fp-control' if any(control_of(r, controls) for r in records) else ''}`", "",
             "### Verdicts (computed from the results file)", "",
             "A cell supports a claim when its paired difference is beyond 2 se in the claimed direction, "
             "contradicts it beyond 2 se the other way; **holds**: supported in most cells, contradicted in none; "
