@@ -118,6 +118,16 @@ def test_sq_verdicts_per_model_and_across_models():
     assert across.verdict == "undecided" and across.mean == pytest.approx(0.9)
 
 
+def test_the_seed_claim_of_a_small_perplexity_cost_is_judged_against_3_percent():
+    """log(1.03) = 0.0296 nats: a delta of 0.01 (se 0.0025) is within the budget, 0.2 is far over it; int4 cells
+    and the cells without SmoothQuant do not count."""
+    recs = _study({"a-m": 0.19, "b-m": 0.0})  # SQ(0.5) deltas: a-m 0.01, b-m 0.2
+    (a,) = [v for v in claims(recs) if v.claim.startswith("SmoothQuant+GPTQ in MX formats") and v.scope == "a-m"]
+    (b,) = [v for v in claims(recs) if v.claim.startswith("SmoothQuant+GPTQ in MX formats") and v.scope == "b-m"]
+    assert a.claim.endswith("costs at most 3% perplexity") and (a.verdict, a.cells) == ("holds", 1)
+    assert b.verdict == "fails" and b.mean == pytest.approx(math.log(1.03) - 0.2, abs=0.01)
+
+
 def test_sq_gain_is_paired_and_layer_gains_match_pairs():
     base = _run("a", "mxint4", None, "mxint8", 0.2, 0.05, 1)
     sq = _run("a", "mxint4", 0.5, "mxint8", 0.1, 0.05, 2)

@@ -237,6 +237,24 @@ def _formats(records: Sequence[dict]) -> list[str]:
     return [f for f in SQ_FORMATS if f in seen] + sorted(seen - set(SQ_FORMATS))
 
 
+PPL_BUDGET = 0.03  # the seed claim (arXiv 2405.07135): SmoothQuant+GPTQ in MX formats costs only +1-3% perplexity
+
+
+def claim_small_cost(records: Sequence[dict], model: str, act: str) -> list[Verdict]:
+    """The seed claim on one model: SmoothQuant+GPTQ with MX weights and ``act`` activations costs at most
+    :data:`PPL_BUDGET` perplexity against FP. Cells: MX formats x alphas; value ``log(1.03) - delta NLL`` with the
+    delta's paired se (positive: within the budget); the size reduction is in each cell's name."""
+    budget = math.log1p(PPL_BUDGET)
+    ev = [Evidence(f"{model} {r['format']} alpha {r['alpha']:g} ({r['size']['compression_ratio']:.2f}x smaller)",
+                   budget - r["delta_nll"], r["delta_nll_se"])
+          for r in sorted(_runs(records).values(), key=lambda r: (r["format"], r["alpha"] or 0.0))
+          if r["model"] == model and r["alpha"] is not None and r["act_format"] == act and r["format"].startswith("mx")]
+    if not ev:
+        return []
+    return [verdict(f"SmoothQuant+GPTQ in MX formats with {act.upper()} activations costs at most "
+                    f"{PPL_BUDGET:.0%} perplexity", model, ev)]
+
+
 def claims(records: Sequence[dict]) -> list[Verdict]:
     """Per model: the activation format costs NLL on top of GPTQ (cells: formats; what SmoothQuant could win back),
     SmoothQuant lowers NLL / KLD at each alpha (cells: formats), its local gain follows the outliers across layers
@@ -263,6 +281,7 @@ def claims(records: Sequence[dict]) -> list[Verdict]:
                 if ev:
                     out.append(verdict(f"SmoothQuant (alpha {alpha:g}) before GPTQ lowers the {what} with "
                                        f"{act.upper()} activations", model, ev))
+        out += claim_small_cost(records, model, act)
     for group, members in sorted(_groups([m for m in models if m in outl]).items()):
         ev = []
         for fmt in _formats(records):
