@@ -432,7 +432,9 @@ def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, pre
                  "QAT trains on the calibration windows (WikiText-2 train), so it also adapts the model to the text "
                  "it is tested on. The control fine-tunes the *unquantized* model exactly as QAT trains (same layers, "
                  "windows, steps, lr and order; `--fp-control`). Each method is measured against its own reference: "
-                 "GPTQ against FP, QAT against the FP model fine-tuned the same way (nats/token, paired se).", "",
+                 "GPTQ against FP, QAT against the FP model fine-tuned the same way (nats/token, paired se). Where the "
+                 "control ends *above* FP (a learning rate too high for the model), a smaller QAT gap says the "
+                 "training harmed both models, not that QAT recovered more than GPTQ.", "",
                  ct, ""]
     tt = tokens_table(records)
     if tt:
