@@ -122,8 +122,9 @@ def test_the_seed_claim_of_a_small_perplexity_cost_is_judged_against_3_percent()
     """log(1.03) = 0.0296 nats: a delta of 0.01 (se 0.0025) is within the budget, 0.2 is far over it; int4 cells
     and the cells without SmoothQuant do not count."""
     recs = _study({"a-m": 0.19, "b-m": 0.0})  # SQ(0.5) deltas: a-m 0.01, b-m 0.2
-    (a,) = [v for v in claims(recs) if v.claim.startswith("SmoothQuant+GPTQ in MX formats") and v.scope == "a-m"]
-    (b,) = [v for v in claims(recs) if v.claim.startswith("SmoothQuant+GPTQ in MX formats") and v.scope == "b-m"]
+    cost = [v for v in claims(recs) if v.claim.startswith("SmoothQuant+GPTQ in MX formats")]
+    (a,), (b,) = ([v for v in cost if v.scope.startswith(m)] for m in ("a-m", "b-m"))
+    assert a.scope == "a-m mxint4 (3.20x smaller)"  # one verdict per MX format, int4 left out
     assert a.claim.endswith("costs at most 3% perplexity") and (a.verdict, a.cells) == ("holds", 1)
     assert b.verdict == "fails" and b.mean == pytest.approx(math.log(1.03) - 0.2, abs=0.01)
 

@@ -241,18 +241,21 @@ PPL_BUDGET = 0.03  # the seed claim (arXiv 2405.07135): SmoothQuant+GPTQ in MX f
 
 
 def claim_small_cost(records: Sequence[dict], model: str, act: str) -> list[Verdict]:
-    """The seed claim on one model: SmoothQuant+GPTQ with MX weights and ``act`` activations costs at most
-    :data:`PPL_BUDGET` perplexity against FP. Cells: MX formats x alphas; value ``log(1.03) - delta NLL`` with the
-    delta's paired se (positive: within the budget); the size reduction is in each cell's name."""
+    """The seed claim on one model, per MX weight format: SmoothQuant+GPTQ with ``act`` activations costs at most
+    :data:`PPL_BUDGET` perplexity against FP. Cells: the alphas; value ``log(1.03) - delta NLL`` with the delta's
+    paired se (positive: within the budget); the size reduction is in the scope."""
     budget = math.log1p(PPL_BUDGET)
-    ev = [Evidence(f"{model} {r['format']} alpha {r['alpha']:g} ({r['size']['compression_ratio']:.2f}x smaller)",
-                   budget - r["delta_nll"], r["delta_nll_se"])
-          for r in sorted(_runs(records).values(), key=lambda r: (r["format"], r["alpha"] or 0.0))
-          if r["model"] == model and r["alpha"] is not None and r["act_format"] == act and r["format"].startswith("mx")]
-    if not ev:
-        return []
-    return [verdict(f"SmoothQuant+GPTQ in MX formats with {act.upper()} activations costs at most "
-                    f"{PPL_BUDGET:.0%} perplexity", model, ev)]
+    runs = [r for r in _runs(records).values() if r["model"] == model and r["alpha"] is not None
+            and r["act_format"] == act and r["format"].startswith("mx")]
+    out = []
+    for fmt in [f for f in _formats(records) if any(r["format"] == f for r in runs)]:
+        cells = sorted((r for r in runs if r["format"] == fmt), key=lambda r: r["alpha"])
+        ev = [Evidence(f"{model} {fmt} alpha {r['alpha']:g}", budget - r["delta_nll"], r["delta_nll_se"])
+              for r in cells]
+        out.append(verdict(f"SmoothQuant+GPTQ in MX formats with {act.upper()} activations costs at most "
+                           f"{PPL_BUDGET:.0%} perplexity",
+                           f"{model} {fmt} ({cells[0]['size']['compression_ratio']:.2f}x smaller)", ev))
+    return out
 
 
 def claims(records: Sequence[dict]) -> list[Verdict]:
