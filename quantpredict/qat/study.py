@@ -139,6 +139,18 @@ def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def _method_summaries(nlls: dict[str, torch.Tensor], order: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per method (in ``order``; ``nlls["fp"]`` must be there): mean test NLL, perplexity, delta NLL to FP and its
+    paired se over windows (0 for FP itself). ``nlls``: per-window NLLs ``[windows]`` on the same windows."""
+    fp_mean = float(nlls["fp"].mean())
+    out = {}
+    for m in order:
+        mean = float(nlls[m].mean())
+        out[m] = {"nll": mean, "ppl": math.exp(mean), "delta_nll": mean - fp_mean,
+                  "delta_nll_se": _paired(nlls[m], nlls["fp"])["se"] if m != "fp" else 0.0}
+    return out
+
+
 def _shared_context(model_fp, tokenizer, s: StudySettings, opts: RunOptions, ctx: dict) -> None:
     """Fill ``ctx`` with what every cell and control of one model and data budget share: the train ids, the test
     windows and their FP NLLs (cleared and rebuilt when the budget changes; the FP reference is added by
@@ -179,9 +191,7 @@ def fp_control_cell(model_fp, tokenizer, name: str, settings: StudySettings, *, 
                          micro_batch_size=opts.micro_batch_size), progress=progress)
     nlls = {"fp": ctx["fp_nll"], "fp_ft": window_nlls(model, ctx["windows"], batch_size=8)}
     del model
-    fp_mean = float(nlls["fp"].mean())
-    methods = {m: {"nll": float(v.mean()), "ppl": math.exp(float(v.mean())), "delta_nll": float(v.mean()) - fp_mean,
-                   "delta_nll_se": _paired(v, nlls["fp"])["se"] if m != "fp" else 0.0} for m, v in nlls.items()}
+    methods = _method_summaries(nlls, tuple(nlls))
     return {"model": model_label(name), "kind": "fp_finetune", "settings": s.to_dict(),
             "eval_windows": ctx["windows"].n, "eval_tokens": ctx["windows"].scored_tokens, "methods": methods,
             "losses": losses, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
@@ -245,12 +255,7 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
         qat[init] = {**res.summary(), "losses": list(res.losses)}
         del model
 
-    fp_mean = float(nlls["fp"].mean())
-    methods = {}
-    for m in METHODS:
-        mean = float(nlls[m].mean())
-        methods[m] = {"nll": mean, "ppl": math.exp(mean), "delta_nll": mean - fp_mean,
-                      "delta_nll_se": _paired(nlls[m], nlls["fp"])["se"] if m != "fp" else 0.0}
+    methods = _method_summaries(nlls, METHODS)
     diffs = {
         "qat_gptq_minus_gptq": _paired(nlls["qat_gptq"], nlls["gptq"]),
         "qat_rtn_minus_gptq": _paired(nlls["qat_rtn"], nlls["gptq"]),
