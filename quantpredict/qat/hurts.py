@@ -219,9 +219,9 @@ def claim_misalignment(records: Sequence[dict]) -> list[Verdict]:
 
 
 def _settings_key(r: dict) -> tuple[str, str]:
-    import json
+    from quantpredict.qat.study import settings_key
 
-    return r["model"], json.dumps(r.get("settings"), sort_keys=True)
+    return r["model"], settings_key(r.get("settings"))
 
 
 def control_of(r: dict, controls: Sequence[dict]) -> dict | None:

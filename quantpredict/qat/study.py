@@ -279,6 +279,11 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
     }
 
 
+def settings_key(settings: dict[str, Any] | None) -> str:
+    """A record's settings as one comparable string: cells and controls match on ``(model, settings_key)``."""
+    return json.dumps(settings, sort_keys=True)
+
+
 def read_results(path: str | Path) -> list[dict[str, Any]]:
     """The records of a results file (one JSON object per line); missing file: empty list."""
     p = Path(path)
@@ -315,15 +320,15 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
     opts = options or RunOptions()
     out = Path(results)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["model"], r["format"], json.dumps(r.get("settings"), sort_keys=True)) for r in read_results(out)}
+    done = {(r["model"], r["format"], settings_key(r.get("settings"))) for r in read_results(out)}
     control_out = out.parent / CONTROL_FILE
-    controlled = {(r["model"], json.dumps(r.get("settings"), sort_keys=True)) for r in read_results(control_out)}
+    controlled = {(r["model"], settings_key(r.get("settings"))) for r in read_results(control_out)}
     for name in models:
         label = model_label(name)
         todo = [(st, f) for st in all_settings for f in formats
-                if (label, f, json.dumps(st.to_dict(), sort_keys=True)) not in done]
+                if (label, f, settings_key(st.to_dict())) not in done]
         controls = [st for st in all_settings if fp_control
-                    and (label, json.dumps(st.to_dict(), sort_keys=True)) not in controlled]
+                    and (label, settings_key(st.to_dict())) not in controlled]
         if not todo and not controls:
             continue
         card = model_card(name)
