@@ -31,6 +31,9 @@ ACTS = (None, "mxint8")
 LOW_BIT = ("mxint4", "mxfp4_e2m1", "int4", "mxint3")
 RESULTS = REPORTS / "ptq_results.json"
 SQ_RESULTS = REPORTS / "sq_results.jsonl"
+# the run stores that hold the study's models as sweep runs (one store file per source of runs)
+REAL_STORE = REPORTS.parent / "data" / "runs" / "smollm2.sqlite"
+LONG_STORE = REPORTS.parent / "data" / "runs" / "long.sqlite"
 PAGE = REPORTS / "ptq.md"
 _STAMP = re.compile(r"Measured \d{4}-\d\d-\d\d on .*?Python [\d.]+\.")
 
@@ -206,12 +209,22 @@ def main(argv=None) -> int:
     return 0
 
 
-def compose(zoo_md: str, sq_results: Path) -> str:
-    """The page: the zoo's title, the SmoothQuant study where quantization hurts (if it has results), then the zoo's
-    sections one heading level down."""
+def _store_rows(path: Path) -> tuple[str, list[dict]] | None:
+    """``(path, rows)`` of a run store, or None where this checkout does not have it."""
+    if not path.exists():
+        return None
+    from quantpredict.predict.inputs import read_runs
+
+    return str(path.relative_to(REPORTS.parent)), read_runs(path).to_dict("records")
+
+
+def compose(zoo_md: str, sq_results: Path, real_store: Path = REAL_STORE, long_store: Path = LONG_STORE) -> str:
+    """The page: the zoo's title, the SmoothQuant study where quantization hurts (if it has results; each section
+    with its models' runs in the run store), then the zoo's sections one heading level down."""
     from quantpredict.qat.sq_study import read_records, sq_sections
 
-    top = sq_sections(read_records(sq_results), str(REPORTS.name))
+    top = sq_sections(read_records(sq_results), str(REPORTS.name), real_store=_store_rows(real_store),
+                      long_store=_store_rows(long_store))
     if not top:
         return zoo_md
     title, _, rest = zoo_md.partition("\n")

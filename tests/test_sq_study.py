@@ -153,3 +153,38 @@ def test_sq_sections_render_from_a_results_file(tmp_path):
     assert "ratio, attention inputs" in text
     assert sq_command(recs[:5]).startswith("quantpredict study smoothquant --models smollm2-135m --formats "
                                            "mxint4,int4 --alphas 0.5 --max-windows 64")
+
+
+# ---- the run store's copies of the study's models --------------------------------------------------------------
+
+
+def _store_row(model, fmt, alpha, act, delta, recipe=None):
+    """A run store row as ``read_runs`` gives it: NaN (not None) where a number or string is missing."""
+    nan = float("nan")
+    label = recipe or "-".join([fmt, "gptq"] + ([f"sq{alpha:g}"] if alpha else []) + ([f"a_{act}"] if act else []))
+    return {"model": model, "recipe": label, "weight_format": fmt, "method": "gptq", "status": "done",
+            "block_size": 32, "smoothquant_alpha": nan if alpha is None else alpha, "act_format": act or nan,
+            "ppl_fp": 20.0, "ppl_quant": 20.0 * math.exp(delta), "delta_nll": delta, "delta_nll_se": 0.004,
+            "kld": delta / 2, "eval_windows": 128}
+
+
+def test_store_rows_reproduce_the_results_files_resolved_gains_and_render():
+    from quantpredict.qat.sq_study import store_agreement, store_cells, store_section
+
+    recs = _study({"a-m": 0.05, "b-m": 0.0})  # a-m: SQ gain 0.05 (resolved at se ~0.003); b-m: within noise
+    rows = [_store_row("a-m", "mxint4", None, None, 0.15), _store_row("a-m", "mxint4", None, "mxint8", 0.20),
+            _store_row("a-m", "mxint4", 0.5, "mxint8", 0.16),  # same sign as the results file
+            _store_row("a-m", "int4", None, "mxint8", 0.20), _store_row("a-m", "int4", 0.5, "mxint8", 0.21),  # reverse
+            _store_row("b-m", "mxint4", None, "mxint8", 0.2), _store_row("b-m", "mxint4", 0.5, "mxint8", 0.1),
+            _store_row("a-m", "mxint4", None, None, 9.0, recipe="mxint4_b128-gptq")]  # another block size: ignored
+    cells = store_cells(rows)
+    assert cells[("a-m", "mxint4", None, None)]["delta_nll"] == 0.15  # the b128 run did not replace it
+    assert ("a-m", "mxint4", 0.5, "mxint8") in cells and len(cells) == 7
+    # results-file cells in the store: a-m mxint4, a-m int4 (both resolved), b-m mxint4 (not resolved)
+    assert store_agreement(recs, rows) == (1, 2, 3)
+    text = store_section(recs, rows, "data/runs/x.sqlite", ["a-m"])
+    assert "**1 of the 2** cells" in text and "(cells in both: 2)" in text  # only a-m's cells
+    assert ("| a-m | mxint4 | 128 | 20.000 | 23.237 (+0.1500 ± 0.0040; KLD 0.0750) | 24.428 (+0.2000 ± 0.0040; "
+            "KLD 0.1000) | 23.470 (+0.1600 ± 0.0040; KLD 0.0800) |") in text
+    assert "| a-m | int4 | 128 | 20.000 | n/a |" in text
+    assert store_section(recs, rows, "x", ["zz-m"]) == ""  # a model the store does not hold

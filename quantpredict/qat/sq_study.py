@@ -400,15 +400,103 @@ def _section(title: str, intro: str, records: Sequence[dict], out: str) -> str:
         "### Perplexity, KLD and size", "", run_table(records), ""])
 
 
-def sq_sections(records: Sequence[dict], out: str = "reports") -> str:
-    """The markdown of the real-model and long-trained sections of ``ptq.md`` (empty string for no records)."""
+def sq_sections(records: Sequence[dict], out: str = "reports", *, real_store: tuple[str, Sequence[dict]] | None = None,
+                long_store: tuple[str, Sequence[dict]] | None = None) -> str:
+    """The markdown of the real-model and long-trained sections of ``ptq.md`` (empty string for no records); each
+    ends with :func:`store_section` of its ``(store name, store rows)``, if given."""
+    def in_store(group: list[dict], store: tuple[str, Sequence[dict]] | None, with_table: bool) -> str:
+        models = list(dict.fromkeys(r["model"] for r in group))
+        return store_section(group, store[1], store[0], models, with_table=with_table) if store else ""
+
     return real_and_long_sections(
         records,
         lambda real, names: _section(
             f"SmoothQuant+GPTQ where quantization hurts: a real model ({names})",
             "SmolLM2-135M, trained on ~2T tokens; its 'FP' weights are the dequantized Q4_1 weights it was shipped "
-            "in (see its zoo card), so re-quantizing them is quantizing an already 4-bit network.", real, out),
+            "in (see its zoo card), so re-quantizing them is quantizing an already 4-bit network.", real, out)
+        + in_store(real, real_store, True),
         lambda long, fams: _section(
             f"SmoothQuant+GPTQ where quantization hurts: long-trained checkpoints ({fams})",
             "Zoo architectures trained to 30-300 tokens per parameter (`<family>-d<tokens per parameter>`).",
-            long, out))
+            long, out) + in_store(long, long_store, False))
+
+
+def _missing(x: Any) -> bool:
+    """A store cell that holds no value (None, or pandas' NaN for a missing number or string)."""
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def store_cells(rows: Sequence[dict]) -> dict[tuple[str, str, float | None, str | None], dict]:
+    """The run store's finished GPTQ runs at the format's own block size (the recipe label names the bare format),
+    keyed like :func:`_runs`:
+    ``{(model, weight_format, smoothquant_alpha, act_format): row}``; ``rows`` are the store's rows as dicts (its
+    column names)."""
+    out = {}
+    for r in rows:
+        if r.get("method") != "gptq" or r.get("status", "done") != "done":
+            continue
+        if str(r.get("recipe", r["weight_format"])).split("-")[0] != r["weight_format"]:
+            continue  # a block-size override (``mxint4_b128-...``): another format than the study's
+        alpha = None if _missing(r.get("smoothquant_alpha")) else float(r["smoothquant_alpha"])
+        act = None if _missing(r.get("act_format")) else str(r["act_format"])
+        out[(r["model"], r["weight_format"], alpha, act)] = r
+    return out
+
+
+def store_agreement(records: Sequence[dict], rows: Sequence[dict]) -> tuple[int, int, int]:
+    """Whether the run store reproduces the results file's SmoothQuant effects: over the (model, format, alpha)
+    cells in both whose paired gain in the results file (:func:`sq_gain`, W+A8 GPTQ minus SQ+GPTQ delta NLL) is
+    beyond 2 se, ``(cells whose store gain has the same sign, such cells, cells in both)``. The store's gain is the
+    difference of its two runs' delta NLL (its own test windows; no per-window values, so no paired se)."""
+    runs, store = _runs(records), store_cells(rows)
+    same = resolved = both = 0
+    for (model, fmt, alpha, act), sq in runs.items():
+        base = runs.get((model, fmt, None, act))
+        s_sq, s_base = store.get((model, fmt, alpha, act)), store.get((model, fmt, None, act))
+        if alpha is None or act is None or base is None or s_sq is None or s_base is None:
+            continue
+        both += 1
+        gain, se = sq_gain(base, sq)
+        if abs(gain) > 2 * se:
+            resolved += 1
+            same += (s_base["delta_nll"] - s_sq["delta_nll"]) * gain > 0
+    return same, resolved, both
+
+
+def store_table(rows: Sequence[dict], models: Sequence[str], act: str = "mxint8") -> str:
+    """Per model and format, the run store's GPTQ runs in the layout of :func:`run_table`: weight-only, W+A8, and
+    SQ+GPTQ W+A8 at each alpha the store holds (ppl, delta NLL ± se, KLD), with the store's test-window count."""
+    store = {k: r for k, r in store_cells(rows).items() if k[0] in models}
+    alphas = sorted({k[2] for k in store if k[2] is not None and k[3] == act})
+    cols = ["GPTQ (W only)", f"GPTQ W+A{act[-1]}"] + [f"SQ{a:g}+GPTQ W+A{act[-1]}" for a in alphas]
+    lines = ["| model | format | test windows | FP ppl | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 4)]
+    fmts = [f for f in SQ_FORMATS if any(k[1] == f for k in store)]
+    for model in models:
+        for fmt in fmts:
+            row = [store.get((model, fmt, None, None)), store.get((model, fmt, None, act))]
+            row += [store.get((model, fmt, a, act)) for a in alphas]
+            have = [r for r in row if r]
+            if not any(r is not None for r in row[1:]):
+                continue  # a weight-only run alone is not a SmoothQuant row
+            cells = ["n/a" if r is None else f"{r['ppl_quant']:.3f} ({r['delta_nll']:+.4f} ± {r['delta_nll_se']:.4f}; "
+                     f"KLD {r['kld']:.4f})" for r in row]
+            windows = sorted({int(r["eval_windows"]) for r in have})
+            lines.append(f"| {model} | {fmt} | {'/'.join(map(str, windows))} | {have[0]['ppl_fp']:.3f} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def store_section(records: Sequence[dict], rows: Sequence[dict], store: str, models: Sequence[str], *,
+                  with_table: bool = True) -> str:
+    """The markdown subsection that shows ``models``' SmoothQuant runs in the run store ``store`` (its ``rows``) and
+    whether they reproduce the results file's resolved SmoothQuant effects; empty when the store holds none."""
+    table = store_table(rows, models)
+    if table.count("\n") < 2:
+        return ""
+    same, resolved, both = store_agreement([r for r in records if r["model"] in models], rows)
+    return "\n".join([
+        "", "### The same models as PTQ runs in the run store", "",
+        f"`{store}` holds them as sweep runs (`quantpredict collect`: its own calibration draw and test windows, the "
+        "predictors' protocol). The store's SmoothQuant gain (W+A8 delta NLL minus SQ+GPTQ's) has the sign of the "
+        f"results file's paired gain in **{same} of the {resolved}** cells where that gain is beyond 2 se "
+        f"(cells in both: {both}).", "", table if with_table else f"(The table: `{store}`.)", ""])
