@@ -209,13 +209,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _store_rows(path: Path) -> tuple[str, list[dict]] | None:
-    """``(path, rows)`` of a run store, or None where this checkout does not have it."""
+_COLLECT = ("quantpredict collect --store {store} --eval-max-windows {windows} --threads 1 --methods gptq "
+            "--act-formats mxint8 --smoothquant 0.5 0.75 none "
+            "--formats mxint4 mxfp4_e2m1 int4 mxint8 --models <models>")
+# SmolLM2's runs skip the costly curvature features (backfill adds them); the long checkpoints' carry them all
+STORE_COMMANDS = {
+    "real": _COLLECT.format(store="data/runs/smollm2.sqlite", windows=128) + " --run-kwargs "
+    "'{\"feature_options\": {\"which\": \"model,format,noise\"}}'",
+    "long": _COLLECT.format(store="data/runs/long.sqlite", windows=256)}
+
+
+def _store_rows(path: Path, command: str) -> tuple[str, list[dict], str] | None:
+    """``(path, rows, command)`` of a run store, or None where this checkout does not have it."""
     if not path.exists():
         return None
     from quantpredict.predict.inputs import read_runs
 
-    return str(path.relative_to(REPORTS.parent)), read_runs(path).to_dict("records")
+    return str(path.relative_to(REPORTS.parent)), read_runs(path).to_dict("records"), command
 
 
 def compose(zoo_md: str, sq_results: Path, real_store: Path = REAL_STORE, long_store: Path = LONG_STORE) -> str:
@@ -223,8 +233,9 @@ def compose(zoo_md: str, sq_results: Path, real_store: Path = REAL_STORE, long_s
     with its models' runs in the run store), then the zoo's sections one heading level down."""
     from quantpredict.qat.sq_study import read_records, sq_sections
 
-    top = sq_sections(read_records(sq_results), str(REPORTS.name), real_store=_store_rows(real_store),
-                      long_store=_store_rows(long_store))
+    top = sq_sections(read_records(sq_results), str(REPORTS.name),
+                      real_store=_store_rows(real_store, STORE_COMMANDS["real"]),
+                      long_store=_store_rows(long_store, STORE_COMMANDS["long"]))
     if not top:
         return zoo_md
     title, _, rest = zoo_md.partition("\n")

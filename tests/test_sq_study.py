@@ -182,8 +182,9 @@ def test_store_rows_reproduce_the_results_files_resolved_gains_and_render():
     assert ("a-m", "mxint4", 0.5, "mxint8") in cells and len(cells) == 7
     # results-file cells in the store: a-m mxint4, a-m int4 (both resolved), b-m mxint4 (not resolved)
     assert store_agreement(recs, rows) == (1, 2, 3)
-    text = store_section(recs, rows, "data/runs/x.sqlite", ["a-m"])
+    text = store_section(recs, rows, "data/runs/x.sqlite", ["a-m"], command="quantpredict collect --models <models>")
     assert "**1 of the 2** cells" in text and "(cells in both: 2)" in text  # only a-m's cells
+    assert "- Reproduce (resumable): `quantpredict collect --models a-m`" in text
     assert ("| a-m | mxint4 | 128 | 20.000 | 23.237 (+0.1500 ± 0.0040; KLD 0.0750) | 24.428 (+0.2000 ± 0.0040; "
             "KLD 0.1000) | 23.470 (+0.1600 ± 0.0040; KLD 0.0800) |") in text
     assert "| a-m | int4 | 128 | 20.000 | n/a |" in text

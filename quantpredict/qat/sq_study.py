@@ -400,13 +400,18 @@ def _section(title: str, intro: str, records: Sequence[dict], out: str) -> str:
         "### Perplexity, KLD and size", "", run_table(records), ""])
 
 
-def sq_sections(records: Sequence[dict], out: str = "reports", *, real_store: tuple[str, Sequence[dict]] | None = None,
-                long_store: tuple[str, Sequence[dict]] | None = None) -> str:
+StoreRef = tuple[str, Sequence[dict], str | None]  # (store path, its rows, the command that filled it)
+
+
+def sq_sections(records: Sequence[dict], out: str = "reports", *, real_store: StoreRef | None = None,
+                long_store: StoreRef | None = None) -> str:
     """The markdown of the real-model and long-trained sections of ``ptq.md`` (empty string for no records); each
-    ends with :func:`store_section` of its ``(store name, store rows)``, if given."""
-    def in_store(group: list[dict], store: tuple[str, Sequence[dict]] | None, with_table: bool) -> str:
+    ends with :func:`store_section` of its ``(store path, store rows, command)``, if given."""
+    def in_store(group: list[dict], store: StoreRef | None, with_table: bool) -> str:
+        if store is None:
+            return ""
         models = list(dict.fromkeys(r["model"] for r in group))
-        return store_section(group, store[1], store[0], models, with_table=with_table) if store else ""
+        return store_section(group, store[1], store[0], models, with_table=with_table, command=store[2])
 
     return real_and_long_sections(
         records,
@@ -487,9 +492,10 @@ def store_table(rows: Sequence[dict], models: Sequence[str], act: str = "mxint8"
 
 
 def store_section(records: Sequence[dict], rows: Sequence[dict], store: str, models: Sequence[str], *,
-                  with_table: bool = True) -> str:
+                  with_table: bool = True, command: str | None = None) -> str:
     """The markdown subsection that shows ``models``' SmoothQuant runs in the run store ``store`` (its ``rows``) and
-    whether they reproduce the results file's resolved SmoothQuant effects; empty when the store holds none."""
+    whether they reproduce the results file's resolved SmoothQuant effects, with the ``command`` that filled it
+    (``<models>`` in it stands for ``models``); empty when the store holds none."""
     table = store_table(rows, models)
     if table.count("\n") < 2:
         return ""
@@ -499,4 +505,6 @@ def store_section(records: Sequence[dict], rows: Sequence[dict], store: str, mod
         f"`{store}` holds them as sweep runs (`quantpredict collect`: its own calibration draw and test windows, the "
         "predictors' protocol). The store's SmoothQuant gain (W+A8 delta NLL minus SQ+GPTQ's) has the sign of the "
         f"results file's paired gain in **{same} of the {resolved}** cells where that gain is beyond 2 se "
-        f"(cells in both: {both}).", "", table if with_table else f"(The table: `{store}`.)", ""])
+        f"(cells in both: {both}).", *([f"- Reproduce (resumable): `{command.replace('<models>', ' '.join(models))}`"]
+          if command else []), "",
+        table if with_table else f"(The table: `{store}`.)", ""])
