@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{sweep} --formats mxfp6_e2m3 int8 int3 mxfp8_e5m2 mxfp6_e3m2 int2 --methods rtn",
                 f"{sweep} --formats mxint4 mxfp4_e2m1 mxint3 mxint8 mxfp6_e2m3 mxint6 mxint2 mxfp8_e4m3 --methods rtn "
                 "--block-sizes 128",
-                f"{sweep} --formats mxint4 --methods gptq --smoothquant 0.5 none --act-formats mxint8   "
-                "# reports/ptq.md's SmoothQuant pair",
+                f"{sweep} --formats mxint4 mxfp4_e2m1 int4 mxint8 --methods gptq --smoothquant 0.5 0.75 none "
+                "--act-formats mxint8   # reports/ptq.md's SmoothQuant+GPTQ models",
                 "quantpredict backfill --store data/runs/smollm2.sqlite --groups profile --methods rtn",
                 "quantpredict backfill --store data/runs/smollm2.sqlite --groups fisher --methods rtn --limit 8",
                 "python benchmarks/real_models_report.py"]
