@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPORTS, stamp  # noqa: E402
 from bench_ptq import built_zoo  # noqa: E402
+from real_models_report import SMOLLM2_SWEEP, SQ_ARGS  # noqa: E402
 
 FORMATS = ("mxint8", "mxfp8_e4m3", "mxint4", "mxfp4_e2m1", "int4", "mxint3")
 METHODS = (("RTN", "rtn", None), ("GPTQ", "gptq", None), ("SQ+GPTQ", "gptq", 0.5))
@@ -209,14 +210,10 @@ def main(argv=None) -> int:
     return 0
 
 
-_COLLECT = ("quantpredict collect --store {store} --eval-max-windows {windows} --threads 1 --methods gptq "
-            "--act-formats mxint8 --smoothquant 0.5 0.75 none "
-            "--formats mxint4 mxfp4_e2m1 int4 mxint8 --models <models>")
-# SmolLM2's runs skip the costly curvature features (backfill adds them); the long checkpoints' carry them all
-STORE_COMMANDS = {
-    "real": _COLLECT.format(store="data/runs/smollm2.sqlite", windows=128) + " --run-kwargs "
-    "'{\"feature_options\": {\"which\": \"model,format,noise\"}}'",
-    "long": _COLLECT.format(store="data/runs/long.sqlite", windows=256)}
+# the commands that filled each store (``<models>``: the section's models)
+STORE_COMMANDS = {"real": f"{SMOLLM2_SWEEP} {SQ_ARGS}",
+                  "long": "quantpredict collect --models <models> --store data/runs/long.sqlite --eval-max-windows 256 "
+                          f"--threads 1 {SQ_ARGS}"}
 
 
 def _store_rows(path: Path, command: str) -> tuple[str, list[dict], str] | None:

