@@ -101,7 +101,7 @@ def imported_path(name: str) -> Path | None:
     return path if (path / "config.json").is_file() and (path / "zoo_card.json").is_file() else None
 
 
-def _require_extra(what: str) -> None:
+def _require_extra(what: str, setup: str = SETUP_REAL) -> None:
     missing = []
     for module in ("gguf", "accelerate"):
         try:
@@ -110,7 +110,7 @@ def _require_extra(what: str) -> None:
             missing.append(module)
     if missing:
         raise ModelError(f"{what} needs the optional 'real' extra ({', '.join(missing)} missing); install it with "
-                         f"{SETUP_REAL}")
+                         f"{setup}")
 
 
 def gguf_cache_root() -> Path:
@@ -224,7 +224,7 @@ def import_model(source: str | os.PathLike, name: str | None = None, *, force: b
     text = str(source)
     entry = REGISTRY.get(text)
     if entry is not None:
-        _require_extra(f"importing {text}")
+        _require_extra(f"importing {text}", entry.setup)
         gguf_path = registry_file(entry)
         name = name or entry.name
     else:
