@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runs",),
     ("predict",),
     ("report",),
+    ("studies",),  # the seed studies: they use everything below, and only the CLI uses them
     ("cli", "__main__"),
 )
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
