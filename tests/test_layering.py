@@ -102,6 +102,15 @@ def test_modules_kept_apart(a, b):
     assert not bad, "\n".join(bad)
 
 
+def test_only_the_cli_imports_the_studies():
+    """The seed studies are a wing above the library: outside ``quantpredict.studies`` itself, only ``quantpredict.cli``
+    imports it (not the top-level package's lazy names, not ``__main__``, not ``report``)."""
+    bad = [f"{m}:{line} imports {t}" for m, targets in import_edges().items()
+           if not (m + ".").startswith(("quantpredict.cli.", "quantpredict.studies."))
+           for t, line in targets.items() if (t + ".").startswith("quantpredict.studies.")]
+    assert not bad, "\n".join(bad)
+
+
 def test_no_import_cycle():
     edges = import_edges()
     # Tarjan's strongly connected components; any component of more than one module is a cycle
