@@ -8,7 +8,7 @@ under), so an interrupted run resumes with ``--resume`` and the page can be re-r
 
 Above the zoo's sections the page carries the SmoothQuant+GPTQ study where quantization hurts (a real model and
 long-trained checkpoints), rendered from reports/sq_results.jsonl (``quantpredict study smoothquant``) with its
-verdicts computed by :mod:`quantpredict.qat.sq_study`. ``--render-only`` keeps the zoo's measurement stamp.
+verdicts computed by :mod:`quantpredict.studies.sq_study`. ``--render-only`` keeps the zoo's measurement stamp.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def _store_rows(path: Path, command: str) -> tuple[str, list[dict], str] | None:
 def compose(zoo_md: str, sq_results: Path, real_store: Path = REAL_STORE, long_store: Path = LONG_STORE) -> str:
     """The page: the zoo's title, the SmoothQuant study where quantization hurts (if it has results; each section
     with its models' runs in the run store), then the zoo's sections one heading level down."""
-    from quantpredict.qat.sq_study import read_records, sq_sections
+    from quantpredict.studies.sq_study import read_records, sq_sections
 
     top = sq_sections(read_records(sq_results), str(REPORTS.name),
                       real_store=_store_rows(real_store, STORE_COMMANDS["real"]),

@@ -5,7 +5,7 @@
 Rank is judged on every zoo l model, every long-trained checkpoint and SmolLM2 at --max-bits 4.5, 6.5 and 8.5, each
 model ranked by a ``profile`` predictor fitted without it; allocate on the allocated runs of data/runs/alloc.sqlite
 (labels in data/runs/allocations*.json, written by benchmarks/allocation_runs.py) against the uniform runs of the
-sweeps. Rendered by :func:`quantpredict.report.rank_report.render`.
+sweeps. Rendered by :func:`quantpredict.studies.rank_report.render`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from quantpredict.predict.inputs import read_runs, sweep_setting_runs
-    from quantpredict.report.rank_report import (
+    from quantpredict.studies.rank_report import (
         allocation_checks,
         load_allocations,
         lomo_predictions,

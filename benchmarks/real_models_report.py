@@ -5,7 +5,7 @@
 
 The KLD-first kinds (``physics``, ``profile``) are fitted on the zoo stores alone and predict every real-model run
 that has their features (``quantpredict backfill --groups fisher,profile`` adds them); the page is rendered by
-:func:`quantpredict.report.real_models.render` from the runs, nothing written by hand.
+:func:`quantpredict.studies.real_models.render` from the runs, nothing written by hand.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from quantpredict.models import zoo_card
     from quantpredict.predict.inputs import read_runs, sweep_setting_runs
-    from quantpredict.report.real_models import render
+    from quantpredict.studies.real_models import render
 
     real = read_runs([p for p in args.real if p.exists()])
     real = real[real["status"] == "done"]

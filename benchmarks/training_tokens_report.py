@@ -5,7 +5,7 @@
 
 The runs of the long-trained checkpoints (``<base>-d<NN>``) and of their base zoo models, with each model's training
 tokens and non-embedding parameters from its zoo card where a run did not record them; rendered by
-:func:`quantpredict.report.training_tokens.render`.
+:func:`quantpredict.studies.training_tokens.render`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from quantpredict.models import zoo_card
     from quantpredict.predict.inputs import read_runs, sweep_setting_runs
-    from quantpredict.report.training_tokens import base_of, render, tokens_value
+    from quantpredict.studies.training_tokens import base_of, render, tokens_value
 
     runs = read_runs([p for p in args.zoo + args.long if p.exists()])
     runs = runs[runs["model"].map(base_of).isin(BASES) | runs["model"].isin(BASES)]

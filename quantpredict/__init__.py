@@ -10,10 +10,12 @@ in-function imports included), and no two modules import each other (``tests/tes
 3. ``formats``, ``arch``, ``data``, ``lmhead``: number formats, model architectures, text and windows;
 4. ``recipe``, ``mixes``: the Recipe and llama.cpp's named mixes (torch-free: the run store reads recipes);
 5. ``quantize``, ``evaluate``: post-training quantization, and perplexity / KLD comparison;
-6. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT and the
-   studies, attention arithmetic;
+6. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT (the
+   method), attention arithmetic;
 7. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``);
-8. ``predict``; 9. ``report``; 10. ``cli`` (and ``__main__``).
+8. ``predict``; 9. ``report`` (the run store's figures and page);
+10. ``studies``: the seed studies and their report pages (only the CLI imports them);
+11. ``cli`` (and ``__main__``).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runs",),
     ("predict",),
     ("report",),
+    ("studies",),  # the seed studies: they use everything below, and only the CLI uses them
     ("cli", "__main__"),
 )
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
@@ -98,6 +99,15 @@ def test_no_import_points_up():
 def test_modules_kept_apart(a, b):
     bad = [f"{m}:{line} imports {t}" for m, targets in import_edges().items() if m == a or m.startswith(a + ".")
            for t, line in targets.items() if t == b or t.startswith(b + ".")]
+    assert not bad, "\n".join(bad)
+
+
+def test_only_the_cli_imports_the_studies():
+    """The seed studies are a wing above the library: outside ``quantpredict.studies`` itself, only ``quantpredict.cli``
+    imports it (not the top-level package's lazy names, not ``__main__``, not ``report``)."""
+    bad = [f"{m}:{line} imports {t}" for m, targets in import_edges().items()
+           if not (m + ".").startswith(("quantpredict.cli.", "quantpredict.studies."))
+           for t, line in targets.items() if (t + ".").startswith("quantpredict.studies.")]
     assert not bad, "\n".join(bad)
 
 

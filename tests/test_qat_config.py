@@ -76,7 +76,7 @@ def test_finetune_config_and_keywords_must_agree():
 
 
 def test_config_from_a_qat_recipe_and_from_study_settings():
-    from quantpredict.qat.study import StudySettings
+    from quantpredict.studies.study import StudySettings
 
     recipe = Recipe("int4", method="gptq", qat=True, qat_steps=7, qat_lr=2e-3, qat_batch_size=2, seed=5)
     assert QATConfig.from_recipe(recipe) == QATConfig(steps=7, lr=2e-3, batch_size=2, init="gptq", seed=5)

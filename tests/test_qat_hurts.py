@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from quantpredict.claims import Evidence, spearman_evidence, verdict
-from quantpredict.qat.hurts import (
+from quantpredict.studies.hurts import (
     claim_gain_grows_at_lower_precision,
     claim_misalignment,
     claim_qat_beats_gptq,
@@ -21,7 +21,7 @@ from quantpredict.qat.hurts import (
     is_long_trained,
     tokens_per_param,
 )
-from quantpredict.qat.study import StudySettings
+from quantpredict.studies.study import StudySettings
 
 N = 16  # test windows
 
@@ -141,8 +141,8 @@ def test_misalignment_sign_follows_the_local_objective():
 
 
 def test_sections_render_verdicts_from_a_results_file(tmp_path):
-    from quantpredict.qat.report import render_report
-    from quantpredict.qat.study import read_results
+    from quantpredict.studies.report import render_report
+    from quantpredict.studies.study import read_results
 
     recs = [_record("smollm2-135m", "mxint4", 0.3, 0.05, -0.1, seed=1),
             _record("smollm2-135m", "mxint3", 0.6, 0.1, -0.1, seed=2),
@@ -179,8 +179,8 @@ def test_fp_control_separates_adaptation_from_recovery(tmp_path):
     """QAT 0.3 nats below GPTQ beats GPTQ; but when FP fine-tuned the same way gains 0.5 nats, QAT's gap to it
     (0.3 - 0.3 + 0.5 = +0.5) is larger than GPTQ's 0.3 to FP: the gain was adaptation, and the claim fails. With an
     adaptation of 0.0 the same cells support it. Paired: 0.01-nat window noise decides 0.2-nat contrasts."""
-    from quantpredict.qat.hurts import claim_control, control_of, control_table
-    from quantpredict.qat.report import render_report
+    from quantpredict.studies.hurts import claim_control, control_of, control_table
+    from quantpredict.studies.report import render_report
 
     cells = [_record("smollm2-135m", "mxint4", 0.3, 0.3, 0.3, seed=1),
              _record("smollm2-135m", "mxint3", 0.6, 0.6 - 0.2, 0.6 - 0.2, seed=1)]  # same FP windows (seed 1)
@@ -205,7 +205,7 @@ def test_fp_control_separates_adaptation_from_recovery(tmp_path):
 def test_run_study_writes_cells_and_the_fp_control_and_resumes(tiny_hf_dir, tmp_path):
     """End to end on a tiny model: one cell and its FP fine-tuning control are appended to their files, the
     control is scored on the cell's test windows (same sha) and moved the model, and a rerun does nothing."""
-    from quantpredict.qat.study import CONTROL_FILE, HURTS_FILE, read_results, run_study
+    from quantpredict.studies.study import CONTROL_FILE, HURTS_FILE, read_results, run_study
 
     st = StudySettings(steps=2, lr=1e-3, batch_size=2, calib_samples=4, calib_seq_len=32, seq_len=32, max_windows=3,
                        track_windows=2, track_every=1, eval_windows=2)

@@ -161,7 +161,7 @@ def test_report_errors(tmp_path, capsys):
 def test_allocation_checks_compare_with_the_uniform_recipe_whose_bits_were_the_budget():
     import pandas as pd
 
-    from quantpredict.report.rank_report import allocation_checks, rank_checks
+    from quantpredict.studies.rank_report import allocation_checks, rank_checks
 
     uniform = pd.DataFrame({"model": "m", "method": "rtn", "recipe": ["mxint6-rtn", "mxint4-rtn", "int8-rtn"],
                             "bits_per_element": [6.2526, 4.2526, 8.1], "kld": [2e-4, 5e-3, 1e-5],

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from quantpredict.report.formats import Sources, render
 from quantpredict.runs import collect
+from quantpredict.studies.formats import Sources, render
 
 FAKE = "quantpredict.runs.fake:fake_run"
 

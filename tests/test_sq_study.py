@@ -11,8 +11,8 @@ import torch
 from conftest import VOCAB, tiny_model
 
 from quantpredict import arch
-from quantpredict.qat.sq_study import SQSettings, claims, layer_gains, sq_command, sq_gain, sq_sections
 from quantpredict.quantize.outliers import outlier_profile, smoothing_local_errors
+from quantpredict.studies.sq_study import SQSettings, claims, layer_gains, sq_command, sq_gain, sq_sections
 
 N = 16
 
@@ -140,7 +140,7 @@ def test_sq_gain_is_paired_and_layer_gains_match_pairs():
 
 
 def test_sq_sections_render_from_a_results_file(tmp_path):
-    from quantpredict.qat.sq_study import read_records
+    from quantpredict.studies.sq_study import read_records
 
     recs = _study({"smollm2-135m": 0.05}) + _study({"fam-xs-d30": 0.0})
     path = tmp_path / "sq_results.jsonl"
@@ -169,7 +169,7 @@ def _store_row(model, fmt, alpha, act, delta, recipe=None):
 
 
 def test_store_rows_reproduce_the_results_files_resolved_gains_and_render():
-    from quantpredict.qat.sq_study import store_agreement, store_cells, store_section
+    from quantpredict.studies.sq_study import store_agreement, store_cells, store_section
 
     recs = _study({"a-m": 0.05, "b-m": 0.0})  # a-m: SQ gain 0.05 (resolved at se ~0.003); b-m: within noise
     rows = [_store_row("a-m", "mxint4", None, None, 0.15), _store_row("a-m", "mxint4", None, "mxint8", 0.20),

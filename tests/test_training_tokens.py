@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from quantpredict.report.training_tokens import base_of, fit_ouyang, law_predict, study_frame
+from quantpredict.studies.training_tokens import base_of, fit_ouyang, law_predict, study_frame
 
 
 def _runs(beta=0.8, alpha=0.3, gamma=5.0, log_k=2.0, noise=0.0, seed=0) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from quantpredict.cli import options
 
 
 def register(subparsers) -> None:
-    from quantpredict.qat.study import RESULTS_FILES, STUDY_FORMATS, RunOptions, StudySettings
+    from quantpredict.studies.study import RESULTS_FILES, STUDY_FORMATS, RunOptions, StudySettings
 
     d = StudySettings()
     o = RunOptions()
@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     options.add_device(q)
     q.set_defaults(func=run)
 
-    from quantpredict.qat.sq_study import ALPHAS, SQ_FORMATS, SQSettings
+    from quantpredict.studies.sq_study import ALPHAS, SQ_FORMATS, SQSettings
 
     sd = SQSettings()
     sq = sub.add_parser("smoothquant", help="SmoothQuant+GPTQ with MXINT8 activations, and the activation outliers",
@@ -103,8 +103,15 @@ def run(args: argparse.Namespace) -> int:
 
     from quantpredict.errors import DataError
     from quantpredict.models import list_zoo
-    from quantpredict.qat.report import render_report
-    from quantpredict.qat.study import CONTROL_FILE, RESULTS_FILES, RunOptions, StudySettings, read_results, run_study
+    from quantpredict.studies.report import render_report
+    from quantpredict.studies.study import (
+        CONTROL_FILE,
+        RESULTS_FILES,
+        RunOptions,
+        StudySettings,
+        read_results,
+        run_study,
+    )
 
     torch.set_num_threads(max(1, args.threads))
     out = Path(args.out)
@@ -141,7 +148,7 @@ def run_smoothquant(args: argparse.Namespace) -> int:
 
     import torch
 
-    from quantpredict.qat.sq_study import RESULTS_FILE, SQSettings, run_sq_study
+    from quantpredict.studies.sq_study import RESULTS_FILE, SQSettings, run_sq_study
 
     torch.set_num_threads(max(1, args.threads))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]

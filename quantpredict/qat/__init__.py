@@ -1,4 +1,7 @@
-"""Quantization-aware fine-tuning (QAT) and the local-vs-global misalignment study (``quantpredict.qat``).
+"""Quantization-aware fine-tuning (QAT): the method alone (``quantpredict.qat``).
+
+The PTQ-vs-QAT study that measures it (``quantpredict study ptq-vs-qat``, ``reports/qat.md``) is in
+:mod:`quantpredict.studies`.
 
 - :func:`finetune` -> :class:`QATResult`: STE fake quantization of the layers PTQ quantizes, AdamW on the global
   NLL, on exactly GPTQ's calibration windows, initialised from RTN or GPTQ; :class:`QATConfig` holds its training
@@ -7,9 +10,8 @@
   :func:`ptq_trajectory` (GPTQ/RTN layer by layer), :func:`measure_point` (any model, e.g. QAT every few steps).
 - :mod:`.runs`: QAT as run-store methods ``qat`` (from RTN) and ``qat_gptq`` (from GPTQ); :func:`run_qat` (in
   :mod:`.finetune`) carries a QAT recipe out.
-- :mod:`.sq_study`: ``quantpredict study smoothquant`` (SmoothQuant + GPTQ with activation outliers; a study, so it sits
-  beside the QAT one, above the models it loads).
-- :mod:`.study`: ``quantpredict study ptq-vs-qat`` (FP/RTN/GPTQ/QAT perplexities, trajectories, ``reports/qat.md``).
+- :mod:`.ste`: straight-through-estimator (STE) fake quantization of weights and activations, which
+  :func:`finetune` trains through.
 """
 
 from __future__ import annotations

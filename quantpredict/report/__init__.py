@@ -3,6 +3,7 @@
 Modules: :mod:`.build` (:func:`render_report`), :mod:`.figures` (one function per figure), :mod:`.tables` (the run
 table as the figures read it, the Pareto frontier), :mod:`.importance` (held-out permutation importance),
 :mod:`.style` (one look for every figure), :mod:`.cli_reference` (README's CLI reference, generated from the parser).
+The seed studies' pages (``qat.md``, ``rank.md``, ``formats.md``, ...) are rendered in :mod:`quantpredict.studies`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from quantpredict.qat.study import STUDY_FORMATS
+from quantpredict.studies.study import STUDY_FORMATS
 
 LABELS = {"fp": "FP", "rtn": "RTN", "gptq": "GPTQ", "qat_rtn": "QAT<-RTN", "qat_gptq": "QAT<-GPTQ"}
 COLORS = {"rtn": "tab:orange", "gptq": "tab:blue", "qat_rtn": "tab:red", "qat_gptq": "tab:green"}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from quantpredict.claims import Evidence, Verdict, paired, spearman_evidence, verdict, verdict_table
-from quantpredict.qat.hurts import (  # noqa: F401 (is_long_trained, real_and_long: kept here too)
+from quantpredict.studies.hurts import (  # noqa: F401 (is_long_trained, real_and_long: kept here too)
     is_long_trained,
     real_and_long,
     real_and_long_sections,
@@ -89,8 +89,8 @@ def _outlier_record(model_fp, label: str, card: dict, windows: torch.Tensor, for
 def _run_record(model_fp, tokenizer, label: str, card: dict, recipe, windows: torch.Tensor, s: SQSettings,
                 fp_cache, alpha: float | None) -> dict[str, Any]:
     from quantpredict.evaluate import compare
-    from quantpredict.qat.study import _max_rss_gb
     from quantpredict.quantize import quantize_model
+    from quantpredict.studies.study import _max_rss_gb
 
     t0, c0 = time.perf_counter(), time.process_time()
     q = copy.deepcopy(model_fp)
@@ -132,8 +132,8 @@ def run_sq_study(models: Sequence[str], formats: Sequence[str] = SQ_FORMATS, alp
     from quantpredict.evaluate import FPLogitsCache
     from quantpredict.formats import get_format
     from quantpredict.models import load
-    from quantpredict.qat.study import model_card, model_label
     from quantpredict.quantize import Recipe
+    from quantpredict.studies.study import model_card, model_label
 
     s = settings or SQSettings()
     for f in (*formats, s.act_format):

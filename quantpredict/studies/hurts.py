@@ -219,7 +219,7 @@ def claim_misalignment(records: Sequence[dict]) -> list[Verdict]:
 
 
 def _settings_key(r: dict) -> tuple[str, str]:
-    from quantpredict.qat.study import settings_key
+    from quantpredict.studies.study import settings_key
 
     return r["model"], settings_key(r.get("settings"))
 
@@ -281,7 +281,7 @@ def control_table(records: Sequence[dict], controls: Sequence[dict]) -> str:
 
 
 def _fmt_key(fmt: str) -> tuple[int, str]:
-    from quantpredict.qat.study import STUDY_FORMATS
+    from quantpredict.studies.study import STUDY_FORMATS
 
     return (STUDY_FORMATS.index(fmt) if fmt in STUDY_FORMATS else 99, fmt)
 
@@ -411,7 +411,7 @@ def _cost_line(records: Sequence[dict]) -> str:
 
 def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, prefix: str,
              controls: Sequence[dict] = ()) -> str:
-    from quantpredict.qat.figures import render_figures
+    from quantpredict.studies.figures import render_figures
 
     by_lr = _by(records, lr_of)
     main_lr = max(sorted(by_lr), key=lambda lr: len(by_lr[lr]))
@@ -451,7 +451,8 @@ def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, pre
 
 def hurts_sections(records: Sequence[dict], out_dir: str | Path, *, controls: Sequence[dict] = ()) -> str:
     """The markdown of the real-model and long-trained sections (empty string for no records); writes figures.
-    ``controls``: FP fine-tuning controls (:func:`quantpredict.qat.study.fp_control_cell`), paired with their cells."""
+    ``controls``: FP fine-tuning controls (:func:`quantpredict.studies.study.fp_control_cell`), paired with their
+    cells."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return real_and_long_sections(
