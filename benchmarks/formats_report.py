@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quantpredict.studies.formats import Sources, render  # noqa: E402
+from quantpredict.studies.formats_report import Sources, render  # noqa: E402
 
 RUNS = ROOT / "data" / "runs"
 

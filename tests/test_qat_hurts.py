@@ -141,7 +141,7 @@ def test_misalignment_sign_follows_the_local_objective():
 
 
 def test_sections_render_verdicts_from_a_results_file(tmp_path):
-    from quantpredict.studies.report import render_report
+    from quantpredict.studies.qat_report import render_report
     from quantpredict.studies.study import read_results
 
     recs = [_record("smollm2-135m", "mxint4", 0.3, 0.05, -0.1, seed=1),
@@ -180,7 +180,7 @@ def test_fp_control_separates_adaptation_from_recovery(tmp_path):
     (0.3 - 0.3 + 0.5 = +0.5) is larger than GPTQ's 0.3 to FP: the gain was adaptation, and the claim fails. With an
     adaptation of 0.0 the same cells support it. Paired: 0.01-nat window noise decides 0.2-nat contrasts."""
     from quantpredict.studies.hurts import claim_control, control_of, control_table
-    from quantpredict.studies.report import render_report
+    from quantpredict.studies.qat_report import render_report
 
     cells = [_record("smollm2-135m", "mxint4", 0.3, 0.3, 0.3, seed=1),
              _record("smollm2-135m", "mxint3", 0.6, 0.6 - 0.2, 0.6 - 0.2, seed=1)]  # same FP windows (seed 1)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from quantpredict.studies.report import render_report, statement, verdicts
+from quantpredict.studies.qat_report import render_report, statement, verdicts
 from quantpredict.studies.study import StudySettings, _paired, _spearman
 
 
@@ -69,7 +69,7 @@ def test_records_of_other_settings_go_to_a_sensitivity_section(tmp_path):
             _record("int4", 0.01, 0.003, model="a-xs")]
     low_lr = [_record("int2", 0.5, -0.1, model="a-xs")]
     low_lr[0]["settings"] = {**low_lr[0]["settings"], "lr": 1e-4}
-    from quantpredict.studies.report import sensitivity_text, split_settings
+    from quantpredict.studies.qat_report import sensitivity_text, split_settings
 
     kept, other = split_settings(main + low_lr)
     assert kept == main and other == low_lr
@@ -85,7 +85,7 @@ def test_records_of_other_settings_go_to_a_sensitivity_section(tmp_path):
 
 
 def test_headline_leaves_out_training_snapshots():
-    from quantpredict.studies.report import _headline, is_snapshot
+    from quantpredict.studies.qat_report import _headline, is_snapshot
 
     assert is_snapshot("llama-s-t25") and not is_snapshot("llama-s") and not is_snapshot("gpt_neox-l")
     trained = [_record("int2", 0.5, 0.05, model="a-s")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quantpredict.runs import collect
-from quantpredict.studies.formats import Sources, render
+from quantpredict.studies.formats_report import Sources, render
 
 FAKE = "quantpredict.runs.fake:fake_run"
 

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quantpredict.errors import DataError
     from quantpredict.models import list_zoo
-    from quantpredict.studies.report import render_report
+    from quantpredict.studies.qat_report import render_report
     from quantpredict.studies.study import (
         CONTROL_FILE,
         RESULTS_FILES,

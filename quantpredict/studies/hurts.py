@@ -411,7 +411,7 @@ def _cost_line(records: Sequence[dict]) -> str:
 
 def _section(title: str, intro: str, records: Sequence[dict], out_dir: Path, prefix: str,
              controls: Sequence[dict] = ()) -> str:
-    from quantpredict.studies.figures import render_figures
+    from quantpredict.studies.qat_figures import render_figures
 
     by_lr = _by(records, lr_of)
     main_lr = max(sorted(by_lr), key=lambda lr: len(by_lr[lr]))

@@ -6,7 +6,7 @@ the FP model, of RTN and GPTQ (each exactly the model its QAT run starts from, c
 the paths: RTN and GPTQ replayed layer by layer (:func:`quantpredict.qat.ptq_trajectory`), QAT every
 ``track_every`` steps, each point holding the summed local objective, the NLL on a fixed test prefix and the
 distance to the FP weights. :func:`run_study` appends one JSON line per (model, format) to a results file as it
-goes (resumable: finished pairs are skipped), and :mod:`quantpredict.studies.report` renders ``reports/qat.md``.
+goes (resumable: finished pairs are skipped), and :mod:`quantpredict.studies.qat_report` renders ``reports/qat.md``.
 
 :class:`RunOptions` are how a cell is measured, not what: trajectory resolution, the reference's dtype and QAT
 micro-batches change memory and time (and float rounding), never the data budget or the recipe, so they are
