@@ -9,7 +9,7 @@ walk models only through here: a new architecture is one entry in the table of a
   layout, and the supported and refused model types);
 * :mod:`~quantpredict.arch.layers`: the layer-walking API (:func:`adapter`, :func:`blocks`, :func:`linear_layers`,
   :func:`smooth_pairs`, :func:`awq_groups`, :func:`head` ...) and model-level facts (:func:`hidden_size`,
-  :func:`non_embedding_parameters`, :func:`check_finite`);
+  :func:`model_device`, :func:`max_positions` ...);
 * :mod:`~quantpredict.arch.generic`: the generic walk of a model type the table does not have
   (:func:`generic_adapter`);
 * :mod:`~quantpredict.arch.execution`: block-by-block execution (:func:`capture_block_inputs`, :func:`run_block`,
@@ -49,6 +49,8 @@ from quantpredict.arch.layers import (
     hidden_size,
     linear_layers,
     logits,
+    max_positions,
+    model_device,
     non_embedding_parameters,
     require_scale_folds,
     require_smoothquant,
@@ -73,6 +75,6 @@ __all__ = [
     "batch_kwargs", "block_kwargs", "block_linears", "blocks", "capture_block_input_batches", "capture_block_inputs",
     "capture_block_kwargs", "check_finite", "embedding_modules", "family", "final_norm", "find_block_list",
     "generic_adapter", "head", "hidden_size", "input_hooks", "linear_layers", "linears_of", "logits",
-    "non_embedding_parameters", "require_scale_folds", "require_smoothquant",
+    "max_positions", "model_device", "non_embedding_parameters", "require_scale_folds", "require_smoothquant",
     "run_block", "smooth_pairs", "smoothquant_supported",
 ]

@@ -1,7 +1,7 @@
 """Walking a model's layers through its adapter: the blocks, each block's linear layers (weights always seen as
 ``[out, in]``, GPT-2's ``Conv1D`` included), the norm -> linear pairs SmoothQuant folds into and AWQ's scaling
 groups, the embeddings, final norm and head, and a few facts about the model as a whole (its width, non-embedding
-parameter count)."""
+parameter count, device, context length)."""
 
 from __future__ import annotations
 
@@ -245,3 +245,20 @@ def check_finite(model: nn.Module) -> None:
                 f"parameter {name!r} holds {bad} NaN/Inf value(s) of {p.numel()}; the model's weights are corrupt "
                 "(re-load or re-train it) and cannot be quantized or measured"
             )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings cover, when its config says so."""
+    cfg = getattr(model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

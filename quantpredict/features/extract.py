@@ -888,9 +888,8 @@ def feature_windows(model: nn.Module, calib_ids: torch.Tensor, n_windows: int = 
     """The calibration batch ``[n_windows, seq_len]`` (``seq_len`` clipped to the model's context); 2-D
     ``calib_ids`` are used as given."""
     from quantpredict.data import TokenStream
-    from quantpredict.evaluate.scoring import max_positions
 
-    limit = max_positions(model)
+    limit = arch.max_positions(model)
     if limit is not None and (isinstance(calib_ids, TokenStream) or calib_ids.dim() == 1):
         seq_len = min(seq_len, limit)
     return calibration_windows(calib_ids, n_windows, seq_len, seed=seed)
@@ -901,10 +900,9 @@ def compute_placement(model: nn.Module, device: Any = None) -> Iterator[torch.de
     """The model on ``device`` (``None``: where it is) in float32 (float64 stays float64) for the ``with``; its
     dtype and device are put back on exit. A bf16/fp16 model upcast to float32 and cast back is bitwise unchanged,
     so the features of a half-precision model are those of its stored weights, measured in float32."""
-    from quantpredict.evaluate.scoring import model_device
     from quantpredict.memory import resolve_device
 
-    old_device = model_device(model)
+    old_device = arch.model_device(model)
     target = old_device if device is None else resolve_device(device, flag="device")
     old_dtype = next(model.parameters()).dtype
     upcast = old_dtype in (torch.float16, torch.bfloat16)
