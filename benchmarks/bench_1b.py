@@ -153,7 +153,7 @@ def _params(s: dict) -> float:
 
 
 def _graph_bytes(s: dict, seq: int = 256) -> float:
-    """``features.extract.graph_bytes_per_window`` for this shape (one window's double-backward graph)."""
+    """``features.state.graph_bytes_per_window`` for this shape (one window's double-backward graph)."""
     logits = seq * s["vocab"] * 4
     return 1.5 * (s["layers"] * seq * (16 * s["hidden"] + 8 * s["inter"] + 8 * s["heads"] * seq) * 4
                   + 4 * min(logits, 64 * 2**20))

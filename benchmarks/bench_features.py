@@ -72,7 +72,7 @@ def _evaluate(model, ids: torch.Tensor, max_windows: int | None = None) -> tuple
 
 
 def _predictor_groups(spec: str | None) -> tuple[str, ...]:
-    from quantpredict.features.extract import parse_which
+    from quantpredict.features.context import parse_which
 
     if spec:
         return parse_which(spec)

@@ -385,7 +385,7 @@ def test_features_and_compare_run(case, stream):
 
 
 def test_smoothquant_features_measure_the_same_fp_model(case, stream):
-    # features.extract folds SmoothQuant into a copy (features.smoothed_copy): the FP loss must not move
+    # features.extract folds SmoothQuant into a copy (features.direction.smoothed_copy): the FP loss must not move
     model = build(case)
     plain = features.extract(model, Recipe("int4"), stream, which="model", n_windows=2, seq_len=16)
     recipe = Recipe("int4", smoothquant_alpha=0.8)

@@ -15,17 +15,12 @@ from torch.autograd.gradcheck import gradcheck, gradgradcheck
 from quantpredict import arch, lmhead
 from quantpredict.errors import DeviceError, ResourceError
 from quantpredict.features import ExtractOptions, extract
-from quantpredict.features.extract import (
-    _Context,
-    along_direction,
-    feature_windows,
-    graph_bytes_per_window,
-    mean_nll,
-    offset_weights,
-    prepared,
-    rtn_deltas,
-)
+from quantpredict.features.context import Context
+from quantpredict.features.direction import rtn_deltas
+from quantpredict.features.extract import feature_windows
 from quantpredict.features.hessian import AccumulatedHessianOperator, HessianOperator, directional_derivatives
+from quantpredict.features.offsets import along_direction, offset_weights
+from quantpredict.features.state import graph_bytes_per_window, mean_nll, prepared
 from quantpredict.memory import logits_chunk_tokens, parse_bytes, resolve_device, resolve_dtype
 from quantpredict.quantize import Recipe
 
@@ -197,7 +192,7 @@ def test_noise_traces_equal_quadratic_forms_of_the_float64_input_gram():
     model = tiny_model("opt", hidden=16, layers=2, heads=2).double()
     windows = feature_windows(model, _windows(4, 16), 4, 16)
     recipe = Recipe("int4")
-    ctx = _Context(model, recipe, windows, 0, ExtractOptions(), ("noise",))
+    ctx = Context(model, recipe, windows, 0, ExtractOptions(), ("noise",))
     traces = ctx.calib_stats.traces
     inputs: dict[str, list[torch.Tensor]] = {r.name: [] for r in ctx.refs}
     handles = [r.module.register_forward_pre_hook(lambda _m, a, n=r.name: inputs[n].append(a[0].reshape(
@@ -226,10 +221,10 @@ def test_the_budget_sets_the_micro_batch():
     assert 1.5e9 < per < 4e9
     model = tiny_model("llama", hidden=64, layers=2, heads=2)
     windows = _windows(8, 128)
-    assert _Context(model, Recipe("mxint4"), windows, 0, ExtractOptions()).whole_graph()  # a zoo-sized model
+    assert Context(model, Recipe("mxint4"), windows, 0, ExtractOptions()).whole_graph()  # a zoo-sized model
     small = ExtractOptions(max_memory=2 * graph_bytes_per_window(model, 128) + 1)
-    assert _Context(model, Recipe("mxint4"), windows, 0, small).micro_batch(8) == 2
-    assert _Context(model, Recipe("mxint4"), windows, 0, ExtractOptions(micro_batch=3)).micro_batch(8) == 3
+    assert Context(model, Recipe("mxint4"), windows, 0, small).micro_batch(8) == 2
+    assert Context(model, Recipe("mxint4"), windows, 0, ExtractOptions(micro_batch=3)).micro_batch(8) == 3
 
 
 # ---- the zoo: today's values, and the bounded paths in float32 -----------------------------------------------------

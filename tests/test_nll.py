@@ -12,7 +12,7 @@ from quantpredict import lmhead
 from quantpredict.evaluate import window_nlls
 from quantpredict.evaluate.scoring import nll_sums
 from quantpredict.evaluate.windows import Windows
-from quantpredict.features.extract import mean_nll, summed_nll
+from quantpredict.features.state import mean_nll, summed_nll
 from quantpredict.qat import mean_nll as qat_mean_nll
 
 

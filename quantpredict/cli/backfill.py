@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import QuantpredictError
-    from quantpredict.features.extract import parse_which
+    from quantpredict.features.context import parse_which
     from quantpredict.runs.backfill import backfill, backfill_attributes
 
     if not args.groups and not args.attributes:

@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.feature_groups:
         from quantpredict.errors import PredictorError
         from quantpredict.features import FEATURES
-        from quantpredict.features.extract import parse_which
+        from quantpredict.features.context import parse_which
 
         try:
             groups = parse_which(args.feature_groups)

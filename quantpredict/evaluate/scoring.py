@@ -25,26 +25,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantpredict import lmhead
+from quantpredict.arch import max_positions, model_device
 from quantpredict.errors import DataError, ModelError
 from quantpredict.evaluate.windows import Windows
 from quantpredict.memory import LOGITS_CHUNK_BYTES, logits_chunk_tokens
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings cover, when its config says so."""
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(cfg, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_model(model: nn.Module, windows: Windows, name: str = "model") -> None:

@@ -6,9 +6,11 @@ building blocks (``hvp``, ``hutchinson_trace``, ``top_eigenvalue``) work on any 
 
 from __future__ import annotations
 
-from quantpredict.features.extract import ExtractOptions, extract, feature_windows, mean_nll, parse_which
+from quantpredict.features.context import ExtractOptions, parse_which
+from quantpredict.features.extract import extract, feature_windows
 from quantpredict.features.hessian import HessianOperator, hutchinson_trace, hvp, top_eigenvalue
 from quantpredict.features.schema import FEATURE_NAMES, FEATURES, GROUPS, TIMING_NAMES, FeatureSpec
+from quantpredict.features.state import mean_nll
 
 __all__ = [
     "FEATURES", "FEATURE_NAMES", "GROUPS", "TIMING_NAMES", "ExtractOptions", "FeatureSpec", "HessianOperator",

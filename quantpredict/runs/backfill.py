@@ -58,7 +58,8 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
 
     from quantpredict import data, features
     from quantpredict import models as zoo
-    from quantpredict.features.extract import ExtractOptions, feature_windows, parse_which
+    from quantpredict.features.context import ExtractOptions, parse_which
+    from quantpredict.features.extract import feature_windows
     from quantpredict.features.fisher import measure_profile
     from quantpredict.recipe import Recipe
     from quantpredict.schema import FEATURES
