@@ -24,7 +24,7 @@ from quantpredict.predict import (
 )
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS, from_target, to_target
 from quantpredict.predict.engines import conformal_quantile
-from quantpredict.predict.predictor import FPModel
+from quantpredict.predict.saved import FPModel
 from quantpredict.predict.synthetic import LAW_FP, LAW_QUAD, synthetic_runs
 
 SMALL_TREES = {"n_estimators": 20}
