@@ -220,7 +220,7 @@ def _store_rows(path: Path, command: str) -> tuple[str, list[dict], str] | None:
     """``(path, rows, command)`` of a run store, or None where this checkout does not have it."""
     if not path.exists():
         return None
-    from quantpredict.predict.inputs import read_runs
+    from quantpredict.runs.table import read_runs
 
     return str(path.relative_to(REPORTS.parent)), read_runs(path).to_dict("records"), command
 

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "real_models.md")
     args = ap.parse_args(argv)
     from quantpredict.models import zoo_card
-    from quantpredict.predict.inputs import read_runs, sweep_setting_runs
+    from quantpredict.runs.table import read_runs, sweep_setting_runs
     from quantpredict.studies.real_models import render
 
     real = read_runs([p for p in args.real if p.exists()])

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from quantpredict.models import zoo_card
-    from quantpredict.predict.inputs import read_runs, sweep_setting_runs
+    from quantpredict.runs.table import read_runs, sweep_setting_runs
     from quantpredict.studies.training_tokens import base_of, render, tokens_value
 
     runs = read_runs([p for p in args.zoo + args.long if p.exists()])

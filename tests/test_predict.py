@@ -24,7 +24,7 @@ from quantpredict.predict import (
 )
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS, from_target, to_target
 from quantpredict.predict.engines import conformal_quantile
-from quantpredict.predict.predictor import FPModel
+from quantpredict.predict.saved import FPModel
 from quantpredict.predict.synthetic import LAW_FP, LAW_QUAD, synthetic_runs
 
 SMALL_TREES = {"n_estimators": 20}
@@ -389,7 +389,7 @@ def test_store_subsample_curve_reads_window_deltas_and_charges_quantization():
 
 
 def test_limits_section_numbers_by_hand():
-    from quantpredict.predict.render import limits_section
+    from quantpredict.report.validation import limits_section
 
     pred = pd.DataFrame({"kind": "gbm", "model": ["a", "a", "b", "b"],
                          "delta": [0.001, 0.02, 0.0005, 0.05], "delta_nll": [0.002, 0.022, 0.0004, 0.045],

@@ -179,7 +179,7 @@ def test_allocation_checks_compare_with_the_uniform_recipe_whose_bits_were_the_b
 def test_sweep_setting_runs_keeps_each_models_own_window_count():
     import pandas as pd
 
-    from quantpredict.predict.inputs import sweep_setting_runs
+    from quantpredict.runs.table import sweep_setting_runs
 
     runs = pd.DataFrame({"model": ["a", "a", "a", "b", "b"], "eval_windows": [128, 128, 64, 256, 256]})
     kept, left_out = sweep_setting_runs(runs)

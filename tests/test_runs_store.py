@@ -251,7 +251,7 @@ def test_update_features_and_extra_touch_nothing_measured(tmp_path):
 
 def test_read_runs_merges_stores_and_refuses_a_missing_one(tmp_path):
     from quantpredict.errors import PredictorError
-    from quantpredict.predict.inputs import read_runs
+    from quantpredict.runs.table import read_runs
 
     a, b = _spec(model="a"), _spec(model="b")
     for spec, name in ((a, "a.sqlite"), (b, "b.sqlite")):

@@ -46,8 +46,8 @@ def run_physics(args: argparse.Namespace, runs) -> int:
     pred = PhysicsPredictor(args.kind).fit(runs)
     print(pred.summary())
     if args.validate:
-        from quantpredict.predict.render_targets import write_targets_report
         from quantpredict.predict.targets import validate_targets
+        from quantpredict.report.targets import subsample_sections, write_targets_report
 
         # gbm (the former default, delta NLL only) needs every feature group of the zoo sweep, which the long and
         # real-model runs do not all carry; ask for it with --kinds to compare on the runs that have them
@@ -65,53 +65,11 @@ def run_physics(args: argparse.Namespace, runs) -> int:
     return 0
 
 
-def subsample_sections(runs, predictions, sources, kinds) -> list[str]:
-    """The equal-cost subsample comparison, from the ``<store>_subsample.parquet`` files next to the stores."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    from quantpredict.predict.subsample import subsample_path
-    from quantpredict.predict.targets import subsample_comparison
-
-    files = [subsample_path(s) for s in sources if "://" not in str(s) and subsample_path(s).exists()]
-    if not files:
-        return []
-    sub = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
-    lines = ["## Against the equal-cost subsample", "",
-             "The practitioner's alternative: measure KLD on a few test windows instead of predicting. Each run's "
-             "subsample is measured on windows spread over the part of the test split its truth did not use "
-             f"({', '.join(Path(f).name for f in files)}), and each run gets as many windows as the predictor's own "
-             "feature seconds buy (the run's quantization paid first, so GPTQ recipes pay GPTQ on both sides; the FP "
-             "side of a window counted as shared across recipes). Predictions are leave one family out.", "",
-             "| kind | runs | predictor KLD med. rel. err | its median seconds | equal-cost subsample KLD med. rel. "
-             "err | its median windows | subsample windows to match the predictor | their seconds |",
-             "|---|---|---|---|---|---|---|---|"]
-    curves = []
-    for kind in kinds:
-        c = subsample_comparison(runs, sub, predictions, kind)
-        if not c:
-            continue
-        lines.append(f"| {kind} | {c['n_runs']} | {100 * c['predictor_kld_median_rel_err']:.1f}% | "
-                     f"{c['median_predictor_seconds']:.2f} | {100 * c['subsample_kld_median_rel_err']:.1f}% | "
-                     f"{c['median_subsample_windows']:.0f} | {c['crossover_windows']:.0f} | "
-                     f"{c['crossover_seconds']:.2f} |")
-        curves.append((kind, c["curve"]))
-    if curves:
-        lines += ["", "The subsample's error against its windows (same runs):", "",
-                  "| windows | " + " | ".join(f"KLD med. rel. err ({k} runs)" for k, _ in curves) + " | seconds |",
-                  "|---|" + "---|" * len(curves) + "---|"]
-        for i, row in enumerate(curves[0][1]):
-            cells = [f"{100 * c[i]['kld_median_rel_err']:.1f}%" for _, c in curves]
-            lines.append(f"| {row['k']} | " + " | ".join(cells) + f" | {row['median_seconds']:.2f} |")
-    return lines
-
-
 def run(args: argparse.Namespace) -> int:
     from quantpredict.predict import Predictor, validate
     from quantpredict.predict.design import LINEAR_KINDS
-    from quantpredict.predict.inputs import read_runs
     from quantpredict.predict.physics import PHYSICS_KINDS
+    from quantpredict.runs.table import read_runs
 
     runs = read_runs(args.store, args.runs)
     if args.kind in PHYSICS_KINDS:
@@ -136,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     if args.validate:
         import pandas as pd
 
-        from quantpredict.predict.render import best_kind, write_report
+        from quantpredict.report.validation import best_kind, write_report
 
         kinds = _csv(args.kinds, "ols,rf,gbm,bits,paper")
         groups = _csv(args.groups, "model,family")

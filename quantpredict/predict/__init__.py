@@ -1,17 +1,32 @@
-"""Predictors: from cheap features to the WikiText-2 perplexity a quantized model will have, with an interval.
+"""Predictors: from cheap features to the quality a quantized model will have, each number with an interval.
 
-``Predictor(kind)`` fits on a run table (``runs.RunStore(path).to_frame()``) and predicts ``delta = NLL_quant -
-NLL_fp`` and ``ppl = ppl_fp * exp(delta)``; ``validate`` runs leave-one-model-out / leave-one-family-out
-cross-validation; ``subsample_curve`` is the practitioner's baseline (evaluate only a prefix of the test windows);
-``predict_quality`` computes a model's features on the fly and predicts.
+Every predictor is a :class:`SavedPredictor` (:mod:`.saved`: save, load by kind, validation metadata, ``describe``);
+:data:`KIND_ROLES` lists the kinds and why each stays. Two classes fit them:
+
+- :class:`PhysicsPredictor` (:mod:`.physics`), the KLD-first kinds: ``physics``, the default (the predictor shipped
+  in ``data/predictors/default``), and ``profile``, which prices a recipe from weights alone and is what
+  :func:`~quantpredict.predict.rank.rank_recipes` and :func:`~quantpredict.predict.allocate.allocate` use. They
+  predict the KL divergence to the FP model, ``delta = NLL_quant - NLL_fp``, top-1 agreement and
+  ``ppl = ppl_fp * exp(delta)`` on WikiText-2 test; :func:`~quantpredict.predict.targets.validate_targets`
+  validates them.
+- :class:`Predictor` (:mod:`.predictor`), the delta-only kinds ``ols``, ``rf``, ``gbm``, ``bits``, ``paper``
+  (:data:`KINDS`): delta and perplexity; :func:`validate` runs leave-one-model-out / leave-one-family-out
+  cross-validation of them, and :func:`subsample_curve` is the practitioner's baseline (evaluate only a prefix of
+  the test windows).
+
+:func:`predict_quality` computes a model's features on the fly and predicts with a saved predictor (the default
+one unless told). The pages that report validations are written by :mod:`quantpredict.report`; run tables are read
+by :mod:`quantpredict.runs.table`.
 """
 
 from __future__ import annotations
 
 from quantpredict.errors import PredictorError
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS
+from quantpredict.predict.physics import PHYSICS_KINDS, PhysicsPredictor
 from quantpredict.predict.predictor import Predictor
 from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR, Prediction, predict_quality
+from quantpredict.predict.saved import KIND_ROLES, SavedPredictor
 from quantpredict.predict.validate import (
     Validation,
     crossover,
@@ -23,7 +38,7 @@ from quantpredict.predict.validate import (
 )
 
 __all__ = [
-    "DEFAULT_FEATURES", "DEFAULT_PREDICTOR_DIR", "KINDS", "Prediction", "Predictor", "PredictorError", "Validation",
-    "crossover", "delta_metrics", "group_splits", "predict_quality", "store_subsample_curve", "subsample_curve",
-    "validate",
+    "DEFAULT_FEATURES", "DEFAULT_PREDICTOR_DIR", "KINDS", "KIND_ROLES", "PHYSICS_KINDS", "PhysicsPredictor",
+    "Prediction", "Predictor", "PredictorError", "SavedPredictor", "Validation", "crossover", "delta_metrics",
+    "group_splits", "predict_quality", "store_subsample_curve", "subsample_curve", "validate",
 ]

@@ -1,14 +1,16 @@
 """Per-layer formats under a bit budget: minimise the predicted KLD from per-layer quantities.
 
 The model is profiled once (:func:`quantpredict.predict.rank.profile_model`). For every linear layer ``l`` and
-candidate format ``f`` the layer's own second-order KL, ``c[l, f] = 0.5 tr(dW A dW^T G)`` against its K-FAC
-factors, and its storage ``b[l, f]`` (bits per element times elements) are computed from the weights alone. The
+candidate format ``f`` the layer's own second-order KL, priced token-wise against the profile
+(``c[l, f] = 0.5 mean_t (s_t^T dW x_t)^2`` over the profile's per-token layer inputs ``x_t`` and sampled output
+gradients ``s_t``, the layer's term of ``token_gn_quad``), and its storage ``b[l, f]`` (bits per element times
+elements) are computed from the weights alone. The
 allocation minimises ``sum_l c[l, f_l]`` subject to ``sum_l b[l, f_l] <= B * sum_l n_l``: a multiple-choice
 knapsack, solved by Lagrangian relaxation (each layer takes ``argmin_f c[l, f] + lambda b[l, f]``, bisection on
 ``lambda`` to the budget) and then a greedy fill of the budget left over, best cost reduction per bit first.
 
-Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the K-FAC
-profile has no cross-layer blocks). Interactions between layers' errors are therefore not modelled by the
+Cross-layer terms: the objective is additive over layers, i.e. the Fisher is taken block-diagonal (the profile
+prices each layer on its own). Interactions between layers' errors are therefore not modelled by the
 allocation; the predicted KLD of the result comes from the ``profile`` predictor, whose constant was fitted on
 measured KLDs of whole models (so it absorbs their average effect), and the allocated recipes are measured in
 the run store beside the uniform ones.

@@ -8,8 +8,9 @@ method; never a raw parameter count or width), so a fit on small models carries 
 - ``log KLD = a + b log(Q) + c . z`` with ``Q`` the kind's base quantity:
   - kind ``physics``: ``fisher_quad`` (the exact 0.5 delta^T F delta on the calibration batch, a forward-mode JVP)
     with the measured calibration KL as a higher-order correction, ``log(kl_calib / fisher_quad)``;
-  - kind ``profile``: ``kfac_quad`` (the same quadratic priced from weights alone against the model's K-FAC profile,
-    what ``rank`` and ``allocate`` use: no forward pass per recipe).
+  - kind ``profile``: ``token_gn_quad`` (the same quadratic priced from weights alone, token-wise against the
+    model's profile of per-token layer inputs and sampled output gradients: what ``rank`` and ``allocate`` use, no
+    forward pass per recipe), with the largest layer's share of it (``kfac_max_layer_share``) as a correction.
 - ``log delta_NLL`` on the runs whose delta is resolved (> 2 standard errors), on the same base and corrections,
   weighted by each run's measurement precision (the law B). The ratio of delta NLL to KL is a property of the
   model (1 for a model that matches the data's distribution; 1.1-1.5 on the undertrained zoo, 0.83 on SmolLM2),
@@ -21,14 +22,14 @@ method; never a raw parameter count or width), so a fit on small models carries 
 - ``ppl = ppl_fp * exp(delta_NLL)``, ``ppl_fp`` measured when given, else from the calibration NLL.
 
 Intervals: split-conformal per target on out-of-fold log residuals from folds grouped by model (the residuals a
-*new* model would see), widened for inputs outside the training ranges (see :meth:`PhysicsPredictor.predict`).
+*new* model would see), widened for inputs outside the training ranges (:meth:`PhysicsPredictor._widen`, with an
+:class:`OutOfRangeWarning`).
 MAPIE's conformal regressors would do the same residual bookkeeping, but a saved predictor here must load
 without pickle (plain JSON numbers), so the quantile is computed directly, exactly as MAPIE's split method does.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -40,6 +41,8 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError
+from quantpredict.predict.design import done_runs, feature_groups
+from quantpredict.predict.saved import FPModel, SavedPredictor, eval_seconds_by_model
 
 PHYSICS_KINDS: tuple[str, ...] = ("physics", "profile")
 BASE_FEATURE = {"physics": "fisher_quad", "profile": "token_gn_quad"}
@@ -96,7 +99,7 @@ def design_columns(kind: str, target: str, df: pd.DataFrame, extra: Sequence[str
     return pd.DataFrame(cols, index=df.index)
 
 
-def describe(kind: str, column: str) -> str:
+def column_words(kind: str, column: str) -> str:
     """A design column in the schema's words, for messages."""
     names = {"log_base": f"log {BASE_FEATURE[kind]}", "log_kl_over_quad": "log(kl_calib / fisher_quad)",
              "max_layer_share": "kfac_max_layer_share",
@@ -240,7 +243,7 @@ def combine_with_measurement(law_value: np.ndarray, law_sd: float, measured: np.
 
 
 @dataclass
-class PhysicsPredictor:
+class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
     """The KLD-first predictor (kinds ``physics`` and ``profile``); see the module docstring.
 
     ``predict(frame)`` returns every column the delta-only kinds return (``delta_nll``, ``ppl`` ... with intervals)
@@ -270,14 +273,11 @@ class PhysicsPredictor:
 
     @property
     def required_groups(self) -> tuple[str, ...]:
-        from quantpredict.predict.design import feature_groups
-
+        """The feature groups to compute (``features.extract(which=...)``) for this predictor."""
         return tuple(dict.fromkeys(("model", "format") + feature_groups(self.features)))
 
     def usable(self, runs: pd.DataFrame) -> pd.DataFrame:
         """The done runs with every feature and measured target this kind needs."""
-        from quantpredict.predict.design import done_runs
-
         runs = done_runs(runs)
         need = list(required_features(self.kind)) + list(self.extra_columns) + ["kld", "top1_agree"]
         missing = [c for c in need if c not in runs]
@@ -288,9 +288,12 @@ class PhysicsPredictor:
         ok = np.all([np.isfinite(_num(runs, c)) for c in need], axis=0)
         return runs[ok]
 
-    def fit(self, runs_df: pd.DataFrame) -> PhysicsPredictor:
-        from quantpredict.predict.saved import FPModel, _eval_seconds
+    @property
+    def fitted(self) -> bool:
+        return bool(self.laws)
 
+    def fit(self, runs_df: pd.DataFrame) -> PhysicsPredictor:
+        """Fit the three laws on the usable done runs of a run table (at least 2 models, 20 runs)."""
         t0 = time.perf_counter()
         runs = self.usable(runs_df)
         if runs["model"].nunique() < 2 or len(runs) < 20:
@@ -317,7 +320,7 @@ class PhysicsPredictor:
         self.metadata = {"n_runs": int(len(runs)), "n_models": int(runs["model"].nunique()),
                          "models": sorted(runs["model"].astype(str).unique()),
                          "families": sorted(runs["family"].astype(str).unique()) if "family" in runs else [],
-                         "fit_seconds": time.perf_counter() - t0, "eval_seconds_by_model": _eval_seconds(runs),
+                         "fit_seconds": time.perf_counter() - t0, "eval_seconds_by_model": eval_seconds_by_model(runs),
                          "validation": None}
         return self
 
@@ -332,15 +335,16 @@ class PhysicsPredictor:
             if (out > 0).any() and col not in self._warned:
                 self._warned.add(col)
                 worst = float(v[np.argmax(out)])
-                warnings.warn(f"{self.kind} predictor: input {describe(self.kind, col)} = {worst:.4g} lies outside "
+                warnings.warn(f"{self.kind} predictor: input {column_words(self.kind, col)} = {worst:.4g} lies outside "
                               f"its training range [{lo:.4g}, {hi:.4g}]; the intervals are widened by the distance "
                               "outside (in units of the range)", OutOfRangeWarning, stacklevel=3)
             excess += out / span
         return law.q * (1.0 + excess)
 
     def predict(self, features_df: pd.DataFrame) -> pd.DataFrame:
-        if not self.laws:
-            raise PredictorError("this predictor is not fitted; call fit(runs) or load it first")
+        """Predict for each row of ``features_df`` (schema features plus recipe columns; index kept): the columns of
+        the class docstring, intervals at 1 - alpha."""
+        self._check_fitted()
         if not isinstance(features_df, pd.DataFrame):
             raise PredictorError(f"predict() takes a pandas DataFrame, got {type(features_df).__name__}")
         missing = [c for c in required_features(self.kind) if c not in features_df]
@@ -401,6 +405,7 @@ class PhysicsPredictor:
                              "ppl_fp_source": source}, index=df.index)
 
     def summary(self) -> str:
+        """Each law's coefficients (log space, intercept first), training runs and conformal half-width."""
         lines = [f"quantpredict predictor kind={self.kind!r}: {self.metadata.get('n_runs')} runs of "
                  f"{self.metadata.get('n_models')} models; log-space laws (intercept first), conformal half-width q"]
         for t, law in self.laws.items():
@@ -408,49 +413,21 @@ class PhysicsPredictor:
             lines.append(f"  {t:10s} n={law.n:4d} q={law.q:.3f}: {terms}")
         return "\n".join(lines)
 
-    # ---- save / load -----------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        from quantpredict.predict.saved import FORMAT_NAME, FORMAT_VERSION, META_FILE, _jsonable, _versions
-        from quantpredict.schema import FEATURE_NAMES
+    # ---- the saved format (SavedPredictor.save / load) --------------------------------------------------------------
+    def _params(self) -> dict:
+        return {"alpha": self.alpha, "delta_noise": self.delta_noise, "extra_columns": list(self.extra_columns)}
 
-        d = Path(directory)
-        if d.exists() and not d.is_dir():
-            raise PredictorError(f"{d} exists and is not a directory; pass a directory to save the predictor in")
-        d.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
-                "params": {"alpha": self.alpha, "delta_noise": self.delta_noise,
-                           "extra_columns": list(self.extra_columns)},
-                "schema": {"feature_names": list(FEATURE_NAMES), "used": list(self.features)},
-                "laws": {t: law.to_json() for t, law in self.laws.items()},
-                "fp_model": None if self.fp_model is None else self.fp_model.to_json(),
-                "training": {k: _jsonable(v) for k, v in self.metadata.items() if k != "validation"},
-                "validation": self.metadata.get("validation"), "versions": _versions(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (d / META_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
-        return d
+    def _state(self, directory: Path) -> dict:
+        return {"laws": {t: law.to_json() for t, law in self.laws.items()}}
 
     @classmethod
-    def from_meta(cls, meta: Mapping, directory: Path) -> PhysicsPredictor:
-        from quantpredict.predict.saved import FPModel
-
-        try:
-            p = cls(str(meta["kind"]), float(meta["params"]["alpha"]), delta_noise=float(meta["params"].get(
-                "delta_noise", 0.0)), extra_columns=tuple(meta["params"].get("extra_columns", ())))
-            p.laws = {t: LogLaw.from_json(v) for t, v in meta["laws"].items()}
-            p.fp_model = FPModel.from_json(meta.get("fp_model"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PredictorError(f"{directory}: the saved {meta.get('kind')!r} predictor is incomplete or corrupt "
-                                 f"({type(exc).__name__}: {exc}); refit it with `quantpredict fit`") from None
+    def _from_meta(cls, meta: Mapping, directory: Path) -> PhysicsPredictor:
+        p = cls(str(meta["kind"]), float(meta["params"]["alpha"]),
+                delta_noise=float(meta["params"].get("delta_noise", 0.0)),
+                extra_columns=tuple(meta["params"].get("extra_columns", ())))
+        p.laws = {t: LogLaw.from_json(v) for t, v in meta["laws"].items()}
+        p.fp_model = FPModel.from_json(meta.get("fp_model"))
         if set(p.laws) != set(TARGETS):
             raise PredictorError(f"{directory}: the saved predictor lacks the laws {sorted(set(TARGETS) - set(p.laws))}"
                                  "; refit it with `quantpredict fit`")
-        p.metadata = {**meta.get("training", {}), "validation": meta.get("validation"),
-                      "versions": meta.get("versions"), "created": meta.get("created")}
         return p
-
-    def attach_validation(self, metrics: pd.DataFrame | Sequence[Mapping]) -> PhysicsPredictor:
-        from quantpredict.predict.saved import _jsonable
-
-        rows = metrics.to_dict("records") if isinstance(metrics, pd.DataFrame) else [dict(r) for r in metrics]
-        self.metadata["validation"] = [{k: _jsonable(v) for k, v in r.items()} for r in rows]
-        return self

@@ -1,8 +1,9 @@
-"""``Predictor``: fit on runs, predict delta NLL and perplexity with a 90% interval, save and load without pickle."""
+"""``Predictor``: the delta-only kinds (``ols``, ``rf``, ``gbm``, ``bits``, ``paper``): fit on runs, predict delta NLL
+and perplexity with a 90% interval. Saving and loading (JSON, plus an allow-listed skops file for the trees; no
+pickle) are :class:`~quantpredict.predict.saved.SavedPredictor`'s."""
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -12,7 +13,6 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError
-from quantpredict.features.schema import FEATURE_NAMES
 from quantpredict.predict.design import (
     KINDS,
     LINEAR_KINDS,
@@ -24,23 +24,13 @@ from quantpredict.predict.design import (
     to_target,
 )
 from quantpredict.predict.engines import OLSEngine, TreeEngine
-
-# kept importable from here (the save format and the FP model are shared with predict.physics)
-from quantpredict.predict.saved import (  # noqa: F401
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    META_FILE,
-    FPModel,
-    _eval_seconds,
-    _jsonable,
-    _versions,
-)
+from quantpredict.predict.saved import FPModel, SavedPredictor, eval_seconds_by_model
 
 TARGETS = ("log", "asinh")
 OUTPUT_COLUMNS = ("delta_nll", "delta_low", "delta_high", "ppl", "ppl_low", "ppl_high", "ppl_fp", "ppl_fp_source")
 
 
-class Predictor:
+class Predictor(SavedPredictor, kinds=KINDS):
     """Predicts delta = NLL_quant - NLL_fp on WikiText-2 test, and the quantized perplexity ppl_fp * exp(delta).
 
     ``kind``: ``"ols"`` (scaling law on log features, statsmodels intervals), ``"rf"``, ``"gbm"`` (scikit-learn,
@@ -127,13 +117,13 @@ class Predictor:
             "models": sorted(runs["model"].astype(str).unique()) if "model" in runs else [],
             "families": sorted(runs["family"].astype(str).unique()) if "family" in runs else [],
             "fit_seconds": time.perf_counter() - t0, "validation": None,
-            "eval_seconds_by_model": _eval_seconds(runs),
+            "eval_seconds_by_model": eval_seconds_by_model(runs),
         }
         return self
 
-    def _check_fitted(self):
-        if self.engine is None:
-            raise PredictorError("this predictor is not fitted; call fit(runs) or Predictor.load(dir) first")
+    @property
+    def fitted(self) -> bool:
+        return self.engine is not None
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -212,101 +202,33 @@ class Predictor:
                 f"{self.metadata.get('n_runs')} training runs, features {list(self.design.features)}")
         return head + "\n" + self.engine.summary()
 
-    def attach_validation(self, metrics: pd.DataFrame | Sequence[Mapping]) -> Predictor:
-        """Record validation metrics (rows of :func:`quantpredict.predict.validate`'s table) in the metadata."""
-        rows = metrics.to_dict("records") if isinstance(metrics, pd.DataFrame) else [dict(r) for r in metrics]
-        self.metadata["validation"] = [{k: _jsonable(v) for k, v in r.items()} for r in rows]
-        return self
+    # ---- the saved format (SavedPredictor.save / load) ------------------------------------------------------------
+    def _params(self) -> dict:
+        return {"random_state": self.random_state, "alpha": self.alpha, "conformal_folds": self.conformal_folds,
+                "target": self.target, "min_resolved": self.min_resolved,
+                "features": None if self.requested_features is None else list(self.requested_features),
+                "estimator_params": self.estimator_params}
 
-    # ---- save / load ----------------------------------------------------------------------------------------------
-    def save(self, directory: str | Path) -> Path:
-        """Write ``predictor.json`` (and ``estimator.skops`` for trees) into ``directory`` (created)."""
-        self._check_fitted()
-        d = Path(directory)
-        if d.exists() and not d.is_dir():
-            raise PredictorError(f"{d} exists and is not a directory; pass a directory to save the predictor in")
-        d.mkdir(parents=True, exist_ok=True)
-        engine = self.engine.to_json(d)
-        meta = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": self.kind,
-            "params": {"random_state": self.random_state, "alpha": self.alpha, "conformal_folds": self.conformal_folds,
-                       "target": self.target, "min_resolved": self.min_resolved,
-                       "features": None if self.requested_features is None else list(self.requested_features),
-                       "estimator_params": self.estimator_params},
-            "schema": {"feature_names": list(FEATURE_NAMES), "used": list(self.design.features)},
-            "design": self.design.to_json(), "engine": engine,
-            "fp_model": None if self.fp_model is None else self.fp_model.to_json(),
-            "training": {k: _jsonable(v) for k, v in self.metadata.items() if k != "validation"},
-            "validation": self.metadata.get("validation"),
-            "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (d / META_FILE).write_text(json.dumps(meta, indent=1, allow_nan=True))
-        return d
+    def _state(self, directory: Path) -> dict:
+        engine = self.engine.to_json(directory)  # writes estimator.skops for the tree kinds
+        return {"design": self.design.to_json(), "engine": engine}
 
     @classmethod
-    def load(cls, directory: str | Path) -> Predictor:
-        """Load a predictor saved by :meth:`save` (or by a :class:`~quantpredict.predict.physics.PhysicsPredictor`,
-        which is then what is returned). Reads JSON and (for trees) an allow-listed skops file only."""
-        d = Path(directory)
-        fix = "fit one with `quantpredict fit --runs RUNS --kind ols --out DIR`"
-        if not d.exists():
-            raise PredictorError(f"no predictor at {d}: the path does not exist; {fix}")
-        if d.is_file():
-            raise PredictorError(f"{d} is a file, not a predictor directory (expected a directory with {META_FILE}); "
-                                 f"pass the directory, or {fix}")
-        meta_path = d / META_FILE
-        if not meta_path.is_file():
-            raise PredictorError(f"{d} is not a saved predictor (no {META_FILE}); {fix}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PredictorError(f"{meta_path} is not valid JSON ({exc}); it is not a saved predictor; {fix}") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise PredictorError(f"{meta_path} is not a quantpredict predictor (format marker missing); {fix}")
-        if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-            raise PredictorError(f"{d} was saved by a newer quantpredict (predictor format "
-                                 f"{meta['format_version']} > {FORMAT_VERSION}); upgrade quantpredict or refit")
-        _check_schema(meta, d)
-        from quantpredict.predict.physics import PHYSICS_KINDS, PhysicsPredictor
-
-        if meta.get("kind") in PHYSICS_KINDS:
-            return PhysicsPredictor.from_meta(meta, d)
-        try:
-            p = cls(meta["kind"], meta["params"]["random_state"], features=meta["params"]["features"],
-                    alpha=meta["params"]["alpha"], conformal_folds=meta["params"]["conformal_folds"],
-                    target=meta["params"]["target"], min_resolved=meta["params"]["min_resolved"],
-                    **meta["params"]["estimator_params"])
-            p.design = Design.from_json(meta["design"])
-            eng = meta["engine"]
-            p.engine = OLSEngine.from_json(eng, d) if eng["engine"] == "ols" else TreeEngine.from_json(eng, d)
-            p.fp_model = FPModel.from_json(meta["fp_model"])
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, PredictorError):
-                raise
-            raise PredictorError(f"{meta_path} is incomplete or corrupt ({type(exc).__name__}: {exc}); {fix}"
-                                 ) from None
-        p.metadata = {**meta.get("training", {}), "validation": meta.get("validation"),
-                      "versions": meta.get("versions"), "created": meta.get("created")}
+    def _from_meta(cls, meta: Mapping, directory: Path) -> Predictor:
+        params = meta["params"]
+        p = cls(meta["kind"], params["random_state"], features=params["features"], alpha=params["alpha"],
+                conformal_folds=params["conformal_folds"], target=params["target"],
+                min_resolved=params["min_resolved"], **params["estimator_params"])
+        p.design = Design.from_json(meta["design"])
+        eng = meta["engine"]
+        p.engine = (OLSEngine.from_json(eng, directory) if eng["engine"] == "ols" else
+                    TreeEngine.from_json(eng, directory))
+        p.fp_model = FPModel.from_json(meta["fp_model"])
         return p
 
     def __repr__(self) -> str:
         state = f"{self.metadata.get('n_runs')} runs" if self.engine is not None else "unfitted"
         return f"Predictor(kind={self.kind!r}, {state})"
-
-
-def _check_schema(meta: Mapping, d: Path) -> None:
-    """A predictor is usable when every feature it uses still exists under the same name in the current schema,
-    and no name of the schema it was fitted against has disappeared (the schema only ever gains rows)."""
-    schema = meta.get("schema") or {}
-    used, recorded = list(schema.get("used", [])), list(schema.get("feature_names", []))
-    current = set(FEATURE_NAMES)
-    gone = [f for f in used if f not in current]
-    removed = [f for f in recorded if f not in current]
-    if gone or removed or not used:
-        raise PredictorError(
-            f"the predictor at {d} was fitted on a different feature schema: features "
-            f"{sorted(set(gone) | set(removed)) or '(none recorded)'} are not in quantpredict.features.schema."
-            "FEATURE_NAMES of this version; refit it on runs collected with this version (`quantpredict fit`)")
 
 
 def _all_finite(design: Design, runs: pd.DataFrame) -> bool:

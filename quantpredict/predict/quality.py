@@ -1,5 +1,6 @@
-"""``predict_quality``: a model and a recipe in, predicted WikiText-2 perplexity with an interval out, without
-quantizing or evaluating the model: the features are computed on the fly on WikiText-2 *train* calibration data."""
+"""``predict_quality``: a model and a recipe in, the predicted KLD, delta NLL, top-1 agreement and WikiText-2
+perplexity with intervals out (delta NLL and perplexity alone from a delta-only kind), without quantizing or
+evaluating the model: the features are computed on the fly on WikiText-2 *train* calibration data."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import pandas as pd
 from quantpredict.data import DATA_DIR
 from quantpredict.errors import PredictorError
 from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
-from quantpredict.predict.predictor import Predictor
+from quantpredict.predict.saved import SavedPredictor
 from quantpredict.recipe import RECIPE_COLUMNS, Recipe
 
-DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"  # the data folder: checkout, or $QUANTPREDICT_DATA
+#: the shipped default, a ``physics`` predictor, in the data folder (the checkout's, or $QUANTPREDICT_DATA)
+DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"
 RECIPE_FIELDS = RECIPE_COLUMNS  # the run-store columns of a recipe (quantpredict.recipe)
 
 
@@ -59,20 +61,19 @@ class Prediction:
         return asdict(self)
 
 
-def resolve_predictor(predictor: str | Path | Predictor) -> Predictor:
-    """A :class:`Predictor` instance, ``"default"`` (the one shipped in ``data/predictors/default``) or a directory."""
-    from quantpredict.predict.physics import PhysicsPredictor
-
-    if isinstance(predictor, (Predictor, PhysicsPredictor)):
+def resolve_predictor(predictor: str | Path | SavedPredictor) -> SavedPredictor:
+    """A predictor instance (any :class:`~quantpredict.predict.saved.SavedPredictor`), ``"default"`` (the
+    ``physics`` predictor shipped in ``data/predictors/default``) or a saved predictor's directory."""
+    if isinstance(predictor, SavedPredictor):
         return predictor
     if str(predictor) == "default":
         if not (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
             raise PredictorError(
                 f"no default predictor at {DEFAULT_PREDICTOR_DIR}; fit one on the shipped runs with "
-                "`quantpredict fit --store data/runs/runs.sqlite --kind ols --out data/predictors/default` (or "
-                "--runs data/runs/runs.parquet), or pass --predictor DIR")
-        return Predictor.load(DEFAULT_PREDICTOR_DIR)
-    return Predictor.load(predictor)
+                "`quantpredict fit --store data/runs/runs.sqlite data/runs/long.sqlite data/runs/smollm2.sqlite "
+                "--kind physics --out data/predictors/default`, or pass --predictor DIR")
+        return SavedPredictor.load(DEFAULT_PREDICTOR_DIR)
+    return SavedPredictor.load(predictor)
 
 
 def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
@@ -87,18 +88,20 @@ def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
     return r.label, cols
 
 
-def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Predictor = "default", *,
+def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | SavedPredictor = "default", *,
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: float | None = None,
                     seed: int = 0, extract_options: Mapping[str, Any] | None = None,
                     model_name: str | None = None, device: Any = None) -> Prediction:
-    """Predict the WikiText-2 perplexity of ``model_or_path`` quantized with ``recipe``, without quantizing it.
+    """Predict the quality of ``model_or_path`` quantized with ``recipe`` (see :class:`Prediction`), without
+    quantizing it.
 
     ``model_or_path``: a zoo name or HF directory (loaded with ``quantpredict.models.load``), or a loaded model (then
-    pass ``tokenizer`` or ``calib_ids``). ``recipe``: a ``quantpredict.quantize.Recipe``. ``predictor``: "default",
-    a saved predictor directory, or a :class:`Predictor`. ``calib_ids``: calibration token ids (default: WikiText-2
-    train through the model's tokenizer). ``ppl_fp``: the measured FP perplexity if known (otherwise predicted).
-    Computes only the feature groups the predictor uses (``features.extract(..., which=groups)``);
-    ``extract_options`` overrides ``features.ExtractOptions`` fields (keep the defaults the training runs used).
+    pass ``tokenizer`` or ``calib_ids``). ``recipe``: a :class:`~quantpredict.recipe.Recipe`, its label or a dict of
+    its fields. ``predictor``: "default" (the shipped ``physics`` predictor), a saved predictor directory, or a fitted
+    predictor. ``calib_ids``: calibration token ids (default: WikiText-2 train through the model's tokenizer).
+    ``ppl_fp``: the measured FP perplexity if known (otherwise predicted). Computes only the feature groups the
+    predictor uses (``features.extract(..., which=groups)``); ``extract_options`` overrides
+    ``features.ExtractOptions`` fields (keep the defaults the training runs used).
     ``model_name``: the name to report (and to look up the training runs' evaluation seconds) for a model object.
     ``device``: where the features are computed (``"cuda"``; default: where the model is, CPU for a name); a model
     object is moved there for the call and back. Memory: ``extract_options={"max_memory": ...}`` (default 2 GiB of

@@ -1,5 +1,6 @@
-"""Validation: leave-one-model-out / leave-one-family-out cross-validation, the metrics on delta, and the
-practitioner's baseline of evaluating only a prefix of the test windows.
+"""Validation of the delta-only kinds (:class:`~quantpredict.predict.predictor.Predictor`): leave-one-model-out /
+leave-one-family-out cross-validation, the metrics on delta, and the practitioner's baseline of evaluating only a
+prefix of the test windows. The KLD-first kinds are validated by :mod:`quantpredict.predict.targets`.
 
 Predictors are judged on the degradation delta = NLL_quant - NLL_fp, not on perplexity (a predictor of "no change"
 looks accurate on perplexity for models that barely notice 4-bit weights).

@@ -2,8 +2,10 @@
 
 Modules: :mod:`.build` (:func:`render_report`), :mod:`.figures` (one function per figure), :mod:`.tables` (the run
 table as the figures read it, the Pareto frontier), :mod:`.importance` (held-out permutation importance),
-:mod:`.style` (one look for every figure), :mod:`.cli_reference` (README's CLI reference, generated from the parser).
-The seed studies' pages (``qat.md``, ``rank.md``, ``formats.md``, ...) are rendered in :mod:`quantpredict.studies`.
+:mod:`.style` (one look for every figure), :mod:`.cli_reference` (README's CLI reference, generated from the parser),
+:mod:`.validation` (the delta-only kinds' validation page) and :mod:`.targets` (the KLD-first kinds' validation page,
+``reports/predictors.md``). The seed studies' pages (``qat.md``, ``rank.md``, ``formats.md``, ...) are rendered in
+:mod:`quantpredict.studies`.
 """
 
 from __future__ import annotations

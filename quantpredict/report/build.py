@@ -2,7 +2,7 @@
 
 The page embeds the report's own figures (predicted vs measured perplexity, the size-precision frontier, delta NLL
 against the strongest features, feature importance) with one sentence each, the validation page of
-:func:`quantpredict.predict.render.write_report` (its predicted-vs-measured delta figure), and whatever other
+:func:`quantpredict.report.validation.write_report` (its predicted-vs-measured delta figure), and whatever other
 results already sit in the results folder: the PTQ-vs-QAT study (``qat.md``, ``qat*.png``), the attention
 benchmark (``attention*.png``) and the other pages.
 """
@@ -65,7 +65,7 @@ def load_runs(source: str | Path | pd.DataFrame) -> pd.DataFrame:
     """A run table from a DataFrame, a ``.parquet``/``.csv`` export, or a run store (path or SQLAlchemy URL)."""
     if isinstance(source, pd.DataFrame):
         return source
-    from quantpredict.predict.inputs import read_runs
+    from quantpredict.runs.table import read_runs
 
     text = str(source)
     if text.endswith((".parquet", ".csv")):
@@ -112,10 +112,10 @@ def render_report(runs: str | Path | pd.DataFrame, out: str | Path = "reports", 
     """
     from quantpredict.predict import validate
     from quantpredict.predict.design import LINEAR_KINDS
-    from quantpredict.predict.render import best_kind, write_report
     from quantpredict.report import figures as F
     from quantpredict.report.importance import permutation_importance
     from quantpredict.report.tables import finished
+    from quantpredict.report.validation import best_kind, write_report
 
     t0 = time.perf_counter()
     source = source if source is not None else ("a run table" if isinstance(runs, pd.DataFrame) else str(runs))

@@ -1,5 +1,6 @@
-"""``reports/predictors.md`` for the KLD-first predictors: every target on every split, the targets met and missed,
-the baselines, the real models, and the figure of predicted against measured KLD."""
+"""``reports/predictors.md`` for the KLD-first predictors (written by ``quantpredict fit --kind physics|profile
+--validate``): every target on every split, the targets met and missed, the baselines, the real models, the figure
+of predicted against measured KLD, and the comparison with the equal-cost subsample (:func:`subsample_sections`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from quantpredict.predict.subsample import subsample_path
+from quantpredict.predict.targets import subsample_comparison
 
 # (metric column, header, target, better) -- better: "low" or "high"; target None = no target set
 COLUMNS = (
@@ -180,3 +184,38 @@ def write_targets_report(metrics: pd.DataFrame, predictions: pd.DataFrame, runs:
     parts += ["", *extra_sections]
     path.write_text("\n".join(parts).rstrip() + "\n")
     return path
+
+
+def subsample_sections(runs, predictions, sources, kinds) -> list[str]:
+    """The equal-cost subsample comparison, from the ``<store>_subsample.parquet`` files next to the stores."""
+    files = [subsample_path(s) for s in sources if "://" not in str(s) and subsample_path(s).exists()]
+    if not files:
+        return []
+    sub = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    lines = ["## Against the equal-cost subsample", "",
+             "The practitioner's alternative: measure KLD on a few test windows instead of predicting. Each run's "
+             "subsample is measured on windows spread over the part of the test split its truth did not use "
+             f"({', '.join(Path(f).name for f in files)}), and each run gets as many windows as the predictor's own "
+             "feature seconds buy (the run's quantization paid first, so GPTQ recipes pay GPTQ on both sides; the FP "
+             "side of a window counted as shared across recipes). Predictions are leave one family out.", "",
+             "| kind | runs | predictor KLD med. rel. err | its median seconds | equal-cost subsample KLD med. rel. "
+             "err | its median windows | subsample windows to match the predictor | their seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    curves = []
+    for kind in kinds:
+        c = subsample_comparison(runs, sub, predictions, kind)
+        if not c:
+            continue
+        lines.append(f"| {kind} | {c['n_runs']} | {100 * c['predictor_kld_median_rel_err']:.1f}% | "
+                     f"{c['median_predictor_seconds']:.2f} | {100 * c['subsample_kld_median_rel_err']:.1f}% | "
+                     f"{c['median_subsample_windows']:.0f} | {c['crossover_windows']:.0f} | "
+                     f"{c['crossover_seconds']:.2f} |")
+        curves.append((kind, c["curve"]))
+    if curves:
+        lines += ["", "The subsample's error against its windows (same runs):", "",
+                  "| windows | " + " | ".join(f"KLD med. rel. err ({k} runs)" for k, _ in curves) + " | seconds |",
+                  "|---|" + "---|" * len(curves) + "---|"]
+        for i, row in enumerate(curves[0][1]):
+            cells = [f"{100 * c[i]['kld_median_rel_err']:.1f}%" for _, c in curves]
+            lines.append(f"| {row['k']} | " + " | ".join(cells) + f" | {row['median_seconds']:.2f} |")
+    return lines

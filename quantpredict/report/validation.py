@@ -1,4 +1,6 @@
-"""The validation report: ``reports/predictors.md`` and its figures (matplotlib, Agg backend)."""
+"""The delta-only kinds' validation page and its figures (matplotlib, Agg backend): ``reports/validation/predictors.md``
+as ``quantpredict report`` writes it, or the ``--report`` page of ``quantpredict fit --kind ols|rf|gbm|bits|paper
+--validate``."""
 
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from quantpredict.errors import PredictorError
+from quantpredict.runs.store import RunStore
 
 
 def read_runs(store: str | Path | list | tuple | None = None, runs: str | Path | None = None) -> pd.DataFrame:
@@ -15,8 +16,6 @@ def read_runs(store: str | Path | list | tuple | None = None, runs: str | Path |
     if (store is None) == (runs is None):
         raise PredictorError("pass exactly one of --store PATH (a run store) or --runs FILE (.parquet or .csv)")
     if store is not None:
-        from quantpredict.runs import RunStore
-
         stores = list(store) if isinstance(store, (list, tuple)) else [store]
         frames = []
         for s in stores:
