@@ -140,6 +140,10 @@ def perplexity(model: nn.Module, tokenizer, evaluation: EvalSetting | None = Non
     ``evaluation``: the :class:`~quantpredict.recipe.EvalSetting` (``seq_len``, ``max_windows``, ``bos``, the
     user's text), or its fields as keywords (``seq_len=`` default 256, ``max_windows=``, ``bos=``), exactly as for
     :func:`quantpredict.evaluate.compare`.
+
+    Eleven parameters counting ``**setting`` (the setting's fields as keywords), on purpose: as for
+    :func:`~quantpredict.evaluate.compare`, the keyword-only options left are independent of the setting and of each
+    other (which text, the window stride, batching, progress, the device) and none of them enters a run key.
     """
     from quantpredict.memory import placed
 
