@@ -515,12 +515,22 @@ class EvalSetting:
     always tokenized as text (``split_special_tokens=True``), which changes nothing for a tokenizer without a
     distinct unknown token. The label is part of every run key: ``seq256-w256``, ``seq256-wall-bos``,
     ``seq256-w64-txt1a2b3c4d5e6f``.
+
+    ``text_file``: where the user's text is read (built by :meth:`with_text_file`, which hashes the file once into
+    ``text``). It travels with the setting, from the CLI through :func:`quantpredict.runs.collect` and a
+    :class:`~quantpredict.runs.RunSpec` to :func:`quantpredict.evaluate.compare`, which checks that the file still
+    hashes to ``text``; it is neither compared, hashed nor part of the label (the run key names the text by its
+    sha256 prefix alone, wherever the file lies).
+
+    This is the one evaluation-setting object of the package: it lives here, below :mod:`quantpredict.evaluate`, so
+    that the torch-free run planning (:mod:`quantpredict.runs.spec`) and the evaluation both take it.
     """
 
     seq_len: int = 256
     max_windows: int | None = None
     bos: bool = False
     text: str | None = None
+    text_file: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -530,6 +540,15 @@ class EvalSetting:
                               f"{self.max_windows!r}")
         if self.text is not None and not re.fullmatch(r"[0-9a-f]{12}", str(self.text)):
             raise RecipeError(f"text must be the 12-hex-digit sha256 prefix of the evaluation text, got {self.text!r}")
+
+    def with_text_file(self, path) -> EvalSetting:
+        """This setting measured on a user's UTF-8 text file: ``text`` becomes the first 12 hex digits of its sha256
+        (the file read and hashed here, once) and ``text_file`` its path. ``None`` returns the setting unchanged."""
+        if path is None:
+            return self
+        from quantpredict.data import read_text_file
+
+        return dataclasses.replace(self, text=read_text_file(path)[1], text_file=str(path))
 
     @property
     def label(self) -> str:

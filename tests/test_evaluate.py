@@ -374,3 +374,32 @@ def test_fp_logits_cache_on_disk_when_over_budget(tmp_path):
     assert again.delta_nll == pytest.approx(plain.delta_nll, abs=1e-9)
     disk.close()
     assert [p.name for p in (tmp_path / "fp").iterdir()] == ["foreign.npy"]  # only its own files are deleted
+
+
+def test_compare_and_perplexity_take_the_evaluation_setting(tokenizer, tmp_path):
+    """One EvalSetting is compare's and perplexity's setting: the same numbers as its fields as keywords, and a
+    setting naming a user's text reads the file it names and checks the file still hashes to it."""
+    from quantpredict.recipe import EvalSetting
+
+    model = tiny_model("gpt_neox")
+    q = _perturbed(model, scale=0.1)
+    setting = EvalSetting(L, 2)
+    a = evaluate.compare(model, q, tokenizer, setting, progress=False)
+    b = evaluate.compare(model, q, tokenizer, seq_len=L, max_windows=2, progress=False)
+    assert a.to_dict() | {"seconds": 0, "tokenize_seconds": 0} == b.to_dict() | {"seconds": 0, "tokenize_seconds": 0}
+    assert evaluate.compare(model, q, tokenizer, EvalSetting(L, 5), max_windows=2, progress=False).windows == 2
+    assert float(evaluate.perplexity(model, tokenizer, setting, progress=False)) == \
+        float(evaluate.perplexity(model, tokenizer, seq_len=L, max_windows=2, progress=False))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_window'"):
+        evaluate.compare(model, q, tokenizer, max_window=2)
+    text = tmp_path / "t.txt"
+    text.write_text(data.load_text("wikitext2", "test")[:20000])
+    own = EvalSetting(L, 2).with_text_file(text)
+    assert own.text and own.text_file == str(text) and own == EvalSetting(L, 2, text=own.text)  # the path not compared
+    c = evaluate.compare(model, q, tokenizer, own, progress=False)
+    assert c.source.endswith(own.text)
+    with pytest.raises(DataError, match="no text file"):
+        evaluate.compare(model, q, tokenizer, EvalSetting(L, 2, text=own.text), progress=False)
+    text.write_text("something else entirely, " * 400)
+    with pytest.raises(DataError, match="hashes to"):
+        evaluate.compare(model, q, tokenizer, own, progress=False)

@@ -20,11 +20,19 @@ def _windows(n=8, seq=16, seed=0):
     return torch.randint(3, VOCAB, (n, seq), generator=g)
 
 
-def test_config_defaults_are_finetunes():
+def test_finetune_takes_the_config_and_at_most_ten_parameters():
     params = inspect.signature(finetune).parameters
-    for f in dataclasses.fields(QATConfig):
-        assert params[f.name].default == f.default, f.name
-    assert params["config"].default is None
+    assert params["config"].default is None and params["config"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert len(params) <= 10
+    assert not {f.name for f in dataclasses.fields(QATConfig)} & set(params)  # the fields live in the config alone
+
+
+def test_finetune_keywords_are_deprecated_and_unknown_ones_rejected():
+    model, recipe = tiny_model("llama"), Recipe("int4", calib_samples=4, calib_seq_len=16)
+    with pytest.warns(DeprecationWarning, match=r"finetune\(steps=\) is deprecated"):
+        finetune(copy.deepcopy(model), recipe, _windows(), steps=0, progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'step'"):
+        finetune(model, recipe, _windows(), step=1, progress=False)
 
 
 @pytest.mark.parametrize("bad", [dict(init="awq"), dict(steps=-1), dict(batch_size=0), dict(lr=0.0),

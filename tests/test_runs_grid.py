@@ -76,3 +76,84 @@ def test_collect_takes_a_grid_and_keeps_the_keys_of_the_keyword_form(tmp_path):
                 progress=False)
     with pytest.raises(QuantpredictError, match="at least one model"):
         collect([], ["int4"], ["rtn"], store=tmp_path / "x.sqlite", run_fn=FAKE, identify=None, progress=False)
+
+
+def test_run_spec_from_columns_reads_back_its_columns():
+    """RunSpec.from_columns is the constructor of stored column values; to_dict gives them back (eval_max_windows is
+    the store's name of EvalSetting.max_windows, mapped in that one place)."""
+    import warnings
+
+    from quantpredict.recipe import Recipe
+    from quantpredict.runs import RunSpec
+
+    spec = RunSpec("m", Recipe("mxint4", block_size=128, method="gptq", smoothquant_alpha=0.5, act_format="mxint8"),
+                   EvalSetting(128, 16, bos=True, text="0123456789ab"), model_id="m@abc")
+    cols = spec.to_dict()
+    assert cols["eval_max_windows"] == 16 and cols["eval_bos"] is True and cols["eval_text"] == "0123456789ab"
+    assert RunSpec.from_columns(cols) == spec and RunSpec.from_columns(cols).key == spec.key
+    without_label = {k: v for k, v in cols.items() if k not in ("recipe", "recipe_json", "run_key")}
+    assert RunSpec.from_columns(without_label) == spec
+    assert RunSpec.from_columns(model="m", weight_format="int8").key == "m|int8-rtn|" + spec.code_version + \
+        "|seq256-wall"
+    with pytest.warns(DeprecationWarning, match="RunSpec"):
+        legacy = RunSpec("m", "mxint4", "gptq", block_size=128, smoothquant_alpha=0.5, act_format="mxint8",
+                         seq_len=128, eval_max_windows=16, bos=True, eval_text="0123456789ab", model_id="m@abc")
+    assert legacy == spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RunSpec("m", Recipe("int4"), EvalSetting())  # the recipe form warns of nothing
+
+
+def test_plan_runs_and_collect_take_a_grid_and_a_setting_and_warn_for_the_loose_form(tmp_path):
+    import warnings
+
+    grid = SweepGrid(["m1", "m2"], **AXES)
+    setting = EvalSetting(128, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = plan_runs(grid, evaluation=setting)
+    with pytest.warns(DeprecationWarning, match="plan_runs"):
+        old = plan_runs(["m1", "m2"], **AXES, seq_len=128, eval_max_windows=16)
+    assert new == old == grid.plan(setting)
+    with pytest.raises(TypeError, match="grid axes"):
+        plan_runs(grid, formats=["int4"])
+    with pytest.warns(DeprecationWarning, match="collect"):
+        collect(["m1"], ["int8"], ["rtn"], store=tmp_path / "a.sqlite", run_fn=FAKE, identify=None,
+                eval_max_windows=4, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collect(SweepGrid(["m1"], ["int8"], ["rtn"]), store=tmp_path / "b.sqlite", evaluation=EvalSetting(256, 4),
+                run_fn=FAKE, identify=None, progress=False)
+    with RunStore(tmp_path / "a.sqlite") as a, RunStore(tmp_path / "b.sqlite") as b:
+        assert a.keys() == b.keys()
+
+
+def test_dry_run_is_collects_plan_less_the_store(tmp_path):
+    from quantpredict.runs import dry_run
+
+    grid = SweepGrid(["m1"], ["int8", "int4"], ["rtn"])
+    store = tmp_path / "d.sqlite"
+    first = dry_run(grid, EvalSetting(256, 4), store=store, identify=None)
+    assert not store.exists() and len(first.planned) == len(first.todo) == 2
+    collect(SweepGrid(["m1"], ["int8"], ["rtn"]), store=store, evaluation=EvalSetting(256, 4), run_fn=FAKE,
+            identify=None, progress=False)
+    second = dry_run(grid, EvalSetting(256, 4), store=store, identify=None)
+    assert [s.label for s in second.todo] == ["int4-rtn"] and second.skipped == 1
+    assert str(second) == f"2 runs planned, 1 already in {store}, 1 to run"
+
+
+def test_the_eval_text_travels_in_the_setting_hashed_once(tmp_path, monkeypatch):
+    """collect with a user's text: the setting carries the file to every run (no eval_text run keyword), and the
+    driver hashes the file once (the sha256 prefix in every run key)."""
+    from quantpredict import data
+    from quantpredict.runs import plan_sweep
+
+    text = tmp_path / "t.txt"
+    text.write_text("some evaluation text\n" * 50)
+    calls = []
+    real = data.read_text_file
+    monkeypatch.setattr(data, "read_text_file", lambda p: calls.append(p) or real(p))
+    setting = EvalSetting(64, 2).with_text_file(text)
+    plan = plan_sweep(SweepGrid(["m1", "m2"], ["int8", "int4"], ["rtn"]), setting, identify=None)
+    assert len(calls) == 1 and all(s.evaluation.text_file == str(text) for s in plan)
+    assert {s.key.rsplit("|", 1)[1] for s in plan} == {f"seq64-w2-txt{setting.text}"}

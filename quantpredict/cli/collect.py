@@ -129,8 +129,8 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import RecipeError
-    from quantpredict.runs import collect, model_id
-    from quantpredict.runs.store import RunStore
+    from quantpredict.recipe import EvalSetting
+    from quantpredict.runs import SweepGrid, collect, dry_run, model_id
 
     recipes = _recipe_labels(args)
     if not recipes and not (args.formats and args.methods):
@@ -149,32 +149,19 @@ def run(args: argparse.Namespace) -> int:
         from quantpredict.memory import parse_bytes
 
         run_kwargs["max_memory"] = parse_bytes(args.max_memory, flag="--max-memory")
+    grid = SweepGrid(models, args.formats, args.methods, smoothquant=args.smoothquant,
+                     act_formats=args.act_formats, block_sizes=args.block_sizes,
+                     block_size_formats=args.block_size_formats, recipes=recipes)
+    evaluation = EvalSetting(args.seq_len, args.eval_max_windows).with_text_file(args.eval_text)
     if args.dry_run:
-        from quantpredict.runs.spec import SweepGrid, evaluation_setting
-        from quantpredict.runs.sweep import plan_sweep
-
-        grid = SweepGrid(models, args.formats, args.methods, smoothquant=args.smoothquant,
-                         act_formats=args.act_formats, block_sizes=args.block_sizes,
-                         block_size_formats=args.block_size_formats, recipes=recipes)
-        plan = plan_sweep(grid, evaluation_setting(args.seq_len, args.eval_max_windows), identify=identify,
-                          eval_text=args.eval_text)
-        from pathlib import Path
-
-        skip: set[str] = set()
-        if "://" in args.store or Path(args.store).exists():  # a dry run never creates the store
-            with RunStore(args.store, create=False) as store:
-                skip = store.done_keys() if not args.no_retry_failed else store.keys()
-        todo = [s for s in plan if s.key not in skip]
-        for s in todo:
+        plan = dry_run(grid, evaluation, store=args.store, identify=identify, retry_failed=not args.no_retry_failed)
+        for s in plan.todo:
             print(s.key)
-        print(f"{len(plan)} runs planned, {len(plan) - len(todo)} already in {args.store}, {len(todo)} to run")
+        print(plan)
         return 0
-    summary = collect(models, args.formats, args.methods, store=args.store, smoothquant=args.smoothquant,
-                      act_formats=args.act_formats, block_sizes=args.block_sizes, workers=args.workers,
-                      executor=args.executor, scheduler=args.scheduler, eval_max_windows=args.eval_max_windows,
-                      seq_len=args.seq_len, run_fn=args.run_fn, run_kwargs=run_kwargs, identify=identify,
+    summary = collect(grid, store=args.store, evaluation=evaluation, run_fn=args.run_fn, run_kwargs=run_kwargs,
+                      executor=args.executor, workers=args.workers, scheduler=args.scheduler, identify=identify,
                       retry_failed=not args.no_retry_failed, progress=not args.no_progress,
-                      block_size_formats=args.block_size_formats, recipes=recipes, eval_text=args.eval_text,
                       calib_text=args.calib_text)
     print(summary)
     if summary.failed:

@@ -1,6 +1,8 @@
 """WikiText-2 perplexity with standard errors, and the quantized-vs-FP comparison (``quantpredict.evaluate``).
 
 - :func:`perplexity` -> :class:`PerplexityResult` (a float carrying ``nll``, ``nll_se``, ``tokens``, ``windows``...)
+- Both take the evaluation setting as one :class:`EvalSetting` (window length, number of windows, BOS, the user's
+  text: what a run key names), or its fields as keywords (``max_windows=64``).
 - :func:`compare` -> :class:`Comparison` (delta NLL / perplexity with paired standard errors, KL divergence, top-1
   agreement) of a quantized model against its FP original on the same windows.
 - Building blocks: :func:`make_windows` / :class:`Windows` (windowing), :func:`window_nlls` (mean NLL per window),
@@ -14,8 +16,10 @@ from quantpredict.evaluate.compare import Comparison, compare, compare_ids, comp
 from quantpredict.evaluate.perplexity import PerplexityResult, perplexity, perplexity_of_ids, perplexity_of_windows
 from quantpredict.evaluate.scoring import FPLogitsCache, token_comparison, window_nlls
 from quantpredict.evaluate.windows import Windows, make_windows
+from quantpredict.recipe import EvalSetting
 
 __all__ = [
+    "EvalSetting",
     "FPLogitsCache",
     "Comparison",
     "PerplexityResult",

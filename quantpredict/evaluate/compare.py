@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from quantpredict.evaluate.scoring import FPLogitsCache, pair_sums
+from quantpredict.evaluate.setting import check_text, windowing
 from quantpredict.evaluate.stats import influence, se_from_influence
 from quantpredict.evaluate.windows import Windows, make_windows
+from quantpredict.recipe import EvalSetting
 
 
 @dataclass(frozen=True)
@@ -115,46 +117,64 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
     )
 
 
-def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, *, seq_len: int = 256,
-                stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
-                progress: bool | None = None, dataset: str = "", split: str = "",
-                fp_cache: FPLogitsCache | None = None, fp_key: str | None = None,
-                bos_id: int | None = None) -> Comparison:
+def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, evaluation: EvalSetting | None = None,
+                *, stride: int | None = None, batch_size: int = 8, progress: bool | None = None, dataset: str = "",
+                split: str = "", fp_cache: FPLogitsCache | None = None, fp_key: str | None = None,
+                bos_id: int | None = None, **setting: Any) -> Comparison:
     """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare` (``bos_id``: every
-    window starts with that token)."""
-    windows = make_windows(ids, seq_len, stride=stride, max_windows=max_windows,
+    window starts with that token). ``evaluation`` / ``seq_len=`` / ``max_windows=`` as in :func:`compare`; the
+    setting's ``bos`` and ``text`` are not read here (the ids are already the text, ``bos_id`` the protocol).
+
+    More than ten parameters, on purpose: past the evaluation setting, the keyword-only options are independent
+    (window layout, batching, the names the result carries, the FP cache, the BOS token id)."""
+    w = windowing(evaluation, setting, fn="compare_ids", allowed=("seq_len", "max_windows"))
+    windows = make_windows(ids, w.seq_len, stride=stride, max_windows=w.max_windows,
                            source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id)
     res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
                           dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key)
     return Comparison(**{**res.to_dict(), "stride": stride, "bos": bos_id is not None})
 
 
-def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test",
-            seq_len: int = 256, max_windows: int | None = None, batch_size: int = 8, stride: int | None = None,
-            progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
-            fp_key: str | None = None, text: str | Path | None = None, bos: bool | None = None,
-            device: Any = None) -> Comparison:
+def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *,
+            text: str | Path | None = None, dataset: str = "wikitext2", split: str = "test", stride: int | None = None,
+            batch_size: int = 8, progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
+            fp_key: str | None = None, device: Any = None, **setting: Any) -> Comparison:
     """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
+
+    ``evaluation``: the :class:`~quantpredict.recipe.EvalSetting` (window length, number of windows, BOS, the user's
+    text), the very object a run spec carries; or its fields as keywords, ``seq_len=`` (default 256),
+    ``max_windows=`` and ``bos=`` (``compare(fp, q, tok, max_windows=64)``; with ``evaluation`` too they replace its
+    fields). Without a setting the tokenizer's protocol decides BOS (``bos`` forces it); a setting's ``bos`` is
+    used as it says. A setting naming a user's text (``text``, the sha256 prefix, as
+    :meth:`~quantpredict.recipe.EvalSetting.with_text_file` makes it) reads its ``text_file`` (or the ``text``
+    path given here) and checks that the file still hashes to it (:class:`~quantpredict.errors.DataError` if not).
 
     Windows as in :func:`quantpredict.evaluate.perplexity` (non-overlapping, ``seq_len`` tokens, the first
     ``max_windows``; ``stride`` for sliding windows). Both models run batch by batch; log-softmax is taken in
     float32 per batch, and per-window sums are accumulated in float64. Returns a :class:`Comparison` (delta NLL and
     perplexity with paired standard errors, mean KL divergence, top-1 agreement). ``fp_cache`` and ``fp_key``
     (a :class:`~quantpredict.evaluate.FPLogitsCache` and a name for ``model_fp``) skip the FP forward passes when
-    the same FP model was compared on the same windows before, as in a sweep. The protocol and ``text`` are those
-    of :func:`quantpredict.evaluate.perplexity` (BOS when the tokenizer prepends one; ``bos`` forces it).
+    the same FP model was compared on the same windows before, as in a sweep. ``text``: a UTF-8 file of the user's
+    own text instead of the bundled split, as for :func:`quantpredict.evaluate.perplexity`.
     ``device``: where both models run (default: where they are); they are moved there for the call and back. Where
     the vocabulary is large the heads run in 64 MiB token chunks (``evaluate.scoring``), so memory beyond the
     models is one batch's activations plus a few such chunks, whatever ``max_windows`` is.
+
+    More than ten parameters, on purpose: the evaluation setting is one (``evaluation``, or its fields as
+    keywords); the keyword-only options left are independent of it and of each other (which text, the window
+    stride, batching, progress, the FP cache and its key, the device) and none of them enters a run key.
     """
     from quantpredict.evaluate.perplexity import eval_stream
     from quantpredict.memory import placed
 
+    w = windowing(evaluation, setting, fn="compare", text=text)
+    check_text(w)
     start = time.perf_counter()
-    stream = eval_stream(tokenizer, dataset, split, text=text, bos=bos)
+    stream = eval_stream(tokenizer, dataset, split, text=w.text_file, bos=w.bos)
+    check_text(w, stream)
     tokenize_seconds = time.perf_counter() - start
     with placed([model_fp, model_q], device):
-        res = compare_ids(model_fp, model_q, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+        res = compare_ids(model_fp, model_q, stream.ids, seq_len=w.seq_len, stride=stride, max_windows=w.max_windows,
                           batch_size=batch_size, progress=progress, dataset=dataset, split=split,
                           fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id)
     return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,

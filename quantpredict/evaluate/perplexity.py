@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from quantpredict.evaluate.scoring import nll_sums
+from quantpredict.evaluate.setting import check_text, windowing
 from quantpredict.evaluate.stats import ratio_mean_se
 from quantpredict.evaluate.windows import Windows, make_windows
+from quantpredict.recipe import EvalSetting
 
 
 class PerplexityResult(float):
@@ -112,10 +114,9 @@ def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, *, seq_len: int = 256
                                        "bos": bos_id is not None})
 
 
-def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split: str = "test", seq_len: int = 256,
-               stride: int | None = None, max_windows: int | None = None, batch_size: int = 8,
-               progress: bool | None = None, text: str | Path | None = None,
-               bos: bool | None = None, device: Any = None) -> PerplexityResult:
+def perplexity(model: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *, text: str | Path | None = None,
+               dataset: str = "wikitext2", split: str = "test", stride: int | None = None, batch_size: int = 8,
+               progress: bool | None = None, device: Any = None, **setting: Any) -> PerplexityResult:
     """Perplexity of a Hugging Face causal LM on a bundled text split.
 
     The split's text, verbatim, is tokenized once (``quantpredict.data.token_ids``, no special tokens) and cut into
@@ -135,14 +136,25 @@ def perplexity(model: nn.Module, tokenizer, *, dataset: str = "wikitext2", split
     ``device``: where the forward passes run (``"cuda"``; default: where the model is); the model is moved there
     for the call and back. The compute dtype is the model's (load it in bf16 for bf16 forward passes; the head,
     softmax and sums stay float32/float64).
+
+    ``evaluation``: the :class:`~quantpredict.recipe.EvalSetting` (``seq_len``, ``max_windows``, ``bos``, the
+    user's text), or its fields as keywords (``seq_len=`` default 256, ``max_windows=``, ``bos=``), exactly as for
+    :func:`quantpredict.evaluate.compare`.
+
+    Eleven parameters counting ``**setting`` (the setting's fields as keywords), on purpose: as for
+    :func:`~quantpredict.evaluate.compare`, the keyword-only options left are independent of the setting and of each
+    other (which text, the window stride, batching, progress, the device) and none of them enters a run key.
     """
     from quantpredict.memory import placed
 
+    w = windowing(evaluation, setting, fn="perplexity", text=text)
+    check_text(w)
     start = time.perf_counter()
-    stream = eval_stream(tokenizer, dataset, split, text=text, bos=bos)
+    stream = eval_stream(tokenizer, dataset, split, text=w.text_file, bos=w.bos)
+    check_text(w, stream)
     tokenize_seconds = time.perf_counter() - start
     with placed([model], device):
-        res = perplexity_of_ids(model, stream.ids, seq_len=seq_len, stride=stride, max_windows=max_windows,
+        res = perplexity_of_ids(model, stream.ids, seq_len=w.seq_len, stride=stride, max_windows=w.max_windows,
                                 batch_size=batch_size, progress=progress, dataset=dataset, split=split,
                                 bos_id=stream.bos_id)
     return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start,

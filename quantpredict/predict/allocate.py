@@ -233,6 +233,11 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
     the allocation. ``predictor=None`` allocates without predicting the result (before a predictor is fitted).
     ``calib``: calibration ids for the profile (default: WikiText-2 train). Returns an :class:`Allocation` whose
     ``recipe`` quantize_model, the features, predict and the run store all take.
+
+    Eleven parameters, on purpose: past the model and the budget, the keyword-only options are independent of
+    each other (what to choose from, the method, the predictor, the tokenizer, a measured profile, the FP
+    perplexity, a mix to match, recipes to compare, calibration data) and no frozen config of the package groups
+    them; each is a documented keyword of the public API.
     """
     from quantpredict.mixes import is_mix_spec, resolve_recipe
     from quantpredict.predict.quality import resolve_predictor

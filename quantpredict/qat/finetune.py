@@ -116,9 +116,10 @@ class QATResult:
 class QATConfig:
     """The training hyper-parameters of :func:`finetune` (see its arguments for what each means), checked when built.
 
-    ``QATConfig(steps=64, lr=3e-3)`` trains as ``finetune(..., steps=64, lr=3e-3)`` does; the defaults are
-    :func:`finetune`'s. What a run reads besides these (the model, the recipe, the data, the FP ``reference``, the
-    ``track_windows``, ``progress`` and ``on_init``) stays an argument of :func:`finetune`.
+    ``finetune(..., config=QATConfig(steps=64, lr=3e-3))`` trains 64 steps at that learning rate; the defaults are
+    :func:`finetune`'s (its deprecated keyword form ``finetune(..., steps=64, lr=3e-3)`` trains the same). What a
+    run reads besides these (the model, the recipe, the data, the FP ``reference``, the ``track_windows``,
+    ``progress`` and ``on_init``) stays an argument of :func:`finetune`.
     """
 
     steps: int = 200
@@ -154,21 +155,12 @@ def finetune(
     recipe: Recipe,
     train_ids: torch.Tensor,
     *,
-    steps: int = 200,
-    lr: float = 1e-3,
-    batch_size: int = 8,
-    init: str = "rtn",
-    seed: int = 0,
-    weight_decay: float = 0.0,
-    grad_clip: float | None = 1.0,
-    eval_windows: int | None = None,
-    track_every: int = 0,
+    config: QATConfig | None = None,
     track_windows: torch.Tensor | None = None,
     reference: Reference | None = None,
     progress: bool = True,
     on_init: Callable[[nn.Module, QuantReport], None] | None = None,
-    micro_batch_size: int | None = None,
-    config: QATConfig | None = None,
+    **hyperparameters: Any,
 ) -> QATResult:
     """Quantize ``model`` in place with QAT: PTQ init, then ``steps`` AdamW steps of STE training on the global NLL.
 
@@ -176,18 +168,20 @@ def finetune(
         model: a float32 Hugging Face causal LM of a family ``quantpredict.arch`` supports.
         recipe: format, block size, skip list, SmoothQuant/activation options and the calibration budget
             (``calib_samples`` windows of ``calib_seq_len`` tokens at offsets seeded by ``recipe.seed``).
-            ``recipe.method`` is ignored: ``init`` chooses the PTQ start.
+            ``recipe.method`` is ignored: ``config.init`` chooses the PTQ start.
         train_ids: 1-D WikiText-2 *train* token ids, or 2-D ``[n, seq_len]`` windows used as given (as GPTQ does).
-        steps: optimizer steps (0: return the init's PTQ model).
-        lr: AdamW peak learning rate (cosine decay to 0 over ``steps``).
-        batch_size: windows per step (and per evaluation forward pass).
-        init: ``"rtn"`` or ``"gptq"``: the PTQ method quantizing the model before training.
-        seed: seed of the minibatch order.
-        weight_decay: AdamW's decoupled weight decay on the latent weights.
-        grad_clip: max global gradient norm (``None``: no clipping).
-        eval_windows: measure the calibration NLLs on the first ``eval_windows`` calibration windows only (``None``:
-            all of them).
-        track_every: record a :class:`TrajectoryPoint` every this many steps (0: no trajectory).
+        config: the training hyper-parameters as one :class:`QATConfig` (default ``QATConfig()``): ``steps``
+            (optimizer steps; 0 returns the init's PTQ model), ``lr`` (AdamW peak learning rate, cosine decay to 0
+            over ``steps``), ``batch_size`` (windows per step and per evaluation forward pass), ``init`` (``"rtn"``
+            or ``"gptq"``: the PTQ method quantizing the model before training), ``seed`` (of the minibatch order),
+            ``weight_decay`` (AdamW's decoupled weight decay on the latent weights), ``grad_clip`` (max global
+            gradient norm; ``None``: no clipping), ``eval_windows`` (measure the calibration NLLs on the first
+            ``eval_windows`` calibration windows only; ``None``: all), ``track_every`` (record a
+            :class:`TrajectoryPoint` every this many steps; 0: no trajectory) and ``micro_batch_size`` (run each
+            step's ``batch_size`` windows in forward/backward passes of at most this many windows and accumulate
+            the gradients, each micro-batch's mean loss weighted by its share of the windows: the same step as one
+            pass, up to float rounding, since all windows are equally long; bounds the activation memory, SmolLM2:
+            ~0.5 GB per window of 256 tokens; ``None``: one pass per step).
         track_windows: ``[n, seq_len]`` ids on which the trajectory's NLL is measured (default: the calibration
             windows used for ``eval_windows``).
         reference: the FP yardstick of the local objective (default: computed from ``model`` on the calibration
@@ -195,21 +189,16 @@ def finetune(
         progress: tqdm bars for the init and the steps.
         on_init: called as ``on_init(model, report)`` right after the PTQ init, before training (the study measures
             the PTQ baseline there, on exactly the model QAT starts from); it must leave the model unchanged.
-        micro_batch_size: run each step's ``batch_size`` windows in forward/backward passes of at most this many
-            windows and accumulate the gradients (each micro-batch's mean loss weighted by its share of the windows:
-            the same step as one pass, up to float rounding, since all windows are equally long); bounds the
-            activation memory (SmolLM2: ~0.5 GB per window of 256 tokens). ``None``: one pass per step.
-        config: the training hyper-parameters (``steps`` to ``micro_batch_size``) as one :class:`QATConfig`. With a
-            config the keywords it covers keep their defaults or repeat the config's values: a keyword set to
-            anything else is a ``ValueError`` (no silent precedence; ``dataclasses.replace`` the config instead).
+        **hyperparameters: deprecated: the :class:`QATConfig` fields as keywords (``steps=64, lr=3e-3``), with a
+            ``DeprecationWarning``; they train exactly as the config with those fields does. With a config too,
+            each must be at its default or repeat the config's value: anything else is a ``ValueError`` (no silent
+            precedence; ``dataclasses.replace`` the config instead).
 
     Returns:
         A :class:`QATResult`. ``model`` holds the quantized weights, each on the format's grid
         (``fake_quantize(w) == w``), with activation fake-quant hooks installed when ``recipe.act_format`` is set.
     """
-    cfg = _config(config, steps=steps, lr=lr, batch_size=batch_size, init=init, seed=seed,
-                  weight_decay=weight_decay, grad_clip=grad_clip, eval_windows=eval_windows, track_every=track_every,
-                  micro_batch_size=micro_batch_size)
+    cfg = _config(config, **hyperparameters)
     refs = _check(model, recipe, cfg, reference)
     t_start = time.perf_counter()
     windows, eval_w, track_w = _calibration(model, recipe, train_ids, cfg, track_windows)
@@ -271,6 +260,15 @@ def _config(config: QATConfig | None, **keywords: Any) -> QATConfig:
     """The :class:`QATConfig` of a :func:`finetune` call: built from the keywords, or ``config`` when the keywords
     agree with it (a keyword at its default defers to the config; one set to another value than the config's
     raises ``ValueError``)."""
+    fields = {f.name for f in dataclasses.fields(QATConfig)}
+    unknown = [k for k in keywords if k not in fields]
+    if unknown:
+        raise TypeError(f"finetune() got an unexpected keyword argument {unknown[0]!r}")
+    if keywords:
+        import warnings
+
+        warnings.warn(f"finetune({', '.join(f'{k}=' for k in keywords)}) is deprecated; pass "
+                      "config=QATConfig(...) (the same fields)", DeprecationWarning, stacklevel=3)
     if config is None:
         return QATConfig(**keywords)
     if not isinstance(config, QATConfig):

@@ -7,6 +7,7 @@ This is the default ``run_fn`` of :func:`quantpredict.runs.collect`; it runs on 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import time
 from pathlib import Path
@@ -111,12 +112,16 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
                                                max_memory=max_memory)
         timings["run_quantize_seconds"] = time.perf_counter() - t
 
-        if eval_text is not None and data.read_text_file(eval_text)[1] != spec.evaluation.text:
-            raise DataError(f"run {spec.key}: the evaluation text {eval_text} is not the one the run was planned with")
+        evaluation = spec.evaluation
+        if eval_text is not None:  # a spec rebuilt from store columns names its text by the hash alone
+            if evaluation.text is None:
+                raise DataError(f"run {spec.key}: the evaluation text {eval_text} is not the one the run was planned "
+                                "with")
+            evaluation = dataclasses.replace(evaluation, text_file=str(eval_text))
         t = time.perf_counter()
-        cmp = evaluate.compare(model_fp, model_q, tok, seq_len=spec.seq_len, max_windows=spec.eval_max_windows,
-                               batch_size=batch_size, progress=progress, fp_cache=fp_logits_cache(),
-                               fp_key=spec.model_id, text=eval_text)
+        # the setting as planned: compare reads its text file and checks it still hashes to the setting's text
+        cmp = evaluate.compare(model_fp, model_q, tok, evaluation, batch_size=batch_size, progress=progress,
+                               fp_cache=fp_logits_cache(), fp_key=spec.model_id)
         timings["run_eval_seconds"] = time.perf_counter() - t
         del model_q
 

@@ -31,7 +31,7 @@ def fake_run(spec, *, sleep_s: float = 0.0, fail_formats=(), fail_models=(), **_
     bits = float(digits[0]) if digits else 8.0
     nll_fp = 3.0 + _unit(spec.model, "nll")
     delta = 2.0 ** (-1.3 * bits) * (0.5 if spec.method == "gptq" else 1.0) * (1 + _unit(spec.key, "d"))
-    windows = spec.eval_max_windows or 64
+    windows = spec.evaluation.max_windows or 64
     comparison = {
         "ppl_fp": math.exp(nll_fp), "ppl_quant": math.exp(nll_fp + delta), "nll_fp": nll_fp,
         "nll_quant": nll_fp + delta, "delta_nll": delta, "delta_nll_se": delta * 0.05, "kld": delta * 1.1,

@@ -360,12 +360,7 @@ class RunStore:
         ``timings``), ``started_at``, ``finished_at``, ``seconds``, ``provenance``.
         """
         result = dict(outcome.get("result") or {})
-        row: dict = spec.recipe_fields() | {
-            "run_key": spec.key, "model": spec.model, "model_id": spec.model_id, "recipe": spec.label,
-            "seq_len": spec.seq_len, "eval_max_windows": spec.eval_max_windows, "code_version": spec.code_version,
-            "eval_bos": spec.evaluation.bos, "eval_text": spec.evaluation.text,
-            "recipe_json": spec.quantization.to_json(),
-        }
+        row: dict = spec.to_dict()  # the spec's columns (RunSpec.from_columns reads them back)
         comparison = dict(result.pop("comparison", None) or {})
         if "seconds" in comparison:
             comparison["eval_seconds"] = comparison.pop("seconds")

@@ -19,13 +19,14 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from quantpredict.errors import QuantpredictError
 from quantpredict.recipe import EvalSetting
 from quantpredict.runs.identity import model_id as _model_id
 from quantpredict.runs.identity import model_uses_bos
 from quantpredict.runs.provenance import provenance
-from quantpredict.runs.spec import RunSpec, SweepGrid, evaluation_setting
+from quantpredict.runs.spec import RunSpec, SweepGrid
 from quantpredict.runs.store import RunStore, _clean
 
 DEFAULT_RUN_FN = "quantpredict.runs.execute:execute_run"
@@ -204,21 +205,19 @@ class CollectSummary:
         return s
 
 
-def collect(models: Sequence[str] | SweepGrid, formats: Sequence[str] = (), methods: Sequence[str] = (), *,
-            store: RunStore | str | Path,
-            smoothquant: Sequence[float | None] = (None,), act_formats: Sequence[str | None] = (None,),
-            block_sizes: Sequence[int | None] = (None,), workers: int = 1, executor: str = "local",
-            scheduler=None, eval_max_windows: int | None = None, seq_len: int = 256,
-            run_fn: str | RunFn | None = None, run_kwargs: Mapping | None = None,
-            identify: Callable[[str], str] | None = _model_id, retry_failed: bool = True, progress: bool = True,
-            cluster_kwargs: Mapping | None = None, block_size_formats: Sequence[str] | None = None,
-            recipes: Sequence = (), eval_text: str | Path | None = None,
-            calib_text: str | Path | None = None) -> CollectSummary:
-    """Run the grid ``models x formats x block_sizes x methods x smoothquant x act_formats`` into ``store``.
+def collect(grid: SweepGrid | Sequence[str] | None = None, *axes: Sequence[str], store: RunStore | str | Path,
+            evaluation: EvalSetting | None = None, run_fn: str | RunFn | None = None,
+            run_kwargs: Mapping | None = None, executor: str = "local", workers: int = 1, scheduler=None,
+            cluster_kwargs: Mapping | None = None, identify: Callable[[str], str] | None = _model_id,
+            retry_failed: bool = True, progress: bool = True, calib_text: str | Path | None = None,
+            **legacy: Any) -> CollectSummary:
+    """Run ``grid`` (a :class:`~quantpredict.runs.SweepGrid`) into ``store``, each run evaluated as ``evaluation``
+    (an :class:`~quantpredict.recipe.EvalSetting`; default ``EvalSetting()``: 256-token windows, the whole test
+    split) says.
 
     Finished run keys are skipped (so calling it again resumes a killed sweep); ``failed`` runs are run again
     unless ``retry_failed=False``. Each outcome is committed as soon as it arrives. A run that raises is recorded
-    as ``failed`` with its error text and the sweep goes on.
+    as ``failed`` with its error text and the sweep goes on. :func:`dry_run` lists what this would run.
 
     ``executor="local"`` runs in this process (``workers=1``) or in a pool of ``workers`` spawned processes;
     ``executor="dask"`` submits to ``scheduler`` (an address such as ``tcp://host:8786``, a ``Client``, or a
@@ -228,27 +227,31 @@ def collect(models: Sequence[str] | SweepGrid, formats: Sequence[str] = (), meth
     machine each run gets ``torch_threads = cores // workers`` unless ``run_kwargs`` says otherwise).
     ``run_kwargs`` are not part of the run key: use another store for other feature options.
     ``identify`` maps a model to its id with the weights hash (``None`` keys runs by the name alone).
-    ``block_size_formats`` limits block sizes to formats with those name prefixes (see :func:`plan_runs`).
-    ``eval_max_windows`` limits evaluation to a fixed prefix of the test split (``None``: all of it); it is part
-    of the run key. ``recipes`` adds explicit recipes (or labels) to the grid: per-layer allocations, QAT recipes
-    with their own options, and named mixes (``q4_k_m``, ``q4_k_m-gptq``: resolved for each model's layers,
-    :mod:`quantpredict.mixes`). Each identified model's tokenizer is probed for its protocol (BOS or not,
-    :func:`quantpredict.data.eval_protocol`), which is part of its run keys. ``eval_text`` / ``calib_text``: a
-    user's UTF-8 text files for evaluation (its sha256 prefix enters the run key) and for calibration.
+    ``evaluation.max_windows`` limits evaluation to a fixed prefix of the test split (``None``: all of it); the
+    setting is part of the run key. A user's evaluation text is a setting too:
+    ``EvalSetting(...).with_text_file(path)`` (its sha256 prefix enters the run key, and each run reads the file
+    the setting names). Each identified model's tokenizer is probed for its protocol (BOS or not,
+    :func:`quantpredict.data.eval_protocol`), which is part of its run keys. ``calib_text``: a user's UTF-8 text
+    file to calibrate on (not part of the run key).
 
-    ``models`` may also be a whole :class:`~quantpredict.runs.SweepGrid` (``collect(grid, store=...)``); the grid's
-    axes (``formats`` to ``recipes``) are then left at their defaults here, or it is an error.
+    More than ten parameters, on purpose: what runs is one value (``grid``) and how it is measured another
+    (``evaluation``); the keyword-only options left are independent of them and of each other (where the results
+    go, the run function and its options, the executor and its workers, scheduler and cluster options, model
+    identification, retrying, progress, the calibration text).
+
+    Deprecated form (a ``DeprecationWarning``, planned and run exactly as before): the grid's axes as loose
+    arguments, ``collect(models, formats, methods, smoothquant=..., block_sizes=..., recipes=..., ...)``, and the
+    evaluation as ``seq_len=`` / ``eval_max_windows=`` / ``eval_text=`` (a file path).
     """
+    grid, evaluation = _legacy_collect(grid, axes, legacy, evaluation)
     _check_executor(executor, workers, scheduler)
     t0 = time.perf_counter()
-    grid = _grid(models, formats, methods, smoothquant=smoothquant, act_formats=act_formats, block_sizes=block_sizes,
-                 block_size_formats=block_size_formats, recipes=recipes)
     if calib_text is not None:
         from quantpredict.data import read_text_file
 
         read_text_file(calib_text)  # a clear error now rather than in every run
-    plan = plan_sweep(grid, evaluation_setting(seq_len, eval_max_windows), identify=identify, eval_text=eval_text)
-    run_kwargs = _run_kwargs(run_fn, run_kwargs, workers, scheduler, eval_text=eval_text, calib_text=calib_text)
+    plan = plan_sweep(grid, evaluation, identify=identify)
+    run_kwargs = _run_kwargs(run_fn, run_kwargs, workers, scheduler, calib_text=calib_text)
     own_store = not isinstance(store, RunStore)
     st = RunStore(store) if own_store else store
     try:
@@ -259,25 +262,103 @@ def collect(models: Sequence[str] | SweepGrid, formats: Sequence[str] = (), meth
             st.close()
 
 
+def _legacy_collect(grid, axes, legacy: dict, evaluation: EvalSetting | None) -> tuple[SweepGrid, EvalSetting]:
+    """:func:`collect`'s grid and setting, mapping its deprecated loose arguments (with a ``DeprecationWarning``)."""
+    import warnings
+
+    if "models" in legacy and grid is None:
+        grid = legacy.pop("models")
+    unknown = [k for k in legacy if k not in (*_GRID_DEFAULTS, "seq_len", "eval_max_windows", "eval_text")]
+    if unknown:
+        raise TypeError(f"collect() got an unexpected keyword argument {unknown[0]!r}")
+    if len(axes) > 2:
+        raise TypeError(f"collect() takes at most 3 positional arguments ({1 + len(axes)} given)")
+    columns = {k: legacy.pop(k) for k in ("seq_len", "eval_max_windows", "eval_text") if k in legacy}
+    if axes or legacy or not isinstance(grid, SweepGrid):
+        if isinstance(grid, SweepGrid):
+            given = [k for k, v in {**dict(zip(("formats", "methods"), axes)), **legacy}.items()
+                     if not (v is _GRID_DEFAULTS[k] or v == _GRID_DEFAULTS[k])]
+            if given:
+                raise QuantpredictError(f"collect got a SweepGrid and grid axes ({', '.join(given)}); put them in "
+                                        "the grid (dataclasses.replace(grid, ...))")
+        else:
+            if grid is None:
+                raise TypeError("collect() needs a SweepGrid (or, deprecated, the models)")
+            warnings.warn("collect(models, formats, methods, ...) is deprecated; pass a SweepGrid: "
+                          "collect(SweepGrid(models, formats, methods, ...), store=...)", DeprecationWarning,
+                          stacklevel=3)
+            grid = SweepGrid(grid, *axes, **legacy)
+    if columns:
+        warnings.warn("collect(seq_len=, eval_max_windows=, eval_text=) is deprecated; pass "
+                      "evaluation=EvalSetting(seq_len, max_windows).with_text_file(path)", DeprecationWarning,
+                      stacklevel=3)
+        if evaluation is None:
+            mw = columns.get("eval_max_windows")
+            evaluation = EvalSetting(int(columns.get("seq_len", 256)), None if mw is None else int(mw))
+        evaluation = evaluation.with_text_file(columns.get("eval_text"))
+    return grid, evaluation if evaluation is not None else EvalSetting()
+
+
 def plan_sweep(grid: SweepGrid, evaluation: EvalSetting | None = None, *,
-               identify: Callable[[str], str] | None = _model_id,
-               eval_text: str | Path | None = None) -> list[RunSpec]:
-    """The run specs :func:`collect` runs for ``grid`` (before skipping what the store holds), as ``--dry-run``
+               identify: Callable[[str], str] | None = _model_id, **legacy: Any) -> list[RunSpec]:
+    """The run specs :func:`collect` runs for ``grid`` (before skipping what the store holds), as :func:`dry_run`
     lists them: its named mixes resolved per model, each model identified (``identify``: the weights hash;
-    ``None``: by name, and no BOS probe) and probed for its BOS protocol, ``eval_text``'s sha256 prefix in the
-    evaluation setting (``evaluation``, default ``EvalSetting()``)."""
+    ``None``: by name, and no BOS probe) and probed for its BOS protocol, evaluated as ``evaluation`` (default
+    ``EvalSetting()``) says: a user's text comes in it, hashed once by
+    :meth:`~quantpredict.recipe.EvalSetting.with_text_file` (``eval_text=PATH`` here is deprecated)."""
+    if legacy:
+        import warnings
+
+        unknown = sorted(set(legacy) - {"eval_text"})
+        if unknown:
+            raise TypeError(f"plan_sweep() got an unexpected keyword argument {unknown[0]!r}")
+        warnings.warn("plan_sweep(eval_text=PATH) is deprecated; pass EvalSetting(...).with_text_file(PATH)",
+                      DeprecationWarning, stacklevel=2)
+        evaluation = (evaluation if evaluation is not None else EvalSetting()).with_text_file(legacy["eval_text"])
     model_recipes = grid.model_recipes()
     models = list(grid.models)
     ids = {m: (identify(m) if identify is not None else m) for m in models}
     bos = {m: model_uses_bos(m) for m in models} if identify is not None else {}
-    evaluation = evaluation if evaluation is not None else EvalSetting()
-    if eval_text is not None:
-        import dataclasses
+    return grid.plan(evaluation if evaluation is not None else EvalSetting(), model_ids=ids, bos=bos,
+                     model_recipes=model_recipes)
 
-        from quantpredict.data import read_text_file
 
-        evaluation = dataclasses.replace(evaluation, text=read_text_file(eval_text)[1])
-    return grid.plan(evaluation, model_ids=ids, bos=bos, model_recipes=model_recipes)
+@dataclass(frozen=True)
+class DryRun:
+    """What :func:`collect` would do: every run it plans (``planned``), and those the store does not hold yet
+    (``todo``, in plan order)."""
+
+    planned: tuple[RunSpec, ...]
+    todo: tuple[RunSpec, ...]
+    store: str
+
+    @property
+    def skipped(self) -> int:
+        return len(self.planned) - len(self.todo)
+
+    def __str__(self) -> str:
+        return (f"{len(self.planned)} runs planned, {self.skipped} already in {self.store}, {len(self.todo)} to run")
+
+
+def dry_run(grid: SweepGrid, evaluation: EvalSetting | None = None, *, store: RunStore | str | Path,
+            identify: Callable[[str], str] | None = _model_id, retry_failed: bool = True) -> DryRun:
+    """The plan of :func:`collect` with these arguments, and what of it the store does not hold yet: the same
+    planning (:func:`plan_sweep`) and the same skipping, nothing run. A store that does not exist is not created
+    (everything is to run)."""
+    plan = plan_sweep(grid, evaluation, identify=identify)
+    skip: set[str] = set()
+    if isinstance(store, RunStore):
+        skip = _skip_keys(store, retry_failed)
+    elif "://" in str(store) or Path(store).exists():
+        with RunStore(store, create=False) as st:
+            skip = _skip_keys(st, retry_failed)
+    return DryRun(tuple(plan), tuple(s for s in plan if s.key not in skip),
+                  store.url if isinstance(store, RunStore) else str(store))
+
+
+def _skip_keys(st: RunStore, retry_failed: bool) -> set[str]:
+    """The keys a sweep skips: done runs, or every recorded run without ``retry_failed``."""
+    return st.done_keys() if retry_failed else st.keys()
 
 
 def _check_executor(executor: str, workers: int, scheduler) -> None:
@@ -294,26 +375,12 @@ _GRID_DEFAULTS = {"formats": (), "methods": (), "smoothquant": (None,), "act_for
                   "block_sizes": (None,), "block_size_formats": None, "recipes": ()}
 
 
-def _grid(models, formats, methods, **axes) -> SweepGrid:
-    """The :class:`SweepGrid` of :func:`collect`'s arguments: ``models`` itself when it is one (the other axes must
-    then be left at their defaults), else a grid of all of them."""
-    if isinstance(models, SweepGrid):
-        given = [k for k, v in {"formats": formats, "methods": methods, **axes}.items()
-                 if not (v is _GRID_DEFAULTS[k] or v == _GRID_DEFAULTS[k])]
-        if given:
-            raise QuantpredictError(f"collect got a SweepGrid and grid axes ({', '.join(given)}); put them in the "
-                                    "grid (dataclasses.replace(grid, ...))")
-        return models
-    return SweepGrid(models, formats, methods, **axes)
-
-
-def _run_kwargs(run_fn, run_kwargs: Mapping | None, workers: int, scheduler, *, eval_text,
-                calib_text) -> Mapping | None:
-    """``run_kwargs`` plus what the runs need to know: the user's text files, and a share of this machine's cores
-    when several workers run the default run function here. A bad ``run_fn`` path fails here, before the sweep."""
-    if eval_text is not None or calib_text is not None:
-        run_kwargs = dict(run_kwargs or {}) | {"eval_text": None if eval_text is None else str(eval_text),
-                                               "calib_text": None if calib_text is None else str(calib_text)}
+def _run_kwargs(run_fn, run_kwargs: Mapping | None, workers: int, scheduler, *, calib_text) -> Mapping | None:
+    """``run_kwargs`` plus what the runs need to know: the user's calibration text (the evaluation text travels in
+    each spec's setting), and a share of this machine's cores when several workers run the default run function
+    here. A bad ``run_fn`` path fails here, before the sweep."""
+    if calib_text is not None:
+        run_kwargs = dict(run_kwargs or {}) | {"calib_text": str(calib_text)}
     if run_fn is not None and not callable(run_fn):
         resolve_run_fn(run_fn)  # fail before the sweep starts for a bad path
     if run_fn is None and int(workers) > 1 and scheduler is None and "torch_threads" not in (run_kwargs or {}):
@@ -328,7 +395,7 @@ def _run_plan(plan: list[RunSpec], st: RunStore, run_fn, run_kwargs, *, executor
     executor and record each outcome as it arrives; a progress bar counts them and names each failure."""
     from tqdm.auto import tqdm
 
-    skip = st.done_keys() if retry_failed else st.keys()
+    skip = _skip_keys(st, retry_failed)
     todo = [s for s in plan if s.key not in skip]
     skipped = len(plan) - len(todo)
     done = failed = 0
