@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import pandas as pd
 
+    from quantpredict.runs.table import read_runs, sweep_setting_runs
     from quantpredict.studies.rank_report import (
         allocation_checks,
         load_allocations,
@@ -36,7 +37,6 @@ def main(argv: list[str] | None = None) -> int:
         rank_checks,
         render,
     )
-    from quantpredict.runs.table import read_runs, sweep_setting_runs
 
     runs = read_runs([RUNS / s for s in SWEEPS if (RUNS / s).exists()])
     runs = runs[runs["status"] == "done"]
