@@ -7,7 +7,6 @@ keys the store already holds. Nothing here imports torch: a recipe and its label
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -314,7 +313,3 @@ class SweepGrid:
                          code_version=code_version, block_size_formats=self.block_size_formats,
                          recipes=split_specs(list(self.recipes))[0], bos=bos, model_recipes=model_recipes,
                          evaluation=evaluation if evaluation is not None else EvalSetting())
-
-
-def short_hash(data: bytes, n: int = 12) -> str:
-    return hashlib.sha256(data).hexdigest()[:n]
