@@ -213,7 +213,7 @@ def test_skops_file_outside_allow_list_is_refused(fitted, tmp_path):
 def test_bad_arguments(runs):
     with pytest.raises(PredictorError, match="unknown predictor kind"):
         Predictor("svm")
-    with pytest.raises(PredictorError, match="not in quantpredict.features.schema"):
+    with pytest.raises(PredictorError, match="not in quantpredict.schema"):
         Predictor("rf", features=["nope"], **SMALL_TREES).fit(runs)
     with pytest.raises(PredictorError, match="no values for the requested features"):
         Predictor("rf", features=["bits_per_element", "sharpness_random"], **SMALL_TREES).fit(

@@ -12,7 +12,7 @@ from quantpredict.errors import DataError, QuantpredictError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "features", help="loss-landscape features of a model under a recipe",
-        description="Compute every feature of quantpredict.features.schema (or the groups in --which) for MODEL "
+        description="Compute every feature of quantpredict.schema (or the groups in --which) for MODEL "
                     "quantized by the recipe, on a small calibration batch from WikiText-2 train.")
     p.add_argument("model", metavar="MODEL", help="zoo model name or local Hugging Face model directory")
     p.add_argument("--format", required=True, dest="weight_format", help="weight format (see `quantpredict formats`)")

@@ -50,8 +50,8 @@ from quantpredict.features.hessian import (
     hutchinson_trace_op,
     top_eigenvalue_op,
 )
-from quantpredict.features.schema import FEATURES, GROUPS
 from quantpredict.memory import LOGITS_CHUNK_BYTES, logits_chunk_tokens, parse_bytes
+from quantpredict.schema import FEATURES, GROUPS
 
 # A layer whose quantization error is exactly zero would have an infinite SQNR; features must stay finite, so
 # SQNRs are capped here (far above anything a <= 8-bit format reaches, ~6 dB per bit).

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError
-from quantpredict.features.schema import FEATURE_NAMES
 from quantpredict.predict.design import (
     KINDS,
     LINEAR_KINDS,
@@ -35,6 +34,7 @@ from quantpredict.predict.saved import (  # noqa: F401
     _jsonable,
     _versions,
 )
+from quantpredict.schema import FEATURE_NAMES
 
 TARGETS = ("log", "asinh")
 OUTPUT_COLUMNS = ("delta_nll", "delta_low", "delta_high", "ppl", "ppl_low", "ppl_high", "ppl_fp", "ppl_fp_source")
@@ -305,7 +305,7 @@ def _check_schema(meta: Mapping, d: Path) -> None:
     if gone or removed or not used:
         raise PredictorError(
             f"the predictor at {d} was fitted on a different feature schema: features "
-            f"{sorted(set(gone) | set(removed)) or '(none recorded)'} are not in quantpredict.features.schema."
+            f"{sorted(set(gone) | set(removed)) or '(none recorded)'} are not in quantpredict.schema."
             "FEATURE_NAMES of this version; refit it on runs collected with this version (`quantpredict fit`)")
 
 

@@ -14,9 +14,9 @@ import pandas as pd
 
 from quantpredict.data import DATA_DIR
 from quantpredict.errors import PredictorError
-from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
 from quantpredict.predict.predictor import Predictor
 from quantpredict.recipe import RECIPE_COLUMNS, Recipe
+from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
 DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"  # the data folder: checkout, or $QUANTPREDICT_DATA
 RECIPE_FIELDS = RECIPE_COLUMNS  # the run-store columns of a recipe (quantpredict.recipe)

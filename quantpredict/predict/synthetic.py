@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
 LAW_INTERCEPT = 0.25
 LAW_QUAD = 1.0
