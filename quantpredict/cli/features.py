@@ -28,10 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--n-probes", type=int, default=None, help="Hutchinson probes")
     p.add_argument("--max-iter", type=int, default=None, help="power-iteration steps at most")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    options.add_text(p, calib_text=True)
-    options.add_device(p)
-    options.add_max_memory(p)
+    options.add_feature_run(p)
     p.set_defaults(func=run)
 
 
