@@ -1,4 +1,4 @@
-"""Predictors on synthetic run tables drawn from a known law (quantpredict.predict.synthetic): fit/predict/save/load,
+"""Predictors on synthetic run tables drawn from a known law (tests/synthetic.py): fit/predict/save/load,
 errors, interval coverage with known noise, validation splits and metrics, the subsample baseline."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import LAW_FP, LAW_QUAD, synthetic_runs
 
 from quantpredict.errors import PredictorError
 from quantpredict.predict import (
@@ -25,7 +26,6 @@ from quantpredict.predict import (
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS, from_target, to_target
 from quantpredict.predict.engines import conformal_quantile
 from quantpredict.predict.predictor import FPModel
-from quantpredict.predict.synthetic import LAW_FP, LAW_QUAD, synthetic_runs
 
 SMALL_TREES = {"n_estimators": 20}
 
