@@ -56,11 +56,6 @@ def data_dir() -> Path:
     return DATA_DIR
 
 
-def datasets() -> dict[str, tuple[str, ...]]:
-    """Every bundled data set name with its splits."""
-    return dict(_SPLITS)
-
-
 @lru_cache(maxsize=8)
 def load_text(name: str, split: str) -> str:
     """The split's text, verbatim (UTF-8 decoded, line endings untouched).

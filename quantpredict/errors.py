@@ -39,10 +39,6 @@ class PredictorError(QuantpredictError, ValueError):
     """A saved predictor that is missing, corrupt, or fitted on a different feature schema."""
 
 
-class NotImplementedYetError(QuantpredictError):
-    """A CLI stage that this version does not implement yet."""
-
-
 class ResourceError(QuantpredictError, ValueError):
     """A device that is not available, a compute dtype it cannot run, or an unreadable memory budget."""
 

@@ -70,14 +70,6 @@ def release_freed_heap() -> None:
         pass
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes in the largest binary unit that keeps a value >= 1 (``"3.2 GiB"``)."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
-
-
 def available_devices() -> list[str]:
     """The device types this process can use, CPU first (``["cpu", "cuda:0", "cuda:1"]`` on a 2-GPU machine)."""
     import torch
@@ -135,13 +127,6 @@ def resolve_dtype(dtype, *, flag: str = "dtype"):
     if name is None:
         raise ResourceError(f"{flag} {dtype!r} is not a compute dtype; use fp32 or bf16 (fp16 also works)")
     return getattr(torch, name)
-
-
-def dtype_name(dtype) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for a floating torch dtype (its str otherwise)."""
-    import torch
-
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
 
 
 def logits_chunk_tokens(vocab: int, budget_bytes: int = LOGITS_CHUNK_BYTES) -> int:

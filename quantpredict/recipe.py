@@ -429,11 +429,6 @@ class Recipe:
     def act_block(self) -> int | None:
         return None if self.act_format is None else resolve_block_size(self.act_format, self.act_block_size)
 
-    @property
-    def is_mixed(self) -> bool:
-        """Whether layers differ in format (per-layer overrides or an explicit list)."""
-        return bool(self.layers or self.layer_formats)
-
     def columns(self) -> dict[str, Any]:
         """The run-store columns of this recipe (:data:`RECIPE_COLUMNS`; ``method`` is :attr:`method_name`)."""
         return {"weight_format": self.weight_format, "block_size": self.block_size, "method": self.method_name,

@@ -1,4 +1,4 @@
-"""Predictors on synthetic run tables drawn from a known law (quantpredict.predict.synthetic): fit/predict/save/load,
+"""Predictors on synthetic run tables drawn from a known law (tests/synthetic.py): fit/predict/save/load,
 errors, interval coverage with known noise, validation splits and metrics, the subsample baseline."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import LAW_FP, LAW_QUAD, synthetic_runs
 
 from quantpredict.errors import PredictorError
 from quantpredict.predict import (
@@ -25,7 +26,6 @@ from quantpredict.predict import (
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS, from_target, to_target
 from quantpredict.predict.engines import conformal_quantile
 from quantpredict.predict.saved import FPModel
-from quantpredict.predict.synthetic import LAW_FP, LAW_QUAD, synthetic_runs
 
 SMALL_TREES = {"n_estimators": 20}
 
@@ -213,7 +213,7 @@ def test_skops_file_outside_allow_list_is_refused(fitted, tmp_path):
 def test_bad_arguments(runs):
     with pytest.raises(PredictorError, match="unknown predictor kind"):
         Predictor("svm")
-    with pytest.raises(PredictorError, match="not in quantpredict.features.schema"):
+    with pytest.raises(PredictorError, match="not in quantpredict.schema"):
         Predictor("rf", features=["nope"], **SMALL_TREES).fit(runs)
     with pytest.raises(PredictorError, match="no values for the requested features"):
         Predictor("rf", features=["bits_per_element", "sharpness_random"], **SMALL_TREES).fit(

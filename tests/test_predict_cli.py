@@ -10,15 +10,15 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_model
+from synthetic import synthetic_runs
 
 import quantpredict
 from quantpredict.cli import main
 from quantpredict.errors import PredictorError
-from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
 from quantpredict.predict import Prediction, Predictor, predict_quality
 from quantpredict.predict import quality as quality_mod
-from quantpredict.predict.synthetic import synthetic_runs
 from quantpredict.quantize import Recipe
+from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
 
 @pytest.fixture(scope="module")

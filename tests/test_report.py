@@ -8,10 +8,10 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from synthetic import synthetic_runs
 
 from quantpredict.cli import main
 from quantpredict.errors import StoreError
-from quantpredict.predict.synthetic import synthetic_runs
 from quantpredict.report import FIGURES, finished, pareto_frontier, permutation_importance
 from quantpredict.report.build import VALIDATION_PAGE
 from quantpredict.report.figures import _number

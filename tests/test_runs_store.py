@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from quantpredict.errors import StoreError
-from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
 from quantpredict.runs import PUBLIC_COLUMNS, SCHEMA_VERSION, RunSpec, RunStore, run_one
 from quantpredict.runs.fake import fake_run
+from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
 
 def _spec(model="m", fmt="mxint4", method="rtn", **kw) -> RunSpec:
@@ -277,8 +277,8 @@ def test_one_run_key_version_and_one_build_version():
 def test_backfill_fills_only_the_runs_of_the_methods_asked_for(tmp_path):
     """A real backfill of the fisher group on a zoo model: the RTN run gains the features, the GPTQ run is left
     for a later call, and nothing measured changes."""
-    from quantpredict.features.schema import FEATURES
     from quantpredict.runs.backfill import backfill
+    from quantpredict.schema import FEATURES
 
     fisher = {f.name: None for f in FEATURES if f.group == "fisher"}
     rtn, gptq = _spec("llama-xs", "mxint4", "rtn"), _spec("llama-xs", "mxint4", "gptq")

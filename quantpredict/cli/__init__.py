@@ -1,8 +1,7 @@
 """The ``quantpredict`` command line: argument parsing only, every command a thin call into the packages.
 
 Each subcommand lives in its own module ``quantpredict.cli.<name>`` exposing ``register(subparsers)``, which adds
-the subparser and sets ``func`` to a callable ``(args) -> int``. Stages whose module does not exist yet get a stub
-that says so and exits non-zero.
+the subparser and sets ``func`` to a callable ``(args) -> int``.
 """
 
 from __future__ import annotations
@@ -12,35 +11,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from quantpredict.errors import NotImplementedYetError, QuantpredictError
+from quantpredict.errors import QuantpredictError
 
-# name -> one-line help; the module quantpredict.cli.<module> implements it.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("demo", "the main job on the embedded default (what README's first command runs)"),
-    "formats": ("formats", "list every number format with its bits per element"),
-    "zoo": ("zoo", "list or build the model zoo"),
-    "eval": ("eval_", "WikiText-2 perplexity of a model, or its comparison against an FP model"),
-    "quantize": ("quantize", "quantize a model (RTN, GPTQ, SmoothQuant) and save it"),
-    "features": ("features", "loss-landscape features of a model under a recipe"),
-    "collect": ("collect", "run a sweep of models x formats x methods into a run store"),
-    "runs": ("runs", "show or export a run store"),
-    "backfill": ("backfill", "add feature groups to a store's runs without evaluating them again"),
-    "fit": ("fit", "fit (and validate) a predictor on a run store"),
-    "predict": ("predict", "predict a quantized model's perplexity without evaluating it"),
-    "rank": ("rank", "rank every candidate recipe by predicted quality; recommend one under a budget"),
-    "allocate": ("allocate", "choose per-layer formats minimising the predicted KLD under a bit budget"),
-    "report": ("report", "render figures and reports/index.md from a run store"),
-    "qat": ("qat", "quantization-aware fine-tuning baseline"),
-    "study": ("study", "studies: ptq-vs-qat"),
-    "attention": ("attention", "sparse attention: benchmark and self-selected spans"),
-}
-
-
-def _stub(name: str):
-    def run(args: argparse.Namespace) -> int:
-        raise NotImplementedYetError(f"`quantpredict {name}` is not implemented in this version yet")
-
-    return run
+# The subcommand modules quantpredict.cli.<module>, in the order `quantpredict --help` lists them; each names its
+# own subcommand and help in its register().
+COMMANDS: tuple[str, ...] = ("demo", "formats", "zoo", "eval_", "quantize", "features", "collect", "runs", "backfill",
+                             "fit", "predict", "rank", "allocate", "report", "qat", "study", "attention")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,16 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_) in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"quantpredict.cli.{module}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"quantpredict.cli.{module}":
-                raise
-            p = sub.add_parser(name, help=f"{help_} (not implemented yet)")
-            p.set_defaults(func=_stub(name))
-            continue
-        mod.register(sub)
+    for module in COMMANDS:
+        importlib.import_module(f"quantpredict.cli.{module}").register(sub)
     return parser
 
 

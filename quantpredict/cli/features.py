@@ -12,7 +12,7 @@ from quantpredict.errors import DataError, QuantpredictError
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "features", help="loss-landscape features of a model under a recipe",
-        description="Compute every feature of quantpredict.features.schema (or the groups in --which) for MODEL "
+        description="Compute every feature of quantpredict.schema (or the groups in --which) for MODEL "
                     "quantized by the recipe, on a small calibration batch from WikiText-2 train.")
     p.add_argument("model", metavar="MODEL", help="zoo model name or local Hugging Face model directory")
     p.add_argument("--format", required=True, dest="weight_format", help="weight format (see `quantpredict formats`)")
@@ -28,10 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--n-probes", type=int, default=None, help="Hutchinson probes")
     p.add_argument("--max-iter", type=int, default=None, help="power-iteration steps at most")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    options.add_text(p, calib_text=True)
-    options.add_device(p)
-    options.add_max_memory(p)
+    options.add_feature_run(p)
     p.set_defaults(func=run)
 
 

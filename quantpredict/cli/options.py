@@ -1,4 +1,5 @@
-"""Options shared by every command that runs a model: ``--device``, ``--dtype``, ``--max-memory``.
+"""Options shared by every command that runs a model: ``--device``, ``--dtype``, ``--max-memory``, the text flags,
+and :func:`add_feature_run` (the flags ``features`` and ``predict`` share).
 
 Each is checked before any model is loaded, so ``--device cuda`` on a machine without CUDA fails at once with one
 message naming the flag and the devices this machine has (exit status 2, as for every bad input).
@@ -40,6 +41,15 @@ def add_text(p: argparse.ArgumentParser, *, eval_text: bool = False, calib_text:
     if calib_text:
         p.add_argument("--calib-text", default=None, metavar="FILE",
                        help="calibrate on this UTF-8 text instead of WikiText-2 train")
+
+
+def add_feature_run(p: argparse.ArgumentParser) -> None:
+    """The flags of a command that measures features of one model on a calibration batch (``features``,
+    ``predict``), in this order: ``--json``, ``--calib-text``, ``--device``, ``--max-memory``."""
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_text(p, calib_text=True)
+    add_device(p)
+    add_max_memory(p)
 
 
 def check_texts(args: argparse.Namespace) -> None:

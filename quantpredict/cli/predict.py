@@ -24,10 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--act-format", default=None)
     p.add_argument("--predictor", default="default", help="saved predictor directory (default: the shipped one)")
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    options.add_text(p, calib_text=True)
-    options.add_device(p)
-    options.add_max_memory(p)
+    options.add_feature_run(p)
     p.set_defaults(func=run)
 
 

@@ -86,8 +86,6 @@ def chunked_head(model: nn.Module, batch_tokens: int, chunk_bytes: int = LOGITS_
     """True when scoring should apply the head in token chunks on the body's hidden states: the batch's float32
     logits (``batch_tokens x vocab x 4`` bytes) exceed ``chunk_bytes``, or the model computes in half precision
     (its head then runs in float32). Only for heads that :func:`quantpredict.lmhead.supports_chunking`."""
-    from quantpredict import lmhead
-
     if not lmhead.supports_chunking(model):
         return False
     vocab = int(lmhead.head_weight(model).shape[0])
@@ -97,16 +95,12 @@ def chunked_head(model: nn.Module, batch_tokens: int, chunk_bytes: int = LOGITS_
 
 def _head32(model: nn.Module) -> torch.Tensor:
     """The head's weight ``[vocab, hidden]`` in float32 (a copy for a half-precision model, once per call)."""
-    from quantpredict import lmhead
-
     w = lmhead.head_weight(model).detach()
     return w if w.dtype == torch.float32 else w.float()
 
 
 def batch_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """``[b, seq_len - 1, hidden]``: the last hidden states that predict tokens ``1 ..`` of each window."""
-    from quantpredict import lmhead
-
     return lmhead.final_hidden(model, ids.to(model_device(model)))[:, :-1]
 
 
@@ -141,8 +135,6 @@ def nll_sums(model: nn.Module, windows: Windows, *, batch_size: int = 8, progres
 def _chunked_nll(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                  chunk: int) -> torch.Tensor:
     """``[b]`` float64 NLL sums of ``hidden`` ``[b, s, d]`` under ``head`` ``[V, d]``, ``chunk`` tokens at a time."""
-    from quantpredict import lmhead
-
     sums = torch.zeros(hidden.shape[0], dtype=torch.float64)
     for i in range(hidden.shape[0]):
         keep = mask[i].to(hidden.device).bool()  # the scored positions only (mask is 0/1)
@@ -292,7 +284,6 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
     check_model(model_q, windows, "quantized model")
     keys = ("nll_fp", "delta_nll", "kld", "top1")
     out = {k: torch.empty(windows.n, dtype=torch.float64) for k in keys}
-    from quantpredict import lmhead
 
     tokens = batch_size * (windows.seq_len - 1)
     chunked = (lmhead.supports_chunking(model_fp) and lmhead.supports_chunking(model_q)
@@ -337,8 +328,6 @@ def _vocab_mismatch(v_fp: int, v_q: int) -> None:
 
 def arch_width(model: nn.Module) -> int:
     """The hidden size the head reads (the width of the FP cache's hidden states)."""
-    from quantpredict import lmhead
-
     return int(lmhead.head_weight(model).shape[1])
 
 
@@ -349,7 +338,6 @@ def _window_stats(first: torch.Tensor, second: torch.Tensor, targets: torch.Tens
     if heads is None:
         stats = token_comparison(first, second, targets)
         return {k: float((v.cpu().double() * mask).sum()) for k, v in stats.items()}
-    from quantpredict import lmhead
 
     chunk = logits_chunk_tokens(heads[0].shape[0], chunk_bytes)
     sums = dict.fromkeys(("nll_fp", "delta_nll", "kld", "top1"), 0.0)

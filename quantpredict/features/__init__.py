@@ -1,6 +1,6 @@
 """Loss-landscape features: cheap measurements that explain how much quality a quantized model loses.
 
-``extract(model, recipe, calib_ids)`` returns every feature of :mod:`quantpredict.features.schema` by name; the
+``extract(model, recipe, calib_ids)`` returns every feature of :mod:`quantpredict.schema` by name; the
 building blocks (``hvp``, ``hutchinson_trace``, ``top_eigenvalue``) work on any scalar loss closure.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 from quantpredict.features.context import ExtractOptions, parse_which
 from quantpredict.features.extract import extract, feature_windows
 from quantpredict.features.hessian import HessianOperator, hutchinson_trace, hvp, top_eigenvalue
-from quantpredict.features.schema import FEATURE_NAMES, FEATURES, GROUPS, TIMING_NAMES, FeatureSpec
 from quantpredict.features.state import mean_nll
+from quantpredict.schema import FEATURE_NAMES, FEATURES, GROUPS, TIMING_NAMES, FeatureSpec
 
 __all__ = [
     "FEATURES", "FEATURE_NAMES", "GROUPS", "TIMING_NAMES", "ExtractOptions", "FeatureSpec", "HessianOperator",

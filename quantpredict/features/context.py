@@ -17,9 +17,9 @@ from quantpredict import arch
 from quantpredict.features.direction import awq_backend, backend_deltas, base_model, rtn_deltas
 from quantpredict.features.hessian import AccumulatedHessianOperator, HessianOperator, directional_derivatives
 from quantpredict.features.offsets import Quadratics, along_direction, capture_quadratics, offset_weights
-from quantpredict.features.schema import GROUPS
 from quantpredict.features.state import graph_bytes_per_window, mean_nll, prepared, summed_nll
 from quantpredict.memory import LOGITS_CHUNK_BYTES, parse_bytes
+from quantpredict.schema import GROUPS
 
 
 @dataclass(frozen=True)

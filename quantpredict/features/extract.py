@@ -65,8 +65,8 @@ from quantpredict.features.offsets import (
     offset_weights,
     sqnr_db,
 )
-from quantpredict.features.schema import FEATURES
 from quantpredict.features.state import compute_placement, graph_bytes_per_window, mean_nll, prepared, summed_nll
+from quantpredict.schema import FEATURES
 
 # the extractor's own names, and the public names that moved out of this module into its neighbours (kept
 # importable from here)

@@ -44,8 +44,9 @@ otherwise (naming llama.cpp's fallback type for that tensor).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -308,22 +309,6 @@ def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 # ----------------------------------------------------------------------------------------------------- public
 
 
-_ELEMENTWISE = {"q8_0": ("inv", "d"), "q5_0": ("inv", "d"), "q5_1": ("inv", "min", "d", "m"),
-                "q6_k": ("d", "fallback"), "q4_k": ("d", "dm"), "q5_k": ("d", "dm")}
-
-
-def _fit_all(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
-    if fmt.name == "q8_0":
-        return _fit_q8_0(blocks, fmt)
-    if fmt.name == "q5_0":
-        return _fit_q5_0(blocks, fmt)
-    if fmt.name == "q5_1":
-        return _fit_q5_1(blocks, fmt)
-    if fmt.name == "q6_k":
-        return _fit_q6_k(blocks, fmt, use_native)
-    return _fit_kx2(blocks, fmt, use_native)
-
-
 def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
     against ``blocks``: ``inv``/``d`` (Q8_0 and Q5_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, per block),
@@ -333,8 +318,9 @@ def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tenso
     ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
     available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
     ``QUANTPREDICT_FORMATS_BACKEND=torch``, or for :func:`~quantpredict.formats.fake_quantize_reference`)."""
-    p = _fit_all(blocks, fmt, use_native and native.available())
-    return {k: _per_element(p[k], blocks.shape) for k in _ELEMENTWISE[fmt.name]}
+    t = _TYPES[fmt.name]
+    p = t.fit(blocks, fmt, use_native and native.available())
+    return {k: _per_element(p[k], blocks.shape) for k in t.elementwise}
 
 
 def _per_element(t: Tensor, shape: torch.Size) -> Tensor:
@@ -355,37 +341,24 @@ def _sub_blocks(blocks: Tensor, fmt: Format) -> Tensor:
 def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -> Tensor:
     """``quantize(blocks, fmt, fit(blocks, fmt))`` without spreading the sub-block parameters over the elements
     (the same values: each element meets the same operands). [R, nb, B] float32 -> the same shape."""
-    p = _fit_all(blocks, fmt, use_native and native.available())
+    t = _TYPES[fmt.name]
+    p = t.fit(blocks, fmt, use_native and native.available())
     xs = _sub_blocks(blocks, fmt)
-    return quantize(xs, fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(blocks.shape)
+    return quantize(xs, fmt, {k: p[k] for k in t.elementwise}).reshape(blocks.shape)
 
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q4_K 0..15,
     Q5_K, Q5_0 and Q5_1 0..31."""
-    if fmt.name == "q8_0":
-        return _codes_q8_0(x, p)
-    if fmt.name == "q5_0":
-        return _codes_q5_0(x, p)
-    if fmt.name == "q5_1":
-        return _codes_q5_1(x, p)
-    if fmt.name == "q6_k":
-        return _codes_q6_k(x, p)
-    return _codes_kx2(x, fmt, p)
+    return _TYPES[fmt.name].codes(x, fmt, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``(q - 16) * d`` (Q5_0),
     ``d * q + m`` (Q5_1), ``d * q - dm`` (Q4_K, Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale).
     float32, x's shape."""
-    q = codes(x, fmt, p)
-    if fmt.name == "q4_k" or fmt.name == "q5_k":
-        return q.mul_(p["d"]).sub_(p["dm"])
-    if fmt.name == "q5_0":
-        return q.sub_(16.0).mul_(p["d"])
-    if fmt.name == "q5_1":
-        return q.mul_(p["d"]).add_(p["m"])
-    return q.mul_(p["d"])  # q * d (Q8_0), d * q (Q6_K): the same product
+    t = _TYPES[fmt.name]
+    return t.dequantize(t.codes(x, fmt, p), p)
 
 
 # ---------------------------------------------------------------------------------------------------- packing
@@ -412,17 +385,10 @@ def encode(x: Tensor, fmt: Format) -> Encoded:
     fmt.check_row_length(n)
     block = fmt.default_block_size
     blocks = x32.reshape(rows, n // block, block)
-    p = _fit_all(blocks, fmt, native.available())
-    q = codes(_sub_blocks(blocks, fmt), fmt, {k: p[k] for k in _ELEMENTWISE[fmt.name]}).reshape(rows, n)
-    nb = n // block
-    if fmt.name in ("q8_0", "q5_0"):
-        return Encoded(fmt.name, q, p["d"].reshape(rows, nb), None, None, None)
-    if fmt.name == "q5_1":
-        return Encoded(fmt.name, q, p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb))
-    if fmt.name == "q6_k":
-        return Encoded(fmt.name, q, p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16), None)
-    return Encoded(fmt.name, q, p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb),
-                   p["sc"].reshape(rows, nb, 8), p["m"].reshape(rows, nb, 8))
+    t = _TYPES[fmt.name]
+    p = t.fit(blocks, fmt, native.available())
+    q = t.codes(_sub_blocks(blocks, fmt), fmt, {k: p[k] for k in t.elementwise}).reshape(rows, n)
+    return Encoded(fmt.name, q, *t.stored(p, rows, n // block))
 
 
 def _fp16_bytes(v: Tensor) -> np.ndarray:
@@ -491,8 +457,67 @@ def _pack_q6_k(e: Encoded) -> np.ndarray:
     return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc, _fp16_bytes(e.d)], axis=1)
 
 
-_PACK = {"q8_0": _pack_q8_0, "q5_0": _pack_q5_0, "q5_1": _pack_q5_1, "q4_k": _pack_q4_k, "q5_k": _pack_q5_k,
-         "q6_k": _pack_q6_k}
+# ------------------------------------------------------------------------------------------------ the types
+
+
+class _GgmlType(NamedTuple):
+    """One llama.cpp type: how it fits, codes, dequantizes, stores and packs a tensor."""
+
+    fit: Callable[[Tensor, Format, bool], dict[str, Tensor]]  # (blocks [R, nb, B], fmt, use_native) -> parameters
+    elementwise: tuple[str, ...]  # the parameters that codes and dequantize read (fit spreads them per element)
+    codes: Callable[[Tensor, Format, Mapping[str, Tensor]], Tensor]
+    dequantize: Callable[[Tensor, Mapping[str, Tensor]], Tensor]  # codes -> values, in place (gguf-py's arithmetic)
+    stored: Callable[[Mapping[str, Tensor], int, int], tuple]  # (p, rows, nb) -> Encoded's (d, dmin, sc, m)
+    pack: Callable[[Encoded], np.ndarray]
+
+
+def _simple_fit(fit_: Callable[[Tensor, Format], dict[str, Tensor]]):
+    """A one-pass fit (Q8_0, Q5_0, Q5_1: no scale search, so ``use_native`` has nothing to run)."""
+    return lambda blocks, fmt, use_native: fit_(blocks, fmt)
+
+
+def _fmt_free(codes_: Callable[[Tensor, Mapping[str, Tensor]], Tensor]):
+    """Codes that read only the parameters (every type but Q4_K/Q5_K, whose ``nmax`` comes from the format)."""
+    return lambda x, fmt, p: codes_(x, p)
+
+
+def _times_d(q: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    return q.mul_(p["d"])  # q * d (Q8_0), d * q (Q6_K): the same product
+
+
+def _d_times_q_minus_dm(q: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    return q.mul_(p["d"]).sub_(p["dm"])
+
+
+def _d_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
+    return p["d"].reshape(rows, nb), None, None, None
+
+
+def _kx2_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
+    return (p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb), p["sc"].reshape(rows, nb, 8),
+            p["m"].reshape(rows, nb, 8))
+
+
+#: Every llama.cpp type, by format name.
+_TYPES: dict[str, _GgmlType] = {
+    "q8_0": _GgmlType(fit=_simple_fit(_fit_q8_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q8_0),
+                      dequantize=_times_d, stored=_d_stored, pack=_pack_q8_0),
+    "q5_0": _GgmlType(fit=_simple_fit(_fit_q5_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q5_0),
+                      dequantize=lambda q, p: q.sub_(16.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q5_0),
+    "q5_1": _GgmlType(fit=_simple_fit(_fit_q5_1), elementwise=("inv", "min", "d", "m"),
+                      codes=_fmt_free(_codes_q5_1), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      stored=lambda p, rows, nb: (p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb)),
+                      pack=_pack_q5_1),
+    "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
+                      stored=_kx2_stored, pack=_pack_q4_k),
+    "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
+                      stored=_kx2_stored, pack=_pack_q5_k),
+    "q6_k": _GgmlType(fit=_fit_q6_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_q6_k),
+                      dequantize=_times_d,
+                      stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),
+                                                  None),
+                      pack=_pack_q6_k),
+}
 
 
 def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
@@ -508,4 +533,4 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
     if x.dim() != 2:
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)
-    return _PACK[f.name](e).reshape(x.shape[0], -1)
+    return _TYPES[f.name].pack(e).reshape(x.shape[0], -1)

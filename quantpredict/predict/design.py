@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError
-from quantpredict.features.schema import FEATURE_NAMES, FEATURES
+from quantpredict.schema import FEATURE_NAMES, FEATURES
 
 KINDS: tuple[str, ...] = ("ols", "rf", "gbm", "bits", "paper")
 
@@ -156,7 +156,7 @@ class Design:
         wanted = tuple(features) if explicit else DEFAULT_FEATURES[kind]
         unknown = [f for f in wanted if f not in FEATURE_NAMES]
         if unknown:
-            raise PredictorError(f"features {unknown} are not in quantpredict.features.schema.FEATURE_NAMES; "
+            raise PredictorError(f"features {unknown} are not in quantpredict.schema.FEATURE_NAMES; "
                                  "use names from the schema")
         present, dropped = [], []
         for f in wanted:

@@ -15,9 +15,9 @@ import pandas as pd
 
 from quantpredict.data import DATA_DIR
 from quantpredict.errors import PredictorError
-from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
 from quantpredict.predict.saved import SavedPredictor
 from quantpredict.recipe import RECIPE_COLUMNS, Recipe
+from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
 #: the shipped default, a ``physics`` predictor, in the data folder (the checkout's, or $QUANTPREDICT_DATA)
 DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"

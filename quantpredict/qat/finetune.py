@@ -42,7 +42,7 @@ from torch import nn
 
 from quantpredict.qat.trajectory import Reference, TrajectoryPoint, fp_reference, mean_nll, measure_point
 from quantpredict.quantize.model import QuantReport
-from quantpredict.quantize.recipe import Recipe
+from quantpredict.recipe import Recipe
 
 INITS: tuple[str, ...] = ("rtn", "gptq")
 

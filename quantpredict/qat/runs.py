@@ -13,7 +13,7 @@ import dataclasses
 from torch import nn
 
 from quantpredict.errors import RecipeError
-from quantpredict.quantize.recipe import Recipe
+from quantpredict.recipe import Recipe
 
 # run-store method -> the PTQ method QAT starts from
 QAT_METHODS: dict[str, str] = {"qat": "rtn", "qat_gptq": "gptq"}

@@ -1,8 +1,9 @@
 """Post-training quantization: RTN, GPTQ, SmoothQuant, AWQ (each composable), activation fake-quant, in every format.
 
-Modules: :mod:`.recipe` (the :class:`Recipe`), :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.awq`, :mod:`.act`
-(activation fake-quant hooks), :mod:`.calib` (layer-input Hessians), :mod:`.model` (block-by-block
-:func:`quantize_model`, :class:`QuantReport`, :func:`save_quantized`).
+Modules: :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.awq`, :mod:`.act` (activation fake-quant hooks),
+:mod:`.calib` (layer-input Hessians), :mod:`.model` (block-by-block :func:`quantize_model`, :class:`QuantReport`,
+:func:`save_quantized`). The :class:`Recipe` lives in the torch-free :mod:`quantpredict.recipe` and is re-exported
+here.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ from quantpredict.quantize.model import (
     save_quantized,
     size_report,
 )
-from quantpredict.quantize.recipe import METHODS, LayerRule, Recipe, mixed_recipe, resolve_block_size
 from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
+from quantpredict.recipe import METHODS, LayerRule, Recipe, mixed_recipe, resolve_block_size
 
 __all__ = [
     "ActQuantHandle",

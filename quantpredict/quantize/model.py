@@ -36,9 +36,9 @@ from quantpredict.quantize.awq import AwqClipReport, AwqGroupReport, awq_block
 from quantpredict.quantize.calib import capture_linear_inputs
 from quantpredict.quantize.gptq import gptq_quantize, relative_output_error
 from quantpredict.quantize.plan import PlannedLayer, layer_plan, quantized_linears  # noqa: F401 (kept at this path)
-from quantpredict.quantize.recipe import Recipe
 from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
+from quantpredict.recipe import Recipe
 
 QUANT_CONFIG = "quantization.json"
 

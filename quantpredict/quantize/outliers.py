@@ -115,8 +115,8 @@ def smoothing_local_errors(model: nn.Module, windows: torch.Tensor, absmax: dict
     """Per pair, format and alpha, the pair's relative W+A output error (see the module docstring) on ``windows``
     (one forward pass: keep them few, e.g. 4 windows of 256 tokens). ``absmax`` from :func:`pair_absmax` sets the
     smoothing scales, as SmoothQuant's calibration would."""
-    from quantpredict.quantize.recipe import Recipe
     from quantpredict.quantize.smoothquant import smoothing_scales
+    from quantpredict.recipe import Recipe
 
     pairs = _pairs(model)
     blocks = {f: Recipe(f).weight_block_size for f in formats}

@@ -9,7 +9,7 @@ from torch import nn
 
 from quantpredict import arch
 from quantpredict.arch import LinearRef
-from quantpredict.quantize.recipe import Recipe
+from quantpredict.recipe import Recipe
 
 __all__ = ["PlannedLayer", "layer_plan", "quantized_linears"]
 

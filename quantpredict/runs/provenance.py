@@ -10,6 +10,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from quantpredict.version import __version__
+
 PACKAGES = ("quantpredict", "torch", "transformers", "tokenizers", "numpy", "pandas", "scikit-learn")
 
 
@@ -37,10 +39,8 @@ def git_commit() -> str | None:
 @lru_cache(maxsize=1)
 def provenance() -> dict:
     """Package versions, python, platform, git commit and host of this process (cached per process)."""
-    import quantpredict
-
     versions = {p: _version(p) for p in PACKAGES}
-    versions["quantpredict"] = quantpredict.__version__
+    versions["quantpredict"] = __version__  # this source's, not an installed distribution's metadata
     return {
         "packages": versions,
         "python": sys.version.split()[0],

@@ -7,7 +7,6 @@ keys the store already holds. Nothing here imports torch: a recipe and its label
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import warnings
 from collections.abc import Mapping, Sequence
@@ -429,7 +428,3 @@ class SweepGrid:
             model_recipes = self.model_recipes()
         return plan_runs(self, evaluation=evaluation, model_ids=model_ids, bos=bos, model_recipes=model_recipes,
                          code_version=code_version)
-
-
-def short_hash(data: bytes, n: int = 12) -> str:
-    return hashlib.sha256(data).hexdigest()[:n]

@@ -5,7 +5,7 @@ run it finished. SQLite files use write-ahead logging and a busy timeout (plus r
 can append while the first is writing; SQL servers (PostgreSQL, ...) handle that themselves.
 
 Features are kept in one JSON column so that adding a feature to the schema needs no migration; :meth:`to_frame`
-spreads them into one column each, in the order of :data:`quantpredict.features.schema.FEATURE_NAMES`.
+spreads them into one column each, in the order of :data:`quantpredict.schema.FEATURE_NAMES`.
 """
 
 from __future__ import annotations

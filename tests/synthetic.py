@@ -1,7 +1,7 @@
-"""Synthetic run tables with the run store's public columns, drawn from a known law with known noise.
+"""Test helper: synthetic run tables with the run store's public columns, drawn from a known law with known noise.
 
-Used to build and test the predictors before the real sweep exists, and to check interval coverage, where the
-truth must be known. The law (natural logs):
+The predictor, CLI and report tests use it where the truth must be known (interval coverage, recovered exponents)
+or where a real sweep would be too slow. The law (natural logs):
 
     log delta_true = LAW_INTERCEPT + LAW_QUAD * log(quad_delta_h_delta) + LAW_FP * element_is_fp
                      + LAW_SIZE * log(n_params_nonembed / 1e7) + eps,       eps ~ N(0, sigma^2)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from quantpredict.features.schema import FEATURE_NAMES, TIMING_NAMES
+from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
 LAW_INTERCEPT = 0.25
 LAW_QUAD = 1.0
