@@ -121,9 +121,11 @@ def render(outdir: Path, *, only: list[str] | None, python: str, keep_tree: bool
     shutil.copytree(root, tree, ignore=_IGNORE, symlinks=True)
     print(f"copied the checkout to {tree} in {time.perf_counter() - t0:.1f} s", flush=True)
     env = _env(tree)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-    manifest = {"checkout": str(root), "commit": head, "dirty": bool(dirty.strip()), "python": python,
+    git = [subprocess.run(["git", *a], cwd=root, capture_output=True, text=True) for a in
+           (["rev-parse", "HEAD"], ["status", "--porcelain"])]
+    head, dirty = (g.stdout.strip() if g.returncode == 0 else None for g in git)
+    manifest = {"checkout": str(root), "commit": head, "dirty": None if dirty is None else bool(dirty),
+                "python": python,
                 "started": time.strftime("%Y-%m-%d %H:%M:%S"), "pages": {}, "skipped": SKIPPED}
     failed = []
     total = time.perf_counter()
@@ -259,12 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--only", nargs="+", metavar="PAGE", help=f"only these pages ({', '.join(p for p, _ in PAGES)})")
     r.add_argument("--python", default=sys.executable, help="interpreter for the pages' commands (default: this one)")
     r.add_argument("--keep-tree", action="store_true", help="keep the temporary tree (for debugging)")
+    r.add_argument("--root", type=Path, default=ROOT,
+                   help="the checkout to render (default: the one holding this script; e.g. a `git archive` export "
+                        "of an older commit, to render its pages from its own stores)")
     c = sub.add_parser("compare", help="compare two renderings (or a rendering and reports/)")
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     args = ap.parse_args(argv)
     if args.action == "render":
-        return render(args.outdir, only=args.only, python=args.python, keep_tree=args.keep_tree)
+        return render(args.outdir, only=args.only, python=args.python, keep_tree=args.keep_tree,
+                      root=args.root.resolve())
     return compare(args.a, args.b)
 
 
