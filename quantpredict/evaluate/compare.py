@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from quantpredict.evaluate.scoring import FPLogitsCache, pair_sums
-from quantpredict.evaluate.setting import check_text, windowing
+from quantpredict.evaluate.setting import windowing
 from quantpredict.evaluate.stats import influence, se_from_influence
 from quantpredict.evaluate.windows import Windows, make_windows
 from quantpredict.recipe import EvalSetting
@@ -164,15 +164,11 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: Eval
     keywords); the keyword-only options left are independent of it and of each other (which text, the window
     stride, batching, progress, the FP cache and its key, the device) and none of them enters a run key.
     """
-    from quantpredict.evaluate.perplexity import eval_stream
+    from quantpredict.evaluate.perplexity import setting_stream
     from quantpredict.memory import placed
 
-    w = windowing(evaluation, setting, fn="compare", text=text)
-    check_text(w)
-    start = time.perf_counter()
-    stream = eval_stream(tokenizer, dataset, split, text=w.text_file, bos=w.bos)
-    check_text(w, stream)
-    tokenize_seconds = time.perf_counter() - start
+    w, stream, start, tokenize_seconds = setting_stream(tokenizer, evaluation, setting, fn="compare", text=text,
+                                                        dataset=dataset, split=split)
     with placed([model_fp, model_q], device):
         res = compare_ids(model_fp, model_q, stream.ids, seq_len=w.seq_len, stride=stride, max_windows=w.max_windows,
                           batch_size=batch_size, progress=progress, dataset=dataset, split=split,

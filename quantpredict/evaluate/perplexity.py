@@ -147,18 +147,29 @@ def perplexity(model: nn.Module, tokenizer, evaluation: EvalSetting | None = Non
     """
     from quantpredict.memory import placed
 
-    w = windowing(evaluation, setting, fn="perplexity", text=text)
-    check_text(w)
-    start = time.perf_counter()
-    stream = eval_stream(tokenizer, dataset, split, text=w.text_file, bos=w.bos)
-    check_text(w, stream)
-    tokenize_seconds = time.perf_counter() - start
+    w, stream, start, tokenize_seconds = setting_stream(tokenizer, evaluation, setting, fn="perplexity", text=text,
+                                                        dataset=dataset, split=split)
     with placed([model], device):
         res = perplexity_of_ids(model, stream.ids, seq_len=w.seq_len, stride=stride, max_windows=w.max_windows,
                                 batch_size=batch_size, progress=progress, dataset=dataset, split=split,
                                 bos_id=stream.bos_id)
     return PerplexityResult.from_dict({**res.to_dict(), "seconds": time.perf_counter() - start,
                                        "tokenize_seconds": tokenize_seconds, "source": stream.source})
+
+
+def setting_stream(tokenizer, evaluation: EvalSetting | None, setting: dict[str, Any], *, fn: str,
+                   text: str | Path | None, dataset: str, split: str):
+    """What :func:`perplexity` and :func:`~quantpredict.evaluate.compare` do before any forward pass: resolve the
+    evaluation setting (``evaluation`` or its fields as keywords; ``fn`` names the caller in errors), check the
+    user's text against the setting's hash before and after tokenizing it, and tokenize. Returns ``(windowing,
+    stream, start, tokenize_seconds)``, ``start`` the ``perf_counter`` at which tokenizing began (the evaluation's
+    wall time counts from it)."""
+    w = windowing(evaluation, setting, fn=fn, text=text)
+    check_text(w)
+    start = time.perf_counter()
+    stream = eval_stream(tokenizer, dataset, split, text=w.text_file, bos=w.bos)
+    check_text(w, stream)
+    return w, stream, start, time.perf_counter() - start
 
 
 def eval_stream(tokenizer, dataset: str = "wikitext2", split: str = "test", *, text: str | Path | None = None,
