@@ -113,7 +113,7 @@ def _installed_wheel(tmp_path: Path) -> tuple[Path, dict]:
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True, timeout=300,
                    env=env)
     py = venv / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300,
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--no-deps", "-q", str(wheel)], check=True, timeout=300,
                    env=env, cwd=tmp_path)
     if sys.prefix != sys.base_prefix:
         # This interpreter is itself a venv (CI's .venv), and --system-site-packages reaches its base interpreter's
