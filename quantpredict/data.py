@@ -45,14 +45,32 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: A subfolder every copy of the repository's data/ has (the texts the zoo, calibration and evaluation read): a
+#: folder without it is not quantpredict's data, whatever else it holds.
+_MARKER = "wikitext-2"
+
+
+def data_problem() -> str | None:
+    """Why the data folder cannot be used, as the one sentence :func:`data_dir` raises (naming ``$QUANTPREDICT_DATA``
+    and what it must point to), or ``None`` when it can. Messages that would advise a command needing the data
+    (``zoo build``, ``fit --store data/runs/...``) give this sentence instead when it is not ``None``, so that no
+    advice leads an installed user into this same error."""
+    if DATA_DIR.is_dir() and (DATA_DIR / _MARKER).is_dir():
+        return None
+    what = "not a directory" if not DATA_DIR.is_dir() else f"a directory without {_MARKER}/"
+    how = (f"${DATA_ENV} is {DATA_DIR}, {what}" if os.environ.get(DATA_ENV, "").strip()
+           else f"no data/ folder beside the package ({DATA_DIR} is {what}): a pip-installed quantpredict does not "
+                "ship it")
+    return (f"quantpredict's data (zoo models, WikiText-2, the shipped predictors) was not found: {how}; set "
+            f"{DATA_ENV} to the data/ folder of a quantpredict repository checkout")
+
+
 def data_dir() -> Path:
     """The data folder (the repository's ``data/``, or ``$QUANTPREDICT_DATA``); raises :class:`DataError` naming
-    the variable when it is not there (an installed package run without the data)."""
-    if not DATA_DIR.is_dir():
-        how = (f"${DATA_ENV} is {DATA_DIR}, which is not a directory" if os.environ.get(DATA_ENV, "").strip()
-               else f"no data/ beside the package ({DATA_DIR}): an installed quantpredict does not ship it")
-        raise DataError(f"quantpredict's data (zoo models, WikiText-2, the default predictor) was not found: {how}; "
-                        f"set {DATA_ENV} to a copy of the repository's data/ folder")
+    the variable when it is not there (an installed package run without the data), see :func:`data_problem`."""
+    problem = data_problem()
+    if problem:
+        raise DataError(problem)
     return DATA_DIR
 
 
@@ -88,7 +106,9 @@ def load_text(name: str, split: str) -> str:
 
 def _require(path: Path) -> None:
     if not path.exists():
-        raise DataError(f"bundled data file {path} is missing; restore it with `git checkout -- data/`")
+        fix = (f"${DATA_ENV} ({DATA_DIR}) is not a complete copy of the repository's data/ folder; point it at one"
+               if os.environ.get(DATA_ENV, "").strip() else "restore it with `git checkout -- data/`")
+        raise DataError(f"bundled data file {path} is missing; {fix}")
 
 
 # ---- the evaluation protocol, token ids and calibration windows ---------------------------------------------------

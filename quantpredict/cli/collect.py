@@ -71,9 +71,11 @@ def register(sub) -> None:
 def _models(values: list[str]) -> list[str]:
     out = [m.strip() for v in values for m in v.split(",") if m.strip()]
     if out == ["zoo"]:
+        from quantpredict.data import data_dir
         from quantpredict.errors import ModelError
         from quantpredict.models import list_zoo
 
+        data_dir()  # no data folder: the error naming $QUANTPREDICT_DATA, not advice to build the zoo
         out = list_zoo()
         if not out:
             raise ModelError("--models zoo: no zoo models on disk; build them with `quantpredict zoo build`")

@@ -120,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
     command = ("quantpredict " + " ".join(shlex.quote(a) for a in sys.argv[1:])
                if sys.argv[1:] and not args.report_only else "")
     if not args.report_only:
+        if not args.models:
+            from quantpredict.data import data_dir
+
+            data_dir()  # the zoo is in the data folder: no folder is the error naming $QUANTPREDICT_DATA
         models = args.models or list_zoo()
         if not models:
             raise DataError("no models: the zoo is empty; pass --models or build the zoo (`quantpredict zoo build`)")

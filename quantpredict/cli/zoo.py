@@ -112,12 +112,17 @@ def run_list(args: argparse.Namespace) -> int:
 
     if getattr(args, "architectures", False):
         return run_architectures(args)
+    from quantpredict.data import data_dir
+
+    data_dir()  # the zoo is in the data folder: without it, the one error naming $QUANTPREDICT_DATA (not `zoo build`)
     if args.json:
         print(json.dumps([zoo_card(n) for n in list_zoo() + list_imported()], indent=2))
         return 0
     rows = zoo_table_rows()
     if not rows:
-        print("no zoo models on disk; run `quantpredict zoo build`")
+        from quantpredict.models import zoo_root
+
+        print(f"no zoo models in {zoo_root()}; run `quantpredict zoo build`")
         return 1
     import pandas as pd
 

@@ -76,7 +76,16 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             f"network access (e.g. `huggingface-cli download {text} --local-dir ./{text.split('/')[-1]}`) and pass "
             f"that local directory.") if looks_like_hub_id else ""
     raise ModelError(f"no model {text!r}: tried the zoo ({zoo_path}) and the local path {path.resolve()}.{hint} "
-                     f"Zoo models: {', '.join(list_zoo()) or '(none built; run `quantpredict zoo build`)'}")
+                     f"Zoo models: {', '.join(list_zoo()) or _no_zoo()}")
+
+
+def _no_zoo() -> str:
+    """What an error says about an empty zoo: build it, or, when there is no data folder (an installed package
+    without $QUANTPREDICT_DATA), why: `zoo build` needs that folder too."""
+    from quantpredict.data import data_problem
+
+    problem = data_problem()
+    return f"none ({problem})" if problem else "(none built; run `quantpredict zoo build`)"
 
 
 def skeleton(name_or_path: str | os.PathLike):

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quantpredict.data import DATA_DIR
+from quantpredict.data import DATA_DIR, data_dir
 from quantpredict.errors import PredictorError
 from quantpredict.predict.saved import SavedPredictor
 from quantpredict.recipe import RECIPE_COLUMNS, Recipe
@@ -66,14 +66,16 @@ def resolve_predictor(predictor: str | Path | SavedPredictor) -> SavedPredictor:
     ``physics`` predictor shipped in ``data/predictors/default``) or a saved predictor's directory."""
     if isinstance(predictor, SavedPredictor):
         return predictor
-    if str(predictor) == "default":
-        if not (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
-            raise PredictorError(
-                f"no default predictor at {DEFAULT_PREDICTOR_DIR}; fit one on the shipped runs with "
-                "`quantpredict fit --store data/runs/runs.sqlite data/runs/long.sqlite data/runs/smollm2.sqlite "
-                "--kind physics --out data/predictors/default`, or pass --predictor DIR")
-        return SavedPredictor.load(DEFAULT_PREDICTOR_DIR)
-    return SavedPredictor.load(predictor)
+    path = DEFAULT_PREDICTOR_DIR if str(predictor) == "default" else Path(predictor)
+    if path.is_relative_to(DATA_DIR):
+        data_dir()  # a shipped predictor (default, profile): no data folder is the error naming $QUANTPREDICT_DATA
+    if str(predictor) == "default" and not (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
+        runs = DATA_DIR / "runs"
+        raise PredictorError(
+            f"no default predictor at {DEFAULT_PREDICTOR_DIR}; fit one on the shipped runs with `quantpredict fit "
+            f"--store {runs / 'runs.sqlite'} {runs / 'long.sqlite'} {runs / 'smollm2.sqlite'} --kind physics --out "
+            f"{DEFAULT_PREDICTOR_DIR}`, or pass --predictor DIR")
+    return SavedPredictor.load(path)
 
 
 def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:

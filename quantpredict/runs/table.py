@@ -20,8 +20,13 @@ def read_runs(store: str | Path | list | tuple | None = None, runs: str | Path |
         frames = []
         for s in stores:
             if "://" not in str(s) and not Path(s).exists():
-                raise PredictorError(f"run store {s} does not exist; pass an existing store (e.g. "
-                                     "data/runs/runs.sqlite) or collect runs first")
+                from quantpredict.data import DATA_DIR, data_problem
+
+                problem = data_problem()
+                shipped = (f"the shipped runs are in the data folder, but {problem}" if problem
+                           else f"the shipped ones are {DATA_DIR / 'runs'}/*.sqlite")
+                raise PredictorError(f"run store {s} does not exist; pass an existing store or collect runs first "
+                                     f"({shipped})")
             with RunStore(s, create=False) as st:
                 frames.append(st.to_frame())
         frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
