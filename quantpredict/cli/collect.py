@@ -40,15 +40,16 @@ def register(sub) -> None:
                         "get their default")
     p.add_argument("--store", default="runs.sqlite", help="run store: SQLite path or SQLAlchemy URL "
                    "(default: runs.sqlite)")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes; default 1)")
+    p.add_argument("--workers", type=options.positive(int), default=1, help="runs in parallel (processes; default 1)")
     p.add_argument("--executor", choices=("local", "dask"), default="local",
                    help="local processes, or a Dask cluster (default: local)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="Dask scheduler address, e.g. tcp://host:8786 (with --executor dask; without it a "
                         "LocalCluster of --workers processes is started)")
-    p.add_argument("--eval-max-windows", type=int, default=None, metavar="N",
+    p.add_argument("--eval-max-windows", type=options.positive(int), default=None, metavar="N",
                    help="evaluate on the first N windows of WikiText-2 test (default: all of it)")
-    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length in tokens (default 256)")
+    p.add_argument("--seq-len", type=options.positive(int, minimum=2), default=256,
+                   help="evaluation window length in tokens (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
     p.add_argument("--run-fn", default=None, metavar="MODULE:FUNC",
                    help="run function (default: the real measurement, quantpredict.runs.execute:execute_run; "
@@ -127,6 +128,21 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
+def check_store(store: str) -> None:
+    """A run store path this user can write (a SQLAlchemy URL other than a SQLite file is the database's business),
+    checked before the sweep starts."""
+    from pathlib import Path
+
+    if "://" in store:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(store)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return
+        store = url.database
+    options.check_out(store, "--store", kind="dir" if Path(store).is_dir() else "file")
+
+
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import RecipeError
     from quantpredict.recipe import EvalSetting
@@ -136,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
     if not recipes and not (args.formats and args.methods):
         raise RecipeError("give --formats and --methods (the grid), or --recipes / --recipes-file")
     models = _models(args.models)
+    for m in models:  # a missing or corrupt model fails here, once, not in every worker
+        options.check_model(m)
+    if not args.dry_run:
+        check_store(args.store)
     identify = None if args.no_weights_hash else model_id
     run_kwargs = _run_kwargs(args.run_kwargs)
     if args.threads:
