@@ -138,6 +138,10 @@ def check_files(d: Path, *, tokenizer: bool = True) -> None:
         raise ModelError(f"{config} is not valid JSON ({exc}); {_FIX}") from None
     if not isinstance(doc, dict):
         raise ModelError(f"{config} is not a JSON object, so not a Hugging Face config; {_FIX}")
+    archs = doc.get("architectures") or []
+    if isinstance(archs, list) and archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        raise ModelError(f"{d} holds a {', '.join(map(str, archs))}, not a causal language model; quantpredict needs a "
+                         "*ForCausalLM / *LMHeadModel checkpoint")
     weight_files(d)
     if tokenizer and not any((d / f).is_file() for f in TOKENIZER_FILES):
         broken = [f for f in TOKENIZER_FILES if (d / f).is_symlink()]
