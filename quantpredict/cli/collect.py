@@ -152,10 +152,6 @@ def run(args: argparse.Namespace) -> int:
     if not recipes and not (args.formats and args.methods):
         raise RecipeError("give --formats and --methods (the grid), or --recipes / --recipes-file")
     models = _models(args.models)
-    for m in models:  # a missing or corrupt model fails here, once, not in every worker
-        options.check_model(m)
-    if not args.dry_run:
-        check_store(args.store)
     identify = None if args.no_weights_hash else model_id
     run_kwargs = _run_kwargs(args.run_kwargs)
     if args.threads:
@@ -169,6 +165,12 @@ def run(args: argparse.Namespace) -> int:
         from quantpredict.memory import parse_bytes
 
         run_kwargs["max_memory"] = parse_bytes(args.max_memory, flag="--max-memory")
+    # the flags first, then the paths
+    if args.run_fn is None:  # the real measurement: a missing or corrupt model fails here, once, not in every
+        for m in models:  # worker (another --run-fn may take names that are no model directory)
+            options.check_model(m)
+    if not args.dry_run:
+        check_store(args.store)
     grid = SweepGrid(models, args.formats, args.methods, smoothquant=args.smoothquant,
                      act_formats=args.act_formats, block_sizes=args.block_sizes,
                      block_size_formats=args.block_size_formats, recipes=recipes)
