@@ -24,7 +24,13 @@ class DataError(QuantpredictError, ValueError):
 
 
 class ModelError(QuantpredictError, ValueError):
-    """A model that cannot be found, loaded, or whose weights are not finite."""
+    """A model that cannot be found or loaded: no config, no tokenizer, weights missing, truncated or not a checkpoint
+    at all, or weights that are not finite."""
+
+
+class OutputError(QuantpredictError, ValueError):
+    """An output path (``--out``, ``--plot``, ``--store``) this user cannot write: its folder is read-only, a file
+    stands where a folder must be, or writing it failed."""
 
 
 class UnsupportedArchitectureError(QuantpredictError, ValueError):

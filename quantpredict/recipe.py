@@ -92,7 +92,7 @@ def _canonical_block(fmt: str, block_size: int | None) -> int | None:
 
 def _check_block(what: str, v: Any) -> None:
     if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-        raise FormatError(f"{what} must be a positive integer or None (the format's default), got {v!r}")
+        raise FormatError(f"{what} must be a positive integer (or unset: the format's default), got {v!r}")
 
 
 def _with_block(fmt: str, block_size: int | None) -> str:
@@ -531,7 +531,7 @@ class EvalSetting:
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise RecipeError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
         if self.max_windows is not None and (not isinstance(self.max_windows, int) or self.max_windows < 1):
-            raise RecipeError(f"max_windows must be a positive integer or None (the whole split), got "
+            raise RecipeError(f"max_windows must be a positive integer (or unset: the whole split), got "
                               f"{self.max_windows!r}")
         if self.text is not None and not re.fullmatch(r"[0-9a-f]{12}", str(self.text)):
             raise RecipeError(f"text must be the 12-hex-digit sha256 prefix of the evaluation text, got {self.text!r}")

@@ -136,6 +136,7 @@ def test_predict_cli_json_and_table(runs, ols, tmp_path, monkeypatch, capsys, to
     calls = []
     monkeypatch.setattr("quantpredict.features.extract", fake_extract(runs, calls))
     monkeypatch.setattr("quantpredict.models.load", lambda name, **kw: (tiny_model("llama"), tokenizer))
+    monkeypatch.setattr("quantpredict.models.check_model_dir", lambda name, **kw: name)  # "tiny" is not on disk
     monkeypatch.setattr("quantpredict.data.token_ids", lambda tok, name="wikitext2", split="test":
                         torch.arange(3, 200) if split == "train" else pytest.fail("test split used for calibration"))
     rc = main(["predict", "tiny", "--format", "mxint4,mxint8", "--method", "rtn", "--predictor", str(d), "--json"])

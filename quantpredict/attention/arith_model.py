@@ -192,6 +192,9 @@ def save_model(model: LlamaForCausalLM, out_dir: Path, spec: ArithModelSpec, tra
 
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, str(Path(out_dir) / "model.safetensors"))
+    from quantpredict.files import honour_umask
+
+    honour_umask(Path(out_dir) / "model.safetensors")  # safetensors writes 0600, like no other file here
     (Path(out_dir) / "arith.json").write_text(json.dumps({"spec": asdict(spec), "train": train_info}, indent=1))
 
 

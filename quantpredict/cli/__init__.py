@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from quantpredict.errors import QuantpredictError
@@ -44,12 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C in the main thread, so that every ``finally`` and ``atexit`` cleanup runs (the
+    default action would kill the process where it stands, temporary files and all)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except QuantpredictError as exc:
@@ -57,15 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"quantpredict {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 143 if terminated else 130
     except Exception as exc:  # a bug, not a user error: still one line without --debug, and a distinct exit code
         if args.debug:
             raise
         print(f"quantpredict {args.command}: internal error: {type(exc).__name__}: {one_line(exc)} (rerun with "
               "--debug for the traceback, and please report it)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from quantpredict.cli import options
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -37,10 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import QuantpredictError
     from quantpredict.predict.allocate import DEFAULT_CANDIDATES, allocate
 
-    if args.out is not None and Path(args.out).is_dir():
-        raise QuantpredictError(f"--out {args.out} is a directory; give a file name for the recipe")
     if args.target_bits is None and args.match is None:
         raise QuantpredictError("give --target-bits B, or --match MIX to allocate at a named mix's bits")
+    options.check_model(args.model)  # the model and --out before the profile is measured; allocate() checks the
+    options.check_out(args.out, "--out")  # budget against the least feasible one from the model's shapes
     cands = [c.strip() for c in args.candidates.split(",") if c.strip()] if args.candidates else None
     if cands is None and args.match is None:
         cands = list(DEFAULT_CANDIDATES)

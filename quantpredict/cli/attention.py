@@ -87,6 +87,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.clock == "thread" and args.threads != 1:
         raise DataError("--clock thread times only the calling thread: use it with --threads 1, or --clock wall")
+    options.check_out(args.out, "--out", kind="dir")
     torch.set_num_threads(args.threads)
     bar = tqdm(total=len(args.contexts) * len(args.densities), desc="attention bench")
 
@@ -117,6 +118,7 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_train(args: argparse.Namespace) -> int:
     from quantpredict.attention.arith_model import TrainConfig, train_arith
 
+    options.check_out(args.out, "--out", kind="dir")
     train_arith(args.out, TrainConfig(minutes=args.minutes, seed=args.seed, threads=args.threads),
                 log=lambda s: print(s, flush=True))
     return 0
@@ -127,6 +129,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from quantpredict.attention.arith_eval import eval_arith
 
+    options.check_out(args.out, "--out", kind="dir")
     torch.set_num_threads(args.threads)
     eval_arith(args.model, args.operands, n_examples=args.examples, batch_size=args.batch_size, seed=args.seed,
                out=args.out)

@@ -40,15 +40,16 @@ def register(sub) -> None:
                         "get their default")
     p.add_argument("--store", default="runs.sqlite", help="run store: SQLite path or SQLAlchemy URL "
                    "(default: runs.sqlite)")
-    p.add_argument("--workers", type=int, default=1, help="runs in parallel (processes; default 1)")
+    p.add_argument("--workers", type=options.positive(int), default=1, help="runs in parallel (processes; default 1)")
     p.add_argument("--executor", choices=("local", "dask"), default="local",
                    help="local processes, or a Dask cluster (default: local)")
     p.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="Dask scheduler address, e.g. tcp://host:8786 (with --executor dask; without it a "
                         "LocalCluster of --workers processes is started)")
-    p.add_argument("--eval-max-windows", type=int, default=None, metavar="N",
+    p.add_argument("--eval-max-windows", type=options.positive(int), default=None, metavar="N",
                    help="evaluate on the first N windows of WikiText-2 test (default: all of it)")
-    p.add_argument("--seq-len", type=int, default=256, help="evaluation window length in tokens (default 256)")
+    p.add_argument("--seq-len", type=options.positive(int, minimum=2), default=256,
+                   help="evaluation window length in tokens (default 256)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's choice)")
     p.add_argument("--run-fn", default=None, metavar="MODULE:FUNC",
                    help="run function (default: the real measurement, quantpredict.runs.execute:execute_run; "
@@ -129,6 +130,21 @@ def _recipe_labels(args: argparse.Namespace) -> list[str]:
     return labels
 
 
+def check_store(store: str) -> None:
+    """A run store path this user can write (a SQLAlchemy URL other than a SQLite file is the database's business),
+    checked before the sweep starts."""
+    from pathlib import Path
+
+    if "://" in store:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(store)
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return
+        store = url.database
+    options.check_out(store, "--store", kind="dir" if Path(store).is_dir() else "file")
+
+
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import RecipeError
     from quantpredict.recipe import EvalSetting
@@ -151,6 +167,12 @@ def run(args: argparse.Namespace) -> int:
         from quantpredict.memory import parse_bytes
 
         run_kwargs["max_memory"] = parse_bytes(args.max_memory, flag="--max-memory")
+    # the flags first, then the paths
+    if args.run_fn is None:  # the real measurement: a missing or corrupt model fails here, once, not in every
+        for m in models:  # worker (another --run-fn may take names that are no model directory)
+            options.check_model(m)
+    if not args.dry_run:
+        check_store(args.store)
     grid = SweepGrid(models, args.formats, args.methods, smoothquant=args.smoothquant,
                      act_formats=args.act_formats, block_sizes=args.block_sizes,
                      block_size_formats=args.block_size_formats, recipes=recipes)

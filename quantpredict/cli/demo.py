@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     recipes = parse_recipes(args.recipes)  # checked before any model is loaded
     data_dir()  # the zoo, the texts and the default predictor: an installed package names $QUANTPREDICT_DATA here
     model = _pick_model(args.model)
+    options.check_model(model)
     if (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
         return _predict(model, recipes, device)
     print(f"(no default predictor at {DEFAULT_PREDICTOR_DIR} yet: showing the cheap quantization measurements)")

@@ -24,11 +24,12 @@ def register(subparsers) -> None:
                    help="the FP original to compare MODEL against (zoo name or directory); its tokenizer is used")
     p.add_argument("--dataset", default="wikitext2", help="bundled data set (default: wikitext2)")
     p.add_argument("--split", default="test", help="split of the data set (default: test)")
-    p.add_argument("--seq-len", type=int, default=256, help="window length in tokens (default: 256)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--seq-len", type=options.positive(int, minimum=2), default=256,
+                   help="window length in tokens (default: 256)")
+    p.add_argument("--stride", type=options.positive(int), default=None,
                    help="sliding windows every N tokens (each token scored once); default: non-overlapping windows")
-    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--max-windows", type=options.positive(int), default=None, help="evaluate only the first N windows")
+    p.add_argument("--batch-size", type=options.positive(int), default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     options.add_text(p, eval_text=True)
     options.add_device(p)
@@ -59,6 +60,9 @@ def run(args: argparse.Namespace) -> int:
     opts = dict(dataset=args.dataset, split=args.split, seq_len=args.seq_len, stride=args.stride,
                 max_windows=args.max_windows, batch_size=args.batch_size, text=args.eval_text)
     options.check_texts(args)  # a missing or non-UTF-8 file fails before any model loads
+    for name in (args.model, args.against):  # so does a corrupt or incomplete model
+        if name is not None:
+            options.check_model(name)
     if args.against is None:
         model, tokenizer = load(args.model, dtype=dtype, device=device)
         res = perplexity(model, tokenizer, **opts)

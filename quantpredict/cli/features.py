@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"bad recipe: {exc}") from exc
     device, budget = options.device(args), options.max_memory(args)
     options.check_texts(args)
+    options.check_model(args.model)
     # the checkpoint's dtype: the features upcast a bf16 one in place (same values as a float32 load, less memory)
     model, tokenizer = load(args.model, dtype="auto", attn_implementation="eager", device=device)
     calib_ids = options.calib_stream(args, tokenizer)  # the protocol's BOS-led windows, or the user's text

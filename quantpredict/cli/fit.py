@@ -66,11 +66,15 @@ def run_physics(args: argparse.Namespace, runs) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from quantpredict.files import check_output
     from quantpredict.predict import Predictor, validate
     from quantpredict.predict.design import LINEAR_KINDS
     from quantpredict.predict.physics import PHYSICS_KINDS
     from quantpredict.runs.table import read_runs
 
+    check_output(args.out, "--out", kind="dir")  # before any work: a read-only --out never costs the fit
+    if args.validate:
+        check_output(args.report, "--report")
     runs = read_runs(args.store, args.runs)
     if args.kind in PHYSICS_KINDS:
         return run_physics(args, runs)

@@ -90,17 +90,37 @@ def max_memory(args: argparse.Namespace) -> int:
     return parse_bytes(getattr(args, "max_memory", None), flag="--max-memory")
 
 
-def positive(kind: type = int):
-    """An argparse ``type=`` that accepts numbers above zero only (a usage error, exit 2, otherwise)."""
+def positive(kind: type = int, *, minimum: int | None = None):
+    """An argparse ``type=`` that accepts numbers above zero only, or of at least ``minimum`` (a usage error, exit
+    2, otherwise: the flag's own words, never the library's parameter names)."""
+    noun = {int: "an integer", float: "a number"}.get(kind, kind.__name__)
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if minimum is not None and not value >= minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {minimum}")
         if not value > 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be above zero")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def check_model(name_or_path: str, *, tokenizer: bool = True) -> Any:
+    """The model directory of a zoo name, imported model or path, checked from file headers alone (config, whole
+    weights, tokenizer) before any weight loads: a corrupt or incomplete model is one message naming the file."""
+    from quantpredict.models import check_model_dir
+
+    return check_model_dir(name_or_path, tokenizer=tokenizer)
+
+
+def check_out(path: Any, flag: str, *, kind: str = "file") -> Any:
+    """``path`` if this user can write it (a ``kind`` of ``"file"`` or ``"dir"``), checked before any work and
+    without creating anything; otherwise one message naming ``flag`` and the path."""
+    from quantpredict.files import check_output
+
+    return None if path is None else check_output(path, flag, kind=kind)

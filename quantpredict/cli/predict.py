@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     what.add_argument("--mix", default=None, help="named mix(es) instead, e.g. q4_k_m,q5_k_m (llama.cpp's per-layer "
                                                   "types for this model's layers)")
     p.add_argument("--method", default="rtn", help="rtn or gptq (comma-separated for several)")
-    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--block-size", type=options.positive(int), default=None)
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA")
     p.add_argument("--act-format", default=None)
     p.add_argument("--predictor", default="default", help="saved predictor directory (default: the shipped one)")
@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = resolve_predictor(args.predictor)  # fail fast, before loading the model
     device, budget = options.device(args), options.max_memory(args)
     options.check_texts(args)
+    options.check_model(args.model)
     from quantpredict import models
     from quantpredict.quantize import Recipe
 

@@ -22,17 +22,19 @@ def register(subparsers) -> None:
     p.add_argument("model", metavar="MODEL", help="zoo name or local Hugging Face model directory")
     p.add_argument("--format", required=True, dest="weight_format", metavar="F",
                    help="weight format (see `quantpredict formats`), e.g. int4, mxint4, mxfp4_e2m1")
-    p.add_argument("--block-size", type=int, default=None, metavar="N",
+    p.add_argument("--block-size", type=options.positive(int), default=None, metavar="N",
                    help="elements per shared scale along the input dimension (default: 32 for MX, per channel for "
                         "INT/FP8)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, metavar="N", help=f"AdamW steps ({DEFAULT_STEPS})")
     p.add_argument("--lr", type=float, default=DEFAULT_LR, metavar="X",
                    help=f"peak learning rate, cosine-decayed to 0 ({DEFAULT_LR:g})")
     p.add_argument("--init", choices=("rtn", "gptq"), default="rtn", help="PTQ start of the fine-tuning (rtn)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
+    p.add_argument("--batch-size", type=options.positive(int), default=DEFAULT_BATCH_SIZE, metavar="N",
                    help=f"calibration windows per step ({DEFAULT_BATCH_SIZE})")
-    p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=256, metavar="N", help="tokens per window (default 256)")
+    p.add_argument("--calib-samples", type=options.positive(int), default=128, metavar="N",
+                   help="calibration windows (default 128)")
+    p.add_argument("--calib-seq-len", type=options.positive(int, minimum=2), default=256, metavar="N",
+                   help="tokens per window (default 256)")
     p.add_argument("--act-format", default=None, metavar="F", help="fake-quantize linear-layer inputs to F")
     p.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="leave this linear layer unquantized (name, suffix or pattern); repeatable")
@@ -64,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
         config = QATConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init, seed=args.seed)
     except ValueError as exc:
         raise RecipeError(f"{exc} (--steps, --lr, --batch-size)") from None
+    options.check_model(args.model)
+    options.check_out(args.out, "--out", kind="dir")
     model, tokenizer = load(args.model, dtype=torch.float32, device=device)
     calib = token_ids(tokenizer, "wikitext2", "train")  # calibration: train split only
     result = finetune(model, recipe, calib, config=config)

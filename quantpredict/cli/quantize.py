@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                       help="one of llama.cpp's named mixes instead of one format: q4_k_m, q5_k_m, q4_k_s, q5_k_s, "
                            "q4_k_pure, q5_k_pure, q6_k_pure (its per-layer types for this model's layers, with "
                            "llama.cpp's fallback where rows are not a multiple of 256)")
-    p.add_argument("--block-size", type=int, default=None, metavar="N",
+    p.add_argument("--block-size", type=options.positive(int), default=None, metavar="N",
                    help="elements per shared scale along the input dimension (default: 32 for MX, per channel for "
                         "INT/FP8)")
     p.add_argument("--method", choices=("rtn", "gptq"), default="gptq", help="rounding method (default: gptq)")
@@ -31,17 +31,21 @@ def register(subparsers) -> None:
     p.add_argument("--awq", action="store_true",
                    help="AWQ's activation-aware scales (and, before RTN, its clipping search) before rounding")
     p.add_argument("--act-format", default=None, metavar="F", help="fake-quantize linear-layer inputs to F")
-    p.add_argument("--act-block-size", type=int, default=None, metavar="N", help="block size of --act-format")
-    p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=256, metavar="N", help="tokens per window (default 256)")
+    p.add_argument("--act-block-size", type=options.positive(int), default=None, metavar="N",
+                   help="block size of --act-format")
+    p.add_argument("--calib-samples", type=options.positive(int), default=128, metavar="N",
+                   help="calibration windows (default 128)")
+    p.add_argument("--calib-seq-len", type=options.positive(int, minimum=2), default=256, metavar="N",
+                   help="tokens per window (default 256)")
     p.add_argument("--act-order", action="store_true", help="GPTQ: columns by descending Hessian diagonal")
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag H (0.01)")
-    p.add_argument("--gptq-blocksize", type=int, default=128, metavar="N", help="GPTQ lazy-batch columns (128)")
+    p.add_argument("--gptq-blocksize", type=options.positive(int), default=128, metavar="N",
+                   help="GPTQ lazy-batch columns (128)")
     p.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="leave this linear layer unquantized (name, suffix such as mlp.down_proj, or pattern); "
                         "repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration window offsets")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--batch-size", type=options.positive(int), default=8, help="windows per forward pass")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     options.add_text(p, calib_text=True)
@@ -62,16 +66,18 @@ def run(args: argparse.Namespace) -> int:
         percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed, awq=args.awq,
     )
     device, dtype, budget = options.device(args), options.dtype(args), options.max_memory(args)
+    if args.mix and args.block_size is not None:
+        from quantpredict.errors import RecipeError
+
+        raise RecipeError("--block-size does not apply to --mix: llama.cpp's layouts fix their blocks")
     options.check_texts(args)
+    options.check_model(args.model)  # every input and output checked before the weights load
+    options.check_out(args.out, "--out", kind="dir")
     # the checkpoint's own dtype in memory (a bf16 checkpoint stays bf16), blocks computed in --dtype on --device
     model, tokenizer = load(args.model, dtype="auto")
     if args.mix:
         from quantpredict.mixes import named_mix
 
-        if args.block_size is not None:
-            from quantpredict.errors import RecipeError
-
-            raise RecipeError("--block-size does not apply to --mix: llama.cpp's layouts fix their blocks")
         recipe = named_mix(args.mix, model, base=recipe)
     calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed,
                                text_file=args.calib_text)

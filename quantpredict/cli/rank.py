@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+
+from quantpredict.cli import options
 
 
 def register(sub) -> None:
@@ -46,20 +49,34 @@ def _recipes(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantpredict.errors import QuantpredictError
-    from quantpredict.predict.rank import COLUMNS, rank_recipes
+    from quantpredict.errors import OutputError
+    from quantpredict.predict.rank import rank_recipes
 
     if args.plot and not str(args.plot).lower().endswith(".png"):
-        raise QuantpredictError(f"--plot {args.plot}: the figure is a PNG; give a file name ending in .png")
+        raise OutputError(f"--plot {args.plot}: the figure is a PNG; give a file name ending in .png")
     recipes = _recipes(args)  # bad labels or formats fail here, before the model is loaded
+    options.check_model(args.model)
+    options.check_out(args.plot, "--plot")
     frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
                          max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
                          progress=True)
-    a = frame.attrs
+    _print(args, frame)  # the result first: a figure that cannot be written never costs the table
     if args.plot:
         from quantpredict.report.frontier import frontier_figure
 
-        frontier_figure(frame, args.plot)
+        try:
+            frontier_figure(frame, args.plot)
+        except OSError as exc:
+            raise OutputError(f"--plot {args.plot} could not be written ({exc.strerror or exc}); the table above "
+                              "is complete: rerun with a writable --plot path for the figure") from None
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print(args: argparse.Namespace, frame) -> None:
+    from quantpredict.predict.rank import COLUMNS
+
+    a = frame.attrs
     if args.json:
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                 for r in frame[list(COLUMNS)].to_dict("records")]
@@ -67,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
                           "seconds": a["seconds"], "profile_seconds": a["profile_seconds"],
                           "full_eval_seconds": a["full_eval_seconds"], "kept_16bit": a["kept_16bit"],
                           "candidates": rows}, indent=1, default=str))
-        return 0
+        return
     print(f"{a['model']}: {len(frame)} candidates, predicted on WikiText-2 test ({a['predictor_kind']} predictor, "
           "90% intervals); * = Pareto-optimal in KLD vs bits")
     print(f"{'recipe':22s} {'bits':>5s} {'MiB':>7s} {'KLD':>9s} {'KLD interval':>21s} {'dNLL':>8s} {'ppl':>8s} "
@@ -86,6 +103,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} measuring the profile once, "
           f"{a['seconds_per_recipe']:.2f} per recipe); a full WikiText-2 test evaluation of one recipe: "
           f"~{a['full_eval_seconds']:.0f} s (estimated from one forward pass)")
-    if args.plot:
-        print(f"wrote {args.plot}")
-    return 0

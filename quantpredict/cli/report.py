@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise PredictorError(f"--kinds {args.kinds!r}: unknown kinds {unknown}; choose from {', '.join(KINDS)}")
     if args.n_estimators < 1 or args.repeats < 1:
         raise PredictorError("--n-estimators and --repeats must be at least 1")
+    from quantpredict.files import check_output
+
+    check_output(args.out, "--out", kind="dir")
     res = render_report(args.store or args.runs, args.out, kinds=kinds, n_estimators=args.n_estimators,
                         n_repeats=args.repeats, random_state=args.random_state, results_dir=args.results_dir,
                         progress=True)

@@ -61,6 +61,9 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from quantpredict.files import check_output
+
+    check_output(args.out, "--out")
     with _open(args.store) as store:
         out = store.export(args.out, args.status)
         n = len(store.to_frame(args.status))

@@ -97,7 +97,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     import torch
 
@@ -114,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     torch.set_num_threads(max(1, args.threads))
-    out = Path(args.out)
+    out = options.check_out(args.out, "--out", kind="dir")
     results = out / RESULTS_FILES[args.results]
     # a --report-only rendering reproduces nothing: the page prints the study's own reproduction command instead
     command = ("quantpredict " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -127,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
         models = args.models or list_zoo()
         if not models:
             raise DataError("no models: the zoo is empty; pass --models or build the zoo (`quantpredict zoo build`)")
+        for m in models:
+            options.check_model(m)
         formats = [f.strip() for f in args.formats.split(",") if f.strip()]
         settings = [StudySettings(steps=args.steps, lr=lr, batch_size=args.batch_size,
                                   calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
@@ -156,6 +157,10 @@ def run_smoothquant(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for m in args.models:
+        options.check_model(m)
+    options.check_out(args.out, "--out", kind="dir")
+    options.check_out(args.fp_cache_dir, "--fp-cache-dir", kind="dir")
     settings = SQSettings(calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                           max_windows=args.max_windows or None, local_windows=args.local_windows)
     results = Path(args.out) / RESULTS_FILE

@@ -198,7 +198,8 @@ class FPLogitsCache:
     4`` bytes, 1 GiB for 256 windows of 256 tokens with a 4096-token vocabulary), else, with ``directory`` set, on
     disk as one memory-mapped float32 ``.npy`` file per batch (64 windows of a 49k vocabulary are 3.2 GB: they stay
     out of memory), else not at all. The caller names the FP model by ``key`` (e.g. its name and weights hash): a
-    wrong key gives wrong results. The cache only ever deletes the files it wrote.
+    wrong key gives wrong results. The cache only ever deletes the files it wrote, and ``directory`` if it made it
+    (as soon as it holds none of them: an interrupted process leaves no empty folder behind).
     """
 
     def __init__(self, max_bytes: int = 2 * 2**30, directory: str | Path | None = None):
@@ -209,6 +210,7 @@ class FPLogitsCache:
         self.hits = 0
         self._on_disk = False
         self._written: list[Path] = []
+        self._made_dir = False
 
     def lookup(self, key: str, windows: Windows, batch_size: int, vocab: int, *, what: str = "logits") -> bool:
         """Select the entry for ``key`` on ``windows``; True if its logits may be kept (in memory or on disk).
@@ -250,11 +252,16 @@ class FPLogitsCache:
             return
         import numpy as np
 
-        self.directory.mkdir(parents=True, exist_ok=True)
+        if not self.directory.is_dir():
+            self.directory.mkdir(parents=True)
+            self._made_dir = True
         path = self._path(batch)
         tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, logits.detach().cpu().float().numpy())
-        tmp.replace(path)
+        try:
+            np.save(tmp, logits.detach().cpu().float().numpy())
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)  # interrupted mid-write: no half file
         self._written.append(path)
 
     def _drop(self) -> None:
@@ -262,6 +269,12 @@ class FPLogitsCache:
         for path in self._written:
             path.unlink(missing_ok=True)
         self._written = []
+        if self._made_dir and self.directory is not None:
+            try:
+                self.directory.rmdir()  # only when empty: another's files are never touched
+                self._made_dir = False
+            except OSError:
+                pass
 
     def close(self) -> None:
         """Forget the entry and delete the files this cache wrote."""

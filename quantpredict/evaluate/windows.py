@@ -81,7 +81,7 @@ def make_windows(ids: torch.Tensor, seq_len: int, *, stride: int | None = None,
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2 (one token of context and one to predict), got {seq_len}")
     if max_windows is not None and max_windows < 1:
-        raise DataError(f"max_windows must be at least 1 (or None for all windows), got {max_windows}")
+        raise DataError(f"max_windows must be at least 1 (leave it unset for all windows), got {max_windows}")
     n_tokens = int(ids.numel())
     if n_tokens == 0:
         raise DataError(f"{source} are empty: there is no text to evaluate")

@@ -77,7 +77,8 @@ def resolve_block(fmt: Format, block_size: int | None, length: int) -> int:
     """The block length along the axis: ``block_size``, else the format's default, else the whole axis."""
     if block_size is not None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise FormatError(f"block_size must be a positive integer or None, got {block_size!r}")
+            raise FormatError(f"block_size must be a positive integer (or unset: the format's default), got "
+                              f"{block_size!r}")
         return block_size
     return fmt.default_block_size or max(length, 1)
 

@@ -1,6 +1,7 @@
 """Loading models: the project's own zoo by name, or any Hugging Face causal LM directory on disk.
 
-Nothing here downloads: hub ids are refused with a message that says how to point at a local copy.
+Nothing here downloads: hub ids are refused with a message that says how to point at a local copy. Before anything
+loads, :func:`check_model_dir` checks the directory (config, whole weights, tokenizer) from file headers alone.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quantpredict.errors import ModelError
+from quantpredict.models import checks
+
+__all__ = ["check_model_dir", "checkpoint_dtype", "list_zoo", "load", "resolve", "resolve_for_models", "skeleton",
+           "tensor_shapes", "zoo_card", "zoo_root"]
 
 
 def zoo_root() -> Path:
@@ -88,6 +93,22 @@ def _no_zoo() -> str:
     return f"none ({problem})" if problem else "(none built; run `quantpredict zoo build`)"
 
 
+def check_model_dir(name_or_path: str | os.PathLike, *, tokenizer: bool = True) -> Path:
+    """Resolve ``name_or_path`` (zoo name, imported model or directory) and check, from file headers alone, that it
+    can be loaded: ``config.json`` parses, the safetensors weights (every shard) are whole and not foreign files,
+    and, with ``tokenizer``, a tokenizer file is there (:func:`quantpredict.models.checks.check_files`). Returns the
+    directory; a :class:`ModelError` names the file and the fix. Every command that takes a model calls this before
+    it loads one."""
+    path = resolve(name_or_path)
+    checks.check_files(path, tokenizer=tokenizer)
+    return path
+
+
+def tensor_shapes(name_or_path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of a model's safetensors weights, from their headers alone (no weight is read)."""
+    return checks.tensor_shapes(resolve(name_or_path))
+
+
 def skeleton(name_or_path: str | os.PathLike):
     """The model's module tree built from its config on the meta device: names and shapes, no weights (what a
     per-layer recipe such as a named mix needs to be resolved, in milliseconds)."""
@@ -137,12 +158,13 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: st
     written by ``quantize.save_quantized`` with activation quantization gets its activation fake-quant hooks
     re-installed, so it evaluates as it was quantized.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from quantpredict.memory import resolve_device, resolve_dtype
 
     target = resolve_device(device, flag="device")
-    path = resolve(name_or_path)
+    path = check_model_dir(name_or_path)  # a corrupt or incomplete directory fails here, before a weight is read
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises several types for unreadable configs
@@ -166,8 +188,10 @@ def load(name_or_path: str | os.PathLike, *, dtype=None, attn_implementation: st
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path} could not be loaded as a causal LM with its tokenizer: {exc}") from exc
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:  # the checkpoint's fault, not quantpredict's
+        raise ModelError(f"{path} could not be loaded as a causal LM with its tokenizer ({type(exc).__name__}: "
+                         f"{exc}); {'re-create it' if (path / 'quantization.json').exists() else 're-download it'}"
+                         ) from exc
     model.eval()
     if target.type != "cpu":
         model.to(target)

@@ -297,6 +297,9 @@ def _save_dequantized(model, out: Path) -> None:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied to the embedding: HF re-ties it on load
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    from quantpredict.files import honour_umask
+
+    honour_umask(out / "model.safetensors")  # safetensors writes 0600; the other files get the umask's mode
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

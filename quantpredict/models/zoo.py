@@ -112,6 +112,9 @@ def save_model_dir(model, tokenizer, out: Path, card: dict) -> None:
     # Save a bf16 copy: rounding the live model would change the rest of its training.
     state = {k: v.detach().to(torch.bfloat16) for k, v in model.state_dict().items()}
     model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+    from quantpredict.files import honour_umask
+
+    honour_umask(*out.glob("*.safetensors"))  # safetensors writes 0600; the other files get the umask's mode
     tokenizer.save_pretrained(str(out))
     (out / "zoo_card.json").write_text(json.dumps(card, indent=2) + "\n")
 

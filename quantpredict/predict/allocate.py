@@ -77,9 +77,9 @@ def solve_budget(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.
     if not feasible.any(axis=1).all():
         raise RecipeError("every layer needs at least one candidate of finite cost and bits")
     if bits.min(axis=1).sum() > budget * (1 + 1e-12):
-        raise RecipeError(f"the bit budget is below what the fewest-bit candidate of every layer needs "
-                          f"({bits.min(axis=1).sum() / bits.shape[0]:.3g} per layer); raise it or add smaller "
-                          "candidate formats")
+        raise RecipeError(f"the bit budget ({budget:,.0f} bits) is below what the fewest-bit candidate of every "
+                          f"layer needs ({bits.min(axis=1).sum():,.0f} bits); raise it or add smaller candidate "
+                          "formats")
 
     def pick(lam: float) -> np.ndarray:
         score = np.where(feasible, cost + lam * np.where(feasible, bits, 0.0), np.inf)
@@ -146,6 +146,45 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
                           "format that fits, e.g. q5_0, q8_0 or an MX format")
     sizes = np.array([r.weight.numel() for r in refs], float)
     return cost, bpe, sizes
+
+
+def least_budget(model: Any, candidates: Sequence[tuple[str, int | None]]) -> tuple[float, str]:
+    """``(bits per weight, format)``: the fewest bits per weight any allocation from ``candidates`` can reach on
+    ``model`` (each linear layer in its fewest-bit candidate that fits its rows, averaged over the layers'
+    weights) and the candidate most layers then take. ``model``: a loaded model, or a zoo name / directory, read
+    from its config alone (:func:`quantpredict.models.skeleton`: shapes, no weights)."""
+    from quantpredict import arch
+    from quantpredict.formats import get_format
+
+    if not hasattr(model, "named_modules"):
+        from quantpredict.models import skeleton
+
+        model = skeleton(model)
+    total = weights = 0.0
+    votes: dict[str, float] = {}
+    for ref in arch.linear_layers(model):
+        n = float(ref.weight.numel())
+        options = [(get_format(f).bits_per_element(b if b is not None else get_format(f).default_block_size,
+                                                   row_length=ref.in_features), f) for f, b in candidates
+                   if _fits(get_format(f), ref.in_features)]
+        if not options:
+            continue  # fits no candidate: layer_table names the layer
+        bits, fmt = min(options)
+        total, weights = total + bits * n, weights + n
+        votes[fmt] = votes.get(fmt, 0.0) + n
+    return (total / weights if weights else 0.0), max(votes, key=votes.get, default="")
+
+
+def check_budget(model: Any, target_bits: float, candidates: Sequence[tuple[str, int | None]]) -> float:
+    """Raise :class:`RecipeError` when ``target_bits`` is below :func:`least_budget`, saying the least feasible
+    budget in bits per weight; returns that budget."""
+    least, fmt = least_budget(model, candidates)
+    if target_bits < least - 1e-9:
+        name = "this model" if hasattr(model, "named_modules") else str(model)
+        raise RecipeError(f"a budget of {target_bits:g} bits per weight is below the least feasible one for {name}: "
+                          f"{least:.3f} bits per weight (every linear layer in its fewest-bit candidate, mostly "
+                          f"{fmt}); raise the budget to at least {least:.3f} or add smaller candidate formats")
+    return least
 
 
 def _fits(fmt, in_features: int) -> bool:
@@ -253,6 +292,9 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
         raise RecipeError(f"allocate's method must be rtn or gptq, got {method!r}")
     if candidates is not None or match is None:
         cands = _parse_candidates(DEFAULT_CANDIDATES if candidates is None else candidates)
+    if target_bits is not None and (candidates is not None or match is None):
+        # from the module tree alone (shapes, no weights): an infeasible budget fails before the profile is measured
+        check_budget(profile.model if profile is not None else model, target_bits, cands)
     pred = None
     if predictor is not None:
         pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)

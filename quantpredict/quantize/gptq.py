@@ -166,7 +166,7 @@ def _check_inputs(weight, hessian, f, block_size, blocksize) -> int | None:
         return f.check_block(None if block_size is None else int(block_size))
     group = f.default_block_size if block_size is None else int(block_size)
     if group is not None and group < 1:
-        raise FormatError(f"block_size must be a positive integer or None, got {block_size}")
+        raise FormatError(f"block_size must be a positive integer (or unset: the format's default), got {block_size}")
     return group
 
 

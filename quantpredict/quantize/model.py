@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -270,19 +271,19 @@ def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer
 
     blocks = arch.blocks(model)
     on_disk = spill_to_disk(windows.shape[0], windows.shape[1], arch.hidden_size(model), dtype, budget)
-    inputs = ActivationStore(on_disk)
-    with _embeddings_widened(model, dtype):
-        kwargs = arch.capture_block_input_batches(model, windows, batch_size,
-                                                  lambda h: inputs.append(h.to(device=device, dtype=dtype)))
-    # keyword arguments that differ between blocks (Qwen-2, Gemma-2/3) come from one batch run through every block
-    # in the model's own dtype: a bf16 model's blocks cannot take the widened hidden states
-    kwargs |= {k: v for k, v in arch.capture_block_kwargs(model, windows[:batch_size]).items()
-               if isinstance(v, arch.PerBlock)}
-    captured = min(batch_size, windows.shape[0])  # the batch the kwargs are shaped for
     layers: list[LayerReport] = []
     awq_groups: list[AwqGroupReport] = []
     awq_clips: list[AwqClipReport] = []
+    inputs = outputs = ActivationStore(on_disk)  # closed on every exit, an interrupt included: no spilled files left
     try:
+        with _embeddings_widened(model, dtype):
+            kwargs = arch.capture_block_input_batches(model, windows, batch_size,
+                                                      lambda h: inputs.append(h.to(device=device, dtype=dtype)))
+        # keyword arguments that differ between blocks (Qwen-2, Gemma-2/3) come from one batch run through every
+        # block in the model's own dtype: a bf16 model's blocks cannot take the widened hidden states
+        kwargs |= {k: v for k, v in arch.capture_block_kwargs(model, windows[:batch_size]).items()
+                   if isinstance(v, arch.PerBlock)}
+        captured = min(batch_size, windows.shape[0])  # the batch the kwargs are shaped for
         for index, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block",
                                            disable=not progress)):
             kw = {k: to_compute(v, device, dtype) for k, v in arch.block_kwargs(kwargs, index).items()}
@@ -319,6 +320,7 @@ def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer
                 inputs = outputs
     finally:
         inputs.close()
+        outputs.close()
     return layers, awq_groups, awq_clips
 
 
@@ -433,19 +435,35 @@ def save_quantized(
 
     The directory is an ordinary Hugging Face model directory: ``quantpredict.models.load`` reads it, and re-installs
     activation fake-quant from ``quantization.json`` via :func:`apply_saved_quantization`.
+
+    A new ``out_dir`` is written as a sibling ``<name>.partial-<pid>`` and renamed when whole, so an interrupted or
+    failed save leaves nothing behind; an existing one has its files replaced. Every file gets the umask's mode
+    (safetensors writes its own 0600).
     """
+    import shutil
+
+    from quantpredict.files import honour_umask
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    meta = {
-        "recipe": recipe.to_dict(),
-        "label": recipe.label,
-        "report": None if report is None else report.summary(),
-        "code_version": code_version(),
-    }
-    (out / QUANT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    stage = out if out.is_dir() else out.with_name(f"{out.name}.partial-{os.getpid()}")
+    try:
+        stage.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(stage, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        meta = {
+            "recipe": recipe.to_dict(),
+            "label": recipe.label,
+            "report": None if report is None else report.summary(),
+            "code_version": code_version(),
+        }
+        (stage / QUANT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        honour_umask(*stage.glob("*.safetensors"))
+        if stage != out:
+            stage.rename(out)
+    finally:
+        if stage != out and stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
     return out
 
 

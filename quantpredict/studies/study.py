@@ -89,7 +89,7 @@ class RunOptions:
         if self.reference_dtype not in REFERENCE_DTYPES:
             raise ValueError(f"unknown reference_dtype {self.reference_dtype!r}; valid: {', '.join(REFERENCE_DTYPES)}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be at least 1 (or None), got {self.micro_batch_size}")
+            raise ValueError(f"micro_batch_size must be at least 1 (or unset), got {self.micro_batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
