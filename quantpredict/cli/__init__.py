@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "backfill": ("backfill", "add feature groups to a store's runs without evaluating them again"),
     "fit": ("fit", "fit (and validate) a predictor on a run store"),
     "predict": ("predict", "predict a quantized model's perplexity without evaluating it"),
+    "profile": ("profile", "measure a model's sensitivity profile once (what rank and allocate read) and cache it"),
     "rank": ("rank", "rank every candidate recipe by predicted quality; recommend one under a budget"),
     "allocate": ("allocate", "choose per-layer formats minimising the predicted KLD under a bit budget"),
     "report": ("report", "render figures and reports/index.md from a run store"),

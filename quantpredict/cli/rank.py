@@ -7,6 +7,8 @@ import argparse
 import json
 import math
 
+from quantpredict.cli.profile import add_no_cache
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -29,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write the frontier figure (PNG) to FILE")
+    add_no_cache(p)
     p.set_defaults(func=run)
 
 
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     recipes = _recipes(args)  # bad labels or formats fail here, before the model is loaded
     frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
                          max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
-                         progress=True)
+                         progress=True, cache=not args.no_cache)
     a = frame.attrs
     if args.plot:
         from quantpredict.report.frontier import frontier_figure
