@@ -172,6 +172,26 @@ def test_warm_profile_runs_no_backward_and_no_measurement(monkeypatch):
     assert _row(warm, Recipe("int4"))["token_gn_quad"] > 0
 
 
+def test_warm_profile_measures_the_input_moments_on_its_cached_windows(monkeypatch):
+    import importlib
+    import shutil
+
+    extract = importlib.import_module("quantpredict.features.extract")  # the module, not the function it exports
+    fresh = _profile(cache=False)
+    entry = _profile().cache_dir
+    shutil.rmtree(entry / "moments", ignore_errors=True)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the cached windows are used, the calibration text is not cut again")
+
+    monkeypatch.setattr(extract, "feature_windows", forbidden)
+    warm = _profile()
+    assert warm.cached and isinstance(warm.profile.input_moment, LazyInputMoments)
+    for n in fresh.profile.names:
+        assert torch.equal(warm.profile.input_moment[n], fresh.profile.input_moment[n])
+    assert (entry / "moments" / "index.json").is_file()
+
+
 def test_the_key_follows_weights_calibration_protocol_and_code(monkeypatch):
     model = tiny_model("llama")
     ids = _windows(1, 400)[0]

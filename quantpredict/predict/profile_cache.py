@@ -13,7 +13,8 @@ protocol (windows, window length, seed, token windows, BOS id) and the code (:da
 the measurement changes, and :data:`quantpredict.version.MEASUREMENT_VERSION`).
 
 An entry is a directory written under a temporary name and renamed into place: ``tokens.safetensors`` (the per-token
-layer inputs and output gradients, bf16, one input tensor per layer-input owner), ``profile.json`` (the scalars, the
+layer inputs and output gradients, bf16, one input tensor per layer-input owner; and the calibration windows' token
+ids), ``profile.json`` (the scalars, the
 layer names, the key and its parts, the sizes of the files) and, once a GPTQ recipe has been priced or
 ``quantpredict profile --gptq`` asked for them, ``moments/`` (each layer-input owner's ``A``, float32, one
 safetensors file per block: :mod:`quantpredict.features.moments`). Loading gives back the tensors and floats that
@@ -140,9 +141,11 @@ def _owners(profile: SensitivityProfile) -> dict[str, str]:
 
 
 def save(directory: Path, key: str, parts: dict[str, Any], profile: SensitivityProfile,
-         extra: dict[str, Any]) -> bool:
-    """Write ``profile`` (its token-wise terms and scalars; not its input moments) as the entry ``directory``,
-    atomically. ``False`` (with a warning) when it could not be written; an entry already there is kept."""
+         extra: dict[str, Any], windows: torch.Tensor | None = None) -> bool:
+    """Write ``profile`` (its token-wise terms and scalars; not its input moments) and the calibration ``windows``
+    it was measured on (so that the input moments can be measured later without tokenizing the text again) as the
+    entry ``directory``, atomically. ``False`` (with a warning) when it could not be written; an entry already there
+    is kept."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -153,6 +156,8 @@ def save(directory: Path, key: str, parts: dict[str, Any], profile: SensitivityP
         owners = _owners(profile)
         tensors = {f"x:{o}": profile.token_inputs[o].contiguous() for o in set(owners.values())}
         tensors |= {f"s:{n}": g.contiguous() for n, g in profile.token_grads.items()}
+        if windows is not None:
+            tensors["windows"] = windows.contiguous()
         save_file(tensors, str(work / TOKENS_FILE), metadata={"format": "quantpredict-profile"})
         doc = {"format": FORMAT, "key": key, "parts": parts, "names": list(profile.names), "owners": owners,
                "shapes": {k: list(v.shape) for k, v in tensors.items()},
@@ -184,7 +189,8 @@ def _discard(directory: Path, why: str) -> None:
 
 
 def load(directory: Path, key: str) -> tuple[SensitivityProfile, dict[str, Any]] | None:
-    """The profile and the extra values saved at ``directory``, or ``None`` if there is no entry; an unusable one
+    """The profile and the extra values saved at ``directory`` (with ``windows``, the calibration windows, if
+    saved), or ``None`` if there is no entry; an unusable one
     (partial, corrupt, another key) is removed with a :class:`ProfileCacheWarning` and ``None`` returned. The
     profile's ``input_moment`` is the saved moments (read from disk on access) if the entry has them, else empty:
     :func:`attach_moments` gives it ones measured on demand."""
@@ -217,6 +223,8 @@ def load(directory: Path, key: str) -> tuple[SensitivityProfile, dict[str, Any]]
             token_inputs={n: tensors[f"x:{o}"] for n, o in owners.items()},
             token_grads={n: tensors[f"s:{n}"] for n in owners})
         extra = dict(doc.get("extra") or {})
+        if "windows" in tensors:
+            extra["windows"] = tensors["windows"]
     except Exception as exc:  # noqa: BLE001 - whatever is wrong with the entry, it is measured again
         _discard(directory, f"{type(exc).__name__}: {exc}")
         return None

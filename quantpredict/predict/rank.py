@@ -118,6 +118,8 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
         loaded = profile_cache.load(entry, key)
     if loaded is not None:
         profile, extra = loaded
+        if isinstance(extra.get("windows"), torch.Tensor):  # GPTQ's input moments need no tokenizing either
+            windows_cache.append(extra["windows"])
         fwd = float(extra["forward_seconds_per_window"])
         n_split = int(extra["full_split_windows"])
     else:
@@ -131,7 +133,7 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
         if tokenizer is not None:
             n_split = int(data.token_ids(tokenizer, "wikitext2", "test").numel() // windows().shape[1])
         if entry is not None and not profile_cache.save(entry, key, parts, profile, {
-                "forward_seconds_per_window": fwd, "full_split_windows": n_split, "name": name}):
+                "forward_seconds_per_window": fwd, "full_split_windows": n_split, "name": name}, windows()):
             entry = None
     profile_cache.attach_moments(profile, model, windows, entry)
     feats = {"n_params_nonembed": float(arch.non_embedding_parameters(model)),
