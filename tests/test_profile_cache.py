@@ -278,3 +278,23 @@ def test_sensitivity_profile_takes_a_plain_dict_as_before():
     p = SensitivityProfile(names=["a"], input_moment={"a": torch.eye(2)}, output_fisher={}, tokens=1, fp_nll=0.0,
                            fp_entropy=0.0, seconds=0.0)
     torch.testing.assert_close(p.hessian("a"), 2 * torch.eye(2, dtype=torch.float64))
+
+
+def test_streamed_safetensors_files_read_back_exactly(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from quantpredict.features.moments import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(5, 7, generator=g), "b": torch.randn(3, generator=g).to(torch.bfloat16),
+               "c": torch.randn(2, 2, generator=g, dtype=torch.float64).t(), "ids": torch.arange(9).reshape(3, 3),
+               "empty": torch.zeros(0, 4)}
+    size = write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "x"})
+    assert size == (tmp_path / "t.safetensors").stat().st_size
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+    with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "x"}

@@ -38,7 +38,13 @@ from typing import Any
 import torch
 
 from quantpredict.features.fisher import SensitivityProfile
-from quantpredict.features.moments import CorruptMomentsError, InputMoments, LazyInputMoments, measure_input_moments
+from quantpredict.features.moments import (
+    CorruptMomentsError,
+    InputMoments,
+    LazyInputMoments,
+    measure_input_moments,
+    write_safetensors,
+)
 
 #: Bump when what the cached profile holds, or how it is measured, changes: older entries stop matching.
 PROFILE_VERSION = 1
@@ -146,8 +152,6 @@ def save(directory: Path, key: str, parts: dict[str, Any], profile: SensitivityP
     it was measured on (so that the input moments can be measured later without tokenizing the text again) as the
     entry ``directory``, atomically. ``False`` (with a warning) when it could not be written; an entry already there
     is kept."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     work = None
     try:
@@ -158,7 +162,7 @@ def save(directory: Path, key: str, parts: dict[str, Any], profile: SensitivityP
         tensors |= {f"s:{n}": g.contiguous() for n, g in profile.token_grads.items()}
         if windows is not None:
             tensors["windows"] = windows.contiguous()
-        save_file(tensors, str(work / TOKENS_FILE), metadata={"format": "quantpredict-profile"})
+        write_safetensors(work / TOKENS_FILE, tensors, {"format": "quantpredict-profile"})
         doc = {"format": FORMAT, "key": key, "parts": parts, "names": list(profile.names), "owners": owners,
                "shapes": {k: list(v.shape) for k, v in tensors.items()},
                "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
