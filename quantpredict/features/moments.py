@@ -11,8 +11,9 @@ model, the windows' hidden states and one block's ``A``.
 file on access, so ``profile.input_moment[name]`` and ``profile.hessian(name)`` work as with an in-memory profile.
 :class:`LazyInputMoments` defers the measurement until the first ``A`` is read.
 
-The moments equal ``measure_profile``'s (same windows, same micro-batches, same float32 accumulation of ``x^T x``,
-the same owner sharing: layers that read one input tensor, like q/k/v, share one ``A``).
+The moments equal ``measure_profile``'s to float32 rounding (same windows, same micro-batches, float32 accumulation of
+``x^T x``, here in place by ``addmm_``; the same owner sharing: layers that read one input tensor, like q/k/v,
+share one ``A``).
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _block_moments(block: nn.Module, refs: Sequence[arch.LinearRef], hidden: tor
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
                 counts[name] = 0
-            sums[name] += x.T @ x
+            sums[name].addmm_(x.T, x)  # accumulated in place: no [in, in] temporary (321 MB for a 1.5B down_proj)
             counts[name] += x.shape[0]
 
     handles = [r.module.register_forward_hook(lambda m, a, o, name=r.name: hook(m, a, o, name)) for r in refs]
