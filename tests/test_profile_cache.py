@@ -124,6 +124,8 @@ def test_moments_directory_is_written_atomically_and_checked(tmp_path):
     d = tmp_path / "m"
     measure_input_moments(model, _windows(2), directory=d)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary folder left behind
+    again = measure_input_moments(model, _windows(2), directory=d)  # one there already (another process's): kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"] and len(again) == len(arch.linear_layers(model))
     f = d / "block_0001.safetensors"
     f.write_bytes(f.read_bytes()[:-8])
     with pytest.raises(CorruptMomentsError, match=re.escape(str(f))):
@@ -298,3 +300,25 @@ def test_streamed_safetensors_files_read_back_exactly(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v)
     with safe_open(str(tmp_path / "t.safetensors"), framework="pt") as f:
         assert f.metadata() == {"format": "x"}
+
+
+def test_the_weights_hash_is_remembered_by_path_size_and_mtime(monkeypatch, tmp_path):
+    import os
+
+    import quantpredict.runs.identity as identity
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights")
+    first = profile_cache.files_hash(d)
+    assert first == identity.weights_hash(d, n=16)
+
+    def forbidden(*a, **k):
+        raise AssertionError("remembered, not read again")
+
+    monkeypatch.setattr(identity, "weights_hash", forbidden)
+    assert profile_cache.files_hash(d) == first
+    monkeypatch.undo()
+    (d / "model.safetensors").write_bytes(b"other w")  # same size, new bytes and mtime
+    os.utime(d / "model.safetensors", ns=(1, 1))
+    assert profile_cache.files_hash(d) == identity.weights_hash(d, n=16) != first

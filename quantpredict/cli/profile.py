@@ -83,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"measuring it took {prof.seconds:.1f} s; this call {mp.seconds:.1f} s"
           + (" (read from the cache: no backward pass)" if mp.cached else ""))
     if has_moments:
-        print(f"GPTQ input moments: {moments.nbytes / 2**20:.1f} MiB at {moments.directory}"
+        where = moments.directory if entry is not None else "a temporary folder (--no-cache: removed on exit)"
+        print(f"GPTQ input moments: {moments.nbytes / 2**20:.1f} MiB in {where}"
               + (f", measured now in {moments_seconds:.1f} s" if moments_seconds is not None else ""))
     else:
         print("GPTQ input moments: not measured yet (measured block by block the first time a GPTQ recipe is "

@@ -120,8 +120,14 @@ def measure_input_moments(model: nn.Module, windows: torch.Tensor, *, batch_size
                      "seq_len": int(windows.shape[1]), "batch_size": batch_size,
                      "seconds": time.perf_counter() - t0}
         (work / INDEX).write_text(json.dumps(index_doc, indent=1) + "\n")
-        if final.exists():  # a stale or corrupt one: replaced (a valid one written meanwhile is as good as ours)
-            shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            try:  # written meanwhile by another process: as good as ours
+                existing = InputMoments(final, keep=keep)
+            except CorruptMomentsError:  # stale or corrupt: replaced
+                shutil.rmtree(final, ignore_errors=True)
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+                return existing
         os.rename(work, final)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
