@@ -53,6 +53,7 @@ ENV = "QUANTPREDICT_PROFILES"
 PROFILE_JSON = "profile.json"
 TOKENS_FILE = "tokens.safetensors"
 MOMENTS_DIR = "moments"
+HASHES = "weights-hashes.json"
 
 
 class ProfileCacheWarning(UserWarning):
@@ -85,14 +86,47 @@ def weights_id(model_or_path: Any, model: Any) -> str:
     """The weights' identity: the sha256 prefix of the weight files of a model given by name or path (what run keys
     use), else of the loaded model's state dict."""
     if isinstance(model_or_path, (str, Path)):
-        from quantpredict.runs.identity import resolve_model_dir, weights_hash
+        from quantpredict.runs.identity import resolve_model_dir
 
-        return "files:" + weights_hash(resolve_model_dir(str(model_or_path)), n=16)
+        return "files:" + files_hash(resolve_model_dir(str(model_or_path)))
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor_sha256(t).encode())
     return "tensors:" + h.hexdigest()[:16]
+
+
+def files_hash(model_dir: Path) -> str:
+    """:func:`quantpredict.runs.identity.weights_hash` (16 hex digits) of a model directory, remembered across
+    processes in ``<profiles root>/weights-hashes.json`` by the weight files' paths, sizes and modification times
+    (as ``weights_hash`` does within one): reading a 1.5B model's 7 GB again on every warm call costs seconds."""
+    from quantpredict.runs.identity import weight_files, weights_hash
+
+    stamps = []
+    for p in weight_files(Path(model_dir)):
+        st = p.stat()
+        stamps.append(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    stamp = ";".join(stamps)
+    memo_path = profiles_root() / HASHES
+    try:
+        memo = json.loads(memo_path.read_text())
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    if stamps and isinstance(memo.get(stamp), str):
+        return memo[stamp]
+    digest = weights_hash(model_dir, n=16)
+    memo[stamp] = digest
+    try:
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{HASHES}.", dir=memo_path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(memo, fh, indent=0)
+        os.replace(tmp, memo_path)
+    except OSError:
+        pass  # only a memo
+    return digest
 
 
 def calibration_id(calib: Any, tokenizer: Any) -> dict[str, Any]:
