@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                 for r in frame[list(COLUMNS)].to_dict("records")]
         print(json.dumps({"model": a["model"], "recommended": a["recommended"], "constraint": a["constraint"],
                           "seconds": a["seconds"], "profile_seconds": a["profile_seconds"],
+                          "profile_cached": a["profile_cached"],
                           "full_eval_seconds": a["full_eval_seconds"], "kept_16bit": a["kept_16bit"],
                           "candidates": rows}, indent=1, default=str))
         return 0
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         what = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in c.items())
         print(f"recommended under {what}: {a['recommended'] or 'none of the candidates meets it'}")
     print(f"kept in 16 bits: {', '.join(a['kept_16bit'])}")
-    print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} measuring the profile once, "
+    how = "reading the cached profile" if a.get("profile_cached") else "measuring the profile once"
+    print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} {how}, "
           f"{a['seconds_per_recipe']:.2f} per recipe); a full WikiText-2 test evaluation of one recipe: "
           f"~{a['full_eval_seconds']:.0f} s (estimated from one forward pass)")
     if args.plot:

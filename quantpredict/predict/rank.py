@@ -234,7 +234,8 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` (an estimate: one FP and one
-    quantized forward pass per window of the whole WikiText-2 test split) and ``kept_16bit``.
+    quantized forward pass per window of the whole WikiText-2 test split), ``profile_cached`` (whether the profile
+    came from the cache) and ``kept_16bit``.
     """
     from tqdm.auto import tqdm
 
@@ -280,7 +281,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     frame.attrs.update({
         "model": mp.name, "recommended": None if best is None else frame.loc[best, "recipe"],
         "constraint": {"max_bits": max_bits, "max_kld": max_kld, "max_ppl_increase": max_ppl_increase},
-        "seconds": total, "profile_seconds": mp.seconds,
+        "seconds": total, "profile_seconds": mp.seconds, "profile_cached": mp.cached,
         "seconds_per_recipe": float(frame["price_seconds"].mean()),
         "full_eval_seconds": 2 * mp.forward_seconds_per_window * mp.full_split_windows,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
