@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -16,6 +18,18 @@ from transformers import (
 )
 
 VOCAB = 320
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _profile_cache_in_a_temporary_folder(tmp_path_factory):
+    """Profiles measured by the tests (rank, allocate) are cached in a folder of this session, not the user's."""
+    old = os.environ.get("QUANTPREDICT_PROFILES")
+    os.environ["QUANTPREDICT_PROFILES"] = str(tmp_path_factory.mktemp("profiles"))
+    yield
+    if old is None:
+        os.environ.pop("QUANTPREDICT_PROFILES", None)
+    else:
+        os.environ["QUANTPREDICT_PROFILES"] = old
 
 
 def tiny_model(family: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):

@@ -5,6 +5,7 @@ parameter count, device, context length)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,12 @@ def block_linears(model: nn.Module, index: int) -> list[LinearRef]:
     ad = adapter(model)
     block = blocks(model)[index]
     return [LinearRef(f"{ad.blocks}.{index}.{p}", module_at(block, p), index) for p in ad.linears]
+
+
+def iter_block_linears(model: nn.Module) -> Iterator[tuple[int, nn.Module, list[LinearRef]]]:
+    """``(index, block, its linears)`` for every block, in order (what a block-by-block pass walks)."""
+    for i, block in enumerate(blocks(model)):
+        yield i, block, block_linears(model, i)
 
 
 def linear_layers(model: nn.Module) -> list[LinearRef]:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from quantpredict.cli import options
+from quantpredict.cli.profile import add_no_cache
 
 
 def register(sub) -> None:
@@ -32,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--out", default=None, metavar="FILE", help="write the recipe (JSON with its label) to FILE")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_no_cache(p)
     p.set_defaults(func=run)
 
 
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         cands = list(DEFAULT_CANDIDATES)
     compare = [c.strip() for c in args.compare.split(",") if c.strip()] if args.compare else []
     res = allocate(args.model, args.target_bits, candidates=cands, method=args.method, predictor=args.predictor,
-                   ppl_fp=args.ppl_fp, match=args.match, compare=compare)
+                   ppl_fp=args.ppl_fp, match=args.match, compare=compare, cache=not args.no_cache)
     counts = res.layers.groupby("format")["elements"].agg(["count", "sum"])
     doc = {"model": args.model, "recipe": res.recipe.label, "recipe_fields": res.recipe.to_dict(),
            "target_bits": res.target_bits, "bits_per_element": res.bits_per_element, "objective": res.objective,

@@ -9,6 +9,7 @@ import math
 import sys
 
 from quantpredict.cli import options
+from quantpredict.cli.profile import add_no_cache
 
 
 def register(sub) -> None:
@@ -32,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write the frontier figure (PNG) to FILE")
+    add_no_cache(p)
     p.set_defaults(func=run)
 
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     options.check_out(args.plot, "--plot")
     frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
                          max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
-                         progress=True)
+                         progress=True, cache=not args.no_cache)
     _print(args, frame)  # the result first: a figure that cannot be written never costs the table
     if args.plot:
         from quantpredict.report.frontier import frontier_figure
@@ -82,6 +84,7 @@ def _print(args: argparse.Namespace, frame) -> None:
                 for r in frame[list(COLUMNS)].to_dict("records")]
         print(json.dumps({"model": a["model"], "recommended": a["recommended"], "constraint": a["constraint"],
                           "seconds": a["seconds"], "profile_seconds": a["profile_seconds"],
+                          "profile_cached": a["profile_cached"],
                           "full_eval_seconds": a["full_eval_seconds"], "kept_16bit": a["kept_16bit"],
                           "candidates": rows}, indent=1, default=str))
         return
@@ -100,6 +103,7 @@ def _print(args: argparse.Namespace, frame) -> None:
         what = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in c.items())
         print(f"recommended under {what}: {a['recommended'] or 'none of the candidates meets it'}")
     print(f"kept in 16 bits: {', '.join(a['kept_16bit'])}")
-    print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} measuring the profile once, "
+    how = "reading the cached profile" if a.get("profile_cached") else "measuring the profile once"
+    print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} {how}, "
           f"{a['seconds_per_recipe']:.2f} per recipe); a full WikiText-2 test evaluation of one recipe: "
           f"~{a['full_eval_seconds']:.0f} s (estimated from one forward pass)")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,15 +122,18 @@ class SensitivityProfile:
     ``names``: the linear layers (``arch.linear_layers`` order). ``input_moment[name]``: ``A = E[x x^T]``
     ``[in, in]`` over the layer's input tokens (one tensor shared by the layers that read the same input, such as
     q/k/v); ``output_fisher[name]``: ``G = E[s s^T]`` ``[out, out]`` over the sampled-label log-likelihood gradients
-    at its output (per token). Both are float32 (float64 for a float64 model): for SmolLM2 they take ~1.1 GB.
+    at its output (per token). Both are float32 (float64 for a float64 model): for SmolLM2 they take ~1.1 GB. A
+    lean profile (``measure_profile(kfac=False)``) has no ``G`` and its ``input_moment`` is a mapping that reads each
+    ``A`` from disk on access, measured block by block the first time one is needed
+    (:mod:`quantpredict.features.moments`).
     ``tokens``: predicted tokens
     behind them; ``fp_nll`` and ``fp_entropy``: the FP model's mean NLL and next-token entropy on those windows;
     ``seconds``: what measuring it cost.
     """
 
     names: list[str]
-    input_moment: dict[str, torch.Tensor]
-    output_fisher: dict[str, torch.Tensor]
+    input_moment: Mapping[str, torch.Tensor]
+    output_fisher: Mapping[str, torch.Tensor]
     tokens: int
     fp_nll: float
     fp_entropy: float
@@ -149,7 +152,7 @@ class SensitivityProfile:
 
 
 def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
-                    batch_size: int = 1, token_windows: int | None = 2) -> SensitivityProfile:
+                    batch_size: int = 1, token_windows: int | None = 2, kfac: bool = True) -> SensitivityProfile:
     """The :class:`SensitivityProfile` of ``model`` on ``windows`` (``[n, seq_len]``).
 
     One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every
@@ -160,12 +163,22 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     layer: 250 MB for SmolLM2 at the default 2 windows = 510 tokens; ``None`` keeps every window's, ``0`` none, and
     only with one label sample). Pricing a recipe token-wise costs ``2 T sum_l out_l in_l`` FLOPs, so T is what
     ``token_windows`` trades against the estimate's noise.
+
+    ``kfac=False`` measures the lean profile, what the weights-only price (``price_deltas(kfac=False)``) reads: no
+    ``G`` and no ``A`` is allocated or accumulated (28.6 GB of them for a 1.5B Qwen2), the token-wise terms and the
+    FP NLL and entropy are as with ``kfac=True`` (bit for bit), and only the micro-batches holding token windows run
+    a backward pass. Its ``input_moment`` (GPTQ's Hessian ``2A``) is a :class:`~quantpredict.features.moments.
+    LazyInputMoments`: measured block by block on the same windows the first time one is read (on the model as it
+    is then), each ``A`` kept on disk, one block's in memory at a time.
     """
+    if not kfac and label_samples != 1:
+        raise ValueError("measure_profile(kfac=False) keeps the token-wise terms only, which take one label sample; "
+                         f"got label_samples={label_samples}")
     t0 = time.perf_counter()
     refs = arch.linear_layers(model)
     names = [r.name for r in refs]
     dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    g_sums = {r.name: torch.zeros(r.out_features, r.out_features, dtype=dtype) for r in refs}
+    g_sums = {r.name: torch.zeros(r.out_features, r.out_features, dtype=dtype) for r in refs} if kfac else {}
     a_sums: dict[str, torch.Tensor] = {}
     owner: dict[str, str] = {}  # layer -> the first layer that read the same input tensor (its A is shared)
     seen_inputs: dict[int, tuple[torch.Tensor, str]] = {}  # the tensor is held so that its id is not reused
@@ -184,18 +197,21 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         if capture_inputs[0]:
             if name not in owner:  # first micro-batch: find the layers fed by one tensor (q/k/v, gate/up)
                 owner[name] = seen_inputs.setdefault(id(args[0]), (args[0], name))[1]
-            if owner[name] == name:
+            keep = keep_tokens and window_index[0] < n_token_windows
+            if owner[name] == name and (kfac or keep):
                 x = _at_least_float32(args[0].detach().reshape(-1, args[0].shape[-1])).to(dtype)
-                if name not in a_sums:
-                    a_sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
-                a_sums[name] += x.T @ x
-                in_tokens[name] += x.shape[0]
-                if keep_tokens and window_index[0] < n_token_windows:
+                if kfac:
+                    if name not in a_sums:
+                        a_sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=dtype)
+                    a_sums[name] += x.T @ x
+                    in_tokens[name] += x.shape[0]
+                if keep:
                     x_parts.setdefault(name, []).append(x.to(torch.bfloat16))
         if output.requires_grad:
             def grad_hook(g, name=name):
                 s = _at_least_float32(g.detach().reshape(-1, g.shape[-1])).to(dtype)
-                g_sums[name] += s.T @ s
+                if kfac:
+                    g_sums[name] += s.T @ s
                 if keep_tokens and window_index[0] < n_token_windows:
                     s_parts[name].append(s.to(torch.bfloat16))
             output.register_hook(grad_hook)
@@ -217,16 +233,21 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         for lo in range(0, windows.shape[0], batch_size):
             ids = windows[lo: lo + batch_size]
             window_index[0] = lo
+            # the lean profile needs gradients only where it keeps them: forward alone for the other windows
+            backward = kfac or (keep_tokens and lo < n_token_windows)
             for k in range(label_samples):
                 capture_inputs[0] = k == 0
                 seen_inputs.clear()
-                z = _logits(model, ids)
-                logp = torch.log_softmax(z, dim=-1)
+                with torch.set_grad_enabled(backward):
+                    z = _logits(model, ids)
+                    logp = torch.log_softmax(z, dim=-1)
                 if k == 0:
                     with torch.no_grad():
                         nll_sum += float(-logp.gather(-1, ids[:, 1:, None]).double().sum())
                         entropy_sum += float(-(logp.exp() * logp).double().sum())
                         tokens += int(ids.shape[0] * (ids.shape[1] - 1))
+                if not backward:
+                    continue
                 with torch.no_grad():
                     y = torch.multinomial(logp.detach().exp().reshape(-1, logp.shape[-1]), 1, generator=gen)
                 loss = logp.reshape(-1, logp.shape[-1]).gather(-1, y).sum()
@@ -238,17 +259,26 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         for p, flag in old_flags:
             p.requires_grad_(flag)
     n_label = tokens * label_samples
-    moments = {n: a / max(in_tokens[n], 1) for n, a in a_sums.items()}
     inputs = {n: torch.cat(v) for n, v in x_parts.items()}
+    if kfac:
+        moments = {n: a / max(in_tokens[n], 1) for n, a in a_sums.items()}
+        input_moment: Mapping[str, torch.Tensor] = {n: moments[owner[n]] for n in names}
+        output_fisher = {n: g_sums[n] / max(n_label, 1) for n in names}
+    else:
+        from quantpredict.features.moments import LazyInputMoments, measure_input_moments
+
+        input_moment = LazyInputMoments(names, lambda: measure_input_moments(model, windows, batch_size=batch_size))
+        output_fisher = {}
     return SensitivityProfile(
         names=names,
-        input_moment={n: moments[owner[n]] for n in names},
-        output_fisher={n: g_sums[n] / max(n_label, 1) for n in names},
+        input_moment=input_moment,
+        output_fisher=output_fisher,
         tokens=tokens, fp_nll=nll_sum / max(tokens, 1), fp_entropy=entropy_sum / max(tokens, 1),
         token_inputs={n: inputs[owner[n]] for n in names} if keep_tokens and inputs else {},
         token_grads={n: torch.cat(v) for n, v in s_parts.items()} if keep_tokens and inputs else {},
         seconds=time.perf_counter() - t0, label_samples=label_samples,
-        meta={"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seed": seed})
+        meta={"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seed": seed}
+        | ({} if kfac else {"kfac": False}))
 
 
 def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
@@ -279,6 +309,9 @@ def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor, *,
                  kfac: bool = True) -> tuple[float, float, float]:
     """``(K-FAC, K-FAC with diagonal G, token-wise)`` second-order KL of one layer's weight change (the K-FAC ones
     NaN without ``kfac``: they cost as much again)."""
+    if kfac and name not in profile.output_fisher:
+        raise ValueError(f"the profile has no K-FAC output factor for {name}: it was measured lean "
+                         "(measure_profile(kfac=False)); price it with kfac=False or measure it with kfac=True")
     full, diag = (kfac_quadratic(delta, profile.input_moment[name], profile.output_fisher[name]) if kfac
                   else (float("nan"), float("nan")))
     tok = float("nan")

@@ -260,7 +260,7 @@ def _compared(pred, mp, specs: Sequence[Any], ppl_fp: float | None) -> list[dict
 def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequence[str] | None = None,
              method: str = "rtn", predictor: Any = "default", tokenizer: Any = None, profile=None,
              ppl_fp: float | None = None, match: str | None = None, compare: Sequence[Any] = (),
-             calib: Any = None) -> Allocation:
+             calib: Any = None, cache: bool = True) -> Allocation:
     """Per-layer formats for ``model`` from ``candidates`` (format names, ``_bN`` for a block size; default
     :data:`DEFAULT_CANDIDATES`) with at most ``target_bits`` bits per element on average over the quantized linears,
     minimising the predicted KLD.
@@ -270,7 +270,8 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
     here). ``match``: a named mix (``q4_k_m``) to allocate against: ``target_bits`` defaults to its bits and
     ``candidates`` to the formats it uses on this model. ``compare``: more recipes, labels or mixes to price beside
     the allocation. ``predictor=None`` allocates without predicting the result (before a predictor is fitted).
-    ``calib``: calibration ids for the profile (default: WikiText-2 train). Returns an :class:`Allocation` whose
+    ``calib``: calibration ids for the profile (default: WikiText-2 train). ``cache``: read and write the profile
+    cache (:func:`~quantpredict.predict.rank.profile_model`). Returns an :class:`Allocation` whose
     ``recipe`` quantize_model, the features, predict and the run store all take.
 
     Eleven parameters, on purpose: past the model and the budget, the keyword-only options are independent of
@@ -301,7 +302,7 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
         if getattr(pred, "kind", None) != "profile":
             raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
     t0 = time.perf_counter()
-    mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer, calib=calib)
+    mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache)
     specs = [match, *compare] if match is not None else list(compare)
     if match is not None:
         mix = resolve_recipe(match, mp.model)

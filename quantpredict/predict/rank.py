@@ -1,9 +1,11 @@
 """Rank every candidate recipe in one call: measure the model once, price each recipe from its weights alone.
 
 :func:`rank_recipes` loads the model, measures its :class:`~quantpredict.features.fisher.SensitivityProfile` once
-(one forward and one sampled-label backward pass over the calibration windows: per-layer K-FAC factors), then for
-each candidate computes every layer's ``Q(W) - W`` (RTN, or GPTQ against the profile's Hessian: GPTQ recipes pay
-their per-layer GPTQ, no forward pass), prices it token-wise against the profile (``token_gn_quad``) and lets a
+(a forward pass over the calibration windows and a sampled-label backward pass over the first two: per-token layer
+inputs and output gradients; cached on disk, :mod:`quantpredict.predict.profile_cache`), then for
+each candidate computes every layer's ``Q(W) - W`` (RTN, or GPTQ against the profile's Hessian ``2A``, measured
+block by block with forward passes the first time a GPTQ recipe is priced, then cached: GPTQ recipes pay their
+per-layer GPTQ, no forward pass), prices it token-wise against the profile (``token_gn_quad``) and lets a
 ``profile``-kind predictor turn that into KLD, delta NLL, perplexity and top-1 agreement with intervals. No candidate
 runs a forward pass over calibration tokens, so the marginal RTN recipe costs a few weight passes.
 
@@ -43,7 +45,10 @@ def default_recipes(formats: Sequence[str] = DEFAULT_FORMATS, methods: Sequence[
 
 @dataclass
 class ModelProfile:
-    """What :func:`rank_recipes` measures once per model: the model, its profile and its model-level features."""
+    """What :func:`rank_recipes` measures once per model: the model, its profile and its model-level features.
+
+    ``cache_dir``: the profile's cache entry (``None`` when not cached); ``cached``: whether it was read from there
+    instead of measured."""
 
     name: str
     model: Any
@@ -53,16 +58,33 @@ class ModelProfile:
     seconds: float
     forward_seconds_per_window: float
     full_split_windows: int
+    cache_dir: Path | None = None
+    cached: bool = False
+
+
+#: the profile's protocol: token-wise terms from the first TOKEN_WINDOWS windows, one sampled label, one window per
+#: micro-batch (part of the cache key)
+TOKEN_WINDOWS = 2
 
 
 def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = None, seed: int = 0,
-                  n_windows: int = 8, seq_len: int = 256, name: str | None = None) -> ModelProfile:
-    """Load ``model_or_path`` (or take a loaded model with its ``tokenizer``) and measure its profile once."""
+                  n_windows: int = 8, seq_len: int = 256, name: str | None = None,
+                  cache: bool = True) -> ModelProfile:
+    """Load ``model_or_path`` (or take a loaded model with its ``tokenizer``) and measure its lean profile once
+    (``measure_profile(kfac=False)``: the token-wise terms the weights-only price reads; GPTQ's input moments are
+    measured block by block the first time a GPTQ recipe is priced).
+
+    ``cache``: read the profile from, and write it to, the profile cache
+    (:mod:`quantpredict.predict.profile_cache`: ``$QUANTPREDICT_HOME/profiles``, default
+    ``~/.cache/quantpredict/profiles``), keyed by the weights, the calibration text, the protocol and the code
+    version; a cached profile runs no backward pass (and tokenizes nothing), and prices exactly as the fresh one."""
     import torch
 
     from quantpredict import arch, data, models
+    from quantpredict.evaluate.scoring import max_positions
     from quantpredict.features.extract import feature_windows
     from quantpredict.features.fisher import measure_profile
+    from quantpredict.predict import profile_cache
 
     t0 = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
@@ -72,25 +94,53 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
     else:
         model = model_or_path
         name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
-    if calib is None:
-        if tokenizer is None:
-            raise PredictorError("rank_recipes got a model object without a tokenizer: pass tokenizer= or calib=")
-        calib = data.token_stream(tokenizer, "wikitext2", "train")
-    windows = feature_windows(model, calib, n_windows, seq_len, seed)
-    profile = measure_profile(model, windows, seed=seed)
+    if calib is None and tokenizer is None:
+        raise PredictorError("rank_recipes got a model object without a tokenizer: pass tokenizer= or calib=")
+    windows_cache: list = []
+
+    def windows():
+        if not windows_cache:
+            stream = calib if calib is not None else data.token_stream(tokenizer, "wikitext2", "train")
+            windows_cache.append(feature_windows(model, stream, n_windows, seq_len, seed))
+        return windows_cache[0]
+
+    entry = key = parts = None
+    loaded = None
+    if cache:
+        limit = max_positions(model)
+        two_d = isinstance(calib, torch.Tensor) and calib.dim() == 2
+        protocol = {"n_windows": n_windows, "seq_len": min(seq_len, limit) if limit and not two_d else seq_len,
+                    "seed": seed, "token_windows": TOKEN_WINDOWS, "label_samples": 1, "batch_size": 1,
+                    "kfac": False}
+        parts = profile_cache.key_parts(model_or_path, model, tokenizer, calib, protocol)
+        key = profile_cache.cache_key(parts)
+        entry = profile_cache.entry_dir(name, key)
+        loaded = profile_cache.load(entry, key)
+    if loaded is not None:
+        profile, extra = loaded
+        if isinstance(extra.get("windows"), torch.Tensor):  # GPTQ's input moments need no tokenizing either
+            windows_cache.append(extra["windows"])
+        fwd = float(extra["forward_seconds_per_window"])
+        n_split = int(extra["full_split_windows"])
+    else:
+        profile = measure_profile(model, windows(), seed=seed, token_windows=TOKEN_WINDOWS, kfac=False)
+        # the cost a full evaluation would have: one FP and one quantized forward per window of the whole test split
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=windows()[:1], use_cache=False)
+        fwd = time.perf_counter() - t
+        n_split = 0
+        if tokenizer is not None:
+            n_split = int(data.token_ids(tokenizer, "wikitext2", "test").numel() // windows().shape[1])
+        if entry is not None and not profile_cache.save(entry, key, parts, profile, {
+                "forward_seconds_per_window": fwd, "full_split_windows": n_split, "name": name}, windows()):
+            entry = None
+    profile_cache.attach_moments(profile, model, windows, entry)
     feats = {"n_params_nonembed": float(arch.non_embedding_parameters(model)),
              "n_layers": float(len(arch.blocks(model))), "hidden_size": float(arch.hidden_size(model)),
              "fp_calib_nll": profile.fp_nll, "fp_entropy_calib": profile.fp_entropy}
-    # the cost a full evaluation would have: one FP and one quantized forward per window of the whole test split
-    t = time.perf_counter()
-    with torch.inference_mode():
-        model(input_ids=windows[:1], use_cache=False)
-    fwd = time.perf_counter() - t
-    n_split = 0
-    if tokenizer is not None:
-        n_split = int(data.token_ids(tokenizer, "wikitext2", "test").numel() // windows.shape[1])
     return ModelProfile(name, model, profile, feats, arch.linear_layers(model), time.perf_counter() - t0, fwd,
-                        n_split)
+                        n_split, cache_dir=entry, cached=loaded is not None)
 
 
 def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
@@ -168,7 +218,7 @@ def _check_constraint(name: str, value: float | None, lo: float, hint: str) -> N
 def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, predictor: Any = "default",
                  max_bits: float | None = None, max_kld: float | None = None,
                  max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: float | None = None,
-                 progress: bool = False, calib: Any = None) -> pd.DataFrame:
+                 progress: bool = False, calib: Any = None, cache: bool = True) -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -179,11 +229,13 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     (the shipped ``profile`` predictor, which needs nothing but weights per recipe), a directory or a fitted
     predictor of kind ``profile``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
     (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known. ``calib``: calibration ids
-    or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``).
+    or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``). ``cache``: read
+    and write the profile cache (:func:`profile_model`).
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` (an estimate: one FP and one
-    quantized forward pass per window of the whole WikiText-2 test split) and ``kept_16bit``.
+    quantized forward pass per window of the whole WikiText-2 test split), ``profile_cached`` (whether the profile
+    came from the cache) and ``kept_16bit``.
     """
     from tqdm.auto import tqdm
 
@@ -208,7 +260,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     if not specs:
         raise RecipeError("rank_recipes needs at least one candidate recipe")
     t0 = time.perf_counter()
-    mp = profile_model(model, tokenizer=tokenizer, calib=calib)
+    mp = profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache)
     rows = []
     for s in tqdm(specs, desc="rank", unit="recipe", disable=not progress):
         rows.append(recipe_row(mp, resolve_recipe(s, mp.model)) | {"mix": s if is_mix_spec(s) else None})
@@ -229,7 +281,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     frame.attrs.update({
         "model": mp.name, "recommended": None if best is None else frame.loc[best, "recipe"],
         "constraint": {"max_bits": max_bits, "max_kld": max_kld, "max_ppl_increase": max_ppl_increase},
-        "seconds": total, "profile_seconds": mp.seconds,
+        "seconds": total, "profile_seconds": mp.seconds, "profile_cached": mp.cached,
         "seconds_per_recipe": float(frame["price_seconds"].mean()),
         "full_eval_seconds": 2 * mp.forward_seconds_per_window * mp.full_split_windows,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
