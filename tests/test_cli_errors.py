@@ -62,6 +62,8 @@ CASES: list[tuple[str, list[str]]] = [
     ("fit", ["fit", "--store", "corrupt.sqlite", "--out", "p"]),
     ("predict", ["predict", "notamodel", "--format", "mxint4", "--predictor", "otherpred"]),
     ("predict", ["predict", "notamodel", "--format", "zzz9"]),
+    ("profile", ["profile", "notamodel"]),
+    ("profile", ["profile", "llama-xs", "--threads", "0"]),
     ("rank", ["rank", "notamodel", "--predictor", "missing-pred"]),
     ("rank", ["rank", "notamodel", "--max-bits", "-1"]),
     ("allocate", ["allocate", "notamodel", "--target-bits", "-1"]),
