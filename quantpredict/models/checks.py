@@ -98,17 +98,15 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     """The checkpoint files of a model directory, checked: each safetensors file's header against its size (every
     shard of a ``model.safetensors.index.json``), each ``.bin`` for being a readable, non-empty file."""
     d = Path(path)
-    for name, shard in (("model.safetensors", False), ("model.safetensors.index.json", True)):
+    # the checkpoint layouts transformers loads, in its order of preference: (file, an index of shards?, its check)
+    for name, shard, check in (("model.safetensors", False, safetensors_header),
+                               ("model.safetensors.index.json", True, safetensors_header),
+                               ("pytorch_model.bin", False, _readable),
+                               ("pytorch_model.bin.index.json", True, _readable)):
         if (d / name).is_file():
             files = _index_shards(d / name) if shard else [d / name]
             for f in files:
-                safetensors_header(f)
-            return files
-    for name, shard in (("pytorch_model.bin", False), ("pytorch_model.bin.index.json", True)):
-        if (d / name).is_file():
-            files = _index_shards(d / name) if shard else [d / name]
-            for f in files:
-                _readable(f)
+                check(f)
             return files
     if (d / "model.safetensors").exists() or (d / "model.safetensors").is_symlink():
         raise ModelError(f"{d / 'model.safetensors'} is not a file (a directory or a broken link); {_FIX}")
