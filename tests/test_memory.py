@@ -285,10 +285,17 @@ def _recipe(label: str) -> Recipe:
 #  gptq_proxy_*                     2 |proxy|                                ||X dW^T||^2: the activations X twice
 #  out_sqnr_db_*                    4 * 10 / ln 10 (dB per relative error)   a ratio of two ||X W^T||^2
 # The weight-only features (rtn_*) are float64 sums over N bitwise-equal elementwise roundings: 2 N eps_f64 per sum.
-# Counts, sizes and the worst layer's depth are exact. Not covered by the model: a GPTQ rounding decision or the
-# power iteration's stopping step flipping on another CPU (a discrete change far outside these tolerances; neither
-# happens for llama-s on the CPUs measured).
+# Counts, sizes and the worst layer's depth are exact.
+# GPTQ's direction is not a smooth function of the rounding: its error feedback rounds each weight to one of two grid
+# points, and on another CPU a near-tie goes the other way (under ATEN_CPU_CAPABILITY=avx2 with 2 threads 5 of the
+# 331,776 weights moved by one grid step: 0.9% of ||delta||). The features along that direction then move by more
+# than rounding: g.delta by 0.7%, taylor_dnll by 1.2%, quad by 0.02%, ||delta||^2 by 0.004%. Those features of a GPTQ
+# recipe get GPTQ_FLIP relative on top, four times the largest move measured. (RTN's direction is elementwise: the
+# same bits everywhere.) Not covered: the power iteration stopping one product earlier or later (not seen).
 F32_ROUNDINGS = 4  # K above
+GPTQ_FLIP = 0.05
+ALONG_DELTA = ("grad_dot_delta", "quad_delta_h_delta", "taylor_dnll", "radial_dnll_025", "radial_dnll_050",
+               "radial_dnll_100", "sharpness_random", "trace_x_noise_var")
 EXACT_FEATURES = ("bits_per_element", "block_size", "element_is_fp", "hidden_size", "n_layers", "n_params_nonembed",
                   "out_sqnr_worst_depth")
 
@@ -319,9 +326,10 @@ def directional_scales(model, recipe: Recipe, windows: torch.Tensor) -> tuple[fl
     return first / tokens, 0.5 * gn / tokens
 
 
-def recorded_tolerances(ref: dict[str, float], first: float, gn: float) -> dict[str, float]:
+def recorded_tolerances(ref: dict[str, float], first: float, gn: float, gptq: bool = False) -> dict[str, float]:
     """Absolute tolerance of every recorded feature against today's (0: exact), by the error model above (the
-    reference was extracted with the default options: their probe and power-iteration counts)."""
+    reference was extracted with the default options: their probe and power-iteration counts); ``gptq``: the
+    direction is GPTQ's, whose rounding ties may go the other way."""
     opts = ExtractOptions()
     u, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
     two_machines = 2 * F32_ROUNDINGS * u
@@ -351,6 +359,8 @@ def recorded_tolerances(ref: dict[str, float], first: float, gn: float) -> dict[
     tol |= {"rtn_sqnr_db": 2 * f64_sum * db, "rtn_sqnr_db_min": 2 * f64_sum * db,  # a ratio of two sums, in dB
             "rtn_rel_weight_error": f64_sum * ref["rtn_rel_weight_error"]}  # the square root of that ratio
     tol |= {k: 0.0 for k in EXACT_FEATURES}
+    if gptq:
+        tol |= {k: tol[k] + GPTQ_FLIP * abs(ref[k]) for k in ALONG_DELTA}
     assert set(tol) == set(ref), set(ref) ^ set(tol)  # every recorded feature has its derived tolerance
     return tol
 
@@ -376,12 +386,12 @@ def test_zoo_features_equal_the_recorded_within_float32_rounding(zoo_reference, 
     within the tolerance its float32 conditioning allows (derived above, printed on failure)."""
     model, windows, reference = zoo_reference
     out = zoo_whole(label)
-    tol = recorded_tolerances(reference[label], *directional_scales(model, _recipe(label), windows))
-    for k, v in reference[label].items():
-        if tol[k] == 0.0:
-            assert out[k] == v, k
-        else:
-            assert abs(out[k] - v) <= tol[k], f"{k}: today {out[k]!r}, recorded {v!r}, tolerance {tol[k]:.3g}"
+    recipe = _recipe(label)
+    scales = directional_scales(model, recipe, windows)
+    tol = recorded_tolerances(reference[label], *scales, gptq=recipe.method == "gptq")
+    bad = [f"{k}: today {out[k]!r}, recorded {v!r}, |difference| {abs(out[k] - v):.3g} > tolerance {tol[k]:.3g}"
+           for k, v in reference[label].items() if (out[k] != v if tol[k] == 0.0 else abs(out[k] - v) > tol[k])]
+    assert not bad, "\n".join(bad)
 
 
 LOSS_DIFFERENCES = ("radial_dnll_025", "radial_dnll_050", "radial_dnll_100", "sharpness_random")
