@@ -32,6 +32,14 @@ def _profile_cache_in_a_temporary_folder(tmp_path_factory):
         os.environ["QUANTPREDICT_PROFILES"] = old
 
 
+def pytest_configure(config):
+    """``QUANTPREDICT_TEST_THREADS=n`` runs the session with ``n`` torch intra-op threads (float32 sums follow the
+    thread count; benchmarks/recorded_matrix.py runs the recorded tests under 1 and 2)."""
+    threads = os.environ.get("QUANTPREDICT_TEST_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 def tiny_model(family: str, *, hidden: int = 32, layers: int = 2, heads: int = 4, seed: int = 0):
     """A tiny causal LM of ``family`` with eager attention (second derivatives work through it)."""
     torch.manual_seed(seed)

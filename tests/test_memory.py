@@ -4,6 +4,7 @@ whole-batch computations they replace (float64 on tiny models, float32 on a zoo 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -25,15 +26,6 @@ from quantpredict.memory import logits_chunk_tokens, parse_bytes, resolve_device
 from quantpredict.quantize import Recipe
 
 REFERENCE = Path(__file__).parent / "data" / "features_reference.json"
-
-
-@pytest.fixture
-def one_thread():
-    """The zoo reference was computed with one torch thread (float32 sums follow the thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _windows(n: int = 4, seq: int = 12, seed: int = 3) -> torch.Tensor:
@@ -258,26 +250,160 @@ def _recipe(label: str) -> Recipe:
     return Recipe(weight_format=fmt, method=method)
 
 
+# Recorded features and float32. The reference was recorded on another CPU (AMD EPYC, one thread); today's float32
+# sums run in another order (vector width, BLAS blocking, threads), so a feature can only be asked to agree within what
+# float32 rounding leaves of it. Error model: a quantity computed in float32 is off from its exact value by at most
+# K roundings of size u * S, where u = 2^-23 (float32 epsilon) and S is its scale before cancellation (the magnitude
+# of what the computation subtracts or sums away: for a difference of two NLLs, both NLLs). Two machines differ by at
+# most 2 K u S. K = 4: against a float64 recomputation on an Intel Xeon (AVX-512) every feature's float32 error was
+# at most 0.9 u S, the standard error's 1.7 u S in its own model below (measured for mxint4 RTN and GPTQ; the AMD
+# reference's errors were of the same size, at most 0.9 u S).
+#
+#  feature                          S                                        why
+#  fp_calib_nll                     NLL                                      a float32 mean of positive token NLLs
+#  radial_dnll_*, sharpness_random  2 NLL                                    NLL(moved) - NLL(FP): the error of both
+#                                                                            NLLs stays, the difference is ~1e-4 NLL
+#                                                                            (relative tolerance 4 K u NLL / |D|)
+#  grad_dot_delta                   mean_t |d l_t / dt|                      g.delta sums per-token directional
+#                                                                            derivatives that cancel: their mean
+#                                                                            absolute value, computed here (jvp)
+#  quad_delta_h_delta               GN + |quad - GN|, GN = 1/2 mean_t dz^T   the Gauss-Newton part (a sum of
+#                                   (diag p - p p^T) dz, computed here       squares) and the rest that adds to it
+#  taylor_dnll                      the two above, summed
+#  hessian_trace (per_param, x      |tr| + (n - 1) se                        every probe's v^T H v is within (n - 1)
+#    noise_var: the same relative)                                           se of the mean (Samuelson)
+#  hessian_trace_se                 (|tr| + (n - 1) se) / sqrt(n - 1)        a sample s.d. moves by at most the
+#                                                                            largest probe error / sqrt(n - 1)
+#  hessian_trace_max_block_share    (|tr| + (n - 1) se) (1 + share) / |tr|   a ratio of two such means
+#  top_eigenvalue                   max_iter |lambda|                        each power-iteration product adds its
+#                                                                            rounding to the iterate
+#  gptq_proxy_*                     2 |proxy|                                ||X dW^T||^2: the activations X twice
+#  out_sqnr_db_*                    4 * 10 / ln 10 (dB per relative error)   a ratio of two ||X W^T||^2
+# The weight-only features (rtn_*) are float64 sums over N bitwise-equal elementwise roundings: 2 N eps_f64 per sum.
+# Counts, sizes and the worst layer's depth are exact.
+# GPTQ's direction is not a smooth function of the rounding: its error feedback rounds each weight to one of two grid
+# points, and on another CPU a near-tie goes the other way (under ATEN_CPU_CAPABILITY=avx2 with 2 threads 5 of the
+# 331,776 weights moved by one grid step: 0.9% of ||delta||). The features along that direction then move by more
+# than rounding: g.delta by 0.7%, taylor_dnll by 1.2%, quad by 0.02%, ||delta||^2 by 0.004%. Those features of a GPTQ
+# recipe get GPTQ_FLIP relative on top, four times the largest move measured. (RTN's direction is elementwise: the
+# same bits everywhere.) Not covered: the power iteration stopping one product earlier or later (not seen).
+F32_ROUNDINGS = 4  # K above
+GPTQ_FLIP = 0.05
+ALONG_DELTA = ("grad_dot_delta", "quad_delta_h_delta", "taylor_dnll", "radial_dnll_025", "radial_dnll_050",
+               "radial_dnll_100", "sharpness_random", "trace_x_noise_var")
+EXACT_FEATURES = ("bits_per_element", "block_size", "element_is_fp", "hidden_size", "n_layers", "n_params_nonembed",
+                  "out_sqnr_worst_depth")
+
+
+def directional_scales(model, recipe: Recipe, windows: torch.Tensor) -> tuple[float, float]:
+    """``(mean_t |d l_t/dt|, GN)`` along the recipe's direction ``W + t delta`` at ``t = 0``: the per-token first
+    derivatives of the NLL and the Gauss-Newton half of the second (``1/2 mean_t dz^T (diag p - p p^T) dz``), from one
+    float32 Jacobian-vector product per window (their sizes, not their values, enter the tolerances)."""
+    from torch.func import functional_call, jvp
+
+    ctx = Context(model, recipe, windows, 0, ExtractOptions(), ("landscape",))
+    names = {id(p): n for n, p in model.named_parameters()}
+    primals = {names[id(r.parameter)]: r.parameter.detach() for r in ctx.refs}
+    tangents = {names[id(r.parameter)]: d.contiguous() for r, d in zip(ctx.refs, ctx.param_layout(ctx.delta))}
+    first = gn = 0.0
+    with torch.no_grad(), prepared(model, eager=True):
+        for ids in windows.split(1):
+            def logits(weights, ids=ids):
+                return functional_call(model, weights, args=(), kwargs={"input_ids": ids, "use_cache": False}
+                                       ).logits[:, :-1]
+
+            z, dz = jvp(logits, (primals,), (tangents,))
+            p, dz = torch.softmax(z.double(), -1), dz.double()
+            mean = (p * dz).sum(-1)
+            first += float((mean - dz.gather(-1, ids[:, 1:, None]).squeeze(-1)).abs().sum())
+            gn += float(((p * dz * dz).sum(-1) - mean * mean).sum())
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return first / tokens, 0.5 * gn / tokens
+
+
+def recorded_tolerances(ref: dict[str, float], first: float, gn: float, gptq: bool = False) -> dict[str, float]:
+    """Absolute tolerance of every recorded feature against today's (0: exact), by the error model above (the
+    reference was extracted with the default options: their probe and power-iteration counts); ``gptq``: the
+    direction is GPTQ's, whose rounding ties may go the other way."""
+    opts = ExtractOptions()
+    u, eps64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+    two_machines = 2 * F32_ROUNDINGS * u
+    nll, trace, se, n = ref["fp_calib_nll"], abs(ref["hessian_trace"]), ref["hessian_trace_se"], opts.n_probes
+    probe = trace + (n - 1) * se
+    quad = ref["quad_delta_h_delta"]
+    s_quad = gn + abs(quad - gn)
+    db = 10 / math.log(10)
+    scale = {
+        "fp_calib_nll": nll,
+        "radial_dnll_025": 2 * nll, "radial_dnll_050": 2 * nll, "radial_dnll_100": 2 * nll,
+        "sharpness_random": 2 * nll,
+        "grad_dot_delta": first,
+        "quad_delta_h_delta": s_quad,
+        "taylor_dnll": first + s_quad,
+        "hessian_trace": probe,
+        "hessian_trace_per_param": probe * abs(ref["hessian_trace_per_param"]) / trace,
+        "trace_x_noise_var": probe * abs(ref["trace_x_noise_var"]) / trace,
+        "hessian_trace_se": probe / math.sqrt(n - 1),
+        "hessian_trace_max_block_share": probe * (1 + ref["hessian_trace_max_block_share"]) / trace,
+        "top_eigenvalue": opts.max_iter * abs(ref["top_eigenvalue"]),
+        "gptq_proxy_rtn": 2 * abs(ref["gptq_proxy_rtn"]), "gptq_proxy_gptq": 2 * abs(ref["gptq_proxy_gptq"]),
+        "out_sqnr_db_mean": 4 * db, "out_sqnr_db_min": 4 * db,
+    }
+    tol = {k: two_machines * s for k, s in scale.items()}
+    f64_sum = 2 * ref["n_params_nonembed"] * eps64  # two machines' float64 sums of N terms, relative
+    tol |= {"rtn_sqnr_db": 2 * f64_sum * db, "rtn_sqnr_db_min": 2 * f64_sum * db,  # a ratio of two sums, in dB
+            "rtn_rel_weight_error": f64_sum * ref["rtn_rel_weight_error"]}  # the square root of that ratio
+    tol |= {k: 0.0 for k in EXACT_FEATURES}
+    if gptq:
+        tol |= {k: tol[k] + GPTQ_FLIP * abs(ref[k]) for k in ALONG_DELTA}
+    assert set(tol) == set(ref), set(ref) ^ set(tol)  # every recorded feature has its derived tolerance
+    return tol
+
+
+@pytest.fixture(scope="module")
+def zoo_whole(zoo_reference):
+    """Today's features by the default (whole-batch) path, computed once per label and shared by the tests below."""
+    model, windows, _ = zoo_reference
+    cache: dict[str, dict[str, float]] = {}
+
+    def features(label: str) -> dict[str, float]:
+        if label not in cache:
+            cache[label] = extract(model, _recipe(label), windows)
+        return cache[label]
+
+    return features
+
+
+@pytest.mark.recorded
 @pytest.mark.parametrize("label", ["mxint4-rtn", "mxint4-gptq"])
-def test_zoo_features_equal_todays_within_1e_6(zoo_reference, one_thread, label):
+def test_zoo_features_equal_the_recorded_within_float32_rounding(zoo_reference, zoo_whole, label):
+    """Every feature as the code computed it before the bounded-memory paths (tests/data/features_reference.json),
+    within the tolerance its float32 conditioning allows (derived above, printed on failure)."""
     model, windows, reference = zoo_reference
-    out = extract(model, _recipe(label), windows)
-    for k, v in reference[label].items():
-        assert out[k] == pytest.approx(v, rel=1e-6, abs=1e-12), k
+    out = zoo_whole(label)
+    recipe = _recipe(label)
+    scales = directional_scales(model, recipe, windows)
+    tol = recorded_tolerances(reference[label], *scales, gptq=recipe.method == "gptq")
+    bad = [f"{k}: today {out[k]!r}, recorded {v!r}, |difference| {abs(out[k] - v):.3g} > tolerance {tol[k]:.3g}"
+           for k, v in reference[label].items() if (out[k] != v if tol[k] == 0.0 else abs(out[k] - v) > tol[k])]
+    assert not bad, "\n".join(bad)
 
 
 LOSS_DIFFERENCES = ("radial_dnll_025", "radial_dnll_050", "radial_dnll_100", "sharpness_random")
 
 
 @pytest.mark.parametrize("label", ["mxint4-rtn", "mxint4-gptq"])
-def test_zoo_bounded_paths_equal_the_whole_batch_within_1e_5(zoo_reference, one_thread, label):
-    """Micro-batches of one window and a head chunked into 16-token blocks against the whole-batch path, float32.
-    Loss differences (NLL at a moved point minus the FP NLL) are compared at 4 float32 units in the last place of
-    the NLL they are differences of: the whole path's own float32 sums are no finer than that."""
-    model, windows, reference = zoo_reference
+def test_zoo_bounded_paths_equal_the_whole_batch_within_1e_5(zoo_reference, zoo_whole, label):
+    """Micro-batches of one window and a head chunked into 16-token blocks against the whole-batch path computed in
+    this run, float32. Loss differences (NLL at a moved point minus the FP NLL) are compared at 4 float32 units in
+    the last place of the NLL they are differences of: the whole path's own float32 sums are no finer than that."""
+    model, windows, _ = zoo_reference
+    whole = zoo_whole(label)
     out = extract(model, _recipe(label), windows, micro_batch=1, logits_chunk_bytes=16 * 4096 * 4)
-    ulp = torch.finfo(torch.float32).eps * reference[label]["fp_calib_nll"]
-    for k, v in reference[label].items():
+    ulp = torch.finfo(torch.float32).eps * whole["fp_calib_nll"]
+    for k, v in whole.items():
+        if k.endswith("_seconds"):
+            continue
         if k in LOSS_DIFFERENCES:
             assert out[k] == pytest.approx(v, abs=4 * ulp), k
         else:
@@ -603,7 +729,7 @@ def test_gpu_check_script_cpu_fallback(capsys):
 
 def test_every_zoo_model_keeps_the_whole_batch_graph_under_the_default_budget():
     """The shipped runs' features were computed with one graph over the 8 calibration windows: under the default
-    max_memory every zoo model must still take that path (so its features reproduce, see the 1e-6 test above)."""
+    max_memory every zoo model must still take that path (so its features reproduce, see the recorded test above)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantpredict.memory import DEFAULT_MAX_MEMORY
