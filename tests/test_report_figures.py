@@ -131,3 +131,51 @@ def test_one_colour_per_family_and_model_names_find_theirs():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+def zoo_runs() -> pd.DataFrame:
+    """Finished weight-only runs of two zoo models: 2-bit runs that the small models survive (+5% perplexity) and
+    would otherwise win the frontier, and 3- to 8-bit runs."""
+    rows = []
+    for model, params, fp in (("llama-xs", 2e5, 150.0), ("llama-l", 2e6, 60.0)):
+        for fmt, bits, kind, inc in (("int2", 2.1, "INT (per channel)", 0.05), ("mxint2", 2.25, "MXINT", 0.04),
+                                     ("int3", 3.1, "INT (per channel)", 0.01), ("mxint4", 4.25, "MXINT", 0.002),
+                                     ("int8", 8.1, "INT (per channel)", 0.0)):
+            rows.append({"model": model, "family": "llama", "weight_format": fmt, "bits": bits, "format_kind": kind,
+                         "params": params, "ppl_fp": fp, "ppl_quant": fp * (1 + inc), "kld": inc / 2,
+                         "weight_only": True, "delta": np.log1p(inc), "weight_mb": params * bits / 8e6})
+    return pd.DataFrame(rows)
+
+
+def test_zoo_frontier_leaves_out_2_bit_runs_and_has_no_empty_cells(tmp_path):
+    from quantpredict.report.figures import frontier_bound, frontier_note, plot_frontier
+    from quantpredict.report.tables import best_per_bits
+
+    best = best_per_bits(zoo_runs())
+    ship = frontier_bound(best)
+    assert set(best.loc[~ship, "weight_format"]) == {"int2", "mxint2"}
+    assert "4 runs below 3 bits" in frontier_note(best, ship)
+    plt = pyplot()
+    created = []
+    real_figure = plt.figure
+
+    def spy(*a, **k):  # keep the figure the function draws, to look at its panels
+        created.append(real_figure(*a, **k))
+        return created[-1]
+
+    plt.figure = spy
+    try:
+        plt_close = plt.close
+        plt.close = lambda *a: None
+        plot_frontier(zoo_runs(), tmp_path / "frontier.png")
+    finally:
+        plt.figure, plt.close = real_figure, plt_close
+    fig = created[-1]
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert all(ax.get_visible() for ax in panels) and len(panels) == 3  # two kinds + the frontier: no holes
+    frontier_ax = panels[-1]
+    assert frontier_ax.get_xlim()[0] > 2e5 * 2.25 / 8e6  # the 2-bit sizes are off the axis
+    labels = label_boxes(frontier_ax)
+    assert labels and not any("int2" in t for t, _ in labels)
+    assert_apart(labels)
+    plt.close(fig)
