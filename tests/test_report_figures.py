@@ -179,3 +179,39 @@ def test_zoo_frontier_leaves_out_2_bit_runs_and_has_no_empty_cells(tmp_path):
     assert labels and not any("int2" in t for t, _ in labels)
     assert_apart(labels)
     plt.close(fig)
+
+
+def test_validation_figure_symlog_ticks_do_not_collide(tmp_path):
+    from types import SimpleNamespace
+
+    from quantpredict.report.validation import plot_predictions
+
+    rng = np.random.default_rng(0)
+    n = 80
+    delta = np.concatenate([rng.normal(0, 2e-5, n // 2), 10 ** rng.uniform(-4, 0, n // 2)])
+    pred = delta * np.exp(rng.normal(0, 0.3, n))
+    p = pd.DataFrame({"groups": "family", "kind": np.repeat(["ols", "rf"], n // 2)[rng.permutation(n)],
+                      "family": rng.choice(["llama", "opt", "gpt2", "gpt_neox"], n), "delta": delta,
+                      "delta_nll": pred, "delta_low": pred - 1e-3, "delta_high": pred * 2 + 1e-3})
+    plt = pyplot()
+    saved = []
+    original = plt.close
+    plt.close = lambda fig=None: saved.append(fig)
+    try:
+        plot_predictions(SimpleNamespace(predictions=p), tmp_path / "predictors_family.png")
+    finally:
+        plt.close = original
+    fig = saved[-1]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for axis in [ax.xaxis for ax in fig.axes] + [fig.axes[0].yaxis]:  # the y axis is shared
+        boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in axis.get_ticklabels()
+                 if t.get_visible() and t.get_text()]
+        assert len(boxes) >= 3
+        assert_apart(boxes)
+    # the families' colours are the shared ones
+    from matplotlib.colors import to_hex
+    for coll in fig.axes[0].collections:
+        if coll.get_label() in FAMILY_COLORS:
+            assert to_hex(coll.get_facecolor()[0]) == to_hex(FAMILY_COLORS[coll.get_label()])
+    original(fig)

@@ -92,6 +92,36 @@ def log_ticks(axis, values) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
+def symlog_axis(ax, which: str, linthresh: float, values) -> None:
+    """Symmetric-log scale on ``which`` ("x"/"y") with ticks that cannot collide: 0, and ±10^k only from a decade
+    past ``linthresh`` (the linear range around 0 is too narrow for ±linthresh's own labels), every decade over at
+    most four decades per side, every other one beyond."""
+    from matplotlib import ticker
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=linthresh)
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    ticks = [0.0]
+    first = math.floor(math.log10(linthresh)) + 1
+    for sign in (-1, 1):
+        side = v[v * sign > 10 ** first] * sign
+        if side.size:
+            last = math.ceil(math.log10(side.max()))
+            step = 1 if last - first <= 4 else 2
+            ticks += [sign * 10.0 ** k for k in range(last, first - 1, -step)]
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(ticker.FixedLocator(sorted(ticks)))
+    axis.set_minor_locator(ticker.NullLocator())
+
+    def label(x, _):
+        if x == 0:
+            return "0"
+        k = int(round(math.log10(abs(x))))
+        return f"$-10^{{{k}}}$" if x < 0 else f"$10^{{{k}}}$"
+
+    axis.set_major_formatter(ticker.FuncFormatter(label))
+
+
 def _noise_floor(runs: pd.DataFrame) -> float:
     """The symlog linear range for delta: the median measured standard error of delta (1e-4 nats if none)."""
     from quantpredict.predict.design import delta_scale_from
