@@ -185,9 +185,12 @@ def render_report(runs: str | Path | pd.DataFrame, out: str | Path = "reports", 
         "## Size-precision frontier", "",
         f"![perplexity against bits per element]({_rel(figs['frontier'], out)})", "",
         "Perplexity against weight bits per element for each format kind, one line per model coloured by size "
-        "(best method at each bit width, weight-only runs); the last panel puts every run at the size of its "
+        "(best method at each bit width, weight-only runs); the bottom panel puts every run at the size of its "
         "quantized weights, and the black frontier says which model size at which precision gives the best "
-        "perplexity for the bytes.", "",
+        "perplexity for the bytes. The frontier and its axes cover the region a user would ship: runs below 3 bits "
+        "per element (int2, mxint2; shaded in the top row), which the zoo's small models survive but no real model "
+        "does, and runs whose perplexity more than doubles or whose KLD exceeds 1 nat are left out, as the note on "
+        "the panel says.", "",
         "## Δ NLL against the strongest features", "",
         f"![delta NLL against features]({_rel(figs['features'], out)})", "",
         "Measured degradation against the RTN weight SQNR, the second-order term 0.5 δᵀHδ along the quantization "

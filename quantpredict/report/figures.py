@@ -13,7 +13,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from quantpredict.report.style import PANEL, empty_panel, family_colors, save, style
+from quantpredict.report.style import (
+    PANEL,
+    SHIP_MAX_KLD,
+    SHIP_MAX_PPL_INCREASE,
+    SHIP_MIN_BITS,
+    empty_panel,
+    family_colors,
+    freeze_layout,
+    intervals,
+    place_labels,
+    save,
+    ship_note,
+    shippable,
+    style,
+)
 from quantpredict.report.tables import best_per_bits, pareto_frontier
 
 # The strongest single predictors of delta NLL in the design (schema names), with axis labels and scales.
@@ -78,6 +92,36 @@ def log_ticks(axis, values) -> None:
     axis.set_minor_formatter(ticker.NullFormatter())
 
 
+def symlog_axis(ax, which: str, linthresh: float, values) -> None:
+    """Symmetric-log scale on ``which`` ("x"/"y") with ticks that cannot collide: 0, and ±10^k only from a decade
+    past ``linthresh`` (the linear range around 0 is too narrow for ±linthresh's own labels), every decade over at
+    most four decades per side, every other one beyond."""
+    from matplotlib import ticker
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("symlog", linthresh=linthresh)
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    ticks = [0.0]
+    first = math.floor(math.log10(linthresh)) + 1
+    for sign in (-1, 1):
+        side = v[v * sign > 10 ** first] * sign
+        if side.size:
+            last = math.ceil(math.log10(side.max()))
+            step = 1 if last - first <= 4 else 2
+            ticks += [sign * 10.0 ** k for k in range(last, first - 1, -step)]
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(ticker.FixedLocator(sorted(ticks)))
+    axis.set_minor_locator(ticker.NullLocator())
+
+    def label(x, _):
+        if x == 0:
+            return "0"
+        k = int(round(math.log10(abs(x))))
+        return f"$-10^{{{k}}}$" if x < 0 else f"$10^{{{k}}}$"
+
+    axis.set_major_formatter(ticker.FuncFormatter(label))
+
+
 def _noise_floor(runs: pd.DataFrame) -> float:
     """The symlog linear range for delta: the median measured standard error of delta (1e-4 nats if none)."""
     from quantpredict.predict.design import delta_scale_from
@@ -104,10 +148,7 @@ def plot_ppl_predictions(predictions: pd.DataFrame, path: str | Path, kinds: Seq
                 empty_panel(ax, f"no leave-one-{groups}-out predictions for {kind or 'any kind'}")
                 continue
             for fam, g in s.groupby(s["family"].astype(str)):
-                lo = (g["ppl"] - g["ppl_low"]).clip(lower=0).fillna(0)
-                hi = (g["ppl_high"] - g["ppl"]).clip(lower=0).fillna(0)
-                ax.errorbar(g["ppl_quant"], g["ppl"], yerr=np.vstack([lo, hi]), fmt="o", ms=2.5, lw=0.6,
-                            alpha=0.7, color=colors[fam], label=fam)
+                intervals(ax, g["ppl_quant"], g["ppl"], g["ppl_low"], g["ppl_high"], color=colors[fam], label=fam)
             vals = s[["ppl_quant", "ppl"]].to_numpy(float)
             lim = (np.nanmin(vals) / 1.1, np.nanmax(vals) * 1.1)
             ax.plot(lim, lim, "k--", lw=0.8, label="predicted = measured")
@@ -130,20 +171,55 @@ KIND_ORDER = ("MXINT", "MXFP", "INT (per channel)", "FP8 (per channel)")
 KIND_MARKERS = {"MXINT": "o", "MXFP": "s", "INT (per channel)": "^", "FP8 (per channel)": "D"}
 
 
+def frontier_bound(best: pd.DataFrame, y: str = "ppl_quant") -> np.ndarray:
+    """The rows of :func:`best_per_bits` inside the region a user would ship (:func:`quantpredict.style.shippable`):
+    at least :data:`SHIP_MIN_BITS` bits per element, measured perplexity at most doubled, measured KLD at most
+    1 nat/token (a missing value excludes nothing)."""
+    ratio = (pd.to_numeric(best["ppl_quant"], errors="coerce") / pd.to_numeric(best["ppl_fp"], errors="coerce")
+             if {"ppl_quant", "ppl_fp"} <= set(best) else None)
+    kld = pd.to_numeric(best["kld"], errors="coerce") if "kld" in best else None
+    return shippable(ratio, kld, best["bits"].to_numpy(float), min_bits=SHIP_MIN_BITS)
+
+
+def frontier_note(best: pd.DataFrame, ship: np.ndarray) -> str:
+    """The note on the frontier panel: which runs the bound leaves out, and why."""
+    out = best[~ship]
+    low = out[out["bits"] < SHIP_MIN_BITS]
+    parts = []
+    if len(low):
+        fmts = sorted({str(f).split("_")[0] for f in low["weight_format"]}) if "weight_format" in low else []
+        inc = (low["ppl_quant"] / low["ppl_fp"] - 1) if {"ppl_quant", "ppl_fp"} <= set(low) else pd.Series(dtype=float)
+        rng = (f": the zoo loses only {inc.min():+.0%} to {inc.max():+.0%} perplexity there, but no real model "
+               "survives them (SmolLM2-135M mxint2-gptq measures KLD 6.0, perplexity 1.3e4)") if len(inc.dropna()) \
+            else ""
+        parts.append(f"{len(low)} runs below {SHIP_MIN_BITS:g} bits per element, shaded above "
+                     f"({', '.join(fmts)}){rng}")
+    rest = len(out) - len(low)
+    parts.append(f"{rest} run{'s' if rest != 1 else ''} with perplexity increase > {SHIP_MAX_PPL_INCREASE:.0%} or "
+                 f"KLD > {SHIP_MAX_KLD:g} nat")
+    return "Left out of the frontier and this axis: " + "; ".join(parts) + "."
+
+
 def plot_frontier(runs: pd.DataFrame, path: str | Path, y: str = "ppl_quant") -> Path:
     """Quality against bits per element per format kind (one line per model), then against bytes (Pareto frontier).
 
     ``runs``: :func:`quantpredict.report.tables.finished` output. Weight-only runs; at each (model, bits) the best
-    method is drawn. Colour is model size throughout. The last panel puts every such run at its quantized weights'
-    size in MB (marker: format kind) and draws the Pareto frontier: the runs that no smaller run beats.
+    method is drawn. Colour is model size throughout. The top row has one panel per format kind (the region below
+    :data:`SHIP_MIN_BITS` shaded); the bottom panel, as wide as the row, puts every run inside the shipping bound
+    (:func:`frontier_bound`) at its quantized weights' size in MB (marker: format kind) and draws the Pareto
+    frontier: the runs that no smaller run beats. A note on that panel says what the bound left out.
     """
     best = best_per_bits(runs, y)
     kinds = [k for k in KIND_ORDER if len(best) and (best["format_kind"] == k).any()]
     ylabel = "perplexity (WikiText-2 test)" if y == "ppl_quant" else DELTA_LABEL
     with style() as plt:
-        fig, axes = _grid(len(kinds) + 1, ncols=3, layout="constrained")
+        ncols = max(1, len(kinds))
+        fig = plt.figure(figsize=(PANEL[0] * ncols + 1.0, PANEL[1] * 2 + 0.6), layout="constrained")
+        grid = fig.add_gridspec(2, ncols, height_ratios=(1, 1.25))
+        axes = [fig.add_subplot(grid[0, i]) for i in range(len(kinds))] + [fig.add_subplot(grid[1, :])]
         if best.empty:
-            empty_panel(axes[0], "no finished weight-only runs with a perplexity")
+            for ax in axes:
+                empty_panel(ax, "no finished weight-only runs with a perplexity")
             return save(fig, path)
         best = best[best["format_kind"].isin(kinds)]
         from matplotlib import colors
@@ -162,31 +238,39 @@ def plot_frontier(runs: pd.DataFrame, path: str | Path, y: str = "ppl_quant") ->
                 g = g.sort_values("bits")
                 ax.plot(g["bits"], g[y], marker=KIND_MARKERS[kind], ms=3, color=colour(g["params"].iloc[0]))
             log_axis(ax, "y", s[y])
+            if float(s["bits"].min()) < SHIP_MIN_BITS:
+                ax.axvspan(float(s["bits"].min()) - 0.3, SHIP_MIN_BITS, color="0.5", alpha=0.12, lw=0, zorder=0)
             ax.set_title(kind)
             ax.set_xlabel("weight bits per element (scales included)")
             ax.set_ylabel(ylabel)
         ax = axes[-1]
-        for kind, g in best.groupby("format_kind"):
-            ax.scatter(g["weight_mb"], g[y], s=10, alpha=0.75, marker=KIND_MARKERS[kind],
+        ship = frontier_bound(best, y)
+        inside = best[ship]
+        for kind, g in inside.groupby("format_kind"):
+            ax.scatter(g["weight_mb"], g[y], s=12, alpha=0.75, marker=KIND_MARKERS[kind],
                        c=[colour(v) for v in g["params"]])
-            ax.scatter([], [], s=10, marker=KIND_MARKERS[kind], color="0.4", label=kind)
-        front = pareto_frontier(best, "weight_mb", y)
+            ax.scatter([], [], s=12, marker=KIND_MARKERS[kind], color="0.4", label=kind)
+        front = pareto_frontier(inside, "weight_mb", y)
         ax.step(front["weight_mb"], front[y], "k-", where="post", lw=0.9, label="Pareto frontier")
-        previous = None
-        for _, r in front.iterrows():  # one label per model where the frontier reaches it
-            if r["model"] != previous:
-                ax.annotate(f"{r['model']} {r['weight_format']}", (r["weight_mb"], r[y]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
-            previous = r["model"]
-        log_axis(ax, "x", best["weight_mb"])
-        log_axis(ax, "y", best[y])
-        ax.set_title("quality per byte: every format")
+        if len(inside):
+            log_axis(ax, "x", inside["weight_mb"])
+            log_axis(ax, "y", inside[y])
+        ax.set_title(f"quality per byte: every format, at least {SHIP_MIN_BITS:g} bits per element")
         ax.set_xlabel("quantized weights (MB = non-embedding params × bits / 8)")
         ax.set_ylabel(ylabel)
         ax.legend(loc="upper right")
+        ship_note(ax, frontier_note(best, ship), loc="lower left", width=70)
         bar = fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="non-embedding parameters",
                            shrink=0.6)
         log_ticks(bar.ax.yaxis, [norm.vmin, norm.vmax])
+        # one label per model where the frontier reaches it, placed where it overlaps nothing
+        first = front[front["model"] != front["model"].shift()]
+        freeze_layout(fig)
+        missed = place_labels(ax, first[["weight_mb", y]].to_numpy(float),
+                              [f"{r['model']} {r['weight_format']}" for _, r in first.iterrows()])
+        if missed:
+            fig.text(0.01, 0.0, "Also on the frontier: " + ", ".join(t for _, t in missed) + ".", fontsize=6,
+                     va="top", color="0.25")
         return save(fig, path)
 
 

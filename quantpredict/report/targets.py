@@ -100,31 +100,61 @@ def limits(metrics: pd.DataFrame, kind: str) -> list[str]:
 
 
 def kld_figure(predictions: pd.DataFrame, runs: pd.DataFrame, out: Path, kind: str, split: str = "family") -> Path:
-    from quantpredict.style import PANEL, family_colors, pyplot, style
+    """Predicted against measured KLD with 90% intervals: the zoo's runs under ``split`` (one colour per family),
+    and the real models' runs predicted from the zoo alone (split "real"), each real model its own series."""
+    from quantpredict.style import PANEL, family_colors, intervals, pyplot, style
 
     plt = pyplot()
     p = predictions[(predictions["kind"] == kind) & (predictions["split"] == split)]
     truth = runs.loc[p.index]
+    real = predictions[(predictions["kind"] == kind) & (predictions["split"] == "real")]
+    real_truth = runs.loc[real.index]
     with style():
-        fig, ax = plt.subplots(figsize=(PANEL[0] + 0.6, PANEL[1] + 0.4))
-        colors = family_colors(sorted(truth["family"].astype(str).unique()))
-        for fam in sorted(truth["family"].astype(str).unique()):
+        fig, ax = plt.subplots(figsize=(PANEL[0] + 0.8, PANEL[1] + 0.6))
+        families = sorted(truth["family"].astype(str).unique())
+        models = sorted(real_truth["model"].astype(str).unique())
+        colors = family_colors(families + models)
+        for fam in families:
             sel = (truth["family"].astype(str) == fam).to_numpy()
-            y, lo, hi = p["kld"].to_numpy(float)[sel], p["kld_low"].to_numpy(float)[sel], \
-                p["kld_high"].to_numpy(float)[sel]
-            ax.errorbar(truth["kld"].to_numpy(float)[sel], y, yerr=[y - lo, hi - y], fmt="o", ms=2.2, lw=0.4,
-                        alpha=0.6, color=colors[fam], label=fam)
-        lim = [float(np.nanmin(truth["kld"])) / 2, float(np.nanmax(truth["kld"])) * 2]
-        ax.plot(lim, lim, "k--", lw=0.7)
+            g = p[sel]
+            intervals(ax, truth["kld"].to_numpy(float)[sel], g["kld"], g["kld_low"], g["kld_high"],
+                      color=colors[fam], label=f"{fam} (zoo)", s=10)
+        for model in models:
+            sel = (real_truth["model"].astype(str) == model).to_numpy()
+            g = real[sel]
+            intervals(ax, real_truth["kld"].to_numpy(float)[sel], g["kld"], g["kld_low"], g["kld_high"],
+                      color=colors[model], label=f"{model} (real, fitted on the zoo alone)", marker="D", s=22,
+                      edgecolors="k", linewidths=0.5, zorder=4)
+        measured = pd.concat([truth["kld"], real_truth["kld"]]).astype(float)
+        lim = [float(np.nanmin(measured)) / 2, float(np.nanmax(measured)) * 2]
+        ax.plot(lim, lim, "k--", lw=0.7, zorder=2)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("measured KLD on WikiText-2 test (nats/token)")
         ax.set_ylabel(f"predicted KLD ({kind}, 90% interval)")
-        ax.set_title(f"{SPLIT_TITLES[split]}")
-        ax.legend(fontsize=6)
+        ax.set_title(f"{SPLIT_TITLES[split]}" + (f"; {', '.join(models)} from the zoo alone" if models else ""))
+        ax.legend(fontsize=6, loc="upper left")
         fig.savefig(out)
         plt.close(fig)
     return out
+
+
+def kld_caption(predictions: pd.DataFrame, runs: pd.DataFrame, kind: str, split: str = "family") -> str:
+    """The sentence under :func:`kld_figure`: what its series are and how wide its bars are."""
+    p = predictions[(predictions["kind"] == kind) & (predictions["split"] == split)]
+    real = predictions[(predictions["kind"] == kind) & (predictions["split"] == "real")]
+    width = (p["kld_high"] / p["kld_low"]).astype(float)
+    width = width[np.isfinite(width) & (width > 0)]
+    text = (f"*Each point is one zoo (model, recipe) predicted by `{kind}` fitted without the model's family, "
+            "coloured by family")
+    if len(real):
+        models = ", ".join(sorted(runs.loc[real.index, "model"].astype(str).unique()))
+        text += (f"; the diamonds are the {len(real)} runs of the real model{'s' if ',' in models else ''} "
+                 f"{models}, predicted by `{kind}` fitted on the zoo alone")
+    if len(width):
+        text += (f". Bars are the 90% intervals (capped; the median spans a factor {float(width.median()):.2f} "
+                 "from low to high, short on an axis of seven decades)")
+    return text + ".*"
 
 
 def real_model_table(predictions: pd.DataFrame, runs: pd.DataFrame, kind: str) -> str:
@@ -168,6 +198,8 @@ def write_targets_report(metrics: pd.DataFrame, predictions: pd.DataFrame, runs:
         + (" and `gbm` (the former default, delta NLL only)." if "gbm" in set(metrics["kind"]) else "."),
         "",
         f"![predicted vs measured KLD]({fig.name})",
+        "",
+        kld_caption(predictions, runs, fitted),
         "",
         f"## Targets ({fitted}, leave one family out unless stated)",
         "",

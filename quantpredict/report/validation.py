@@ -78,32 +78,35 @@ def _table(df: pd.DataFrame, columns: dict[str, str]) -> str:
 
 def plot_predictions(validation: Validation, path: str | Path, groups: str = "family",
                      kinds: Sequence[str] | None = None) -> Path:
-    """Predicted vs measured delta (symlog axes) with the 90% intervals, one panel per kind."""
-    import matplotlib
+    """Predicted vs measured delta (symlog axes) with the 90% intervals, one panel per kind, one colour per family
+    (:func:`quantpredict.style.family_colors`, as in every other figure)."""
+    from quantpredict.report.figures import symlog_axis
+    from quantpredict.style import family_colors, intervals, pyplot, style
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     p = validation.predictions
     p = p[(p["groups"] == groups) & np.isfinite(p["delta_nll"].to_numpy(float))]
     kinds = list(kinds or dict.fromkeys(p["kind"]))
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.6), squeeze=False)
+    colors = family_colors(p["family"].astype(str)) if len(p) else {}
     lim_lo = float(np.nanmin(p[["delta", "delta_low"]].to_numpy(float))) if len(p) else -1e-3
     lim_hi = float(np.nanmax(p[["delta", "delta_high"]].to_numpy(float))) if len(p) else 1.0
     thresh = max(float(np.nanmedian(np.abs(p["delta"]))) / 10, 1e-5) if len(p) else 1e-4
-    for ax, kind in zip(axes[0], kinds):
-        s = p[p["kind"] == kind]
-        for fam, g in s.groupby(s["family"].astype(str)):
-            yerr = np.vstack([g["delta_nll"] - g["delta_low"], g["delta_high"] - g["delta_nll"]]).clip(min=0)
-            ax.errorbar(g["delta"], g["delta_nll"], yerr=yerr, fmt="o", ms=2.5, lw=0.5, alpha=0.6, label=fam)
-        ax.plot([lim_lo, lim_hi], [lim_lo, lim_hi], "k--", lw=0.8)
-        ax.set_xscale("symlog", linthresh=thresh)
-        ax.set_yscale("symlog", linthresh=thresh)
-        ax.set_title(f"{kind} (leave-one-{groups}-out)", fontsize=9)
-        ax.set_xlabel("measured delta NLL (nats)")
-    axes[0][0].set_ylabel("predicted delta NLL, 90% interval")
-    axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    with style():
+        fig, axes = plt.subplots(1, len(kinds), figsize=(3.6 * len(kinds), 3.6), squeeze=False, sharey=True)
+        for ax, kind in zip(axes[0], kinds):
+            s = p[p["kind"] == kind]
+            for fam, g in s.groupby(s["family"].astype(str)):
+                intervals(ax, g["delta"], g["delta_nll"], g["delta_low"], g["delta_high"], color=colors[fam],
+                          label=fam, s=8)
+            ax.plot([lim_lo, lim_hi], [lim_lo, lim_hi], "k--", lw=0.8, zorder=2)
+            symlog_axis(ax, "x", thresh, s["delta"])
+            # the y axis is shared: its ticks span every panel
+            symlog_axis(ax, "y", thresh, p[["delta_nll", "delta_low", "delta_high"]].to_numpy(float).ravel())
+            ax.set_title(f"{kind} (leave-one-{groups}-out)", fontsize=9)
+            ax.set_xlabel("measured delta NLL (nats)")
+        axes[0][0].set_ylabel("predicted delta NLL, 90% interval")
+        axes[0][0].legend(fontsize=7, loc="upper left")
+        return _save(fig, path)
 
 
 def plot_subsample(curve: pd.DataFrame, points: pd.DataFrame, path: str | Path) -> Path:

@@ -46,7 +46,8 @@ def render_figures(records: Sequence[dict], out_dir: str | Path, prefix: str = "
     ax.set_ylabel("test NLL - FP NLL (nats/token)")
     ax.set_title("Same calibration data: PTQ vs QAT (" + (models[0] if len(models) == 1 else
                  f"mean over {len(models)} models; bars: largest paired se") + ")")
-    ax.legend()
+    # outside the axes: inside, any corner covers some format's bars
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     written.append(out / f"{prefix}_ppl.png")
     fig.savefig(written[-1], dpi=120)

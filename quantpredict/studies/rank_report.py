@@ -109,7 +109,13 @@ def render(path: str | Path, rank: pd.DataFrame, alloc: pd.DataFrame, *, figure:
     path = Path(path)
     parts = ["# Rank and allocate", ""]
     if figure:
-        parts += [f"![predicted KLD and perplexity against bits]({figure})", ""]
+        from quantpredict.report.frontier import bound_text
+
+        parts += [f"![predicted KLD and perplexity against bits]({figure})", "",
+                  "*Every candidate recipe priced by `rank` from the weights: predicted KLD and perplexity against "
+                  "bits per element with 90% intervals, the Pareto frontier and the recommendation. Recipes with a "
+                  f"{bound_text()} are left out of the frontier and the axes (the region a user would ship); the note "
+                  "on the perplexity panel names them.*", ""]
     parts += list(costs) + [""] if costs else []
     if not rank.empty:
         n, ok = len(rank), int(rank["within_2se"].sum())

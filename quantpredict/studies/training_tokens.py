@@ -76,26 +76,35 @@ def law_predict(fit: dict, D: np.ndarray, N: np.ndarray, P: np.ndarray) -> np.nd
 
 
 def figure(df: pd.DataFrame, out: Path, target: str, formats: Sequence[str], real: pd.DataFrame | None = None) -> Path:
-    from quantpredict.report.style import PANEL, pyplot, style
+    """One panel per format: ``target`` against training tokens per parameter, one line per zoo base model (its
+    family's colour, one marker per size), the real model a star in its own colour; one x label for the row."""
+    from quantpredict.report.style import PANEL, family_colors, pyplot, style
 
     plt = pyplot()
+    bases = sorted(df["base"].unique())
+    colors = family_colors(list(bases) + ([] if real is None else list(real["model"].astype(str).unique())))
+    markers = dict(zip(sorted({b.split("-", 1)[-1] for b in bases}), "o^sDv"))
     with style():
-        fig, axes = plt.subplots(1, len(formats), figsize=(PANEL[0] * len(formats) * 0.8, PANEL[1]), squeeze=False)
+        fig, axes = plt.subplots(1, len(formats), figsize=(PANEL[0] * len(formats) * 0.8, PANEL[1] + 0.3),
+                                 squeeze=False, layout="constrained")
         for ax, fmt in zip(axes[0], formats):
-            for base in sorted(df["base"].unique()):
+            for base in bases:
                 s = df[(df["base"] == base) & (df["recipe"] == f"{fmt}-rtn")].sort_values("tokens_per_param")
                 if len(s):
-                    ax.plot(s["tokens_per_param"], s[target].clip(lower=1e-6), "o-", ms=3, label=base)
+                    ax.plot(s["tokens_per_param"], s[target].clip(lower=1e-6), "-", marker=markers.get(
+                        base.split("-", 1)[-1], "o"), ms=3.5, color=colors[base], label=base)
             if real is not None:
                 rr = real[real["recipe"] == f"{fmt}-rtn"].assign(delta=lambda r: r["nll_quant"] - r["nll_fp"])
                 if len(rr):
-                    ax.plot(rr["tokens_per_param"], rr[target], "*", ms=10, color="k", label=rr["model"].iloc[0])
+                    name = str(rr["model"].iloc[0])
+                    ax.plot(rr["tokens_per_param"], rr[target], "*", ms=11, color=colors[name], mec="k", mew=0.5,
+                            label=f"{name} (real)")
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_title(f"{fmt} RTN")
-            ax.set_xlabel("training tokens per non-embedding parameter")
+        fig.supxlabel("training tokens per non-embedding parameter", fontsize=8.5)
         axes[0][0].set_ylabel({"kld": "KLD (nats/token)", "delta": "delta NLL (nats/token)"}[target])
-        axes[0][-1].legend(fontsize=6)
+        axes[0][-1].legend(fontsize=6, loc="lower right")
         fig.savefig(out)
         plt.close(fig)
     return out
