@@ -7,7 +7,8 @@
 * :func:`resolve_device` turns ``"cpu"`` / ``"cuda"`` / ``"cuda:1"`` / ``"mps"`` into a :class:`torch.device`, or
   raises :class:`~quantpredict.errors.DeviceError` naming the flag and the devices this machine has.
 * :func:`resolve_dtype` reads ``"fp32"`` / ``"bf16"`` (and their torch spellings) as the compute dtype of forward
-  passes; float32 stays in charge of everything numerically delicate (see README, "Memory, devices and bf16").
+  passes; float32 stays in charge of everything numerically delicate (see docs/workflow.md, "Memory, devices and
+  bf16").
 * :func:`logits_chunk_tokens`: how many token rows of a ``[tokens, vocab]`` float32 logit matrix fit in
   :data:`LOGITS_CHUNK_BYTES` (64 MiB), the most any head computation here materialises at once.
 """

@@ -90,8 +90,8 @@ def test_the_variable_is_read_at_import(tmp_path):
 
 
 def _installed_wheel(tmp_path: Path) -> tuple[Path, dict]:
-    """README's "Installed without the checkout" commands: build the wheel of a copy of the package sources (so
-    that no stale build/ of the checkout gets into it, and nothing is written there), make a venv with
+    """The "Installed without the checkout" commands (docs/installed.md): build the wheel of a copy of the package
+    sources (so that no stale build/ of the checkout gets into it, and nothing is written there), make a venv with
     --system-site-packages and ``pip install --no-deps`` the wheel into it. Returns the venv and the environment
     to run it in (no PYTHONPATH, no QUANTPREDICT_DATA, an empty QUANTPREDICT_HOME)."""
     import shutil
@@ -130,8 +130,8 @@ def _installed_wheel(tmp_path: Path) -> tuple[Path, dict]:
 
 @pytest.mark.e2e  # in CI: about a minute (on two loaded cores), most of it the demo's one prediction
 def test_an_installed_wheel_runs_zoo_list_and_demo_from_elsewhere(tmp_path):
-    """The installed user's story (README, "Installed without the checkout"): the wheel in a venv that shares the
-    torch already installed, run from a directory outside the checkout. Without QUANTPREDICT_DATA, `zoo list` and
+    """The installed user's story (docs/installed.md): the wheel in a venv that shares the torch already installed,
+    run from a directory outside the checkout. Without QUANTPREDICT_DATA, `zoo list` and
     `demo` stop with one line naming the variable (no advice to run `zoo build`, which would need it too); with it
     pointing at the checkout's data/, both work and write nothing where they run."""
     venv, env = _installed_wheel(tmp_path)

@@ -20,7 +20,8 @@ __all__ = [
 
 
 def feature_table_markdown() -> str:
-    """The README table of every feature: name, group, definition, cost (generated from the schema)."""
+    """The table of every feature (docs/workflow.md, "Features"): name, group, definition, cost (generated from the
+    schema)."""
     rows = ["| feature | group | definition | cost |", "|---|---|---|---|"]
     for f in FEATURES:
         definition = f.definition.replace("|", r"\|")
