@@ -127,12 +127,47 @@ def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, eval
 
     More than ten parameters, on purpose: past the evaluation setting, the keyword-only options are independent
     (window layout, batching, the names the result carries, the FP cache, the BOS token id)."""
-    w = windowing(evaluation, setting, fn="compare_ids", allowed=("seq_len", "max_windows"))
-    windows = make_windows(ids, w.seq_len, stride=stride, max_windows=w.max_windows,
-                           source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id)
+    windows = _id_windows(ids, evaluation, setting, stride=stride, dataset=dataset, split=split, bos_id=bos_id)
     res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
                           dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key)
     return Comparison(**{**res.to_dict(), "stride": stride, "bos": bos_id is not None})
+
+
+def _id_windows(ids: torch.Tensor, evaluation: EvalSetting | None, setting: dict[str, Any], *, stride: int | None,
+                dataset: str, split: str, bos_id: int | None) -> Windows:
+    """The windows :func:`compare_ids` scores (and :func:`fill_fp_cache` fills the FP side of)."""
+    w = windowing(evaluation, setting, fn="compare_ids", allowed=("seq_len", "max_windows"))
+    return make_windows(ids, w.seq_len, stride=stride, max_windows=w.max_windows,
+                        source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id)
+
+
+def fill_fp_cache(model_fp: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *,
+                  fp_cache: FPLogitsCache, fp_key: str, text: str | Path | None = None, dataset: str = "wikitext2",
+                  split: str = "test", stride: int | None = None, batch_size: int = 8,
+                  progress: bool | None = None, device: Any = None, **setting: Any) -> bool:
+    """Run only the FP side of :func:`compare` (the same arguments, the same windows and batches) and keep it in
+    ``fp_cache`` under ``fp_key``, so that the FP model can be quantized in place and then compared with the cache in
+    strict mode, the quantized model standing in for ``model_fp`` (whose head alone the comparison still reads)::
+
+        fill_fp_cache(model, tok, setting, fp_cache=cache, fp_key=key)
+        quantize_model(model, recipe, calib)          # in place: head and embeddings untouched
+        with cache.strict():
+            cmp = compare(model, model, tok, setting, fp_cache=cache, fp_key=key)
+
+    That is right only when quantizing leaves the head as it was. Returns False, computing nothing, when the cache
+    cannot keep the entry (too large for memory, no directory): compare with a copy of the FP model then. Memory:
+    the model, one batch's activations and the cache (on disk above its ``max_bytes``).
+    """
+    from quantpredict.evaluate.perplexity import setting_stream
+    from quantpredict.evaluate.scoring import fill_fp_cache as fill_windows
+    from quantpredict.memory import placed
+
+    w, stream, _, _ = setting_stream(tokenizer, evaluation, setting, fn="compare", text=text, dataset=dataset,
+                                     split=split)
+    windows = _id_windows(stream.ids, None, {"seq_len": w.seq_len, "max_windows": w.max_windows}, stride=stride,
+                          dataset=dataset, split=split, bos_id=stream.bos_id)
+    with placed([model_fp], device):
+        return fill_windows(model_fp, windows, fp_cache, fp_key, batch_size=batch_size, progress=progress)
 
 
 def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *,

@@ -200,6 +200,10 @@ class FPLogitsCache:
     out of memory), else not at all. The caller names the FP model by ``key`` (e.g. its name and weights hash): a
     wrong key gives wrong results. The cache only ever deletes the files it wrote, and ``directory`` if it made it
     (as soon as it holds none of them: an interrupted process leaves no empty folder behind).
+
+    Inside ``with cache.strict():`` every comparison must find each FP batch here (filled by
+    :func:`fill_fp_cache`): a miss, or an entry the cache cannot keep, raises instead of running the "FP" model,
+    which in a one-copy run is the quantized model itself.
     """
 
     def __init__(self, max_bytes: int = 2 * 2**30, directory: str | Path | None = None):
@@ -211,6 +215,16 @@ class FPLogitsCache:
         self._on_disk = False
         self._written: list[Path] = []
         self._made_dir = False
+        self.strict_mode = False
+
+    @contextlib.contextmanager
+    def strict(self) -> Iterator[FPLogitsCache]:
+        """Strict mode for the ``with`` (see the class docstring); the previous mode is restored after."""
+        old, self.strict_mode = self.strict_mode, True
+        try:
+            yield self
+        finally:
+            self.strict_mode = old
 
     def lookup(self, key: str, windows: Windows, batch_size: int, vocab: int, *, what: str = "logits") -> bool:
         """Select the entry for ``key`` on ``windows``; True if its logits may be kept (in memory or on disk).
@@ -284,40 +298,32 @@ class FPLogitsCache:
 
 def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
               progress: bool | None = None, desc: str = "compare", fp_cache: FPLogitsCache | None = None,
-              fp_key: str | None = None, chunk_bytes: int = LOGITS_CHUNK_BYTES) -> dict[str, torch.Tensor]:
+              fp_key: str | None = None, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
     """Per-window float64 sums, over scored positions, of the statistics ``compare`` reports.
 
     Returns ``{"nll_fp", "delta_nll", "kld", "top1"}``, each ``[n]`` (see :func:`token_comparison`): the FP NLL, the
     quantized-minus-FP NLL, KL(P_fp || P_q) in nats, and the count of positions whose most likely next token agrees.
-    ``fp_cache`` with ``fp_key`` (naming ``model_fp``) reuses the FP logits of an earlier call on the same windows.
-    Where the vocabulary is large (or a model is half precision) both heads run in token chunks of at most
-    ``chunk_bytes`` float32 logits on the models' hidden states (see the module docstring for the bound).
+    ``fp_cache`` with ``fp_key`` (naming ``model_fp``) reuses the FP logits of an earlier call on the same windows
+    (or of :func:`fill_fp_cache`); a cache in strict mode (:meth:`FPLogitsCache.strict`) must hold every batch, and
+    ``model_fp`` is then read for its head alone. Where the vocabulary is large (or a model is half precision)
+    both heads run in token chunks of at most ``chunk_bytes`` (default ``LOGITS_CHUNK_BYTES``, read at call time)
+    float32 logits on the models' hidden states (see the module docstring for the bound).
     """
+    chunk_bytes = LOGITS_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     check_model(model_fp, windows, "FP model")
     check_model(model_q, windows, "quantized model")
     keys = ("nll_fp", "delta_nll", "kld", "top1")
     out = {k: torch.empty(windows.n, dtype=torch.float64) for k in keys}
 
-    tokens = batch_size * (windows.seq_len - 1)
-    chunked = (lmhead.supports_chunking(model_fp) and lmhead.supports_chunking(model_q)
-               and (chunked_head(model_fp, tokens, chunk_bytes) or chunked_head(model_q, tokens, chunk_bytes)))
+    chunked = _chunked_pair(model_fp, model_q, batch_size * (windows.seq_len - 1), chunk_bytes)
     heads = (_head32(model_fp), _head32(model_q)) if chunked else None
     if heads is not None and heads[0].shape != heads[1].shape:
         _vocab_mismatch(heads[0].shape[0], heads[1].shape[0])
-    keep = False
-    if fp_cache is not None and fp_key is not None:
-        width = arch_width(model_fp) if chunked else int(getattr(model_fp.config, "vocab_size", 0) or 0)
-        keep = width > 0 and fp_cache.lookup(fp_key, windows, batch_size, width,
-                                             what="hidden" if chunked else "logits")
     with eval_mode(model_fp, model_q):
         lo = 0
-        for b, batch in enumerate(batches(windows, batch_size, desc=desc, progress=progress)):
-            first = fp_cache.get(b) if keep else None
-            if first is None:
-                first = batch_hidden(model_fp, batch.ids) if chunked else next_token_logits(model_fp, batch.ids)
-                if keep:
-                    fp_cache.put(b, first)
-            elif chunked:  # hidden states read back from disk: to the device of the FP head
+        for batch, first in _fp_side(model_fp, windows, batch_size=batch_size, chunked=chunked, fp_cache=fp_cache,
+                                     fp_key=fp_key, desc=desc, progress=progress):
+            if chunked:  # hidden states (maybe read back from disk): to the device of the FP head
                 first = first.to(heads[0].device)
             second = batch_hidden(model_q, batch.ids) if chunked else next_token_logits(model_q, batch.ids)
             second = second.to(first.device)
@@ -332,6 +338,69 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
             _check_finite(out["delta_nll"][lo : lo + batch.n], lo, "quantized model")
             lo += batch.n
     return out
+
+
+def fill_fp_cache(model_fp: nn.Module, windows: Windows, fp_cache: FPLogitsCache, fp_key: str, *,
+                  batch_size: int = 8, progress: bool | None = None, desc: str = "FP side",
+                  chunk_bytes: int | None = None) -> bool:
+    """Put the FP side of a later :func:`pair_sums` (same windows, ``batch_size`` and ``fp_key``) into ``fp_cache``:
+    the FP model's forward passes alone, batch by batch, exactly as :func:`pair_sums` would run them (the same
+    batches, and the same choice between logits and hidden states, for a quantized model whose head is the FP
+    model's). Batches already cached are not recomputed. Returns False, computing nothing, when the cache cannot
+    keep this entry (too large for memory and no directory): the caller must then keep the FP model for the
+    comparison. The memory is ``model_fp``, one batch's activations and the cache (on disk above ``max_bytes``).
+    """
+    chunk_bytes = LOGITS_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
+    check_model(model_fp, windows, "FP model")
+    chunked = _chunked_pair(model_fp, model_fp, batch_size * (windows.seq_len - 1), chunk_bytes)
+    if not _fp_entry(model_fp, windows, batch_size, chunked, fp_cache, fp_key):
+        return False
+    with eval_mode(model_fp):
+        for _ in _fp_side(model_fp, windows, batch_size=batch_size, chunked=chunked, fp_cache=fp_cache,
+                          fp_key=fp_key, desc=desc, progress=progress):
+            pass
+    return True
+
+
+def _chunked_pair(model_fp: nn.Module, model_q: nn.Module, tokens: int, chunk_bytes: int) -> bool:
+    """Whether :func:`pair_sums` applies both heads in token chunks (hidden states cached) or compares logits."""
+    return (lmhead.supports_chunking(model_fp) and lmhead.supports_chunking(model_q)
+            and (chunked_head(model_fp, tokens, chunk_bytes) or chunked_head(model_q, tokens, chunk_bytes)))
+
+
+def _fp_entry(model_fp: nn.Module, windows: Windows, batch_size: int, chunked: bool,
+              fp_cache: FPLogitsCache | None, fp_key: str | None) -> bool:
+    """Select the cache entry of ``model_fp`` on ``windows``; True when its batches can be kept."""
+    if fp_cache is None or fp_key is None:
+        return False
+    width = arch_width(model_fp) if chunked else int(getattr(model_fp.config, "vocab_size", 0) or 0)
+    return width > 0 and fp_cache.lookup(fp_key, windows, batch_size, width, what="hidden" if chunked else "logits")
+
+
+def _fp_side(model_fp: nn.Module, windows: Windows, *, batch_size: int, chunked: bool,
+             fp_cache: FPLogitsCache | None, fp_key: str | None, desc: str,
+             progress: bool | None) -> Iterator[tuple[Windows, torch.Tensor]]:
+    """``(batch, FP logits or hidden states)`` per batch: from the cache, or computed by ``model_fp`` (in eval
+    mode, the caller's) and put there. A cache in strict mode raises on an entry it cannot keep or a missing batch
+    instead of running ``model_fp``, which may then be a quantized model that shares the FP head."""
+    strict = fp_cache is not None and fp_cache.strict_mode
+    if strict and fp_key is None:
+        raise ModelError("a strict FP cache needs fp_key naming the FP model")
+    keep = _fp_entry(model_fp, windows, batch_size, chunked, fp_cache, fp_key)
+    if strict and not keep:
+        raise ModelError(f"the strict FP cache cannot hold the FP side of {fp_key!r} on these windows (too large "
+                         "for memory and no directory); fill it first or compare with the FP model itself")
+    for b, batch in enumerate(batches(windows, batch_size, desc=desc, progress=progress)):
+        first = fp_cache.get(b) if keep else None
+        if first is None:
+            if strict:
+                raise ModelError(f"the strict FP cache misses batch {b} of {fp_key!r} "
+                                 f"({'hidden states' if chunked else 'logits'}, batch size {batch_size}); fill it "
+                                 "with evaluate.fill_fp_cache on the same windows and FP model first")
+            first = batch_hidden(model_fp, batch.ids) if chunked else next_token_logits(model_fp, batch.ids)
+            if keep:
+                fp_cache.put(b, first)
+        yield batch, first
 
 
 def _vocab_mismatch(v_fp: int, v_q: int) -> None:

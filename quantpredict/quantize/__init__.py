@@ -41,6 +41,7 @@ from quantpredict.quantize.model import (
     save_quantized,
     size_report,
 )
+from quantpredict.quantize.plan import keeps_head_and_embeddings
 from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 from quantpredict.recipe import METHODS, LayerRule, Recipe, mixed_recipe, resolve_block_size
@@ -70,6 +71,7 @@ __all__ = [
     "has_act_quant",
     "install_act_quant",
     "install_act_quant_on",
+    "keeps_head_and_embeddings",
     "layer_output_error",
     "layer_plan",
     "mixed_recipe",

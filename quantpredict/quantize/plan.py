@@ -11,7 +11,7 @@ from quantpredict import arch
 from quantpredict.arch import LinearRef
 from quantpredict.recipe import Recipe
 
-__all__ = ["PlannedLayer", "layer_plan", "quantized_linears"]
+__all__ = ["PlannedLayer", "keeps_head_and_embeddings", "layer_plan", "quantized_linears"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +36,20 @@ def quantized_linears(model: nn.Module, recipe: Recipe, block_index: int | None 
     """The linear layers ``recipe`` quantizes (all of ``arch.linear_layers`` but those it leaves in full
     precision: ``recipe.skip`` and ``skip`` overrides)."""
     return [p.ref for p in layer_plan(model, recipe, block_index)]
+
+
+def keeps_head_and_embeddings(model: nn.Module, recipe: Recipe) -> bool:
+    """True when quantizing ``model`` as ``recipe`` says leaves its LM head and input embeddings as they are: no
+    planned layer is (or shares a weight with) one of them. Today no plan can name them (they are not in
+    ``arch.linear_layers``); this is the check for a future mix that would, which a caller relying on an unchanged
+    head (``runs.execute_run``'s one-copy comparison) must make rather than assume."""
+    protected = [arch.head(model), *arch.embedding_modules(model)]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        protected.append(out_emb)
+    modules = {id(m) for m in protected}
+    storages = {p.untyped_storage().data_ptr() for m in protected for p in m.parameters()}
+    for p in layer_plan(model, recipe):
+        if id(p.ref.module) in modules or p.ref.weight.untyped_storage().data_ptr() in storages:
+            return False
+    return True
