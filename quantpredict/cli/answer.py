@@ -113,8 +113,10 @@ def notes(caught: Sequence[warnings.WarningMessage], out_of_range: Iterable[tupl
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
         what = (f"{len(names)} recipes lie" if len(names) != 1 else "1 recipe lies") if names else "some recipes lie"
         lines.append(f"note: {what} outside the predictor's training range{': ' + shown if shown else ''}"
-                     f"{' (' + ', '.join(inputs) + ')' if inputs else ''}; their intervals are widened by the "
-                     "distance outside, and their predictions are extrapolations")
+                     f"{' (' + ', '.join(inputs) + ')' if inputs else ''}; "
+                     + ("its interval is widened by the distance outside, and its prediction is an extrapolation"
+                        if len(names) == 1 else "their intervals are widened by the distance outside, and their "
+                        "predictions are extrapolations"))
     seen = set()
     for w in caught:
         if issubclass(w.category, OutOfRangeWarning):

@@ -17,17 +17,17 @@ Every predictor is a :class:`SavedPredictor` (:mod:`.saved`: save, load by kind,
 :func:`predict_quality` computes a model's features on the fly and predicts with a saved predictor (the default
 one unless told). Every quantized perplexity rests on the FP reference of :func:`resolve_fp_reference`
 (:mod:`.fp_reference`: a measured FP perplexity with its SE; :func:`full_eval_cost` is the shared estimate of what a
-full evaluation would cost). The pages that report validations are written by :mod:`quantpredict.report`; run tables are read
-by :mod:`quantpredict.runs.table`.
+full evaluation would cost). The pages that report validations are written by :mod:`quantpredict.report`; run
+tables are read by :mod:`quantpredict.runs.table`.
 """
 
 from __future__ import annotations
 
 from quantpredict.errors import PredictorError
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS
+from quantpredict.predict.fp_reference import FPReference, full_eval_cost, resolve_fp_reference
 from quantpredict.predict.physics import PHYSICS_KINDS, PhysicsPredictor
 from quantpredict.predict.predictor import Predictor
-from quantpredict.predict.fp_reference import FPReference, full_eval_cost, resolve_fp_reference
 from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR, Prediction, predict_quality
 from quantpredict.predict.saved import KIND_ROLES, SavedPredictor
 from quantpredict.predict.validate import (
