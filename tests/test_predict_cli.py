@@ -48,7 +48,7 @@ def test_predict_quality_with_patched_features(runs, ols, monkeypatch):
     monkeypatch.setattr("quantpredict.features.extract", fake_extract(runs, calls))
     ids = torch.arange(3, 300)
     recipe = Recipe(weight_format="mxint4", method="gptq")
-    pr = quantpredict.predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids)
+    pr = quantpredict.predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, ppl_fp="predicted")
     assert isinstance(pr, Prediction)
     assert calls[0]["which"] == list(ols.required_groups) == ["model", "format", "noise", "landscape"]
     assert pr.recipe == recipe.label and pr.predictor_kind == "ols" and pr.ppl_fp_source == "predicted"
@@ -61,12 +61,14 @@ def test_predict_quality_with_patched_features(runs, ols, monkeypatch):
     assert pr.delta_nll == pytest.approx(ref["delta_nll"], rel=1e-12)
     assert pr.ppl == pytest.approx(ref["ppl"], rel=1e-12)
     measured = predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, ppl_fp=50.0)
-    assert measured.ppl_fp_source == "measured" and measured.ppl == pytest.approx(50 * np.exp(pr.delta_nll))
+    assert measured.ppl_fp_source == "--ppl-fp" and measured.ppl == pytest.approx(50 * np.exp(pr.delta_nll))
+    with pytest.raises(PredictorError, match="tokenizer"):  # nothing to measure the FP perplexity with
+        predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids)
     json.dumps(pr.to_dict())  # serialisable for --json
-    seen = predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, model_name="llama-00")
+    seen = predict_quality(tiny_model("llama"), recipe, ols, calib_ids=ids, model_name="llama-00", ppl_fp=50.0)
     assert seen.model == "llama-00" and seen.eval_seconds is None  # synthetic runs carry no eval_seconds
     timed = Predictor("bits").fit(runs.assign(eval_seconds=np.where(runs["model"] == "llama-00", 12.0, 30.0)))
-    assert predict_quality(tiny_model("llama"), recipe, timed, calib_ids=ids, model_name="llama-00"
+    assert predict_quality(tiny_model("llama"), recipe, timed, calib_ids=ids, model_name="llama-00", ppl_fp=50.0
                            ).eval_seconds == 12.0
 
 
@@ -139,15 +141,20 @@ def test_predict_cli_json_and_table(runs, ols, tmp_path, monkeypatch, capsys, to
     monkeypatch.setattr("quantpredict.models.check_model_dir", lambda name, **kw: name)  # "tiny" is not on disk
     monkeypatch.setattr("quantpredict.data.token_ids", lambda tok, name="wikitext2", split="test":
                         torch.arange(3, 200) if split == "train" else pytest.fail("test split used for calibration"))
-    rc = main(["predict", "tiny", "--format", "mxint4,mxint8", "--method", "rtn", "--predictor", str(d), "--json"])
+    monkeypatch.setattr("quantpredict.predict.fp_reference._time_forward", lambda model, tok: (0.01, 100))
+    rc = main(["predict", "tiny", "--format", "mxint4,mxint8", "--method", "rtn", "--predictor", str(d), "--json",
+               "--ppl-fp", "50"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["recipe"] for r in res] == ["mxint4-rtn", "mxint8-rtn"]
     assert res[0]["delta_nll"] > res[1]["delta_nll"]  # 4 bits lose more than 8
     assert res[0]["model"] == "tiny" and res[0]["eval_seconds"] is None  # not a training model
-    assert main(["predict", "tiny", "--format", "mxint4", "--predictor", str(d)]) == 0
+    assert res[0]["ppl_fp"] == pytest.approx(50.0) and res[0]["ppl_fp_source"] == "--ppl-fp"
+    assert res[0]["full_eval_seconds"] == pytest.approx(2.0)  # 0.01 s per window x 100 windows x 2
+    assert main(["predict", "tiny", "--format", "mxint4", "--predictor", str(d), "--ppl-fp", "50"]) == 0
     table = capsys.readouterr().out
-    assert "mxint4-rtn" in table and "interval" in table
+    assert "mxint4-rtn" in table and "interval" in table and "FP perplexity 50.00 (given with --ppl-fp" in table
+    assert "~2 s (estimated" in table
 
 
 def test_predict_cli_missing_predictor(tmp_path, capsys):
@@ -160,7 +167,7 @@ def test_predict_quality_real_features_tiny_model(runs, ols):
     """The real features.extract on a tiny random Llama, through the OLS predictor fitted on synthetic runs."""
     ids = torch.randint(3, 320, (2000,), generator=torch.Generator().manual_seed(0))
     pr = predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4", method="rtn"), ols, calib_ids=ids,
-                         extract_options={"n_windows": 2, "seq_len": 32})
+                         extract_options={"n_windows": 2, "seq_len": 32}, ppl_fp="predicted")
     assert np.isfinite([pr.ppl, pr.ppl_low, pr.ppl_high, pr.delta_nll]).all()
     assert set(pr.features) >= set(ols.features)
 

@@ -72,49 +72,38 @@ def parse_recipes(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _full_eval_seconds(model: str) -> str:
-    from quantpredict.models import zoo_card
-
-    try:
-        secs = zoo_card(model).get("test_eval_seconds")
-    except Exception:  # noqa: BLE001 -- not a zoo model: no card, nothing to compare against
-        return "n/a"
-    return f"{secs:.1f}" if secs else "n/a"
-
-
-def _card_ppl(model: str) -> float | None:
-    from quantpredict.models import zoo_card
-
-    try:
-        return zoo_card(model).get("test_ppl")
-    except Exception:  # noqa: BLE001 -- not a zoo model: the FP perplexity is predicted instead
-        return None
-
-
 def _predict(model_name: str, recipes, device=None) -> int:
     from quantpredict import models
+    from quantpredict.cli import answer
+    from quantpredict.predict.fp_reference import full_eval_cost, resolve_fp_reference
     from quantpredict.predict.quality import predict_quality, resolve_predictor
     from quantpredict.quantize import Recipe
 
     predictor = resolve_predictor("default")
     model, tok = models.load(model_name, attn_implementation="eager", device=device)
-    full = _full_eval_seconds(model_name)
-    ppl_fp = _card_ppl(model_name)  # the FP model's measured test perplexity, when the zoo card has it
     import math
 
-    print(f"{model_name}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals); a full test "
-          f"evaluation of one quantized model costs {full} s")
-    print(f"FP perplexity: {'measured (zoo card)' if ppl_fp else 'predicted from the calibration NLL'}")
+    rows = []
+    with answer.caught_warnings() as caught:
+        # the FP reference predict, rank and allocate use too (zoo card, cache, or measured once)
+        ref = resolve_fp_reference(model_name, model=model, tokenizer=tok)
+        for fmt, method in recipes:
+            rows.append(predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok,
+                                        ppl_fp=ref, model_name=model_name))
+    print(f"{model_name}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals, which carry the FP "
+          "perplexity's SE too)")
+    print(answer.fp_line(ref))
     print(f"{'recipe':20s} {'KLD':>9s} {'KLD 90% interval':>21s} {'ppl':>8s} {'ppl 90% interval':>19s} "
-          f"{'top-1%':>7s} {'seconds':>8s}")
-    for fmt, method in recipes:
-        pr = predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok,
-                             ppl_fp=ppl_fp)
+          f"{'vs FP':>8s} {'top-1%':>7s} {'seconds':>8s}")
+    for pr in rows:
         kld = (f"{pr.kld:9.5f} [{pr.kld_low:9.5f}, {pr.kld_high:9.5f}]" if math.isfinite(pr.kld)
                else f"{'n/a':>9s} {'':21s}")
         top1 = f"{100 * pr.top1:7.2f}" if math.isfinite(pr.top1) else f"{'n/a':>7s}"
-        print(f"{pr.recipe:20s} {kld} {pr.ppl:8.3f} [{pr.ppl_low:8.3f}, {pr.ppl_high:8.3f}] {top1} "
-              f"{pr.seconds:8.2f}")
+        print(f"{pr.recipe:20s} {kld} {answer.num(pr.ppl)} [{answer.num(pr.ppl_low)}, {answer.num(pr.ppl_high)}] "
+              f"{answer.pct(pr.ppl_increase_pct):>8s} {top1} {pr.seconds:8.2f}")
+    print(answer.cost_line(full_eval_cost(ref)))
+    for line in answer.notes(caught, [(pr.recipe, pr.out_of_range) for pr in rows]):
+        print(line)
     return 0
 
 

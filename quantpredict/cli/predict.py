@@ -6,7 +6,7 @@ import argparse
 import itertools
 import json
 
-from quantpredict.cli import options
+from quantpredict.cli import answer, options
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA")
     p.add_argument("--act-format", default=None)
     p.add_argument("--predictor", default="default", help="saved predictor directory (default: the shipped one)")
-    p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
+    answer.add_fp_options(p)
     options.add_feature_run(p)
     p.set_defaults(func=run)
 
@@ -43,35 +43,49 @@ def run(args: argparse.Namespace) -> int:
 
     calib = options.calib_stream(args, tok)
 
+    from quantpredict.predict.fp_reference import full_eval_cost, resolve_fp_reference
+
     results = []
-    for what, method in itertools.product(_split(args.weight_format or args.mix), _split(args.method)):
-        recipe = Recipe(weight_format=what if args.weight_format else "q4_k", block_size=args.block_size,
-                        method=method, smoothquant_alpha=args.smoothquant, act_format=args.act_format)
-        if args.mix:
-            recipe = named_mix(what, model, base=recipe)
-        pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=args.ppl_fp, calib_ids=calib,
-                             model_name=args.model, extract_options={"max_memory": budget})
-        results.append(pr.to_dict())
+    with answer.caught_warnings() as caught:
+        # the FP reference, resolved once by name (zoo card, cache, or measured once): every recipe rests on it
+        ref = resolve_fp_reference(args.model, model=model, tokenizer=tok, ppl_fp=args.ppl_fp,
+                                   fp_windows=args.fp_windows)
+        for what, method in itertools.product(_split(args.weight_format or args.mix), _split(args.method)):
+            recipe = Recipe(weight_format=what if args.weight_format else "q4_k", block_size=args.block_size,
+                            method=method, smoothquant_alpha=args.smoothquant, act_format=args.act_format)
+            if args.mix:
+                recipe = named_mix(what, model, base=recipe)
+            pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=ref, calib_ids=calib,
+                                 model_name=args.model, extract_options={"max_memory": budget})
+            results.append(pr.to_dict())
+    cost = full_eval_cost(ref)
+    notes = answer.notes(caught, [(r["recipe"], r["out_of_range"]) for r in results])
     if args.json:
         import math
 
         clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
-                 for r in results]  # strict JSON has no NaN (the delta-only kinds predict no KLD)
+                 | {"notes": notes} for r in results]  # strict JSON has no NaN (the delta-only kinds predict no KLD)
         print(json.dumps(clean if len(clean) > 1 else clean[0], indent=1))
         return 0
     import math
 
     has_kld = any(math.isfinite(r["kld"]) for r in results)
-    print(f"{args.model}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals)")
+    fp_value = results[0]["ppl_fp"] if results else None
+    print(f"{args.model}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals, which carry the "
+          "FP perplexity's SE too)")
+    print(answer.fp_line(ref, fp_value))
     kld_head = f" {'KLD':>9s} {'KLD interval':>21s} {'top-1%':>7s}" if has_kld else ""
-    print(f"{'recipe':32s}{kld_head} {'ppl':>10s} {'interval':>21s} {'delta NLL':>10s} {'FP ppl':>14s} "
-          f"{'seconds':>8s} {'full eval s':>11s}")
+    print(f"{'recipe':32s}{kld_head} {'ppl':>10s} {'interval':>21s} {'vs FP':>8s} {'delta NLL':>10s} "
+          f"{'seconds':>8s}")
     for r in results:
-        ev = "n/a" if r["eval_seconds"] is None else f"{r['eval_seconds']:.1f}"
         kld = (f" {r['kld']:9.5f} [{r['kld_low']:9.5f}, {r['kld_high']:9.5f}] {100 * r['top1']:7.2f}"
                if has_kld else "")
-        print(f"{r['recipe']:32s}{kld} {r['ppl']:10.3f} [{r['ppl_low']:9.3f}, {r['ppl_high']:9.3f}] "
-              f"{r['delta_nll']:10.5f} {r['ppl_fp']:8.3f} ({r['ppl_fp_source'][:4]}) {r['seconds']:8.2f} {ev:>11s}")
+        print(f"{r['recipe']:32s}{kld} {answer.num(r['ppl'], 10)} [{answer.num(r['ppl_low'], 9)}, "
+              f"{answer.num(r['ppl_high'], 9)}] {answer.pct(r['ppl_increase_pct']):>8s} {r['delta_nll']:10.5f} "
+              f"{r['seconds']:8.2f}")
+    print(answer.cost_line(cost))
+    for line in notes:
+        print(line)
     return 0
 
 

@@ -8,7 +8,7 @@ import json
 import math
 import sys
 
-from quantpredict.cli import options
+from quantpredict.cli import answer, options
 from quantpredict.cli.profile import add_no_cache
 
 
@@ -30,7 +30,10 @@ def register(sub) -> None:
     budget.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
                         help="predicted perplexity at most PCT percent above the FP one")
     p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
-    p.add_argument("--ppl-fp", type=float, default=None, help="the model's measured FP perplexity, if known")
+    answer.add_fp_options(p)
+    p.add_argument("--all", action="store_true",
+                   help="list every candidate; by default recipes past the damage bound (predicted perplexity more "
+                        "than doubled, or KLD over 1 nat) are folded into one line")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write the frontier figure (PNG) to FILE")
     add_no_cache(p)
@@ -59,9 +62,13 @@ def run(args: argparse.Namespace) -> int:
     recipes = _recipes(args)  # bad labels or formats fail here, before the model is loaded
     options.check_model(args.model)
     options.check_out(args.plot, "--plot")
-    frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
-                         max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
-                         progress=True, cache=not args.no_cache)
+    with answer.caught_warnings() as caught:
+        frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
+                             max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
+                             progress=True, cache=not args.no_cache, fp_windows=args.fp_windows)
+    names = [r["mix"] if isinstance(r.get("mix"), str) else r["recipe"] for _, r in frame.iterrows()]
+    frame.attrs["notes"] = answer.notes(caught, zip(names, frame["out_of_range"].fillna("") if "out_of_range" in frame
+                                                               else [""] * len(frame)))
     _print(args, frame)  # the result first: a figure that cannot be written never costs the table
     if args.plot:
         from quantpredict.report.frontier import frontier_figure
@@ -76,34 +83,56 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print(args: argparse.Namespace, frame) -> None:
-    from quantpredict.predict.rank import COLUMNS
+    from quantpredict.predict.rank import COLUMNS, DAMAGE_KLD, DAMAGE_PPL_INCREASE_PCT
 
     a = frame.attrs
     if args.json:
         rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
                 for r in frame[list(COLUMNS)].to_dict("records")]
         print(json.dumps({"model": a["model"], "recommended": a["recommended"], "constraint": a["constraint"],
-                          "seconds": a["seconds"], "profile_seconds": a["profile_seconds"],
-                          "profile_cached": a["profile_cached"],
-                          "full_eval_seconds": a["full_eval_seconds"], "kept_16bit": a["kept_16bit"],
-                          "candidates": rows}, indent=1, default=str))
+                          "fp_reference": a["fp_reference"], "seconds": a["seconds"],
+                          "profile_seconds": a["profile_seconds"], "profile_cached": a["profile_cached"],
+                          "full_eval_seconds": a["full_eval_seconds"], "full_eval": a["full_eval"],
+                          "kept_16bit": a["kept_16bit"], "notes": a.get("notes", []), "candidates": rows},
+                         indent=1, default=str))
         return
+    fp = a["fp_reference"]
+    fp_value = float(frame["ppl_fp"].iloc[0]) if len(frame) else None
     print(f"{a['model']}: {len(frame)} candidates, predicted on WikiText-2 test ({a['predictor_kind']} predictor, "
-          "90% intervals); * = Pareto-optimal in KLD vs bits")
+          "90% intervals, which carry the FP perplexity's SE too); * = Pareto-optimal in KLD vs bits")
+    print(answer.fp_line(fp, fp_value))
     print(f"{'recipe':22s} {'bits':>5s} {'MiB':>7s} {'KLD':>9s} {'KLD interval':>21s} {'dNLL':>8s} {'ppl':>8s} "
-          f"{'ppl interval':>19s} {'top1%':>6s}")
+          f"{'ppl interval':>19s} {'vs FP':>8s} {'top1%':>6s}")
+    folded = []
     for _, r in frame.iterrows():
-        mark = "<-" if r["recommended"] else ("*" if r["pareto"] else "")
         name = r["mix"] if isinstance(r.get("mix"), str) else r["recipe"]
+        if r["past_damage_bound"] and not r["recommended"] and not args.all:
+            folded.append(name)
+            continue
+        mark = "<-" if r["recommended"] else ("*" if r["pareto"] else "")
         print(f"{name[:22]:22s} {r['bits_per_element']:5.2f} {r['size_bytes'] / 2**20:7.1f} {r['kld']:9.5f} "
-              f"[{r['kld_low']:9.5f}, {r['kld_high']:9.5f}] {r['delta_nll']:8.4f} {r['ppl']:8.2f} "
-              f"[{r['ppl_low']:8.2f}, {r['ppl_high']:8.2f}] {100 * r['top1']:6.2f} {mark}")
+              f"[{r['kld_low']:9.5f}, {r['kld_high']:9.5f}] {r['delta_nll']:8.4f} {answer.num(r['ppl'])} "
+              f"[{answer.num(r['ppl_low'])}, {answer.num(r['ppl_high'])}] {answer.pct(r['ppl_increase_pct']):>8s} "
+              f"{100 * r['top1']:6.2f} {mark}")
+    if folded:
+        print(f"{len(folded)} recipes past the damage bound (predicted perplexity up more than "
+              f"{DAMAGE_PPL_INCREASE_PCT:.0f}% or KLD over {DAMAGE_KLD:g} nat), not shown (--all lists them): "
+              f"{', '.join(folded)}")
     c = {k: v for k, v in a["constraint"].items() if v is not None}
     if c:
         what = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in c.items())
-        print(f"recommended under {what}: {a['recommended'] or 'none of the candidates meets it'}")
+        best = frame[frame["recommended"]]
+        if best.empty:
+            print(f"recommended under {what}: none of the candidates meets it")
+        else:
+            r = best.iloc[0]
+            print(f"recommended under {what}: {a['recommended']}: perplexity {r['ppl']:.2f} "
+                  f"[{r['ppl_low']:.2f}, {r['ppl_high']:.2f}], {answer.pct(r['ppl_increase_pct'])} over the FP "
+                  f"{r['ppl_fp']:.2f}, KLD {r['kld']:.4f}, {r['bits_per_element']:.2f} bits per element")
     print(f"kept in 16 bits: {', '.join(a['kept_16bit'])}")
     how = "reading the cached profile" if a.get("profile_cached") else "measuring the profile once"
     print(f"seconds: {a['seconds']:.1f} in all ({a['profile_seconds']:.1f} {how}, "
-          f"{a['seconds_per_recipe']:.2f} per recipe); a full WikiText-2 test evaluation of one recipe: "
-          f"~{a['full_eval_seconds']:.0f} s (estimated from one forward pass)")
+          f"{a['seconds_per_recipe']:.2f} per recipe)")
+    print(answer.cost_line(a["full_eval"]))
+    for line in a.get("notes", []):
+        print(line)

@@ -15,14 +15,17 @@ Every predictor is a :class:`SavedPredictor` (:mod:`.saved`: save, load by kind,
   the test windows).
 
 :func:`predict_quality` computes a model's features on the fly and predicts with a saved predictor (the default
-one unless told). The pages that report validations are written by :mod:`quantpredict.report`; run tables are read
-by :mod:`quantpredict.runs.table`.
+one unless told). Every quantized perplexity rests on the FP reference of :func:`resolve_fp_reference`
+(:mod:`.fp_reference`: a measured FP perplexity with its SE; :func:`full_eval_cost` is the shared estimate of what a
+full evaluation would cost). The pages that report validations are written by :mod:`quantpredict.report`; run
+tables are read by :mod:`quantpredict.runs.table`.
 """
 
 from __future__ import annotations
 
 from quantpredict.errors import PredictorError
 from quantpredict.predict.design import DEFAULT_FEATURES, KINDS
+from quantpredict.predict.fp_reference import FPReference, full_eval_cost, resolve_fp_reference
 from quantpredict.predict.physics import PHYSICS_KINDS, PhysicsPredictor
 from quantpredict.predict.predictor import Predictor
 from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR, Prediction, predict_quality
@@ -38,7 +41,8 @@ from quantpredict.predict.validate import (
 )
 
 __all__ = [
-    "DEFAULT_FEATURES", "DEFAULT_PREDICTOR_DIR", "KINDS", "KIND_ROLES", "PHYSICS_KINDS", "PhysicsPredictor",
-    "Prediction", "Predictor", "PredictorError", "SavedPredictor", "Validation", "crossover", "delta_metrics",
-    "group_splits", "predict_quality", "store_subsample_curve", "subsample_curve", "validate",
+    "DEFAULT_FEATURES", "DEFAULT_PREDICTOR_DIR", "FPReference", "KINDS", "KIND_ROLES", "PHYSICS_KINDS",
+    "PhysicsPredictor", "Prediction", "Predictor", "PredictorError", "SavedPredictor", "Validation", "crossover",
+    "delta_metrics", "full_eval_cost", "group_splits", "predict_quality", "resolve_fp_reference",
+    "store_subsample_curve", "subsample_curve", "validate",
 ]

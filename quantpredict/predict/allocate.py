@@ -46,7 +46,10 @@ class Allocation:
     ``recipe``: an explicit per-layer recipe (``L=...`` label); ``bits_per_element``: its average over the quantized
     linears; ``objective``: the summed per-layer second-order KL (nats); ``prediction``: the predictor's row for it
     (kld, ppl... with intervals); ``layers``: one row per layer (name, elements, format, bits, cost);
-    ``best_uniform``: the best uniform candidate of no more bits, by the same objective, for comparison;
+    ``best_uniform``: the best uniform candidate (same method) of no more bits, by predicted KLD (by the summed
+    per-layer KL without a predictor), with its ``prediction``; ``uniform_better``: whether it is predicted better
+    than the allocation (None without a predictor); ``fp_reference``: the FP reference the perplexities rest on;
+    ``full_eval``: the shared estimate of a full evaluation's cost;
     ``compared``: the matched mix and the ``compare`` recipes, each with its bits, objective and prediction.
     """
 
@@ -61,6 +64,9 @@ class Allocation:
     lagrange_multiplier: float
     notes: tuple[str, ...] = field(default=())
     compared: tuple[dict[str, Any], ...] = field(default=())
+    fp_reference: dict[str, Any] | None = None
+    uniform_better: bool | None = None
+    full_eval: dict[str, Any] | None = None
 
 
 def solve_budget(cost: np.ndarray, bits: np.ndarray, budget: float) -> tuple[np.ndarray, float]:
@@ -232,19 +238,22 @@ def _parse_candidates(candidates: Sequence[str]) -> list[tuple[str, int | None]]
     return out
 
 
-def _predict_row(pred, mp, recipe: Recipe, ppl_fp: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def _predict_row(pred, mp, recipe: Recipe, ref) -> tuple[dict[str, Any], dict[str, Any]]:
+    from quantpredict.predict.fp_reference import label_output
     from quantpredict.predict.rank import recipe_row
 
     row = recipe_row(mp, recipe)
-    if ppl_fp is not None:
-        row["ppl_fp"] = float(ppl_fp)
+    if ref is not None:
+        row.update(ref.columns())
     price = {"token_gn_quad": row["token_gn_quad"]}
     if pred is None:  # allocation alone, nothing predicted
         return row, price
-    return row, pred.predict(pd.DataFrame([row])).iloc[0].to_dict() | price
+    out = pred.predict(pd.DataFrame([row]))
+    label_output(out, ref)
+    return row, out.iloc[0].to_dict() | price
 
 
-def _compared(pred, mp, specs: Sequence[Any], ppl_fp: float | None) -> list[dict[str, Any]]:
+def _compared(pred, mp, specs: Sequence[Any], ppl_fp) -> list[dict[str, Any]]:
     from quantpredict.mixes import is_mix_spec, resolve_recipe
 
     out = []
@@ -259,8 +268,8 @@ def _compared(pred, mp, specs: Sequence[Any], ppl_fp: float | None) -> list[dict
 
 def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequence[str] | None = None,
              method: str = "rtn", predictor: Any = "default", tokenizer: Any = None, profile=None,
-             ppl_fp: float | None = None, match: str | None = None, compare: Sequence[Any] = (),
-             calib: Any = None, cache: bool = True) -> Allocation:
+             ppl_fp: Any = None, match: str | None = None, compare: Sequence[Any] = (),
+             calib: Any = None, cache: bool = True, fp_windows: int | None = None) -> Allocation:
     """Per-layer formats for ``model`` from ``candidates`` (format names, ``_bN`` for a block size; default
     :data:`DEFAULT_CANDIDATES`) with at most ``target_bits`` bits per element on average over the quantized linears,
     minimising the predicted KLD.
@@ -271,18 +280,28 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
     ``candidates`` to the formats it uses on this model. ``compare``: more recipes, labels or mixes to price beside
     the allocation. ``predictor=None`` allocates without predicting the result (before a predictor is fitted).
     ``calib``: calibration ids for the profile (default: WikiText-2 train). ``cache``: read and write the profile
-    cache (:func:`~quantpredict.predict.rank.profile_model`). Returns an :class:`Allocation` whose
-    ``recipe`` quantize_model, the features, predict and the run store all take.
+    cache (:func:`~quantpredict.predict.rank.profile_model`) and the FP reference's. ``ppl_fp``: the FP reference
+    (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`: ``None`` for the zoo card, the cached
+    measurement or a fresh one; a measured number; ``"predicted"``; or an ``FPReference``, e.g. one resolved with
+    another ``fp_windows``). Returns an :class:`Allocation` whose
+    ``recipe`` quantize_model, the features, predict and the run store all take; its ``best_uniform`` is the
+    uniform candidate of the same method within the budget with the lowest *predicted* KLD (its prediction
+    included), and ``uniform_better`` says whether it is predicted better than the allocation.
 
-    Eleven parameters, on purpose: past the model and the budget, the keyword-only options are independent of
+    Thirteen parameters, on purpose: past the model and the budget, the keyword-only options are independent of
     each other (what to choose from, the method, the predictor, the tokenizer, a measured profile, the FP
-    perplexity, a mix to match, recipes to compare, calibration data) and no frozen config of the package groups
-    them; each is a documented keyword of the public API.
+    perplexity and its window count, a mix to match, recipes to compare, calibration data, the cache) and no frozen
+    config of the package groups them; each is a documented keyword of the public API.
     """
     from quantpredict.mixes import is_mix_spec, resolve_recipe
+    from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp, full_eval_cost
     from quantpredict.predict.quality import resolve_predictor
     from quantpredict.predict.rank import PROFILE_PREDICTOR_DIR, profile_model
 
+    if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
+        check_ppl_fp(ppl_fp, "ppl_fp")
+    if fp_windows is not None:
+        check_fp_windows(fp_windows, "fp_windows")
     if match is not None and not is_mix_spec(match):
         raise RecipeError(f"match={match!r} is not a named mix; see quantpredict.mixes.MIX_NAMES")
     if target_bits is None and match is None:
@@ -303,6 +322,11 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
             raise PredictorError("allocate needs a 'profile' predictor (it prices layers from weights alone)")
     t0 = time.perf_counter()
     mp = profile if profile is not None else profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache)
+    ref = None
+    if pred is not None:
+        from quantpredict.predict.rank import fp_reference_of
+
+        ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
     specs = [match, *compare] if match is not None else list(compare)
     if match is not None:
         mix = resolve_recipe(match, mp.model)
@@ -316,7 +340,7 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
     rows = np.arange(len(choice))
     chosen = [cands[j] for j in choice]
     recipe = mixed_recipe(base, chosen)
-    _, prediction = _predict_row(pred, mp, recipe, ppl_fp)
+    _, prediction = _predict_row(pred, mp, recipe, ref)
     layers = pd.DataFrame({"layer": [r.name for r in mp.refs], "elements": sizes.astype(int),
                            "format": [f"{f}" + (f"_b{b}" if b else "") for f, b in chosen],
                            "bits_per_element": bpe[rows, choice], "cost": cost[rows, choice]})
@@ -326,10 +350,21 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
         if np.isfinite(bits_j) and bits_j <= target_bits + 1e-9:
             uniform.append({"recipe": Recipe(fmt, block_size=bs, method=method).label, "bits_per_element": bits_j,
                             "objective": float(cost[:, j].sum())})
-    best_uniform = min(uniform, key=lambda u: u["objective"]) if uniform else None
+    uniform_better = None
+    if uniform and pred is not None:
+        # the uniform candidates priced by the same predictor: the allocation must beat the best of them to be worth
+        # its per-layer recipe (the summed per-layer KL ignores cross-layer terms, the predicted KLD does not)
+        for u in uniform:
+            u["prediction"] = _predict_row(pred, mp, Recipe.from_label(u["recipe"]), ref)[1]
+        best_uniform = min(uniform, key=lambda u: u["prediction"]["kld"])
+        uniform_better = bool(best_uniform["prediction"]["kld"] < prediction["kld"])
+    else:
+        best_uniform = min(uniform, key=lambda u: u["objective"]) if uniform else None
     return Allocation(recipe=recipe, target_bits=float(target_bits),
                       bits_per_element=float((bpe[rows, choice] * sizes).sum() / sizes.sum()),
                       objective=float(cost[rows, choice].sum()), prediction=prediction, layers=layers,
                       best_uniform=best_uniform, seconds=time.perf_counter() - t0, lagrange_multiplier=float(lam),
                       notes=("cross-layer terms of the Fisher are not modelled (the objective is additive over "
-                             "layers)",), compared=tuple(_compared(pred, mp, specs, ppl_fp)))
+                             "layers)",), compared=tuple(_compared(pred, mp, specs, ref)),
+                      fp_reference=None if ref is None else ref.to_dict(), uniform_better=uniform_better,
+                      full_eval=None if ref is None else full_eval_cost(ref).to_dict())

@@ -19,11 +19,12 @@ method; never a raw parameter count or width), so a fit on small models carries 
   precisions: A decides where the quantization error is large beside its calibration noise (low bits, real
   models), B where it is not (8-bit recipes of small models).
 - ``log(1 - top1)`` on the base (disagreement grows like sqrt(KL) for small perturbations) and the FP entropy.
-- ``ppl = ppl_fp * exp(delta_NLL)``, ``ppl_fp`` measured when given, else from the calibration NLL.
+- ``ppl = ppl_fp * exp(delta_NLL)``, ``ppl_fp`` measured when given (its NLL's standard error ``nll_fp_se``
+  widening the interval in quadrature, :mod:`quantpredict.predict.fp_reference`), else from the calibration NLL.
 
 Intervals: split-conformal per target on out-of-fold log residuals from folds grouped by model (the residuals a
 *new* model would see), widened for inputs outside the training ranges (:meth:`PhysicsPredictor._widen`, with an
-:class:`OutOfRangeWarning`).
+:class:`OutOfRangeWarning`; the output's ``out_of_range`` column names each row's inputs outside them).
 MAPIE's conformal regressors would do the same residual bookkeeping, but a saved predictor here must load
 without pickle (plain JSON numbers), so the quantile is computed directly, exactly as MAPIE's split method does.
 """
@@ -325,13 +326,17 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         return self
 
     # ---- predict ---------------------------------------------------------------------------------------------------
-    def _widen(self, law: LogLaw, X: pd.DataFrame) -> np.ndarray:
-        """Half-width per row: ``q`` times (1 + the summed distance outside the training ranges, in range units)."""
+    def _widen(self, law: LogLaw, X: pd.DataFrame, flags: list[set] | None = None) -> np.ndarray:
+        """Half-width per row: ``q`` times (1 + the summed distance outside the training ranges, in range units).
+        ``flags``: one set per row, to which the words of each input outside its range are added."""
         excess = np.zeros(len(X))
         for col, (lo, hi) in law.ranges.items():
             v = X[col].to_numpy(float)
             span = max(hi - lo, 1e-9)
             out = np.maximum(lo - v, 0.0) + np.maximum(v - hi, 0.0)
+            if flags is not None:
+                for i in np.flatnonzero(out > 0):
+                    flags[i].add(column_words(self.kind, col))
             if (out > 0).any() and col not in self._warned:
                 self._warned.add(col)
                 worst = float(v[np.argmax(out)])
@@ -352,6 +357,7 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
             raise PredictorError(f"the input lacks {missing} that this {self.kind!r} predictor needs; compute the "
                                  f"feature groups {list(self.required_groups)} (features.extract(which=...))")
         out = {}
+        flags: list[set] = [set() for _ in range(len(features_df))]
         for target, law in self.laws.items():
             X = design_columns(self.kind, target, features_df, self.extra_columns)
             bad = ~np.isfinite(X[list(law.columns)].to_numpy(float)).all(axis=1)
@@ -359,7 +365,7 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
                 raise PredictorError(f"{int(bad.sum())} input row(s) have missing or non-finite {self.kind} features "
                                      f"for {target} (first row {features_df.index[np.argmax(bad)]!r}); recompute them")
             mid = law.predict_log(X)
-            half = self._widen(law, X)
+            half = self._widen(law, X, flags)
             if target == "delta_nll" and self.kind == "physics" and np.isfinite(law.q_combined):
                 measured_se = _num(features_df, "dnll_calib_se")
                 mid = np.log(combine_with_measurement(np.exp(mid), law.sd, _num(features_df, "dnll_calib"),
@@ -384,6 +390,8 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
             "top1": 1 - np.minimum(dis["mid"], 1.0), "top1_low": 1 - np.minimum(dis["hi"], 1.0),
             "top1_high": 1 - np.minimum(dis["lo"], 1.0),
         }, index=features_df.index)
+        # which inputs of each row lie outside the training ranges ("" if none): the CLI's one note per answer
+        frame["out_of_range"] = ["; ".join(sorted(f)) for f in flags]
         return frame.join(self._ppl(features_df, frame))
 
     def _ppl(self, df: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
@@ -393,6 +401,10 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         measured = _num(df, "ppl_fp")
         has = np.isfinite(measured) & (measured > 0)
         log_fp[has], source[has] = np.log(measured[has]), "measured"
+        # a measured FP's own standard error (nll_fp_se, nats) widens the interval too, in quadrature (fp_reference)
+        from scipy.stats import norm
+
+        fp_half[has] = norm.ppf(1 - self.alpha / 2) * np.nan_to_num(_num(df, "nll_fp_se")[has], nan=0.0)
         need = source == "unavailable"
         if need.any() and self.fp_model is not None:
             pred, half = self.fp_model.predict(_num(df, "fp_calib_nll"), self.alpha)

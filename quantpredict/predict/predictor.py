@@ -176,6 +176,11 @@ class Predictor(SavedPredictor, kinds=KINDS):
             has = np.isfinite(measured) & (measured > 0)
             log_fp[has] = np.log(measured[has])
             source[has] = "measured"
+            if "nll_fp_se" in features_df:  # a measured FP's own SE widens the interval too, in quadrature
+                from scipy.stats import norm
+
+                se = pd.to_numeric(features_df["nll_fp_se"], errors="coerce").to_numpy(float)
+                fp_half[has] = norm.ppf(1 - self.alpha / 2) * np.nan_to_num(se[has], nan=0.0)
         need = source == "unavailable"
         if need.any() and self.fp_model is not None and "fp_calib_nll" in features_df:
             x = pd.to_numeric(features_df["fp_calib_nll"], errors="coerce").to_numpy(float)

@@ -29,10 +29,15 @@ class Prediction:
     """One recipe's prediction. Perplexities on WikiText-2 test; ``delta_*`` in nats; ``*_low``/``*_high`` bound
     the predictor's (1 - alpha) interval (90% by default). ``kld`` (mean KL(P_fp || P_q), nats) and ``top1`` (top-1
     agreement, a fraction) with their intervals come from the KLD-first kinds (``physics``, ``profile``); NaN from the
-    delta-only kinds. ``ppl_fp_source``: ``"measured"`` (given) or
-    ``"predicted"`` (from the calibration NLL). ``seconds``: features + prediction (what replaces the evaluation);
-    ``load_seconds``: loading the model, which an evaluation pays too; ``eval_seconds``: what a full WikiText-2
-    evaluation of this model cost in the predictor's training runs (None for a model it has not seen)."""
+    delta-only kinds. ``ppl_fp``: the FP reference (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`)
+    with ``ppl_fp_se`` (NaN: not known); ``ppl_fp_source``: ``"zoo card"``, ``"cache"``, ``"measured"``,
+    ``"--ppl-fp"`` (given) or ``"predicted"`` (from the calibration NLL, on request); ``fp_reference``: all of it
+    (:class:`~quantpredict.predict.fp_reference.FPReference` as a dict). ``ppl_low``/``ppl_high`` combine the delta
+    interval with the FP NLL's SE. ``ppl_increase_pct``: ``100 (ppl / ppl_fp - 1)``. ``seconds``: features +
+    prediction (what replaces the evaluation); ``load_seconds``: loading the model, which an evaluation pays too;
+    ``full_eval_seconds``: the shared estimate of a full WikiText-2 test evaluation of the recipe
+    (:func:`~quantpredict.predict.fp_reference.full_eval_cost`, ``full_eval_how`` says how); ``eval_seconds``: what a
+    full evaluation of this model cost in the predictor's training runs (None for a model it has not seen)."""
 
     model: str
     recipe: str
@@ -56,6 +61,12 @@ class Prediction:
     top1: float = float("nan")
     top1_low: float = float("nan")
     top1_high: float = float("nan")
+    ppl_fp_se: float = float("nan")
+    ppl_increase_pct: float = float("nan")
+    out_of_range: str = ""
+    full_eval_seconds: float | None = None
+    full_eval_how: str = ""
+    fp_reference: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +102,7 @@ def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
 
 
 def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | SavedPredictor = "default", *,
-                    tokenizer: Any = None, calib_ids: Any = None, ppl_fp: float | None = None,
+                    tokenizer: Any = None, calib_ids: Any = None, ppl_fp: Any = None, fp_windows: int | None = None,
                     seed: int = 0, extract_options: Mapping[str, Any] | None = None,
                     model_name: str | None = None, device: Any = None) -> Prediction:
     """Predict the quality of ``model_or_path`` quantized with ``recipe`` (see :class:`Prediction`), without
@@ -101,7 +112,9 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     pass ``tokenizer`` or ``calib_ids``). ``recipe``: a :class:`~quantpredict.recipe.Recipe`, its label or a dict of
     its fields. ``predictor``: "default" (the shipped ``physics`` predictor), a saved predictor directory, or a fitted
     predictor. ``calib_ids``: calibration token ids (default: WikiText-2 train through the model's tokenizer).
-    ``ppl_fp``: the measured FP perplexity if known (otherwise predicted). Computes only the feature groups the
+    ``ppl_fp``: the FP reference (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`): ``None`` (the
+    zoo card, else the cached measurement, else measured now on ``fp_windows`` WikiText-2 test windows and cached),
+    a measured number, ``"predicted"`` or an ``FPReference``. Computes only the feature groups the
     predictor uses (``features.extract(..., which=groups)``); ``extract_options`` overrides
     ``features.ExtractOptions`` fields (keep the defaults the training runs used).
     ``model_name``: the name to report (and to look up the training runs' evaluation seconds) for a model object.
@@ -113,7 +126,13 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
 
     if device is not None:
         device = resolve_device(device, flag="device")  # before any loading
+    from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp
+
     pred = resolve_predictor(predictor)
+    if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
+        check_ppl_fp(ppl_fp, "ppl_fp")  # before any loading
+    if fp_windows is not None:
+        check_fp_windows(fp_windows, "fp_windows")
     label, cols = recipe_columns(recipe)
     recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
     t_load = time.perf_counter()
@@ -151,10 +170,19 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
         row["family"] = arch.family(model)
     except Exception:  # noqa: BLE001 -- the family is informative only; the predictor does not use it
         row["family"] = None
-    if ppl_fp is not None:
-        row["ppl_fp"] = float(ppl_fp)
-    out = pred.predict(pd.DataFrame([row])).iloc[0]
-    seconds = time.perf_counter() - t0
+    from quantpredict.predict.fp_reference import full_eval_cost, label_output, resolve_fp_reference
+
+    t_fp = time.perf_counter()
+    ref = resolve_fp_reference(model_or_path if isinstance(model_or_path, (str, Path)) else model, model=model,
+                               tokenizer=tokenizer, ppl_fp=ppl_fp, fp_windows=fp_windows, name=model_name,
+                               flag="ppl_fp")
+    fp_seconds = time.perf_counter() - t_fp  # an FP measurement is not what replaces the evaluation
+    row.update(ref.columns())
+    frame = pred.predict(pd.DataFrame([row]))
+    label_output(frame, ref)
+    out = frame.iloc[0]
+    seconds = time.perf_counter() - t0 - fp_seconds
+    cost = full_eval_cost(ref)
     extra = {k: float(out[k]) for k in ("kld", "kld_low", "kld_high", "top1", "top1_low", "top1_high") if k in out}
     feats = {k: float(raw[k]) for k in FEATURE_NAMES if k in raw}
     timings = {k: float(raw[k]) for k in TIMING_NAMES if k in raw}
@@ -164,4 +192,6 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
                       ppl_fp=float(out["ppl_fp"]), ppl_fp_source=str(out["ppl_fp_source"]), seconds=seconds,
                       load_seconds=load_seconds, predictor_kind=pred.kind,
                       eval_seconds=(pred.metadata.get("eval_seconds_by_model") or {}).get(name),
-                      features=feats, feature_seconds=timings, **extra)
+                      features=feats, feature_seconds=timings, ppl_fp_se=float(out["ppl_fp"]) * ref.nll_se,
+                      ppl_increase_pct=float(out["ppl_increase_pct"]), out_of_range=str(out.get("out_of_range") or ""),
+                      full_eval_seconds=cost.seconds, full_eval_how=cost.how, fp_reference=ref.to_dict(), **extra)

@@ -60,6 +60,8 @@ class ModelProfile:
     full_split_windows: int
     cache_dir: Path | None = None
     cached: bool = False
+    tokenizer: Any = None
+    source: Any = None  # what the model was given as (a name or path, or the model object)
 
 
 #: the profile's protocol: token-wise terms from the first TOKEN_WINDOWS windows, one sampled label, one window per
@@ -140,7 +142,37 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
              "n_layers": float(len(arch.blocks(model))), "hidden_size": float(arch.hidden_size(model)),
              "fp_calib_nll": profile.fp_nll, "fp_entropy_calib": profile.fp_entropy}
     return ModelProfile(name, model, profile, feats, arch.linear_layers(model), time.perf_counter() - t0, fwd,
-                        n_split, cache_dir=entry, cached=loaded is not None)
+                        n_split, cache_dir=entry, cached=loaded is not None, tokenizer=tokenizer,
+                        source=model_or_path)
+
+
+def fp_reference_of(mp: ModelProfile, ppl_fp: Any = None, fp_windows: int | None = None, cache: bool = True):
+    """The profiled model's FP reference (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`, the one
+    rank and allocate share with predict and demo)."""
+    from quantpredict.predict.fp_reference import resolve_fp_reference
+
+    src = mp.source if isinstance(mp.source, (str, Path)) else mp.model
+    return resolve_fp_reference(src, model=mp.model, tokenizer=mp.tokenizer, ppl_fp=ppl_fp, fp_windows=fp_windows,
+                                name=mp.name, cache=cache, flag="ppl_fp")
+
+
+#: the damage bound: a recipe predicted past it (perplexity more than doubled, or KLD over 1 nat) is no candidate to
+#: ship; ``rank`` folds such rows into one line unless ``--all``
+DAMAGE_PPL_INCREASE_PCT = 100.0
+DAMAGE_KLD = 1.0
+
+
+def past_damage_bound(frame: pd.DataFrame) -> pd.Series:
+    """True for rows whose predicted perplexity increase exceeds :data:`DAMAGE_PPL_INCREASE_PCT` percent or whose
+    predicted KLD exceeds :data:`DAMAGE_KLD` nats."""
+    inc = pd.to_numeric(frame.get("ppl_increase_pct"), errors="coerce") if "ppl_increase_pct" in frame else None
+    kld = pd.to_numeric(frame["kld"], errors="coerce") if "kld" in frame else None
+    out = pd.Series(False, index=frame.index)
+    if inc is not None:
+        out |= inc > DAMAGE_PPL_INCREASE_PCT
+    if kld is not None:
+        out |= kld > DAMAGE_KLD
+    return out
 
 
 def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
@@ -217,8 +249,9 @@ def _check_constraint(name: str, value: float | None, lo: float, hint: str) -> N
 
 def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, predictor: Any = "default",
                  max_bits: float | None = None, max_kld: float | None = None,
-                 max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: float | None = None,
-                 progress: bool = False, calib: Any = None, cache: bool = True) -> pd.DataFrame:
+                 max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: Any = None,
+                 progress: bool = False, calib: Any = None, cache: bool = True,
+                 fp_windows: int | None = None) -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -228,23 +261,32 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     a row came from. ``predictor``: ``"default"``
     (the shipped ``profile`` predictor, which needs nothing but weights per recipe), a directory or a fitted
     predictor of kind ``profile``. ``max_bits`` (bits per element), ``max_kld`` (nats) or ``max_ppl_increase``
-    (percent of the FP perplexity). ``ppl_fp``: the measured FP perplexity if known. ``calib``: calibration ids
-    or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``). ``cache``: read
-    and write the profile cache (:func:`profile_model`).
+    (percent of the FP perplexity). ``ppl_fp``: the FP reference
+    (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`: ``None`` for the zoo card, the cached
+    measurement or a fresh one on ``fp_windows`` windows; a measured number; ``"predicted"``). ``calib``:
+    calibration ids or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``).
+    ``cache``: read and write the profile cache (:func:`profile_model`) and the FP reference's.
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
-    ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` (an estimate: one FP and one
-    quantized forward pass per window of the whole WikiText-2 test split), ``profile_cached`` (whether the profile
-    came from the cache) and ``kept_16bit``.
+    ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` and ``full_eval`` (the shared
+    estimate, :func:`~quantpredict.predict.fp_reference.full_eval_cost`), ``fp_reference`` (a dict),
+    ``profile_cached`` (whether the profile came from the cache) and ``kept_16bit``. Columns include
+    ``ppl_increase_pct`` and ``past_damage_bound`` (:func:`past_damage_bound`) and ``out_of_range`` (the inputs of
+    the row outside the predictor's training ranges).
     """
     from tqdm.auto import tqdm
 
     from quantpredict import arch
+    from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp, full_eval_cost, label_output
     from quantpredict.predict.quality import resolve_predictor
 
     _check_constraint("max_bits", max_bits, 0, "bits per element, e.g. 4.5")
     _check_constraint("max_kld", max_kld, 0, "nats, e.g. 0.01")
     _check_constraint("max_ppl_increase", max_ppl_increase, 0, "percent of the FP perplexity, e.g. 5")
+    if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
+        check_ppl_fp(ppl_fp, "ppl_fp")
+    if fp_windows is not None:
+        check_fp_windows(fp_windows, "fp_windows")
     recommend(pd.DataFrame(columns=["bits_per_element", "kld", "ppl", "ppl_fp"]), max_bits=max_bits,
               max_kld=max_kld, max_ppl_increase=max_ppl_increase)  # one constraint at most, checked before work
     pred = resolve_predictor(PROFILE_PREDICTOR_DIR if str(predictor) == "default" else predictor)
@@ -265,10 +307,15 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     for s in tqdm(specs, desc="rank", unit="recipe", disable=not progress):
         rows.append(recipe_row(mp, resolve_recipe(s, mp.model)) | {"mix": s if is_mix_spec(s) else None})
     frame = pd.DataFrame(rows)
-    if ppl_fp is not None:
-        frame["ppl_fp"] = float(ppl_fp)
+    t_fp = time.perf_counter()
+    ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
+    fp_seconds = time.perf_counter() - t_fp
+    for k, v in ref.columns().items():
+        frame[k] = v
     out = pred.predict(frame)
+    label_output(out, ref)
     frame = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
+    frame["past_damage_bound"] = past_damage_bound(frame)
     frame["pareto"] = pareto_mask(frame["bits_per_element"].to_numpy(float), frame["kld"].to_numpy(float))
     frame = frame.sort_values(["bits_per_element", "kld"]).reset_index(drop=True)
     best = recommend(frame, max_bits=max_bits, max_kld=max_kld, max_ppl_increase=max_ppl_increase)
@@ -283,7 +330,8 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         "constraint": {"max_bits": max_bits, "max_kld": max_kld, "max_ppl_increase": max_ppl_increase},
         "seconds": total, "profile_seconds": mp.seconds, "profile_cached": mp.cached,
         "seconds_per_recipe": float(frame["price_seconds"].mean()),
-        "full_eval_seconds": 2 * mp.forward_seconds_per_window * mp.full_split_windows,
+        "full_eval_seconds": full_eval_cost(ref).seconds, "full_eval": full_eval_cost(ref).to_dict(),
+        "fp_reference": ref.to_dict(), "fp_seconds": fp_seconds,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
         "predictor_kind": pred.kind,
     })
@@ -291,4 +339,5 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
 
 
 COLUMNS = ("recipe", "mix", "bits_per_element", "size_bytes", "kld", "kld_low", "kld_high", "delta_nll", "ppl",
-           "ppl_low", "ppl_high", "top1", "pareto", "recommended", "price_seconds")
+           "ppl_low", "ppl_high", "ppl_increase_pct", "top1", "pareto", "recommended", "past_damage_bound",
+           "out_of_range", "price_seconds")
