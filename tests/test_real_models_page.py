@@ -1,0 +1,35 @@
+"""reports/real_models.md's renderer on hand-built runs: the measured table's numbers, and a model whose runs no
+predictor could read is told why, not left under an empty heading."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from quantpredict.studies.real_models import render
+
+
+def _runs() -> pd.DataFrame:
+    base = {"model": "tiny-real", "method": "rtn", "eval_windows": 32, "seq_len": 256, "eval_tokens": 8160,
+            "ppl_fp": 20.0, "nll_quant_se": 0.05, "kld_se": 0.001, "top1_agreement_pct_se": 0.2}
+    return pd.DataFrame([
+        {**base, "recipe": "mxint8-rtn", "weight_format": "mxint8", "bits_per_element": 8.25, "ppl_quant": 20.1,
+         "kld": 0.0004, "top1_agree": 0.99},
+        {**base, "recipe": "mxint4-rtn", "weight_format": "mxint4", "bits_per_element": 4.25, "ppl_quant": 22.0,
+         "kld": 0.1148, "top1_agree": 0.82},
+    ])
+
+
+def test_measured_rows_and_the_reason_no_prediction_is_shown(tmp_path):
+    out = render(_runs(), [("`physics` fitted on the zoo alone", pd.DataFrame())], tmp_path / "p.md",
+                 cards={}, commands=["python benchmarks/real_models_report.py"])
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| mxint4-rtn"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "4.25"
+    assert cells[2] == f"22.00 ± {22.0 * 0.05:.2f}"  # ppl SE by the delta method: ppl x SE(NLL)
+    assert cells[3] == f"{100 * (22.0 / 20.0 - 1):+.1f}%" == "+10.0%"
+    assert cells[4] == "0.1148 ± 0.0010"
+    # the higher-bit recipe is listed first
+    assert text.index("| mxint8-rtn") < text.index("| mxint4-rtn")
+    heading = text.index("### What the predictors said before seeing this model")
+    assert "No run of this model has the features" in text[heading:] and "quantpredict backfill" in text[heading:]
