@@ -322,8 +322,8 @@ def test_interrupted_quantize_leaves_no_files(tmp_path, monkeypatch, capsys, pri
         seen.append(sorted(p.name for p in private_tmp.iterdir()))
         raise KeyboardInterrupt
 
-    argv = ["quantize", "llama-xs", "--format", "int4", "--method", "rtn", "--calib-samples", "2",
-            "--calib-seq-len", "16", "--out", "out"]
+    argv = ["quantize", "llama-xs", "--format", "int4", "--method", "rtn", "--output-errors",  # a calibration pass
+            "--calib-samples", "2", "--calib-seq-len", "16", "--out", "out"]
     monkeypatch.setattr(qmodel, "_quantize_layer", interrupt)
     assert main(argv) == 130
     assert seen and seen[0], "the activations were not spilled to disk: the test does not test the cleanup"

@@ -278,3 +278,61 @@ def test_rtn_is_data_free_unless_output_errors_are_asked_for(any_family, token_w
     assert [r.rel_weight_error for r in rep_free.layers] == pytest.approx([r.rel_weight_error for r in rep_pass.layers])
     with torch.no_grad():  # activation quantization is installed on the data-free path too
         assert torch.equal(with_pass(token_windows).logits, data_free(token_windows).logits)
+
+
+def test_data_free_rtn_takes_no_calibration_data_and_says_its_output_errors_were_not_measured(token_windows):
+    from quantpredict.quantize import needs_calibration
+
+    model, reference = tiny_model("llama"), tiny_model("llama")
+    report = quantize_model(model, Recipe("mxint4", act_format="mxint8"), None, progress=False)
+    quantize_model(reference, Recipe("mxint4", act_format="mxint8"), token_windows, progress=False)
+    for a, b in zip(arch.linear_layers(model), arch.linear_layers(reference)):
+        assert torch.equal(a.weight, b.weight)
+    assert not report.output_errors_measured and report.calibration_tokens == 0
+    s, d = report.summary(), report.to_dict()
+    assert s["output_errors_measured"] is False
+    assert s["mean_output_error"] is None and s["mean_output_error_rtn"] is None
+    assert all(r["output_error"] is None and r["output_error_rtn"] is None for r in d["layers"])
+    json.dumps(d, allow_nan=False)  # strict JSON: no NaN passed on
+    table = report.format_table()
+    assert "output errors not measured" in table and "nan" not in table.lower()
+    assert needs_calibration(Recipe("mxint4")) is False and needs_calibration(Recipe("mxint4"), output_errors=True)
+    calibrated = (Recipe("mxint4", method="gptq"), Recipe("mxint4", smoothquant_alpha=0.5), Recipe("mxint4", awq=True))
+    for recipe in calibrated:
+        assert needs_calibration(recipe)
+        with pytest.raises(DataError, match="needs a calibration pass"):
+            quantize_model(tiny_model("llama"), recipe, None, progress=False)
+    with pytest.raises(DataError, match="needs a calibration pass"):
+        quantize_model(tiny_model("llama"), Recipe("mxint4"), None, progress=False, output_errors=True)
+    measured = quantize_model(tiny_model("llama"), Recipe("mxint4", method="gptq"), token_windows, progress=False)
+    assert measured.output_errors_measured and measured.summary()["mean_output_error"] >= 0
+
+
+@pytest.mark.parametrize("what", [["--format", "mxint4"], ["--mix", "q4_k_m"]])
+def test_cli_rtn_runs_no_calibration_pass_unless_asked_and_saves_the_same_weights(tiny_hf_dir, tmp_path, capsys,
+                                                                                   monkeypatch, what):
+    from safetensors.torch import load_file
+
+    import quantpredict.quantize as qz
+    import quantpredict.quantize.model as qm
+    from quantpredict.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data-free RTN ran a calibration step")
+
+    with monkeypatch.context() as m:
+        m.setattr(qm, "_calibrated_blocks", refuse)
+        m.setattr(qz, "sample_calibration", refuse)  # not even the calibration text is tokenized
+        assert main(["quantize", str(tiny_hf_dir), *what, "--method", "rtn", "--out", str(tmp_path / "free"),
+                     "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["output_errors_measured"] is False and rep["calibration_tokens"] == 0
+    assert rep["mean_output_error"] is None and all(r["output_error"] is None for r in rep["layers"])
+    assert main(["quantize", str(tiny_hf_dir), *what, "--method", "rtn", "--output-errors", "--calib-samples", "4",
+                 "--calib-seq-len", "32", "--out", str(tmp_path / "pass")]) == 0
+    text = capsys.readouterr().out
+    assert "mean output error: RTN" in text and "not measured" not in text
+    free, with_pass = (load_file(tmp_path / run / "model.safetensors") for run in ("free", "pass"))
+    assert free.keys() == with_pass.keys()
+    assert all(torch.equal(free[k], with_pass[k]) for k in free)  # bit-identical, with or without the pass
+    assert read_quantization(tmp_path / "free").report["output_errors_measured"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from quantpredict.cli import options
 
@@ -13,7 +14,9 @@ def register(subparsers) -> None:
         "quantize",
         help="quantize a model (RTN, GPTQ, SmoothQuant, AWQ) and save it",
         description="Quantize a zoo model or local Hugging Face causal LM, block by block, calibrated on WikiText-2 "
-                    "train, and save it as a model directory that `quantpredict eval DIR` takes as is.",
+                    "train, and save it as a model directory that `quantpredict eval DIR` takes as is. Plain RTN "
+                    "(no --smoothquant, no --awq; --act-format or not) is data-free: it reads no calibration text "
+                    "and runs no calibration pass unless --output-errors asks for its per-layer output errors.",
     )
     p.add_argument("model", metavar="MODEL", help="zoo name or local Hugging Face model directory")
     what = p.add_mutually_exclusive_group(required=True)
@@ -41,6 +44,10 @@ def register(subparsers) -> None:
     p.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag H (0.01)")
     p.add_argument("--gptq-blocksize", type=options.positive(int), default=128, metavar="N",
                    help="GPTQ lazy-batch columns (128)")
+    p.add_argument("--output-errors", action="store_true",
+                   help="measure each layer's output error on calibration data even for data-free RTN (a "
+                        "calibration pass, many times RTN's own cost; the saved weights are the same). GPTQ, "
+                        "SmoothQuant and AWQ always report them: their calibration pass measures them anyway")
     p.add_argument("--skip", action="append", default=[], metavar="NAME",
                    help="leave this linear layer unquantized (name, suffix such as mlp.down_proj, or pattern); "
                         "repeatable")
@@ -57,7 +64,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from quantpredict.models import load
-    from quantpredict.quantize import Recipe, quantize_model, sample_calibration, save_quantized
+    from quantpredict.quantize import Recipe, needs_calibration, quantize_model, sample_calibration, save_quantized
 
     recipe = Recipe(
         weight_format=args.weight_format or "q4_k", block_size=args.block_size, method=args.method,
@@ -79,9 +86,15 @@ def run(args: argparse.Namespace) -> int:
         from quantpredict.mixes import named_mix
 
         recipe = named_mix(args.mix, model, base=recipe)
-    calib = sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed,
-                               text_file=args.calib_text)
-    report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=True,
+    # GPTQ, SmoothQuant and AWQ calibrate (and measure output errors on the way); plain RTN reads no text at all
+    # unless --output-errors asks for the pass
+    output_errors = needs_calibration(recipe, output_errors=args.output_errors)
+    calib = (sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed,
+                                text_file=args.calib_text) if output_errors else None)
+    if not output_errors and args.calib_text is not None:
+        print("note: --calib-text is not read: data-free RTN runs no calibration pass (--output-errors runs one)",
+              file=sys.stderr)
+    report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=output_errors,
                             max_memory=budget, device=device, dtype=dtype)
     out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)
     if args.json:

@@ -90,6 +90,9 @@ class QuantReport:
     total_seconds: float
     awq: tuple[AwqGroupReport, ...] = ()  # AWQ's scaling groups, with the scales folded
     awq_clips: tuple[AwqClipReport, ...] = ()  # AWQ's clipping search, per linear
+    # False for data-free RTN run without a calibration pass: the layers' output errors are NaN placeholders, and
+    # summary / to_dict / format_table say "not measured" (None in JSON) instead of passing the NaNs on
+    output_errors_measured: bool = True
 
     def summary(self) -> dict[str, Any]:
         """The model-level numbers (no per-layer rows, no AWQ scales), JSON-ready."""
@@ -97,8 +100,11 @@ class QuantReport:
         d["n_layers"] = len(self.layers)
         if self.layers:
             d["mean_rel_weight_error"] = sum(r.rel_weight_error for r in self.layers) / len(self.layers)
-            d["mean_output_error_rtn"] = sum(r.output_error_rtn for r in self.layers) / len(self.layers)
-            d["mean_output_error"] = sum(r.output_error for r in self.layers) / len(self.layers)
+            if self.output_errors_measured:
+                d["mean_output_error_rtn"] = sum(r.output_error_rtn for r in self.layers) / len(self.layers)
+                d["mean_output_error"] = sum(r.output_error for r in self.layers) / len(self.layers)
+            else:
+                d["mean_output_error_rtn"] = d["mean_output_error"] = None
         if self.awq:
             d["awq_groups"] = len(self.awq)
             d["awq_mean_ratio"] = sum(g.ratio for g in self.awq) / len(self.awq)
@@ -111,6 +117,9 @@ class QuantReport:
     def to_dict(self) -> dict[str, Any]:
         d = self.summary()
         d["layers"] = [asdict(r) for r in self.layers]
+        if not self.output_errors_measured:
+            for row in d["layers"]:
+                row["output_error_rtn"] = row["output_error"] = None
         d["awq"] = [asdict(g) for g in self.awq]
         d["awq_clips"] = [asdict(c) for c in self.awq_clips]
         return d
@@ -122,8 +131,10 @@ class QuantReport:
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         for r in rows:
             name = r.name if len(r.name) <= 44 else "..." + r.name[-41:]
+            errs = (f"{r.output_error_rtn:11.3e} {r.output_error:9.3e}" if self.output_errors_measured
+                    else f"{'-':>11} {'-':>9}")
             lines.append(f"{name:<44} {f'{r.out_features}x{r.in_features}':>11} {r.rel_weight_error:9.4f} "
-                         f"{r.output_error_rtn:11.3e} {r.output_error:9.3e} {r.seconds:6.2f}")
+                         f"{errs} {r.seconds:6.2f}")
         if max_rows is not None and len(self.layers) > max_rows:
             lines.append(f"... {len(self.layers) - max_rows} more layers")
         lines.append("-" * len(head))
@@ -132,7 +143,10 @@ class QuantReport:
             f"{self.recipe_label}: {self.quantized_params:,} of {self.total_params:,} parameters quantized at "
             f"{self.effective_bits_per_param:.3f} bits each (scales included); model {self.size_bytes / 2**20:.2f} "
             f"MiB, {self.compression_ratio:.2f}x smaller than bf16; {self.total_seconds:.1f} s")
-        if self.layers:
+        if self.layers and not self.output_errors_measured:
+            lines.append("output errors not measured: data-free RTN ran without a calibration pass (ask for one "
+                         "with output_errors=True, or `quantpredict quantize --output-errors`)")
+        elif self.layers:
             lines.append(f"mean output error: RTN {s['mean_output_error_rtn']:.3e}, this recipe "
                          f"{s['mean_output_error']:.3e}")
         if self.awq:
@@ -173,7 +187,7 @@ def size_report(model: nn.Module, recipe: Recipe) -> dict[str, float]:
 def quantize_model(
     model: nn.Module,
     recipe: Recipe,
-    calib_ids: torch.Tensor,
+    calib_ids: torch.Tensor | None,
     *,
     batch_size: int = 8,
     progress: bool = True,
@@ -188,13 +202,15 @@ def quantize_model(
         model: a Hugging Face causal LM of a family ``quantpredict.arch`` supports.
         recipe: what to do.
         calib_ids: 1-D token ids (cut into ``recipe.calib_samples`` windows of ``recipe.calib_seq_len`` at offsets
-            seeded by ``recipe.seed``) or 2-D ``[n, seq_len]`` windows used as given. Use WikiText-2 *train*.
+            seeded by ``recipe.seed``) or 2-D ``[n, seq_len]`` windows used as given. Use WikiText-2 *train*. May be
+            ``None`` when no calibration pass runs (:func:`needs_calibration` is false), so a caller can skip
+            tokenizing calibration text; a recipe that needs one then raises :class:`~quantpredict.errors.DataError`.
         batch_size: windows per forward pass.
         progress: show a progress bar over blocks.
         output_errors: measure each layer's output error on the calibration inputs. ``None`` (default): only when
             the recipe needs a calibration pass anyway (GPTQ, SmoothQuant or AWQ); plain RTN is data-free, and skipping
-            the pass makes it ~10x cheaper (its report's output errors are then NaN). ``calib_ids`` is checked either
-            way.
+            the pass makes it ~10x cheaper (its report's ``output_errors_measured`` is then false and its layers'
+            output errors NaN). A ``calib_ids`` that is given is checked either way.
         max_memory: working-memory budget (bytes or text such as ``"4GiB"``; default
             ``memory.DEFAULT_MAX_MEMORY``): when the hidden states between blocks (inputs and outputs of one block,
             ``2 x n x seq x hidden``) would take more than half of it, they go to files in a temporary directory,
@@ -219,7 +235,14 @@ def quantize_model(
     if recipe.awq:
         arch.require_scale_folds(model, "AWQ", "awq")  # and AWQ, which folds into the same norms
     arch.check_finite(model)
-    windows = calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
+    calibrate = needs_calibration(recipe, output_errors=output_errors)
+    if calib_ids is None and calibrate:
+        from quantpredict.errors import DataError
+
+        raise DataError(f"recipe {recipe.label} needs a calibration pass (GPTQ, SmoothQuant, AWQ or "
+                        "output_errors=True): pass calibration token ids, e.g. quantize.sample_calibration(...)")
+    windows = (None if calib_ids is None else
+               calibration_windows(calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed))
     budget = parse_bytes(max_memory, flag="max_memory")
     stored = next(model.parameters())
     target = stored.device if device is None else resolve_device(device, flag="device")
@@ -227,8 +250,7 @@ def quantize_model(
     plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
 
     blocks = arch.blocks(model)
-    data_free = recipe.method == "rtn" and recipe.smoothquant_alpha is None and not recipe.awq
-    if data_free and not output_errors:
+    if not calibrate:
         return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
     layers, awq_groups, awq_clips = _calibrated_blocks(model, recipe, plan, windows, batch_size=batch_size,
                                                        progress=progress, budget=budget, device=target,
@@ -237,6 +259,17 @@ def quantize_model(
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=windows.numel(),
                        total_seconds=time.perf_counter() - t_start, awq=tuple(awq_groups), awq_clips=tuple(awq_clips),
                        **size)
+
+
+def needs_calibration(recipe: Recipe, *, output_errors: bool | None = None) -> bool:
+    """Whether :func:`quantize_model` runs its block-by-block calibration pass for ``recipe``.
+
+    GPTQ (Hessians), SmoothQuant (activation maxima) and AWQ (activation means, scale search) need calibration data;
+    plain RTN does not, with or without activation quantization (its fake-quant is dynamic, computed per input at
+    inference, and RTN's weights never see an activation), so it runs one only when ``output_errors`` is true.
+    """
+    data_free = recipe.method == "rtn" and recipe.smoothquant_alpha is None and not recipe.awq
+    return not data_free or bool(output_errors)
 
 
 def _quantize_layer(p: PlannedLayer, index: int, recipe: Recipe, H: torch.Tensor, reference: torch.Tensor | None,
@@ -410,7 +443,7 @@ def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: f
             install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=0,
-                       total_seconds=time.perf_counter() - t_start, **size)
+                       total_seconds=time.perf_counter() - t_start, output_errors_measured=False, **size)
 
 
 # ---- save / load ----------------------------------------------------------------------------------------------------
