@@ -39,9 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,15 +130,9 @@ class FPReference:
 def check_ppl_fp(value: Any, flag: str = "--ppl-fp") -> float | str:
     """``value`` as an FP perplexity: a finite number of at least 1, or ``"predicted"``; anything else raises
     :class:`PredictorError` naming ``flag``."""
-    if isinstance(value, str):
-        if value.strip().lower() == PREDICTED:
-            return PREDICTED
-        try:
-            value = float(value)
-        except ValueError:
-            raise PredictorError(f"{flag} {value!r}: give the model's measured FP perplexity (a number >= 1) or "
-                                 f"'{PREDICTED}'") from None
-    try:
+    if isinstance(value, str) and value.strip().lower() == PREDICTED:
+        return PREDICTED
+    try:  # float() takes numbers and numeric strings alike
         v = float(value)
     except (TypeError, ValueError):
         raise PredictorError(f"{flag} {value!r}: give the model's measured FP perplexity (a number >= 1) or "
@@ -253,15 +245,9 @@ def _read(path: Path, parts: dict[str, Any]) -> FPReference | None:
 
 
 def _write(path: Path, parts: dict[str, Any], ref: FPReference) -> bool:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"parts": parts, "reference": ref.to_dict()}, fh, indent=1)
-        os.replace(tmp, path)
-        return True
-    except OSError:
-        return False
+    from quantpredict.predict.profile_cache import write_json_atomic
+
+    return write_json_atomic(path, {"parts": parts, "reference": ref.to_dict()})
 
 
 def _full_split_windows(tokenizer) -> int:
@@ -287,10 +273,8 @@ def _measure(model, tokenizer, fp_windows: int) -> FPReference:
 def _time_forward(model, tokenizer) -> tuple[float, int]:
     """Seconds per window of a forward pass over the first :data:`TIMING_WINDOWS` test windows, and the full
     split's windows (for a given or predicted FP with nothing cached to time)."""
-    from quantpredict.evaluate.perplexity import perplexity
-
-    res = perplexity(model, tokenizer, seq_len=SEQ_LEN, max_windows=TIMING_WINDOWS, progress=False)
-    return max(res.seconds - res.tokenize_seconds, 0.0) / max(res.windows, 1), _full_split_windows(tokenizer)
+    timed = _measure(model, tokenizer, TIMING_WINDOWS)
+    return timed.forward_seconds_per_window, timed.full_split_windows
 
 
 def resolve_fp_reference(model_or_path: Any, *, model: Any = None, tokenizer: Any = None, ppl_fp: Any = None,

@@ -118,15 +118,25 @@ def files_hash(model_dir: Path) -> str:
         return memo[stamp]
     digest = weights_hash(model_dir, n=16)
     memo[stamp] = digest
-    try:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{HASHES}.", dir=memo_path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(memo, fh, indent=0)
-        os.replace(tmp, memo_path)
-    except OSError:
-        pass  # only a memo
+    write_json_atomic(memo_path, memo, indent=0)  # only a memo: a failed write costs a hash next time
     return digest
+
+
+def write_json_atomic(path: Path, doc: Any, *, indent: int = 1) -> bool:
+    """Write ``doc`` as JSON to ``path`` through a temporary file in the same folder and a rename, so a reader never
+    sees half a file; False (and no temporary file left) when the cache folder cannot be written."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=indent)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        return False
 
 
 def calibration_id(calib: Any, tokenizer: Any) -> dict[str, Any]:
