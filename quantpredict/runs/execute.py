@@ -6,6 +6,7 @@ This is the default ``run_fn`` of :func:`quantpredict.runs.collect`; it runs on 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -190,11 +191,8 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
         timings["run_quantize_seconds"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        if one_copy:
-            with cache.strict():  # every FP batch from the cache: the model itself is quantized now
-                cmp = evaluate.compare(model_q, model_q, tok, evaluation, batch_size=batch_size, progress=progress,
-                                       fp_cache=cache, fp_key=spec.model_id)
-        else:
+        # one copy: the quantized model stands for the FP one, and every FP batch must come from the cache
+        with cache.strict() if one_copy else contextlib.nullcontext():
             cmp = evaluate.compare(model_fp, model_q, tok, evaluation, batch_size=batch_size, progress=progress,
                                    fp_cache=cache, fp_key=spec.model_id)
         timings["run_eval_seconds"] = time.perf_counter() - t + fill_seconds
