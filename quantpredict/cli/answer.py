@@ -22,25 +22,16 @@ def _ppl_fp_arg(text: str) -> float | str:
         raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--ppl-fp {text!r}: ")) from None
 
 
-def _fp_windows_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: a positive number of WikiText-2 test windows, e.g. 64")
-    return n
-
-
 def add_fp_options(p: argparse.ArgumentParser) -> None:
     """``--ppl-fp X|predicted`` and ``--fp-windows N`` (every command that prints a quantized perplexity)."""
+    from quantpredict.cli.options import positive
     from quantpredict.predict.fp_reference import DEFAULT_FP_WINDOWS
 
     p.add_argument("--ppl-fp", type=_ppl_fp_arg, default=None, metavar="PPL",
                    help="the model's measured FP perplexity on WikiText-2 test (a number >= 1), or 'predicted' to "
                         "predict it from the calibration NLL (labelled predicted); default: the zoo card, else a "
                         "measurement cached per model, else measured once and cached")
-    p.add_argument("--fp-windows", type=_fp_windows_arg, default=None, metavar="N",
+    p.add_argument("--fp-windows", type=positive(), default=None, metavar="N",
                    help=f"256-token WikiText-2 test windows to measure the FP perplexity on when neither the zoo card "
                         f"nor the cache has it (default {DEFAULT_FP_WINDOWS})")
 
