@@ -61,15 +61,19 @@ def test_without_the_data_every_command_names_the_variable(argv, tmp_path, monke
     """An installed package without its data: each command that needs the folder fails with one line naming
     QUANTPREDICT_DATA and what it must point to, never with advice (`zoo build`, `git checkout -- data/`) that leads
     into the same error; and it writes nothing where it runs."""
-    from quantpredict.predict import quality, rank
+    from quantpredict.predict import quality, rank, shipped
 
     nowhere = tmp_path / "nowhere"
     monkeypatch.setenv("QUANTPREDICT_DATA", str(nowhere))
     monkeypatch.setenv("QUANTPREDICT_HOME", str(tmp_path / "home"))  # no imported models either
     monkeypatch.setattr(data, "DATA_DIR", nowhere)  # the module-level copies taken at import
-    monkeypatch.setattr(quality, "DATA_DIR", nowhere)
     monkeypatch.setattr(quality, "DEFAULT_PREDICTOR_DIR", nowhere / "predictors" / "default")
+    monkeypatch.setattr(quality, "PROFILE_PREDICTOR_DIR", nowhere / "predictors" / "profile")
     monkeypatch.setattr(rank, "PROFILE_PREDICTOR_DIR", nowhere / "predictors" / "profile")
+    monkeypatch.setattr(shipped, "DATA_DIR", nowhere)
+    for name, folder in (("DEFAULT_PREDICTOR_DIR", "default"), ("PHYSICS_PREDICTOR_DIR", "default"),
+                         ("PROFILE_PREDICTOR_DIR", "profile")):
+        monkeypatch.setattr(shipped, name, nowhere / "predictors" / folder)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)

@@ -16,7 +16,6 @@ import quantpredict
 from quantpredict.cli import main
 from quantpredict.errors import PredictorError
 from quantpredict.predict import Prediction, Predictor, predict_quality
-from quantpredict.predict import quality as quality_mod
 from quantpredict.quantize import Recipe
 from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
@@ -73,9 +72,14 @@ def test_predict_quality_with_patched_features(runs, ols, monkeypatch):
 
 
 def test_predict_quality_errors(ols, monkeypatch, tmp_path):
-    monkeypatch.setattr(quality_mod, "DEFAULT_PREDICTOR_DIR", tmp_path / "nothing")
-    with pytest.raises(PredictorError, match="no default predictor.*quantpredict fit"):
+    from quantpredict.predict import shipped
+
+    monkeypatch.setattr(shipped, "PROFILE_PREDICTOR_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(shipped, "PHYSICS_PREDICTOR_DIR", tmp_path / "nothing")
+    with pytest.raises(PredictorError, match="no default predictor.*quantpredict fit.*--kind profile"):
         predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4"))
+    with pytest.raises(PredictorError, match="no physics predictor.*--kind physics"):
+        predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4"), "physics")
     with pytest.raises(PredictorError, match="tokenizer"):
         predict_quality(tiny_model("llama"), Recipe(weight_format="mxint4"), ols)
     with pytest.raises(PredictorError, match="not a saved predictor"):

@@ -38,16 +38,16 @@ def _pick_model(requested: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from quantpredict.data import data_dir
-    from quantpredict.predict.quality import DEFAULT_PREDICTOR_DIR
+    from quantpredict.predict.quality import PROFILE_PREDICTOR_DIR
 
     device = options.device(args)
     recipes = parse_recipes(args.recipes)  # checked before any model is loaded
     data_dir()  # the zoo, the texts and the default predictor: an installed package names $QUANTPREDICT_DATA here
     model = _pick_model(args.model)
     options.check_model(model)
-    if (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
+    if (PROFILE_PREDICTOR_DIR / "predictor.json").is_file():
         return _predict(model, recipes, device)
-    print(f"(no default predictor at {DEFAULT_PREDICTOR_DIR} yet: showing the cheap quantization measurements)")
+    print(f"(no default predictor at {PROFILE_PREDICTOR_DIR} yet: showing the cheap quantization measurements)")
     return _measure(model, recipes, device)
 
 
@@ -77,21 +77,24 @@ def _predict(model_name: str, recipes, device=None) -> int:
     from quantpredict.cli import answer
     from quantpredict.predict.fp_reference import full_eval_cost, resolve_fp_reference
     from quantpredict.predict.quality import predict_quality, resolve_predictor
+    from quantpredict.predict.rank import profile_model
     from quantpredict.quantize import Recipe
 
     predictor = resolve_predictor("default")
-    model, tok = models.load(model_name, attn_implementation="eager", device=device)
     import math
 
     rows = []
     with answer.caught_warnings() as caught:
-        # the FP reference predict, rank and allocate use too (zoo card, cache, or measured once)
-        ref = resolve_fp_reference(model_name, model=model, tokenizer=tok)
+        # the profile and the FP reference predict, rank and allocate use too (cached, or measured once)
+        model, tok = (models.load(model_name, attn_implementation="eager", device=device) if device is not None
+                      else (model_name, None))
+        mp = profile_model(model, tokenizer=tok, name=model_name)
+        ref = resolve_fp_reference(model_name, model=mp.model, tokenizer=mp.tokenizer)
         for fmt, method in recipes:
-            rows.append(predict_quality(model, Recipe(weight_format=fmt, method=method), predictor, tokenizer=tok,
-                                        ppl_fp=ref, model_name=model_name))
-    print(f"{model_name}: predicted on WikiText-2 test ({predictor.kind} predictor, 90% intervals, which carry the FP "
-          "perplexity's SE too)")
+            rows.append(predict_quality(mp.model, Recipe(weight_format=fmt, method=method), predictor,
+                                        tokenizer=mp.tokenizer, ppl_fp=ref, model_name=model_name, profile=mp))
+    print(f"{model_name}: predicted on WikiText-2 test ({predictor.kind} predictor: {rows[0].how}; 90% intervals, "
+          "which carry the FP perplexity's SE too)")
     print(answer.fp_line(ref))
     print(f"{'recipe':20s} {'KLD':>9s} {'KLD 90% interval':>21s} {'ppl':>8s} {'ppl 90% interval':>19s} "
           f"{'vs FP':>8s} {'top-1%':>7s} {'seconds':>8s}")
@@ -101,6 +104,8 @@ def _predict(model_name: str, recipes, device=None) -> int:
         top1 = f"{100 * pr.top1:7.2f}" if math.isfinite(pr.top1) else f"{'n/a':>7s}"
         print(f"{pr.recipe:20s} {kld} {answer.num(pr.ppl)} [{answer.num(pr.ppl_low)}, {answer.num(pr.ppl_high)}] "
               f"{answer.pct(pr.ppl_increase_pct):>8s} {top1} {pr.seconds:8.2f}")
+    got = "read from the cache" if mp.cached else "measured once"
+    print(f"profile: {got} in {mp.seconds:.1f} s (model load included); 'seconds' above is each recipe's pricing")
     print(answer.cost_line(full_eval_cost(ref)))
     for line in answer.notes(caught, [(pr.recipe, pr.out_of_range) for pr in rows]):
         print(line)

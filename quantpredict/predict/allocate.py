@@ -239,18 +239,16 @@ def _parse_candidates(candidates: Sequence[str]) -> list[tuple[str, int | None]]
 
 
 def _predict_row(pred, mp, recipe: Recipe, ref) -> tuple[dict[str, Any], dict[str, Any]]:
-    from quantpredict.predict.fp_reference import label_output
-    from quantpredict.predict.rank import recipe_row
+    """The recipe's features and its prediction, by the one pricing path rank and predict use
+    (:func:`~quantpredict.predict.rank.price`); without a predictor, the features and the price alone."""
+    from quantpredict.predict.rank import price, recipe_row
 
-    row = recipe_row(mp, recipe)
-    if ref is not None:
-        row.update(ref.columns())
-    price = {"token_gn_quad": row["token_gn_quad"]}
     if pred is None:  # allocation alone, nothing predicted
-        return row, price
-    out = pred.predict(pd.DataFrame([row]))
-    label_output(out, ref)
-    return row, out.iloc[0].to_dict() | price
+        row = recipe_row(mp, recipe)
+        return row, {"token_gn_quad": row["token_gn_quad"]}
+    priced = price(mp, [recipe], pred, ref)
+    row = priced.iloc[0].to_dict()
+    return row, {k: row[k] for k in [*priced.attrs["predicted"], "token_gn_quad"]}
 
 
 def _compared(pred, mp, specs: Sequence[Any], ppl_fp) -> list[dict[str, Any]]:
@@ -295,8 +293,8 @@ def allocate(model: Any, target_bits: float | None = None, *, candidates: Sequen
     """
     from quantpredict.mixes import is_mix_spec, resolve_recipe
     from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp, full_eval_cost
-    from quantpredict.predict.quality import resolve_predictor
     from quantpredict.predict.rank import PROFILE_PREDICTOR_DIR, profile_model
+    from quantpredict.predict.shipped import resolve_predictor
 
     if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
         check_ppl_fp(ppl_fp, "ppl_fp")

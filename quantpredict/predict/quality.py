@@ -1,6 +1,12 @@
 """``predict_quality``: a model and a recipe in, the predicted KLD, delta NLL, top-1 agreement and WikiText-2
-perplexity with intervals out (delta NLL and perplexity alone from a delta-only kind), without quantizing or
-evaluating the model: the features are computed on the fly on WikiText-2 *train* calibration data."""
+perplexity with intervals out (delta NLL and perplexity alone from a delta-only kind), without evaluating the model.
+
+By default the recipe is priced from the weights against the model's cached sensitivity profile
+(:func:`quantpredict.predict.rank.price`, the path ``rank`` and ``allocate`` use, so the three agree on every
+recipe). A saved predictor of another kind (``"physics"``: the shipped measurement predictor) computes its features
+on the fly on WikiText-2 *train* calibration data instead: for ``physics``, a quantization of the model and forward
+passes over the calibration windows per recipe. Recipes the weights-only path does not price yet (SmoothQuant,
+activation quantization, AWQ, QAT) are measured that way, and the :class:`Prediction` says so in ``how``."""
 
 from __future__ import annotations
 
@@ -13,14 +19,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quantpredict.data import DATA_DIR, data_dir
 from quantpredict.errors import PredictorError
 from quantpredict.predict.saved import SavedPredictor
+from quantpredict.predict.shipped import (  # noqa: F401 -- re-exported: the API names them here
+    DEFAULT_PREDICTOR_DIR,
+    PHYSICS_PREDICTOR_DIR,
+    PROFILE_PREDICTOR_DIR,
+    resolve_predictor,
+)
 from quantpredict.recipe import RECIPE_COLUMNS, Recipe
 from quantpredict.schema import FEATURE_NAMES, TIMING_NAMES
 
-#: the shipped default, a ``physics`` predictor, in the data folder (the checkout's, or $QUANTPREDICT_DATA)
-DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"
+#: how each path reaches its answer (``Prediction.how``)
+HOW_PROFILE = "priced from the weights against the model's profile"
+HOW_MEASURED = "measured on the calibration windows"
 RECIPE_FIELDS = RECIPE_COLUMNS  # the run-store columns of a recipe (quantpredict.recipe)
 
 
@@ -37,7 +49,11 @@ class Prediction:
     prediction (what replaces the evaluation); ``load_seconds``: loading the model, which an evaluation pays too;
     ``full_eval_seconds``: the shared estimate of a full WikiText-2 test evaluation of the recipe
     (:func:`~quantpredict.predict.fp_reference.full_eval_cost`, ``full_eval_how`` says how); ``eval_seconds``: what a
-    full evaluation of this model cost in the predictor's training runs (None for a model it has not seen)."""
+    full evaluation of this model cost in the predictor's training runs (None for a model it has not seen).
+    ``how``: :data:`HOW_PROFILE` (weights-only, the default) or :data:`HOW_MEASURED` (a measurement predictor such as
+    ``physics``: the recipe was quantized and run on calibration windows); ``note``: why a recipe was measured
+    although the weights-only predictor was asked for (empty otherwise). On the weights-only path ``seconds`` is
+    the recipe's pricing alone, plus the profile's measurement when this call measured it."""
 
     model: str
     recipe: str
@@ -67,26 +83,11 @@ class Prediction:
     full_eval_seconds: float | None = None
     full_eval_how: str = ""
     fp_reference: dict[str, Any] = field(default_factory=dict)
+    how: str = ""
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_predictor(predictor: str | Path | SavedPredictor) -> SavedPredictor:
-    """A predictor instance (any :class:`~quantpredict.predict.saved.SavedPredictor`), ``"default"`` (the
-    ``physics`` predictor shipped in ``data/predictors/default``) or a saved predictor's directory."""
-    if isinstance(predictor, SavedPredictor):
-        return predictor
-    path = DEFAULT_PREDICTOR_DIR if str(predictor) == "default" else Path(predictor)
-    if path.is_relative_to(DATA_DIR):
-        data_dir()  # a shipped predictor (default, profile): no data folder is the error naming $QUANTPREDICT_DATA
-    if str(predictor) == "default" and not (DEFAULT_PREDICTOR_DIR / "predictor.json").is_file():
-        runs = DATA_DIR / "runs"
-        raise PredictorError(
-            f"no default predictor at {DEFAULT_PREDICTOR_DIR}; fit one on the shipped runs with `quantpredict fit "
-            f"--store {runs / 'runs.sqlite'} {runs / 'long.sqlite'} {runs / 'smollm2.sqlite'} --kind physics --out "
-            f"{DEFAULT_PREDICTOR_DIR}`, or pass --predictor DIR")
-    return SavedPredictor.load(path)
 
 
 def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
@@ -104,37 +105,62 @@ def recipe_columns(recipe: Any) -> tuple[str, dict[str, Any]]:
 def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | SavedPredictor = "default", *,
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: Any = None, fp_windows: int | None = None,
                     seed: int = 0, extract_options: Mapping[str, Any] | None = None,
-                    model_name: str | None = None, device: Any = None) -> Prediction:
+                    model_name: str | None = None, device: Any = None, profile: Any = None,
+                    cache: bool = True) -> Prediction:
     """Predict the quality of ``model_or_path`` quantized with ``recipe`` (see :class:`Prediction`), without
-    quantizing it.
+    evaluating it.
 
     ``model_or_path``: a zoo name or HF directory (loaded with ``quantpredict.models.load``), or a loaded model (then
     pass ``tokenizer`` or ``calib_ids``). ``recipe``: a :class:`~quantpredict.recipe.Recipe`, its label or a dict of
-    its fields. ``predictor``: "default" (the shipped ``physics`` predictor), a saved predictor directory, or a fitted
-    predictor. ``calib_ids``: calibration token ids (default: WikiText-2 train through the model's tokenizer).
+    its fields. ``predictor``: ``"default"`` (the shipped weights-only ``profile`` predictor: the recipe is priced
+    from the weights against the model's cached profile, :func:`~quantpredict.predict.rank.price`, exactly as
+    ``rank`` and ``allocate`` price it), ``"physics"`` (the shipped measurement predictor: the recipe is quantized and
+    run on the calibration windows), a saved predictor directory, or a fitted predictor. With a ``profile``
+    predictor, a recipe the weights-only path does not price (SmoothQuant, activation quantization, AWQ, QAT) is
+    measured by the ``physics`` predictor, and ``Prediction.note`` says so. ``calib_ids``: calibration token ids
+    (default: WikiText-2 train through the model's tokenizer).
     ``ppl_fp``: the FP reference (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`): ``None`` (the
     zoo card, else the cached measurement, else measured now on ``fp_windows`` WikiText-2 test windows and cached),
-    a measured number, ``"predicted"`` or an ``FPReference``. Computes only the feature groups the
-    predictor uses (``features.extract(..., which=groups)``); ``extract_options`` overrides
+    a measured number, ``"predicted"`` or an ``FPReference``. A measurement predictor computes only the feature
+    groups it uses (``features.extract(..., which=groups)``); ``extract_options`` overrides
     ``features.ExtractOptions`` fields (keep the defaults the training runs used).
     ``model_name``: the name to report (and to look up the training runs' evaluation seconds) for a model object.
-    ``device``: where the features are computed (``"cuda"``; default: where the model is, CPU for a name); a model
-    object is moved there for the call and back. Memory: ``extract_options={"max_memory": ...}`` (default 2 GiB of
-    working memory beyond the weights and the quantization direction).
+    ``device``: where a measurement predictor's features are computed (``"cuda"``; default: where the model is, CPU
+    for a name); a model object is moved there for the call and back. Memory: ``extract_options={"max_memory":
+    ...}`` (default 2 GiB of working memory beyond the weights and the quantization direction). ``profile``: a
+    :class:`~quantpredict.predict.rank.ModelProfile` already measured (:func:`~quantpredict.predict.rank.
+    profile_model`), so that several recipes share it; ``cache``: read and write the profile cache and the FP
+    reference's.
+
+    Thirteen parameters, on purpose: past the model, the recipe and the predictor, each keyword is an independent
+    input of one of the two paths (calibration data, the FP reference and its window count, the seed, the
+    measurement's options, a display name, a device, a measured profile, the cache), and no frozen config groups
+    them.
     """
     from quantpredict.memory import resolve_device
 
     if device is not None:
         device = resolve_device(device, flag="device")  # before any loading
     from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp
+    from quantpredict.predict.rank import weights_only
 
     pred = resolve_predictor(predictor)
     if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
-        check_ppl_fp(ppl_fp, "ppl_fp")  # before any loading
+        check_ppl_fp(ppl_fp, "ppl_fp")
     if fp_windows is not None:
         check_fp_windows(fp_windows, "fp_windows")
     label, cols = recipe_columns(recipe)
     recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
+    note = ""
+    if pred.kind == "profile" and not weights_only(recipe):
+        pred = resolve_predictor("physics")
+        note = (f"{label}: the weights-only profile does not price SmoothQuant, activation quantization, AWQ or QAT "
+                f"yet; measured on the calibration windows instead ({pred.kind} predictor: a quantization and "
+                "forward passes)")
+    if pred.kind == "profile":
+        return _from_profile(model_or_path, recipe, pred, tokenizer=tokenizer, calib=calib_ids, ppl_fp=ppl_fp,
+                             fp_windows=fp_windows, seed=seed, name=model_name, device=device, profile=profile,
+                             cache=cache)
     t_load = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
@@ -170,22 +196,57 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
         row["family"] = arch.family(model)
     except Exception:  # noqa: BLE001 -- the family is informative only; the predictor does not use it
         row["family"] = None
-    from quantpredict.predict.fp_reference import full_eval_cost, label_output, resolve_fp_reference
+    from quantpredict.predict.fp_reference import label_output, resolve_fp_reference
 
     t_fp = time.perf_counter()
     ref = resolve_fp_reference(model_or_path if isinstance(model_or_path, (str, Path)) else model, model=model,
                                tokenizer=tokenizer, ppl_fp=ppl_fp, fp_windows=fp_windows, name=model_name,
-                               flag="ppl_fp")
+                               flag="ppl_fp", cache=cache)
     fp_seconds = time.perf_counter() - t_fp  # an FP measurement is not what replaces the evaluation
     row.update(ref.columns())
     frame = pred.predict(pd.DataFrame([row]))
     label_output(frame, ref)
     out = frame.iloc[0]
-    seconds = time.perf_counter() - t0 - fp_seconds
+    return _prediction(name, label, out, raw, ref, pred, seconds=time.perf_counter() - t0 - fp_seconds,
+                       load_seconds=load_seconds, how=HOW_MEASURED, note=note)
+
+
+def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, tokenizer, calib, ppl_fp,
+                  fp_windows, seed, name, device, profile, cache) -> Prediction:
+    """The weights-only path: the model's profile (given, cached or measured now), then
+    :func:`~quantpredict.predict.rank.price` of the recipe."""
+    from quantpredict.predict.rank import fp_reference_of, price, profile_model
+
+    t0 = time.perf_counter()
+    load_seconds = 0.0
+    if profile is None:
+        if isinstance(model_or_path, (str, Path)) and device is not None:
+            from quantpredict import models
+
+            model_or_path, tok = models.load(str(model_or_path), attn_implementation="eager", device=device)
+            tokenizer = tokenizer or tok
+            load_seconds = time.perf_counter() - t0
+        profile = profile_model(model_or_path, tokenizer=tokenizer, calib=calib, seed=seed, name=name, cache=cache)
+    measured = time.perf_counter() - t0 - load_seconds  # the profile, when this call measured or read it
+    ref = fp_reference_of(profile, ppl_fp, fp_windows, cache)
+    from quantpredict.mixes import resolve_recipe
+
+    priced = price(profile, [resolve_recipe(recipe, profile.model)], pred, ref)
+    out = priced.iloc[0]
+    seconds = float(out["price_seconds"]) + measured
+    return _prediction(name or profile.name, recipe.label, out, out.to_dict(), ref, pred, seconds=seconds,
+                       load_seconds=load_seconds, how=HOW_PROFILE, note="")
+
+
+def _prediction(name: str, label: str, out: Any, raw: Mapping[str, Any], ref: Any, pred: SavedPredictor, *,
+                seconds: float, load_seconds: float, how: str, note: str) -> Prediction:
+    """A :class:`Prediction` from the predictor's output row ``out`` and the features ``raw`` it read."""
+    from quantpredict.predict.fp_reference import full_eval_cost
+
     cost = full_eval_cost(ref)
     extra = {k: float(out[k]) for k in ("kld", "kld_low", "kld_high", "top1", "top1_low", "top1_high") if k in out}
-    feats = {k: float(raw[k]) for k in FEATURE_NAMES if k in raw}
-    timings = {k: float(raw[k]) for k in TIMING_NAMES if k in raw}
+    feats = {k: float(raw[k]) for k in FEATURE_NAMES if k in raw and _is_number(raw[k])}
+    timings = {k: float(raw[k]) for k in TIMING_NAMES if k in raw and _is_number(raw[k])}
     return Prediction(model=name, recipe=label, ppl=float(out["ppl"]), ppl_low=float(out["ppl_low"]),
                       ppl_high=float(out["ppl_high"]), delta_nll=float(out["delta_nll"]),
                       delta_low=float(out["delta_low"]), delta_high=float(out["delta_high"]),
@@ -194,4 +255,9 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
                       eval_seconds=(pred.metadata.get("eval_seconds_by_model") or {}).get(name),
                       features=feats, feature_seconds=timings, ppl_fp_se=float(out["ppl_fp"]) * ref.nll_se,
                       ppl_increase_pct=float(out["ppl_increase_pct"]), out_of_range=str(out.get("out_of_range") or ""),
-                      full_eval_seconds=cost.seconds, full_eval_how=cost.how, fp_reference=ref.to_dict(), **extra)
+                      full_eval_seconds=cost.seconds, full_eval_how=cost.how, fp_reference=ref.to_dict(), how=how,
+                      note=note, **extra)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quantpredict.data import DATA_DIR
 from quantpredict.errors import PredictorError, RecipeError
+from quantpredict.predict.shipped import PROFILE_PREDICTOR_DIR, resolve_predictor
 from quantpredict.recipe import Recipe
 
 #: The shipped sweep's weight formats: the default candidate grid with RTN and GPTQ (28 recipes).
@@ -35,7 +35,6 @@ DEFAULT_FORMATS: tuple[str, ...] = (
     "mxfp4_e2m1", "int8", "int4", "int3", "int2",
 )
 DEFAULT_METHODS: tuple[str, ...] = ("rtn", "gptq")
-PROFILE_PREDICTOR_DIR = DATA_DIR / "predictors" / "profile"  # the data folder: checkout, or $QUANTPREDICT_DATA
 
 
 def default_recipes(formats: Sequence[str] = DEFAULT_FORMATS, methods: Sequence[str] = DEFAULT_METHODS
@@ -97,7 +96,8 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
         model = model_or_path
         name = name or getattr(model.config, "name_or_path", "") or type(model).__name__
     if calib is None and tokenizer is None:
-        raise PredictorError("rank_recipes got a model object without a tokenizer: pass tokenizer= or calib=")
+        raise PredictorError("got a model object without a tokenizer: pass tokenizer= (or calib=), or pass the "
+                             "model's name or path instead")
     windows_cache: list = []
 
     def windows():
@@ -181,7 +181,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
     from quantpredict.formats import get_format
     from quantpredict.quantize import layer_plan, size_report
 
-    if recipe.smoothquant_alpha is not None or recipe.act_format is not None or recipe.qat or recipe.awq:
+    if not weights_only(recipe):
         raise RecipeError(f"rank prices weight-only PTQ recipes from the weights; {recipe.label} needs SmoothQuant, "
                           "activation quantization, AWQ or QAT: predict it with `quantpredict predict` instead")
     t0 = time.perf_counter()
@@ -209,6 +209,32 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
             recipe.block_size, "smoothquant_alpha": np.nan, "act_format": None, "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
+
+
+def weights_only(recipe: Recipe) -> bool:
+    """Whether the weights-only path prices ``recipe``: post-training weight quantization (RTN or GPTQ, uniform,
+    per-layer or a named mix). SmoothQuant, activation quantization, AWQ and QAT need what the profile does not hold
+    yet (activation statistics, a training run); :func:`~quantpredict.predict.quality.predict_quality` measures those
+    on the calibration batch instead, and says so."""
+    return not (recipe.smoothquant_alpha is not None or recipe.act_format is not None or recipe.qat or recipe.awq)
+
+
+def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any) -> pd.DataFrame:
+    """The one pricing path of ``predict``, ``rank``, ``allocate`` and ``demo``: each recipe's weights-only features
+    (:func:`recipe_row`) with the FP reference ``ref``'s columns, turned into KLD, delta NLL, perplexity and top-1
+    with intervals by the ``profile`` predictor ``pred``; one row per recipe, in order. A recipe's row does not depend
+    on the other rows, so a recipe priced alone and priced in a grid gets the same numbers, bit for bit.
+    ``attrs["predicted"]`` names the predictor's output columns."""
+    from quantpredict.predict.fp_reference import label_output
+
+    frame = pd.DataFrame([recipe_row(mp, r) for r in recipes])
+    for k, v in ref.columns().items():
+        frame[k] = v
+    out = pred.predict(frame)
+    label_output(out, ref)
+    priced = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
+    priced.attrs["predicted"] = list(out.columns)  # what the predictor added (the rest are its inputs)
+    return priced
 
 
 def pareto_mask(bits: np.ndarray, cost: np.ndarray) -> np.ndarray:
@@ -277,8 +303,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     from tqdm.auto import tqdm
 
     from quantpredict import arch
-    from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp, full_eval_cost, label_output
-    from quantpredict.predict.quality import resolve_predictor
+    from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp, full_eval_cost
 
     _check_constraint("max_bits", max_bits, 0, "bits per element, e.g. 4.5")
     _check_constraint("max_kld", max_kld, 0, "nats, e.g. 0.01")
@@ -303,18 +328,13 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         raise RecipeError("rank_recipes needs at least one candidate recipe")
     t0 = time.perf_counter()
     mp = profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache)
-    rows = []
-    for s in tqdm(specs, desc="rank", unit="recipe", disable=not progress):
-        rows.append(recipe_row(mp, resolve_recipe(s, mp.model)) | {"mix": s if is_mix_spec(s) else None})
-    frame = pd.DataFrame(rows)
     t_fp = time.perf_counter()
     ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
     fp_seconds = time.perf_counter() - t_fp
-    for k, v in ref.columns().items():
-        frame[k] = v
-    out = pred.predict(frame)
-    label_output(out, ref)
-    frame = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
+    resolved = [resolve_recipe(s, mp.model) for s in specs]
+    frame = pd.concat([price(mp, [r], pred, ref)
+                       for r in tqdm(resolved, desc="rank", unit="recipe", disable=not progress)], ignore_index=True)
+    frame["mix"] = [s if is_mix_spec(s) else None for s in specs]
     frame["past_damage_bound"] = past_damage_bound(frame)
     frame["pareto"] = pareto_mask(frame["bits_per_element"].to_numpy(float), frame["kld"].to_numpy(float))
     frame = frame.sort_values(["bits_per_element", "kld"]).reset_index(drop=True)

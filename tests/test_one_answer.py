@@ -1,0 +1,72 @@
+"""One answer per recipe (issues #28 and #29): ``predict_quality``, ``rank_recipes``, ``allocate``, ``quantpredict
+predict`` and ``quantpredict demo`` price a recipe through one path (``quantpredict.predict.rank.price``), so
+they print the same KLD and perplexity for the same model and recipe, bit for bit.
+
+A zoo model and the shipped profile predictor; profiles are cached in the session's temporary folder (conftest)."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantpredict.cli import main
+from quantpredict.predict.allocate import allocate
+from quantpredict.predict.quality import HOW_MEASURED, HOW_PROFILE, predict_quality
+from quantpredict.predict.rank import rank_recipes
+
+MODEL = "llama-xs"
+RECIPES = ["mxint4-rtn", "int8-rtn", "mxint4-gptq"]
+
+
+@pytest.fixture(scope="module")
+def ranked():
+    return rank_recipes(MODEL, RECIPES).set_index("recipe")
+
+
+def test_predict_quality_is_rank_bit_for_bit(ranked):
+    for label in RECIPES:
+        pr = predict_quality(MODEL, label)
+        row = ranked.loc[label]
+        assert pr.how == HOW_PROFILE and pr.predictor_kind == "profile" and pr.note == ""
+        for k in ("kld", "kld_low", "kld_high", "ppl", "ppl_low", "ppl_high", "delta_nll", "top1", "ppl_fp"):
+            assert getattr(pr, k) == float(row[k]), (label, k)  # the same floats, not approximately
+
+
+def test_allocate_prices_its_comparisons_as_rank_does(ranked):
+    res = allocate(MODEL, 6.0, candidates=["mxint4", "int8"], compare=["mxint4-rtn", "int8-rtn"])
+    for c in res.compared:
+        for k in ("kld", "ppl", "ppl_low", "ppl_high"):
+            assert c["prediction"][k] == float(ranked.loc[c["recipe"], k]), (c["recipe"], k)
+    # a uniform candidate priced inside allocate is the rank row too
+    best = res.best_uniform
+    assert best["prediction"]["kld"] == float(ranked.loc[best["recipe"], "kld"])
+
+
+def _line(out: str, label: str) -> str:
+    return next(x for x in out.splitlines() if x.startswith(label + " "))
+
+
+def test_the_commands_print_the_same_perplexity(ranked, capsys):
+    want = f" {float(ranked.loc['mxint4-rtn', 'ppl']):.2f} ["  # every table prints the perplexity, then its interval
+    assert main(["predict", MODEL, "--format", "mxint4"]) == 0
+    predicted = capsys.readouterr().out
+    assert main(["demo", "--model", MODEL, "--recipes", "mxint4:rtn"]) == 0
+    demo = capsys.readouterr().out
+    assert main(["rank", MODEL, "--recipes", "mxint4-rtn", "--all"]) == 0
+    rank = capsys.readouterr().out
+    assert "profile predictor: priced from the weights" in predicted and "profile predictor" in demo
+    for out in (predicted, demo, rank):
+        assert want in _line(out, "mxint4-rtn"), out
+
+
+def test_activation_recipes_are_measured_and_say_so():
+    pr = predict_quality(MODEL, "mxint4-rtn-a_mxint8")
+    assert pr.how == HOW_MEASURED and pr.predictor_kind == "physics"
+    assert "does not price" in pr.note and "measured on the calibration windows" in pr.note
+    assert pr.ppl_low <= pr.ppl <= pr.ppl_high
+
+
+def test_measure_flag_uses_the_measurement_predictor(capsys):
+    assert main(["predict", MODEL, "--format", "int8", "--measure", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "physics predictor: measured on the calibration windows" in out
+    assert "measured recipes:" in out
