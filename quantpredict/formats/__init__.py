@@ -1,6 +1,6 @@
 """Exact low-precision number formats: OCP MX (MXFP8/6/4, MXINT2-8), per-channel/per-group intK and fp8, bf16/fp16,
-and the layouts checkpoints ship: GPTQ-style asymmetric uintK (:mod:`.asym`), bitsandbytes NF4 (:mod:`.nf4`), and
-llama.cpp's Q8_0 and k-quants (:mod:`.ggml`).
+and the layouts checkpoints ship: GPTQ-style asymmetric uintK (:mod:`.asym`), bitsandbytes NF4 (:mod:`.nf4`),
+llama.cpp's Q8_0 and k-quants (:mod:`.ggml`), and NVIDIA's NVFP4 and per-tensor FP8 (:mod:`.tensor_scale`).
 
 Public API::
 
@@ -22,6 +22,9 @@ Names of the shipped layouts (lowercase; never ``_b<digits>``, which recipe labe
 * ``q8_0``, ``q5_0``, ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's reference quantizers and GGUF layouts
   (:mod:`.ggml`); q5_0 and q5_1 are what llama.cpp stores a Q4_K or Q5_K tensor as when its rows are not a multiple
   of 256.
+* ``nvfp4``: NVIDIA NVFP4 (ModelOpt/vLLM): E2M1 elements, an E4M3 scale per 16, one FP32 scale per tensor;
+  ``fp8_e4m3_pt``: FP8 E4M3 with one FP32 scale per tensor (vLLM's default FP8 weights) (:mod:`.tensor_scale`).
+  ``to_gguf_bytes(x, "nvfp4")`` packs GGUF's NVFP4 type where the two layouts meet.
 
 ``fake_quantize(x, f, block_size=B) == quantize_with_scale(x, f, compute_scale(x, f, block_size=B))`` whenever x's
 axis has length B: GPTQ fits a block's scales once, then quantizes column by column with them. For every format,

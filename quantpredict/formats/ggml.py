@@ -527,9 +527,13 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
     from quantpredict.formats.table import get_format
 
     f = get_format(fmt)
+    if f.name == "nvfp4":  # GGUF's NVFP4 type: where it meets NVIDIA's definition, see formats.tensor_scale
+        from quantpredict.formats.tensor_scale import to_gguf_bytes as nvfp4_bytes
+
+        return nvfp4_bytes(x, f)
     if f.family != "ggml":
         raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: q8_0, q5_0, q5_1, q4_k, q5_k, "
-                         "q6_k")
+                         "q6_k (and nvfp4, packed as GGUF's NVFP4 where the layouts meet)")
     if x.dim() != 2:
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)

@@ -1,7 +1,8 @@
 """Fitted quantization parameters for every format: fit once, then quantize any part of the tensor with them.
 
 :func:`fit_params` fits a format's parameters on a tensor (scales for MX/int/fp8; scale and zero point for uintK;
-absmax for NF4; d, dmin, sub-block scales and mins for the k-quants), and returns them *per element*, in the tensor's
+absmax for NF4; d, dmin, sub-block scales and mins for the k-quants; the per-tensor scale and NVFP4's E4M3 block
+scales), and returns them *per element*, in the tensor's
 own shape, so that :func:`quantize_with_params` can quantize the whole tensor, or any slice of it (GPTQ fits a
 group once and then rounds it column by column), with no knowledge of the layout::
 
@@ -21,11 +22,13 @@ import torch
 from torch import Tensor
 
 from quantpredict.errors import FormatError
-from quantpredict.formats import asym, ggml, nf4
+from quantpredict.formats import asym, ggml, nf4, tensor_scale
 from quantpredict.formats.table import Format, get_format
 
-SHIPPED = ("asym", "nf4", "ggml")  # families whose parameters are more than one scale
-_CODECS = {"asym": asym, "nf4": nf4, "ggml": ggml}
+SHIPPED = ("asym", "nf4", "ggml", "tensor")  # families whose parameters are more than one scale along the axis
+_CODECS = {"asym": asym, "nf4": nf4, "ggml": ggml, "tensor": tensor_scale}
+# the parameters of a tensor_level format that are fitted on the whole tensor (stats_from)
+_TENSOR_STATS = {"nf4": ("offset", "absmax2"), "tensor": tensor_scale.TENSOR_STATS}
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,8 @@ def fit_blocks(blocks: Tensor, fmt: Format, stats: Mapping[str, Tensor] | None =
         return nf4.fit(blocks, fmt, stats)
     if fmt.family == "ggml":
         return ggml.fit(blocks, fmt, use_native)
+    if fmt.family == "tensor":
+        return tensor_scale.fit(blocks, fmt, stats)
     return asym.fit(blocks, fmt)
 
 
@@ -88,9 +93,11 @@ def fit_params(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: int 
 
     MX/int/fp8/float: ``scale`` (see :func:`~quantpredict.formats.compute_scale`). uintK: ``scale``, ``scale16``,
     ``zero``. NF4: ``inv``, ``absmax`` (and ``offset``, ``absmax2`` for nf4_dq). ggml: see
-    :func:`quantpredict.formats.ggml.fit`. ``stats_from``: for nf4_dq, take the tensor-level second-level statistics
-    (mean and per-run absmax2) from parameters fitted on the whole tensor instead of fitting them on ``x`` (``x`` a
-    slice of it, ``stats_from`` narrowed to the same slice); ignored by the other formats.
+    :func:`quantpredict.formats.ggml.fit`. nvfp4 / fp8_e4m3_pt: ``tensor_scale``, ``scale`` (and ``block_scale``), see
+    :func:`quantpredict.formats.tensor_scale.fit`. ``stats_from``: for the formats with tensor-level parameters
+    (:attr:`~quantpredict.formats.Format.tensor_level`: nf4_dq's mean and per-run absmax2, the per-tensor scale of
+    nvfp4 and fp8_e4m3_pt), take those from parameters fitted on the whole tensor instead of fitting them on ``x``
+    (``x`` a slice of it, ``stats_from`` narrowed to the same slice); ignored by the other formats.
     """
     from quantpredict.formats.reference import (
         _blocked,
@@ -119,9 +126,9 @@ def fit_params(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: int 
         xm = x32.movedim(ax, -1)
         blocks = _blocked(xm.reshape(-1, n), block)
         stats = None
-        if stats_from is not None and f.family == "nf4" and f.scale2_block:
+        if stats_from is not None and f.tensor_level:
             stats = {k: _first_of_blocks(stats_from[k].to(torch.float32).movedim(ax, -1).reshape(-1, n), block)
-                     for k in ("offset", "absmax2")}
+                     for k in _TENSOR_STATS[f.family]}
         p = fit_blocks(blocks, f, stats)
         out = {k: _expand(v, block, n, xm.shape, ax) for k, v in p.items()}
     if squeeze:

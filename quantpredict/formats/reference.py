@@ -100,10 +100,10 @@ def _blocked(xm: Tensor, block: int) -> Tensor:
 
 
 def _single_scale_only(f: Format, what: str) -> None:
-    if f.family in ("asym", "nf4", "ggml"):
+    if f.family in ("asym", "nf4", "ggml", "tensor"):
         raise FormatError(
-            f"{what} covers the single-scale formats (MX, int, fp8, float); {f.name} also stores zero points, mins "
-            "or second-level scales: use fit_params / quantize_with_params (quantpredict.formats) instead")
+            f"{what} covers the single-scale formats (MX, int, fp8, float); {f.name} also stores zero points, mins, "
+            "second-level or per-tensor scales: use fit_params / quantize_with_params (quantpredict.formats) instead")
 
 
 def compute_scale(x: Tensor, fmt: str | Format, *, axis: int = -1, block_size: int | None = None) -> Tensor:

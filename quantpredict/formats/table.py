@@ -13,7 +13,9 @@ a list of code values (NF4).
 
 The formats shipped in checkpoints (see :mod:`quantpredict.formats.asym`, :mod:`~quantpredict.formats.nf4` and
 :mod:`~quantpredict.formats.ggml`) are rows of the same format table, with the extra storage their layouts need
-(zero points, sub-block scales, second-level scales) counted by :meth:`Format.bits_per_element`.
+(zero points, sub-block scales, second-level scales) counted by :meth:`Format.bits_per_element`. So are the
+formats that scale a whole tensor first (:mod:`~quantpredict.formats.tensor_scale`): NVIDIA's NVFP4 and FP8 E4M3 with
+one scale per tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ NF4_DQ_BLOCK = 256  # bitsandbytes' double quantization: absmaxes quantized to 8
 QK_K = 256  # llama.cpp k-quant super-block
 QK8_0 = 32  # llama.cpp Q8_0 block
 QK5 = 32  # llama.cpp Q5_0 / Q5_1 block
+NVFP4_BLOCK = 16  # NVIDIA NVFP4: one E4M3 scale per 16 contiguous elements of a row
+TENSOR_SCALE_BITS = 32  # the FP32 scale of a whole tensor (NVFP4's second level; per-tensor FP8's only scale)
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py, get_4bit_type("nf4")): the float32 values, ascending
 NF4_VALUES: tuple[float, ...] = (
@@ -112,7 +116,8 @@ class Format:
     or per group of ``block_size``, mapping max|x| to ``max_normal``), "float" (a plain cast, no scale), and the
     layouts shipped in checkpoints: "asym" (AutoGPTQ's min/max quantizer: fp16 scale and an integer zero point per
     group or channel), "nf4" (bitsandbytes NF4, absmax per block, optionally double-quantized), "ggml" (llama.cpp's
-    Q8_0 and k-quants, whose block is part of the layout).
+    Q8_0 and k-quants, whose block is part of the layout), "tensor" (one FP32 scale per tensor, then for NVFP4 an
+    E4M3 scale per block of 16: :mod:`quantpredict.formats.tensor_scale`).
     """
 
     name: str
@@ -133,7 +138,17 @@ class Format:
     sub_scale_bits: int = 0  # ggml k-quants: bits of one sub-block's scale and min (6 + 6) or scale (8)
     scale2_block: int | None = None  # nf4_dq: first-level scales that share one second-level scale (256)
     scale2_bits: int = 0  # nf4_dq: bits of one second-level scale (fp32)
-    fixed_block: bool = False  # ggml: the block is part of the layout (block_size must be None or equal it)
+    fixed_block: bool = False  # ggml, tensor: the block is part of the layout (block_size must be None or equal it)
+    short_last_block: bool = False  # fixed_block formats whose rows need not be a multiple of the block (NVFP4)
+    scale_element: str | None = None  # key into ELEMENTS of a block scale that is a low-precision float (NVFP4: e4m3)
+    tensor_scale_bits: int = 0  # bits of one scale shared by the whole tensor (32: FP32), on top of the others
+
+    @property
+    def tensor_level(self) -> bool:
+        """Whether some of this format's parameters are fitted on the whole tensor (nf4_dq's mean and second-level
+        scales, the per-tensor scale of nvfp4 and fp8_e4m3_pt): a slice of a tensor must then take those from the
+        whole (:func:`quantpredict.formats.fit_params`'s ``stats_from``), as GPTQ does."""
+        return bool(self.scale2_block or self.tensor_scale_bits)
 
     @property
     def step(self) -> float:
@@ -146,14 +161,18 @@ class Format:
                                        or block_size < 1):
             raise FormatError(f"block_size must be a positive integer, got {block_size!r}")
         if self.fixed_block and block_size is not None and block_size != self.default_block_size:
+            block = self.default_block_size
+            what = f"blocks of {block} elements" if block else "one scale per tensor"
+            also = f" (or {block})" if block else ""
             raise FormatError(
-                f"{self.name} stores blocks of {self.default_block_size} elements by definition (llama.cpp's layout); "
-                f"got block_size={block_size}: pass block_size=None (or {self.default_block_size})")
+                f"{self.name} stores {what} by definition ({_LAYOUT_SOURCE.get(self.family, 'its layout')}); "
+                f"got block_size={block_size}: pass block_size=None{also}")
         return self.default_block_size if block_size is None else block_size
 
     def check_row_length(self, n: int) -> None:
         """A :class:`FormatError` if rows of ``n`` elements cannot be stored in this (fixed-layout) format."""
-        if self.fixed_block and n % self.default_block_size:
+        block = self.default_block_size
+        if self.fixed_block and block and not self.short_last_block and n % block:
             fallback = GGML_FALLBACK.get(self.name)
             hint = f"; llama.cpp would store such a tensor as {fallback} instead" if fallback else ""
             raise FormatError(
@@ -168,7 +187,9 @@ class Format:
         per channel for int/fp8/uintK_pc). A per-channel scale costs ``scale_bits / row_length`` per element when
         ``row_length`` is given (else it is counted as 0); given ``row_length``, a shorter last block is counted as
         one more scale. Zero points count ``zero_bits`` (k) each; k-quant sub-block scales and NF4's second-level
-        scales are counted as their layouts store them. NF4-DQ's one fp32 mean per tensor is not counted.
+        scales are counted as their layouts store them. One scale per tensor is not counted (it would need the
+        tensor's size, and is 32 bits in millions): NF4-DQ's fp32 mean, the FP32 per-tensor scale of nvfp4 and
+        fp8_e4m3_pt (``tensor_scale_bits``), so nvfp4 is 4 + 8/16 = 4.5 and fp8_e4m3_pt 8.
         """
         if self.family == "float":
             return float(self.element_bits)
@@ -191,6 +212,8 @@ class Format:
 # llama.cpp's replacement type for a tensor whose rows are not a multiple of the k-quant super-block
 # (llama-quant.cpp, "incompatible tensor" fallback)
 GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# who defines the layout of a fixed-block family (for error messages)
+_LAYOUT_SOURCE = {"ggml": "llama.cpp's layout", "tensor": "NVIDIA's definition, as ModelOpt and vLLM implement it"}
 
 
 def _make(name: str, family: str, element_format: str) -> Format:
@@ -224,6 +247,11 @@ FORMATS: dict[str, Format] = {
         *[_make(f"int{k}", "int", f"int{k}") for k in range(8, 1, -1)],
         _make("fp8_e4m3", "fp8", "e4m3"),
         _make("fp8_e5m2", "fp8", "e5m2"),
+        # one FP32 scale per tensor: vLLM's default FP8 weight quantization; NVIDIA's NVFP4 (ModelOpt), whose blocks
+        # of 16 also carry an E4M3 scale (a shorter last block of a row is quantized as if zero-padded)
+        _shipped("fp8_e4m3_pt", "tensor", "e4m3", None, 0, tensor_scale_bits=TENSOR_SCALE_BITS, fixed_block=True),
+        _shipped("nvfp4", "tensor", "e2m1", NVFP4_BLOCK, 8, scale_element="e4m3", tensor_scale_bits=TENSOR_SCALE_BITS,
+                 fixed_block=True, short_last_block=True),
         # GPTQ/AWQ-style asymmetric integers: uintK per group (default 128), uintK_pc per output channel
         *[_asym(k, ASYM_GROUP) for k in range(8, 1, -1)],
         *[_asym(k, None) for k in range(8, 1, -1)],
@@ -245,8 +273,8 @@ FORMATS: dict[str, Format] = {
 
 
 def list_formats() -> list[str]:
-    """Every format name: MX first, then int, fp8, the shipped layouts (uintK, uintK_pc, nf4, nf4_dq, q8_0, q5_0,
-    q5_1, q6_k, q5_k, q4_k), and the plain float casts."""
+    """Every format name: MX first, then int, fp8, the per-tensor-scaled fp8_e4m3_pt and nvfp4, the shipped layouts
+    (uintK, uintK_pc, nf4, nf4_dq, q8_0, q5_0, q5_1, q6_k, q5_k, q4_k), and the plain float casts."""
     return list(FORMATS)
 
 
@@ -269,6 +297,8 @@ def _scale_text(f: Format) -> str:
         return f"fp16 scale + uint{f.element_bits} zero per {where}"
     if f.family == "nf4":
         return "fp32 absmax per block" if not f.scale2_block else "8-bit absmax per block, fp32 per 256 blocks"
+    if f.family == "tensor":
+        return "E4M3 per 16, fp32 per tensor" if f.scale_element else "fp32 per tensor"
     if f.family == "ggml":
         return {"q8_0": "fp16 per 32", "q5_0": "fp16 per 32", "q5_1": "fp16 d, min per 32",
                 "q6_k": "fp16 per 256, int8 per 16",
@@ -294,7 +324,11 @@ def format_rows(block_size: int = 128, row_length: int = 4096) -> list[dict[str,
     rows = []
     for f in FORMATS.values():
         scaled = f.family != "float"
-        fits = not f.fixed_block or row_length % f.default_block_size == 0
+        try:
+            f.check_row_length(row_length)
+            fits = True
+        except FormatError:
+            fits = False
         at_block: object
         if not scaled:
             at_block = f.bits_per_element()
@@ -309,7 +343,8 @@ def format_rows(block_size: int = 128, row_length: int = 4096) -> list[dict[str,
             "element bits": f.element_bits,
             "max element": f.max_normal,
             "scale": _scale_text(f),
-            "default block": f.default_block_size or ("channel" if scaled else "-"),
+            "default block": f.default_block_size or (("tensor" if f.family == "tensor" else "channel") if scaled
+                                                      else "-"),
             "bits/elem (default)": f.bits_per_element(row_length=row_length if fits else None),
             f"bits/elem (block {block_size})": at_block,
         })

@@ -24,7 +24,9 @@ Choices made explicit (where the reference leaves room):
   are fitted once, like a scale above, then each column is rounded with them. uintK_pc fits one scale and zero point
   per row before the loop. nf4_dq's tensor-level statistics (the mean of all absmaxes and each run of 256 absmaxes'
   second-level scale) are fitted once on the whole weight before the loop; each group's absmax is then refitted as
-  it comes and stored through that second level, so the result is a valid nf4_dq tensor.
+  it comes and stored through that second level, so the result is a valid nf4_dq tensor. Likewise the per-tensor
+  scale of nvfp4 and fp8_e4m3_pt is fitted once on the whole weight; nvfp4's E4M3 block scales are then refitted per
+  group of 16 as it comes.
 """
 
 from __future__ import annotations
@@ -225,8 +227,9 @@ def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order
     group = _check_inputs(weight, hessian, f, block_size, blocksize)
     rows, columns = weight.shape
     W, H = _dead_zeroed(weight, hessian)
-    # per channel: the row's parameters; nf4_dq: the tensor-level second level; both fitted on the whole weight
-    full = fit_params(W, f, block_size=group) if group is None or f.scale2_block else None
+    # per channel: the row's parameters; nf4_dq, nvfp4, fp8_e4m3_pt: the tensor-level ones (second level, per-tensor
+    # scale); both fitted on the whole weight
+    full = fit_params(W, f, block_size=group) if group is None or f.tensor_level else None
     W, H, perm, position = _ordered(W, H, act_order)
     Hinv = _inverse_factor(H, percdamp)
     order = perm.tolist()
