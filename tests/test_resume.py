@@ -110,3 +110,96 @@ def test_stale_checkpoint_is_discarded(tmp_path, monkeypatch, caplog):
     assert (ckpt / "unrelated.txt").read_text() == "kept"
     assert json.loads((ckpt / MANIFEST).read_text())["done"] == 3
     assert not list(ckpt.glob("acts-*"))  # no activations once every block is done
+
+
+# ---- the comparison ------------------------------------------------------------------------------------------------
+
+
+def _interrupt_after_batch(monkeypatch, k: int) -> None:
+    """:meth:`PartialResults.save` raises :class:`Interrupt` once it has recorded batch ``k`` (1-based) done."""
+    from quantpredict.evaluate import PartialResults
+
+    original = PartialResults.save
+
+    def wrapped(self, entry, batches, sums):
+        original(self, entry, batches, sums)
+        if batches == k:
+            raise Interrupt
+
+    monkeypatch.setattr(PartialResults, "save", wrapped)
+
+
+def _pair():
+    fp = tiny_model("llama")
+    q = tiny_model("llama")
+    quantize_model(q, Recipe("int4"), None, progress=False)
+    return fp, q
+
+
+def _ids():
+    return torch.randint(3, 320, (400,), generator=torch.Generator().manual_seed(1))
+
+
+def _numbers(cmp) -> dict:
+    return {k: v for k, v in cmp.to_dict().items() if not k.endswith("seconds")}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_compare_resumes_exactly(k, tmp_path, monkeypatch):
+    """5 windows in batches of 2 (a short last one), interrupted after batch ``k``: the resumed comparison scores
+    only the batches after it, and every total, standard error and per-window value is the uninterrupted one."""
+    from quantpredict.evaluate import PartialResults, compare_ids, scoring
+
+    fp, q = _pair()
+    setting = dict(seq_len=32, max_windows=5, batch_size=2, progress=False)
+    ref = compare_ids(fp, q, _ids(), **setting)
+    partial = PartialResults(tmp_path / "cmp.pt", "llama-xs|int4")
+    with monkeypatch.context() as m:
+        _interrupt_after_batch(m, k)
+        with pytest.raises(Interrupt):
+            compare_ids(fp, q, _ids(), partial=partial, **setting)
+    scored = []
+    real = scoring.next_token_logits
+    monkeypatch.setattr(scoring, "next_token_logits", lambda m, ids: scored.append(len(ids)) or real(m, ids))
+    res = compare_ids(fp, q, _ids(), partial=partial, **setting)
+    assert sum(scored) == 2 * (5 - 2 * k)  # both models, on the windows not yet done only
+    assert _numbers(res) == _numbers(ref)
+
+
+def test_compare_ignores_another_entry(tmp_path, monkeypatch):
+    """Partial results of another key (or windows) are not used: every window is scored, and the file rewritten."""
+    from quantpredict.evaluate import PartialResults, compare_ids
+
+    fp, q = _pair()
+    setting = dict(seq_len=32, max_windows=5, batch_size=2, progress=False)
+    path = tmp_path / "cmp.pt"
+    with monkeypatch.context() as m:
+        _interrupt_after_batch(m, 1)
+        with pytest.raises(Interrupt):
+            compare_ids(fp, fp, _ids(), partial=PartialResults(path, "llama-xs|bf16"), **setting)
+    res = compare_ids(fp, q, _ids(), partial=PartialResults(path, "llama-xs|int4"), **setting)
+    assert _numbers(res) == _numbers(compare_ids(fp, q, _ids(), **setting))
+    assert torch.load(path, weights_only=True)["batches"] == 3
+
+
+def test_one_copy_comparison_resumes_from_a_strict_cache(tmp_path, monkeypatch):
+    """The one-copy path: the FP side filled into the cache skips the windows already done, and the strict
+    comparison finds every batch it still needs there."""
+    from quantpredict.evaluate import FPLogitsCache, PartialResults
+    from quantpredict.evaluate import scoring as sc
+    from quantpredict.evaluate.windows import make_windows
+
+    fp, q = _pair()
+    windows = make_windows(_ids(), 32, max_windows=5)
+    ref = sc.pair_sums(fp, q, windows, batch_size=2, progress=False)
+    partial = PartialResults(tmp_path / "cmp.pt", "pair")
+    with monkeypatch.context() as m:
+        _interrupt_after_batch(m, 2)
+        with pytest.raises(Interrupt):
+            sc.pair_sums(fp, q, windows, batch_size=2, progress=False, partial=partial)
+    cache = FPLogitsCache()
+    assert sc.fill_fp_cache(fp, windows, cache, "fp", batch_size=2, progress=False, partial=partial)
+    assert sorted(cache.logits) == [2]  # batches 0 and 1 were done: neither run nor cached
+    with cache.strict():
+        res = sc.pair_sums(q, q, windows, batch_size=2, progress=False, fp_cache=cache, fp_key="fp", partial=partial)
+    assert all(torch.equal(res[k], ref[k]) for k in ref)
