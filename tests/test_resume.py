@@ -203,3 +203,92 @@ def test_one_copy_comparison_resumes_from_a_strict_cache(tmp_path, monkeypatch):
     with cache.strict():
         res = sc.pair_sums(q, q, windows, batch_size=2, progress=False, fp_cache=cache, fp_key="fp", partial=partial)
     assert all(torch.equal(res[k], ref[k]) for k in ref)
+
+
+# ---- execute_run ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_home(tmp_path, monkeypatch):
+    """``$QUANTPREDICT_HOME`` in a temporary folder, and the process's FP cache empty before and after."""
+    from quantpredict.runs import execute
+
+    monkeypatch.setenv("QUANTPREDICT_HOME", str(tmp_path / "home"))
+    cache = execute.fp_logits_cache()
+    cache.close()
+    yield tmp_path / "home"
+    cache.close()
+
+
+def _spec():
+    from quantpredict.recipe import EvalSetting
+    from quantpredict.runs.spec import RunSpec
+
+    return RunSpec("llama-xs", Recipe("int4", method="gptq"), EvalSetting(32, 4))
+
+
+def _execute(**kw) -> dict:
+    from quantpredict.runs import execute
+
+    return execute.execute_run(_spec(), torch_threads=1, batch_size=3,
+                               feature_options={"n_windows": 2, "seq_len": 32, "n_probes": 2, "max_iter": 2}, **kw)
+
+
+def _same(a, b) -> bool:
+    """Exact equality but wall times (keys ending in ``seconds``), NaN equal to NaN."""
+    if isinstance(a, dict):
+        keep = [k for k in a if not k.endswith("seconds")]
+        return keep == [k for k in b if not k.endswith("seconds")] and all(_same(a[k], b[k]) for k in keep)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return a == b
+
+
+@pytest.mark.parametrize("stage", ["quantize", "compare"])
+def test_execute_run_resumes_where_it_was_killed(stage, run_home, monkeypatch):
+    """Interrupted after GPTQ's first block, or after the comparison's first batch: the work directory stays, the
+    same call continues from it (no block / window redone) and records what an uninterrupted run records; the
+    directory is gone once the run has finished."""
+    from quantpredict.evaluate import scoring
+    from quantpredict.runs import execute
+
+    ref = _execute(resume=False)
+    work = execute.work_dir(_spec().key)
+    assert work.parent == run_home / "resume" and not work.exists()
+    execute.fp_logits_cache().close()
+    with monkeypatch.context() as m:
+        if stage == "quantize":
+            _interrupt_after(m, BlockCheckpoint, "save", 0)
+        else:
+            _interrupt_after_batch(m, 1)
+        with pytest.raises(Interrupt):
+            _execute()
+    assert work.is_dir()
+    execute.fp_logits_cache().close()  # a new process: the FP cache is gone
+    blocks, scored = [], []
+    real_open, real_logits = BlockCheckpoint.open, scoring.next_token_logits
+    monkeypatch.setattr(BlockCheckpoint, "open",
+                        classmethod(lambda cls, *a: blocks.append(real_open(*a).done) or real_open(*a)))
+    monkeypatch.setattr(scoring, "next_token_logits", lambda m, ids: scored.append(len(ids)) or real_logits(m, ids))
+    resumed = _execute()
+    assert blocks == [1 if stage == "quantize" else 2]  # llama-xs has 2 blocks
+    if stage == "compare":
+        assert sum(scored) == 2 * 1  # one window left of 4 (batches of 3 and 1): FP side and quantized side
+    assert _same(resumed, ref)
+    assert not work.exists()
+
+
+def test_execute_run_failure_removes_the_work_directory(run_home, monkeypatch):
+    """A run that fails with an error (recorded as failed; a retry starts over) leaves no work directory."""
+    from quantpredict import evaluate
+    from quantpredict.runs import execute
+
+    def boom(*a, **kw):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(evaluate, "compare", boom)
+    with pytest.raises(ValueError, match="boom"):
+        _execute()
+    assert not execute.work_dir(_spec().key).exists()
