@@ -13,7 +13,9 @@
 4. every linear not in ``recipe.skip`` is quantized (RTN or GPTQ); the report records RTN's and the method's output
    error on the calibration inputs;
 5. activation fake-quant hooks go on the block's quantized linears, and the block's outputs become block ``i+1``'s
-   inputs.
+   inputs;
+6. with a ``checkpoint`` directory, the block's weights and block ``i+1``'s inputs are saved there
+   (:mod:`.checkpoint`), and a later call continues at block ``i+1``.
 """
 
 from __future__ import annotations
