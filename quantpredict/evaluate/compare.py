@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from quantpredict.evaluate.partial import PartialResults
 from quantpredict.evaluate.scoring import FPLogitsCache, pair_sums
 from quantpredict.evaluate.setting import windowing
 from quantpredict.evaluate.stats import influence, se_from_influence
@@ -85,11 +86,13 @@ class Comparison:
 
 def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
                     progress: bool | None = None, dataset: str = "", split: str = "",
-                    fp_cache: FPLogitsCache | None = None, fp_key: str | None = None) -> Comparison:
-    """:func:`compare` on given :class:`Windows`."""
+                    fp_cache: FPLogitsCache | None = None, fp_key: str | None = None,
+                    partial: PartialResults | None = None) -> Comparison:
+    """:func:`compare` on given :class:`Windows` (``partial`` as in :func:`compare`)."""
     start = time.perf_counter()
     sums = {k: v.numpy() for k, v in pair_sums(model_fp, model_q, windows, batch_size=batch_size,
-                                                  progress=progress, fp_cache=fp_cache, fp_key=fp_key).items()}
+                                                  progress=progress, fp_cache=fp_cache, fp_key=fp_key,
+                                                  partial=partial).items()}
     counts = windows.scored_counts.numpy()
     nll_fp, u_fp = influence(sums["nll_fp"], counts)
     delta, u_delta = influence(sums["delta_nll"], counts)
@@ -120,16 +123,17 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
 def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, evaluation: EvalSetting | None = None,
                 *, stride: int | None = None, batch_size: int = 8, progress: bool | None = None, dataset: str = "",
                 split: str = "", fp_cache: FPLogitsCache | None = None, fp_key: str | None = None,
-                bos_id: int | None = None, **setting: Any) -> Comparison:
+                bos_id: int | None = None, partial: PartialResults | None = None, **setting: Any) -> Comparison:
     """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare` (``bos_id``: every
-    window starts with that token). ``evaluation`` / ``seq_len=`` / ``max_windows=`` as in :func:`compare`; the
-    setting's ``bos`` and ``text`` are not read here (the ids are already the text, ``bos_id`` the protocol).
+    window starts with that token). ``evaluation`` / ``seq_len=`` / ``max_windows=`` / ``partial`` as in
+    :func:`compare`; the setting's ``bos`` and ``text`` are not read here (the ids are already the text, ``bos_id``
+    the protocol).
 
     More than ten parameters, on purpose: past the evaluation setting, the keyword-only options are independent
-    (window layout, batching, the names the result carries, the FP cache, the BOS token id)."""
+    (window layout, batching, the names the result carries, the FP cache, the BOS token id, the partial results)."""
     windows = _id_windows(ids, evaluation, setting, stride=stride, dataset=dataset, split=split, bos_id=bos_id)
     res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
-                          dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key)
+                          dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key, partial=partial)
     return Comparison(**{**res.to_dict(), "stride": stride, "bos": bos_id is not None})
 
 
@@ -144,7 +148,8 @@ def _id_windows(ids: torch.Tensor, evaluation: EvalSetting | None, setting: dict
 def fill_fp_cache(model_fp: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *,
                   fp_cache: FPLogitsCache, fp_key: str, text: str | Path | None = None, dataset: str = "wikitext2",
                   split: str = "test", stride: int | None = None, batch_size: int = 8,
-                  progress: bool | None = None, device: Any = None, **setting: Any) -> bool:
+                  progress: bool | None = None, device: Any = None, partial: PartialResults | None = None,
+                  **setting: Any) -> bool:
     """Run only the FP side of :func:`compare` (the same arguments, the same windows and batches) and keep it in
     ``fp_cache`` under ``fp_key``, so that the FP model can be quantized in place and then compared with the cache in
     strict mode, the quantized model standing in for ``model_fp`` (whose head alone the comparison still reads)::
@@ -156,7 +161,9 @@ def fill_fp_cache(model_fp: nn.Module, tokenizer, evaluation: EvalSetting | None
 
     That is right only when quantizing leaves the head as it was. Returns False, computing nothing, when the cache
     cannot keep the entry (too large for memory, no directory): compare with a copy of the FP model then. Memory:
-    the model, one batch's activations and the cache (on disk above its ``max_bytes``).
+    the model, one batch's activations and the cache (on disk above its ``max_bytes``). ``partial``: the
+    :class:`~quantpredict.evaluate.partial.PartialResults` the comparison will be given; the windows it already
+    holds (an interrupted comparison's) are skipped here too.
     """
     from quantpredict.evaluate.perplexity import setting_stream
     from quantpredict.evaluate.scoring import fill_fp_cache as fill_windows
@@ -167,13 +174,15 @@ def fill_fp_cache(model_fp: nn.Module, tokenizer, evaluation: EvalSetting | None
     windows = _id_windows(stream.ids, None, {"seq_len": w.seq_len, "max_windows": w.max_windows}, stride=stride,
                           dataset=dataset, split=split, bos_id=stream.bos_id)
     with placed([model_fp], device):
-        return fill_windows(model_fp, windows, fp_cache, fp_key, batch_size=batch_size, progress=progress)
+        return fill_windows(model_fp, windows, fp_cache, fp_key, batch_size=batch_size, progress=progress,
+                            partial=partial)
 
 
 def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *,
             text: str | Path | None = None, dataset: str = "wikitext2", split: str = "test", stride: int | None = None,
             batch_size: int = 8, progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
-            fp_key: str | None = None, device: Any = None, **setting: Any) -> Comparison:
+            fp_key: str | None = None, device: Any = None, partial: PartialResults | None = None,
+            **setting: Any) -> Comparison:
     """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
 
     ``evaluation``: the :class:`~quantpredict.recipe.EvalSetting` (window length, number of windows, BOS, the user's
@@ -194,10 +203,15 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: Eval
     ``device``: where both models run (default: where they are); they are moved there for the call and back. Where
     the vocabulary is large the heads run in 64 MiB token chunks (``evaluate.scoring``), so memory beyond the
     models is one batch's activations plus a few such chunks, whatever ``max_windows`` is.
+    ``partial`` (:class:`~quantpredict.evaluate.partial.PartialResults`, a file and a key naming the model pair and
+    setting): the finished windows' sums are saved there after every batch, and a call after an interruption
+    scores only the windows not yet done; totals and standard errors are the uninterrupted ones exactly (a file
+    of another key, setting or windows is ignored and overwritten). The caller deletes the file when done.
 
     More than ten parameters, on purpose: the evaluation setting is one (``evaluation``, or its fields as
     keywords); the keyword-only options left are independent of it and of each other (which text, the window
-    stride, batching, progress, the FP cache and its key, the device) and none of them enters a run key.
+    stride, batching, progress, the FP cache and its key, the device, the partial results) and none of them
+    enters a run key.
     """
     from quantpredict.evaluate.perplexity import setting_stream
     from quantpredict.memory import placed
@@ -207,6 +221,6 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: Eval
     with placed([model_fp, model_q], device):
         res = compare_ids(model_fp, model_q, stream.ids, seq_len=w.seq_len, stride=stride, max_windows=w.max_windows,
                           batch_size=batch_size, progress=progress, dataset=dataset, split=split,
-                          fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id)
+                          fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id, partial=partial)
     return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,
                          "tokenize_seconds": tokenize_seconds, "source": stream.source})

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from quantpredict import lmhead
 from quantpredict.arch import max_positions, model_device
 from quantpredict.errors import DataError, ModelError
+from quantpredict.evaluate.partial import PartialResults
 from quantpredict.evaluate.windows import Windows
 from quantpredict.memory import LOGITS_CHUNK_BYTES, logits_chunk_tokens
 
@@ -298,7 +299,8 @@ class FPLogitsCache:
 
 def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batch_size: int = 8,
               progress: bool | None = None, desc: str = "compare", fp_cache: FPLogitsCache | None = None,
-              fp_key: str | None = None, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
+              fp_key: str | None = None, chunk_bytes: int | None = None,
+              partial: PartialResults | None = None) -> dict[str, torch.Tensor]:
     """Per-window float64 sums, over scored positions, of the statistics ``compare`` reports.
 
     Returns ``{"nll_fp", "delta_nll", "kld", "top1"}``, each ``[n]`` (see :func:`token_comparison`): the FP NLL, the
@@ -308,6 +310,10 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
     ``model_fp`` is then read for its head alone. Where the vocabulary is large (or a model is half precision)
     both heads run in token chunks of at most ``chunk_bytes`` (default ``LOGITS_CHUNK_BYTES``, read at call time)
     float32 logits on the models' hidden states (see the module docstring for the bound).
+
+    ``partial`` (:class:`~quantpredict.evaluate.partial.PartialResults`): the sums of the windows done so far are
+    saved there after every batch, and the batches a previous call on the same entry finished are taken from it
+    instead of being scored again (neither model runs on them): the result is the uninterrupted one, bit for bit.
     """
     chunk_bytes = LOGITS_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     check_model(model_fp, windows, "FP model")
@@ -316,13 +322,18 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
     out = {k: torch.empty(windows.n, dtype=torch.float64) for k in keys}
 
     chunked = _chunked_pair(model_fp, model_q, batch_size * (windows.seq_len - 1), chunk_bytes)
+    entry = None if partial is None else partial.entry(windows, batch_size, chunked)
+    done, saved = (0, {}) if partial is None else partial.load(entry)
+    for k, v in saved.items():
+        out[k][: len(v)] = v
     heads = (_head32(model_fp), _head32(model_q)) if chunked else None
     if heads is not None and heads[0].shape != heads[1].shape:
         _vocab_mismatch(heads[0].shape[0], heads[1].shape[0])
     with eval_mode(model_fp, model_q):
-        lo = 0
-        for batch, first in _fp_side(model_fp, windows, batch_size=batch_size, chunked=chunked, fp_cache=fp_cache,
-                                     fp_key=fp_key, desc=desc, progress=progress):
+        lo = done * batch_size  # every batch but the last is full
+        for b, (batch, first) in enumerate(_fp_side(model_fp, windows, batch_size=batch_size, chunked=chunked,
+                                                    fp_cache=fp_cache, fp_key=fp_key, desc=desc, progress=progress,
+                                                    skip=done), start=done):
             if chunked:  # hidden states (maybe read back from disk): to the device of the FP head
                 first = first.to(heads[0].device)
             second = batch_hidden(model_q, batch.ids) if chunked else next_token_logits(model_q, batch.ids)
@@ -337,27 +348,32 @@ def pair_sums(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *, batc
             _check_finite(out["nll_fp"][lo : lo + batch.n], lo, "FP model")
             _check_finite(out["delta_nll"][lo : lo + batch.n], lo, "quantized model")
             lo += batch.n
+            if partial is not None:
+                partial.save(entry, b + 1, {k: v[:lo] for k, v in out.items()})
     return out
 
 
 def fill_fp_cache(model_fp: nn.Module, windows: Windows, fp_cache: FPLogitsCache, fp_key: str, *,
                   batch_size: int = 8, progress: bool | None = None, desc: str = "FP side",
-                  chunk_bytes: int | None = None) -> bool:
+                  chunk_bytes: int | None = None, partial: PartialResults | None = None) -> bool:
     """Put the FP side of a later :func:`pair_sums` (same windows, ``batch_size`` and ``fp_key``) into ``fp_cache``:
     the FP model's forward passes alone, batch by batch, exactly as :func:`pair_sums` would run them (the same
     batches, and the same choice between logits and hidden states, for a quantized model whose head is the FP
     model's). Batches already cached are not recomputed. Returns False, computing nothing, when the cache cannot
     keep this entry (too large for memory and no directory): the caller must then keep the FP model for the
     comparison. The memory is ``model_fp``, one batch's activations and the cache (on disk above ``max_bytes``).
+    ``partial``: the :class:`~quantpredict.evaluate.partial.PartialResults` the later :func:`pair_sums` will be given;
+    the batches it already holds (of an interrupted comparison of the same entry) are neither run nor cached.
     """
     chunk_bytes = LOGITS_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     check_model(model_fp, windows, "FP model")
     chunked = _chunked_pair(model_fp, model_fp, batch_size * (windows.seq_len - 1), chunk_bytes)
     if not _fp_entry(model_fp, windows, batch_size, chunked, fp_cache, fp_key):
         return False
+    done = 0 if partial is None else partial.load(partial.entry(windows, batch_size, chunked))[0]
     with eval_mode(model_fp):
         for _ in _fp_side(model_fp, windows, batch_size=batch_size, chunked=chunked, fp_cache=fp_cache,
-                          fp_key=fp_key, desc=desc, progress=progress):
+                          fp_key=fp_key, desc=desc, progress=progress, skip=done):
             pass
     return True
 
@@ -378,11 +394,12 @@ def _fp_entry(model_fp: nn.Module, windows: Windows, batch_size: int, chunked: b
 
 
 def _fp_side(model_fp: nn.Module, windows: Windows, *, batch_size: int, chunked: bool,
-             fp_cache: FPLogitsCache | None, fp_key: str | None, desc: str,
-             progress: bool | None) -> Iterator[tuple[Windows, torch.Tensor]]:
-    """``(batch, FP logits or hidden states)`` per batch: from the cache, or computed by ``model_fp`` (in eval
-    mode, the caller's) and put there. A cache in strict mode raises on an entry it cannot keep or a missing batch
-    instead of running ``model_fp``, which may then be a quantized model that shares the FP head."""
+             fp_cache: FPLogitsCache | None, fp_key: str | None, desc: str, progress: bool | None,
+             skip: int = 0) -> Iterator[tuple[Windows, torch.Tensor]]:
+    """``(batch, FP logits or hidden states)`` per batch after the first ``skip`` (those are neither computed nor
+    looked up): from the cache, or computed by ``model_fp`` (in eval mode, the caller's) and put there. A cache in
+    strict mode raises on an entry it cannot keep or a missing batch instead of running ``model_fp``, which may then
+    be a quantized model that shares the FP head."""
     strict = fp_cache is not None and fp_cache.strict_mode
     if strict and fp_key is None:
         raise ModelError("a strict FP cache needs fp_key naming the FP model")
@@ -391,6 +408,8 @@ def _fp_side(model_fp: nn.Module, windows: Windows, *, batch_size: int, chunked:
         raise ModelError(f"the strict FP cache cannot hold the FP side of {fp_key!r} on these windows (too large "
                          "for memory and no directory); fill it first or compare with the FP model itself")
     for b, batch in enumerate(batches(windows, batch_size, desc=desc, progress=progress)):
+        if b < skip:
+            continue
         first = fp_cache.get(b) if keep else None
         if first is None:
             if strict:

@@ -2,7 +2,8 @@
 
 Modules: :mod:`.rtn`, :mod:`.gptq`, :mod:`.smoothquant`, :mod:`.awq`, :mod:`.act` (activation fake-quant hooks),
 :mod:`.calib` (layer-input Hessians), :mod:`.model` (block-by-block :func:`quantize_model`, :class:`QuantReport`,
-:func:`save_quantized`). The :class:`Recipe` lives in the torch-free :mod:`quantpredict.recipe` and is re-exported
+:func:`save_quantized`), :mod:`.checkpoint` (its per-block checkpoint, to resume an interrupted run). The
+:class:`Recipe` lives in the torch-free :mod:`quantpredict.recipe` and is re-exported
 here.
 """
 

@@ -13,7 +13,9 @@
 4. every linear not in ``recipe.skip`` is quantized (RTN or GPTQ); the report records RTN's and the method's output
    error on the calibration inputs;
 5. activation fake-quant hooks go on the block's quantized linears, and the block's outputs become block ``i+1``'s
-   inputs.
+   inputs;
+6. with a ``checkpoint`` directory, the block's weights and block ``i+1``'s inputs are saved there
+   (:mod:`.checkpoint`), and a later call continues at block ``i+1``.
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ def quantize_model(
     max_memory: int | str | None = None,
     device: Any = None,
     dtype: Any = None,
+    checkpoint: str | Path | None = None,
 ) -> QuantReport:
     """Quantize ``model`` in place as ``recipe`` says, calibrated on ``calib_ids``.
 
@@ -221,6 +224,13 @@ def quantize_model(
             calibrated in float32 is upcast one block at a time; a float32 model calibrated in bf16 runs a bf16 copy
             of each block. Hessians are accumulated in float64 from float32 products, GPTQ runs in float32/64 on
             the stored weights, and the quantized weights are written in the model's own dtype.
+        checkpoint: a directory where the calibration pass checkpoints after every block
+            (:class:`~quantpredict.quantize.checkpoint.BlockCheckpoint`: the finished blocks' weights, the next
+            block's calibration inputs, a manifest), so that the same call after an interruption continues at the
+            next block instead of block 0, with the very weights (bit for bit) of an uninterrupted run. A checkpoint
+            of another model, recipe, calibration, batch size or dtype is stale: it is deleted and the pass starts
+            over (a warning is logged). The directory is left in place, its files whole: delete it when the model
+            is no longer wanted (``None``, the default: no checkpoint; data-free RTN never writes one).
 
     Returns:
         A :class:`QuantReport`. Activation fake-quant hooks (``recipe.act_format``) stay installed on the model.
@@ -252,9 +262,15 @@ def quantize_model(
     blocks = arch.blocks(model)
     if not calibrate:
         return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
+    ckpt = None
+    if checkpoint is not None:
+        from quantpredict.quantize.checkpoint import BlockCheckpoint, checkpoint_key
+
+        key = checkpoint_key(model, recipe.to_dict(), windows, batch_size=batch_size, dtype=compute_dtype)
+        ckpt = BlockCheckpoint.open(checkpoint, key, recipe.label, len(blocks))
     layers, awq_groups, awq_clips = _calibrated_blocks(model, recipe, plan, windows, batch_size=batch_size,
                                                        progress=progress, budget=budget, device=target,
-                                                       dtype=compute_dtype)
+                                                       dtype=compute_dtype, ckpt=ckpt)
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=windows.numel(),
                        total_seconds=time.perf_counter() - t_start, awq=tuple(awq_groups), awq_clips=tuple(awq_clips),
@@ -293,11 +309,16 @@ def _quantize_layer(p: PlannedLayer, index: int, recipe: Recipe, H: torch.Tensor
 
 
 def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer], windows: torch.Tensor, *,
-                       batch_size: int, progress: bool, budget: int, device: torch.device,
-                       dtype: torch.dtype) -> tuple[list[LayerReport], list[AwqGroupReport], list[AwqClipReport]]:
+                       batch_size: int, progress: bool, budget: int, device: torch.device, dtype: torch.dtype,
+                       ckpt=None) -> tuple[list[LayerReport], list[AwqGroupReport], list[AwqClipReport]]:
     """The block-by-block calibration loop (module docstring), with the hidden states between blocks in an
     :class:`~quantpredict.quantize.offload.ActivationStore` and each block's forwards on its compute copy. Returns
-    the layers' reports and AWQ's (its groups and clips; empty without AWQ)."""
+    the layers' reports and AWQ's (its groups and clips; empty without AWQ).
+
+    ``ckpt`` (a :class:`~quantpredict.quantize.checkpoint.BlockCheckpoint`): each finished block is saved there;
+    one opened with ``done = d`` blocks restores blocks ``0 .. d-1`` (weights, reports, activation fake-quant) and
+    block ``d``'s saved inputs, and the loop starts at block ``d``. The keyword arguments of the blocks (mask,
+    rotary tables) are captured from the FP model before any saved block is loaded, as in an uninterrupted run."""
     from tqdm.auto import tqdm
 
     from quantpredict.quantize.offload import ActivationStore, spill_to_disk, to_compute
@@ -307,18 +328,25 @@ def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer
     layers: list[LayerReport] = []
     awq_groups: list[AwqGroupReport] = []
     awq_clips: list[AwqClipReport] = []
+    start = 0 if ckpt is None else ckpt.done
     inputs = outputs = ActivationStore(on_disk)  # closed on every exit, an interrupt included: no spilled files left
     try:
         with _embeddings_widened(model, dtype):
-            kwargs = arch.capture_block_input_batches(model, windows, batch_size,
-                                                      lambda h: inputs.append(h.to(device=device, dtype=dtype)))
+            # resuming: one batch for block 0's kwargs (the first batch's, as in a full pass), its hidden states unused
+            kwargs = arch.capture_block_input_batches(
+                model, windows if start == 0 else windows[:batch_size], batch_size,
+                (lambda h: inputs.append(h.to(device=device, dtype=dtype))) if start == 0 else (lambda h: None))
         # keyword arguments that differ between blocks (Qwen-2, Gemma-2/3) come from one batch run through every
         # block in the model's own dtype: a bf16 model's blocks cannot take the widened hidden states
         kwargs |= {k: v for k, v in arch.capture_block_kwargs(model, windows[:batch_size]).items()
                    if isinstance(v, arch.PerBlock)}
         captured = min(batch_size, windows.shape[0])  # the batch the kwargs are shaped for
-        for index, block in enumerate(tqdm(blocks, desc=f"quantize {recipe.label[:40]}", unit="block",
-                                           disable=not progress)):
+        if start:
+            layers, awq_groups, awq_clips = _restore_blocks(model, recipe, plan, ckpt, inputs, device)
+        bar = tqdm(range(start, len(blocks)), desc=f"quantize {recipe.label[:40]}", unit="block", initial=start,
+                   total=len(blocks), disable=not progress)
+        for index in bar:
+            block = blocks[index]
             kw = {k: to_compute(v, device, dtype) for k, v in arch.block_kwargs(kwargs, index).items()}
             hessians, stats = _block_statistics(model, index, block, inputs, kw, device, dtype, captured)
             absmeans = {name: st.absmean for name, st in stats.items()} if recipe.awq else {}
@@ -351,10 +379,42 @@ def _calibrated_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer
                     outputs.append(_run(work, h, kw, captured))
                 inputs.close()
                 inputs = outputs
+            if ckpt is not None:
+                ckpt.save(index, block, inputs if index + 1 < len(blocks) else None,
+                          _reports_json(layers, awq_groups, awq_clips))
     finally:
         inputs.close()
         outputs.close()
     return layers, awq_groups, awq_clips
+
+
+def _reports_json(layers: list[LayerReport], groups: list[AwqGroupReport],
+                  clips: list[AwqClipReport]) -> dict[str, list[dict[str, Any]]]:
+    """The finished blocks' reports as JSON for a checkpoint's manifest (floats round-trip exactly)."""
+    return {"layers": [asdict(r) for r in layers], "awq": [asdict(g) for g in groups],
+            "awq_clips": [asdict(c) for c in clips]}
+
+
+def _tuples(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
+def _restore_blocks(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer], ckpt, inputs,
+                    device: torch.device) -> tuple[list[LayerReport], list[AwqGroupReport], list[AwqClipReport]]:
+    """Load a checkpoint's finished blocks ``0 .. done-1`` into ``model`` (their activation fake-quant installed
+    as the loop would have) and block ``done``'s inputs into ``inputs``; returns the finished blocks' reports."""
+    blocks = arch.blocks(model)
+    for index in range(ckpt.done):
+        ckpt.load_block(index, blocks[index])
+        if recipe.act_format is not None:
+            install_act_quant_on([p.ref for p in plan if p.ref.block_index == index], recipe.act_format,
+                                 recipe.act_block_size)
+    if ckpt.done < len(blocks):
+        for h in ckpt.inputs(device):
+            inputs.append(h)
+    r = ckpt.reports or {}
+    return ([LayerReport(**d) for d in r.get("layers", [])], [AwqGroupReport(**_tuples(d)) for d in r.get("awq", [])],
+            [AwqClipReport(**d) for d in r.get("awq_clips", [])])
 
 
 @contextlib.contextmanager

@@ -2,6 +2,12 @@
 
 This is the default ``run_fn`` of :func:`quantpredict.runs.collect`; it runs on workers and returns a plain dict
 (the driver writes it to the store).
+
+Its long stages resume: each run keeps a work directory, :func:`work_dir` (``$QUANTPREDICT_HOME/resume/<sha256 of
+the run key>/``, default ``~/.cache/quantpredict/resume/...``), with the block-by-block quantization's checkpoint
+(``quantize/``) and the comparison's finished windows (``compare.pt``). A run killed there (SIGTERM, SIGKILL, the
+end of a session, Ctrl-C) leaves it, and the next ``collect`` of the same run continues at the next block or
+window; the directory is removed when the run finishes, or fails with an error (an interrupt is not a failure).
 """
 
 from __future__ import annotations
@@ -10,7 +16,10 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
+import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -32,14 +41,43 @@ def fp_logits_cache():
     return cache
 
 
-def _ptq(model, recipe, calib, *, batch_size: int, progress: bool, max_memory=None):
+def resume_root() -> Path:
+    """Where runs keep their work directories: ``$QUANTPREDICT_HOME/resume`` (default
+    ``~/.cache/quantpredict/resume``), beside the imported models and the profiles."""
+    from quantpredict.models.imported import imported_root
+
+    return imported_root().parent / "resume"
+
+
+def work_dir(run_key: str) -> Path:
+    """The work directory of the run ``run_key``: ``resume_root() / sha256(run_key)``."""
+    return resume_root() / hashlib.sha256(run_key.encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _kept_until_done(directory: Path | None) -> Iterator[Path | None]:
+    """``directory`` for the ``with``; removed after it, or when it raises an error, but left in place when an
+    interrupt (KeyboardInterrupt, SystemExit) ends it, for the next attempt to resume from."""
+    if directory is None:
+        yield None
+        return
+    try:
+        yield directory
+    except Exception:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _ptq(model, recipe, calib, *, batch_size: int, progress: bool, max_memory=None, checkpoint=None):
     from quantpredict import quantize
 
     return quantize.quantize_model(model, recipe, calib, batch_size=batch_size, progress=progress,
-                                   max_memory=max_memory)
+                                   max_memory=max_memory, checkpoint=checkpoint)
 
 
-def _qat(model, recipe, calib, *, batch_size: int, progress: bool, max_memory=None):
+def _qat(model, recipe, calib, *, batch_size: int, progress: bool, max_memory=None, checkpoint=None):
+    # QAT trains the whole model at once: nothing block by block to resume (``checkpoint`` is not read)
     from quantpredict.qat import run_qat
 
     return run_qat(model, recipe, calib, progress=progress)  # QAT batches come from the recipe (qat_batch_size)
@@ -104,7 +142,8 @@ def _head_fingerprint(model) -> str:
 
 def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, feature_options: dict | None = None,
                 progress: bool = False, calib_text: str | None = None, eval_text: str | None = None,
-                device: str | None = None, max_memory: int | str | None = None, _one_copy: bool = True) -> dict:
+                device: str | None = None, max_memory: int | str | None = None, resume: bool = True,
+                _one_copy: bool = True) -> dict:
     """Measure one :class:`~quantpredict.runs.RunSpec`.
 
     Steps: ``models.load(spec.model)`` (float32) -> quantize as ``spec.recipe()`` says (PTQ, or QAT on top of it;
@@ -130,6 +169,10 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     ``device`` (``"cuda"``; default CPU) is where the models run and ``max_memory`` the working-memory budget of
     calibration and features (``memory.DEFAULT_MAX_MEMORY``); both change where and in how many pieces the numbers
     are computed, not the numbers (up to float rounding on another device), so they are not part of the run key.
+    ``resume`` (default): keep the run's :func:`work_dir` (module docstring), so that the run, killed during its
+    quantization or comparison, continues where it stopped when it is run again, with the numbers of an
+    uninterrupted run; the directory is removed when the run returns or raises an error. ``resume=False``: none.
+    Features, loading and QAT are not resumable: they run again in full.
     Returns ``family``, ``n_params``, ``recipe`` (the backend's label), ``recipe_dict``, ``comparison``
     (``Comparison.to_dict()``), ``features`` (with ``<group>_seconds``), ``quant`` (the quantization report's
     summary), ``protocol`` and ``timings`` (seconds per stage).
@@ -140,7 +183,8 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     from quantpredict.errors import DataError, ModelError
     from quantpredict.threads import torch_threads as thread_limit  # the parameter shadows the name
 
-    with thread_limit(torch_threads):
+    with thread_limit(torch_threads), _kept_until_done(work_dir(spec.key) if resume else None) as work:
+        partial = None if work is None else evaluate.PartialResults(work / "compare.pt", spec.key)
         timings: dict[str, float] = {}
         t = time.perf_counter()
         model_fp, tok = models.load(spec.model, dtype=torch.float32, attn_implementation="eager", device=device)
@@ -178,13 +222,14 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
             t = time.perf_counter()
             # the setting as planned: the text file is read and checked against the setting's hash
             one_copy = evaluate.fill_fp_cache(model_fp, tok, evaluation, fp_cache=cache, fp_key=spec.model_id,
-                                              batch_size=batch_size, progress=progress)
+                                              batch_size=batch_size, progress=progress, partial=partial)
             fill_seconds = time.perf_counter() - t
         t = time.perf_counter()
         model_q = model_fp if one_copy else copy.deepcopy(model_fp)
         head = _head_fingerprint(model_q) if one_copy else None
         report = PROCEDURES[procedure(recipe)](model_q, recipe, calib, batch_size=batch_size, progress=progress,
-                                               max_memory=max_memory)
+                                               max_memory=max_memory,
+                                               checkpoint=None if work is None else work / "quantize")
         if one_copy and _head_fingerprint(model_q) != head:
             raise ModelError(f"run {spec.key}: quantizing changed the head or the embeddings, which the one-copy "
                              "comparison takes as the FP model's; quantize.keeps_head_and_embeddings must say so")
@@ -194,7 +239,7 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
         # one copy: the quantized model stands for the FP one, and every FP batch must come from the cache
         with cache.strict() if one_copy else contextlib.nullcontext():
             cmp = evaluate.compare(model_fp, model_q, tok, evaluation, batch_size=batch_size, progress=progress,
-                                   fp_cache=cache, fp_key=spec.model_id)
+                                   fp_cache=cache, fp_key=spec.model_id, partial=partial)
         timings["run_eval_seconds"] = time.perf_counter() - t + fill_seconds
         del model_q
         if feats is None:
