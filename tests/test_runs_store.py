@@ -297,3 +297,30 @@ def test_backfill_fills_only_the_runs_of_the_methods_asked_for(tmp_path):
     assert after[gptq]["features"] == before[gptq]["features"]
     for col in ("kld", "nll_fp", "nll_quant", "status"):
         assert after[rtn][col] == before[rtn][col]
+
+
+def test_profile_backfill_writes_what_rank_prices(tmp_path):
+    """`backfill --groups profile` goes through rank's pricing path: the stored features of a run are those
+    rank_recipes computes for its recipe (so a refit reads what predictions read), a feature the run already had is
+    kept, and a recipe the weights-only path does not price fails with the reason and keeps its row."""
+    from quantpredict.cli import main
+    from quantpredict.predict.rank import rank_recipes
+    from quantpredict.schema import FEATURES
+
+    profile = {f.name: None for f in FEATURES if f.group == "profile"}
+    rtn, wa = _spec("llama-xs", "mxint4", "rtn"), _spec("llama-xs", "mxint4", "rtn", act_format="mxint8")
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        for spec in (rtn, wa):
+            store.record(spec, run_one(spec, fake_run))
+            store.update_features(spec.key, profile | {"fp_entropy_calib": None})
+        store.update_features(rtn.key, {"fp_entropy_calib": 1.25})  # measured by the sweep: kept
+        before = store.get(wa.key)
+    assert main(["backfill", "--store", str(path), "--groups", "profile", "--no-progress"]) == 1  # wa failed
+    want = rank_recipes("llama-xs", ["mxint4-rtn"]).iloc[0]
+    with RunStore(path, create=False) as store:
+        got, wa_after = store.get(rtn.key)["features"], store.get(wa.key)
+    assert got["token_gn_quad"] == float(want["token_gn_quad"]) > 0
+    assert got["kfac_max_layer_share"] == float(want["kfac_max_layer_share"])
+    assert got["fp_entropy_calib"] == 1.25 and got["kfac_quad"] is None  # kept; the lean profile has no K-FAC
+    assert wa_after["features"] == before["features"]

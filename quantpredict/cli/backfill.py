@@ -10,7 +10,9 @@ def register(sub) -> None:
         "backfill", help="add feature groups to a store's runs without evaluating them again",
         description="Compute the given feature groups for every done run of the store that lacks them (each model "
                     "loaded once, its profile measured once) and write them into the runs; measured columns are "
-                    "untouched. Resumable: runs that have the features are skipped.")
+                    "untouched. Resumable: runs that have the features are skipped. --groups profile alone prices "
+                    "each run's recipe as rank does (from the weights, against the model's cached lean profile; no "
+                    "K-FAC terms), which fits a 1.5B model in memory.")
     p.add_argument("--store", required=True, help="run store: SQLite path or SQLAlchemy URL")
     p.add_argument("--groups", default=None, help="comma-separated feature groups, e.g. fisher,profile")
     p.add_argument("--attributes", action="store_true",
@@ -46,7 +48,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"model attributes added to {backfill_attributes(args.store)} runs")
     if groups is None:
         return 0
+    pricer = _weights_only_pricer() if list(groups) == ["profile"] else None
     summary = backfill(args.store, groups, models=args.models, methods=args.methods, torch_threads=args.threads,
-                       progress=not args.no_progress, limit=args.limit)
+                       progress=not args.no_progress, limit=args.limit, pricer=pricer)
     print(summary)
     return 1 if summary.failed else 0
+
+
+def _weights_only_pricer():
+    """The ``profile`` group by the one pricing path (:func:`quantpredict.predict.rank.recipe_row` against the
+    model's cached lean profile): what ``rank``, ``allocate`` and ``predict`` compute for the recipe, so a run's
+    stored features are the ones its prediction reads. Recipes the weights-only path does not price (SmoothQuant,
+    activation quantization, AWQ, QAT) fail with that reason and keep their rows as they were."""
+    import math
+
+    from quantpredict.predict.rank import profile_model, recipe_row
+    from quantpredict.schema import FEATURES
+
+    wanted = {f.name for f in FEATURES if f.group == "profile"} | {"fp_entropy_calib"}
+
+    def for_model(name: str):
+        mp = profile_model(name)  # loads the model; the profile from the cache, or measured once and cached
+
+        def price(recipe):
+            row = recipe_row(mp, recipe)
+            return {k: float(v) for k, v in row.items() if k in wanted and math.isfinite(float(v))}
+
+        return price
+
+    return for_model
+

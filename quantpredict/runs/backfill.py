@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantpredict.errors import QuantpredictError
+from quantpredict.recipe import Recipe
 from quantpredict.runs.store import RunStore
+
+#: ``pricer(model name)`` gives that model's ``price(recipe) -> {feature: value}``: another path to a group's features
+#: (the CLI passes the weights-only pricing ``rank`` uses for the ``profile`` group, whose lean profile fits a 1.5B
+#: model where the K-FAC one does not)
+Pricer = Callable[[str], Callable[[Recipe], dict[str, float]]]
+#: the ``profile`` group's K-FAC terms, which a lean (token-wise) profile does not measure: a pricer leaves them out
+KFAC_ONLY = frozenset({"kfac_quad", "kfac_quad_diag"})
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ def _missing(row: dict, names: set[str]) -> bool:
 
 def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Sequence[str] | None = None,
              methods: Sequence[str] | None = None, torch_threads: int | None = None, progress: bool = True,
-             limit: int | None = None, on_run: Callable[[str], None] | None = None) -> BackfillSummary:
+             limit: int | None = None, on_run: Callable[[str], None] | None = None,
+             pricer: Pricer | None = None) -> BackfillSummary:
     """Compute feature ``groups`` for every done run of ``store`` (of ``models`` and ``methods``, if given) that
     lacks them. A run is quantized again to be measured, so GPTQ runs cost their GPTQ pass: ``methods=["rtn"]``
     backfills the cheap runs first.
@@ -52,7 +61,9 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     Each model is loaded once (float32, eager attention) and, for the ``profile`` group, profiled once on the
     sweep's calibration windows; ``features.extract(model, recipe, calib, which=groups, profile=...)`` then gives
     each run's values, written with :meth:`RunStore.update_features`. ``torch_threads`` caps intra-op threads.
-    ``limit`` stops after that many runs (a rehearsal). Returns a :class:`BackfillSummary`.
+    ``limit`` stops after that many runs (a rehearsal). ``pricer`` (:data:`Pricer`): compute the groups through it
+    instead (no model is loaded here; the K-FAC terms, :data:`KFAC_ONLY`, are neither computed nor required), writing
+    only the features a run does not have yet. Returns a :class:`BackfillSummary`.
     """
     from tqdm.auto import tqdm
 
@@ -61,12 +72,11 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     from quantpredict.features.context import ExtractOptions, parse_which
     from quantpredict.features.extract import feature_windows
     from quantpredict.features.fisher import measure_profile
-    from quantpredict.recipe import Recipe
     from quantpredict.schema import FEATURES
     from quantpredict.threads import torch_threads as thread_limit
 
     groups = parse_which(list(groups))
-    names = {f.name for f in FEATURES if f.group in groups}
+    names = {f.name for f in FEATURES if f.group in groups} - (KFAC_ONLY if pricer is not None else set())
     t0 = time.perf_counter()
     own = not isinstance(store, RunStore)
     st = RunStore(store, create=False) if own else store
@@ -83,6 +93,9 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
             errors: list[str] = []
             bar = tqdm(total=len(todo), desc=f"backfill {','.join(groups)}", unit="run", disable=not progress)
             for name, model_rows in by_model.items():
+                if pricer is not None:
+                    filled, failed = _priced(st, pricer(name), model_rows, filled, failed, errors, on_run, bar)
+                    continue
                 model, tok = zoo.load(name, attn_implementation="eager")
                 calib = data.token_stream(tok, "wikitext2", "train")
                 profile = None
@@ -117,6 +130,25 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
         finally:
             if own:
                 st.close()
+
+
+def _priced(st: RunStore, price: Callable[[Recipe], dict[str, float]], rows: Sequence[dict], filled: int,
+            failed: int, errors: list[str], on_run: Callable[[str], None] | None, bar) -> tuple[int, int]:
+    """Backfill ``rows`` through ``price``; a feature a run already has is kept as it was measured."""
+    for r in rows:
+        try:
+            t = time.perf_counter()
+            have = r.get("features") or {}
+            out = {k: v for k, v in price(Recipe.from_label(r["recipe"])).items() if have.get(k) is None}
+            st.update_features(r["run_key"], out, timings={"backfill_seconds": time.perf_counter() - t})
+            filled += 1
+        except QuantpredictError as exc:
+            failed += 1
+            errors.append(f"{r['run_key']}: {exc}")
+        if on_run is not None:
+            on_run(r["run_key"])
+        bar.update(1)
+    return filled, failed
 
 
 def backfill_attributes(store: str | Path | RunStore) -> int:
