@@ -11,11 +11,10 @@ byte layout and dequantized with the ``gguf`` package's own dequantizer.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 import re
 
+import ggml_oracle
 import gguf
 import numpy as np
 import pytest
@@ -37,12 +36,14 @@ from quantpredict.formats import (
     to_gguf_bytes,
 )
 from quantpredict.formats.nf4 import dynamic_map
+from quantpredict.formats.table import GGML_TYPE_ID
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
 ASYM = [f"uint{k}" for k in range(2, 9)] + [f"uint{k}_pc" for k in range(2, 9)]
-GGML = ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+GGML = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]
 SHIPPED = ASYM + ["nf4", "nf4_dq"] + GGML
-GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_k": GT.Q4_K, "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
+GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q4_k": GT.Q4_K,
+             "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
 
 # bitsandbytes' NF4 code values (bitsandbytes/functional.py, get_4bit_type("nf4")), as float32
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -156,25 +157,27 @@ def ref_q8_0(x: np.ndarray) -> np.ndarray:
     return f32(q * f16(d)).reshape(x.shape)
 
 
-def ref_q5_0(x: np.ndarray) -> np.ndarray:
+def ref_q5_0(x: np.ndarray, half: int = 16) -> np.ndarray:
     """quantize_row_q5_0_ref then dequantize_row_q5_0: d = max / -16 (max: the first value of largest |x|),
-    q = MIN(31, (int8_t)(x * (1/d) + 16.5f)), value (q - 16) * fp16(d)."""
+    q = MIN(31, (int8_t)(x * (1/d) + 16.5f)), value (q - 16) * fp16(d). ``half`` 8: quantize_row_q4_0_ref
+    (d = max / -8, q = MIN(15, (int8_t)(x * (1/d) + 8.5f)), value (q - 8) * fp16(d))."""
     b = x.reshape(-1, 32)
     big = np.take_along_axis(b, np.abs(b).argmax(1)[:, None], 1)
-    d = f32(big / -16.0)
+    d = f32(big / -half)
     inv = ndiv(1.0, d)
-    q = np.minimum(31, np.trunc(f32(f32(b * inv) + 16.5)))
-    return f32((q - 16) * f16(d)).reshape(x.shape)
+    q = np.minimum(2 * half - 1, np.trunc(f32(f32(b * inv) + (half + 0.5))))
+    return f32((q - half) * f16(d)).reshape(x.shape)
 
 
-def ref_q5_1(x: np.ndarray) -> np.ndarray:
+def ref_q5_1(x: np.ndarray, top: int = 31) -> np.ndarray:
     """quantize_row_q5_1_ref then dequantize_row_q5_1: d = (max - min) / 31, q = (uint8_t)((x - min) * (1/d) +
-    0.5f), value fp16(d) * q + fp16(min)."""
+    0.5f), value fp16(d) * q + fp16(min). ``top`` 15: quantize_row_q4_1_ref (d = (max - min) / 15,
+    q = MIN(15, (int8_t)((x - min) * (1/d) + 0.5f)))."""
     b = x.reshape(-1, 32)
     lo, hi = b.min(1, keepdims=True), b.max(1, keepdims=True)
-    d = f32(f32(hi - lo) / 31.0)
+    d = f32(f32(hi - lo) / top)
     inv = ndiv(1.0, d)
-    q = np.trunc(f32(f32(f32(b - lo) * inv) + 0.5))
+    q = np.minimum(top, np.trunc(f32(f32(f32(b - lo) * inv) + 0.5)))
     return f32(f32(f16(d) * q) + f16(lo)).reshape(x.shape)
 
 
@@ -304,6 +307,10 @@ def reference(x: torch.Tensor, fmt: str, block_size: int | None = None) -> np.nd
         return ref_q5_0(a)
     if fmt == "q5_1":
         return ref_q5_1(a)
+    if fmt == "q4_0":
+        return ref_q5_0(a, half=8)
+    if fmt == "q4_1":
+        return ref_q5_1(a, top=15)
     if fmt == "q6_k":
         return ref_q6_k(a)
     return ref_q45_k(a, *KX2[fmt])
@@ -381,6 +388,12 @@ def test_native_search_matches_torch(fmt, monkeypatch):
 # --------------------------------------------------------------------------------- gguf byte layouts
 
 
+def test_ggml_type_ids():
+    # every llama.cpp layout of the table, with the type id a GGUF file stores for it (gguf-py's enum)
+    assert set(GGML_TYPE_ID) == set(GGML) == {f for f in list_formats() if get_format(f).family == "ggml"}
+    assert all(GGML_TYPE_ID[f] == int(GGUF_TYPE[f]) for f in GGML)
+
+
 @pytest.mark.parametrize("fmt", GGML)
 def test_gguf_dequantizer_matches(fmt):
     for i, x in enumerate(DATA):
@@ -391,9 +404,10 @@ def test_gguf_dequantizer_matches(fmt):
         assert_bits_equal(fake_quantize(x, fmt), y, f"{fmt} vs gguf.dequantize, data {i}")
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1"])
 def test_gguf_quantize_agrees(fmt):
-    # gguf-py implements the quantizers of Q8_0, Q5_0 and Q5_1 (as the reference functions do): same bytes
+    # gguf-py implements the quantizers of Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 (as the reference functions do): same
+    # bytes
     for x in DATA:
         np.testing.assert_array_equal(to_gguf_bytes(x, fmt), gguf.quants.quantize(x.numpy(), GGUF_TYPE[fmt]))
 
@@ -406,26 +420,32 @@ def test_gguf_has_no_k_quantizer(fmt):
         gguf.quants.quantize(DATA[0].numpy(), GGUF_TYPE[fmt])
 
 
-_ORACLE = os.environ.get("QUANTPREDICT_GGML_REF_LIB")
+_NO_ORACLE = ggml_oracle.why_unavailable()
 
 
-@pytest.mark.skipif(not _ORACLE, reason="set QUANTPREDICT_GGML_REF_LIB to a libggml-base built with -ffp-contract=off")
+def oracle_data() -> list[torch.Tensor]:
+    """The edge cases above and 1M normal values with per-row scales (1024 rows of 1024, scales e^N(0, 1))."""
+    g = torch.Generator().manual_seed(30)
+    big = torch.randn(1024, 1024, generator=g) * torch.exp(torch.randn(1024, 1, generator=g))
+    return [*DATA, big]
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.skipif(_NO_ORACLE is not None, reason=str(_NO_ORACLE))
 @pytest.mark.parametrize("fmt", GGML)
 def test_llama_cpp_reference(fmt):
-    # llama.cpp's own quantize_row_*_ref / dequantize_row_* through ctypes; the build must not contract FMAs
-    # (GCC's default with -march=native does, and then Q4_K/Q5_K differ in a few percent of values)
-    lib = ctypes.CDLL(_ORACLE)
-    name = {"q8_0": "q8_0", "q5_0": "q5_0", "q5_1": "q5_1", "q4_k": "q4_K", "q5_k": "q5_K", "q6_k": "q6_K"}[fmt]
+    # llama.cpp's own quantizer (quantize_row_*_ref; quantize_iq4_* for the IQ4 types) through ctypes, built without
+    # FMA contraction (GCC's default with -march=native contracts, and then the k-quant searches differ in a few
+    # percent of values): identical bytes, and its dequantizer gives fake_quantize's values
+    lib = ggml_oracle.library()
     block, size = gguf.GGML_QUANT_SIZES[GGUF_TYPE[fmt]]
-    for x in DATA:
-        a = np.ascontiguousarray(x.numpy())
-        out = np.zeros(a.size // block * size, dtype=np.uint8)
-        y = np.zeros(a.size, dtype=np.float32)
-        getattr(lib, f"quantize_row_{name}_ref")(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data),
-                                                 ctypes.c_int64(a.size))
-        getattr(lib, f"dequantize_row_{name}")(ctypes.c_void_p(out.ctypes.data), ctypes.c_void_p(y.ctypes.data),
-                                               ctypes.c_int64(a.size))
-        assert_bits_equal(fake_quantize(x, fmt), y.reshape(x.shape), f"{fmt} vs llama.cpp")
+    for i, x in enumerate(oracle_data()):
+        want = ggml_oracle.quantize(lib, fmt, x.numpy(), block, size)
+        got = to_gguf_bytes(x, fmt)
+        same = (got.reshape(-1, size) == want.reshape(-1, size)).all(1)
+        assert same.all(), f"{fmt} data {i}: {int((~same).sum())} of {same.size} blocks differ from llama.cpp"
+        y = ggml_oracle.dequantize(lib, fmt, want, x.shape[1])
+        assert_bits_equal(fake_quantize(x, fmt), y, f"{fmt} vs llama.cpp's dequantizer, data {i}")
 
 
 # ------------------------------------------------------------------------------------- hand-computed values
@@ -475,6 +495,21 @@ def test_hand_q5_0_and_q5_1():
     x[0, :3] = torch.tensor([3.1, 1.26, 0.0])
     y = fake_quantize(x, "q5_1")[0, :3].tolist()
     assert y == [float(np.float32(31 * d16)), float(np.float32(13 * d16)), 0.0]
+
+
+def test_hand_q4_0_and_q4_1():
+    # Q4_0: the largest |x| is -0.8, d = -0.8 / -8 = 0.1; codes x / d + 8.5 truncated: -0.8 -> 0, 0.44 -> 12.9 -> 12,
+    # 0 -> 8, +0.8 -> 16.5 -> 15 (one code short at the positive end, as Q5_0), -0.25 -> 6.0 -> 6 (-2.5 rounds up)
+    d16 = float(np.float16(np.float32(0.1)))
+    x = torch.zeros(1, 32)
+    x[0, :5] = torch.tensor([-0.8, 0.44, 0.0, 0.8, -0.25])
+    y = fake_quantize(x, "q4_0")[0, :5].tolist()
+    assert y == [float(np.float32(k * d16)) for k in (-8, 4, 0, 7, -2)]
+    # Q4_1: min -0.5, max 1.0, d = 0.1; 0.26 -> 7.6 + 0.5 -> 8 (8.1 truncated); fp16(min) = -0.5 exactly
+    x = torch.full((1, 32), 0.25)
+    x[0, :3] = torch.tensor([-0.5, 1.0, 0.26])
+    y = fake_quantize(x, "q4_1")[0, :3].tolist()
+    assert y == [-0.5, float(np.float32(np.float32(15 * d16) - 0.5)), float(np.float32(np.float32(8 * d16) - 0.5))]
 
 
 def test_hand_q4_k_constant_sub_blocks():
@@ -601,6 +636,7 @@ def test_names_and_bits():
     assert get_format("q6_k").bits_per_element() == 6.5625
     assert get_format("q8_0").bits_per_element(row_length=4096) == 8.5
     assert get_format("q5_0").bits_per_element() == 5.5 and get_format("q5_1").bits_per_element() == 6.0
+    assert get_format("q4_0").bits_per_element() == 4.5 and get_format("q4_1").bits_per_element() == 5.0
     assert get_format("nf4").bits_per_element() == 4.5
     assert get_format("nf4").bits_per_element(128) == 4 + 32 / 128
     assert get_format("nf4_dq").bits_per_element() == 4 + 8 / 64 + 32 / (64 * 256)
@@ -646,12 +682,13 @@ def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
     elif fmt == "q6_k":
         m = np.rint(ndiv(v, t["d"]))
         ok = (f32(t["d"] * m) == v) & (m >= -32) & (m <= 31)
-    elif fmt == "q5_0":
+    elif fmt in ("q5_0", "q4_0"):
+        half = 16 if fmt == "q5_0" else 8
         m = np.rint(ndiv(v, t["d"]))
-        ok = (f32(m * t["d"]) == v) & (m >= -16) & (m <= 15)
-    elif fmt == "q5_1":
+        ok = (f32(m * t["d"]) == v) & (m >= -half) & (m <= half - 1)
+    elif fmt in ("q5_1", "q4_1"):
         m = np.rint(ndiv(v - t["m"], t["d"]))
-        ok = (f32(f32(t["d"] * m) + t["m"]) == v) & (m >= 0) & (m <= 31)
+        ok = (f32(f32(t["d"] * m) + t["m"]) == v) & (m >= 0) & (m <= (31 if fmt == "q5_1" else 15))
     else:
         m = np.rint(ndiv(v + t["dm"], t["d"]))
         ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= KX2[fmt][0])

@@ -1,9 +1,10 @@
-"""llama.cpp's Q8_0, Q5_0, Q5_1 and k-quants (Q4_K, Q5_K, Q6_K), reproducing its reference quantizers bit for bit.
+"""llama.cpp's Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and k-quants (Q4_K, Q5_K, Q6_K), reproducing its reference quantizers
+bit for bit.
 
 The quantizers are ``quantize_row_q8_0_ref``, ``quantize_row_q5_0_ref``, ``quantize_row_q5_1_ref``,
-``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and ``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what
-``llama-quantize`` runs for these types without an importance matrix (``quantize_q4_K`` etc. call the ``_ref``
-functions when ``quant_weights`` is NULL). Every float
+``quantize_row_q4_0_ref``, ``quantize_row_q4_1_ref``, ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and
+``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what ``llama-quantize`` runs for these types without an
+importance matrix (``quantize_q4_K`` etc. call the ``_ref`` functions when ``quant_weights`` is NULL). Every float
 operation of the C source is done in the same order in float32 (torch's elementwise ops are correctly rounded, like
 the C code's), sums over a sub-block are accumulated sequentially as the C loops do, ``nearest_int`` is its
 magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` does (nearest, ties to even).
@@ -14,6 +15,9 @@ magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` d
 * **Q5_1** (blocks of 32): ``d = (max - min) / 31``, ``q = (uint8_t)((x - min) * (1/d) + 0.5)``, stored fp16 ``d``
   and ``m = min``; value ``d * q + m``. Q5_0 and Q5_1 are llama.cpp's replacement types for a Q4_K or Q5_K tensor
   whose rows are not a multiple of 256 (see :data:`quantpredict.formats.table.GGML_FALLBACK`).
+* **Q4_0 / Q4_1** (blocks of 32): Q5_0 and Q5_1 with 4-bit codes: ``d = max / -8``, ``q = min(15, (int8_t)(x *
+  (1/d) + 8.5))``, value ``(q - 8) * d``; and ``d = (max - min) / 15``, ``q = min(15, (int8_t)((x - min) * (1/d) +
+  0.5))``, value ``d * q + m``.
 * **Q4_K / Q5_K** (super-blocks of 256 = 8 sub-blocks of 32): each sub-block's scale and min come from
   ``make_qkx2_quants`` (weights ``sqrt(mean x^2) + |x|``, a search over ``nstep + 1`` candidate scales, 21 for Q4_K
   and 16 for Q5_K, each refined by weighted least squares, keeping the lowest weighted squared error; as in the C
@@ -32,8 +36,11 @@ llama.cpp's) dequantizers, so it matches ``gguf.quants.dequantize`` of the packe
 
 Checked against llama.cpp's own ``quantize_row_*_ref`` (ggml-quants.c as vendored by llama-cpp-python 0.3.36,
 compiled with ``-O3 -ffp-contract=off``, 4M normal values with per-row scales): identical bytes in every block, for
-Q8_0, Q4_K, Q5_K and Q6_K. Q5_0 and Q5_1 (added later) are checked against gguf-py's quantizers, which implement
-the same reference functions (identical bytes), and against a float64 re-implementation in the tests. Deviation:
+Q8_0, Q4_K, Q5_K and Q6_K. The optional test ``test_llama_cpp_reference`` (tests/ggml_oracle.py builds
+ggml-quants.c from that sdist with ``-O2 -ffp-contract=off``) repeats this for every type here on 1M normal values
+with per-row scales and the edge cases of the tests: identical bytes in every block. Q5_0, Q5_1, Q4_0 and Q4_1 are
+also checked against gguf-py's quantizers, which implement the same reference functions (identical bytes), and
+every type against a float64 re-implementation in the tests. Deviation:
 llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's default ``-ffp-contract=fast`` with
 ``-march=native``), which fuses some multiply-adds of the search; against such a build
 2.0% (Q4_K), 11% (Q5_K), 0.07% (Q6_K) and 0% (Q8_0) of the values differ, by a code step where the search picks a
@@ -93,38 +100,58 @@ def _codes_q8_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
     return q.copysign_(v).clamp_(-127.0, 127.0).add_(0.0)
 
 
-# ------------------------------------------------------------------------------------------------ Q5_0 / Q5_1
+# ---------------------------------------------------------------------------------------- Q4_0 / Q4_1 / Q5_0 / Q5_1
 
 
-def _fit_q5_0(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
-    where = blocks.abs().argmax(-1, keepdim=True)  # the first largest |x|, as the C loop's strict '<'
-    big = blocks.gather(-1, where)
-    d = big / -16.0
-    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
-    return {"inv": inv, "d": to_fp16(d, "block scale (max / -16)", fmt.name)}
+def _fit_sym(half: int):
+    """Q4_0 (``half`` 8) / Q5_0 (16): ``d = max / -half`` with ``max`` the block's first value of largest |x|."""
+
+    def fit_(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+        where = blocks.abs().argmax(-1, keepdim=True)  # the first largest |x|, as the C loop's strict '<'
+        big = blocks.gather(-1, where)
+        d = big / float(-half)
+        inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+        return {"inv": inv, "d": to_fp16(d, f"block scale (max / -{half})", fmt.name)}
+
+    return fit_
 
 
-def _codes_q5_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    """C ``MIN(31, (int8_t)(x * id + 16.5f))`` (truncation), clamped at 0 too for values beyond the fitted block."""
-    v = x * p["inv"]
-    v.add_(16.5)
-    return v.trunc_().clamp_(0.0, 31.0).add_(0.0)
+def _codes_sym(half: int):
+    """C ``MIN(2*half - 1, (int8_t)(x * id + half + 0.5f))`` (truncation), clamped at 0 too for values beyond the
+    fitted block (GPTQ)."""
+
+    def codes_(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        v = x * p["inv"]
+        v.add_(half + 0.5)
+        return v.trunc_().clamp_(0.0, 2 * half - 1.0).add_(0.0)
+
+    return codes_
 
 
-def _fit_q5_1(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
-    lo = blocks.amin(-1, keepdim=True)
-    hi = blocks.amax(-1, keepdim=True)
-    d = (hi - lo) / 31.0
-    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
-    return {"inv": inv, "min": lo, "d": to_fp16(d, "block scale ((max - min) / 31)", fmt.name),
-            "m": to_fp16(lo, "block min", fmt.name)}
+def _fit_min(top: int):
+    """Q4_1 (``top`` 15) / Q5_1 (31): ``d = (max - min) / top``, fp16 ``d`` and ``m = min``."""
+
+    def fit_(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+        lo = blocks.amin(-1, keepdim=True)
+        hi = blocks.amax(-1, keepdim=True)
+        d = (hi - lo) / float(top)
+        inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+        return {"inv": inv, "min": lo, "d": to_fp16(d, f"block scale ((max - min) / {top})", fmt.name),
+                "m": to_fp16(lo, "block min", fmt.name)}
+
+    return fit_
 
 
-def _codes_q5_1(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    """C ``(uint8_t)((x - min) * id + 0.5f)`` (truncation), clamped to 0..31 for values beyond the fitted block."""
-    v = x - p["min"]
-    v.mul_(p["inv"]).add_(0.5)
-    return v.trunc_().clamp_(0.0, 31.0).add_(0.0)
+def _codes_min(top: int):
+    """C ``MIN(top, (int8_t)((x - min) * id + 0.5f))`` (truncation), clamped to 0..top for values beyond the
+    fitted block."""
+
+    def codes_(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        v = x - p["min"]
+        v.mul_(p["inv"]).add_(0.5)
+        return v.trunc_().clamp_(0.0, float(top)).add_(0.0)
+
+    return codes_
 
 
 # ------------------------------------------------------------------------------------------------ Q4_K / Q5_K
@@ -311,7 +338,8 @@ def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 
 def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
-    against ``blocks``: ``inv``/``d`` (Q8_0 and Q5_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, per block),
+    against ``blocks``: ``inv``/``d`` (Q8_0, Q5_0, Q4_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, Q4_1, per
+    block),
     ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
     ``dmin * m``, per element) or ``d``/``fallback`` (Q6_K: ``d * sc`` and the codes left where that is 0).
 
@@ -348,15 +376,15 @@ def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -
 
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
-    """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q4_K 0..15,
-    Q5_K, Q5_0 and Q5_1 0..31."""
+    """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q4_K, Q4_0 and
+    Q4_1 0..15, Q5_K, Q5_0 and Q5_1 0..31."""
     return _TYPES[fmt.name].codes(x, fmt, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``(q - 16) * d`` (Q5_0),
-    ``d * q + m`` (Q5_1), ``d * q - dm`` (Q4_K, Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale).
-    float32, x's shape."""
+    ``(q - 8) * d`` (Q4_0), ``d * q + m`` (Q5_1, Q4_1), ``d * q - dm`` (Q4_K, Q5_K), ``d * q`` (Q6_K; d = fp16 d
+    times the sub-block scale). float32, x's shape."""
     t = _TYPES[fmt.name]
     return t.dequantize(t.codes(x, fmt, p), p)
 
@@ -418,6 +446,21 @@ def _low_high_5bit(codes: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return qh, qs
 
 
+def _nibbles_32(codes: Tensor) -> np.ndarray:
+    """``qs`` (16 bytes: code j in the low nibble, j + 16 in the high) of Q4_0/Q4_1/IQ4_NL blocks of 32 codes
+    0..15."""
+    q = codes.to(torch.uint8).numpy().reshape(-1, 32)
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _pack_q4_0(e: Encoded) -> np.ndarray:
+    return np.concatenate([_fp16_bytes(e.d), _nibbles_32(e.codes)], axis=1)
+
+
+def _pack_q4_1(e: Encoded) -> np.ndarray:
+    return np.concatenate([_fp16_bytes(e.d), _fp16_bytes(e.m), _nibbles_32(e.codes)], axis=1)
+
+
 def _pack_q5_0(e: Encoded) -> np.ndarray:
     qh, qs = _low_high_5bit(e.codes)
     return np.concatenate([_fp16_bytes(e.d), qh, qs], axis=1)
@@ -472,7 +515,7 @@ class _GgmlType(NamedTuple):
 
 
 def _simple_fit(fit_: Callable[[Tensor, Format], dict[str, Tensor]]):
-    """A one-pass fit (Q8_0, Q5_0, Q5_1: no scale search, so ``use_native`` has nothing to run)."""
+    """A one-pass fit (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1: no scale search, so ``use_native`` has nothing to run)."""
     return lambda blocks, fmt, use_native: fit_(blocks, fmt)
 
 
@@ -493,6 +536,10 @@ def _d_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
     return p["d"].reshape(rows, nb), None, None, None
 
 
+def _d_m_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
+    return p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb)
+
+
 def _kx2_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
     return (p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb), p["sc"].reshape(rows, nb, 8),
             p["m"].reshape(rows, nb, 8))
@@ -502,12 +549,16 @@ def _kx2_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
 _TYPES: dict[str, _GgmlType] = {
     "q8_0": _GgmlType(fit=_simple_fit(_fit_q8_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q8_0),
                       dequantize=_times_d, stored=_d_stored, pack=_pack_q8_0),
-    "q5_0": _GgmlType(fit=_simple_fit(_fit_q5_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q5_0),
+    "q4_0": _GgmlType(fit=_simple_fit(_fit_sym(8)), elementwise=("inv", "d"), codes=_fmt_free(_codes_sym(8)),
+                      dequantize=lambda q, p: q.sub_(8.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q4_0),
+    "q4_1": _GgmlType(fit=_simple_fit(_fit_min(15)), elementwise=("inv", "min", "d", "m"),
+                      codes=_fmt_free(_codes_min(15)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      stored=_d_m_stored, pack=_pack_q4_1),
+    "q5_0": _GgmlType(fit=_simple_fit(_fit_sym(16)), elementwise=("inv", "d"), codes=_fmt_free(_codes_sym(16)),
                       dequantize=lambda q, p: q.sub_(16.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q5_0),
-    "q5_1": _GgmlType(fit=_simple_fit(_fit_q5_1), elementwise=("inv", "min", "d", "m"),
-                      codes=_fmt_free(_codes_q5_1), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
-                      stored=lambda p, rows, nb: (p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb)),
-                      pack=_pack_q5_1),
+    "q5_1": _GgmlType(fit=_simple_fit(_fit_min(31)), elementwise=("inv", "min", "d", "m"),
+                      codes=_fmt_free(_codes_min(31)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      stored=_d_m_stored, pack=_pack_q5_1),
     "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
                       stored=_kx2_stored, pack=_pack_q4_k),
     "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
@@ -528,8 +579,7 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
 
     f = get_format(fmt)
     if f.family != "ggml":
-        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: q8_0, q5_0, q5_1, q4_k, q5_k, "
-                         "q6_k")
+        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: {', '.join(_TYPES)}")
     if x.dim() != 2:
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)

@@ -32,6 +32,7 @@ NF4_DQ_BLOCK = 256  # bitsandbytes' double quantization: absmaxes quantized to 8
 QK_K = 256  # llama.cpp k-quant super-block
 QK8_0 = 32  # llama.cpp Q8_0 block
 QK5 = 32  # llama.cpp Q5_0 / Q5_1 block
+QK4 = 32  # llama.cpp Q4_0 / Q4_1 block
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py, get_4bit_type("nf4")): the float32 values, ascending
 NF4_VALUES: tuple[float, ...] = (
@@ -100,6 +101,7 @@ ELEMENTS: dict[str, Element] = {
     **{f"uint{k}": _uint(k) for k in range(2, 9)},
     "int6_full": Element("int", 6, 0, 5, 4, 0, 31.0, min_value=-32.0),  # llama.cpp Q6_K: -32..31
     "int5_full": Element("int", 5, 0, 4, 3, 0, 15.0, min_value=-16.0),  # llama.cpp Q5_0: -16..15
+    "int4_full": Element("int", 4, 0, 3, 2, 0, 7.0, min_value=-8.0),  # llama.cpp Q4_0: -8..7
     "nf4": Element("table", 4, 0, 4, 0, 0, 1.0, min_value=-1.0, values=NF4_VALUES),
 }
 
@@ -192,6 +194,10 @@ class Format:
 # (llama-quant.cpp, "incompatible tensor" fallback)
 GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
+# ggml's type id of each llama.cpp layout (enum ggml_type in ggml.h; gguf-py's GGMLQuantizationType): the number a
+# GGUF file stores for a tensor of that type
+GGML_TYPE_ID = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+
 
 def _make(name: str, family: str, element_format: str) -> Format:
     el = ELEMENTS[element_format]
@@ -235,6 +241,9 @@ FORMATS: dict[str, Format] = {
         # Q5_0 (fp16 d per 32, codes -16..15) and Q5_1 (fp16 d and min per 32): llama.cpp's fallbacks for Q4_K/Q5_K
         _shipped("q5_0", "ggml", "int5_full", QK5, 16, fixed_block=True),
         _shipped("q5_1", "ggml", "uint5", QK5, 32, fixed_block=True),
+        # Q4_0 (fp16 d per 32, codes -8..7) and Q4_1 (fp16 d and min per 32): llama.cpp's legacy 4-bit types
+        _shipped("q4_0", "ggml", "int4_full", QK4, 16, fixed_block=True),
+        _shipped("q4_1", "ggml", "uint4", QK4, 32, fixed_block=True),
         _shipped("q6_k", "ggml", "int6_full", QK_K, 16, sub_block=16, sub_scale_bits=8, fixed_block=True),
         _shipped("q5_k", "ggml", "uint5", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
         _shipped("q4_k", "ggml", "uint4", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
@@ -246,7 +255,7 @@ FORMATS: dict[str, Format] = {
 
 def list_formats() -> list[str]:
     """Every format name: MX first, then int, fp8, the shipped layouts (uintK, uintK_pc, nf4, nf4_dq, q8_0, q5_0,
-    q5_1, q6_k, q5_k, q4_k), and the plain float casts."""
+    q5_1, q4_0, q4_1, q6_k, q5_k, q4_k, ...), and the plain float casts."""
     return list(FORMATS)
 
 
@@ -271,6 +280,7 @@ def _scale_text(f: Format) -> str:
         return "fp32 absmax per block" if not f.scale2_block else "8-bit absmax per block, fp32 per 256 blocks"
     if f.family == "ggml":
         return {"q8_0": "fp16 per 32", "q5_0": "fp16 per 32", "q5_1": "fp16 d, min per 32",
+                "q4_0": "fp16 per 32", "q4_1": "fp16 d, min per 32",
                 "q6_k": "fp16 per 256, int8 per 16",
                 }.get(f.name, "fp16 d, dmin per 256; 6-bit scale, min per 32")
     return _SCALE_TEXT.get(f.family, "-")
@@ -283,6 +293,8 @@ def _element_text(f: Format) -> str:
         return "int6 (-32..31)"
     if f.element_format == "int5_full":
         return "int5 (-16..15)"
+    if f.element_format == "int4_full":
+        return "int4 (-8..7)"
     if f.element == "int":
         return f"int{f.element_bits}"
     return "nf4 table" if f.element == "table" else f.element_format
