@@ -40,10 +40,10 @@ from quantpredict.formats.table import GGML_TYPE_ID
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
 ASYM = [f"uint{k}" for k in range(2, 9)] + [f"uint{k}_pc" for k in range(2, 9)]
-GGML = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"]
+GGML = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k"]
 SHIPPED = ASYM + ["nf4", "nf4_dq"] + GGML
 GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q4_k": GT.Q4_K,
-             "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
+             "q5_k": GT.Q5_K, "q6_k": GT.Q6_K, "q3_k": GT.Q3_K, "q2_k": GT.Q2_K}
 
 # bitsandbytes' NF4 code values (bitsandbytes/functional.py, get_4bit_type("nf4")), as float32
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -189,8 +189,14 @@ def seq_sum(terms: np.ndarray) -> np.ndarray:
     return acc
 
 
-def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants(n=32, use_mad=false) on sub-blocks x [M, 32] with weights w: (scale, the_min), each [M]."""
+def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                  mad: bool = False):
+    """make_qkx2_quants(n, use_mad=mad) on sub-blocks x [M, n] with weights w: (scale, the_min, L), [M] and [M, n].
+    """
+
+    def err(diff):
+        return seq_sum(f32(w * (np.abs(diff) if mad else f32(diff * diff))))
+
     lo, hi = x.min(1), x.max(1)
     sum_w = w[:, 0].copy()
     sum_x = f32(sum_w * x[:, 0])
@@ -203,25 +209,24 @@ def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: 
         iscale = f32(nmax / f32(hi - mn))
         scale = f32(1.0 / iscale)
         L = np.clip(nearest_int(f32(iscale[:, None] * f32(x - mn[:, None]))), 0, nmax)
-        diff = f32(f32(f32(scale[:, None] * L) + mn[:, None]) - x)
-        best = seq_sum(f32(w * f32(diff * diff)))
+        best = err(f32(f32(f32(scale[:, None] * L) + mn[:, None]) - x))
         for step in range(nstep + 1):
             num = f32(f32(rmin + f32(f32(rdelta) * step)) + nmax)
             isc = f32(num / f32(hi - mn))
-            L = np.clip(nearest_int(f32(isc[:, None] * f32(x - mn[:, None]))), 0, nmax).astype(np.float64)
-            wl = f32(w * L)
-            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(f32(wl * L)), seq_sum(f32(wl * x))
+            Ls = np.clip(nearest_int(f32(isc[:, None] * f32(x - mn[:, None]))), 0, nmax).astype(np.float64)
+            wl = f32(w * Ls)
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(f32(wl * Ls)), seq_sum(f32(wl * x))
             D = f32(f32(sum_w * sum_l2) - f32(sum_l * sum_l))
             t_scale = f32(f32(f32(sum_w * sum_xl) - f32(sum_x * sum_l)) / D)
             t_min = f32(f32(f32(sum_l2 * sum_x) - f32(sum_l * sum_xl)) / D)
             pos = t_min > 0
             t_min = np.where(pos, 0.0, t_min)
             t_scale = np.where(pos, f32(sum_xl / sum_l2), t_scale)
-            diff = f32(f32(f32(t_scale[:, None] * L) + t_min[:, None]) - x)
-            cur = seq_sum(f32(w * f32(diff * diff)))
+            cur = err(f32(f32(f32(t_scale[:, None] * Ls) + t_min[:, None]) - x))
             take = (D > 0) & (cur < best) & ~flat
             best, scale, mn = np.where(take, cur, best), np.where(take, t_scale, scale), np.where(take, t_min, mn)
-    return np.where(flat, 0.0, scale), -mn
+            L = np.where(take[:, None], Ls, L)
+    return np.where(flat, 0.0, scale), -mn, np.where(flat[:, None], 0, L)
 
 
 def ref_q45_k(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
@@ -229,7 +234,7 @@ def ref_q45_k(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) 
     sub = x.reshape(-1, 32)
     av = f32(np.sqrt(f32(seq_sum(f32(sub * sub)) / 32)))
     w = f32(av[:, None] + np.abs(sub))
-    scales, mins = ref_make_qkx2(sub, w, nmax, rmin, rdelta, nstep)
+    scales, mins, _ = ref_make_qkx2(sub, w, nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale = np.maximum(scales.max(1, keepdims=True), 0.0)
     max_min = np.maximum(mins.max(1, keepdims=True), 0.0)
@@ -290,6 +295,79 @@ def ref_q6_k(x: np.ndarray) -> np.ndarray:
     return f32(d * q).reshape(x.shape)
 
 
+def ref_make_q3(x: np.ndarray):
+    """make_q3_quants(16, 4, x, L, do_rmse=true) on sub-blocks x [M, 16]: (scale [M], L - 4 [M, 16]), one sub-block
+    at a time as the C code (up to 5 passes, stopping after a pass without a change)."""
+    nmax = 4
+    scales, codes = np.zeros(x.shape[0]), np.full(x.shape, -4.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for m, xs in enumerate(x):
+            big = xs[np.argmax(np.abs(xs))]
+            if abs(big) < f32(1e-15):
+                continue
+            L = np.clip(nearest_int(f32(f32(-nmax / big) * xs)), -nmax, nmax - 1).astype(np.float64)
+            w = f32(xs * xs)
+            sumlx = seq_sum(f32(f32(w * xs) * L))
+            suml2 = seq_sum(f32(f32(w * L) * L))
+            for _ in range(5):
+                changed = 0
+                for i in range(16):
+                    slx = f32(sumlx - f32(f32(w[i] * xs[i]) * L[i]))
+                    if slx > 0:
+                        sl2 = f32(suml2 - f32(f32(w[i] * L[i]) * L[i]))
+                        new = float(np.clip(nearest_int(f32(f32(xs[i] * sl2) / slx)), -nmax, nmax - 1))
+                        if new != L[i]:
+                            slx = f32(slx + f32(f32(w[i] * xs[i]) * new))
+                            sl2 = f32(sl2 + f32(f32(w[i] * new) * new))
+                            if sl2 > 0 and f32(f32(slx * slx) * suml2) > f32(f32(sumlx * sumlx) * sl2):
+                                L[i], sumlx, suml2 = new, slx, sl2
+                                changed += 1
+                if not changed:
+                    break
+            scales[m] = f32(sumlx / suml2) if suml2 > 0 else 0.0
+            codes[m] = L
+    return scales, codes
+
+
+def ref_q3_k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q3_K_ref then dequantize_row_q3_K (d * (sc - 32) * (q - 4), the 6-bit scales stored + 32)."""
+    sub = x.reshape(-1, 16)
+    scales, L = ref_make_q3(sub)
+    scales, L = scales.reshape(-1, 16), L.reshape(-1, 16, 16)
+    max_scale = scales[np.arange(scales.shape[0]), np.argmax(np.abs(scales), 1)][:, None]
+    some = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = f32(-32.0 / max_scale)
+        l = ((nearest_int(f32(iscale * scales)) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
+        sc = np.where(some, np.clip(l, -32, 31), -32)
+        d16 = np.where(some, f16(f32(1.0 / iscale)), 0.0)
+    d = f32(d16 * sc)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(nearest_int(f32(sub.reshape(-1, 16, 16) / d)), -4, 3).astype(np.float64)
+    q = np.where(d == 0, L, q)
+    return f32(d * q).reshape(x.shape)
+
+
+def ref_q2_k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q2_K_ref then dequantize_row_q2_K: make_qkx2_quants(16, 3, weights |x|, -0.5, 0.1, 15,
+    use_mad) per 16, 4-bit scales and mins against fp16 d = max_scale / 15 and dmin = max_min / 15, d * q - dm."""
+    sub = x.reshape(-1, 16)
+    scales, mins, _ = ref_make_qkx2(sub, np.abs(sub), 3, -0.5, 0.1, 15, mad=True)
+    scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
+    max_scale = np.maximum(scales.max(1, keepdims=True), 0.0)
+    max_min = np.maximum(mins.max(1, keepdims=True), 0.0)
+    ls = nearest_int(f32(np.where(max_scale > 0, ndiv(15.0, max_scale), 0.0) * scales)) & 0xFF
+    lm = nearest_int(f32(np.where(max_min > 0, ndiv(15.0, max_min), 0.0) * mins))
+    byte = ls | ((lm << 4) & 0xFF)
+    d = f32(f16(f32(max_scale / 15)) * (byte & 0xF))[..., None]
+    dm = f32(f16(f32(max_min / 15)) * (byte >> 4))[..., None]
+    xs = sub.reshape(-1, 16, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(nearest_int(f32(f32(xs + dm) / d)), 0, 3)
+    q = np.where(d == 0, 0, q)  # scale 0: the value is -dm whatever the code
+    return f32(f32(d * q) - dm).reshape(x.shape)
+
+
 KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 
 
@@ -313,6 +391,10 @@ def reference(x: torch.Tensor, fmt: str, block_size: int | None = None) -> np.nd
         return ref_q5_1(a, top=15)
     if fmt == "q6_k":
         return ref_q6_k(a)
+    if fmt == "q3_k":
+        return ref_q3_k(a)
+    if fmt == "q2_k":
+        return ref_q2_k(a)
     return ref_q45_k(a, *KX2[fmt])
 
 
@@ -610,6 +692,9 @@ def test_layout_errors():
         fake_quantize(torch.ones(2, 300), "q4_k")
     with pytest.raises(FormatError, match="multiple of 32"):
         fake_quantize(torch.ones(2, 40), "q8_0")
+    for fmt in ("q3_k", "q2_k"):  # llama.cpp stores both as Q4_0 when the rows are not a multiple of 256
+        with pytest.raises(FormatError, match=r"multiple of 256.*288.*as q4_0"):
+            fake_quantize(torch.ones(2, 288), fmt)
     with pytest.raises(FormatError, match="blocks of 256 elements"):
         fake_quantize(torch.ones(2, 512), "q6_k", block_size=128)
     assert torch.equal(fake_quantize(torch.ones(2, 512), "q6_k", block_size=256), fake_quantize(torch.ones(2, 512),
@@ -637,6 +722,8 @@ def test_names_and_bits():
     assert get_format("q8_0").bits_per_element(row_length=4096) == 8.5
     assert get_format("q5_0").bits_per_element() == 5.5 and get_format("q5_1").bits_per_element() == 6.0
     assert get_format("q4_0").bits_per_element() == 4.5 and get_format("q4_1").bits_per_element() == 5.0
+    assert get_format("q3_k").bits_per_element() == 110 * 8 / 256  # block_q3_K: 110 bytes per 256 = 3.4375
+    assert get_format("q2_k").bits_per_element() == 84 * 8 / 256  # block_q2_K: 84 bytes per 256 = 2.625
     assert get_format("nf4").bits_per_element() == 4.5
     assert get_format("nf4").bits_per_element(128) == 4 + 32 / 128
     assert get_format("nf4_dq").bits_per_element() == 4 + 8 / 64 + 32 / (64 * 256)
@@ -679,9 +766,10 @@ def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
     elif fmt == "q8_0":
         m = np.rint(ndiv(v, t["d"]))
         ok = (f32(m * t["d"]) == v) & (np.abs(m) <= 127)
-    elif fmt == "q6_k":
+    elif fmt in ("q6_k", "q3_k"):
+        half = 32 if fmt == "q6_k" else 4
         m = np.rint(ndiv(v, t["d"]))
-        ok = (f32(t["d"] * m) == v) & (m >= -32) & (m <= 31)
+        ok = (f32(t["d"] * m) == v) & (m >= -half) & (m <= half - 1)
     elif fmt in ("q5_0", "q4_0"):
         half = 16 if fmt == "q5_0" else 8
         m = np.rint(ndiv(v, t["d"]))
@@ -691,7 +779,7 @@ def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
         ok = (f32(f32(t["d"] * m) + t["m"]) == v) & (m >= 0) & (m <= (31 if fmt == "q5_1" else 15))
     else:
         m = np.rint(ndiv(v + t["dm"], t["d"]))
-        ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= KX2[fmt][0])
+        ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= (3 if fmt == "q2_k" else KX2[fmt][0]))
     return bool(ok.all())
 
 

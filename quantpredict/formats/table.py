@@ -102,6 +102,7 @@ ELEMENTS: dict[str, Element] = {
     "int6_full": Element("int", 6, 0, 5, 4, 0, 31.0, min_value=-32.0),  # llama.cpp Q6_K: -32..31
     "int5_full": Element("int", 5, 0, 4, 3, 0, 15.0, min_value=-16.0),  # llama.cpp Q5_0: -16..15
     "int4_full": Element("int", 4, 0, 3, 2, 0, 7.0, min_value=-8.0),  # llama.cpp Q4_0: -8..7
+    "int3_full": Element("int", 3, 0, 2, 1, 0, 3.0, min_value=-4.0),  # llama.cpp Q3_K: -4..3
     "nf4": Element("table", 4, 0, 4, 0, 0, 1.0, min_value=-1.0, values=NF4_VALUES),
 }
 
@@ -192,11 +193,12 @@ class Format:
 
 # llama.cpp's replacement type for a tensor whose rows are not a multiple of the k-quant super-block
 # (llama-quant.cpp, "incompatible tensor" fallback)
-GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0", "q2_k": "q4_0"}
 
 # ggml's type id of each llama.cpp layout (enum ggml_type in ggml.h; gguf-py's GGMLQuantizationType): the number a
 # GGUF file stores for a tensor of that type
-GGML_TYPE_ID = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14}
+GGML_TYPE_ID = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+                "q2_k": 10, "q3_k": 11}
 
 
 def _make(name: str, family: str, element_format: str) -> Format:
@@ -247,6 +249,9 @@ FORMATS: dict[str, Format] = {
         _shipped("q6_k", "ggml", "int6_full", QK_K, 16, sub_block=16, sub_scale_bits=8, fixed_block=True),
         _shipped("q5_k", "ggml", "uint5", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
         _shipped("q4_k", "ggml", "uint4", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
+        # Q3_K: fp16 d per 256, 6-bit signed scale per 16; Q2_K: fp16 d and dmin per 256, 4-bit scale and min per 16
+        _shipped("q3_k", "ggml", "int3_full", QK_K, 16, sub_block=16, sub_scale_bits=6, fixed_block=True),
+        _shipped("q2_k", "ggml", "uint2", QK_K, 32, sub_block=16, sub_scale_bits=8, fixed_block=True),
         _make("bf16", "float", "bf16"),
         _make("fp16", "float", "fp16"),
     ]
@@ -281,6 +286,7 @@ def _scale_text(f: Format) -> str:
     if f.family == "ggml":
         return {"q8_0": "fp16 per 32", "q5_0": "fp16 per 32", "q5_1": "fp16 d, min per 32",
                 "q4_0": "fp16 per 32", "q4_1": "fp16 d, min per 32",
+                "q3_k": "fp16 per 256, 6-bit per 16", "q2_k": "fp16 d, dmin per 256; 4-bit scale, min per 16",
                 "q6_k": "fp16 per 256, int8 per 16",
                 }.get(f.name, "fp16 d, dmin per 256; 6-bit scale, min per 32")
     return _SCALE_TEXT.get(f.family, "-")
@@ -295,6 +301,8 @@ def _element_text(f: Format) -> str:
         return "int5 (-16..15)"
     if f.element_format == "int4_full":
         return "int4 (-8..7)"
+    if f.element_format == "int3_full":
+        return "int3 (-4..3)"
     if f.element == "int":
         return f"int{f.element_bits}"
     return "nf4 table" if f.element == "table" else f.element_format
