@@ -40,10 +40,11 @@ from quantpredict.formats.table import GGML_TYPE_ID
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
 ASYM = [f"uint{k}" for k in range(2, 9)] + [f"uint{k}_pc" for k in range(2, 9)]
-GGML = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k"]
+GGML = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs"]
 SHIPPED = ASYM + ["nf4", "nf4_dq"] + GGML
 GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q4_k": GT.Q4_K,
-             "q5_k": GT.Q5_K, "q6_k": GT.Q6_K, "q3_k": GT.Q3_K, "q2_k": GT.Q2_K}
+             "q5_k": GT.Q5_K, "q6_k": GT.Q6_K, "q3_k": GT.Q3_K, "q2_k": GT.Q2_K,
+             "iq4_nl": GT.IQ4_NL, "iq4_xs": GT.IQ4_XS}
 
 # bitsandbytes' NF4 code values (bitsandbytes/functional.py, get_4bit_type("nf4")), as float32
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -368,6 +369,61 @@ def ref_q2_k(x: np.ndarray) -> np.ndarray:
     return f32(f32(d * q) - dm).reshape(x.shape)
 
 
+# kvalues_iq4nl of ggml-common.h
+KV_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float64)
+
+
+def ref_best_index(al: np.ndarray) -> np.ndarray:
+    """best_index_int8(16, kvalues_iq4nl, al): 0 / 15 beyond the ends, else the nearer neighbour by float32
+    distances, the upper one on a tie."""
+    mu = np.clip(np.searchsorted(KV_IQ4, al, side="right"), 1, 15)
+    idx = np.where(f32(al - KV_IQ4[mu - 1]) < f32(KV_IQ4[mu] - al), mu - 1, mu)
+    return np.where(al <= KV_IQ4[0], 0, np.where(al >= KV_IQ4[15], 15, idx))
+
+
+def ref_iq4_scale(x: np.ndarray) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's search (weights x^2, ntry 7) on blocks x [M, 32]: the scale d [M]."""
+    big = x[np.arange(x.shape[0]), np.argmax(np.abs(x), 1)]
+    w = f32(x * x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def sums(iscale):
+            q = KV_IQ4[ref_best_index(f32(iscale[:, None] * x))]
+            wq = f32(w * q)
+            return seq_sum(f32(wq * x)), seq_sum(f32(wq * q))
+
+        sumqx, sumq2 = sums(f32(1.0 / f32(-big / -127.0)))
+        d = np.where(sumq2 > 0, f32(sumqx / sumq2), 0.0)
+        best = f32(d * sumqx)
+        for itry in range(-7, 8):
+            sumqx, sumq2 = sums(f32((itry - 127) / big))
+            take = (sumq2 > 0) & (f32(sumqx * sumqx) > f32(best * sumq2))
+            d = np.where(take, f32(sumqx / sumq2), d)
+            best = np.where(take, f32(d * sumqx), best)
+    return np.where(np.abs(big) < f32(1e-15), 0.0, d)
+
+
+def ref_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """quantize_iq4_nl(quant_weights NULL) then dequantize_row_iq4_nl: fp16(d) * kvalues[best_index(x / d)]."""
+    b = x.reshape(-1, 32)
+    d = ref_iq4_scale(b)[:, None]
+    idx = ref_best_index(f32(np.where(d != 0, ndiv(1.0, d), 0.0) * b))
+    return f32(f16(d) * KV_IQ4[idx]).reshape(x.shape)
+
+
+def ref_iq4_xs(x: np.ndarray) -> np.ndarray:
+    """quantize_iq4_xs(quant_weights NULL) then dequantize_row_iq4_xs: 6-bit block scales l against d = -max / 32
+    (codes from the float32 d * l), value fp16(d) * l * kvalues[code]."""
+    b = x.reshape(-1, 8, 32)
+    scales = ref_iq4_scale(b.reshape(-1, 32)).reshape(-1, 8)
+    j = np.argmax(np.abs(scales), 1)
+    max_scale = np.where(np.abs(scales).max(1) > 0, scales[np.arange(scales.shape[0]), j], 0.0)[:, None]
+    d = f32(-max_scale / 32)
+    ls = np.clip(nearest_int(f32(np.where(d != 0, ndiv(1.0, d), 0.0) * scales)), -32, 31)
+    dl = f32(d * ls)[..., None]
+    idx = ref_best_index(f32(np.where(dl != 0, ndiv(1.0, dl), 0.0) * b))
+    return f32(f32(f16(d) * ls)[..., None] * KV_IQ4[idx]).reshape(x.shape)
+
+
 KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 
 
@@ -395,6 +451,10 @@ def reference(x: torch.Tensor, fmt: str, block_size: int | None = None) -> np.nd
         return ref_q3_k(a)
     if fmt == "q2_k":
         return ref_q2_k(a)
+    if fmt == "iq4_nl":
+        return ref_iq4_nl(a)
+    if fmt == "iq4_xs":
+        return ref_iq4_xs(a)
     return ref_q45_k(a, *KX2[fmt])
 
 
@@ -695,6 +755,8 @@ def test_layout_errors():
     for fmt in ("q3_k", "q2_k"):  # llama.cpp stores both as Q4_0 when the rows are not a multiple of 256
         with pytest.raises(FormatError, match=r"multiple of 256.*288.*as q4_0"):
             fake_quantize(torch.ones(2, 288), fmt)
+    with pytest.raises(FormatError, match=r"multiple of 256.*288.*as iq4_nl"):
+        fake_quantize(torch.ones(2, 288), "iq4_xs")
     with pytest.raises(FormatError, match="blocks of 256 elements"):
         fake_quantize(torch.ones(2, 512), "q6_k", block_size=128)
     assert torch.equal(fake_quantize(torch.ones(2, 512), "q6_k", block_size=256), fake_quantize(torch.ones(2, 512),
@@ -724,6 +786,8 @@ def test_names_and_bits():
     assert get_format("q4_0").bits_per_element() == 4.5 and get_format("q4_1").bits_per_element() == 5.0
     assert get_format("q3_k").bits_per_element() == 110 * 8 / 256  # block_q3_K: 110 bytes per 256 = 3.4375
     assert get_format("q2_k").bits_per_element() == 84 * 8 / 256  # block_q2_K: 84 bytes per 256 = 2.625
+    assert get_format("iq4_nl").bits_per_element() == 4.5  # block_iq4_nl: 18 bytes per 32
+    assert get_format("iq4_xs").bits_per_element() == 136 * 8 / 256  # block_iq4_xs: 136 bytes per 256 = 4.25
     assert get_format("nf4").bits_per_element() == 4.5
     assert get_format("nf4").bits_per_element(128) == 4 + 32 / 128
     assert get_format("nf4_dq").bits_per_element() == 4 + 8 / 64 + 32 / (64 * 256)
@@ -766,6 +830,8 @@ def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
     elif fmt == "q8_0":
         m = np.rint(ndiv(v, t["d"]))
         ok = (f32(m * t["d"]) == v) & (np.abs(m) <= 127)
+    elif fmt.startswith("iq4"):
+        ok = (f32(t["d"][..., None] * KV_IQ4) == v[..., None]).any(-1)
     elif fmt in ("q6_k", "q3_k"):
         half = 32 if fmt == "q6_k" else 4
         m = np.rint(ndiv(v, t["d"]))

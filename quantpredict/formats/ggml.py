@@ -1,11 +1,13 @@
-"""llama.cpp's Q8_0, Q5_0, Q5_1, Q4_0, Q4_1 and k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), reproducing its reference
-quantizers bit for bit.
+"""llama.cpp's Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL / IQ4_XS,
+reproducing its reference quantizers bit for bit.
 
 The quantizers are ``quantize_row_q8_0_ref``, ``quantize_row_q5_0_ref``, ``quantize_row_q5_1_ref``,
 ``quantize_row_q4_0_ref``, ``quantize_row_q4_1_ref``, ``quantize_row_q2_K_ref``, ``quantize_row_q3_K_ref``,
 ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and ``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what
 ``llama-quantize`` runs for these types without an importance matrix (``quantize_q4_K`` etc. call the ``_ref``
-functions when ``quant_weights`` is NULL). Every float
+functions when ``quant_weights`` is NULL), and for IQ4_NL / IQ4_XS ``quantize_iq4_nl`` / ``quantize_iq4_xs`` with
+``quant_weights`` NULL, which run ``quantize_row_iq4_nl_impl`` with ``ntry = 7`` (what llama-quantize calls; the
+``quantize_row_iq4_nl_ref`` entry point passes ``ntry = -1`` and differs). Every float
 operation of the C source is done in the same order in float32 (torch's elementwise ops are correctly rounded, like
 the C code's), sums over a sub-block are accumulated sequentially as the C loops do, ``nearest_int`` is its
 magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` does (nearest, ties to even).
@@ -39,6 +41,13 @@ magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` d
   0.1, nstep 15, use_mad=true)`` (the Q4_K search with absolute instead of squared errors); 4-bit scales and mins
   against fp16 ``d = max_scale / 15``, ``dmin = max_min / 15``; ``l = clamp(nearest_int((x + dm) / d), 0, 3)``;
   value ``d * l - dm``.
+* **IQ4_NL** (blocks of 32) / **IQ4_XS** (super-blocks of 256 = 8 blocks of 32): codes index the 16 values of
+  ``kvalues_iq4nl`` (-127 .. 113), chosen by ``best_index_int8`` (the nearer table value by float32 distances, the
+  upper on a tie). Each block's scale: start at ``d = -max / -127``, least squares ``sum(w q x) / sum(w q^2)``
+  (weights x^2) on the codes of ``x / d``, then the codes of ``(t - 127) / max * x`` for ``t = -7..7``, kept where
+  they raise ``sumqx^2 / sumq2``. IQ4_NL stores that fp16 scale and the codes of ``x / d`` (float32 ``d``); IQ4_XS
+  quantizes the 8 block scales to 6-bit ``l`` against ``d = -max_scale / 32`` (stored fp16) and codes each block by
+  ``x / (d * l)`` with the float32 ``d``. Value ``d * kvalue`` (IQ4_NL), ``fp16(d) * l * kvalue`` (IQ4_XS).
 
 The output of :func:`quantize` is the dequantization of those codes with the arithmetic of gguf-py's (and
 llama.cpp's) dequantizers, so it matches ``gguf.quants.dequantize`` of the packed bytes bit for bit
@@ -56,8 +65,10 @@ match), and are 0 for Q4_K/Q5_K, whose native search returns no codes (the value
 llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's default ``-ffp-contract=fast`` with
 ``-march=native``), which fuses some multiply-adds of the search; against such a build
 2.0% (Q4_K), 11% (Q5_K), 0.07% (Q6_K) and 0% (Q8_0) of the values differ, by a code step where the search picks a
-neighbouring scale, with the relative MSE within 0.1%. The un-fused float32 semantics of the source are followed here,
-as they are machine-independent. Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
+neighbouring scale, with the relative MSE within 0.1% (not measured for the types added later). The un-fused float32
+semantics of the source are followed here, as they are machine-independent. The searches of Q2_K, Q3_K and the IQ4
+types run in torch only (the C kernel of :mod:`~quantpredict.formats.native` covers Q4_K/Q5_K/Q6_K; ``use_native``
+changes nothing for them). Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
 otherwise (naming llama.cpp's fallback type for that tensor).
 """
 
@@ -73,7 +84,7 @@ from torch import Tensor
 
 from quantpredict.formats import native
 from quantpredict.formats.exact import nearest_int, rdiv, sqrt, to_fp16
-from quantpredict.formats.table import Format
+from quantpredict.formats.table import IQ4NL_VALUES, Format
 
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a group is "all zero"
 # make_qkx2_quants arguments of the reference quantizers: (nmax, rmin, rdelta, nstep)
@@ -463,6 +474,94 @@ def _codes_q2_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
     return _rounded(v, 0, 3)
 
 
+# ------------------------------------------------------------------------------------------------ IQ4_NL / IQ4_XS
+
+KVALUES_IQ4NL = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)  # kvalues_iq4nl (ggml-common.h), ascending
+NTRY_IQ4 = 7  # quantize_iq4_nl / quantize_iq4_xs pass ntry = 7 to quantize_row_iq4_nl_impl
+
+
+def _best_index(al: Tensor) -> Tensor:
+    """``best_index_int8(16, kvalues_iq4nl, al)``: 0 at or below the first value, 15 at or above the last, else the
+    nearer of the two values around ``al`` by float32 distances (a tie goes to the upper one). int64, al's shape."""
+    kv = KVALUES_IQ4NL
+    mu = torch.bucketize(al, kv, right=True).clamp_(1, 15)  # val[mu - 1] <= al < val[mu]
+    lower = (al - kv[mu - 1]) < (kv[mu] - al)
+    idx = mu - lower.to(mu.dtype)
+    idx = torch.where(al <= kv[0], torch.zeros_like(idx), idx)
+    return torch.where(al >= kv[15], torch.full_like(idx, 15), idx)
+
+
+def _iq4_sums(x: Tensor, w: Tensor, al: Tensor) -> tuple[Tensor, Tensor]:
+    """``sumqx = sum(w * q * x)`` and ``sumq2 = sum(w * q * q)`` with ``q = kvalues[best_index(al)]`` ([32, M] ->
+    [M] each, sequential float32 sums)."""
+    q = KVALUES_IQ4NL[_best_index(al)]
+    wq = w * q
+    return _seq_sum(wq * x), _seq_sum(wq * q)
+
+
+def _iq4_chunk(x: Tensor) -> Tensor:
+    """The block scale search of ``quantize_row_iq4_nl_impl`` (quant_weights NULL: weights x^2; ntry 7) on blocks
+    ``x`` [32, M] (position-major): the scale ``d`` of each block [M] (0 for a block below GROUP_MAX_EPS)."""
+    amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
+    big = x.gather(0, where_max.unsqueeze(0))[0]
+    zero_block = amax < GROUP_MAX_EPS
+    w = x * x
+    v0 = float(IQ4NL_VALUES[0])
+    d = -big / v0  # ntry > 0: d = -max / values[0]
+    sumqx, sumq2 = _iq4_sums(x, w, rdiv(1.0, d) * x)
+    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
+    best = d * sumqx
+    for itry in range(-NTRY_IQ4, NTRY_IQ4 + 1):
+        iscale = rdiv(float(itry + IQ4NL_VALUES[0]), big)  # (itry + values[0]) / max
+        sumqx, sumq2 = _iq4_sums(x, w, iscale * x)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / sumq2, d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(zero_block, torch.zeros_like(d), d)
+
+
+def _iq4_scales(blocks: Tensor) -> Tensor:
+    """Every 32-block's searched scale, [M] for ``blocks`` reshaped to [M, 32]."""
+    sub = blocks.reshape(-1, 32)
+    scales = torch.empty(sub.shape[0])
+    for a in range(0, sub.shape[0], CHUNK):
+        scales[a : a + CHUNK] = _iq4_chunk(sub[a : a + CHUNK].t().contiguous())
+    return scales
+
+
+def _inverse_or_zero(d: Tensor) -> Tensor:
+    """C ``d ? 1/d : 0``."""
+    return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+
+
+def _fit_iq4_nl(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    scale = _iq4_scales(blocks).reshape(*blocks.shape[:-1], 1)  # per block [R, nb, 1]
+    # one block per super-block: dh = fp16(scale), codes best_index((1/scale) * x) with the float32 scale
+    return {"id": _inverse_or_zero(scale), "d": to_fp16(scale, "block scale", fmt.name)}
+
+
+def _fit_iq4_xs(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    scales = _iq4_scales(blocks).reshape(-1, 8)  # [S, 8]
+    amax, where_max = scales.abs().max(-1, keepdim=True)
+    max_scale = torch.where(amax > 0, scales.gather(-1, where_max), torch.zeros_like(amax))  # C: strict '>' from 0
+    d = -max_scale / 32.0
+    d16 = to_fp16(d, "super-block scale (max block scale / 32)", fmt.name)
+    ls = nearest_int(_inverse_or_zero(d) * scales).clamp_(-32, 31).to(torch.float32)  # with the float32 d
+    dl = d * ls
+    # per 32-block [S, 8, 1]: codes best_index((1 / (d * l)) * x) with the float32 d; value fp16(d) * l * kvalue
+    return {"id": _inverse_or_zero(dl).unsqueeze(-1), "d": (d16 * ls).unsqueeze(-1), "d16": d16, "sc": ls}
+
+
+def _codes_iq4(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """Indices 0..15 into kvalues_iq4nl (float32): ``best_index_int8(16, kvalues_iq4nl, id * x)``."""
+    return _best_index(x * p["id"]).to(torch.float32)
+
+
+def _dequantize_iq4(q: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """``d * kvalues[q]`` (gguf-py: d, or fp16 d times the block scale, times the table value)."""
+    return KVALUES_IQ4NL[q.to(torch.int64)].mul_(p["d"])
+
+
 # ----------------------------------------------------------------------------------------------------- public
 
 
@@ -472,7 +571,8 @@ def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tenso
     block),
     ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
     ``dmin * m``, per element), ``d``/``fallback`` (Q6_K, Q3_K: ``d * sc`` and the codes left where that is 0) or
-    ``d``/``dm``/``fallback`` (Q2_K).
+    ``d``/``dm``/``fallback`` (Q2_K) or ``id``/``d`` (IQ4_NL, IQ4_XS: the inverse scale the codes are chosen with
+    and the scale the value is dequantized with).
 
     ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
     available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
@@ -508,14 +608,15 @@ def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q3_K -4..3
-    (before its +4), Q2_K 0..3, Q4_K, Q4_0 and Q4_1 0..15, Q5_K, Q5_0 and Q5_1 0..31."""
+    (before its +4), Q2_K 0..3, Q4_K, Q4_0 and Q4_1 0..15, Q5_K, Q5_0 and Q5_1 0..31, IQ4_NL and IQ4_XS 0..15
+    (indices into kvalues_iq4nl)."""
     return _TYPES[fmt.name].codes(x, fmt, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``(q - 16) * d`` (Q5_0),
     ``(q - 8) * d`` (Q4_0), ``d * q + m`` (Q5_1, Q4_1), ``d * q - dm`` (Q4_K, Q5_K, Q2_K), ``d * q`` (Q6_K, Q3_K; d =
-    fp16 d times the sub-block scale). float32, x's shape."""
+    fp16 d times the sub-block scale), ``d * kvalues_iq4nl[q]`` (IQ4_NL, IQ4_XS). float32, x's shape."""
     t = _TYPES[fmt.name]
     return t.dequantize(t.codes(x, fmt, p), p)
 
@@ -659,6 +760,21 @@ def _pack_q2_k(e: Encoded) -> np.ndarray:
     return np.concatenate([sc, _qs_2bit(L), _fp16_bytes(e.d), _fp16_bytes(e.dmin)], axis=1)
 
 
+def _pack_iq4_nl(e: Encoded) -> np.ndarray:
+    return np.concatenate([_fp16_bytes(e.d), _nibbles_32(e.codes)], axis=1)
+
+
+def _pack_iq4_xs(e: Encoded) -> np.ndarray:
+    l6 = (e.sc.to(torch.int16) + 32).numpy().astype(np.uint16).reshape(-1, 8)  # 0..63
+    scales_h = np.zeros(l6.shape[0], dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= (l6[:, ib] >> 4) << (2 * ib)
+    lo = (l6 & 0xF).astype(np.uint8)
+    scales_l = lo[:, 0::2] | (lo[:, 1::2] << 4)
+    qs = _nibbles_32(e.codes).reshape(-1, 128)
+    return np.concatenate([_fp16_bytes(e.d), scales_h.reshape(-1, 1).view(np.uint8), scales_l, qs], axis=1)
+
+
 # ------------------------------------------------------------------------------------------------ the types
 
 
@@ -732,6 +848,13 @@ _TYPES: dict[str, _GgmlType] = {
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb),
                                                   p["sc"].reshape(rows, nb, 16), p["m"].reshape(rows, nb, 16)),
                       pack=_pack_q2_k),
+    "iq4_nl": _GgmlType(fit=_fit_iq4_nl, elementwise=("id", "d"), codes=_fmt_free(_codes_iq4),
+                        dequantize=_dequantize_iq4, stored=_d_stored, pack=_pack_iq4_nl),
+    "iq4_xs": _GgmlType(fit=_fit_iq4_xs, elementwise=("id", "d"), codes=_fmt_free(_codes_iq4),
+                        dequantize=_dequantize_iq4,
+                        stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 8),
+                                                    None),
+                        pack=_pack_iq4_xs),
     "q6_k": _GgmlType(fit=_fit_q6_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_with_fallback(-32, 31)),
                       dequantize=_times_d,
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),
