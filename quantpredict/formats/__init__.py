@@ -19,9 +19,9 @@ Names of the shipped layouts (lowercase; never ``_b<digits>``, which recipe labe
   AutoAWQ's default; it costs (16 + k) / 128 bits, 0.16 at 4 bits); ``block_size`` picks g32, g64, ...
 * ``uint2_pc`` .. ``uint8_pc``: the same with one scale and zero point per output channel (``block_size`` None).
 * ``nf4``, ``nf4_dq``: bitsandbytes NF4, blocks of 64, without / with double quantization (:mod:`.nf4`).
-* ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's reference quantizers
-  and GGUF layouts
-  (:mod:`.ggml`); q5_0 and q5_1 are what llama.cpp stores a Q4_K or Q5_K tensor as when its rows are not a multiple
+* ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``, ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``, ``iq4_nl``,
+  ``iq4_xs``: llama.cpp's quantizers (without an importance matrix) and GGUF layouts (:mod:`.ggml`); q5_0, q5_1,
+  q8_0, q4_0 and iq4_nl are what llama.cpp stores a k-quant or IQ4_XS tensor as when its rows are not a multiple
   of 256.
 
 ``fake_quantize(x, f, block_size=B) == quantize_with_scale(x, f, compute_scale(x, f, block_size=B))`` whenever x's
