@@ -14,13 +14,28 @@ importance matrix, not a 70B GQA-8 model, not MoE). For the linear layers quantp
 * ``q4_k_pure``, ``q5_k_pure``, ``q6_k_pure``: ``llama-quantize --pure`` (one type for every tensor);
   ``q6_k_pure`` is also what llama.cpp's Q6_K file type gives these tensors.
 
+The low-bit mixes (read in the llama.cpp vendored by llama-cpp-python 0.3.36, the same function):
+
+* ``q2_k_mix``: llama.cpp's Q2_K file type (named ``_mix`` because ``q2_k`` is the format, and recipe text
+  ``q2_k-rtn`` must keep meaning it): Q2_K, except ``attn_v``/``attn_qkv`` (Q3_K, or Q4_K when ``n_gqa >= 4``:
+  attention heads per key/value head, :func:`gqa_ratio`), ``ffn_down`` (Q3_K) and ``attn_output`` (Q3_K; not
+  Falcon's).
+* ``q3_k_s``: Q3_K everywhere.
+* ``q3_k_m``: Q3_K, except ``attn_v``/``attn_qkv`` (Q5_K in layers 0-1, else Q4_K), ``ffn_down`` (Q5_K for
+  ``i < n/16``, else Q4_K; Falcon's: Q4_K where ``use_more_bits``, else Q3_K) and ``attn_output`` (Q4_K; not
+  Falcon's).
+* ``q3_k_l``: Q3_K, except ``attn_v``/``attn_qkv`` (Q5_K), ``ffn_down`` and ``attn_output`` (Q5_K; Falcon's Q4_K).
+* ``iq4_xs_mix``: llama.cpp's IQ4_XS file type (``iq4_xs`` is the format): IQ4_XS, except ``ffn_down`` of the
+  first ``n/8`` layers (Q5_K, llama.cpp's rule without an importance matrix) and ``attn_v``/``attn_qkv`` when
+  ``n_gqa >= 4`` (Q5_K).
+
 Then llama.cpp's fallback for a tensor whose rows (``in_features``) are not a multiple of the 256-element
-super-block: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and F16 (``fp16`` here) when the rows are not even a multiple
-of 32 (``tensor_type_fallback``). Tensor roles come from the layer's place in its block (``q_proj`` -> ``attn_q``,
-fused ``c_attn``/``qkv_proj``/``query_key_value`` -> ``attn_qkv``, ``fc1``/``c_fc``/``dense_h_to_4h`` ->
-``ffn_up``, ``fc2``/``mlp.c_proj``/``dense_4h_to_h`` -> ``ffn_down``, ...); since llama.cpp's tensor categories
-were unified a fused ``attn_qkv`` takes the ``attn_v`` rule (older llama.cpp gave it Q5_K in Q4_K_M). OPT has no
-llama.cpp architecture; its layers are mapped by the same roles.
+super-block: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q3_K and Q2_K -> Q4_0, IQ4_XS -> IQ4_NL, and F16
+(``fp16`` here) when the rows are not even a multiple of 32 (``tensor_type_fallback``). Tensor roles come from the
+layer's place in its block (``q_proj`` -> ``attn_q``, fused ``c_attn``/``qkv_proj``/``query_key_value`` ->
+``attn_qkv``, ``fc1``/``c_fc``/``dense_h_to_4h`` -> ``ffn_up``, ``fc2``/``mlp.c_proj``/``dense_4h_to_h`` ->
+``ffn_down``, ...); since llama.cpp's tensor categories were unified a fused ``attn_qkv`` takes the ``attn_v`` rule
+(older llama.cpp gave it Q5_K in Q4_K_M). OPT has no llama.cpp architecture; its layers are mapped by the same roles.
 
 Not covered: llama.cpp also quantizes the token embeddings (the mix's base type) and the output head (Q6_K, Q8_0
 for Falcon or odd shapes); quantpredict quantizes neither (they stay in 16 bits, counted so in every size).
@@ -38,10 +53,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from quantpredict.errors import RecipeError
+from quantpredict.formats.table import GGML_FALLBACK
 from quantpredict.recipe import Recipe, mixed_recipe
 
 QK_K = 256
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}  # llama.cpp's tensor_type_fallback
+FALLBACK = GGML_FALLBACK  # llama.cpp's tensor_type_fallback: q4_k -> q5_0, q3_k -> q4_0, iq4_xs -> iq4_nl, ...
 FP16 = "fp16"  # llama.cpp's F16, when even the fallback's block of 32 does not tile a row
 
 # ---- tensor roles ---------------------------------------------------------------------------------------------------
@@ -83,10 +99,11 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 # ---- the mixes ------------------------------------------------------------------------------------------------------
 
-Rule = Callable[[Slot, int, str], str]  # (slot, layer count, family) -> the wanted ggml type before the fallback
+Rule = Callable[[Slot, int, str, int], str]  # (slot, layer count, family, n_gqa) -> the wanted ggml type before the
+# fallback; n_gqa is llama.cpp's hparams.n_gqa(): attention heads per key/value head (1 without GQA)
 
 
-def _q4_k_m(slot: Slot, n: int, family: str) -> str:
+def _q4_k_m(slot: Slot, n: int, family: str, n_gqa: int) -> str:
     if slot.role in ATTN_V_LIKE and use_more_bits(slot.layer, n):
         return "q6_k"
     if slot.role == "ffn_down":
@@ -97,12 +114,12 @@ def _q4_k_m(slot: Slot, n: int, family: str) -> str:
     return "q4_k"
 
 
-def _q5_k_m(slot: Slot, n: int, family: str) -> str:
+def _q5_k_m(slot: Slot, n: int, family: str, n_gqa: int) -> str:
     more = use_more_bits(slot.layer, n)
     return "q6_k" if more and (slot.role in ATTN_V_LIKE or slot.role == "ffn_down") else "q5_k"
 
 
-def _q4_k_s(slot: Slot, n: int, family: str) -> str:
+def _q4_k_s(slot: Slot, n: int, family: str, n_gqa: int) -> str:
     if slot.role in ATTN_V_LIKE and slot.layer < 4:
         return "q5_k"
     if slot.role == "ffn_down" and family != "falcon" and slot.layer < n // 8:
@@ -110,8 +127,44 @@ def _q4_k_s(slot: Slot, n: int, family: str) -> str:
     return "q4_k"
 
 
+def _q2_k(slot: Slot, n: int, family: str, n_gqa: int) -> str:
+    if slot.role in ATTN_V_LIKE:
+        return "q4_k" if n_gqa >= 4 else "q3_k"
+    if slot.role == "ffn_down" or (slot.role == "attn_output" and family != "falcon"):
+        return "q3_k"
+    return "q2_k"
+
+
+def _q3_k_m(slot: Slot, n: int, family: str, n_gqa: int) -> str:
+    if slot.role in ATTN_V_LIKE:
+        return "q5_k" if slot.layer < 2 else "q4_k"
+    if slot.role == "ffn_down":
+        if slot.layer < n // 16:
+            return "q5_k"
+        return "q4_k" if family != "falcon" or use_more_bits(slot.layer, n) else "q3_k"
+    if slot.role == "attn_output" and family != "falcon":
+        return "q4_k"
+    return "q3_k"
+
+
+def _q3_k_l(slot: Slot, n: int, family: str, n_gqa: int) -> str:
+    if slot.role in ATTN_V_LIKE:
+        return "q5_k"
+    if slot.role in ("ffn_down", "attn_output"):
+        return "q4_k" if family == "falcon" else "q5_k"
+    return "q3_k"
+
+
+def _iq4_xs(slot: Slot, n: int, family: str, n_gqa: int) -> str:
+    if slot.role in ATTN_V_LIKE and n_gqa >= 4:
+        return "q5_k"
+    if slot.role == "ffn_down" and slot.layer < n // 8:  # llama.cpp: without an importance matrix only
+        return "q5_k"
+    return "iq4_xs"
+
+
 def _pure(fmt: str) -> Rule:
-    return lambda slot, n, family: fmt
+    return lambda slot, n, family, n_gqa: fmt
 
 
 @dataclass(frozen=True)
@@ -133,6 +186,13 @@ MIXES: dict[str, Mix] = {m.name: m for m in (
     Mix("q4_k_pure", "Q4_K --pure", "q4_k", _pure("q4_k"), "Q4_K everywhere"),
     Mix("q5_k_pure", "Q5_K --pure", "q5_k", _pure("q5_k"), "Q5_K everywhere"),
     Mix("q6_k_pure", "Q6_K", "q6_k", _pure("q6_k"), "Q6_K everywhere"),
+    Mix("q2_k_mix", "Q2_K", "q2_k", _q2_k, "Q2_K; Q3_K for attn_v (Q4_K with n_gqa >= 4), ffn_down and attn_output"),
+    Mix("q3_k_s", "Q3_K_S", "q3_k", _pure("q3_k"), "Q3_K everywhere"),
+    Mix("q3_k_m", "Q3_K_M", "q3_k", _q3_k_m,
+        "Q3_K; attn_v Q5_K in layers 0-1 else Q4_K; ffn_down Q5_K for the first n/16 else Q4_K; attn_output Q4_K"),
+    Mix("q3_k_l", "Q3_K_L", "q3_k", _q3_k_l, "Q3_K; Q5_K for attn_v, ffn_down and attn_output"),
+    Mix("iq4_xs_mix", "IQ4_XS", "iq4_xs", _iq4_xs,
+        "IQ4_XS; Q5_K for ffn_down of the first n/8 (and attn_v if n_gqa >= 4)"),
 )}
 MIX_NAMES: tuple[str, ...] = tuple(MIXES)
 
@@ -146,18 +206,35 @@ def get_mix(name: str) -> Mix:
 
 def fallback(fmt: str, in_features: int) -> str:
     """llama.cpp's type for a tensor of rows of ``in_features`` that ``fmt`` wants: ``fmt`` where its super-block
-    tiles the row, else Q5_0 / Q5_1 / Q8_0 for Q4_K / Q5_K / Q6_K, or fp16 where not even 32 does."""
+    tiles the row, else Q5_0 / Q5_1 / Q8_0 for Q4_K / Q5_K / Q6_K, Q4_0 for Q3_K / Q2_K, IQ4_NL for IQ4_XS, or fp16
+    where not even 32 does."""
     if fmt not in FALLBACK or in_features % QK_K == 0:
         return fmt
     return FALLBACK[fmt] if in_features % 32 == 0 else FP16
 
 
-def mix_formats(mix: Mix | str, slots: Sequence[Slot], family: str = "") -> list[str]:
+def mix_formats(mix: Mix | str, slots: Sequence[Slot], family: str = "", n_gqa: int = 1) -> list[str]:
     """Each slot's format under ``mix`` (rule, then the shape fallback); ``slots`` are every quantized linear of the
-    model in ``arch.linear_layers`` order."""
+    model in ``arch.linear_layers`` order; ``n_gqa``: attention heads per key/value head (:func:`gqa_ratio`)."""
     m = mix if isinstance(mix, Mix) else get_mix(mix)
     n_layers = 1 + max((s.layer for s in slots), default=0)
-    return [fallback(m.rule(s, n_layers, family), s.in_features) for s in slots]
+    return [fallback(m.rule(s, n_layers, family, n_gqa), s.in_features) for s in slots]
+
+
+def gqa_ratio(model: Any) -> int:
+    """llama.cpp's ``n_gqa()``: ``n_head / n_head_kv`` (integer division) from the model's config
+    (``num_key_value_heads``; Falcon's ``num_kv_heads``, or 1 for its multi-query models); 1 when the config names
+    no key/value heads."""
+    cfg = getattr(model, "config", None)
+    n_head = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+    if not n_head:
+        return 1
+    n_kv = getattr(cfg, "num_key_value_heads", None)
+    if n_kv is None and getattr(cfg, "new_decoder_architecture", False):
+        n_kv = getattr(cfg, "num_kv_heads", None)
+    if n_kv is None and getattr(cfg, "multi_query", False):
+        n_kv = 1
+    return max(1, int(n_head) // int(n_kv or n_head))
 
 
 # ---- recipe text ----------------------------------------------------------------------------------------------------
@@ -210,7 +287,7 @@ def named_mix(name: str, model: Any, base: Recipe | None = None) -> Recipe:
 
     slots = model_slots(model)
     recipe = spec_base if base is None else dataclasses.replace(base, weight_format=mix.base, block_size=None)
-    return mixed_recipe(recipe, [(f, None) for f in mix_formats(mix, slots, arch.family(model))])
+    return mixed_recipe(recipe, [(f, None) for f in mix_formats(mix, slots, arch.family(model), gqa_ratio(model))])
 
 
 def resolve_recipe(spec: Recipe | str | dict, model: Any) -> Recipe:

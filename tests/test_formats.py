@@ -33,7 +33,8 @@ FP8 = ["fp8_e4m3", "fp8_e5m2"]
 SCALED = MX_FP + MX_INT + INTS + FP8
 # the layouts shipped in checkpoints (tests/test_formats_shipped.py)
 SHIPPED = ([f"uint{k}" for k in range(8, 1, -1)] + [f"uint{k}_pc" for k in range(8, 1, -1)]
-           + ["nf4", "nf4_dq", "q8_0", "q5_0", "q5_1", "q6_k", "q5_k", "q4_k"])
+           + ["nf4", "nf4_dq", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q6_k", "q5_k", "q4_k", "q3_k", "q2_k", "iq4_nl",
+              "iq4_xs"])
 # one FP32 scale per tensor (tests/test_formats_tensor_scale.py)
 PER_TENSOR = ["fp8_e4m3_pt", "nvfp4"]
 

@@ -11,11 +11,10 @@ byte layout and dequantized with the ``gguf`` package's own dequantizer.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
 import re
 
+import ggml_oracle
 import gguf
 import numpy as np
 import pytest
@@ -37,12 +36,15 @@ from quantpredict.formats import (
     to_gguf_bytes,
 )
 from quantpredict.formats.nf4 import dynamic_map
+from quantpredict.formats.table import GGML_TYPE_ID
 from quantpredict.quantize.gptq import gptq_quantize, layer_output_error
 
 ASYM = [f"uint{k}" for k in range(2, 9)] + [f"uint{k}_pc" for k in range(2, 9)]
-GGML = ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k"]
+GGML = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "q3_k", "q2_k", "iq4_nl", "iq4_xs"]
 SHIPPED = ASYM + ["nf4", "nf4_dq"] + GGML
-GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_k": GT.Q4_K, "q5_k": GT.Q5_K, "q6_k": GT.Q6_K}
+GGUF_TYPE = {"q8_0": GT.Q8_0, "q5_0": GT.Q5_0, "q5_1": GT.Q5_1, "q4_0": GT.Q4_0, "q4_1": GT.Q4_1, "q4_k": GT.Q4_K,
+             "q5_k": GT.Q5_K, "q6_k": GT.Q6_K, "q3_k": GT.Q3_K, "q2_k": GT.Q2_K,
+             "iq4_nl": GT.IQ4_NL, "iq4_xs": GT.IQ4_XS}
 
 # bitsandbytes' NF4 code values (bitsandbytes/functional.py, get_4bit_type("nf4")), as float32
 NF4 = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -156,25 +158,27 @@ def ref_q8_0(x: np.ndarray) -> np.ndarray:
     return f32(q * f16(d)).reshape(x.shape)
 
 
-def ref_q5_0(x: np.ndarray) -> np.ndarray:
+def ref_q5_0(x: np.ndarray, half: int = 16) -> np.ndarray:
     """quantize_row_q5_0_ref then dequantize_row_q5_0: d = max / -16 (max: the first value of largest |x|),
-    q = MIN(31, (int8_t)(x * (1/d) + 16.5f)), value (q - 16) * fp16(d)."""
+    q = MIN(31, (int8_t)(x * (1/d) + 16.5f)), value (q - 16) * fp16(d). ``half`` 8: quantize_row_q4_0_ref
+    (d = max / -8, q = MIN(15, (int8_t)(x * (1/d) + 8.5f)), value (q - 8) * fp16(d))."""
     b = x.reshape(-1, 32)
     big = np.take_along_axis(b, np.abs(b).argmax(1)[:, None], 1)
-    d = f32(big / -16.0)
+    d = f32(big / -half)
     inv = ndiv(1.0, d)
-    q = np.minimum(31, np.trunc(f32(f32(b * inv) + 16.5)))
-    return f32((q - 16) * f16(d)).reshape(x.shape)
+    q = np.minimum(2 * half - 1, np.trunc(f32(f32(b * inv) + (half + 0.5))))
+    return f32((q - half) * f16(d)).reshape(x.shape)
 
 
-def ref_q5_1(x: np.ndarray) -> np.ndarray:
+def ref_q5_1(x: np.ndarray, top: int = 31) -> np.ndarray:
     """quantize_row_q5_1_ref then dequantize_row_q5_1: d = (max - min) / 31, q = (uint8_t)((x - min) * (1/d) +
-    0.5f), value fp16(d) * q + fp16(min)."""
+    0.5f), value fp16(d) * q + fp16(min). ``top`` 15: quantize_row_q4_1_ref (d = (max - min) / 15,
+    q = MIN(15, (int8_t)((x - min) * (1/d) + 0.5f)))."""
     b = x.reshape(-1, 32)
     lo, hi = b.min(1, keepdims=True), b.max(1, keepdims=True)
-    d = f32(f32(hi - lo) / 31.0)
+    d = f32(f32(hi - lo) / top)
     inv = ndiv(1.0, d)
-    q = np.trunc(f32(f32(f32(b - lo) * inv) + 0.5))
+    q = np.minimum(top, np.trunc(f32(f32(f32(b - lo) * inv) + 0.5)))
     return f32(f32(f16(d) * q) + f16(lo)).reshape(x.shape)
 
 
@@ -186,8 +190,14 @@ def seq_sum(terms: np.ndarray) -> np.ndarray:
     return acc
 
 
-def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """make_qkx2_quants(n=32, use_mad=false) on sub-blocks x [M, 32] with weights w: (scale, the_min), each [M]."""
+def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+                  mad: bool = False):
+    """make_qkx2_quants(n, use_mad=mad) on sub-blocks x [M, n] with weights w: (scale, the_min, L), [M] and [M, n].
+    """
+
+    def err(diff):
+        return seq_sum(f32(w * (np.abs(diff) if mad else f32(diff * diff))))
+
     lo, hi = x.min(1), x.max(1)
     sum_w = w[:, 0].copy()
     sum_x = f32(sum_w * x[:, 0])
@@ -200,25 +210,24 @@ def ref_make_qkx2(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: 
         iscale = f32(nmax / f32(hi - mn))
         scale = f32(1.0 / iscale)
         L = np.clip(nearest_int(f32(iscale[:, None] * f32(x - mn[:, None]))), 0, nmax)
-        diff = f32(f32(f32(scale[:, None] * L) + mn[:, None]) - x)
-        best = seq_sum(f32(w * f32(diff * diff)))
+        best = err(f32(f32(f32(scale[:, None] * L) + mn[:, None]) - x))
         for step in range(nstep + 1):
             num = f32(f32(rmin + f32(f32(rdelta) * step)) + nmax)
             isc = f32(num / f32(hi - mn))
-            L = np.clip(nearest_int(f32(isc[:, None] * f32(x - mn[:, None]))), 0, nmax).astype(np.float64)
-            wl = f32(w * L)
-            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(f32(wl * L)), seq_sum(f32(wl * x))
+            Ls = np.clip(nearest_int(f32(isc[:, None] * f32(x - mn[:, None]))), 0, nmax).astype(np.float64)
+            wl = f32(w * Ls)
+            sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(f32(wl * Ls)), seq_sum(f32(wl * x))
             D = f32(f32(sum_w * sum_l2) - f32(sum_l * sum_l))
             t_scale = f32(f32(f32(sum_w * sum_xl) - f32(sum_x * sum_l)) / D)
             t_min = f32(f32(f32(sum_l2 * sum_x) - f32(sum_l * sum_xl)) / D)
             pos = t_min > 0
             t_min = np.where(pos, 0.0, t_min)
             t_scale = np.where(pos, f32(sum_xl / sum_l2), t_scale)
-            diff = f32(f32(f32(t_scale[:, None] * L) + t_min[:, None]) - x)
-            cur = seq_sum(f32(w * f32(diff * diff)))
+            cur = err(f32(f32(f32(t_scale[:, None] * Ls) + t_min[:, None]) - x))
             take = (D > 0) & (cur < best) & ~flat
             best, scale, mn = np.where(take, cur, best), np.where(take, t_scale, scale), np.where(take, t_min, mn)
-    return np.where(flat, 0.0, scale), -mn
+            L = np.where(take[:, None], Ls, L)
+    return np.where(flat, 0.0, scale), -mn, np.where(flat[:, None], 0, L)
 
 
 def ref_q45_k(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) -> np.ndarray:
@@ -226,7 +235,7 @@ def ref_q45_k(x: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int) 
     sub = x.reshape(-1, 32)
     av = f32(np.sqrt(f32(seq_sum(f32(sub * sub)) / 32)))
     w = f32(av[:, None] + np.abs(sub))
-    scales, mins = ref_make_qkx2(sub, w, nmax, rmin, rdelta, nstep)
+    scales, mins, _ = ref_make_qkx2(sub, w, nmax, rmin, rdelta, nstep)
     scales, mins = scales.reshape(-1, 8), mins.reshape(-1, 8)
     max_scale = np.maximum(scales.max(1, keepdims=True), 0.0)
     max_min = np.maximum(mins.max(1, keepdims=True), 0.0)
@@ -287,6 +296,134 @@ def ref_q6_k(x: np.ndarray) -> np.ndarray:
     return f32(d * q).reshape(x.shape)
 
 
+def ref_make_q3(x: np.ndarray):
+    """make_q3_quants(16, 4, x, L, do_rmse=true) on sub-blocks x [M, 16]: (scale [M], L - 4 [M, 16]), one sub-block
+    at a time as the C code (up to 5 passes, stopping after a pass without a change)."""
+    nmax = 4
+    scales, codes = np.zeros(x.shape[0]), np.full(x.shape, -4.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for m, xs in enumerate(x):
+            big = xs[np.argmax(np.abs(xs))]
+            if abs(big) < f32(1e-15):
+                continue
+            L = np.clip(nearest_int(f32(f32(-nmax / big) * xs)), -nmax, nmax - 1).astype(np.float64)
+            w = f32(xs * xs)
+            sumlx = seq_sum(f32(f32(w * xs) * L))
+            suml2 = seq_sum(f32(f32(w * L) * L))
+            for _ in range(5):
+                changed = 0
+                for i in range(16):
+                    slx = f32(sumlx - f32(f32(w[i] * xs[i]) * L[i]))
+                    if slx > 0:
+                        sl2 = f32(suml2 - f32(f32(w[i] * L[i]) * L[i]))
+                        new = float(np.clip(nearest_int(f32(f32(xs[i] * sl2) / slx)), -nmax, nmax - 1))
+                        if new != L[i]:
+                            slx = f32(slx + f32(f32(w[i] * xs[i]) * new))
+                            sl2 = f32(sl2 + f32(f32(w[i] * new) * new))
+                            if sl2 > 0 and f32(f32(slx * slx) * suml2) > f32(f32(sumlx * sumlx) * sl2):
+                                L[i], sumlx, suml2 = new, slx, sl2
+                                changed += 1
+                if not changed:
+                    break
+            scales[m] = f32(sumlx / suml2) if suml2 > 0 else 0.0
+            codes[m] = L
+    return scales, codes
+
+
+def ref_q3_k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q3_K_ref then dequantize_row_q3_K (d * (sc - 32) * (q - 4), the 6-bit scales stored + 32)."""
+    sub = x.reshape(-1, 16)
+    scales, L = ref_make_q3(sub)
+    scales, L = scales.reshape(-1, 16), L.reshape(-1, 16, 16)
+    max_scale = scales[np.arange(scales.shape[0]), np.argmax(np.abs(scales), 1)][:, None]
+    some = max_scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iscale = f32(-32.0 / max_scale)
+        l = ((nearest_int(f32(iscale * scales)) + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
+        sc = np.where(some, np.clip(l, -32, 31), -32)
+        d16 = np.where(some, f16(f32(1.0 / iscale)), 0.0)
+    d = f32(d16 * sc)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(nearest_int(f32(sub.reshape(-1, 16, 16) / d)), -4, 3).astype(np.float64)
+    q = np.where(d == 0, L, q)
+    return f32(d * q).reshape(x.shape)
+
+
+def ref_q2_k(x: np.ndarray) -> np.ndarray:
+    """quantize_row_q2_K_ref then dequantize_row_q2_K: make_qkx2_quants(16, 3, weights |x|, -0.5, 0.1, 15,
+    use_mad) per 16, 4-bit scales and mins against fp16 d = max_scale / 15 and dmin = max_min / 15, d * q - dm."""
+    sub = x.reshape(-1, 16)
+    scales, mins, _ = ref_make_qkx2(sub, np.abs(sub), 3, -0.5, 0.1, 15, mad=True)
+    scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
+    max_scale = np.maximum(scales.max(1, keepdims=True), 0.0)
+    max_min = np.maximum(mins.max(1, keepdims=True), 0.0)
+    ls = nearest_int(f32(np.where(max_scale > 0, ndiv(15.0, max_scale), 0.0) * scales)) & 0xFF
+    lm = nearest_int(f32(np.where(max_min > 0, ndiv(15.0, max_min), 0.0) * mins))
+    byte = ls | ((lm << 4) & 0xFF)
+    d = f32(f16(f32(max_scale / 15)) * (byte & 0xF))[..., None]
+    dm = f32(f16(f32(max_min / 15)) * (byte >> 4))[..., None]
+    xs = sub.reshape(-1, 16, 16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(nearest_int(f32(f32(xs + dm) / d)), 0, 3)
+    q = np.where(d == 0, 0, q)  # scale 0: the value is -dm whatever the code
+    return f32(f32(d * q) - dm).reshape(x.shape)
+
+
+# kvalues_iq4nl of ggml-common.h
+KV_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float64)
+
+
+def ref_best_index(al: np.ndarray) -> np.ndarray:
+    """best_index_int8(16, kvalues_iq4nl, al): 0 / 15 beyond the ends, else the nearer neighbour by float32
+    distances, the upper one on a tie."""
+    mu = np.clip(np.searchsorted(KV_IQ4, al, side="right"), 1, 15)
+    idx = np.where(f32(al - KV_IQ4[mu - 1]) < f32(KV_IQ4[mu] - al), mu - 1, mu)
+    return np.where(al <= KV_IQ4[0], 0, np.where(al >= KV_IQ4[15], 15, idx))
+
+
+def ref_iq4_scale(x: np.ndarray) -> np.ndarray:
+    """quantize_row_iq4_nl_impl's search (weights x^2, ntry 7) on blocks x [M, 32]: the scale d [M]."""
+    big = x[np.arange(x.shape[0]), np.argmax(np.abs(x), 1)]
+    w = f32(x * x)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        def sums(iscale):
+            q = KV_IQ4[ref_best_index(f32(iscale[:, None] * x))]
+            wq = f32(w * q)
+            return seq_sum(f32(wq * x)), seq_sum(f32(wq * q))
+
+        sumqx, sumq2 = sums(f32(1.0 / f32(-big / -127.0)))
+        d = np.where(sumq2 > 0, f32(sumqx / sumq2), 0.0)
+        best = f32(d * sumqx)
+        for itry in range(-7, 8):
+            sumqx, sumq2 = sums(f32((itry - 127) / big))
+            take = (sumq2 > 0) & (f32(sumqx * sumqx) > f32(best * sumq2))
+            d = np.where(take, f32(sumqx / sumq2), d)
+            best = np.where(take, f32(d * sumqx), best)
+    return np.where(np.abs(big) < f32(1e-15), 0.0, d)
+
+
+def ref_iq4_nl(x: np.ndarray) -> np.ndarray:
+    """quantize_iq4_nl(quant_weights NULL) then dequantize_row_iq4_nl: fp16(d) * kvalues[best_index(x / d)]."""
+    b = x.reshape(-1, 32)
+    d = ref_iq4_scale(b)[:, None]
+    idx = ref_best_index(f32(np.where(d != 0, ndiv(1.0, d), 0.0) * b))
+    return f32(f16(d) * KV_IQ4[idx]).reshape(x.shape)
+
+
+def ref_iq4_xs(x: np.ndarray) -> np.ndarray:
+    """quantize_iq4_xs(quant_weights NULL) then dequantize_row_iq4_xs: 6-bit block scales l against d = -max / 32
+    (codes from the float32 d * l), value fp16(d) * l * kvalues[code]."""
+    b = x.reshape(-1, 8, 32)
+    scales = ref_iq4_scale(b.reshape(-1, 32)).reshape(-1, 8)
+    j = np.argmax(np.abs(scales), 1)
+    max_scale = np.where(np.abs(scales).max(1) > 0, scales[np.arange(scales.shape[0]), j], 0.0)[:, None]
+    d = f32(-max_scale / 32)
+    ls = np.clip(nearest_int(f32(np.where(d != 0, ndiv(1.0, d), 0.0) * scales)), -32, 31)
+    dl = f32(d * ls)[..., None]
+    idx = ref_best_index(f32(np.where(dl != 0, ndiv(1.0, dl), 0.0) * b))
+    return f32(f32(f16(d) * ls)[..., None] * KV_IQ4[idx]).reshape(x.shape)
+
+
 KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 
 
@@ -304,8 +441,20 @@ def reference(x: torch.Tensor, fmt: str, block_size: int | None = None) -> np.nd
         return ref_q5_0(a)
     if fmt == "q5_1":
         return ref_q5_1(a)
+    if fmt == "q4_0":
+        return ref_q5_0(a, half=8)
+    if fmt == "q4_1":
+        return ref_q5_1(a, top=15)
     if fmt == "q6_k":
         return ref_q6_k(a)
+    if fmt == "q3_k":
+        return ref_q3_k(a)
+    if fmt == "q2_k":
+        return ref_q2_k(a)
+    if fmt == "iq4_nl":
+        return ref_iq4_nl(a)
+    if fmt == "iq4_xs":
+        return ref_iq4_xs(a)
     return ref_q45_k(a, *KX2[fmt])
 
 
@@ -381,6 +530,12 @@ def test_native_search_matches_torch(fmt, monkeypatch):
 # --------------------------------------------------------------------------------- gguf byte layouts
 
 
+def test_ggml_type_ids():
+    # every llama.cpp layout of the table, with the type id a GGUF file stores for it (gguf-py's enum)
+    assert set(GGML_TYPE_ID) == set(GGML) == {f for f in list_formats() if get_format(f).family == "ggml"}
+    assert all(GGML_TYPE_ID[f] == int(GGUF_TYPE[f]) for f in GGML)
+
+
 @pytest.mark.parametrize("fmt", GGML)
 def test_gguf_dequantizer_matches(fmt):
     for i, x in enumerate(DATA):
@@ -391,9 +546,10 @@ def test_gguf_dequantizer_matches(fmt):
         assert_bits_equal(fake_quantize(x, fmt), y, f"{fmt} vs gguf.dequantize, data {i}")
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1"])
 def test_gguf_quantize_agrees(fmt):
-    # gguf-py implements the quantizers of Q8_0, Q5_0 and Q5_1 (as the reference functions do): same bytes
+    # gguf-py implements the quantizers of Q8_0, Q5_0, Q5_1, Q4_0 and Q4_1 (as the reference functions do): same
+    # bytes
     for x in DATA:
         np.testing.assert_array_equal(to_gguf_bytes(x, fmt), gguf.quants.quantize(x.numpy(), GGUF_TYPE[fmt]))
 
@@ -406,26 +562,32 @@ def test_gguf_has_no_k_quantizer(fmt):
         gguf.quants.quantize(DATA[0].numpy(), GGUF_TYPE[fmt])
 
 
-_ORACLE = os.environ.get("QUANTPREDICT_GGML_REF_LIB")
+_NO_ORACLE = ggml_oracle.why_unavailable()
 
 
-@pytest.mark.skipif(not _ORACLE, reason="set QUANTPREDICT_GGML_REF_LIB to a libggml-base built with -ffp-contract=off")
+def oracle_data() -> list[torch.Tensor]:
+    """The edge cases above and 1M normal values with per-row scales (1024 rows of 1024, scales e^N(0, 1))."""
+    g = torch.Generator().manual_seed(30)
+    big = torch.randn(1024, 1024, generator=g) * torch.exp(torch.randn(1024, 1, generator=g))
+    return [*DATA, big]
+
+
+@pytest.mark.llama_cpp
+@pytest.mark.skipif(_NO_ORACLE is not None, reason=str(_NO_ORACLE))
 @pytest.mark.parametrize("fmt", GGML)
 def test_llama_cpp_reference(fmt):
-    # llama.cpp's own quantize_row_*_ref / dequantize_row_* through ctypes; the build must not contract FMAs
-    # (GCC's default with -march=native does, and then Q4_K/Q5_K differ in a few percent of values)
-    lib = ctypes.CDLL(_ORACLE)
-    name = {"q8_0": "q8_0", "q5_0": "q5_0", "q5_1": "q5_1", "q4_k": "q4_K", "q5_k": "q5_K", "q6_k": "q6_K"}[fmt]
+    # llama.cpp's own quantizer (quantize_row_*_ref; quantize_iq4_* for the IQ4 types) through ctypes, built without
+    # FMA contraction (GCC's default with -march=native contracts, and then the k-quant searches differ in a few
+    # percent of values): identical bytes, and its dequantizer gives fake_quantize's values
+    lib = ggml_oracle.library()
     block, size = gguf.GGML_QUANT_SIZES[GGUF_TYPE[fmt]]
-    for x in DATA:
-        a = np.ascontiguousarray(x.numpy())
-        out = np.zeros(a.size // block * size, dtype=np.uint8)
-        y = np.zeros(a.size, dtype=np.float32)
-        getattr(lib, f"quantize_row_{name}_ref")(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data),
-                                                 ctypes.c_int64(a.size))
-        getattr(lib, f"dequantize_row_{name}")(ctypes.c_void_p(out.ctypes.data), ctypes.c_void_p(y.ctypes.data),
-                                               ctypes.c_int64(a.size))
-        assert_bits_equal(fake_quantize(x, fmt), y.reshape(x.shape), f"{fmt} vs llama.cpp")
+    for i, x in enumerate(oracle_data()):
+        want = ggml_oracle.quantize(lib, fmt, x.numpy(), block, size)
+        got = to_gguf_bytes(x, fmt)
+        same = (got.reshape(-1, size) == want.reshape(-1, size)).all(1)
+        assert same.all(), f"{fmt} data {i}: {int((~same).sum())} of {same.size} blocks differ from llama.cpp"
+        y = ggml_oracle.dequantize(lib, fmt, want, x.shape[1])
+        assert_bits_equal(fake_quantize(x, fmt), y, f"{fmt} vs llama.cpp's dequantizer, data {i}")
 
 
 # ------------------------------------------------------------------------------------- hand-computed values
@@ -475,6 +637,21 @@ def test_hand_q5_0_and_q5_1():
     x[0, :3] = torch.tensor([3.1, 1.26, 0.0])
     y = fake_quantize(x, "q5_1")[0, :3].tolist()
     assert y == [float(np.float32(31 * d16)), float(np.float32(13 * d16)), 0.0]
+
+
+def test_hand_q4_0_and_q4_1():
+    # Q4_0: the largest |x| is -0.8, d = -0.8 / -8 = 0.1; codes x / d + 8.5 truncated: -0.8 -> 0, 0.44 -> 12.9 -> 12,
+    # 0 -> 8, +0.8 -> 16.5 -> 15 (one code short at the positive end, as Q5_0), -0.25 -> 6.0 -> 6 (-2.5 rounds up)
+    d16 = float(np.float16(np.float32(0.1)))
+    x = torch.zeros(1, 32)
+    x[0, :5] = torch.tensor([-0.8, 0.44, 0.0, 0.8, -0.25])
+    y = fake_quantize(x, "q4_0")[0, :5].tolist()
+    assert y == [float(np.float32(k * d16)) for k in (-8, 4, 0, 7, -2)]
+    # Q4_1: min -0.5, max 1.0, d = 0.1; 0.26 -> 7.6 + 0.5 -> 8 (8.1 truncated); fp16(min) = -0.5 exactly
+    x = torch.full((1, 32), 0.25)
+    x[0, :3] = torch.tensor([-0.5, 1.0, 0.26])
+    y = fake_quantize(x, "q4_1")[0, :3].tolist()
+    assert y == [-0.5, float(np.float32(np.float32(15 * d16) - 0.5)), float(np.float32(np.float32(8 * d16) - 0.5))]
 
 
 def test_hand_q4_k_constant_sub_blocks():
@@ -575,6 +752,11 @@ def test_layout_errors():
         fake_quantize(torch.ones(2, 300), "q4_k")
     with pytest.raises(FormatError, match="multiple of 32"):
         fake_quantize(torch.ones(2, 40), "q8_0")
+    for fmt in ("q3_k", "q2_k"):  # llama.cpp stores both as Q4_0 when the rows are not a multiple of 256
+        with pytest.raises(FormatError, match=r"multiple of 256.*288.*as q4_0"):
+            fake_quantize(torch.ones(2, 288), fmt)
+    with pytest.raises(FormatError, match=r"multiple of 256.*288.*as iq4_nl"):
+        fake_quantize(torch.ones(2, 288), "iq4_xs")
     with pytest.raises(FormatError, match="blocks of 256 elements"):
         fake_quantize(torch.ones(2, 512), "q6_k", block_size=128)
     assert torch.equal(fake_quantize(torch.ones(2, 512), "q6_k", block_size=256), fake_quantize(torch.ones(2, 512),
@@ -601,6 +783,11 @@ def test_names_and_bits():
     assert get_format("q6_k").bits_per_element() == 6.5625
     assert get_format("q8_0").bits_per_element(row_length=4096) == 8.5
     assert get_format("q5_0").bits_per_element() == 5.5 and get_format("q5_1").bits_per_element() == 6.0
+    assert get_format("q4_0").bits_per_element() == 4.5 and get_format("q4_1").bits_per_element() == 5.0
+    assert get_format("q3_k").bits_per_element() == 110 * 8 / 256  # block_q3_K: 110 bytes per 256 = 3.4375
+    assert get_format("q2_k").bits_per_element() == 84 * 8 / 256  # block_q2_K: 84 bytes per 256 = 2.625
+    assert get_format("iq4_nl").bits_per_element() == 4.5  # block_iq4_nl: 18 bytes per 32
+    assert get_format("iq4_xs").bits_per_element() == 136 * 8 / 256  # block_iq4_xs: 136 bytes per 256 = 4.25
     assert get_format("nf4").bits_per_element() == 4.5
     assert get_format("nf4").bits_per_element(128) == 4 + 32 / 128
     assert get_format("nf4_dq").bits_per_element() == 4 + 8 / 64 + 32 / (64 * 256)
@@ -643,18 +830,22 @@ def _on_grid(q: torch.Tensor, fmt: str, p) -> bool:
     elif fmt == "q8_0":
         m = np.rint(ndiv(v, t["d"]))
         ok = (f32(m * t["d"]) == v) & (np.abs(m) <= 127)
-    elif fmt == "q6_k":
+    elif fmt.startswith("iq4"):
+        ok = (f32(t["d"][..., None] * KV_IQ4) == v[..., None]).any(-1)
+    elif fmt in ("q6_k", "q3_k"):
+        half = 32 if fmt == "q6_k" else 4
         m = np.rint(ndiv(v, t["d"]))
-        ok = (f32(t["d"] * m) == v) & (m >= -32) & (m <= 31)
-    elif fmt == "q5_0":
+        ok = (f32(t["d"] * m) == v) & (m >= -half) & (m <= half - 1)
+    elif fmt in ("q5_0", "q4_0"):
+        half = 16 if fmt == "q5_0" else 8
         m = np.rint(ndiv(v, t["d"]))
-        ok = (f32(m * t["d"]) == v) & (m >= -16) & (m <= 15)
-    elif fmt == "q5_1":
+        ok = (f32(m * t["d"]) == v) & (m >= -half) & (m <= half - 1)
+    elif fmt in ("q5_1", "q4_1"):
         m = np.rint(ndiv(v - t["m"], t["d"]))
-        ok = (f32(f32(t["d"] * m) + t["m"]) == v) & (m >= 0) & (m <= 31)
+        ok = (f32(f32(t["d"] * m) + t["m"]) == v) & (m >= 0) & (m <= (31 if fmt == "q5_1" else 15))
     else:
         m = np.rint(ndiv(v + t["dm"], t["d"]))
-        ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= KX2[fmt][0])
+        ok = (f32(f32(t["d"] * m) - t["dm"]) == v) & (m >= 0) & (m <= (3 if fmt == "q2_k" else KX2[fmt][0]))
     return bool(ok.all())
 
 

@@ -102,7 +102,7 @@ def test_recipe_text_and_round_trips():
     assert mixes.named_mix("q4_k_m", model, base=Recipe("int8", method="gptq", calib_samples=4)).calib_samples == 4
     assert mixes.is_mix_spec("q4_k_m") and mixes.is_mix_spec("Q4_K_M-gptq") and not mixes.is_mix_spec("q4_k-rtn")
     with pytest.raises(RecipeError, match="named mixes: q4_k_s, q4_k_m"):
-        mixes.named_mix("q3_k_m", model)
+        mixes.named_mix("q3_k_xl", model)
     with pytest.raises(RecipeError, match="sets every layer's format"):
         mixes.is_mix_spec("q4_k_m-L=q4_k*14")
 
@@ -199,3 +199,70 @@ def test_cli_quantize_and_collect_name_mixes(tmp_path, capsys):
     assert not (tmp_path / "s.sqlite").exists()
     assert main(["collect", "--models", "llama-l", "--recipes", "q4_k_m-@mlp.down_proj=q8_0", "--dry-run"]) != 0
     assert "sets every layer's format" in capsys.readouterr().err
+
+
+def _llama_gqa(kv_heads: int, layers: int = 16):
+    cfg = tf.LlamaConfig(hidden_size=256, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=kv_heads, max_position_embeddings=64, vocab_size=VOCAB)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(cfg).eval()
+
+
+def test_low_bit_mixes_by_hand():
+    # llama_tensor_get_type_impl (llama-cpp-python 0.3.36's llama.cpp) for a dense model of 16 layers without GQA:
+    # n/16 = 1, n/8 = 2; every row 256, so no fallback
+    model = _llama_gqa(kv_heads=4)
+    assert mixes.gqa_ratio(model) == 1
+    rest = ("q_proj", "k_proj", "gate_proj", "up_proj")
+    f = _formats_by_role(model, mixes.named_mix("q3_k_m", model))
+    assert [f[("v_proj", i)] for i in range(16)] == ["q5_k"] * 2 + ["q4_k"] * 14  # i_attention_wv < 2
+    assert [f[("down_proj", i)] for i in range(16)] == ["q5_k"] + ["q4_k"] * 15  # not Falcon: Q4_K from n/16 on
+    assert {f[("o_proj", i)] for i in range(16)} == {"q4_k"}
+    assert {f[(r, i)] for r in rest for i in range(16)} == {"q3_k"}
+    f = _formats_by_role(model, mixes.named_mix("q3_k_l", model))
+    assert {f[(r, i)] for r in ("v_proj", "down_proj", "o_proj") for i in range(16)} == {"q5_k"}
+    assert {f[(r, i)] for r in rest for i in range(16)} == {"q3_k"}
+    assert set(_formats_by_role(model, mixes.named_mix("q3_k_s", model)).values()) == {"q3_k"}
+    f = _formats_by_role(model, mixes.named_mix("q2_k_mix", model))
+    assert {f[(r, i)] for r in ("v_proj", "down_proj", "o_proj") for i in range(16)} == {"q3_k"}
+    assert {f[(r, i)] for r in rest for i in range(16)} == {"q2_k"}
+    f = _formats_by_role(model, mixes.named_mix("iq4_xs_mix", model))
+    assert [f[("down_proj", i)] for i in range(16)] == ["q5_k"] * 2 + ["iq4_xs"] * 14  # i < n/8, no imatrix
+    assert {f[(r, i)] for r in (*rest, "v_proj", "o_proj") for i in range(16)} == {"iq4_xs"}
+    # GQA with 4 query heads per key/value head: attn_v gets Q4_K in Q2_K and Q5_K in IQ4_XS
+    gqa = _llama_gqa(kv_heads=1, layers=2)
+    assert mixes.gqa_ratio(gqa) == 4
+    assert _formats_by_role(gqa, mixes.named_mix("q2_k_mix", gqa))[("v_proj", 1)] == "q4_k"
+    assert _formats_by_role(gqa, mixes.named_mix("iq4_xs_mix", gqa))[("v_proj", 1)] == "q5_k"
+    # the size of q3_k_s is Q3_K's 3.4375 bits everywhere
+    assert size_report(model, mixes.named_mix("q3_k_s", model))["effective_bits_per_param"] == pytest.approx(3.4375)
+
+
+def test_low_bit_mixes_falcon_and_fallback():
+    down = [mixes.Slot(f"h.{i}.mlp.dense_4h_to_h", "ffn_down", i, 256) for i in range(16)]
+    out = [mixes.Slot(f"h.{i}.self_attention.dense", "attn_output", i, 256) for i in range(16)]
+    more = [i for i in range(16) if mixes.use_more_bits(i, 16)]
+    assert mixes.mix_formats("q3_k_m", down, "falcon") == ["q5_k"] + [
+        "q4_k" if i in more else "q3_k" for i in range(1, 16)]
+    assert set(mixes.mix_formats("q3_k_m", out, "falcon")) == {"q3_k"}
+    assert set(mixes.mix_formats("q3_k_l", down + out, "falcon")) == {"q4_k"}
+    assert set(mixes.mix_formats("q2_k_mix", out, "falcon")) == {"q2_k"}
+    # llama.cpp's fallback: Q3_K / Q2_K -> Q4_0, IQ4_XS -> IQ4_NL, F16 where 32 does not tile a row either
+    assert mixes.fallback("q3_k", 288) == mixes.fallback("q2_k", 288) == "q4_0"
+    assert mixes.fallback("iq4_xs", 288) == "iq4_nl" and mixes.fallback("iq4_xs", 80) == "fp16"
+    model = _llama(64, 128, 2)  # rows of 64 and 128: every low-bit type falls back
+    f = _formats_by_role(model, mixes.named_mix("q2_k_mix", model))
+    assert f[("q_proj", 0)] == "q4_0" and f[("v_proj", 0)] == "q4_0" and f[("down_proj", 0)] == "q4_0"
+    f = _formats_by_role(model, mixes.named_mix("iq4_xs_mix", model))
+    assert set(f.values()) == {"iq4_nl"}  # 2 layers: n/8 = 0, no Q5_K ffn_down
+    f = _formats_by_role(model, mixes.named_mix("q3_k_l", model))
+    assert f[("v_proj", 0)] == "q5_1" and f[("q_proj", 0)] == "q4_0"  # Q5_K -> Q5_1, Q3_K -> Q4_0
+
+
+def test_low_bit_mix_names_keep_format_labels():
+    # q2_k and iq4_xs name formats: their mixes are q2_k_mix / iq4_xs_mix, so "q2_k-rtn" stays a plain recipe
+    assert not mixes.is_mix_spec("q2_k-rtn") and not mixes.is_mix_spec("iq4_xs") and mixes.is_mix_spec("q2_k_mix")
+    assert mixes.is_mix_spec("q3_k_m-gptq") and mixes.get_mix("Q3_K_L").ftype == "Q3_K_L"
+    model = _llama_gqa(kv_heads=4, layers=2)
+    r = mixes.named_mix("q3_k_m-gptq", model)
+    assert r.weight_format == "q3_k" and mixes.mix_of(r, model) == "q3_k_m-gptq"

@@ -44,6 +44,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nper-channel scales are spread over rows of {args.row_length} elements; MX scales are E8M0 (8 bits), "
           "int/fp8 scales fp16 (16 bits).\nuintK: fp16 scale + k-bit zero point per group (uintK_pc: per channel); "
           "nf4: fp32 absmax per block, nf4_dq: 8-bit absmax per block + fp32 per 256 blocks;\n"
-          "q8_0/q5_0/q5_1/q*_k: llama.cpp's block layouts (their block is fixed: '-' at other block sizes; rows "
+          "q8_0/q5_*/q4_*/q*_k/iq4_*: llama.cpp's block layouts (their block is fixed: '-' at other block sizes; rows "
           "must be a multiple of it).")
     return 0

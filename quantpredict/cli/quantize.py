@@ -24,7 +24,8 @@ def register(subparsers) -> None:
                       help="weight format (see `quantpredict formats`), e.g. mxint4, mxfp4_e2m1, int4")
     what.add_argument("--mix", default=None, metavar="NAME",
                       help="one of llama.cpp's named mixes instead of one format: q4_k_m, q5_k_m, q4_k_s, q5_k_s, "
-                           "q4_k_pure, q5_k_pure, q6_k_pure (its per-layer types for this model's layers, with "
+                           "q4_k_pure, q5_k_pure, q6_k_pure, q3_k_s, q3_k_m, q3_k_l, q2_k_mix, iq4_xs_mix (its "
+                           "per-layer types for this model's layers, with "
                            "llama.cpp's fallback where rows are not a multiple of 256)")
     p.add_argument("--block-size", type=options.positive(int), default=None, metavar="N",
                    help="elements per shared scale along the input dimension (default: 32 for MX, per channel for "

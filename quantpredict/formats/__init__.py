@@ -19,8 +19,9 @@ Names of the shipped layouts (lowercase; never ``_b<digits>``, which recipe labe
   AutoAWQ's default; it costs (16 + k) / 128 bits, 0.16 at 4 bits); ``block_size`` picks g32, g64, ...
 * ``uint2_pc`` .. ``uint8_pc``: the same with one scale and zero point per output channel (``block_size`` None).
 * ``nf4``, ``nf4_dq``: bitsandbytes NF4, blocks of 64, without / with double quantization (:mod:`.nf4`).
-* ``q8_0``, ``q5_0``, ``q5_1``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's reference quantizers and GGUF layouts
-  (:mod:`.ggml`); q5_0 and q5_1 are what llama.cpp stores a Q4_K or Q5_K tensor as when its rows are not a multiple
+* ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``, ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``, ``iq4_nl``,
+  ``iq4_xs``: llama.cpp's quantizers (without an importance matrix) and GGUF layouts (:mod:`.ggml`); q5_0, q5_1,
+  q8_0, q4_0 and iq4_nl are what llama.cpp stores a k-quant or IQ4_XS tensor as when its rows are not a multiple
   of 256.
 * ``nvfp4``: NVIDIA NVFP4 (ModelOpt/vLLM): E2M1 elements, an E4M3 scale per 16, one FP32 scale per tensor;
   ``fp8_e4m3_pt``: FP8 E4M3 with one FP32 scale per tensor (vLLM's default FP8 weights) (:mod:`.tensor_scale`).

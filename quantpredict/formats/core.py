@@ -24,9 +24,9 @@ def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None
     last block may be shorter. int/fp8: one scale per slice along ``axis`` (for an [out, in] weight and axis=-1, one
     per output row), or per group of ``block_size``. bf16/fp16: a plain cast (no scale; ``block_size`` ignored).
     Shipped layouts: uintK (AutoGPTQ's asymmetric quantizer, groups of 128 by default; uintK_pc per channel), nf4 /
-    nf4_dq (bitsandbytes, blocks of 64), q8_0 / q5_0 / q5_1 / q4_k / q5_k / q6_k (llama.cpp's reference quantizers;
-    the rows along ``axis`` must be a multiple of 32 or 256); their values are what the stored checkpoint
-    dequantizes to.
+    nf4_dq (bitsandbytes, blocks of 64), q8_0 / q5_* / q4_0 / q4_1 / q2_k .. q6_k / iq4_nl / iq4_xs (llama.cpp's
+    reference quantizers; the rows along ``axis`` must be a multiple of 32 or 256); their values are what the stored
+    checkpoint dequantizes to.
     bf16/fp16/float64 inputs are computed in float32 and returned in their dtype. The result carries no autograd
     history; for training use a straight-through estimator, ``x + (fake_quantize(x, fmt) - x).detach()``.
 

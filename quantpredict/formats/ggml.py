@@ -1,9 +1,13 @@
-"""llama.cpp's Q8_0, Q5_0, Q5_1 and k-quants (Q4_K, Q5_K, Q6_K), reproducing its reference quantizers bit for bit.
+"""llama.cpp's Q8_0, Q5_0, Q5_1, Q4_0, Q4_1, k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL / IQ4_XS,
+reproducing its reference quantizers bit for bit.
 
 The quantizers are ``quantize_row_q8_0_ref``, ``quantize_row_q5_0_ref``, ``quantize_row_q5_1_ref``,
+``quantize_row_q4_0_ref``, ``quantize_row_q4_1_ref``, ``quantize_row_q2_K_ref``, ``quantize_row_q3_K_ref``,
 ``quantize_row_q4_K_ref``, ``quantize_row_q5_K_ref`` and ``quantize_row_q6_K_ref`` of ggml/src/ggml-quants.c: what
 ``llama-quantize`` runs for these types without an importance matrix (``quantize_q4_K`` etc. call the ``_ref``
-functions when ``quant_weights`` is NULL). Every float
+functions when ``quant_weights`` is NULL), and for IQ4_NL / IQ4_XS ``quantize_iq4_nl`` / ``quantize_iq4_xs`` with
+``quant_weights`` NULL, which run ``quantize_row_iq4_nl_impl`` with ``ntry = 7`` (what llama-quantize calls; the
+``quantize_row_iq4_nl_ref`` entry point passes ``ntry = -1`` and differs). Every float
 operation of the C source is done in the same order in float32 (torch's elementwise ops are correctly rounded, like
 the C code's), sums over a sub-block are accumulated sequentially as the C loops do, ``nearest_int`` is its
 magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` does (nearest, ties to even).
@@ -14,6 +18,9 @@ magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` d
 * **Q5_1** (blocks of 32): ``d = (max - min) / 31``, ``q = (uint8_t)((x - min) * (1/d) + 0.5)``, stored fp16 ``d``
   and ``m = min``; value ``d * q + m``. Q5_0 and Q5_1 are llama.cpp's replacement types for a Q4_K or Q5_K tensor
   whose rows are not a multiple of 256 (see :data:`quantpredict.formats.table.GGML_FALLBACK`).
+* **Q4_0 / Q4_1** (blocks of 32): Q5_0 and Q5_1 with 4-bit codes: ``d = max / -8``, ``q = min(15, (int8_t)(x *
+  (1/d) + 8.5))``, value ``(q - 8) * d``; and ``d = (max - min) / 15``, ``q = min(15, (int8_t)((x - min) * (1/d) +
+  0.5))``, value ``d * q + m``.
 * **Q4_K / Q5_K** (super-blocks of 256 = 8 sub-blocks of 32): each sub-block's scale and min come from
   ``make_qkx2_quants`` (weights ``sqrt(mean x^2) + |x|``, a search over ``nstep + 1`` candidate scales, 21 for Q4_K
   and 16 for Q5_K, each refined by weighted least squares, keeping the lowest weighted squared error; as in the C
@@ -25,6 +32,22 @@ magic-number rounding, and scales are rounded to fp16 as ``GGML_FP32_TO_FP16`` d
   rmse_type=1)`` (19 candidate scales, weights x^2, kept if they raise ``sumlx^2 / suml2``); 8-bit signed sub-block
   scales against an fp16 ``d = -max_scale / 128``; ``l = clamp(nearest_int(x / (d * sc)), -32, 31)``; value
   ``d * sc * l``.
+* **Q3_K** (super-blocks of 256 = 16 sub-blocks of 16): each sub-block's signed scale from ``make_q3_quants(16, 4,
+  do_rmse=true)`` (codes ``clamp(nearest_int(-4 x / max), -4, 3)``, then up to 5 passes of coordinate descent, one
+  code at a time, on ``sum(w x l)^2 / sum(w l^2)`` with weights x^2; scale ``sumlx / suml2``); 6-bit signed
+  sub-block scales against an fp16 ``d = -max_scale / 32`` (``max_scale`` the first of largest magnitude);
+  ``l = clamp(nearest_int(x / (d * sc)), -4, 3)``; value ``d * sc * l``.
+* **Q2_K** (super-blocks of 256 = 16 sub-blocks of 16): ``make_qkx2_quants(16, 3, weights |x|, rmin -0.5, rdelta
+  0.1, nstep 15, use_mad=true)`` (the Q4_K search with absolute instead of squared errors); 4-bit scales and mins
+  against fp16 ``d = max_scale / 15``, ``dmin = max_min / 15``; ``l = clamp(nearest_int((x + dm) / d), 0, 3)``;
+  value ``d * l - dm``.
+* **IQ4_NL** (blocks of 32) / **IQ4_XS** (super-blocks of 256 = 8 blocks of 32): codes index the 16 values of
+  ``kvalues_iq4nl`` (-127 .. 113), chosen by ``best_index_int8`` (the nearer table value by float32 distances, the
+  upper on a tie). Each block's scale: start at ``d = -max / -127``, least squares ``sum(w q x) / sum(w q^2)``
+  (weights x^2) on the codes of ``x / d``, then the codes of ``(t - 127) / max * x`` for ``t = -7..7``, kept where
+  they raise ``sumqx^2 / sumq2``. IQ4_NL stores that fp16 scale and the codes of ``x / d`` (float32 ``d``); IQ4_XS
+  quantizes the 8 block scales to 6-bit ``l`` against ``d = -max_scale / 32`` (stored fp16) and codes each block by
+  ``x / (d * l)`` with the float32 ``d``. Value ``d * kvalue`` (IQ4_NL), ``fp16(d) * l * kvalue`` (IQ4_XS).
 
 The output of :func:`quantize` is the dequantization of those codes with the arithmetic of gguf-py's (and
 llama.cpp's) dequantizers, so it matches ``gguf.quants.dequantize`` of the packed bytes bit for bit
@@ -32,13 +55,20 @@ llama.cpp's) dequantizers, so it matches ``gguf.quants.dequantize`` of the packe
 
 Checked against llama.cpp's own ``quantize_row_*_ref`` (ggml-quants.c as vendored by llama-cpp-python 0.3.36,
 compiled with ``-O3 -ffp-contract=off``, 4M normal values with per-row scales): identical bytes in every block, for
-Q8_0, Q4_K, Q5_K and Q6_K. Q5_0 and Q5_1 (added later) are checked against gguf-py's quantizers, which implement
-the same reference functions (identical bytes), and against a float64 re-implementation in the tests. Deviation:
+Q8_0, Q4_K, Q5_K and Q6_K. The optional test ``test_llama_cpp_reference`` (tests/ggml_oracle.py builds
+ggml-quants.c from that sdist with ``-O2 -ffp-contract=off``) repeats this for every type here on 1M normal values
+with per-row scales and the edge cases of the tests: identical bytes in every block. Q5_0, Q5_1, Q4_0 and Q4_1 are
+also checked against gguf-py's quantizers, which implement the same reference functions (identical bytes), and
+every type against a float64 re-implementation in the tests. Where a sub-block's ``d * sc`` is 0, llama.cpp keeps
+the codes of the scale search (``if (!d) continue``); they are kept here too for Q2_K, Q3_K and Q6_K (so the bytes
+match), and are 0 for Q4_K/Q5_K, whose native search returns no codes (the values are the same either way). Deviation:
 llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's default ``-ffp-contract=fast`` with
 ``-march=native``), which fuses some multiply-adds of the search; against such a build
 2.0% (Q4_K), 11% (Q5_K), 0.07% (Q6_K) and 0% (Q8_0) of the values differ, by a code step where the search picks a
-neighbouring scale, with the relative MSE within 0.1%. The un-fused float32 semantics of the source are followed here,
-as they are machine-independent. Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
+neighbouring scale, with the relative MSE within 0.1% (not measured for the types added later). The un-fused float32
+semantics of the source are followed here, as they are machine-independent. The searches of Q2_K, Q3_K and the IQ4
+types run in torch only (the C kernel of :mod:`~quantpredict.formats.native` covers Q4_K/Q5_K/Q6_K; ``use_native``
+changes nothing for them). Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
 otherwise (naming llama.cpp's fallback type for that tensor).
 """
 
@@ -54,7 +84,7 @@ from torch import Tensor
 
 from quantpredict.formats import native
 from quantpredict.formats.exact import nearest_int, rdiv, sqrt, to_fp16
-from quantpredict.formats.table import Format
+from quantpredict.formats.table import IQ4NL_VALUES, Format
 
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a group is "all zero"
 # make_qkx2_quants arguments of the reference quantizers: (nmax, rmin, rdelta, nstep)
@@ -93,38 +123,58 @@ def _codes_q8_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
     return q.copysign_(v).clamp_(-127.0, 127.0).add_(0.0)
 
 
-# ------------------------------------------------------------------------------------------------ Q5_0 / Q5_1
+# ---------------------------------------------------------------------------------------- Q4_0 / Q4_1 / Q5_0 / Q5_1
 
 
-def _fit_q5_0(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
-    where = blocks.abs().argmax(-1, keepdim=True)  # the first largest |x|, as the C loop's strict '<'
-    big = blocks.gather(-1, where)
-    d = big / -16.0
-    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
-    return {"inv": inv, "d": to_fp16(d, "block scale (max / -16)", fmt.name)}
+def _fit_sym(half: int):
+    """Q4_0 (``half`` 8) / Q5_0 (16): ``d = max / -half`` with ``max`` the block's first value of largest |x|."""
+
+    def fit_(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+        where = blocks.abs().argmax(-1, keepdim=True)  # the first largest |x|, as the C loop's strict '<'
+        big = blocks.gather(-1, where)
+        d = big / float(-half)
+        inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+        return {"inv": inv, "d": to_fp16(d, f"block scale (max / -{half})", fmt.name)}
+
+    return fit_
 
 
-def _codes_q5_0(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    """C ``MIN(31, (int8_t)(x * id + 16.5f))`` (truncation), clamped at 0 too for values beyond the fitted block."""
-    v = x * p["inv"]
-    v.add_(16.5)
-    return v.trunc_().clamp_(0.0, 31.0).add_(0.0)
+def _codes_sym(half: int):
+    """C ``MIN(2*half - 1, (int8_t)(x * id + half + 0.5f))`` (truncation), clamped at 0 too for values beyond the
+    fitted block (GPTQ)."""
+
+    def codes_(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        v = x * p["inv"]
+        v.add_(half + 0.5)
+        return v.trunc_().clamp_(0.0, 2 * half - 1.0).add_(0.0)
+
+    return codes_
 
 
-def _fit_q5_1(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
-    lo = blocks.amin(-1, keepdim=True)
-    hi = blocks.amax(-1, keepdim=True)
-    d = (hi - lo) / 31.0
-    inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
-    return {"inv": inv, "min": lo, "d": to_fp16(d, "block scale ((max - min) / 31)", fmt.name),
-            "m": to_fp16(lo, "block min", fmt.name)}
+def _fit_min(top: int):
+    """Q4_1 (``top`` 15) / Q5_1 (31): ``d = (max - min) / top``, fp16 ``d`` and ``m = min``."""
+
+    def fit_(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
+        lo = blocks.amin(-1, keepdim=True)
+        hi = blocks.amax(-1, keepdim=True)
+        d = (hi - lo) / float(top)
+        inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+        return {"inv": inv, "min": lo, "d": to_fp16(d, f"block scale ((max - min) / {top})", fmt.name),
+                "m": to_fp16(lo, "block min", fmt.name)}
+
+    return fit_
 
 
-def _codes_q5_1(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    """C ``(uint8_t)((x - min) * id + 0.5f)`` (truncation), clamped to 0..31 for values beyond the fitted block."""
-    v = x - p["min"]
-    v.mul_(p["inv"]).add_(0.5)
-    return v.trunc_().clamp_(0.0, 31.0).add_(0.0)
+def _codes_min(top: int):
+    """C ``MIN(top, (int8_t)((x - min) * id + 0.5f))`` (truncation), clamped to 0..top for values beyond the
+    fitted block."""
+
+    def codes_(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        v = x - p["min"]
+        v.mul_(p["inv"]).add_(0.5)
+        return v.trunc_().clamp_(0.0, float(top)).add_(0.0)
+
+    return codes_
 
 
 # ------------------------------------------------------------------------------------------------ Q4_K / Q5_K
@@ -137,29 +187,32 @@ def _levels(x: Tensor, shift: Tensor, iscale: Tensor, lo: int, hi: int) -> Tenso
     return nearest_int(v).clamp_(lo, hi).to(torch.float32)
 
 
-def _weighted_sq_error(x: Tensor, w: Tensor, lv: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """Sequential float32 sum over positions of ``w * ((scale * l + shift) - x)^2`` ([n, M] -> [M])."""
+def _weighted_error(x: Tensor, w: Tensor, lv: Tensor, scale: Tensor, shift: Tensor, mad: bool = False) -> Tensor:
+    """Sequential float32 sum over positions of ``w * ((scale * l + shift) - x)^2`` (``w * |...|`` with ``mad``)
+    ([n, M] -> [M])."""
     diff = lv * scale
     diff.add_(shift).sub_(x)
-    diff.mul_(diff).mul_(w)
+    if mad:
+        diff.abs_().mul_(w)
+    else:
+        diff.mul_(diff).mul_(w)
     return _seq_sum(diff)
 
 
-def _qkx2_chunk(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Tensor, Tensor]:
-    """``make_qkx2_quants`` on sub-blocks ``x`` [32, M] (position-major): (scale, the_min), each [M]."""
-    sum_x2 = _seq_sum(x * x)
-    av_x = sqrt(sum_x2 / 32.0)
-    w = x.abs().add_(av_x)
+def _qkx2_chunk(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                mad: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``make_qkx2_quants(n, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, use_mad)`` on sub-blocks ``x`` [n, M]
+    (position-major) with weights ``w`` [n, M]: (scale, the_min, the codes L it leaves [n, M]), each [M]."""
     sum_w = _seq_sum(w)
-    wx = w * x
-    sum_x = _seq_sum(wx)
+    sum_x = _seq_sum(w * x)
     mn = x.amin(0)
     mx = x.amax(0)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn  # C: L = 0, the_min = -min, scale 0
     iscale = rdiv(float(nmax), mx - mn)
     scale = rdiv(1.0, iscale)
-    best = _weighted_sq_error(x, w, _levels(x, mn, iscale, 0, nmax), scale, mn)
+    codes = _levels(x, mn, iscale, 0, nmax)
+    best = _weighted_error(x, w, codes, scale, mn, mad)
     terms = torch.empty(x.shape[0], 3, x.shape[1])  # per position: w*l, w*l*l, w*l*x
     for step in range(nstep + 1):
         num = _f32(_f32(rmin + _f32(_f32(rdelta) * step)) + nmax)  # (rmin + rdelta*is + nmax) in float32
@@ -175,13 +228,21 @@ def _qkx2_chunk(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) ->
         positive = this_min > 0
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(positive, sum_xl / sum_l2, this_scale)
-        cur = _weighted_sq_error(x, w, lv, this_scale, this_min)
+        cur = _weighted_error(x, w, lv, this_scale, this_min, mad)
         better = (det > 0) & (cur < best) & ~flat
         best = torch.where(better, cur, best)
         scale = torch.where(better, this_scale, scale)
         mn = torch.where(better, this_min, mn)
+        codes = torch.where(better, lv, codes)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -mn
+    codes = torch.where(flat, torch.zeros_like(codes), codes)
+    return scale, -mn, codes
+
+
+def _kx2_weights(x: Tensor) -> Tensor:
+    """Q4_K/Q5_K's weights of a sub-block of 32 [32, M]: ``sqrtf(sum_x2 / 32) + fabsf(x)``."""
+    av_x = sqrt(_seq_sum(x * x) / 32.0)
+    return x.abs().add_(av_x)
 
 
 def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
@@ -194,7 +255,8 @@ def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]
         scales, mins = torch.empty(sub.shape[0]), torch.empty(sub.shape[0])
         for a in range(0, sub.shape[0], CHUNK):
             xt = sub[a : a + CHUNK].t().contiguous()
-            scales[a : a + CHUNK], mins[a : a + CHUNK] = _qkx2_chunk(xt, nmax, rmin, rdelta, nstep)
+            scales[a : a + CHUNK], mins[a : a + CHUNK], _ = _qkx2_chunk(xt, _kx2_weights(xt), nmax, rmin, rdelta,
+                                                                        nstep)
     scales = scales.reshape(-1, 8)
     mins = mins.reshape(-1, 8)
     zero = torch.zeros(())
@@ -296,14 +358,208 @@ def _fit_q6_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor
     return {"d": (d16 * sc).unsqueeze(-1), "fallback": fallback, "d16": d16, "sc": sc}
 
 
-def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+# ------------------------------------------------------------------------------------------------------- Q3_K
+
+
+def _q3_chunk(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``make_q3_quants(16, 4, x, L, do_rmse=true)`` on sub-blocks ``x`` [16, M] (position-major): (scale [M], the
+    codes L - 4 it leaves [16, M]). The C code's up to 5 passes of coordinate descent stop early once a pass changes
+    nothing; a further pass over an unchanged state changes nothing either, so all 5 run here."""
+    nmax = 4
+    amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
+    big = x.gather(0, where_max.unsqueeze(0))[0]
+    zero_sub = amax < GROUP_MAX_EPS
+    codes = _levels(x, torch.zeros(()), rdiv(float(-nmax), big), -nmax, nmax - 1)  # iscale = -nmax / max
+    w = x * x
+    wx = w * x
+    sumlx = _seq_sum(wx * codes)  # w*x[i]*l
+    suml2 = _seq_sum(w * codes * codes)  # w*l*l
+    for _ in range(5):
+        for i in range(x.shape[0]):
+            li = codes[i]
+            slx = sumlx - wx[i] * li
+            sl2 = suml2 - w[i] * li * li
+            new_l = nearest_int(x[i] * sl2 / slx).clamp_(-nmax, nmax - 1).to(torch.float32)
+            slx_new = slx + wx[i] * new_l
+            sl2_new = sl2 + w[i] * new_l * new_l
+            take = ((slx > 0) & (new_l != li) & (sl2_new > 0)
+                    & (slx_new * slx_new * suml2 > sumlx * sumlx * sl2_new))
+            codes[i] = torch.where(take, new_l, li)
+            sumlx = torch.where(take, slx_new, sumlx)
+            suml2 = torch.where(take, sl2_new, suml2)
+    scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
+    scale = torch.where(zero_sub, torch.zeros_like(scale), scale)
+    codes = torch.where(zero_sub, torch.full_like(codes, -nmax), codes)  # C: L = 0, i.e. code -4
+    return scale, codes
+
+
+def _int8(v: Tensor) -> Tensor:
+    """An int converted to C's ``int8_t`` (wrapping)."""
+    return ((v + 128) & 0xFF) - 128
+
+
+def _fit_q3_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    sub = blocks.reshape(-1, 16)  # [M, 16]
+    scales, fallback = torch.empty(sub.shape[0]), torch.empty_like(sub)
+    for a in range(0, sub.shape[0], CHUNK):
+        s, c = _q3_chunk(sub[a : a + CHUNK].t().contiguous())
+        scales[a : a + CHUNK] = s
+        fallback[a : a + CHUNK] = c.t()
+    scales = scales.reshape(-1, 16)
+    _, where_max = scales.abs().max(-1, keepdim=True)  # the first largest |scale|, with its sign
+    max_scale = scales.gather(-1, where_max)
+    some = max_scale != 0  # C: if (max_scale); else d = 0 and every 6-bit scale 0 (sub-block scale 0 - 32)
+    iscale = torch.where(some, rdiv(-32.0, max_scale), torch.ones_like(max_scale))
+    sc = _int8(nearest_int(iscale * scales)).clamp_(-32, 31).to(torch.float32)  # int8_t l = nearest_int(...)
+    sc = torch.where(some, sc, torch.full_like(sc, -32.0))
+    d16 = to_fp16(torch.where(some, rdiv(1.0, iscale), torch.zeros_like(iscale)),
+                  "super-block scale (max sub-block scale / 32)", fmt.name)
+    # per sub-block [S, 16, 1]: d * sc (gguf-py's dl); per element [S, 16, 16]: the codes left where that is 0
+    return {"d": (d16 * sc).unsqueeze(-1), "fallback": fallback.reshape(-1, 16, 16), "d16": d16, "sc": sc}
+
+
+def _codes_with_fallback(lo: int, hi: int):
+    """Q3_K / Q6_K: ``clamp(nearest_int(x / d), lo, hi)``, and where ``d`` (d * sc) is 0 the codes the search left
+    (C: ``if (!d) continue``; the value is +-0, its sign from the code)."""
+
+    def codes_(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+        d = p["d"]
+        dead = d == 0
+        v = x / d
+        if bool(dead.any()):
+            v.masked_fill_(dead.expand_as(v), 0.0)
+            return torch.where(dead, p["fallback"], _rounded(v, lo, hi))
+        return _rounded(v, lo, hi)
+
+    return codes_
+
+
+# ------------------------------------------------------------------------------------------------------- Q2_K
+
+
+def _fit_q2_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    sub = blocks.reshape(-1, 16)  # [M, 16]
+    scales, mins, fallback = torch.empty(sub.shape[0]), torch.empty(sub.shape[0]), torch.empty_like(sub)
+    for a in range(0, sub.shape[0], CHUNK):
+        xt = sub[a : a + CHUNK].t().contiguous()
+        s, m, c = _qkx2_chunk(xt, xt.abs(), 3, -0.5, 0.1, 15, mad=True)  # weights |x|, use_mad
+        scales[a : a + CHUNK], mins[a : a + CHUNK], fallback[a : a + CHUNK] = s, m, c.t()
+    scales, mins = scales.reshape(-1, 16), mins.reshape(-1, 16)
+    zero = torch.zeros(())
+    max_scale = torch.maximum(scales.amax(-1, keepdim=True), zero)  # C: start at 0, take any larger value
+    max_min = torch.maximum(mins.amax(-1, keepdim=True), zero)
+    inv_scale = torch.where(max_scale > 0, rdiv(15.0, max_scale), zero)
+    inv_min = torch.where(max_min > 0, rdiv(15.0, max_min), zero)
+    # y.scales[j] = l (uint8_t: wraps); then |= l_min << 4 (truncated to the byte); the dequantizer reads the low
+    # and high nibbles
+    byte = (nearest_int(inv_scale * scales) & 0xFF) | ((nearest_int(inv_min * mins) << 4) & 0xFF)
+    byte = torch.where(max_scale > 0, byte, byte & 0xF0)
+    sc = (byte & 0xF).to(torch.float32)
+    m = (byte >> 4).to(torch.float32)
+    d16 = to_fp16(max_scale / 15.0, "super-block scale (max sub-block scale / 15)", fmt.name)
+    dmin16 = to_fp16(max_min / 15.0, "super-block min scale (max sub-block min / 15)", fmt.name)
+    return {"d": (d16 * sc).unsqueeze(-1), "dm": (dmin16 * m).unsqueeze(-1), "fallback": fallback.reshape(-1, 16, 16),
+            "d16": d16, "dmin16": dmin16, "sc": sc, "m": m}
+
+
+def _codes_q2_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """``clamp(nearest_int((x + dm) / d), 0, 3)``; where ``d`` is 0 the codes make_qkx2_quants left (C: ``if (!d)
+    continue``; the value is ``-dm`` whatever the code)."""
     d = p["d"]
-    dead = d == 0  # d * sc == 0: the codes make_qx_quants left (the value is +-0, its sign from the code)
-    v = x / d
+    v = (x + p["dm"]).div_(d)
+    dead = d == 0
     if bool(dead.any()):
         v.masked_fill_(dead.expand_as(v), 0.0)
-        return torch.where(dead, p["fallback"], _rounded(v, -32, 31))
-    return _rounded(v, -32, 31)
+        return torch.where(dead, p["fallback"], _rounded(v, 0, 3))
+    return _rounded(v, 0, 3)
+
+
+# ------------------------------------------------------------------------------------------------ IQ4_NL / IQ4_XS
+
+KVALUES_IQ4NL = torch.tensor(IQ4NL_VALUES, dtype=torch.float32)  # kvalues_iq4nl (ggml-common.h), ascending
+NTRY_IQ4 = 7  # quantize_iq4_nl / quantize_iq4_xs pass ntry = 7 to quantize_row_iq4_nl_impl
+
+
+def _best_index(al: Tensor) -> Tensor:
+    """``best_index_int8(16, kvalues_iq4nl, al)``: 0 at or below the first value, 15 at or above the last, else the
+    nearer of the two values around ``al`` by float32 distances (a tie goes to the upper one). int64, al's shape."""
+    kv = KVALUES_IQ4NL
+    mu = torch.bucketize(al, kv, right=True).clamp_(1, 15)  # val[mu - 1] <= al < val[mu]
+    lower = (al - kv[mu - 1]) < (kv[mu] - al)
+    idx = mu - lower.to(mu.dtype)
+    idx = torch.where(al <= kv[0], torch.zeros_like(idx), idx)
+    return torch.where(al >= kv[15], torch.full_like(idx, 15), idx)
+
+
+def _iq4_sums(x: Tensor, w: Tensor, al: Tensor) -> tuple[Tensor, Tensor]:
+    """``sumqx = sum(w * q * x)`` and ``sumq2 = sum(w * q * q)`` with ``q = kvalues[best_index(al)]`` ([32, M] ->
+    [M] each, sequential float32 sums)."""
+    q = KVALUES_IQ4NL[_best_index(al)]
+    wq = w * q
+    return _seq_sum(wq * x), _seq_sum(wq * q)
+
+
+def _iq4_chunk(x: Tensor) -> Tensor:
+    """The block scale search of ``quantize_row_iq4_nl_impl`` (quant_weights NULL: weights x^2; ntry 7) on blocks
+    ``x`` [32, M] (position-major): the scale ``d`` of each block [M] (0 for a block below GROUP_MAX_EPS)."""
+    amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
+    big = x.gather(0, where_max.unsqueeze(0))[0]
+    zero_block = amax < GROUP_MAX_EPS
+    w = x * x
+    v0 = float(IQ4NL_VALUES[0])
+    d = -big / v0  # ntry > 0: d = -max / values[0]
+    sumqx, sumq2 = _iq4_sums(x, w, rdiv(1.0, d) * x)
+    d = torch.where(sumq2 > 0, sumqx / sumq2, torch.zeros_like(sumqx))
+    best = d * sumqx
+    for itry in range(-NTRY_IQ4, NTRY_IQ4 + 1):
+        iscale = rdiv(float(itry + IQ4NL_VALUES[0]), big)  # (itry + values[0]) / max
+        sumqx, sumq2 = _iq4_sums(x, w, iscale * x)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d = torch.where(better, sumqx / sumq2, d)
+        best = torch.where(better, d * sumqx, best)
+    return torch.where(zero_block, torch.zeros_like(d), d)
+
+
+def _iq4_scales(blocks: Tensor) -> Tensor:
+    """Every 32-block's searched scale, [M] for ``blocks`` reshaped to [M, 32]."""
+    sub = blocks.reshape(-1, 32)
+    scales = torch.empty(sub.shape[0])
+    for a in range(0, sub.shape[0], CHUNK):
+        scales[a : a + CHUNK] = _iq4_chunk(sub[a : a + CHUNK].t().contiguous())
+    return scales
+
+
+def _inverse_or_zero(d: Tensor) -> Tensor:
+    """C ``d ? 1/d : 0``."""
+    return torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
+
+
+def _fit_iq4_nl(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    scale = _iq4_scales(blocks).reshape(*blocks.shape[:-1], 1)  # per block [R, nb, 1]
+    # one block per super-block: dh = fp16(scale), codes best_index((1/scale) * x) with the float32 scale
+    return {"id": _inverse_or_zero(scale), "d": to_fp16(scale, "block scale", fmt.name)}
+
+
+def _fit_iq4_xs(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
+    scales = _iq4_scales(blocks).reshape(-1, 8)  # [S, 8]
+    amax, where_max = scales.abs().max(-1, keepdim=True)
+    max_scale = torch.where(amax > 0, scales.gather(-1, where_max), torch.zeros_like(amax))  # C: strict '>' from 0
+    d = -max_scale / 32.0
+    d16 = to_fp16(d, "super-block scale (max block scale / 32)", fmt.name)
+    ls = nearest_int(_inverse_or_zero(d) * scales).clamp_(-32, 31).to(torch.float32)  # with the float32 d
+    dl = d * ls
+    # per 32-block [S, 8, 1]: codes best_index((1 / (d * l)) * x) with the float32 d; value fp16(d) * l * kvalue
+    return {"id": _inverse_or_zero(dl).unsqueeze(-1), "d": (d16 * ls).unsqueeze(-1), "d16": d16, "sc": ls}
+
+
+def _codes_iq4(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """Indices 0..15 into kvalues_iq4nl (float32): ``best_index_int8(16, kvalues_iq4nl, id * x)``."""
+    return _best_index(x * p["id"]).to(torch.float32)
+
+
+def _dequantize_iq4(q: Tensor, p: Mapping[str, Tensor]) -> Tensor:
+    """``d * kvalues[q]`` (gguf-py: d, or fp16 d times the block scale, times the table value)."""
+    return KVALUES_IQ4NL[q.to(torch.int64)].mul_(p["d"])
 
 
 # ----------------------------------------------------------------------------------------------------- public
@@ -311,9 +567,12 @@ def _codes_q6_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 
 def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
-    against ``blocks``: ``inv``/``d`` (Q8_0 and Q5_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, per block),
+    against ``blocks``: ``inv``/``d`` (Q8_0, Q5_0, Q4_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, Q4_1, per
+    block),
     ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
-    ``dmin * m``, per element) or ``d``/``fallback`` (Q6_K: ``d * sc`` and the codes left where that is 0).
+    ``dmin * m``, per element), ``d``/``fallback`` (Q6_K, Q3_K: ``d * sc`` and the codes left where that is 0) or
+    ``d``/``dm``/``fallback`` (Q2_K) or ``id``/``d`` (IQ4_NL, IQ4_XS: the inverse scale the codes are chosen with
+    and the scale the value is dequantized with).
 
     ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
     available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
@@ -348,15 +607,16 @@ def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -
 
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
-    """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q4_K 0..15,
-    Q5_K, Q5_0 and Q5_1 0..31."""
+    """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q3_K -4..3
+    (before its +4), Q2_K 0..3, Q4_K, Q4_0 and Q4_1 0..15, Q5_K, Q5_0 and Q5_1 0..31, IQ4_NL and IQ4_XS 0..15
+    (indices into kvalues_iq4nl)."""
     return _TYPES[fmt.name].codes(x, fmt, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The dequantized value of each element with gguf-py's arithmetic: ``q * d`` (Q8_0), ``(q - 16) * d`` (Q5_0),
-    ``d * q + m`` (Q5_1), ``d * q - dm`` (Q4_K, Q5_K), ``d * q`` (Q6_K; d = fp16 d times the sub-block scale).
-    float32, x's shape."""
+    ``(q - 8) * d`` (Q4_0), ``d * q + m`` (Q5_1, Q4_1), ``d * q - dm`` (Q4_K, Q5_K, Q2_K), ``d * q`` (Q6_K, Q3_K; d =
+    fp16 d times the sub-block scale), ``d * kvalues_iq4nl[q]`` (IQ4_NL, IQ4_XS). float32, x's shape."""
     t = _TYPES[fmt.name]
     return t.dequantize(t.codes(x, fmt, p), p)
 
@@ -418,6 +678,21 @@ def _low_high_5bit(codes: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return qh, qs
 
 
+def _nibbles_32(codes: Tensor) -> np.ndarray:
+    """``qs`` (16 bytes: code j in the low nibble, j + 16 in the high) of Q4_0/Q4_1/IQ4_NL blocks of 32 codes
+    0..15."""
+    q = codes.to(torch.uint8).numpy().reshape(-1, 32)
+    return q[:, :16] | (q[:, 16:] << 4)
+
+
+def _pack_q4_0(e: Encoded) -> np.ndarray:
+    return np.concatenate([_fp16_bytes(e.d), _nibbles_32(e.codes)], axis=1)
+
+
+def _pack_q4_1(e: Encoded) -> np.ndarray:
+    return np.concatenate([_fp16_bytes(e.d), _fp16_bytes(e.m), _nibbles_32(e.codes)], axis=1)
+
+
 def _pack_q5_0(e: Encoded) -> np.ndarray:
     qh, qs = _low_high_5bit(e.codes)
     return np.concatenate([_fp16_bytes(e.d), qh, qs], axis=1)
@@ -457,6 +732,49 @@ def _pack_q6_k(e: Encoded) -> np.ndarray:
     return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc, _fp16_bytes(e.d)], axis=1)
 
 
+def _qs_2bit(L: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K ``qs`` (64 bytes) of 2-bit codes L [nb, 256]: byte l of each half of 128 holds L[l], L[l + 32],
+    L[l + 64], L[l + 96] in bits 0-1, 2-3, 4-5, 6-7."""
+    q = L.reshape(-1, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(-1, 64)
+
+
+def _pack_q3_k(e: Encoded) -> np.ndarray:
+    L = (e.codes.to(torch.int16) + 4).to(torch.uint8).numpy().reshape(-1, 256)  # 0..7
+    high = (L >> 2).reshape(-1, 8, 32)  # bit 2 of element 32 * b + m goes to bit b of hmask[m]
+    hmask = np.zeros((high.shape[0], 32), dtype=np.uint8)
+    for b in range(8):
+        hmask |= high[:, b] << b
+    l6 = (e.sc.to(torch.int16) + 32).to(torch.uint8).numpy().reshape(-1, 16)  # 0..63
+    scales = np.zeros((l6.shape[0], 12), dtype=np.uint8)
+    scales[:, 0:8] = (l6[:, 0:8] & 0xF) | ((l6[:, 8:16] & 0xF) << 4)
+    hi = l6 >> 4
+    for j in range(16):
+        scales[:, 8 + j % 4] |= hi[:, j] << (2 * (j // 4))
+    return np.concatenate([hmask, _qs_2bit(L & 3), scales, _fp16_bytes(e.d)], axis=1)
+
+
+def _pack_q2_k(e: Encoded) -> np.ndarray:
+    L = e.codes.to(torch.uint8).numpy().reshape(-1, 256)
+    sc = e.sc.to(torch.uint8).numpy().reshape(-1, 16) | (e.m.to(torch.uint8).numpy().reshape(-1, 16) << 4)
+    return np.concatenate([sc, _qs_2bit(L), _fp16_bytes(e.d), _fp16_bytes(e.dmin)], axis=1)
+
+
+def _pack_iq4_nl(e: Encoded) -> np.ndarray:
+    return np.concatenate([_fp16_bytes(e.d), _nibbles_32(e.codes)], axis=1)
+
+
+def _pack_iq4_xs(e: Encoded) -> np.ndarray:
+    l6 = (e.sc.to(torch.int16) + 32).numpy().astype(np.uint16).reshape(-1, 8)  # 0..63
+    scales_h = np.zeros(l6.shape[0], dtype=np.uint16)
+    for ib in range(8):
+        scales_h |= (l6[:, ib] >> 4) << (2 * ib)
+    lo = (l6 & 0xF).astype(np.uint8)
+    scales_l = lo[:, 0::2] | (lo[:, 1::2] << 4)
+    qs = _nibbles_32(e.codes).reshape(-1, 128)
+    return np.concatenate([_fp16_bytes(e.d), scales_h.reshape(-1, 1).view(np.uint8), scales_l, qs], axis=1)
+
+
 # ------------------------------------------------------------------------------------------------ the types
 
 
@@ -472,7 +790,7 @@ class _GgmlType(NamedTuple):
 
 
 def _simple_fit(fit_: Callable[[Tensor, Format], dict[str, Tensor]]):
-    """A one-pass fit (Q8_0, Q5_0, Q5_1: no scale search, so ``use_native`` has nothing to run)."""
+    """A one-pass fit (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1: no scale search, so ``use_native`` has nothing to run)."""
     return lambda blocks, fmt, use_native: fit_(blocks, fmt)
 
 
@@ -493,6 +811,10 @@ def _d_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
     return p["d"].reshape(rows, nb), None, None, None
 
 
+def _d_m_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
+    return p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb)
+
+
 def _kx2_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
     return (p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb), p["sc"].reshape(rows, nb, 8),
             p["m"].reshape(rows, nb, 8))
@@ -502,17 +824,38 @@ def _kx2_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
 _TYPES: dict[str, _GgmlType] = {
     "q8_0": _GgmlType(fit=_simple_fit(_fit_q8_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q8_0),
                       dequantize=_times_d, stored=_d_stored, pack=_pack_q8_0),
-    "q5_0": _GgmlType(fit=_simple_fit(_fit_q5_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q5_0),
+    "q4_0": _GgmlType(fit=_simple_fit(_fit_sym(8)), elementwise=("inv", "d"), codes=_fmt_free(_codes_sym(8)),
+                      dequantize=lambda q, p: q.sub_(8.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q4_0),
+    "q4_1": _GgmlType(fit=_simple_fit(_fit_min(15)), elementwise=("inv", "min", "d", "m"),
+                      codes=_fmt_free(_codes_min(15)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      stored=_d_m_stored, pack=_pack_q4_1),
+    "q5_0": _GgmlType(fit=_simple_fit(_fit_sym(16)), elementwise=("inv", "d"), codes=_fmt_free(_codes_sym(16)),
                       dequantize=lambda q, p: q.sub_(16.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q5_0),
-    "q5_1": _GgmlType(fit=_simple_fit(_fit_q5_1), elementwise=("inv", "min", "d", "m"),
-                      codes=_fmt_free(_codes_q5_1), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
-                      stored=lambda p, rows, nb: (p["d"].reshape(rows, nb), None, None, p["m"].reshape(rows, nb)),
-                      pack=_pack_q5_1),
+    "q5_1": _GgmlType(fit=_simple_fit(_fit_min(31)), elementwise=("inv", "min", "d", "m"),
+                      codes=_fmt_free(_codes_min(31)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      stored=_d_m_stored, pack=_pack_q5_1),
     "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
                       stored=_kx2_stored, pack=_pack_q4_k),
     "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
                       stored=_kx2_stored, pack=_pack_q5_k),
-    "q6_k": _GgmlType(fit=_fit_q6_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_q6_k),
+    "q3_k": _GgmlType(fit=_fit_q3_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_with_fallback(-4, 3)),
+                      dequantize=_times_d,
+                      stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),
+                                                  None),
+                      pack=_pack_q3_k),
+    "q2_k": _GgmlType(fit=_fit_q2_k, elementwise=("d", "dm", "fallback"), codes=_fmt_free(_codes_q2_k),
+                      dequantize=_d_times_q_minus_dm,
+                      stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb),
+                                                  p["sc"].reshape(rows, nb, 16), p["m"].reshape(rows, nb, 16)),
+                      pack=_pack_q2_k),
+    "iq4_nl": _GgmlType(fit=_fit_iq4_nl, elementwise=("id", "d"), codes=_fmt_free(_codes_iq4),
+                        dequantize=_dequantize_iq4, stored=_d_stored, pack=_pack_iq4_nl),
+    "iq4_xs": _GgmlType(fit=_fit_iq4_xs, elementwise=("id", "d"), codes=_fmt_free(_codes_iq4),
+                        dequantize=_dequantize_iq4,
+                        stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 8),
+                                                    None),
+                        pack=_pack_iq4_xs),
+    "q6_k": _GgmlType(fit=_fit_q6_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_with_fallback(-32, 31)),
                       dequantize=_times_d,
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),
                                                   None),
@@ -532,8 +875,7 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
 
         return nvfp4_bytes(x, f)
     if f.family != "ggml":
-        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: q8_0, q5_0, q5_1, q4_k, q5_k, "
-                         "q6_k (and nvfp4, packed as GGUF's NVFP4 where the layouts meet)")
+        raise ValueError(f"{f.name} is not a llama.cpp format; ggml formats: {', '.join(_TYPES)}")
     if x.dim() != 2:
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)

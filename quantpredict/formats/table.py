@@ -36,6 +36,7 @@ QK8_0 = 32  # llama.cpp Q8_0 block
 QK5 = 32  # llama.cpp Q5_0 / Q5_1 block
 NVFP4_BLOCK = 16  # NVIDIA NVFP4: one E4M3 scale per 16 contiguous elements of a row
 TENSOR_SCALE_BITS = 32  # the FP32 scale of a whole tensor (NVFP4's second level; per-tensor FP8's only scale)
+QK4 = 32  # llama.cpp Q4_0 / Q4_1 block
 
 # bitsandbytes' NF4 code (bitsandbytes/functional.py, get_4bit_type("nf4")): the float32 values, ascending
 NF4_VALUES: tuple[float, ...] = (
@@ -43,6 +44,10 @@ NF4_VALUES: tuple[float, ...] = (
     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+
+# llama.cpp's IQ4_NL / IQ4_XS code values (kvalues_iq4nl in ggml-common.h), ascending
+IQ4NL_VALUES: tuple[float, ...] = (-127.0, -104.0, -83.0, -65.0, -49.0, -35.0, -22.0, -10.0, 1.0, 13.0, 25.0, 38.0,
+                                   53.0, 69.0, 89.0, 113.0)
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,10 @@ ELEMENTS: dict[str, Element] = {
     **{f"uint{k}": _uint(k) for k in range(2, 9)},
     "int6_full": Element("int", 6, 0, 5, 4, 0, 31.0, min_value=-32.0),  # llama.cpp Q6_K: -32..31
     "int5_full": Element("int", 5, 0, 4, 3, 0, 15.0, min_value=-16.0),  # llama.cpp Q5_0: -16..15
+    "int4_full": Element("int", 4, 0, 3, 2, 0, 7.0, min_value=-8.0),  # llama.cpp Q4_0: -8..7
+    "int3_full": Element("int", 3, 0, 2, 1, 0, 3.0, min_value=-4.0),  # llama.cpp Q3_K: -4..3
     "nf4": Element("table", 4, 0, 4, 0, 0, 1.0, min_value=-1.0, values=NF4_VALUES),
+    "iq4nl": Element("table", 4, 0, 4, 0, 0, 113.0, min_value=-127.0, values=IQ4NL_VALUES),
 }
 
 
@@ -211,7 +219,13 @@ class Format:
 
 # llama.cpp's replacement type for a tensor whose rows are not a multiple of the k-quant super-block
 # (llama-quant.cpp, "incompatible tensor" fallback)
-GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0", "q2_k": "q4_0",
+                 "iq4_xs": "iq4_nl"}
+
+# ggml's type id of each llama.cpp layout (enum ggml_type in ggml.h; gguf-py's GGMLQuantizationType): the number a
+# GGUF file stores for a tensor of that type
+GGML_TYPE_ID = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+                "q2_k": 10, "q3_k": 11, "iq4_nl": 20, "iq4_xs": 23}
 # who defines the layout of a fixed-block family (for error messages)
 _LAYOUT_SOURCE = {"ggml": "llama.cpp's layout", "tensor": "NVIDIA's definition, as ModelOpt and vLLM implement it"}
 
@@ -263,9 +277,18 @@ FORMATS: dict[str, Format] = {
         # Q5_0 (fp16 d per 32, codes -16..15) and Q5_1 (fp16 d and min per 32): llama.cpp's fallbacks for Q4_K/Q5_K
         _shipped("q5_0", "ggml", "int5_full", QK5, 16, fixed_block=True),
         _shipped("q5_1", "ggml", "uint5", QK5, 32, fixed_block=True),
+        # Q4_0 (fp16 d per 32, codes -8..7) and Q4_1 (fp16 d and min per 32): llama.cpp's legacy 4-bit types
+        _shipped("q4_0", "ggml", "int4_full", QK4, 16, fixed_block=True),
+        _shipped("q4_1", "ggml", "uint4", QK4, 32, fixed_block=True),
         _shipped("q6_k", "ggml", "int6_full", QK_K, 16, sub_block=16, sub_scale_bits=8, fixed_block=True),
         _shipped("q5_k", "ggml", "uint5", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
         _shipped("q4_k", "ggml", "uint4", QK_K, 32, sub_block=32, sub_scale_bits=12, fixed_block=True),
+        # Q3_K: fp16 d per 256, 6-bit signed scale per 16; Q2_K: fp16 d and dmin per 256, 4-bit scale and min per 16
+        _shipped("q3_k", "ggml", "int3_full", QK_K, 16, sub_block=16, sub_scale_bits=6, fixed_block=True),
+        _shipped("q2_k", "ggml", "uint2", QK_K, 32, sub_block=16, sub_scale_bits=8, fixed_block=True),
+        # IQ4_NL: fp16 d per 32 times a 16-value non-linear table; IQ4_XS: fp16 d per 256, 6-bit scale per 32
+        _shipped("iq4_nl", "ggml", "iq4nl", QK4, 16, fixed_block=True),
+        _shipped("iq4_xs", "ggml", "iq4nl", QK_K, 16, sub_block=32, sub_scale_bits=6, fixed_block=True),
         _make("bf16", "float", "bf16"),
         _make("fp16", "float", "fp16"),
     ]
@@ -274,7 +297,7 @@ FORMATS: dict[str, Format] = {
 
 def list_formats() -> list[str]:
     """Every format name: MX first, then int, fp8, the per-tensor-scaled fp8_e4m3_pt and nvfp4, the shipped layouts
-    (uintK, uintK_pc, nf4, nf4_dq, q8_0, q5_0, q5_1, q6_k, q5_k, q4_k), and the plain float casts."""
+    (uintK, uintK_pc, nf4, nf4_dq, q8_0, q5_0, q5_1, q4_0, q4_1, q6_k, q5_k, q4_k, ...), and the plain float casts."""
     return list(FORMATS)
 
 
@@ -301,6 +324,9 @@ def _scale_text(f: Format) -> str:
         return "E4M3 per 16, fp32 per tensor" if f.scale_element else "fp32 per tensor"
     if f.family == "ggml":
         return {"q8_0": "fp16 per 32", "q5_0": "fp16 per 32", "q5_1": "fp16 d, min per 32",
+                "q4_0": "fp16 per 32", "q4_1": "fp16 d, min per 32",
+                "q3_k": "fp16 per 256, 6-bit per 16", "iq4_nl": "fp16 per 32",
+                "iq4_xs": "fp16 per 256, 6-bit per 32", "q2_k": "fp16 d, dmin per 256; 4-bit scale, min per 16",
                 "q6_k": "fp16 per 256, int8 per 16",
                 }.get(f.name, "fp16 d, dmin per 256; 6-bit scale, min per 32")
     return _SCALE_TEXT.get(f.family, "-")
@@ -313,8 +339,14 @@ def _element_text(f: Format) -> str:
         return "int6 (-32..31)"
     if f.element_format == "int5_full":
         return "int5 (-16..15)"
+    if f.element_format == "int4_full":
+        return "int4 (-8..7)"
+    if f.element_format == "int3_full":
+        return "int3 (-4..3)"
     if f.element == "int":
         return f"int{f.element_bits}"
+    if f.element_format == "iq4nl":
+        return "iq4_nl table"
     return "nf4 table" if f.element == "table" else f.element_format
 
 

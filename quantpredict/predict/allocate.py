@@ -148,8 +148,8 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
         r = stuck[0]
         raise RecipeError(f"layer {r.name} (rows of {r.in_features}) fits none of the candidate formats "
                           f"{', '.join(f for f, _ in candidates)} ({len(stuck)} such layers): llama.cpp layouts need "
-                          "rows that are a multiple of their block (256 for k-quants, 32 for q8_0/q5_0/q5_1); add a "
-                          "format that fits, e.g. q5_0, q8_0 or an MX format")
+                          "rows that are a multiple of their block (256 for k-quants and iq4_xs, 32 for the others); "
+                          "add a format that fits, e.g. q5_0, q8_0 or an MX format")
     sizes = np.array([r.weight.numel() for r in refs], float)
     return cost, bpe, sizes
 

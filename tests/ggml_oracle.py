@@ -1,0 +1,130 @@
+"""Test helper: llama.cpp's own quantizers (ggml-quants.c) as a shared library, for the optional byte-exactness
+tests of tests/test_formats_shipped.py.
+
+Which library: ``$QUANTPREDICT_GGML_REF_LIB`` (a prebuilt libggml-base, which must be built with
+``-ffp-contract=off``) when set; else ggml/src/ggml-quants.c of the pinned sdist ``llama_cpp_python-0.3.36.tar.gz``,
+found at ``$QUANTPREDICT_LLAMA_CPP_SDIST`` or in ``$QUANTPREDICT_HOME/llama_cpp/`` (default home
+``~/.cache/quantpredict``, as :func:`quantpredict.models.imported.imported_root` resolves it), compiled once with
+``-O2 -ffp-contract=off`` (no FMA contraction: the C source's float32 semantics) together with stubs for the four
+ggml symbols it calls outside quantization (``ggml_abort`` and the type-size helpers of its row validation), and
+cached as ``$QUANTPREDICT_HOME/llama_cpp/ggml_quants_<key>.so`` (key: the sdist's hash, flags, compiler). Get the
+sdist with ``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $QUANTPREDICT_HOME/llama_cpp``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+LLAMA_CPP_PYTHON = "0.3.36"
+SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+FLAGS = ["-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=gnu11"]
+STUBS = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <stddef.h>
+#include <stdint.h>
+void ggml_abort(const char * file, int line, const char * fmt, ...) {
+    fprintf(stderr, "ggml_abort at %s:%d: %s\n", file, line, fmt); abort();
+}
+size_t ggml_row_size(int type, int64_t ne) { (void)type; (void)ne; abort(); }
+size_t ggml_type_size(int type) { (void)type; abort(); }
+const char * ggml_type_name(int type) { (void)type; return "?"; }
+"""
+#: llama.cpp's function name for each format: ``quantize_row_<name>_ref`` (what llama-quantize runs without an
+#: importance matrix), except the IQ4 types, whose ``quantize_iq4_*(src, dst, nrow, n_per_row, NULL)`` is what
+#: llama-quantize calls (quantize_row_iq4_nl_ref searches differently: ntry -1)
+NAMES = {"q8_0": "q8_0", "q5_0": "q5_0", "q5_1": "q5_1", "q4_0": "q4_0", "q4_1": "q4_1", "q4_k": "q4_K",
+         "q5_k": "q5_K", "q6_k": "q6_K", "q3_k": "q3_K", "q2_k": "q2_K", "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs"}
+ROW_API = ("iq4_nl", "iq4_xs")
+
+
+def home() -> Path:
+    h = os.environ.get("QUANTPREDICT_HOME")
+    return (Path(h).expanduser() if h else Path.home() / ".cache" / "quantpredict") / "llama_cpp"
+
+
+def sdist_path() -> Path | None:
+    p = os.environ.get("QUANTPREDICT_LLAMA_CPP_SDIST")
+    cand = Path(p) if p else home() / SDIST
+    return cand if cand.is_file() else None
+
+
+def why_unavailable() -> str | None:
+    """None when a library can be had, else the reason (the skip message)."""
+    if os.environ.get("QUANTPREDICT_GGML_REF_LIB"):
+        return None
+    if sdist_path() is None:
+        return (f"llama.cpp oracle absent: set QUANTPREDICT_GGML_REF_LIB, or put {SDIST} in {home()} (pip download "
+                f"--no-deps --no-binary :all: llama-cpp-python=={LLAMA_CPP_PYTHON}) or at "
+                "$QUANTPREDICT_LLAMA_CPP_SDIST")
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")):
+        return "llama.cpp oracle: no C compiler to build ggml-quants.c"
+    return None
+
+
+def _build(sdist: Path, target: Path, cc: str) -> None:
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/ggml/"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
+                   and (m.name.endswith(".h") or m.name.endswith("src/ggml-quants.c"))]
+        tar.extractall(tmp, members=members, filter="data")
+        root = Path(tmp) / prefix
+        (Path(tmp) / "stubs.c").write_text(STUBS)
+        out = Path(tmp) / target.name
+        cmd = [cc, *FLAGS, f"-I{root / 'include'}", f"-I{root / 'src'}", f"-I{root / 'src' / 'ggml-cpu'}",
+               str(root / "src" / "ggml-quants.c"), str(Path(tmp) / "stubs.c"), "-o", str(out), "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building ggml-quants.c failed: {proc.stderr[-2000:]}")
+        os.replace(out, target)
+
+
+def library() -> ctypes.CDLL:
+    """The oracle library (built on first use); call :func:`why_unavailable` first."""
+    prebuilt = os.environ.get("QUANTPREDICT_GGML_REF_LIB")
+    if prebuilt:
+        return ctypes.CDLL(prebuilt)
+    sdist = sdist_path()
+    assert sdist is not None, why_unavailable()
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    key = hashlib.sha256("\0".join([digest, *FLAGS, STUBS, version]).encode()).hexdigest()[:16]
+    target = home() / f"ggml_quants_{key}.so"
+    if not target.is_file():
+        _build(sdist, target, cc)
+    return ctypes.CDLL(str(target))
+
+
+def quantize(lib: ctypes.CDLL, fmt: str, x: np.ndarray, block: int, size: int) -> np.ndarray:
+    """llama.cpp's bytes for float32 ``x`` [rows, n]: uint8 [rows, n / block * size]."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    rows, n = a.shape
+    out = np.zeros((rows, n // block * size), dtype=np.uint8)
+    src, dst = ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data)
+    if fmt in ROW_API:
+        fn = getattr(lib, f"quantize_{NAMES[fmt]}")
+        fn.restype = ctypes.c_size_t
+        fn(src, dst, ctypes.c_int64(rows), ctypes.c_int64(n), ctypes.c_void_p(None))
+    else:
+        getattr(lib, f"quantize_row_{NAMES[fmt]}_ref")(src, dst, ctypes.c_int64(a.size))
+    return out
+
+
+def dequantize(lib: ctypes.CDLL, fmt: str, packed: np.ndarray, n: int) -> np.ndarray:
+    """llama.cpp's dequantize_row_* of ``packed`` [rows, bytes]: float32 [rows, n]."""
+    b = np.ascontiguousarray(packed)
+    y = np.zeros((b.shape[0], n), dtype=np.float32)
+    getattr(lib, f"dequantize_row_{NAMES[fmt]}")(ctypes.c_void_p(b.ctypes.data), ctypes.c_void_p(y.ctypes.data),
+                                                 ctypes.c_int64(y.size))
+    return y
