@@ -29,6 +29,7 @@ setup-qwen: $(STAMP)
 # sdist, built with -ffp-contract=off into $$QUANTPREDICT_HOME/llama_cpp (~11 min on 2 cores); the reference for
 # issue #30's exactness and KLD checks, never needed by CI
 llamacpp: $(STAMP)
+	$(PY) -m pip install -q sentencepiece==0.2.3  # convert_hf_to_gguf.py reads a Llama vocabulary through it
 	$(PY) benchmarks/llamacpp_reference.py build
 
 demo: $(STAMP)

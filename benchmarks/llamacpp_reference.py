@@ -5,6 +5,7 @@ what it wrote (issue #30). Optional: nothing in CI builds it, and the tests that
     .venv/bin/python benchmarks/llamacpp_reference.py convert MODEL OUT.gguf          # F32 GGUF of a model
     .venv/bin/python benchmarks/llamacpp_reference.py quantize IN.gguf OUT.gguf Q4_K_M
     .venv/bin/python benchmarks/llamacpp_reference.py types FILE.gguf                 # each tensor's type
+    .venv/bin/python benchmarks/llamacpp_reference.py types-vs-mix MODEL F32.gguf q4_k_m Q4_K_M  # type choices
     .venv/bin/python benchmarks/llamacpp_reference.py kld BASE.gguf Q.gguf --chunks 32 # llama.cpp's own KLD
 
 Where: ``$QUANTPREDICT_HOME/llama_cpp/`` (default ``~/.cache/quantpredict/llama_cpp``) holds the sdist
@@ -25,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,6 +126,86 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name.lower() for t in GGUFReader(str(path)).tensors}
 
 
+_DRY_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^(]*(?:\((\S+)\))?")
+
+
+def dry_run_types(src: Path, ftype: str, *, imatrix: Path | None = None) -> dict[str, str]:
+    """The type llama-quantize chooses for each tensor of ``src`` under file type ``ftype`` (``--dry-run``: nothing
+    is quantized or written), lower case (``q4_k``, ``f32``)."""
+    exe = _need("llama-quantize")
+    cmd = [str(exe), "--dry-run", "--allow-requantize", *(["--imatrix", str(imatrix)] if imatrix else []), str(src),
+           ftype]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = {}
+    for m in _DRY_LINE.finditer(done.stdout + done.stderr):
+        out[m.group(1)] = (m.group(3) or m.group(2)).lower()
+    if not out:
+        raise SystemExit(f"no tensor lines in llama-quantize --dry-run's output:\n{done.stderr[-2000:]}")
+    return out
+
+
+def project_types(model: str, mix: str) -> dict[str, str]:
+    """The type the project's named ``mix`` gives each linear layer of ``model``, keyed by the GGUF tensor name
+    (gguf's own name map of the architecture); resolved on the model's skeleton (no weights load)."""
+    import gguf
+
+    from quantpredict import arch
+    from quantpredict.mixes import resolve_recipe
+    from quantpredict.models import skeleton
+    from quantpredict.quantize.plan import layer_plan
+
+    net = skeleton(model)
+    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[net.config.model_type]
+    names = gguf.get_tensor_name_map(arch_id, len(arch.blocks(net)))
+    out = {}
+    for p in layer_plan(net, resolve_recipe(mix, net)):
+        out[names.get_name(p.ref.name + ".weight", try_suffixes=(".weight",))] = p.weight_format
+    return out
+
+
+def compare_types(model: str, src: Path, mix: str, ftype: str) -> tuple[list[str], list[str]]:
+    """``(same, different)``: one line per tensor llama-quantize quantizes, whether the project's mix gives its
+    type; a tensor the project leaves in 16 bits (token embedding, output head) is a difference."""
+    theirs = dry_run_types(src, ftype)
+    ours = project_types(model, mix)
+    same, diff = [], []
+    for name, kind in theirs.items():
+        if kind in ("f32", "f16", "bf16") and name not in ours:
+            continue  # norms, biases: neither quantizes them
+        mine = ours.get(name, "16-bit")
+        (same if mine == kind else diff).append(f"{name}: llama.cpp {kind}, project {mine}")
+    return same, diff
+
+
+def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = None) -> list[dict]:
+    """For each tensor of ``quant`` (a file llama-quantize wrote from ``base``, an F32 GGUF) whose ggml type the
+    project supports: quantize the same F32 tensor with :func:`quantpredict.formats.ggml.to_gguf_bytes` and count the
+    blocks whose bytes differ. ``names``: only these tensors. One dict per tensor: name, type, blocks, differing."""
+    import numpy as np
+    import torch
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    from quantpredict.formats.ggml import to_gguf_bytes
+    from quantpredict.formats.table import GGML_TYPE_ID
+
+    by_id = {v: k for k, v in GGML_TYPE_ID.items()}
+    src = {t.name: t for t in GGUFReader(str(base)).tensors}
+    rows = []
+    for t in GGUFReader(str(quant)).tensors:
+        kind = by_id.get(int(t.tensor_type))
+        if kind is None or (names is not None and t.name not in names):
+            continue
+        x = torch.from_numpy(np.array(src[t.name].data, dtype=np.float32))
+        x = x.reshape(-1, int(src[t.name].shape[0]))  # GGUF's first dimension is the row length
+        ours = to_gguf_bytes(x, kind)
+        theirs = np.array(t.data, dtype=np.uint8).reshape(ours.shape)
+        type_size = GGML_QUANT_SIZES[GGMLQuantizationType(GGML_TYPE_ID[kind])][1]  # bytes per block
+        a, b = ours.reshape(ours.shape[0], -1, type_size), theirs.reshape(ours.shape[0], -1, type_size)
+        rows.append({"name": t.name, "type": kind, "blocks": int(a.shape[0] * a.shape[1]),
+                     "differing": int((a != b).any(axis=-1).sum())})
+    return rows
+
+
 def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, threads: int = 1,
         logits: Path | None = None) -> str:
     """llama.cpp's own KLD of ``quant`` against ``base`` on ``text``: the base logits file first (kept at
@@ -162,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("types", help="each tensor's type in a GGUF file")
     t.add_argument("path", type=Path)
+    v = sub.add_parser("types-vs-mix", help="llama-quantize's type per tensor (--dry-run) against a named mix")
+    v.add_argument("model")
+    v.add_argument("src", type=Path, help="an F32/F16 GGUF of MODEL (convert)")
+    v.add_argument("mix", help="the project's named mix, e.g. q4_k_m")
+    v.add_argument("ftype", help="llama-quantize's file type, e.g. Q4_K_M")
     k = sub.add_parser("kld", help="llama.cpp's own --kl-divergence of Q against BASE")
     k.add_argument("base", type=Path)
     k.add_argument("quant", type=Path)
@@ -180,6 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "types":
         for name, kind in tensor_types(args.path).items():
             print(f"{name}\t{kind}")
+    elif args.cmd == "types-vs-mix":
+        same, diff = compare_types(args.model, args.src, args.mix, args.ftype)
+        print(f"{args.model} {args.mix} vs llama-quantize {args.ftype}: {len(same)} tensors of the same type, "
+              f"{len(diff)} different")
+        for line in diff:
+            print(f"  {line}")
     else:
         print(kld(args.base, args.quant, text=args.text, chunks=args.chunks, ctx=args.ctx, threads=args.threads))
     return 0
