@@ -33,3 +33,24 @@ def test_measured_rows_and_the_reason_no_prediction_is_shown(tmp_path):
     assert text.index("| mxint8-rtn") < text.index("| mxint4-rtn")
     heading = text.index("### What the predictors said before seeing this model")
     assert "No run of this model has the features" in text[heading:] and "quantpredict backfill" in text[heading:]
+
+
+def test_method_classes_and_their_error_rows():
+    from quantpredict.studies.real_models import class_table, method_class
+
+    runs = pd.DataFrame([
+        {"recipe": "mxint4-rtn", "method": "rtn", "act_format": None, "kld": 0.10},
+        {"recipe": "mxint4-gptq", "method": "gptq", "act_format": None, "kld": 0.08},
+        {"recipe": "mxint4-rtn-awq", "method": "rtn", "act_format": None, "kld": 0.09},
+        {"recipe": "q4_k-rtn-L=q4_k*2,q6_k", "method": "rtn", "act_format": None, "kld": 0.01},
+        {"recipe": "mxint4-rtn-sq0.5-a_mxint8", "method": "rtn", "act_format": "mxint8", "kld": 0.20},
+    ])
+    assert list(runs.apply(method_class, axis=1)) == ["RTN", "GPTQ", "AWQ", "named mix / per-layer",
+                                                      "weight+activation"]
+    pred = pd.DataFrame({"kld": [0.11, 0.06, 0.09, 0.01, 0.30], "kld_low": [0.05, 0.07, 0.0, 0.0, 0.25],
+                         "kld_high": [0.2, 0.1, 1.0, 1.0, 0.35]})
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in class_table(runs, pred).splitlines()[2:]}
+    assert rows["RTN"][1:] == ["1", "10.0%", "–", "100%"]  # |0.11/0.10 - 1| = 10%, inside [0.05, 0.2]
+    assert rows["GPTQ"][1:] == ["1", "25.0%", "–", "100%"]  # 0.06 vs 0.08
+    assert rows["weight+activation"][1:] == ["1", "50.0%", "–", "0%"]  # 0.30 vs 0.20, outside [0.25, 0.35]

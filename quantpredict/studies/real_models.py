@@ -99,6 +99,45 @@ def accuracy_line(runs: pd.DataFrame, pred: pd.DataFrame, label: str) -> str:
     return "- " + "; ".join(parts) + "."
 
 
+#: the method classes issue #28 validates separately, in the order their rows are printed
+METHOD_CLASSES = ("RTN", "GPTQ", "AWQ", "named mix / per-layer", "weight+activation")
+
+
+def method_class(run: pd.Series) -> str:
+    """The run's method class (:data:`METHOD_CLASSES`): activation quantization first, then AWQ, then a per-layer
+    recipe (a named llama.cpp mix or an allocation: ``-L=`` in the label), then GPTQ or RTN."""
+    recipe = str(run.get("recipe", ""))
+    act = run.get("act_format")
+    if isinstance(act, str) and act:
+        return "weight+activation"
+    if "-awq" in recipe:
+        return "AWQ"
+    if "-L=" in recipe:
+        return "named mix / per-layer"
+    return "GPTQ" if run.get("method") == "gptq" else "RTN"
+
+
+def class_table(runs: pd.DataFrame, pred: pd.DataFrame) -> str:
+    """Per method class: the runs predicted, KLD median relative error, within-model Spearman (3 runs or more) and
+    the 90% interval's coverage; a class without runs is listed as such."""
+    from scipy.stats import spearmanr
+
+    lines = ["| method class | runs | KLD med. rel. err | Spearman | 90% coverage |", "|---|---|---|---|---|"]
+    classes = runs.apply(method_class, axis=1)
+    for c in METHOD_CLASSES:
+        idx = classes.index[classes == c]
+        if len(idx) == 0:
+            lines.append(f"| {c} | 0 | – | – | – |")
+            continue
+        k, kp = runs.loc[idx, "kld"].to_numpy(float), pred.loc[idx, "kld"].to_numpy(float)
+        cover = np.mean((pred.loc[idx, "kld_low"].to_numpy(float) <= k) & (k <= pred.loc[idx, "kld_high"]
+                                                                              .to_numpy(float)))
+        rho = f"{spearmanr(k, kp).statistic:.3f}" if len(idx) >= 3 else "–"
+        lines.append(f"| {c} | {len(idx)} | {100 * np.median(np.abs(kp / k - 1)):.1f}% | {rho} | "
+                     f"{100 * cover:.0f}% |")
+    return "\n".join(lines)
+
+
 def render(runs: pd.DataFrame, predictions: Sequence[tuple[str, pd.DataFrame]], out: str | Path, *,
            cards: dict[str, dict], commands: Sequence[str], refit_note: str = "") -> Path:
     """Write the page for every real model in ``runs``; ``predictions`` are (label, frame indexed like runs)."""
@@ -139,6 +178,8 @@ def render(runs: pd.DataFrame, predictions: Sequence[tuple[str, pd.DataFrame]], 
                 continue
             rr = r.loc[pm.index]
             parts += [accuracy_line(rr, pm, label), ""]
+            if "kld" in pm and pm["kld"].notna().any():
+                parts += [class_table(rr, pm), ""]
             said = True
         if not said:  # an empty heading would read as "they said nothing"; say why
             parts += ["No run of this model has the features the KLD-first kinds read yet (the `fisher` and "
