@@ -6,6 +6,7 @@ what it wrote (issue #30). Optional: nothing in CI builds it, and the tests that
     .venv/bin/python benchmarks/llamacpp_reference.py quantize IN.gguf OUT.gguf Q4_K_M
     .venv/bin/python benchmarks/llamacpp_reference.py types FILE.gguf                 # each tensor's type
     .venv/bin/python benchmarks/llamacpp_reference.py types-vs-mix MODEL F32.gguf q4_k_m Q4_K_M  # type choices
+    .venv/bin/python benchmarks/llamacpp_reference.py exact F32.gguf --types q4_k,iq4_xs  # byte-exact blocks
     .venv/bin/python benchmarks/llamacpp_reference.py kld BASE.gguf Q.gguf --chunks 32 # llama.cpp's own KLD
 
 Where: ``$QUANTPREDICT_HOME/llama_cpp/`` (default ``~/.cache/quantpredict/llama_cpp``) holds the sdist
@@ -206,6 +207,35 @@ def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = Non
     return rows
 
 
+#: llama-quantize's file type whose base type is each ggml type (with ``--pure`` every tensor gets that type, or
+#: llama.cpp's fallback where its rows do not fit the block)
+PURE_FTYPE = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0": "Q8_0", "q2_k": "Q2_K",
+              "q3_k": "Q3_K_M", "q4_k": "Q4_K_M", "q5_k": "Q5_K_M", "q6_k": "Q6_K", "iq4_nl": "IQ4_NL",
+              "iq4_xs": "IQ4_XS"}
+
+
+def exactness(base: Path, types: Sequence[str], *, pattern: str | None = None, work: Path | None = None,
+              threads: int = 1) -> list[dict]:
+    """For each ggml type: ``llama-quantize --pure`` of the F32 GGUF ``base``, then :func:`compare_blocks` on the
+    tensors whose name matches ``pattern`` (a regular expression; all by default). The quantized files go to
+    ``work`` (default: beside ``base``) and are removed after."""
+    from gguf import GGUFReader
+
+    names = [t.name for t in GGUFReader(str(base)).tensors if pattern is None or re.search(pattern, t.name)]
+    rows = []
+    for kind in types:
+        out = (work or base.parent) / f"{base.stem}-{kind}-pure.gguf"
+        exe = _need("llama-quantize")
+        subprocess.run([str(exe), "--pure", str(base), str(out), PURE_FTYPE[kind], str(threads)], check=True,
+                       capture_output=True)
+        try:
+            for r in compare_blocks(base, out, names=names):
+                rows.append({"asked": kind, **r})
+        finally:
+            out.unlink(missing_ok=True)
+    return rows
+
+
 def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, threads: int = 1,
         logits: Path | None = None) -> str:
     """llama.cpp's own KLD of ``quant`` against ``base`` on ``text``: the base logits file first (kept at
@@ -250,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("src", type=Path, help="an F32/F16 GGUF of MODEL (convert)")
     v.add_argument("mix", help="the project's named mix, e.g. q4_k_m")
     v.add_argument("ftype", help="llama-quantize's file type, e.g. Q4_K_M")
+    e = sub.add_parser("exact", help="llama-quantize --pure per type vs the project's blocks on the same tensors")
+    e.add_argument("base", type=Path, help="an F32 GGUF (convert)")
+    e.add_argument("--types", default=",".join(PURE_FTYPE), help="comma-separated ggml types")
+    e.add_argument("--tensors", default=None, metavar="REGEX", help="only tensors whose name matches")
+    e.add_argument("--threads", type=int, default=1)
     k = sub.add_parser("kld", help="llama.cpp's own --kl-divergence of Q against BASE")
     k.add_argument("base", type=Path)
     k.add_argument("quant", type=Path)
@@ -268,6 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "types":
         for name, kind in tensor_types(args.path).items():
             print(f"{name}\t{kind}")
+    elif args.cmd == "exact":
+        rows = exactness(args.base, [t.strip() for t in args.types.split(",") if t.strip()], pattern=args.tensors,
+                         threads=args.threads)
+        print("| asked | tensor | stored as | blocks | differing |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['asked']} | {r['name']} | {r['type']} | {r['blocks']:,} | {r['differing']:,} |")
+        total, bad = sum(r["blocks"] for r in rows), sum(r["differing"] for r in rows)
+        print(f"\n{len(rows)} tensors, {total:,} blocks compared, {bad:,} differing")
     elif args.cmd == "types-vs-mix":
         same, diff = compare_types(args.model, args.src, args.mix, args.ftype)
         print(f"{args.model} {args.mix} vs llama-quantize {args.ftype}: {len(same)} tensors of the same type, "
