@@ -127,7 +127,7 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name.lower() for t in GGUFReader(str(path)).tensors}
 
 
-_DRY_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^(]*(?:\((\S+)\))?")
+_DRY_LINE = re.compile(r"\[\s*\d+/\s*\d+\]\s+(\S+)\s+- \[[^\]]*\], type =\s*(\S+), size =[^(\n]*(?:\((\S+)\))?")
 
 
 def dry_run_types(src: Path, ftype: str, *, imatrix: Path | None = None) -> dict[str, str]:
