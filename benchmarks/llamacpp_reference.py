@@ -236,6 +236,60 @@ def exactness(base: Path, types: Sequence[str], *, pattern: str | None = None, w
     return rows
 
 
+#: (project mix, llama-quantize file type) pairs whose per-tensor choices the report compares
+MIX_PAIRS = (("q4_k_m", "Q4_K_M"), ("q5_k_m", "Q5_K_M"), ("q4_k_s", "Q4_K_S"), ("q5_k_s", "Q5_K_S"),
+             ("q3_k_m", "Q3_K_M"), ("q3_k_s", "Q3_K_S"), ("q3_k_l", "Q3_K_L"), ("q2_k_mix", "Q2_K"),
+             ("q6_k_pure", "Q6_K"), ("iq4_xs_mix", "IQ4_XS"))
+
+
+def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
+    """``reports/llamacpp.md``: for each (model, tensor pattern or None for every tensor), the per-tensor type
+    choices of every named mix against ``llama-quantize --dry-run``, and the project's blocks against
+    ``llama-quantize --pure`` for every supported type; the F32 GGUFs are converted when absent."""
+    import datetime
+    import platform
+
+    work = home() / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    parts = ["# llama.cpp as the reference", "",
+             f"Generated {datetime.date.today()} by `python benchmarks/llamacpp_reference.py report` on {cpu} "
+             f"({os.cpu_count()} cores), with llama.cpp's tools built by `make llamacpp` from the pinned "
+             f"llama-cpp-python {LLAMA_CPP_PYTHON} sdist (`-ffp-contract=off`, `GGML_NATIVE=OFF`). The real models "
+             "were 4-bit on the way in (their GGUF packages); their F32 GGUFs are written by llama.cpp's own "
+             "`convert_hf_to_gguf.py` from the imported (dequantized) weights.", ""]
+    for model, pattern in models:
+        base = work / f"{model}-f32.gguf"
+        if not base.is_file():
+            convert(model, base)
+        parts += [f"## {model}", "", "### Per-tensor types: the project's named mixes against llama-quantize", "",
+                  "| project mix | llama-quantize type | tensors of the same type | different |", "|---|---|---|---|"]
+        for mix, ftype in MIX_PAIRS:
+            same, diff = compare_types(model, base, mix, ftype)
+            parts.append(f"| {mix} | {ftype} | {len(same)} | {len(diff)}: {'; '.join(diff) if diff else '-'} |")
+        where = "every tensor" if pattern is None else f"the tensors matching `{pattern}`"
+        parts += ["", f"### Quantized blocks: the project's against llama-quantize --pure ({where})", "",
+                  "| type asked | stored as | tensors | blocks | differing blocks |", "|---|---|---|---|---|"]
+        rows = exactness(base, list(PURE_FTYPE), pattern=pattern)
+        for asked in PURE_FTYPE:
+            for kind in sorted({r["type"] for r in rows if r["asked"] == asked}):
+                rr = [r for r in rows if r["asked"] == asked and r["type"] == kind]
+                parts.append(f"| {asked} | {kind} | {len(rr)} | {sum(r['blocks'] for r in rr):,} | "
+                             f"{sum(r['differing'] for r in rr):,} |")
+        parts.append("")
+    parts += ["## What this does not cover yet", "",
+              "- The token embedding and the output head: llama.cpp quantizes them (the mix's type or Q8_0, and "
+              "Q6_K), the project's named mixes keep them in 16 bits; the rows above name them.",
+              "- An importance matrix (`--imatrix`): the project has no imatrix path yet.",
+              "- llama.cpp's own KLD of its files (`kld` subcommand) beside the predictions: not run here.", "",
+              "## Reproduce", "", "```bash", "make llamacpp",
+              "python benchmarks/llamacpp_reference.py report", "```", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out
+
+
 def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, threads: int = 1,
         logits: Path | None = None) -> str:
     """llama.cpp's own KLD of ``quant`` against ``base`` on ``text``: the base logits file first (kept at
@@ -285,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--types", default=",".join(PURE_FTYPE), help="comma-separated ggml types")
     e.add_argument("--tensors", default=None, metavar="REGEX", help="only tensors whose name matches")
     e.add_argument("--threads", type=int, default=1)
+    r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
+    r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
+    r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
+                   help="MODEL or MODEL=REGEX (compare the blocks of the matching tensors only)")
     k = sub.add_parser("kld", help="llama.cpp's own --kl-divergence of Q against BASE")
     k.add_argument("base", type=Path)
     k.add_argument("quant", type=Path)
@@ -311,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['asked']} | {r['name']} | {r['type']} | {r['blocks']:,} | {r['differing']:,} |")
         total, bad = sum(r["blocks"] for r in rows), sum(r["differing"] for r in rows)
         print(f"\n{len(rows)} tensors, {total:,} blocks compared, {bad:,} differing")
+    elif args.cmd == "report":
+        pairs = [(m.split("=", 1)[0], m.split("=", 1)[1] if "=" in m else None) for m in args.models]
+        print(f"wrote {report(pairs, args.out)}")
     elif args.cmd == "types-vs-mix":
         same, diff = compare_types(args.model, args.src, args.mix, args.ftype)
         print(f"{args.model} {args.mix} vs llama-quantize {args.ftype}: {len(same)} tensors of the same type, "
