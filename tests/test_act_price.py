@@ -134,3 +134,26 @@ def test_smoothing_scales_come_from_the_token_inputs_max():
     p = pairs[0]
     want = smoothing_scales(xs[p.linears[0].name].abs().amax(0), [r.weight for r in p.linears], 0.75)
     assert torch.equal(scales[p.linears[-1].name], want)
+
+
+def test_recipe_row_prices_weight_activation_recipes_and_still_refuses_awq():
+    from test_physics import _calib_ids
+
+    from quantpredict.errors import RecipeError
+    from quantpredict.predict.rank import profile_model, recipe_row, weights_only
+    from quantpredict.recipe import Recipe
+
+    model = tiny_model("llama", hidden=64)
+    mp = profile_model(model, calib=_calib_ids(), cache=False)
+    plain = recipe_row(mp, Recipe("mxint8", method="gptq"))
+    wa = Recipe.from_label("mxint8-gptq-sq0.5-a_mxint8")
+    assert weights_only(wa)
+    row = recipe_row(mp, wa)
+    assert row["act_format"] == "mxint8" and row["smoothquant_alpha"] == 0.5
+    assert row["token_gn_quad"] > plain["token_gn_quad"] and row["act_input_quad"] > 0
+    no_act = recipe_row(mp, Recipe("mxint8", method="gptq", act_format="mxint8"))
+    assert no_act["act_weight_quad"] == pytest.approx(plain["token_gn_quad"], rel=1e-6)
+    awq = Recipe.from_label("mxint4-rtn-awq")
+    assert not weights_only(awq)
+    with pytest.raises(RecipeError, match="AWQ or QAT"):
+        recipe_row(mp, awq)

@@ -154,7 +154,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     note = ""
     if pred.kind == "profile" and not weights_only(recipe):
         pred = resolve_predictor("physics")
-        note = (f"{label}: the weights-only profile does not price SmoothQuant, activation quantization, AWQ or QAT "
+        note = (f"{label}: the weights-only profile does not price AWQ or QAT "
                 f"yet; measured on the calibration windows instead ({pred.kind} predictor: a quantization and "
                 "forward passes)")
     if pred.kind == "profile":
