@@ -65,10 +65,10 @@ def test_awq_recipes_are_measured_and_say_so():
     assert pr.ppl_low <= pr.ppl <= pr.ppl_high
 
 
-def test_activation_recipes_are_priced_from_the_weights():
+def test_activation_recipes_are_measured_until_the_profile_law_is_refitted():
     pr = predict_quality(MODEL, "mxint4-rtn-a_mxint8")
-    assert pr.predictor_kind == "profile" and pr.how != HOW_MEASURED
-    assert pr.ppl_low <= pr.ppl <= pr.ppl_high
+    assert pr.how == HOW_MEASURED and pr.predictor_kind == "physics"
+    assert "does not price" in pr.note and "refit pending" in pr.note
 
 
 def test_measure_flag_uses_the_measurement_predictor(capsys):
