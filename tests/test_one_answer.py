@@ -58,11 +58,17 @@ def test_the_commands_print_the_same_perplexity(ranked, capsys):
         assert want in _line(out, "mxint4-rtn"), out
 
 
-def test_activation_recipes_are_measured_and_say_so():
-    pr = predict_quality(MODEL, "mxint4-rtn-a_mxint8")
+def test_awq_recipes_are_measured_and_say_so():
+    pr = predict_quality(MODEL, "mxint4-rtn-awq")
     assert pr.how == HOW_MEASURED and pr.predictor_kind == "physics"
     assert "does not price" in pr.note and "measured on the calibration windows" in pr.note
     assert pr.ppl_low <= pr.ppl <= pr.ppl_high
+
+
+def test_activation_recipes_are_measured_until_the_profile_law_is_refitted():
+    pr = predict_quality(MODEL, "mxint4-rtn-a_mxint8")
+    assert pr.how == HOW_MEASURED and pr.predictor_kind == "physics"
+    assert "does not price" in pr.note and "refit pending" in pr.note
 
 
 def test_measure_flag_uses_the_measurement_predictor(capsys):

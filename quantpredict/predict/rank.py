@@ -176,20 +176,31 @@ def past_damage_bound(frame: pd.DataFrame) -> pd.Series:
 
 
 def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
-    """One candidate's features from weights alone (``format`` and ``profile`` groups) and its size."""
+    """One candidate's features from weights alone (``format`` and ``profile`` groups) and its size.
+
+    Recipes with SmoothQuant or activation quantization are priced with the activation term
+    (:func:`quantpredict.features.act_price.price_act_recipe`: the smoothed weights' change and the activation
+    fake-quantization of every quantized layer's input, token-wise against the profile); the others by their weight
+    change alone (:func:`~quantpredict.features.fisher.price_deltas`, which the former reduces to)."""
+    from quantpredict.features.act_price import price_act_recipe
     from quantpredict.features.fisher import price_deltas, profile_deltas
     from quantpredict.formats import get_format
     from quantpredict.quantize import layer_plan, size_report
 
     if not weights_only(recipe):
-        raise RecipeError(f"rank prices weight-only PTQ recipes from the weights; {recipe.label} needs SmoothQuant, "
-                          "activation quantization, AWQ or QAT: predict it with `quantpredict predict` instead")
+        raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs AWQ or QAT: "
+                          "predict it with `quantpredict predict` instead")
     t0 = time.perf_counter()
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
-    feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
+    if recipe.act_format is not None or recipe.smoothquant_alpha is not None:
+        feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=recipe.act_format,
+                                 act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
+                                 gptq_options=gptq)
+    else:
+        deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+        feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
     rows = []
     for ref, fb in zip(mp.refs, formats):
         n = ref.weight.numel()
@@ -206,17 +217,21 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
             "element_is_fp": sum(r[0] * r[2] for r in rows) / total,
             "block_size": sum(r[0] * r[3] for r in rows) / total,
             "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
-            recipe.block_size, "smoothquant_alpha": np.nan, "act_format": None, "recipe": recipe.label,
+            recipe.block_size, "smoothquant_alpha": (np.nan if recipe.smoothquant_alpha is None
+                                                     else recipe.smoothquant_alpha),
+            "act_format": recipe.act_format, "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
 
 def weights_only(recipe: Recipe) -> bool:
-    """Whether the weights-only path prices ``recipe``: post-training weight quantization (RTN or GPTQ, uniform,
-    per-layer or a named mix). SmoothQuant, activation quantization, AWQ and QAT need what the profile does not hold
-    yet (activation statistics, a training run); :func:`~quantpredict.predict.quality.predict_quality` measures those
-    on the calibration batch instead, and says so."""
-    return not (recipe.smoothquant_alpha is not None or recipe.act_format is not None or recipe.qat or recipe.awq)
+    """Whether the weights-only path prices ``recipe``: post-training quantization (RTN or GPTQ, uniform, per-layer
+    or a named mix), with or without SmoothQuant and activation quantization (their statistics and inputs come from
+    the profile's token inputs: :mod:`quantpredict.features.act_price`). AWQ and QAT need what the profile does not
+    hold (AWQ's scale search on calibration outputs, a training run);
+    :func:`~quantpredict.predict.quality.predict_quality` measures those on the calibration batch instead, and says
+    so."""
+    return not (recipe.qat or recipe.awq)
 
 
 def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any) -> pd.DataFrame:

@@ -1,0 +1,143 @@
+"""The price of a weight+activation recipe from weights alone: the weight change and the activation error together.
+
+A recipe with ``act_format`` fake-quantizes the input of every quantized linear at run time
+(:mod:`quantpredict.quantize.act`), optionally after SmoothQuant (:mod:`quantpredict.quantize.smoothquant`) has
+divided the input of each norm -> linears pair by ``s`` [in] and multiplied the linears' columns by it. On token
+``t`` one layer's output then changes by::
+
+    dy_t = W'_q A(x_t / s) - W x_t = W'_q (A(x'_t) - x'_t) + (W'_q - W') x'_t,    x' = x / s,  W' = W * s
+
+(``W x = W' x'``), with ``W'_q`` the recipe's weight quantization of ``W'`` (RTN, or GPTQ against the scaled
+Hessian ``H / (s s^T)``) and ``A`` the activation fake-quantization exactly as the hooks apply it (along the hidden
+axis, ``recipe.act_block`` per block). Priced token-wise like the weight-only ``token_gn_quad``
+(:func:`quantpredict.features.fisher.token_quadratic`): ``0.5 mean_t (s_t^T dy_t)^2`` per layer, summed over the
+quantized layers, from the profile's per-token FP inputs ``x_t`` and sampled output gradients ``s_t`` alone (no
+forward pass). Without activation quantization and SmoothQuant this is ``token_gn_quad`` exactly.
+
+Departures from what ``quantize_model`` does (stated, not hidden):
+
+- SmoothQuant's per-channel ``max|x|`` comes from the profile's token inputs (its first 2 calibration windows of 256
+  tokens, FP model, stored in bf16); ``quantize_model`` takes it over the recipe's 128 calibration windows, on the
+  inputs of the already-quantized prefix (activation quantization of the earlier blocks included). A max over 64x
+  fewer tokens is smaller, so ``s`` is somewhat smaller for ``alpha > 0``.
+- ``x_t`` is the FP model's input of the layer (bf16-rounded); the sequential quantized model's inputs carry the
+  earlier layers' errors. GPTQ is priced against the profile's FP Hessian ``2A`` (the weight-only path's departure).
+- The price is block-diagonal over layers and second order, as ``token_gn_quad`` is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from quantpredict import arch
+
+
+def profile_absmax(x: torch.Tensor) -> torch.Tensor:
+    """Per-channel ``max|x|`` ``[in]`` float64 of token inputs ``x`` ``[T, in]`` (SmoothQuant's statistic)."""
+    return x.abs().amax(dim=0).double()
+
+
+def smoothing_scales_of(model: nn.Module, token_inputs: Mapping[str, torch.Tensor], alpha: float, *,
+                        blocks: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    """``{linear name: s [in] float64}`` for every linear of a norm -> linears pair of ``blocks`` (default: all)
+    (SmoothQuant's scales, :func:`~quantpredict.quantize.smoothquant.smoothing_scales`, from the max of the profile's
+    token inputs ``[T, in]`` of the pair's first linear over its token windows); linears in no pair are absent
+    (``s = 1``)."""
+    from quantpredict.quantize.smoothquant import smoothing_scales
+
+    out: dict[str, torch.Tensor] = {}
+    for index in range(len(arch.blocks(model))) if blocks is None else blocks:
+        for pair in arch.smooth_pairs(model, index):
+            x = token_inputs[pair.linears[0].name]
+            s = smoothing_scales(profile_absmax(x), [r.weight for r in pair.linears], alpha)
+            out |= {r.name: s for r in pair.linears}
+    return out
+
+
+def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
+                  scale: torch.Tensor | None, act_format: str | None, act_block: int | None,
+                  chunk: int = 512) -> tuple[float, float, float]:
+    """``(total, weight part, activation part)`` of one layer's token-wise price, each ``0.5 / T sum_t (s_t^T v_t)^2``:
+    ``v = W'_q (A(x') - x') + dW' x'`` (total), ``dW' x'`` (weight part), ``W'_q (A(x') - x')`` (activation part).
+
+    ``w_q`` ``[out, in]``: the quantized (smoothed) weight ``W'_q``; ``delta`` ``[out, in]``: ``W'_q - W'``;
+    ``x`` ``[T, in]`` the FP inputs, ``s`` ``[T, out]`` the sampled output gradients; ``scale`` ``[in]`` SmoothQuant's
+    ``s`` (``None``: 1); ``act_format`` ``None``: no activation quantization (then total = weight part). Float32
+    chunks, float64 sums."""
+    from quantpredict.formats import fake_quantize
+
+    wq, d = w_q.float(), delta.float()
+    inv = None if scale is None else (1.0 / scale).float()
+    sums = [0.0, 0.0, 0.0]
+    for lo in range(0, x.shape[0], chunk):
+        xs = x[lo: lo + chunk].float()
+        if inv is not None:
+            xs = xs * inv
+        g = s[lo: lo + chunk].float()
+        vw = ((g @ d) * xs).sum(1)
+        va = torch.zeros_like(vw)
+        if act_format is not None:
+            err = fake_quantize(xs, act_format, axis=-1, block_size=act_block) - xs
+            va = ((g @ wq) * err).sum(1)
+        for k, v in enumerate((vw + va, vw, va)):
+            sums[k] += float(v.double().pow(2).sum())
+    n = max(x.shape[0], 1)
+    return 0.5 * sums[0] / n, 0.5 * sums[1] / n, 0.5 * sums[2] / n
+
+
+def smoothed_quantized(w: torch.Tensor, scale: torch.Tensor | None, fmt: tuple[str, int | None], method: str,
+                       hessian: torch.Tensor | None, gptq_options: Mapping | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W'_q, W'_q - W')`` ``[out, in]`` float32 for ``W`` ``[out, in]``: ``W' = W * scale`` (columns), quantized to
+    ``fmt`` by RTN or by GPTQ against ``hessian / (scale scale^T)`` (``hessian`` ``[in, in]``, the FP one)."""
+    from quantpredict.quantize.gptq import gptq_quantize
+    from quantpredict.quantize.rtn import rtn_quantize
+
+    w = w.detach().float()
+    if scale is not None:
+        w = (w.double() * scale.double().unsqueeze(0)).float()
+    if method == "gptq":
+        h = hessian.double()
+        if scale is not None:
+            inv = 1.0 / scale.double()
+            h = h * inv.unsqueeze(0) * inv.unsqueeze(1)
+        w_q = gptq_quantize(w.clone(), h, fmt[0], block_size=fmt[1], **dict(gptq_options or {}))
+    else:
+        w_q = rtn_quantize(w, fmt[0], block_size=fmt[1])
+    return w_q, w_q - w
+
+
+def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
+                     formats: Sequence[tuple[str, int | None] | None], method: str, *,
+                     act_format: str | None, act_block: int | None, smoothquant_alpha: float | None,
+                     gptq_options: Mapping | None = None, token_inputs: Mapping[str, torch.Tensor] | None = None,
+                     smoothing_inputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """The ``profile`` group's token-wise features of a (weight+activation, optionally SmoothQuant) recipe:
+    ``token_gn_quad`` (the total price of the module docstring), its ``act_weight_quad`` and ``act_input_quad`` parts
+    (without their cross term) and ``kfac_max_layer_share`` (the largest layer's share of the total). ``formats``:
+    one ``(format, block size)`` per ref, ``None`` for layers left in full precision (neither weights nor inputs
+    quantized). ``token_inputs`` (``{name: [T, in]}``, default the profile's) are the inputs priced;
+    ``smoothing_inputs`` (``{name: [T', in]}``, default ``token_inputs``) give SmoothQuant's per-channel max."""
+    xs = profile.token_inputs if token_inputs is None else token_inputs
+    scales = ({} if smoothquant_alpha is None else
+              smoothing_scales_of(model, xs if smoothing_inputs is None else smoothing_inputs, smoothquant_alpha))
+    totals = [0.0, 0.0, 0.0]
+    per_layer = []
+    with torch.no_grad():
+        for ref, fb in zip(refs, formats, strict=True):
+            if fb is None:
+                continue
+            scale = scales.get(ref.name)
+            h = profile.hessian(ref.name) if method == "gptq" else None
+            w_q, delta = smoothed_quantized(ref.weight, scale, fb, method, h, gptq_options)
+            parts = act_quadratic(w_q, delta, xs[ref.name], profile.token_grads[ref.name], scale,
+                                  act_format, act_block)
+            totals = [a + b for a, b in zip(totals, parts)]
+            per_layer.append(parts[0])
+    total = sum(per_layer)
+    top = max(per_layer) / total if per_layer and total > 0 else 0.0
+    return {"token_gn_quad": totals[0], "act_weight_quad": totals[1], "act_input_quad": totals[2],
+            "kfac_max_layer_share": top, "kfac_quad": float("nan"), "kfac_quad_diag": float("nan")}
