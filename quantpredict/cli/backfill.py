@@ -22,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="only the runs of these methods (rtn first: a GPTQ run is quantized again to be backfilled)")
     p.add_argument("--limit", type=int, default=None, help="stop after N runs")
+    p.add_argument("--recompute", choices=("activation", "all"), default=None,
+                   help="with --groups profile: price again, and overwrite, the runs that have the features: "
+                        "'activation' the weight+activation (SmoothQuant, act_format) runs, whose stored price "
+                        "predates the activation term; 'all' every run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -49,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     if groups is None:
         return 0
     pricer = _weights_only_pricer() if list(groups) == ["profile"] else None
+    if args.recompute and pricer is None:
+        raise QuantpredictError("--recompute works with --groups profile alone (the weights-only pricing path)")
+    recompute = {"all": lambda r: True, "activation": _is_activation_run, None: None}[args.recompute]
     summary = backfill(args.store, groups, models=args.models, methods=args.methods, torch_threads=args.threads,
-                       progress=not args.no_progress, limit=args.limit, pricer=pricer)
+                       progress=not args.no_progress, limit=args.limit, pricer=pricer, recompute=recompute)
     print(summary)
     return 1 if summary.failed else 0
 
@@ -78,4 +85,10 @@ def _weights_only_pricer():
         return price
 
     return for_model
+
+
+def _is_activation_run(run: dict) -> bool:
+    """A weight+activation run: activation quantization or SmoothQuant in its recipe."""
+    alpha = run.get("smoothquant_alpha")
+    return bool(run.get("act_format")) or (alpha is not None and alpha == alpha)  # NaN: no SmoothQuant
 

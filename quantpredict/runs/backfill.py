@@ -53,7 +53,7 @@ def _missing(row: dict, names: set[str]) -> bool:
 def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Sequence[str] | None = None,
              methods: Sequence[str] | None = None, torch_threads: int | None = None, progress: bool = True,
              limit: int | None = None, on_run: Callable[[str], None] | None = None,
-             pricer: Pricer | None = None) -> BackfillSummary:
+             pricer: Pricer | None = None, recompute: Callable[[dict], bool] | None = None) -> BackfillSummary:
     """Compute feature ``groups`` for every done run of ``store`` (of ``models`` and ``methods``, if given) that
     lacks them. A run is quantized again to be measured, so GPTQ runs cost their GPTQ pass: ``methods=["rtn"]``
     backfills the cheap runs first.
@@ -63,7 +63,9 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
     each run's values, written with :meth:`RunStore.update_features`. ``torch_threads`` caps intra-op threads.
     ``limit`` stops after that many runs (a rehearsal). ``pricer`` (:data:`Pricer`): compute the groups through it
     instead (no model is loaded here; the K-FAC terms, :data:`KFAC_ONLY`, are neither computed nor required), writing
-    only the features a run does not have yet. Returns a :class:`BackfillSummary`.
+    only the features a run does not have yet. ``recompute`` (with ``pricer``): the runs (their store rows) whose
+    features of the groups are computed and written again although they have them (a price whose definition
+    changed). Returns a :class:`BackfillSummary`.
     """
     from tqdm.auto import tqdm
 
@@ -84,7 +86,10 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
         try:
             rows = [r for r in st.rows() if r["status"] == "done" and (models is None or r["model"] in models)
                     and (methods is None or r.get("method") in methods)]
-            missing = [r for r in rows if _missing(r, names)]
+            def again(run: dict) -> bool:  # computed again although the run has the features
+                return pricer is not None and recompute is not None and recompute(run)
+
+            missing = [r for r in rows if _missing(r, names) or again(r)]
             todo = missing if limit is None else missing[: int(limit)]
             by_model: dict[str, list[dict]] = {}
             for r in todo:
@@ -94,7 +99,8 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
             bar = tqdm(total=len(todo), desc=f"backfill {','.join(groups)}", unit="run", disable=not progress)
             for name, model_rows in by_model.items():
                 if pricer is not None:
-                    filled, failed = _priced(st, pricer(name), model_rows, filled, failed, errors, on_run, bar)
+                    filled, failed = _priced(st, pricer(name), model_rows, filled, failed, errors, on_run, bar,
+                                             again)
                     continue
                 model, tok = zoo.load(name, attn_implementation="eager")
                 calib = data.token_stream(tok, "wikitext2", "train")
@@ -133,12 +139,14 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
 
 
 def _priced(st: RunStore, price: Callable[[Recipe], dict[str, float]], rows: Sequence[dict], filled: int,
-            failed: int, errors: list[str], on_run: Callable[[str], None] | None, bar) -> tuple[int, int]:
-    """Backfill ``rows`` through ``price``; a feature a run already has is kept as it was measured."""
+            failed: int, errors: list[str], on_run: Callable[[str], None] | None, bar,
+            again: Callable[[dict], bool]) -> tuple[int, int]:
+    """Backfill ``rows`` through ``price``; a feature a run already has is kept as it was measured, unless
+    ``again(run)`` asks for it to be computed again."""
     for r in rows:
         try:
             t = time.perf_counter()
-            have = r.get("features") or {}
+            have = {} if again(r) else (r.get("features") or {})
             out = {k: v for k, v in price(Recipe.from_label(r["recipe"])).items() if have.get(k) is None}
             st.update_features(r["run_key"], out, timings={"backfill_seconds": time.perf_counter() - t})
             filled += 1
