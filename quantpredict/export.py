@@ -283,9 +283,9 @@ def require_gguf() -> None:
 
 def plan_export(model: str, recipe: Any, *, keep: str = "f16") -> ExportPlan:
     """Check that ``recipe`` (a named mix, a label, a :class:`~quantpredict.recipe.Recipe` or a dict of fields)
-    quantizes every layer of ``model`` it quantizes to a ggml type that tiles its rows, by RTN, and that llama.cpp's
-    converter knows the model's architecture; from the model's config alone. A :class:`RecipeError` or
-    :class:`ModelError` says what is wrong."""
+    quantizes every layer of ``model`` it quantizes by RTN to a ggml type (or fp16) whose block tiles its rows; from
+    the model's config alone, before any work. A :class:`RecipeError` says what is wrong. Whether llama.cpp's
+    converter knows the architecture is :func:`check_converter`'s (it needs the converter's source)."""
     from quantpredict import arch
     from quantpredict.formats.table import GGML_TYPE_ID, get_format
     from quantpredict.mixes import is_mix_spec, mix_of, resolve_recipe
