@@ -31,25 +31,19 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_CPP_PYTHON = "0.3.36"
-SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+sys.path.insert(0, str(ROOT))
+# where the pinned sdist lives, how it is fetched and unpacked, and the converter's run: the package's own (the
+# export command needs them in an installed quantpredict)
+from quantpredict.export import LLAMA_CPP_PYTHON, SDIST, fetch_sdist, source_dir, unpack  # noqa: E402
+from quantpredict.export import llama_cpp_home as home  # noqa: E402
+
+__all__ = ["LLAMA_CPP_PYTHON", "SDIST", "fetch_sdist", "home", "source_dir", "unpack"]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 FLAGS = "-ffp-contract=off"
-
-
-def home() -> Path:
-    """``$QUANTPREDICT_HOME/llama_cpp`` (the same root as the imported models and profiles)."""
-    h = os.environ.get("QUANTPREDICT_HOME")
-    return (Path(h).expanduser() if h else Path.home() / ".cache" / "quantpredict") / "llama_cpp"
-
-
-def source_dir() -> Path:
-    return home() / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
 
 
 def bin_dir() -> Path:
@@ -64,23 +58,6 @@ def tool(name: str) -> Path | None:
 
 def built() -> bool:
     return all(tool(t) is not None for t in TOOLS)
-
-
-def fetch_sdist() -> Path:
-    """The pinned sdist, downloaded from the package registry when it is not in :func:`home` yet."""
-    home().mkdir(parents=True, exist_ok=True)
-    path = home() / SDIST
-    if not path.is_file():
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(home())], check=True)
-    return path
-
-
-def unpack(sdist: Path) -> Path:
-    if not (source_dir() / "CMakeLists.txt").is_file():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(home(), filter="data")
-    return source_dir()
 
 
 def build(jobs: int) -> Path:
@@ -103,14 +80,12 @@ def build(jobs: int) -> Path:
 
 def convert(model: str, out: Path, outtype: str = "f32") -> Path:
     """``convert_hf_to_gguf.py`` (vendored with the tools) on the model's directory (a zoo name, an imported model
-    or an HF directory), in ``outtype`` (f32: the project's float32 weights exactly)."""
+    or an HF directory), in ``outtype`` (f32: the project's float32 weights exactly); run as
+    :func:`quantpredict.export.convert` runs it (a GPT-2 byte-level tokenizer unknown by its hash is named gpt-2)."""
+    from quantpredict.export import convert as run_converter
     from quantpredict.models import resolve
 
-    directory = resolve(model)
-    env = {**os.environ, "PYTHONPATH": str(source_dir() / "gguf-py")}
-    subprocess.run([sys.executable, str(source_dir() / "convert_hf_to_gguf.py"), str(directory), "--outfile",
-                    str(out), "--outtype", outtype], check=True, env=env)
-    return out
+    return run_converter(resolve(model), Path(out).resolve(), outtype).path
 
 
 def quantize(src: Path, out: Path, ftype: str, *, imatrix: Path | None = None, threads: int = 1) -> Path:

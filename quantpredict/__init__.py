@@ -12,7 +12,8 @@ in-function imports included), and no two modules import each other (``tests/tes
 5. ``quantize``, ``evaluate``: post-training quantization, and perplexity / KLD comparison;
 6. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT (the
    method), attention arithmetic;
-7. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``);
+7. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``); ``export``: a
+   model under an RTN recipe of llama.cpp types as a GGUF file;
 8. ``predict``; 9. ``report`` (the run store's figures and page);
 10. ``studies``: the seed studies and their report pages (only the CLI imports them);
 11. ``cli`` (and ``__main__``).

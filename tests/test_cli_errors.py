@@ -43,6 +43,9 @@ CASES: list[tuple[str, list[str]]] = [
     ("eval", ["eval", "missing-dir", "--seq-len", "0"]),
     ("quantize", ["quantize", "notamodel", "--format", "zzz9", "--out", "out"]),
     ("quantize", ["quantize", "notamodel", "--format", "int4", "--out", "out"]),
+    ("export", ["export", "notamodel", "--recipe", "q4_k_m", "--gguf", "m.gguf"]),
+    ("export", ["export", "llama-xs", "--recipe", "mxint4-rtn", "--gguf", "m.gguf"]),
+    ("export", ["export", "llama-xs", "--recipe-file", "recipes.json", "--gguf", "m.gguf"]),
     ("features", ["features", "notamodel", "--format", "zzz9"]),
     ("collect", ["collect", "--models", "m1", "--formats", "int4", "--methods", "rtn", "--store", "s.sqlite"]),
     ("collect", ["collect", "--models", "llama-xs", "--formats", "zzz9", "--methods", "rtn", "--store", "s.sqlite"]),
@@ -165,6 +168,7 @@ BAD_MODELS = [("truncated", "truncated/model.safetensors"), ("randombytes", "ran
 #: Every command that takes a model, with M standing for the model.
 MODEL_COMMANDS = [["demo", "--model", "M"], ["eval", "M"], ["eval", "llama-xs", "--against", "M"],
                   ["quantize", "M", "--format", "int4", "--out", "out"], ["features", "M", "--format", "int4"],
+                  ["export", "M", "--recipe", "q4_k_m", "--gguf", "m.gguf"],
                   ["predict", "M", "--format", "int4"], ["rank", "M"], ["allocate", "M", "--target-bits", "4"],
                   ["qat", "M", "--format", "int4", "--out", "o"],
                   ["collect", "--models", "M", "--formats", "int4", "--methods", "rtn", "--store", "s.sqlite"],
@@ -232,6 +236,7 @@ def _unwritable(root: Path, how: str, monkeypatch) -> str:
 #: Every command that takes an output path, with O standing for it.
 OUTPUT_COMMANDS = [["quantize", "llama-xs", "--format", "int4", "--out", "O"],
                    ["qat", "llama-xs", "--format", "int4", "--out", "O"],
+                   ["export", "llama-xs", "--recipe", "q4_k_m", "--gguf", "O"],
                    ["allocate", "llama-xs", "--target-bits", "4", "--out", "O"],
                    ["rank", "llama-xs", "--plot", "O.png"],
                    ["collect", "--models", "llama-xs", "--formats", "int4", "--methods", "rtn", "--store", "O"],

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("recipe", "mixes"),  # the Recipe and llama.cpp's named mixes: formats + arch, no torch at import
     ("quantize", "evaluate"),
     ("features", "models", "qat", "attention"),
-    ("runs",),
+    ("runs", "export"),  # export: a model as a GGUF file (models, quantize.plan, formats.ggml)
     ("predict",),
     ("report",),
     ("studies",),  # the seed studies: they use everything below, and only the CLI uses them

@@ -17,8 +17,8 @@ from quantpredict.errors import QuantpredictError
 
 # The subcommand modules quantpredict.cli.<module>, in the order `quantpredict --help` lists them; each names its
 # own subcommand and help in its register().
-COMMANDS: tuple[str, ...] = ("demo", "formats", "zoo", "eval_", "quantize", "features", "collect", "runs", "backfill",
-                             "fit", "predict", "profile", "rank", "allocate", "report", "qat", "study",
+COMMANDS: tuple[str, ...] = ("demo", "formats", "zoo", "eval_", "quantize", "export", "features", "collect", "runs",
+                             "backfill", "fit", "predict", "profile", "rank", "allocate", "report", "qat", "study",
                              "attention")
 
 
