@@ -65,10 +65,17 @@ def test_awq_recipes_are_measured_and_say_so():
     assert pr.ppl_low <= pr.ppl <= pr.ppl_high
 
 
-def test_activation_recipes_are_measured_until_the_profile_law_is_refitted():
-    pr = predict_quality(MODEL, "mxint4-rtn-a_mxint8")
-    assert pr.how == HOW_MEASURED and pr.predictor_kind == "physics"
-    assert "does not price" in pr.note and "refit pending" in pr.note
+def test_activation_recipes_are_priced_from_the_weights_as_rank_prices_them():
+    """Weight+activation recipes go through the one path too (the activation term of features.act_price)."""
+    labels = ["mxint4-rtn-a_mxint8", "mxint8-rtn-sq0.5-a_mxint8"]
+    ranked = rank_recipes(MODEL, labels).set_index("recipe")
+    for label in labels:
+        pr = predict_quality(MODEL, label)
+        assert pr.how == HOW_PROFILE and pr.note == ""
+        assert pr.kld == float(ranked.loc[label, "kld"]) and pr.ppl == float(ranked.loc[label, "ppl"])
+    # activation quantization costs something on top of the weights' own error
+    wonly = rank_recipes(MODEL, ["mxint4-rtn"]).iloc[0]
+    assert float(ranked.loc["mxint4-rtn-a_mxint8", "token_gn_quad"]) > float(wonly["token_gn_quad"])
 
 
 def test_measure_flag_uses_the_measurement_predictor(capsys):

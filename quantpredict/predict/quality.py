@@ -5,8 +5,10 @@ By default the recipe is priced from the weights against the model's cached sens
 (:func:`quantpredict.predict.rank.price`, the path ``rank`` and ``allocate`` use, so the three agree on every
 recipe). A saved predictor of another kind (``"physics"``: the shipped measurement predictor) computes its features
 on the fly on WikiText-2 *train* calibration data instead: for ``physics``, a quantization of the model and forward
-passes over the calibration windows per recipe. Recipes the weights-only path does not price yet (SmoothQuant,
-activation quantization, AWQ, QAT) are measured that way, and the :class:`Prediction` says so in ``how``."""
+passes over the calibration windows per recipe. Recipes the weights-only path does not price yet (AWQ, QAT) are
+measured that way, and the :class:`Prediction` says so in ``how`` and ``note``; weight+activation recipes
+(SmoothQuant, activation formats) are priced from the weights with the activation term
+(:mod:`quantpredict.features.act_price`)."""
 
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     from the weights against the model's cached profile, :func:`~quantpredict.predict.rank.price`, exactly as
     ``rank`` and ``allocate`` price it), ``"physics"`` (the shipped measurement predictor: the recipe is quantized and
     run on the calibration windows), a saved predictor directory, or a fitted predictor. With a ``profile``
-    predictor, a recipe the weights-only path does not price (SmoothQuant, activation quantization, AWQ, QAT) is
+    predictor, a recipe the weights-only path does not price (AWQ, QAT) is
     measured by the ``physics`` predictor, and ``Prediction.note`` says so. ``calib_ids``: calibration token ids
     (default: WikiText-2 train through the model's tokenizer).
     ``ppl_fp``: the FP reference (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`): ``None`` (the
@@ -152,16 +154,10 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     label, cols = recipe_columns(recipe)
     recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
     note = ""
-    # the shipped profile law was fitted on the weight-only prices of the stored W+A runs (issue #28): fed the
-    # activation-term price it double-counts (2.35x too high on them, reports/act_price_study.md), so predict keeps
-    # measuring W+A recipes until that law is refitted on backfilled prices
-    act = recipe.act_format is not None or recipe.smoothquant_alpha is not None
-    if pred.kind == "profile" and (act or not weights_only(recipe)):
+    if pred.kind == "profile" and not weights_only(recipe):
         pred = resolve_predictor("physics")
-        what = ("its shipped law does not price SmoothQuant or activation quantization yet (refit pending)" if act
-                else "the weights-only profile does not price AWQ or QAT yet")
-        note = (f"{label}: {what}; measured on the calibration windows instead ({pred.kind} predictor: a "
-                "quantization and forward passes)")
+        note = (f"{label}: the weights-only profile does not price AWQ or QAT yet; measured on the calibration "
+                f"windows instead ({pred.kind} predictor: a quantization and forward passes)")
     if pred.kind == "profile":
         return _from_profile(model_or_path, recipe, pred, tokenizer=tokenizer, calib=calib_ids, ppl_fp=ppl_fp,
                              fp_windows=fp_windows, seed=seed, name=model_name, device=device, profile=profile,
