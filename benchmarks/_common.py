@@ -31,16 +31,25 @@ def stamp() -> str:
     return f"Measured {_dt.date.today().isoformat()} on {machine()}."
 
 
-def write_section(name: str, markdown: str) -> None:
-    """Replace (or append) the section ``name`` of reports/benchmarks.md, delimited by HTML comments."""
-    REPORTS.mkdir(exist_ok=True)
-    text = BENCH_MD.read_text() if BENCH_MD.exists() else "# Benchmarks\n\nEach section is written by its script in "\
-        "`benchmarks/`; rerun the script to refresh it.\n"
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+def write_between(path: Path, tag: str, markdown: str, new_page: str = "") -> None:
+    """Replace the block of ``path`` between ``<!-- tag -->`` and ``<!-- /tag -->`` with ``markdown`` (the text
+    around it is kept), or append the block (to ``new_page`` when the file does not exist yet)."""
+    text = path.read_text() if path.exists() else new_page
+    begin, end = f"<!-- {tag} -->", f"<!-- /{tag} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    BENCH_MD.write_text(text)
+    if pattern.search(text):
+        text = pattern.sub(lambda _m: block, text)
+    else:
+        text = (text.rstrip() + "\n\n" if text.strip() else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def write_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section ``name`` of reports/benchmarks.md, delimited by HTML comments."""
+    write_between(BENCH_MD, f"bench:{name}", markdown, "# Benchmarks\n\nEach section is written by its script in "
+                  "`benchmarks/`; rerun the script to refresh it.\n")
 
 
 def _rss_of_tree(pid: int) -> int:

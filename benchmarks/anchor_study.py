@@ -53,6 +53,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _common import write_between  # noqa: E402 -- benchmarks/ is the script's own folder
 
 RUNS = ROOT / "data" / "runs"
 FIT_STORES = ("runs.sqlite", "long.sqlite", "smollm2.sqlite")
@@ -421,22 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     text += "\n" + diagnostics(data, preds)
     print(text)
     if args.out:
-        write_tables(args.out, text)
+        write_between(args.out, "anchor_study:tables", text)
     return 0
-
-
-BEGIN, END = "<!-- anchor_study:tables -->", "<!-- /anchor_study:tables -->"
-
-
-def write_tables(path: Path, text: str) -> None:
-    """Write the tables between the page's markers (the interpretation around them is kept), or the whole page."""
-    block = f"{BEGIN}\n{text.strip()}\n{END}"
-    page = path.read_text() if path.exists() else ""
-    if BEGIN in page and END in page:
-        page = page[:page.index(BEGIN)] + block + page[page.index(END) + len(END):]
-    else:
-        page = block + "\n"
-    path.write_text(page)
 
 
 if __name__ == "__main__":

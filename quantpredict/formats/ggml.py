@@ -337,11 +337,7 @@ def _fit_q6_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor
     if found is not None:
         scales, fallback = found
     else:
-        scales, fallback = torch.empty(sub.shape[0]), torch.empty_like(sub)
-        for a in range(0, sub.shape[0], CHUNK):
-            s, c = _qx_chunk(sub[a : a + CHUNK].t().contiguous())
-            scales[a : a + CHUNK] = s
-            fallback[a : a + CHUNK] = c.t()
+        scales, fallback = _chunked(sub, _qx_chunk)
     scales = scales.reshape(-1, 16)
     max_abs, where_max = scales.abs().max(-1, keepdim=True)
     max_scale = scales.gather(-1, where_max)
@@ -398,13 +394,20 @@ def _int8(v: Tensor) -> Tensor:
     return ((v + 128) & 0xFF) - 128
 
 
+def _chunked(sub: Tensor, search: Callable[[Tensor], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """A sub-block scale search over ``sub`` [M, 16] in chunks of CHUNK sub-blocks (``search`` takes them transposed,
+    [16, chunk], and returns their scales [chunk] and codes [16, chunk]): scales [M] and codes [M, 16]."""
+    scales, codes = torch.empty(sub.shape[0]), torch.empty_like(sub)
+    for a in range(0, sub.shape[0], CHUNK):
+        s, c = search(sub[a : a + CHUNK].t().contiguous())
+        scales[a : a + CHUNK] = s
+        codes[a : a + CHUNK] = c.t()
+    return scales, codes
+
+
 def _fit_q3_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
     sub = blocks.reshape(-1, 16)  # [M, 16]
-    scales, fallback = torch.empty(sub.shape[0]), torch.empty_like(sub)
-    for a in range(0, sub.shape[0], CHUNK):
-        s, c = _q3_chunk(sub[a : a + CHUNK].t().contiguous())
-        scales[a : a + CHUNK] = s
-        fallback[a : a + CHUNK] = c.t()
+    scales, fallback = _chunked(sub, _q3_chunk)
     scales = scales.reshape(-1, 16)
     _, where_max = scales.abs().max(-1, keepdim=True)  # the first largest |scale|, with its sign
     max_scale = scales.gather(-1, where_max)

@@ -109,22 +109,14 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
                     opts = ExtractOptions()
                     windows = feature_windows(model, calib, opts.n_windows, opts.seq_len, 0)
                     profile = measure_profile(model, windows)
-                for r in model_rows:
-                    try:
-                        recipe = Recipe.from_label(r["recipe"])
-                        t = time.perf_counter()
-                        out = features.extract(model, recipe, calib, which=groups, profile=profile)
-                        if profile is not None:
-                            out["profile_seconds"] = out.get("profile_seconds", 0.0)
-                        timings = {"backfill_seconds": time.perf_counter() - t}
-                        st.update_features(r["run_key"], {k: v for k, v in out.items()}, timings=timings)
-                        filled += 1
-                    except QuantpredictError as exc:
-                        failed += 1
-                        errors.append(f"{r['run_key']}: {exc}")
-                    if on_run is not None:
-                        on_run(r["run_key"])
-                    bar.update(1)
+                def extract(recipe: Recipe, model=model, calib=calib, profile=profile) -> dict[str, float]:
+                    out = features.extract(model, recipe, calib, which=groups, profile=profile)
+                    if profile is not None:
+                        out["profile_seconds"] = out.get("profile_seconds", 0.0)
+                    return out
+
+                filled, failed = _priced(st, extract, model_rows, filled, failed, errors, on_run, bar,
+                                         lambda _run: True)  # measured afresh: every value written
                 if profile is not None:
                     bar.write(f"{name}: profile measured in {profile.seconds:.1f} s")
                 del model
@@ -141,8 +133,8 @@ def backfill(store: str | Path | RunStore, groups: Sequence[str], *, models: Seq
 def _priced(st: RunStore, price: Callable[[Recipe], dict[str, float]], rows: Sequence[dict], filled: int,
             failed: int, errors: list[str], on_run: Callable[[str], None] | None, bar,
             again: Callable[[dict], bool]) -> tuple[int, int]:
-    """Backfill ``rows`` through ``price``; a feature a run already has is kept as it was measured, unless
-    ``again(run)`` asks for it to be computed again."""
+    """Backfill ``rows`` through ``price`` (a recipe's features); a feature a run already has is kept as it was
+    measured, unless ``again(run)`` asks for it to be computed again. Returns the updated (filled, failed)."""
     for r in rows:
         try:
             t = time.perf_counter()
