@@ -257,12 +257,61 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
               "- The token embedding and the output head: llama.cpp quantizes them (the mix's type or Q8_0, and "
               "Q6_K), the project's named mixes keep them in 16 bits; the rows above name them.",
               "- An importance matrix (`--imatrix`): the project has no imatrix path yet.",
-              "- llama.cpp's own KLD of its files (`kld` subcommand) beside the predictions: not run here.", "",
+              "- llama.cpp's own KLD of its files beside the predictions: `kld-table` (below, where it was run).", "",
               "## Reproduce", "", "```bash", "make llamacpp",
-              "python benchmarks/llamacpp_reference.py report", "```", ""]
+              "python benchmarks/llamacpp_reference.py report",
+              "python benchmarks/llamacpp_reference.py kld-table --model smollm2-135m", "```", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
+    old = out.read_text() if out.exists() else ""
+    kept = re.findall(r"<!-- llamacpp:kld:.*?<!-- /llamacpp:kld:[^>]*-->", old, re.S)
+    out.write_text("\n".join(parts) + "".join(f"\n{k}\n" for k in kept))  # the KLD tables: their own command
     return out
+
+
+#: llama.cpp's file types of the headline table and the project's recipe for the same linear-layer types
+KLD_FILES = (("Q8_0", "q8_0-rtn"), ("Q6_K", "q6_k_pure"), ("Q5_K_M", "q5_k_m"), ("Q4_K_M", "q4_k_m"),
+             ("IQ4_XS", "iq4_xs_mix"), ("Q3_K_M", "q3_k_m"))
+_KLD = re.compile(r"Mean\s+KLD:\s+([\d.]+)\s+±\s+([\d.]+)")
+
+
+def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1) -> str:
+    """The headline table: for each of :data:`KLD_FILES`, llama.cpp's own ``--kl-divergence`` of its file against
+    the F32 GGUF (as llama-quantize writes it, and with the token embedding and output head kept in F16, the part
+    the project's recipes quantize), beside the project's prediction for the same linear-layer types (its protocol:
+    256-token windows, every token scored, embedding and head in 16 bits)."""
+    from quantpredict.predict.rank import rank_recipes
+
+    work = home() / "work"
+    base = work / f"{model}-f32.gguf"
+    if not base.is_file():
+        convert(model, base)
+    text = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    logits = work / f"{model}-kld-base-{chunks}x{ctx}.bin"
+    frame = rank_recipes(model, [r for _, r in KLD_FILES]).set_index("recipe")
+    by_mix = {str(m if isinstance(m, str) else r): r for r, m in zip(frame.index, frame["mix"])}
+    rows = ["| llama.cpp file | its KLD (llama.cpp) | same, embedding and head in F16 | project's prediction "
+            "[90%] | project recipe |", "|---|---|---|---|---|"]
+    for ftype, recipe in KLD_FILES:
+        got = []
+        for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"]):
+            out = work / f"{model}-{ftype}{'-f16io' if extra else ''}.gguf"
+            subprocess.run([str(_need("llama-quantize")), *extra, str(base), str(out), ftype, str(threads)],
+                           check=True, capture_output=True)
+            try:
+                m = _KLD.search(kld(base, out, text=text, chunks=chunks, ctx=ctx, threads=threads, logits=logits))
+                got.append(f"{float(m.group(1)):.4f} ± {float(m.group(2)):.4f}" if m else "n/a")
+            finally:
+                out.unlink(missing_ok=True)
+        p = frame.loc[by_mix.get(recipe, recipe)]
+        rows.append(f"| {ftype} | {got[0]} | {got[1]} | {p['kld']:.4f} [{p['kld_low']:.4f}, {p['kld_high']:.4f}] | "
+                    f"{recipe} |")
+    return "\n".join([f"### {model}: llama.cpp's own KLD beside the prediction", "",
+                       f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of "
+                       "WikiText-2 test (it scores the second half of each chunk), 1 thread. The prediction is the "
+                       "default predictor's for the project's protocol (256-token windows, every token after the "
+                       "first scored, embedding and head in 16 bits): it is not the quantity llama.cpp measures, "
+                       "and the F16 column shows how much of the difference the embedding and head carry.", "",
+                       *rows])
 
 
 def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, threads: int = 1,
@@ -314,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--types", default=",".join(PURE_FTYPE), help="comma-separated ggml types")
     e.add_argument("--tensors", default=None, metavar="REGEX", help="only tensors whose name matches")
     e.add_argument("--threads", type=int, default=1)
+    t2 = sub.add_parser("kld-table", help="llama.cpp's own KLD of its files beside the predictions, into the report")
+    t2.add_argument("--model", default="smollm2-135m")
+    t2.add_argument("--chunks", type=int, default=32)
+    t2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -344,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r['asked']} | {r['name']} | {r['type']} | {r['blocks']:,} | {r['differing']:,} |")
         total, bad = sum(r["blocks"] for r in rows), sum(r["differing"] for r in rows)
         print(f"\n{len(rows)} tensors, {total:,} blocks compared, {bad:,} differing")
+    elif args.cmd == "kld-table":
+        from _common import write_between
+
+        write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks))
+        print(f"wrote {args.out}")
     elif args.cmd == "report":
         pairs = [(m.split("=", 1)[0], m.split("=", 1)[1] if "=" in m else None) for m in args.models]
         print(f"wrote {report(pairs, args.out)}")
