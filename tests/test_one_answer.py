@@ -83,3 +83,24 @@ def test_measure_flag_uses_the_measurement_predictor(capsys):
     out = capsys.readouterr().out
     assert "physics predictor: measured on the calibration windows" in out
     assert "measured recipes:" in out
+
+
+def test_gptq_pricing_reuses_each_layers_factor_with_the_same_deltas():
+    """rank keeps each layer's GPTQ Hessian factor across recipes (ModelProfile.gptq_factors): the second GPTQ
+    recipe factorises nothing and its deltas are those of an uncached pricing, bit for bit."""
+    import torch
+
+    from quantpredict.features.fisher import profile_deltas
+    from quantpredict.predict.rank import profile_model
+
+    mp = profile_model(MODEL)
+    formats = [("mxint4", None)] * len(mp.refs)
+    cache: dict = {}
+    first = profile_deltas(mp.refs, formats, "gptq", mp.profile, factors=cache)
+    assert len(cache) == len(mp.refs)
+    kept = {k: v for k, v in cache.items()}
+    again = profile_deltas(mp.refs, [("int4", None)] * len(mp.refs), "gptq", mp.profile, factors=cache)
+    assert all(cache[k] is kept[k] for k in kept)  # reused, not recomputed
+    plain = profile_deltas(mp.refs, [("int4", None)] * len(mp.refs), "gptq", mp.profile)
+    assert all(torch.equal(a, b) for a, b in zip(again, plain))
+    assert all(torch.equal(a, b) for a, b in zip(first, profile_deltas(mp.refs, formats, "gptq", mp.profile)))

@@ -208,6 +208,23 @@ def test_gptq_dead_columns(act_order):
     assert torch.count_nonzero(gptq_quantize(W, H, "mxint4", block_size=8)[:, dead]) == 0
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("fmt,block", [("int4", None), ("mxint4", 8), ("q8_0", None)])
+def test_gptq_with_a_precomputed_factor_is_the_same(fmt, block, act_order):
+    """hessian_inverse_factor depends on the Hessian, percdamp and act_order alone: passed in, it gives the same
+    weights bit for bit (dead columns included), for the plain and the shipped-layout paths."""
+    from quantpredict.quantize.gptq import hessian_inverse_factor
+
+    n = 64
+    H = correlated_hessian(n)
+    H[3, :] = H[:, 3] = 0  # a dead input
+    W = torch.randn(12, n, generator=torch.Generator().manual_seed(7))
+    factor = hessian_inverse_factor(H, 0.02, act_order)
+    want = gptq_quantize(W, H, fmt, block_size=block, percdamp=0.02, act_order=act_order)
+    got = gptq_quantize(W, H, fmt, block_size=block, percdamp=0.02, act_order=act_order, inverse_factor=factor)
+    assert torch.equal(got, want)
+
+
 def test_gptq_keeps_dtype_and_bad_inputs():
     W = torch.randn(4, 8, dtype=torch.bfloat16)
     assert gptq_quantize(W, torch.eye(8), "mxint8", block_size=8).dtype == torch.bfloat16

@@ -340,13 +340,22 @@ def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequ
     return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top, "token_gn_quad": tok}
 
 
+#: bytes of Hessian factors a caller's ``factors`` cache of :func:`profile_deltas` may hold (SmolLM2's 210 layers
+#: take 0.5 GiB; a 1.5B model's would take 9 GiB, so only its first layers are kept)
+FACTOR_CACHE_BYTES = 1 << 30
+
+
 def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,
-                   profile: SensitivityProfile, *, gptq_options: dict | None = None) -> list[torch.Tensor | None]:
+                   profile: SensitivityProfile, *, gptq_options: dict | None = None,
+                   factors: dict | None = None) -> list[torch.Tensor | None]:
     """Each layer's ``Q(W) - W`` ([out, in]) from its weights alone: RTN, or GPTQ with the profile's FP-input
     Hessian ``2A`` (the layer-wise GPTQ of :mod:`quantpredict.quantize.gptq`; the sequential pass of
     ``quantize_model`` feeds each block the already-quantized blocks' outputs instead). ``None`` for layers left in
-    full precision."""
-    from quantpredict.quantize.gptq import gptq_quantize
+    full precision. ``factors``: a dict the caller keeps across recipes, where each layer's GPTQ Hessian factor
+    (:func:`~quantpredict.quantize.gptq.hessian_inverse_factor`, the same for every format) is kept while the dict
+    holds at most :data:`FACTOR_CACHE_BYTES`: the same deltas, one factorisation per layer instead of one per
+    recipe."""
+    from quantpredict.quantize.gptq import gptq_quantize, hessian_inverse_factor
     from quantpredict.quantize.rtn import rtn_quantize
 
     out: list[torch.Tensor | None] = []
@@ -357,8 +366,16 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
                 continue
             w = ref.weight.detach().float()
             if method == "gptq":
-                wq = gptq_quantize(w.clone(), profile.hessian(ref.name), fb[0], block_size=fb[1],
-                                   **dict(gptq_options or {}))
+                opts = dict(gptq_options or {})
+                hessian = profile.hessian(ref.name)
+                key = (ref.name, opts.get("percdamp", 0.01), bool(opts.get("act_order", False)))
+                factor = None if factors is None else factors.get(key)
+                if factor is None and factors is not None:
+                    factor = hessian_inverse_factor(hessian, key[1], key[2])
+                    if sum(t.numel() * t.element_size() for t in factors.values()) + factor.numel() * 4 \
+                            <= FACTOR_CACHE_BYTES:
+                        factors[key] = factor
+                wq = gptq_quantize(w.clone(), hessian, fb[0], block_size=fb[1], inverse_factor=factor, **opts)
             else:
                 wq = rtn_quantize(w, fb[0], block_size=fb[1])
             out.append(wq - w)

@@ -140,7 +140,7 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
         for i, ref in enumerate(refs):
             if not _fits(f, ref.in_features):
                 continue  # e.g. a k-quant on rows that are not a multiple of 256: not a choice for this layer
-            d = profile_deltas([ref], [fb], method, mp.profile, gptq_options=gptq)[0]
+            d = profile_deltas([ref], [fb], method, mp.profile, gptq_options=gptq, factors=mp.gptq_factors)[0]
             cost[i, j] = layer_prices(mp.profile, ref.name, d, kfac=False)[2]
             bpe[i, j] = f.bits_per_element(fb[1], row_length=ref.in_features)
     stuck = [refs[i] for i in range(L) if not np.isfinite(cost[i]).any()]
@@ -212,7 +212,7 @@ def recipe_objective(mp, recipe: Recipe) -> tuple[float, float]:
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+    deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq, factors=mp.gptq_factors)
     total = bits = elements = 0.0
     for ref, fb, d in zip(mp.refs, formats, deltas, strict=True):
         n = ref.weight.numel()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,7 @@ class ModelProfile:
     cached: bool = False
     tokenizer: Any = None
     source: Any = None  # what the model was given as (a name or path, or the model object)
+    gptq_factors: dict = field(default_factory=dict)  # each layer's GPTQ Hessian factor, kept across recipes
 
 
 #: the profile's protocol: token-wise terms from the first TOKEN_WINDOWS windows, one sampled label, one window per
@@ -199,7 +200,8 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
                                  act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
                                  gptq_options=gptq)
     else:
-        deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+        deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
+                                factors=mp.gptq_factors)
         feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
     rows = []
     for ref, fb in zip(mp.refs, formats):

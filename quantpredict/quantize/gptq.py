@@ -49,6 +49,7 @@ def gptq_quantize(
     act_order: bool = False,
     num_threads: int | None = 1,
     return_params: bool = False,
+    inverse_factor: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, QuantParams]:
     """Quantize ``weight`` [out, in] with GPTQ against the layer Hessian ``hessian`` [in, in] (``2/N sum x x^T``).
 
@@ -67,24 +68,39 @@ def gptq_quantize(
             loaded 2-core machine a 1024x1024 layer took 8.4 s, with 1 thread 0.8 s.
         return_params: also return the parameters each element was rounded with, per element ([out, in] tensors in
             a :class:`~quantpredict.formats.QuantParams`; the scale for single-scale formats).
+        inverse_factor: ``[in, in]``, what :func:`hessian_inverse_factor` gives for this ``hessian``, ``percdamp``
+            and ``act_order`` (it depends on nothing else): a caller that quantizes one layer in several formats
+            factorises its Hessian once. Not checked against ``hessian``.
 
     Returns:
         The dequantized weight, ``[out, in]``, in ``weight``'s dtype; every value lies on the format's grid (and,
         with ``return_params``, the parameters).
     """
-    args = (weight, hessian, fmt, block_size, blocksize, percdamp, act_order)
+    args = (weight, hessian, fmt, block_size, blocksize, percdamp, act_order, inverse_factor)
     with torch_threads(num_threads):  # restored after; thread-safe (see quantpredict.threads)
         q, params = _gptq(*args)
     return (q, params) if return_params else q
 
 
-def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> tuple[torch.Tensor, QuantParams]:
+def hessian_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01, act_order: bool = False) -> torch.Tensor:
+    """The ``[in, in]`` float32 factor :func:`gptq_quantize` propagates errors with (the upper Cholesky factor of the
+    damped inverse of ``hessian`` [in, in], dead inputs given a unit diagonal, in processing order): a function of
+    the Hessian, ``percdamp`` and ``act_order`` alone, so one factorisation serves every format of a layer."""
+    H = _dead_fixed(hessian)
+    if act_order:
+        perm = _order(H, act_order)
+        H = H[perm][:, perm]
+    return _inverse_factor(H, percdamp)
+
+
+def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order,
+          inverse_factor=None) -> tuple[torch.Tensor, QuantParams]:
     from quantpredict.formats import compute_scale, get_format, quantize_with_scale
     from quantpredict.formats.reference import round_to_element
 
     f = get_format(fmt)
     if is_shipped(f):
-        return _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order)
+        return _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order, inverse_factor)
     group = _check_inputs(weight, hessian, f, block_size, blocksize)
     rows, columns = weight.shape
     W, H = _dead_zeroed(weight, hessian)
@@ -94,7 +110,7 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order) -> t
         row_scale = compute_scale(W, fmt, axis=-1, block_size=None)  # [out, 1]
 
     W, H, perm, position = _ordered(W, H, act_order)
-    Hinv = _inverse_factor(H, percdamp)
+    Hinv = _inverse_factor(H, percdamp) if inverse_factor is None else inverse_factor
 
     n_groups = 0 if group is None else -(-columns // group)
     group_scale: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_groups
@@ -176,21 +192,31 @@ def _dead_zeroed(weight, hessian) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 W and float64 H, with dead inputs (never active in calibration) zeroed in W and a unit diagonal in H
     (they carry no information, and the unit diagonal keeps H invertible)."""
     W = weight.detach().to(torch.float32).clone()
+    W[:, torch.diag(hessian) == 0] = 0.0
+    return W, _dead_fixed(hessian)
+
+
+def _dead_fixed(hessian) -> torch.Tensor:
+    """float64 H with a unit diagonal at the dead inputs."""
     H = hessian.detach().to(torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    return W, H
+    return H
+
+
+def _order(H, act_order) -> torch.Tensor:
+    """The processing order of the columns: by descending Hessian diagonal with ``act_order``, else as they are."""
+    if act_order:
+        return torch.argsort(torch.diag(H), descending=True)
+    return torch.arange(H.shape[0], device=H.device)
 
 
 def _ordered(W, H, act_order):
     """W, H in processing order, the permutation, and position[c] = where original column c is processed."""
+    perm = _order(H, act_order)
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    else:
-        perm = torch.arange(W.shape[1], device=W.device)
     return W, H, perm, torch.argsort(perm)
 
 
@@ -222,7 +248,7 @@ def _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols) -> torch.Tensor
     return current
 
 
-def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order):
+def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order, inverse_factor=None):
     """GPTQ for the shipped layouts: each group's parameters from :func:`fit_params` on its current values."""
     group = _check_inputs(weight, hessian, f, block_size, blocksize)
     rows, columns = weight.shape
@@ -231,7 +257,7 @@ def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order
     # scale); both fitted on the whole weight
     full = fit_params(W, f, block_size=group) if group is None or f.tensor_level else None
     W, H, perm, position = _ordered(W, H, act_order)
-    Hinv = _inverse_factor(H, percdamp)
+    Hinv = _inverse_factor(H, percdamp) if inverse_factor is None else inverse_factor
     order = perm.tolist()
     hinv_diag = Hinv.diagonal().tolist()
     n_groups = 0 if group is None else -(-columns // group)
