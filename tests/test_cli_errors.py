@@ -61,6 +61,7 @@ CASES: list[tuple[str, list[str]]] = [
     ("backfill", ["backfill", "--store", "corrupt.sqlite", "--groups", "fisher"]),
     ("backfill", ["backfill", "--store", "missing.sqlite", "--groups", "fisher"]),
     ("backfill", ["backfill", "--store", "missing.sqlite"]),
+    ("backfill", ["backfill", "--store", "missing.sqlite", "--groups", "fisher", "--attributes", "--recompute", "all"]),
     ("fit", ["fit", "--runs", "missing.parquet", "--out", "p"]),
     ("fit", ["fit", "--store", "corrupt.sqlite", "--out", "p"]),
     ("predict", ["predict", "notamodel", "--format", "mxint4", "--predictor", "otherpred"]),

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             groups = parse_which(args.groups)
         except ValueError as exc:
             raise QuantpredictError(f"--groups {args.groups!r}: {exc}") from None
+    if args.recompute and (groups is None or list(groups) != ["profile"]):
+        raise QuantpredictError("--recompute works with --groups profile alone (the weights-only pricing path)")
     from quantpredict.runs import RunStore
 
     RunStore(args.store, create=False).close()  # a missing or foreign store fails before any work
@@ -53,8 +55,6 @@ def run(args: argparse.Namespace) -> int:
     if groups is None:
         return 0
     pricer = _weights_only_pricer() if list(groups) == ["profile"] else None
-    if args.recompute and pricer is None:
-        raise QuantpredictError("--recompute works with --groups profile alone (the weights-only pricing path)")
     recompute = {"all": lambda r: True, "activation": _is_activation_run, None: None}[args.recompute]
     summary = backfill(args.store, groups, models=args.models, methods=args.methods, torch_threads=args.threads,
                        progress=not args.no_progress, limit=args.limit, pricer=pricer, recompute=recompute)
