@@ -121,22 +121,17 @@ def dry_run_types(src: Path, ftype: str, *, imatrix: Path | None = None) -> dict
 
 
 def project_types(model: str, mix: str) -> dict[str, str]:
-    """The type the project's named ``mix`` gives each linear layer of ``model``, keyed by the GGUF tensor name
-    (gguf's own name map of the architecture); resolved on the model's skeleton (no weights load)."""
-    import gguf
-
+    """The type the project's named ``mix`` gives each linear layer of ``model``, keyed by the GGUF tensor name:
+    what :func:`quantpredict.export.plan_export` would write, named by its :func:`~quantpredict.export.gguf_names`
+    (from the model's config alone, no weights load)."""
     from quantpredict import arch
-    from quantpredict.mixes import resolve_recipe
+    from quantpredict.export import gguf_names, plan_export
     from quantpredict.models import skeleton
-    from quantpredict.quantize.plan import layer_plan
 
+    plan = plan_export(model, mix)
     net = skeleton(model)
-    arch_id = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[net.config.model_type]
-    names = gguf.get_tensor_name_map(arch_id, len(arch.blocks(net)))
-    out = {}
-    for p in layer_plan(net, resolve_recipe(mix, net)):
-        out[names.get_name(p.ref.name + ".weight", try_suffixes=(".weight",))] = p.weight_format
-    return out
+    names = gguf_names(plan, net.config.model_type, len(arch.blocks(net)))
+    return {names[layer.name]: layer.kind for layer in plan.layers if layer.quantized}
 
 
 def compare_types(model: str, src: Path, mix: str, ftype: str) -> tuple[list[str], list[str]]:

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-LLAMA_CPP_PYTHON = "0.3.36"
-SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+from quantpredict.export import LLAMA_CPP_PYTHON, SDIST
+from quantpredict.export import llama_cpp_home as home
+
 FLAGS = ["-O2", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-std=gnu11"]
 STUBS = r"""
 #include <stdio.h>
@@ -45,11 +46,6 @@ const char * ggml_type_name(int type) { (void)type; return "?"; }
 NAMES = {"q8_0": "q8_0", "q5_0": "q5_0", "q5_1": "q5_1", "q4_0": "q4_0", "q4_1": "q4_1", "q4_k": "q4_K",
          "q5_k": "q5_K", "q6_k": "q6_K", "q3_k": "q3_K", "q2_k": "q2_K", "iq4_nl": "iq4_nl", "iq4_xs": "iq4_xs"}
 ROW_API = ("iq4_nl", "iq4_xs")
-
-
-def home() -> Path:
-    h = os.environ.get("QUANTPREDICT_HOME")
-    return (Path(h).expanduser() if h else Path.home() / ".cache" / "quantpredict") / "llama_cpp"
 
 
 def sdist_path() -> Path | None:
