@@ -54,6 +54,8 @@ def test_the_commands_print_the_same_perplexity(ranked, capsys):
     assert main(["rank", MODEL, "--recipes", "mxint4-rtn", "--all"]) == 0
     rank = capsys.readouterr().out
     assert "profile predictor: priced from the weights" in predicted and "profile predictor" in demo
+    # the profile rank measured (the fixture) is the one predict and demo read: the same cache entry, not a second
+    assert "profile: read from the cache" in predicted and "profile: read from the cache" in demo
     for out in (predicted, demo, rank):
         assert want in _line(out, "mxint4-rtn"), out
 

@@ -86,8 +86,8 @@ def _predict(model_name: str, recipes, device=None) -> int:
     rows = []
     with answer.caught_warnings() as caught:
         # the profile and the FP reference predict, rank and allocate use too (cached, or measured once)
-        model, tok = (models.load(model_name, attn_implementation="eager", device=device) if device is not None
-                      else (model_name, None))
+        model, tok = (models.load(model_name, attn_implementation="eager", device=device) if device.type != "cpu"
+                      else (model_name, None))  # by name on the CPU: the cache entry rank and allocate read
         mp = profile_model(model, tokenizer=tok, name=model_name)
         ref = resolve_fp_reference(model_name, model=mp.model, tokenizer=mp.tokenizer)
         for fmt, method in recipes:

@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
 
             # the profile rank and allocate read (same load, same calibration, same cache entry)
             model, tok, calib = None, None, None
-            if args.calib_text is not None or device is not None:
+            # loaded here only when profile_model cannot load it by name as rank does (the name keys the cache by
+            # the weight files; a model object by hashing its tensors: another entry, measured again)
+            if args.calib_text is not None or device.type != "cpu":
                 model, tok = models.load(args.model, attn_implementation="eager", device=device)
                 calib = options.calib_stream(args, tok) if args.calib_text is not None else None
             mp = profile_model(model if model is not None else args.model, tokenizer=tok, calib=calib,

@@ -221,7 +221,7 @@ def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, t
     t0 = time.perf_counter()
     load_seconds = 0.0
     if profile is None:
-        if isinstance(model_or_path, (str, Path)) and device is not None:
+        if isinstance(model_or_path, (str, Path)) and device is not None and device.type != "cpu":
             from quantpredict import models
 
             model_or_path, tok = models.load(str(model_or_path), attn_implementation="eager", device=device)
