@@ -1,0 +1,138 @@
+"""Whole-model RTN quantization to each llama.cpp type and named mix: llama-quantize against ``quantpredict
+quantize``, end to end, in one run (issue #30's speed target: every type within 3x of llama-quantize).
+
+Both sides quantize the same tensors of the same model with one thread, each command timed as a whole process
+(startup, reading, quantizing, writing) under ``/usr/bin/time -v``, the two commands of a type run back to back so
+that the machine's load falls on both alike:
+
+* llama.cpp: ``llama-quantize [--pure] --token-embedding-type f16 --output-tensor-type f16 F32.gguf OUT.gguf TYPE 1``
+  from the F32 GGUF of the model (``benchmarks/llamacpp_reference.py convert``): every linear weight quantized,
+  the embedding and the head written in F16, as the project's recipes leave them (16-bit);
+* project: ``quantpredict quantize MODEL --format TYPE --method rtn --out DIR`` (``--mix NAME`` for a mix) with
+  ``OMP_NUM_THREADS=1``: loads the float32 HF checkpoint, quantizes every linear layer, saves the fake-quantized
+  checkpoint (float32 safetensors: four times the bytes of the F16/quantized GGUF).
+
+The F32 GGUF comes from llama.cpp's converter once (not timed). Needs the built tools (``make llamacpp``).
+
+    .venv/bin/python benchmarks/bench_llamacpp_speed.py [--model smollm2-135m] [--types q8_0,q4_k,...] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import llamacpp_reference as ref  # noqa: E402
+from _common import REPORTS, load_average, machine, write_section  # noqa: E402
+
+TYPES = ("q8_0", "q6_k", "q5_k", "q5_1", "q5_0", "q4_k", "q4_1", "q4_0", "q3_k", "q2_k", "iq4_nl", "iq4_xs")
+MIXES = {"q4_k_m": "Q4_K_M", "q5_k_m": "Q5_K_M", "q3_k_m": "Q3_K_M", "iq4_xs_mix": "IQ4_XS"}
+RESULTS = REPORTS / "bench_llamacpp_speed.json"
+TARGET = 3.0
+REAL = {m: " (**4-bit on the way in**: its GGUF package)" for m in ("smollm2-135m", "qwen2.5-coder-1.5b")}
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """``cmd`` under ``/usr/bin/time -v``: wall seconds and peak RSS; raises with its last lines when it fails."""
+    t0 = time.perf_counter()
+    p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        tail = " | ".join((p.stdout + p.stderr).strip().splitlines()[-4:])
+        raise SystemExit(f"{' '.join(cmd[:3])} ... failed (exit {p.returncode}): {tail}")
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
+    return {"seconds": wall, "peak_rss_bytes": int(m.group(1)) * 1024 if m else None}
+
+
+def llama_quantize(f32: Path, out: Path, ftype: str, pure: bool) -> dict:
+    cmd = [str(ref._need("llama-quantize"))] + (["--pure"] if pure else []) + [
+        "--token-embedding-type", "f16", "--output-tensor-type", "f16", str(f32), str(out), ftype, "1"]
+    return timed(cmd)
+
+
+def project_quantize(model: str, what: str, is_mix: bool, out: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    which = ["--mix", what] if is_mix else ["--format", what]
+    return timed([sys.executable, "-m", "quantpredict", "quantize", model, *which, "--method", "rtn",
+                  "--out", str(out)], env=env)
+
+
+def render(results: dict) -> str:
+    meta = results.get("_meta", {})
+    rows = ["| recipe | llama-quantize s | project s | ratio | llama-quantize GiB | project GiB |",
+            "|---|---:|---:|---:|---:|---:|"]
+    worst = 0.0
+    for name, r in results.get("rows", {}).items():
+        ratio = r["project"]["seconds"] / r["llama"]["seconds"]
+        worst = max(worst, ratio)
+        rows.append(f"| {name} | {r['llama']['seconds']:.1f} | {r['project']['seconds']:.1f} | {ratio:.1f}x | "
+                    f"{r['llama']['peak_rss_bytes'] / 2**30:.2f} | {r['project']['peak_rss_bytes'] / 2**30:.2f} |")
+    met = "**met**" if results.get("rows") and worst <= TARGET else "**not met**"
+    return "\n".join([
+        "## llama-quantize vs `quantpredict quantize`, end to end (`benchmarks/bench_llamacpp_speed.py`)",
+        "",
+        f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')}, model {meta.get('model', '?')}"
+        f"{REAL.get(meta.get('model'), '')}, one thread each; load average "
+        f"{meta.get('load', '?')} at the end ({meta.get('load_note', 'other jobs not stated')}), the two commands "
+        "of a row back to back. Each is a whole process under `/usr/bin/time -v`: llama-quantize from the F32 GGUF "
+        "(`--pure` for a type, the embedding and head in F16), `quantpredict quantize --method rtn` from the "
+        "float32 HF checkpoint (load, quantize every linear layer, save float32 safetensors). Types whose 256-element "
+        "super-blocks do not tile a row fall back alike on both sides (llama.cpp's rule).",
+        "",
+        *rows,
+        "",
+        f"Target: every type and mix within {TARGET:.0f}x of llama-quantize: {met} (worst {worst:.1f}x).",
+    ])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--types", default=",".join(TYPES) + "," + ",".join(MIXES))
+    ap.add_argument("--f32", type=Path, default=None, help="the model's F32 GGUF (default: the reference's cache)")
+    ap.add_argument("--load-note", default=None, help="what else ran on the machine")
+    ap.add_argument("--write", action="store_true", help="write the section of reports/benchmarks.md")
+    args = ap.parse_args()
+    if not ref.built():
+        raise SystemExit("llama.cpp's tools are not built: make llamacpp")
+    f32 = args.f32 or ref.home() / "work" / f"{args.model}-f32.gguf"
+    if not f32.is_file():
+        print(f"converting {args.model} to {f32} (not timed)", flush=True)
+        f32.parent.mkdir(parents=True, exist_ok=True)
+        ref.convert(args.model, f32)
+    results: dict = {"rows": {}}
+    with tempfile.TemporaryDirectory(prefix="bench-llamacpp-speed-") as tmp:
+        for name in [t for t in args.types.split(",") if t]:
+            is_mix = name in MIXES
+            if not is_mix and name not in TYPES:
+                raise SystemExit(f"unknown type {name!r}; types: {', '.join(TYPES)}; mixes: {', '.join(MIXES)}")
+            ftype = MIXES[name] if is_mix else name.upper()
+            llama = llama_quantize(f32, Path(tmp) / "out.gguf", ftype, pure=not is_mix)
+            project = project_quantize(args.model, name, is_mix, Path(tmp) / "out-dir")
+            shutil.rmtree(Path(tmp) / "out-dir", ignore_errors=True)
+            (Path(tmp) / "out.gguf").unlink(missing_ok=True)
+            results["rows"][name] = {"llama": llama, "project": project}
+            print(f"{name:12s} llama-quantize {llama['seconds']:6.1f} s   project {project['seconds']:6.1f} s   "
+                  f"{project['seconds'] / llama['seconds']:.1f}x", flush=True)
+    results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average(),
+                        "model": args.model, **({"load_note": args.load_note} if args.load_note else {})}
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    if args.write:
+        write_section("llamacpp-speed", render(results))
+        print(f"wrote the llamacpp-speed section of {REPORTS / 'benchmarks.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
