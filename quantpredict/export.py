@@ -10,8 +10,9 @@ The file is llama.cpp's own conversion with the recipe's tensors replaced:
    its type and in its order (``general.file_type`` set, ``general.quantization_version`` added), every tensor in its
    order and under its name; each weight the recipe quantizes is packed by
    :func:`quantpredict.formats.ggml.to_gguf_bytes` (bit-exact with llama.cpp's reference quantizer) and stored with
-   its ggml type; the token embedding, the output head and any linear the recipe leaves unquantized are stored in
-   ``keep`` (F16 by default: the project's recipes keep them in 16 bits, where llama-quantize would quantize them);
+   its ggml type; any linear the recipe leaves unquantized is stored in ``keep`` (F16 by default), and so are the
+   token embedding and the output head unless ``embedding_type`` / ``output_type`` name a llama.cpp type (the
+   project's recipes keep them in 16 bits, where llama-quantize would quantize them);
    norms, biases and every other tensor as the converter wrote them.
 3. The result is renamed onto the output path only when whole.
 
@@ -270,6 +271,13 @@ class ExportPlan:
     keep: str
     hf_architecture: str
     file_type: str  # gguf.LlamaFileType member name
+    embedding_type: str = ""  # the token embedding's type: a ggml type or a keep type ("": ``keep``)
+    output_type: str = ""  # the output head's (untied models; a tied head is the embedding): as above
+
+    def role_type(self, gguf_name: str) -> str:
+        """The type ``token_embd.weight`` or ``output.weight`` is written in."""
+        chosen = self.embedding_type if gguf_name == "token_embd.weight" else self.output_type
+        return chosen or self.keep
 
     @property
     def llama_quantize_type(self) -> str:
@@ -305,11 +313,39 @@ def require_gguf() -> None:
             from None
 
 
-def plan_export(model: str, recipe: Any, *, keep: str = "f16") -> ExportPlan:
+def _role_type(what: str, kind: str | None, row: int) -> str:
+    """``kind`` checked as the type of the token embedding or output head (rows of ``row`` elements): a keep type or
+    a llama.cpp type whose block tiles the rows; ``""`` for None (the keep type)."""
+    from quantpredict.formats.table import GGML_TYPE_ID, get_format
+
+    if kind is None:
+        return ""
+    kind = kind.lower()
+    if kind in KEEP_TYPES:
+        return kind
+    if kind not in GGML_TYPE_ID:
+        raise RecipeError(f"{what} type {kind!r}: give a llama.cpp type ({', '.join(sorted(GGML_TYPE_ID))}) or one "
+                          f"of {', '.join(KEEP_TYPES)}")
+    try:
+        get_format(kind).check_row_length(row)
+    except FormatError as exc:
+        raise RecipeError(f"{what} type {kind}: {exc}") from None
+    return kind
+
+
+def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: str | None = None,
+                output_type: str | None = None) -> ExportPlan:
     """Check that ``recipe`` (a named mix, a label, a :class:`~quantpredict.recipe.Recipe` or a dict of fields)
     quantizes every layer of ``model`` it quantizes by RTN to a ggml type (or fp16) whose block tiles its rows; from
     the model's config alone, before any work. A :class:`RecipeError` says what is wrong. Whether llama.cpp's
-    converter knows the architecture is :func:`check_converter`'s (it needs the converter's source)."""
+    converter knows the architecture is :func:`check_converter`'s (it needs the converter's source).
+
+    ``embedding_type`` / ``output_type``: the type of the token embedding / output head (a llama.cpp type such as
+    ``q8_0`` or ``q6_k``, as llama-quantize's ``--token-embedding-type`` / ``--output-tensor-type``; default
+    ``keep``). The project's recipes and predictions leave both in 16 bits; quantizing them here is for files the
+    size of llama.cpp's own. Where the converted file has no output tensor (a head tied to the embedding, which
+    llama.cpp then reads as the head), ``output_type`` has nothing to apply to: the result's ``kept`` lists the
+    tensors there are."""
     from quantpredict import arch
     from quantpredict.formats.table import GGML_TYPE_ID, get_format
     from quantpredict.mixes import is_mix_spec, mix_of, resolve_recipe
@@ -323,6 +359,9 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16") -> ExportPlan:
     config = json.loads((model_dir / "config.json").read_text())
     hf_arch = (config.get("architectures") or ["?"])[0]
     net = skeleton(model)
+    hidden = int(net.get_input_embeddings().weight.shape[1])
+    embedding_type = _role_type("token embedding", embedding_type, hidden)
+    output_type = _role_type("output head", output_type, hidden)
     shown = recipe if isinstance(recipe, str) else getattr(recipe, "label", str(recipe))
     resolved = resolve_recipe(recipe, net)
     _refuse_non_rtn(resolved, shown if len(str(shown)) < 60 else resolved.label[:60] + "...")
@@ -359,7 +398,8 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16") -> ExportPlan:
             if layer.quantized:
                 sizes[layer.kind] += layer.in_features * layer.out_features
         file_type = TYPE_FILE_TYPE[sizes.most_common(1)[0][0] if sizes else keep]
-    return ExportPlan(model, model_dir, resolved.label, mix, tuple(layers), keep, hf_arch, file_type)
+    return ExportPlan(model, model_dir, resolved.label, mix, tuple(layers), keep, hf_arch, file_type, embedding_type,
+                      output_type)
 
 
 def check_converter(plan: ExportPlan, src: Path) -> None:
@@ -510,7 +550,7 @@ class ExportResult:
     path: Path
     plan: ExportPlan
     tensors: tuple[tuple[str, str], ...]  # (GGUF name, type) in file order
-    kept: tuple[str, ...]  # the token embedding / output head tensors stored in the keep type
+    kept: tuple[str, ...]  # the token embedding / output head tensors of the file (their types: plan.role_type)
     linear_types: tuple[tuple[str, str], ...]  # (GGUF name, type) of each linear layer of the plan
     pre_tokenizer_fallback: bool
     bytes: int
@@ -581,7 +621,7 @@ def export_gguf(plan: ExportPlan, out: str | os.PathLike, *, progress: bool = Tr
         linear_types = tuple(types.items())
         kept = tuple(n for n in KEPT_ROLES if n in shapes and len(shapes[n]) == 2)
         for n in kept:
-            types[n] = plan.keep
+            types[n] = plan.role_type(n)
         ftype = getattr(gguf.LlamaFileType, plan.file_type)
         part = tmp / out.name
         with tqdm(total=total, desc=f"export {plan.llama_quantize_type}", unit="param", unit_scale=True,
@@ -631,9 +671,9 @@ def llama_quantize_command(result: ExportResult, *, src: str = "MODEL-f32.gguf",
     keep type, each linear layer named by an anchored ``--tensor-type`` pattern, the file type of ``result``."""
     args = ["llama-quantize"]
     if "token_embd.weight" in result.kept:
-        args += ["--token-embedding-type", result.plan.keep]
+        args += ["--token-embedding-type", result.plan.role_type("token_embd.weight")]
     if "output.weight" in result.kept:
-        args += ["--output-tensor-type", result.plan.keep]
+        args += ["--output-tensor-type", result.plan.role_type("output.weight")]
     for pattern in tensor_type_patterns(dict(result.linear_types)):
         args += ["--tensor-type", pattern]
     return shlex.join([*args, src, out or str(result.path), result.plan.llama_quantize_type])

@@ -158,8 +158,13 @@ def _check_file(path: Path, f32: Path, plan: export.ExportPlan) -> dict[str, str
                 else w.to({"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[layer.kind]).float())
         got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
         assert np.array_equal(got.astype(np.float32).view(np.uint32), want.numpy().view(np.uint32)), t.name
-    for name in ("token_embd.weight", "output.weight"):
-        assert types[name] == plan.keep
+    for name, hf in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
+        kind = plan.role_type(name)
+        assert types[name] == kind
+        if kind not in export.KEEP_TYPES:  # quantized as asked: the project's RTN of the checkpoint's tensor
+            w = weights.get(hf, weights["model.embed_tokens.weight"])
+            got = gguf.quants.dequantize(by_name[name].data, by_name[name].tensor_type).reshape(w.shape)
+            assert np.array_equal(got.view(np.uint32), rtn_quantize(w, kind).numpy().view(np.uint32)), name
     for t in src.tensors:  # norms as the converter wrote them
         if len(t.data.shape) == 1:
             assert types[t.name] == "f32" and np.array_equal(by_name[t.name].data, t.data)
@@ -178,6 +183,23 @@ def test_q8_0_file(cached_convert, tmp_path):
     types = _check_file(result.path, cached_convert, plan)
     assert sum(k == "q8_0" for k in types.values()) == 21 and result.kept == ("token_embd.weight", "output.weight")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temporary left
+
+
+def test_embedding_and_output_types(cached_convert, tmp_path, capsys):
+    """--embedding-type / --output-type: those tensors in the asked llama.cpp type, bit-exact with the project's RTN
+    of the checkpoint's tensors, and named so in llama-quantize's command."""
+    plan = export.plan_export(MODEL, "q4_0-rtn", embedding_type="q8_0", output_type="Q5_0")
+    assert (plan.role_type("token_embd.weight"), plan.role_type("output.weight")) == ("q8_0", "q5_0")
+    result = export.export_gguf(plan, tmp_path / "m.gguf", progress=False)
+    types = _check_file(result.path, cached_convert, plan)
+    assert types["token_embd.weight"] == "q8_0" and types["output.weight"] == "q5_0"
+    command = export.llama_quantize_command(result)
+    assert "--token-embedding-type q8_0" in command and "--output-tensor-type q5_0" in command
+    out = tmp_path / "cli.gguf"
+    assert main(["export", MODEL, "--recipe", "q4_0-rtn", "--embedding-type", "q8_0", "--gguf", str(out),
+                 "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "token_embd.weight in Q8_0, as asked" in text and "kept in F16: output.weight" in text
 
 
 def test_per_layer_mix_file(cached_convert, tmp_path):
@@ -240,6 +262,9 @@ def test_unsupported_architecture_is_refused(tmp_path, capsys):
     (["--recipe-file", "two.txt"], "2 recipes"),
     (["--recipe", "q8_0-rtn", "--gguf", "exists.gguf"], "--force"),
     (["--recipe", "q8_0-rtn", "--gguf", "afile/m.gguf"], "afile"),
+    (["--recipe", "q8_0-rtn", "--embedding-type", "q9_9"], "q9_9"),
+    (["--recipe", "q8_0-rtn", "--embedding-type", "q6_k"], "q8_0"),  # rows of 96: llama.cpp's fallback named
+    (["--recipe", "q8_0-rtn", "--output-type", "mxint4"], "llama.cpp type"),
 ])
 def test_errors_exit_2_and_write_nothing(argv, words, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -41,6 +41,12 @@ def register(subparsers) -> None:
     p.add_argument("--keep-type", choices=KEEP_TYPES, default="f16",
                    help="type of the tensors the recipe leaves unquantized: token embedding, output head, skipped "
                         "layers (default f16)")
+    p.add_argument("--embedding-type", metavar="TYPE", default=None,
+                   help="write the token embedding in this llama.cpp type (q8_0, q6_k, ...; llama-quantize's "
+                        "--token-embedding-type) instead of --keep-type; on a tied model it is the head too")
+    p.add_argument("--output-type", metavar="TYPE", default=None,
+                   help="write the output head in this llama.cpp type (llama-quantize's --output-tensor-type; "
+                        "untied models) instead of --keep-type")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new file is whole)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
@@ -80,7 +86,7 @@ def recipe_from_file(path_text: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from quantpredict.errors import OutputError
-    from quantpredict.export import export_gguf, llama_quantize_command, plan_export, source_dir
+    from quantpredict.export import KEEP_TYPES, export_gguf, llama_quantize_command, plan_export, source_dir
 
     spec = args.recipe.strip() if args.recipe is not None else recipe_from_file(args.recipe_file)
     model_dir = options.check_model(args.model)  # every input and output checked before any work
@@ -89,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         raise OutputError(f"--gguf {args.gguf} exists; pass --force to replace it, or another path")
     if out.resolve().is_relative_to(model_dir.resolve()):
         raise OutputError(f"--gguf {args.gguf} is inside the model's folder {model_dir}; write it elsewhere")
-    plan = plan_export(args.model, spec, keep=args.keep_type)  # a recipe error, from the config alone
+    plan = plan_export(args.model, spec, keep=args.keep_type, embedding_type=args.embedding_type,
+                       output_type=args.output_type)  # a recipe error, from the config alone
 
     def status(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(result.path), "bytes": result.bytes, "model": plan.model,
                           "recipe": plan.recipe_label, "mix": plan.mix, "file_type": plan.file_type,
                           "keep_type": plan.keep, "kept": list(result.kept),
+                          "kept_types": {n: plan.role_type(n) for n in result.kept},
                           "tensors": [{"name": n, "type": k} for n, k in result.tensors],
                           "pre_tokenizer_fallback": result.pre_tokenizer_fallback,
                           "llama_cpp_convert": convert, "llama_quantize": command}, indent=2))
@@ -111,9 +119,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): {plan.model} under {shown}, file type "
           f"{plan.llama_quantize_type}")
     print(f"  tensors: {counts}")
-    if result.kept:
-        print(f"  kept in {plan.keep.upper()}: {', '.join(result.kept)} (the project's recipes do not quantize the "
-              "token embedding or the output head; llama-quantize's own mixes would)")
+    by_type: dict[str, list[str]] = {}
+    for n in result.kept:
+        by_type.setdefault(plan.role_type(n), []).append(n)
+    for kind, names in by_type.items():
+        if kind in KEEP_TYPES:
+            print(f"  kept in {kind.upper()}: {', '.join(names)} (the project's recipes do not quantize the token "
+                  "embedding or the output head; llama-quantize's own mixes would)")
+        else:
+            print(f"  {', '.join(names)} in {kind.upper()}, as asked (the project's recipes and predictions leave "
+                  "them in 16 bits)")
+    if args.output_type and "output.weight" not in result.kept:
+        print("  note: the file has no output.weight (the head is the token embedding), so --output-type had "
+              "nothing to apply to; --embedding-type sets both")
     if result.pre_tokenizer_fallback:
         print("  note: llama.cpp's converter does not know this tokenizer by its hash; its pre-tokenizer is GPT-2's "
               "byte-level one and is written as tokenizer.ggml.pre = gpt-2")
