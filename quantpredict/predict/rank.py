@@ -176,13 +176,20 @@ def past_damage_bound(frame: pd.DataFrame) -> pd.Series:
     return out
 
 
-def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
+def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) -> dict[str, Any]:
     """One candidate's features from weights alone (``format`` and ``profile`` groups) and its size.
 
     Recipes with SmoothQuant or activation quantization are priced with the activation term
     (:func:`quantpredict.features.act_price.price_act_recipe`: the smoothed weights' change and the activation
     fake-quantization of every quantized layer's input, token-wise against the profile); the others by their weight
-    change alone (:func:`~quantpredict.features.fisher.price_deltas`, which the former reduces to)."""
+    change alone (:func:`~quantpredict.features.fisher.price_deltas`, which the former reduces to).
+
+    ``runtime`` (``"llama.cpp-cpu"``, :mod:`quantpredict.runtime`): price the recipe as that runtime runs it, each
+    quantized layer's input rounded to the runtime's activation format for its weight format (the weight+activation
+    path above, with per-layer formats); the row's ``act_format`` then names those formats (joined by ``+``), so the
+    predictor reads it as the weight+activation recipe it is, and ``runtime`` names the runtime. A
+    :class:`RecipeError` for a weight format the runtime does not run. ``None``: the recipe as the project's own
+    fake-quantized model runs it (``runtime`` column ``None``)."""
     from quantpredict.features.act_price import price_act_recipe
     from quantpredict.features.fisher import price_deltas, profile_deltas
     from quantpredict.formats import get_format
@@ -192,10 +199,21 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
         raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs AWQ or QAT: "
                           "predict it with `quantpredict predict` instead")
     t0 = time.perf_counter()
-    planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
+    plan = layer_plan(mp.model, recipe)
+    planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    if recipe.act_format is not None or recipe.smoothquant_alpha is not None:
+    act_label = recipe.act_format
+    if runtime is not None:
+        from quantpredict.runtime import activation_formats
+
+        acts = dict(zip((p.ref.name for p in plan), activation_formats(mp.model, recipe, runtime), strict=True))
+        per_ref = [acts.get(r.name) for r in mp.refs]
+        act_label = "+".join(dict.fromkeys(a[0] for a in acts.values())) or None
+        feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=None,
+                                 act_block=None, smoothquant_alpha=recipe.smoothquant_alpha, gptq_options=gptq,
+                                 act_formats=per_ref)
+    elif recipe.act_format is not None or recipe.smoothquant_alpha is not None:
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=recipe.act_format,
                                  act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
                                  gptq_options=gptq)
@@ -221,7 +239,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
             "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
             recipe.block_size, "smoothquant_alpha": (np.nan if recipe.smoothquant_alpha is None
                                                      else recipe.smoothquant_alpha),
-            "act_format": recipe.act_format, "recipe": recipe.label,
+            "act_format": act_label, "runtime": runtime, "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
@@ -236,21 +254,25 @@ def weights_only(recipe: Recipe) -> bool:
     return not (recipe.qat or recipe.awq)
 
 
-def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any) -> pd.DataFrame:
+def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any, *,
+          runtime: str | None = None) -> pd.DataFrame:
     """The one pricing path of ``predict``, ``rank``, ``allocate`` and ``demo``: each recipe's weights-only features
     (:func:`recipe_row`) with the FP reference ``ref``'s columns, turned into KLD, delta NLL, perplexity and top-1
     with intervals by the ``profile`` predictor ``pred``; one row per recipe, in order. A recipe's row does not depend
     on the other rows, so a recipe priced alone and priced in a grid gets the same numbers, bit for bit.
-    ``attrs["predicted"]`` names the predictor's output columns."""
+    ``runtime``: price every recipe as that runtime runs it (``"llama.cpp-cpu"``: its activation rounding too, see
+    :func:`recipe_row`); ``None``, the project's fake-quantized model. ``attrs["predicted"]`` names the predictor's
+    output columns, ``attrs["runtime"]`` the runtime."""
     from quantpredict.predict.fp_reference import label_output
 
-    frame = pd.DataFrame([recipe_row(mp, r) for r in recipes])
+    frame = pd.DataFrame([recipe_row(mp, r, runtime=runtime) for r in recipes])
     for k, v in ref.columns().items():
         frame[k] = v
     out = pred.predict(frame)
     label_output(out, ref)
     priced = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
     priced.attrs["predicted"] = list(out.columns)  # what the predictor added (the rest are its inputs)
+    priced.attrs["runtime"] = runtime
     return priced
 
 
