@@ -44,10 +44,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from quantpredict.errors import RecipeError
+
+if TYPE_CHECKING:  # the tables need no torch (the CLI reads them to build its options)
+    from torch import nn
 
 #: ``type_traits_cpu[weight type].vec_dot_type`` of the pinned ggml-cpu.c, by the project's weight format name
 VEC_DOT_TYPE: Mapping[str, str] = MappingProxyType({

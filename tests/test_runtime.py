@@ -194,3 +194,27 @@ def test_runtime_none_prices_as_before(mp):
             assert all(same[k] == v for k, v in want.items() if v == v)
         assert all(row[k] == v for k, v in want.items() if v == v) and row["runtime"] is None
         assert row["act_format"] == r.act_format
+
+
+def test_cli_predict_and_rank_label_the_runtime(mp, capsys):
+    import json
+
+    from quantpredict.cli import main
+
+    assert main(["predict", MODEL, "--format", "q8_0", "--runtime", "llama.cpp-cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "as llama.cpp-cpu runs it (activation rounding included)" in out and "q8_0-rtn" in out
+    assert main(["predict", MODEL, "--format", "q8_0", "--runtime", "llama.cpp-cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runtime"] == "llama.cpp-cpu"
+    assert main(["rank", MODEL, "--recipes", "q8_0-rtn,q4_k_m", "--runtime", "llama.cpp-cpu", "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert ranked["runtime"] == "llama.cpp-cpu" and len(ranked["candidates"]) == 2
+    assert main(["rank", MODEL, "--recipes", "q8_0-rtn", "--runtime", "llama.cpp-cpu"]) == 0
+    assert "as llama.cpp-cpu runs it" in capsys.readouterr().out
+    # refused before any work: a format llama.cpp does not run, a measurement, an unknown runtime
+    assert main(["rank", MODEL, "--recipes", "mxint4-rtn", "--runtime", "llama.cpp-cpu"]) != 0
+    assert "runs no 'mxint4' weights" in capsys.readouterr().err
+    assert main(["predict", MODEL, "--format", "q8_0", "--runtime", "llama.cpp-cpu", "--measure"]) != 0
+    assert "give one of them" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["rank", MODEL, "--runtime", "vllm"])

@@ -316,7 +316,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
                  max_bits: float | None = None, max_kld: float | None = None,
                  max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: Any = None,
                  progress: bool = False, calib: Any = None, cache: bool = True,
-                 fp_windows: int | None = None) -> pd.DataFrame:
+                 fp_windows: int | None = None, runtime: str | None = None) -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -330,12 +330,14 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`: ``None`` for the zoo card, the cached
     measurement or a fresh one on ``fp_windows`` windows; a measured number; ``"predicted"``). ``calib``:
     calibration ids or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``).
-    ``cache``: read and write the profile cache (:func:`profile_model`) and the FP reference's.
+    ``cache``: read and write the profile cache (:func:`profile_model`) and the FP reference's. ``runtime``
+    (``"llama.cpp-cpu"``): price every candidate as that runtime runs it, its activation rounding included
+    (:func:`recipe_row`; the candidates must use the runtime's weight formats); ``None``: the project's model.
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` and ``full_eval`` (the shared
     estimate, :func:`~quantpredict.predict.fp_reference.full_eval_cost`), ``fp_reference`` (a dict),
-    ``profile_cached`` (whether the profile came from the cache) and ``kept_16bit``. Columns include
+    ``profile_cached`` (whether the profile came from the cache), ``kept_16bit`` and ``runtime``. Columns include
     ``ppl_increase_pct`` and ``past_damage_bound`` (:func:`past_damage_bound`) and ``out_of_range`` (the inputs of
     the row outside the predictor's training ranges).
     """
@@ -360,9 +362,15 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     from quantpredict.mixes import is_mix_spec, resolve_recipe
 
     specs = list(recipes if recipes is not None else default_recipes())
+    if runtime is not None:
+        from quantpredict.runtime import activation_format, runtime_table
+
+        runtime_table(runtime)
     for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
         if not is_mix_spec(s):
-            Recipe.coerce(s)
+            r = Recipe.coerce(s)
+            if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
+                activation_format(r.weight_format, runtime)
     if not specs:
         raise RecipeError("rank_recipes needs at least one candidate recipe")
     t0 = time.perf_counter()
@@ -371,7 +379,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
     fp_seconds = time.perf_counter() - t_fp
     resolved = [resolve_recipe(s, mp.model) for s in specs]
-    frame = pd.concat([price(mp, [r], pred, ref)
+    frame = pd.concat([price(mp, [r], pred, ref, runtime=runtime)
                        for r in tqdm(resolved, desc="rank", unit="recipe", disable=not progress)], ignore_index=True)
     frame["mix"] = [s if is_mix_spec(s) else None for s in specs]
     frame["past_damage_bound"] = past_damage_bound(frame)
@@ -392,7 +400,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         "full_eval_seconds": full_eval_cost(ref).seconds, "full_eval": full_eval_cost(ref).to_dict(),
         "fp_reference": ref.to_dict(), "fp_seconds": fp_seconds,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
-        "predictor_kind": pred.kind,
+        "predictor_kind": pred.kind, "runtime": runtime,
     })
     return frame
 
