@@ -67,22 +67,47 @@ def why_unavailable() -> str | None:
     return None
 
 
-def _build(sdist: Path, target: Path, cc: str) -> None:
+#: the CPU backend's x86 activation quantizers (``quantize_row_q8_0``/``_q8_1``/``_q8_K`` of ggml-cpu/arch/x86/quants.c,
+#: the SIMD code llama.cpp runs on this machine) are built with AVX2 on top, and need stubs of the tables they declare
+CPU_SOURCES = ("src/ggml-quants.c", "src/ggml-cpu/arch/x86/quants.c")
+CPU_FLAGS = ["-mavx2", "-mf16c", "-mfma"]
+CPU_STUBS = STUBS + r"""
+float ggml_table_f32_f16[1 << 16];
+float ggml_table_f32_e8m0_half[1 << 8];
+float ggml_table_f32_ue4m3[1 << 8];
+"""
+
+
+def _build(sdist: Path, target: Path, cc: str, sources: tuple[str, ...] = ("src/ggml-quants.c",),
+           flags: list[str] = FLAGS, stubs: str = STUBS) -> None:
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/ggml/"
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp, tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and m.isfile()
-                   and (m.name.endswith(".h") or m.name.endswith("src/ggml-quants.c"))]
+                   and (m.name.endswith(".h") or any(m.name.endswith(s) for s in sources))]
         tar.extractall(tmp, members=members, filter="data")
         root = Path(tmp) / prefix
-        (Path(tmp) / "stubs.c").write_text(STUBS)
+        (Path(tmp) / "stubs.c").write_text(stubs)
         out = Path(tmp) / target.name
-        cmd = [cc, *FLAGS, f"-I{root / 'include'}", f"-I{root / 'src'}", f"-I{root / 'src' / 'ggml-cpu'}",
-               str(root / "src" / "ggml-quants.c"), str(Path(tmp) / "stubs.c"), "-o", str(out), "-lm"]
+        cmd = [cc, *flags, f"-I{root / 'include'}", f"-I{root / 'src'}", f"-I{root / 'src' / 'ggml-cpu'}",
+               *[str(root / s) for s in sources], str(Path(tmp) / "stubs.c"), "-o", str(out), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"building ggml-quants.c failed: {proc.stderr[-2000:]}")
+            raise RuntimeError(f"building {', '.join(sources)} failed: {proc.stderr[-2000:]}")
         os.replace(out, target)
+
+
+def _built(name: str, sources: tuple[str, ...], flags: list[str], stubs: str) -> ctypes.CDLL:
+    sdist = sdist_path()
+    assert sdist is not None, why_unavailable()
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
+    key = hashlib.sha256("\0".join([digest, *sources, *flags, stubs, version]).encode()).hexdigest()[:16]
+    target = home() / f"{name}_{key}.so"
+    if not target.is_file():
+        _build(sdist, target, cc, sources, flags, stubs)
+    return ctypes.CDLL(str(target))
 
 
 def library() -> ctypes.CDLL:
@@ -90,16 +115,36 @@ def library() -> ctypes.CDLL:
     prebuilt = os.environ.get("QUANTPREDICT_GGML_REF_LIB")
     if prebuilt:
         return ctypes.CDLL(prebuilt)
-    sdist = sdist_path()
-    assert sdist is not None, why_unavailable()
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    key = hashlib.sha256("\0".join([digest, *FLAGS, STUBS, version]).encode()).hexdigest()[:16]
-    target = home() / f"ggml_quants_{key}.so"
-    if not target.is_file():
-        _build(sdist, target, cc)
-    return ctypes.CDLL(str(target))
+    return _built("ggml_quants", ("src/ggml-quants.c",), FLAGS, STUBS)
+
+
+def why_cpu_unavailable() -> str | None:
+    """None when :func:`cpu_library` can be built and run here (the sdist, a compiler, an x86 CPU with AVX2, F16C
+    and FMA), else the reason."""
+    if sdist_path() is None or not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")):
+        return why_unavailable() or "llama.cpp oracle: the CPU quantizers need the sdist"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    if not {"avx2", "f16c", "fma"} <= flags:
+        return "llama.cpp CPU oracle: needs an x86 CPU with AVX2, F16C and FMA (the SIMD quantizers under test)"
+    return None
+
+
+def cpu_library() -> ctypes.CDLL:
+    """ggml-quants.c with the CPU backend's x86 SIMD ``quantize_row_q8_0`` / ``_q8_1`` / ``_q8_K`` (built on first
+    use, ``-mavx2 -mf16c -mfma``); call :func:`why_cpu_unavailable` first."""
+    return _built("ggml_cpu_quants", CPU_SOURCES, [*FLAGS, *CPU_FLAGS], CPU_STUBS)
+
+
+def quantize_row(lib: ctypes.CDLL, name: str, x: np.ndarray, block: int, size: int) -> np.ndarray:
+    """``name(x, y, k)`` (a ``quantize_row_*`` of the library) on float32 ``x`` [rows, n]: uint8 [rows, n / block *
+    size]."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.zeros((a.shape[0], a.shape[1] // block * size), dtype=np.uint8)
+    getattr(lib, name)(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(a.size))
+    return out
 
 
 def quantize(lib: ctypes.CDLL, fmt: str, x: np.ndarray, block: int, size: int) -> np.ndarray:

@@ -37,6 +37,8 @@ SHIPPED = ([f"uint{k}" for k in range(8, 1, -1)] + [f"uint{k}_pc" for k in range
               "iq4_xs"])
 # one FP32 scale per tensor (tests/test_formats_tensor_scale.py)
 PER_TENSOR = ["fp8_e4m3_pt", "nvfp4"]
+# llama.cpp's activation formats (tests/test_formats_act.py)
+ACT = ["q8_0_x86", "q8_k"]
 
 # (ebits, mbits, reserved codes) straight from OCP MX v1.0 / OFP8: E4M3 keeps only S.1111.111 for NaN; E5M2
 # reserves its top exponent for Inf/NaN; the FP6/FP4 elements reserve nothing.
@@ -122,7 +124,7 @@ def test_table_matches_bit_definitions():
 
 def test_list_and_get_format():
     names = list_formats()
-    assert set(SCALED + SHIPPED + PER_TENSOR + ["bf16", "fp16"]) == set(names) and len(names) == len(set(names))
+    assert set(SCALED + SHIPPED + PER_TENSOR + ACT + ["bf16", "fp16"]) == set(names) and len(names) == len(set(names))
     f = get_format("mxfp4_e2m1")
     assert (f.family, f.default_block_size, f.scale_bits) == ("mx", 32, 8)
     assert (get_format("int4").family, get_format("int4").default_block_size, get_format("int4").scale_bits) == (

@@ -124,3 +124,20 @@ def check_out(path: Any, flag: str, *, kind: str = "file") -> Any:
     from quantpredict.files import check_output
 
     return None if path is None else check_output(path, flag, kind=kind)
+
+
+def add_runtime(p) -> None:
+    """``--runtime``: price the recipes as an inference runtime runs them (:mod:`quantpredict.runtime`)."""
+    from quantpredict.runtime import RUNTIMES
+
+    p.add_argument("--runtime", default=None, choices=list(RUNTIMES),
+                   help="price each recipe as this runtime runs it: llama.cpp-cpu rounds every quantized layer's "
+                        "input to 8 bits as its CPU backend does (Q8_0 blocks of 32 for Q4_0/Q5_0/Q8_0/IQ4_NL "
+                        "weights and Q4_1/Q5_1's Q8_1, Q8_K blocks of 256 for the k-quants and IQ4_XS, fp16 for F16), "
+                        "on top of the weights (llama.cpp types only; default: the project's model, activations "
+                        "in full precision)")
+
+
+def runtime_words(runtime: str | None) -> str:
+    """The printed label of a runtime: empty for none."""
+    return "" if runtime is None else f"; as {runtime} runs it (activation rounding included)"

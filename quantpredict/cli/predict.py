@@ -30,6 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--block-size", type=options.positive(int), default=None)
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA")
     p.add_argument("--act-format", default=None)
+    options.add_runtime(p)
     how = p.add_mutually_exclusive_group()
     how.add_argument("--predictor", default="default",
                      help="'default' (the shipped weights-only profile predictor), 'physics' (the shipped "
@@ -48,6 +49,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from quantpredict.predict.quality import HOW_MEASURED, predict_quality, resolve_predictor
 
+    if args.runtime is not None and args.measure:
+        from quantpredict.errors import PredictorError
+
+        raise PredictorError("--runtime prices recipes from their weights against the profile; --measure measures "
+                             "the project's own model: give one of them")
     predictor = resolve_predictor("physics" if args.measure else args.predictor)  # fail fast, before loading
     device, budget = options.device(args), options.max_memory(args)
     options.check_texts(args)
@@ -89,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 recipe = named_mix(what, model, base=recipe)
             pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=ref, calib_ids=calib,
                                  model_name=args.model, extract_options=extract, profile=mp,
-                                 cache=not args.no_cache)
+                                 cache=not args.no_cache, runtime=args.runtime)
             results.append(pr.to_dict())
     cost = full_eval_cost(ref)
     notes = answer.notes(caught, [(r["recipe"], r["out_of_range"]) for r in results])
@@ -107,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     fp_value = results[0]["ppl_fp"] if results else None
     kinds = ", ".join(dict.fromkeys(f"{r['predictor_kind']} predictor: {r['how']}" for r in results))
     print(f"{args.model}: predicted on WikiText-2 test ({kinds}; 90% intervals, which carry the FP perplexity's SE "
-          "too)")
+          f"too){options.runtime_words(args.runtime)}")
     print(answer.fp_line(ref, fp_value))
     kld_head = f" {'KLD':>9s} {'KLD interval':>21s} {'top-1%':>7s}" if has_kld else ""
     print(f"{'recipe':32s}{kld_head} {'ppl':>10s} {'interval':>21s} {'vs FP':>8s} {'delta NLL':>10s} "

@@ -30,6 +30,7 @@ def register(sub) -> None:
     budget.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
                         help="predicted perplexity at most PCT percent above the FP one")
     p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
+    options.add_runtime(p)
     answer.add_fp_options(p)
     p.add_argument("--all", action="store_true",
                    help="list every candidate; by default recipes past the damage bound (predicted perplexity more "
@@ -65,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     with answer.caught_warnings() as caught:
         frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
                              max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
-                             progress=True, cache=not args.no_cache, fp_windows=args.fp_windows)
+                             progress=True, cache=not args.no_cache, fp_windows=args.fp_windows,
+                             runtime=args.runtime)
     names = [r["mix"] if isinstance(r.get("mix"), str) else r["recipe"] for _, r in frame.iterrows()]
     frame.attrs["notes"] = answer.notes(caught, zip(names, frame["out_of_range"].fillna("") if "out_of_range" in frame
                                                                else [""] * len(frame)))
@@ -93,13 +95,15 @@ def _print(args: argparse.Namespace, frame) -> None:
                           "fp_reference": a["fp_reference"], "seconds": a["seconds"],
                           "profile_seconds": a["profile_seconds"], "profile_cached": a["profile_cached"],
                           "full_eval_seconds": a["full_eval_seconds"], "full_eval": a["full_eval"],
-                          "kept_16bit": a["kept_16bit"], "notes": a.get("notes", []), "candidates": rows},
+                          "kept_16bit": a["kept_16bit"], "runtime": a.get("runtime"), "notes": a.get("notes", []),
+                          "candidates": rows},
                          indent=1, default=str))
         return
     fp = a["fp_reference"]
     fp_value = float(frame["ppl_fp"].iloc[0]) if len(frame) else None
     print(f"{a['model']}: {len(frame)} candidates, predicted on WikiText-2 test ({a['predictor_kind']} predictor, "
-          "90% intervals, which carry the FP perplexity's SE too); * = Pareto-optimal in KLD vs bits")
+          f"90% intervals, which carry the FP perplexity's SE too){options.runtime_words(a.get('runtime'))}; * = "
+          "Pareto-optimal in KLD vs bits")
     print(answer.fp_line(fp, fp_value))
     print(f"{'recipe':22s} {'bits':>5s} {'MiB':>7s} {'KLD':>9s} {'KLD interval':>21s} {'dNLL':>8s} {'ppl':>8s} "
           f"{'ppl interval':>19s} {'vs FP':>8s} {'top1%':>6s}")

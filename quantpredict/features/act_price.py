@@ -23,6 +23,11 @@ Departures from what ``quantize_model`` does (stated, not hidden):
 - ``x_t`` is the FP model's input of the layer (bf16-rounded); the sequential quantized model's inputs carry the
   earlier layers' errors. GPTQ is priced against the profile's FP Hessian ``2A`` (the weight-only path's departure).
 - The price is block-diagonal over layers and second order, as ``token_gn_quad`` is.
+- A runtime's activation rounding (``act_formats``, e.g. llama.cpp's Q8_0/Q8_K inputs, :mod:`quantpredict.runtime`)
+  is applied to the bf16-stored profile inputs, where the runtime rounds float32 ones: exact halves are more common
+  on bf16 values (llama.cpp's x86 Q8_0 rounds them to even), and a rounding to fp16 or bf16 (F16/BF16 weights)
+  leaves bf16 values (nearly) unchanged, so it prices at (nearly) 0 where float32 inputs would lose up to 2^-11
+  (fp16) or 2^-8 (bf16) of each value.
 """
 
 from __future__ import annotations
@@ -114,27 +119,40 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
                      formats: Sequence[tuple[str, int | None] | None], method: str, *,
                      act_format: str | None, act_block: int | None, smoothquant_alpha: float | None,
                      gptq_options: Mapping | None = None, token_inputs: Mapping[str, torch.Tensor] | None = None,
-                     smoothing_inputs: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+                     smoothing_inputs: Mapping[str, torch.Tensor] | None = None,
+                     act_formats: Sequence[tuple[str, int | None] | None] | None = None) -> dict[str, float]:
     """The ``profile`` group's token-wise features of a (weight+activation, optionally SmoothQuant) recipe:
     ``token_gn_quad`` (the total price of the module docstring), its ``act_weight_quad`` and ``act_input_quad`` parts
     (without their cross term) and ``kfac_max_layer_share`` (the largest layer's share of the total). ``formats``:
     one ``(format, block size)`` per ref, ``None`` for layers left in full precision (neither weights nor inputs
     quantized). ``token_inputs`` (``{name: [T, in]}``, default the profile's) are the inputs priced;
-    ``smoothing_inputs`` (``{name: [T', in]}``, default ``token_inputs``) give SmoothQuant's per-channel max."""
+    ``smoothing_inputs`` (``{name: [T', in]}``, default ``token_inputs``) give SmoothQuant's per-channel max.
+
+    ``act_formats``: one activation ``(format, block size)`` per ref, or ``None`` for a layer whose input is not
+    quantized (a runtime's per-layer formats, :func:`quantpredict.runtime.activation_formats`), in place of the one
+    ``act_format``/``act_block`` of every quantized layer (then ``act_format`` must be ``None``); layers whose
+    ``formats`` entry is ``None`` stay unpriced either way."""
+    if act_formats is not None:
+        if act_format is not None:
+            raise ValueError("give act_format (one format for every quantized layer) or act_formats (one per layer), "
+                             "not both")
+        if len(act_formats) != len(refs):
+            raise ValueError(f"act_formats has {len(act_formats)} entries for {len(refs)} layers: give one per ref")
     xs = profile.token_inputs if token_inputs is None else token_inputs
     scales = ({} if smoothquant_alpha is None else
               smoothing_scales_of(model, xs if smoothing_inputs is None else smoothing_inputs, smoothquant_alpha))
     totals = [0.0, 0.0, 0.0]
     per_layer = []
     with torch.no_grad():
-        for ref, fb in zip(refs, formats, strict=True):
+        per_ref = [(act_format, act_block)] * len(refs) if act_formats is None else act_formats
+        for ref, fb, ab in zip(refs, formats, per_ref, strict=True):
             if fb is None:
                 continue
+            a_fmt, a_block = (None, None) if ab is None else ab
             scale = scales.get(ref.name)
             h = profile.hessian(ref.name) if method == "gptq" else None
             w_q, delta = smoothed_quantized(ref.weight, scale, fb, method, h, gptq_options)
-            parts = act_quadratic(w_q, delta, xs[ref.name], profile.token_grads[ref.name], scale,
-                                  act_format, act_block)
+            parts = act_quadratic(w_q, delta, xs[ref.name], profile.token_grads[ref.name], scale, a_fmt, a_block)
             totals = [a + b for a, b in zip(totals, parts)]
             per_layer.append(parts[0])
     total = sum(per_layer)

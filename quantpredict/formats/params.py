@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from quantpredict.errors import FormatError
-from quantpredict.formats import asym, ggml, nf4, tensor_scale
+from quantpredict.formats import asym, ggml, ggml_act, nf4, tensor_scale
 from quantpredict.formats.table import Format, get_format
 
-SHIPPED = ("asym", "nf4", "ggml", "tensor")  # families whose parameters are more than one scale along the axis
-_CODECS = {"asym": asym, "nf4": nf4, "ggml": ggml, "tensor": tensor_scale}
+# families whose parameters are more than one scale along the axis
+SHIPPED = ("asym", "nf4", "ggml", "ggml_act", "tensor")
+_CODECS = {"asym": asym, "nf4": nf4, "ggml": ggml, "ggml_act": ggml_act, "tensor": tensor_scale}
 # the parameters of a tensor_level format that are fitted on the whole tensor (stats_from)
 _TENSOR_STATS = {"nf4": ("offset", "absmax2"), "tensor": tensor_scale.TENSOR_STATS}
 
@@ -68,8 +69,8 @@ def fit_blocks(blocks: Tensor, fmt: Format, stats: Mapping[str, Tensor] | None =
     (``use_native``: the k-quant searches may run in the C kernel, bit-identical to torch)."""
     if fmt.family == "nf4":
         return nf4.fit(blocks, fmt, stats)
-    if fmt.family == "ggml":
-        return ggml.fit(blocks, fmt, use_native)
+    if fmt.family in ("ggml", "ggml_act"):
+        return _CODECS[fmt.family].fit(blocks, fmt, use_native)
     if fmt.family == "tensor":
         return tensor_scale.fit(blocks, fmt, stats)
     return asym.fit(blocks, fmt)
@@ -173,8 +174,8 @@ def fake_quantize_shipped(x: Tensor, f: Format, axis: int, block_size: int | Non
         return x.clone()
     xm = x32.movedim(ax, -1)
     blocks = _blocked(xm.reshape(-1, n), block)
-    if f.family == "ggml":
-        y = ggml.fake_quantize_blocks(blocks, f, use_native)
+    if f.family in ("ggml", "ggml_act"):
+        y = _CODECS[f.family].fake_quantize_blocks(blocks, f, use_native)
     else:
         y = quantize_blocks(blocks, f, fit_blocks(blocks, f))
     y = y.reshape(y.shape[0], -1)[:, :n].reshape(xm.shape).movedim(-1, ax)

@@ -100,7 +100,7 @@ def _blocked(xm: Tensor, block: int) -> Tensor:
 
 
 def _single_scale_only(f: Format, what: str) -> None:
-    if f.family in ("asym", "nf4", "ggml", "tensor"):
+    if f.family in ("asym", "nf4", "ggml", "ggml_act", "tensor"):
         raise FormatError(
             f"{what} covers the single-scale formats (MX, int, fp8, float); {f.name} also stores zero points, mins, "
             "second-level or per-tensor scales: use fit_params / quantize_with_params (quantpredict.formats) instead")

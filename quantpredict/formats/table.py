@@ -227,7 +227,8 @@ GGML_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "q3_k": "q4_0",
 GGML_TYPE_ID = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q4_k": 12, "q5_k": 13, "q6_k": 14,
                 "q2_k": 10, "q3_k": 11, "iq4_nl": 20, "iq4_xs": 23}
 # who defines the layout of a fixed-block family (for error messages)
-_LAYOUT_SOURCE = {"ggml": "llama.cpp's layout", "tensor": "NVIDIA's definition, as ModelOpt and vLLM implement it"}
+_LAYOUT_SOURCE = {"ggml": "llama.cpp's layout", "ggml_act": "llama.cpp's layout",
+                  "tensor": "NVIDIA's definition, as ModelOpt and vLLM implement it"}
 
 
 def _make(name: str, family: str, element_format: str) -> Format:
@@ -289,6 +290,10 @@ FORMATS: dict[str, Format] = {
         # IQ4_NL: fp16 d per 32 times a 16-value non-linear table; IQ4_XS: fp16 d per 256, 6-bit scale per 32
         _shipped("iq4_nl", "ggml", "iq4nl", QK4, 16, fixed_block=True),
         _shipped("iq4_xs", "ggml", "iq4nl", QK_K, 16, sub_block=32, sub_scale_bits=6, fixed_block=True),
+        # llama.cpp's activation formats (:mod:`quantpredict.formats.ggml_act`, no weight type): Q8_0 as the x86 CPU
+        # backend quantizes matmul inputs; Q8_K (fp32 d per 256, an int16 sum per 16 codes)
+        _shipped("q8_0_x86", "ggml_act", "int8", QK8_0, 16, fixed_block=True),
+        _shipped("q8_k", "ggml_act", "int8", QK_K, 32, sub_block=16, sub_scale_bits=16, fixed_block=True),
         _make("bf16", "float", "bf16"),
         _make("fp16", "float", "fp16"),
     ]
@@ -322,6 +327,8 @@ def _scale_text(f: Format) -> str:
         return "fp32 absmax per block" if not f.scale2_block else "8-bit absmax per block, fp32 per 256 blocks"
     if f.family == "tensor":
         return "E4M3 per 16, fp32 per tensor" if f.scale_element else "fp32 per tensor"
+    if f.family == "ggml_act":
+        return "fp16 per 32" if f.name == "q8_0_x86" else "fp32 per 256, int16 sum per 16"
     if f.family == "ggml":
         return {"q8_0": "fp16 per 32", "q5_0": "fp16 per 32", "q5_1": "fp16 d, min per 32",
                 "q4_0": "fp16 per 32", "q4_1": "fp16 d, min per 32",

@@ -54,8 +54,10 @@ class Prediction:
     full evaluation of this model cost in the predictor's training runs (None for a model it has not seen).
     ``how``: :data:`HOW_PROFILE` (weights-only, the default) or :data:`HOW_MEASURED` (a measurement predictor such as
     ``physics``: the recipe was quantized and run on calibration windows); ``note``: why a recipe was measured
-    although the weights-only predictor was asked for (empty otherwise). On the weights-only path ``seconds`` is
-    the recipe's pricing alone, plus the profile's measurement when this call measured it."""
+    although the weights-only predictor was asked for (empty otherwise); ``runtime``: the runtime it was priced as
+    running on (``"llama.cpp-cpu"``: its activation rounding included), ``None`` for the project's own model. On
+    the weights-only path ``seconds`` is the recipe's pricing alone, plus the profile's measurement when this call
+    measured it."""
 
     model: str
     recipe: str
@@ -87,6 +89,7 @@ class Prediction:
     fp_reference: dict[str, Any] = field(default_factory=dict)
     how: str = ""
     note: str = ""
+    runtime: str | None = None  # the runtime the recipe was priced for (quantpredict.runtime); None: the project's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +111,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: Any = None, fp_windows: int | None = None,
                     seed: int = 0, extract_options: Mapping[str, Any] | None = None,
                     model_name: str | None = None, device: Any = None, profile: Any = None,
-                    cache: bool = True) -> Prediction:
+                    cache: bool = True, runtime: str | None = None) -> Prediction:
     """Predict the quality of ``model_or_path`` quantized with ``recipe`` (see :class:`Prediction`), without
     evaluating it.
 
@@ -132,12 +135,14 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     ...}`` (default 2 GiB of working memory beyond the weights and the quantization direction). ``profile``: a
     :class:`~quantpredict.predict.rank.ModelProfile` already measured (:func:`~quantpredict.predict.rank.
     profile_model`), so that several recipes share it; ``cache``: read and write the profile cache and the FP
-    reference's.
+    reference's. ``runtime`` (``"llama.cpp-cpu"``): price the recipe as that runtime runs it, its activation
+    rounding included (:func:`~quantpredict.predict.rank.recipe_row`); the weights-only path only (a
+    :class:`PredictorError` for a measurement predictor or a recipe it would measure).
 
-    Thirteen parameters, on purpose: past the model, the recipe and the predictor, each keyword is an independent
+    Fourteen parameters, on purpose: past the model, the recipe and the predictor, each keyword is an independent
     input of one of the two paths (calibration data, the FP reference and its window count, the seed, the
-    measurement's options, a display name, a device, a measured profile, the cache), and no frozen config groups
-    them.
+    measurement's options, a display name, a device, a measured profile, the cache, the runtime), and no frozen
+    config groups them.
     """
     from quantpredict.memory import resolve_device
 
@@ -158,10 +163,14 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
         pred = resolve_predictor("physics")
         note = (f"{label}: the weights-only profile does not price AWQ or QAT yet; measured on the calibration "
                 f"windows instead ({pred.kind} predictor: a quantization and forward passes)")
+    if runtime is not None and pred.kind != "profile":
+        raise PredictorError(f"{label}: a runtime ({runtime}) is priced on the weights-only path, with the "
+                             f"'profile' predictor; the {pred.kind} predictor measures the project's own model"
+                             + (f" ({note})" if note else ""))
     if pred.kind == "profile":
         return _from_profile(model_or_path, recipe, pred, tokenizer=tokenizer, calib=calib_ids, ppl_fp=ppl_fp,
                              fp_windows=fp_windows, seed=seed, name=model_name, device=device, profile=profile,
-                             cache=cache)
+                             cache=cache, runtime=runtime)
     t_load = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
@@ -213,7 +222,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
 
 
 def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, tokenizer, calib, ppl_fp,
-                  fp_windows, seed, name, device, profile, cache) -> Prediction:
+                  fp_windows, seed, name, device, profile, cache, runtime=None) -> Prediction:
     """The weights-only path: the model's profile (given, cached or measured now), then
     :func:`~quantpredict.predict.rank.price` of the recipe."""
     from quantpredict.predict.rank import fp_reference_of, price, profile_model
@@ -232,15 +241,16 @@ def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, t
     ref = fp_reference_of(profile, ppl_fp, fp_windows, cache)
     from quantpredict.mixes import resolve_recipe
 
-    priced = price(profile, [resolve_recipe(recipe, profile.model)], pred, ref)
+    priced = price(profile, [resolve_recipe(recipe, profile.model)], pred, ref, runtime=runtime)
     out = priced.iloc[0]
     seconds = float(out["price_seconds"]) + measured
     return _prediction(name or profile.name, recipe.label, out, out.to_dict(), ref, pred, seconds=seconds,
-                       load_seconds=load_seconds, how=HOW_PROFILE, note="")
+                       load_seconds=load_seconds, how=HOW_PROFILE, note="", runtime=runtime)
 
 
 def _prediction(name: str, label: str, out: Any, raw: Mapping[str, Any], ref: Any, pred: SavedPredictor, *,
-                seconds: float, load_seconds: float, how: str, note: str) -> Prediction:
+                seconds: float, load_seconds: float, how: str, note: str, runtime: str | None = None
+                ) -> Prediction:
     """A :class:`Prediction` from the predictor's output row ``out`` and the features ``raw`` it read."""
     from quantpredict.predict.fp_reference import full_eval_cost
 
@@ -257,7 +267,7 @@ def _prediction(name: str, label: str, out: Any, raw: Mapping[str, Any], ref: An
                       features=feats, feature_seconds=timings, ppl_fp_se=float(out["ppl_fp"]) * ref.nll_se,
                       ppl_increase_pct=float(out["ppl_increase_pct"]), out_of_range=str(out.get("out_of_range") or ""),
                       full_eval_seconds=cost.seconds, full_eval_how=cost.how, fp_reference=ref.to_dict(), how=how,
-                      note=note, **extra)
+                      note=note, runtime=runtime, **extra)
 
 
 def _is_number(v: Any) -> bool:

@@ -176,13 +176,20 @@ def past_damage_bound(frame: pd.DataFrame) -> pd.Series:
     return out
 
 
-def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
+def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) -> dict[str, Any]:
     """One candidate's features from weights alone (``format`` and ``profile`` groups) and its size.
 
     Recipes with SmoothQuant or activation quantization are priced with the activation term
     (:func:`quantpredict.features.act_price.price_act_recipe`: the smoothed weights' change and the activation
     fake-quantization of every quantized layer's input, token-wise against the profile); the others by their weight
-    change alone (:func:`~quantpredict.features.fisher.price_deltas`, which the former reduces to)."""
+    change alone (:func:`~quantpredict.features.fisher.price_deltas`, which the former reduces to).
+
+    ``runtime`` (``"llama.cpp-cpu"``, :mod:`quantpredict.runtime`): price the recipe as that runtime runs it, each
+    quantized layer's input rounded to the runtime's activation format for its weight format (the weight+activation
+    path above, with per-layer formats); the row's ``act_format`` then names those formats (joined by ``+``), so the
+    predictor reads it as the weight+activation recipe it is, and ``runtime`` names the runtime. A
+    :class:`RecipeError` for a weight format the runtime does not run. ``None``: the recipe as the project's own
+    fake-quantized model runs it (``runtime`` column ``None``)."""
     from quantpredict.features.act_price import price_act_recipe
     from quantpredict.features.fisher import price_deltas, profile_deltas
     from quantpredict.formats import get_format
@@ -192,10 +199,21 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
         raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs AWQ or QAT: "
                           "predict it with `quantpredict predict` instead")
     t0 = time.perf_counter()
-    planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
+    plan = layer_plan(mp.model, recipe)
+    planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    if recipe.act_format is not None or recipe.smoothquant_alpha is not None:
+    act_label = recipe.act_format
+    if runtime is not None:
+        from quantpredict.runtime import activation_formats
+
+        acts = dict(zip((p.ref.name for p in plan), activation_formats(mp.model, recipe, runtime), strict=True))
+        per_ref = [acts.get(r.name) for r in mp.refs]
+        act_label = "+".join(dict.fromkeys(a[0] for a in acts.values())) or None
+        feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=None,
+                                 act_block=None, smoothquant_alpha=recipe.smoothquant_alpha, gptq_options=gptq,
+                                 act_formats=per_ref)
+    elif recipe.act_format is not None or recipe.smoothquant_alpha is not None:
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=recipe.act_format,
                                  act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
                                  gptq_options=gptq)
@@ -221,7 +239,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe) -> dict[str, Any]:
             "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
             recipe.block_size, "smoothquant_alpha": (np.nan if recipe.smoothquant_alpha is None
                                                      else recipe.smoothquant_alpha),
-            "act_format": recipe.act_format, "recipe": recipe.label,
+            "act_format": act_label, "runtime": runtime, "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
@@ -236,21 +254,25 @@ def weights_only(recipe: Recipe) -> bool:
     return not (recipe.qat or recipe.awq)
 
 
-def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any) -> pd.DataFrame:
+def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any, *,
+          runtime: str | None = None) -> pd.DataFrame:
     """The one pricing path of ``predict``, ``rank``, ``allocate`` and ``demo``: each recipe's weights-only features
     (:func:`recipe_row`) with the FP reference ``ref``'s columns, turned into KLD, delta NLL, perplexity and top-1
     with intervals by the ``profile`` predictor ``pred``; one row per recipe, in order. A recipe's row does not depend
     on the other rows, so a recipe priced alone and priced in a grid gets the same numbers, bit for bit.
-    ``attrs["predicted"]`` names the predictor's output columns."""
+    ``runtime``: price every recipe as that runtime runs it (``"llama.cpp-cpu"``: its activation rounding too, see
+    :func:`recipe_row`); ``None``, the project's fake-quantized model. ``attrs["predicted"]`` names the predictor's
+    output columns, ``attrs["runtime"]`` the runtime."""
     from quantpredict.predict.fp_reference import label_output
 
-    frame = pd.DataFrame([recipe_row(mp, r) for r in recipes])
+    frame = pd.DataFrame([recipe_row(mp, r, runtime=runtime) for r in recipes])
     for k, v in ref.columns().items():
         frame[k] = v
     out = pred.predict(frame)
     label_output(out, ref)
     priced = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
     priced.attrs["predicted"] = list(out.columns)  # what the predictor added (the rest are its inputs)
+    priced.attrs["runtime"] = runtime
     return priced
 
 
@@ -294,7 +316,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
                  max_bits: float | None = None, max_kld: float | None = None,
                  max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: Any = None,
                  progress: bool = False, calib: Any = None, cache: bool = True,
-                 fp_windows: int | None = None) -> pd.DataFrame:
+                 fp_windows: int | None = None, runtime: str | None = None) -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -308,12 +330,14 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`: ``None`` for the zoo card, the cached
     measurement or a fresh one on ``fp_windows`` windows; a measured number; ``"predicted"``). ``calib``:
     calibration ids or a :class:`~quantpredict.data.TokenStream` (default: WikiText-2 train through ``tokenizer``).
-    ``cache``: read and write the profile cache (:func:`profile_model`) and the FP reference's.
+    ``cache``: read and write the profile cache (:func:`profile_model`) and the FP reference's. ``runtime``
+    (``"llama.cpp-cpu"``): price every candidate as that runtime runs it, its activation rounding included
+    (:func:`recipe_row`; the candidates must use the runtime's weight formats); ``None``: the project's model.
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` and ``full_eval`` (the shared
     estimate, :func:`~quantpredict.predict.fp_reference.full_eval_cost`), ``fp_reference`` (a dict),
-    ``profile_cached`` (whether the profile came from the cache) and ``kept_16bit``. Columns include
+    ``profile_cached`` (whether the profile came from the cache), ``kept_16bit`` and ``runtime``. Columns include
     ``ppl_increase_pct`` and ``past_damage_bound`` (:func:`past_damage_bound`) and ``out_of_range`` (the inputs of
     the row outside the predictor's training ranges).
     """
@@ -338,9 +362,15 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     from quantpredict.mixes import is_mix_spec, resolve_recipe
 
     specs = list(recipes if recipes is not None else default_recipes())
+    if runtime is not None:
+        from quantpredict.runtime import activation_format, runtime_table
+
+        runtime_table(runtime)
     for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
         if not is_mix_spec(s):
-            Recipe.coerce(s)
+            r = Recipe.coerce(s)
+            if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
+                activation_format(r.weight_format, runtime)
     if not specs:
         raise RecipeError("rank_recipes needs at least one candidate recipe")
     t0 = time.perf_counter()
@@ -349,7 +379,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
     fp_seconds = time.perf_counter() - t_fp
     resolved = [resolve_recipe(s, mp.model) for s in specs]
-    frame = pd.concat([price(mp, [r], pred, ref)
+    frame = pd.concat([price(mp, [r], pred, ref, runtime=runtime)
                        for r in tqdm(resolved, desc="rank", unit="recipe", disable=not progress)], ignore_index=True)
     frame["mix"] = [s if is_mix_spec(s) else None for s in specs]
     frame["past_damage_bound"] = past_damage_bound(frame)
@@ -370,7 +400,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         "full_eval_seconds": full_eval_cost(ref).seconds, "full_eval": full_eval_cost(ref).to_dict(),
         "fp_reference": ref.to_dict(), "fp_seconds": fp_seconds,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
-        "predictor_kind": pred.kind,
+        "predictor_kind": pred.kind, "runtime": runtime,
     })
     return frame
 
