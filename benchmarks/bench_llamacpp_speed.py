@@ -80,9 +80,12 @@ def project_quantize(model: str, what: str, out: Path) -> dict:
     return r
 
 
-def render(results: dict) -> str:
+def render_model(model: str, results: dict) -> list[str]:
     meta = results.get("_meta", {})
-    rows = ["| type or mix | project recipe | llama-quantize s | project s | ratio | project's quantizing step s | "
+    rows = [f"### {model}{REAL.get(model, '')}", "",
+            f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')}, one thread each; load average "
+            f"{meta.get('load', '?')} at the end ({meta.get('load_note', 'other jobs not stated')}).", "",
+            "| type or mix | project recipe | llama-quantize s | project s | ratio | project's quantizing step s | "
             "llama-quantize GiB | project GiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     worst = 0.0
     for name, r in results.get("rows", {}).items():
@@ -94,21 +97,21 @@ def render(results: dict) -> str:
     skipped = [f"- {name}: not one uniform recipe on this model ({why})" for name, why in
                results.get("skipped", {}).items()]
     met = "**met**" if results.get("rows") and worst <= TARGET else "**not met**"
+    return [*rows, *([""] + skipped if skipped else []), "",
+            f"Target: every type and mix within {TARGET:.0f}x of llama-quantize: {met} (worst {worst:.1f}x).", ""]
+
+
+def render(results: dict) -> str:
     return "\n".join([
         "## llama-quantize vs `quantpredict quantize`, end to end (`benchmarks/bench_llamacpp_speed.py`)",
         "",
-        f"Measured {meta.get('date', '?')} on {meta.get('machine', '?')}, model {meta.get('model', '?')}"
-        f"{REAL.get(meta.get('model'), '')}, one thread each; load average "
-        f"{meta.get('load', '?')} at the end ({meta.get('load_note', 'other jobs not stated')}), the two commands "
-        "of a row back to back. Each is a whole process under `/usr/bin/time -v`: llama-quantize from the F32 GGUF "
-        "(`--pure` for a type, the embedding and head in F16), `quantpredict quantize --method rtn` from the "
-        "float32 HF checkpoint (load, quantize every linear layer, save float32 safetensors). Types whose 256-element "
-        "super-blocks do not tile a row fall back alike on both sides (llama.cpp's rule).",
+        "One thread each, the two commands of a row back to back. Each is a whole process under `/usr/bin/time -v`: "
+        "llama-quantize from the F32 GGUF (`--pure` for a type, the embedding and head in F16), `quantpredict "
+        "quantize --method rtn` from the float32 HF checkpoint (start Python and torch, load, quantize every linear "
+        "layer, save float32 safetensors). Types whose 256-element super-blocks do not tile a row fall back alike "
+        "on both sides (llama.cpp's rule).",
         "",
-        *rows,
-        *([""] + skipped if skipped else []),
-        "",
-        f"Target: every type and mix within {TARGET:.0f}x of llama-quantize: {met} (worst {worst:.1f}x).",
+        *[line for model, r in results.items() for line in render_model(model, r)],
     ])
 
 
@@ -127,6 +130,9 @@ def main() -> int:
         print(f"converting {args.model} to {f32} (not timed)", flush=True)
         f32.parent.mkdir(parents=True, exist_ok=True)
         ref.convert(args.model, f32)
+    everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    if "rows" in everything:  # the first layout: one model's results
+        everything = {everything["_meta"]["model"]: everything}
     results: dict = {"rows": {}, "skipped": {}}
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-speed-") as tmp:
         for name in [t for t in args.types.split(",") if t]:
@@ -151,9 +157,10 @@ def main() -> int:
                   flush=True)
     results["_meta"] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "load": load_average(),
                         "model": args.model, **({"load_note": args.load_note} if args.load_note else {})}
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+    everything[args.model] = results
+    RESULTS.write_text(json.dumps(everything, indent=1) + "\n")
     if args.write:
-        write_section("llamacpp-speed", render(results))
+        write_section("llamacpp-speed", render(everything))
         print(f"wrote the llamacpp-speed section of {REPORTS / 'benchmarks.md'}")
     return 0
 
