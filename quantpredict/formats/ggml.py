@@ -70,6 +70,9 @@ semantics of the source are followed here, as they are machine-independent. The 
 types run in torch only (the C kernel of :mod:`~quantpredict.formats.native` covers Q4_K/Q5_K/Q6_K; ``use_native``
 changes nothing for them). Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
 otherwise (naming llama.cpp's fallback type for that tensor).
+
+With an importance matrix (llama-quantize ``--imatrix``) llama.cpp runs other searches: :mod:`.ggml_imatrix`
+(:func:`to_gguf_bytes` with ``imatrix``, :func:`fake_quantize_weighted`), which reuses the searches here.
 """
 
 from __future__ import annotations
