@@ -164,7 +164,9 @@ def _read_gguf(data: bytes, path: Path) -> Imatrix:
         name = r.string()
         dims = [r.take("Q") for _ in range(r.take("I"))]
         infos.append((name, dims, r.take("I"), r.take("Q")))
-    align = int(kv.get("general.alignment", ALIGNMENT))
+    align = kv.get("general.alignment", ALIGNMENT)
+    if not isinstance(align, int) or align < 1:
+        raise r.fail(f"general.alignment {align!r} is not a positive integer")
     start = -(-r.pos // align) * align
     arrays: dict[str, np.ndarray] = {}
     for name, dims, ttype, offset in infos:
