@@ -7,6 +7,8 @@ what it wrote (issue #30). Optional: nothing in CI builds it, and the tests that
     .venv/bin/python benchmarks/llamacpp_reference.py types FILE.gguf                 # each tensor's type
     .venv/bin/python benchmarks/llamacpp_reference.py types-vs-mix MODEL F32.gguf q4_k_m Q4_K_M  # type choices
     .venv/bin/python benchmarks/llamacpp_reference.py exact F32.gguf --types q4_k,iq4_xs  # byte-exact blocks
+    .venv/bin/python benchmarks/llamacpp_reference.py exact F32.gguf --imatrix IM.gguf    # ... with an imatrix
+    .venv/bin/python benchmarks/llamacpp_reference.py imatrix F32.gguf IM.gguf --chunks 2 # llama-imatrix
     .venv/bin/python benchmarks/llamacpp_reference.py kld BASE.gguf Q.gguf --chunks 32 # llama.cpp's own KLD
 
 Where: ``$QUANTPREDICT_HOME/llama_cpp/`` (default ``~/.cache/quantpredict/llama_cpp``) holds the sdist
@@ -148,16 +150,22 @@ def compare_types(model: str, src: Path, mix: str, ftype: str) -> tuple[list[str
     return same, diff
 
 
-def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = None) -> list[dict]:
+def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = None,
+                   imatrix: Path | None = None) -> list[dict]:
     """For each tensor of ``quant`` (a file llama-quantize wrote from ``base``, an F32 GGUF) whose ggml type the
     project supports: quantize the same F32 tensor with :func:`quantpredict.formats.ggml.to_gguf_bytes` and count the
-    blocks whose bytes differ. ``names``: only these tensors. One dict per tensor: name, type, blocks, differing."""
+    blocks whose bytes differ. ``names``: only these tensors. ``imatrix``: the file llama-quantize was given; each
+    tensor it has an entry for (of the row length) is quantized with :func:`quantpredict.imatrix.quant_weights`,
+    the others without, as llama-quantize does. One dict per tensor: name, type, blocks, differing, weighted."""
     import numpy as np
     import torch
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
     from quantpredict.formats.ggml import to_gguf_bytes
     from quantpredict.formats.table import GGML_TYPE_ID
+    from quantpredict.imatrix import quant_weights, read_imatrix
+
+    im = read_imatrix(imatrix) if imatrix is not None else None
 
     by_id = {v: k for k, v in GGML_TYPE_ID.items()}
     src = {t.name: t for t in GGUFReader(str(base)).tensors}
@@ -168,12 +176,14 @@ def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = Non
             continue
         x = torch.from_numpy(np.array(src[t.name].data, dtype=np.float32))
         x = x.reshape(-1, int(src[t.name].shape[0]))  # GGUF's first dimension is the row length
-        ours = to_gguf_bytes(x, kind)
+        qw = quant_weights(im, t.name) if im is not None and t.name in im.entries else None
+        qw = qw if qw is not None and qw.size == x.shape[1] else None  # llama-quantize: only of the right size
+        ours = to_gguf_bytes(x, kind, qw)
         theirs = np.array(t.data, dtype=np.uint8).reshape(ours.shape)
         type_size = GGML_QUANT_SIZES[GGMLQuantizationType(GGML_TYPE_ID[kind])][1]  # bytes per block
         a, b = ours.reshape(ours.shape[0], -1, type_size), theirs.reshape(ours.shape[0], -1, type_size)
         rows.append({"name": t.name, "type": kind, "blocks": int(a.shape[0] * a.shape[1]),
-                     "differing": int((a != b).any(axis=-1).sum())})
+                     "differing": int((a != b).any(axis=-1).sum()), "weighted": qw is not None})
     return rows
 
 
@@ -185,21 +195,22 @@ PURE_FTYPE = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q
 
 
 def exactness(base: Path, types: Sequence[str], *, pattern: str | None = None, work: Path | None = None,
-              threads: int = 1) -> list[dict]:
-    """For each ggml type: ``llama-quantize --pure`` of the F32 GGUF ``base``, then :func:`compare_blocks` on the
-    tensors whose name matches ``pattern`` (a regular expression; all by default). The quantized files go to
-    ``work`` (default: beside ``base``) and are removed after."""
+              threads: int = 1, imatrix: Path | None = None) -> list[dict]:
+    """For each ggml type: ``llama-quantize --pure`` of the F32 GGUF ``base`` (with ``--imatrix imatrix`` if
+    given), then :func:`compare_blocks` on the tensors whose name matches ``pattern`` (a regular expression; all by
+    default). The quantized files go to ``work`` (default: beside ``base``) and are removed after."""
     from gguf import GGUFReader
 
     names = [t.name for t in GGUFReader(str(base)).tensors if pattern is None or re.search(pattern, t.name)]
     rows = []
     for kind in types:
-        out = (work or base.parent) / f"{base.stem}-{kind}-pure.gguf"
+        out = (work or base.parent) / f"{base.stem}-{kind}-pure{'-imatrix' if imatrix else ''}.gguf"
         exe = _need("llama-quantize")
-        subprocess.run([str(exe), "--pure", str(base), str(out), PURE_FTYPE[kind], str(threads)], check=True,
-                       capture_output=True)
+        extra = ["--imatrix", str(imatrix)] if imatrix else []
+        subprocess.run([str(exe), "--pure", *extra, str(base), str(out), PURE_FTYPE[kind], str(threads)],
+                       check=True, capture_output=True)
         try:
-            for r in compare_blocks(base, out, names=names):
+            for r in compare_blocks(base, out, names=names, imatrix=imatrix):
                 rows.append({"asked": kind, **r})
         finally:
             out.unlink(missing_ok=True)
@@ -358,6 +369,17 @@ def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, thr
     return done.stdout + done.stderr
 
 
+def imatrix(base: Path, out: Path, *, text: Path, chunks: int = 2, ctx: int = 128, threads: int = 1,
+            legacy: bool = False) -> Path:
+    """``llama-imatrix`` of the GGUF model ``base`` on ``chunks`` chunks of ``ctx`` tokens of ``text``, written to
+    ``out`` (GGUF, or the legacy .dat with ``legacy``)."""
+    exe = _need("llama-imatrix")
+    cmd = [str(exe), "-m", str(base), "-f", str(text), "-o", str(out), "--chunks", str(chunks), "-c", str(ctx), "-t",
+           str(threads), *(["--output-format", "dat"] if legacy else [])]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
 def _need(name: str) -> Path:
     exe = tool(name)
     if exe is None:
@@ -392,6 +414,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--types", default=",".join(PURE_FTYPE), help="comma-separated ggml types")
     e.add_argument("--tensors", default=None, metavar="REGEX", help="only tensors whose name matches")
     e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--imatrix", type=Path, default=None, help="an imatrix file: llama-quantize --imatrix, and the "
+                   "project's weighted quantizers with its weights")
+    im = sub.add_parser("imatrix", help="llama-imatrix of a GGUF model on a text")
+    im.add_argument("base", type=Path)
+    im.add_argument("out", type=Path)
+    im.add_argument("--text", type=Path, default=ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    im.add_argument("--chunks", type=int, default=2)
+    im.add_argument("--ctx", type=int, default=128)
+    im.add_argument("--threads", type=int, default=1)
+    im.add_argument("--dat", action="store_true", help="the legacy .dat format")
     t2 = sub.add_parser("kld-table", help="llama.cpp's own KLD of its files beside the predictions, into the report")
     t2.add_argument("--model", default="smollm2-135m")
     t2.add_argument("--chunks", type=int, default=32)
@@ -420,12 +452,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}\t{kind}")
     elif args.cmd == "exact":
         rows = exactness(args.base, [t.strip() for t in args.types.split(",") if t.strip()], pattern=args.tensors,
-                         threads=args.threads)
-        print("| asked | tensor | stored as | blocks | differing |\n|---|---|---|---|---|")
+                         threads=args.threads, imatrix=args.imatrix)
+        print("| asked | tensor | stored as | imatrix | blocks | differing |\n|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['asked']} | {r['name']} | {r['type']} | {r['blocks']:,} | {r['differing']:,} |")
+            print(f"| {r['asked']} | {r['name']} | {r['type']} | {'yes' if r['weighted'] else 'no'} | "
+                  f"{r['blocks']:,} | {r['differing']:,} |")
         total, bad = sum(r["blocks"] for r in rows), sum(r["differing"] for r in rows)
-        print(f"\n{len(rows)} tensors, {total:,} blocks compared, {bad:,} differing")
+        print(f"\n{len(rows)} tensors ({sum(r['weighted'] for r in rows)} with imatrix weights), {total:,} blocks "
+              f"compared, {bad:,} differing")
+    elif args.cmd == "imatrix":
+        written = imatrix(args.base, args.out, text=args.text, chunks=args.chunks, ctx=args.ctx,
+                          threads=args.threads, legacy=args.dat)
+        print(f"wrote {written}")
     elif args.cmd == "kld-table":
         from _common import write_between
 

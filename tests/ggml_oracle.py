@@ -6,7 +6,8 @@ Which library: ``$QUANTPREDICT_GGML_REF_LIB`` (a prebuilt libggml-base, which mu
 found at ``$QUANTPREDICT_LLAMA_CPP_SDIST`` or in ``$QUANTPREDICT_HOME/llama_cpp/`` (default home
 ``~/.cache/quantpredict``, as :func:`quantpredict.models.imported.imported_root` resolves it), compiled once with
 ``-O2 -ffp-contract=off`` (no FMA contraction: the C source's float32 semantics) together with stubs for the four
-ggml symbols it calls outside quantization (``ggml_abort`` and the type-size helpers of its row validation), and
+ggml symbols it calls outside quantization (``ggml_abort``, the type-size helpers of its row validation, and
+``ggml_row_size`` for the row stride of ``quantize_<t>`` with an importance matrix), and
 cached as ``$QUANTPREDICT_HOME/llama_cpp/ggml_quants_<key>.so`` (key: the sdist's hash, flags, compiler). Get the
 sdist with ``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d $QUANTPREDICT_HOME/llama_cpp``.
 """
@@ -36,7 +37,21 @@ STUBS = r"""
 void ggml_abort(const char * file, int line, const char * fmt, ...) {
     fprintf(stderr, "ggml_abort at %s:%d: %s\n", file, line, fmt); abort();
 }
-size_t ggml_row_size(int type, int64_t ne) { (void)type; (void)ne; abort(); }
+size_t ggml_row_size(int type, int64_t ne) {  /* quantize_<t> with quant_weights: the row stride */
+    switch (type) {
+        case 2: return ne / 32 * 18;     /* Q4_0 */
+        case 3: return ne / 32 * 20;     /* Q4_1 */
+        case 6: return ne / 32 * 22;     /* Q5_0 */
+        case 7: return ne / 32 * 24;     /* Q5_1 */
+        case 8: return ne / 32 * 34;     /* Q8_0 */
+        case 10: return ne / 256 * 84;   /* Q2_K */
+        case 11: return ne / 256 * 110;  /* Q3_K */
+        case 12: return ne / 256 * 144;  /* Q4_K */
+        case 13: return ne / 256 * 176;  /* Q5_K */
+        case 14: return ne / 256 * 210;  /* Q6_K */
+        default: abort();
+    }
+}
 size_t ggml_type_size(int type) { (void)type; abort(); }
 const char * ggml_type_name(int type) { (void)type; return "?"; }
 """
@@ -159,6 +174,24 @@ def quantize(lib: ctypes.CDLL, fmt: str, x: np.ndarray, block: int, size: int) -
         fn(src, dst, ctypes.c_int64(rows), ctypes.c_int64(n), ctypes.c_void_p(None))
     else:
         getattr(lib, f"quantize_row_{NAMES[fmt]}_ref")(src, dst, ctypes.c_int64(a.size))
+    return out
+
+
+def quantize_weighted(lib: ctypes.CDLL, fmt: str, x: np.ndarray, block: int, size: int,
+                      quant_weights: np.ndarray) -> np.ndarray:
+    """llama.cpp's bytes for float32 ``x`` [rows, n] with an importance matrix: ``quantize_<t>(src, dst, rows, n,
+    quant_weights)`` (what llama-quantize calls, ``quant_weights`` float32 [n] the same for every row): uint8 [rows,
+    n / block * size]."""
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
+    rows, n = a.shape
+    assert qw.shape == (n,), (qw.shape, n)
+    out = np.zeros((rows, n // block * size), dtype=np.uint8)
+    fn = getattr(lib, f"quantize_{NAMES[fmt]}")
+    fn.restype = ctypes.c_size_t
+    written = fn(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(rows),
+                 ctypes.c_int64(n), ctypes.c_void_p(qw.ctypes.data))
+    assert written == out.size, (written, out.size)
     return out
 
 

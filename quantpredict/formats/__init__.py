@@ -5,6 +5,7 @@ llama.cpp's Q8_0 and k-quants (:mod:`.ggml`), and NVIDIA's NVFP4 and per-tensor 
 Public API::
 
     fake_quantize(x, fmt, *, axis=-1, block_size=None) -> Tensor   # same shape/dtype, values on the grid
+    fake_quantize(x, fmt, importance=imatrix) -> Tensor             # llama.cpp formats: as with --imatrix
     get_format(name) -> Format                                      # parameters, bits_per_element(...)
     list_formats() -> list[str]
     compute_scale(x, fmt, *, axis=-1, block_size=None) -> Tensor    # the scales fake_quantize uses
@@ -20,9 +21,9 @@ Names of the shipped layouts (lowercase; never ``_b<digits>``, which recipe labe
 * ``uint2_pc`` .. ``uint8_pc``: the same with one scale and zero point per output channel (``block_size`` None).
 * ``nf4``, ``nf4_dq``: bitsandbytes NF4, blocks of 64, without / with double quantization (:mod:`.nf4`).
 * ``q8_0``, ``q5_0``, ``q5_1``, ``q4_0``, ``q4_1``, ``q2_k``, ``q3_k``, ``q4_k``, ``q5_k``, ``q6_k``, ``iq4_nl``,
-  ``iq4_xs``: llama.cpp's quantizers (without an importance matrix) and GGUF layouts (:mod:`.ggml`); q5_0, q5_1,
-  q8_0, q4_0 and iq4_nl are what llama.cpp stores a k-quant or IQ4_XS tensor as when its rows are not a multiple
-  of 256.
+  ``iq4_xs``: llama.cpp's quantizers (without an importance matrix, or with one: :mod:`.ggml_imatrix`) and GGUF
+  layouts (:mod:`.ggml`); q5_0, q5_1, q8_0, q4_0 and iq4_nl are what llama.cpp stores a k-quant or IQ4_XS tensor as
+  when its rows are not a multiple of 256.
 * ``nvfp4``: NVIDIA NVFP4 (ModelOpt/vLLM): E2M1 elements, an E4M3 scale per 16, one FP32 scale per tensor;
   ``fp8_e4m3_pt``: FP8 E4M3 with one FP32 scale per tensor (vLLM's default FP8 weights) (:mod:`.tensor_scale`).
   ``to_gguf_bytes(x, "nvfp4")`` packs GGUF's NVFP4 type where the two layouts meet.

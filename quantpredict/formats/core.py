@@ -17,7 +17,8 @@ from quantpredict.formats.reference import (
 from quantpredict.formats.table import Format, get_format
 
 
-def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None = None) -> Tensor:
+def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None = None,
+                  importance: Tensor | None = None) -> Tensor:
     """Quantize ``x`` to the format ``fmt`` and back: same shape and dtype, every value on the format's grid.
 
     MX formats: blocks of ``block_size`` (default 32) consecutive elements along ``axis`` share an E8M0 scale; the
@@ -30,12 +31,19 @@ def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None
     bf16/fp16/float64 inputs are computed in float32 and returned in their dtype. The result carries no autograd
     history; for training use a straight-through estimator, ``x + (fake_quantize(x, fmt) - x).detach()``.
 
+    ``importance`` (llama.cpp formats only, ``axis`` -1 only): an importance matrix, one float >= 0 per element of
+    the last axis (the columns of an [out, in] weight; llama-quantize's ``--imatrix`` weights, see
+    :func:`quantpredict.imatrix.quant_weights`), the same for every row: quantize as llama.cpp does with it
+    (:func:`quantpredict.formats.ggml.fake_quantize_weighted`). None: without one.
+
     Raises :class:`~quantpredict.errors.FormatError` (a ValueError) for unknown formats, NaN/Inf input, a
-    non-floating tensor, or a bad axis / block size.
+    non-floating tensor, or a bad axis / block size / importance.
     """
     f = get_format(fmt)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise FormatError(f"fake_quantize needs a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if importance is not None:
+        return _fake_quantize_importance(x, f, axis, block_size, importance)
     if is_shipped(f):
         return fake_quantize_shipped(x, f, axis, block_size)
     if f.family == "float" or x.device.type != "cpu" or x.numel() == 0 or not native.available():
@@ -63,3 +71,17 @@ def fake_quantize_reference(x: Tensor, fmt: str | Format, *, axis: int = -1, blo
     if is_shipped(f):
         return fake_quantize_shipped(x, f, axis, block_size, use_native=False)
     return fake_quantize_scaled(x, f, axis=axis, block_size=block_size)
+
+
+def _fake_quantize_importance(x: Tensor, f: Format, axis: int, block_size: int | None, importance: Tensor) -> Tensor:
+    """``fake_quantize`` with an importance matrix: llama.cpp's formats, along the last axis. Same shape and dtype."""
+    from quantpredict.formats import ggml
+
+    if f.family != "ggml":
+        raise FormatError(f"importance (an imatrix) applies to llama.cpp's formats only, not {f.name!r}")
+    if x.dim() == 0 or resolve_axis(x, axis) != x.dim() - 1:
+        raise FormatError(f"importance: quantize along the last axis (axis=-1; llama.cpp's rows), got axis {axis} for "
+                          f"a tensor of shape {tuple(x.shape)}")
+    f.check_block(block_size)
+    n = x.shape[-1]
+    return ggml.fake_quantize_weighted(x.reshape(-1, n), f, importance).reshape(x.shape)

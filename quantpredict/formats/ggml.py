@@ -70,6 +70,9 @@ semantics of the source are followed here, as they are machine-independent. The 
 types run in torch only (the C kernel of :mod:`~quantpredict.formats.native` covers Q4_K/Q5_K/Q6_K; ``use_native``
 changes nothing for them). Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
 otherwise (naming llama.cpp's fallback type for that tensor).
+
+With an importance matrix (llama-quantize ``--imatrix``) llama.cpp runs other searches: :mod:`.ggml_imatrix`
+(:func:`to_gguf_bytes` with ``imatrix``, :func:`fake_quantize_weighted`), which reuses the searches here.
 """
 
 from __future__ import annotations
@@ -300,11 +303,15 @@ def _codes_kx2(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
 def _qx_chunk(x: Tensor) -> tuple[Tensor, Tensor]:
     """``make_qx_quants(16, 32, x, L, rmse_type=1, NULL)`` on sub-blocks ``x`` [16, M] (position-major):
     (scale [M], the codes L - 32 it leaves [16, M])."""
-    nmax = 32
+    return qx_search(x, x * x, 32)
+
+
+def qx_search(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """``make_qx_quants(n, nmax, x, L, rmse_type=1, qw)`` on groups ``x`` [n, M] (position-major) with weights ``w``
+    [n, M] (``qw``, or ``x * x`` for qw NULL): (scale [M], the codes L - nmax it leaves [n, M], in -nmax..nmax-1)."""
     amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
     big = x.gather(0, where_max.unsqueeze(0))[0]
     zero_sub = amax < GROUP_MAX_EPS
-    w = x * x
     wx = w * x
     no_shift = torch.zeros(())
     terms = torch.empty(x.shape[0], 2, x.shape[1])  # per position: w*x*l, w*l*l
@@ -327,7 +334,7 @@ def _qx_chunk(x: Tensor) -> tuple[Tensor, Tensor]:
         best = torch.where(better, scale * sumlx, best)
         codes = torch.where(better, lv, codes)
     scale = torch.where(zero_sub, torch.zeros_like(scale), scale)
-    codes = torch.where(zero_sub, torch.full_like(codes, -nmax), codes)  # C: L = 0, i.e. code -32
+    codes = torch.where(zero_sub, torch.full_like(codes, -nmax), codes)  # C: L = 0, i.e. code -nmax
     return scale, codes
 
 
@@ -338,6 +345,12 @@ def _fit_q6_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor
         scales, fallback = found
     else:
         scales, fallback = _chunked(sub, _qx_chunk)
+    return q6_k_params(scales, fallback, fmt)
+
+
+def q6_k_params(scales: Tensor, fallback: Tensor, fmt: Format) -> dict[str, Tensor]:
+    """Q6_K's super-block scale and 8-bit sub-block scales from the searched sub-block ``scales`` [M] (and the codes
+    ``fallback`` [M, 16] the search left), M = 16 per super-block."""
     scales = scales.reshape(-1, 16)
     max_abs, where_max = scales.abs().max(-1, keepdim=True)
     max_scale = scales.gather(-1, where_max)
@@ -502,13 +515,14 @@ def _iq4_sums(x: Tensor, w: Tensor, al: Tensor) -> tuple[Tensor, Tensor]:
     return _seq_sum(wq * x), _seq_sum(wq * q)
 
 
-def _iq4_chunk(x: Tensor) -> Tensor:
-    """The block scale search of ``quantize_row_iq4_nl_impl`` (quant_weights NULL: weights x^2; ntry 7) on blocks
-    ``x`` [32, M] (position-major): the scale ``d`` of each block [M] (0 for a block below GROUP_MAX_EPS)."""
+def _iq4_chunk(x: Tensor, w: Tensor | None = None) -> Tensor:
+    """The block scale search of ``quantize_row_iq4_nl_impl`` (ntry 7) on blocks ``x`` [32, M] (position-major) with
+    weights ``w`` [32, M] (quant_weights NULL: x^2): the scale ``d`` of each block [M] (0 for a block below
+    GROUP_MAX_EPS)."""
     amax, where_max = x.abs().max(0)  # first index of the largest |x|, as the C loop's strict '>'
     big = x.gather(0, where_max.unsqueeze(0))[0]
     zero_block = amax < GROUP_MAX_EPS
-    w = x * x
+    w = x * x if w is None else w
     v0 = float(IQ4NL_VALUES[0])
     d = -big / v0  # ntry > 0: d = -max / values[0]
     sumqx, sumq2 = _iq4_sums(x, w, rdiv(1.0, d) * x)
@@ -523,12 +537,15 @@ def _iq4_chunk(x: Tensor) -> Tensor:
     return torch.where(zero_block, torch.zeros_like(d), d)
 
 
-def _iq4_scales(blocks: Tensor) -> Tensor:
-    """Every 32-block's searched scale, [M] for ``blocks`` reshaped to [M, 32]."""
+def iq4_scales(blocks: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Every 32-block's searched scale, [M] for ``blocks`` reshaped to [M, 32] (``weights`` the same shape as
+    ``blocks``, or None for x^2)."""
     sub = blocks.reshape(-1, 32)
+    wsub = None if weights is None else weights.reshape(-1, 32)
     scales = torch.empty(sub.shape[0])
     for a in range(0, sub.shape[0], CHUNK):
-        scales[a : a + CHUNK] = _iq4_chunk(sub[a : a + CHUNK].t().contiguous())
+        w = None if wsub is None else wsub[a : a + CHUNK].t().contiguous()
+        scales[a : a + CHUNK] = _iq4_chunk(sub[a : a + CHUNK].t().contiguous(), w)
     return scales
 
 
@@ -538,13 +555,23 @@ def _inverse_or_zero(d: Tensor) -> Tensor:
 
 
 def _fit_iq4_nl(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
-    scale = _iq4_scales(blocks).reshape(*blocks.shape[:-1], 1)  # per block [R, nb, 1]
+    return iq4_nl_params(iq4_scales(blocks).reshape(*blocks.shape[:-1], 1), fmt)
+
+
+def iq4_nl_params(scale: Tensor, fmt: Format) -> dict[str, Tensor]:
+    """IQ4_NL's parameters from the searched block scales ``scale`` [R, nb, 1]."""
     # one block per super-block: dh = fp16(scale), codes best_index((1/scale) * x) with the float32 scale
     return {"id": _inverse_or_zero(scale), "d": to_fp16(scale, "block scale", fmt.name)}
 
 
 def _fit_iq4_xs(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
-    scales = _iq4_scales(blocks).reshape(-1, 8)  # [S, 8]
+    return iq4_xs_params(iq4_scales(blocks), fmt)
+
+
+def iq4_xs_params(scales: Tensor, fmt: Format) -> dict[str, Tensor]:
+    """IQ4_XS's super-block scale and 6-bit block scales from the searched 32-block ``scales`` [M], M = 8 per
+    super-block."""
+    scales = scales.reshape(-1, 8)  # [S, 8]
     amax, where_max = scales.abs().max(-1, keepdim=True)
     max_scale = torch.where(amax > 0, scales.gather(-1, where_max), torch.zeros_like(amax))  # C: strict '>' from 0
     d = -max_scale / 32.0
@@ -866,12 +893,22 @@ _TYPES: dict[str, _GgmlType] = {
 }
 
 
-def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
+def to_gguf_bytes(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray | None = None) -> np.ndarray:
     """``x`` [rows, n] quantized by llama.cpp's reference quantizer and packed in its block layout (``block_q8_0``,
     ``block_q4_K``, ...), as stored in a GGUF file: uint8 [rows, n / block * bytes per block]. ``gguf.quants.
-    dequantize(out, GGMLQuantizationType.Q4_K)`` gives :func:`quantpredict.formats.fake_quantize` of ``x``."""
+    dequantize(out, GGMLQuantizationType.Q4_K)`` gives :func:`quantpredict.formats.fake_quantize` of ``x``.
+
+    ``imatrix`` [n] (float, >= 0, finite; one per column, the same for every row): quantize as llama-quantize does
+    with an importance matrix (``quantize_<t>`` with ``quant_weights``, :mod:`.ggml_imatrix`); dequantizing gives
+    :func:`fake_quantize_weighted`. None: without one (unchanged). A :class:`FormatError` for a bad ``imatrix`` or a
+    non-ggml format with one."""
     from quantpredict.formats.table import get_format
 
+    if imatrix is not None:
+        from quantpredict.formats import ggml_imatrix
+
+        e = ggml_imatrix.encode_weighted(x, fmt, imatrix)
+        return _TYPES[e.fmt].pack(e).reshape(x.shape[0], -1)
     f = get_format(fmt)
     if f.name == "nvfp4":  # GGUF's NVFP4 type: where it meets NVIDIA's definition, see formats.tensor_scale
         from quantpredict.formats.tensor_scale import to_gguf_bytes as nvfp4_bytes
@@ -883,3 +920,13 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)
     return _TYPES[f.name].pack(e).reshape(x.shape[0], -1)
+
+
+def fake_quantize_weighted(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray) -> Tensor:
+    """``x`` [rows, n] quantized by llama.cpp with the importance matrix ``imatrix`` [n] (float, >= 0, finite; the
+    per-column weights llama-quantize passes, the same for every row) and dequantized: same shape and dtype. See
+    :mod:`quantpredict.formats.ggml_imatrix`; a :class:`FormatError` for a bad ``imatrix``, a non-ggml format, or
+    rows that are not whole blocks."""
+    from quantpredict.formats import ggml_imatrix
+
+    return ggml_imatrix.fake_quantize_weighted(x, fmt, imatrix)
