@@ -387,6 +387,14 @@ def _need(name: str) -> Path:
     return exe
 
 
+def _text_options(p: argparse.ArgumentParser, *, chunks: int, ctx: int) -> None:
+    """The options of a llama.cpp tool run over a text: the text, its chunks, their length, the threads."""
+    p.add_argument("--text", type=Path, default=ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw")
+    p.add_argument("--chunks", type=int, default=chunks)
+    p.add_argument("--ctx", type=int, default=ctx)
+    p.add_argument("--threads", type=int, default=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -419,10 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     im = sub.add_parser("imatrix", help="llama-imatrix of a GGUF model on a text")
     im.add_argument("base", type=Path)
     im.add_argument("out", type=Path)
-    im.add_argument("--text", type=Path, default=ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw")
-    im.add_argument("--chunks", type=int, default=2)
-    im.add_argument("--ctx", type=int, default=128)
-    im.add_argument("--threads", type=int, default=1)
+    _text_options(im, chunks=2, ctx=128)
     im.add_argument("--dat", action="store_true", help="the legacy .dat format")
     t2 = sub.add_parser("kld-table", help="llama.cpp's own KLD of its files beside the predictions, into the report")
     t2.add_argument("--model", default="smollm2-135m")
@@ -435,10 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kld", help="llama.cpp's own --kl-divergence of Q against BASE")
     k.add_argument("base", type=Path)
     k.add_argument("quant", type=Path)
-    k.add_argument("--text", type=Path, default=ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw")
-    k.add_argument("--chunks", type=int, default=32)
-    k.add_argument("--ctx", type=int, default=512)
-    k.add_argument("--threads", type=int, default=1)
+    _text_options(k, chunks=32, ctx=512)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.cmd == "build":
