@@ -309,3 +309,61 @@ def write_imatrix(im: Imatrix, path: str | os.PathLike) -> Path:
     except OSError as e:
         raise OutputError(f"imatrix file {p}: cannot write it ({e.strerror or e})") from None
     return p
+
+
+# ------------------------------------------------------------------------------------------------ using it
+
+
+def as_imatrix(imatrix: Imatrix | str | os.PathLike) -> tuple[Imatrix, str]:
+    """``imatrix`` and the name it is shown by: an :class:`Imatrix` as it is (``"imatrix"``, or its first dataset's
+    name), a path read by :func:`read_imatrix` (the path)."""
+    if isinstance(imatrix, Imatrix):
+        return imatrix, "imatrix" + (f" of {imatrix.datasets[0]}" if imatrix.datasets else "")
+    return read_imatrix(imatrix), str(imatrix)
+
+
+def imatrix_label(imatrix: Imatrix | str | os.PathLike | None) -> str | None:
+    """How a row or a file names the imatrix it was priced or quantized with: the file's name and the first 12 hex
+    digits of the sha256 of its bytes (``imatrix.gguf@1a2b3c4d5e6f``); an :class:`Imatrix` object, ``sha256:`` of its
+    GGUF bytes (:func:`gguf_bytes`); ``None`` for none."""
+    import hashlib
+
+    if imatrix is None:
+        return None
+    if isinstance(imatrix, Imatrix):
+        return "sha256:" + hashlib.sha256(gguf_bytes(imatrix)).hexdigest()[:12]
+    p = Path(imatrix)
+    try:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+    except OSError as e:
+        raise DataError(f"imatrix file {p}: cannot read it ({e.strerror or e})") from None
+    return f"{p.name}@{digest}"
+
+
+def tensor_weights(im: Imatrix, rows: Mapping[str, int], *, source: str = "the imatrix",
+                   optional: frozenset[str] | set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """The float32 :func:`quant_weights` [n] of each GGUF tensor of ``rows`` (name -> row length ``n``, a 2-D
+    weight's columns), checked as llama-quantize checks them: an entry of another size than ``n`` is an error (as
+    llama-quantize's "imatrix size ... is different from tensor size"), except for ``token_embd.weight``, which
+    llama-quantize then quantizes without one; non-finite weights are an error ("imatrix contains non-finite
+    value"). A tensor without an entry is a :class:`DataError` naming ``source`` and the tensor, unless it is in
+    ``optional``: then it is left out, and is quantized without weights (llama-quantize: "did not find weights for
+    ...", and it goes on without)."""
+    out: dict[str, np.ndarray] = {}
+    for name, n in rows.items():
+        if name not in im.entries:
+            if name in optional:
+                continue
+            shown = ", ".join(im.names[:4]) + (", ..." if len(im.names) > 4 else "")
+            raise DataError(f"{source} has no entry for {name} ({len(im.names)} entries: {shown}); give the imatrix "
+                            "of this model (llama-imatrix or `quantpredict imatrix` on it)")
+        w = quant_weights(im, name)
+        if w.size != n:
+            if name == "token_embd.weight":
+                continue
+            raise DataError(f"{source}: entry {name} has {w.size} values, but the tensor's rows have {n} columns "
+                            "(llama-quantize refuses it too); give the imatrix of this model")
+        if not np.isfinite(w).all():
+            raise DataError(f"{source}: entry {name} holds non-finite values (llama-quantize refuses it too)")
+        out[name] = w
+    return out
