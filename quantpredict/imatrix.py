@@ -367,3 +367,44 @@ def tensor_weights(im: Imatrix, rows: Mapping[str, int], *, source: str = "the i
             raise DataError(f"{source}: entry {name} holds non-finite values (llama-quantize refuses it too)")
         out[name] = w
     return out
+
+
+_READ_CACHE: dict[tuple[str, int, int], tuple[Imatrix, str]] = {}
+
+
+def load(imatrix: Imatrix | str | os.PathLike) -> tuple[Imatrix, str | None]:
+    """``imatrix`` and its :func:`imatrix_label`; a path is read once per (path, size, mtime) in this process, so
+    pricing many recipes with one file reads and hashes it once."""
+    if isinstance(imatrix, Imatrix):
+        return imatrix, imatrix_label(imatrix)
+    p = Path(imatrix)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise DataError(f"imatrix file {p}: cannot read it ({e.strerror or e})") from None
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _READ_CACHE:
+        _READ_CACHE.clear()  # one file at a time is what the commands use
+        _READ_CACHE[key] = (read_imatrix(p), imatrix_label(p))
+    return _READ_CACHE[key]
+
+
+def layer_importance(model, refs, formats, imatrix: Imatrix | str | os.PathLike) -> dict[str, object]:
+    """HF linear name -> float32 tensor [in] of llama-quantize's quant_weights, for each of ``refs`` (the model's
+    :class:`~quantpredict.arch.LinearRef`) whose entry of ``formats`` (``(format, block size)`` or ``None``) is a
+    llama.cpp format: the weights its RTN is priced with. The GGUF tensor names come from gguf's name map of the
+    model's architecture (:func:`quantpredict.export.model_gguf_names`); a layer without an entry, or with one of
+    another size, is a :class:`DataError` naming the imatrix and the tensor (:func:`tensor_weights`)."""
+    import torch
+
+    from quantpredict.export import model_gguf_names
+    from quantpredict.formats import get_format
+
+    im, label = load(imatrix)
+    wanted = [r for r, fb in zip(refs, formats, strict=True) if fb is not None and get_format(fb[0]).family == "ggml"]
+    if not wanted:
+        return {}
+    names = model_gguf_names(model, [r.name for r in wanted])
+    source = f"imatrix file {imatrix}" if not isinstance(imatrix, Imatrix) else f"imatrix {label}"
+    weights = tensor_weights(im, {names[r.name]: r.in_features for r in wanted}, source=source)
+    return {r.name: torch.from_numpy(weights[names[r.name]]) for r in wanted}
