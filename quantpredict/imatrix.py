@@ -408,3 +408,61 @@ def layer_importance(model, refs, formats, imatrix: Imatrix | str | os.PathLike)
     source = f"imatrix file {imatrix}" if not isinstance(imatrix, Imatrix) else f"imatrix {label}"
     weights = tensor_weights(im, {names[r.name]: r.in_features for r in wanted}, source=source)
     return {r.name: torch.from_numpy(weights[names[r.name]]) for r in wanted}
+
+
+# ------------------------------------------------------------------------------------------------ computing it
+
+#: llama-imatrix collects no matrix multiplication of fewer activation rows (its ``src1->ne[1] < 16`` test)
+MIN_ROWS = 16
+
+
+def compute_imatrix(model, windows, *, batch_size: int = 1, datasets: tuple[str, ...] = (),
+                    progress: bool = False) -> Imatrix:
+    """llama-imatrix's importance matrix of ``model`` (a loaded Hugging Face causal LM) over ``windows`` (int64
+    [n, T] token ids, each a chunk as llama-imatrix evaluates one): a forward pre-hook on every linear layer of the
+    blocks (:func:`quantpredict.arch.linear_layers`; the head is not collected, as llama-imatrix without
+    ``--process-output``) adds, per input column, the sum of the squares of that layer's input rows, and counts the
+    rows (one per token: llama-imatrix's ``counts += nrows(src1) / n_mat``, the activation rows, not the chunks).
+    Entries are by GGUF tensor name (:func:`quantpredict.export.model_gguf_names`); ``chunk_count`` is ``n``,
+    ``chunk_size`` ``T`` (llama-imatrix's ``n_ctx / n_parallel``).
+
+    Departures from llama-imatrix: the sums accumulate in float64 (llama-imatrix: float32, in its graph's order)
+    and are stored in float32; the activations are PyTorch's float32 forward, not ggml's. A window shorter than
+    :data:`MIN_ROWS` tokens is refused (llama-imatrix would skip its matrix multiplications). ``batch_size``
+    windows per forward pass (the sums do not depend on it beyond float64 rounding)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from quantpredict import arch
+    from quantpredict.export import model_gguf_names
+
+    windows = torch.as_tensor(windows)
+    if windows.dim() != 2 or windows.shape[0] < 1:
+        raise DataError(f"compute_imatrix needs [n, T] token windows, got shape {tuple(windows.shape)}")
+    if windows.shape[1] < MIN_ROWS:
+        raise DataError(f"windows of {windows.shape[1]} tokens: llama-imatrix collects no batch of fewer than "
+                        f"{MIN_ROWS} tokens; use windows of at least {MIN_ROWS}")
+    refs = arch.linear_layers(model)
+    names = model_gguf_names(model, [r.name for r in refs])
+    sums = {r.name: torch.zeros(r.in_features, dtype=torch.float64) for r in refs}
+    counts = dict.fromkeys(sums, 0)
+
+    def hook_for(name: str, n: int):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, n).to(torch.float64)  # [rows, in]: every token's input row
+            sums[name] += (x * x).sum(0)
+            counts[name] += x.shape[0]
+        return hook
+
+    handles = [r.module.register_forward_pre_hook(hook_for(r.name, r.in_features)) for r in refs]
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(windows.split(batch_size), desc="imatrix", unit="batch", disable=not progress):
+                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    entries = {names[n]: ImatrixEntry(sums[n].to(torch.float32).numpy().reshape(1, -1), np.array([counts[n]]))
+               for n in sums}
+    return Imatrix(entries, datasets=tuple(datasets), chunk_count=int(windows.shape[0]),
+                   chunk_size=int(windows.shape[1]))
