@@ -151,3 +151,33 @@ def test_llama_imatrix_on_the_same_text_agrees(model, tmp_path):
         assert _spearman(a, b) > 0.999, name
         assert np.median(np.abs(a - b) / b) < 1e-3, name
         assert ours.entries[name].counts.tolist() == llama.entries[name].counts.tolist() == [chunks * n_ctx]
+
+
+def test_quantize_with_an_imatrix_records_it(model, tmp_path, capsys):
+    """`quantize --imatrix`: each layer's saved weight is llama-quantize's weighted RTN of the checkpoint's, and
+    quantization.json names the imatrix; GPTQ with one is refused before the weights load."""
+    from safetensors.torch import load_file
+
+    from quantpredict.formats.ggml import fake_quantize_weighted
+    from quantpredict.imatrix import compute_imatrix, quant_weights, write_imatrix
+    from quantpredict.models import resolve
+
+    net, tok = model
+    imx = write_imatrix(compute_imatrix(net, _windows(tok, 2, 32)), tmp_path / "im.gguf")
+    out = tmp_path / "q"
+    assert main(["quantize", MODEL, "--format", "q4_0", "--method", "rtn", "--imatrix", str(imx), "--out",
+                 str(out)]) == 0
+    capsys.readouterr()
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["imatrix"].startswith("im.gguf@") and meta["label"] == "q4_0-rtn"
+    saved, orig = load_file(str(out / "model.safetensors")), load_file(str(resolve(MODEL) / "model.safetensors"))
+    from quantpredict.imatrix import read_imatrix
+
+    im = read_imatrix(imx)
+    names = export.gguf_tensor_names("llama", 3, [k.removesuffix(".weight") for k in orig if "layers" in k
+                                                  and k.endswith("proj.weight")])
+    for hf, name in names.items():
+        want = fake_quantize_weighted(orig[hf + ".weight"].float(), "q4_0", quant_weights(im, name))
+        assert torch.equal(saved[hf + ".weight"].float(), want), hf
+    assert main(["quantize", MODEL, "--format", "q4_0", "--imatrix", str(imx), "--out", str(tmp_path / "g")]) == 2
+    assert "GPTQ" in capsys.readouterr().err and not (tmp_path / "g").exists()
