@@ -15,6 +15,12 @@ one: :func:`quant_weights`. :func:`quantpredict.formats.ggml.to_gguf_bytes` with
 
 The GGUF files are read and written here with the standard library and numpy (little-endian GGUF v2/v3; F32 data),
 so no ``gguf`` package is needed.
+
+Using one: :func:`tensor_weights` (the weights of named tensors, checked as llama-quantize checks them; what
+``export --imatrix`` packs with), :func:`layer_importance` (by Hugging Face layer name; what pricing and ``quantize
+--imatrix`` round with), :func:`load` / :func:`imatrix_label` (read once, named by file and sha256 prefix).
+Computing one: :func:`compute_imatrix` (``quantpredict imatrix``), llama-imatrix's sums and counts from PyTorch
+forward passes.
 """
 
 from __future__ import annotations
