@@ -262,7 +262,9 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
     parts += ["## What this does not cover yet", "",
               "- The token embedding and the output head: llama.cpp quantizes them (the mix's type or Q8_0, and "
               "Q6_K), the project's named mixes keep them in 16 bits; the rows above name them.",
-              "- An importance matrix (`--imatrix`): the project has no imatrix path yet.",
+              "- An importance matrix: the files above are quantized without one; `quantpredict export --imatrix` "
+              "writes llama-quantize --imatrix's bytes (tests/test_export.py) and `rank`/`predict --imatrix` price "
+              "them, but no KLD of an imatrix file is reported here yet.",
               "- llama.cpp's own KLD of its files beside the predictions: `kld-table` (below, where it was run).", "",
               "## Reproduce", "", "```bash", "make llamacpp",
               "python benchmarks/llamacpp_reference.py report",

@@ -16,6 +16,13 @@ The file is llama.cpp's own conversion with the recipe's tensors replaced:
    norms, biases and every other tensor as the converter wrote them.
 3. The result is renamed onto the output path only when whole.
 
+With an importance matrix (``plan_export(..., imatrix=FILE)``, ``quantpredict export --imatrix``), each tensor of a
+llama.cpp type is packed with ``to_gguf_bytes(w, kind, imatrix=quant_weights(im, gguf_name))``, as ``llama-quantize
+--imatrix`` quantizes it (byte-identical: tests/test_export.py). Every such linear must have an entry (else an error
+naming the file and the tensor, before any work; llama-quantize would log "did not find weights" and quantize it
+without, which for a linear means the file is of another model); the token embedding and the output head, when
+quantized, take theirs if the file has one and are quantized without otherwise, as llama-quantize does.
+
 The converter reorders the rows of some weights (Llama's q/k projections are permuted into llama.cpp's rope layout,
 GPT-NeoX's fused qkv into q, k, v): it moves whole rows, and every ggml type quantizes each row on its own, so the
 tensor quantized as it stands in the converted file is the project's fake-quantized weight with its rows moved the
@@ -37,9 +44,10 @@ import sys
 import tarfile
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +281,11 @@ class ExportPlan:
     file_type: str  # gguf.LlamaFileType member name
     embedding_type: str = ""  # the token embedding's type: a ggml type or a keep type ("": ``keep``)
     output_type: str = ""  # the output head's (untied models; a tied head is the embedding): as above
+    imatrix_file: str = ""  # llama-quantize's --imatrix FILE ("" without an imatrix)
+    imatrix_label: str | None = None  # the imatrix's name and hash (quantpredict.imatrix.imatrix_label)
+    # GGUF tensor name -> the float32 [n] quant_weights it is quantized with (the tensors of a llama.cpp type that
+    # the imatrix has an entry for)
+    imatrix_weights: Mapping[str, Any] = dc_field(default_factory=dict, compare=False, repr=False)
 
     def role_type(self, gguf_name: str) -> str:
         """The type ``token_embd.weight`` or ``output.weight`` is written in."""
@@ -334,7 +347,7 @@ def _role_type(what: str, kind: str | None, row: int) -> str:
 
 
 def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: str | None = None,
-                output_type: str | None = None) -> ExportPlan:
+                output_type: str | None = None, imatrix: Any = None) -> ExportPlan:
     """Check that ``recipe`` (a named mix, a label, a :class:`~quantpredict.recipe.Recipe` or a dict of fields)
     quantizes every layer of ``model`` it quantizes by RTN to a ggml type (or fp16) whose block tiles its rows; from
     the model's config alone, before any work. A :class:`RecipeError` says what is wrong. Whether llama.cpp's
@@ -345,7 +358,14 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: s
     ``keep``). The project's recipes and predictions leave both in 16 bits; quantizing them here is for files the
     size of llama.cpp's own. Where the converted file has no output tensor (a head tied to the embedding, which
     llama.cpp then reads as the head), ``output_type`` has nothing to apply to: the result's ``kept`` lists the
-    tensors there are."""
+    tensors there are.
+
+    ``imatrix`` (an :class:`~quantpredict.imatrix.Imatrix` or the path of a llama-imatrix file): quantize each
+    tensor of a llama.cpp type as ``llama-quantize --imatrix`` does (:func:`_imatrix_weights`), read and checked
+    here, before any work. Named mixes resolve as llama.cpp does without an imatrix (``iq4_xs_mix``'s first
+    ffn_down layers in Q5_K; llama-quantize with an imatrix would keep them IQ4_XS, and gives Q4_0/Q5_0 files'
+    first ffn_down layers Q4_1/Q5_1): the file has the recipe's types, and the printed llama-quantize command names
+    every linear's type, so both tools write the same types."""
     from quantpredict import arch
     from quantpredict.formats.table import GGML_TYPE_ID, get_format
     from quantpredict.mixes import is_mix_spec, mix_of, resolve_recipe
@@ -398,8 +418,39 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: s
             if layer.quantized:
                 sizes[layer.kind] += layer.in_features * layer.out_features
         file_type = TYPE_FILE_TYPE[sizes.most_common(1)[0][0] if sizes else keep]
+    weights, im_file, im_label = {}, "", None
+    if imatrix is not None:
+        weights = _imatrix_weights(imatrix, config, net, model, layers, embedding_type, output_type, hidden)
+        from quantpredict.imatrix import imatrix_label
+
+        im_file = str(imatrix) if isinstance(imatrix, (str, os.PathLike)) else "IMATRIX.gguf"
+        im_label = imatrix_label(imatrix)
     return ExportPlan(model, model_dir, resolved.label, mix, tuple(layers), keep, hf_arch, file_type, embedding_type,
-                      output_type)
+                      output_type, im_file, im_label, weights)
+
+
+def _imatrix_weights(imatrix: Any, config: Mapping[str, Any], net: Any, model: str, layers: Sequence[ExportLayer],
+                     embedding_type: str, output_type: str, hidden: int) -> dict[str, Any]:
+    """GGUF tensor name -> float32 [n] ``quant_weights`` for every tensor the plan writes in a llama.cpp type: each
+    such linear must have an entry (a :class:`~quantpredict.errors.DataError` naming the file and the tensor: an
+    imatrix of another model, or one missing layers, would silently quantize those without one); the token
+    embedding and the output head, when quantized, take theirs if the file has one and are quantized without
+    otherwise, as llama-quantize does (llama-imatrix never collects ``token_embd``, and ``output`` only with
+    ``--process-output``). Float types (F16, BF16) ignore it, as ggml's quantizers do."""
+    from quantpredict import arch
+    from quantpredict.formats.table import GGML_TYPE_ID
+    from quantpredict.imatrix import as_imatrix, tensor_weights
+
+    im, source = as_imatrix(imatrix)
+    source = f"imatrix file {source}" if isinstance(imatrix, (str, os.PathLike)) else source
+    quantized = [layer for layer in layers if layer.quantized and layer.kind in GGML_TYPE_ID]
+    names = gguf_tensor_names(gguf_arch_name(str(config.get("model_type", ""))), len(arch.blocks(net)),
+                              [layer.name for layer in quantized], model=model)
+    rows = {names[layer.name]: layer.in_features for layer in quantized}
+    for role, kind in (("token_embd.weight", embedding_type), ("output.weight", output_type)):
+        if kind in GGML_TYPE_ID:
+            rows[role] = hidden
+    return tensor_weights(im, rows, source=source, optional={"token_embd.weight", "output.weight"})
 
 
 def check_converter(plan: ExportPlan, src: Path) -> None:
@@ -411,9 +462,29 @@ def check_converter(plan: ExportPlan, src: Path) -> None:
     check_converter_packages()
 
 
-def gguf_names(plan: ExportPlan, arch_name: str, n_blocks: int) -> dict[str, str]:
-    """``{Hugging Face linear name: GGUF tensor name}`` by gguf's own name map of the converted file's
-    architecture."""
+def gguf_arch_name(model_type: str) -> str:
+    """gguf's architecture name (``general.architecture`` of the converted file) for a Hugging Face ``model_type``,
+    known from the config alone: the name in ``gguf.MODEL_ARCH_NAMES`` equal to it once ``_`` and ``-`` are dropped
+    and case is ignored (``llama``, ``gpt2``, ``gpt_neox`` -> ``gptneox``). A :class:`ModelError` if none is. The
+    converter's own class may name another architecture for a model type; :func:`export_gguf` reads the converted
+    file's and uses that."""
+    import gguf
+
+    def norm(text: str) -> str:
+        return text.lower().replace("_", "").replace("-", "")
+
+    for name in gguf.MODEL_ARCH_NAMES.values():
+        if norm(name) == norm(model_type):
+            return name
+    raise ModelError(f"no GGUF architecture for the model type {model_type!r} in the gguf package; llama.cpp's "
+                     "tensor names of this model are not known")
+
+
+def gguf_tensor_names(arch_name: str, n_blocks: int, layer_names: Sequence[str], *, model: str = "the model"
+                      ) -> dict[str, str]:
+    """``{Hugging Face linear name: GGUF tensor name}`` for ``layer_names`` by gguf's own name map of the
+    architecture ``arch_name`` (a ``general.architecture`` value) with ``n_blocks`` blocks: the map llama.cpp's
+    converter names the tensors by. Needs no converted file."""
     import gguf
 
     arch_ids = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
@@ -422,12 +493,27 @@ def gguf_names(plan: ExportPlan, arch_name: str, n_blocks: int) -> dict[str, str
                          "converted file; upgrade gguf")
     names = gguf.get_tensor_name_map(arch_ids[arch_name], n_blocks)
     out = {}
-    for layer in plan.layers:
-        name = names.get_name(layer.name + ".weight", try_suffixes=(".weight",))
+    for layer in layer_names:
+        name = names.get_name(layer + ".weight", try_suffixes=(".weight",))
         if name is None:
-            raise ModelError(f"{plan.model}: no GGUF tensor name for {layer.name} in gguf's map of {arch_name}")
-        out[layer.name] = name
+            raise ModelError(f"{model}: no GGUF tensor name for {layer} in gguf's map of {arch_name}")
+        out[layer] = name
     return out
+
+
+def model_gguf_names(model: Any, layer_names: Sequence[str]) -> dict[str, str]:
+    """:func:`gguf_tensor_names` of a loaded Hugging Face ``model`` (its ``config.model_type`` and block count)."""
+    from quantpredict import arch
+
+    require_gguf()
+    return gguf_tensor_names(gguf_arch_name(model.config.model_type), len(arch.blocks(model)), layer_names,
+                             model=getattr(model.config, "name_or_path", "") or type(model).__name__)
+
+
+def gguf_names(plan: ExportPlan, arch_name: str, n_blocks: int) -> dict[str, str]:
+    """``{Hugging Face linear name: GGUF tensor name}`` of the plan's layers by gguf's own name map of the
+    converted file's architecture (:func:`gguf_tensor_names`)."""
+    return gguf_tensor_names(arch_name, n_blocks, [layer.name for layer in plan.layers], model=plan.model)
 
 
 # ---- the rewrite ------------------------------------------------------------------------------------------------
@@ -448,9 +534,11 @@ def _gguf_type(kind: str) -> Any:
             "f32": gguf.GGMLQuantizationType.F32}[kind]
 
 
-def pack(data: Any, kind: str) -> Any:
+def pack(data: Any, kind: str, imatrix: Any = None) -> Any:
     """A float32 [rows, n] array in ``kind`` as GGUF stores it: ggml block bytes (uint8 [rows, row bytes]) by
-    :func:`~quantpredict.formats.ggml.to_gguf_bytes`, float16, bf16 bytes, or float32."""
+    :func:`~quantpredict.formats.ggml.to_gguf_bytes` (with ``imatrix``, float32 [n] quant_weights, as
+    llama-quantize --imatrix quantizes), float16, bf16 bytes, or float32 (the float types ignore ``imatrix``, as
+    ggml does)."""
     import numpy as np
 
     if kind == "f32":
@@ -465,15 +553,19 @@ def pack(data: Any, kind: str) -> Any:
 
     from quantpredict.formats.ggml import to_gguf_bytes
 
-    return to_gguf_bytes(torch.from_numpy(np.array(data, dtype=np.float32)), kind)
+    return to_gguf_bytes(torch.from_numpy(np.array(data, dtype=np.float32)), kind, imatrix=imatrix)
 
 
 def rewrite(src: Path, out: Path, types: Mapping[str, str], file_type: int, *,
-            progress: Callable[[int], None] | None = None) -> list[tuple[str, str]]:
+            progress: Callable[[int], None] | None = None,
+            imatrix: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
     """Copy the F32 GGUF ``src`` to ``out`` with each tensor named in ``types`` (GGUF name -> ``q4_k``, ``f16``,
     ...) stored in that type, every other tensor and every key/value field as they were, ``general.file_type`` set
     to ``file_type`` and ``general.quantization_version`` to gguf's. Returns ``(name, type)`` of every tensor written,
-    in order. ``progress`` is called with each tensor's element count as it is written."""
+    in order. ``progress`` is called with each tensor's element count as it is written. ``imatrix``: GGUF name ->
+    float32 [n] quant_weights of the tensors quantized with an importance matrix (:func:`pack`); the tensor as it
+    stands in ``src``, rows already moved by the converter: the weights are per column, and the converter moves
+    whole rows only, so they apply unchanged."""
     import gguf
     import numpy as np
 
@@ -534,12 +626,26 @@ def rewrite(src: Path, out: Path, types: Mapping[str, str], file_type: int, *,
     writer.write_ti_data_to_file()
     for t in reader.tensors:
         kind = types.get(t.name)
-        data = t.data if kind is None else pack(t.data, kind)
+        data = t.data if kind is None else pack(t.data, kind, (imatrix or {}).get(t.name))
         writer.write_tensor_data(data, tensor_endianess=reader.endianess if kind is None else None)
         if progress is not None:
             progress(int(t.n_elements))
     writer.close()
     return written
+
+
+def _check_imatrix_names(plan: ExportPlan, types: Mapping[str, str]) -> None:
+    """That the plan's imatrix weights cover every linear of a llama.cpp type under its name in the converted file
+    (the plan named them by the config's architecture; the converter may name another)."""
+    from quantpredict.formats.table import GGML_TYPE_ID
+
+    if not plan.imatrix_label:
+        return
+    missing = [n for n, k in types.items() if k in GGML_TYPE_ID and n not in plan.imatrix_weights]
+    if missing:
+        raise ModelError(f"the converted file names {missing[0]} a tensor that the plan's imatrix weights do not "
+                         f"cover (the architecture's GGUF names differ from gguf's map of "
+                         f"{plan.hf_architecture}); export this model without --imatrix")
 
 
 # ---- the whole export -----------------------------------------------------------------------------------------------
@@ -619,6 +725,7 @@ def export_gguf(plan: ExportPlan, out: str | os.PathLike, *, progress: bool = Tr
                                  "export cannot map this architecture's weights")
             types[name] = layer.kind
         linear_types = tuple(types.items())
+        _check_imatrix_names(plan, types)
         kept = tuple(n for n in KEPT_ROLES if n in shapes and len(shapes[n]) == 2)
         for n in kept:
             types[n] = plan.role_type(n)
@@ -626,7 +733,7 @@ def export_gguf(plan: ExportPlan, out: str | os.PathLike, *, progress: bool = Tr
         part = tmp / out.name
         with tqdm(total=total, desc=f"export {plan.llama_quantize_type}", unit="param", unit_scale=True,
                   disable=not progress) as bar:
-            written = rewrite(f32, part, types, int(ftype), progress=bar.update)
+            written = rewrite(f32, part, types, int(ftype), progress=bar.update, imatrix=plan.imatrix_weights)
         f32.unlink()
         honour_umask(part)
         os.replace(part, out)
@@ -668,8 +775,11 @@ def tensor_type_patterns(types: Mapping[str, str]) -> list[str]:
 def llama_quantize_command(result: ExportResult, *, src: str = "MODEL-f32.gguf", out: str | None = None) -> str:
     """The llama-quantize command that gives every tensor the type it has in ``result``, from the F32 file of the
     same converter (``convert_hf_to_gguf.py MODEL --outtype f32``): the token embedding and output head kept in the
-    keep type, each linear layer named by an anchored ``--tensor-type`` pattern, the file type of ``result``."""
+    keep type, each linear layer named by an anchored ``--tensor-type`` pattern, the file type of ``result``; with
+    the plan's imatrix, ``--imatrix FILE``."""
     args = ["llama-quantize"]
+    if result.plan.imatrix_file:
+        args += ["--imatrix", result.plan.imatrix_file]
     if "token_embd.weight" in result.kept:
         args += ["--token-embedding-type", result.plan.role_type("token_embd.weight")]
     if "output.weight" in result.kept:

@@ -15,6 +15,12 @@ one: :func:`quant_weights`. :func:`quantpredict.formats.ggml.to_gguf_bytes` with
 
 The GGUF files are read and written here with the standard library and numpy (little-endian GGUF v2/v3; F32 data),
 so no ``gguf`` package is needed.
+
+Using one: :func:`tensor_weights` (the weights of named tensors, checked as llama-quantize checks them; what
+``export --imatrix`` packs with), :func:`layer_importance` (by Hugging Face layer name; what pricing and ``quantize
+--imatrix`` round with), :func:`load` / :func:`imatrix_label` (read once, named by file and sha256 prefix).
+Computing one: :func:`compute_imatrix` (``quantpredict imatrix``), llama-imatrix's sums and counts from PyTorch
+forward passes.
 """
 
 from __future__ import annotations
@@ -309,3 +315,160 @@ def write_imatrix(im: Imatrix, path: str | os.PathLike) -> Path:
     except OSError as e:
         raise OutputError(f"imatrix file {p}: cannot write it ({e.strerror or e})") from None
     return p
+
+
+# ------------------------------------------------------------------------------------------------ using it
+
+
+def as_imatrix(imatrix: Imatrix | str | os.PathLike) -> tuple[Imatrix, str]:
+    """``imatrix`` and the name it is shown by: an :class:`Imatrix` as it is (``"imatrix"``, or its first dataset's
+    name), a path read by :func:`read_imatrix` (the path)."""
+    if isinstance(imatrix, Imatrix):
+        return imatrix, "imatrix" + (f" of {imatrix.datasets[0]}" if imatrix.datasets else "")
+    return read_imatrix(imatrix), str(imatrix)
+
+
+def imatrix_label(imatrix: Imatrix | str | os.PathLike | None) -> str | None:
+    """How a row or a file names the imatrix it was priced or quantized with: the file's name and the first 12 hex
+    digits of the sha256 of its bytes (``imatrix.gguf@1a2b3c4d5e6f``); an :class:`Imatrix` object, ``sha256:`` of its
+    GGUF bytes (:func:`gguf_bytes`); ``None`` for none."""
+    import hashlib
+
+    if imatrix is None:
+        return None
+    if isinstance(imatrix, Imatrix):
+        return "sha256:" + hashlib.sha256(gguf_bytes(imatrix)).hexdigest()[:12]
+    p = Path(imatrix)
+    try:
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+    except OSError as e:
+        raise DataError(f"imatrix file {p}: cannot read it ({e.strerror or e})") from None
+    return f"{p.name}@{digest}"
+
+
+def tensor_weights(im: Imatrix, rows: Mapping[str, int], *, source: str = "the imatrix",
+                   optional: frozenset[str] | set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """The float32 :func:`quant_weights` [n] of each GGUF tensor of ``rows`` (name -> row length ``n``, a 2-D
+    weight's columns), checked as llama-quantize checks them: an entry of another size than ``n`` is an error (as
+    llama-quantize's "imatrix size ... is different from tensor size"), except for ``token_embd.weight``, which
+    llama-quantize then quantizes without one; non-finite weights are an error ("imatrix contains non-finite
+    value"). A tensor without an entry is a :class:`DataError` naming ``source`` and the tensor, unless it is in
+    ``optional``: then it is left out, and is quantized without weights (llama-quantize: "did not find weights for
+    ...", and it goes on without)."""
+    out: dict[str, np.ndarray] = {}
+    for name, n in rows.items():
+        if name not in im.entries:
+            if name in optional:
+                continue
+            shown = ", ".join(im.names[:4]) + (", ..." if len(im.names) > 4 else "")
+            raise DataError(f"{source} has no entry for {name} ({len(im.names)} entries: {shown}); give the imatrix "
+                            "of this model (llama-imatrix or `quantpredict imatrix` on it)")
+        w = quant_weights(im, name)
+        if w.size != n:
+            if name == "token_embd.weight":
+                continue
+            raise DataError(f"{source}: entry {name} has {w.size} values, but the tensor's rows have {n} columns "
+                            "(llama-quantize refuses it too); give the imatrix of this model")
+        if not np.isfinite(w).all():
+            raise DataError(f"{source}: entry {name} holds non-finite values (llama-quantize refuses it too)")
+        out[name] = w
+    return out
+
+
+_READ_CACHE: dict[tuple[str, int, int], tuple[Imatrix, str]] = {}
+
+
+def load(imatrix: Imatrix | str | os.PathLike) -> tuple[Imatrix, str | None]:
+    """``imatrix`` and its :func:`imatrix_label`; a path is read once per (path, size, mtime) in this process, so
+    pricing many recipes with one file reads and hashes it once."""
+    if isinstance(imatrix, Imatrix):
+        return imatrix, imatrix_label(imatrix)
+    p = Path(imatrix)
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise DataError(f"imatrix file {p}: cannot read it ({e.strerror or e})") from None
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _READ_CACHE:
+        _READ_CACHE.clear()  # one file at a time is what the commands use
+        _READ_CACHE[key] = (read_imatrix(p), imatrix_label(p))
+    return _READ_CACHE[key]
+
+
+def layer_importance(model, refs, formats, imatrix: Imatrix | str | os.PathLike) -> dict[str, object]:
+    """HF linear name -> float32 tensor [in] of llama-quantize's quant_weights, for each of ``refs`` (the model's
+    :class:`~quantpredict.arch.LinearRef`) whose entry of ``formats`` (``(format, block size)`` or ``None``) is a
+    llama.cpp format: the weights its RTN is priced with. The GGUF tensor names come from gguf's name map of the
+    model's architecture (:func:`quantpredict.export.model_gguf_names`); a layer without an entry, or with one of
+    another size, is a :class:`DataError` naming the imatrix and the tensor (:func:`tensor_weights`)."""
+    import torch
+
+    from quantpredict.export import model_gguf_names
+    from quantpredict.formats import get_format
+
+    im, label = load(imatrix)
+    wanted = [r for r, fb in zip(refs, formats, strict=True) if fb is not None and get_format(fb[0]).family == "ggml"]
+    if not wanted:
+        return {}
+    names = model_gguf_names(model, [r.name for r in wanted])
+    source = f"imatrix file {imatrix}" if not isinstance(imatrix, Imatrix) else f"imatrix {label}"
+    weights = tensor_weights(im, {names[r.name]: r.in_features for r in wanted}, source=source)
+    return {r.name: torch.from_numpy(weights[names[r.name]]) for r in wanted}
+
+
+# ------------------------------------------------------------------------------------------------ computing it
+
+#: llama-imatrix collects no matrix multiplication of fewer activation rows (its ``src1->ne[1] < 16`` test)
+MIN_ROWS = 16
+
+
+def compute_imatrix(model, windows, *, batch_size: int = 1, datasets: tuple[str, ...] = (),
+                    progress: bool = False) -> Imatrix:
+    """llama-imatrix's importance matrix of ``model`` (a loaded Hugging Face causal LM) over ``windows`` (int64
+    [n, T] token ids, each a chunk as llama-imatrix evaluates one): a forward pre-hook on every linear layer of the
+    blocks (:func:`quantpredict.arch.linear_layers`; the head is not collected, as llama-imatrix without
+    ``--process-output``) adds, per input column, the sum of the squares of that layer's input rows, and counts the
+    rows (one per token: llama-imatrix's ``counts += nrows(src1) / n_mat``, the activation rows, not the chunks).
+    Entries are by GGUF tensor name (:func:`quantpredict.export.model_gguf_names`); ``chunk_count`` is ``n``,
+    ``chunk_size`` ``T`` (llama-imatrix's ``n_ctx / n_parallel``).
+
+    Departures from llama-imatrix: the sums accumulate in float64 (llama-imatrix: float32, in its graph's order)
+    and are stored in float32; the activations are PyTorch's float32 forward, not ggml's. A window shorter than
+    :data:`MIN_ROWS` tokens is refused (llama-imatrix would skip its matrix multiplications). ``batch_size``
+    windows per forward pass (the sums do not depend on it beyond float64 rounding)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from quantpredict import arch
+    from quantpredict.export import model_gguf_names
+
+    windows = torch.as_tensor(windows)
+    if windows.dim() != 2 or windows.shape[0] < 1:
+        raise DataError(f"compute_imatrix needs [n, T] token windows, got shape {tuple(windows.shape)}")
+    if windows.shape[1] < MIN_ROWS:
+        raise DataError(f"windows of {windows.shape[1]} tokens: llama-imatrix collects no batch of fewer than "
+                        f"{MIN_ROWS} tokens; use windows of at least {MIN_ROWS}")
+    refs = arch.linear_layers(model)
+    names = model_gguf_names(model, [r.name for r in refs])
+    sums = {r.name: torch.zeros(r.in_features, dtype=torch.float64) for r in refs}
+    counts = dict.fromkeys(sums, 0)
+
+    def hook_for(name: str, n: int):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, n).to(torch.float64)  # [rows, in]: every token's input row
+            sums[name] += (x * x).sum(0)
+            counts[name] += x.shape[0]
+        return hook
+
+    handles = [r.module.register_forward_pre_hook(hook_for(r.name, r.in_features)) for r in refs]
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(windows.split(batch_size), desc="imatrix", unit="batch", disable=not progress):
+                model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    entries = {names[n]: ImatrixEntry(sums[n].to(torch.float32).numpy().reshape(1, -1), np.array([counts[n]]))
+               for n in sums}
+    return Imatrix(entries, datasets=tuple(datasets), chunk_count=int(windows.shape[0]),
+                   chunk_size=int(windows.shape[1]))

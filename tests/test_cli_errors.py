@@ -169,7 +169,7 @@ BAD_MODELS = [("truncated", "truncated/model.safetensors"), ("randombytes", "ran
 #: Every command that takes a model, with M standing for the model.
 MODEL_COMMANDS = [["demo", "--model", "M"], ["eval", "M"], ["eval", "llama-xs", "--against", "M"],
                   ["quantize", "M", "--format", "int4", "--out", "out"], ["features", "M", "--format", "int4"],
-                  ["export", "M", "--recipe", "q4_k_m", "--gguf", "m.gguf"],
+                  ["export", "M", "--recipe", "q4_k_m", "--gguf", "m.gguf"], ["imatrix", "M", "--out", "im.gguf"],
                   ["predict", "M", "--format", "int4"], ["rank", "M"], ["allocate", "M", "--target-bits", "4"],
                   ["qat", "M", "--format", "int4", "--out", "o"],
                   ["collect", "--models", "M", "--formats", "int4", "--methods", "rtn", "--store", "s.sqlite"],
@@ -238,6 +238,7 @@ def _unwritable(root: Path, how: str, monkeypatch) -> str:
 OUTPUT_COMMANDS = [["quantize", "llama-xs", "--format", "int4", "--out", "O"],
                    ["qat", "llama-xs", "--format", "int4", "--out", "O"],
                    ["export", "llama-xs", "--recipe", "q4_k_m", "--gguf", "O"],
+                   ["imatrix", "llama-xs", "--out", "O"],
                    ["allocate", "llama-xs", "--target-bits", "4", "--out", "O"],
                    ["rank", "llama-xs", "--plot", "O.png"],
                    ["collect", "--models", "llama-xs", "--formats", "int4", "--methods", "rtn", "--store", "O"],

@@ -353,3 +353,137 @@ def test_llama_cpp_loads_the_file_and_llama_quantize_writes_the_same(tmp_path, c
         assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(tb[t.name].data).view(np.uint8)), t.name
     assert ({f.name: f.contents() for f in ours.fields.values() if not f.name.startswith("GGUF.")}
             == {f.name: f.contents() for f in theirs.fields.values() if not f.name.startswith("GGUF.")})
+
+
+# ---- with an importance matrix --------------------------------------------------------------------------------------
+
+
+def _random_imatrix(path: Path, *, drop: tuple[str, ...] = (), extra: dict | None = None, seed: int = 0) -> Path:
+    """An imatrix of llama-s's linear tensors with random positive sums (counts 512), written as llama-imatrix
+    writes it; ``drop``: tensors left out; ``extra``: more entries (GGUF name -> row length)."""
+    from quantpredict.imatrix import Imatrix, ImatrixEntry, write_imatrix
+
+    plan = export.plan_export(MODEL, "q8_0-rtn")
+    rows = {export.gguf_names(plan, "llama", 3)[layer.name]: layer.in_features for layer in plan.layers}
+    rows |= extra or {}
+    rng = np.random.default_rng(seed)
+    entries = {name: ImatrixEntry(rng.gamma(0.7, size=(1, n)).astype(np.float32) * 512, np.array([512]))
+               for name, n in rows.items() if name not in drop}
+    return write_imatrix(Imatrix(entries, datasets=("random",), chunk_count=1, chunk_size=512), path)
+
+
+def _many_types_recipe(shift: int) -> str:
+    """A per-layer recipe of many weighted quantizers on llama-s: the 32-blocks on the rows of 96, three of the six
+    256-blocks on the three ffn_down (rows of 256): ``shift`` 0 the first three, 3 the others."""
+    from quantpredict.recipe import Recipe
+
+    n = len(export.plan_export(MODEL, "q8_0-rtn").layers)
+    small = ["q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q8_0", "fp16"]
+    down = ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs"]
+    return Recipe("q4_0", layer_formats=[(down[(i // 7 + shift) % 6] if i % 7 == 6 else small[(i + i // 7) % 7], None)
+                                         for i in range(n)]).label
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_imatrix_file_is_the_weighted_quantization(cached_convert, tmp_path, shift):
+    """Every tensor of a llama.cpp type quantized with its quant_weights (the converter's q/k row permutation
+    applies to the weights' rows only: the column weights stand), the token embedding with its entry, the output
+    head without one (no entry: as llama-quantize), the fp16 layers as without an imatrix."""
+    import gguf
+    import torch
+
+    from quantpredict.formats.ggml import fake_quantize_weighted
+    from quantpredict.imatrix import quant_weights, read_imatrix
+    from quantpredict.quantize.rtn import rtn_quantize
+
+    imx = _random_imatrix(tmp_path / "imatrix.gguf", extra={"token_embd.weight": 96})
+    im = read_imatrix(imx)
+    plan = export.plan_export(MODEL, _many_types_recipe(shift), embedding_type="q5_0", output_type="q4_0", imatrix=imx)
+    assert plan.imatrix_file == str(imx) and plan.imatrix_label.startswith("imatrix.gguf@")
+    assert "token_embd.weight" in plan.imatrix_weights and "output.weight" not in plan.imatrix_weights
+    result = export.export_gguf(plan, tmp_path / "m.gguf", progress=False)
+    assert f"--imatrix {imx}" in export.llama_quantize_command(result)
+    out = {t.name: t for t in gguf.GGUFReader(str(result.path)).tensors}
+    names = export.gguf_names(plan, "llama", 3)
+    weights = _hf_weights()
+    cfg = json.loads((plan.model_dir / "config.json").read_text())
+    checked = set()
+    for layer in plan.layers:
+        w = weights[layer.name + ".weight"]
+        if layer.name.endswith(("q_proj", "k_proj")):
+            w = _permute(w, cfg["num_attention_heads" if layer.name.endswith("q_proj") else "num_key_value_heads"])
+        name = names[layer.name]
+        if layer.kind == "f16":
+            want = w.to(torch.float16).float()
+        else:
+            want = fake_quantize_weighted(w, layer.kind, quant_weights(im, name))
+            checked.add(layer.kind)
+        t = out[name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        assert np.array_equal(got.astype(np.float32).view(np.uint32), want.numpy().view(np.uint32)), name
+    assert {"q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "q8_0"} <= checked
+    assert set(["q2_k", "q3_k", "q4_k"] if shift == 0 else ["q5_k", "q6_k", "iq4_xs"]) <= checked
+    for name, hf, kind, qw in (("token_embd.weight", "model.embed_tokens.weight", "q5_0",
+                                quant_weights(im, "token_embd.weight")), ("output.weight", "lm_head.weight", "q4_0",
+                                                                          None)):
+        w = weights.get(hf, weights["model.embed_tokens.weight"])
+        want = rtn_quantize(w, kind) if qw is None else fake_quantize_weighted(w, kind, qw)
+        got = gguf.quants.dequantize(out[name].data, out[name].tensor_type).reshape(w.shape)
+        assert np.array_equal(got.view(np.uint32), want.numpy().view(np.uint32)), name
+
+
+def test_imatrix_without_a_layer_is_one_error_before_any_work(tmp_path, monkeypatch, capsys):
+    """An imatrix missing a linear of a llama.cpp type: exit 2 naming the file and the tensor, before the converter
+    is looked for; a missing, unreadable or malformed file likewise."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUANTPREDICT_HOME", str(tmp_path / "home-never-created"))
+    imx = _random_imatrix(tmp_path / "partial.gguf", drop=("blk.1.ffn_up.weight",))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF\x03\x00")
+    before = _tree(tmp_path)
+    for path, words in ((imx, "blk.1.ffn_up.weight"), (tmp_path / "none.gguf", "none.gguf"),
+                        (tmp_path / "bad.gguf", "bad.gguf")):
+        assert main(["export", MODEL, "--recipe", "q4_0-rtn", "--imatrix", str(path), "--gguf", "m.gguf"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0] and str(path.name) in err[0], err
+    assert _tree(tmp_path) == before
+    # a layer left in F16 needs no entry (ggml's float types ignore the imatrix)
+    from quantpredict.recipe import Recipe
+
+    n = len(export.plan_export(MODEL, "q8_0-rtn").layers)
+    formats = [("q4_0", None)] * n
+    formats[12] = ("fp16", None)  # model.layers.1.mlp.up_proj
+    plan = export.plan_export(MODEL, Recipe("q4_0", layer_formats=formats).label, imatrix=imx)
+    assert plan.layers[12].name == "model.layers.1.mlp.up_proj" and len(plan.imatrix_weights) == n - 1
+
+
+@needs_converter
+@pytest.mark.skipif(_tool("llama-quantize") is None, reason="llama-quantize is not built "
+                    "(benchmarks/llamacpp_reference.py build)")
+@pytest.mark.parametrize("shift", [0, 3])
+def test_llama_quantize_with_the_same_imatrix_writes_the_same(tmp_path, capsys, shift):
+    """One imatrix file given to `quantpredict export --imatrix` and to the printed `llama-quantize --imatrix`
+    command: every tensor's bytes identical, for every weighted quantizer and a quantized token embedding with its
+    entry (tools built with -ffp-contract=off)."""
+    import gguf
+
+    from quantpredict.models import resolve
+
+    imx = _random_imatrix(tmp_path / "imatrix.gguf", extra={"token_embd.weight": 96}, seed=1)
+    out = tmp_path / "m.gguf"
+    recipe = _many_types_recipe(shift)
+    (tmp_path / "r.txt").write_text(recipe + "\n")
+    assert main(["export", MODEL, "--recipe-file", str(tmp_path / "r.txt"), "--embedding-type", "iq4_nl",
+                 "--output-type", "q5_1", "--imatrix", str(imx), "--gguf", str(out), "--no-progress", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["imatrix"].startswith("imatrix.gguf@") and "--imatrix" in doc["llama_quantize"]
+    f32 = tmp_path / "f32.gguf"
+    export.convert(resolve(MODEL), f32)
+    cmd = shlex.split(doc["llama_quantize"])
+    cmd[0], cmd[-3], cmd[-2] = str(_tool("llama-quantize")), str(f32), str(tmp_path / "lq.gguf")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours, theirs = gguf.GGUFReader(str(out)), gguf.GGUFReader(str(tmp_path / "lq.gguf"))
+    tb = {t.name: t for t in theirs.tensors}
+    for t in ours.tensors:
+        assert t.tensor_type == tb[t.name].tensor_type, t.name
+        assert np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(tb[t.name].data).view(np.uint8)), t.name

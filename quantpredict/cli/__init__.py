@@ -17,9 +17,9 @@ from quantpredict.errors import QuantpredictError
 
 # The subcommand modules quantpredict.cli.<module>, in the order `quantpredict --help` lists them; each names its
 # own subcommand and help in its register().
-COMMANDS: tuple[str, ...] = ("demo", "formats", "zoo", "eval_", "quantize", "export", "features", "collect", "runs",
-                             "backfill", "fit", "predict", "profile", "rank", "allocate", "report", "qat", "study",
-                             "attention")
+COMMANDS: tuple[str, ...] = ("demo", "formats", "zoo", "eval_", "quantize", "export", "imatrix", "features",
+                             "collect", "runs", "backfill", "fit", "predict", "profile", "rank", "allocate", "report",
+                             "qat", "study", "attention")
 
 
 class _Parser(argparse.ArgumentParser):

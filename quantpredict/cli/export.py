@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--output-type", metavar="TYPE", default=None,
                    help="write the output head in this llama.cpp type (llama-quantize's --output-tensor-type; "
                         "untied models) instead of --keep-type")
+    options.add_imatrix(p, "quantize every tensor of a llama.cpp type with it (each linear must have an entry; the "
+                           "token embedding and output head take theirs if the file has one)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new file is whole)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     if out.resolve().is_relative_to(model_dir.resolve()):
         raise OutputError(f"--gguf {args.gguf} is inside the model's folder {model_dir}; write it elsewhere")
     plan = plan_export(args.model, spec, keep=args.keep_type, embedding_type=args.embedding_type,
-                       output_type=args.output_type)  # a recipe error, from the config alone
+                       output_type=args.output_type, imatrix=args.imatrix)  # from the config and the imatrix
 
     def status(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
@@ -112,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
                           "kept_types": {n: plan.role_type(n) for n in result.kept},
                           "tensors": [{"name": n, "type": k} for n, k in result.tensors],
                           "pre_tokenizer_fallback": result.pre_tokenizer_fallback,
+                          "imatrix": plan.imatrix_label,
+                          "imatrix_tensors": sorted(plan.imatrix_weights),
                           "llama_cpp_convert": convert, "llama_quantize": command}, indent=2))
         return 0
     counts = ", ".join(f"{n} {k}" for k, n in sorted(result.type_counts().items(), key=lambda kv: -kv[1]))
@@ -119,6 +123,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB): {plan.model} under {shown}, file type "
           f"{plan.llama_quantize_type}")
     print(f"  tensors: {counts}")
+    if plan.imatrix_label:
+        without = [n for n in ("token_embd.weight", "output.weight")
+                   if n in result.kept and plan.role_type(n) not in KEEP_TYPES and n not in plan.imatrix_weights]
+        print(f"  imatrix {plan.imatrix_label}: {len(plan.imatrix_weights)} tensors quantized with it"
+              + (f"; {', '.join(without)} without (no entry in the file, as llama-quantize does)" if without else ""))
     by_type: dict[str, list[str]] = {}
     for n in result.kept:
         by_type.setdefault(plan.role_type(n), []).append(n)

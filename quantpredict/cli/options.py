@@ -141,3 +141,16 @@ def add_runtime(p) -> None:
 def runtime_words(runtime: str | None) -> str:
     """The printed label of a runtime: empty for none."""
     return "" if runtime is None else f"; as {runtime} runs it (activation rounding included)"
+
+
+def add_imatrix(p, what: str) -> None:
+    """``--imatrix FILE``: an importance matrix in llama.cpp's format (llama-imatrix's GGUF or legacy ``.dat``, or
+    ``quantpredict imatrix``'s), for ``what`` the command does with it (:mod:`quantpredict.imatrix`)."""
+    p.add_argument("--imatrix", metavar="FILE", default=None,
+                   help=f"an importance matrix in llama.cpp's format (from llama-imatrix or `quantpredict imatrix`): "
+                        f"{what}, as llama-quantize --imatrix does (llama.cpp types only)")
+
+
+def imatrix_words(label: str | None) -> str:
+    """The printed label of an imatrix: empty for none."""
+    return "" if label is None else f"; with the imatrix {label}"

@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA")
     p.add_argument("--act-format", default=None)
     options.add_runtime(p)
+    options.add_imatrix(p, "price the recipe's RTN of llama.cpp types with it (weights-only path; RTN of llama.cpp "
+                           "types only)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--predictor", default="default",
                      help="'default' (the shipped weights-only profile predictor), 'physics' (the shipped "
@@ -54,6 +56,15 @@ def run(args: argparse.Namespace) -> int:
 
         raise PredictorError("--runtime prices recipes from their weights against the profile; --measure measures "
                              "the project's own model: give one of them")
+    if args.imatrix is not None and args.measure:
+        from quantpredict.errors import PredictorError
+
+        raise PredictorError("--imatrix prices recipes from their weights against the profile; --measure measures "
+                             "the project's own model: give one of them")
+    if args.imatrix is not None:
+        from quantpredict.imatrix import load
+
+        load(args.imatrix)  # a missing or malformed file fails before the model loads
     predictor = resolve_predictor("physics" if args.measure else args.predictor)  # fail fast, before loading
     device, budget = options.device(args), options.max_memory(args)
     options.check_texts(args)
@@ -95,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
                 recipe = named_mix(what, model, base=recipe)
             pr = predict_quality(model, recipe, predictor, tokenizer=tok, ppl_fp=ref, calib_ids=calib,
                                  model_name=args.model, extract_options=extract, profile=mp,
-                                 cache=not args.no_cache, runtime=args.runtime)
+                                 cache=not args.no_cache, runtime=args.runtime, imatrix=args.imatrix)
             results.append(pr.to_dict())
     cost = full_eval_cost(ref)
     notes = answer.notes(caught, [(r["recipe"], r["out_of_range"]) for r in results])
@@ -112,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     has_kld = any(math.isfinite(r["kld"]) for r in results)
     fp_value = results[0]["ppl_fp"] if results else None
     kinds = ", ".join(dict.fromkeys(f"{r['predictor_kind']} predictor: {r['how']}" for r in results))
+    imatrix = options.imatrix_words(results[0]["imatrix"] if results else None)
     print(f"{args.model}: predicted on WikiText-2 test ({kinds}; 90% intervals, which carry the FP perplexity's SE "
-          f"too){options.runtime_words(args.runtime)}")
+          f"too){options.runtime_words(args.runtime)}{imatrix}")
     print(answer.fp_line(ref, fp_value))
     kld_head = f" {'KLD':>9s} {'KLD interval':>21s} {'top-1%':>7s}" if has_kld else ""
     print(f"{'recipe':32s}{kld_head} {'ppl':>10s} {'interval':>21s} {'vs FP':>8s} {'delta NLL':>10s} "

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=options.positive(int), default=8, help="windows per forward pass")
     p.add_argument("--out", required=True, metavar="DIR", help="output model directory")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    options.add_imatrix(p, "round each layer of a llama.cpp type with it (data-free RTN of llama.cpp types: "
+                           "--method rtn), recorded in quantization.json")
     options.add_text(p, calib_text=True)
     options.add_device(p)
     options.add_dtype(p, "calibration's block forward passes (the model stays in its checkpoint's dtype)")
@@ -81,6 +83,14 @@ def run(args: argparse.Namespace) -> int:
     options.check_texts(args)
     options.check_model(args.model)  # every input and output checked before the weights load
     options.check_out(args.out, "--out", kind="dir")
+    imatrix_label = None
+    if args.imatrix is not None:
+        from quantpredict.imatrix import load as load_imatrix
+        from quantpredict.predict.rank import check_imatrix_recipe
+
+        if not args.mix:
+            check_imatrix_recipe(recipe)  # GPTQ (the default method) and non-llama.cpp formats: before the load
+        imatrix_label = load_imatrix(args.imatrix)[1]  # a missing or malformed file, before the weights load
     # the checkpoint's own dtype in memory (a bf16 checkpoint stays bf16), blocks computed in --dtype on --device
     model, tokenizer = load(args.model, dtype="auto")
     if args.mix:
@@ -96,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
         print("note: --calib-text is not read: data-free RTN runs no calibration pass (--output-errors runs one)",
               file=sys.stderr)
     report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=output_errors,
-                            max_memory=budget, device=device, dtype=dtype)
-    out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer)
+                            max_memory=budget, device=device, dtype=dtype, imatrix=args.imatrix)
+    out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer, imatrix=imatrix_label)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

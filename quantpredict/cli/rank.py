@@ -20,7 +20,8 @@ def register(sub) -> None:
                     "candidates are the shipped grid (14 formats x RTN and GPTQ).")
     p.add_argument("model", metavar="MODEL", help="zoo name, imported model (smollm2-135m) or HF model directory")
     p.add_argument("--formats", default=None, help="comma-separated weight formats (default: the shipped 14)")
-    p.add_argument("--methods", default="rtn,gptq", help="comma-separated methods (default: rtn,gptq)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: rtn,gptq; rtn with --imatrix)")
     p.add_argument("--recipes", default=None,
                    help="comma-separated recipe labels or named mixes (q4_k_m, q5_k_m-gptq, q4_k_pure ...: resolved "
                         "for MODEL's layers) instead of formats x methods")
@@ -31,6 +32,8 @@ def register(sub) -> None:
                         help="predicted perplexity at most PCT percent above the FP one")
     p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
     options.add_runtime(p)
+    options.add_imatrix(p, "price every candidate's RTN of llama.cpp types with it (RTN recipes of llama.cpp types "
+                           "only: give --recipes or --formats)")
     answer.add_fp_options(p)
     p.add_argument("--all", action="store_true",
                    help="list every candidate; by default recipes past the damage bound (predicted perplexity more "
@@ -50,7 +53,8 @@ def _recipes(args):
         specs = [r.strip() for r in args.recipes.split(",") if r.strip()]
         return [s if is_mix_spec(s) else Recipe.from_label(s) for s in specs]
     formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else DEFAULT_FORMATS
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods_text = args.methods or ("rtn" if args.imatrix else "rtn,gptq")  # llama.cpp's imatrix is RTN's
+    methods = [m.strip() for m in methods_text.split(",") if m.strip()]
     return [Recipe(f, method=m) for f in formats for m in methods]
 
 
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
                              max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
                              progress=True, cache=not args.no_cache, fp_windows=args.fp_windows,
-                             runtime=args.runtime)
+                             runtime=args.runtime, imatrix=args.imatrix)
     names = [r["mix"] if isinstance(r.get("mix"), str) else r["recipe"] for _, r in frame.iterrows()]
     frame.attrs["notes"] = answer.notes(caught, zip(names, frame["out_of_range"].fillna("") if "out_of_range" in frame
                                                                else [""] * len(frame)))
@@ -95,14 +99,16 @@ def _print(args: argparse.Namespace, frame) -> None:
                           "fp_reference": a["fp_reference"], "seconds": a["seconds"],
                           "profile_seconds": a["profile_seconds"], "profile_cached": a["profile_cached"],
                           "full_eval_seconds": a["full_eval_seconds"], "full_eval": a["full_eval"],
-                          "kept_16bit": a["kept_16bit"], "runtime": a.get("runtime"), "notes": a.get("notes", []),
+                          "kept_16bit": a["kept_16bit"], "runtime": a.get("runtime"), "imatrix": a.get("imatrix"),
+                          "notes": a.get("notes", []),
                           "candidates": rows},
                          indent=1, default=str))
         return
     fp = a["fp_reference"]
     fp_value = float(frame["ppl_fp"].iloc[0]) if len(frame) else None
     print(f"{a['model']}: {len(frame)} candidates, predicted on WikiText-2 test ({a['predictor_kind']} predictor, "
-          f"90% intervals, which carry the FP perplexity's SE too){options.runtime_words(a.get('runtime'))}; * = "
+          f"90% intervals, which carry the FP perplexity's SE too){options.runtime_words(a.get('runtime'))}"
+          f"{options.imatrix_words(a.get('imatrix'))}; * = "
           "Pareto-optimal in KLD vs bits")
     print(answer.fp_line(fp, fp_value))
     print(f"{'recipe':22s} {'bits':>5s} {'MiB':>7s} {'KLD':>9s} {'KLD interval':>21s} {'dNLL':>8s} {'ppl':>8s} "

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
+from quantpredict.features.fisher import importance_of
 
 
 def profile_absmax(x: torch.Tensor) -> torch.Tensor:
@@ -94,10 +95,14 @@ def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: to
 
 
 def smoothed_quantized(w: torch.Tensor, scale: torch.Tensor | None, fmt: tuple[str, int | None], method: str,
-                       hessian: torch.Tensor | None, gptq_options: Mapping | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+                       hessian: torch.Tensor | None, gptq_options: Mapping | None = None,
+                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W'_q, W'_q - W')`` ``[out, in]`` float32 for ``W`` ``[out, in]``: ``W' = W * scale`` (columns), quantized to
-    ``fmt`` by RTN or by GPTQ against ``hessian / (scale scale^T)`` (``hessian`` ``[in, in]``, the FP one)."""
+    ``fmt`` by RTN or by GPTQ against ``hessian / (scale scale^T)`` (``hessian`` ``[in, in]``, the FP one).
+    ``importance`` [in]: RTN with an imatrix's quant_weights (llama.cpp formats, no smoothing: a ``ValueError``
+    otherwise, as neither is llama.cpp's)."""
+    if importance is not None and (scale is not None or method == "gptq"):
+        raise ValueError("an imatrix applies to llama.cpp's RTN of unsmoothed weights only")
     from quantpredict.quantize.gptq import gptq_quantize
     from quantpredict.quantize.rtn import rtn_quantize
 
@@ -111,7 +116,7 @@ def smoothed_quantized(w: torch.Tensor, scale: torch.Tensor | None, fmt: tuple[s
             h = h * inv.unsqueeze(0) * inv.unsqueeze(1)
         w_q = gptq_quantize(w.clone(), h, fmt[0], block_size=fmt[1], **dict(gptq_options or {}))
     else:
-        w_q = rtn_quantize(w, fmt[0], block_size=fmt[1])
+        w_q = rtn_quantize(w, fmt[0], block_size=fmt[1], importance=importance)
     return w_q, w_q - w
 
 
@@ -120,7 +125,8 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
                      act_format: str | None, act_block: int | None, smoothquant_alpha: float | None,
                      gptq_options: Mapping | None = None, token_inputs: Mapping[str, torch.Tensor] | None = None,
                      smoothing_inputs: Mapping[str, torch.Tensor] | None = None,
-                     act_formats: Sequence[tuple[str, int | None] | None] | None = None) -> dict[str, float]:
+                     act_formats: Sequence[tuple[str, int | None] | None] | None = None,
+                     importance: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """The ``profile`` group's token-wise features of a (weight+activation, optionally SmoothQuant) recipe:
     ``token_gn_quad`` (the total price of the module docstring), its ``act_weight_quad`` and ``act_input_quad`` parts
     (without their cross term) and ``kfac_max_layer_share`` (the largest layer's share of the total). ``formats``:
@@ -131,7 +137,8 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
     ``act_formats``: one activation ``(format, block size)`` per ref, or ``None`` for a layer whose input is not
     quantized (a runtime's per-layer formats, :func:`quantpredict.runtime.activation_formats`), in place of the one
     ``act_format``/``act_block`` of every quantized layer (then ``act_format`` must be ``None``); layers whose
-    ``formats`` entry is ``None`` stay unpriced either way."""
+    ``formats`` entry is ``None`` stay unpriced either way. ``importance``: HF layer name -> [in] imatrix weights for
+    the RTN of llama.cpp formats (:func:`~quantpredict.features.fisher.profile_deltas`)."""
     if act_formats is not None:
         if act_format is not None:
             raise ValueError("give act_format (one format for every quantized layer) or act_formats (one per layer), "
@@ -151,7 +158,8 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
             a_fmt, a_block = (None, None) if ab is None else ab
             scale = scales.get(ref.name)
             h = profile.hessian(ref.name) if method == "gptq" else None
-            w_q, delta = smoothed_quantized(ref.weight, scale, fb, method, h, gptq_options)
+            w_q, delta = smoothed_quantized(ref.weight, scale, fb, method, h, gptq_options,
+                                            importance_of(importance, ref.name, fb[0]))
             parts = act_quadratic(w_q, delta, xs[ref.name], profile.token_grads[ref.name], scale, a_fmt, a_block)
             totals = [a + b for a, b in zip(totals, parts)]
             per_layer.append(parts[0])

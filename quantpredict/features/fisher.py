@@ -345,16 +345,30 @@ def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequ
 FACTOR_CACHE_BYTES = 1 << 30
 
 
+def importance_of(importance: Mapping[str, Any] | None, name: str, fmt: str) -> Any:
+    """The importance weights of layer ``name`` in ``importance`` when its format ``fmt`` is a llama.cpp one (the
+    only formats an imatrix applies to; ggml's F16/BF16 ignore it too), else ``None``."""
+    if not importance or name not in importance:
+        return None
+    from quantpredict.formats import get_format
+
+    return importance[name] if get_format(fmt).family == "ggml" else None
+
+
 def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,
                    profile: SensitivityProfile, *, gptq_options: dict | None = None,
-                   factors: dict | None = None) -> list[torch.Tensor | None]:
+                   factors: dict | None = None, importance: Mapping[str, Any] | None = None
+                   ) -> list[torch.Tensor | None]:
     """Each layer's ``Q(W) - W`` ([out, in]) from its weights alone: RTN, or GPTQ with the profile's FP-input
     Hessian ``2A`` (the layer-wise GPTQ of :mod:`quantpredict.quantize.gptq`; the sequential pass of
     ``quantize_model`` feeds each block the already-quantized blocks' outputs instead). ``None`` for layers left in
     full precision. ``factors``: a dict the caller keeps across recipes, where each layer's GPTQ Hessian factor
     (:func:`~quantpredict.quantize.gptq.hessian_inverse_factor`, the same for every format) is kept while the dict
     holds at most :data:`FACTOR_CACHE_BYTES`: the same deltas, one factorisation per layer instead of one per
-    recipe."""
+    recipe. ``importance``: HF layer name -> its [in] importance weights (llama-quantize's quant_weights of an
+    imatrix, :func:`quantpredict.imatrix.layer_importance`): the RTN of a llama.cpp format of a layer named there
+    quantizes with them (``fake_quantize(..., importance=...)``); other formats and layers as without (GPTQ with an
+    imatrix is not llama.cpp's: a ``ValueError``)."""
     from quantpredict.quantize.gptq import gptq_quantize, hessian_inverse_factor
     from quantpredict.quantize.rtn import rtn_quantize
 
@@ -365,7 +379,10 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
                 out.append(None)
                 continue
             w = ref.weight.detach().float()
+            imp = importance_of(importance, ref.name, fb[0])
             if method == "gptq":
+                if imp is not None:
+                    raise ValueError(f"{ref.name}: GPTQ with an imatrix is not llama.cpp's quantization; price RTN")
                 opts = dict(gptq_options or {})
                 hessian = profile.hessian(ref.name)
                 key = (ref.name, opts.get("percdamp", 0.01), bool(opts.get("act_order", False)))
@@ -377,6 +394,6 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
                         factors[key] = factor
                 wq = gptq_quantize(w.clone(), hessian, fb[0], block_size=fb[1], inverse_factor=factor, **opts)
             else:
-                wq = rtn_quantize(w, fb[0], block_size=fb[1])
+                wq = rtn_quantize(w, fb[0], block_size=fb[1], importance=imp)
             out.append(wq - w)
     return out

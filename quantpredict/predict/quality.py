@@ -90,6 +90,7 @@ class Prediction:
     how: str = ""
     note: str = ""
     runtime: str | None = None  # the runtime the recipe was priced for (quantpredict.runtime); None: the project's
+    imatrix: str | None = None  # the imatrix the RTN was priced with (its file's name and sha256 prefix); None: none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,7 +112,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
                     tokenizer: Any = None, calib_ids: Any = None, ppl_fp: Any = None, fp_windows: int | None = None,
                     seed: int = 0, extract_options: Mapping[str, Any] | None = None,
                     model_name: str | None = None, device: Any = None, profile: Any = None,
-                    cache: bool = True, runtime: str | None = None) -> Prediction:
+                    cache: bool = True, runtime: str | None = None, imatrix: Any = None) -> Prediction:
     """Predict the quality of ``model_or_path`` quantized with ``recipe`` (see :class:`Prediction`), without
     evaluating it.
 
@@ -137,7 +138,10 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     profile_model`), so that several recipes share it; ``cache``: read and write the profile cache and the FP
     reference's. ``runtime`` (``"llama.cpp-cpu"``): price the recipe as that runtime runs it, its activation
     rounding included (:func:`~quantpredict.predict.rank.recipe_row`); the weights-only path only (a
-    :class:`PredictorError` for a measurement predictor or a recipe it would measure).
+    :class:`PredictorError` for a measurement predictor or a recipe it would measure). ``imatrix`` (an
+    :class:`~quantpredict.imatrix.Imatrix` or a llama.cpp imatrix file): price the recipe's RTN of llama.cpp types
+    as llama-quantize --imatrix quantizes it (weights-only path, RTN recipes of llama.cpp types only; the file is
+    read before the model loads); ``Prediction.imatrix`` names it.
 
     Fourteen parameters, on purpose: past the model, the recipe and the predictor, each keyword is an independent
     input of one of the two paths (calibration data, the FP reference and its window count, the seed, the
@@ -167,10 +171,20 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
         raise PredictorError(f"{label}: a runtime ({runtime}) is priced on the weights-only path, with the "
                              f"'profile' predictor; the {pred.kind} predictor measures the project's own model"
                              + (f" ({note})" if note else ""))
+    if imatrix is not None:
+        from quantpredict.imatrix import load
+        from quantpredict.predict.rank import check_imatrix_recipe
+
+        if pred.kind != "profile":
+            raise PredictorError(f"{label}: an imatrix is priced on the weights-only path, with the 'profile' "
+                                 f"predictor; the {pred.kind} predictor measures the project's own model"
+                                 + (f" ({note})" if note else ""))
+        check_imatrix_recipe(recipe)
+        load(imatrix)  # a missing or malformed file fails before the model loads
     if pred.kind == "profile":
         return _from_profile(model_or_path, recipe, pred, tokenizer=tokenizer, calib=calib_ids, ppl_fp=ppl_fp,
                              fp_windows=fp_windows, seed=seed, name=model_name, device=device, profile=profile,
-                             cache=cache, runtime=runtime)
+                             cache=cache, runtime=runtime, imatrix=imatrix)
     t_load = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
@@ -222,7 +236,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
 
 
 def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, tokenizer, calib, ppl_fp,
-                  fp_windows, seed, name, device, profile, cache, runtime=None) -> Prediction:
+                  fp_windows, seed, name, device, profile, cache, runtime=None, imatrix=None) -> Prediction:
     """The weights-only path: the model's profile (given, cached or measured now), then
     :func:`~quantpredict.predict.rank.price` of the recipe."""
     from quantpredict.predict.rank import fp_reference_of, price, profile_model
@@ -241,16 +255,17 @@ def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, t
     ref = fp_reference_of(profile, ppl_fp, fp_windows, cache)
     from quantpredict.mixes import resolve_recipe
 
-    priced = price(profile, [resolve_recipe(recipe, profile.model)], pred, ref, runtime=runtime)
+    priced = price(profile, [resolve_recipe(recipe, profile.model)], pred, ref, runtime=runtime, imatrix=imatrix)
     out = priced.iloc[0]
     seconds = float(out["price_seconds"]) + measured
     return _prediction(name or profile.name, recipe.label, out, out.to_dict(), ref, pred, seconds=seconds,
-                       load_seconds=load_seconds, how=HOW_PROFILE, note="", runtime=runtime)
+                       load_seconds=load_seconds, how=HOW_PROFILE, note="", runtime=runtime,
+                       imatrix=priced.attrs.get("imatrix"))
 
 
 def _prediction(name: str, label: str, out: Any, raw: Mapping[str, Any], ref: Any, pred: SavedPredictor, *,
-                seconds: float, load_seconds: float, how: str, note: str, runtime: str | None = None
-                ) -> Prediction:
+                seconds: float, load_seconds: float, how: str, note: str, runtime: str | None = None,
+                imatrix: str | None = None) -> Prediction:
     """A :class:`Prediction` from the predictor's output row ``out`` and the features ``raw`` it read."""
     from quantpredict.predict.fp_reference import full_eval_cost
 
@@ -267,7 +282,7 @@ def _prediction(name: str, label: str, out: Any, raw: Mapping[str, Any], ref: An
                       features=feats, feature_seconds=timings, ppl_fp_se=float(out["ppl_fp"]) * ref.nll_se,
                       ppl_increase_pct=float(out["ppl_increase_pct"]), out_of_range=str(out.get("out_of_range") or ""),
                       full_eval_seconds=cost.seconds, full_eval_how=cost.how, fp_reference=ref.to_dict(), how=how,
-                      note=note, runtime=runtime, **extra)
+                      note=note, runtime=runtime, imatrix=imatrix, **extra)
 
 
 def _is_number(v: Any) -> bool:

@@ -176,7 +176,31 @@ def past_damage_bound(frame: pd.DataFrame) -> pd.Series:
     return out
 
 
-def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) -> dict[str, Any]:
+def check_imatrix_recipe(recipe: Recipe, formats: Sequence[tuple[str, int | None] | None] = ()) -> None:
+    """A :class:`RecipeError` unless ``recipe`` can be priced with an importance matrix: RTN (GPTQ, AWQ, QAT and
+    SmoothQuant are not llama.cpp's, which quantizes each tensor by itself with the imatrix's weights), no
+    activation format (a runtime's rounding is ``runtime=``'s), and every quantized layer's format (``formats``,
+    or the recipe's own weight format) a llama.cpp type or a 16-bit float (which ignores it, as in ggml)."""
+    from quantpredict.formats import get_format
+
+    what = [w for w, on in (("GPTQ", recipe.method == "gptq"), (f"method {recipe.method}", recipe.method
+                                                                   not in ("rtn", "gptq")),
+                            ("AWQ", recipe.awq), ("QAT", recipe.qat),
+                            ("SmoothQuant", recipe.smoothquant_alpha is not None),
+                            (f"activation format a_{recipe.act_format}", recipe.act_format is not None)) if on]
+    if what:
+        raise RecipeError(f"recipe {recipe.label}: an imatrix applies to llama.cpp's round-to-nearest quantization "
+                          f"(llama-quantize --imatrix), not with {' and '.join(what)}; price the RTN recipe with it, "
+                          "or this one without --imatrix")
+    fmts = [fb[0] for fb in formats if fb is not None] or [recipe.weight_format]
+    bad = sorted({f for f in fmts if get_format(f).family not in ("ggml", "float")})
+    if bad:
+        raise RecipeError(f"recipe {recipe.label}: an imatrix applies to llama.cpp types only, and "
+                          f"{', '.join(bad)} is not one; drop --imatrix for it")
+
+
+def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
+               imatrix: Any = None) -> dict[str, Any]:
     """One candidate's features from weights alone (``format`` and ``profile`` groups) and its size.
 
     Recipes with SmoothQuant or activation quantization are priced with the activation term
@@ -189,7 +213,13 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) 
     path above, with per-layer formats); the row's ``act_format`` then names those formats (joined by ``+``), so the
     predictor reads it as the weight+activation recipe it is, and ``runtime`` names the runtime. A
     :class:`RecipeError` for a weight format the runtime does not run. ``None``: the recipe as the project's own
-    fake-quantized model runs it (``runtime`` column ``None``)."""
+    fake-quantized model runs it (``runtime`` column ``None``).
+
+    ``imatrix`` (an :class:`~quantpredict.imatrix.Imatrix` or the path of a llama.cpp imatrix file): price the RTN
+    of every layer of a llama.cpp type as llama-quantize quantizes it with that imatrix (its quant_weights per
+    layer, by the layer's GGUF tensor name: :func:`quantpredict.imatrix.layer_importance`); only RTN recipes of
+    llama.cpp types (:func:`check_imatrix_recipe`). The row's ``imatrix`` column names it (the file's name and a
+    sha256 prefix); ``None`` without one, and then the row is exactly what it was before imatrices were priced."""
     from quantpredict.features.act_price import price_act_recipe
     from quantpredict.features.fisher import price_deltas, profile_deltas
     from quantpredict.formats import get_format
@@ -202,6 +232,12 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) 
     plan = layer_plan(mp.model, recipe)
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
     formats = [planned.get(r.name) for r in mp.refs]
+    importance, im_label = None, None
+    if imatrix is not None:
+        from quantpredict.imatrix import layer_importance, load
+
+        check_imatrix_recipe(recipe, formats)
+        importance, im_label = layer_importance(mp.model, mp.refs, formats, imatrix), load(imatrix)[1]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
     act_label = recipe.act_format
     if runtime is not None:
@@ -212,14 +248,14 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) 
         act_label = "+".join(dict.fromkeys(a[0] for a in acts.values())) or None
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=None,
                                  act_block=None, smoothquant_alpha=recipe.smoothquant_alpha, gptq_options=gptq,
-                                 act_formats=per_ref)
+                                 act_formats=per_ref, importance=importance)
     elif recipe.act_format is not None or recipe.smoothquant_alpha is not None:
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=recipe.act_format,
                                  act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
                                  gptq_options=gptq)
     else:
         deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
-                                factors=mp.gptq_factors)
+                                factors=mp.gptq_factors, importance=importance)
         feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
     rows = []
     for ref, fb in zip(mp.refs, formats):
@@ -239,7 +275,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None) 
             "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
             recipe.block_size, "smoothquant_alpha": (np.nan if recipe.smoothquant_alpha is None
                                                      else recipe.smoothquant_alpha),
-            "act_format": act_label, "runtime": runtime, "recipe": recipe.label,
+            "act_format": act_label, "runtime": runtime, "imatrix": im_label, "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
@@ -255,17 +291,18 @@ def weights_only(recipe: Recipe) -> bool:
 
 
 def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any, *,
-          runtime: str | None = None) -> pd.DataFrame:
+          runtime: str | None = None, imatrix: Any = None) -> pd.DataFrame:
     """The one pricing path of ``predict``, ``rank``, ``allocate`` and ``demo``: each recipe's weights-only features
     (:func:`recipe_row`) with the FP reference ``ref``'s columns, turned into KLD, delta NLL, perplexity and top-1
     with intervals by the ``profile`` predictor ``pred``; one row per recipe, in order. A recipe's row does not depend
     on the other rows, so a recipe priced alone and priced in a grid gets the same numbers, bit for bit.
     ``runtime``: price every recipe as that runtime runs it (``"llama.cpp-cpu"``: its activation rounding too, see
     :func:`recipe_row`); ``None``, the project's fake-quantized model. ``attrs["predicted"]`` names the predictor's
-    output columns, ``attrs["runtime"]`` the runtime."""
+    output columns, ``attrs["runtime"]`` the runtime. ``imatrix``: price every recipe's RTN of llama.cpp types with
+    that importance matrix (:func:`recipe_row`); ``attrs["imatrix"]`` names it."""
     from quantpredict.predict.fp_reference import label_output
 
-    frame = pd.DataFrame([recipe_row(mp, r, runtime=runtime) for r in recipes])
+    frame = pd.DataFrame([recipe_row(mp, r, runtime=runtime, imatrix=imatrix) for r in recipes])
     for k, v in ref.columns().items():
         frame[k] = v
     out = pred.predict(frame)
@@ -273,6 +310,7 @@ def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any, *,
     priced = frame.drop(columns=[c for c in out.columns if c in frame]).join(out)
     priced.attrs["predicted"] = list(out.columns)  # what the predictor added (the rest are its inputs)
     priced.attrs["runtime"] = runtime
+    priced.attrs["imatrix"] = None if imatrix is None else priced["imatrix"].iloc[0] if len(priced) else None
     return priced
 
 
@@ -316,7 +354,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
                  max_bits: float | None = None, max_kld: float | None = None,
                  max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: Any = None,
                  progress: bool = False, calib: Any = None, cache: bool = True,
-                 fp_windows: int | None = None, runtime: str | None = None) -> pd.DataFrame:
+                 fp_windows: int | None = None, runtime: str | None = None, imatrix: Any = None) -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -333,6 +371,9 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     ``cache``: read and write the profile cache (:func:`profile_model`) and the FP reference's. ``runtime``
     (``"llama.cpp-cpu"``): price every candidate as that runtime runs it, its activation rounding included
     (:func:`recipe_row`; the candidates must use the runtime's weight formats); ``None``: the project's model.
+    ``imatrix`` (an :class:`~quantpredict.imatrix.Imatrix` or a llama.cpp imatrix file): price every candidate's
+    RTN of llama.cpp types as llama-quantize --imatrix quantizes it (the candidates must be RTN recipes of
+    llama.cpp types, checked before the model loads; the file is read first too).
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` and ``full_eval`` (the shared
@@ -371,15 +412,21 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
             r = Recipe.coerce(s)
             if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
                 activation_format(r.weight_format, runtime)
+            if imatrix is not None:
+                check_imatrix_recipe(r)
     if not specs:
         raise RecipeError("rank_recipes needs at least one candidate recipe")
+    if imatrix is not None:
+        from quantpredict.imatrix import load
+
+        load(imatrix)  # a missing or malformed file fails before the model loads
     t0 = time.perf_counter()
     mp = profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache)
     t_fp = time.perf_counter()
     ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
     fp_seconds = time.perf_counter() - t_fp
     resolved = [resolve_recipe(s, mp.model) for s in specs]
-    frame = pd.concat([price(mp, [r], pred, ref, runtime=runtime)
+    frame = pd.concat([price(mp, [r], pred, ref, runtime=runtime, imatrix=imatrix)
                        for r in tqdm(resolved, desc="rank", unit="recipe", disable=not progress)], ignore_index=True)
     frame["mix"] = [s if is_mix_spec(s) else None for s in specs]
     frame["past_damage_bound"] = past_damage_bound(frame)
@@ -401,6 +448,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         "fp_reference": ref.to_dict(), "fp_seconds": fp_seconds,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
         "predictor_kind": pred.kind, "runtime": runtime,
+        "imatrix": None if imatrix is None else frame["imatrix"].iloc[0],
     })
     return frame
 

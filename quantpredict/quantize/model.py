@@ -198,6 +198,7 @@ def quantize_model(
     device: Any = None,
     dtype: Any = None,
     checkpoint: str | Path | None = None,
+    imatrix: Any = None,
 ) -> QuantReport:
     """Quantize ``model`` in place as ``recipe`` says, calibrated on ``calib_ids``.
 
@@ -231,6 +232,11 @@ def quantize_model(
             of another model, recipe, calibration, batch size or dtype is stale: it is deleted and the pass starts
             over (a warning is logged). The directory is left in place, its files whole: delete it when the model
             is no longer wanted (``None``, the default: no checkpoint; data-free RTN never writes one).
+        imatrix: an importance matrix (:class:`~quantpredict.imatrix.Imatrix` or a llama.cpp imatrix file): each
+            layer of a llama.cpp type is rounded as llama-quantize --imatrix rounds it (its quant_weights, by the
+            layer's GGUF name: :func:`quantpredict.imatrix.layer_importance`). Data-free RTN of llama.cpp types only
+            (a :class:`~quantpredict.errors.RecipeError` otherwise, before any work; output errors are not measured
+            with one yet).
 
     Returns:
         A :class:`QuantReport`. Activation fake-quant hooks (``recipe.act_format``) stay installed on the model.
@@ -258,10 +264,11 @@ def quantize_model(
     target = stored.device if device is None else resolve_device(device, flag="device")
     compute_dtype = resolve_dtype(dtype, flag="dtype") or stored.dtype
     plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
+    importance = None if imatrix is None else _imatrix_importance(model, recipe, plan, imatrix, calibrate)
 
     blocks = arch.blocks(model)
     if not calibrate:
-        return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress)
+        return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress, importance)
     ckpt = None
     if checkpoint is not None:
         from quantpredict.quantize.checkpoint import BlockCheckpoint, checkpoint_key
@@ -485,9 +492,30 @@ def _set_quantized(ref: LinearRef, index: int, w: torch.Tensor, w_q: torch.Tenso
                        time.perf_counter() - t0)
 
 
-def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: float, progress: bool) -> QuantReport:
-    """RTN without a calibration pass: each weight rounded on its own (output errors not measured: NaN)."""
+def _imatrix_importance(model: nn.Module, recipe: Recipe, plan: list[PlannedLayer], imatrix: Any,
+                        calibrate: bool) -> dict[str, torch.Tensor]:
+    """HF layer name -> [in] quant_weights of ``imatrix`` for the plan's llama.cpp-typed layers, after refusing
+    what llama.cpp's imatrix quantization is not (GPTQ, AWQ, SmoothQuant, activation formats, other formats) and a
+    calibration pass (output errors with an imatrix: not implemented)."""
+    from quantpredict.errors import RecipeError
+    from quantpredict.imatrix import layer_importance
+    from quantpredict.predict.rank import check_imatrix_recipe
+
+    formats = [(p.weight_format, p.block_size) for p in plan]
+    check_imatrix_recipe(recipe, formats)
+    if calibrate:
+        raise RecipeError("an imatrix quantizes by data-free RTN here; output errors (a calibration pass) are not "
+                          "measured with one: drop --output-errors")
+    return layer_importance(model, [p.ref for p in plan], formats, imatrix)
+
+
+def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: float, progress: bool,
+                            importance: dict[str, torch.Tensor] | None = None) -> QuantReport:
+    """RTN without a calibration pass: each weight rounded on its own (output errors not measured: NaN);
+    ``importance``: HF layer name -> [in] imatrix weights of its llama.cpp format."""
     from tqdm.auto import tqdm
+
+    from quantpredict.features.fisher import importance_of
 
     nan = float("nan")
     layers: list[LayerReport] = []
@@ -497,7 +525,8 @@ def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: f
         for p in block_plan:
             t0 = time.perf_counter()
             w = p.ref.weight.detach().to(torch.float32)
-            w_q = rtn_quantize(w, p.weight_format, block_size=p.block_size)
+            w_q = rtn_quantize(w, p.weight_format, block_size=p.block_size,
+                               importance=importance_of(importance, p.ref.name, p.weight_format))
             layers.append(_set_quantized(p.ref, index, w, w_q, nan, nan, t0))
         if recipe.act_format is not None:
             install_act_quant_on([p.ref for p in block_plan], recipe.act_format, recipe.act_block_size)
@@ -523,11 +552,15 @@ def save_quantized(
     report: QuantReport | None,
     out_dir: str | Path,
     tokenizer=None,
+    *,
+    imatrix: str | None = None,
 ) -> Path:
     """Write ``model`` (safetensors, in its dtype), ``tokenizer`` (if given) and ``quantization.json`` to ``out_dir``.
 
     The directory is an ordinary Hugging Face model directory: ``quantpredict.models.load`` reads it, and re-installs
-    activation fake-quant from ``quantization.json`` via :func:`apply_saved_quantization`.
+    activation fake-quant from ``quantization.json`` via :func:`apply_saved_quantization`. ``imatrix``: the label
+    of the imatrix the weights were rounded with (:func:`quantpredict.imatrix.imatrix_label`), recorded as
+    ``quantization.json``'s ``imatrix`` (absent without one).
 
     A new ``out_dir`` is written as a sibling ``<name>.partial-<pid>`` and renamed when whole, so an interrupted or
     failed save leaves nothing behind; an existing one has its files replaced. Every file gets the umask's mode
@@ -550,6 +583,8 @@ def save_quantized(
             "report": None if report is None else report.summary(),
             "code_version": code_version(),
         }
+        if imatrix is not None:
+            meta["imatrix"] = imatrix
         (stage / QUANT_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         honour_umask(*stage.glob("*.safetensors"))
         if stage != out:
