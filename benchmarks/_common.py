@@ -149,6 +149,58 @@ def timed_compare(model, tok, windows: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "tokenize_seconds": c.tokenize_seconds, "delta_nll": c.delta_nll}
 
 
+def truncate_blocks(model, n_blocks: int) -> int:
+    """Keep the first ``n_blocks`` transformer blocks of ``model`` (the rest are dropped); returns the original
+    count."""
+    from torch import nn
+
+    from quantpredict import arch
+
+    blocks = arch.blocks(model)
+    parent = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    parent.layers = nn.ModuleList(blocks[:n_blocks])
+    model.config.num_hidden_layers = n_blocks
+    return len(blocks)
+
+
+def quantize_stages(name: str, stage: str, gptq_blocks: int | None) -> tuple[dict | None, object, object, dict]:
+    """The stages every memory benchmark shares, in a child process: load ``name`` (float32, eager attention) and
+    read every weight once; then ``load`` (nothing more), ``rtn`` (MXINT4, in place, data-free) or ``gptq`` (MXINT4,
+    128 x 256 calibration tokens; with ``gptq_blocks`` the first N blocks timed and scaled to the whole model).
+    Returns ``(result or None for another stage, model, tokenizer, {"load_seconds": ...})``."""
+    import time
+
+    import torch
+
+    from quantpredict import arch, models
+    from quantpredict.quantize import Recipe, quantize_model, sample_calibration
+
+    t0 = time.perf_counter()
+    model, tok = models.load(name, attn_implementation="eager")
+    arch.check_finite(model)  # reads every weight
+    out = {"load_seconds": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    result = None
+    if stage == "load":
+        result = {"seconds": out["load_seconds"], **out}
+    elif stage == "rtn":
+        quantize_model(model, Recipe("mxint4"), torch.zeros(1, 8, dtype=torch.long), progress=False)
+        result = {"seconds": time.perf_counter() - t0, **out}
+    elif stage == "gptq":
+        calib = sample_calibration(tok, 128, 256)
+        out["calib_seconds"] = time.perf_counter() - t0
+        total = len(arch.blocks(model))
+        done = total if gptq_blocks is None else min(gptq_blocks, total)
+        if done < total:
+            truncate_blocks(model, done)
+        t0 = time.perf_counter()
+        quantize_model(model, Recipe("mxint4", method="gptq"), calib, progress=False)
+        seconds = time.perf_counter() - t0
+        result = {"seconds": seconds * total / done, "measured_seconds": seconds, "blocks_timed": done,
+                  "blocks": total, **out}
+    return result, model, tok, out
+
+
 def measure_stage(argv: list[str], *, label: str, target_gib: float, results: dict, where: dict, key: str,
                   results_path: Path) -> dict:
     """Run one benchmark stage as its own measured process (:func:`run_measured`, stopped past ``target_gib``), file

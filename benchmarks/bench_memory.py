@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPORTS, measure_stage, timed_compare, write_section  # noqa: E402
+from _common import REPORTS, measure_stage, quantize_stages, timed_compare, write_section  # noqa: E402
 
 STAGES = ("load", "rtn", "gptq", "compare", "features_rtn", "features_gptq", "predict")
 RESULTS = REPORTS / "bench_memory.json"
@@ -49,30 +49,11 @@ TARGET_GIB = 6.0
 # ---- one stage, in a child process ---------------------------------------------------------------------------------
 
 
-def _load(name: str):
-    from quantpredict import models
-
-    return models.load(name, attn_implementation="eager")
-
-
-def _truncate(model, n_blocks: int) -> int:
-    """Keep the first ``n_blocks`` transformer blocks (the rest are dropped); returns the original count."""
-    from torch import nn
-
-    from quantpredict import arch
-
-    blocks = arch.blocks(model)
-    parent = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    parent.layers = nn.ModuleList(blocks[:n_blocks])
-    model.config.num_hidden_layers = n_blocks
-    return len(blocks)
-
-
 def child(name: str, stage: str, gptq_blocks: int | None) -> dict:
     import torch
 
-    from quantpredict import arch, data
-    from quantpredict.quantize import Recipe, quantize_model, sample_calibration
+    from quantpredict import data
+    from quantpredict.quantize import Recipe
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -81,27 +62,10 @@ def child(name: str, stage: str, gptq_blocks: int | None) -> dict:
 
         pr = predict_quality(name, Recipe("mxint4"))
         return {"seconds": pr.seconds, "load_seconds": pr.load_seconds, "ppl": pr.ppl}
-    model, tok = _load(name)
-    arch.check_finite(model)  # reads every weight
-    out = {"load_seconds": time.perf_counter() - t0}
-    if stage == "load":
-        return {"seconds": out["load_seconds"], **out}
+    done, model, tok, out = quantize_stages(name, stage, gptq_blocks)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
-    if stage == "rtn":
-        quantize_model(model, Recipe("mxint4"), torch.zeros(1, 8, dtype=torch.long), progress=False)
-        return {"seconds": time.perf_counter() - t0, **out}
-    if stage == "gptq":
-        calib = sample_calibration(tok, 128, 256)
-        out["calib_seconds"] = time.perf_counter() - t0
-        total = len(arch.blocks(model))
-        done = total if gptq_blocks is None else min(gptq_blocks, total)
-        if done < total:
-            _truncate(model, done)
-        t0 = time.perf_counter()
-        quantize_model(model, Recipe("mxint4", method="gptq"), calib, progress=False)
-        seconds = time.perf_counter() - t0
-        return {"seconds": seconds * total / done, "measured_seconds": seconds, "blocks_timed": done,
-                "blocks": total, **out}
     if stage == "compare":
         return {**timed_compare(model, tok, 64), **out}
     if stage.startswith("features_"):

@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _common import REPORTS, measure_stage, write_section  # noqa: E402
+from _common import REPORTS, measure_stage, quantize_stages, write_section  # noqa: E402
 
 STAGES = ("load", "rtn", "gptq", "compare", "profile", "predict", "rank", "allocate", "predict_cold")
 RESULTS = REPORTS / "bench_stages.json"
@@ -63,19 +63,6 @@ STAGE_TEXT = {
 
 
 # ---- one stage, in a child process ---------------------------------------------------------------------------------
-
-
-def _truncate(model, n_blocks: int) -> int:
-    """Keep the first ``n_blocks`` transformer blocks (the rest are dropped); returns the original count."""
-    from torch import nn
-
-    from quantpredict import arch
-
-    blocks = arch.blocks(model)
-    parent = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    parent.layers = nn.ModuleList(blocks[:n_blocks])
-    model.config.num_hidden_layers = n_blocks
-    return len(blocks)
 
 
 def _cli(argv: list[str]) -> dict:
@@ -102,31 +89,13 @@ def child(name: str, stage: str, gptq_blocks: int | None, windows: int) -> dict:
     if stage == "allocate":
         return _cli(["allocate", name, "--target-bits", "4.5"])
 
-    from quantpredict import arch, evaluate, models
-    from quantpredict.quantize import Recipe, quantize_model, sample_calibration
+    from quantpredict import evaluate
+    from quantpredict.quantize import Recipe, quantize_model
 
+    done, model, tok, out = quantize_stages(name, stage, gptq_blocks)
+    if done is not None:
+        return done
     t0 = time.perf_counter()
-    model, tok = models.load(name, attn_implementation="eager")
-    arch.check_finite(model)  # reads every weight
-    out = {"load_seconds": time.perf_counter() - t0}
-    if stage == "load":
-        return {"seconds": out["load_seconds"], **out}
-    t0 = time.perf_counter()
-    if stage == "rtn":
-        quantize_model(model, Recipe("mxint4"), torch.zeros(1, 8, dtype=torch.long), progress=False)
-        return {"seconds": time.perf_counter() - t0, **out}
-    if stage == "gptq":
-        calib = sample_calibration(tok, 128, 256)
-        out["calib_seconds"] = time.perf_counter() - t0
-        total = len(arch.blocks(model))
-        done = total if gptq_blocks is None else min(gptq_blocks, total)
-        if done < total:
-            _truncate(model, done)
-        t0 = time.perf_counter()
-        quantize_model(model, Recipe("mxint4", method="gptq"), calib, progress=False)
-        seconds = time.perf_counter() - t0
-        return {"seconds": seconds * total / done, "measured_seconds": seconds, "blocks_timed": done,
-                "blocks": total, **out}
     if stage == "compare":
         with tempfile.TemporaryDirectory(prefix="bench-fp-logits-") as tmp:
             cache = evaluate.FPLogitsCache(directory=Path(tmp))

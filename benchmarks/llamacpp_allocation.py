@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--mix", default="q4_k_m")
     ap.add_argument("--chunks", type=int, default=32)
     ap.add_argument("--load-note", default="state the load")
+    ap.add_argument("--imatrix", type=Path, default=None,
+                    help="an importance-matrix file both sides quantize with (llama-quantize --imatrix, export "
+                         "--imatrix); the allocation itself is chosen without it")
     args = ap.parse_args()
     if not ref.built():
         raise SystemExit("llama.cpp's tools are not built: make llamacpp")
@@ -73,7 +76,8 @@ def main() -> int:
     logits = work / f"{args.model}-kld-base-{args.chunks}x512.bin"
     with tempfile.TemporaryDirectory(prefix="llamacpp-alloc-", dir=work) as tmp:
         theirs = Path(tmp) / f"{ftype}.gguf"
-        subprocess.run([str(ref._need("llama-quantize")), str(base), str(theirs), ftype, "1"], check=True,
+        with_im = ["--imatrix", str(args.imatrix)] if args.imatrix else []
+        subprocess.run([str(ref._need("llama-quantize")), *with_im, str(base), str(theirs), ftype, "1"], check=True,
                        capture_output=True)
         types = ref.tensor_types(theirs)
         alloc = Path(tmp) / "alloc.json"
@@ -82,7 +86,8 @@ def main() -> int:
         if "output.weight" in types:
             io += ["--output-type", types["output.weight"]]
         ours = Path(tmp) / "alloc.gguf"
-        project(["export", args.model, "--recipe-file", str(alloc), *io, "--gguf", str(ours), "--no-progress"])
+        project(["export", args.model, "--recipe-file", str(alloc), *io, *with_im, "--gguf", str(ours),
+                 "--no-progress"])
         rows = []
         for name, path in ((f"llama.cpp {ftype}", theirs), ("quantpredict allocation", ours)):
             k, se = kld_of(base, path, text=text, chunks=args.chunks, logits=logits)
@@ -99,13 +104,17 @@ def main() -> int:
              *[f"| {n} | {b:,} | {k:.4f} ± {s:.4f} |" for n, b, k, s in rows]]
     real = " (**4-bit on the way in**: its GGUF package)" if args.model in REAL else ""
     section = "\n".join([
-        f"### {args.model}{real}: the exported allocation against llama.cpp's {ftype}, by llama.cpp", "",
+        f"### {args.model}{real}: the exported allocation against llama.cpp's {ftype}"
+        f"{', both with an importance matrix' if args.imatrix else ''}, by llama.cpp", "",
         f"Measured {time.strftime('%Y-%m-%d')} on {machine()}, load average {load_average()} "
         f"({args.load_note}). `quantpredict allocate {args.model} --match {args.mix}` chose one llama.cpp type per "
         f"linear layer at the mix's bits; `quantpredict export` wrote it with the token embedding and output head "
         f"in the types llama-quantize gives them in its own {ftype} file ({', '.join(io[1::2])}); both files were "
         f"measured by `llama-perplexity --kl-divergence` against the F32 GGUF, {args.chunks} chunks of 512 tokens "
-        "of WikiText-2 test, 1 thread. No importance matrix on either side.", "",
+        "of WikiText-2 test, 1 thread. "
+        + (f"Both files quantized with the same importance matrix {args.imatrix.name} (`quantpredict imatrix`, "
+           "WikiText-2 train; the allocation was chosen without it)." if args.imatrix else
+           "No importance matrix on either side."), "",
         *table, "",
         f"The allocation's predicted KLD, for the project's protocol (256-token windows, embedding and head in 16 "
         f"bits, no runtime activation rounding): {pred.get('kld', float('nan')):.4f} "
@@ -113,7 +122,7 @@ def main() -> int:
         f"`{answer.get('recipe', '?')[:80]}{'...' if len(answer.get('recipe', '')) > 80 else ''}`.",
         f"Target (lower KLD at no more bytes): {verdict}.",
     ])
-    write_between(REPORT, f"llamacpp:alloc:{args.model}", section)
+    write_between(REPORT, f"llamacpp:alloc:{args.model}{':imatrix' if args.imatrix else ''}", section)
     print(f"wrote the allocation section of {REPORT}")
     return 0
 

@@ -306,12 +306,18 @@ def _llama_kld(model: str, base: Path, ftype: str, extra: Sequence[str], *, text
     return None if done[key] is None else tuple(done[key])
 
 
-def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1) -> str:
+#: the files the headline also makes with an importance matrix (llama-quantize --imatrix)
+KLD_IMATRIX_FILES = (("Q4_K_M", "q4_k_m"), ("IQ4_XS", "iq4_xs_mix"))
+
+
+def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None) -> str:
     """The headline table: for each of :data:`KLD_FILES`, llama.cpp's own ``--kl-divergence`` of its file against
     the F32 GGUF (as llama-quantize writes it, and with the token embedding and output head kept in F16, the part
     the project's recipes quantize), beside the project's predictions for the same linear-layer types: for its own
     protocol (256-token windows, every token scored, embedding and head in 16 bits), and as llama.cpp's CPU backend
-    runs the file (``runtime="llama.cpp-cpu"``: its 8-bit activation rounding priced too)."""
+    runs the file (``runtime="llama.cpp-cpu"``: its 8-bit activation rounding priced too). ``imatrix``: an
+    importance-matrix file; :data:`KLD_IMATRIX_FILES` are then also made with it (``llama-quantize --imatrix``) and
+    priced with it (``rank_recipes(..., imatrix=)``), in rows of their own."""
     from quantpredict.predict.rank import rank_recipes
 
     work = home() / "work"
@@ -323,24 +329,32 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1)
     recipes = [r for _, r in KLD_FILES]
     frames = [rank_recipes(model, recipes, runtime=rt).set_index("recipe") for rt in (None, "llama.cpp-cpu")]
     by_mix = {str(m if isinstance(m, str) else r): r for r, m in zip(frames[0].index, frames[0]["mix"])}
+    files: list[tuple[str, str, Path | None]] = [(f, r, None) for f, r in KLD_FILES]
+    if imatrix is not None:
+        im_recipes = [r for _, r in KLD_IMATRIX_FILES]
+        im_frames = [rank_recipes(model, im_recipes, runtime=rt, imatrix=imatrix).set_index("recipe")
+                     for rt in (None, "llama.cpp-cpu")]
+        files += [(f, r, imatrix) for f, r in KLD_IMATRIX_FILES]
     rows = ["| llama.cpp file | its KLD (llama.cpp) | same, embedding and head in F16 | prediction, project's "
             "protocol [90%] | prediction, llama.cpp-cpu runtime [90%] | runtime prediction vs llama.cpp | project "
             "recipe |", "|---|---|---|---|---|---|---|"]
     hits = 0
-    for ftype, recipe in KLD_FILES:
-        got = [_llama_kld(model, base, ftype, extra, text=text, chunks=chunks, ctx=ctx, threads=threads,
-                          logits=logits)
+    for ftype, recipe, im in files:
+        with_im = ["--imatrix", str(im)] if im is not None else []
+        got = [_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
+                          threads=threads, logits=logits)
                for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"])]
         shown = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in got]
-        p, q = (f.loc[by_mix.get(recipe, recipe)] for f in frames)
+        p, q = (f.loc[by_mix.get(recipe, recipe)] for f in (frames if im is None else im_frames))
         verdict = "n/a"
         if got[0]:
             rel = q["kld"] / got[0][0] - 1
             inside = q["kld_low"] <= got[0][0] <= q["kld_high"]
             ok = abs(rel) <= 0.10 and inside
-            hits += ok
+            hits += ok and im is None
             verdict = f"{rel * 100:+.0f}%{', inside' if inside else ', outside'}{' (**hit**)' if ok else ''}"
-        rows.append(f"| {ftype} | {shown[0]} | {shown[1]} | {p['kld']:.4f} [{p['kld_low']:.4f}, {p['kld_high']:.4f}] "
+        name = f"{ftype} + imatrix" if im is not None else ftype
+        rows.append(f"| {name} | {shown[0]} | {shown[1]} | {p['kld']:.4f} [{p['kld_low']:.4f}, {p['kld_high']:.4f}] "
                     f"| {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] | {verdict} | {recipe} |")
     target = "**met**" if hits >= 5 else "**not met**"
     return "\n".join([f"### {model}: llama.cpp's own KLD beside the prediction", "",
@@ -350,7 +364,10 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1)
                        "the first scored, embedding and head in 16 bits, activations in float32), and with the "
                        "8-bit activation rounding of llama.cpp's CPU backend priced in (`--runtime llama.cpp-cpu`: "
                        "Q8_0/Q8_K per the weight type, quantpredict.runtime). Neither prices the quantized embedding "
-                       "and head (the F16 column shows their share) nor llama.cpp's context and scored half.", "",
+                       "and head (the F16 column shows their share) nor llama.cpp's context and scored half."
+                       + (f" Rows marked + imatrix: both llama-quantize and the prediction take the importance "
+                          f"matrix {imatrix.name} (from `quantpredict imatrix`, WikiText-2 train)."
+                          if imatrix is not None else ""), "",
                        *rows, "",
                        f"Target (the runtime prediction within 10% of llama.cpp's KLD and inside its interval for "
                        f"at least 5 of 6): {target} ({hits} of {len(KLD_FILES)})."])
@@ -435,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     t2.add_argument("--model", default="smollm2-135m")
     t2.add_argument("--chunks", type=int, default=32)
     t2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
+    t2.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made and priced with it")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -471,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "kld-table":
         from _common import write_between
 
-        write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks))
+        write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks,
+                                                                         imatrix=args.imatrix))
         print(f"wrote {args.out}")
     elif args.cmd == "report":
         pairs = [(m.split("=", 1)[0], m.split("=", 1)[1] if "=" in m else None) for m in args.models]
