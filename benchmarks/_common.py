@@ -115,7 +115,8 @@ def run_measured(argv: list[str], *, threads: int = 1, timeout: float | None = N
         key, _, value = line.strip().partition(": ")
         fields[key] = value
     if proc.returncode != 0:
-        tail = "\n".join(stderr.splitlines()[-25:])
+        own = re.split(r"Command exited with non-zero status|\tCommand being timed:", stderr)[0]  # not time's report
+        tail = "\n".join(own.strip().splitlines()[-15:])
         raise RuntimeError(f"{' '.join(argv)} failed with status {proc.returncode}:\n{tail}")
     out = json.loads(stdout.strip().splitlines()[-1])
     wall = fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")
