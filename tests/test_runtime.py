@@ -142,8 +142,9 @@ def test_runtime_price_adds_the_activation_term(mp):
     plain, run = recipe_row(mp, r), recipe_row(mp, r, runtime="llama.cpp-cpu")
     assert run["token_gn_quad"] > plain["token_gn_quad"] and run["act_input_quad"] > 0
     assert run["act_weight_quad"] == plain["token_gn_quad"]  # the weight part is the weight-only price, exactly
-    assert (run["act_format"], run["runtime"], plain["act_format"], plain["runtime"]) == (
+    assert (run["runtime_act"], run["runtime"], plain["runtime_act"], plain["runtime"]) == (
         "q8_0_x86", "llama.cpp-cpu", None, None)
+    assert run["act_format"] is None and plain["act_format"] is None  # the recipe's own, not the runtime's
     # the activation part, layer by layer, is act_quadratic of the layer's runtime format; one layer in float64
     parts = []
     for ref in mp.refs:

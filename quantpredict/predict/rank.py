@@ -210,8 +210,9 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
 
     ``runtime`` (``"llama.cpp-cpu"``, :mod:`quantpredict.runtime`): price the recipe as that runtime runs it, each
     quantized layer's input rounded to the runtime's activation format for its weight format (the weight+activation
-    path above, with per-layer formats); the row's ``act_format`` then names those formats (joined by ``+``), so the
-    predictor reads it as the weight+activation recipe it is, and ``runtime`` names the runtime. A
+    path above, with per-layer formats): the rounding enters the price, ``runtime_act`` names the formats (joined by
+    ``+``), ``act_format`` stays the recipe's (the predictor's weight+activation indicator was fitted on MX
+    activation formats, not on a runtime's 8-bit rounding), and ``runtime`` names the runtime. A
     :class:`RecipeError` for a weight format the runtime does not run. ``None``: the recipe as the project's own
     fake-quantized model runs it (``runtime`` column ``None``).
 
@@ -239,13 +240,16 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         check_imatrix_recipe(recipe, formats)
         importance, im_label = layer_importance(mp.model, mp.refs, formats, imatrix), load(imatrix)[1]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    act_label = recipe.act_format
+    act_label, runtime_act = recipe.act_format, None
     if runtime is not None:
         from quantpredict.runtime import activation_formats
 
         acts = dict(zip((p.ref.name for p in plan), activation_formats(mp.model, recipe, runtime), strict=True))
         per_ref = [acts.get(r.name) for r in mp.refs]
-        act_label = "+".join(dict.fromkeys(a[0] for a in acts.values())) or None
+        # the runtime's rounding enters the price (token_gn_quad) but not act_format: the predictor's
+        # weight+activation indicator was fitted on MX activation formats, and with it a runtime's rounding lowered
+        # the prediction of IQ4_XS and Q3_K_M files (SmolLM2) below the recipe's own; runtime_act shows the formats
+        runtime_act = "+".join(dict.fromkeys(a[0] for a in acts.values())) or None
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=None,
                                  act_block=None, smoothquant_alpha=recipe.smoothquant_alpha, gptq_options=gptq,
                                  act_formats=per_ref, importance=importance)
@@ -275,7 +279,8 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
             "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
             recipe.block_size, "smoothquant_alpha": (np.nan if recipe.smoothquant_alpha is None
                                                      else recipe.smoothquant_alpha),
-            "act_format": act_label, "runtime": runtime, "imatrix": im_label, "recipe": recipe.label,
+            "act_format": act_label, "runtime": runtime, "runtime_act": runtime_act, "imatrix": im_label,
+            "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
