@@ -261,10 +261,13 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
         parts.append("")
     parts += ["## What this does not cover yet", "",
               "- The token embedding and the output head: llama.cpp quantizes them (the mix's type or Q8_0, and "
-              "Q6_K), the project's named mixes keep them in 16 bits; the rows above name them.",
-              "- An importance matrix: the files above are quantized without one; `quantpredict export --imatrix` "
-              "writes llama-quantize --imatrix's bytes (tests/test_export.py) and `rank`/`predict --imatrix` price "
-              "them, but no KLD of an imatrix file is reported here yet.",
+              "Q6_K), the project's named mixes keep them in 16 bits (the rows above name them); `quantpredict "
+              "export --embedding-type/--output-type` writes them in llama.cpp's types, but the predictions do not "
+              "price them.",
+              "- An importance matrix: the exactness tables above are without one. With one, every type's blocks "
+              "are byte-identical too (`exact --imatrix FILE`: 0 differing blocks on SmolLM2 for all 12 types, "
+              "llama-imatrix's file; tests/test_imatrix.py, tests/test_export.py), and the `kld-table` and "
+              "allocation sections below show imatrix files where they were run.",
               "- llama.cpp's own KLD of its files beside the predictions: `kld-table` (below, where it was run).", "",
               "## Reproduce", "", "```bash", "make llamacpp",
               "python benchmarks/llamacpp_reference.py report",
