@@ -9,14 +9,17 @@ in-function imports included), and no two modules import each other (``tests/tes
    helpers, the figure look);
 3. ``formats``, ``arch``, ``data``, ``lmhead``: number formats, model architectures, text and windows;
 4. ``recipe``, ``mixes``: the Recipe and llama.cpp's named mixes (torch-free: the run store reads recipes);
-5. ``quantize``, ``evaluate``: post-training quantization, and perplexity / KLD comparison;
-6. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT (the
+5. ``gguf_names``, ``imatrix``: llama.cpp's tensor names of a model's layers, and its importance matrices (files,
+   per-layer weights, computed on calibration text);
+6. ``quantize``, ``evaluate``, ``runtime``: post-training quantization, perplexity / KLD comparison, and a
+   runtime's own activation rounding (llama.cpp's CPU backend);
+7. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT (the
    method), attention arithmetic;
-7. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``); ``export``: a
+8. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``); ``export``: a
    model under an RTN recipe of llama.cpp types as a GGUF file;
-8. ``predict``; 9. ``report`` (the run store's figures and page);
-10. ``studies``: the seed studies and their report pages (only the CLI imports them);
-11. ``cli`` (and ``__main__``).
+9. ``predict``; 10. ``report`` (the run store's figures and page);
+11. ``studies``: the seed studies and their report pages (only the CLI imports them);
+12. ``cli`` (and ``__main__``).
 """
 
 from __future__ import annotations

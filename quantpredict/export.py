@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from quantpredict.errors import FormatError, ModelError, RecipeError, ResourceError
+from quantpredict.gguf_names import gguf_arch_name, gguf_tensor_names, model_gguf_names, require_gguf  # noqa: F401
 
 LLAMA_CPP_PYTHON = "0.3.36"
 SDIST = f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
@@ -317,15 +318,6 @@ def _refuse_non_rtn(recipe: Any, shown: str) -> None:
                           f"a_{recipe.act_format}")
 
 
-def require_gguf() -> None:
-    """The ``gguf`` package (the reader and writer of the rewrite), or a one-line error saying how to install it."""
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise ResourceError("export needs the gguf package: pip install 'quantpredict[export]' (or gguf==0.19.0)") \
-            from None
-
-
 def _role_type(what: str, kind: str | None, row: int) -> str:
     """``kind`` checked as the type of the token embedding or output head (rows of ``row`` elements): a keep type or
     a llama.cpp type whose block tiles the rows; ``""`` for None (the keep type)."""
@@ -462,54 +454,6 @@ def check_converter(plan: ExportPlan, src: Path) -> None:
     check_converter_packages()
 
 
-def gguf_arch_name(model_type: str) -> str:
-    """gguf's architecture name (``general.architecture`` of the converted file) for a Hugging Face ``model_type``,
-    known from the config alone: the name in ``gguf.MODEL_ARCH_NAMES`` equal to it once ``_`` and ``-`` are dropped
-    and case is ignored (``llama``, ``gpt2``, ``gpt_neox`` -> ``gptneox``). A :class:`ModelError` if none is. The
-    converter's own class may name another architecture for a model type; :func:`export_gguf` reads the converted
-    file's and uses that."""
-    import gguf
-
-    def norm(text: str) -> str:
-        return text.lower().replace("_", "").replace("-", "")
-
-    for name in gguf.MODEL_ARCH_NAMES.values():
-        if norm(name) == norm(model_type):
-            return name
-    raise ModelError(f"no GGUF architecture for the model type {model_type!r} in the gguf package; llama.cpp's "
-                     "tensor names of this model are not known")
-
-
-def gguf_tensor_names(arch_name: str, n_blocks: int, layer_names: Sequence[str], *, model: str = "the model"
-                      ) -> dict[str, str]:
-    """``{Hugging Face linear name: GGUF tensor name}`` for ``layer_names`` by gguf's own name map of the
-    architecture ``arch_name`` (a ``general.architecture`` value) with ``n_blocks`` blocks: the map llama.cpp's
-    converter names the tensors by. Needs no converted file."""
-    import gguf
-
-    arch_ids = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
-    if arch_name not in arch_ids:
-        raise ModelError(f"the gguf package ({gguf.__name__}) does not know architecture {arch_name!r} of the "
-                         "converted file; upgrade gguf")
-    names = gguf.get_tensor_name_map(arch_ids[arch_name], n_blocks)
-    out = {}
-    for layer in layer_names:
-        name = names.get_name(layer + ".weight", try_suffixes=(".weight",))
-        if name is None:
-            raise ModelError(f"{model}: no GGUF tensor name for {layer} in gguf's map of {arch_name}")
-        out[layer] = name
-    return out
-
-
-def model_gguf_names(model: Any, layer_names: Sequence[str]) -> dict[str, str]:
-    """:func:`gguf_tensor_names` of a loaded Hugging Face ``model`` (its ``config.model_type`` and block count)."""
-    from quantpredict import arch
-
-    require_gguf()
-    return gguf_tensor_names(gguf_arch_name(model.config.model_type), len(arch.blocks(model)), layer_names,
-                             model=getattr(model.config, "name_or_path", "") or type(model).__name__)
-
-
 def gguf_names(plan: ExportPlan, arch_name: str, n_blocks: int) -> dict[str, str]:
     """``{Hugging Face linear name: GGUF tensor name}`` of the plan's layers by gguf's own name map of the
     converted file's architecture (:func:`gguf_tensor_names`)."""
@@ -551,7 +495,7 @@ def pack(data: Any, kind: str, imatrix: Any = None) -> Any:
         return gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.BF16)
     import torch
 
-    from quantpredict.formats.ggml import to_gguf_bytes
+    from quantpredict.formats.ggml_imatrix import to_gguf_bytes
 
     return to_gguf_bytes(torch.from_numpy(np.array(data, dtype=np.float32)), kind, imatrix=imatrix)
 

@@ -11,7 +11,8 @@ stores per weight ``(sum / count) * ncall`` and one int32 ``ncall``; llama.cpp s
 ``llama-quantize --imatrix`` (``tools/quantize/quantize.cpp`` ``load_imatrix``) turns each entry into the float32
 ``quant_weights`` it passes to ``quantize_<t>`` for every row of that tensor: ``sum / (float)count`` per matrix
 (1 where the count is 0) for the GGUF format, ``sum / ncall`` (the sums as stored where ncall is 0) for the legacy
-one: :func:`quant_weights`. :func:`quantpredict.formats.ggml.to_gguf_bytes` with those weights gives its bytes.
+one: :func:`quant_weights`. :func:`quantpredict.formats.ggml_imatrix.to_gguf_bytes` with those weights gives its
+bytes.
 
 The GGUF files are read and written here with the standard library and numpy (little-endian GGUF v2/v3; F32 data),
 so no ``gguf`` package is needed.
@@ -20,20 +21,23 @@ Using one: :func:`tensor_weights` (the weights of named tensors, checked as llam
 ``export --imatrix`` packs with), :func:`layer_importance` (by Hugging Face layer name; what pricing and ``quantize
 --imatrix`` round with), :func:`load` / :func:`imatrix_label` (read once, named by file and sha256 prefix).
 Computing one: :func:`compute_imatrix` (``quantpredict imatrix``), llama-imatrix's sums and counts from PyTorch
-forward passes.
+forward passes. Which recipes take one: :func:`check_imatrix_recipe` (RTN of llama.cpp types), and
+:func:`importance_of` (a layer's weights when its format is a llama.cpp one); quantize, features and predict all
+ask here.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from quantpredict.errors import DataError, OutputError
+from quantpredict.errors import DataError, OutputError, RecipeError
 
 SUMS, COUNTS = ".in_sum2", ".counts"
 KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE = "imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"
@@ -399,12 +403,12 @@ def layer_importance(model, refs, formats, imatrix: Imatrix | str | os.PathLike)
     """HF linear name -> float32 tensor [in] of llama-quantize's quant_weights, for each of ``refs`` (the model's
     :class:`~quantpredict.arch.LinearRef`) whose entry of ``formats`` (``(format, block size)`` or ``None``) is a
     llama.cpp format: the weights its RTN is priced with. The GGUF tensor names come from gguf's name map of the
-    model's architecture (:func:`quantpredict.export.model_gguf_names`); a layer without an entry, or with one of
+    model's architecture (:func:`quantpredict.gguf_names.model_gguf_names`); a layer without an entry, or with one of
     another size, is a :class:`DataError` naming the imatrix and the tensor (:func:`tensor_weights`)."""
     import torch
 
-    from quantpredict.export import model_gguf_names
     from quantpredict.formats import get_format
+    from quantpredict.gguf_names import model_gguf_names
 
     im, label = load(imatrix)
     wanted = [r for r, fb in zip(refs, formats, strict=True) if fb is not None and get_format(fb[0]).family == "ggml"]
@@ -429,7 +433,7 @@ def compute_imatrix(model, windows, *, batch_size: int = 1, datasets: tuple[str,
     blocks (:func:`quantpredict.arch.linear_layers`; the head is not collected, as llama-imatrix without
     ``--process-output``) adds, per input column, the sum of the squares of that layer's input rows, and counts the
     rows (one per token: llama-imatrix's ``counts += nrows(src1) / n_mat``, the activation rows, not the chunks).
-    Entries are by GGUF tensor name (:func:`quantpredict.export.model_gguf_names`); ``chunk_count`` is ``n``,
+    Entries are by GGUF tensor name (:func:`quantpredict.gguf_names.model_gguf_names`); ``chunk_count`` is ``n``,
     ``chunk_size`` ``T`` (llama-imatrix's ``n_ctx / n_parallel``).
 
     Departures from llama-imatrix: the sums accumulate in float64 (llama-imatrix: float32, in its graph's order)
@@ -440,7 +444,7 @@ def compute_imatrix(model, windows, *, batch_size: int = 1, datasets: tuple[str,
     from tqdm.auto import tqdm
 
     from quantpredict import arch
-    from quantpredict.export import model_gguf_names
+    from quantpredict.gguf_names import model_gguf_names
 
     windows = torch.as_tensor(windows)
     if windows.dim() != 2 or windows.shape[0] < 1:
@@ -472,3 +476,36 @@ def compute_imatrix(model, windows, *, batch_size: int = 1, datasets: tuple[str,
                for n in sums}
     return Imatrix(entries, datasets=tuple(datasets), chunk_count=int(windows.shape[0]),
                    chunk_size=int(windows.shape[1]))
+
+
+def importance_of(importance: Mapping[str, Any] | None, name: str, fmt: str) -> Any:
+    """The importance weights of layer ``name`` in ``importance`` when its format ``fmt`` is a llama.cpp one (the
+    only formats an imatrix applies to; ggml's F16/BF16 ignore it too), else ``None``."""
+    if not importance or name not in importance:
+        return None
+    from quantpredict.formats import get_format
+
+    return importance[name] if get_format(fmt).family == "ggml" else None
+
+
+def check_imatrix_recipe(recipe: Any, formats: Sequence[tuple[str, int | None] | None] = ()) -> None:
+    """A :class:`RecipeError` unless ``recipe`` can be priced with an importance matrix: RTN (GPTQ, AWQ, QAT and
+    SmoothQuant are not llama.cpp's, which quantizes each tensor by itself with the imatrix's weights), no
+    activation format (a runtime's rounding is ``runtime=``'s), and every quantized layer's format (``formats``,
+    or the recipe's own weight format) a llama.cpp type or a 16-bit float (which ignores it, as in ggml)."""
+    from quantpredict.formats import get_format
+
+    what = [w for w, on in (("GPTQ", recipe.method == "gptq"), (f"method {recipe.method}", recipe.method
+                                                                   not in ("rtn", "gptq")),
+                            ("AWQ", recipe.awq), ("QAT", recipe.qat),
+                            ("SmoothQuant", recipe.smoothquant_alpha is not None),
+                            (f"activation format a_{recipe.act_format}", recipe.act_format is not None)) if on]
+    if what:
+        raise RecipeError(f"recipe {recipe.label}: an imatrix applies to llama.cpp's round-to-nearest quantization "
+                          f"(llama-quantize --imatrix), not with {' and '.join(what)}; price the RTN recipe with it, "
+                          "or this one without --imatrix")
+    fmts = [fb[0] for fb in formats if fb is not None] or [recipe.weight_format]
+    bad = sorted({f for f in fmts if get_format(f).family not in ("ggml", "float")})
+    if bad:
+        raise RecipeError(f"recipe {recipe.label}: an imatrix applies to llama.cpp types only, and "
+                          f"{', '.join(bad)} is not one; drop --imatrix for it")

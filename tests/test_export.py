@@ -392,7 +392,7 @@ def test_imatrix_file_is_the_weighted_quantization(cached_convert, tmp_path, shi
     import gguf
     import torch
 
-    from quantpredict.formats.ggml import fake_quantize_weighted
+    from quantpredict.formats.ggml_imatrix import fake_quantize_weighted
     from quantpredict.imatrix import quant_weights, read_imatrix
     from quantpredict.quantize.rtn import rtn_quantize
 

@@ -158,7 +158,7 @@ def test_quantize_with_an_imatrix_records_it(model, tmp_path, capsys):
     quantization.json names the imatrix; GPTQ with one is refused before the weights load."""
     from safetensors.torch import load_file
 
-    from quantpredict.formats.ggml import fake_quantize_weighted
+    from quantpredict.formats.ggml_imatrix import fake_quantize_weighted
     from quantpredict.imatrix import compute_imatrix, quant_weights, write_imatrix
     from quantpredict.models import resolve
 

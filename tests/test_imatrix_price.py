@@ -73,7 +73,7 @@ def test_imatrix_prices_llama_quantize_s_weighted_rtn(mp, imatrix_file):
     """Each layer's delta is fake_quantize_weighted with quant_weights of its GGUF tensor; the fp16 layers of a mix
     (ggml's F16 ignores the imatrix) and the others as without; the row names the file."""
     from quantpredict.features.fisher import price_deltas
-    from quantpredict.formats.ggml import fake_quantize_weighted
+    from quantpredict.formats.ggml_imatrix import fake_quantize_weighted
     from quantpredict.imatrix import quant_weights, read_imatrix
     from quantpredict.mixes import resolve_recipe
     from quantpredict.predict.rank import recipe_row

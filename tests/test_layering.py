@@ -20,7 +20,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("schema", "memory", "claims", "style"),  # torch-free utilities, no quantpredict imports but errors
     ("formats", "arch", "data", "lmhead"),
     ("recipe", "mixes"),  # the Recipe and llama.cpp's named mixes: formats + arch, no torch at import
-    ("quantize", "evaluate"),
+    ("gguf_names", "imatrix"),  # llama.cpp's tensor names of a model, its importance-matrix files and computation
+    ("quantize", "evaluate", "runtime"),  # runtime: a runtime's activation rounding, as quantize.act hooks
     ("features", "models", "qat", "attention"),
     ("runs", "export"),  # export: a model as a GGUF file (models, quantize.plan, formats.ggml)
     ("predict",),

@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     options.check_out(args.out, "--out", kind="dir")
     imatrix_label = None
     if args.imatrix is not None:
+        from quantpredict.imatrix import check_imatrix_recipe
         from quantpredict.imatrix import load as load_imatrix
-        from quantpredict.predict.rank import check_imatrix_recipe
 
         if not args.mix:
             check_imatrix_recipe(recipe)  # GPTQ (the default method) and non-llama.cpp formats: before the load

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
-from quantpredict.features.fisher import importance_of
+from quantpredict.imatrix import importance_of
 
 
 def profile_absmax(x: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
+from quantpredict.imatrix import importance_of  # noqa: F401 (also this module's name for it)
 
 
 def _named_weights(model: nn.Module, refs: Sequence[arch.LinearRef]) -> list[str]:
@@ -343,16 +344,6 @@ def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequ
 #: bytes of Hessian factors a caller's ``factors`` cache of :func:`profile_deltas` may hold (SmolLM2's 210 layers
 #: take 0.5 GiB; a 1.5B model's would take 9 GiB, so only its first layers are kept)
 FACTOR_CACHE_BYTES = 1 << 30
-
-
-def importance_of(importance: Mapping[str, Any] | None, name: str, fmt: str) -> Any:
-    """The importance weights of layer ``name`` in ``importance`` when its format ``fmt`` is a llama.cpp one (the
-    only formats an imatrix applies to; ggml's F16/BF16 ignore it too), else ``None``."""
-    if not importance or name not in importance:
-        return None
-    from quantpredict.formats import get_format
-
-    return importance[name] if get_format(fmt).family == "ggml" else None
 
 
 def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,

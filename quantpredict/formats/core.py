@@ -34,7 +34,7 @@ def fake_quantize(x: Tensor, fmt: str, *, axis: int = -1, block_size: int | None
     ``importance`` (llama.cpp formats only, ``axis`` -1 only): an importance matrix, one float >= 0 per element of
     the last axis (the columns of an [out, in] weight; llama-quantize's ``--imatrix`` weights, see
     :func:`quantpredict.imatrix.quant_weights`), the same for every row: quantize as llama.cpp does with it
-    (:func:`quantpredict.formats.ggml.fake_quantize_weighted`). None: without one.
+    (:func:`quantpredict.formats.ggml_imatrix.fake_quantize_weighted`). None: without one.
 
     Raises :class:`~quantpredict.errors.FormatError` (a ValueError) for unknown formats, NaN/Inf input, a
     non-floating tensor, or a bad axis / block size / importance.
@@ -75,7 +75,7 @@ def fake_quantize_reference(x: Tensor, fmt: str | Format, *, axis: int = -1, blo
 
 def _fake_quantize_importance(x: Tensor, f: Format, axis: int, block_size: int | None, importance: Tensor) -> Tensor:
     """``fake_quantize`` with an importance matrix: llama.cpp's formats, along the last axis. Same shape and dtype."""
-    from quantpredict.formats import ggml
+    from quantpredict.formats import ggml_imatrix
 
     if f.family != "ggml":
         raise FormatError(f"importance (an imatrix) applies to llama.cpp's formats only, not {f.name!r}")
@@ -84,4 +84,4 @@ def _fake_quantize_importance(x: Tensor, f: Format, axis: int, block_size: int |
                           f"a tensor of shape {tuple(x.shape)}")
     f.check_block(block_size)
     n = x.shape[-1]
-    return ggml.fake_quantize_weighted(x.reshape(-1, n), f, importance).reshape(x.shape)
+    return ggml_imatrix.fake_quantize_weighted(x.reshape(-1, n), f, importance).reshape(x.shape)

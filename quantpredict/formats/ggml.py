@@ -72,7 +72,8 @@ changes nothing for them). Rows must be a multiple of the block (llama.cpp's rul
 otherwise (naming llama.cpp's fallback type for that tensor).
 
 With an importance matrix (llama-quantize ``--imatrix``) llama.cpp runs other searches: :mod:`.ggml_imatrix`
-(:func:`to_gguf_bytes` with ``imatrix``, :func:`fake_quantize_weighted`), which reuses the searches here.
+(:func:`~quantpredict.formats.ggml_imatrix.to_gguf_bytes` with ``imatrix``,
+:func:`~quantpredict.formats.ggml_imatrix.fake_quantize_weighted`), which reuses the searches here.
 """
 
 from __future__ import annotations
@@ -893,22 +894,13 @@ _TYPES: dict[str, _GgmlType] = {
 }
 
 
-def to_gguf_bytes(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray | None = None) -> np.ndarray:
+def to_gguf_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
     """``x`` [rows, n] quantized by llama.cpp's reference quantizer and packed in its block layout (``block_q8_0``,
     ``block_q4_K``, ...), as stored in a GGUF file: uint8 [rows, n / block * bytes per block]. ``gguf.quants.
-    dequantize(out, GGMLQuantizationType.Q4_K)`` gives :func:`quantpredict.formats.fake_quantize` of ``x``.
-
-    ``imatrix`` [n] (float, >= 0, finite; one per column, the same for every row): quantize as llama-quantize does
-    with an importance matrix (``quantize_<t>`` with ``quant_weights``, :mod:`.ggml_imatrix`); dequantizing gives
-    :func:`fake_quantize_weighted`. None: without one (unchanged). A :class:`FormatError` for a bad ``imatrix`` or a
-    non-ggml format with one."""
+    dequantize(out, GGMLQuantizationType.Q4_K)`` gives :func:`quantpredict.formats.fake_quantize` of ``x``. With an
+    importance matrix: :func:`quantpredict.formats.ggml_imatrix.to_gguf_bytes` (that module builds on this one)."""
     from quantpredict.formats.table import get_format
 
-    if imatrix is not None:
-        from quantpredict.formats import ggml_imatrix
-
-        e = ggml_imatrix.encode_weighted(x, fmt, imatrix)
-        return _TYPES[e.fmt].pack(e).reshape(x.shape[0], -1)
     f = get_format(fmt)
     if f.name == "nvfp4":  # GGUF's NVFP4 type: where it meets NVIDIA's definition, see formats.tensor_scale
         from quantpredict.formats.tensor_scale import to_gguf_bytes as nvfp4_bytes
@@ -920,13 +912,3 @@ def to_gguf_bytes(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray | N
         raise ValueError(f"to_gguf_bytes needs a 2-D [rows, n] tensor, got shape {tuple(x.shape)}")
     e = encode(x, f)
     return _TYPES[f.name].pack(e).reshape(x.shape[0], -1)
-
-
-def fake_quantize_weighted(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray) -> Tensor:
-    """``x`` [rows, n] quantized by llama.cpp with the importance matrix ``imatrix`` [n] (float, >= 0, finite; the
-    per-column weights llama-quantize passes, the same for every row) and dequantized: same shape and dtype. See
-    :mod:`quantpredict.formats.ggml_imatrix`; a :class:`FormatError` for a bad ``imatrix``, a non-ggml format, or
-    rows that are not whole blocks."""
-    from quantpredict.formats import ggml_imatrix
-
-    return ggml_imatrix.fake_quantize_weighted(x, fmt, imatrix)

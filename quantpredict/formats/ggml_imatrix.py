@@ -383,10 +383,22 @@ def encode_weighted(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray) 
                                                                                     n // f.default_block_size))
 
 
+def to_gguf_bytes(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray | None = None) -> np.ndarray:
+    """:func:`quantpredict.formats.ggml.to_gguf_bytes` with an importance matrix: ``x`` [rows, n] quantized as
+    llama-quantize does with ``imatrix`` [n] (float, >= 0, finite; one per column, the same for every row;
+    ``quantize_<t>`` with ``quant_weights``) and packed in the type's block layout, uint8 [rows, n / block * bytes
+    per block]; dequantizing gives :func:`fake_quantize_weighted`. None: without one (``ggml.to_gguf_bytes``). A
+    :class:`FormatError` for a bad ``imatrix`` or a non-ggml format with one."""
+    if imatrix is None:
+        return ggml.to_gguf_bytes(x, fmt)
+    e = encode_weighted(x, fmt, imatrix)
+    return ggml._TYPES[e.fmt].pack(e).reshape(x.shape[0], -1)
+
+
 def fake_quantize_weighted(x: Tensor, fmt: Format | str, imatrix: Tensor | np.ndarray) -> Tensor:
     """``x`` [rows, n] quantized by llama.cpp with the importance ``imatrix`` [n] (one non-negative float per
     column, the same for every row) and dequantized with gguf-py's arithmetic (what ``gguf.quants.dequantize`` gives
-    for :func:`quantpredict.formats.ggml.to_gguf_bytes` ``(x, fmt, imatrix)``). Same shape and dtype as ``x``."""
+    for :func:`to_gguf_bytes` ``(x, fmt, imatrix)``). Same shape and dtype as ``x``."""
     f = _ggml_format(fmt)
     x32 = _check_x(x, f)
     qw = check_importance(imatrix, x32.shape[1], f.name)

@@ -172,8 +172,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
                              f"'profile' predictor; the {pred.kind} predictor measures the project's own model"
                              + (f" ({note})" if note else ""))
     if imatrix is not None:
-        from quantpredict.imatrix import load
-        from quantpredict.predict.rank import check_imatrix_recipe
+        from quantpredict.imatrix import check_imatrix_recipe, load
 
         if pred.kind != "profile":
             raise PredictorError(f"{label}: an imatrix is priced on the weights-only path, with the 'profile' "

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError, RecipeError
+from quantpredict.imatrix import check_imatrix_recipe  # noqa: F401 (also this module's name for it)
 from quantpredict.predict.shipped import PROFILE_PREDICTOR_DIR, resolve_predictor
 from quantpredict.recipe import Recipe
 
@@ -174,29 +175,6 @@ def past_damage_bound(frame: pd.DataFrame) -> pd.Series:
     if kld is not None:
         out |= kld > DAMAGE_KLD
     return out
-
-
-def check_imatrix_recipe(recipe: Recipe, formats: Sequence[tuple[str, int | None] | None] = ()) -> None:
-    """A :class:`RecipeError` unless ``recipe`` can be priced with an importance matrix: RTN (GPTQ, AWQ, QAT and
-    SmoothQuant are not llama.cpp's, which quantizes each tensor by itself with the imatrix's weights), no
-    activation format (a runtime's rounding is ``runtime=``'s), and every quantized layer's format (``formats``,
-    or the recipe's own weight format) a llama.cpp type or a 16-bit float (which ignores it, as in ggml)."""
-    from quantpredict.formats import get_format
-
-    what = [w for w, on in (("GPTQ", recipe.method == "gptq"), (f"method {recipe.method}", recipe.method
-                                                                   not in ("rtn", "gptq")),
-                            ("AWQ", recipe.awq), ("QAT", recipe.qat),
-                            ("SmoothQuant", recipe.smoothquant_alpha is not None),
-                            (f"activation format a_{recipe.act_format}", recipe.act_format is not None)) if on]
-    if what:
-        raise RecipeError(f"recipe {recipe.label}: an imatrix applies to llama.cpp's round-to-nearest quantization "
-                          f"(llama-quantize --imatrix), not with {' and '.join(what)}; price the RTN recipe with it, "
-                          "or this one without --imatrix")
-    fmts = [fb[0] for fb in formats if fb is not None] or [recipe.weight_format]
-    bad = sorted({f for f in fmts if get_format(f).family not in ("ggml", "float")})
-    if bad:
-        raise RecipeError(f"recipe {recipe.label}: an imatrix applies to llama.cpp types only, and "
-                          f"{', '.join(bad)} is not one; drop --imatrix for it")
 
 
 def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,

@@ -498,8 +498,7 @@ def _imatrix_importance(model: nn.Module, recipe: Recipe, plan: list[PlannedLaye
     what llama.cpp's imatrix quantization is not (GPTQ, AWQ, SmoothQuant, activation formats, other formats) and a
     calibration pass (output errors with an imatrix: not implemented)."""
     from quantpredict.errors import RecipeError
-    from quantpredict.imatrix import layer_importance
-    from quantpredict.predict.rank import check_imatrix_recipe
+    from quantpredict.imatrix import check_imatrix_recipe, layer_importance
 
     formats = [(p.weight_format, p.block_size) for p in plan]
     check_imatrix_recipe(recipe, formats)
@@ -515,7 +514,7 @@ def _quantize_rtn_data_free(model: nn.Module, recipe: Recipe, blocks, t_start: f
     ``importance``: HF layer name -> [in] imatrix weights of its llama.cpp format."""
     from tqdm.auto import tqdm
 
-    from quantpredict.features.fisher import importance_of
+    from quantpredict.imatrix import importance_of
 
     nan = float("nan")
     layers: list[LayerReport] = []
