@@ -117,7 +117,8 @@ def main() -> int:
            "No importance matrix on either side."), "",
         *table, "",
         f"The allocation's predicted KLD, for the project's protocol (256-token windows, embedding and head in 16 "
-        f"bits, no runtime activation rounding): {pred.get('kld', float('nan')):.4f} "
+        f"bits, no runtime activation rounding{', priced without the imatrix' if args.imatrix else ''}): "
+        f"{pred.get('kld', float('nan')):.4f} "
         f"[{pred.get('kld_low', float('nan')):.4f}, {pred.get('kld_high', float('nan')):.4f}]; the allocation: "
         f"`{answer.get('recipe', '?')[:80]}{'...' if len(answer.get('recipe', '')) > 80 else ''}`.",
         f"Target (lower KLD at no more bytes): {verdict}.",
