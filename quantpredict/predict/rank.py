@@ -218,7 +218,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         check_imatrix_recipe(recipe, formats)
         importance, im_label = layer_importance(mp.model, mp.refs, formats, imatrix), load(imatrix)[1]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    act_label, runtime_act = recipe.act_format, None
+    runtime_act = None
     if runtime is not None:
         from quantpredict.runtime import activation_formats
 
@@ -257,7 +257,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
             "weight_format": recipe.weight_format, "method": recipe.method_name, "block_size_recipe":
             recipe.block_size, "smoothquant_alpha": (np.nan if recipe.smoothquant_alpha is None
                                                      else recipe.smoothquant_alpha),
-            "act_format": act_label, "runtime": runtime, "runtime_act": runtime_act, "imatrix": im_label,
+            "act_format": recipe.act_format, "runtime": runtime, "runtime_act": runtime_act, "imatrix": im_label,
             "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
