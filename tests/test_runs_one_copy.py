@@ -123,3 +123,17 @@ def test_one_copy_only_where_the_head_and_embeddings_stay(monkeypatch):
     monkeypatch.setattr(plan, "layer_plan", lambda m, r, b=None: [*real, head])  # a future mix naming the head
     assert not quantize.keeps_head_and_embeddings(model, Recipe("int4"))
     assert not execute.one_copy_applies(model, Recipe("int4"))
+
+
+def test_without_features_measures_the_same(fp_cache):
+    """``extract_features=False`` (a large model's sweep, features backfilled later) changes nothing measured: the
+    comparison and the quantization report are the run's with features, and the features are empty."""
+    spec = RunSpec("llama-xs", Recipe("int4", method="rtn", awq=True), SETTING)
+    full = execute.execute_run(spec, torch_threads=1, batch_size=3, feature_options=FEATURES, resume=False)
+    fp_cache.close()
+    bare = execute.execute_run(spec, torch_threads=1, batch_size=3, feature_options=FEATURES, resume=False,
+                               extract_features=False)
+    assert full["features"] and bare["features"] == {}
+    assert "run_features_seconds" not in bare["timings"]
+    assert _same(_numbers(full["comparison"]), _numbers(bare["comparison"]))
+    assert _same(_numbers(full["quant"]), _numbers(bare["quant"]))

@@ -143,7 +143,7 @@ def _head_fingerprint(model) -> str:
 def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, feature_options: dict | None = None,
                 progress: bool = False, calib_text: str | None = None, eval_text: str | None = None,
                 device: str | None = None, max_memory: int | str | None = None, resume: bool = True,
-                _one_copy: bool = True) -> dict:
+                extract_features: bool = True, _one_copy: bool = True) -> dict:
     """Measure one :class:`~quantpredict.runs.RunSpec`.
 
     Steps: ``models.load(spec.model)`` (float32) -> quantize as ``spec.recipe()`` says (PTQ, or QAT on top of it;
@@ -173,6 +173,10 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
     quantization or comparison, continues where it stopped when it is run again, with the numbers of an
     uninterrupted run; the directory is removed when the run returns or raises an error. ``resume=False``: none.
     Features, loading and QAT are not resumable: they run again in full.
+    ``extract_features=False``: no features (``features`` is ``{}``); ``quantpredict backfill`` adds them later.
+    For an AWQ recipe every feature group reads the AWQ-scaled model, so extracting them runs the AWQ search a
+    second time beside the run's own, unresumable (about two hours at 1.5B on one core): a sweep of large models
+    measures first and backfills the features after.
     Returns ``family``, ``n_params``, ``recipe`` (the backend's label), ``recipe_dict``, ``comparison``
     (``Comparison.to_dict()``), ``features`` (with ``<group>_seconds``), ``quant`` (the quantization report's
     summary), ``protocol`` and ``timings`` (seconds per stage).
@@ -209,6 +213,8 @@ def execute_run(spec, *, torch_threads: int | None = None, batch_size: int = 8, 
             feature_options.setdefault("max_memory", max_memory)
 
         def extract():
+            if not extract_features:
+                return {}
             t = time.perf_counter()
             feats = features.extract(model_fp, recipe, calib, **feature_options)
             timings["run_features_seconds"] = time.perf_counter() - t
