@@ -403,3 +403,33 @@ def test_compare_and_perplexity_take_the_evaluation_setting(tokenizer, tmp_path)
     text.write_text("something else entirely, " * 400)
     with pytest.raises(DataError, match="hashes to"):
         evaluate.compare(model, q, tokenizer, own, progress=False)
+
+
+def test_scored_from_is_llama_cpps_second_half():
+    """``scored_from=k``: each window's positions ``k ..`` are scored, the earlier ones are context only (llama.cpp's
+    ``llama-perplexity`` protocol is ``seq_len=512, scored_from=257``); checked against a float64 loop."""
+    model = tiny_model("llama")
+    q = _perturbed(model)
+    ids = _stream(4 * L)
+    k = L // 2 + 1
+    c = evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=3, progress=False, scored_from=k)
+    klds, d = [], []
+    for w in ids.view(4, L):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=w[None]).logits[0, k - 1 : -1].double(), -1)
+            lq = torch.log_softmax(q(input_ids=w[None]).logits[0, k - 1 : -1].double(), -1)
+        t = w[k:]
+        klds.append((lp.exp() * (lp - lq)).sum(-1).mean().item())
+        d.append((lp - lq)[torch.arange(len(t)), t].mean().item())
+    assert list(c.window_tokens) == [L - k] * 4 and c.eval_tokens == 4 * (L - k) and c.scored_from == k
+    assert c.kld == pytest.approx(np.mean(klds), rel=1e-5)
+    assert c.delta_nll == pytest.approx(np.mean(d), abs=1e-6)
+    whole = evaluate.compare_ids(model, q, ids, seq_len=L, batch_size=3, progress=False)
+    assert whole.eval_tokens == 4 * (L - 1) and whole.kld != c.kld
+    # with BOS in front the first scored position is still k; the layout errors are clear
+    w = make_windows(ids, L, bos_id=0, scored_from=k)
+    assert w.first_scored.tolist() == [k] * w.n
+    with pytest.raises(DataError, match="non-overlapping"):
+        make_windows(ids, L, stride=4, scored_from=k)
+    with pytest.raises(DataError, match="between 1 and seq_len - 1"):
+        make_windows(ids, L, scored_from=L)

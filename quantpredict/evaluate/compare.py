@@ -34,7 +34,9 @@ class Comparison:
     ``window_tokens`` its scored-token count, ``window_kld`` / ``window_top1`` its mean KL divergence and top-1
     agreement (a fraction): what a cheaper estimate on a subsample of the windows would see.
     ``bos``: every window started with the BOS token (the protocol); ``source``: the text (``wikitext2:test``, or
-    ``file:<name>#<sha256 prefix>`` for a user's file).
+    ``file:<name>#<sha256 prefix>`` for a user's file); ``scored_from``: the first scored position of every window
+    (``None``: all positions after the first; llama.cpp's protocol scores the second half, see
+    :func:`~quantpredict.evaluate.windows.make_windows`).
     """
 
     ppl_fp: float
@@ -65,6 +67,7 @@ class Comparison:
     window_top1: tuple[float, ...] = field(default=(), repr=False)
     bos: bool = False
     source: str = ""
+    scored_from: int | None = None
 
     @property
     def ppl_fp_se(self) -> float:
@@ -123,7 +126,8 @@ def compare_windows(model_fp: nn.Module, model_q: nn.Module, windows: Windows, *
 def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, evaluation: EvalSetting | None = None,
                 *, stride: int | None = None, batch_size: int = 8, progress: bool | None = None, dataset: str = "",
                 split: str = "", fp_cache: FPLogitsCache | None = None, fp_key: str | None = None,
-                bos_id: int | None = None, partial: PartialResults | None = None, **setting: Any) -> Comparison:
+                bos_id: int | None = None, partial: PartialResults | None = None, scored_from: int | None = None,
+                **setting: Any) -> Comparison:
     """:func:`compare` on a 1-D stream of token ids ``[N]``, windowed as in :func:`compare` (``bos_id``: every
     window starts with that token). ``evaluation`` / ``seq_len=`` / ``max_windows=`` / ``partial`` as in
     :func:`compare`; the setting's ``bos`` and ``text`` are not read here (the ids are already the text, ``bos_id``
@@ -131,25 +135,27 @@ def compare_ids(model_fp: nn.Module, model_q: nn.Module, ids: torch.Tensor, eval
 
     More than ten parameters, on purpose: past the evaluation setting, the keyword-only options are independent
     (window layout, batching, the names the result carries, the FP cache, the BOS token id, the partial results)."""
-    windows = _id_windows(ids, evaluation, setting, stride=stride, dataset=dataset, split=split, bos_id=bos_id)
+    windows = _id_windows(ids, evaluation, setting, stride=stride, dataset=dataset, split=split, bos_id=bos_id,
+                          scored_from=scored_from)
     res = compare_windows(model_fp, model_q, windows, batch_size=batch_size, progress=progress,
                           dataset=dataset, split=split, fp_cache=fp_cache, fp_key=fp_key, partial=partial)
-    return Comparison(**{**res.to_dict(), "stride": stride, "bos": bos_id is not None})
+    return Comparison(**{**res.to_dict(), "stride": stride, "bos": bos_id is not None, "scored_from": scored_from})
 
 
 def _id_windows(ids: torch.Tensor, evaluation: EvalSetting | None, setting: dict[str, Any], *, stride: int | None,
-                dataset: str, split: str, bos_id: int | None) -> Windows:
+                dataset: str, split: str, bos_id: int | None, scored_from: int | None = None) -> Windows:
     """The windows :func:`compare_ids` scores (and :func:`fill_fp_cache` fills the FP side of)."""
     w = windowing(evaluation, setting, fn="compare_ids", allowed=("seq_len", "max_windows"))
     return make_windows(ids, w.seq_len, stride=stride, max_windows=w.max_windows,
-                        source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id)
+                        source=f"{dataset} {split} tokens" if dataset else "the token ids", bos_id=bos_id,
+                        scored_from=scored_from)
 
 
 def fill_fp_cache(model_fp: nn.Module, tokenizer, evaluation: EvalSetting | None = None, *,
                   fp_cache: FPLogitsCache, fp_key: str, text: str | Path | None = None, dataset: str = "wikitext2",
                   split: str = "test", stride: int | None = None, batch_size: int = 8,
                   progress: bool | None = None, device: Any = None, partial: PartialResults | None = None,
-                  **setting: Any) -> bool:
+                  scored_from: int | None = None, **setting: Any) -> bool:
     """Run only the FP side of :func:`compare` (the same arguments, the same windows and batches) and keep it in
     ``fp_cache`` under ``fp_key``, so that the FP model can be quantized in place and then compared with the cache in
     strict mode, the quantized model standing in for ``model_fp`` (whose head alone the comparison still reads)::
@@ -172,7 +178,7 @@ def fill_fp_cache(model_fp: nn.Module, tokenizer, evaluation: EvalSetting | None
     w, stream, _, _ = setting_stream(tokenizer, evaluation, setting, fn="compare", text=text, dataset=dataset,
                                      split=split)
     windows = _id_windows(stream.ids, None, {"seq_len": w.seq_len, "max_windows": w.max_windows}, stride=stride,
-                          dataset=dataset, split=split, bos_id=stream.bos_id)
+                          dataset=dataset, split=split, bos_id=stream.bos_id, scored_from=scored_from)
     with placed([model_fp], device):
         return fill_windows(model_fp, windows, fp_cache, fp_key, batch_size=batch_size, progress=progress,
                             partial=partial)
@@ -182,7 +188,7 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: Eval
             text: str | Path | None = None, dataset: str = "wikitext2", split: str = "test", stride: int | None = None,
             batch_size: int = 8, progress: bool | None = None, fp_cache: FPLogitsCache | None = None,
             fp_key: str | None = None, device: Any = None, partial: PartialResults | None = None,
-            **setting: Any) -> Comparison:
+            scored_from: int | None = None, **setting: Any) -> Comparison:
     """Quantized model ``model_q`` against its FP original ``model_fp`` on the same windows of a text split.
 
     ``evaluation``: the :class:`~quantpredict.recipe.EvalSetting` (window length, number of windows, BOS, the user's
@@ -207,6 +213,9 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: Eval
     setting): the finished windows' sums are saved there after every batch, and a call after an interruption
     scores only the windows not yet done; totals and standard errors are the uninterrupted ones exactly (a file
     of another key, setting or windows is ignored and overwritten). The caller deletes the file when done.
+    ``scored_from``: score only positions ``scored_from ..`` of every (non-overlapping) window, the earlier ones
+    being context: ``seq_len=512, scored_from=257`` is llama.cpp's ``llama-perplexity`` protocol
+    (:func:`~quantpredict.evaluate.windows.make_windows`).
 
     More than ten parameters, on purpose: the evaluation setting is one (``evaluation``, or its fields as
     keywords); the keyword-only options left are independent of it and of each other (which text, the window
@@ -221,6 +230,7 @@ def compare(model_fp: nn.Module, model_q: nn.Module, tokenizer, evaluation: Eval
     with placed([model_fp, model_q], device):
         res = compare_ids(model_fp, model_q, stream.ids, seq_len=w.seq_len, stride=stride, max_windows=w.max_windows,
                           batch_size=batch_size, progress=progress, dataset=dataset, split=split,
-                          fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id, partial=partial)
+                          fp_cache=fp_cache, fp_key=fp_key, bos_id=stream.bos_id, partial=partial,
+                          scored_from=scored_from)
     return Comparison(**{**res.to_dict(), "seconds": time.perf_counter() - start,
                          "tokenize_seconds": tokenize_seconds, "source": stream.source})

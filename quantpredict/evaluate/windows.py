@@ -47,7 +47,8 @@ class Windows:
 
 
 def make_windows(ids: torch.Tensor, seq_len: int, *, stride: int | None = None,
-                 max_windows: int | None = None, source: str = "the token ids", bos_id: int | None = None) -> Windows:
+                 max_windows: int | None = None, source: str = "the token ids", bos_id: int | None = None,
+                 scored_from: int | None = None) -> Windows:
     """Windows over a 1-D stream of ``N`` token ids.
 
     ``stride=None``: ``N // seq_len`` non-overlapping windows, the remainder dropped; each window scores its
@@ -62,7 +63,21 @@ def make_windows(ids: torch.Tensor, seq_len: int, *, stride: int | None = None,
     ``bos_id`` (the BOS protocol, :func:`quantpredict.data.eval_protocol`): every window is that token followed by
     ``seq_len - 1`` text tokens, windowed as above over the text alone; the first text token of the stream is then
     scored too (predicted from BOS), and later windows score exactly the text tokens they would without BOS.
+
+    ``scored_from=k`` (non-overlapping windows only, ``1 <= k < seq_len``): every window scores its positions
+    ``k .. seq_len - 1`` alone, the earlier ones being context. llama.cpp's ``llama-perplexity`` protocol is
+    ``seq_len=512, scored_from=257``: chunks of ``n_ctx = 512`` tokens, of which it scores the predictions of tokens
+    ``n_ctx / 2 + 1 .. n_ctx - 1`` (``first = n_ctx / 2`` in ``perplexity``/``kl_divergence`` of its
+    tools/perplexity/perplexity.cpp: the logits at positions ``first .. n_ctx - 2``), 255 per chunk.
     """
+    if scored_from is not None:
+        if stride is not None:
+            raise DataError("scored_from needs non-overlapping windows; omit stride")
+        if not isinstance(scored_from, int) or not 1 <= scored_from < seq_len:
+            raise DataError(f"scored_from must be a position between 1 and seq_len - 1 = {seq_len - 1}, "
+                            f"got {scored_from!r}")
+        w = make_windows(ids, seq_len, max_windows=max_windows, source=source, bos_id=bos_id)
+        return Windows(w.ids, torch.clamp(w.first_scored, min=scored_from))
     if bos_id is not None:
         if seq_len < 3:
             raise DataError(f"seq_len must be at least 3 under the BOS protocol (BOS, one token of context and one to "
