@@ -28,13 +28,16 @@ second half of each chunk: not the project's protocol (256-token windows, every 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -376,6 +379,82 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
                        f"at least 5 of 6): {target} ({hits} of {len(KLD_FILES)})."])
 
 
+def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
+                  cached: Mapping[str, Any] | None = None) -> str:
+    """The project's own measurement of llama.cpp's files (:data:`KLD_FILES`), with the token embedding and output
+    head in 16 bits (llama.cpp's F16 column of :func:`kld_table`): each recipe's weights are byte-identical to the
+    file's blocks (the exactness tables), measured against the FP model under the project's protocol (``4 * chunks``
+    windows of 256 tokens, every position after the first scored: as many tokens), under llama.cpp's (``chunks``
+    windows of ``ctx`` tokens, the second half scored, ``evaluate.compare(scored_from=ctx // 2 + 1)``), and under
+    llama.cpp's with its CPU backend's activation rounding (``runtime.install_runtime_act``). Where the last column
+    meets llama.cpp's own KLD, the emulation is right and a prediction's miss is the predictor's; the first two
+    columns show what the protocol alone changes. ``cached``: llama.cpp's KLDs by file type (read from
+    ``work/MODEL-kld-results.json``, never computed here)."""
+    import json
+
+    import torch
+
+    from quantpredict import data, evaluate, models, quantize
+    from quantpredict.evaluate import FPLogitsCache
+    from quantpredict.mixes import resolve_recipe
+    from quantpredict.runtime import install_runtime_act
+    from quantpredict.threads import torch_threads
+
+    work = home() / "work"
+    store = work / f"{model}-kld-results.json"
+    done = dict(cached) if cached is not None else (json.loads(store.read_text()) if store.is_file() else {})
+    f16 = " --token-embedding-type f16 --output-tensor-type f16"
+    protocols = {"project": dict(seq_len=256, max_windows=4 * chunks * ctx // 512),
+                 "llama.cpp": dict(seq_len=ctx, max_windows=chunks, scored_from=ctx // 2 + 1)}
+    rows = ["| llama.cpp file | llama.cpp's KLD, embedding and head in F16 | project, its protocol | project, "
+            "llama.cpp's protocol | project, llama.cpp's protocol and CPU activation rounding | last vs llama.cpp | "
+            "project recipe |", "|---|---|---|---|---|---|---|"]
+    with torch_threads(threads):
+        fp, tok = models.load(model, dtype=torch.float32, attn_implementation="eager")
+        calib = data.token_stream(tok, "wikitext2", "train", protocol=data.eval_protocol(tok))
+        cache = FPLogitsCache(directory=Path(tempfile.mkdtemp(prefix="llamacpp-measure-")))
+        try:
+            for ftype, name in KLD_FILES:
+                recipe = resolve_recipe(name, fp)
+                q = copy.deepcopy(fp)
+                quantize.quantize_model(q, recipe, calib, progress=False)
+                got = {}
+                for column, (proto, runtime) in {"project": ("project", False), "llama": ("llama.cpp", False),
+                                                 "llama_rt": ("llama.cpp", True)}.items():
+                    handle = install_runtime_act(q, recipe) if runtime else None
+                    try:
+                        c = evaluate.compare(fp, q, tok, **protocols[proto], fp_cache=cache, fp_key=model,
+                                             batch_size=4, progress=False)
+                    finally:
+                        if handle is not None:
+                            handle.remove()
+                    got[column] = (c.kld, c.kld_se)
+                    print(f"{ftype:8s} {column:9s} KLD {c.kld:.4f} ± {c.kld_se:.4f} ({c.eval_tokens} tokens, "
+                          f"{c.seconds:.0f} s)", flush=True)
+                del q
+                ref = done.get(f"{ftype}{f16} chunks={chunks} ctx={ctx}")
+                cells = [f"{k:.4f} ± {se:.4f}" for k, se in got.values()]
+                rel = "n/a" if ref is None else f"{(got['llama_rt'][0] / ref[0] - 1) * 100:+.0f}%"
+                rows.append(f"| {ftype} | {'n/a' if ref is None else f'{ref[0]:.4f} ± {ref[1]:.4f}'} | "
+                            f"{' | '.join(cells)} | {rel} | {name} |")
+        finally:
+            cache.close()
+    return "\n".join([f"### {model} (**4-bit on the way in**): the project's measurement of llama.cpp's files, "
+                       "under both protocols", "",
+                       f"The project quantizes the linear layers exactly as llama-quantize's file does (the same "
+                       f"blocks, byte for byte), keeps the token embedding and output head in 16 bits, and measures "
+                       f"KLD against the FP model on WikiText-2 test: under its own protocol ({4 * chunks * ctx // 512}"
+                       f" windows of 256 tokens, every position after the first scored), under llama.cpp's "
+                       f"({chunks} chunks of {ctx} tokens, the second half scored), and under llama.cpp's with its "
+                       f"CPU backend's 8-bit activation rounding (`quantpredict.runtime`). The first column is "
+                       f"llama-perplexity's own KLD of the file made with `--token-embedding-type f16 "
+                       f"--output-tensor-type f16`, the same quantity as the last project column, by another "
+                       f"implementation; their agreement is what lets a prediction's miss be blamed on the "
+                       f"predictor. The real models were 4-bit on the way in (their GGUF packages): the FP model "
+                       f"here is that dequantized model.",
+                       "", *rows])
+
+
 def kld(base: Path, quant: Path, *, text: Path, chunks: int, ctx: int = 512, threads: int = 1,
         logits: Path | None = None) -> str:
     """llama.cpp's own KLD of ``quant`` against ``base`` on ``text``: the base logits file first (kept at
@@ -456,6 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     t2.add_argument("--chunks", type=int, default=32)
     t2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     t2.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made and priced with it")
+    m2 = sub.add_parser("measure-table", help="the project's measurement of llama.cpp's files under both protocols")
+    m2.add_argument("--model", default="smollm2-135m")
+    m2.add_argument("--chunks", type=int, default=32)
+    m2.add_argument("--threads", type=int, default=1)
+    m2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -494,6 +578,12 @@ def main(argv: list[str] | None = None) -> int:
 
         write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks,
                                                                          imatrix=args.imatrix))
+        print(f"wrote {args.out}")
+    elif args.cmd == "measure-table":
+        from _common import write_between
+
+        write_between(args.out, f"llamacpp:measure:{args.model}",
+                      measure_table(args.model, chunks=args.chunks, threads=args.threads))
         print(f"wrote {args.out}")
     elif args.cmd == "report":
         pairs = [(m.split("=", 1)[0], m.split("=", 1)[1] if "=" in m else None) for m in args.models]
