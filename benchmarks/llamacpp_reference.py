@@ -164,7 +164,7 @@ def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = Non
     import torch
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
-    from quantpredict.formats.ggml import to_gguf_bytes
+    from quantpredict.formats.ggml_imatrix import to_gguf_bytes  # the weighted one: imatrix=None is ggml.to_gguf_bytes
     from quantpredict.formats.table import GGML_TYPE_ID
     from quantpredict.imatrix import quant_weights, read_imatrix
 
@@ -181,7 +181,7 @@ def compare_blocks(base: Path, quant: Path, *, names: Sequence[str] | None = Non
         x = x.reshape(-1, int(src[t.name].shape[0]))  # GGUF's first dimension is the row length
         qw = quant_weights(im, t.name) if im is not None and t.name in im.entries else None
         qw = qw if qw is not None and qw.size == x.shape[1] else None  # llama-quantize: only of the right size
-        ours = to_gguf_bytes(x, kind, qw)
+        ours = to_gguf_bytes(x, kind, imatrix=qw)
         theirs = np.array(t.data, dtype=np.uint8).reshape(ours.shape)
         type_size = GGML_QUANT_SIZES[GGMLQuantizationType(GGML_TYPE_ID[kind])][1]  # bytes per block
         a, b = ours.reshape(ours.shape[0], -1, type_size), theirs.reshape(ours.shape[0], -1, type_size)

@@ -381,6 +381,22 @@ def ref_best_index(al: np.ndarray) -> np.ndarray:
     return np.where(al <= KV_IQ4[0], 0, np.where(al >= KV_IQ4[15], 15, idx))
 
 
+def test_iq4_best_index_table_is_the_c_rule_at_every_midpoint():
+    """The half-unit-cell table (formats.ggml._best_index) gives best_index_int8's answer on every float32 within
+    2^16 ulps of every midpoint of two table values (where a rounding of the C code's float32 distances could
+    matter), at the ends, and on random values; the C rule is computed here in float64 then rounded, as C does."""
+    from quantpredict.formats.ggml import _best_index
+
+    mids = (KV_IQ4[1:] + KV_IQ4[:-1]) / 2
+    near = [np.arange(-(1 << 16), 1 << 16, dtype=np.int64) + np.array(m, dtype=np.float32).view(np.int32)
+            for m in [*mids, *KV_IQ4]]
+    bits = np.concatenate(near).astype(np.int32)
+    rng = np.random.default_rng(0)
+    ends = f32([-1e6, -127, 113, 1e6, 0, np.inf, -np.inf, np.nan])  # NaN: best_index_int8 fails every test, 15
+    al = np.concatenate([bits.view(np.float32), f32(rng.normal(0, 80, 200_000)), ends])
+    assert np.array_equal(_best_index(torch.from_numpy(al)).numpy(), ref_best_index(al.astype(np.float64)))
+
+
 def ref_iq4_scale(x: np.ndarray) -> np.ndarray:
     """quantize_row_iq4_nl_impl's search (weights x^2, ntry 7) on blocks x [M, 32]: the scale d [M]."""
     big = x[np.arange(x.shape[0]), np.argmax(np.abs(x), 1)]
