@@ -340,11 +340,12 @@ def test_cli_rtn_runs_no_calibration_pass_unless_asked_and_saves_the_same_weight
 
 def test_layer_norm_is_float64_accurate():
     """The report's relative weight error sums squares per row in float32 and the rows in float64: within 1e-9 of a
-    float64 copy's norm on a layer-sized tensor (a float32 norm of the whole tensor is off by ~1e-4 here)."""
+    float64 copy's norm on a layer-sized tensor (a float32 norm of the whole tensor is off by ~1e-4 here); a single
+    row's float32 sum of 1536 squares bounds the error, ~n * 2^-24 at worst (1e-4), 1e-7 typically."""
     from quantpredict.quantize.model import _norm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 1536, generator=g) + 3.0
     assert _norm(x) == pytest.approx(float(x.double().norm()), rel=1e-9)
-    assert _norm(x[0]) == pytest.approx(float(x[0].double().norm()), rel=1e-9)
+    assert _norm(x[0]) == pytest.approx(float(x[0].double().norm()), rel=1e-6)
     assert _norm(x.bfloat16()) == pytest.approx(float(x.bfloat16().double().norm()), rel=1e-6)

@@ -484,9 +484,10 @@ def _smooth_block(model: nn.Module, index: int, alpha: float, stats, hessians: d
 
 
 def _norm(x: torch.Tensor) -> float:
-    """The Frobenius norm of ``x`` [out, in]: squares summed per row in ``x``'s dtype, the rows in float64 (relative
-    error ~1e-10 against a float64 copy, at under half its cost; a float32 norm of a whole 1.5B-model layer is off by
-    ~1e-4). The difference ``w_q - w`` it is given is the float32 one (the stored weights' own rounding)."""
+    """The Frobenius norm of ``x`` [out, in]: squares summed per row in float32, the rows in float64 (against a
+    float64 copy, at under half its cost: ~1e-10 relative on a whole layer, a one-row sum's float32 error on a
+    single row; a float32 norm of a whole 1.5B-model layer is off by ~1e-4). The difference ``w_q - w`` it is
+    given is the float32 one (exact wherever ``w_q`` is within a factor 2 of ``w``)."""
     x = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # 16-bit squares would lose the sum
