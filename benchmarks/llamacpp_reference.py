@@ -383,8 +383,9 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
                   cached: Mapping[str, Any] | None = None) -> str:
     """The project's own measurement of llama.cpp's files (:data:`KLD_FILES`), with the token embedding and output
     head in 16 bits (llama.cpp's F16 column of :func:`kld_table`): each recipe's weights are byte-identical to the
-    file's blocks (the exactness tables), measured against the FP model under the project's protocol (``4 * chunks``
-    windows of 256 tokens, every position after the first scored: as many tokens), under llama.cpp's (``chunks``
+    file's blocks (the exactness tables), measured against the FP model under the project's protocol
+    (``chunks * ctx // 256`` windows of 256 tokens, every position after the first scored: the same text), under
+    llama.cpp's (``chunks``
     windows of ``ctx`` tokens, the second half scored, ``evaluate.compare(scored_from=ctx // 2 + 1)``), and under
     llama.cpp's with its CPU backend's activation rounding (``runtime.install_runtime_act``). Where the last column
     meets llama.cpp's own KLD, the emulation is right and a prediction's miss is the predictor's; the first two
@@ -404,7 +405,7 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
     store = work / f"{model}-kld-results.json"
     done = dict(cached) if cached is not None else (json.loads(store.read_text()) if store.is_file() else {})
     f16 = " --token-embedding-type f16 --output-tensor-type f16"
-    protocols = {"project": dict(seq_len=256, max_windows=4 * chunks * ctx // 512),
+    protocols = {"project": dict(seq_len=256, max_windows=chunks * ctx // 256),
                  "llama.cpp": dict(seq_len=ctx, max_windows=chunks, scored_from=ctx // 2 + 1)}
     rows = ["| llama.cpp file | llama.cpp's KLD, embedding and head in F16 | project, its protocol | project, "
             "llama.cpp's protocol | project, llama.cpp's protocol and CPU activation rounding | last vs llama.cpp | "
@@ -443,7 +444,7 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
                        "under both protocols", "",
                        f"The project quantizes the linear layers exactly as llama-quantize's file does (the same "
                        f"blocks, byte for byte), keeps the token embedding and output head in 16 bits, and measures "
-                       f"KLD against the FP model on WikiText-2 test: under its own protocol ({4 * chunks * ctx // 512}"
+                       f"KLD against the FP model on WikiText-2 test: under its own protocol ({chunks * ctx // 256}"
                        f" windows of 256 tokens, every position after the first scored), under llama.cpp's "
                        f"({chunks} chunks of {ctx} tokens, the second half scored), and under llama.cpp's with its "
                        f"CPU backend's 8-bit activation rounding (`quantpredict.runtime`). The first column is "
