@@ -316,6 +316,33 @@ def _llama_kld(model: str, base: Path, ftype: str, extra: Sequence[str], *, text
 KLD_IMATRIX_FILES = (("Q4_K_M", "q4_k_m"), ("IQ4_XS", "iq4_xs_mix"))
 
 
+def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
+               imatrix: Path | None = None) -> list[str]:
+    """llama.cpp's own KLDs of the headline's files (:data:`KLD_FILES`, and :data:`KLD_IMATRIX_FILES` with
+    ``imatrix``), as written and with the embedding and head in F16, into the per-model cache
+    (``work/MODEL-kld-results.json``) that :func:`kld_table` and :func:`measure_table` read: llama.cpp's tools
+    alone, no prediction (so no profile in memory), each file's result saved as it finishes, so that a long run on
+    a large model can stop and continue. Returns one line per file."""
+    work = home() / "work"
+    base = work / f"{model}-f32.gguf"
+    if not base.is_file():
+        convert(model, base)
+    text = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    logits = work / f"{model}-kld-base-{chunks}x{ctx}.bin"
+    files = [(f, []) for f, _ in KLD_FILES]
+    if imatrix is not None:
+        files += [(f, ["--imatrix", str(imatrix)]) for f, _ in KLD_IMATRIX_FILES]
+    lines = []
+    for ftype, with_im in files:
+        for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"]):
+            got = _llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
+                             threads=threads, logits=logits)
+            what = f"{ftype}{' + imatrix' if with_im else ''}{', embedding and head F16' if extra else ''}"
+            lines.append(f"{what}: " + (f"KLD {got[0]:.4f} ± {got[1]:.4f}" if got else "no KLD in the output"))
+            print(lines[-1], flush=True)
+    return lines
+
+
 def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None) -> str:
     """The headline table: for each of :data:`KLD_FILES`, llama.cpp's own ``--kl-divergence`` of its file against
     the F32 GGUF (as llama-quantize writes it, and with the token embedding and output head kept in F16, the part
@@ -541,6 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     m2.add_argument("--chunks", type=int, default=32)
     m2.add_argument("--threads", type=int, default=1)
     m2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
+    lk = sub.add_parser("llama-klds", help="llama.cpp's own KLDs of the headline files only, into the cache")
+    lk.add_argument("--model", default="smollm2-135m")
+    lk.add_argument("--chunks", type=int, default=32)
+    lk.add_argument("--threads", type=int, default=1)
+    lk.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made with it")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -580,6 +612,8 @@ def main(argv: list[str] | None = None) -> int:
         write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks,
                                                                          imatrix=args.imatrix))
         print(f"wrote {args.out}")
+    elif args.cmd == "llama-klds":
+        llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix)
     elif args.cmd == "measure-table":
         from _common import write_between
 
