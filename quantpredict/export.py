@@ -338,6 +338,25 @@ def _role_type(what: str, kind: str | None, row: int) -> str:
     return kind
 
 
+def _recipe_roles(net: Any, recipe: Any, embedding_type: str | None,
+                  output_type: str | None) -> tuple[str | None, str | None]:
+    """The embedding and head types: the ones given, else the recipe's ``embedding_format`` / ``head_format`` (a
+    tied model's one matrix is the file's ``token_embd``). A type given that contradicts the recipe's is a
+    :class:`RecipeError`: the file would not be the recipe that was priced and measured."""
+    from quantpredict.quantize.plan import embedding_and_head_plan
+
+    for m in embedding_and_head_plan(net, recipe):
+        role, given = (("token embedding", embedding_type) if m.role != "head" else ("output head", output_type))
+        if given is not None and given.lower() != m.weight_format:
+            raise RecipeError(f"the {role} type {given} contradicts the recipe's {m.weight_format} "
+                              f"({recipe.label[-40:]}); drop the option or the recipe's E=/H= part")
+        if m.role == "head":
+            output_type = m.weight_format
+        else:
+            embedding_type = m.weight_format
+    return embedding_type, output_type
+
+
 def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: str | None = None,
                 output_type: str | None = None, imatrix: Any = None) -> ExportPlan:
     """Check that ``recipe`` (a named mix, a label, a :class:`~quantpredict.recipe.Recipe` or a dict of fields)
@@ -347,10 +366,10 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: s
 
     ``embedding_type`` / ``output_type``: the type of the token embedding / output head (a llama.cpp type such as
     ``q8_0`` or ``q6_k``, as llama-quantize's ``--token-embedding-type`` / ``--output-tensor-type``; default
-    ``keep``). The project's recipes and predictions leave both in 16 bits; quantizing them here is for files the
-    size of llama.cpp's own. Where the converted file has no output tensor (a head tied to the embedding, which
-    llama.cpp then reads as the head), ``output_type`` has nothing to apply to: the result's ``kept`` lists the
-    tensors there are.
+    ``keep``), or the recipe's own ``embedding_format`` / ``head_format`` where it sets them (an option that
+    contradicts them is an error). Quantizing them here is for files the size of llama.cpp's own. Where the
+    converted file has no output tensor (a head tied to the embedding, which llama.cpp then reads as the head),
+    ``output_type`` has nothing to apply to: the result's ``kept`` lists the tensors there are.
 
     ``imatrix`` (an :class:`~quantpredict.imatrix.Imatrix` or the path of a llama-imatrix file): quantize each
     tensor of a llama.cpp type as ``llama-quantize --imatrix`` does (:func:`_imatrix_weights`), read and checked
@@ -372,10 +391,11 @@ def plan_export(model: str, recipe: Any, *, keep: str = "f16", embedding_type: s
     hf_arch = (config.get("architectures") or ["?"])[0]
     net = skeleton(model)
     hidden = int(net.get_input_embeddings().weight.shape[1])
-    embedding_type = _role_type("token embedding", embedding_type, hidden)
-    output_type = _role_type("output head", output_type, hidden)
     shown = recipe if isinstance(recipe, str) else getattr(recipe, "label", str(recipe))
     resolved = resolve_recipe(recipe, net)
+    embedding_type, output_type = _recipe_roles(net, resolved, embedding_type, output_type)
+    embedding_type = _role_type("token embedding", embedding_type, hidden)
+    output_type = _role_type("output head", output_type, hidden)
     _refuse_non_rtn(resolved, shown if len(str(shown)) < 60 else resolved.label[:60] + "...")
     planned = {p.ref.name: p for p in layer_plan(net, resolved)}
     layers = []

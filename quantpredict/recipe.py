@@ -199,6 +199,12 @@ class Recipe:
         layer_formats: an explicit ``(format, block_size)`` for every quantized linear layer in
             ``arch.linear_layers`` order (``("skip", None)`` leaves a layer in full precision); overrides
             ``weight_format``, ``layers`` and ``skip``. Its length is checked against the model when it is used.
+        embedding_format, head_format: the token embedding's and the LM head's format (RTN, the format's default
+            block along the hidden dimension), as llama.cpp's files quantize them (``token_embd.weight``,
+            ``output.weight``); ``None`` (the default) leaves them as they are. A model with tied embeddings has
+            one matrix: give the same format for both, or one of them (llama.cpp then stores ``token_embd`` in
+            the output's type). Measured (``quantize_model``, ``compare``) and exported; the weights-only pricing
+            does not cover them yet and refuses such a recipe.
     """
 
     weight_format: str
@@ -221,6 +227,8 @@ class Recipe:
     qat_batch_size: int = 8
     layers: tuple[LayerRule, ...] = ()
     layer_formats: tuple[tuple[str, int | None], ...] = ()
+    embedding_format: str | None = None
+    head_format: str | None = None
 
     def __post_init__(self) -> None:
         # normalise types first (JSON gives lists and dicts, argparse may give ints for floats)
@@ -246,6 +254,12 @@ class Recipe:
         get_format(self.weight_format)  # raises FormatError listing the valid names
         if self.act_format is not None:
             get_format(self.act_format)
+        for name in ("embedding_format", "head_format"):
+            v = getattr(self, name)
+            if v is not None:
+                if not isinstance(v, str) or v == SKIP:
+                    raise RecipeError(f"{name} must be a format name (or unset: kept as it is), got {v!r}")
+                get_format(v)
         if self.method not in METHODS:
             hint = " (QAT is the option qat=True on top of rtn or gptq)" if self.method in _QAT_INIT else ""
             raise RecipeError(f"unknown quantization method {self.method!r}; valid methods: {', '.join(METHODS)}"
@@ -315,6 +329,10 @@ class Recipe:
         parts.extend(rule.label for rule in self.layers)
         if self.layer_formats:
             parts.append("L=" + _encode_layer_list(self.layer_formats))
+        if self.embedding_format is not None:
+            parts.append("E=" + self.embedding_format)
+        if self.head_format is not None:
+            parts.append("H=" + self.head_format)
         return "-".join(parts)
 
     @classmethod
@@ -359,9 +377,14 @@ class Recipe:
                 rules.append(LayerRule.parse(p[1:]))
             elif p.startswith("L="):
                 kw["layer_formats"] = _decode_layer_list(p[2:])
+            elif p.startswith("E=") and len(p) > 2:
+                kw["embedding_format"] = p[2:]
+            elif p.startswith("H=") and len(p) > 2:
+                kw["head_format"] = p[2:]
             else:
                 raise RecipeError(f"recipe label {label!r}: unknown segment {p!r}; expected awq, sqA, a_FORMAT, ao, "
-                                  "pdX, gbN, calNxL, seedN, qsN, qlrX, qbsN, skipNAME, @PATTERN=FORMAT or L=LIST")
+                                  "pdX, gbN, calNxL, seedN, qsN, qlrX, qbsN, skipNAME, @PATTERN=FORMAT, L=LIST, "
+                                  "E=FORMAT or H=FORMAT")
         kw["layers"] = tuple(rules)
         return cls(**kw)
 
@@ -462,7 +485,8 @@ class Recipe:
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Recipe)}
 _FIELD_DEFAULTS |= {"layers": [], "layer_formats": []}
 # fields added after the first run store was written: left out of to_dict() at their defaults
-_ADDED_FIELDS = ("awq", "qat", "qat_steps", "qat_lr", "qat_batch_size", "layers", "layer_formats")
+_ADDED_FIELDS = ("awq", "qat", "qat_steps", "qat_lr", "qat_batch_size", "layers", "layer_formats",
+                 "embedding_format", "head_format")
 
 
 def _float(name: str, v: Any) -> float:

@@ -53,6 +53,18 @@ def test_plan_of_a_named_mix_has_llama_cpp_fallbacks_and_file_type():
     assert export.plan_export(MODEL, plan.recipe_label).mix == "q4_k_m"
 
 
+def test_plan_takes_the_recipes_embedding_and_head_types():
+    """A recipe's E= / H= (what it measured) are the file's token_embd / output types; an option that says
+    otherwise is refused, one that agrees is fine. MODEL ties its head to the embedding: one matrix, token_embd,
+    in the head's type as llama.cpp stores it, and two different types for it are refused."""
+    assert export.plan_export(MODEL, "q8_0-rtn-H=q4_0").role_type("token_embd.weight") == "q4_0"
+    with pytest.raises(RecipeError, match="ties"):
+        export.plan_export(MODEL, "q8_0-rtn-E=q8_0-H=q4_0")
+    assert export.plan_export(MODEL, "q8_0-rtn-E=q8_0", embedding_type="Q8_0").role_type("token_embd.weight") == "q8_0"
+    with pytest.raises(RecipeError, match="contradicts"):
+        export.plan_export(MODEL, "q8_0-rtn-E=q8_0", embedding_type="q4_0")
+
+
 def test_plan_of_a_per_layer_recipe_takes_the_most_common_type():
     from quantpredict.recipe import Recipe
 

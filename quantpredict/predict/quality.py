@@ -153,7 +153,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     if device is not None:
         device = resolve_device(device, flag="device")  # before any loading
     from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp
-    from quantpredict.predict.rank import weights_only
+    from quantpredict.predict.rank import refuse_embedding_and_head, weights_only
 
     pred = resolve_predictor(predictor)
     if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
@@ -162,6 +162,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
         check_fp_windows(fp_windows, "fp_windows")
     label, cols = recipe_columns(recipe)
     recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
+    refuse_embedding_and_head(recipe)  # neither predictor sees them: refuse rather than price them as unquantized
     note = ""
     if pred.kind == "profile" and not weights_only(recipe):
         pred = resolve_predictor("physics")

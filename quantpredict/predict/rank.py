@@ -207,6 +207,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
     if not weights_only(recipe):
         raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs AWQ or QAT: "
                           "predict it with `quantpredict predict` instead")
+    refuse_embedding_and_head(recipe)
     t0 = time.perf_counter()
     plan = layer_plan(mp.model, recipe)
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
@@ -261,6 +262,17 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
             "recipe": recipe.label,
             "size_bytes": size["size_bytes"], "bf16_size_bytes": size["bf16_size_bytes"],
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
+
+
+def refuse_embedding_and_head(recipe: Recipe) -> None:
+    """A :class:`RecipeError` for a recipe that quantizes the token embedding or the LM head: measured
+    (``quantize``, ``collect``, ``eval``) and exported, but no predictor prices them yet (the profile holds no
+    statistics of the embedding's gradients or of the head's logits, and the physics features perturb the linear
+    layers only), and a price without them would be silently low."""
+    if recipe.embedding_format is not None or recipe.head_format is not None:
+        raise RecipeError(f"{recipe.label[-60:]}: the token embedding and LM head formats (E=/H=) are measured and "
+                          "exported, not predicted yet; drop them to price the linear layers, or measure the recipe "
+                          "(`quantpredict collect`)")
 
 
 def weights_only(recipe: Recipe) -> bool:

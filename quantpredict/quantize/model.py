@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -38,8 +39,14 @@ from quantpredict.arch import LinearRef
 from quantpredict.quantize.act import install_act_quant, install_act_quant_on
 from quantpredict.quantize.awq import AwqClipReport, AwqGroupReport, awq_block
 from quantpredict.quantize.calib import capture_linear_inputs
+from quantpredict.quantize.embeddings import MatrixReport, quantize_embedding_and_head
 from quantpredict.quantize.gptq import gptq_quantize, relative_output_error
-from quantpredict.quantize.plan import PlannedLayer, layer_plan, quantized_linears  # noqa: F401 (kept at this path)
+from quantpredict.quantize.plan import (  # noqa: F401 (kept at this path)
+    PlannedLayer,
+    embedding_and_head_plan,
+    layer_plan,
+    quantized_linears,
+)
 from quantpredict.quantize.rtn import rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 from quantpredict.recipe import Recipe
@@ -75,9 +82,9 @@ class LayerReport:
 class QuantReport:
     """What :func:`quantize_model` did: per layer errors, and the model's size after quantization.
 
-    Sizes count quantized weights at the format's effective bits (element bits plus shared scales) and every other
-    parameter (embeddings, head, norms, biases, skipped layers) at 16 bits; ``compression_ratio`` is against the
-    whole model in bf16.
+    Sizes count quantized weights at the format's effective bits (element bits plus shared scales), the embedding
+    and head too where the recipe quantizes them, and every other parameter (norms, biases, skipped layers; the
+    embedding and head otherwise) at 16 bits; ``compression_ratio`` is against the whole model in bf16.
     """
 
     recipe_label: str
@@ -96,10 +103,15 @@ class QuantReport:
     # False for data-free RTN run without a calibration pass: the layers' output errors are NaN placeholders, and
     # summary / to_dict / format_table say "not measured" (None in JSON) instead of passing the NaNs on
     output_errors_measured: bool = True
+    # the token embedding and LM head, where the recipe's embedding_format / head_format quantized them
+    matrices: tuple[MatrixReport, ...] = ()
 
     def summary(self) -> dict[str, Any]:
-        """The model-level numbers (no per-layer rows, no AWQ scales), JSON-ready."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("layers", "awq", "awq_clips")}
+        """The model-level numbers (no per-layer rows, no AWQ scales), JSON-ready; ``matrices`` (the embedding and
+        head, one dict each) only where the recipe quantized them."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("layers", "awq", "awq_clips", "matrices")}
+        if self.matrices:
+            d["matrices"] = [asdict(m) for m in self.matrices]
         d["n_layers"] = len(self.layers)
         if self.layers:
             d["mean_rel_weight_error"] = sum(r.rel_weight_error for r in self.layers) / len(self.layers)
@@ -169,6 +181,10 @@ def size_report(model: nn.Module, recipe: Recipe) -> dict[str, float]:
     for p in layer_plan(model, recipe):
         n = p.ref.weight.numel()
         q_bits += n * get_format(p.weight_format).bits_per_element(p.block_size, row_length=p.ref.in_features)
+        q_params += n
+    for m in embedding_and_head_plan(model, recipe):  # a tied matrix is planned (and counted) once
+        n, row = m.module.weight.numel(), int(m.module.weight.shape[-1])
+        q_bits += n * get_format(m.weight_format).bits_per_element(None, row_length=row)
         q_params += n
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
     size_bytes = q_bits / 8 + (total - q_params) * 2
@@ -266,10 +282,14 @@ def quantize_model(
     compute_dtype = resolve_dtype(dtype, flag="dtype") or stored.dtype
     plan = layer_plan(model, recipe)  # a per-layer list of the wrong length fails here, before any work
     importance = None if imatrix is None else _imatrix_importance(model, recipe, plan, imatrix, calibrate)
+    # first, so that a calibration pass sees the quantized embedding as llama.cpp's model has it (the head is read
+    # by no calibration pass); data-free RTN, the same on a resumed run
+    matrices = tuple(quantize_embedding_and_head(model, recipe))
 
     blocks = arch.blocks(model)
     if not calibrate:
-        return _quantize_rtn_data_free(model, recipe, blocks, t_start, progress, importance)
+        report = _quantize_rtn_data_free(model, recipe, blocks, t_start, progress, importance)
+        return dataclasses.replace(report, matrices=matrices) if matrices else report
     ckpt = None
     if checkpoint is not None:
         from quantpredict.quantize.checkpoint import BlockCheckpoint, checkpoint_key
@@ -282,7 +302,7 @@ def quantize_model(
     size = size_report(model, recipe)
     return QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=windows.numel(),
                        total_seconds=time.perf_counter() - t_start, awq=tuple(awq_groups), awq_clips=tuple(awq_clips),
-                       **size)
+                       matrices=matrices, **size)
 
 
 def needs_calibration(recipe: Recipe, *, output_errors: bool | None = None) -> bool:

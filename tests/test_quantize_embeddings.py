@@ -1,0 +1,78 @@
+"""Recipes that quantize the token embedding and the LM head (``embedding_format`` / ``head_format``, labels ``E=`` /
+``H=``): as llama.cpp's files store ``token_embd`` and ``output``, each row rounded on its own."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from quantpredict import arch, quantize
+from quantpredict.errors import FormatError, RecipeError
+from quantpredict.formats import fake_quantize
+from quantpredict.quantize.plan import embedding_and_head_plan, keeps_head_and_embeddings
+from quantpredict.recipe import Recipe
+
+
+def test_label_and_dict_round_trip_and_old_dicts_unchanged():
+    r = Recipe("q8_0", embedding_format="q8_0", head_format="int8")
+    assert r.label == "q8_0-rtn-E=q8_0-H=int8"
+    assert Recipe.from_label(r.label) == r and Recipe.from_dict(r.to_dict()) == r
+    plain = Recipe("q8_0").to_dict()
+    assert "embedding_format" not in plain and "head_format" not in plain  # run keys of older recipes unchanged
+    with pytest.raises(FormatError):
+        Recipe("q8_0", head_format="q9_9")
+    with pytest.raises(RecipeError, match="format name"):
+        Recipe("q8_0", embedding_format="skip")
+
+
+def test_untied_embedding_and_head_rounded_as_their_formats_and_counted_in_the_size():
+    model = tiny_model("llama")
+    emb, head = arch.embedding_modules(model)[0].weight, arch.head(model).weight
+    assert emb is not head
+    want_e, want_h = fake_quantize(emb.detach().clone(), "q8_0"), fake_quantize(head.detach().clone(), "int8")
+    plain = copy.deepcopy(model)
+    recipe = Recipe("int4", embedding_format="q8_0", head_format="int8")
+    assert not keeps_head_and_embeddings(model, recipe) and keeps_head_and_embeddings(model, Recipe("int4"))
+    rep = quantize.quantize_model(model, recipe, None, progress=False)
+    ref = quantize.quantize_model(plain, Recipe("int4"), None, progress=False)
+    assert torch.equal(emb, want_e) and torch.equal(head, want_h)
+    for a, b in zip(arch.linear_layers(model), arch.linear_layers(plain), strict=True):
+        assert torch.equal(a.weight, b.weight)  # the linears exactly as without E= / H=
+    assert [(m.role, m.weight_format) for m in rep.matrices] == [("embedding", "q8_0"), ("head", "int8")]
+    assert all(0 < m.rel_weight_error < 0.05 for m in rep.matrices)
+    n = emb.numel()
+    # q8_0: 8.5 bits, int8 per row: 8 + 16 / row bits, against 16 bits each before
+    saved = n * (16 - 8.5) / 8 + n * (16 - 8 - 16 / emb.shape[1]) / 8
+    assert rep.size_bytes == pytest.approx(ref.size_bytes - saved)
+    assert rep.summary()["matrices"][0]["role"] == "embedding" and "matrices" not in ref.summary()
+
+
+def test_a_tied_matrix_takes_one_format_and_is_rounded_once():
+    model = tiny_model("gpt2")
+    w = arch.embedding_modules(model)[0].weight
+    assert w is arch.head(model).weight
+    with pytest.raises(RecipeError, match="ties"):
+        embedding_and_head_plan(model, Recipe("int4", embedding_format="q8_0", head_format="int8"))
+    want = fake_quantize(w.detach().clone(), "q8_0")
+    rep = quantize.quantize_model(model, Recipe("int4", head_format="q8_0"), None, progress=False)
+    assert torch.equal(w, want)  # once: rounding q8_0 twice would give the same here, so check the report too
+    assert [(m.role, m.weight_format) for m in rep.matrices] == [("embedding+head", "q8_0")]
+
+
+def test_a_format_the_rows_do_not_fit_changes_nothing():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(FormatError, match="256"):
+        quantize.quantize_model(model, Recipe("int4", embedding_format="q8_0", head_format="q4_k"), None,
+                                progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_predictors_refuse_rather_than_price_them_as_unquantized():
+    from quantpredict.predict.quality import predict_quality
+
+    with pytest.raises(RecipeError, match="not predicted yet"):
+        predict_quality(tiny_model("llama"), "int4-rtn-H=int8")
