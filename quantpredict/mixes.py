@@ -37,12 +37,18 @@ layer's place in its block (``q_proj`` -> ``attn_q``, fused ``c_attn``/``qkv_pro
 ``ffn_down``, ...); since llama.cpp's tensor categories were unified a fused ``attn_qkv`` takes the ``attn_v`` rule
 (older llama.cpp gave it Q5_K in Q4_K_M). OPT has no llama.cpp architecture; its layers are mapped by the same roles.
 
-Not covered: llama.cpp also quantizes the token embeddings (the mix's base type) and the output head (Q6_K, Q8_0
-for Falcon or odd shapes); quantpredict quantizes neither (they stay in 16 bits, counted so in every size).
+The token embedding and the output head: a mix names the linear layers only (both stay in 16 bits, counted so in
+every size), unless it carries the option ``file``: ``q4_k_m-file`` is llama-quantize's whole file, the embedding and
+head too (:func:`file_roles`, the recipe's ``embedding_format`` / ``head_format``). The output head (or a tied
+embedding, which llama.cpp then reads as the head) gets Q6_K, or Q8_0 for Falcon, for rows the file type's block
+does not tile, or when the type is Q8_0; an untied token embedding the file type's own type (then the shape
+fallback); ``--pure`` mixes give both the one type. The predictors do not price these two matrices yet and refuse
+a ``-file`` recipe; it is measured and exported.
 
 A mix is named in recipe text as ``NAME[-OPTIONS]``: ``q4_k_m`` (RTN, as llama.cpp without an importance matrix),
-``q4_k_m-gptq``, ``q4_k_m-gptq-awq``; the options are any label segments but per-layer ones. :func:`named_mix`
-resolves it for a model into an explicit per-layer recipe (``L=...``), whose label keys its runs.
+``q4_k_m-gptq``, ``q4_k_m-gptq-awq``, ``q4_k_m-file``; the options are any label segments but per-layer ones, and
+``file``. :func:`named_mix` resolves it for a model into an explicit per-layer recipe (``L=...``, and ``E=``/``H=``
+with ``file``), whose label keys its runs.
 """
 
 from __future__ import annotations
@@ -240,14 +246,19 @@ def gqa_ratio(model: Any) -> int:
 # ---- recipe text ----------------------------------------------------------------------------------------------------
 
 
+#: the mix option for llama-quantize's whole file: the token embedding and output head too
+FILE_OPTION = "file"
+
+
 def split_mix_spec(spec: str) -> tuple[Mix, Recipe] | None:
     """``(mix, base recipe)`` for recipe text naming a mix (``q4_k_m``, ``q4_k_m-gptq-awq``), ``None`` for any other
-    text. The base recipe carries the options (method, AWQ, calibration ...) with the mix's base format."""
+    text. The base recipe carries the options (method, AWQ, calibration ...) with the mix's base format; the
+    ``file`` option is not a recipe option (see :func:`is_file_spec`)."""
     head, _, rest = str(spec).strip().partition("-")
     if head.lower() not in MIXES:
         return None
     mix = MIXES[head.lower()]
-    segments = [p for p in rest.split("-") if p] if rest else []
+    segments = [p for p in rest.split("-") if p and p != FILE_OPTION] if rest else []
     per_layer = [p for p in segments if p.startswith(("@", "L=", "skip"))]
     if per_layer:
         raise RecipeError(f"{spec!r}: a named mix sets every layer's format itself; drop {', '.join(per_layer)}")
@@ -255,6 +266,34 @@ def split_mix_spec(spec: str) -> tuple[Mix, Recipe] | None:
         segments.insert(0, "rtn")
     base = Recipe.from_label("-".join([mix.base, *(segments or ["rtn"])]))
     return mix, base
+
+
+def is_file_spec(spec: Any) -> bool:
+    """Whether mix text asks for llama-quantize's whole file (the ``file`` option: embedding and head too)."""
+    return isinstance(spec, str) and FILE_OPTION in str(spec).strip().split("-")[1:]
+
+
+def file_roles(mix: Mix | str, model: Any) -> tuple[str | None, str]:
+    """``(embedding_format, head_format)`` of llama-quantize's ``mix`` file for ``model``
+    (``llama_tensor_get_type_impl``, no importance matrix, no ``--token-embedding-type``/``--output-tensor-type``):
+    the head Q6_K, or Q8_0 for Falcon, where the file type's block does not tile the rows, or where the type is
+    Q8_0; the embedding the file type's type with the shape fallback. A tied model has no output tensor: llama.cpp
+    takes its ``token_embd`` as the head, so the embedding format is ``None`` (the head's applies to the one
+    matrix). ``--pure`` mixes: the one type for both (with the fallback)."""
+    from quantpredict import arch
+
+    m = mix if isinstance(mix, Mix) else get_mix(mix)
+    emb, head = arch.embedding_modules(model)[0], arch.head(model)
+    hidden = int(emb.weight.shape[1])
+    tied = emb.weight is head.weight
+    if m.name.endswith("_pure"):
+        fmt = fallback(m.base, hidden)
+        return (None if tied else fmt), fmt
+    if arch.family(model) == "falcon" or fallback(m.base, hidden) != m.base or m.base == "q8_0":
+        out = "q8_0"
+    else:
+        out = "q6_k"
+    return (None if tied else fallback(m.base, hidden)), out
 
 
 def is_mix_spec(spec: Any) -> bool:
@@ -281,12 +320,15 @@ def named_mix(name: str, model: Any, base: Recipe | None = None) -> Recipe:
     found = split_mix_spec(name)
     if found is None:
         raise RecipeError(f"unknown named mix {name!r}; named mixes: {', '.join(MIX_NAMES)} (with options: "
-                          "q4_k_m-gptq, q4_k_m-gptq-awq)")
+                          "q4_k_m-gptq, q4_k_m-gptq-awq, q4_k_m-file)")
     mix, spec_base = found
     from quantpredict import arch
 
     slots = model_slots(model)
     recipe = spec_base if base is None else dataclasses.replace(base, weight_format=mix.base, block_size=None)
+    if is_file_spec(name):
+        emb, head = file_roles(mix, model)
+        recipe = dataclasses.replace(recipe, embedding_format=emb, head_format=head)
     return mixed_recipe(recipe, [(f, None) for f in mix_formats(mix, slots, arch.family(model), gqa_ratio(model))])
 
 
@@ -304,7 +346,8 @@ def split_specs(specs: Sequence[Any]) -> tuple[list[Any], list[str]]:
 
 
 def mix_of(recipe: Recipe, model: Any) -> str | None:
-    """The mix text (``q4_k_m``, ``q4_k_m-gptq``) whose resolution for ``model`` is ``recipe``, if any."""
+    """The mix text (``q4_k_m``, ``q4_k_m-gptq``, ``q4_k_m-file``) whose resolution for ``model`` is ``recipe``, if
+    any."""
     if not recipe.layer_formats:
         return None
     options = Recipe.from_label(recipe.label.split("-L=")[0]).label.split("-", 1)[1]
@@ -312,6 +355,8 @@ def mix_of(recipe: Recipe, model: Any) -> str | None:
         if mix.base != recipe.weight_format:
             continue
         text = name if options == "rtn" else f"{name}-{options}"
+        if recipe.embedding_format is not None or recipe.head_format is not None:
+            text += f"-{FILE_OPTION}"
         if named_mix(text, model).label == recipe.label:
             return text
     return None

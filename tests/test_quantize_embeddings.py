@@ -76,3 +76,43 @@ def test_predictors_refuse_rather_than_price_them_as_unquantized():
 
     with pytest.raises(RecipeError, match="not predicted yet"):
         predict_quality(tiny_model("llama"), "int4-rtn-H=int8")
+
+
+def test_file_mixes_take_llama_quantizes_embedding_and_head_types(monkeypatch):
+    """``q4_k_m-file``: llama_tensor_get_type's output and token_embd rules. The 1.5B model's (untied, rows of 1536)
+    are in reports/llamacpp.md's dry-run table: output Q6_K and token_embd Q4_K / Q5_K / Q3_K / Q6_K / IQ4_XS for
+    Q4_K_M / Q5_K_M / Q3_K_M / Q6_K / IQ4_XS; a tied model with rows of 576 (SmolLM2) has token_embd Q8_0."""
+    from types import SimpleNamespace
+
+    from quantpredict.mixes import file_roles, is_file_spec, mix_of, named_mix
+
+    def fake(hidden, tied, family="llama"):
+        emb = torch.nn.Embedding(8, hidden)
+        head = torch.nn.Linear(hidden, 8, bias=False)
+        if tied:
+            head.weight = emb.weight
+        return SimpleNamespace(emb=emb, head=head, family=family)
+
+    import quantpredict.arch as arch_mod
+
+    def roles(mix, m):
+        with monkeypatch.context() as mp:
+            mp.setattr(arch_mod, "embedding_modules", lambda _: [m.emb])
+            mp.setattr(arch_mod, "head", lambda _: m.head)
+            mp.setattr(arch_mod, "family", lambda _: m.family)
+            return file_roles(mix, m)
+
+    qwen = fake(1536, False)
+    want = {"q4_k_m": ("q4_k", "q6_k"), "q5_k_m": ("q5_k", "q6_k"), "q3_k_m": ("q3_k", "q6_k"),
+            "q6_k_pure": ("q6_k", "q6_k"), "iq4_xs_mix": ("iq4_xs", "q6_k")}
+    for mix, pair in want.items():
+        assert roles(mix, qwen) == pair, mix
+    assert roles("q4_k_m", fake(576, True)) == (None, "q8_0")  # SmolLM2: rows not a multiple of 256
+    assert roles("q4_k_m", fake(1536, False, "falcon")) == ("q4_k", "q8_0")
+    assert roles("q4_k_pure", fake(576, False)) == ("q5_0", "q5_0")  # --pure: one type, with the fallback
+    model = tiny_model("llama", hidden=256)  # untied, rows of 256: the K-quants fit
+    r = named_mix("q4_k_m-file", model)
+    assert (r.embedding_format, r.head_format) == ("q4_k", "q6_k") and r.label.endswith("-E=q4_k-H=q6_k")
+    assert is_file_spec("q4_k_m-gptq-file") and not is_file_spec("q4_k_m")
+    assert mix_of(r, model) == "q4_k_m-file" and mix_of(named_mix("q4_k_m", model), model) == "q4_k_m"
+    assert named_mix("q4_k_m", model).embedding_format is None
