@@ -136,7 +136,12 @@ def project_types(model: str, mix: str) -> dict[str, str]:
     plan = plan_export(model, mix)
     net = skeleton(model)
     names = gguf_names(plan, net.config.model_type, len(arch.blocks(net)))
-    return {names[layer.name]: layer.kind for layer in plan.layers if layer.quantized}
+    types = {names[layer.name]: layer.kind for layer in plan.layers if layer.quantized}
+    for role in ("token_embd.weight", "output.weight"):  # a -file mix's E= / H=; others keep them (16-bit)
+        kind = plan.role_type(role)
+        if kind and kind not in ("f16", "bf16", "f32", "keep"):
+            types[role] = kind
+    return types
 
 
 def compare_types(model: str, src: Path, mix: str, ftype: str) -> tuple[list[str], list[str]]:
@@ -277,9 +282,33 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
               "python benchmarks/llamacpp_reference.py kld-table --model smollm2-135m", "```", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.read_text() if out.exists() else ""
-    kept = re.findall(r"<!-- llamacpp:kld:.*?<!-- /llamacpp:kld:[^>]*-->", old, re.S)
-    out.write_text("\n".join(parts) + "".join(f"\n{k}\n" for k in kept))  # the KLD tables: their own command
+    # the sections other commands write (kld-table, measure-table, types-table, the allocation): kept as they are
+    kept = re.findall(r"<!-- (llamacpp:[^>]*?) -->.*?<!-- /\1 -->", old, re.S)
+    blocks = [re.search(rf"<!-- {re.escape(t)} -->.*?<!-- /{re.escape(t)} -->", old, re.S).group(0) for t in kept]
+    out.write_text("\n".join(parts) + "".join(f"\n{b}\n" for b in blocks))
     return out
+
+
+def types_table(models: Sequence[str]) -> str:
+    """Every named mix as llama-quantize's whole file (the ``-file`` mixes: the token embedding and output head too)
+    against ``llama-quantize --dry-run``'s type for every tensor it quantizes, per model (the F32 GGUFs converted
+    when absent)."""
+    work = home() / "work"
+    parts = ["### Per-tensor types of the whole file: the project's `-file` mixes against llama-quantize", "",
+             "A named mix with the `file` option (`q4_k_m-file`) is llama-quantize's whole file: every linear layer "
+             "as the mix says, and the token embedding and output head in the types `llama_tensor_get_type` gives "
+             "them (the recipe's `E=`/`H=`; the predictors do not price these two yet).", ""]
+    for model in models:
+        base = work / f"{model}-f32.gguf"
+        if not base.is_file():
+            convert(model, base)
+        parts += [f"#### {model}", "", "| project mix | llama-quantize type | tensors of the same type | different |",
+                  "|---|---|---|---|"]
+        for mix, ftype in MIX_PAIRS:
+            same, diff = compare_types(model, base, f"{mix}-file", ftype)
+            parts.append(f"| {mix}-file | {ftype} | {len(same)} | {len(diff)}: {'; '.join(diff) if diff else '-'} |")
+        parts.append("")
+    return "\n".join(parts)
 
 
 #: llama.cpp's file types of the headline table and the project's recipe for the same linear-layer types
@@ -568,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     m2.add_argument("--chunks", type=int, default=32)
     m2.add_argument("--threads", type=int, default=1)
     m2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
+    tt = sub.add_parser("types-table", help="the -file mixes' type per tensor against llama-quantize, into the report")
+    tt.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"])
+    tt.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     lk = sub.add_parser("llama-klds", help="llama.cpp's own KLDs of the headline files only, into the cache")
     lk.add_argument("--model", default="smollm2-135m")
     lk.add_argument("--chunks", type=int, default=32)
@@ -611,6 +643,11 @@ def main(argv: list[str] | None = None) -> int:
 
         write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks,
                                                                          imatrix=args.imatrix))
+        print(f"wrote {args.out}")
+    elif args.cmd == "types-table":
+        from _common import write_between
+
+        write_between(args.out, "llamacpp:types", types_table(args.models))
         print(f"wrote {args.out}")
     elif args.cmd == "llama-klds":
         llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix)
