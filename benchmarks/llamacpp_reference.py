@@ -269,9 +269,9 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
         parts.append("")
     parts += ["## What this does not cover yet", "",
               "- The token embedding and the output head: llama.cpp quantizes them (the mix's type or Q8_0, and "
-              "Q6_K), the project's named mixes keep them in 16 bits (the rows above name them); `quantpredict "
-              "export --embedding-type/--output-type` writes them in llama.cpp's types, but the predictions do not "
-              "price them.",
+              "Q6_K); a named mix keeps them in 16 bits (the rows above name them), its `-file` form quantizes them "
+              "as llama.cpp does (the `types-table` section: every tensor the same) and `quantpredict export` writes "
+              "them so, but the predictions do not price them yet (a `-file` recipe is refused there).",
               "- An importance matrix: the exactness tables above are without one. With one, every type's blocks "
               "are byte-identical too (`exact --imatrix FILE`: 0 differing blocks on SmolLM2 for all 12 types, "
               "llama-imatrix's file; tests/test_imatrix.py, tests/test_export.py), and the `kld-table` and "
