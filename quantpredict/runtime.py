@@ -33,7 +33,8 @@ Which code path, and what departs from llama.cpp (stated, not hidden):
   ``quantize_row_q8_K_vnni`` is disabled). llamafile's tinyBLAS takes the inputs already converted.
 - *Q8_1's block sum.* Q4_1/Q5_1 dot products add ``m * s`` with ``s = fp16(d * sum q)`` (float32 ``d``), where the
   fake-quantized values give ``fp16(d) * sum q``: an fp16 rounding of one block sum, not modelled.
-- *Only the planned layers.* Layers a recipe leaves unquantized (and the output head) are stored in 16 bits by
+- *Only the planned layers.* Layers a recipe leaves unquantized (and the output head, unless the recipe's
+  ``head_format`` quantizes it: then its input is rounded as a linear's) are stored in 16 bits by
   :mod:`quantpredict.export` (F16 by default), so llama.cpp rounds their inputs to fp16 as well; they are not in a
   recipe's layer plan and get no hook here. The attention products (Q against the F16 KV cache) are rounded to
   fp16 by llama.cpp too, in the F32 reference file alike; not modelled.
@@ -122,15 +123,26 @@ class RuntimeActHandle:
 
 def install_runtime_act(model: nn.Module, recipe, runtime: str = "llama.cpp-cpu") -> RuntimeActHandle:
     """Fake-quantize the input of every layer ``recipe`` quantizes to the format ``runtime`` rounds it to
-    (:func:`activation_formats`), as forward pre-hooks on the layers (replacing any earlier act-quant hook on them).
-    The weights are left as they are: apply the recipe's weights separately. Returns the handle."""
+    (:func:`activation_formats`), as forward pre-hooks on the layers (replacing any earlier act-quant hook on them),
+    the LM head's too where the recipe quantizes it (``head_format``; ``formats`` names it ``lm_head``). The
+    weights are left as they are: apply the recipe's weights separately. Returns the handle."""
     from quantpredict.quantize.act import install_act_quant_on
     from quantpredict.quantize.plan import layer_plan
 
+    from quantpredict import arch
+    from quantpredict.quantize.plan import embedding_and_head_plan
+
     formats = activation_formats(model, recipe, runtime)
     plan = layer_plan(model, recipe)
-    handle = RuntimeActHandle(runtime, {p.ref.name: fb for p, fb in zip(plan, formats, strict=True)})
+    refs = [p.ref for p in plan]
+    # a quantized head is a quantized matmul too (its input rounded like a linear's); the embedding is a row
+    # lookup (dequantized rows, no activation)
+    for m in embedding_and_head_plan(model, recipe):
+        if m.role != "embedding":
+            refs.append(arch.LinearRef("lm_head", arch.head(model), len(arch.blocks(model))))
+            formats.append(activation_format(m.weight_format, runtime))
+    handle = RuntimeActHandle(runtime, {r.name: fb for r, fb in zip(refs, formats, strict=True)})
     for fb in dict.fromkeys(formats):  # one group per format, in first-seen order
-        refs = [p.ref for p, g in zip(plan, formats) if g == fb]
-        handle._groups.append(install_act_quant_on(refs, fb[0], fb[1]))
+        group = [r for r, g in zip(refs, formats) if g == fb]
+        handle._groups.append(install_act_quant_on(group, fb[0], fb[1]))
     return handle

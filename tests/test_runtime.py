@@ -219,3 +219,33 @@ def test_cli_predict_and_rank_label_the_runtime(mp, capsys):
     assert "give one of them" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["rank", MODEL, "--runtime", "vllm"])
+
+
+def test_a_quantized_head_has_its_input_rounded_too():
+    """With ``head_format`` the head is a quantized matmul in llama.cpp (its input rounded to the weight type's
+    vec_dot_type); without it, no hook (the head stays F16)."""
+    from conftest import tiny_model
+
+    from quantpredict import arch
+    from quantpredict.quantize.act import has_act_quant
+
+    model = tiny_model("llama")  # untied, rows of 32
+    head = arch.head(model)
+    seen = {}
+    spy = head.register_forward_hook(lambda _m, args, _out: seen.__setitem__("x", args[0].detach().clone()))
+    raw_spy = head.register_forward_pre_hook(lambda _m, args: seen.__setitem__("raw", args[0].detach().clone()))
+    ids = torch.randint(3, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    handle = install_runtime_act(model, Recipe("q8_0", head_format="q8_0"))
+    try:
+        assert handle.formats["lm_head"] == LLAMA_CPP_CPU["q8_0"] and has_act_quant(head)
+        with torch.no_grad():
+            model(input_ids=ids)
+        fmt, block = LLAMA_CPP_CPU["q8_0"]
+        assert torch.equal(seen["x"], fake_quantize(seen["raw"], fmt, axis=-1, block_size=block))
+    finally:
+        handle.remove()
+        spy.remove()
+        raw_spy.remove()
+    plain = install_runtime_act(model, Recipe("q8_0"))
+    assert "lm_head" not in plain.formats and not has_act_quant(head)
+    plain.remove()
