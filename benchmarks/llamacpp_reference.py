@@ -435,8 +435,25 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
                        f"at least 5 of 6): {target} ({hits} of {len(KLD_FILES)})."])
 
 
+def file_recipe(name: str, model: Any) -> Any:
+    """The recipe of llama-quantize's whole file for the headline's ``name`` (:data:`KLD_FILES`): a named mix's
+    ``-file`` form, or for a uniform ``q8_0-rtn`` the embedding and head in Q8_0 (llama.cpp keeps a Q8_0 file's
+    output in Q8_0; a tied model's one matrix is the head)."""
+    import dataclasses
+
+    from quantpredict import arch
+    from quantpredict.mixes import is_mix_spec, resolve_recipe
+
+    if is_mix_spec(name):
+        return resolve_recipe(f"{name}-file", model)
+    recipe = resolve_recipe(name, model)
+    tied = arch.embedding_modules(model)[0].weight is arch.head(model).weight
+    return dataclasses.replace(recipe, embedding_format=None if tied else recipe.weight_format,
+                               head_format=recipe.weight_format)
+
+
 def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
-                  cached: Mapping[str, Any] | None = None) -> str:
+                  cached: Mapping[str, Any] | None = None, whole_file: bool = True) -> str:
     """The project's own measurement of llama.cpp's files (:data:`KLD_FILES`), with the token embedding and output
     head in 16 bits (llama.cpp's F16 column of :func:`kld_table`): each recipe's weights are byte-identical to the
     file's blocks (the exactness tables), measured against the FP model under the project's protocol
@@ -445,8 +462,10 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
     windows of ``ctx`` tokens, the second half scored, ``evaluate.compare(scored_from=ctx // 2 + 1)``), and under
     llama.cpp's with its CPU backend's activation rounding (``runtime.install_runtime_act``). Where the last column
     meets llama.cpp's own KLD, the emulation is right and a prediction's miss is the predictor's; the first two
-    columns show what the protocol alone changes. ``cached``: llama.cpp's KLDs by file type (read from
-    ``work/MODEL-kld-results.json``, never computed here)."""
+    columns show what the protocol alone changes. ``whole_file``: one more column, the whole file (the token
+    embedding and output head quantized as llama-quantize does: :func:`file_recipe`) under llama.cpp's protocol and
+    rounding, beside llama-perplexity's KLD of the file as written. ``cached``: llama.cpp's KLDs by file type (read
+    from ``work/MODEL-kld-results.json``, never computed here)."""
     import json
 
     import torch
@@ -465,7 +484,9 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
                  "llama.cpp": dict(seq_len=ctx, max_windows=chunks, scored_from=ctx // 2 + 1)}
     rows = ["| llama.cpp file | llama.cpp's KLD, embedding and head in F16 | project, its protocol | project, "
             "llama.cpp's protocol | project, llama.cpp's protocol and CPU activation rounding | last vs llama.cpp | "
-            "project recipe |", "|---|---|---|---|---|---|---|"]
+            "project recipe |" + (" llama.cpp's KLD, the file as written | project, the whole file (llama.cpp's "
+                                  "protocol and rounding) | vs llama.cpp |" if whole_file else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|---|" if whole_file else "")]
     with torch_threads(threads):
         fp, tok = models.load(model, dtype=torch.float32, attn_implementation="eager")
         calib = data.token_stream(tok, "wikitext2", "train", protocol=data.eval_protocol(tok))
@@ -492,8 +513,25 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
                 ref = done.get(f"{ftype}{f16} chunks={chunks} ctx={ctx}")
                 cells = [f"{k:.4f} ± {se:.4f}" for k, se in got.values()]
                 rel = "n/a" if ref is None else f"{(got['llama_rt'][0] / ref[0] - 1) * 100:+.0f}%"
-                rows.append(f"| {ftype} | {'n/a' if ref is None else f'{ref[0]:.4f} ± {ref[1]:.4f}'} | "
-                            f"{' | '.join(cells)} | {rel} | {name} |")
+                row = (f"| {ftype} | {'n/a' if ref is None else f'{ref[0]:.4f} ± {ref[1]:.4f}'} | "
+                       f"{' | '.join(cells)} | {rel} | {name} |")
+                if whole_file:
+                    whole = file_recipe(name, fp)
+                    q = copy.deepcopy(fp)
+                    quantize.quantize_model(q, whole, calib, progress=False)
+                    handle = install_runtime_act(q, whole)
+                    try:
+                        c = evaluate.compare(fp, q, tok, **protocols["llama.cpp"], fp_cache=cache, fp_key=model,
+                                             batch_size=4, progress=False)
+                    finally:
+                        handle.remove()
+                    del q
+                    print(f"{ftype:8s} file      KLD {c.kld:.4f} ± {c.kld_se:.4f} ({c.seconds:.0f} s)", flush=True)
+                    as_written = done.get(f"{ftype} chunks={chunks} ctx={ctx}")
+                    vs = "n/a" if as_written is None else f"{(c.kld / as_written[0] - 1) * 100:+.0f}%"
+                    row += (f" {'n/a' if as_written is None else f'{as_written[0]:.4f} ± {as_written[1]:.4f}'} | "
+                            f"{c.kld:.4f} ± {c.kld_se:.4f} | {vs} |")
+                rows.append(row)
         finally:
             cache.close()
     return "\n".join([f"### {model} (**4-bit on the way in**): the project's measurement of llama.cpp's files, "
@@ -596,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     m2.add_argument("--model", default="smollm2-135m")
     m2.add_argument("--chunks", type=int, default=32)
     m2.add_argument("--threads", type=int, default=1)
+    m2.add_argument("--no-whole-file", dest="whole_file", action="store_false",
+                    help="skip the whole-file column (embedding and head quantized too)")
     m2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     tt = sub.add_parser("types-table", help="the -file mixes' type per tensor against llama-quantize, into the report")
     tt.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b"])
@@ -655,7 +695,8 @@ def main(argv: list[str] | None = None) -> int:
         from _common import write_between
 
         write_between(args.out, f"llamacpp:measure:{args.model}",
-                      measure_table(args.model, chunks=args.chunks, threads=args.threads))
+                      measure_table(args.model, chunks=args.chunks, threads=args.threads,
+                                    whole_file=args.whole_file))
         print(f"wrote {args.out}")
     elif args.cmd == "report":
         pairs = [(m.split("=", 1)[0], m.split("=", 1)[1] if "=" in m else None) for m in args.models]
