@@ -38,10 +38,12 @@ def head_weight(model: nn.Module) -> torch.Tensor:
 
 def supports_chunking(model: nn.Module) -> bool:
     """True when the model's logits are exactly ``final_hidden(model, ids) @ head_weight(model).T`` (a bias-free
-    linear head on the base model's last hidden state), so the head can be applied in chunks."""
+    linear head on the base model's last hidden state, with no hook on its input: a runtime's rounding of a
+    quantized head's input, ``quantpredict.runtime``, runs in the head's forward, which chunking would skip), so
+    the head can be applied in chunks."""
     head = head_module(model)
     return (isinstance(head, nn.Linear) and head.bias is None and getattr(model, "base_model", None) is not None
-            and model.base_model is not model)
+            and model.base_model is not model and not head._forward_pre_hooks)
 
 
 def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

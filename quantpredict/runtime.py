@@ -126,11 +126,9 @@ def install_runtime_act(model: nn.Module, recipe, runtime: str = "llama.cpp-cpu"
     (:func:`activation_formats`), as forward pre-hooks on the layers (replacing any earlier act-quant hook on them),
     the LM head's too where the recipe quantizes it (``head_format``; ``formats`` names it ``lm_head``). The
     weights are left as they are: apply the recipe's weights separately. Returns the handle."""
-    from quantpredict.quantize.act import install_act_quant_on
-    from quantpredict.quantize.plan import layer_plan
-
     from quantpredict import arch
-    from quantpredict.quantize.plan import embedding_and_head_plan
+    from quantpredict.quantize.act import install_act_quant_on
+    from quantpredict.quantize.plan import embedding_and_head_plan, layer_plan
 
     formats = activation_formats(model, recipe, runtime)
     plan = layer_plan(model, recipe)

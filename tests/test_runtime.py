@@ -249,3 +249,32 @@ def test_a_quantized_head_has_its_input_rounded_too():
     plain = install_runtime_act(model, Recipe("q8_0"))
     assert "lm_head" not in plain.formats and not has_act_quant(head)
     plain.remove()
+
+
+def test_the_comparison_sees_a_quantized_heads_rounding():
+    """The comparison applies a chunkable head in token chunks from the last hidden state; with a runtime hook on
+    the head it must run the head's forward instead, or the rounding would be skipped. Checked against a float64
+    recomputation of the hooked model's own logits."""
+    import copy
+
+    from conftest import tiny_model
+
+    from quantpredict import evaluate, lmhead, quantize
+
+    fp = tiny_model("llama")
+    q = copy.deepcopy(fp)
+    recipe = Recipe("q4_0", head_format="q4_0")
+    quantize.quantize_model(q, recipe, None, progress=False)
+    assert lmhead.supports_chunking(q)
+    handle = install_runtime_act(q, recipe)
+    try:
+        assert not lmhead.supports_chunking(q)
+        ids = torch.randint(3, 100, (64,), generator=torch.Generator().manual_seed(1))
+        c = evaluate.compare_ids(fp, q, ids, seq_len=32, batch_size=2, progress=False)
+        with torch.no_grad():
+            lp = torch.log_softmax(fp(input_ids=ids.view(2, 32)).logits[:, :-1].double(), -1)
+            lq = torch.log_softmax(q(input_ids=ids.view(2, 32)).logits[:, :-1].double(), -1)
+        assert c.kld > 0 and c.kld == pytest.approx(float((lp.exp() * (lp - lq)).sum(-1).mean()), rel=1e-5)
+    finally:
+        handle.remove()
+    assert lmhead.supports_chunking(q)
