@@ -24,8 +24,9 @@ def register(subparsers) -> None:
                     "R is a named mix (q4_k_m, q5_k_m, q3_k_m, iq4_xs_mix ...), a uniform recipe of one llama.cpp "
                     "type (q8_0-rtn, q4_k-rtn ...) or a per-layer recipe of llama.cpp types (a label, or the JSON "
                     "`quantpredict allocate --out` writes, with --recipe-file); RTN only. The token embedding and "
-                    "the output head are not quantized by the project's recipes and are written in --keep-type "
-                    "(F16), where llama-quantize's own mixes would quantize them. Prints the llama-quantize command "
+                    "the output head are written in --keep-type (F16), unless --embedding-type/--output-type or the "
+                    "recipe's own E=/H= types name theirs: a named mix with the file option (q4_k_m-file) gives both "
+                    "the types llama-quantize's own file has. Prints the llama-quantize command "
                     "that gives every tensor the same type, for quantizing with llama.cpp's own tools. Needs the "
                     "export extra: pip install 'quantpredict[export]' (gguf, and the sentencepiece the converter "
                     "imports).",
