@@ -351,7 +351,7 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
     ``imatrix``), as written and with the embedding and head in F16, into the per-model cache
     (``work/MODEL-kld-results.json``) that :func:`kld_table` and :func:`measure_table` read: llama.cpp's tools
     alone, no prediction (so no profile in memory), each file's result saved as it finishes, so that a long run on
-    a large model can stop and continue. Returns one line per file."""
+    a large model can stop and continue. Returns the section's markdown lines (a table of both KLDs per file)."""
     work = home() / "work"
     base = work / f"{model}-f32.gguf"
     if not base.is_file():
@@ -361,15 +361,25 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
     files = [(f, []) for f, _ in KLD_FILES]
     if imatrix is not None:
         files += [(f, ["--imatrix", str(imatrix)]) for f, _ in KLD_IMATRIX_FILES]
-    lines = []
+    rows = ["| llama.cpp file | its KLD (llama.cpp) | same, embedding and head in F16 | their share |",
+            "|---|---|---|---|"]
     for ftype, with_im in files:
+        got = []
         for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"]):
-            got = _llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
-                             threads=threads, logits=logits)
+            got.append(_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
+                                  threads=threads, logits=logits))
             what = f"{ftype}{' + imatrix' if with_im else ''}{', embedding and head F16' if extra else ''}"
-            lines.append(f"{what}: " + (f"KLD {got[0]:.4f} ± {got[1]:.4f}" if got else "no KLD in the output"))
-            print(lines[-1], flush=True)
-    return lines
+            print(f"{what}: " + (f"KLD {got[-1][0]:.4f} ± {got[-1][1]:.4f}" if got[-1] else "no KLD in the output"),
+                  flush=True)
+        cells = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in got]
+        share = f"{(1 - got[1][0] / got[0][0]) * 100:.0f}%" if got[0] and got[1] and got[0][0] > 0 else "n/a"
+        rows.append(f"| {ftype}{' + imatrix' if with_im else ''} | {cells[0]} | {cells[1]} | {share} |")
+    return [f"### {model} (**4-bit on the way in**): llama.cpp's own KLD of its files", "",
+            f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of WikiText-2 "
+            "test (the second half of each scored), 1 thread; each file as llama-quantize writes it, and again with "
+            "`--token-embedding-type f16 --output-tensor-type f16`. The last column is the share of the file's KLD "
+            "that goes away with the embedding and head in F16. No prediction here (`kld-table` adds them).",
+            "", *rows]
 
 
 def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None) -> str:
@@ -645,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--chunks", type=int, default=32)
     lk.add_argument("--threads", type=int, default=1)
     lk.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made with it")
+    lk.add_argument("--out", type=Path, default=None, help="also write the table into this report (its own section)")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -690,7 +701,12 @@ def main(argv: list[str] | None = None) -> int:
         write_between(args.out, "llamacpp:types", types_table(args.models))
         print(f"wrote {args.out}")
     elif args.cmd == "llama-klds":
-        llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix)
+        lines = llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix)
+        if args.out is not None:
+            from _common import write_between
+
+            write_between(args.out, f"llamacpp:llama-klds:{args.model}", "\n".join(lines))
+            print(f"wrote {args.out}")
     elif args.cmd == "measure-table":
         from _common import write_between
 
