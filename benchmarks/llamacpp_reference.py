@@ -318,7 +318,7 @@ _KLD = re.compile(r"Mean\s+KLD:\s+([\d.]+)\s+±\s+([\d.]+)")
 
 
 def _llama_kld(model: str, base: Path, ftype: str, extra: Sequence[str], *, text: Path, chunks: int, ctx: int,
-               threads: int, logits: Path) -> tuple[float, float] | None:
+               threads: int, logits: Path, compute: bool = True) -> tuple[float, float] | None:
     """llama.cpp's own KLD of its ``ftype`` file of ``model`` (``extra``: llama-quantize's options), cached in
     ``work/MODEL-kld-results.json`` by file type, options and protocol (the tools and the F32 file are pinned), so
     that a new prediction column does not rerun llama-perplexity."""
@@ -328,6 +328,8 @@ def _llama_kld(model: str, base: Path, ftype: str, extra: Sequence[str], *, text
     store = work / f"{model}-kld-results.json"
     done = json.loads(store.read_text()) if store.is_file() else {}
     key = f"{ftype}{''.join(' ' + e for e in extra)} chunks={chunks} ctx={ctx}"
+    if key not in done and not compute:
+        return None  # not measured yet (the caller asked for the cache alone)
     if key not in done:
         out = work / f"{model}-{ftype}{'-f16io' if extra else ''}.gguf"
         subprocess.run([str(_need("llama-quantize")), *extra, str(base), str(out), ftype, str(threads)],
@@ -346,15 +348,16 @@ KLD_IMATRIX_FILES = (("Q4_K_M", "q4_k_m"), ("IQ4_XS", "iq4_xs_mix"))
 
 
 def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
-               imatrix: Path | None = None) -> list[str]:
+               imatrix: Path | None = None, compute: bool = True) -> list[str]:
     """llama.cpp's own KLDs of the headline's files (:data:`KLD_FILES`, and :data:`KLD_IMATRIX_FILES` with
     ``imatrix``), as written and with the embedding and head in F16, into the per-model cache
     (``work/MODEL-kld-results.json``) that :func:`kld_table` and :func:`measure_table` read: llama.cpp's tools
     alone, no prediction (so no profile in memory), each file's result saved as it finishes, so that a long run on
-    a large model can stop and continue. Returns the section's markdown lines (a table of both KLDs per file)."""
+    a large model can stop and continue. Returns the section's markdown lines (a table of both KLDs per file).
+    ``compute=False``: the cache alone, a file not measured yet is ``n/a``."""
     work = home() / "work"
     base = work / f"{model}-f32.gguf"
-    if not base.is_file():
+    if not base.is_file() and compute:
         convert(model, base)
     text = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
     logits = work / f"{model}-kld-base-{chunks}x{ctx}.bin"
@@ -367,9 +370,9 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
         got = []
         for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"]):
             got.append(_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
-                                  threads=threads, logits=logits))
+                                  threads=threads, logits=logits, compute=compute))
             what = f"{ftype}{' + imatrix' if with_im else ''}{', embedding and head F16' if extra else ''}"
-            print(f"{what}: " + (f"KLD {got[-1][0]:.4f} ± {got[-1][1]:.4f}" if got[-1] else "no KLD in the output"),
+            print(f"{what}: " + (f"KLD {got[-1][0]:.4f} ± {got[-1][1]:.4f}" if got[-1] else "not measured"),
                   flush=True)
         cells = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in got]
         share = f"{(1 - got[1][0] / got[0][0]) * 100:.0f}%" if got[0] and got[1] and got[0][0] > 0 else "n/a"
@@ -656,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--threads", type=int, default=1)
     lk.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made with it")
     lk.add_argument("--out", type=Path, default=None, help="also write the table into this report (its own section)")
+    lk.add_argument("--cached", action="store_true", help="the cached KLDs alone: run no llama.cpp tool")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -701,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         write_between(args.out, "llamacpp:types", types_table(args.models))
         print(f"wrote {args.out}")
     elif args.cmd == "llama-klds":
-        lines = llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix)
+        lines = llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix,
+                           compute=not args.cached)
         if args.out is not None:
             from _common import write_between
 
