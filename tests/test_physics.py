@@ -313,3 +313,13 @@ def test_allocate_end_to_end_gives_a_recipe_that_quantizes():
     q = copy.deepcopy(model)
     report = quantize_model(q, res.recipe, _calib_ids(), progress=False)
     assert report.effective_bits_per_param == pytest.approx(res.bits_per_element, rel=1e-9)
+
+
+def test_runs_that_quantize_the_embedding_or_head_are_not_fitted():
+    """Their features price the linear layers only: fitting on them would teach the laws that the embedding and head
+    cost nothing. Such recipes are measured (label E=/H=) and left out of every fit."""
+    runs = synthetic_runs(n_models=2, n_recipes=4)
+    runs.loc[0, "recipe"] = "q4_k-rtn-L=q4_k*2-E=q4_k-H=q6_k"
+    runs.loc[1, "recipe"] = "q8_0-rtn-H=q8_0"
+    kept = PhysicsPredictor("profile").usable(runs)
+    assert len(kept) == len(runs) - 2 and not kept["recipe"].str.contains("=").any()

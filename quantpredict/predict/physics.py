@@ -278,8 +278,12 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         return tuple(dict.fromkeys(("model", "format") + feature_groups(self.features)))
 
     def usable(self, runs: pd.DataFrame) -> pd.DataFrame:
-        """The done runs with every feature and measured target this kind needs."""
+        """The done runs with every feature and measured target this kind needs, but runs whose recipe quantizes
+        the token embedding or the LM head (labels with ``E=``/``H=``): their features price the linear layers
+        only, so they would teach the predictor that those two matrices cost nothing."""
         runs = done_runs(runs)
+        if "recipe" in runs:
+            runs = runs[~runs["recipe"].astype(str).str.contains(r"-[EH]=", regex=True)]
         need = list(required_features(self.kind)) + list(self.extra_columns) + ["kld", "top1_agree"]
         missing = [c for c in need if c not in runs]
         if missing:

@@ -1,0 +1,79 @@
+"""One fake-quantization timed in two checkouts of the project, in turns, in one run: a speed change measured against
+the code before it, not against a number from another day.
+
+    git worktree add --detach /tmp/before COMMIT
+    .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --formats iq4_nl,iq4_xs [--write]
+
+Each timing is its own process (``python -c``, one torch thread) running ``formats.fake_quantize`` of a seeded
+``--size`` x ``--size`` float32 weight after a small warm-up, before and after alternating ``--repeats`` times, so
+that the machine's load falls on both alike; the ratio is taken pair by pair and its median reported. Writes the
+section ``ab-<name>`` of reports/benchmarks.md with ``--write``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import load_average, stamp, write_section  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SNIPPET = ("import sys, time, torch; torch.set_num_threads(1); from quantpredict import formats; "
+           "x = torch.randn({n}, {n}, generator=torch.Generator().manual_seed(0)); "
+           "formats.fake_quantize(x[:64], '{fmt}'); t = time.perf_counter(); formats.fake_quantize(x, '{fmt}'); "
+           "print(time.perf_counter() - t)")
+
+
+def timed(tree: Path, fmt: str, n: int) -> float:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    out = subprocess.run([sys.executable, "-c", SNIPPET.format(n=n, fmt=fmt)], cwd=tree, env=env, check=True,
+                         capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def commit_of(tree: Path) -> str:
+    return subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip() or "?"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--before", type=Path, required=True, help="a checkout of the code before the change")
+    ap.add_argument("--after", type=Path, default=ROOT, help="the checkout with the change (default: this one)")
+    ap.add_argument("--formats", default="iq4_nl,iq4_xs")
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--name", default="iq4", help="the section is ab-NAME")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args(argv)
+    for tree in (args.before, args.after):
+        if not (tree / "quantpredict" / "__init__.py").is_file():
+            print(f"bench_ab: error: {tree} is not a checkout of the project (no quantpredict/__init__.py)",
+                  file=sys.stderr)
+            return 2
+    rows = ["| format | before s (median) | after s (median) | speed-up (median of pairs) |", "|---|---:|---:|---:|"]
+    for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
+        pairs = [(timed(args.before, fmt, args.size), timed(args.after, fmt, args.size)) for _ in range(args.repeats)]
+        b, a = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+        ratio = statistics.median(p[0] / p[1] for p in pairs)
+        rows.append(f"| {fmt} | {b:.2f} | {a:.2f} | {ratio:.1f}x |")
+        print(rows[-1], flush=True)
+    text = "\n".join([
+        f"## A/B: `fake_quantize` before and after ({args.name}; `benchmarks/bench_ab.py`)", "",
+        f"{stamp()} Load average {load_average()} at the end (other jobs on both cores: the ratios, taken "
+        f"pair by pair, are the numbers to read). Before: commit {commit_of(args.before)}; after: commit "
+        f"{commit_of(args.after)}. One {args.size}x{args.size} float32 weight, one torch thread, each timing its "
+        f"own process, {args.repeats} pairs in turns.", "", *rows])
+    if args.write:
+        write_section(f"ab-{args.name}", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
