@@ -348,13 +348,14 @@ KLD_IMATRIX_FILES = (("Q4_K_M", "q4_k_m"), ("IQ4_XS", "iq4_xs_mix"))
 
 
 def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
-               imatrix: Path | None = None, compute: bool = True) -> list[str]:
+               imatrix: Path | None = None, compute: bool = True, note: str = "") -> list[str]:
     """llama.cpp's own KLDs of the headline's files (:data:`KLD_FILES`, and :data:`KLD_IMATRIX_FILES` with
     ``imatrix``), as written and with the embedding and head in F16, into the per-model cache
     (``work/MODEL-kld-results.json``) that :func:`kld_table` and :func:`measure_table` read: llama.cpp's tools
     alone, no prediction (so no profile in memory), each file's result saved as it finishes, so that a long run on
     a large model can stop and continue. Returns the section's markdown lines (a table of both KLDs per file).
-    ``compute=False``: the cache alone, a file not measured yet is ``n/a``."""
+    ``compute=False``: the cache alone, a file not measured yet is ``n/a``. ``note``: a sentence the section adds
+    (what the reader must know of this model's numbers)."""
     work = home() / "work"
     base = work / f"{model}-f32.gguf"
     if not base.is_file() and compute:
@@ -381,8 +382,8 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
             f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of WikiText-2 "
             "test (the second half of each scored), 1 thread; each file as llama-quantize writes it, and again with "
             "`--token-embedding-type f16 --output-tensor-type f16`. The last column is the share of the file's KLD "
-            "that goes away with the embedding and head in F16. No prediction here (`kld-table` adds them).",
-            "", *rows]
+            "that goes away with the embedding and head in F16. No prediction here (`kld-table` adds them)."
+            + (f" {note}" if note else ""), "", *rows]
 
 
 def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None) -> str:
@@ -660,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     lk.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made with it")
     lk.add_argument("--out", type=Path, default=None, help="also write the table into this report (its own section)")
     lk.add_argument("--cached", action="store_true", help="the cached KLDs alone: run no llama.cpp tool")
+    lk.add_argument("--note", default="", help="a sentence the section adds about this model's numbers")
     r = sub.add_parser("report", help="reports/llamacpp.md: type choices and block exactness on real models")
     r.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     r.add_argument("--models", nargs="+", default=["smollm2-135m", "qwen2.5-coder-1.5b=blk\\.(0|27)\\."],
@@ -706,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out}")
     elif args.cmd == "llama-klds":
         lines = llama_klds(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix,
-                           compute=not args.cached)
+                           compute=not args.cached, note=args.note)
         if args.out is not None:
             from _common import write_between
 
