@@ -461,7 +461,7 @@ def file_recipe(name: str, model: Any) -> Any:
     if is_mix_spec(name):
         return resolve_recipe(f"{name}-file", model)
     recipe = resolve_recipe(name, model)
-    tied = arch.embedding_modules(model)[0].weight is arch.head(model).weight
+    tied = arch.head_is_tied(model)
     return dataclasses.replace(recipe, embedding_format=None if tied else recipe.weight_format,
                                head_format=recipe.weight_format)
 

@@ -283,9 +283,8 @@ def file_roles(mix: Mix | str, model: Any) -> tuple[str | None, str]:
     from quantpredict import arch
 
     m = mix if isinstance(mix, Mix) else get_mix(mix)
-    emb, head = arch.embedding_modules(model)[0], arch.head(model)
-    hidden = int(emb.weight.shape[1])
-    tied = emb.weight is head.weight
+    hidden = int(arch.embedding_modules(model)[0].weight.shape[1])
+    tied = arch.head_is_tied(model)
     if m.name.endswith("_pure"):
         fmt = fallback(m.base, hidden)
         return (None if tied else fmt), fmt

@@ -100,6 +100,7 @@ def test_file_mixes_take_llama_quantizes_embedding_and_head_types(monkeypatch):
             mp.setattr(arch_mod, "embedding_modules", lambda _: [m.emb])
             mp.setattr(arch_mod, "head", lambda _: m.head)
             mp.setattr(arch_mod, "family", lambda _: m.family)
+            mp.setattr(arch_mod, "head_is_tied", lambda _: m.head.weight is m.emb.weight)
             return file_roles(mix, m)
 
     qwen = fake(1536, False)
@@ -116,3 +117,13 @@ def test_file_mixes_take_llama_quantizes_embedding_and_head_types(monkeypatch):
     assert is_file_spec("q4_k_m-gptq-file") and not is_file_spec("q4_k_m")
     assert mix_of(r, model) == "q4_k_m-file" and mix_of(named_mix("q4_k_m", model), model) == "q4_k_m"
     assert named_mix("q4_k_m", model).embedding_format is None
+
+
+def test_head_is_tied_by_the_parameter_or_its_storage():
+    """One test of tying for the plan, the file mixes and export: the shared Parameter (Hugging Face), or two
+    Parameters over one storage."""
+    assert arch.head_is_tied(tiny_model("gpt2")) and not arch.head_is_tied(tiny_model("llama"))
+    model = tiny_model("llama")
+    emb = arch.embedding_modules(model)[0]
+    arch.head(model).weight = torch.nn.Parameter(emb.weight.data)  # another Parameter, the same storage
+    assert arch.head_is_tied(model)

@@ -220,6 +220,14 @@ def head(model: nn.Module) -> nn.Module:
     return module_at(model, adapter(model).head)
 
 
+def head_is_tied(model: nn.Module) -> bool:
+    """Whether the LM head's weight is the token embedding's (one matrix). Hugging Face ties by sharing the
+    Parameter; the storage test catches a copy made to share memory (neither works on meta tensors, whose data
+    pointers are all 0, hence the identity first)."""
+    emb, out = embedding_modules(model)[0].weight, head(model).weight
+    return emb is out or (not emb.is_meta and emb.untyped_storage().data_ptr() == out.untyped_storage().data_ptr())
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm before the head (``nn.Identity`` for a generically walked model where none was found)."""
     path = adapter(model).final_norm

@@ -60,11 +60,7 @@ def embedding_and_head_plan(model: nn.Module, recipe: Recipe) -> list[PlannedMat
     if recipe.embedding_format is None and recipe.head_format is None:
         return []
     emb, head = arch.embedding_modules(model)[0], arch.head(model)
-    # Hugging Face ties by sharing the Parameter; the storage test catches a copy made to share memory (neither
-    # works on meta tensors, whose data pointers are all 0, hence the identity first)
-    tied = emb.weight is head.weight or (not emb.weight.is_meta and emb.weight.untyped_storage().data_ptr()
-                                         == head.weight.untyped_storage().data_ptr())
-    if tied:
+    if arch.head_is_tied(model):
         fmts = {f for f in (recipe.embedding_format, recipe.head_format) if f is not None}
         if len(fmts) > 1:
             raise RecipeError(f"recipe {recipe.label[:80]}: this model ties its embedding and head (one matrix), "
