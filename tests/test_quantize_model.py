@@ -342,7 +342,7 @@ def test_layer_norm_is_float64_accurate():
     """The report's relative weight error sums squares per row in float32 and the rows in float64: within 1e-9 of a
     float64 copy's norm on a layer-sized tensor (a float32 norm of the whole tensor is off by ~1e-4 here); a single
     row's float32 sum of 1536 squares bounds the error, ~n * 2^-24 at worst (1e-4), 1e-7 typically."""
-    from quantpredict.quantize.model import _norm
+    from quantpredict.quantize.rtn import frobenius_norm as _norm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 1536, generator=g) + 3.0

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from quantpredict.quantize.plan import embedding_and_head_plan
+from quantpredict.quantize.rtn import relative_error, rtn_quantize
 from quantpredict.recipe import Recipe
 
 __all__ = ["MatrixReport", "quantize_embedding_and_head"]
@@ -33,18 +34,13 @@ def quantize_embedding_and_head(model: nn.Module, recipe: Recipe) -> list[Matrix
     """Fake-quantize, in place, the matrices ``recipe.embedding_format`` / ``head_format`` name (none by default).
     A tied model's one matrix is quantized once. A format whose layout the rows do not fit (a K-quant on rows that
     are not a multiple of 256) raises its :class:`~quantpredict.errors.FormatError` before anything changes."""
-    from quantpredict.formats import fake_quantize
-
     planned = embedding_and_head_plan(model, recipe)
-    quantized = []
-    for p in planned:  # every format checked against its matrix first: a failure changes nothing
-        w = p.module.weight.detach()
-        quantized.append(fake_quantize(w.to(torch.float32), p.weight_format))
+    # every format checked against its matrix first: a failure changes nothing
+    quantized = [rtn_quantize(p.module.weight.to(torch.float32), p.weight_format) for p in planned]
     reports = []
     for p, q in zip(planned, quantized, strict=True):
         w = p.module.weight
-        ref = w.detach().double()
-        err = float((q.double() - ref).norm() / ref.norm()) if float(ref.norm()) > 0 else 0.0
+        err = relative_error(w.detach().to(torch.float32), q)
         w.copy_(q.to(w.dtype))
         reports.append(MatrixReport(p.role, p.weight_format, int(w.shape[0]), int(w.shape[1]), err))
     return reports

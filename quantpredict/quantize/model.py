@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ from quantpredict.quantize.plan import (  # noqa: F401 (kept at this path)
     layer_plan,
     quantized_linears,
 )
-from quantpredict.quantize.rtn import rtn_quantize
+from quantpredict.quantize.rtn import relative_error, rtn_quantize
 from quantpredict.quantize.smoothquant import apply_smoothing, smoothing_scales
 from quantpredict.recipe import Recipe
 
@@ -503,22 +502,10 @@ def _smooth_block(model: nn.Module, index: int, alpha: float, stats, hessians: d
                 absmeans[r.name] = absmeans[r.name] * inv.to(absmeans[r.name].device)
 
 
-def _norm(x: torch.Tensor) -> float:
-    """The Frobenius norm of ``x`` [out, in]: squares summed per row in float32, the rows in float64 (against a
-    float64 copy, at under half its cost: ~1e-10 relative on a whole layer, a one-row sum's float32 error on a
-    single row; a float32 norm of a whole 1.5B-model layer is off by ~1e-4). The difference ``w_q - w`` it is
-    given is the float32 one (exact wherever ``w_q`` is within a factor 2 of ``w``)."""
-    x = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()  # 16-bit squares would lose the sum
-    return math.sqrt(float(torch.mul(x, x).sum(-1).double().sum()))
-
-
 def _set_quantized(ref: LinearRef, index: int, w: torch.Tensor, w_q: torch.Tensor, err_rtn: float, err: float,
                    t0: float) -> LayerReport:
     """Write ``w_q`` into the layer and report it (relative weight error from ``w``, seconds since ``t0``)."""
-    w_norm = _norm(w)
-    rel_w = _norm(w_q.to(w.dtype) - w) / w_norm if w_norm > 0 else 0.0  # was float64 copies: 2x the time
+    rel_w = relative_error(w, w_q)  # float32 rows, float64 sum: float64 copies took half of RTN's time
     ref.set_weight(w_q.to(ref.weight.dtype))
     return LayerReport(ref.name, index, ref.out_features, ref.in_features, rel_w, err_rtn, err,
                        time.perf_counter() - t0)

@@ -1,6 +1,9 @@
-"""Round to nearest: every weight cast onto the format's grid independently (the baseline GPTQ improves on)."""
+"""Round to nearest: every weight cast onto the format's grid independently (the baseline GPTQ improves on), and
+the relative weight error every quantized matrix is reported with."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -18,3 +21,21 @@ def rtn_quantize(weight: torch.Tensor, fmt: str, *, block_size: int | None = Non
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     return fake_quantize(weight.detach(), fmt, axis=-1, block_size=block_size, importance=importance)
+
+
+def frobenius_norm(x: torch.Tensor) -> float:
+    """The Frobenius norm of ``x`` [out, in]: squares summed per row in float32, the rows in float64 (against a
+    float64 copy, at under half its cost: ~1e-10 relative on a whole layer, a one-row sum's float32 error on a
+    single row; a float32 norm of a whole 1.5B-model layer is off by ~1e-4)."""
+    x = x.reshape(x.shape[0], -1) if x.dim() > 1 else x.reshape(1, -1)
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # 16-bit squares would lose the sum
+    return math.sqrt(float(torch.mul(x, x).sum(-1).double().sum()))
+
+
+def relative_error(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """``||quantized - weight|| / ||weight||`` (0 for an all-zero ``weight``), both [out, in]: the difference is
+    taken in ``weight``'s dtype (exact wherever ``quantized`` is within a factor 2 of ``weight``), each norm by
+    :func:`frobenius_norm`."""
+    norm = frobenius_norm(weight)
+    return frobenius_norm(quantized.to(weight.dtype) - weight) / norm if norm > 0 else 0.0
