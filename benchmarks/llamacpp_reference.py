@@ -238,8 +238,6 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
     import datetime
     import platform
 
-    work = home() / "work"
-    work.mkdir(parents=True, exist_ok=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
     parts = ["# llama.cpp as the reference", "",
@@ -249,9 +247,7 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
              "were 4-bit on the way in (their GGUF packages); their F32 GGUFs are written by llama.cpp's own "
              "`convert_hf_to_gguf.py` from the imported (dequantized) weights.", ""]
     for model, pattern in models:
-        base = work / f"{model}-f32.gguf"
-        if not base.is_file():
-            convert(model, base)
+        base = f32_gguf(model)
         parts += [f"## {model}", "", "### Per-tensor types: the project's named mixes against llama-quantize", "",
                   "| project mix | llama-quantize type | tensors of the same type | different |", "|---|---|---|---|"]
         for mix, ftype in MIX_PAIRS:
@@ -293,15 +289,12 @@ def types_table(models: Sequence[str]) -> str:
     """Every named mix as llama-quantize's whole file (the ``-file`` mixes: the token embedding and output head too)
     against ``llama-quantize --dry-run``'s type for every tensor it quantizes, per model (the F32 GGUFs converted
     when absent)."""
-    work = home() / "work"
     parts = ["### Per-tensor types of the whole file: the project's `-file` mixes against llama-quantize", "",
              "A named mix with the `file` option (`q4_k_m-file`) is llama-quantize's whole file: every linear layer "
              "as the mix says, and the token embedding and output head in the types `llama_tensor_get_type` gives "
              "them (the recipe's `E=`/`H=`; the predictors do not price these two yet).", ""]
     for model in models:
-        base = work / f"{model}-f32.gguf"
-        if not base.is_file():
-            convert(model, base)
+        base = f32_gguf(model)
         parts += [f"#### {model}", "", "| project mix | llama-quantize type | tensors of the same type | different |",
                   "|---|---|---|---|"]
         for mix, ftype in MIX_PAIRS:
@@ -317,6 +310,39 @@ KLD_FILES = (("Q8_0", "q8_0-rtn"), ("Q6_K", "q6_k_pure"), ("Q5_K_M", "q5_k_m"), 
 _KLD = re.compile(r"Mean\s+KLD:\s+([\d.]+)\s+±\s+([\d.]+)")
 
 
+#: llama-quantize's options that keep the token embedding and output head in F16 (the headline's second file)
+F16_IO = ("--token-embedding-type", "f16", "--output-tensor-type", "f16")
+
+
+def _kld_key(ftype: str, extra: Sequence[str], chunks: int, ctx: int) -> str:
+    """The key of llama.cpp's KLD of a file in ``work/MODEL-kld-results.json``: type, options and protocol."""
+    return f"{ftype}{''.join(' ' + e for e in extra)} chunks={chunks} ctx={ctx}"
+
+
+def f32_gguf(model: str, *, convert_missing: bool = True) -> Path:
+    """``model``'s F32 GGUF in ``work/``, converted by llama.cpp's converter when absent (unless
+    ``convert_missing`` is false)."""
+    base = home() / "work" / f"{model}-f32.gguf"
+    if not base.is_file() and convert_missing:
+        base.parent.mkdir(parents=True, exist_ok=True)
+        convert(model, base)
+    return base
+
+
+def _kld_cache(model: str) -> tuple[Path, dict]:
+    """``work/MODEL-kld-results.json`` and what it holds: llama.cpp's KLDs of ``model``'s files by :func:`_kld_key`."""
+    import json
+
+    store = home() / "work" / f"{model}-kld-results.json"
+    return store, json.loads(store.read_text()) if store.is_file() else {}
+
+
+def _kld_inputs(model: str, chunks: int, ctx: int, *, convert_missing: bool = True) -> tuple[Path, Path, Path]:
+    """``(F32 GGUF, WikiText-2 test text, base-logits file)`` of llama.cpp's KLD protocol for ``model``."""
+    return (f32_gguf(model, convert_missing=convert_missing), ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw",
+            home() / "work" / f"{model}-kld-base-{chunks}x{ctx}.bin")
+
+
 def _llama_kld(model: str, base: Path, ftype: str, extra: Sequence[str], *, text: Path, chunks: int, ctx: int,
                threads: int, logits: Path, compute: bool = True) -> tuple[float, float] | None:
     """llama.cpp's own KLD of its ``ftype`` file of ``model`` (``extra``: llama-quantize's options), cached in
@@ -325,9 +351,8 @@ def _llama_kld(model: str, base: Path, ftype: str, extra: Sequence[str], *, text
     import json
 
     work = home() / "work"
-    store = work / f"{model}-kld-results.json"
-    done = json.loads(store.read_text()) if store.is_file() else {}
-    key = f"{ftype}{''.join(' ' + e for e in extra)} chunks={chunks} ctx={ctx}"
+    store, done = _kld_cache(model)
+    key = _kld_key(ftype, extra, chunks, ctx)
     if key not in done and not compute:
         return None  # not measured yet (the caller asked for the cache alone)
     if key not in done:
@@ -356,12 +381,7 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
     a large model can stop and continue. Returns the section's markdown lines (a table of both KLDs per file).
     ``compute=False``: the cache alone, a file not measured yet is ``n/a``. ``note``: a sentence the section adds
     (what the reader must know of this model's numbers)."""
-    work = home() / "work"
-    base = work / f"{model}-f32.gguf"
-    if not base.is_file() and compute:
-        convert(model, base)
-    text = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    logits = work / f"{model}-kld-base-{chunks}x{ctx}.bin"
+    base, text, logits = _kld_inputs(model, chunks, ctx, convert_missing=compute)
     files = [(f, []) for f, _ in KLD_FILES]
     if imatrix is not None:
         files += [(f, ["--imatrix", str(imatrix)]) for f, _ in KLD_IMATRIX_FILES]
@@ -369,7 +389,7 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
             "|---|---|---|---|"]
     for ftype, with_im in files:
         got = []
-        for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"]):
+        for extra in ([], list(F16_IO)):
             got.append(_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
                                   threads=threads, logits=logits, compute=compute))
             what = f"{ftype}{' + imatrix' if with_im else ''}{', embedding and head F16' if extra else ''}"
@@ -396,12 +416,7 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
     priced with it (``rank_recipes(..., imatrix=)``), in rows of their own."""
     from quantpredict.predict.rank import rank_recipes
 
-    work = home() / "work"
-    base = work / f"{model}-f32.gguf"
-    if not base.is_file():
-        convert(model, base)
-    text = ROOT / "data" / "wikitext-2-raw" / "wiki.test.raw"
-    logits = work / f"{model}-kld-base-{chunks}x{ctx}.bin"
+    base, text, logits = _kld_inputs(model, chunks, ctx)
     recipes = [r for _, r in KLD_FILES]
     frames = [rank_recipes(model, recipes, runtime=rt).set_index("recipe") for rt in (None, "llama.cpp-cpu")]
     by_mix = {str(m if isinstance(m, str) else r): r for r, m in zip(frames[0].index, frames[0]["mix"])}
@@ -419,7 +434,7 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
         with_im = ["--imatrix", str(im)] if im is not None else []
         got = [_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
                           threads=threads, logits=logits)
-               for extra in ([], ["--token-embedding-type", "f16", "--output-tensor-type", "f16"])]
+               for extra in ([], list(F16_IO))]
         shown = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in got]
         p, q = (f.loc[by_mix.get(recipe, recipe)] for f in (frames if im is None else im_frames))
         verdict = "n/a"
@@ -480,7 +495,6 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
     embedding and output head quantized as llama-quantize does: :func:`file_recipe`) under llama.cpp's protocol and
     rounding, beside llama-perplexity's KLD of the file as written. ``cached``: llama.cpp's KLDs by file type (read
     from ``work/MODEL-kld-results.json``, never computed here)."""
-    import json
 
     import torch
 
@@ -490,10 +504,7 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
     from quantpredict.runtime import install_runtime_act
     from quantpredict.threads import torch_threads
 
-    work = home() / "work"
-    store = work / f"{model}-kld-results.json"
-    done = dict(cached) if cached is not None else (json.loads(store.read_text()) if store.is_file() else {})
-    f16 = " --token-embedding-type f16 --output-tensor-type f16"
+    done = dict(cached) if cached is not None else _kld_cache(model)[1]
     protocols = {"project": dict(seq_len=256, max_windows=chunks * ctx // 256),
                  "llama.cpp": dict(seq_len=ctx, max_windows=chunks, scored_from=ctx // 2 + 1)}
     rows = ["| llama.cpp file | llama.cpp's KLD, embedding and head in F16 | project, its protocol | project, "
@@ -524,7 +535,7 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
                     print(f"{ftype:8s} {column:9s} KLD {c.kld:.4f} ± {c.kld_se:.4f} ({c.eval_tokens} tokens, "
                           f"{c.seconds:.0f} s)", flush=True)
                 del q
-                ref = done.get(f"{ftype}{f16} chunks={chunks} ctx={ctx}")
+                ref = done.get(_kld_key(ftype, F16_IO, chunks, ctx))
                 cells = [f"{k:.4f} ± {se:.4f}" for k, se in got.values()]
                 rel = "n/a" if ref is None else f"{(got['llama_rt'][0] / ref[0] - 1) * 100:+.0f}%"
                 row = (f"| {ftype} | {'n/a' if ref is None else f'{ref[0]:.4f} ± {ref[1]:.4f}'} | "
@@ -541,7 +552,7 @@ def measure_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int 
                         handle.remove()
                     del q
                     print(f"{ftype:8s} file      KLD {c.kld:.4f} ± {c.kld_se:.4f} ({c.seconds:.0f} s)", flush=True)
-                    as_written = done.get(f"{ftype} chunks={chunks} ctx={ctx}")
+                    as_written = done.get(_kld_key(ftype, (), chunks, ctx))
                     vs = "n/a" if as_written is None else f"{(c.kld / as_written[0] - 1) * 100:+.0f}%"
                     row += (f" {'n/a' if as_written is None else f'{as_written[0]:.4f} ± {as_written[1]:.4f}'} | "
                             f"{c.kld:.4f} ± {c.kld_se:.4f} | {vs} |")
