@@ -127,3 +127,16 @@ def test_head_is_tied_by_the_parameter_or_its_storage():
     emb = arch.embedding_modules(model)[0]
     arch.head(model).weight = torch.nn.Parameter(emb.weight.data)  # another Parameter, the same storage
     assert arch.head_is_tied(model)
+
+
+def test_rank_refuses_a_file_mix_before_loading_and_names_it_readably():
+    from quantpredict.predict.rank import rank_recipes, refuse_embedding_and_head
+
+    with pytest.raises(RecipeError, match=r"^q4_k_m-file: the token embedding"):
+        rank_recipes("no-such-model", ["q4_k_m-file"])  # no model is looked up: the text alone is refused
+    long = Recipe("q4_k", layer_formats=(("q4_k", None), ("q6_k", None)) * 30, head_format="q6_k")
+    assert len(long.label) > 80
+    with pytest.raises(RecipeError, match=r"^q4_k-rtn-L=\.\.\.-H=q6_k: "):
+        refuse_embedding_and_head(long)
+    refuse_embedding_and_head("q4_k_m")  # the linear layers alone: priced
+    refuse_embedding_and_head(Recipe("q8_0"))

@@ -264,13 +264,24 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
 
-def refuse_embedding_and_head(recipe: Recipe) -> None:
-    """A :class:`RecipeError` for a recipe that quantizes the token embedding or the LM head: measured
-    (``quantize``, ``collect``, ``eval``) and exported, but no predictor prices them yet (the profile holds no
-    statistics of the embedding's gradients or of the head's logits, and the physics features perturb the linear
-    layers only), and a price without them would be silently low."""
-    if recipe.embedding_format is not None or recipe.head_format is not None:
-        raise RecipeError(f"{recipe.label[-60:]}: the token embedding and LM head formats (E=/H=) are measured and "
+def refuse_embedding_and_head(spec: Recipe | str) -> None:
+    """A :class:`RecipeError` for a recipe (a Recipe, a label, or a named mix's text: ``q4_k_m-file``) that
+    quantizes the token embedding or the LM head: measured (``quantize``, ``collect``, ``eval``) and exported, but
+    no predictor prices them yet (the profile holds no statistics of the embedding's gradients or of the head's
+    logits, and the physics features perturb the linear layers only), and a price without them would be silently
+    low. A mix's text is checked without the model, so the refusal comes before any loading."""
+    from quantpredict.mixes import is_file_spec, is_mix_spec
+
+    if isinstance(spec, str) and is_mix_spec(spec):
+        quantizes, shown = is_file_spec(spec), spec
+    else:
+        r = Recipe.coerce(spec)
+        quantizes = r.embedding_format is not None or r.head_format is not None
+        # a per-layer list is hundreds of characters: name the recipe by its head and its E= / H= parts
+        shown = r.label if len(r.label) <= 80 else "-".join(
+            [r.label.split("-L=")[0], "L=...", *(p for p in r.label.split("-") if p.startswith(("E=", "H=")))])
+    if quantizes:
+        raise RecipeError(f"{shown}: the token embedding and LM head formats (E=/H=, a mix's -file) are measured and "
                           "exported, not predicted yet; drop them to price the linear layers, or measure the recipe "
                           "(`quantpredict collect`)")
 
@@ -403,6 +414,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
 
         runtime_table(runtime)
     for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
+        refuse_embedding_and_head(s)
         if not is_mix_spec(s):
             r = Recipe.coerce(s)
             if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
