@@ -267,7 +267,8 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
               "- The token embedding and the output head: llama.cpp quantizes them (the mix's type or Q8_0, and "
               "Q6_K); a named mix keeps them in 16 bits (the rows above name them), its `-file` form quantizes them "
               "as llama.cpp does (the `types-table` section: every tensor the same) and `quantpredict export` writes "
-              "them so, but the predictions do not price them yet (a `-file` recipe is refused there).",
+              "them so; the predictions price them from the weights (`quantpredict.features.embedding_head`; the "
+              "`embedding-head` sections check those terms against measurement).",
               "- An importance matrix: the exactness tables above are without one. With one, every type's blocks "
               "are byte-identical too (`exact --imatrix FILE`: 0 differing blocks on SmolLM2 for all 12 types, "
               "llama-imatrix's file; tests/test_imatrix.py, tests/test_export.py), and the `kld-table` and "
@@ -292,7 +293,7 @@ def types_table(models: Sequence[str]) -> str:
     parts = ["### Per-tensor types of the whole file: the project's `-file` mixes against llama-quantize", "",
              "A named mix with the `file` option (`q4_k_m-file`) is llama-quantize's whole file: every linear layer "
              "as the mix says, and the token embedding and output head in the types `llama_tensor_get_type` gives "
-             "them (the recipe's `E=`/`H=`; the predictors do not price these two yet).", ""]
+             "them (the recipe's `E=`/`H=`).", ""]
     for model in models:
         base = f32_gguf(model)
         parts += [f"#### {model}", "", "| project mix | llama-quantize type | tensors of the same type | different |",

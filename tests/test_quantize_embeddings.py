@@ -71,13 +71,6 @@ def test_a_format_the_rows_do_not_fit_changes_nothing():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_predictors_refuse_rather_than_price_them_as_unquantized():
-    from quantpredict.predict.quality import predict_quality
-
-    with pytest.raises(RecipeError, match="not predicted yet"):
-        predict_quality(tiny_model("llama"), "int4-rtn-H=int8")
-
-
 def test_file_mixes_take_llama_quantizes_embedding_and_head_types(monkeypatch):
     """``q4_k_m-file``: llama_tensor_get_type's output and token_embd rules. The 1.5B model's (untied, rows of 1536)
     are in reports/llamacpp.md's dry-run table: output Q6_K and token_embd Q4_K / Q5_K / Q3_K / Q6_K / IQ4_XS for
@@ -129,14 +122,40 @@ def test_head_is_tied_by_the_parameter_or_its_storage():
     assert arch.head_is_tied(model)
 
 
-def test_rank_refuses_a_file_mix_before_loading_and_names_it_readably():
-    from quantpredict.predict.rank import rank_recipes, refuse_embedding_and_head
+def test_rank_and_predict_price_the_embedding_and_head(monkeypatch):
+    """A recipe with H= is the linear layers' price plus the matrix's terms (a tied zoo model: both terms), the same
+    in rank and predict; the statistics are measured once and then read from the profile's cache entry."""
+    from quantpredict.features import embedding_head
+    from quantpredict.predict.profile_cache import EMBEDDING_HEAD_FILE
+    from quantpredict.predict.quality import HOW_PROFILE, predict_quality
+    from quantpredict.predict.rank import profile_model, rank_recipes
 
-    with pytest.raises(RecipeError, match=r"^q4_k_m-file: the token embedding"):
-        rank_recipes("no-such-model", ["q4_k_m-file"])  # no model is looked up: the text alone is refused
-    long = Recipe("q4_k", layer_formats=(("q4_k", None), ("q6_k", None)) * 30, head_format="q6_k")
-    assert len(long.label) > 80
-    with pytest.raises(RecipeError, match=r"^q4_k-rtn-L=\.\.\.-H=q6_k: "):
-        refuse_embedding_and_head(long)
-    refuse_embedding_and_head("q4_k_m")  # the linear layers alone: priced
-    refuse_embedding_and_head(Recipe("q8_0"))
+    labels = ["int4-rtn", "int4-rtn-H=q8_0", "int4-rtn-H=int4"]
+    ranked = rank_recipes("llama-xs", labels).set_index("recipe")
+    plain = ranked.loc["int4-rtn"]
+    assert plain["embedding_quad"] == 0.0 and plain["head_quad"] == 0.0
+    for label in labels[1:]:
+        row = ranked.loc[label]
+        assert row["embedding_quad"] > 0 and row["head_quad"] > 0  # tied: one matrix, both terms
+        assert row["token_gn_quad"] == pytest.approx(
+            plain["token_gn_quad"] + row["embedding_quad"] + row["head_quad"], rel=1e-12)
+        assert row["kld"] > plain["kld"] and row["size_bytes"] < plain["size_bytes"]
+    assert ranked.loc["int4-rtn-H=int4", "head_quad"] > 10 * ranked.loc["int4-rtn-H=q8_0", "head_quad"]
+    mp = profile_model("llama-xs")
+    assert (mp.cache_dir / EMBEDDING_HEAD_FILE).is_file()
+
+    def measured_again(*a, **k):
+        raise AssertionError("the statistics were measured again instead of read from the cache")
+
+    monkeypatch.setattr(embedding_head, "measure_embedding_head", measured_again)
+    pr = predict_quality("llama-xs", "int4-rtn-H=q8_0")
+    assert pr.how == HOW_PROFILE and pr.note == "" and pr.kld == float(ranked.loc["int4-rtn-H=q8_0", "kld"])
+
+
+def test_a_measuring_predictor_hands_embedding_and_head_recipes_to_the_profile_path():
+    from quantpredict.predict.quality import HOW_PROFILE, predict_quality
+
+    pr = predict_quality("llama-xs", "int4-rtn-H=q8_0", predictor="physics")
+    assert pr.how == HOW_PROFILE and pr.predictor_kind == "profile" and "priced from the weights" in pr.note
+    with pytest.raises(RecipeError, match="does not price AWQ"):
+        predict_quality("llama-xs", "int4-rtn-awq-H=q8_0")

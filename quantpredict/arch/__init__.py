@@ -50,6 +50,7 @@ from quantpredict.arch.layers import (
     hidden_size,
     iter_block_linears,
     linear_layers,
+    logit_softcap,
     logits,
     max_positions,
     model_device,
@@ -77,7 +78,8 @@ __all__ = [
     "batch_kwargs", "block_kwargs", "block_linears", "blocks", "capture_block_input_batches", "capture_block_inputs",
     "iter_block_linears",
     "capture_block_kwargs", "check_finite", "embedding_modules", "family", "final_norm", "find_block_list",
-    "generic_adapter", "head", "head_is_tied", "hidden_size", "input_hooks", "linear_layers", "linears_of", "logits",
+    "generic_adapter", "head", "head_is_tied", "hidden_size", "input_hooks", "linear_layers", "linears_of",
+    "logit_softcap", "logits",
     "max_positions", "model_device", "non_embedding_parameters", "require_scale_folds", "require_smoothquant",
     "run_block", "smooth_pairs", "smoothquant_supported",
 ]

@@ -238,11 +238,17 @@ def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The model's logits ``[n, seq_len, vocab]`` from the last block's output ``hidden`` ``[n, seq_len, hidden]``:
     final norm, head, and the soft-capping some models apply after it (Gemma-2/3)."""
     out = head(model)(final_norm(model)(hidden))
-    attr = adapter(model).logit_softcap
-    cap = getattr(model.config, attr, None) if attr else None
+    cap = logit_softcap(model)
     if cap is not None:
         out = torch.tanh(out / cap) * cap
     return out
+
+
+def logit_softcap(model: nn.Module) -> float | None:
+    """The ``cap`` of the ``cap * tanh(logits / cap)`` the model applies after its head (Gemma-2/3), else ``None``."""
+    attr = adapter(model).logit_softcap
+    cap = getattr(model.config, attr, None) if attr else None
+    return None if cap is None else float(cap)
 
 
 def non_embedding_parameters(model: nn.Module) -> int:

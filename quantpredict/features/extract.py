@@ -55,7 +55,12 @@ from quantpredict.features.direction import (
     rtn_deltas,
     smoothed_copy,
 )
-from quantpredict.features.fisher import fisher_measures, price_deltas, profile_deltas
+from quantpredict.features.embedding_head import (
+    measure_embedding_head,
+    price_embedding_and_head,
+    with_embedding_and_head,
+)
+from quantpredict.features.fisher import TOKEN_WINDOWS, fisher_measures, price_deltas, profile_deltas
 from quantpredict.features.hessian import hutchinson_trace_op, top_eigenvalue_op
 from quantpredict.features.offsets import (
     SQNR_CAP_DB,
@@ -66,6 +71,7 @@ from quantpredict.features.offsets import (
     sqnr_db,
 )
 from quantpredict.features.state import compute_placement, graph_bytes_per_window, mean_nll, prepared, summed_nll
+from quantpredict.quantize.plan import embedding_and_head_plan
 from quantpredict.schema import FEATURES
 
 # the extractor's own names, and the public names that moved out of this module into its neighbours (kept
@@ -217,7 +223,12 @@ def _profile_group(ctx: Context) -> dict[str, float]:
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
     deltas = profile_deltas(ctx.refs, layer_formats(ctx.base, ctx.refs, recipe), recipe.method, ctx.profile,
                             gptq_options=gptq)
-    return price_deltas(ctx.profile, [r.name for r in ctx.refs], deltas)
+    feats = price_deltas(ctx.profile, [r.name for r in ctx.refs], deltas)
+    if embedding_and_head_plan(ctx.base, recipe):  # E= / H=: their terms join token_gn_quad (not the K-FAC ones)
+        stats = measure_embedding_head(ctx.base, ctx.windows[:TOKEN_WINDOWS], seed=ctx.seed)
+        feats |= {k: v for k, v in with_embedding_and_head(feats, price_embedding_and_head(ctx.base, stats, recipe))
+                  .items() if k in feats}
+    return feats
 
 
 _GROUP_FNS = {

@@ -152,8 +152,13 @@ class SensitivityProfile:
         return 2.0 * self.input_moment[name].double()
 
 
+#: the windows whose per-token terms a profile keeps by default (the first ones of its calibration batch)
+TOKEN_WINDOWS = 2
+
+
 def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
-                    batch_size: int = 1, token_windows: int | None = 2, kfac: bool = True) -> SensitivityProfile:
+                    batch_size: int = 1, token_windows: int | None = TOKEN_WINDOWS,
+                    kfac: bool = True) -> SensitivityProfile:
     """The :class:`SensitivityProfile` of ``model`` on ``windows`` (``[n, seq_len]``).
 
     One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every

@@ -279,8 +279,9 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
 
     def usable(self, runs: pd.DataFrame) -> pd.DataFrame:
         """The done runs with every feature and measured target this kind needs, but runs whose recipe quantizes
-        the token embedding or the LM head (labels with ``E=``/``H=``): their features price the linear layers
-        only, so they would teach the predictor that those two matrices cost nothing."""
+        the token embedding or the LM head (labels with ``E=``/``H=``): a run stored before those two matrices were
+        priced has a ``token_gn_quad`` of the linear layers alone, which would teach the predictor that they cost
+        nothing; and kept out of every fit, such runs judge the embedding and head terms on runs they never saw."""
         runs = done_runs(runs)
         if "recipe" in runs:
             runs = runs[~runs["recipe"].astype(str).str.contains(r"-[EH]=", regex=True)]

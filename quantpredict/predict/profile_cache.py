@@ -14,12 +14,13 @@ the measurement changes, and :data:`quantpredict.version.MEASUREMENT_VERSION`).
 
 An entry is a directory written under a temporary name and renamed into place: ``tokens.safetensors`` (the per-token
 layer inputs and output gradients, bf16, one input tensor per layer-input owner; and the calibration windows' token
-ids), ``profile.json`` (the scalars, the
-layer names, the key and its parts, the sizes of the files) and, once a GPTQ recipe has been priced or
-``quantpredict profile --gptq`` asked for them, ``moments/`` (each layer-input owner's ``A``, float32, one
-safetensors file per block: :mod:`quantpredict.features.moments`). Loading gives back the tensors and floats that
-were measured, so prices from a cached profile equal the fresh one's bit for bit. An entry that is partial, corrupt
-or from another key is reported (a :class:`ProfileCacheWarning` naming its path), removed and measured again.
+ids), ``profile.json`` (the scalars, the layer names, the key and its parts, the sizes of the files) and, once a GPTQ
+recipe has been priced or ``quantpredict profile --gptq`` asked for them, ``moments/`` (each layer-input owner's
+``A``, float32, one safetensors file per block: :mod:`quantpredict.features.moments`), and, once a recipe quantizing
+the token embedding or the head has been priced, ``embedding-head-v1.safetensors`` (:func:`embedding_head_stats`).
+Loading gives back the tensors and floats that were measured, so prices from a cached profile equal the fresh one's
+bit for bit. An entry that is partial, corrupt or from another key is reported (a :class:`ProfileCacheWarning`
+naming its path), removed and measured again.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ ENV = "QUANTPREDICT_PROFILES"
 PROFILE_JSON = "profile.json"
 TOKENS_FILE = "tokens.safetensors"
 MOMENTS_DIR = "moments"
+EMBEDDING_HEAD_FILE = "embedding-head-v1.safetensors"  # the version bumps with what it holds
 HASHES = "weights-hashes.json"
 
 
@@ -307,3 +309,33 @@ def attach_moments(profile: SensitivityProfile, model: Any, windows: Callable[[]
             return measure_input_moments(model, windows(), batch_size=batch_size)
 
     profile.input_moment = LazyInputMoments(profile.names, measure)
+
+
+def embedding_head_stats(model: Any, windows: Callable[[], torch.Tensor], directory: Path | None, *, seed: int = 0):
+    """The :class:`~quantpredict.features.embedding_head.EmbeddingHeadStats` of ``model`` on ``windows()`` (the
+    profile's token windows): read from ``directory`` (the cache entry) where an earlier call wrote them, else
+    measured (one forward and backward pass per window) and written there; ``directory=None`` measures without
+    keeping. A corrupt file is reported, removed and measured again; one that cannot be written is only not kept."""
+    from safetensors.torch import load_file
+
+    from quantpredict.features.embedding_head import EmbeddingHeadStats, measure_embedding_head
+
+    path = None if directory is None else Path(directory) / EMBEDDING_HEAD_FILE
+    if path is not None and path.is_file():
+        try:
+            return EmbeddingHeadStats.from_tensors(load_file(str(path)))
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with the file, it is measured again
+            warnings.warn(f"{path} is unusable ({type(exc).__name__}: {exc}); measuring it again",
+                          ProfileCacheWarning, stacklevel=2)
+            path.unlink(missing_ok=True)
+    stats = measure_embedding_head(model, windows(), seed=seed)
+    if path is not None:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:  # through a temporary name: a killed write leaves no half file under the real one
+            write_safetensors(tmp, stats.tensors(), {"format": "quantpredict-embedding-head"})
+            os.replace(tmp, path)
+        except (OSError, RuntimeError, ValueError) as exc:
+            tmp.unlink(missing_ok=True)
+            warnings.warn(f"could not write {path} ({type(exc).__name__}: {exc}); the statistics are used without "
+                          "being kept", ProfileCacheWarning, stacklevel=2)
+    return stats

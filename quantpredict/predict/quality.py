@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from quantpredict.errors import PredictorError
+from quantpredict.errors import PredictorError, RecipeError
 from quantpredict.predict.saved import SavedPredictor
 from quantpredict.predict.shipped import (  # noqa: F401 -- re-exported: the API names them here
     DEFAULT_PREDICTOR_DIR,
@@ -153,7 +153,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     if device is not None:
         device = resolve_device(device, flag="device")  # before any loading
     from quantpredict.predict.fp_reference import check_fp_windows, check_ppl_fp
-    from quantpredict.predict.rank import refuse_embedding_and_head, weights_only
+    from quantpredict.predict.rank import weights_only
 
     pred = resolve_predictor(predictor)
     if ppl_fp is not None and not hasattr(ppl_fp, "columns"):
@@ -162,12 +162,21 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
         check_fp_windows(fp_windows, "fp_windows")
     label, cols = recipe_columns(recipe)
     recipe = Recipe.coerce(recipe) if not isinstance(recipe, Recipe) else recipe
-    refuse_embedding_and_head(recipe)  # neither predictor sees them: refuse rather than price them as unquantized
     note = ""
+    matrices = recipe.embedding_format is not None or recipe.head_format is not None
+    if matrices and not weights_only(recipe):
+        raise RecipeError(f"{label}: a recipe that quantizes the token embedding or the head (E=/H=) is priced on "
+                          "the weights-only path, which does not price AWQ or QAT yet; drop E=/H= to predict the "
+                          "linear layers by measurement, or measure the recipe (`quantpredict collect`)")
     if pred.kind == "profile" and not weights_only(recipe):
         pred = resolve_predictor("physics")
         note = (f"{label}: the weights-only profile does not price AWQ or QAT yet; measured on the calibration "
                 f"windows instead ({pred.kind} predictor: a quantization and forward passes)")
+    elif pred.kind != "profile" and matrices:
+        # the measured features perturb the linear layers only: the embedding and head terms are the profile's
+        asked, pred = pred.kind, resolve_predictor(PROFILE_PREDICTOR_DIR)
+        note = (f"{label}: the token embedding and head (E=/H=) are priced from the weights by the shipped profile "
+                f"predictor (the {asked} predictor's measured features perturb the linear layers only)")
     if runtime is not None and pred.kind != "profile":
         raise PredictorError(f"{label}: a runtime ({runtime}) is priced on the weights-only path, with the "
                              f"'profile' predictor; the {pred.kind} predictor measures the project's own model"
@@ -184,7 +193,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     if pred.kind == "profile":
         return _from_profile(model_or_path, recipe, pred, tokenizer=tokenizer, calib=calib_ids, ppl_fp=ppl_fp,
                              fp_windows=fp_windows, seed=seed, name=model_name, device=device, profile=profile,
-                             cache=cache, runtime=runtime, imatrix=imatrix)
+                             cache=cache, runtime=runtime, imatrix=imatrix, note=note)
     t_load = time.perf_counter()
     if isinstance(model_or_path, (str, Path)):
         from quantpredict import models
@@ -236,7 +245,8 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
 
 
 def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, tokenizer, calib, ppl_fp,
-                  fp_windows, seed, name, device, profile, cache, runtime=None, imatrix=None) -> Prediction:
+                  fp_windows, seed, name, device, profile, cache, runtime=None, imatrix=None,
+                  note: str = "") -> Prediction:
     """The weights-only path: the model's profile (given, cached or measured now), then
     :func:`~quantpredict.predict.rank.price` of the recipe."""
     from quantpredict.predict.rank import fp_reference_of, price, profile_model
@@ -259,7 +269,7 @@ def _from_profile(model_or_path: Any, recipe: Recipe, pred: SavedPredictor, *, t
     out = priced.iloc[0]
     seconds = float(out["price_seconds"]) + measured
     return _prediction(name or profile.name, recipe.label, out, out.to_dict(), ref, pred, seconds=seconds,
-                       load_seconds=load_seconds, how=HOW_PROFILE, note="", runtime=runtime,
+                       load_seconds=load_seconds, how=HOW_PROFILE, note=note, runtime=runtime,
                        imatrix=priced.attrs.get("imatrix"))
 
 

@@ -9,9 +9,13 @@ per-layer GPTQ, no forward pass), prices it token-wise against the profile (``to
 ``profile``-kind predictor turn that into KLD, delta NLL, perplexity and top-1 agreement with intervals. No candidate
 runs a forward pass over calibration tokens, so the marginal RTN recipe costs a few weight passes.
 
-Sizes and bits per element count the quantized linear layers at their format's storage (scales included); what
-stays in 16 bits (embeddings, the head, norms, biases, layers a recipe leaves unquantized) is counted at 16 bits
-in ``size_bytes`` and named in ``DataFrame.attrs["kept_16bit"]``.
+A recipe that quantizes the token embedding or the head (``E=`` / ``H=``, a named mix's ``-file``) adds their terms
+(:mod:`quantpredict.features.embedding_head`, columns ``embedding_quad`` and ``head_quad``) to ``token_gn_quad``; their
+statistics are measured on the profile's token windows the first time one is priced, and cached with the profile.
+
+Bits per element count the quantized linear layers at their format's storage (scales included); ``size_bytes``
+counts the whole model, what stays in 16 bits (embeddings and the head unless the recipe quantizes them, norms,
+biases, layers a recipe leaves unquantized) at 16 bits, named in ``DataFrame.attrs["kept_16bit"]``.
 """
 
 from __future__ import annotations
@@ -63,6 +67,22 @@ class ModelProfile:
     tokenizer: Any = None
     source: Any = None  # what the model was given as (a name or path, or the model object)
     gptq_factors: dict = field(default_factory=dict)  # each layer's GPTQ Hessian factor, kept across recipes
+    windows: Any = None  # () -> the calibration windows [n, seq_len] the profile was measured on
+    seed: int = 0
+    embedding_head: Any = None  # EmbeddingHeadStats, measured (or read from the cache) when first needed
+
+    def embedding_head_stats(self):
+        """The :class:`~quantpredict.features.embedding_head.EmbeddingHeadStats` on the profile's token windows
+        (the first :data:`TOKEN_WINDOWS`), from the profile's cache entry or measured once and kept there."""
+        if self.embedding_head is None:
+            from quantpredict.predict.profile_cache import embedding_head_stats
+
+            if self.windows is None:
+                raise PredictorError(f"{self.name}: this profile has no calibration windows to measure the embedding "
+                                     "and head statistics on; profile the model with profile_model()")
+            self.embedding_head = embedding_head_stats(self.model, lambda: self.windows()[:TOKEN_WINDOWS],
+                                                       self.cache_dir, seed=self.seed)
+        return self.embedding_head
 
 
 #: the profile's protocol: token-wise terms from the first TOKEN_WINDOWS windows, one sampled label, one window per
@@ -145,7 +165,7 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
              "fp_calib_nll": profile.fp_nll, "fp_entropy_calib": profile.fp_entropy}
     return ModelProfile(name, model, profile, feats, arch.linear_layers(model), time.perf_counter() - t0, fwd,
                         n_split, cache_dir=entry, cached=loaded is not None, tokenizer=tokenizer,
-                        source=model_or_path)
+                        source=model_or_path, windows=windows, seed=seed)
 
 
 def fp_reference_of(mp: ModelProfile, ppl_fp: Any = None, fp_windows: int | None = None, cache: bool = True):
@@ -207,7 +227,6 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
     if not weights_only(recipe):
         raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs AWQ or QAT: "
                           "predict it with `quantpredict predict` instead")
-    refuse_embedding_and_head(recipe)
     t0 = time.perf_counter()
     plan = layer_plan(mp.model, recipe)
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
@@ -240,6 +259,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
                                 factors=mp.gptq_factors, importance=importance)
         feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
+    feats |= _embedding_and_head_terms(mp, recipe, runtime, feats)
     rows = []
     for ref, fb in zip(mp.refs, formats):
         n = ref.weight.numel()
@@ -264,26 +284,18 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
             "model_bits_per_param": size["model_bits_per_param"], "price_seconds": time.perf_counter() - t0}
 
 
-def refuse_embedding_and_head(spec: Recipe | str) -> None:
-    """A :class:`RecipeError` for a recipe (a Recipe, a label, or a named mix's text: ``q4_k_m-file``) that
-    quantizes the token embedding or the LM head: measured (``quantize``, ``collect``, ``eval``) and exported, but
-    no predictor prices them yet (the profile holds no statistics of the embedding's gradients or of the head's
-    logits, and the physics features perturb the linear layers only), and a price without them would be silently
-    low. A mix's text is checked without the model, so the refusal comes before any loading."""
-    from quantpredict.mixes import is_file_spec, is_mix_spec
+def _embedding_and_head_terms(mp: ModelProfile, recipe: Recipe, runtime: str | None,
+                              feats: dict[str, float]) -> dict[str, float]:
+    """``embedding_quad`` and ``head_quad`` of a recipe that quantizes the token embedding or the head (0 for one
+    that does not; :func:`quantpredict.features.embedding_head.price_embedding_and_head`), and ``token_gn_quad`` and
+    ``kfac_max_layer_share`` with the two matrices counted as two more layers."""
+    from quantpredict.features.embedding_head import price_embedding_and_head, with_embedding_and_head
+    from quantpredict.quantize.plan import embedding_and_head_plan
 
-    if isinstance(spec, str) and is_mix_spec(spec):
-        quantizes, shown = is_file_spec(spec), spec
-    else:
-        r = Recipe.coerce(spec)
-        quantizes = r.embedding_format is not None or r.head_format is not None
-        # a per-layer list is hundreds of characters: name the recipe by its head and its E= / H= parts
-        shown = r.label if len(r.label) <= 80 else "-".join(
-            [r.label.split("-L=")[0], "L=...", *(p for p in r.label.split("-") if p.startswith(("E=", "H=")))])
-    if quantizes:
-        raise RecipeError(f"{shown}: the token embedding and LM head formats (E=/H=, a mix's -file) are measured and "
-                          "exported, not predicted yet; drop them to price the linear layers, or measure the recipe "
-                          "(`quantpredict collect`)")
+    if not embedding_and_head_plan(mp.model, recipe):
+        return {"embedding_quad": 0.0, "head_quad": 0.0}
+    terms = price_embedding_and_head(mp.model, mp.embedding_head_stats(), recipe, runtime=runtime)
+    return with_embedding_and_head(feats, terms)
 
 
 def weights_only(recipe: Recipe) -> bool:
@@ -414,11 +426,12 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
 
         runtime_table(runtime)
     for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
-        refuse_embedding_and_head(s)
         if not is_mix_spec(s):
             r = Recipe.coerce(s)
             if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
-                activation_format(r.weight_format, runtime)
+                for fmt in (r.weight_format, r.head_format):
+                    if fmt is not None:
+                        activation_format(fmt, runtime)
             if imatrix is not None:
                 check_imatrix_recipe(r)
     if not specs:
@@ -444,7 +457,8 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     if best is not None:
         frame.loc[best, "recommended"] = True
     kept = [type(m).__name__ for m in arch.embedding_modules(mp.model)] + ["lm_head (" + (
-        "tied to the embedding" if getattr(mp.model.config, "tie_word_embeddings", False) else "own weights") + ")"]
+        "tied to the embedding" if arch.head_is_tied(mp.model) else "own weights") + "; both quantized where a "
+        "recipe says E=/H= or a mix -file)"]
     total = time.perf_counter() - t0
     frame.attrs.update({
         "model": mp.name, "recommended": None if best is None else frame.loc[best, "recipe"],
