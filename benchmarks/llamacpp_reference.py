@@ -409,35 +409,49 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
 
 def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None) -> str:
     """The headline table: for each of :data:`KLD_FILES`, llama.cpp's own ``--kl-divergence`` of its file against
-    the F32 GGUF (as llama-quantize writes it, and with the token embedding and output head kept in F16, the part
-    the project's recipes quantize), beside the project's predictions for the same linear-layer types: for its own
-    protocol (256-token windows, every token scored, embedding and head in 16 bits), and as llama.cpp's CPU backend
-    runs the file (``runtime="llama.cpp-cpu"``: its 8-bit activation rounding priced too). ``imatrix``: an
-    importance-matrix file; :data:`KLD_IMATRIX_FILES` are then also made with it (``llama-quantize --imatrix``) and
-    priced with it (``rank_recipes(..., imatrix=)``), in rows of their own."""
-    from quantpredict.predict.rank import rank_recipes
+    the F32 GGUF (as llama-quantize writes it, and with the token embedding and output head kept in F16), beside two
+    predictions of the shipped default predictor:
 
+    - **the file as llama.cpp measures it**: the whole file (:func:`file_recipe`: the embedding and head in the
+      types llama-quantize gives them), run as llama.cpp's CPU backend runs it (``runtime="llama.cpp-cpu"``: its
+      8-bit activation rounding) and scored as llama-perplexity scores it (``protocol="llama.cpp"``: 512-token
+      chunks, the second half scored). This is the prediction the target judges;
+    - the project's own model of the linear layers (16-bit embedding and head, float32 activations, the project's
+      256-token windows), for comparison.
+
+    ``imatrix``: an importance-matrix file; :data:`KLD_IMATRIX_FILES` are then also made with it
+    (``llama-quantize --imatrix``) and priced with it (``rank_recipes(..., imatrix=)``), in rows of their own."""
+    from quantpredict.models import skeleton
+    from quantpredict.predict.rank import PROTOCOLS, rank_recipes
+
+    if PROTOCOLS["llama.cpp"] != (ctx, ctx // 2 + 1):
+        raise SystemExit(f"kld-table predicts llama-perplexity's protocol at -c {PROTOCOLS['llama.cpp'][0]}; "
+                         f"got --ctx {ctx}")
     base, text, logits = _kld_inputs(model, chunks, ctx)
-    recipes = [r for _, r in KLD_FILES]
-    frames = [rank_recipes(model, recipes, runtime=rt).set_index("recipe") for rt in (None, "llama.cpp-cpu")]
-    by_mix = {str(m if isinstance(m, str) else r): r for r, m in zip(frames[0].index, frames[0]["mix"])}
-    files: list[tuple[str, str, Path | None]] = [(f, r, None) for f, r in KLD_FILES]
+    net = skeleton(model)
+
+    def frames(pairs, im):
+        linear = rank_recipes(model, [r for _, r in pairs], imatrix=im).set_index("recipe")
+        by_mix = {str(m if isinstance(m, str) else r): r for r, m in zip(linear.index, linear["mix"])}
+        whole = [file_recipe(r, net) for _, r in pairs]
+        files = rank_recipes(model, whole, runtime="llama.cpp-cpu", protocol="llama.cpp", imatrix=im)
+        files = files.set_index("recipe")
+        return [(ftype, name, linear.loc[by_mix.get(name, name)], files.loc[w.label])
+                for (ftype, name), w in zip(pairs, whole, strict=True)]
+
+    rows_in = [(*row, None) for row in frames(KLD_FILES, None)]
     if imatrix is not None:
-        im_recipes = [r for _, r in KLD_IMATRIX_FILES]
-        im_frames = [rank_recipes(model, im_recipes, runtime=rt, imatrix=imatrix).set_index("recipe")
-                     for rt in (None, "llama.cpp-cpu")]
-        files += [(f, r, imatrix) for f, r in KLD_IMATRIX_FILES]
-    rows = ["| llama.cpp file | its KLD (llama.cpp) | same, embedding and head in F16 | prediction, project's "
-            "protocol [90%] | prediction, llama.cpp-cpu runtime [90%] | runtime prediction vs llama.cpp | project "
-            "recipe |", "|---|---|---|---|---|---|---|"]
+        rows_in += [(*row, imatrix) for row in frames(KLD_IMATRIX_FILES, imatrix)]
+    rows = ["| llama.cpp file | its KLD (llama.cpp) | same, embedding and head in F16 | prediction: the file as "
+            "llama.cpp measures it [90%] | vs llama.cpp | of which embedding + head | prediction: the project's "
+            "model, linear layers [90%] | project recipe |", "|---|---|---|---|---|---|---|---|"]
     hits = 0
-    for ftype, recipe, im in files:
+    for ftype, recipe, p, q, im in rows_in:
         with_im = ["--imatrix", str(im)] if im is not None else []
         got = [_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
                           threads=threads, logits=logits)
                for extra in ([], list(F16_IO))]
         shown = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in got]
-        p, q = (f.loc[by_mix.get(recipe, recipe)] for f in (frames if im is None else im_frames))
         verdict = "n/a"
         if got[0]:
             rel = q["kld"] / got[0][0] - 1
@@ -445,24 +459,29 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
             ok = abs(rel) <= 0.10 and inside
             hits += ok and im is None
             verdict = f"{rel * 100:+.0f}%{', inside' if inside else ', outside'}{' (**hit**)' if ok else ''}"
+        share = (q["embedding_quad"] + q["head_quad"]) / q["token_gn_quad"] if q["token_gn_quad"] > 0 else 0.0
         name = f"{ftype} + imatrix" if im is not None else ftype
-        rows.append(f"| {name} | {shown[0]} | {shown[1]} | {p['kld']:.4f} [{p['kld_low']:.4f}, {p['kld_high']:.4f}] "
-                    f"| {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] | {verdict} | {recipe} |")
+        rows.append(f"| {name} | {shown[0]} | {shown[1]} | {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] "
+                    f"| {verdict} | {share * 100:.0f}% of the price | {p['kld']:.4f} [{p['kld_low']:.4f}, "
+                    f"{p['kld_high']:.4f}] | {recipe} |")
     target = "**met**" if hits >= 5 else "**not met**"
-    return "\n".join([f"### {model}: llama.cpp's own KLD beside the prediction", "",
+    return "\n".join([f"### {model} (**4-bit on the way in**): llama.cpp's own KLD beside the prediction", "",
                        f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of "
-                       "WikiText-2 test (it scores the second half of each chunk), 1 thread. Two predictions of the "
-                       "shipped default predictor: for the project's protocol (256-token windows, every token after "
-                       "the first scored, embedding and head in 16 bits, activations in float32), and with the "
-                       "8-bit activation rounding of llama.cpp's CPU backend priced in (`--runtime llama.cpp-cpu`: "
-                       "Q8_0/Q8_K per the weight type, quantpredict.runtime). Neither prices the quantized embedding "
-                       "and head (the F16 column shows their share) nor llama.cpp's context and scored half."
+                       "WikiText-2 test (it scores the second half of each chunk), 1 thread. The prediction the "
+                       "target judges is for that quantity: the whole file (the token embedding and output head in "
+                       "llama-quantize's types, priced by `quantpredict.features.embedding_head`), the 8-bit "
+                       "activation rounding of llama.cpp's CPU backend (`--runtime llama.cpp-cpu`: Q8_0/Q8_K per "
+                       "the weight type), and llama-perplexity's windows (`protocol=\"llama.cpp\"`: a profile of "
+                       "512-token windows, the second half scored). Not modelled: llama.cpp's F16 KV cache and "
+                       "attention, and the imatrix of the head. For comparison, the prediction for the project's "
+                       "own model (the linear layers alone, 256-token windows). The real models were 4-bit on the "
+                       "way in (their GGUF packages): the FP model is that dequantized model."
                        + (f" Rows marked + imatrix: both llama-quantize and the prediction take the importance "
                           f"matrix {imatrix.name} (from `quantpredict imatrix`, WikiText-2 train)."
                           if imatrix is not None else ""), "",
                        *rows, "",
-                       f"Target (the runtime prediction within 10% of llama.cpp's KLD and inside its interval for "
-                       f"at least 5 of 6): {target} ({hits} of {len(KLD_FILES)})."])
+                       f"Target (the prediction of the file as llama.cpp measures it within 10% of llama.cpp's KLD "
+                       f"and inside its interval, for at least 5 of 6): {target} ({hits} of {len(KLD_FILES)})."])
 
 
 def file_recipe(name: str, model: Any) -> Any:

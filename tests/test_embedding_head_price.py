@@ -202,3 +202,56 @@ def test_the_features_profile_group_adds_the_terms_to_token_gn_quad():
     assert head > 0 and "head_quad" not in both  # the schema's features only: the store takes no others
     assert both["token_gn_quad"] == pytest.approx(plain["token_gn_quad"] + head, rel=1e-12)
     assert both["kfac_quad"] == plain["kfac_quad"]  # K-FAC terms: the linear layers alone
+
+
+def test_a_protocol_that_scores_the_second_half_prices_those_positions_alone():
+    """``scored_from=k`` (llama-perplexity's protocol): the head's term over the scored positions only, divided by
+    their count plus one per window (as the default divides by every position); ``k = 1`` is the default exactly."""
+    model = _model("llama")
+    windows = _windows(2, 16)
+    k = 9
+    plain = measure_embedding_head(model, windows, seed=SEED)
+    one = measure_embedding_head(model, windows, seed=SEED, scored_from=1)
+    assert one.positions == plain.positions and torch.equal(one.embedding_grads, plain.embedding_grads)
+    half = measure_embedding_head(model, windows, seed=SEED, scored_from=k)
+    assert half.positions == 2 * (16 - k + 1) and half.head_inputs.shape[0] == 2 * (16 - k)
+    w = arch.head(model).weight.detach()
+    delta = (fake_quantize(w.float(), "int4") - w.float()).double()
+    head = arch.head(model)
+    with torch.no_grad():
+        z = model(input_ids=windows).logits[:, k - 1:-1].double()
+        head.weight.add_(delta)
+        dz = model(input_ids=windows).logits[:, k - 1:-1].double() - z
+        head.weight.sub_(delta)
+    p = torch.softmax(z, -1)
+    mean = (p * dz).sum(-1)
+    want = 0.5 * float(((p * dz * dz).sum(-1) - mean * mean).sum()) / half.positions
+    assert head_quadratic(model, half, delta) == pytest.approx(want, rel=1e-4)
+    with pytest.raises(ValueError, match="scored_from"):
+        measure_embedding_head(model, windows, scored_from=16)
+
+
+def test_a_profile_that_scores_the_second_half(token_windows):
+    from quantpredict.features.fisher import measure_profile, price_deltas
+
+    model = tiny_model("llama")
+    k = 13
+    plain = measure_profile(model, token_windows, kfac=False)
+    one = measure_profile(model, token_windows, kfac=False, scored_from=1)
+    half = measure_profile(model, token_windows, kfac=False, scored_from=k)
+    name = plain.names[0]
+    assert torch.equal(one.token_grads[name], plain.token_grads[name]) and one.fp_nll == plain.fp_nll
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=token_windows).logits[:, k - 1:-1].double(), -1)
+    nll = -logp.gather(-1, token_windows[:, k:, None]).mean()
+    assert half.fp_nll == pytest.approx(float(nll), rel=1e-6) and half.tokens == 6 * (24 - k)
+    rows = half.token_inputs[name].shape[0]
+    assert rows == 2 * 24 and half.positions(rows) == 2 * (24 - k + 1) and plain.positions(rows) == rows
+    # the context positions carry the scored positions' gradients: nonzero, unlike nothing scored before k
+    assert float(half.token_grads[name][: k - 1].float().abs().sum()) > 0
+    w = arch.linear_layers(model)[0].weight.detach().float()
+    d = fake_quantize(w, "int4") - w
+    names, deltas = [name], [d]
+    x, s = half.token_inputs[name].float(), half.token_grads[name].float()
+    want = 0.5 * float((((s @ d) * x).sum(1).double() ** 2).sum()) / half.positions(rows)
+    assert price_deltas(half, names, deltas, kfac=False)["token_gn_quad"] == pytest.approx(want, rel=1e-5)

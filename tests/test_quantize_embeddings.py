@@ -159,3 +159,23 @@ def test_a_measuring_predictor_hands_embedding_and_head_recipes_to_the_profile_p
     assert pr.how == HOW_PROFILE and pr.predictor_kind == "profile" and "priced from the weights" in pr.note
     with pytest.raises(RecipeError, match="does not price AWQ"):
         predict_quality("llama-xs", "int4-rtn-awq-H=q8_0")
+
+
+def test_rank_prices_for_llama_perplexity_protocol_from_a_profile_of_its_own(tiny_hf_dir):
+    from quantpredict.errors import PredictorError
+    from quantpredict.predict.rank import profile_model, rank_recipes
+
+    labels = ["int4-rtn", "int4-rtn-H=q8_0"]
+    project = rank_recipes("llama-xs", labels).set_index("recipe")
+    llama = rank_recipes("llama-xs", labels, protocol="llama.cpp")
+    assert llama.attrs["protocol"] == "llama.cpp"
+    llama = llama.set_index("recipe")
+    mp = profile_model("llama-xs", seq_len=512, scored_from=257)
+    assert mp.cached and mp.profile.meta["scored_from"] == 257 and mp.cache_dir != profile_model("llama-xs").cache_dir
+    for label in labels:
+        assert llama.loc[label, "token_gn_quad"] != project.loc[label, "token_gn_quad"]
+    assert llama.loc["int4-rtn-H=q8_0", "head_quad"] > 0
+    with pytest.raises(PredictorError, match="known protocols: project, llama.cpp"):
+        rank_recipes("llama-xs", labels, protocol="llama")
+    with pytest.raises(PredictorError, match="context is 128 positions"):
+        rank_recipes(str(tiny_hf_dir), labels, protocol="llama.cpp")

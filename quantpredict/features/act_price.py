@@ -65,14 +65,16 @@ def smoothing_scales_of(model: nn.Module, token_inputs: Mapping[str, torch.Tenso
 
 def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                   scale: torch.Tensor | None, act_format: str | None, act_block: int | None,
-                  chunk: int = 512) -> tuple[float, float, float]:
+                  chunk: int = 512, positions: int | None = None) -> tuple[float, float, float]:
     """``(total, weight part, activation part)`` of one layer's token-wise price, each ``0.5 / T sum_t (s_t^T v_t)^2``:
     ``v = W'_q (A(x') - x') + dW' x'`` (total), ``dW' x'`` (weight part), ``W'_q (A(x') - x')`` (activation part).
 
     ``w_q`` ``[out, in]``: the quantized (smoothed) weight ``W'_q``; ``delta`` ``[out, in]``: ``W'_q - W'``;
     ``x`` ``[T, in]`` the FP inputs, ``s`` ``[T, out]`` the sampled output gradients; ``scale`` ``[in]`` SmoothQuant's
     ``s`` (``None``: 1); ``act_format`` ``None``: no activation quantization (then total = weight part). Float32
-    chunks, float64 sums."""
+    chunks, float64 sums. ``positions``: the denominator ``T`` (default ``x``'s rows;
+    :meth:`~quantpredict.features.fisher.SensitivityProfile.positions` for a profile that scores part of each
+    window)."""
     from quantpredict.formats import fake_quantize
 
     wq, d = w_q.float(), delta.float()
@@ -90,7 +92,7 @@ def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: to
             va = ((g @ wq) * err).sum(1)
         for k, v in enumerate((vw + va, vw, va)):
             sums[k] += float(v.double().pow(2).sum())
-    n = max(x.shape[0], 1)
+    n = max(x.shape[0] if positions is None else positions, 1)
     return 0.5 * sums[0] / n, 0.5 * sums[1] / n, 0.5 * sums[2] / n
 
 
@@ -160,7 +162,9 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
             h = profile.hessian(ref.name) if method == "gptq" else None
             w_q, delta = smoothed_quantized(ref.weight, scale, fb, method, h, gptq_options,
                                             importance_of(importance, ref.name, fb[0]))
-            parts = act_quadratic(w_q, delta, xs[ref.name], profile.token_grads[ref.name], scale, a_fmt, a_block)
+            x = xs[ref.name]
+            parts = act_quadratic(w_q, delta, x, profile.token_grads[ref.name], scale, a_fmt, a_block,
+                                  positions=profile.positions(x.shape[0]))
             totals = [a + b for a, b in zip(totals, parts)]
             per_layer.append(parts[0])
     total = sum(per_layer)

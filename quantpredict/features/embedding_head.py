@@ -42,9 +42,9 @@ class EmbeddingHeadStats:
     """What pricing the embedding and head reads, measured once per model on the profile's token windows.
 
     ``token_ids`` [T] (int64): every position's token; ``embedding_grads`` [T, d]: the sampled-label log-likelihood
-    gradient at the embedding module's output; ``head_inputs`` [P, d]: the head's input at the ``P`` predicted
-    positions (all but each window's last); ``positions``: ``T``, the terms' denominator. Float32 (float64 for a
-    float64 model)."""
+    gradient at the embedding module's output; ``head_inputs`` [P, d]: the head's input at the ``P`` scored
+    positions (by default all but each window's last); ``positions``: the terms' denominator (``T``, or the scored
+    positions' count under ``scored_from``). Float32 (float64 for a float64 model)."""
 
     token_ids: torch.Tensor
     embedding_grads: torch.Tensor
@@ -52,24 +52,32 @@ class EmbeddingHeadStats:
     positions: int
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors by name (the profile cache's file)."""
+        """The tensors by name (the profile cache's file; ``positions`` as a one-element tensor)."""
         return {"token_ids": self.token_ids, "embedding_grads": self.embedding_grads,
-                "head_inputs": self.head_inputs}
+                "head_inputs": self.head_inputs, "positions": torch.tensor([self.positions], dtype=torch.int64)}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> EmbeddingHeadStats:
-        ids = tensors["token_ids"]
-        return cls(ids, tensors["embedding_grads"], tensors["head_inputs"], int(ids.numel()))
+        return cls(tensors["token_ids"], tensors["embedding_grads"], tensors["head_inputs"],
+                   int(tensors["positions"][0]))
 
 
 def _float(model: nn.Module) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
-def measure_embedding_head(model: nn.Module, windows: torch.Tensor, *, seed: int = 0) -> EmbeddingHeadStats:
+def measure_embedding_head(model: nn.Module, windows: torch.Tensor, *, seed: int = 0,
+                           scored_from: int | None = None) -> EmbeddingHeadStats:
     """:class:`EmbeddingHeadStats` of ``model`` on ``windows`` ``[n, seq_len]``: one forward and one backward pass
     per window (labels drawn from the model's own next-token distribution with a generator seeded ``seed``, as
-    :func:`~quantpredict.features.fisher.measure_profile` draws them). The model is left as it was."""
+    :func:`~quantpredict.features.fisher.measure_profile` draws them). ``scored_from=k``: only positions ``k ..``
+    of each window are scored (labels, head inputs; ``positions`` counts ``seq_len - k + 1`` per window, as
+    :meth:`~quantpredict.features.fisher.SensitivityProfile.positions` does). The model is left as it was."""
+    n, seq_len = windows.shape
+    if scored_from is not None and not (isinstance(scored_from, int) and 1 <= scored_from < seq_len):
+        raise ValueError(f"scored_from must be a position between 1 and seq_len - 1 = {seq_len - 1}, "
+                         f"got {scored_from!r}")
+    first = 0 if scored_from is None else scored_from - 1
     dtype = _float(model)
     emb, head = arch.embedding_modules(model)[0], arch.head(model)
     gen = torch.Generator().manual_seed(seed)
@@ -96,7 +104,7 @@ def measure_embedding_head(model: nn.Module, windows: torch.Tensor, *, seed: int
             leaf.clear()
             head_in.clear()
             with torch.enable_grad():
-                z = model(input_ids=ids, use_cache=False).logits[:, :-1].to(dtype)
+                z = model(input_ids=ids, use_cache=False).logits[:, first:-1].to(dtype)
                 logp = torch.log_softmax(z, dim=-1).reshape(-1, z.shape[-1])
                 with torch.no_grad():
                     y = torch.multinomial(logp.detach().exp(), 1, generator=gen)
@@ -107,7 +115,7 @@ def measure_embedding_head(model: nn.Module, windows: torch.Tensor, *, seed: int
                                    "to its blocks as Hugging Face decoders do")
             grads.append(g.reshape(-1, g.shape[-1]).to(dtype))
             h = head_in[-1]
-            inputs.append(h[:, :-1].reshape(-1, h.shape[-1]).to(dtype))
+            inputs.append(h[:, first:-1].reshape(-1, h.shape[-1]).to(dtype))
     finally:
         for h in handles:
             h.remove()
@@ -115,7 +123,7 @@ def measure_embedding_head(model: nn.Module, windows: torch.Tensor, *, seed: int
         for p, flag in flags:
             p.requires_grad_(flag)
     ids = windows.reshape(-1).to(torch.int64)
-    return EmbeddingHeadStats(ids, torch.cat(grads), torch.cat(inputs), int(ids.numel()))
+    return EmbeddingHeadStats(ids, torch.cat(grads), torch.cat(inputs), n * (seq_len - first))
 
 
 def _rows_delta(weight: torch.Tensor, fmt: str, rows: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,16 @@ class SensitivityProfile:
         """GPTQ's Hessian of layer ``name``, ``2 A`` (``[in, in]`` float64)."""
         return 2.0 * self.input_moment[name].double()
 
+    def positions(self, rows: int) -> int:
+        """The denominator of the token-wise terms over ``rows`` stored positions (whole windows): ``rows`` itself,
+        or, for a profile measured with ``scored_from = k`` (``meta``), the scored positions ``seq_len - k + 1``
+        per window (``k = 1``, every position after the first, gives ``rows`` again)."""
+        k = self.meta.get("scored_from")
+        if k is None:
+            return rows
+        seq_len = int(self.meta["seq_len"])
+        return rows // seq_len * (seq_len - int(k) + 1)
+
 
 #: the windows whose per-token terms a profile keeps by default (the first ones of its calibration batch)
 TOKEN_WINDOWS = 2
@@ -158,7 +168,7 @@ TOKEN_WINDOWS = 2
 
 def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: int = 1, seed: int = 0,
                     batch_size: int = 1, token_windows: int | None = TOKEN_WINDOWS,
-                    kfac: bool = True) -> SensitivityProfile:
+                    kfac: bool = True, scored_from: int | None = None) -> SensitivityProfile:
     """The :class:`SensitivityProfile` of ``model`` on ``windows`` (``[n, seq_len]``).
 
     One forward and ``label_samples`` backward passes per micro-batch of ``batch_size`` windows: the inputs of every
@@ -176,7 +186,18 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     a backward pass. Its ``input_moment`` (GPTQ's Hessian ``2A``) is a :class:`~quantpredict.features.moments.
     LazyInputMoments`: measured block by block on the same windows the first time one is read (on the model as it
     is then), each ``A`` kept on disk, one block's in memory at a time.
+
+    ``scored_from=k`` (``1 <= k < seq_len``; :func:`quantpredict.evaluate.make_windows`'s meaning): the profile of an
+    evaluation that scores positions ``k ..`` of every window alone (llama-perplexity's protocol: ``seq_len=512,
+    k=257``). Labels are drawn, and the FP NLL and entropy taken, at those positions only; the earlier ones are
+    context, whose layer inputs and output gradients (the gradients of the scored positions' loss) are kept as every
+    position's are, and the token-wise terms divide by the scored positions (:meth:`SensitivityProfile.positions`).
     """
+    seq_len = int(windows.shape[1])
+    if scored_from is not None and not (isinstance(scored_from, int) and 1 <= scored_from < seq_len):
+        raise ValueError(f"scored_from must be a position between 1 and seq_len - 1 = {seq_len - 1}, "
+                         f"got {scored_from!r}")
+    first = 0 if scored_from is None else scored_from - 1  # the first scored row of the [b, seq_len - 1] logits
     if not kfac and label_samples != 1:
         raise ValueError("measure_profile(kfac=False) keeps the token-wise terms only, which take one label sample; "
                          f"got label_samples={label_samples}")
@@ -245,13 +266,13 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
                 capture_inputs[0] = k == 0
                 seen_inputs.clear()
                 with torch.set_grad_enabled(backward):
-                    z = _logits(model, ids)
+                    z = _logits(model, ids)[:, first:]
                     logp = torch.log_softmax(z, dim=-1)
                 if k == 0:
                     with torch.no_grad():
-                        nll_sum += float(-logp.gather(-1, ids[:, 1:, None]).double().sum())
+                        nll_sum += float(-logp.gather(-1, ids[:, first + 1:, None]).double().sum())
                         entropy_sum += float(-(logp.exp() * logp).double().sum())
-                        tokens += int(ids.shape[0] * (ids.shape[1] - 1))
+                        tokens += int(logp.shape[0] * logp.shape[1])
                 if not backward:
                     continue
                 with torch.no_grad():
@@ -284,7 +305,7 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
         token_grads={n: torch.cat(v) for n, v in s_parts.items()} if keep_tokens and inputs else {},
         seconds=time.perf_counter() - t0, label_samples=label_samples,
         meta={"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "seed": seed}
-        | ({} if kfac else {"kfac": False}))
+        | ({} if kfac else {"kfac": False}) | ({} if scored_from is None else {"scored_from": int(scored_from)}))
 
 
 def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
@@ -323,7 +344,7 @@ def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor, *,
     tok = float("nan")
     if name in profile.token_grads:
         x = profile.token_inputs[name]
-        tok = token_quadratic(delta, x, profile.token_grads[name], x.shape[0])
+        tok = token_quadratic(delta, x, profile.token_grads[name], profile.positions(x.shape[0]))
     return full, diag, tok
 
 

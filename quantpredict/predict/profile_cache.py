@@ -311,11 +311,13 @@ def attach_moments(profile: SensitivityProfile, model: Any, windows: Callable[[]
     profile.input_moment = LazyInputMoments(profile.names, measure)
 
 
-def embedding_head_stats(model: Any, windows: Callable[[], torch.Tensor], directory: Path | None, *, seed: int = 0):
+def embedding_head_stats(model: Any, windows: Callable[[], torch.Tensor], directory: Path | None, *, seed: int = 0,
+                         scored_from: int | None = None):
     """The :class:`~quantpredict.features.embedding_head.EmbeddingHeadStats` of ``model`` on ``windows()`` (the
     profile's token windows): read from ``directory`` (the cache entry) where an earlier call wrote them, else
     measured (one forward and backward pass per window) and written there; ``directory=None`` measures without
-    keeping. A corrupt file is reported, removed and measured again; one that cannot be written is only not kept."""
+    keeping. ``scored_from``: the profile's (:func:`~quantpredict.features.fisher.measure_profile`). A corrupt file
+    is reported, removed and measured again; one that cannot be written is only not kept."""
     from safetensors.torch import load_file
 
     from quantpredict.features.embedding_head import EmbeddingHeadStats, measure_embedding_head
@@ -328,7 +330,7 @@ def embedding_head_stats(model: Any, windows: Callable[[], torch.Tensor], direct
             warnings.warn(f"{path} is unusable ({type(exc).__name__}: {exc}); measuring it again",
                           ProfileCacheWarning, stacklevel=2)
             path.unlink(missing_ok=True)
-    stats = measure_embedding_head(model, windows(), seed=seed)
+    stats = measure_embedding_head(model, windows(), seed=seed, scored_from=scored_from)
     if path is not None:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:  # through a temporary name: a killed write leaves no half file under the real one

@@ -81,7 +81,8 @@ class ModelProfile:
                 raise PredictorError(f"{self.name}: this profile has no calibration windows to measure the embedding "
                                      "and head statistics on; profile the model with profile_model()")
             self.embedding_head = embedding_head_stats(self.model, lambda: self.windows()[:TOKEN_WINDOWS],
-                                                       self.cache_dir, seed=self.seed)
+                                                       self.cache_dir, seed=self.seed,
+                                                       scored_from=self.profile.meta.get("scored_from"))
         return self.embedding_head
 
 
@@ -90,9 +91,23 @@ class ModelProfile:
 TOKEN_WINDOWS = 2
 
 
+#: the evaluation protocols a price can be for, by name: ``(seq_len, scored_from)`` of the windows the KLD averages
+#: over (:func:`quantpredict.evaluate.make_windows`). ``project``: 256-token windows, every position after the
+#: first scored (the project's evaluations, the predictors' training runs); ``llama.cpp``: llama-perplexity's
+#: 512-token chunks, positions 257 .. 511 scored (``--kl-divergence`` with ``-c 512``)
+PROTOCOLS: dict[str, tuple[int, int | None]] = {"project": (256, None), "llama.cpp": (512, 257)}
+
+
+def protocol_windows(protocol: str) -> tuple[int, int | None]:
+    """``(seq_len, scored_from)`` of a protocol of :data:`PROTOCOLS`; a :class:`PredictorError` naming them."""
+    if protocol not in PROTOCOLS:
+        raise PredictorError(f"unknown protocol {protocol!r}; known protocols: {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[protocol]
+
+
 def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = None, seed: int = 0,
                   n_windows: int = 8, seq_len: int = 256, name: str | None = None,
-                  cache: bool = True) -> ModelProfile:
+                  cache: bool = True, scored_from: int | None = None) -> ModelProfile:
     """Load ``model_or_path`` (or take a loaded model with its ``tokenizer``) and measure its lean profile once
     (``measure_profile(kfac=False)``: the token-wise terms the weights-only price reads; GPTQ's input moments are
     measured block by block the first time a GPTQ recipe is priced).
@@ -100,7 +115,10 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
     ``cache``: read the profile from, and write it to, the profile cache
     (:mod:`quantpredict.predict.profile_cache`: ``$QUANTPREDICT_HOME/profiles``, default
     ``~/.cache/quantpredict/profiles``), keyed by the weights, the calibration text, the protocol and the code
-    version; a cached profile runs no backward pass (and tokenizes nothing), and prices exactly as the fresh one."""
+    version; a cached profile runs no backward pass (and tokenizes nothing), and prices exactly as the fresh one.
+
+    ``seq_len`` and ``scored_from`` (:func:`~quantpredict.features.fisher.measure_profile`): the windows, and the
+    first scored position of each, of the evaluation the prices are for (:data:`PROTOCOLS`)."""
     import torch
 
     from quantpredict import arch, data, models
@@ -128,14 +146,17 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
             windows_cache.append(feature_windows(model, stream, n_windows, seq_len, seed))
         return windows_cache[0]
 
+    limit = max_positions(model)
+    two_d = isinstance(calib, torch.Tensor) and calib.dim() == 2
+    if scored_from is not None and (seq_len if two_d or not limit else min(seq_len, limit)) <= scored_from:
+        raise PredictorError(f"{name}: the protocol scores positions {scored_from} .. of {seq_len}-token windows, but "
+                             f"the model's context is {limit} positions; price it for the project's protocol")
     entry = key = parts = None
     loaded = None
     if cache:
-        limit = max_positions(model)
-        two_d = isinstance(calib, torch.Tensor) and calib.dim() == 2
         protocol = {"n_windows": n_windows, "seq_len": min(seq_len, limit) if limit and not two_d else seq_len,
                     "seed": seed, "token_windows": TOKEN_WINDOWS, "label_samples": 1, "batch_size": 1,
-                    "kfac": False}
+                    "kfac": False} | ({} if scored_from is None else {"scored_from": scored_from})
         parts = profile_cache.key_parts(model_or_path, model, tokenizer, calib, protocol)
         key = profile_cache.cache_key(parts)
         entry = profile_cache.entry_dir(name, key)
@@ -147,7 +168,8 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
         fwd = float(extra["forward_seconds_per_window"])
         n_split = int(extra["full_split_windows"])
     else:
-        profile = measure_profile(model, windows(), seed=seed, token_windows=TOKEN_WINDOWS, kfac=False)
+        profile = measure_profile(model, windows(), seed=seed, token_windows=TOKEN_WINDOWS, kfac=False,
+                                  scored_from=scored_from)
         # the cost a full evaluation would have: one FP and one quantized forward per window of the whole test split
         t = time.perf_counter()
         with torch.inference_mode():
@@ -372,7 +394,8 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
                  max_bits: float | None = None, max_kld: float | None = None,
                  max_ppl_increase: float | None = None, tokenizer: Any = None, ppl_fp: Any = None,
                  progress: bool = False, calib: Any = None, cache: bool = True,
-                 fp_windows: int | None = None, runtime: str | None = None, imatrix: Any = None) -> pd.DataFrame:
+                 fp_windows: int | None = None, runtime: str | None = None, imatrix: Any = None,
+                 protocol: str = "project") -> pd.DataFrame:
     """Every candidate recipe of ``model`` with its predicted KLD, delta NLL, perplexity and top-1 (90% intervals),
     bits per element, size, a Pareto flag, and the recommendation under at most one constraint.
 
@@ -391,7 +414,12 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     (:func:`recipe_row`; the candidates must use the runtime's weight formats); ``None``: the project's model.
     ``imatrix`` (an :class:`~quantpredict.imatrix.Imatrix` or a llama.cpp imatrix file): price every candidate's
     RTN of llama.cpp types as llama-quantize --imatrix quantizes it (the candidates must be RTN recipes of
-    llama.cpp types, checked before the model loads; the file is read first too).
+    llama.cpp types, checked before the model loads; the file is read first too). ``protocol``
+    (:data:`PROTOCOLS`): the evaluation the predicted KLD, delta NLL and top-1 are for; ``"llama.cpp"`` prices
+    against a profile of llama-perplexity's windows (512 tokens, the second half scored; its own cache entry). The
+    predictor maps the price to KLD as fitted on the project's protocol (the price is the second-order KLD itself,
+    its constant 1 by construction), and the perplexity columns move the FP reference, which is the project
+    protocol's, by the predicted delta NLL.
 
     Returns a DataFrame sorted by bits then predicted KLD; ``attrs`` holds ``recommended`` (a label or None),
     ``constraint``, ``seconds`` (total), ``profile_seconds``, ``full_eval_seconds`` and ``full_eval`` (the shared
@@ -440,8 +468,10 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         from quantpredict.imatrix import load
 
         load(imatrix)  # a missing or malformed file fails before the model loads
+    seq_len, scored_from = protocol_windows(protocol)
     t0 = time.perf_counter()
-    mp = profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache)
+    mp = profile_model(model, tokenizer=tokenizer, calib=calib, cache=cache, seq_len=seq_len,
+                       scored_from=scored_from)
     t_fp = time.perf_counter()
     ref = fp_reference_of(mp, ppl_fp, fp_windows, cache)
     fp_seconds = time.perf_counter() - t_fp
@@ -468,7 +498,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
         "full_eval_seconds": full_eval_cost(ref).seconds, "full_eval": full_eval_cost(ref).to_dict(),
         "fp_reference": ref.to_dict(), "fp_seconds": fp_seconds,
         "kept_16bit": kept + ["norms and biases", "layers a recipe leaves unquantized"],
-        "predictor_kind": pred.kind, "runtime": runtime,
+        "predictor_kind": pred.kind, "runtime": runtime, "protocol": protocol,
         "imatrix": None if imatrix is None else frame["imatrix"].iloc[0],
     })
     return frame
