@@ -3,6 +3,8 @@ the code before it, not against a number from another day.
 
     git worktree add --detach /tmp/before COMMIT
     .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --formats iq4_nl,iq4_xs [--write]
+    .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --kind awq_search --formats mxint4 --size 8960 \
+        --name awq --write
 
 Each timing is its own process (``python -c``, one torch thread) running ``formats.fake_quantize`` of a seeded
 ``--size`` x ``--size`` float32 weight after a small warm-up, before and after alternating ``--repeats`` times, so
@@ -24,15 +26,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_average, stamp, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SNIPPET = ("import sys, time, torch; torch.set_num_threads(1); from quantpredict import formats; "
-           "x = torch.randn({n}, {n}, generator=torch.Generator().manual_seed(0)); "
-           "formats.fake_quantize(x[:64], '{fmt}'); t = time.perf_counter(); formats.fake_quantize(x, '{fmt}'); "
-           "print(time.perf_counter() - t)")
+#: what is timed, by ``--kind``: ``fake_quantize`` of a seeded n x n weight; ``awq_search``, AWQ's grid search
+#: (``quantize.awq.search_scales``, 4 grid points) on one down projection of a 1.5B Qwen2's shape: a [1536, n]
+#: weight against an [n, n] Hessian of random inputs (n = 8960 there)
+SNIPPETS = {
+    "fake_quantize": (
+        "import sys, time, torch; torch.set_num_threads(1); from quantpredict import formats; "
+        "x = torch.randn({n}, {n}, generator=torch.Generator().manual_seed(0)); "
+        "formats.fake_quantize(x[:64], '{fmt}'); t = time.perf_counter(); formats.fake_quantize(x, '{fmt}'); "
+        "print(time.perf_counter() - t)"),
+    "awq_search": (
+        "import sys, time, torch; torch.set_num_threads(1); from quantpredict.quantize.awq import search_scales; "
+        "g = torch.Generator().manual_seed(0); w = torch.randn(1536, {n}, generator=g); "
+        "x = torch.randn(2 * {n}, {n}, generator=g, dtype=torch.float64); h = 2 * x.T @ x / x.shape[0]; "
+        "m = x.abs().mean(0); t = time.perf_counter(); search_scales([w], [('{fmt}', None)], h, m, n_grid=4); "
+        "print(time.perf_counter() - t)"),
+}
 
 
-def timed(tree: Path, fmt: str, n: int) -> float:
+def timed(tree: Path, fmt: str, n: int, kind: str = "fake_quantize") -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", SNIPPET.format(n=n, fmt=fmt)], cwd=tree, env=env, check=True,
+    out = subprocess.run([sys.executable, "-c", SNIPPETS[kind].format(n=n, fmt=fmt)], cwd=tree, env=env, check=True,
                          capture_output=True, text=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -50,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--name", default="iq4", help="the section is ab-NAME")
+    ap.add_argument("--kind", choices=sorted(SNIPPETS), default="fake_quantize", help="what is timed (see SNIPPETS)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args(argv)
     for tree in (args.before, args.after):
@@ -59,17 +74,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     rows = ["| format | before s (median) | after s (median) | speed-up (median of pairs) |", "|---|---:|---:|---:|"]
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
-        pairs = [(timed(args.before, fmt, args.size), timed(args.after, fmt, args.size)) for _ in range(args.repeats)]
+        pairs = [(timed(args.before, fmt, args.size, args.kind), timed(args.after, fmt, args.size, args.kind))
+                 for _ in range(args.repeats)]
         b, a = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
         ratio = statistics.median(p[0] / p[1] for p in pairs)
         rows.append(f"| {fmt} | {b:.2f} | {a:.2f} | {ratio:.1f}x |")
         print(rows[-1], flush=True)
+    what = (f"One {args.size}x{args.size} float32 weight" if args.kind == "fake_quantize" else
+            f"AWQ's grid search (4 grid points) on a [1536, {args.size}] float32 weight against an [{args.size}, "
+            f"{args.size}] Hessian")
     text = "\n".join([
-        f"## A/B: `fake_quantize` before and after ({args.name}; `benchmarks/bench_ab.py`)", "",
+        f"## A/B: `{args.kind}` before and after ({args.name}; `benchmarks/bench_ab.py --kind {args.kind}`)", "",
         f"{stamp()} Load average {load_average()} at the end (other jobs on both cores: the ratios, taken "
         f"pair by pair, are the numbers to read). Before: commit {commit_of(args.before)}; after: commit "
-        f"{commit_of(args.after)}. One {args.size}x{args.size} float32 weight, one torch thread, each timing its "
-        f"own process, {args.repeats} pairs in turns.", "", *rows])
+        f"{commit_of(args.after)}. {what}, one torch thread, each timing its own process, {args.repeats} pairs in "
+        f"turns.", "", *rows])
     if args.write:
         write_section(f"ab-{args.name}", text)
     return 0

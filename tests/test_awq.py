@@ -53,9 +53,10 @@ def test_outlier_channels_are_protected():
         s = c.scales
         direct = sum(_direct_error(w, fake_quantize((w.double() * s).float(), fmt[0], block_size=fmt[1]).double()
                                    / s, x) for w in ws)
-        assert direct == pytest.approx(c.loss, rel=1e-9)
+        # float32 products of the search over 128-term rows: ~1e-6 relative (awq._scaled_error)
+        assert direct == pytest.approx(c.loss, rel=1e-5)
         assert c.losses[0] == c.loss_rtn == pytest.approx(
-            sum(_direct_error(w, fake_quantize(w, fmt[0], block_size=fmt[1]), x) for w in ws), rel=1e-9)
+            sum(_direct_error(w, fake_quantize(w, fmt[0], block_size=fmt[1]), x) for w in ws), rel=1e-5)
 
 
 def test_scales_for_ratio_matches_the_definition():
