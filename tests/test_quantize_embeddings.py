@@ -179,3 +179,12 @@ def test_rank_prices_for_llama_perplexity_protocol_from_a_profile_of_its_own(tin
         rank_recipes("llama-xs", labels, protocol="llama")
     with pytest.raises(PredictorError, match="context is 128 positions"):
         rank_recipes(str(tiny_hf_dir), labels, protocol="llama.cpp")
+
+
+def test_the_cli_offers_the_protocols_rank_knows():
+    from quantpredict.cli import build_parser
+    from quantpredict.predict.rank import PROTOCOLS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    rank = sub.choices["rank"]
+    assert next(a for a in rank._actions if a.dest == "protocol").choices == list(PROTOCOLS)

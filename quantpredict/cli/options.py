@@ -138,6 +138,21 @@ def add_runtime(p) -> None:
                         "in full precision)")
 
 
+def add_protocol(p) -> None:
+    """``--protocol``: the evaluation the predicted KLD is for (:data:`quantpredict.predict.rank.PROTOCOLS`)."""
+    p.add_argument("--protocol", default="project", choices=["project", "llama.cpp"],
+                   help="the evaluation the predictions are for: 'project' (256-token windows, every position "
+                        "after the first scored; default) or 'llama.cpp' (llama-perplexity's 512-token chunks, the "
+                        "second half scored: what `llama-perplexity --kl-divergence -c 512` reports; a profile of "
+                        "its own, measured once and cached)")
+
+
+def protocol_words(protocol: str | None) -> str:
+    """The printed label of a protocol: empty for the project's."""
+    return "" if protocol in (None, "project") else (f"; for {protocol}'s protocol (512-token chunks, the second "
+                                                      "half scored)")
+
+
 def runtime_words(runtime: str | None) -> str:
     """The printed label of a runtime: empty for none."""
     return "" if runtime is None else f"; as {runtime} runs it (activation rounding included)"

@@ -32,6 +32,7 @@ def register(sub) -> None:
                         help="predicted perplexity at most PCT percent above the FP one")
     p.add_argument("--predictor", default="default", help="a saved profile predictor (default: the shipped one)")
     options.add_runtime(p)
+    options.add_protocol(p)
     options.add_imatrix(p, "price every candidate's RTN of llama.cpp types with it (RTN recipes of llama.cpp types "
                            "only: give --recipes or --formats)")
     answer.add_fp_options(p)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         frame = rank_recipes(args.model, recipes, predictor=args.predictor, max_bits=args.max_bits,
                              max_kld=args.max_kld, max_ppl_increase=args.max_ppl_increase, ppl_fp=args.ppl_fp,
                              progress=True, cache=not args.no_cache, fp_windows=args.fp_windows,
-                             runtime=args.runtime, imatrix=args.imatrix)
+                             runtime=args.runtime, imatrix=args.imatrix, protocol=args.protocol)
     names = [r["mix"] if isinstance(r.get("mix"), str) else r["recipe"] for _, r in frame.iterrows()]
     frame.attrs["notes"] = answer.notes(caught, zip(names, frame["out_of_range"].fillna("") if "out_of_range" in frame
                                                                else [""] * len(frame)))
@@ -100,6 +101,7 @@ def _print(args: argparse.Namespace, frame) -> None:
                           "profile_seconds": a["profile_seconds"], "profile_cached": a["profile_cached"],
                           "full_eval_seconds": a["full_eval_seconds"], "full_eval": a["full_eval"],
                           "kept_16bit": a["kept_16bit"], "runtime": a.get("runtime"), "imatrix": a.get("imatrix"),
+                          "protocol": a.get("protocol", "project"),
                           "notes": a.get("notes", []),
                           "candidates": rows},
                          indent=1, default=str))
@@ -108,6 +110,7 @@ def _print(args: argparse.Namespace, frame) -> None:
     fp_value = float(frame["ppl_fp"].iloc[0]) if len(frame) else None
     print(f"{a['model']}: {len(frame)} candidates, predicted on WikiText-2 test ({a['predictor_kind']} predictor, "
           f"90% intervals, which carry the FP perplexity's SE too){options.runtime_words(a.get('runtime'))}"
+          f"{options.protocol_words(a.get('protocol'))}"
           f"{options.imatrix_words(a.get('imatrix'))}; * = "
           "Pareto-optimal in KLD vs bits")
     print(answer.fp_line(fp, fp_value))
