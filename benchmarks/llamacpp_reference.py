@@ -434,19 +434,20 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
         linear = rank_recipes(model, [r for _, r in pairs], imatrix=im).set_index("recipe")
         by_mix = {str(m if isinstance(m, str) else r): r for r, m in zip(linear.index, linear["mix"])}
         whole = [file_recipe(r, net) for _, r in pairs]
-        files = rank_recipes(model, whole, runtime="llama.cpp-cpu", protocol="llama.cpp", imatrix=im)
-        files = files.set_index("recipe")
-        return [(ftype, name, linear.loc[by_mix.get(name, name)], files.loc[w.label])
+        files = [rank_recipes(model, whole, runtime="llama.cpp-cpu", protocol=proto, imatrix=im).set_index("recipe")
+                 for proto in ("project", "llama.cpp")]
+        return [(ftype, name, linear.loc[by_mix.get(name, name)], files[0].loc[w.label], files[1].loc[w.label])
                 for (ftype, name), w in zip(pairs, whole, strict=True)]
 
     rows_in = [(*row, None) for row in frames(KLD_FILES, None)]
     if imatrix is not None:
         rows_in += [(*row, imatrix) for row in frames(KLD_IMATRIX_FILES, imatrix)]
     rows = ["| llama.cpp file | its KLD (llama.cpp) | same, embedding and head in F16 | prediction: the file as "
-            "llama.cpp measures it [90%] | vs llama.cpp | of which embedding + head | prediction: the project's "
-            "model, linear layers [90%] | project recipe |", "|---|---|---|---|---|---|---|---|"]
+            "llama.cpp measures it [90%] | vs llama.cpp | of which embedding + head | the same, the project's "
+            "windows [90%] | the project's model, linear layers [90%] | project recipe |",
+            "|---|---|---|---|---|---|---|---|---|"]
     hits = 0
-    for ftype, recipe, p, q, im in rows_in:
+    for ftype, recipe, p, r, q, im in rows_in:
         with_im = ["--imatrix", str(im)] if im is not None else []
         got = [_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
                           threads=threads, logits=logits)
@@ -462,8 +463,8 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
         share = (q["embedding_quad"] + q["head_quad"]) / q["token_gn_quad"] if q["token_gn_quad"] > 0 else 0.0
         name = f"{ftype} + imatrix" if im is not None else ftype
         rows.append(f"| {name} | {shown[0]} | {shown[1]} | {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] "
-                    f"| {verdict} | {share * 100:.0f}% of the price | {p['kld']:.4f} [{p['kld_low']:.4f}, "
-                    f"{p['kld_high']:.4f}] | {recipe} |")
+                    f"| {verdict} | {share * 100:.0f}% of the price | {r['kld']:.4f} [{r['kld_low']:.4f}, "
+                    f"{r['kld_high']:.4f}] | {p['kld']:.4f} [{p['kld_low']:.4f}, {p['kld_high']:.4f}] | {recipe} |")
     target = "**met**" if hits >= 5 else "**not met**"
     return "\n".join([f"### {model} (**4-bit on the way in**): llama.cpp's own KLD beside the prediction", "",
                        f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of "
@@ -473,8 +474,10 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
                        "activation rounding of llama.cpp's CPU backend (`--runtime llama.cpp-cpu`: Q8_0/Q8_K per "
                        "the weight type), and llama-perplexity's windows (`protocol=\"llama.cpp\"`: a profile of "
                        "512-token windows, the second half scored). Not modelled: llama.cpp's F16 KV cache and "
-                       "attention, and the imatrix of the head. For comparison, the prediction for the project's "
-                       "own model (the linear layers alone, 256-token windows). The real models were 4-bit on the "
+                       "attention, and the imatrix of the head. For comparison, the same prediction for the "
+                       "project's windows (256 tokens, every position after the first scored), and the prediction "
+                       "for the project's own model (the linear layers alone, 16-bit embedding and head, float32 "
+                       "activations, the project's windows). The real models were 4-bit on the "
                        "way in (their GGUF packages): the FP model is that dequantized model."
                        + (f" Rows marked + imatrix: both llama-quantize and the prediction take the importance "
                           f"matrix {imatrix.name} (from `quantpredict imatrix`, WikiText-2 train)."
@@ -675,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     t2.add_argument("--chunks", type=int, default=32)
     t2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     t2.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made and priced with it")
+    t2.add_argument("--note", default="", help="a paragraph the section adds after the table (what limits it)")
     m2 = sub.add_parser("measure-table", help="the project's measurement of llama.cpp's files under both protocols")
     m2.add_argument("--model", default="smollm2-135m")
     m2.add_argument("--chunks", type=int, default=32)
@@ -729,8 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "kld-table":
         from _common import write_between
 
-        write_between(args.out, f"llamacpp:kld:{args.model}", kld_table(args.model, chunks=args.chunks,
-                                                                         imatrix=args.imatrix))
+        table = kld_table(args.model, chunks=args.chunks, imatrix=args.imatrix)
+        write_between(args.out, f"llamacpp:kld:{args.model}", table + (f"\n\n{args.note}" if args.note else ""))
         print(f"wrote {args.out}")
     elif args.cmd == "types-table":
         from _common import write_between
