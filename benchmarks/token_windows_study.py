@@ -5,7 +5,9 @@ prices each recipe on every window alone, and prints the mean over the first 2 w
 windows' spread: whether more windows would move the prices (a bias) or only steady them (noise). Then, over all
 the windows, the within-layer *full-window* estimate ``0.5 / T sum_w sum_l (sum_t v_lt)^2`` beside the token-wise
 ``0.5 / T sum_l sum_t v_lt^2`` (``v_lt = s_t^T dW_l x_t``): its ratio is what the cross-position terms of each
-layer add (unbiased over the sampled labels, but one label per window: noisy per window).
+layer add (unbiased over the sampled labels, but one label per window: noisy per window). And the token-wise
+estimate across layers, ``0.5 / T sum_t (sum_l v_lt)^2`` (each position's terms of all layers summed before
+squaring: the cross-layer terms at one position), over the token-wise price.
 
     python benchmarks/token_windows_study.py --model smollm2-135m
 """
@@ -52,15 +54,18 @@ def main(argv: list[str] | None = None) -> int:
             per.append(price_deltas(one, [r.name for r in refs], deltas, kfac=False)["token_gn_quad"])
         p = torch.tensor(per, dtype=torch.float64)
         full = 0.0
+        across = torch.zeros(args.windows * seq, dtype=torch.float64)
         for ref, d in zip(refs, deltas, strict=True):
             if d is not None:
                 x, s = prof.token_inputs[ref.name].float(), prof.token_grads[ref.name].float()
-                v = ((s @ d.float()) * x).sum(1).double().reshape(args.windows, seq)
-                full += float(v.sum(1).pow(2).sum())
+                v = ((s @ d.float()) * x).sum(1).double()
+                across += v
+                full += float(v.reshape(args.windows, seq).sum(1).pow(2).sum())
         full = 0.5 * full / (args.windows * seq)
+        layers = 0.5 * float(across.pow(2).sum()) / (args.windows * seq)
         print(f"{spec:12s} first 2: {float(p[:2].mean()):.5f}  all {args.windows}: {float(p.mean()):.5f}  "
               f"per-window sd/mean {float(p.std() / p.mean()):.2f}  full-window/token-wise "
-              f"{full / float(p.mean()):.2f}", flush=True)
+              f"{full / float(p.mean()):.2f}  across-layers/token-wise {layers / float(p.mean()):.2f}", flush=True)
     return 0
 
 
