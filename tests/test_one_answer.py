@@ -60,8 +60,19 @@ def test_the_commands_print_the_same_perplexity(ranked, capsys):
         assert want in _line(out, "mxint4-rtn"), out
 
 
-def test_awq_recipes_are_measured_and_say_so():
-    pr = predict_quality(MODEL, "mxint4-rtn-awq")
+def test_awq_recipes_are_priced_from_the_weights_as_rank_prices_them():
+    labels = ["mxint4-rtn-awq", "int4-gptq-awq"]
+    ranked = rank_recipes(MODEL, labels + ["mxint4-rtn"]).set_index("recipe")
+    for label in labels:
+        pr = predict_quality(MODEL, label)
+        assert pr.how == HOW_PROFILE and pr.predictor_kind == "profile" and pr.note == ""
+        assert pr.kld == float(ranked.loc[label, "kld"]) and pr.ppl_low <= pr.ppl <= pr.ppl_high
+    # AWQ's search and clipping lower the 4-bit RTN price of the same format
+    assert float(ranked.loc["mxint4-rtn-awq", "token_gn_quad"]) < float(ranked.loc["mxint4-rtn", "token_gn_quad"])
+
+
+def test_recipes_the_weights_only_path_does_not_price_are_measured_and_say_so():
+    pr = predict_quality(MODEL, "mxint4-rtn-awq-a_mxint8")
     assert pr.how == HOW_MEASURED and pr.predictor_kind == "physics"
     assert "does not price" in pr.note and "measured on the calibration windows" in pr.note
     assert pr.ppl_low <= pr.ppl <= pr.ppl_high

@@ -303,27 +303,30 @@ def test_backfill_fills_only_the_runs_of_the_methods_asked_for(tmp_path):
 def test_profile_backfill_writes_what_rank_prices(tmp_path):
     """`backfill --groups profile` goes through rank's pricing path: the stored features of a run are those
     rank_recipes computes for its recipe (so a refit reads what predictions read; a weight+activation run gets the
-    activation term), a feature the run already had is kept, and a recipe the weights-only path does not price (AWQ)
-    fails with the reason and keeps its row."""
+    activation term, an AWQ run its weights-only AWQ price), a feature the run already had is kept, and a recipe the
+    weights-only path does not price (AWQ with activation quantization) fails with the reason and keeps its row."""
     from quantpredict.cli import main
     from quantpredict.predict.rank import rank_recipes
     from quantpredict.schema import FEATURES
 
     profile = {f.name: None for f in FEATURES if f.group == "profile"}
     rtn, wa = _spec("llama-xs", "mxint4", "rtn"), _spec("llama-xs", "mxint4", "rtn", act_format="mxint8")
-    awq = RunSpec("llama-xs", Recipe("mxint4", awq=True), EvalSetting(64, 4))
+    awq = RunSpec("llama-xs", Recipe("mxint4", awq=True, act_format="mxint8"), EvalSetting(64, 4))
+    awq_w = RunSpec("llama-xs", Recipe("mxint4", awq=True), EvalSetting(64, 4))
     path = tmp_path / "runs.sqlite"
     with RunStore(path) as store:
-        for spec in (rtn, wa, awq):
+        for spec in (rtn, wa, awq, awq_w):
             store.record(spec, run_one(spec, fake_run))
             store.update_features(spec.key, profile | {"fp_entropy_calib": None})
         store.update_features(rtn.key, {"fp_entropy_calib": 1.25})  # measured by the sweep: kept
         before = store.get(awq.key)
     assert main(["backfill", "--store", str(path), "--groups", "profile", "--no-progress"]) == 1  # awq failed
-    want = rank_recipes("llama-xs", ["mxint4-rtn", "mxint4-rtn-a_mxint8"]).set_index("recipe")
+    want = rank_recipes("llama-xs", ["mxint4-rtn", "mxint4-rtn-a_mxint8", "mxint4-rtn-awq"]).set_index("recipe")
     with RunStore(path, create=False) as store:
         got, got_wa, awq_after = (store.get(rtn.key)["features"], store.get(wa.key)["features"],
                                   store.get(awq.key))
+        got_awq = store.get(awq_w.key)["features"]
+    assert got_awq["token_gn_quad"] == float(want.loc["mxint4-rtn-awq", "token_gn_quad"]) > 0
     assert got["token_gn_quad"] == float(want.loc["mxint4-rtn", "token_gn_quad"]) > 0
     assert got["kfac_max_layer_share"] == float(want.loc["mxint4-rtn", "kfac_max_layer_share"])
     assert got_wa["token_gn_quad"] == float(want.loc["mxint4-rtn-a_mxint8", "token_gn_quad"]) > got["token_gn_quad"]

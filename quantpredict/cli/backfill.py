@@ -65,9 +65,10 @@ def run(args: argparse.Namespace) -> int:
 def _weights_only_pricer():
     """The ``profile`` group by the one pricing path (:func:`quantpredict.predict.rank.recipe_row` against the
     model's cached lean profile): what ``rank``, ``allocate`` and ``predict`` compute for the recipe, so a run's
-    stored features are the ones its prediction reads. Recipes the weights-only path does not price (AWQ, QAT)
-    fail with that reason and keep their rows as they were; SmoothQuant and activation-quantized recipes get the
-    price with the activation term (:mod:`quantpredict.features.act_price`)."""
+    stored features are the ones its prediction reads. Recipes the weights-only path does not price (QAT, AWQ with
+    activation quantization) fail with that reason and keep their rows as they were; SmoothQuant and
+    activation-quantized recipes get the price with the activation term (:mod:`quantpredict.features.act_price`),
+    AWQ recipes their search on the profile's statistics (:mod:`quantpredict.features.awq_price`)."""
     import math
 
     from quantpredict.predict.rank import profile_model, recipe_row

@@ -5,10 +5,11 @@ By default the recipe is priced from the weights against the model's cached sens
 (:func:`quantpredict.predict.rank.price`, the path ``rank`` and ``allocate`` use, so the three agree on every
 recipe). A saved predictor of another kind (``"physics"``: the shipped measurement predictor) computes its features
 on the fly on WikiText-2 *train* calibration data instead: for ``physics``, a quantization of the model and forward
-passes over the calibration windows per recipe. Recipes the weights-only path does not price yet (AWQ, QAT) are
-measured that way, and the :class:`Prediction` says so in ``how`` and ``note``; weight+activation recipes
-(SmoothQuant, activation formats) are priced from the weights with the activation term
-(:mod:`quantpredict.features.act_price`)."""
+passes over the calibration windows per recipe. Recipes the weights-only path does not price yet (QAT, and AWQ
+with activation quantization or SmoothQuant) are measured that way, and the :class:`Prediction` says so in ``how``
+and ``note``; weight+activation recipes (SmoothQuant, activation formats) are priced from the weights with the
+activation term (:mod:`quantpredict.features.act_price`), AWQ recipes with the search run on the profile's
+statistics (:mod:`quantpredict.features.awq_price`)."""
 
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     from the weights against the model's cached profile, :func:`~quantpredict.predict.rank.price`, exactly as
     ``rank`` and ``allocate`` price it), ``"physics"`` (the shipped measurement predictor: the recipe is quantized and
     run on the calibration windows), a saved predictor directory, or a fitted predictor. With a ``profile``
-    predictor, a recipe the weights-only path does not price (AWQ, QAT) is
+    predictor, a recipe the weights-only path does not price (QAT, AWQ with activation quantization) is
     measured by the ``physics`` predictor, and ``Prediction.note`` says so. ``calib_ids``: calibration token ids
     (default: WikiText-2 train through the model's tokenizer).
     ``ppl_fp``: the FP reference (:func:`~quantpredict.predict.fp_reference.resolve_fp_reference`): ``None`` (the
@@ -166,12 +167,14 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     matrices = recipe.embedding_format is not None or recipe.head_format is not None
     if matrices and not weights_only(recipe):
         raise RecipeError(f"{label}: a recipe that quantizes the token embedding or the head (E=/H=) is priced on "
-                          "the weights-only path, which does not price AWQ or QAT yet; drop E=/H= to predict the "
-                          "linear layers by measurement, or measure the recipe (`quantpredict collect`)")
+                          "the weights-only path, which does not price QAT or AWQ with activation quantization; drop "
+                          "E=/H= to predict the linear layers by measurement, or measure the recipe "
+                          "(`quantpredict collect`)")
     if pred.kind == "profile" and not weights_only(recipe):
         pred = resolve_predictor("physics")
-        note = (f"{label}: the weights-only profile does not price AWQ or QAT yet; measured on the calibration "
-                f"windows instead ({pred.kind} predictor: a quantization and forward passes)")
+        note = (f"{label}: the weights-only profile does not price QAT, or AWQ with activation quantization; "
+                f"measured on the calibration windows instead ({pred.kind} predictor: a quantization and forward "
+                f"passes)")
     elif pred.kind != "profile" and matrices:
         # the measured features perturb the linear layers only: the embedding and head terms are the profile's
         asked, pred = pred.kind, resolve_predictor(PROFILE_PREDICTOR_DIR)

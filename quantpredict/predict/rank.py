@@ -247,8 +247,11 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
     from quantpredict.quantize import layer_plan, size_report
 
     if not weights_only(recipe):
-        raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs AWQ or QAT: "
-                          "predict it with `quantpredict predict` instead")
+        raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs QAT, or AWQ with "
+                          "activation quantization: predict it with `quantpredict predict` instead")
+    if recipe.awq and (runtime is not None or imatrix is not None):
+        raise RecipeError(f"{recipe.label}: AWQ is priced for the project's own model, without a runtime's rounding "
+                          "or an imatrix (llama.cpp's files are not AWQ-scaled); drop --runtime/--imatrix or awq")
     t0 = time.perf_counter()
     plan = layer_plan(mp.model, recipe)
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
@@ -277,6 +280,11 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=recipe.act_format,
                                  act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
                                  gptq_options=gptq)
+    elif recipe.awq:
+        from quantpredict.features.awq_price import awq_deltas
+
+        deltas = awq_deltas(mp.model, mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+        feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)
     else:
         deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
                                 factors=mp.gptq_factors, importance=importance)
@@ -323,11 +331,12 @@ def _embedding_and_head_terms(mp: ModelProfile, recipe: Recipe, runtime: str | N
 def weights_only(recipe: Recipe) -> bool:
     """Whether the weights-only path prices ``recipe``: post-training quantization (RTN or GPTQ, uniform, per-layer
     or a named mix), with or without SmoothQuant and activation quantization (their statistics and inputs come from
-    the profile's token inputs: :mod:`quantpredict.features.act_price`). AWQ and QAT need what the profile does not
-    hold (AWQ's scale search on calibration outputs, a training run);
+    the profile's token inputs: :mod:`quantpredict.features.act_price`), or AWQ of weights alone (its search run on
+    the profile's statistics: :mod:`quantpredict.features.awq_price`). QAT needs a training run, and AWQ with
+    activation quantization or SmoothQuant is not priced;
     :func:`~quantpredict.predict.quality.predict_quality` measures those on the calibration batch instead, and says
     so."""
-    return not (recipe.qat or recipe.awq)
+    return not (recipe.qat or (recipe.awq and (recipe.act_format is not None or recipe.smoothquant_alpha is not None)))
 
 
 def price(mp: ModelProfile, recipes: Sequence[Recipe], pred: Any, ref: Any, *,
@@ -456,6 +465,10 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
         if not is_mix_spec(s):
             r = Recipe.coerce(s)
+            if r.awq and (runtime is not None or imatrix is not None):
+                raise RecipeError(f"{r.label}: AWQ is priced for the project's own model, without a runtime's "
+                                  "rounding or an imatrix (llama.cpp's files are not AWQ-scaled); drop "
+                                  "--runtime/--imatrix or awq")
             if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
                 for fmt in (r.weight_format, r.head_format):
                     if fmt is not None:
