@@ -136,7 +136,7 @@ def test_smoothing_scales_come_from_the_token_inputs_max():
     assert torch.equal(scales[p.linears[-1].name], want)
 
 
-def test_recipe_row_prices_weight_activation_recipes_and_still_refuses_awq():
+def test_recipe_row_prices_weight_activation_recipes_and_still_refuses_awq_with_activations():
     from test_physics import _calib_ids
 
     from quantpredict.errors import RecipeError
@@ -153,7 +153,8 @@ def test_recipe_row_prices_weight_activation_recipes_and_still_refuses_awq():
     assert row["token_gn_quad"] > plain["token_gn_quad"] and row["act_input_quad"] > 0
     no_act = recipe_row(mp, Recipe("mxint8", method="gptq", act_format="mxint8"))
     assert no_act["act_weight_quad"] == pytest.approx(plain["token_gn_quad"], rel=1e-6)
-    awq = Recipe.from_label("mxint4-rtn-awq")
+    assert weights_only(Recipe.from_label("mxint4-rtn-awq"))  # AWQ of weights alone: features.awq_price
+    awq = Recipe.from_label("mxint4-rtn-awq-a_mxint8")
     assert not weights_only(awq)
-    with pytest.raises(RecipeError, match="AWQ or QAT"):
+    with pytest.raises(RecipeError, match="AWQ with activation quantization"):
         recipe_row(mp, awq)

@@ -157,8 +157,10 @@ def test_a_measuring_predictor_hands_embedding_and_head_recipes_to_the_profile_p
 
     pr = predict_quality("llama-xs", "int4-rtn-H=q8_0", predictor="physics")
     assert pr.how == HOW_PROFILE and pr.predictor_kind == "profile" and "priced from the weights" in pr.note
-    with pytest.raises(RecipeError, match="does not price AWQ"):
-        predict_quality("llama-xs", "int4-rtn-awq-H=q8_0")
+    with pytest.raises(RecipeError, match="does not price QAT or AWQ with activation quantization"):
+        predict_quality("llama-xs", "int4-rtn-awq-a_mxint8-H=q8_0")
+    both = predict_quality("llama-xs", "int4-rtn-awq-H=q8_0")  # AWQ and the matrices, both from the weights
+    assert both.how == HOW_PROFILE and both.kld > predict_quality("llama-xs", "int4-rtn-awq").kld
 
 
 def test_rank_prices_for_llama_perplexity_protocol_from_a_profile_of_its_own(tiny_hf_dir):
