@@ -26,6 +26,7 @@ dropped. Not modelled: llama-quantize's imatrix for the head (the measurement do
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -148,9 +149,13 @@ def embedding_quadratic(model: nn.Module, stats: EmbeddingHeadStats, fmt: str,
     emb = arch.embedding_modules(model)[0]
     rows, index = torch.unique(stats.token_ids, return_inverse=True)
     d_rows = delta[rows].float() if delta is not None else _rows_delta(emb.weight, fmt, rows)
+    # the module on its weight's change: its output's change (linear in the weight; a scaled embedding scales it).
+    # A shallow copy without padding_idx: the rows are a subset, and the padding index (Qwen2's 151643) need not be in
+    # it; padding_idx changes no output value, only gradients
+    rows_module = copy.copy(emb)
+    rows_module.padding_idx = None
     with torch.no_grad():
-        # the module on its weight's change: its output's change (linear in the weight; a scaled embedding scales it)
-        de = functional_call(emb, {"weight": d_rows.to(emb.weight.dtype)}, (index.reshape(1, -1),))
+        de = functional_call(rows_module, {"weight": d_rows.to(emb.weight.dtype)}, (index.reshape(1, -1),))
         v = (stats.embedding_grads.float() * de.reshape(index.numel(), -1).float()).sum(1)
     return 0.5 * float(v.double().pow(2).sum()) / max(stats.positions, 1)
 
