@@ -42,3 +42,13 @@ def test_the_priced_change_is_the_awq_model(label, token_windows):
         plain = model(input_ids=token_windows).logits
     assert not torch.allclose(want, plain, atol=1e-3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_rank_refuses_what_it_does_not_price_before_loading():
+    from quantpredict.errors import RecipeError
+    from quantpredict.predict.rank import rank_recipes
+
+    with pytest.raises(RecipeError, match="AWQ with activation quantization"):
+        rank_recipes("no-such-model", ["mxint4-rtn-awq-a_mxint8"])  # no model is looked up
+    with pytest.raises(RecipeError, match="without a runtime's rounding"):
+        rank_recipes("no-such-model", ["q4_0-rtn-awq"], runtime="llama.cpp-cpu")

@@ -246,12 +246,7 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
     from quantpredict.formats import get_format
     from quantpredict.quantize import layer_plan, size_report
 
-    if not weights_only(recipe):
-        raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs QAT, or AWQ with "
-                          "activation quantization: predict it with `quantpredict predict` instead")
-    if recipe.awq and (runtime is not None or imatrix is not None):
-        raise RecipeError(f"{recipe.label}: AWQ is priced for the project's own model, without a runtime's rounding "
-                          "or an imatrix (llama.cpp's files are not AWQ-scaled); drop --runtime/--imatrix or awq")
+    refuse_unpriced(recipe, runtime=runtime, imatrix=imatrix)
     t0 = time.perf_counter()
     plan = layer_plan(mp.model, recipe)
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in plan}
@@ -326,6 +321,17 @@ def _embedding_and_head_terms(mp: ModelProfile, recipe: Recipe, runtime: str | N
         return {"embedding_quad": 0.0, "head_quad": 0.0}
     terms = price_embedding_and_head(mp.model, mp.embedding_head_stats(), recipe, runtime=runtime)
     return with_embedding_and_head(feats, terms)
+
+
+def refuse_unpriced(recipe: Recipe, *, runtime: str | None = None, imatrix: Any = None) -> None:
+    """A :class:`RecipeError` for a recipe the weights-only path does not price (:func:`weights_only`), or an AWQ
+    recipe with a runtime or an imatrix; checked on the recipe alone, so before any loading."""
+    if not weights_only(recipe):
+        raise RecipeError(f"rank prices post-training recipes from the weights; {recipe.label} needs QAT, or AWQ with "
+                          "activation quantization: predict it with `quantpredict predict` instead")
+    if recipe.awq and (runtime is not None or imatrix is not None):
+        raise RecipeError(f"{recipe.label}: AWQ is priced for the project's own model, without a runtime's rounding "
+                          "or an imatrix (llama.cpp's files are not AWQ-scaled); drop --runtime/--imatrix or awq")
 
 
 def weights_only(recipe: Recipe) -> bool:
@@ -465,10 +471,7 @@ def rank_recipes(model: Any, recipes: Sequence[Recipe | str] | None = None, *, p
     for s in specs:  # bad labels fail before the model is loaded; mixes need its layers
         if not is_mix_spec(s):
             r = Recipe.coerce(s)
-            if r.awq and (runtime is not None or imatrix is not None):
-                raise RecipeError(f"{r.label}: AWQ is priced for the project's own model, without a runtime's "
-                                  "rounding or an imatrix (llama.cpp's files are not AWQ-scaled); drop "
-                                  "--runtime/--imatrix or awq")
+            refuse_unpriced(r, runtime=runtime, imatrix=imatrix)
             if runtime is not None:  # a weight format the runtime does not run, before the profile is measured
                 for fmt in (r.weight_format, r.head_format):
                     if fmt is not None:
