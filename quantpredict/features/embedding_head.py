@@ -74,11 +74,10 @@ def measure_embedding_head(model: nn.Module, windows: torch.Tensor, *, seed: int
     :func:`~quantpredict.features.fisher.measure_profile` draws them). ``scored_from=k``: only positions ``k ..``
     of each window are scored (labels, head inputs; ``positions`` counts ``seq_len - k + 1`` per window, as
     :meth:`~quantpredict.features.fisher.SensitivityProfile.positions` does). The model is left as it was."""
+    from quantpredict.features.fisher import first_scored_row
+
     n, seq_len = windows.shape
-    if scored_from is not None and not (isinstance(scored_from, int) and 1 <= scored_from < seq_len):
-        raise ValueError(f"scored_from must be a position between 1 and seq_len - 1 = {seq_len - 1}, "
-                         f"got {scored_from!r}")
-    first = 0 if scored_from is None else scored_from - 1
+    first = first_scored_row(scored_from, seq_len)
     dtype = _float(model)
     emb, head = arch.embedding_modules(model)[0], arch.head(model)
     gen = torch.Generator().manual_seed(seed)

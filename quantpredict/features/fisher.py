@@ -162,6 +162,17 @@ class SensitivityProfile:
         return rows // seq_len * (seq_len - int(k) + 1)
 
 
+def first_scored_row(scored_from: int | None, seq_len: int) -> int:
+    """The first scored row of a window's ``[seq_len - 1]`` next-token logits when positions ``scored_from ..`` are
+    scored (0 for ``None``: every position after the first); a ``ValueError`` for a position outside the window."""
+    if scored_from is None:
+        return 0
+    if not (isinstance(scored_from, int) and 1 <= scored_from < seq_len):
+        raise ValueError(f"scored_from must be a position between 1 and seq_len - 1 = {seq_len - 1}, "
+                         f"got {scored_from!r}")
+    return scored_from - 1
+
+
 #: the windows whose per-token terms a profile keeps by default (the first ones of its calibration batch)
 TOKEN_WINDOWS = 2
 
@@ -193,11 +204,7 @@ def measure_profile(model: nn.Module, windows: torch.Tensor, *, label_samples: i
     context, whose layer inputs and output gradients (the gradients of the scored positions' loss) are kept as every
     position's are, and the token-wise terms divide by the scored positions (:meth:`SensitivityProfile.positions`).
     """
-    seq_len = int(windows.shape[1])
-    if scored_from is not None and not (isinstance(scored_from, int) and 1 <= scored_from < seq_len):
-        raise ValueError(f"scored_from must be a position between 1 and seq_len - 1 = {seq_len - 1}, "
-                         f"got {scored_from!r}")
-    first = 0 if scored_from is None else scored_from - 1  # the first scored row of the [b, seq_len - 1] logits
+    first = first_scored_row(scored_from, int(windows.shape[1]))
     if not kfac and label_samples != 1:
         raise ValueError("measure_profile(kfac=False) keeps the token-wise terms only, which take one label sample; "
                          f"got label_samples={label_samples}")
