@@ -55,31 +55,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from _common import write_between  # noqa: E402 -- benchmarks/ is the script's own folder
 
+from quantpredict.predict.classes import METHOD_CLASSES, method_classes  # noqa: E402
+
 RUNS = ROOT / "data" / "runs"
 FIT_STORES = ("runs.sqlite", "long.sqlite", "smollm2.sqlite")
 HELD_OUT_STORES = ("alloc.sqlite", "formats.sqlite")
 ANCHORS = ("mxint8-rtn", "mxint4-rtn")
 ALPHA = 0.1
 MODEL_CONSTANTS = ("fp_entropy_calib", "fp_calib_nll")
-CLASSES = ("RTN", "GPTQ", "W+A (act)", "per-layer / named mix", "AWQ")
+CLASSES = METHOD_CLASSES  # quantpredict.predict.classes: the predictor's own classes
 
 Variant = Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame]
 
 
 # ---- the runs ------------------------------------------------------------------------------------------------------
-
-
-def method_class(row: pd.Series) -> str:
-    """The method class of one run: weight+activation, AWQ, per-layer recipe (allocation or named mix), GPTQ, RTN."""
-    recipe = str(row["recipe"])
-    act = row.get("act_format")
-    if act is not None and str(act).lower() not in ("", "none", "nan"):
-        return "W+A (act)"
-    if recipe.endswith("-awq") or "-awq" in recipe:
-        return "AWQ"
-    if "-L=" in recipe:
-        return "per-layer / named mix"
-    return "GPTQ" if str(row["method"]) == "gptq" else "RTN"
 
 
 def load(runs_dir: Path = RUNS) -> pd.DataFrame:
@@ -93,7 +82,7 @@ def load(runs_dir: Path = RUNS) -> pd.DataFrame:
             frames.append(read_runs(paths).assign(source=source))
     runs = pd.concat(frames, ignore_index=True)
     runs = runs[runs["status"].astype(str) == "done"].reset_index(drop=True)
-    runs["cls"] = runs.apply(method_class, axis=1)
+    runs["cls"] = method_classes(runs)
     # the FP model's calibration entropy and NLL are properties of the model, not of the recipe: a run that lacks
     # them (SmolLM2's later RTN runs, extracted without them) takes its model's stored value
     for col in MODEL_CONSTANTS:
@@ -317,7 +306,7 @@ def metrics_table(data: pd.DataFrame, preds: pd.DataFrame) -> pd.DataFrame:
     for (variant, split), p in preds.groupby(["variant", "split"], sort=False):
         held = data.loc[p.index]
         groups = [("all (fit stores)", held["source"] == "fit"),
-                  ("weight-only (fit stores)", (held["source"] == "fit") & (held["cls"] != "W+A (act)"))]
+                  ("weight-only (fit stores)", (held["source"] == "fit") & (held["cls"] != "weight+activation"))]
         groups += [(c, held["cls"] == c) for c in CLASSES]
         for label, sel in groups:
             sel = sel.to_numpy()
@@ -379,7 +368,7 @@ def diagnostics(data: pd.DataFrame, preds: pd.DataFrame) -> str:
     anchor's factor agrees with the other's."""
     p = preds[(preds["variant"] == "profile (today)") & (preds["split"] == "family")]
     held = data.loc[p.index]
-    w = ((held["source"] == "fit") & (held["cls"] != "W+A (act)")).to_numpy()
+    w = ((held["source"] == "fit") & (held["cls"] != "weight+activation")).to_numpy()
     resid = pd.Series(np.log(_num(held, "kld")) - np.log(p["kld"].to_numpy(float)), index=p.index)[w]
     models = held.loc[w, "model"].astype(str)
     between = resid.groupby(models).transform("mean")

@@ -45,8 +45,7 @@ def test_method_classes_and_their_error_rows():
         {"recipe": "q4_k-rtn-L=q4_k*2,q6_k", "method": "rtn", "act_format": None, "kld": 0.01},
         {"recipe": "mxint4-rtn-sq0.5-a_mxint8", "method": "rtn", "act_format": "mxint8", "kld": 0.20},
     ])
-    assert list(runs.apply(method_class, axis=1)) == ["RTN", "GPTQ", "AWQ", "named mix / per-layer",
-                                                      "weight+activation"]
+    assert list(runs.apply(method_class, axis=1)) == ["RTN", "GPTQ", "AWQ", "named mix", "weight+activation"]
     pred = pd.DataFrame({"kld": [0.11, 0.06, 0.09, 0.01, 0.30], "kld_low": [0.05, 0.07, 0.0, 0.0, 0.25],
                          "kld_high": [0.2, 0.1, 1.0, 1.0, 0.35]})
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]

@@ -24,7 +24,12 @@ method; never a raw parameter count or width), so a fit on small models carries 
 
 Intervals: split-conformal per target on out-of-fold log residuals from folds grouped by model (the residuals a
 *new* model would see), widened for inputs outside the training ranges (:meth:`PhysicsPredictor._widen`, with an
-:class:`OutOfRangeWarning`; the output's ``out_of_range`` column names each row's inputs outside them).
+:class:`OutOfRangeWarning`; the output's ``out_of_range`` column names each row's inputs outside them). The
+half-width is calibrated per method class (:mod:`quantpredict.predict.classes`: RTN, GPTQ, AWQ, named mix,
+allocated mix, weight+activation) on that class's own residuals where the training runs hold at least
+:data:`MIN_CLASS_RUNS` of it, else on all of them: one width for every class would be too wide for RTN and too
+narrow for the classes the law fits worst. A row's class is read from its ``recipe``, ``method`` and
+``act_format``; a frame without ``recipe`` gets the all-runs width.
 MAPIE's conformal regressors would do the same residual bookkeeping, but a saved predictor here must load
 without pickle (plain JSON numbers), so the quantile is computed directly, exactly as MAPIE's split method does.
 """
@@ -42,6 +47,7 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError
+from quantpredict.predict.classes import method_classes
 from quantpredict.predict.design import done_runs, feature_groups
 from quantpredict.predict.saved import FPModel, SavedPredictor, eval_seconds_by_model
 
@@ -49,6 +55,9 @@ PHYSICS_KINDS: tuple[str, ...] = ("physics", "profile")
 BASE_FEATURE = {"physics": "fisher_quad", "profile": "token_gn_quad"}
 TARGETS = ("kld", "delta_nll", "top1")
 FLOOR = 1e-12  # nats: log() of a second-order term that rounds to zero
+#: the fewest out-of-fold residuals of one method class that get their own conformal half-width (at 90% the
+#: quantile is then the 28th of 30: a width that one unlucky run cannot double)
+MIN_CLASS_RUNS = 30
 
 
 class OutOfRangeWarning(UserWarning):
@@ -172,7 +181,14 @@ class LogLaw:
     dropped: tuple[str, ...] = ()
     sd: float = float("nan")
     q_combined: float = float("nan")
+    q_class: dict[str, float] = field(default_factory=dict)  # per method class half-width (MIN_CLASS_RUNS or more)
     oof: np.ndarray | None = None  # out-of-fold log predictions of the training rows (not saved)
+
+    def half_widths(self, classes: np.ndarray | None, n: int) -> np.ndarray:
+        """``[n]`` conformal half-widths: each row's class width where it has one, else :attr:`q`."""
+        if classes is None or not self.q_class:
+            return np.full(n, self.q)
+        return np.array([self.q_class.get(c, self.q) for c in classes], float)
 
     def predict_log(self, X: pd.DataFrame) -> np.ndarray:
         A = np.column_stack([np.ones(len(X))] + [X[c].to_numpy(float) for c in self.columns])
@@ -181,14 +197,16 @@ class LogLaw:
     def to_json(self) -> dict:
         return {"target": self.target, "columns": list(self.columns), "coef": [float(c) for c in self.coef],
                 "q": self.q, "ranges": {k: list(v) for k, v in self.ranges.items()}, "n": self.n,
-                "dropped": list(self.dropped), "sd": self.sd, "q_combined": self.q_combined}
+                "dropped": list(self.dropped), "sd": self.sd, "q_combined": self.q_combined,
+                "q_class": dict(self.q_class)}
 
     @classmethod
     def from_json(cls, d: Mapping) -> LogLaw:
         return cls(str(d["target"]), tuple(d["columns"]), np.asarray(d["coef"], float), float(d["q"]),
                    {k: (float(v[0]), float(v[1])) for k, v in d["ranges"].items()}, int(d["n"]),
                    tuple(d.get("dropped", ())), float(d.get("sd", float("nan"))),
-                   float(d.get("q_combined", float("nan"))))
+                   float(d.get("q_combined", float("nan"))),
+                   {str(k): float(v) for k, v in d.get("q_class", {}).items()})  # saved before it: one width
 
 
 def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-6, weights: np.ndarray | None = None) -> np.ndarray:
@@ -203,10 +221,11 @@ def _lstsq(X: np.ndarray, y: np.ndarray, ridge: float = 1e-6, weights: np.ndarra
 
 
 def fit_law(target: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, alpha: float,
-            n_folds: int = 10, weights: np.ndarray | None = None) -> LogLaw:
+            n_folds: int = 10, weights: np.ndarray | None = None, classes: np.ndarray | None = None) -> LogLaw:
     """Fit one target and its grouped cross-conformal half-width (out-of-fold residuals, folds grouped by model).
 
-    ``weights``: per-run least-squares weights (the delta NLL law weighs runs by their measurement precision)."""
+    ``weights``: per-run least-squares weights (the delta NLL law weighs runs by their measurement precision);
+    ``classes``: each run's method class, for the per-class half-widths (:data:`MIN_CLASS_RUNS`)."""
     from sklearn.model_selection import GroupKFold
 
     keep_cols = [c for c in X.columns if np.nanstd(X[c].to_numpy(float)) > 0]
@@ -225,7 +244,13 @@ def fit_law(target: str, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray, alp
     sd = float(np.sqrt(np.mean(resid[ok] ** 2))) if ok.any() else float("nan")
     ranges = {c: (float(np.min(X[c])), float(np.max(X[c]))) for c in keep_cols
               if X[c].nunique() > 2}  # indicators are in range by construction
-    return LogLaw(target, tuple(keep_cols), coef, q, ranges, len(y), dropped, sd, oof=y - resid)
+    q_class = {}
+    if classes is not None:
+        for c in np.unique(classes[ok]):
+            r = np.abs(resid[ok & (classes == c)])
+            if r.size >= MIN_CLASS_RUNS:
+                q_class[str(c)] = conformal_quantile(r, alpha)
+    return LogLaw(target, tuple(keep_cols), coef, q, ranges, len(y), dropped, sd, q_class=q_class, oof=y - resid)
 
 
 def combine_with_measurement(law_value: np.ndarray, law_sd: float, measured: np.ndarray,
@@ -306,12 +331,14 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
             raise PredictorError(f"the {self.kind!r} predictor needs runs of at least 2 models (20 runs); got "
                                  f"{len(runs)} runs of {runs['model'].nunique()} model(s) with its features")
         groups = runs["model"].astype(str).to_numpy()
+        classes = method_classes(runs)
         laws = {}
         for target in TARGETS:
             rows = resolved(runs) if target == "delta_nll" else np.isfinite(target_values(target, runs))
             X = design_columns(self.kind, target, runs[rows], self.extra_columns)
             laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha,
-                                   weights=delta_weights(runs[rows]) if target == "delta_nll" else None)
+                                   weights=delta_weights(runs[rows]) if target == "delta_nll" else None,
+                                   classes=classes[rows])
             if target == "delta_nll" and self.kind == "physics":
                 law = laws[target]
                 sub = runs[rows]
@@ -331,9 +358,11 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         return self
 
     # ---- predict ---------------------------------------------------------------------------------------------------
-    def _widen(self, law: LogLaw, X: pd.DataFrame, flags: list[set] | None = None) -> np.ndarray:
-        """Half-width per row: ``q`` times (1 + the summed distance outside the training ranges, in range units).
-        ``flags``: one set per row, to which the words of each input outside its range are added."""
+    def _widen(self, law: LogLaw, X: pd.DataFrame, flags: list[set] | None = None,
+               classes: np.ndarray | None = None) -> np.ndarray:
+        """Half-width per row: the row's class ``q`` (:meth:`LogLaw.half_widths`) times (1 + the summed distance
+        outside the training ranges, in range units). ``flags``: one set per row, to which the words of each input
+        outside its range are added."""
         excess = np.zeros(len(X))
         for col, (lo, hi) in law.ranges.items():
             v = X[col].to_numpy(float)
@@ -349,7 +378,7 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
                               f"its training range [{lo:.4g}, {hi:.4g}]; the intervals are widened by the distance "
                               "outside (in units of the range)", OutOfRangeWarning, stacklevel=3)
             excess += out / span
-        return law.q * (1.0 + excess)
+        return law.half_widths(classes, len(X)) * (1.0 + excess)
 
     def predict(self, features_df: pd.DataFrame) -> pd.DataFrame:
         """Predict for each row of ``features_df`` (schema features plus recipe columns; index kept): the columns of
@@ -363,6 +392,7 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
                                  f"feature groups {list(self.required_groups)} (features.extract(which=...))")
         out = {}
         flags: list[set] = [set() for _ in range(len(features_df))]
+        classes = method_classes(features_df) if "recipe" in features_df else None
         for target, law in self.laws.items():
             X = design_columns(self.kind, target, features_df, self.extra_columns)
             bad = ~np.isfinite(X[list(law.columns)].to_numpy(float)).all(axis=1)
@@ -370,13 +400,13 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
                 raise PredictorError(f"{int(bad.sum())} input row(s) have missing or non-finite {self.kind} features "
                                      f"for {target} (first row {features_df.index[np.argmax(bad)]!r}); recompute them")
             mid = law.predict_log(X)
-            half = self._widen(law, X, flags)
+            half = self._widen(law, X, flags, classes)
             if target == "delta_nll" and self.kind == "physics" and np.isfinite(law.q_combined):
                 measured_se = _num(features_df, "dnll_calib_se")
                 mid = np.log(combine_with_measurement(np.exp(mid), law.sd, _num(features_df, "dnll_calib"),
                                                       measured_se))
                 has = np.isfinite(measured_se) & (measured_se > 0)
-                half = np.where(has, half * law.q_combined / law.q, half)
+                half = np.where(has, half * law.q_combined / law.q, half)  # the class's width, in proportion
             out[target] = (mid, mid - half, mid + half)
         kld = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["kld"])}
         dn = {k: np.exp(v) for k, v in zip(("mid", "lo", "hi"), out["delta_nll"])}
@@ -428,6 +458,9 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         for t, law in self.laws.items():
             terms = ", ".join(f"{c} {v:+.3f}" for c, v in zip(("1",) + law.columns, law.coef))
             lines.append(f"  {t:10s} n={law.n:4d} q={law.q:.3f}: {terms}")
+            if law.q_class:
+                lines.append(f"  {'':10s} q by method class: "
+                             + ", ".join(f"{c} {v:.3f}" for c, v in sorted(law.q_class.items())))
         return "\n".join(lines)
 
     # ---- the saved format (SavedPredictor.save / load) --------------------------------------------------------------

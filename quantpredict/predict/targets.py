@@ -5,11 +5,12 @@ Splits (every fold fits on the training runs only and predicts the held-out ones
 - ``family``: leave one model family out; ``model``: leave one model out;
 - ``largest_size``: fit on every model of the smaller zoo sizes (xs, s, m with their snapshots and long-trained
   checkpoints), predict the l models: the extrapolation a real model asks for, at zoo scale;
-- ``real``: fit on the zoo alone, predict each real pre-trained model (``smollm2-135m``).
+- ``real``: fit on the zoo alone, predict each real pre-trained model (:data:`REAL_MODELS`).
 
 Metrics per (kind, split, target): KLD median relative error, mean within-model Spearman, R^2 of log KLD; delta
 NLL median relative error on resolved runs (> 2 SE) and R^2; top-1 agreement median absolute error (percentage
-points); and the 90% interval coverage of each target with its count.
+points); and the 90% interval coverage of each target with its count. :func:`class_metrics` gives the same per
+method class (:mod:`quantpredict.predict.classes`) from the held-out predictions.
 
 Baselines on the same held-out runs: ``const_law`` (KLD = c * 0.5 delta^T H delta, ``c`` the training runs' median
 ratio), ``paper`` (the seed study's random forest on size, pre-trained loss, RTN SQNR and format, fitted to log KLD)
@@ -28,7 +29,8 @@ import pandas as pd
 from quantpredict.predict.physics import PHYSICS_KINDS, PhysicsPredictor, resolved
 
 SPLITS = ("family", "model", "largest_size", "real")
-REAL_MODELS = ("smollm2-135m",)
+#: the real pre-trained models (both 4-bit on the way in: their GGUF packages), never in a zoo fold's fit
+REAL_MODELS = ("smollm2-135m", "qwen2.5-coder-1.5b")
 
 
 def model_size(name: str) -> str | None:
@@ -203,6 +205,27 @@ def validate_targets(runs: pd.DataFrame, kinds: Sequence[str] = PHYSICS_KINDS + 
             pred_frames.append(pred.assign(kind=kind, split=split, model=held["model"].to_numpy(),
                                            recipe=held["recipe"].to_numpy()))
     return pd.DataFrame(metric_rows), (pd.concat(pred_frames) if pred_frames else pd.DataFrame())
+
+
+def class_metrics(runs: pd.DataFrame, predictions: pd.DataFrame) -> pd.DataFrame:
+    """:func:`target_metrics` per (kind, split, method class) of :func:`validate_targets`' ``predictions`` (whose
+    index is ``runs``' index): one row per class with held-out runs, classes in :data:`METHOD_CLASSES` order."""
+    from quantpredict.predict.classes import METHOD_CLASSES, method_classes
+
+    rows = []
+    for (kind, split), pred in predictions.groupby(["kind", "split"], sort=False):
+        # the columns this kind never fills (a baseline's intervals) are absent from its own frame, as here
+        pred = pred.dropna(axis=1, how="all")
+        if "kld" not in pred:
+            continue
+        held = runs.loc[pred.index]
+        classes = method_classes(held)
+        for c in METHOD_CLASSES:
+            sel = classes == c
+            if sel.any():
+                rows.append({"kind": kind, "split": split, "method_class": c,
+                             **target_metrics(held[sel], pred[sel])})
+    return pd.DataFrame(rows)
 
 
 # ---- the equal-cost subsample ---------------------------------------------------------------------------------------

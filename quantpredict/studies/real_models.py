@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+# the method classes issue #28 validates separately: one definition, the predictor's (its per-class intervals)
+from quantpredict.predict.classes import METHOD_CLASSES, method_class
+
 
 def _windows(v) -> np.ndarray:
     if isinstance(v, str):
@@ -97,24 +100,6 @@ def accuracy_line(runs: pd.DataFrame, pred: pd.DataFrame, label: str) -> str:
                      f"{spearmanr(k, kp).statistic:.3f}, coverage "
                      f"{100 * np.mean((pred['kld_low'] <= k) & (k <= pred['kld_high'])):.0f}%")
     return "- " + "; ".join(parts) + "."
-
-
-#: the method classes issue #28 validates separately, in the order their rows are printed
-METHOD_CLASSES = ("RTN", "GPTQ", "AWQ", "named mix / per-layer", "weight+activation")
-
-
-def method_class(run: pd.Series) -> str:
-    """The run's method class (:data:`METHOD_CLASSES`): activation quantization first, then AWQ, then a per-layer
-    recipe (a named llama.cpp mix or an allocation: ``-L=`` in the label), then GPTQ or RTN."""
-    recipe = str(run.get("recipe", ""))
-    act = run.get("act_format")
-    if isinstance(act, str) and act:
-        return "weight+activation"
-    if "-awq" in recipe:
-        return "AWQ"
-    if "-L=" in recipe:
-        return "named mix / per-layer"
-    return "GPTQ" if run.get("method") == "gptq" else "RTN"
 
 
 def class_table(runs: pd.DataFrame, pred: pd.DataFrame) -> str:
