@@ -90,6 +90,9 @@ FEATURES: tuple[FeatureSpec, ...] = (
     FeatureSpec("token_gn_quad", "profile", "0.5 sum_l mean_t (s_t^T dW_l x_t)^2 from every profile token's layer "
                 "inputs and sampled output gradients: exact per token, cross-position and cross-layer terms dropped "
                 "(nats)", "weights only"),
+    FeatureSpec("token_cross_quad", "profile", "0.5 mean_t (sum_l s_lt^T dW_l x_lt)^2: token_gn_quad with the "
+                "cross-layer terms at each position kept (one sampled label per position drives every layer's "
+                "gradient); cross-position terms dropped (nats)", "weights only"),
 )
 
 GROUPS: tuple[str, ...] = tuple(dict.fromkeys(f.group for f in FEATURES))

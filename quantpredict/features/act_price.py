@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
+from quantpredict.features.fisher import cross_layer_quadratic
 from quantpredict.imatrix import importance_of
 
 
@@ -65,7 +66,8 @@ def smoothing_scales_of(model: nn.Module, token_inputs: Mapping[str, torch.Tenso
 
 def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                   scale: torch.Tensor | None, act_format: str | None, act_block: int | None,
-                  chunk: int = 512, positions: int | None = None) -> tuple[float, float, float]:
+                  chunk: int = 512, positions: int | None = None,
+                  into: torch.Tensor | None = None) -> tuple[float, float, float]:
     """``(total, weight part, activation part)`` of one layer's token-wise price, each ``0.5 / T sum_t (s_t^T v_t)^2``:
     ``v = W'_q (A(x') - x') + dW' x'`` (total), ``dW' x'`` (weight part), ``W'_q (A(x') - x')`` (activation part).
 
@@ -74,7 +76,8 @@ def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: to
     ``s`` (``None``: 1); ``act_format`` ``None``: no activation quantization (then total = weight part). Float32
     chunks, float64 sums. ``positions``: the denominator ``T`` (default ``x``'s rows;
     :meth:`~quantpredict.features.fisher.SensitivityProfile.positions` for a profile that scores part of each
-    window)."""
+    window). ``into`` ``[T]`` float64: each token's total term ``s_t^T v_t`` is added to it (the cross-layer sum of
+    :func:`~quantpredict.features.fisher.cross_layer_quadratic`)."""
     from quantpredict.formats import fake_quantize
 
     wq, d = w_q.float(), delta.float()
@@ -92,6 +95,8 @@ def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: to
             va = ((g @ wq) * err).sum(1)
         for k, v in enumerate((vw + va, vw, va)):
             sums[k] += float(v.double().pow(2).sum())
+        if into is not None:
+            into[lo: lo + chunk] += (vw + va).double()
     n = max(x.shape[0] if positions is None else positions, 1)
     return 0.5 * sums[0] / n, 0.5 * sums[1] / n, 0.5 * sums[2] / n
 
@@ -152,6 +157,8 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
               smoothing_scales_of(model, xs if smoothing_inputs is None else smoothing_inputs, smoothquant_alpha))
     totals = [0.0, 0.0, 0.0]
     per_layer = []
+    rows = next(iter(xs.values())).shape[0] if xs else 0
+    across = torch.zeros(rows, dtype=torch.float64)  # each position's terms summed over the layers
     with torch.no_grad():
         per_ref = [(act_format, act_block)] * len(refs) if act_formats is None else act_formats
         for ref, fb, ab in zip(refs, formats, per_ref, strict=True):
@@ -164,10 +171,11 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
                                             importance_of(importance, ref.name, fb[0]))
             x = xs[ref.name]
             parts = act_quadratic(w_q, delta, x, profile.token_grads[ref.name], scale, a_fmt, a_block,
-                                  positions=profile.positions(x.shape[0]))
+                                  positions=profile.positions(x.shape[0]), into=across)
             totals = [a + b for a, b in zip(totals, parts)]
             per_layer.append(parts[0])
     total = sum(per_layer)
     top = max(per_layer) / total if per_layer and total > 0 else 0.0
     return {"token_gn_quad": totals[0], "act_weight_quad": totals[1], "act_input_quad": totals[2],
+            "token_cross_quad": cross_layer_quadratic(across, profile.positions(rows)) if rows else float("nan"),
             "kfac_max_layer_share": top, "kfac_quad": float("nan"), "kfac_quad_diag": float("nan")}

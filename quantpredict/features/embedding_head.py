@@ -223,8 +223,14 @@ def price_embedding_and_head(model: nn.Module, stats: EmbeddingHeadStats, recipe
 def with_embedding_and_head(feats: dict[str, float], terms: dict[str, float]) -> dict[str, float]:
     """The ``profile`` features ``feats`` of the linear layers with the two matrices' ``terms``
     (:func:`price_embedding_and_head`) as two more layers: ``terms`` plus ``token_gn_quad`` (their sum with the
-    linears') and ``kfac_max_layer_share`` (the largest of all as a share of that sum)."""
+    linears'), ``token_cross_quad`` (the linears' cross-layer price plus the two terms, added token-wise: their
+    statistics come from their own windows, so their cross terms with the linears' are not priced) and
+    ``kfac_max_layer_share`` (the largest of all as a share of ``token_gn_quad``)."""
     linear = float(feats["token_gn_quad"])
-    total = linear + terms["embedding_quad"] + terms["head_quad"]
+    extra = terms["embedding_quad"] + terms["head_quad"]
+    total = linear + extra
     top = max(float(feats["kfac_max_layer_share"]) * linear, terms["embedding_quad"], terms["head_quad"])
-    return dict(terms) | {"token_gn_quad": total, "kfac_max_layer_share": top / total if total > 0 else 0.0}
+    out = dict(terms) | {"token_gn_quad": total, "kfac_max_layer_share": top / total if total > 0 else 0.0}
+    if "token_cross_quad" in feats:
+        out["token_cross_quad"] = float(feats["token_cross_quad"]) + extra
+    return out

@@ -327,22 +327,36 @@ def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tup
 
 
 def token_quadratic(delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor, tokens: int,
-                    chunk: int = 512) -> float:
+                    chunk: int = 512, into: torch.Tensor | None = None) -> float:
     """``0.5 / T sum_t (s_t^T dW x_t)^2`` for ``dW`` ``[out, in]``, per-token inputs ``x`` ``[T, in]`` and sampled
     output gradients ``s`` ``[T, out]``: the layer's Gauss-Newton quadratic exact in every token's own input and
-    gradient (only the cross-position terms are dropped), in float32 chunks with a float64 sum."""
+    gradient (only the cross-position terms are dropped), in float32 chunks with a float64 sum.
+
+    ``into`` ``[T]`` float64: each token's term ``s_t^T dW x_t`` is added to it, for the sum over layers at one
+    position that :func:`cross_layer_quadratic` squares."""
     d = delta.float()
     total = 0.0
     for lo in range(0, x.shape[0], chunk):
-        v = ((s[lo: lo + chunk].float() @ d) * x[lo: lo + chunk].float()).sum(1)
-        total += float(v.double().pow(2).sum())
+        v = ((s[lo: lo + chunk].float() @ d) * x[lo: lo + chunk].float()).sum(1).double()
+        total += float(v.pow(2).sum())
+        if into is not None:
+            into[lo: lo + chunk] += v
     return 0.5 * total / max(tokens, 1)
 
 
+def cross_layer_quadratic(terms: torch.Tensor, tokens: int) -> float:
+    """``0.5 / T sum_t (sum_l s_lt^T dW_l x_lt)^2`` from ``terms`` ``[T]``, each position's terms summed over the
+    layers (:func:`token_quadratic`'s ``into``): the token-wise price with the cross-layer terms at one position kept.
+    All layers' sampled gradients at a position come from one backward pass of one sampled label per position, so the
+    sum is the Gauss-Newton quadratic of the stacked weight change at that position (cross-position terms dropped,
+    as in the token-wise price)."""
+    return 0.5 * float(terms.double().pow(2).sum()) / max(tokens, 1)
+
+
 def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor, *,
-                 kfac: bool = True) -> tuple[float, float, float]:
+                 kfac: bool = True, into: torch.Tensor | None = None) -> tuple[float, float, float]:
     """``(K-FAC, K-FAC with diagonal G, token-wise)`` second-order KL of one layer's weight change (the K-FAC ones
-    NaN without ``kfac``: they cost as much again)."""
+    NaN without ``kfac``: they cost as much again). ``into``: :func:`token_quadratic`'s."""
     if kfac and name not in profile.output_fisher:
         raise ValueError(f"the profile has no K-FAC output factor for {name}: it was measured lean "
                          "(measure_profile(kfac=False)); price it with kfac=False or measure it with kfac=True")
@@ -351,27 +365,32 @@ def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor, *,
     tok = float("nan")
     if name in profile.token_grads:
         x = profile.token_inputs[name]
-        tok = token_quadratic(delta, x, profile.token_grads[name], profile.positions(x.shape[0]))
+        tok = token_quadratic(delta, x, profile.token_grads[name], profile.positions(x.shape[0]), into=into)
     return full, diag, tok
 
 
 def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequence[torch.Tensor | None], *,
                  kfac: bool = True) -> dict[str, float]:
     """The ``profile`` group's features of per-layer weight changes (``None``: layer left in full precision);
-    without ``kfac`` only the token-wise price (what the ``profile`` predictor reads)."""
+    without ``kfac`` only the token-wise prices (what the ``profile`` predictor reads): ``token_gn_quad`` and
+    ``token_cross_quad`` (:func:`cross_layer_quadratic`; NaN for a profile without per-token terms)."""
     full = diag = tok = 0.0
     per_layer = []
+    rows = next(iter(profile.token_inputs.values())).shape[0] if profile.token_inputs else 0
+    across = torch.zeros(rows, dtype=torch.float64)
     for name, d in zip(names, deltas, strict=True):
         if d is None:
             continue
-        f, dg, t = layer_prices(profile, name, d, kfac=kfac)
+        f, dg, t = layer_prices(profile, name, d, kfac=kfac, into=across if rows else None)
         full += f
         diag += dg
         tok += t
         per_layer.append(t if math.isfinite(t) else f)
     total = sum(per_layer)
     top = max(per_layer) / total if per_layer and total > 0 else 0.0
-    return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top, "token_gn_quad": tok}
+    cross = cross_layer_quadratic(across, profile.positions(rows)) if rows else float("nan")
+    return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top, "token_gn_quad": tok,
+            "token_cross_quad": cross}
 
 
 #: bytes of Hessian factors a caller's ``factors`` cache of :func:`profile_deltas` may hold (SmolLM2's 210 layers
