@@ -56,6 +56,7 @@ def _runs(n_models: int, seed: int, noise: dict[str, float], n_recipes: int = 24
             delta = 1.2 * kld
             rows.append({"model": f"m{m}", "family": f"f{m % 4}", "recipe": f"mxint{r}-{method}", "status": "done",
                          "method": method, "act_format": None, "element_is_fp": 0.0, "token_gn_quad": q,
+                         "token_cross_quad": q * rng.uniform(0.5, 1.5),
                          "kfac_max_layer_share": rng.uniform(0.1, 0.4), "fp_calib_nll": 3.6,
                          "fp_entropy_calib": ent, "nll_fp": 3.5, "nll_quant": 3.5 + delta, "delta_nll_se": delta / 50,
                          "kld": kld, "top1_agree": 1 - 0.8 * np.sqrt(kld), "ppl_fp": np.exp(3.5)})
@@ -141,3 +142,56 @@ def test_class_metrics_are_the_target_metrics_of_each_class():
         assert row["n_runs"] == sel.sum()
         assert row["kld_median_rel_err"] == expected["kld_median_rel_err"]
         assert row["kld_coverage"] == expected["kld_coverage"]
+
+
+def test_awq_rows_are_priced_on_the_cross_layer_base():
+    """Runs whose AWQ rows measure 0.9 token_cross_quad^1.02 (their token-wise price 0.5-1.5x off): the fitted law
+    predicts them from the cross-layer price; a predictor with one base for every row cannot."""
+    from quantpredict.predict.physics import AWQ_BASE_FEATURE
+
+    def runs(seed):
+        r = _runs(10, seed, {"rtn": 0.02, "gptq": 0.02})
+        awq = r.index[r["method"] == "gptq"]
+        r.loc[awq, "recipe"] = r.loc[awq, "recipe"].str.replace("-gptq", "-rtn-awq")
+        r.loc[awq, "method"] = "rtn"
+        cross = r.loc[awq, "token_cross_quad"]
+        r.loc[awq, "kld"] = 0.9 * cross**1.02
+        r.loc[awq, "top1_agree"] = 1 - 0.8 * np.sqrt(r.loc[awq, "kld"])
+        r.loc[awq, "nll_quant"] = r.loc[awq, "nll_fp"] + 1.2 * r.loc[awq, "kld"]
+        return r, awq
+
+    train, _ = runs(0)
+    test, awq = runs(1)
+    assert AWQ_BASE_FEATURE["profile"] == "token_cross_quad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutOfRangeWarning)
+        p = PhysicsPredictor("profile").fit(train)
+        one_base = PhysicsPredictor("profile", awq_base=None).fit(train)
+        err = np.abs(p.predict(test)["kld"] / test["kld"] - 1)
+        err_one = np.abs(one_base.predict(test)["kld"] / test["kld"] - 1)
+    assert p.awq_base == "token_cross_quad" and one_base.awq_base is None
+    assert np.median(err[awq]) < 0.05 < np.median(err_one[awq])
+    assert np.median(err.drop(awq)) < 0.05
+    # an AWQ run without the cross-layer price is not fitted on, and predicting one names the fix
+    lacking = train.copy()
+    lacking.loc[lacking.index[lacking["recipe"].str.contains("-awq")][:5], "token_cross_quad"] = np.nan
+    assert len(PhysicsPredictor("profile").usable(lacking)) == len(train) - 5
+    from quantpredict.errors import PredictorError
+
+    with pytest.raises(PredictorError, match="non-finite"):
+        p.predict(lacking.loc[lacking["token_cross_quad"].isna()])
+
+
+def test_the_awq_base_is_saved_and_an_older_save_keeps_one_base(tmp_path):
+    import json
+
+    from quantpredict.predict import Predictor
+
+    p = PhysicsPredictor("profile").fit(_runs(8, 0, {"rtn": 0.05, "gptq": 0.05}))
+    p.save(tmp_path / "k")
+    assert Predictor.load(tmp_path / "k").awq_base == "token_cross_quad"
+    meta = json.loads((tmp_path / "k" / "predictor.json").read_text())
+    del meta["params"]["awq_base"]  # saved before session 13
+    (tmp_path / "k" / "predictor.json").write_text(json.dumps(meta))
+    assert Predictor.load(tmp_path / "k").awq_base is None
+    assert PhysicsPredictor("physics").awq_base is None  # the exact quadratic has the cross-layer terms already

@@ -11,6 +11,12 @@ method; never a raw parameter count or width), so a fit on small models carries 
   - kind ``profile``: ``token_gn_quad`` (the same quadratic priced from weights alone, token-wise against the
     model's profile of per-token layer inputs and sampled output gradients: what ``rank`` and ``allocate`` use, no
     forward pass per recipe), with the largest layer's share of it (``kfac_max_layer_share``) as a correction.
+    An AWQ recipe's base is ``token_cross_quad`` instead (:data:`AWQ_BASE_FEATURE`): the same price with each
+    position's terms summed over the layers before squaring. AWQ folds each group's scales into the layer before
+    it, so the errors of consecutive layers partly cancel, which the token-wise price cannot see: on the zoo its
+    AWQ runs measured 0.6-0.95 of ``token_gn_quad`` where other recipes measure about 1, and the cross-layer price
+    tracked that (``reports/profile_law_study.md``: AWQ's error 29% -> 9% leave one family out). For the other
+    classes the cross-layer price is noisier than the token-wise one and predicts worse, so they keep it.
 - ``log delta_NLL`` on the runs whose delta is resolved (> 2 standard errors), on the same base and corrections,
   weighted by each run's measurement precision (the law B). The ratio of delta NLL to KL is a property of the
   model (1 for a model that matches the data's distribution; 1.1-1.5 on the undertrained zoo, 0.83 on SmolLM2),
@@ -53,6 +59,8 @@ from quantpredict.predict.saved import FPModel, SavedPredictor, eval_seconds_by_
 
 PHYSICS_KINDS: tuple[str, ...] = ("physics", "profile")
 BASE_FEATURE = {"physics": "fisher_quad", "profile": "token_gn_quad"}
+#: the base quantity of an AWQ recipe's row, where it differs from :data:`BASE_FEATURE` (module docstring)
+AWQ_BASE_FEATURE = {"profile": "token_cross_quad"}
 TARGETS = ("kld", "delta_nll", "top1")
 FLOOR = 1e-12  # nats: log() of a second-order term that rounds to zero
 #: the fewest out-of-fold residuals of one method class that get their own conformal half-width (at 90% the
@@ -90,10 +98,14 @@ def _gptq(df: pd.DataFrame) -> np.ndarray:
         np.zeros(len(df))
 
 
-def design_columns(kind: str, target: str, df: pd.DataFrame, extra: Sequence[str] = ()) -> pd.DataFrame:
+def design_columns(kind: str, target: str, df: pd.DataFrame, extra: Sequence[str] = (),
+                   awq_base: str | None = None) -> pd.DataFrame:
     """The scale-free design matrix of one target, ``[n_rows, columns]`` (no intercept column); ``extra`` columns of
-    ``df`` (positive attributes such as ``tokens_per_param``) enter as logarithms."""
+    ``df`` (positive attributes such as ``tokens_per_param``) enter as logarithms. ``awq_base``: the base feature of
+    the AWQ rows (:func:`awq_rows`; ``None``: the kind's :data:`BASE_FEATURE`, as for every other row)."""
     base = _log(_num(df, BASE_FEATURE[kind]))
+    if awq_base is not None:
+        base = np.where(awq_rows(df), _log(_num(df, awq_base)), base)
     cols: dict[str, np.ndarray] = {"log_base": base}
     if kind == "physics":
         cols["log_kl_over_quad"] = _log(_num(df, "kl_calib")) - base
@@ -107,6 +119,14 @@ def design_columns(kind: str, target: str, df: pd.DataFrame, extra: Sequence[str
     for name in extra:
         cols[f"log_{name}"] = _log(_num(df, name))
     return pd.DataFrame(cols, index=df.index)
+
+
+def awq_rows(df: pd.DataFrame) -> np.ndarray:
+    """``[n_rows]`` bool: the rows whose recipe is AWQ (:func:`~quantpredict.predict.classes.method_class`; a frame
+    without ``recipe`` has none)."""
+    if "recipe" not in df or df.empty:
+        return np.zeros(len(df), bool)
+    return method_classes(df) == "AWQ"
 
 
 def column_words(kind: str, column: str) -> str:
@@ -282,6 +302,9 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
     fp_model: object = None
     delta_noise: float = 0.0  # nats: the training runs' median standard error of a measured delta NLL
     extra_columns: tuple[str, ...] = ()  # further positive inputs, as logs (e.g. tokens_per_param, for a study)
+    #: the AWQ rows' base feature: "auto" is the kind's AWQ_BASE_FEATURE; None (a predictor saved before it) the
+    #: kind's one base for every row
+    awq_base: str | None = "auto"
     metadata: dict = field(default_factory=dict)
     _warned: set = field(default_factory=set, repr=False)
 
@@ -290,6 +313,8 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
             raise PredictorError(f"unknown physics predictor kind {self.kind!r}; choose one of {list(PHYSICS_KINDS)}")
         if not 0 < self.alpha < 1:
             raise PredictorError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.awq_base == "auto":
+            self.awq_base = AWQ_BASE_FEATURE.get(self.kind)
 
     # ---- fit -------------------------------------------------------------------------------------------------------
     @property
@@ -306,7 +331,8 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         """The done runs with every feature and measured target this kind needs, but runs whose recipe quantizes
         the token embedding or the LM head (labels with ``E=``/``H=``): a run stored before those two matrices were
         priced has a ``token_gn_quad`` of the linear layers alone, which would teach the predictor that they cost
-        nothing; and kept out of every fit, such runs judge the embedding and head terms on runs they never saw."""
+        nothing; and kept out of every fit, such runs judge the embedding and head terms on runs they never saw. An
+        AWQ run also needs its ``awq_base`` feature (``quantpredict backfill --groups profile`` adds it)."""
         runs = done_runs(runs)
         if "recipe" in runs:
             runs = runs[~runs["recipe"].astype(str).str.contains(r"-[EH]=", regex=True)]
@@ -317,6 +343,8 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
                                  f"`quantpredict backfill --store S --groups "
                                  f"{','.join(self.required_groups[2:])}`")
         ok = np.all([np.isfinite(_num(runs, c)) for c in need], axis=0)
+        if self.awq_base is not None:  # an AWQ run is fitted on its own base: stored before it, it waits
+            ok &= ~awq_rows(runs) | np.isfinite(_num(runs, self.awq_base))
         return runs[ok]
 
     @property
@@ -335,7 +363,7 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         laws = {}
         for target in TARGETS:
             rows = resolved(runs) if target == "delta_nll" else np.isfinite(target_values(target, runs))
-            X = design_columns(self.kind, target, runs[rows], self.extra_columns)
+            X = design_columns(self.kind, target, runs[rows], self.extra_columns, self.awq_base)
             laws[target] = fit_law(target, X, target_values(target, runs[rows]), groups[rows], self.alpha,
                                    weights=delta_weights(runs[rows]) if target == "delta_nll" else None,
                                    classes=classes[rows])
@@ -394,7 +422,7 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
         flags: list[set] = [set() for _ in range(len(features_df))]
         classes = method_classes(features_df) if "recipe" in features_df else None
         for target, law in self.laws.items():
-            X = design_columns(self.kind, target, features_df, self.extra_columns)
+            X = design_columns(self.kind, target, features_df, self.extra_columns, self.awq_base)
             bad = ~np.isfinite(X[list(law.columns)].to_numpy(float)).all(axis=1)
             if bad.any():
                 raise PredictorError(f"{int(bad.sum())} input row(s) have missing or non-finite {self.kind} features "
@@ -465,7 +493,8 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
 
     # ---- the saved format (SavedPredictor.save / load) --------------------------------------------------------------
     def _params(self) -> dict:
-        return {"alpha": self.alpha, "delta_noise": self.delta_noise, "extra_columns": list(self.extra_columns)}
+        return {"alpha": self.alpha, "delta_noise": self.delta_noise, "extra_columns": list(self.extra_columns),
+                "awq_base": self.awq_base}
 
     def _state(self, directory: Path) -> dict:
         return {"laws": {t: law.to_json() for t, law in self.laws.items()}}
@@ -474,7 +503,8 @@ class PhysicsPredictor(SavedPredictor, kinds=PHYSICS_KINDS):
     def _from_meta(cls, meta: Mapping, directory: Path) -> PhysicsPredictor:
         p = cls(str(meta["kind"]), float(meta["params"]["alpha"]),
                 delta_noise=float(meta["params"].get("delta_noise", 0.0)),
-                extra_columns=tuple(meta["params"].get("extra_columns", ())))
+                extra_columns=tuple(meta["params"].get("extra_columns", ())),
+                awq_base=meta["params"].get("awq_base"))  # saved before it: None, one base for every row
         p.laws = {t: LogLaw.from_json(v) for t, v in meta["laws"].items()}
         p.fp_model = FPModel.from_json(meta.get("fp_model"))
         if set(p.laws) != set(TARGETS):

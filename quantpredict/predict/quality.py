@@ -225,7 +225,7 @@ def predict_quality(model_or_path: Any, recipe: Any, predictor: str | Path | Sav
     raw = dict(features_mod.extract(model, recipe, calib_ids, seed=seed, which=list(pred.required_groups),
                                     device=device, **dict(extract_options or {})))
     # features last: the store's `block_size` column holds the resolved block size (a feature), never the recipe's None
-    row: dict[str, Any] = {**cols, **raw, "model": name}
+    row: dict[str, Any] = {**cols, **raw, "model": name, "recipe": label}  # the label: its method class
     try:
         from quantpredict import arch
 

@@ -16,6 +16,9 @@ DEFAULT_PREDICTOR_DIR = DATA_DIR / "predictors" / "default"
 PHYSICS_PREDICTOR_DIR = DEFAULT_PREDICTOR_DIR
 #: the default predictor: kind ``profile``, priced from the weights (``resolve_predictor("default")``)
 PROFILE_PREDICTOR_DIR = DATA_DIR / "predictors" / "profile"
+#: the stores the shipped predictors are fitted on (docs/studies.md): the zoo, the long-trained checkpoints, SmolLM2,
+#: the other formats and the per-class runs; the 1.5B model's store is kept out, to judge them on a model never seen
+SHIPPED_STORES = ("runs.sqlite", "long.sqlite", "smollm2.sqlite", "formats.sqlite", "alloc.sqlite", "classes.sqlite")
 #: the shipped predictors by name
 SHIPPED = {"default": ("profile", "PROFILE_PREDICTOR_DIR"), "profile": ("profile", "PROFILE_PREDICTOR_DIR"),
            "physics": ("physics", "PHYSICS_PREDICTOR_DIR")}
@@ -36,6 +39,6 @@ def resolve_predictor(predictor: str | Path | SavedPredictor) -> SavedPredictor:
         runs = DATA_DIR / "runs"
         raise PredictorError(
             f"no {predictor} predictor at {path}; fit one on the shipped runs with `quantpredict fit "
-            f"--store {runs / 'runs.sqlite'} {runs / 'long.sqlite'} {runs / 'smollm2.sqlite'} --kind {shipped[0]} "
-            f"--out {path}`, or pass --predictor DIR")
+            f"--store {' '.join(str(runs / s) for s in SHIPPED_STORES)} --kind {shipped[0]} --out {path}`, or pass "
+            "--predictor DIR")
     return SavedPredictor.load(path)

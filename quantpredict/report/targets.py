@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from quantpredict.predict.classes import METHOD_CLASSES, method_classes
 from quantpredict.predict.subsample import subsample_path
 from quantpredict.predict.targets import class_metrics, subsample_comparison
 
@@ -226,8 +227,6 @@ CLASS_KINDS = ("profile", "physics", "const_law")
 def class_sections(runs: pd.DataFrame, predictions: pd.DataFrame) -> list[str]:
     """Per method class, for each split: runs, models, and each kind's KLD median relative error, within-model
     Spearman and 90% coverage (the one-constant law has no interval). The targets (issue #28) are per class."""
-    from quantpredict.predict.classes import METHOD_CLASSES
-
     cm = class_metrics(runs, predictions)
     if cm.empty:
         return []
@@ -288,6 +287,20 @@ def subsample_sections(runs, predictions, sources, kinds) -> list[str]:
                      f"{c['median_subsample_windows']:.0f} | {c['crossover_windows']:.0f} | "
                      f"{c['crossover_seconds']:.2f} |")
         curves.append((kind, c["curve"]))
+    by_class = []
+    for kind in kinds:
+        p = predictions[(predictions["kind"] == kind) & (predictions["split"] == "family")]
+        classes = method_classes(runs.loc[p.index]) if len(p) else np.array([], dtype=object)
+        for c in METHOD_CLASSES:
+            c_ = subsample_comparison(runs, sub, p[classes == c], kind) if (classes == c).any() else {}
+            if c_:
+                by_class.append(f"| {kind} | {c} | {c_['n_runs']} | {100 * c_['predictor_kld_median_rel_err']:.1f}% | "
+                                f"{100 * c_['subsample_kld_median_rel_err']:.1f}% | "
+                                f"{c_['median_subsample_windows']:.0f} |")
+    if by_class:
+        lines += ["", "Per method class (the classes the subsample file measured):", "",
+                  "| kind | method class | runs | predictor KLD med. rel. err | equal-cost subsample KLD med. rel. "
+                  "err | its median windows |", "|---|---|---|---|---|---|", *by_class]
     if curves:
         lines += ["", "The subsample's error against its windows (same runs):", "",
                   "| windows | " + " | ".join(f"KLD med. rel. err ({k} runs)" for k, _ in curves) + " | seconds |",
