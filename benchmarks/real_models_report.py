@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/real_models_report.py \\
         [--real data/runs/smollm2.sqlite data/runs/qwen2.5-coder-1.5b.sqlite] \\
-        [--zoo data/runs/runs.sqlite data/runs/long.sqlite] [--out reports/real_models.md]
+        [--zoo data/runs/runs.sqlite data/runs/long.sqlite ...] [--out reports/real_models.md]
 
 The KLD-first kinds (``physics``, ``profile``) are fitted on the zoo stores alone and predict every real-model run
 that has their features (``quantpredict backfill --groups fisher,profile`` adds them); the page is rendered by
@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", nargs="+", type=Path,
                     default=[RUNS / "smollm2.sqlite", RUNS / "qwen2.5-coder-1.5b.sqlite"])
-    ap.add_argument("--zoo", nargs="+", type=Path, default=[RUNS / "runs.sqlite", RUNS / "long.sqlite"])
+    ap.add_argument("--zoo", nargs="+", type=Path,  # the zoo stores of the shipped fit (predict.shipped), real ones out
+                    default=[RUNS / s for s in ("runs.sqlite", "long.sqlite", "formats.sqlite", "alloc.sqlite",
+                                                "classes.sqlite")])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "real_models.md")
     args = ap.parse_args(argv)
     from quantpredict.models import zoo_card
