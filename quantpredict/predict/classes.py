@@ -61,7 +61,12 @@ def method_class(run: pd.Series | dict) -> str:
 
 
 def method_classes(runs: pd.DataFrame) -> np.ndarray:
-    """:func:`method_class` of every row of ``runs`` (``[n_runs]`` object array, in row order)."""
+    """:func:`method_class` of every row of ``runs`` (``[n_runs]`` object array, in row order). Each distinct
+    (``recipe``, ``method``, ``act_format``) is classified once: the predictors call this on every fit and predict,
+    and a store repeats a few hundred recipes over thousands of runs."""
     if runs.empty:
         return np.array([], dtype=object)
-    return np.array([method_class(r) for _, r in runs.iterrows()], dtype=object)
+    cols = [c for c in ("recipe", "method", "act_format") if c in runs]
+    keys = list(zip(*(runs[c].astype(str) for c in cols))) if cols else [()] * len(runs)
+    found = {k: method_class(dict(zip(cols, k))) for k in dict.fromkeys(keys)}
+    return np.array([found[k] for k in keys], dtype=object)
