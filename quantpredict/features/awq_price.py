@@ -24,7 +24,8 @@ Departures from ``quantize_model``'s AWQ (stated, not hidden), the same as the w
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -58,53 +59,82 @@ def awq_deltas(model: nn.Module, refs: Sequence[arch.LinearRef], formats: Sequen
                method: str, profile, *, gptq_options: Mapping | None = None,
                hessians: Mapping[str, torch.Tensor] | None = None,
                absmeans: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
+    """:func:`iter_awq_deltas` as a list (every layer's change held at once); ``refs`` in any order."""
+    order = sorted(range(len(refs)), key=lambda i: refs[i].block_index)  # stable: ties keep the given order
+    got = iter_awq_deltas(model, [refs[i] for i in order], [formats[i] for i in order], method, profile,
+                          gptq_options=gptq_options, hessians=hessians, absmeans=absmeans)
+    out: list[torch.Tensor | None] = [None] * len(refs)
+    for i, d in zip(order, got, strict=True):
+        out[i] = d
+    return out
+
+
+def iter_awq_deltas(model: nn.Module, refs: Sequence[arch.LinearRef],
+                    formats: Sequence[tuple[str, int | None] | None], method: str, profile, *,
+                    gptq_options: Mapping | None = None, hessians: Mapping[str, torch.Tensor] | None = None,
+                    absmeans: Mapping[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor | None]:
     """Each layer's ``dW`` [out, in] (float32) under an AWQ recipe of ``method`` (``rtn`` or ``gptq``), as the module
-    docstring defines it; ``None`` for layers left in full precision. ``formats``: one ``(format, block size)`` per
-    ref. ``hessians`` / ``absmeans`` (``{name: [in, in]}`` / ``{name: [in]}``): the statistics to search on, in place
-    of the profile's (every quantized layer's). ``model`` is left as it was."""
+    docstring defines it, one ref at a time; ``None`` for layers left in full precision. ``refs`` come block by block
+    (the ``arch.linear_layers`` order; a ``ValueError`` otherwise), so that only one block's changes are held:
+    :func:`~quantpredict.features.fisher.price_deltas` takes the iterator. ``formats``: one ``(format, block size)``
+    per ref. ``hessians`` / ``absmeans`` (``{name: [in, in]}`` / ``{name: [in]}``): the statistics to search on, in
+    place of the profile's (every quantized layer's). ``model`` is left as it was after each block."""
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"AWQ rounds with rtn or gptq, got {method!r}")
+    arch.require_scale_folds(model, "AWQ", "awq")
+    blocks = [r.block_index for r in refs]
+    if blocks != sorted(blocks):
+        raise ValueError("iter_awq_deltas: give the refs block by block (arch.linear_layers order), or call "
+                         "awq_deltas")
+    by_name = dict(zip((r.name for r in refs), formats, strict=True))
+    for index, group in itertools.groupby(refs, key=lambda r: r.block_index):
+        out = _block_deltas(model, index, by_name, method, profile, gptq_options, hessians, absmeans)
+        for r in group:
+            yield out.get(r.name)
+
+
+def _block_deltas(model: nn.Module, index: int, by_name: Mapping[str, tuple[str, int | None] | None], method: str,
+                  profile, gptq_options: Mapping | None, hessians: Mapping[str, torch.Tensor] | None,
+                  absmeans: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Block ``index``'s quantized layers' ``dW`` (``{name: [out, in]}``); its parameters are put back after."""
     from quantpredict.quantize.awq import awq_block
     from quantpredict.quantize.gptq import gptq_quantize
     from quantpredict.quantize.rtn import rtn_quantize
 
-    if method not in ("rtn", "gptq"):
-        raise ValueError(f"AWQ rounds with rtn or gptq, got {method!r}")
-    arch.require_scale_folds(model, "AWQ", "awq")
-    by_name = dict(zip((r.name for r in refs), formats, strict=True))
     out: dict[str, torch.Tensor] = {}
-    for index in sorted({r.block_index for r in refs}):
-        quantized = {r.name: by_name[r.name] for r in arch.block_linears(model, index)
-                     if by_name.get(r.name) is not None}
-        if not quantized:
-            continue
-        block_refs = {r.name: r for r in arch.block_linears(model, index)}
-        h = {n: (profile.hessian(n) if hessians is None else hessians[n].double()) for n in block_refs}
-        if absmeans is None:
-            m = {n: profile.token_inputs[n].float().abs().mean(0).double() for n in block_refs}
-        else:
-            m = {n: absmeans[n].double() for n in block_refs}
-        groups = {g.name: g for g in arch.awq_groups(model, index)}
-        saved = _block_state(model, index)
-        try:
-            result = awq_block(model, index, quantized, h, m, clip=method == "rtn")
-            # r and c of every linear: c = its group's s on the columns, r = 1/s on the rows a group folded into
-            cols = {n: torch.ones(r.in_features, dtype=torch.float64) for n, r in block_refs.items()}
-            rows = {n: torch.ones(r.out_features, dtype=torch.float64) for n, r in block_refs.items()}
-            for rep in result.groups:
-                s = torch.tensor(rep.scales, dtype=torch.float64)
-                for n in rep.linears:
-                    cols[n] = cols[n] * s
-                prev = groups[rep.name].prev
-                if prev is not None:
-                    rows[prev.name][-s.numel():] /= s
-            for name, (fmt, block_size) in quantized.items():
-                scaled = result.reference[name].double()  # W' = diag(r) W diag(c), before clipping
-                if method == "gptq":
-                    w_q = gptq_quantize(scaled.float().clone(), h[name], fmt, block_size=block_size,
-                                        **dict(gptq_options or {}))
-                else:  # the clipped W' as awq_block left it in the layer
-                    w_q = rtn_quantize(block_refs[name].weight.detach().float(), fmt, block_size=block_size)
-                factor = rows[name].unsqueeze(1) * cols[name].unsqueeze(0)
-                out[name] = ((w_q.double() - scaled) / factor).float()
-        finally:
-            _restore(model, index, saved)
-    return [out.get(r.name) for r in refs]
+    quantized = {r.name: by_name[r.name] for r in arch.block_linears(model, index)
+                 if by_name.get(r.name) is not None}
+    if not quantized:
+        return out
+    block_refs = {r.name: r for r in arch.block_linears(model, index)}
+    h = {n: (profile.hessian(n) if hessians is None else hessians[n].double()) for n in block_refs}
+    if absmeans is None:
+        m = {n: profile.token_inputs[n].float().abs().mean(0).double() for n in block_refs}
+    else:
+        m = {n: absmeans[n].double() for n in block_refs}
+    groups = {g.name: g for g in arch.awq_groups(model, index)}
+    saved = _block_state(model, index)
+    try:
+        result = awq_block(model, index, quantized, h, m, clip=method == "rtn")
+        # r and c of every linear: c = its group's s on the columns, r = 1/s on the rows a group folded into
+        cols = {n: torch.ones(r.in_features, dtype=torch.float64) for n, r in block_refs.items()}
+        rows = {n: torch.ones(r.out_features, dtype=torch.float64) for n, r in block_refs.items()}
+        for rep in result.groups:
+            s = torch.tensor(rep.scales, dtype=torch.float64)
+            for n in rep.linears:
+                cols[n] = cols[n] * s
+            prev = groups[rep.name].prev
+            if prev is not None:
+                rows[prev.name][-s.numel():] /= s
+        for name, (fmt, block_size) in quantized.items():
+            scaled = result.reference[name].double()  # W' = diag(r) W diag(c), before clipping
+            if method == "gptq":
+                w_q = gptq_quantize(scaled.float().clone(), h[name], fmt, block_size=block_size,
+                                    **dict(gptq_options or {}))
+            else:  # the clipped W' as awq_block left it in the layer
+                w_q = rtn_quantize(block_refs[name].weight.detach().float(), fmt, block_size=block_size)
+            factor = rows[name].unsqueeze(1) * cols[name].unsqueeze(0)
+            out[name] = ((w_q.double() - scaled) / factor).float()
+    finally:
+        _restore(model, index, saved)
+    return out

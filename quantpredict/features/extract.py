@@ -60,7 +60,7 @@ from quantpredict.features.embedding_head import (
     price_embedding_and_head,
     with_embedding_and_head,
 )
-from quantpredict.features.fisher import TOKEN_WINDOWS, fisher_measures, price_deltas, profile_deltas
+from quantpredict.features.fisher import TOKEN_WINDOWS, fisher_measures, iter_profile_deltas, price_deltas
 from quantpredict.features.hessian import hutchinson_trace_op, top_eigenvalue_op
 from quantpredict.features.offsets import (
     SQNR_CAP_DB,
@@ -221,8 +221,8 @@ def _profile_group(ctx: Context) -> dict[str, float]:
     # the recipe priced from weights alone against the model's profile (given to extract, or measured here)
     recipe = ctx.recipe
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    deltas = profile_deltas(ctx.refs, layer_formats(ctx.base, ctx.refs, recipe), recipe.method, ctx.profile,
-                            gptq_options=gptq)
+    deltas = iter_profile_deltas(ctx.refs, layer_formats(ctx.base, ctx.refs, recipe), recipe.method, ctx.profile,
+                                 gptq_options=gptq)
     feats = price_deltas(ctx.profile, [r.name for r in ctx.refs], deltas)
     if embedding_and_head_plan(ctx.base, recipe):  # E= / H=: their terms join token_gn_quad (not the K-FAC ones)
         stats = measure_embedding_head(ctx.base, ctx.windows[:TOKEN_WINDOWS], seed=ctx.seed)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -402,6 +402,17 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
                    profile: SensitivityProfile, *, gptq_options: dict | None = None,
                    factors: dict | None = None, importance: Mapping[str, Any] | None = None
                    ) -> list[torch.Tensor | None]:
+    """:func:`iter_profile_deltas` as a list: every layer's change held at once (a 1.5B model's linear layers take
+    5.2 GB in float32). To price a recipe, hand the iterator to :func:`price_deltas` instead, which holds one."""
+    return list(iter_profile_deltas(refs, formats, method, profile, gptq_options=gptq_options, factors=factors,
+                                    importance=importance))
+
+
+@torch.no_grad()  # per step of the generator (torch wraps generator functions): not leaked to the caller
+def iter_profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None],
+                        method: str, profile: SensitivityProfile, *, gptq_options: dict | None = None,
+                        factors: dict | None = None, importance: Mapping[str, Any] | None = None
+                        ) -> Iterator[torch.Tensor | None]:
     """Each layer's ``Q(W) - W`` ([out, in]) from its weights alone: RTN, or GPTQ with the profile's FP-input
     Hessian ``2A`` (the layer-wise GPTQ of :mod:`quantpredict.quantize.gptq`; the sequential pass of
     ``quantize_model`` feeds each block the already-quantized blocks' outputs instead). ``None`` for layers left in
@@ -415,28 +426,25 @@ def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, 
     from quantpredict.quantize.gptq import gptq_quantize, hessian_inverse_factor
     from quantpredict.quantize.rtn import rtn_quantize
 
-    out: list[torch.Tensor | None] = []
-    with torch.no_grad():
-        for ref, fb in zip(refs, formats, strict=True):
-            if fb is None:
-                out.append(None)
-                continue
-            w = ref.weight.detach().float()
-            imp = importance_of(importance, ref.name, fb[0])
-            if method == "gptq":
-                if imp is not None:
-                    raise ValueError(f"{ref.name}: GPTQ with an imatrix is not llama.cpp's quantization; price RTN")
-                opts = dict(gptq_options or {})
-                hessian = profile.hessian(ref.name)
-                key = (ref.name, opts.get("percdamp", 0.01), bool(opts.get("act_order", False)))
-                factor = None if factors is None else factors.get(key)
-                if factor is None and factors is not None:
-                    factor = hessian_inverse_factor(hessian, key[1], key[2])
-                    if sum(t.numel() * t.element_size() for t in factors.values()) + factor.numel() * 4 \
-                            <= FACTOR_CACHE_BYTES:
-                        factors[key] = factor
-                wq = gptq_quantize(w.clone(), hessian, fb[0], block_size=fb[1], inverse_factor=factor, **opts)
-            else:
-                wq = rtn_quantize(w, fb[0], block_size=fb[1], importance=imp)
-            out.append(wq - w)
-    return out
+    for ref, fb in zip(refs, formats, strict=True):
+        if fb is None:
+            yield None
+            continue
+        w = ref.weight.detach().float()
+        imp = importance_of(importance, ref.name, fb[0])
+        if method == "gptq":
+            if imp is not None:
+                raise ValueError(f"{ref.name}: GPTQ with an imatrix is not llama.cpp's quantization; price RTN")
+            opts = dict(gptq_options or {})
+            hessian = profile.hessian(ref.name)
+            key = (ref.name, opts.get("percdamp", 0.01), bool(opts.get("act_order", False)))
+            factor = None if factors is None else factors.get(key)
+            if factor is None and factors is not None:
+                factor = hessian_inverse_factor(hessian, key[1], key[2])
+                if sum(t.numel() * t.element_size() for t in factors.values()) + factor.numel() * 4 \
+                        <= FACTOR_CACHE_BYTES:
+                    factors[key] = factor
+            wq = gptq_quantize(w.clone(), hessian, fb[0], block_size=fb[1], inverse_factor=factor, **opts)
+        else:
+            wq = rtn_quantize(w, fb[0], block_size=fb[1], importance=imp)
+        yield wq - w

@@ -205,14 +205,15 @@ def _fits(fmt, in_features: int) -> bool:
 
 def recipe_objective(mp, recipe: Recipe) -> tuple[float, float]:
     """``(summed per-layer second-order KL, bits per element)`` of any recipe, by the allocation's objective."""
-    from quantpredict.features.fisher import layer_prices, profile_deltas
+    from quantpredict.features.fisher import iter_profile_deltas, layer_prices
     from quantpredict.formats import get_format
     from quantpredict.quantize import layer_plan
 
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    deltas = profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq, factors=mp.gptq_factors)
+    deltas = iter_profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
+                                 factors=mp.gptq_factors)  # one layer's change held at a time
     total = bits = elements = 0.0
     for ref, fb, d in zip(mp.refs, formats, deltas, strict=True):
         n = ref.weight.numel()
