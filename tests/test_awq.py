@@ -146,3 +146,21 @@ def test_awq_gptq_is_on_the_grid_and_features_take_awq_recipes():
     feats = features.extract(model, recipe, stream, which="model,format,noise,gptq_proxy", n_windows=2, seq_len=16)
     assert feats["fp_calib_nll"] == pytest.approx(plain["fp_calib_nll"], abs=1e-5)
     assert all(torch.isfinite(torch.tensor(v)) for v in feats.values())
+
+
+def test_the_model_group_of_an_awq_recipe_runs_no_awq_search(monkeypatch):
+    """The FP NLL of an AWQ recipe is the FP model's (the scaled model computes the same function): the model and
+    format groups, which a backfill of a 1.5B AWQ run asks for, never build the scaled model (its search over the
+    calibration batch took over an hour there)."""
+    import quantpredict.features.context as context
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the model group ran AWQ's search")
+
+    stream = torch.randint(3, 320, (2000,), generator=torch.Generator().manual_seed(6))
+    model = _salient_llama()
+    plain = features.extract(model, Recipe("nf4"), stream, which="model,format", n_windows=2, seq_len=16)
+    monkeypatch.setattr(context, "awq_backend", no_search)
+    awq = features.extract(model, Recipe("nf4", awq=True), stream, which="model,format", n_windows=2, seq_len=16)
+    assert awq["fp_calib_nll"] == plain["fp_calib_nll"]  # the same model, the same windows: the same float
+    assert awq["bits_per_element"] == plain["bits_per_element"]

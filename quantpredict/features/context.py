@@ -175,9 +175,26 @@ class Context:
         def compute() -> float:
             if self.wants_calib_stats:  # the layer-input pass gives the NLL too: one forward instead of two
                 return self.calib_stats.nll
+            if self.awq:
+                # AWQ's scaled model computes the FP function (its scales are folded exactly), so the FP NLL is read
+                # from the FP model: building the scaled one runs AWQ's search over the calibration batch (over an
+                # hour at 1.5B), which the model group alone (a backfill) must not pay for
+                with prepared(self.model), torch.no_grad():
+                    return float(summed_nll(self.model, self.windows, self.opts.batch_size,
+                                            chunk_bytes=self.opts.logits_chunk_bytes) / self._n_tokens)
+            return self.base_nll
+        return self._lazy("fp_nll", compute)
+
+    @property
+    def base_nll(self) -> float:
+        """The mean NLL at the point the directions start from (:attr:`base`): :attr:`fp_nll` itself, but for an
+        AWQ recipe, whose scaled model rounds differently (what the landscape's differences subtract)."""
+        def compute() -> float:
+            if self.wants_calib_stats:
+                return self.calib_stats.nll
             with prepared(self.base), torch.no_grad():
                 return float(self._summed_nll(self.windows) / self._n_tokens)
-        return self._lazy("fp_nll", compute)
+        return self._lazy("base_nll", compute)
 
     @property
     def _n_tokens(self) -> int:
@@ -244,7 +261,9 @@ class Context:
                     self._op = AccumulatedHessianOperator(self._share_fns(windows, size), self.params)
             self._op_windows = n
             if n == self.windows.shape[0] and size >= n:
-                self._cache.setdefault("fp_nll", self._op.loss)
+                self._cache.setdefault("base_nll", self._op.loss)
+                if not self.awq:
+                    self._cache.setdefault("fp_nll", self._op.loss)
         return self._op
 
     def release_operator(self) -> None:

@@ -169,7 +169,7 @@ def _landscape_group(ctx: Context) -> dict[str, float]:
     delta = ctx.delta
     g_dot, curv = ctx.taylor_terms(delta)
     quad = 0.5 * curv
-    base = ctx.fp_nll
+    base = ctx.base_nll  # the NLL at the point the radial and noise probes move from
 
     def layout(i: int, d: torch.Tensor) -> torch.Tensor:
         return d.t() if ctx.refs[i].transposed else d
