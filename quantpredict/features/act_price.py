@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from quantpredict import arch
-from quantpredict.features.fisher import cross_layer_quadratic
+from quantpredict.features.fisher import cross_layer_price, position_accumulator
 from quantpredict.imatrix import importance_of
 
 
@@ -157,8 +157,7 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
               smoothing_scales_of(model, xs if smoothing_inputs is None else smoothing_inputs, smoothquant_alpha))
     totals = [0.0, 0.0, 0.0]
     per_layer = []
-    rows = next(iter(xs.values())).shape[0] if xs else 0
-    across = torch.zeros(rows, dtype=torch.float64)  # each position's terms summed over the layers
+    across = position_accumulator(xs)  # each position's terms summed over the layers
     with torch.no_grad():
         per_ref = [(act_format, act_block)] * len(refs) if act_formats is None else act_formats
         for ref, fb, ab in zip(refs, formats, per_ref, strict=True):
@@ -177,5 +176,5 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
     total = sum(per_layer)
     top = max(per_layer) / total if per_layer and total > 0 else 0.0
     return {"token_gn_quad": totals[0], "act_weight_quad": totals[1], "act_input_quad": totals[2],
-            "token_cross_quad": cross_layer_quadratic(across, profile.positions(rows)) if rows else float("nan"),
+            "token_cross_quad": cross_layer_price(profile, across),
             "kfac_max_layer_share": top, "kfac_quad": float("nan"), "kfac_quad_diag": float("nan")}

@@ -353,6 +353,20 @@ def cross_layer_quadratic(terms: torch.Tensor, tokens: int) -> float:
     return 0.5 * float(terms.double().pow(2).sum()) / max(tokens, 1)
 
 
+def position_accumulator(token_inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The zeroed ``[T]`` float64 accumulator of each stored position's terms summed over the layers
+    (:func:`token_quadratic`'s ``into``), ``T`` the rows of the per-token inputs (empty without them)."""
+    rows = next(iter(token_inputs.values())).shape[0] if token_inputs else 0
+    return torch.zeros(rows, dtype=torch.float64)
+
+
+def cross_layer_price(profile: SensitivityProfile, across: torch.Tensor) -> float:
+    """:func:`cross_layer_quadratic` of a filled :func:`position_accumulator` (NaN for an empty one: a profile
+    without per-token terms)."""
+    rows = across.shape[0]
+    return cross_layer_quadratic(across, profile.positions(rows)) if rows else float("nan")
+
+
 def layer_prices(profile: SensitivityProfile, name: str, delta: torch.Tensor, *,
                  kfac: bool = True, into: torch.Tensor | None = None) -> tuple[float, float, float]:
     """``(K-FAC, K-FAC with diagonal G, token-wise)`` second-order KL of one layer's weight change (the K-FAC ones
@@ -376,19 +390,18 @@ def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequ
     ``token_cross_quad`` (:func:`cross_layer_quadratic`; NaN for a profile without per-token terms)."""
     full = diag = tok = 0.0
     per_layer = []
-    rows = next(iter(profile.token_inputs.values())).shape[0] if profile.token_inputs else 0
-    across = torch.zeros(rows, dtype=torch.float64)
+    across = position_accumulator(profile.token_inputs)
     for name, d in zip(names, deltas, strict=True):
         if d is None:
             continue
-        f, dg, t = layer_prices(profile, name, d, kfac=kfac, into=across if rows else None)
+        f, dg, t = layer_prices(profile, name, d, kfac=kfac, into=across if across.numel() else None)
         full += f
         diag += dg
         tok += t
         per_layer.append(t if math.isfinite(t) else f)
     total = sum(per_layer)
     top = max(per_layer) / total if per_layer and total > 0 else 0.0
-    cross = cross_layer_quadratic(across, profile.positions(rows)) if rows else float("nan")
+    cross = cross_layer_price(profile, across)
     return {"kfac_quad": full, "kfac_quad_diag": diag, "kfac_max_layer_share": top, "token_gn_quad": tok,
             "token_cross_quad": cross}
 

@@ -28,8 +28,10 @@ METHOD_CLASSES = ("RTN", "GPTQ", "AWQ", "named mix", "allocated mix", "weight+ac
 _SIXTEEN_BIT = frozenset({"fp16", "bf16", "f16", "skip"})
 
 
-def _has_act(act: object) -> bool:
-    return act is not None and str(act).strip().lower() not in ("", "none", "nan")
+def is_set(value: object) -> bool:
+    """Whether a recipe column holds a value: not None, NaN, or an empty / "none" / "nan" string (how a stored
+    frame spells an unset ``act_format`` or ``smoothquant_alpha``)."""
+    return value is not None and str(value).strip().lower() not in ("", "none", "nan")
 
 
 def _layer_formats(label: str) -> list[str]:
@@ -50,7 +52,7 @@ def method_class(run: pd.Series | dict) -> str:
     from quantpredict.formats.table import GGML_TYPE_ID
 
     recipe = str(run.get("recipe", ""))
-    if _has_act(run.get("act_format")):
+    if is_set(run.get("act_format")):
         return "weight+activation"
     if "-awq" in recipe:
         return "AWQ"

@@ -42,7 +42,6 @@ without pickle (plain JSON numbers), so the quantile is computed directly, exact
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -53,7 +52,7 @@ import numpy as np
 import pandas as pd
 
 from quantpredict.errors import PredictorError
-from quantpredict.predict.classes import method_classes
+from quantpredict.predict.classes import is_set, method_classes
 from quantpredict.predict.design import done_runs, feature_groups
 from quantpredict.predict.saved import FPModel, SavedPredictor, eval_seconds_by_model
 
@@ -89,8 +88,7 @@ def _flag(df: pd.DataFrame, col: str, value: str | None = None) -> np.ndarray:
     s = df[col]
     if value is not None:
         return (s.astype(str) == value).to_numpy(float)
-    return s.map(lambda v: v is not None and not (isinstance(v, float) and math.isnan(v))
-                 and str(v).lower() not in ("", "none", "nan")).to_numpy(float)
+    return s.map(is_set).to_numpy(float)
 
 
 def _gptq(df: pd.DataFrame) -> np.ndarray:
