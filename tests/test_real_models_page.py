@@ -53,3 +53,20 @@ def test_method_classes_and_their_error_rows():
     assert rows["RTN"][1:] == ["1", "10.0%", "–", "100%"]  # |0.11/0.10 - 1| = 10%, inside [0.05, 0.2]
     assert rows["GPTQ"][1:] == ["1", "25.0%", "–", "100%"]  # 0.06 vs 0.08
     assert rows["weight+activation"][1:] == ["1", "50.0%", "–", "0%"]  # 0.30 vs 0.20, outside [0.25, 0.35]
+
+
+def test_runs_on_two_window_counts_show_each_count_and_fp_side(tmp_path):
+    """A recipe measured on more windows (for its standard error) gets a windows column, and the heading gives the
+    FP perplexity of each window count: each row's delta is against the FP model on its own windows."""
+    runs = _runs()
+    extra = runs.iloc[1].to_dict() | {"recipe": "int4-gptq", "method": "gptq", "eval_windows": 64,
+                                      "eval_tokens": 16320, "ppl_fp": 21.0, "ppl_quant": 23.1}
+    runs = pd.concat([runs, pd.DataFrame([extra])], ignore_index=True)
+    text = render(runs, [], tmp_path / "p.md", cards={}, commands=[]).read_text()
+    assert "FP perplexity 20.00 on 32 windows of 256 tokens (8,160 predicted tokens) (2 runs); 21.00 on 64 windows" \
+        in text
+    header = next(line for line in text.splitlines() if line.startswith("| recipe | bits"))
+    assert "| windows |" in header
+    row = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("| int4-gptq"))
+           .strip("|").split("|")]
+    assert row[2] == "64" and row[4] == "+10.0%"  # 23.1 against its own FP side, 21.0

@@ -184,3 +184,16 @@ def test_sweep_setting_runs_keeps_each_models_own_window_count():
     runs = pd.DataFrame({"model": ["a", "a", "a", "b", "b"], "eval_windows": [128, 128, 64, 256, 256]})
     kept, left_out = sweep_setting_runs(runs)
     assert left_out == 1 and list(kept.index) == [0, 1, 3, 4]
+
+
+def test_sweep_setting_runs_keeps_a_recipe_measured_on_more_windows_once():
+    """A recipe re-measured on more windows than the sweep (for its standard error) replaces its sweep-sized run; a
+    recipe measured only on more windows stays; a rehearsal on fewer windows and an exact repeat go."""
+    import pandas as pd
+
+    from quantpredict.runs.table import sweep_setting_runs
+
+    runs = pd.DataFrame({"model": ["q"] * 6 + ["s", "s"], "recipe": ["r1", "r2", "g", "g", "w", "w2", "r1", "r1"],
+                         "eval_windows": [32, 32, 32, 64, 8, 64, 128, 128]})
+    kept, left_out = sweep_setting_runs(runs)
+    assert list(kept.index) == [0, 1, 3, 5, 6] and left_out == 3

@@ -45,8 +45,16 @@ def read_runs(store: str | Path | list | tuple | None = None, runs: str | Path |
 
 
 def sweep_setting_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """The runs measured on their model's most common window count (its sweep's), and how many others were left
-    out: a rehearsal on fewer windows is not a second data point of the same recipe."""
+    """The runs measured on at least their model's most common window count (its sweep's), one per recipe (the one
+    on the most windows, where a store has a recipe measured twice), and how many others were left out: a rehearsal
+    on fewer windows is not a second data point of the same recipe, while a recipe measured on more windows than the
+    sweep (to bring its standard error down) stands in for its sweep-sized run. Frames without a ``recipe`` column
+    are filtered on the window count alone."""
     setting = runs.groupby("model")["eval_windows"].agg(lambda w: w.mode().iloc[0])
-    other = runs["eval_windows"] != runs["model"].map(setting)
-    return runs[~other], int(other.sum())
+    keep = runs["eval_windows"] >= runs["model"].map(setting)
+    if "recipe" in runs:
+        most = runs[keep].groupby(["model", "recipe"])["eval_windows"].transform("max")
+        keep &= runs["eval_windows"].eq(most.reindex(runs.index))
+        # two runs of a recipe on the same count (which keep alike): the first, as the store lists them
+        keep &= ~runs[["model", "recipe", "eval_windows"]].duplicated()
+    return runs[keep], int((~keep).sum())

@@ -45,8 +45,12 @@ def bits_of(run: pd.Series) -> float:
 
 
 def measured_table(runs: pd.DataFrame) -> str:
-    lines = ["| recipe | bits | ppl ± SE | Δppl | KLD ± SE | top-1 ± SE | GPTQ gain in ΔNLL (RTN − GPTQ) ± paired SE |",
-             "|---|---|---|---|---|---|---|"]
+    """One row per run; a ``windows`` column where the runs were measured on more than one window count (each
+    row's Δppl is against the FP model on its own windows)."""
+    several = runs["eval_windows"].nunique() > 1 if "eval_windows" in runs else False
+    lines = ["| recipe | bits | " + ("windows | " if several else "") + "ppl ± SE | Δppl | KLD ± SE | top-1 ± SE | "
+             "GPTQ gain in ΔNLL (RTN − GPTQ) ± paired SE |",
+             "|---|---|" + ("---|" if several else "") + "---|---|---|---|---|"]
     by = {r["recipe"]: r for _, r in runs.iterrows()}
     for _, r in runs.sort_values(["bits_per_element", "recipe"], ascending=[False, True]).iterrows():
         gain = ""
@@ -56,7 +60,8 @@ def measured_table(runs: pd.DataFrame) -> str:
                 g, se = paired_gain(rtn, r)
                 gain = f"{g:+.4f} ± {se:.4f}" if math.isfinite(g) else ""
         ppl_se = r["ppl_quant"] * r.get("nll_quant_se", float("nan"))
-        lines.append(f"| {r['recipe']} | {bits_of(r):.2f} | {r['ppl_quant']:.2f} ± {ppl_se:.2f} | "
+        windows = f"{int(r['eval_windows'])} | " if several else ""
+        lines.append(f"| {r['recipe']} | {bits_of(r):.2f} | {windows}{r['ppl_quant']:.2f} ± {ppl_se:.2f} | "
                      f"{100 * (r['ppl_quant'] / r['ppl_fp'] - 1):+.1f}% | {r['kld']:.4f} ± {r['kld_se']:.4f} | "
                      f"{100 * r['top1_agree']:.2f}% ± {100 * r.get('top1_agreement_pct_se', float('nan')) / 100:.2f} "
                      f"| {gain} |")
@@ -140,10 +145,12 @@ def render(runs: pd.DataFrame, predictions: Sequence[tuple[str, pd.DataFrame]], 
                       f"`{card.get('package') or card.get('gguf_file')}`; about {card.get('tokens_per_param', 0):,.0f} "
                       f"training tokens per non-embedding parameter ({card.get('tokens_source', 'unknown')}).", "",
                       f"**Note:** {card['note']}" if card.get("note") else "", ""]
-        windows = sorted(set(r["eval_windows"].dropna().astype(int)))
-        parts += [f"FP perplexity {r['ppl_fp'].median():.2f} on {', '.join(map(str, windows))} windows of "
-                  f"{int(r['seq_len'].iloc[0])} tokens ({int(r['eval_tokens'].median()):,} predicted tokens).", "",
-                  measured_table(r), ""]
+        fp = []
+        for n, rn in r.groupby(r["eval_windows"].astype(int)):  # each window count has its own FP side
+            runs_word = "" if r["eval_windows"].nunique() == 1 else f" ({len(rn)} run{'s' * (len(rn) > 1)})"
+            fp.append(f"{rn['ppl_fp'].median():.2f} on {n} windows of {int(rn['seq_len'].iloc[0])} tokens "
+                      f"({int(rn['eval_tokens'].median()):,} predicted tokens){runs_word}")
+        parts += [f"FP perplexity {'; '.join(fp)}.", "", measured_table(r), ""]
         gptq = r[r["method"] == "gptq"]
         gains = []
         for _, g in gptq.iterrows():
