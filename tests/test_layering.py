@@ -182,3 +182,17 @@ def test_torch_threads_restores_the_count():
     assert torch.get_num_threads() == before
     with torch_threads(None):
         assert torch.get_num_threads() == before
+
+
+def test_building_the_cli_parser_imports_neither_torch_nor_transformers():
+    """Every command builds the whole parser first: a register() that imports torch or transformers (3.5 s here)
+    makes `quantpredict --help`, `formats` and every error message wait for it. Defaults come from torch-free
+    modules (the Recipe, the settings dataclasses' field defaults)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from quantpredict.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -9,7 +9,12 @@ from quantpredict.cli import options
 
 
 def register(subparsers) -> None:
-    from quantpredict.qat.runs import DEFAULT_BATCH_SIZE, DEFAULT_LR, DEFAULT_STEPS
+    # the defaults from the Recipe (what quantpredict.qat.runs reads too): importing quantpredict.qat here would
+    # import torch and transformers while the parser is built, 3.5 s before every command
+    from quantpredict.recipe import Recipe
+
+    defaults = Recipe("int4")
+    DEFAULT_STEPS, DEFAULT_LR, DEFAULT_BATCH_SIZE = defaults.qat_steps, defaults.qat_lr, defaults.qat_batch_size
 
     p = subparsers.add_parser(
         "qat",

@@ -14,7 +14,8 @@ def register(subparsers) -> None:
     from quantpredict.studies.study import RESULTS_FILES, STUDY_FORMATS, RunOptions, StudySettings
 
     d = StudySettings()
-    o = RunOptions()
+    o = RunOptions  # the field defaults, read off the class: an instance validates against quantpredict.qat, whose
+    # import (torch, transformers) would cost every command seconds while the parser is built
     p = subparsers.add_parser(
         "study", help="studies: ptq-vs-qat",
         description="Reproducible studies. ptq-vs-qat: WikiText-2 test perplexity of FP, RTN, GPTQ, QAT from RTN and "

@@ -24,9 +24,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from quantpredict.claims import Evidence, Verdict, paired, spearman_evidence, verdict, verdict_table
 from quantpredict.studies.hurts import (  # noqa: F401 (is_long_trained, real_and_long: kept here too)
@@ -156,7 +157,7 @@ def run_sq_study(models: Sequence[str], formats: Sequence[str] = SQ_FORMATS, alp
         if not todo and not need_outliers:
             continue
         card = model_card(name)
-        model_fp, tok = load(name, dtype=torch.float32)
+        model_fp, tok = load(name, dtype="float32")
         arch.require_smoothquant(model_fp)
         calib = data.calibration_windows(data.token_stream(tok, "wikitext2", "train"), s.calib_samples,
                                          s.calib_seq_len, seed=s.seed)

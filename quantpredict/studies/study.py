@@ -23,9 +23,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 STUDY_FORMATS: tuple[str, ...] = ("int4", "int3", "int2", "mxint4", "mxint3", "mxfp4_e2m1")
 METHODS: tuple[str, ...] = ("fp", "rtn", "gptq", "qat_rtn", "qat_gptq")
@@ -63,7 +65,9 @@ class StudySettings:
                          micro_batch_size=micro_batch_size)
 
 
-REFERENCE_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+#: the local objective's dtypes by name (torch's dtype is looked up where it is used: importing torch here would
+#: cost every CLI command the seconds of torch's import while the parser is built)
+REFERENCE_DTYPES = ("float64", "float32")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ def _windows_sha(ids: torch.Tensor) -> str:
     """A short digest of the test windows' token ids: cells with equal digests were scored on the same tokens, so
     their per-window NLLs pair (zoo models share one tokenizer)."""
     import hashlib
+
+    import torch
 
     return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
@@ -210,6 +216,8 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
     Calibration (train) and test windows follow the tokenizer's BOS protocol (:func:`quantpredict.data.eval_protocol`;
     no BOS for the zoo's tokenizer and SmolLM2's).
     """
+    import torch
+
     from quantpredict import arch, data
     from quantpredict.evaluate import window_nlls
     from quantpredict.qat.finetune import finetune
@@ -225,7 +233,7 @@ def study_one(model_fp, tokenizer, name: str, fmt: str, settings: StudySettings,
         names = [r.name for r in arch.linear_layers(model_fp)]
         # model_fp is never modified here (QAT and the PTQ replays work on copies): its weights can be shared
         ctx["reference"] = fp_reference(model_fp, names, calib_w, batch_size=8,
-                                        dtype=REFERENCE_DTYPES[opts.reference_dtype], share_weights=True)
+                                        dtype=getattr(torch, opts.reference_dtype), share_weights=True)
         ctx["fp_point"] = measure_point(model_fp, ctx["reference"], ctx["track"], 0).to_dict()
     windows, track, reference = ctx["windows"], ctx["track"], ctx["reference"]
     recipe = Recipe(fmt, calib_samples=s.calib_samples, calib_seq_len=s.calib_seq_len, seed=s.seed)
@@ -308,6 +316,8 @@ def run_study(models: Sequence[str], formats: Sequence[str] = STUDY_FORMATS, *,
     Cells already in ``results`` with the same settings are skipped, so an interrupted run resumes. Returns every
     record in the file afterwards. ``device``: where the models run (default CPU).
     """
+    import torch
+
     from quantpredict.formats import get_format
     from quantpredict.models import load
 
