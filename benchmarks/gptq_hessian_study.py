@@ -1,0 +1,97 @@
+"""How the weights-only GPTQ price moves with the calibration windows its Hessians come from (issue #28).
+
+The ``profile`` kind prices a GPTQ recipe by running GPTQ on each layer against the profile's FP-input Hessian
+``2A`` (:func:`quantpredict.features.fisher.iter_profile_deltas`), then the token-wise quadratic of the change on the
+profile's first two windows. ``A`` comes from the profile's 8 calibration windows (2,048 tokens), which are also the
+windows the price reads; GPTQ itself (``quantize_model``) uses 128 windows (32,768 tokens). This study measures the
+input moments again on ``n`` other windows (WikiText-2 train, seed 1, disjoint in sampling from the profile's seed 0)
+and prices each GPTQ recipe with them, beside the model's stored measured KLD:
+
+    .venv/bin/python benchmarks/gptq_hessian_study.py --model smollm2-135m [--windows 32 128] [--out PAGE]
+
+Prints one row per (windows, recipe): the measured KLD, the price with the profile's own Hessians, with the new ones,
+and the two ratios KLD / price (a well-calibrated price keeps the ratio alike across recipes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+STORES = {"smollm2-135m": ROOT / "data" / "runs" / "smollm2.sqlite",
+          "qwen2.5-coder-1.5b": ROOT / "data" / "runs" / "qwen2.5-coder-1.5b.sqlite"}
+
+
+def measured_gptq(model: str) -> dict[str, float]:
+    """The store's measured KLD of each plain GPTQ recipe of ``model`` (no activation quantization, AWQ or mix)."""
+    from quantpredict.predict.classes import method_class
+    from quantpredict.runs.table import read_runs, sweep_setting_runs
+
+    runs = read_runs([STORES[model]])
+    runs = sweep_setting_runs(runs[(runs["status"] == "done") & (runs["model"] == model)])[0]
+    gptq = runs[runs.apply(method_class, axis=1) == "GPTQ"]
+    return {str(r["recipe"]): float(r["kld"]) for _, r in gptq.iterrows()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", choices=sorted(STORES))
+    ap.add_argument("--windows", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "gptq_hessian_study.md",
+                    help="the page whose block <!-- gptq_hessian:MODEL --> gets the table (the text around it is kept)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from quantpredict import data
+    from quantpredict.features.extract import feature_windows
+    from quantpredict.features.moments import measure_input_moments
+    from quantpredict.predict.rank import profile_model, recipe_row
+    from quantpredict.recipe import Recipe
+
+    torch.set_num_threads(1)
+    measured = measured_gptq(args.model)
+    if not measured:
+        raise SystemExit(f"{STORES[args.model]} has no GPTQ run of {args.model}")
+    mp = profile_model(args.model)
+    own = {label: recipe_row(mp, Recipe.from_label(label))["token_gn_quad"] for label in measured}
+    from transformers import AutoTokenizer
+
+    from quantpredict.models.imported import imported_path
+
+    tok = AutoTokenizer.from_pretrained(str(imported_path(args.model)))
+    stream = data.token_stream(tok, "wikitext2", "train")
+    lines = ["| Hessian windows | recipe | KLD measured | price, profile's 8 windows | KLD / price | price, new "
+             "windows | KLD / price |", "|---|---|---|---|---|---|---|"]
+    for n in args.windows:
+        windows = feature_windows(mp.model, stream, n, 256, 1)  # seed 1: not the profile's windows (seed 0)
+        t = time.perf_counter()
+        moments = measure_input_moments(mp.model, windows)
+        seconds = time.perf_counter() - t
+        other = dataclasses.replace(mp, profile=dataclasses.replace(mp.profile, input_moment=moments),
+                                    gptq_factors={})
+        for label, kld in measured.items():
+            price = recipe_row(other, Recipe.from_label(label))["token_gn_quad"]
+            row = (f"| {n} ({n * windows.shape[1]:,} tokens, {seconds:.0f} s) | {label} | {kld:.4f} | "
+                   f"{own[label]:.4f} | {kld / own[label]:.2f} | {price:.4f} | {kld / price:.2f} |")
+            lines.append(row)
+            print(row, flush=True)
+        del other, moments
+    from _common import stamp, write_between
+
+    write_between(args.out, f"gptq_hessian:{args.model}", f"**{args.model}** (4-bit on the way in: its GGUF package). "
+                  f"{stamp()} Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.\n\n"
+                  + "\n".join(lines))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
