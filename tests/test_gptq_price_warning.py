@@ -30,3 +30,27 @@ def test_gptq_on_enough_tokens_is_not_flagged():
     mp = profile_model("llama-xs")  # 8 windows of 256 tokens: 2,048, more than any of its layers' inputs
     assert max(r.in_features for r in mp.refs) <= 2048
     assert _caught(mp, "mxint4-gptq") == []
+
+
+def test_predict_prints_the_note(tmp_path, tokenizer, capsys, monkeypatch):
+    """The CLI turns the warning into one note under the table: a tiny Llama whose 2,304-wide MLP inputs outnumber
+    its profile's 8 x 256 calibration tokens."""
+    import torch
+    from conftest import VOCAB
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantpredict.cli import main
+
+    monkeypatch.setenv("QUANTPREDICT_PROFILES", str(tmp_path / "profiles"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=2304, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=4, max_position_embeddings=512, vocab_size=VOCAB, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    path = tmp_path / "wide"
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert main(["predict", str(path), "--format", "mxint4", "--method", "gptq", "--ppl-fp", "30"]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if "GPTQ is priced against Hessians" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: ") and "2,048 calibration tokens" in notes[0], out
+    assert "2,304 inputs" in notes[0]
