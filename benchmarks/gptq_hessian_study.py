@@ -28,6 +28,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 STORES = {"smollm2-135m": ROOT / "data" / "runs" / "smollm2.sqlite",
           "qwen2.5-coder-1.5b": ROOT / "data" / "runs" / "qwen2.5-coder-1.5b.sqlite"}
+ZOO_STORE = ROOT / "data" / "runs" / "runs.sqlite"  # any other name: a zoo model of the shipped sweep
+
+
+def store_of(model: str) -> Path:
+    return STORES.get(model, ZOO_STORE)
 
 
 def measured_gptq(model: str) -> dict[str, float]:
@@ -35,7 +40,7 @@ def measured_gptq(model: str) -> dict[str, float]:
     from quantpredict.predict.classes import method_class
     from quantpredict.runs.table import read_runs, sweep_setting_runs
 
-    runs = read_runs([STORES[model]])
+    runs = read_runs([store_of(model)])
     runs = sweep_setting_runs(runs[(runs["status"] == "done") & (runs["model"] == model)])[0]
     gptq = runs[runs.apply(method_class, axis=1) == "GPTQ"]
     return {str(r["recipe"]): float(r["kld"]) for _, r in gptq.iterrows()}
@@ -43,7 +48,8 @@ def measured_gptq(model: str) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", choices=sorted(STORES))
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="a real model of STORES or a zoo model of data/runs/runs.sqlite (e.g. llama-m)")
     ap.add_argument("--windows", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "gptq_hessian_study.md",
                     help="the page whose block <!-- gptq_hessian:MODEL --> gets the table (the text around it is kept)")
@@ -59,15 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     measured = measured_gptq(args.model)
     if not measured:
-        raise SystemExit(f"{STORES[args.model]} has no GPTQ run of {args.model}")
+        raise SystemExit(f"{store_of(args.model)} has no GPTQ run of {args.model}")
     mp = profile_model(args.model)
     own = {label: recipe_row(mp, Recipe.from_label(label))["token_gn_quad"] for label in measured}
-    from transformers import AutoTokenizer
+    from quantpredict import models
 
-    from quantpredict.models.imported import imported_path
-
-    tok = AutoTokenizer.from_pretrained(str(imported_path(args.model)))
+    tok = models.load(args.model)[1]
     stream = data.token_stream(tok, "wikitext2", "train")
+    import math
+    import statistics
+
+    def spread(prices: dict[str, float]) -> str:
+        logs = [math.log(measured[k] / v) for k, v in prices.items()]
+        return f"mean {statistics.fmean(logs):+.3f}, SD {statistics.pstdev(logs):.3f}"
+
+    summary = [f"log(KLD / price) over the {len(measured)} GPTQ runs, profile's 8 windows: {spread(own)}"]
     lines = ["| Hessian windows | recipe | KLD measured | price, profile's 8 windows | KLD / price | price, new "
              "windows | KLD / price |", "|---|---|---|---|---|---|---|"]
     for n in args.windows:
@@ -77,18 +89,22 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t
         other = dataclasses.replace(mp, profile=dataclasses.replace(mp.profile, input_moment=moments),
                                     gptq_factors={})
+        new = {}
         for label, kld in measured.items():
-            price = recipe_row(other, Recipe.from_label(label))["token_gn_quad"]
+            price = new[label] = recipe_row(other, Recipe.from_label(label))["token_gn_quad"]
             row = (f"| {n} ({n * windows.shape[1]:,} tokens, {seconds:.0f} s) | {label} | {kld:.4f} | "
                    f"{own[label]:.4f} | {kld / own[label]:.2f} | {price:.4f} | {kld / price:.2f} |")
             lines.append(row)
             print(row, flush=True)
+        summary.append(f"{n} windows: {spread(new)}")
         del other, moments
     from _common import stamp, write_between
 
-    write_between(args.out, f"gptq_hessian:{args.model}", f"**{args.model}** (4-bit on the way in: its GGUF package). "
+    real = " (4-bit on the way in: its GGUF package)" if args.model in STORES else " (zoo)"
+    write_between(args.out, f"gptq_hessian:{args.model}", f"**{args.model}**{real}. "
                   f"{stamp()} Load average at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.\n\n"
-                  + "\n".join(lines))
+                  + "\n".join(lines) + "\n\n" + "; ".join(summary) + ".")
+    print("\n".join(summary))
     print(f"wrote {args.out}")
     return 0
 
