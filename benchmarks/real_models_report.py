@@ -118,11 +118,12 @@ def refit_note(zoo, real) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--real", nargs="+", type=Path,
-                    default=[RUNS / "smollm2.sqlite", RUNS / "qwen2.5-coder-1.5b.sqlite"])
-    ap.add_argument("--zoo", nargs="+", type=Path,  # the zoo stores of the shipped fit (predict.shipped), real ones out
-                    default=[RUNS / s for s in ("runs.sqlite", "long.sqlite", "formats.sqlite", "alloc.sqlite",
-                                                "classes.sqlite")])
+    from quantpredict.predict.shipped import SHIPPED_STORES
+
+    real_default = [RUNS / "smollm2.sqlite", RUNS / "qwen2.5-coder-1.5b.sqlite"]
+    ap.add_argument("--real", nargs="+", type=Path, default=real_default)
+    ap.add_argument("--zoo", nargs="+", type=Path,  # the shipped fit's stores (predict.shipped), the real ones out
+                    default=[RUNS / s for s in SHIPPED_STORES if RUNS / s not in real_default])
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "real_models.md")
     args = ap.parse_args(argv)
     from quantpredict.models import zoo_card
