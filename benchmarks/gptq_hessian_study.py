@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from quantpredict.predict.rank import profile_model, recipe_row
     from quantpredict.recipe import Recipe
 
-    torch.set_num_threads(1)
-    measured = measured_gptq(args.model)
+    measured = measured_gptq(args.model)  # checked before any model is loaded or file written
     if not measured:
-        raise SystemExit(f"{store_of(args.model)} has no GPTQ run of {args.model}")
+        ap.error(f"{store_of(args.model)} has no done GPTQ run of {args.model!r}: name a real model of "
+                 f"{', '.join(sorted(STORES))} or a zoo model of the shipped sweep (e.g. llama-m)")
+    torch.set_num_threads(1)
     mp = profile_model(args.model)
     own = {label: recipe_row(mp, Recipe.from_label(label))["token_gn_quad"] for label in measured}
     from quantpredict import models
