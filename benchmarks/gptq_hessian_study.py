@@ -1,11 +1,12 @@
 """How the weights-only GPTQ price moves with the calibration windows its Hessians come from (issue #28).
 
-The ``profile`` kind prices a GPTQ recipe by running GPTQ on each layer against the profile's FP-input Hessian
-``2A`` (:func:`quantpredict.features.fisher.iter_profile_deltas`), then the token-wise quadratic of the change on the
-profile's first two windows. ``A`` comes from the profile's 8 calibration windows (2,048 tokens), which are also the
-windows the price reads; GPTQ itself (``quantize_model``) uses 128 windows (32,768 tokens). This study measures the
-input moments again on ``n`` other windows (WikiText-2 train, seed 1, disjoint in sampling from the profile's seed 0)
-and prices each GPTQ recipe with them, beside the model's stored measured KLD:
+The ``profile`` kind prices a GPTQ recipe by running GPTQ on each layer against an FP-input Hessian ``2A``
+(:func:`quantpredict.features.fisher.iter_profile_deltas`), then the token-wise quadratic of the change on the
+profile's first two windows. Until 2026-12-07 ``A`` came from the profile's 8 calibration windows (2,048 tokens),
+which are also the windows the price reads; GPTQ itself (``quantize_model``) uses 128 windows (32,768 tokens), and
+the price now reads those (:meth:`quantpredict.predict.rank.ModelProfile.calibration_hessians`). This study prices
+each GPTQ recipe with the profile's 8 windows' moments and with moments measured again on ``n`` other windows
+(WikiText-2 train, seed 1, disjoint in sampling from the profile's seed 0), beside the model's stored measured KLD:
 
     .venv/bin/python benchmarks/gptq_hessian_study.py --model smollm2-135m [--windows 32 128] [--out PAGE]
 
@@ -16,7 +17,6 @@ and the two ratios KLD / price (a well-calibrated price keeps the ratio alike ac
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -68,7 +68,18 @@ def main(argv: list[str] | None = None) -> int:
                  f"{', '.join(sorted(STORES))} or a zoo model of the shipped sweep (e.g. llama-m)")
     torch.set_num_threads(1)
     mp = profile_model(args.model)
-    own = {label: recipe_row(mp, Recipe.from_label(label))["token_gn_quad"] for label in measured}
+
+    def priced_with(moments) -> dict[str, float]:
+        """Each GPTQ recipe's price with its Hessians taken from ``moments`` (in place of its calibration's)."""
+        out = {}
+        for label in measured:
+            recipe = Recipe.from_label(label)
+            mp.calibration_moments[mp.calibration_key(recipe)] = moments
+            mp.gptq_factors.clear()  # the factors belong to the Hessians they were computed from
+            out[label] = recipe_row(mp, recipe)["token_gn_quad"]
+        return out
+
+    own = priced_with(mp.profile.input_moment)  # the profile's own 8 windows (the price before 2026-12-07)
     from quantpredict import models
 
     tok = models.load(args.model)[1]
@@ -88,17 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         moments = measure_input_moments(mp.model, windows)
         seconds = time.perf_counter() - t
-        other = dataclasses.replace(mp, profile=dataclasses.replace(mp.profile, input_moment=moments),
-                                    gptq_factors={})
-        new = {}
+        new = priced_with(moments)
         for label, kld in measured.items():
-            price = new[label] = recipe_row(other, Recipe.from_label(label))["token_gn_quad"]
+            price = new[label]
             row = (f"| {n} ({n * windows.shape[1]:,} tokens, {seconds:.0f} s) | {label} | {kld:.4f} | "
                    f"{own[label]:.4f} | {kld / own[label]:.2f} | {price:.4f} | {kld / price:.2f} |")
             lines.append(row)
             print(row, flush=True)
         summary.append(f"{n} windows: {spread(new)}")
-        del other, moments
+        del moments
     from _common import stamp, write_between
 
     real = " (4-bit on the way in: its GGUF package)" if args.model in STORES else " (zoo)"

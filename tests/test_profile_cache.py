@@ -143,12 +143,14 @@ def test_cached_profile_prices_bit_for_bit_as_a_fresh_one():
     assert cold.cache_dir is not None and not cold.cached
     assert cold.cache_dir.parent == profile_cache.profiles_root() and cold.cache_dir.name.startswith("llama-xs-")
     rows_fresh = [_row(fresh, r) for r in recipes]
-    rows_cold = [_row(cold, r) for r in recipes]  # the GPTQ one writes the moments into the entry
-    assert (cold.cache_dir / "moments" / "index.json").is_file()
+    rows_cold = [_row(cold, r) for r in recipes]  # the GPTQ one writes its calibration's moments into the entry
+    assert (cold.cache_dir / "moments-128x256-seed0" / "index.json").is_file()
+    cold.profile.input_moment["model.layers.0.self_attn.q_proj"]  # the profile's own moments, kept beside them
     warm = _profile()
     assert warm.cached and warm.cache_dir == cold.cache_dir
     assert isinstance(warm.profile.input_moment, InputMoments)
     rows_warm = [_row(warm, r) for r in recipes]
+    assert isinstance(warm.calibration_moments[(128, 256, 0)], InputMoments)  # read, not measured again
     assert rows_fresh == rows_cold == rows_warm
     assert warm.model_features == fresh.model_features
     assert warm.full_split_windows == cold.full_split_windows
@@ -194,6 +196,29 @@ def test_warm_profile_measures_the_input_moments_on_its_cached_windows(monkeypat
     assert (entry / "moments" / "index.json").is_file()
 
 
+def test_gptq_is_priced_with_the_hessians_quantize_model_calibrates_on():
+    """The price's GPTQ Hessians are those of the recipe's own calibration windows, cut as quantize_model cuts them:
+    equal (to float32 accumulation) to quantize.calib.collect_hessians of the FP model on those windows, which is
+    the Hessian quantize_model's GPTQ rounds the first block against, and not the profile's 3 windows'."""
+    from quantpredict.data import calibration_windows
+    from quantpredict.quantize.calib import collect_hessians
+
+    mp = _profile(cache=False)
+    recipe = Recipe.from_label("int4-gptq-cal16x64-seed3")
+    hessians = mp.calibration_hessians(recipe)
+    windows = calibration_windows(_zoo_calib(), 16, 64, seed=3)
+    with torch.no_grad():
+        ref = collect_hessians(mp.model, windows)  # float64 accumulation of float32 products
+    for r in mp.refs:
+        h = ref[r.name]
+        got = hessians[r.name]
+        assert got.dtype == torch.float64 and got.shape == h.shape
+        assert (got - h).abs().max() <= 1e-5 * h.abs().max(), r.name
+    assert hessians.moments.load().tokens == 16 * 64
+    name = mp.refs[0].name
+    assert not torch.allclose(hessians[name], mp.profile.hessian(name), rtol=1e-3)  # not the profile's windows
+
+
 def test_the_key_follows_weights_calibration_protocol_and_code(monkeypatch):
     model = tiny_model("llama")
     ids = _windows(1, 400)[0]
@@ -222,10 +247,9 @@ def test_profiles_live_beside_the_imported_models(monkeypatch, tmp_path):
 @pytest.mark.parametrize("damage", ["truncate_tokens", "garbage_json", "no_json", "wrong_key", "truncate_moments"])
 def test_a_corrupt_entry_is_measured_again_with_a_warning(damage):
     first = _profile()
-    if not (first.cache_dir / "moments").exists():
-        first.profile.input_moment["model.layers.0.self_attn.q_proj"]  # measure and cache the moments
     entry = first.cache_dir
-    expected = [_row(first, r) for r in (Recipe("int4"), Recipe("int4", method="gptq"))]
+    recipes = (Recipe("int4"), Recipe("int4", method="gptq"))
+    expected = [_row(first, r) for r in recipes]  # the GPTQ one measures (or reads) its calibration's moments
     if damage == "truncate_tokens":
         f = entry / "tokens.safetensors"
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -237,13 +261,14 @@ def test_a_corrupt_entry_is_measured_again_with_a_warning(damage):
         doc = json.loads((entry / "profile.json").read_text())
         (entry / "profile.json").write_text(json.dumps(doc | {"key": "0" * 64}))
     else:
-        f = entry / "moments" / "block_0000.safetensors"
+        f = entry / "moments-128x256-seed0" / "block_0000.safetensors"
         f.write_bytes(f.read_bytes()[:100])
     with pytest.warns(ProfileCacheWarning, match=re.escape(str(entry))):
         again = _profile()
+        rows = [_row(again, r) for r in recipes]  # the moments are read (and found corrupt) when GPTQ needs them
     assert again.cache_dir == entry
     assert again.cached == (damage == "truncate_moments")  # only the moments were lost: measured on demand
-    assert [_row(again, r) for r in (Recipe("int4"), Recipe("int4", method="gptq"))] == expected
+    assert rows == expected
     assert _profile().cached  # written back whole
 
 

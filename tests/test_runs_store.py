@@ -332,3 +332,27 @@ def test_profile_backfill_writes_what_rank_prices(tmp_path):
     assert got_wa["token_gn_quad"] == float(want.loc["mxint4-rtn-a_mxint8", "token_gn_quad"]) > got["token_gn_quad"]
     assert got["fp_entropy_calib"] == 1.25 and got["kfac_quad"] is None  # kept; the lean profile has no K-FAC
     assert awq_after["features"] == before["features"]
+
+
+def test_recompute_calibrated_prices_again_only_gptq_and_awq_runs(tmp_path):
+    """`backfill --groups profile --recompute calibrated` overwrites the stored price of the GPTQ and AWQ runs (whose
+    price reads their calibration windows' Hessians) with rank's, and leaves an RTN run's as it was."""
+    from quantpredict.cli import main
+    from quantpredict.predict.rank import rank_recipes
+
+    stale = {"token_gn_quad": 9.0, "token_cross_quad": 9.0}
+    specs = {"mxint4-rtn": _spec("llama-xs", "mxint4", "rtn"), "mxint4-gptq": _spec("llama-xs", "mxint4", "gptq"),
+             "mxint4-rtn-awq": RunSpec("llama-xs", Recipe("mxint4", awq=True), EvalSetting(64, 4))}
+    path = tmp_path / "runs.sqlite"
+    with RunStore(path) as store:
+        for spec in specs.values():
+            store.record(spec, run_one(spec, fake_run))
+            store.update_features(spec.key, stale)
+    assert main(["backfill", "--store", str(path), "--groups", "profile", "--recompute", "calibrated",
+                 "--no-progress"]) == 0
+    want = rank_recipes("llama-xs", list(specs)).set_index("recipe")
+    with RunStore(path, create=False) as store:
+        got = {label: store.get(spec.key)["features"] for label, spec in specs.items()}
+    assert got["mxint4-rtn"]["token_gn_quad"] == 9.0  # not a calibrated recipe: kept
+    for label in ("mxint4-gptq", "mxint4-rtn-awq"):
+        assert got[label]["token_gn_quad"] == float(want.loc[label, "token_gn_quad"]) != 9.0

@@ -22,10 +22,11 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="only the runs of these methods (rtn first: a GPTQ run is quantized again to be backfilled)")
     p.add_argument("--limit", type=int, default=None, help="stop after N runs")
-    p.add_argument("--recompute", choices=("activation", "all"), default=None,
+    p.add_argument("--recompute", choices=("activation", "calibrated", "all"), default=None,
                    help="with --groups profile: price again, and overwrite, the runs that have the features: "
                         "'activation' the weight+activation (SmoothQuant, act_format) runs, whose stored price "
-                        "predates the activation term; 'all' every run")
+                        "predates the activation term; 'calibrated' the GPTQ and AWQ runs, whose stored price may "
+                        "predate their pricing against their own calibration windows' Hessians; 'all' every run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     if groups is None:
         return 0
     pricer = _weights_only_pricer() if list(groups) == ["profile"] else None
-    recompute = {"all": lambda r: True, "activation": _is_activation_run, None: None}[args.recompute]
+    recompute = {"all": lambda r: True, "activation": _is_activation_run, "calibrated": _is_calibrated_run,
+                 None: None}[args.recompute]
     summary = backfill(args.store, groups, models=args.models, methods=args.methods, torch_threads=args.threads,
                        progress=not args.no_progress, limit=args.limit, pricer=pricer, recompute=recompute)
     print(summary)
@@ -86,6 +88,14 @@ def _weights_only_pricer():
         return price
 
     return for_model
+
+
+def _is_calibrated_run(run: dict) -> bool:
+    """A run whose weights-only price reads its calibration windows' Hessians: GPTQ or AWQ in its recipe."""
+    from quantpredict.recipe import Recipe
+
+    recipe = Recipe.from_label(str(run["recipe"]))
+    return recipe.method == "gptq" or recipe.awq
 
 
 def _is_activation_run(run: dict) -> bool:

@@ -27,12 +27,15 @@ def register(sub) -> None:
                     "pass over the first 2 gives the per-token layer inputs and output gradients that price a "
                     "recipe from its weights alone), or find it in the cache, and print where it is, its key, what "
                     "measuring it cost, its size on disk and the FP calibration NLL. rank and allocate use the same "
-                    f"cache. {CACHE_HELP}. GPTQ pricing also needs every layer's input moment, measured block by "
-                    "block (forward passes only) the first time a GPTQ recipe is priced, or now with --gptq.")
+                    f"cache. {CACHE_HELP}. GPTQ and AWQ pricing also need every layer's input moment on the "
+                    "recipe's calibration windows (128 windows of 256 tokens at seed 0, as quantize calibrates), "
+                    "measured block by block (forward passes only) the first time such a recipe is priced, or now "
+                    "with --gptq.")
     p.add_argument("model", metavar="MODEL", help="zoo name, imported model (smollm2-135m) or HF model directory")
     add_no_cache(p)
     p.add_argument("--gptq", action="store_true",
-                   help="also measure the input moments GPTQ recipes are priced with (else measured on demand)")
+                   help="also measure the input moments GPTQ and AWQ recipes are priced with (the default "
+                        "calibration's 128 x 256 windows; else measured on demand)")
     p.add_argument("--threads", type=positive(int), default=None, metavar="N",
                    help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -47,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     from quantpredict.features.moments import InputMoments, LazyInputMoments
     from quantpredict.predict import profile_cache
     from quantpredict.predict.rank import profile_model
+    from quantpredict.recipe import Recipe
 
     options.check_model(args.model)  # from file headers, before any weight loads
     if args.threads:
         torch.set_num_threads(args.threads)
     mp = profile_model(args.model, cache=not args.no_cache)
     prof = mp.profile
-    moments, moments_seconds = prof.input_moment, None
+    # the default calibration's (what a GPTQ or AWQ recipe without -calNxL is priced with)
+    moments, moments_seconds = mp.calibration_hessians(Recipe("int4", method="gptq")).moments, None
     if args.gptq and isinstance(moments, LazyInputMoments):  # not in the cache yet: measured now
         t = time.perf_counter()
         moments = moments.load()
@@ -89,6 +94,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"GPTQ input moments: {moments.nbytes / 2**20:.1f} MiB in {where}"
               + (f", measured now in {moments_seconds:.1f} s" if moments_seconds is not None else ""))
     else:
-        print("GPTQ input moments: not measured yet (measured block by block the first time a GPTQ recipe is "
-              "priced, or now with --gptq)")
+        print("GPTQ input moments: not measured yet (measured block by block the first time a GPTQ or AWQ recipe "
+              "is priced, or now with --gptq)")
     return 0

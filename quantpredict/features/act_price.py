@@ -21,7 +21,8 @@ Departures from what ``quantize_model`` does (stated, not hidden):
   inputs of the already-quantized prefix (activation quantization of the earlier blocks included). A max over 64x
   fewer tokens is smaller, so ``s`` is somewhat smaller for ``alpha > 0``.
 - ``x_t`` is the FP model's input of the layer (bf16-rounded); the sequential quantized model's inputs carry the
-  earlier layers' errors. GPTQ is priced against the profile's FP Hessian ``2A`` (the weight-only path's departure).
+  earlier layers' errors. GPTQ is priced against an FP Hessian ``2A`` (the weight-only path's departure): the
+  recipe's own calibration windows' when ``rank`` prices it (``hessians``), else the profile's.
 - The price is block-diagonal over layers and second order, as ``token_gn_quad`` is.
 - A runtime's activation rounding (``act_formats``, e.g. llama.cpp's Q8_0/Q8_K inputs, :mod:`quantpredict.runtime`)
   is applied to the bf16-stored profile inputs, where the runtime rounds float32 ones: exact halves are more common
@@ -133,7 +134,8 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
                      gptq_options: Mapping | None = None, token_inputs: Mapping[str, torch.Tensor] | None = None,
                      smoothing_inputs: Mapping[str, torch.Tensor] | None = None,
                      act_formats: Sequence[tuple[str, int | None] | None] | None = None,
-                     importance: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+                     importance: Mapping[str, torch.Tensor] | None = None,
+                     hessians: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """The ``profile`` group's token-wise features of a (weight+activation, optionally SmoothQuant) recipe:
     ``token_gn_quad`` (the total price of the module docstring), its ``act_weight_quad`` and ``act_input_quad`` parts
     (without their cross term) and ``kfac_max_layer_share`` (the largest layer's share of the total). ``formats``:
@@ -145,7 +147,9 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
     quantized (a runtime's per-layer formats, :func:`quantpredict.runtime.activation_formats`), in place of the one
     ``act_format``/``act_block`` of every quantized layer (then ``act_format`` must be ``None``); layers whose
     ``formats`` entry is ``None`` stay unpriced either way. ``importance``: HF layer name -> [in] imatrix weights for
-    the RTN of llama.cpp formats (:func:`~quantpredict.features.fisher.profile_deltas`)."""
+    the RTN of llama.cpp formats (:func:`~quantpredict.features.fisher.profile_deltas`). ``hessians``
+    (``{name: [in, in]}``): the FP Hessians GPTQ rounds against, in place of the profile's ``2A``
+    (:func:`~quantpredict.features.fisher.iter_profile_deltas`)."""
     if act_formats is not None:
         if act_format is not None:
             raise ValueError("give act_format (one format for every quantized layer) or act_formats (one per layer), "
@@ -165,7 +169,7 @@ def price_act_recipe(model: nn.Module, profile, refs: Sequence[arch.LinearRef],
                 continue
             a_fmt, a_block = (None, None) if ab is None else ab
             scale = scales.get(ref.name)
-            h = profile.hessian(ref.name) if method == "gptq" else None
+            h = None if method != "gptq" else (profile.hessian(ref.name) if hessians is None else hessians[ref.name])
             w_q, delta = smoothed_quantized(ref.weight, scale, fb, method, h, gptq_options,
                                             importance_of(importance, ref.name, fb[0]))
             x = xs[ref.name]

@@ -18,8 +18,9 @@ Departures from ``quantize_model``'s AWQ (stated, not hidden), the same as the w
 
 - the statistics are the FP model's, where the sequential pass feeds each block the quantized prefix's outputs;
 - mean ``|x|`` comes from the profile's token windows (2 windows of 256 tokens, bf16), where ``quantize_model``
-  takes it over the recipe's calibration windows (128 by default); the Hessian comes from the profile's windows
-  (8 by default).
+  takes it over the recipe's calibration windows (128 by default). The Hessian is the profile's (8 windows) unless
+  ``hessians`` are given: ``rank`` gives those of the recipe's own calibration windows
+  (:meth:`quantpredict.predict.rank.ModelProfile.calibration_hessians`), as ``quantize_model`` calibrates.
 """
 
 from __future__ import annotations

@@ -70,8 +70,10 @@ class _CalibStats:
 
 class Context:
     def __init__(self, model: nn.Module, recipe: Any, windows: torch.Tensor, seed: int, opts: ExtractOptions,
-                 groups: Sequence[str] = GROUPS, storage_dtype: torch.dtype | None = None, profile: Any = None):
+                 groups: Sequence[str] = GROUPS, storage_dtype: torch.dtype | None = None, profile: Any = None,
+                 calib_ids: Any = None):
         self.model, self.recipe, self.windows, self.seed, self.opts = model, recipe, windows, seed, opts
+        self.calib_ids = calib_ids  # what extract was given: GPTQ's own calibration windows are cut from it
         self._profile = profile
         # the model's own dtype when it was upcast for the call: directions are kept in it where that is exact
         self.storage_dtype = storage_dtype

@@ -6,7 +6,9 @@ batch cut from WikiText-2 *train*. The quantization direction is ``delta = Q(W) 
 ``arch.linear_layers`` layer, with ``Q`` the recipe's weight quantization (RTN: ``formats.fake_quantize`` per layer;
 GPTQ and AWQ: ``quantize.quantize_model`` on a deep copy; AWQ's clipping is part of ``delta``). Second-order
 quantities are taken w.r.t. exactly those weights. The RTN-based features (``noise``, ``gptq_proxy``, ``profile``)
-of an AWQ recipe round the scaled weights as they are (no clipping).
+of an AWQ recipe round the scaled weights as they are (no clipping). The ``profile`` group of a GPTQ recipe runs
+GPTQ per layer against the FP Hessians of the recipe's own calibration windows (cut from ``calib_ids`` as
+``quantize_model`` cuts them, 128 x 256 by default; forward passes only), the Hessians ``rank`` prices it with.
 
 This module holds the extractor and its feature groups; the pieces they share live beside it, and their public
 names are re-exported here: :mod:`~quantpredict.features.context` (``ExtractOptions``, ``parse_which`` and the lazily
@@ -221,8 +223,15 @@ def _profile_group(ctx: Context) -> dict[str, float]:
     # the recipe priced from weights alone against the model's profile (given to extract, or measured here)
     recipe = ctx.recipe
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
+    hessians = None
+    if recipe.method == "gptq" and ctx.calib_ids is not None:
+        # GPTQ rounds against the Hessians of its own calibration windows (quantize_model's), as rank prices it
+        from quantpredict.features.moments import MomentHessians, measure_input_moments
+
+        calib = calibration_windows(ctx.calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
+        hessians = MomentHessians(measure_input_moments(ctx.base, calib.to(ctx.windows.device)))
     deltas = iter_profile_deltas(ctx.refs, layer_formats(ctx.base, ctx.refs, recipe), recipe.method, ctx.profile,
-                                 gptq_options=gptq)
+                                 gptq_options=gptq, hessians=hessians)
     feats = price_deltas(ctx.profile, [r.name for r in ctx.refs], deltas)
     if embedding_and_head_plan(ctx.base, recipe):  # E= / H=: their terms join token_gn_quad (not the K-FAC ones)
         stats = measure_embedding_head(ctx.base, ctx.windows[:TOKEN_WINDOWS], seed=ctx.seed)
@@ -276,8 +285,8 @@ def extract(model: nn.Module, recipe: Any, calib_ids: torch.Tensor, *, seed: int
     with compute_placement(model, device) as dev:
         windows = feature_windows(model, calib_ids, opts.n_windows, opts.seq_len, seed).to(dev)
         compact = storage if storage != next(model.parameters()).dtype else None
-        out = _extract_groups(Context(model, recipe, windows, seed, opts, groups, compact, profile), groups,
-                              progress)
+        out = _extract_groups(Context(model, recipe, windows, seed, opts, groups, compact, profile,
+                                      calib_ids=calib_ids), groups, progress)
     expected = {f.name for f in FEATURES if f.group in groups}
     missing = expected - out.keys()
     if missing:  # a schema row without an implementation is a bug here, not a user error

@@ -413,19 +413,19 @@ FACTOR_CACHE_BYTES = 1 << 30
 
 def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,
                    profile: SensitivityProfile, *, gptq_options: dict | None = None,
-                   factors: dict | None = None, importance: Mapping[str, Any] | None = None
-                   ) -> list[torch.Tensor | None]:
+                   factors: dict | None = None, importance: Mapping[str, Any] | None = None,
+                   hessians: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor | None]:
     """:func:`iter_profile_deltas` as a list: every layer's change held at once (a 1.5B model's linear layers take
     5.2 GB in float32). To price a recipe, hand the iterator to :func:`price_deltas` instead, which holds one."""
     return list(iter_profile_deltas(refs, formats, method, profile, gptq_options=gptq_options, factors=factors,
-                                    importance=importance))
+                                    importance=importance, hessians=hessians))
 
 
 @torch.no_grad()  # per step of the generator (torch wraps generator functions): not leaked to the caller
 def iter_profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None],
                         method: str, profile: SensitivityProfile, *, gptq_options: dict | None = None,
-                        factors: dict | None = None, importance: Mapping[str, Any] | None = None
-                        ) -> Iterator[torch.Tensor | None]:
+                        factors: dict | None = None, importance: Mapping[str, Any] | None = None,
+                        hessians: Mapping[str, torch.Tensor] | None = None) -> Iterator[torch.Tensor | None]:
     """Each layer's ``Q(W) - W`` ([out, in]) from its weights alone: RTN, or GPTQ with the profile's FP-input
     Hessian ``2A`` (the layer-wise GPTQ of :mod:`quantpredict.quantize.gptq`; the sequential pass of
     ``quantize_model`` feeds each block the already-quantized blocks' outputs instead). ``None`` for layers left in
@@ -435,7 +435,9 @@ def iter_profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[
     recipe. ``importance``: HF layer name -> its [in] importance weights (llama-quantize's quant_weights of an
     imatrix, :func:`quantpredict.imatrix.layer_importance`): the RTN of a llama.cpp format of a layer named there
     quantizes with them (``fake_quantize(..., importance=...)``); other formats and layers as without (GPTQ with an
-    imatrix is not llama.cpp's: a ``ValueError``)."""
+    imatrix is not llama.cpp's: a ``ValueError``). ``hessians`` (``{name: [in, in]}``, float64; e.g. a
+    :class:`~quantpredict.features.moments.MomentHessians` of the recipe's calibration windows): the Hessians GPTQ
+    rounds against, in place of the profile's ``2A``; a ``factors`` cache must then belong to those Hessians."""
     from quantpredict.quantize.gptq import gptq_quantize, hessian_inverse_factor
     from quantpredict.quantize.rtn import rtn_quantize
 
@@ -449,7 +451,7 @@ def iter_profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[
             if imp is not None:
                 raise ValueError(f"{ref.name}: GPTQ with an imatrix is not llama.cpp's quantization; price RTN")
             opts = dict(gptq_options or {})
-            hessian = profile.hessian(ref.name)
+            hessian = profile.hessian(ref.name) if hessians is None else hessians[ref.name]
             key = (ref.name, opts.get("percdamp", 0.01), bool(opts.get("act_order", False)))
             factor = None if factors is None else factors.get(key)
             if factor is None and factors is not None:

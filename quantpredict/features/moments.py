@@ -241,6 +241,29 @@ class InputMoments(Mapping[str, torch.Tensor]):
         return f"InputMoments({str(self.directory)!r}, {len(self)} layers)"
 
 
+class MomentHessians(Mapping[str, torch.Tensor]):
+    """``layer name -> 2A`` (float64, ``[in, in]``): GPTQ's Hessian of each layer from a mapping of input moments
+    ``A`` (such as :class:`InputMoments`), computed on access, nothing held."""
+
+    def __init__(self, moments: Mapping[str, torch.Tensor]):
+        self.moments = moments
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return 2.0 * self.moments[name].double()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.moments)
+
+    def __len__(self) -> int:
+        return len(self.moments)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.moments
+
+    def __repr__(self) -> str:
+        return f"MomentHessians({self.moments!r})"
+
+
 class LazyInputMoments(Mapping[str, torch.Tensor]):
     """``layer name -> A`` measured by ``measure()`` (returning a mapping, such as :class:`InputMoments`) the first
     time one is read; names, length and membership do not measure. ``measured`` tells whether it has run."""

@@ -134,13 +134,16 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
     L, F = len(refs), len(candidates)
     cost, bpe = np.full((L, F), np.inf), np.full((L, F), np.inf)
     gptq = {"blocksize": base.gptq_blocksize, "percdamp": base.percdamp, "act_order": base.act_order}
+    # GPTQ rounds against the Hessians of the recipe's own calibration windows, as rank prices it
+    hessians = mp.calibration_hessians(base) if method == "gptq" else None
     for j, (fmt, bs) in enumerate(candidates):
         f = get_format(fmt)
         fb = (fmt, bs if bs is not None else f.default_block_size)
         for i, ref in enumerate(refs):
             if not _fits(f, ref.in_features):
                 continue  # e.g. a k-quant on rows that are not a multiple of 256: not a choice for this layer
-            d = profile_deltas([ref], [fb], method, mp.profile, gptq_options=gptq, factors=mp.gptq_factors)[0]
+            d = profile_deltas([ref], [fb], method, mp.profile, gptq_options=gptq, factors=mp.factor_cache(base),
+                               hessians=hessians)[0]
             cost[i, j] = layer_prices(mp.profile, ref.name, d, kfac=False)[2]
             bpe[i, j] = f.bits_per_element(fb[1], row_length=ref.in_features)
     stuck = [refs[i] for i in range(L) if not np.isfinite(cost[i]).any()]
@@ -212,8 +215,9 @@ def recipe_objective(mp, recipe: Recipe) -> tuple[float, float]:
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
+    hessians = mp.calibration_hessians(recipe) if recipe.method == "gptq" else None
     deltas = iter_profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
-                                 factors=mp.gptq_factors)  # one layer's change held at a time
+                                 factors=mp.factor_cache(recipe), hessians=hessians)  # one layer's change at a time
     total = bits = elements = 0.0
     for ref, fb, d in zip(mp.refs, formats, deltas, strict=True):
         n = ref.weight.numel()

@@ -15,8 +15,12 @@ the measurement changes, and :data:`quantpredict.version.MEASUREMENT_VERSION`).
 An entry is a directory written under a temporary name and renamed into place: ``tokens.safetensors`` (the per-token
 layer inputs and output gradients, bf16, one input tensor per layer-input owner; and the calibration windows' token
 ids), ``profile.json`` (the scalars, the layer names, the key and its parts, the sizes of the files) and, once a GPTQ
-recipe has been priced or ``quantpredict profile --gptq`` asked for them, ``moments/`` (each layer-input owner's
-``A``, float32, one safetensors file per block: :mod:`quantpredict.features.moments`), and, once a recipe quantizing
+or AWQ recipe has been priced or ``quantpredict profile --gptq`` asked for them, ``moments-128x256-seed0/`` (each
+layer-input owner's ``A`` on the recipe's calibration windows, as ``quantize_model`` cuts them: 128 windows of 256
+tokens at seed 0 by default; float32, one safetensors file per block: :mod:`quantpredict.features.moments`). GPTQ
+and AWQ are priced against these, their own calibration's Hessians (``reports/gptq_hessian_study.md``). Entries
+written before that hold ``moments/``: the profile's own 8 windows' moments, no longer read by any price (delete it
+to free the space: 11 GB for a 1.5B model). Once a recipe quantizing
 the token embedding or the head has been priced, ``embedding-head-v1.safetensors`` (:func:`embedding_head_stats`).
 Loading gives back the tensors and floats that were measured, so prices from a cached profile equal the fresh one's
 bit for bit. An entry that is partial, corrupt or from another key is reported (a :class:`ProfileCacheWarning`
@@ -32,7 +36,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -289,14 +293,19 @@ def load(directory: Path, key: str) -> tuple[SensitivityProfile, dict[str, Any]]
     return profile, extra
 
 
-def attach_moments(profile: SensitivityProfile, model: Any, windows: Callable[[], torch.Tensor],
-                   directory: Path | None, *, batch_size: int = 1) -> None:
-    """Give ``profile`` input moments measured on demand (block by block, on ``windows()``), written to
-    ``directory/moments`` (the cache entry) or, with ``directory=None``, to a temporary directory; a profile whose
-    moments were loaded from the cache keeps them."""
-    if isinstance(profile.input_moment, InputMoments):
-        return
-    target = None if directory is None else Path(directory) / MOMENTS_DIR
+def moments_on_demand(model: Any, names: list[str], windows: Callable[[], torch.Tensor], target: Path | None, *,
+                      batch_size: int = 1) -> Mapping[str, torch.Tensor]:
+    """Every linear layer's input moment ``A`` on ``windows()``: read from ``target`` (a moments directory of a cache
+    entry) where an earlier call wrote them, else a :class:`LazyInputMoments` that measures them block by block the
+    first time one is read and writes them there (``target=None``: to a temporary directory). A corrupt directory is
+    reported, removed and measured again; one that cannot be written is kept in a temporary directory."""
+    if target is not None and target.exists():
+        try:
+            return InputMoments(target)
+        except CorruptMomentsError as exc:
+            warnings.warn(f"{exc}; measuring the input moments again when a recipe needs them", ProfileCacheWarning,
+                          stacklevel=2)
+            shutil.rmtree(target, ignore_errors=True)
 
     def measure() -> InputMoments:
         try:
@@ -308,7 +317,27 @@ def attach_moments(profile: SensitivityProfile, model: Any, windows: Callable[[]
                           "directory", ProfileCacheWarning, stacklevel=2)
             return measure_input_moments(model, windows(), batch_size=batch_size)
 
-    profile.input_moment = LazyInputMoments(profile.names, measure)
+    return LazyInputMoments(names, measure)
+
+
+def attach_moments(profile: SensitivityProfile, model: Any, windows: Callable[[], torch.Tensor],
+                   directory: Path | None, *, batch_size: int = 1) -> None:
+    """Give ``profile`` its own input moments (on its calibration windows ``windows()``, the K-FAC input factor
+    ``A``), measured on demand and written to ``directory/moments`` (the cache entry) or, with ``directory=None``,
+    to a temporary directory; a profile whose moments were loaded from the cache keeps them. GPTQ and AWQ recipes
+    are priced against the moments of their own calibration windows instead
+    (:meth:`quantpredict.predict.rank.ModelProfile.calibration_hessians`, :func:`calibration_moments_dir`)."""
+    if isinstance(profile.input_moment, InputMoments):
+        return
+    target = None if directory is None else Path(directory) / MOMENTS_DIR
+    profile.input_moment = moments_on_demand(model, list(profile.names), windows, target, batch_size=batch_size)
+
+
+def calibration_moments_dir(directory: Path, samples: int, seq_len: int, seed: int) -> Path:
+    """Where the entry ``directory`` keeps the input moments of a recipe's calibration windows (``samples`` windows of
+    ``seq_len`` tokens at ``seed``: :func:`quantpredict.data.calibration_windows`, as ``quantize_model`` cuts
+    them)."""
+    return Path(directory) / f"{MOMENTS_DIR}-{int(samples)}x{int(seq_len)}-seed{int(seed)}"
 
 
 def embedding_head_stats(model: Any, windows: Callable[[], torch.Tensor], directory: Path | None, *, seed: int = 0,

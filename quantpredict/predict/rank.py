@@ -48,23 +48,24 @@ def default_recipes(formats: Sequence[str] = DEFAULT_FORMATS, methods: Sequence[
 
 
 class GPTQHessianWarning(UserWarning):
-    """A GPTQ recipe priced against Hessians of fewer calibration tokens than its widest quantized layer has inputs:
-    GPTQ fits such a rank-deficient Hessian, and the weights-only price comes out low (measured 2.4-2.7x below the
-    KLD on Qwen2.5-Coder-1.5B, whose 8,960-wide down projections meet 2,048 tokens: reports/gptq_hessian_study.md)."""
+    """A GPTQ or AWQ recipe calibrated on fewer tokens than its widest quantized layer has inputs: GPTQ fits such a
+    rank-deficient Hessian, and the weights-only price, read on tokens of that calibration set, comes out low
+    (measured 2.4-2.7x below the KLD on Qwen2.5-Coder-1.5B, whose 8,960-wide down projections met 2,048 tokens:
+    reports/gptq_hessian_study.md)."""
 
 
-def _warn_rank_deficient_gptq(mp: ModelProfile, formats: Sequence[tuple[str, int | None] | None]) -> None:
-    if mp.windows is None:
-        return
-    tokens = int(mp.windows().numel())  # GPTQ's input moments come from the profile's calibration windows
+def _warn_rank_deficient_gptq(mp: ModelProfile, formats: Sequence[tuple[str, int | None] | None],
+                              recipe: Recipe) -> None:
+    tokens = mp.calibration_tokens(recipe)
     widest = max((r.in_features for r, fb in zip(mp.refs, formats) if fb is not None), default=0)
     if widest > tokens:
         import warnings
 
-        warnings.warn(f"{mp.name}: GPTQ is priced against Hessians of the profile's {tokens:,} calibration tokens, "
-                      f"fewer than the {widest:,} inputs of its widest layers, so its predicted KLD is likely too low "
-                      "(measured 2.4-2.7x below on Qwen2.5-Coder-1.5B: reports/gptq_hessian_study.md); measure a "
-                      "GPTQ recipe (`predict --measure`) before relying on it", GPTQHessianWarning, stacklevel=3)
+        warnings.warn(f"{mp.name}: {recipe.label} calibrates on {tokens:,} tokens, fewer than the {widest:,} inputs "
+                      "of its widest layers: GPTQ fits a rank-deficient Hessian there, and its predicted KLD is "
+                      "likely too low (measured 2.4-2.7x below on Qwen2.5-Coder-1.5B with 2,048 tokens: "
+                      "reports/gptq_hessian_study.md); calibrate on more windows (-calNxL), or measure the recipe "
+                      "(`predict --measure`) before relying on it", GPTQHessianWarning, stacklevel=3)
 
 
 @dataclass
@@ -72,7 +73,9 @@ class ModelProfile:
     """What :func:`rank_recipes` measures once per model: the model, its profile and its model-level features.
 
     ``cache_dir``: the profile's cache entry (``None`` when not cached); ``cached``: whether it was read from there
-    instead of measured."""
+    instead of measured. ``calib``: the calibration data given to :func:`profile_model` (token ids, a
+    :class:`~quantpredict.data.TokenStream` or ``[n, seq_len]`` windows; ``None``: WikiText-2 train through the
+    tokenizer), which :meth:`calibration_hessians` cuts as ``quantize_model`` does."""
 
     name: str
     model: Any
@@ -86,10 +89,63 @@ class ModelProfile:
     cached: bool = False
     tokenizer: Any = None
     source: Any = None  # what the model was given as (a name or path, or the model object)
-    gptq_factors: dict = field(default_factory=dict)  # each layer's GPTQ Hessian factor, kept across recipes
+    # (calibration key, layer, percdamp, act_order) -> the layer's GPTQ Hessian factor, kept across recipes
+    gptq_factors: dict = field(default_factory=dict)
     windows: Any = None  # () -> the calibration windows [n, seq_len] the profile was measured on
     seed: int = 0
     embedding_head: Any = None  # EmbeddingHeadStats, measured (or read from the cache) when first needed
+    calib: Any = None
+    calibration_moments: dict = field(default_factory=dict)  # (samples, seq_len, seed) -> input moments
+
+    def calibration_key(self, recipe: Recipe) -> tuple[int, int, int]:
+        """``(calib_samples, calib_seq_len, seed)``: what a recipe's calibration windows depend on."""
+        return int(recipe.calib_samples), int(recipe.calib_seq_len), int(recipe.seed)
+
+    def calibration_ids(self):
+        """What GPTQ and AWQ recipes calibrate on: :attr:`calib`, else WikiText-2 train's token stream (tokenized
+        once per process), as ``quantize``, ``collect`` and ``eval`` give ``quantize_model``."""
+        if self.calib is not None:
+            return self.calib
+        if self.tokenizer is None:
+            raise PredictorError(f"{self.name}: this profile has neither calibration data nor a tokenizer to measure "
+                                 "GPTQ's Hessians on; profile the model with profile_model()")
+        from quantpredict import data
+
+        return data.token_stream(self.tokenizer, "wikitext2", "train")
+
+    def calibration_tokens(self, recipe: Recipe) -> int:
+        """Tokens of the recipe's calibration windows."""
+        if getattr(self.calib, "dim", lambda: 1)() == 2:  # [n, seq_len] windows are used as given
+            return int(self.calib.numel())
+        return int(recipe.calib_samples) * int(recipe.calib_seq_len)
+
+    def calibration_hessians(self, recipe: Recipe):
+        """GPTQ's Hessian ``2A`` of every linear layer (a :class:`~quantpredict.features.moments.MomentHessians`)
+        on the recipe's own calibration windows, the windows ``quantize_model`` calibrates GPTQ and AWQ on
+        (:func:`quantpredict.data.calibration_windows` of :meth:`calibration_ids`: ``calib_samples`` windows of
+        ``calib_seq_len`` tokens at ``seed``; 128 x 256 at seed 0 by default). Measured block by block with forward
+        passes the first time a GPTQ or AWQ recipe of that calibration is priced, and kept in the profile's cache
+        entry (:func:`~quantpredict.predict.profile_cache.calibration_moments_dir`). The profile's own 8 windows
+        would give a Hessian of 2,048 tokens, rank-deficient for wide layers, that GPTQ overfits
+        (reports/gptq_hessian_study.md)."""
+        from quantpredict.features.moments import MomentHessians
+        from quantpredict.predict import profile_cache
+
+        key = self.calibration_key(recipe)
+        if key not in self.calibration_moments:
+            from quantpredict.data import calibration_windows
+
+            target = (None if self.cache_dir is None else
+                      profile_cache.calibration_moments_dir(self.cache_dir, *key))
+            self.calibration_moments[key] = profile_cache.moments_on_demand(
+                self.model, [r.name for r in self.refs],
+                lambda: calibration_windows(self.calibration_ids(), key[0], key[1], seed=key[2]), target)
+        return MomentHessians(self.calibration_moments[key])
+
+    def factor_cache(self, recipe: Recipe) -> dict:
+        """The cache of GPTQ Hessian factors for the recipe's calibration (``factors=`` of
+        :func:`~quantpredict.features.fisher.iter_profile_deltas`)."""
+        return self.gptq_factors.setdefault(self.calibration_key(recipe), {})
 
     def embedding_head_stats(self):
         """The :class:`~quantpredict.features.embedding_head.EmbeddingHeadStats` on the profile's token windows
@@ -207,7 +263,7 @@ def profile_model(model_or_path: Any, *, tokenizer: Any = None, calib: Any = Non
              "fp_calib_nll": profile.fp_nll, "fp_entropy_calib": profile.fp_entropy}
     return ModelProfile(name, model, profile, feats, arch.linear_layers(model), time.perf_counter() - t0, fwd,
                         n_split, cache_dir=entry, cached=loaded is not None, tokenizer=tokenizer,
-                        source=model_or_path, windows=windows, seed=seed)
+                        source=model_or_path, windows=windows, seed=seed, calib=calib)
 
 
 def fp_reference_of(mp: ModelProfile, ppl_fp: Any = None, fp_windows: int | None = None, cache: bool = True):
@@ -278,8 +334,10 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         check_imatrix_recipe(recipe, formats)
         importance, im_label = layer_importance(mp.model, mp.refs, formats, imatrix), load(imatrix)[1]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    if recipe.method == "gptq":
-        _warn_rank_deficient_gptq(mp, formats)
+    calibrated = recipe.method == "gptq" or recipe.awq  # priced against its own calibration's Hessians
+    hessians = mp.calibration_hessians(recipe) if calibrated else None
+    if calibrated:
+        _warn_rank_deficient_gptq(mp, formats, recipe)
     runtime_act = None
     if runtime is not None:
         from quantpredict.runtime import activation_formats
@@ -292,21 +350,22 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         runtime_act = "+".join(dict.fromkeys(a[0] for a in acts.values())) or None
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=None,
                                  act_block=None, smoothquant_alpha=recipe.smoothquant_alpha, gptq_options=gptq,
-                                 act_formats=per_ref, importance=importance)
+                                 act_formats=per_ref, importance=importance, hessians=hessians)
     elif recipe.act_format is not None or recipe.smoothquant_alpha is not None:
         feats = price_act_recipe(mp.model, mp.profile, mp.refs, formats, recipe.method, act_format=recipe.act_format,
                                  act_block=recipe.act_block, smoothquant_alpha=recipe.smoothquant_alpha,
-                                 gptq_options=gptq)
+                                 gptq_options=gptq, hessians=hessians)
     elif recipe.awq:
         from quantpredict.features.awq_price import iter_awq_deltas
 
         # one block's changes at a time (mp.refs run block by block), not the whole model's 4 bytes per weight
-        deltas = iter_awq_deltas(mp.model, mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq)
+        deltas = iter_awq_deltas(mp.model, mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
+                                 hessians=hessians)
         feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)
     else:
         # one layer's change at a time: holding every layer's (5.2 GB for a 1.5B model) set the 1.5B peak RSS
         deltas = iter_profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
-                                     factors=mp.gptq_factors, importance=importance)
+                                     factors=mp.factor_cache(recipe), importance=importance, hessians=hessians)
         feats = price_deltas(mp.profile, [r.name for r in mp.refs], deltas, kfac=False)  # what the predictor reads
     feats |= _embedding_and_head_terms(mp, recipe, runtime, feats)
     rows = []
