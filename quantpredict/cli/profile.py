@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
           + (" (read from the cache: no backward pass)" if mp.cached else ""))
     if has_moments:
         where = moments.directory if entry is not None else "a temporary folder (--no-cache: removed on exit)"
-        print(f"GPTQ input moments: {moments.nbytes / 2**20:.1f} MiB in {where}"
+        print(f"GPTQ input moments (its default calibration, 128 windows of 256 tokens, for GPTQ and AWQ recipes): "
+              f"{moments.nbytes / 2**20:.1f} MiB in {where}"
               + (f", measured now in {moments_seconds:.1f} s" if moments_seconds is not None else ""))
     else:
         print("GPTQ input moments: not measured yet (measured block by block the first time a GPTQ or AWQ recipe "
