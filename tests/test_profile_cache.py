@@ -293,7 +293,8 @@ def test_profile_command_measures_then_reports_the_cache(monkeypatch, capsys):
     assert doc["path"] is None and not doc["cached"] and not doc["input_moments"]
     assert main(["profile", "llama-xs", "--gptq", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "GPTQ input moments (its default calibration, 128 windows" in out and "MiB" in out and "FP calibration NLL" in out
+    assert "GPTQ input moments (its default calibration, 128 windows" in out and "MiB" in out
+    assert "FP calibration NLL" in out
     assert main(["profile", "llama-xs", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["cached"] and doc["input_moments"] and doc["bytes"] > doc["input_moments_bytes"] > 0

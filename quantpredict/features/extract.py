@@ -228,7 +228,9 @@ def _profile_group(ctx: Context) -> dict[str, float]:
         # GPTQ rounds against the Hessians of its own calibration windows (quantize_model's), as rank prices it
         from quantpredict.features.moments import MomentHessians, measure_input_moments
 
-        calib = calibration_windows(ctx.calib_ids, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed)
+        # feature_windows: quantize_model's windows, the length clipped to a context shorter than it (where
+        # quantize_model itself would fail)
+        calib = feature_windows(ctx.base, ctx.calib_ids, recipe.calib_samples, recipe.calib_seq_len, recipe.seed)
         hessians = MomentHessians(measure_input_moments(ctx.base, calib.to(ctx.windows.device)))
     deltas = iter_profile_deltas(ctx.refs, layer_formats(ctx.base, ctx.refs, recipe), recipe.method, ctx.profile,
                                  gptq_options=gptq, hessians=hessians)

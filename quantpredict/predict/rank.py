@@ -123,23 +123,25 @@ class ModelProfile:
         """GPTQ's Hessian ``2A`` of every linear layer (a :class:`~quantpredict.features.moments.MomentHessians`)
         on the recipe's own calibration windows, the windows ``quantize_model`` calibrates GPTQ and AWQ on
         (:func:`quantpredict.data.calibration_windows` of :meth:`calibration_ids`: ``calib_samples`` windows of
-        ``calib_seq_len`` tokens at ``seed``; 128 x 256 at seed 0 by default). Measured block by block with forward
-        passes the first time a GPTQ or AWQ recipe of that calibration is priced, and kept in the profile's cache
-        entry (:func:`~quantpredict.predict.profile_cache.calibration_moments_dir`). The profile's own 8 windows
-        would give a Hessian of 2,048 tokens, rank-deficient for wide layers, that GPTQ overfits
+        ``calib_seq_len`` tokens at ``seed``; 128 x 256 at seed 0 by default; the length clipped to a shorter
+        context, where ``quantize_model`` would fail: :func:`~quantpredict.features.extract.feature_windows`).
+        Measured block by block with forward passes the first time a GPTQ or AWQ recipe of that calibration is
+        priced, and kept in the profile's cache entry
+        (:func:`~quantpredict.predict.profile_cache.calibration_moments_dir`). The profile's own 8 windows would give
+        a Hessian of 2,048 tokens, rank-deficient for wide layers, that GPTQ overfits
         (reports/gptq_hessian_study.md)."""
         from quantpredict.features.moments import MomentHessians
         from quantpredict.predict import profile_cache
 
         key = self.calibration_key(recipe)
         if key not in self.calibration_moments:
-            from quantpredict.data import calibration_windows
+            from quantpredict.features.extract import feature_windows
 
             target = (None if self.cache_dir is None else
                       profile_cache.calibration_moments_dir(self.cache_dir, *key))
             self.calibration_moments[key] = profile_cache.moments_on_demand(
                 self.model, [r.name for r in self.refs],
-                lambda: calibration_windows(self.calibration_ids(), key[0], key[1], seed=key[2]), target)
+                lambda: feature_windows(self.model, self.calibration_ids(), key[0], key[1], key[2]), target)
         return MomentHessians(self.calibration_moments[key])
 
     def factor_cache(self, recipe: Recipe) -> dict:
