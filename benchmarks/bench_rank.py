@@ -8,7 +8,8 @@ Times, in one process and one after the other (issue #28's cost targets):
   model, hash its weights, measure the lean profile and write it. The FP perplexity ``predict`` quotes is measured
   and cached on its own (``predict.fp_reference``) and is not part of it;
 * the profile, warm: ``profile_model`` again, read from that cache (load and hash included);
-* GPTQ's input moments, measured block by block the first time a GPTQ recipe is priced (once per model, cached);
+* GPTQ's input moments on the recipe's calibration windows (128 x 256), measured block by block the first time a
+  GPTQ or AWQ recipe is priced (once per model, cached);
 * each recipe priced from the weights (``recipe_row``, what ``predict``, ``rank`` and ``allocate`` run per recipe):
   the shipped default grid (RTN and GPTQ), two AWQ recipes and two named llama.cpp mixes;
 * ``rank`` of the default grid with a warm profile: the warm profile plus the grid's prices;
@@ -70,7 +71,8 @@ def main(argv=None) -> int:
         warm_s = time.perf_counter() - t
         assert mp.cached, "the second profile_model call should read the cache"
         moments_s = 0.0
-        load = getattr(mp.profile.input_moment, "load", None)
+        # GPTQ's and AWQ's Hessians, on the default calibration's 128 x 256 windows
+        load = getattr(mp.calibration_hessians(Recipe("int4", method="gptq")).moments, "load", None)
         if load is not None:  # measured lazily, block by block: time it apart from the first GPTQ recipe
             t = time.perf_counter()
             load()
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
         f"| {args.compare_windows}-window comparison (FP + quantized, one RTN recipe) | {compare_s:.1f} | 1 | |",
         row("the profile, cold (load, hash, measure, write)", cold_s, TARGETS["profile"]),
         row("the profile, warm (load, hash, read)", warm_s, None),
-        row("GPTQ's input moments (once per model, at the first GPTQ recipe)", moments_s, None),
+        row("GPTQ's input moments, 128 x 256 windows (once per model, at the first GPTQ or AWQ recipe)", moments_s,
+            None),
         row(f"each RTN recipe (median of {len(per['RTN'])})", med["RTN"], TARGETS["RTN"]),
         row(f"each AWQ recipe (median of {', '.join(EXTRA['AWQ'])})", med["AWQ"], TARGETS["AWQ"]),
         row(f"each named mix (median of {', '.join(EXTRA['named mix'])})", med["named mix"], TARGETS["named mix"]),
