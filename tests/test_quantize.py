@@ -225,6 +225,31 @@ def test_gptq_with_a_precomputed_factor_is_the_same(fmt, block, act_order):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_inverse_factor_is_its_definition_and_leaves_the_hessian_alone(act_order, dtype):
+    """The factor U (upper, H^-1 = U^T U) of the damped, dead-fixed, reordered H, against a float64
+    re-computation from the definition (torch.linalg.inv, not the Cholesky route); the caller's H is not changed
+    (the factorisation works in place on its own copy)."""
+    from quantpredict.quantize.gptq import hessian_inverse_factor
+
+    n = 48
+    H = correlated_hessian(n).to(dtype)
+    H[5, :] = H[:, 5] = 0  # a dead input
+    before = H.clone()
+    U = hessian_inverse_factor(H, 0.05, act_order)
+    assert torch.equal(H, before)
+    ref = H.double().clone()
+    ref[5, 5] = 1.0
+    ref += 0.05 * torch.diag(ref).mean() * torch.eye(n, dtype=torch.float64)
+    if act_order:
+        perm = torch.argsort(torch.diag(ref), descending=True)
+        ref = ref[perm][:, perm]
+    inv = torch.linalg.inv(ref)
+    assert U.dtype == torch.float32 and torch.equal(U, torch.triu(U))
+    torch.testing.assert_close(U.double().T @ U.double(), inv, rtol=1e-5, atol=1e-6 * inv.abs().max().item())
+
+
 def test_gptq_keeps_dtype_and_bad_inputs():
     W = torch.randn(4, 8, dtype=torch.bfloat16)
     assert gptq_quantize(W, torch.eye(8), "mxint8", block_size=8).dtype == torch.bfloat16

@@ -249,7 +249,7 @@ class MomentHessians(Mapping[str, torch.Tensor]):
         self.moments = moments
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return 2.0 * self.moments[name].double()
+        return self.moments[name].to(torch.float64, copy=True).mul_(2.0)  # one [in, in] made, not two
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.moments)

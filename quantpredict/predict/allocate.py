@@ -135,7 +135,7 @@ def layer_table(mp, candidates: Sequence[tuple[str, int | None]], method: str, b
     cost, bpe = np.full((L, F), np.inf), np.full((L, F), np.inf)
     gptq = {"blocksize": base.gptq_blocksize, "percdamp": base.percdamp, "act_order": base.act_order}
     # GPTQ rounds against the Hessians of the recipe's own calibration windows, as rank prices it
-    hessians = mp.calibration_hessians(base) if method == "gptq" else None
+    hessians = mp.hessians_for(base, method)
     for j, (fmt, bs) in enumerate(candidates):
         f = get_format(fmt)
         fb = (fmt, bs if bs is not None else f.default_block_size)
@@ -215,7 +215,7 @@ def recipe_objective(mp, recipe: Recipe) -> tuple[float, float]:
     planned = {p.ref.name: (p.weight_format, p.block_size) for p in layer_plan(mp.model, recipe)}
     formats = [planned.get(r.name) for r in mp.refs]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    hessians = mp.calibration_hessians(recipe) if recipe.method == "gptq" else None
+    hessians = mp.hessians_for(recipe)
     deltas = iter_profile_deltas(mp.refs, formats, recipe.method, mp.profile, gptq_options=gptq,
                                  factors=mp.factor_cache(recipe), hessians=hessians)  # one layer's change at a time
     total = bits = elements = 0.0

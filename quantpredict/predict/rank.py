@@ -144,6 +144,14 @@ class ModelProfile:
                 lambda: feature_windows(self.model, self.calibration_ids(), key[0], key[1], key[2]), target)
         return MomentHessians(self.calibration_moments[key])
 
+    def hessians_for(self, recipe: Recipe, method: str | None = None):
+        """:meth:`calibration_hessians` of a recipe that calibrates (``method``, default the recipe's, is GPTQ, or
+        the recipe is AWQ-scaled), ``None`` for one that rounds without calibration: what the pricers take as
+        ``hessians=``."""
+        if (method or recipe.method) == "gptq" or recipe.awq:
+            return self.calibration_hessians(recipe)
+        return None
+
     def factor_cache(self, recipe: Recipe) -> dict:
         """The cache of GPTQ Hessian factors for the recipe's calibration (``factors=`` of
         :func:`~quantpredict.features.fisher.iter_profile_deltas`)."""
@@ -336,9 +344,8 @@ def recipe_row(mp: ModelProfile, recipe: Recipe, *, runtime: str | None = None,
         check_imatrix_recipe(recipe, formats)
         importance, im_label = layer_importance(mp.model, mp.refs, formats, imatrix), load(imatrix)[1]
     gptq = {"blocksize": recipe.gptq_blocksize, "percdamp": recipe.percdamp, "act_order": recipe.act_order}
-    calibrated = recipe.method == "gptq" or recipe.awq  # priced against its own calibration's Hessians
-    hessians = mp.calibration_hessians(recipe) if calibrated else None
-    if calibrated:
+    hessians = mp.hessians_for(recipe)  # GPTQ and AWQ: priced against their own calibration's Hessians
+    if hessians is not None:
         _warn_rank_deficient_gptq(mp, formats, recipe)
     runtime_act = None
     if runtime is not None:
