@@ -117,3 +117,34 @@ def test_gptq_pricing_reuses_each_layers_factor_with_the_same_deltas():
     plain = profile_deltas(mp.refs, [("int4", None)] * len(mp.refs), "gptq", mp.profile)
     assert all(torch.equal(a, b) for a, b in zip(again, plain))
     assert all(torch.equal(a, b) for a, b in zip(first, profile_deltas(mp.refs, formats, "gptq", mp.profile)))
+
+
+@pytest.mark.parametrize("fmt,act_order", [(("mxint4", None), False), (("int4", None), False),
+                                           (("int8", 32), False), (("mxint4", None), True), (("uint4", 16), False)])
+def test_gptq_price_stacks_same_shape_layers_with_each_layers_own_deltas(fmt, act_order, monkeypatch):
+    """The weights-only GPTQ price rounds the same layer of every block in one stacked column loop
+    (gptq_quantize_stacked) where it can (single-scale formats, no act_order); every layer's delta is still
+    gptq_quantize of that layer alone against its own Hessian, bit for bit, in the layers' order."""
+    import torch
+
+    from quantpredict.features import fisher
+    from quantpredict.predict.rank import profile_model
+    from quantpredict.quantize import gptq
+
+    mp = profile_model(MODEL)
+    calls = []
+    stacked = gptq.gptq_quantize_stacked
+    monkeypatch.setattr(gptq, "gptq_quantize_stacked", lambda w, *a, **k: calls.append(w.shape[0]) or
+                        stacked(w, *a, **k))
+    formats = [fmt] * len(mp.refs)
+    opts = {"act_order": act_order, "percdamp": 0.01, "blocksize": 128}
+    got = fisher.profile_deltas(mp.refs, formats, "gptq", mp.profile, gptq_options=opts, factors={})
+    for ref, d in zip(mp.refs, got, strict=True):
+        w = ref.weight.detach().float()
+        alone = gptq.gptq_quantize(w, mp.profile.hessian(ref.name), fmt[0], block_size=fmt[1], **opts) - w
+        assert torch.equal(d, alone), ref.name
+    shapes = {tuple(r.weight.shape) for r in mp.refs}
+    if act_order or fmt[0] == "uint4":  # act_order's orders differ per layer; uint4 is a shipped layout
+        assert calls == []
+    else:  # a tiny model's stacks fit the budget: one per distinct shape, every layer in one
+        assert len(calls) == len(shapes) and sum(calls) == len(mp.refs)

@@ -250,6 +250,31 @@ def test_inverse_factor_is_its_definition_and_leaves_the_hessian_alone(act_order
     torch.testing.assert_close(U.double().T @ U.double(), inv, rtol=1e-5, atol=1e-6 * inv.abs().max().item())
 
 
+@pytest.mark.parametrize("fmt,block", [("int4", None), ("mxint4", 32), ("mxfp4_e2m1", 32), ("int8", 16),
+                                       ("fp8_e4m3", None), ("bf16", None)])
+def test_stacked_gptq_is_each_layers_gptq_alone(fmt, block):
+    """gptq_quantize_stacked of three layers (own Hessians, each with a different dead input) is gptq_quantize of
+    each alone, bit for bit; a shipped layout and disagreeing shapes are refused."""
+    from quantpredict.quantize.gptq import gptq_quantize_stacked, hessian_inverse_factor
+
+    n = 64
+    hs, ws = [], []
+    for b in range(3):
+        H = correlated_hessian(n, seed=b)
+        H[4 + b, :] = H[:, 4 + b] = 0
+        hs.append(H)
+        ws.append(torch.randn(20, n, generator=torch.Generator().manual_seed(10 + b)))
+    factors = torch.stack([hessian_inverse_factor(h, 0.01) for h in hs])
+    diags = torch.stack([torch.diag(h) for h in hs])
+    got = gptq_quantize_stacked(torch.stack(ws), diags, factors, fmt, block_size=block, blocksize=16)
+    for b in range(3):
+        assert torch.equal(got[b], gptq_quantize(ws[b], hs[b], fmt, block_size=block, blocksize=16))
+    with pytest.raises(ValueError, match="single-scale formats only"):
+        gptq_quantize_stacked(torch.stack(ws), diags, factors, "uint4", block_size=16)
+    with pytest.raises(ValueError, match="must agree"):
+        gptq_quantize_stacked(torch.stack(ws), diags[:2], factors, fmt, block_size=block)
+
+
 def test_gptq_keeps_dtype_and_bad_inputs():
     W = torch.randn(4, 8, dtype=torch.bfloat16)
     assert gptq_quantize(W, torch.eye(8), "mxint8", block_size=8).dtype == torch.bfloat16

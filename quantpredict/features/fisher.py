@@ -410,6 +410,10 @@ def price_deltas(profile: SensitivityProfile, names: Sequence[str], deltas: Sequ
 #: take 0.5 GiB; a 1.5B model's would take 9 GiB, so only its first layers are kept)
 FACTOR_CACHE_BYTES = 1 << 30
 
+#: working bytes of one stack of same-shape layers that the weights-only GPTQ price rounds in one column loop
+#: (:func:`iter_profile_deltas`): SmolLM2's 30 q_proj in one; a 1.5B model's 8960-wide layers one at a time
+STACK_BYTES = 256 << 20
+
 
 def profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[str, int | None] | None], method: str,
                    profile: SensitivityProfile, *, gptq_options: dict | None = None,
@@ -437,29 +441,82 @@ def iter_profile_deltas(refs: Sequence[arch.LinearRef], formats: Sequence[tuple[
     quantizes with them (``fake_quantize(..., importance=...)``); other formats and layers as without (GPTQ with an
     imatrix is not llama.cpp's: a ``ValueError``). ``hessians`` (``{name: [in, in]}``, float64; e.g. a
     :class:`~quantpredict.features.moments.MomentHessians` of the recipe's calibration windows): the Hessians GPTQ
-    rounds against, in place of the profile's ``2A``; a ``factors`` cache must then belong to those Hessians."""
-    from quantpredict.quantize.gptq import gptq_quantize, hessian_inverse_factor
+    rounds against, in place of the profile's ``2A``; a ``factors`` cache must then belong to those Hessians.
+
+    GPTQ of a single-scale format (MX, int, fp8, float) without ``act_order`` rounds the same layer of later blocks
+    (same shape and format) in one stacked column loop (:func:`~quantpredict.quantize.gptq.gptq_quantize_stacked`,
+    up to :data:`STACK_BYTES` of work per stack): every layer's delta is still its GPTQ alone, bit for bit, held
+    until its turn comes."""
+    from quantpredict.formats import get_format
+    from quantpredict.formats.params import is_shipped
+    from quantpredict.quantize.gptq import gptq_quantize, gptq_quantize_stacked
     from quantpredict.quantize.rtn import rtn_quantize
 
-    for ref, fb in zip(refs, formats, strict=True):
+    opts = dict(gptq_options or {})
+    percdamp, act_order = opts.get("percdamp", 0.01), bool(opts.get("act_order", False))
+
+    def hessian_of(name: str) -> torch.Tensor:
+        return profile.hessian(name) if hessians is None else hessians[name]
+
+    def factor_of(name: str, hessian: torch.Tensor) -> torch.Tensor:
+        return _cached_factor(factors, (name, percdamp, act_order), hessian, percdamp, act_order)
+
+    def stackable(k: int) -> bool:  # GPTQ's column loop can run this layer stacked with others of its shape
+        fb = formats[k]
+        return (method == "gptq" and fb is not None and not act_order and not is_shipped(get_format(fb[0]))
+                and importance_of(importance, refs[k].name, fb[0]) is None)
+
+    done: dict[int, torch.Tensor] = {}  # deltas computed in a stack ahead of their turn
+    for k, (ref, fb) in enumerate(zip(refs, formats, strict=True)):
         if fb is None:
             yield None
             continue
+        if k in done:
+            yield done.pop(k)
+            continue
         w = ref.weight.detach().float()
         imp = importance_of(importance, ref.name, fb[0])
+        if stackable(k):
+            # the same layer of later blocks (same shape and format) in one column loop: bit for bit each layer's
+            # GPTQ alone (gptq_quantize_stacked), its Python cost paid once per stack, up to STACK_BYTES of work
+            per = w.numel() * 4 * 4 + w.shape[1] ** 2 * 4  # W, its copy, Q and the held delta; the factor
+            members = [k] + [j for j in range(k + 1, len(refs)) if formats[j] == fb and stackable(j)
+                             and refs[j].weight.shape == ref.weight.shape]
+            members = members[:max(1, STACK_BYTES // per)]
+            ws, diags, fs = [], [], []
+            for j in members:
+                hessian = hessian_of(refs[j].name)
+                ws.append(refs[j].weight.detach().float())
+                diags.append(torch.diag(hessian).clone())
+                fs.append(factor_of(refs[j].name, hessian))
+                del hessian
+            wq = gptq_quantize_stacked(torch.stack(ws), torch.stack(diags), torch.stack(fs), fb[0],
+                                       block_size=fb[1], **{k_: v for k_, v in opts.items() if k_ == "blocksize"})
+            for j, wj, qj in zip(members[1:], ws[1:], wq[1:], strict=True):
+                done[j] = qj - wj
+            yield wq[0] - ws[0]
+            continue
         if method == "gptq":
             if imp is not None:
                 raise ValueError(f"{ref.name}: GPTQ with an imatrix is not llama.cpp's quantization; price RTN")
-            opts = dict(gptq_options or {})
-            hessian = profile.hessian(ref.name) if hessians is None else hessians[ref.name]
-            key = (ref.name, opts.get("percdamp", 0.01), bool(opts.get("act_order", False)))
-            factor = None if factors is None else factors.get(key)
-            if factor is None and factors is not None:
-                factor = hessian_inverse_factor(hessian, key[1], key[2])
-                if sum(t.numel() * t.element_size() for t in factors.values()) + factor.numel() * 4 \
-                        <= FACTOR_CACHE_BYTES:
-                    factors[key] = factor
+            hessian = hessian_of(ref.name)
+            factor = None if factors is None else factor_of(ref.name, hessian)
             wq = gptq_quantize(w.clone(), hessian, fb[0], block_size=fb[1], inverse_factor=factor, **opts)
         else:
             wq = rtn_quantize(w, fb[0], block_size=fb[1], importance=imp)
         yield wq - w
+
+
+def _cached_factor(factors: dict | None, key: tuple, hessian: torch.Tensor, percdamp: float,
+                   act_order: bool) -> torch.Tensor:
+    """The layer's GPTQ Hessian factor from ``factors`` (keyed ``(name, percdamp, act_order)``), else computed and
+    kept there while the cache holds at most :data:`FACTOR_CACHE_BYTES`."""
+    from quantpredict.quantize.gptq import hessian_inverse_factor
+
+    factor = None if factors is None else factors.get(key)
+    if factor is None:
+        factor = hessian_inverse_factor(hessian, percdamp, act_order)
+        if factors is not None and sum(t.numel() * t.element_size() for t in factors.values()) \
+                + factor.numel() * 4 <= FACTOR_CACHE_BYTES:
+            factors[key] = factor
+    return factor

@@ -96,47 +96,86 @@ def hessian_inverse_factor(hessian: torch.Tensor, percdamp: float = 0.01, act_or
 
 def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order,
           inverse_factor=None) -> tuple[torch.Tensor, QuantParams]:
-    from quantpredict.formats import compute_scale, get_format, quantize_with_scale
-    from quantpredict.formats.reference import round_to_element
+    from quantpredict.formats import get_format
 
     f = get_format(fmt)
     if is_shipped(f):
         return _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order, inverse_factor)
     group = _check_inputs(weight, hessian, f, block_size, blocksize)
-    rows, columns = weight.shape
     W = _dead_zeroed(weight, hessian)
-
-    row_scale = None
-    if group is None:  # per channel (or no scale at all for bf16/fp16: compute_scale gives ones)
-        row_scale = compute_scale(W, fmt, axis=-1, block_size=None)  # [out, 1]
-
     W, perm, position = _ordered(W, hessian, act_order)
     Hinv = hessian_inverse_factor(hessian, percdamp, act_order) if inverse_factor is None else inverse_factor
+    Q, used_scale = _column_loop(W.unsqueeze(0), Hinv.unsqueeze(0), f, group, blocksize, perm.tolist(), position)
+    return Q[0][:, position].to(weight.dtype), QuantParams(f.name, {"scale": used_scale[0]})
 
+
+def gptq_quantize_stacked(weights: torch.Tensor, hessian_diagonals: torch.Tensor, inverse_factors: torch.Tensor,
+                          fmt: str, *, block_size: int | None = None, blocksize: int = 128,
+                          num_threads: int | None = None) -> torch.Tensor:
+    """:func:`gptq_quantize` of ``B`` layers of one shape at once, without ``act_order``: ``weights``
+    ``[B, out, in]``, each layer's Hessian diagonal ``[B, in]`` (its dead inputs) and its
+    :func:`hessian_inverse_factor` ``[B, in, in]`` (the damping is in the factor). Returns ``[B, out, in]`` in
+    ``weights``' dtype, each layer's slice **bit for bit** :func:`gptq_quantize` of that layer alone: the column loop
+    is the same, its element-wise steps run on the stack, and its matrix products run layer by layer (the same 2-D
+    products as alone). The loop's Python cost is paid once for the ``B`` layers: the weights-only price of a GPTQ
+    recipe stacks the same layer of every block (:func:`quantpredict.features.fisher.iter_profile_deltas`).
+    Single-scale formats (MX, int, fp8, float) only: a shipped layout (uintK, nf4, ggml) raises a ``ValueError``."""
+    from quantpredict.formats import get_format
+
+    f = get_format(fmt)
+    if is_shipped(f):
+        raise ValueError(f"gptq_quantize_stacked runs single-scale formats only, not {f.name}; use gptq_quantize")
+    if weights.dim() != 3 or tuple(hessian_diagonals.shape) != (weights.shape[0], weights.shape[2]) \
+            or tuple(inverse_factors.shape) != (weights.shape[0], weights.shape[2], weights.shape[2]):
+        raise ValueError(f"weights [B, out, in], hessian_diagonals [B, in] and inverse_factors [B, in, in] must "
+                         f"agree; got {tuple(weights.shape)}, {tuple(hessian_diagonals.shape)} and "
+                         f"{tuple(inverse_factors.shape)}")
+    group = _check_inputs(weights[0], torch.diag(hessian_diagonals[0]), f, block_size, blocksize)
+    W = weights.detach().to(torch.float32).clone()
+    W.masked_fill_((hessian_diagonals == 0).unsqueeze(1), 0.0)  # dead inputs, as _dead_zeroed
+    columns = W.shape[2]
+    with torch_threads(num_threads):
+        Q, _ = _column_loop(W, inverse_factors.to(torch.float32), f, group, blocksize, list(range(columns)),
+                            torch.arange(columns))
+    return Q.to(weights.dtype)
+
+
+def _column_loop(W, Hinv, f, group, blocksize, order, position) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's column loop over a stack of layers: ``W`` ``[B, out, in]`` (float32, dead inputs zeroed, in processing
+    order, overwritten), ``Hinv`` ``[B, in, in]`` the factors in processing order, ``order`` the original column of
+    each processed one and ``position`` its inverse (shared by the stack: one processing order). Returns the rounded
+    weights and the scale each element was rounded with (``[B, out, in]`` each, processing order). Element-wise steps
+    run on the whole stack; matrix products layer by layer, as for one layer alone."""
+    from quantpredict.formats import compute_scale, quantize_with_scale
+    from quantpredict.formats.reference import round_to_element
+
+    B, rows, columns = W.shape
+    row_scale = None
+    if group is None:  # per channel (or no scale at all for bf16/fp16: compute_scale gives ones)
+        row_scale = compute_scale(W, f, axis=-1, block_size=None)  # [B, out, 1]
     n_groups = 0 if group is None else -(-columns // group)
     group_scale: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_groups
     Q = torch.zeros_like(W)
     # the column loop runs once per input channel: keep Python-side lookups out of it
     element = None if f.family == "float" else f.element_format
-    order = perm.tolist()
-    hinv_diag = Hinv.diagonal().tolist()
+    hinv_diag = Hinv.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, in, 1]: the same float32 values per layer
     if row_scale is not None:
-        used_scale = row_scale.expand(rows, columns)
+        used_scale = row_scale.expand(B, rows, columns)
         row_scale = (row_scale, torch.where(row_scale == 0, torch.ones_like(row_scale), row_scale))
     else:
-        used_scale = torch.empty(rows, columns, device=W.device)
+        used_scale = torch.empty(B, rows, columns, device=W.device)
 
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = W[:, :, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[:, i1:i2, i1:i2]
 
         for i in range(count):
-            w = W1[:, i]
-            d = hinv_diag[i1 + i]
+            w = W1[:, :, i]  # [B, out]
+            d = hinv_diag[:, i1 + i]  # [B, 1]
 
             if group is None:
                 scale = row_scale
@@ -146,27 +185,31 @@ def _gptq(weight, hessian, fmt, block_size, blocksize, percdamp, act_order,
                     # first column of this group in processing order: fit its scale on the group's columns as they
                     # stand now, i.e. with the updates from every column quantized so far
                     cols = torch.arange(g * group, min((g + 1) * group, columns), device=W.device)
-                    current = _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols)
-                    s = compute_scale(current, fmt, axis=-1, block_size=cols.numel())
+                    current = torch.stack([_group_columns(W[b], W1[b], Err1[b], Hinv[b], position, i1, i, i2, cols)
+                                           for b in range(B)])
+                    s = compute_scale(current, f, axis=-1, block_size=cols.numel())  # [B, out, 1]
                     group_scale[g] = (s, torch.where(s == 0, torch.ones_like(s), s))
-                    used_scale[:, cols] = s
+                    used_scale[:, :, cols] = s
                 scale = group_scale[g]
             if element is None:  # bf16 / fp16: a plain cast
-                q = quantize_with_scale(w.unsqueeze(1), fmt, scale[0]).flatten()
+                q = quantize_with_scale(w.unsqueeze(-1), f, scale[0]).squeeze(-1)
             else:  # quantize_with_scale, inlined: x / s on the element grid, times s (a zero scale gives zeros)
-                q = (round_to_element(w.unsqueeze(1) / scale[1], element) * scale[0]).flatten()
+                q = (round_to_element(w.unsqueeze(-1) / scale[1], element) * scale[0]).squeeze(-1)
 
-            Q1[:, i] = q
+            Q1[:, :, i] = q
             err = (w - q) / d
-            # optimal update of the not-yet-quantized columns of this lazy batch (OBS with the Cholesky rows)
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
+            # optimal update of the not-yet-quantized columns of this lazy batch (OBS with the Cholesky rows); an
+            # outer product (one multiply per element, as the reference's rank-1 matmul)
+            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i: i + 1, i:]
+            Err1[:, :, i] = err
 
-        Q[:, i1:i2] = Q1
-        # lazy batch update: apply the whole batch's error to every later column at once
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        Q[:, :, i1:i2] = Q1
+        # lazy batch update: apply the whole batch's error to every later column at once (layer by layer: the same
+        # 2-D product, and so the same rounding, as one layer alone)
+        for b in range(B):
+            W[b, :, i2:] -= Err1[b].matmul(Hinv[b, i1:i2, i2:])
 
-    return Q[:, position].to(weight.dtype), QuantParams(f.name, {"scale": used_scale})
+    return Q, used_scale
 
 
 def _check_inputs(weight, hessian, f, block_size, blocksize) -> int | None:
