@@ -2,6 +2,9 @@
 
 One function, :func:`gptq_quantize`, following the reference ``fasterquant`` of IST-DASLab/gptq step by step, with
 every format of :mod:`quantpredict.formats` in place of the reference's asymmetric integer grid.
+:func:`gptq_quantize_stacked` runs the same column loop (:func:`_column_loop`) for several layers of one shape at
+once, each against its own Hessian factor, with bit for bit each layer's result alone (the weights-only price of a
+GPTQ recipe uses it; ``quantize_model`` quantizes layer by layer).
 
 Choices made explicit (where the reference leaves room):
 
