@@ -156,6 +156,9 @@ def render(results: dict) -> str:
                 sec += f" ({r['blocks_timed']}/{r['blocks']} blocks timed: {r['measured_seconds']:.0f} s)"
             cells.append(f"{sec} | {_gib(r['peak_rss_bytes'])} |")
         rows.append(f"| {STAGE_TEXT[stage].format(windows=windows)} | " + " ".join(cells))
+    later = [f"{LABELS.get(m, m)} `{stage}`: measured {r['measured']['date']}, load average {r['measured']['load']} "
+             f"({r['measured'].get('load_note') or 'load not stated'})"
+             for m in models for stage in STAGES if (r := results[m].get(stage)) and r.get("measured")]
     verdicts = []
     for m in models:
         w = worst.get(m, 0.0)
@@ -177,6 +180,7 @@ def render(results: dict) -> str:
         "",
         *rows,
         "",
+        *([f"Stages measured after that run: {'; '.join(later)}.", ""] if later else []),
         f"Target: every stage within {TARGET_GIB:.0f} GiB peak RSS: " + "; ".join(verdicts) + ".",
     ])
 
@@ -219,11 +223,16 @@ def main() -> int:
                 argv = [__file__, "--child", model, stage, "--windows", str(args.windows)]
                 if args.gptq_blocks:
                     argv += ["--gptq-blocks", str(args.gptq_blocks)]
+                first_run = results.get("_meta")  # the run that measured the table; a later stage keeps its own
                 measure_stage(argv, label=f"{model:20s} {stage:14s}", target_gib=TARGET_GIB, results=results,
                               where=results.setdefault(model, {}), key=stage, results_path=args.results)
                 results["_meta"]["windows"] = args.windows
                 if args.load_note:
                     results["_meta"]["load_note"] = args.load_note
+                if first_run is not None and first_run.get("date") != results["_meta"]["date"]:
+                    results[model][stage]["measured"] = {k: results["_meta"].get(k) for k in
+                                                         ("date", "load", "load_note", "machine")}
+                    results["_meta"] = first_run
                 args.results.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     finally:
         shutil.rmtree(root, ignore_errors=True)
