@@ -133,7 +133,10 @@ def gptq_quantize_stacked(weights: torch.Tensor, hessian_diagonals: torch.Tensor
         raise ValueError(f"weights [B, out, in], hessian_diagonals [B, in] and inverse_factors [B, in, in] must "
                          f"agree; got {tuple(weights.shape)}, {tuple(hessian_diagonals.shape)} and "
                          f"{tuple(inverse_factors.shape)}")
-    group = _check_inputs(weights[0], torch.diag(hessian_diagonals[0]), f, block_size, blocksize)
+    if not torch.isfinite(hessian_diagonals).all():
+        raise ValueError("hessian_diagonals hold NaN/Inf values; the calibration activations are not finite")
+    # the layout alone: a full [in, in] to hand _check_inputs would cost 642 MB for an 8960-wide layer
+    group = _check_layout(f, weights.shape[2], block_size, blocksize)
     W = weights.detach().to(torch.float32).clone()
     W.masked_fill_((hessian_diagonals == 0).unsqueeze(1), 0.0)  # dead inputs, as _dead_zeroed
     columns = W.shape[2]
@@ -224,6 +227,11 @@ def _check_inputs(weight, hessian, f, block_size, blocksize) -> int | None:
         raise ValueError(f"hessian must be [in, in] = [{columns}, {columns}], got {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise ValueError("hessian holds NaN/Inf values; the calibration activations are not finite")
+    return _check_layout(f, columns, block_size, blocksize)
+
+
+def _check_layout(f, columns, block_size, blocksize) -> int | None:
+    """Validate the format's layout for rows of ``columns`` and ``blocksize``; the group length along ``in``."""
     if blocksize < 1:
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     if is_shipped(f):
