@@ -524,6 +524,12 @@ def mixed_recipe(base: Recipe, formats: Iterable[tuple[str, int | None] | str]) 
 # ---- the evaluation setting ---------------------------------------------------------------------------------------
 
 
+#: WikiText-2 test windows (of 256 tokens) the FP reference perplexity is measured on when nothing else gives it
+#: (:mod:`quantpredict.predict.fp_reference`; ``--fp-windows`` changes it). Here, torch- and pandas-free, so that
+#: building the CLI parser does not import the predict package for its help text.
+DEFAULT_FP_WINDOWS = 64
+
+
 @dataclass(frozen=True)
 class EvalSetting:
     """How a run is measured: windows of ``seq_len`` tokens, the first ``max_windows`` of them (``None``: the whole

@@ -25,7 +25,7 @@ def _ppl_fp_arg(text: str) -> float | str:
 def add_fp_options(p: argparse.ArgumentParser) -> None:
     """``--ppl-fp X|predicted`` and ``--fp-windows N`` (every command that prints a quantized perplexity)."""
     from quantpredict.cli.options import positive
-    from quantpredict.predict.fp_reference import DEFAULT_FP_WINDOWS
+    from quantpredict.recipe import DEFAULT_FP_WINDOWS
 
     p.add_argument("--ppl-fp", type=_ppl_fp_arg, default=None, metavar="PPL",
                    help="the model's measured FP perplexity on WikiText-2 test (a number >= 1), or 'predicted' to "

@@ -46,9 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from quantpredict.errors import PredictorError
+from quantpredict.recipe import DEFAULT_FP_WINDOWS  # noqa: F401  (re-exported; the CLI's help reads it from there)
 
-#: windows of the FP measurement when nothing else gives the FP perplexity (``--fp-windows`` changes it)
-DEFAULT_FP_WINDOWS = 64
 SEQ_LEN = 256
 #: bump when how the FP reference is measured changes: older cached entries stop matching
 FP_VERSION = 1
