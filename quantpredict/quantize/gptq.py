@@ -161,7 +161,7 @@ def _column_loop(W, Hinv, f, group, blocksize, order, position) -> tuple[torch.T
         row_scale = compute_scale(W, f, axis=-1, block_size=None)  # [B, out, 1]
     n_groups = 0 if group is None else -(-columns // group)
     group_scale: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_groups
-    Q = torch.zeros_like(W)
+    Q = torch.empty_like(W)  # every column is written (as are Q1's and Err1's rows, before they are read)
     # the column loop runs once per input channel: keep Python-side lookups out of it
     element = None if f.family == "float" else f.element_format
     hinv_diag = Hinv.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, in, 1]: the same float32 values per layer
@@ -171,16 +171,22 @@ def _column_loop(W, Hinv, f, group, blocksize, order, position) -> tuple[torch.T
     else:
         used_scale = torch.empty(B, rows, columns, device=W.device)
 
+    # the lazy batch is held transposed, [B, count, out]: each column is a contiguous row, and the rank-1 update of
+    # the later columns runs over contiguous memory into one preallocated buffer (the update alone 3-4x faster than
+    # the [B, out, count] strided one with a fresh temporary per column; the whole loop 1.5-1.9x, one thread, on
+    # SmolLM2's shapes stacked 30 deep). The products and differences are element for element the same, so the
+    # results are bit for bit those of the untransposed loop.
+    buf = torch.empty(B, blocksize, rows, dtype=W.dtype, device=W.device)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
-        W1 = W[:, :, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[:, i1:i2, i1:i2]
+        W1 = W[:, :, i1:i2].transpose(1, 2).contiguous()  # [B, count, out]
+        Q1 = torch.empty_like(W1)
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[:, i1:i2, i1:i2].unsqueeze(-1)  # [B, count, count, 1]
 
         for i in range(count):
-            w = W1[:, :, i]  # [B, out]
+            w = W1[:, i]  # [B, out]
             d = hinv_diag[:, i1 + i]  # [B, 1]
 
             if group is None:
@@ -190,30 +196,31 @@ def _column_loop(W, Hinv, f, group, blocksize, order, position) -> tuple[torch.T
                 if group_scale[g] is None:
                     # first column of this group in processing order: fit its scale on the group's columns as they
                     # stand now, i.e. with the updates from every column quantized so far
-                    cols = torch.arange(g * group, min((g + 1) * group, columns), device=W.device)
-                    current = torch.stack([_group_columns(W[b], W1[b], Err1[b], Hinv[b], position, i1, i, i2, cols)
-                                           for b in range(B)])
-                    s = compute_scale(current, f, axis=-1, block_size=cols.numel())  # [B, out, 1]
+                    c0, c1 = g * group, min((g + 1) * group, columns)
+                    current = _stacked_group_columns(W, W1, Err1, Hinv, position, i1, i, i2, c0, c1)
+                    s = compute_scale(current, f, axis=-1, block_size=c1 - c0)  # [B, out, 1]
                     group_scale[g] = (s, torch.where(s == 0, torch.ones_like(s), s))
-                    used_scale[:, :, cols] = s
+                    used_scale[:, :, c0:c1] = s
                 scale = group_scale[g]
             if element is None:  # bf16 / fp16: a plain cast
                 q = quantize_with_scale(w.unsqueeze(-1), f, scale[0]).squeeze(-1)
             else:  # quantize_with_scale, inlined: x / s on the element grid, times s (a zero scale gives zeros)
                 q = (round_to_element(w.unsqueeze(-1) / scale[1], element) * scale[0]).squeeze(-1)
 
-            Q1[:, :, i] = q
+            Q1[:, i] = q
             err = (w - q) / d
             # optimal update of the not-yet-quantized columns of this lazy batch (OBS with the Cholesky rows); an
             # outer product (one multiply per element, as the reference's rank-1 matmul)
-            W1[:, :, i:] -= err.unsqueeze(-1) * Hinv1[:, i: i + 1, i:]
-            Err1[:, :, i] = err
+            # (sub_ on the view: `W1[:, i:] -= x` would also copy the view back onto itself, a third of the loop)
+            W1[:, i:].sub_(torch.mul(Hinv1[:, i, i:], err.unsqueeze(1), out=buf[:, : count - i]))
+            Err1[:, i] = err
 
-        Q[:, :, i1:i2] = Q1
+        Q[:, :, i1:i2] = Q1.transpose(1, 2)
         # lazy batch update: apply the whole batch's error to every later column at once (layer by layer: the same
-        # 2-D product, and so the same rounding, as one layer alone)
+        # 2-D product of an [out, count] error, and so the same rounding, as one layer alone)
+        Err1 = Err1.transpose(1, 2).contiguous()
         for b in range(B):
-            W[b, :, i2:] -= Err1[b].matmul(Hinv[b, i1:i2, i2:])
+            W[b, :, i2:].sub_(Err1[b].matmul(Hinv[b, i1:i2, i2:]))
 
     return Q, used_scale
 
@@ -294,6 +301,18 @@ def _inverse_factor(H, percdamp) -> torch.Tensor:
     return U.to(torch.float32)
 
 
+def _stacked_group_columns(W, W1, Err1, Hinv, position, i1, i, i2, c0, c1) -> torch.Tensor:
+    """:func:`_group_columns` for the stacked loop: the current values ``[B, out, c1 - c0]`` of original columns
+    ``c0 .. c1-1``, with ``W1`` and ``Err1`` the lazy batch held transposed (``[B, count, out]``). Columns inside the
+    batch are gathered for the whole stack at once (a copy: the same values); pending updates of later ones are one
+    product per layer, as for one layer alone."""
+    pos = position[c0:c1]
+    if bool((pos < i2).all()):  # the whole group in this lazy batch (always so without act_order: blocks tile groups)
+        return W1[:, pos - i1].transpose(1, 2)
+    return torch.stack([_group_columns(W[b], W1[b].T, Err1[b].T, Hinv[b], position, i1, i, i2,
+                                       torch.arange(c0, c1, device=W.device)) for b in range(W.shape[0])])
+
+
 def _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols) -> torch.Tensor:
     """The current values [rows, len(cols)] of original columns ``cols``: W1 for those in this lazy batch, W minus
     the updates still pending from columns i1 .. i1+i-1 for later ones."""
@@ -303,7 +322,9 @@ def _group_columns(W, W1, Err1, Hinv, position, i1, i, i2, cols) -> torch.Tensor
     current[:, here] = W1[:, pos[here] - i1]
     later = pos[~here]
     if later.numel():  # pending lazy-batch updates from columns i1 .. i1+i-1
-        current[:, ~here] = W[:, later] - Err1[:, :i] @ Hinv[i1 : i1 + i, later]
+        # a dense copy of the batch's errors: the stacked loop passes a transposed view, and the product should see
+        # the same row-major operand as ever
+        current[:, ~here] = W[:, later] - Err1[:, :i].contiguous() @ Hinv[i1 : i1 + i, later]
     return current
 
 
@@ -347,10 +368,10 @@ def _gptq_shipped(weight, hessian, f, block_size, blocksize, percdamp, act_order
             q = quantize_blocks(w.unsqueeze(1), f, p).flatten()
             Q1[:, i] = q
             err = (w - q) / hinv_diag[i1 + i]
-            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            W1[:, i:].sub_(err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0)))
             Err1[:, i] = err
         Q[:, i1:i2] = Q1
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+        W[:, i2:].sub_(Err1.matmul(Hinv[i1:i2, i2:]))
     if group is None:
         used = dict(full.tensors)
     return Q[:, position].to(weight.dtype), QuantParams(f.name, used)
