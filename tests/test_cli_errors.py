@@ -278,6 +278,7 @@ def test_infeasible_budget_says_the_least_one(argv, must_name, tmp_path, monkeyp
 @pytest.mark.parametrize("argv,must_name", [
     (["eval", "llama-xs", "--max-windows", "0"], "--max-windows"),
     (["eval", "llama-xs", "--seq-len", "1"], "--seq-len"),
+    (["eval", "llama-xs", "--threads", "0"], "--threads"),
     (["quantize", "llama-xs", "--format", "int4", "--calib-samples", "0", "--out", "o"], "--calib-samples"),
     (["collect", "--models", "llama-xs", "--formats", "int4", "--methods", "rtn", "--eval-max-windows", "0"],
      "--eval-max-windows"),
@@ -287,6 +288,35 @@ def test_flag_values_in_the_flags_words(argv, must_name, tmp_path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     line = _one_line_exit_2(argv, tmp_path, capsys, must_name)
     assert "None" not in line and "_" not in line.split("error:")[1].split("(see")[0].replace("--", ""), line
+
+
+THREADED = ("demo", "eval", "quantize", "export", "features", "predict", "rank", "allocate")
+
+
+@pytest.mark.parametrize("command", THREADED)
+def test_threads_flag_sets_torchs_count_before_the_command_runs(command, monkeypatch):
+    """Every command that runs torch takes --threads N (on 2 cores an oversubscribed torch slows badly), and main()
+    sets torch's count before the command's own code runs; without the flag the count is left alone."""
+    import importlib
+
+    import torch
+
+    seen = []
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    # main() builds its parser anew, and each register() binds its module's run: replace that run with a probe
+    module = importlib.import_module(f"quantpredict.cli.{'eval_' if command == 'eval' else command}")
+    monkeypatch.setattr(module, "run", lambda args: seen.append("ran") or 0)
+    argv = [command] + {"quantize": ["llama-xs", "--format", "int4", "--out", "o"],
+                        "export": ["llama-xs", "--recipe", "q8_0", "--gguf", "o.gguf"],
+                        "features": ["llama-xs", "--format", "int4"], "predict": ["llama-xs", "--format", "int4"],
+                        "demo": []}.get(command, ["llama-xs"])
+    assert main(argv + ["--threads", str(target)]) == 0
+    assert seen == [target, "ran"]
+    seen.clear()
+    assert main(argv) == 0
+    assert seen == ["ran"]
 
 
 def test_rank_table_survives_a_failing_plot(tmp_path, monkeypatch, capsys):

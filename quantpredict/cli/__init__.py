@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        if getattr(args, "process_threads", False) and args.threads:  # options.add_threads: the whole process
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.func(args) or 0)
     except QuantpredictError as exc:
         if args.debug:

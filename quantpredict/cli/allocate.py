@@ -36,6 +36,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, metavar="FILE", help="write the recipe (JSON with its label) to FILE")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_no_cache(p)
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

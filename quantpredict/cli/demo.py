@@ -21,6 +21,7 @@ def register(sub) -> None:
                    "largest zoo model present)")
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help="comma-separated FORMAT:METHOD pairs")
     options.add_device(p)
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     options.add_text(p, eval_text=True)
     options.add_device(p)
     options.add_dtype(p, "evaluation's forward passes (the models are loaded in it)")
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

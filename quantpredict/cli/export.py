@@ -53,6 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new file is whole)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of text")
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

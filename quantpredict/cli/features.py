@@ -29,6 +29,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-probes", type=int, default=None, help="Hutchinson probes")
     p.add_argument("--max-iter", type=int, default=None, help="power-iteration steps at most")
     options.add_feature_run(p)
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

@@ -1,5 +1,5 @@
-"""Options shared by every command that runs a model: ``--device``, ``--dtype``, ``--max-memory``, the text flags,
-and :func:`add_feature_run` (the flags ``features`` and ``predict`` share).
+"""Options shared by every command that runs a model: ``--device``, ``--dtype``, ``--max-memory``, ``--threads``, the
+text flags, and :func:`add_feature_run` (the flags ``features`` and ``predict`` share).
 
 Each is checked before any model is loaded, so ``--device cuda`` on a machine without CUDA fails at once with one
 message naming the flag and the devices this machine has (exit status 2, as for every bad input).
@@ -16,6 +16,15 @@ from quantpredict.memory import DEFAULT_MAX_MEMORY_TEXT
 def add_device(p: argparse.ArgumentParser, *, default: str | None = "cpu",
                help: str = "where the model runs: cpu (default), cuda, cuda:N or mps") -> None:
     p.add_argument("--device", default=default, metavar="DEV", help=help)
+
+
+def add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads N``: torch's intra-op threads for the whole command, set by :func:`quantpredict.cli.main` before
+    the command runs (a command with its own per-run thread handling, such as ``collect``, adds its own flag)."""
+    p.add_argument("--threads", type=positive(int), default=None, metavar="N",
+                   help="torch threads for this command (default: torch's choice, one per core); on a shared or "
+                        "busy machine give the cores it may use: oversubscribed threads slow torch badly")
+    p.set_defaults(process_threads=True)
 
 
 def add_dtype(p: argparse.ArgumentParser, what: str = "forward passes") -> None:

@@ -45,6 +45,7 @@ def register(subparsers) -> None:
     answer.add_fp_options(p)
     add_no_cache(p)
     options.add_feature_run(p)
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

@@ -62,6 +62,7 @@ def register(subparsers) -> None:
     options.add_device(p)
     options.add_dtype(p, "calibration's block forward passes (the model stays in its checkpoint's dtype)")
     options.add_max_memory(p)
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 

@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot", default=None, metavar="FILE", help="write the frontier figure (PNG) to FILE")
     add_no_cache(p)
+    options.add_threads(p)
     p.set_defaults(func=run)
 
 
