@@ -5,6 +5,8 @@ the code before it, not against a number from another day.
     .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --formats iq4_nl,iq4_xs [--write]
     .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --kind awq_search --formats mxint4 --size 8960 \
         --name awq --write
+    .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --kind gptq_stacked --formats int4,mxint4 --size 576 \
+        --repeats 3 --name gptq --write
 
 Each timing is its own process (``python -c``, one torch thread) running ``formats.fake_quantize`` of a seeded
 ``--size`` x ``--size`` float32 weight after a small warm-up, before and after alternating ``--repeats`` times, so
@@ -28,7 +30,9 @@ from _common import load_average, stamp, write_section  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 #: what is timed, by ``--kind``: ``fake_quantize`` of a seeded n x n weight; ``awq_search``, AWQ's grid search
 #: (``quantize.awq.search_scales``, 4 grid points) on one down projection of a 1.5B Qwen2's shape: a [1536, n]
-#: weight against an [n, n] Hessian of random inputs (n = 8960 there)
+#: weight against an [n, n] Hessian of random inputs (n = 8960 there); ``gptq_stacked``, GPTQ's stacked column loop
+#: (``quantize.gptq.gptq_quantize_stacked``, as the GPTQ price runs it) on 30 layers of [1536, n] (SmolLM2's gate and
+#: up projections stacked over its 30 blocks at n = 576), each with its own Hessian factor of random inputs
 SNIPPETS = {
     "fake_quantize": (
         "import sys, time, torch; torch.set_num_threads(1); from quantpredict import formats; "
@@ -41,6 +45,14 @@ SNIPPETS = {
         "x = torch.randn(2 * {n}, {n}, generator=g, dtype=torch.float64); h = 2 * x.T @ x / x.shape[0]; "
         "m = x.abs().mean(0); t = time.perf_counter(); search_scales([w], [('{fmt}', None)], h, m, n_grid=4); "
         "print(time.perf_counter() - t)"),
+    "gptq_stacked": (
+        "import sys, time, torch; torch.set_num_threads(1); "
+        "from quantpredict.quantize.gptq import gptq_quantize_stacked, hessian_inverse_factor; "
+        "g = torch.Generator().manual_seed(0); w = torch.randn(30, 1536, {n}, generator=g); "
+        "x = torch.randn(30, 2 * {n}, {n}, generator=g, dtype=torch.float64); "
+        "h = 2 * x.transpose(1, 2) @ x / x.shape[1]; "
+        "d = torch.diagonal(h, dim1=1, dim2=2).clone(); u = torch.stack([hessian_inverse_factor(m) for m in h]); "
+        "t = time.perf_counter(); gptq_quantize_stacked(w, d, u, '{fmt}'); print(time.perf_counter() - t)"),
 }
 
 
@@ -80,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         ratio = statistics.median(p[0] / p[1] for p in pairs)
         rows.append(f"| {fmt} | {b:.2f} | {a:.2f} | {ratio:.1f}x |")
         print(rows[-1], flush=True)
-    what = (f"One {args.size}x{args.size} float32 weight" if args.kind == "fake_quantize" else
-            f"AWQ's grid search (4 grid points) on a [1536, {args.size}] float32 weight against an [{args.size}, "
-            f"{args.size}] Hessian")
+    what = {"fake_quantize": f"One {args.size}x{args.size} float32 weight",
+            "awq_search": f"AWQ's grid search (4 grid points) on a [1536, {args.size}] float32 weight against an "
+                          f"[{args.size}, {args.size}] Hessian",
+            "gptq_stacked": f"GPTQ's stacked column loop on 30 float32 layers of [1536, {args.size}], each against "
+                            "its own Hessian factor"}[args.kind]
     text = "\n".join([
         f"## A/B: `{args.kind}` before and after ({args.name}; `benchmarks/bench_ab.py --kind {args.kind}`)", "",
         f"{stamp()} Load average {load_average()} at the end (other jobs on both cores: the ratios, taken "
