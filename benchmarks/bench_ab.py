@@ -7,6 +7,8 @@ the code before it, not against a number from another day.
         --name awq --write
     .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --kind gptq_stacked --formats int4,mxint4 --size 576 \
         --repeats 3 --name gptq --write
+    .venv/bin/python benchmarks/bench_ab.py --before /tmp/before --kind calib_hessians --formats - --size 8960 \
+        --repeats 3 --name calib --write
 
 Each timing is its own process (``python -c``, one torch thread) running ``formats.fake_quantize`` of a seeded
 ``--size`` x ``--size`` float32 weight after a small warm-up, before and after alternating ``--repeats`` times, so
@@ -32,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 #: (``quantize.awq.search_scales``, 4 grid points) on one down projection of a 1.5B Qwen2's shape: a [1536, n]
 #: weight against an [n, n] Hessian of random inputs (n = 8960 there); ``gptq_stacked``, GPTQ's stacked column loop
 #: (``quantize.gptq.gptq_quantize_stacked``, as the GPTQ price runs it) on 30 layers of [1536, n] (SmolLM2's gate and
-#: up projections stacked over its 30 blocks at n = 576), each with its own Hessian factor of random inputs
+#: up projections stacked over its 30 blocks at n = 576), each with its own Hessian factor of random inputs;
+#: ``calib_hessians``, ``quantize.calib.collect_hessians`` (GPTQ's calibration statistics) over 8 windows of 256 tokens,
+#: one at a time, on one random-weight Qwen2 block of Qwen2.5-1.5B's widths (hidden 1536, FFN n = 8960)
 SNIPPETS = {
     "fake_quantize": (
         "import sys, time, torch; torch.set_num_threads(1); from quantpredict import formats; "
@@ -53,6 +57,14 @@ SNIPPETS = {
         "h = 2 * x.transpose(1, 2) @ x / x.shape[1]; "
         "d = torch.diagonal(h, dim1=1, dim2=2).clone(); u = torch.stack([hessian_inverse_factor(m) for m in h]); "
         "t = time.perf_counter(); gptq_quantize_stacked(w, d, u, '{fmt}'); print(time.perf_counter() - t)"),
+    "calib_hessians": (
+        "import sys, time, torch; torch.set_num_threads(1); torch.manual_seed(0); "
+        "from transformers import Qwen2Config, Qwen2ForCausalLM; "
+        "from quantpredict.quantize.calib import collect_hessians; "
+        "cfg = Qwen2Config(hidden_size=1536, intermediate_size={n}, num_hidden_layers=1, num_attention_heads=12, "
+        "num_key_value_heads=2, vocab_size=1024); m = Qwen2ForCausalLM(cfg).eval(); "
+        "ids = torch.randint(0, 1024, (8, 256), generator=torch.Generator().manual_seed(0)); "
+        "t = time.perf_counter(); collect_hessians(m, ids, batch_size=1); print(time.perf_counter() - t)"),
 }
 
 
@@ -96,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             "awq_search": f"AWQ's grid search (4 grid points) on a [1536, {args.size}] float32 weight against an "
                           f"[{args.size}, {args.size}] Hessian",
             "gptq_stacked": f"GPTQ's stacked column loop on 30 float32 layers of [1536, {args.size}], each against "
-                            "its own Hessian factor"}[args.kind]
+                            "its own Hessian factor",
+            "calib_hessians": "GPTQ's calibration statistics (`collect_hessians`, every linear's x^T x) over 8 "
+                              f"windows of 256 tokens on one random-weight Qwen2 block, hidden 1536, FFN {args.size}"
+            }[args.kind]
     text = "\n".join([
         f"## A/B: `{args.kind}` before and after ({args.name}; `benchmarks/bench_ab.py --kind {args.kind}`)", "",
         f"{stamp()} Load average {load_average()} at the end (other jobs on both cores: the ratios, taken "

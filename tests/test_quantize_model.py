@@ -184,6 +184,33 @@ def test_collect_hessians_matches_hand_computed(token_windows):
         collect_hessians(model, token_windows, names=["nope"])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shared_products_give_each_linears_own_sums_bit_for_bit(family, token_windows, monkeypatch):
+    """capture_linear_inputs computes one float32 x^T x per input tensor and width (q/k/v and gate/up read one) into
+    a reused buffer; every layer's sums are still bit for bit one fresh product per linear and batch, added as
+    float64, and the number of products is the number of distinct inputs, not of linears."""
+    model = tiny_model(family)
+    refs = arch.linear_layers(model)
+    expected = {r.name: torch.zeros(r.in_features, r.in_features, dtype=torch.float64) for r in refs}
+
+    def fresh(ref, x):
+        x = x.detach().reshape(-1, ref.in_features).float()
+        expected[ref.name] += (x.T @ x).double()
+
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    with torch.no_grad(), arch.input_hooks(refs, fresh), capture_linear_inputs(refs) as stats:
+        for lo in range(0, token_windows.shape[0], 4):
+            model(token_windows[lo: lo + 4])
+    for r in refs:
+        assert torch.equal(stats[r.name].xtx, expected[r.name]), r.name
+    batches = -(-token_windows.shape[0] // 4)
+    # per block: the attention input (q/k/v; gpt2's fused c_attn), o's, the MLP input (gate/up; c_fc), down's
+    assert len(calls) == batches * 4 * len(arch.blocks(model))
+    assert len(refs) == (7 if family == "llama" else 4) * len(arch.blocks(model))
+
+
 def test_size_report_hand_computed():
     model = tiny_model("llama")  # hidden 32, intermediate 64, 2 layers
     size = size_report(model, Recipe("mxint4"))
