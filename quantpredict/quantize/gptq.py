@@ -173,9 +173,9 @@ def _column_loop(W, Hinv, f, group, blocksize, order, position) -> tuple[torch.T
 
     # the lazy batch is held transposed, [B, count, out]: each column is a contiguous row, and the rank-1 update of
     # the later columns runs over contiguous memory into one preallocated buffer (the update alone 3-4x faster than
-    # the [B, out, count] strided one with a fresh temporary per column; the whole loop 1.5-1.9x, one thread, on
-    # SmolLM2's shapes stacked 30 deep). The products and differences are element for element the same, so the
-    # results are bit for bit those of the untransposed loop.
+    # the [B, out, count] strided one with a fresh temporary per column; with the in-place updates below, the whole
+    # loop 1.8-2.1x, one thread, on SmolLM2's shapes stacked 30 deep: reports/benchmarks.md "ab-gptq"). The products
+    # and differences are element for element the same, so the results are bit for bit those of the untransposed loop.
     buf = torch.empty(B, blocksize, rows, dtype=W.dtype, device=W.device)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
