@@ -8,7 +8,10 @@ them (safetensors writes through a private temporary file, mode 0600; every othe
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from quantpredict.errors import OutputError
@@ -73,3 +76,20 @@ def check_output(path: str | os.PathLike, flag: str, *, kind: str = "file") -> P
         raise OutputError(f"{flag} {path}: the folder {base} is not writable by this user, so the output {what} "
                           "cannot be created there; pass a path in a writable folder")
     return p
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A folder to write ``out``'s files into: ``out`` itself when it exists (its files are replaced), else a
+    sibling ``<name>.partial-<pid>`` renamed to ``out`` when the block ends without an error, so that an interrupted
+    or failed write leaves nothing behind."""
+    out = Path(out)
+    stage = out if out.is_dir() else out.with_name(f"{out.name}.partial-{os.getpid()}")
+    try:
+        stage.mkdir(parents=True, exist_ok=True)
+        yield stage
+        if stage != out:
+            stage.rename(out)
+    finally:
+        if stage != out and stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)

@@ -316,19 +316,31 @@ def named_mix(name: str, model: Any, base: Recipe | None = None) -> Recipe:
     """The recipe llama.cpp's mix ``name`` (see :data:`MIXES`) gives ``model``'s linear layers: an explicit format
     per layer (``mixed_recipe``), with the options of ``base`` (default: RTN, the mix's base format). ``name`` may
     also carry options, ``q4_k_m-gptq``."""
+    from quantpredict import arch
+
+    mix, recipe = mix_base(name, base)
+    if is_file_spec(name):
+        emb, head = file_roles(mix, model)
+        recipe = dataclasses.replace(recipe, embedding_format=emb, head_format=head)
+    return slots_mix(mix, recipe, model_slots(model), arch.family(model), gqa_ratio(model))
+
+
+def mix_base(name: str, base: Recipe | None = None) -> tuple[Mix, Recipe]:
+    """``(mix, recipe before the per-layer formats)`` of mix text ``name``: ``base``'s options with the mix's base
+    format (default: the options ``name`` carries, RTN without any); a :class:`RecipeError` for unknown text."""
     found = split_mix_spec(name)
     if found is None:
         raise RecipeError(f"unknown named mix {name!r}; named mixes: {', '.join(MIX_NAMES)} (with options: "
                           "q4_k_m-gptq, q4_k_m-gptq-awq, q4_k_m-file)")
     mix, spec_base = found
-    from quantpredict import arch
+    return mix, (spec_base if base is None else dataclasses.replace(base, weight_format=mix.base, block_size=None))
 
-    slots = model_slots(model)
-    recipe = spec_base if base is None else dataclasses.replace(base, weight_format=mix.base, block_size=None)
-    if is_file_spec(name):
-        emb, head = file_roles(mix, model)
-        recipe = dataclasses.replace(recipe, embedding_format=emb, head_format=head)
-    return mixed_recipe(recipe, [(f, None) for f in mix_formats(mix, slots, arch.family(model), gqa_ratio(model))])
+
+def slots_mix(mix: Mix, recipe: Recipe, slots: Sequence[Slot], family: str, n_gqa: int) -> Recipe:
+    """``recipe`` with one explicit format per linear layer, as ``mix`` gives them to ``slots`` (every linear of the
+    model, :func:`model_slots` order) of a ``family`` model with ``n_gqa`` attention heads per key/value head: what
+    :func:`named_mix` returns, from the layers' names and shapes alone (no model object needed)."""
+    return mixed_recipe(recipe, [(f, None) for f in mix_formats(mix, slots, family, n_gqa)])
 
 
 def resolve_recipe(spec: Recipe | str | dict, model: Any) -> Recipe:

@@ -12,74 +12,104 @@ walk models only through here: a new architecture is one entry in the table of a
   :func:`model_device`, :func:`max_positions` ...);
 * :mod:`~quantpredict.arch.generic`: the generic walk of a model type the table does not have
   (:func:`generic_adapter`);
+* :mod:`~quantpredict.arch.finite`: the NaN/Inf check of weights (:func:`check_finite_tensors`);
 * :mod:`~quantpredict.arch.execution`: block-by-block execution (:func:`capture_block_inputs`, :func:`run_block`,
   the bounded-memory variants, :func:`input_hooks`).
 
-Everything is used as ``arch.<name>``; this package re-exports it.
+Everything is used as ``arch.<name>``; this package re-exports it, lazily: a name is imported from its module on
+first use (PEP 562), so ``quantpredict.arch.table`` can be read without importing torch or transformers (what the
+checkpoint-only RTN path, :mod:`quantpredict.quantize.direct`, needs).
 """
 
 from __future__ import annotations
 
-from quantpredict.arch.execution import (
-    BlockInputs,
-    PerBlock,
-    batch_kwargs,
-    block_kwargs,
-    capture_block_input_batches,
-    capture_block_inputs,
-    capture_block_kwargs,
-    input_hooks,
-    linears_of,
-    run_block,
-)
-from quantpredict.arch.generic import find_block_list, generic_adapter
-from quantpredict.arch.layers import (
-    LinearRef,
-    ScaleGroup,
-    SmoothPair,
-    adapter,
-    awq_groups,
-    block_linears,
-    blocks,
-    check_finite,
-    embedding_modules,
-    family,
-    final_norm,
-    head,
-    head_is_tied,
-    hidden_size,
-    iter_block_linears,
-    linear_layers,
-    logit_softcap,
-    logits,
-    max_positions,
-    model_device,
-    non_embedding_parameters,
-    require_scale_folds,
-    require_smoothquant,
-    smooth_pairs,
-    smoothquant_supported,
-)
-from quantpredict.arch.table import ADAPTERS as _ADAPTERS  # noqa: F401 - the tests read the table by its old name
-from quantpredict.arch.table import (
-    LINEAR_TYPES,
-    SUPPORTED_FAMILIES,
-    Adapter,
-    Condition,
-    GenericArchitectureWarning,
-    LinearFold,
-    architecture_table,
-)
-from quantpredict.arch.table import module_at as _get  # noqa: F401 - the tests' old name for it
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "LINEAR_TYPES", "SUPPORTED_FAMILIES", "Adapter", "BlockInputs", "Condition", "GenericArchitectureWarning",
-    "LinearFold", "LinearRef", "PerBlock", "ScaleGroup", "SmoothPair", "adapter", "architecture_table", "awq_groups",
-    "batch_kwargs", "block_kwargs", "block_linears", "blocks", "capture_block_input_batches", "capture_block_inputs",
-    "iter_block_linears",
-    "capture_block_kwargs", "check_finite", "embedding_modules", "family", "final_norm", "find_block_list",
-    "generic_adapter", "head", "head_is_tied", "hidden_size", "input_hooks", "linear_layers", "linears_of",
-    "logit_softcap", "logits",
-    "max_positions", "model_device", "non_embedding_parameters", "require_scale_folds", "require_smoothquant",
-    "run_block", "smooth_pairs", "smoothquant_supported",
-]
+#: every public name of the package -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("BlockInputs", "PerBlock", "batch_kwargs", "block_kwargs", "capture_block_input_batches",
+                     "capture_block_inputs", "capture_block_kwargs", "input_hooks", "linears_of", "run_block"),
+                    "execution"),
+    **dict.fromkeys(("LINEAR_TYPES", "find_block_list", "generic_adapter"), "generic"),
+    "check_finite_tensors": "finite",
+    **dict.fromkeys(("LinearRef", "ScaleGroup", "SmoothPair", "adapter", "awq_groups", "block_linears", "blocks",
+                     "check_finite", "embedding_modules", "family", "final_norm", "head", "head_is_tied",
+                     "hidden_size", "iter_block_linears", "linear_layers", "logit_softcap", "logits",
+                     "max_positions", "model_device", "non_embedding_parameters", "require_scale_folds",
+                     "require_smoothquant", "smooth_pairs", "smoothquant_supported"), "layers"),
+    **dict.fromkeys(("SUPPORTED_FAMILIES", "Adapter", "Condition", "GenericArchitectureWarning", "LinearFold",
+                     "architecture_table"), "table"),
+}
+#: the tests' old names: arch._ADAPTERS is table.ADAPTERS, arch._get is table.module_at
+_ALIASES = {"_ADAPTERS": ("table", "ADAPTERS"), "_get": ("table", "module_at")}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module, attr = _EXPORTS[name], name
+    elif name in _ALIASES:
+        module, attr = _ALIASES[name]
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    globals()[name] = value  # the next lookup is a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # what type checkers and editors see: the eager imports the lazy table stands for
+    from quantpredict.arch.execution import (  # noqa: F401
+        BlockInputs,
+        PerBlock,
+        batch_kwargs,
+        block_kwargs,
+        capture_block_input_batches,
+        capture_block_inputs,
+        capture_block_kwargs,
+        input_hooks,
+        linears_of,
+        run_block,
+    )
+    from quantpredict.arch.finite import check_finite_tensors  # noqa: F401
+    from quantpredict.arch.generic import LINEAR_TYPES, find_block_list, generic_adapter  # noqa: F401
+    from quantpredict.arch.layers import (  # noqa: F401
+        LinearRef,
+        ScaleGroup,
+        SmoothPair,
+        adapter,
+        awq_groups,
+        block_linears,
+        blocks,
+        check_finite,
+        embedding_modules,
+        family,
+        final_norm,
+        head,
+        head_is_tied,
+        hidden_size,
+        iter_block_linears,
+        linear_layers,
+        logit_softcap,
+        logits,
+        max_positions,
+        model_device,
+        non_embedding_parameters,
+        require_scale_folds,
+        require_smoothquant,
+        smooth_pairs,
+        smoothquant_supported,
+    )
+    from quantpredict.arch.table import (  # noqa: F401
+        SUPPORTED_FAMILIES,
+        Adapter,
+        Condition,
+        GenericArchitectureWarning,
+        LinearFold,
+        architecture_table,
+    )

@@ -19,9 +19,9 @@ import warnings
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from quantpredict.arch.table import (
-    LINEAR_TYPES,
     Adapter,
     GenericArchitectureWarning,
     model_type_of,
@@ -29,6 +29,9 @@ from quantpredict.arch.table import (
     supported_list,
 )
 from quantpredict.errors import UnsupportedArchitectureError
+
+#: the module types a linear layer may be (GPT-2's ``Conv1D`` stores its weight as ``[in, out]``)
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
 _DUMMY_TOKENS = 8
 

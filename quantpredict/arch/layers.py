@@ -5,7 +5,6 @@ parameter count, device, context length)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from quantpredict.arch.table import (
     module_at,
     supported_list,
 )
-from quantpredict.errors import ModelError, UnsupportedArchitectureError
+from quantpredict.errors import UnsupportedArchitectureError
 
 # where adapter() caches a generically walked model's Adapter (a plain attribute, not a submodule)
 _GENERIC_ATTR = "_quantpredict_generic_adapter"
@@ -260,18 +259,9 @@ def non_embedding_parameters(model: nn.Module) -> int:
 
 def check_finite(model: nn.Module) -> None:
     """Raise :class:`ModelError` naming the first parameter holding NaN or Inf."""
-    for name, p in model.named_parameters():
-        if p.numel() == 0 or not p.is_floating_point():
-            continue
-        lo, hi = torch.aminmax(p.detach())  # one pass, no mask: NaN propagates into both, Inf shows at an end
-        if math.isfinite(float(lo)) and math.isfinite(float(hi)):
-            continue
-        bad = (~torch.isfinite(p.detach())).sum().item()
-        if bad:
-            raise ModelError(
-                f"parameter {name!r} holds {bad} NaN/Inf value(s) of {p.numel()}; the model's weights are corrupt "
-                "(re-load or re-train it) and cannot be quantized or measured"
-            )
+    from quantpredict.arch.finite import check_finite_tensors
+
+    check_finite_tensors(model.named_parameters())
 
 
 def model_device(model: nn.Module) -> torch.device:

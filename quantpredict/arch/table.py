@@ -26,12 +26,13 @@ Any other model type is walked generically (:mod:`quantpredict.arch.generic`). R
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+if TYPE_CHECKING:
+    from torch import nn
 
-LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+# The table is data: it imports neither torch nor transformers, so that a command which reads a checkpoint's files
+# without building the model (quantpredict.quantize.direct) can use it. LINEAR_TYPES lives in arch.generic.
 
 
 class GenericArchitectureWarning(UserWarning):
