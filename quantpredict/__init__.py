@@ -16,7 +16,8 @@ in-function imports included), and no two modules import each other (``tests/tes
 7. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT (the
    method), attention arithmetic;
 8. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``); ``export``: a
-   model under an RTN recipe of llama.cpp types as a GGUF file;
+   model under an RTN recipe of llama.cpp types as a GGUF file; ``checkpoint_rtn``: data-free RTN of a checkpoint's
+   files without building the model (no transformers);
 9. ``predict``; 10. ``report`` (the run store's figures and page);
 11. ``studies``: the seed studies and their report pages (only the CLI imports them);
 12. ``cli`` (and ``__main__``).

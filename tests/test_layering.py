@@ -23,7 +23,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("gguf_names", "imatrix"),  # llama.cpp's tensor names of a model, its importance-matrix files and computation
     ("quantize", "evaluate", "runtime"),  # runtime: a runtime's activation rounding, as quantize.act hooks
     ("features", "models", "qat", "attention"),
-    ("runs", "export"),  # export: a model as a GGUF file (models, quantize.plan, formats.ggml)
+    ("runs", "export", "checkpoint_rtn"),  # export: a model as a GGUF file (models, quantize.plan, formats.ggml);
+    # checkpoint_rtn: data-free RTN from a checkpoint's files (models.checks, quantize.rtn, mixes), no model built
     ("predict",),
     ("report",),
     ("studies",),  # the seed studies: they use everything below, and only the CLI uses them

@@ -67,8 +67,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quantpredict.models import load
-    from quantpredict.quantize import Recipe, needs_calibration, quantize_model, sample_calibration, save_quantized
+    from quantpredict.recipe import Recipe
 
     recipe = Recipe(
         weight_format=args.weight_format or "q4_k", block_size=args.block_size, method=args.method,
@@ -92,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
         if not args.mix:
             check_imatrix_recipe(recipe)  # GPTQ (the default method) and non-llama.cpp formats: before the load
         imatrix_label = load_imatrix(args.imatrix)[1]  # a missing or malformed file, before the weights load
+    direct = _quantize_from_files(args, recipe)
+    if direct is not None:
+        return _print_report(args, *direct)
+    from quantpredict.models import load
+    from quantpredict.quantize import needs_calibration, quantize_model, sample_calibration, save_quantized
+
     # the checkpoint's own dtype in memory (a bf16 checkpoint stays bf16), blocks computed in --dtype on --device
     model, tokenizer = load(args.model, dtype="auto")
     if args.mix:
@@ -103,12 +108,41 @@ def run(args: argparse.Namespace) -> int:
     output_errors = needs_calibration(recipe, output_errors=args.output_errors)
     calib = (sample_calibration(tokenizer, recipe.calib_samples, recipe.calib_seq_len, seed=recipe.seed,
                                 text_file=args.calib_text) if output_errors else None)
-    if not output_errors and args.calib_text is not None:
-        print("note: --calib-text is not read: data-free RTN runs no calibration pass (--output-errors runs one)",
-              file=sys.stderr)
+    if not output_errors:
+        _note_unread_text(args)
     report = quantize_model(model, recipe, calib, batch_size=args.batch_size, output_errors=output_errors,
                             max_memory=budget, device=device, dtype=dtype, imatrix=args.imatrix)
     out = save_quantized(model, recipe, report, args.out, tokenizer=tokenizer, imatrix=imatrix_label)
+    return _print_report(args, report, out)
+
+
+def _quantize_from_files(args: argparse.Namespace, recipe):
+    """``(report, out)`` of plain RTN done from the checkpoint's files alone (:mod:`quantpredict.checkpoint_rtn`:
+    the model path's result, without building the model), or ``None`` where the recipe or checkpoint needs the
+    model path (``--debug`` says why)."""
+    from quantpredict import checkpoint_rtn
+    from quantpredict.models import check_model_dir
+
+    why = checkpoint_rtn.recipe_problem(recipe, mix=args.mix, output_errors=args.output_errors,
+                                        imatrix=args.imatrix)
+    plan = checkpoint_rtn.direct_plan(check_model_dir(args.model)) if why is None else why
+    if isinstance(plan, str):
+        if getattr(args, "debug", False):
+            print(f"note: quantizing through the built model: {plan}", file=sys.stderr)
+        return None
+    resolved = checkpoint_rtn.resolve_recipe(plan, recipe, args.mix)
+    _note_unread_text(args)
+    report = checkpoint_rtn.quantize_checkpoint(plan, resolved, args.out)
+    return report, args.out
+
+
+def _note_unread_text(args: argparse.Namespace) -> None:
+    if args.calib_text is not None:
+        print("note: --calib-text is not read: data-free RTN runs no calibration pass (--output-errors runs one)",
+              file=sys.stderr)
+
+
+def _print_report(args: argparse.Namespace, report, out) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

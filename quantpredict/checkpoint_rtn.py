@@ -1,0 +1,245 @@
+"""Data-free RTN straight from a checkpoint's files: each linear weight read from the safetensors, rounded, and the
+model directory written, without building the model.
+
+Why: ``quantpredict quantize --method rtn`` spent most of its time around the rounding, not in it. On SmolLM2-135M
+(AMD EPYC, one thread) the whole command took 8 s, of which the rounding was 0.6 s: importing transformers and its
+model code took about 3 s, building the model 0.5 s and re-serializing it 0.7 s. llama-quantize does the same job
+in 2-7 s, and issue #30 asks for every type within 3x of it. This path imports neither transformers nor the model
+code (torch and safetensors only) and touches no tensor but the linear weights.
+
+**The same result as the model path, bit for bit** (``tests/test_checkpoint_rtn.py`` compares it with
+:func:`~quantpredict.quantize.model.quantize_model` + :func:`~quantpredict.quantize.model.save_quantized` per
+family): each weight is upcast to float32 and rounded by :func:`~quantpredict.quantize.rtn.rtn_quantize`, written
+back in the checkpoint's dtype; every other tensor is copied as stored; the report (per-layer relative weight
+error, sizes) and ``quantization.json`` are the model path's. What differs is only what transformers would
+re-serialize: ``config.json``, ``generation_config.json`` and the tokenizer files are copied as they are, not
+re-written (the same settings), and the weights go to one ``model.safetensors``.
+
+**When it is taken** (:func:`direct_plan` says why not otherwise, and the caller builds the model instead):
+
+* the recipe is plain RTN (no SmoothQuant, AWQ, calibration pass or imatrix) of the linear layers alone (not a
+  named mix's ``-file`` form, which also quantizes the embedding and head);
+* the model type is one of :data:`DIRECT_TYPES` (one adapter row, ``nn.Linear`` layers stored ``[out, in]``, no
+  persistent buffers), and every linear sits in the checkpoint at ``<blocks>.<i>.<linear>.weight`` for each of the
+  config's ``num_hidden_layers`` blocks;
+* the weights are safetensors, every floating tensor in the dtype the config records (what
+  ``models.load(dtype="auto")`` keeps), every key a ``.weight`` or ``.bias`` under the model or its head, and the
+  head is stored exactly when the config says the embeddings are not tied.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from quantpredict.recipe import Recipe
+
+#: model types whose checkpoints this path reads: llama-layout rows of ``arch.table.ADAPTERS`` without conditions
+DIRECT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+#: the files of a model directory besides its weights that a saved model carries (as transformers writes them)
+CARRIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                 "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                 "sentencepiece.bpe.model")
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class CheckpointLinear:
+    """One linear layer as the checkpoint stores it: its module name (``model.layers.0.self_attn.q_proj``, as
+    ``arch.linear_layers`` names it), its path inside the block, its tensor key, its block and its ``[out, in]``
+    shape."""
+
+    name: str
+    path: str  # inside its block: self_attn.q_proj
+    key: str
+    block_index: int
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """What the direct path needs of a model directory, from its config and safetensors headers alone.
+
+    ``linears``: every linear layer in ``arch.linear_layers`` order; ``tensors``: every stored tensor's key -> its
+    file; ``total_params``: the model's parameter count (a tied head counted once, as ``model.parameters()``
+    does); ``n_gqa``: attention heads per key/value head."""
+
+    path: Path
+    family: str
+    linears: tuple[CheckpointLinear, ...]
+    tensors: dict[str, Path]
+    total_params: int
+    n_gqa: int
+
+
+def _mix_is_file(mix: str | None) -> bool:
+    from quantpredict.mixes import is_file_spec
+
+    return mix is not None and is_file_spec(mix)
+
+
+def recipe_problem(recipe: Recipe, *, mix: str | None = None, output_errors: bool = False,
+                   imatrix: Any = None) -> str | None:
+    """Why ``recipe`` (or named ``mix``) needs the model path, or ``None`` when the checkpoint's files suffice."""
+    if recipe.method != "rtn":
+        return f"method {recipe.method} calibrates"
+    if recipe.smoothquant_alpha is not None or recipe.awq:
+        return "SmoothQuant and AWQ calibrate"
+    if output_errors:
+        return "output errors need a calibration pass"
+    if imatrix is not None:
+        return "an imatrix is read against the model's layers"
+    if recipe.embedding_format is not None or recipe.head_format is not None or _mix_is_file(mix):
+        return "the embedding and head are quantized too"
+    return None
+
+
+def direct_plan(path: str | Path) -> CheckpointPlan | str:
+    """The :class:`CheckpointPlan` of the model directory ``path`` (already resolved and checked by
+    ``models.check_model_dir``), or a sentence saying why its files alone do not determine the model path's result
+    (see the module docstring)."""
+    from quantpredict.arch.table import ADAPTERS
+    from quantpredict.mixes import gqa_ratio
+    from quantpredict.models.checks import safetensors_header, weight_files
+    from quantpredict.quantize.report import QUANT_CONFIG
+
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"config.json unreadable ({exc})"
+    model_type = config.get("model_type")
+    if model_type not in DIRECT_TYPES or len(ADAPTERS.get(model_type, ())) != 1 or ADAPTERS[model_type][0].when:
+        return f"model type {model_type!r} is not among {', '.join(DIRECT_TYPES)}"
+    if (path / QUANT_CONFIG).exists():
+        return "the directory is itself a quantized model"
+    archs = config.get("architectures") or []
+    if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "not a causal LM checkpoint"
+    ad = ADAPTERS[model_type][0]
+    files = weight_files(path)
+    if any(f.suffix != ".safetensors" for f in files):
+        return "the weights are not safetensors"
+    headers = {f: safetensors_header(f) for f in files}
+    tensors = {k: f for f, h in headers.items() for k in h}
+    info = {k: h[k] for h in headers.values() for k in h}
+    want = config.get("dtype") or config.get("torch_dtype") or "float32"
+    want = _SAFETENSORS_DTYPES.get(str(want))
+    if want is None:
+        return f"the config's dtype {config.get('dtype') or config.get('torch_dtype')!r} is not float32/bf16/fp16"
+    other = sorted({t["dtype"] for t in info.values() if t["dtype"] in _FLOAT_DTYPES} - {want})
+    if other:
+        return f"tensors stored as {', '.join(other)}, the config says {want}"
+    root, head_key = ad.blocks.split(".")[0], f"{ad.head}.weight"
+    stray = [k for k in info if not (k.startswith(f"{root}.") or k == head_key) or not k.endswith((".weight", ".bias"))]
+    if stray:
+        return f"tensor {stray[0]!r} is not one the model keeps"
+    tied = config.get("tie_word_embeddings", True) is not False
+    if (head_key in info) == tied:
+        return "the head is stored although tied" if tied else "the untied head is not stored"
+    n_blocks = config.get("num_hidden_layers")
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        return "the config gives no num_hidden_layers"
+    if any(k.startswith(f"{ad.blocks}.{n_blocks}.") for k in info):
+        return "the checkpoint holds more blocks than the config"
+    linears = []
+    for i in range(n_blocks):
+        for sub in ad.linears:
+            key = f"{ad.blocks}.{i}.{sub}.weight"
+            if key not in info or len(info[key]["shape"]) != 2:
+                return f"no 2-D {key} in the checkpoint"
+            out_f, in_f = (int(x) for x in info[key]["shape"])
+            linears.append(CheckpointLinear(f"{ad.blocks}.{i}.{sub}", sub, key, i, out_f, in_f))
+    total = sum(math.prod(int(x) for x in t["shape"]) for t in info.values())
+    n_gqa = gqa_ratio(_ConfigHolder(config))
+    return CheckpointPlan(path, ad.family, tuple(linears), tensors, total, n_gqa)
+
+
+class _ConfigHolder:
+    """What ``mixes.gqa_ratio`` reads of a model (``model.config.<attribute>``), from config.json's dict."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = type("Config", (), dict(config))()
+
+
+def resolve_recipe(plan: CheckpointPlan, recipe: Recipe, mix: str | None) -> Recipe:
+    """``recipe``, or the named ``mix`` with ``recipe``'s options resolved for the plan's layers (what
+    ``mixes.named_mix`` gives the built model)."""
+    if mix is None:
+        return recipe
+    from quantpredict.mixes import Slot, mix_base, slots_mix, tensor_role
+
+    found, base = mix_base(mix, recipe)
+    slots = [Slot(q.name, tensor_role(q.path), q.block_index, q.in_features) for q in plan.linears]
+    return slots_mix(found, base, slots, plan.family, plan.n_gqa)
+
+
+def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Path, *, progress: bool = True):
+    """Quantize the checkpoint of ``plan`` by ``recipe`` (plain RTN, resolved per layer) and write the model
+    directory ``out_dir`` (a new one appears whole or not at all). Returns the
+    :class:`~quantpredict.quantize.report.QuantReport` the model path gives, output errors not measured."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from quantpredict.arch.finite import check_finite_tensors
+    from quantpredict.files import honour_umask, staged_dir
+    from quantpredict.formats import get_format
+    from quantpredict.quantize.report import (
+        QUANT_CONFIG,
+        LayerReport,
+        QuantReport,
+        quantization_json,
+        quantization_meta,
+        size_fields,
+    )
+    from quantpredict.quantize.rtn import relative_error, rtn_quantize
+    from quantpredict.version import build_version
+
+    t_start = time.perf_counter()
+    formats = recipe.layer_formats_for([q.name for q in plan.linears])  # a per-layer list of the wrong length fails
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(set(plan.tensors.values())):
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():
+                tensors[key] = fh.get_tensor(key)
+    check_finite_tensors(tensors.items())  # as quantize_model checks the model's parameters, before any work
+    nan = float("nan")
+    layers, q_bits, q_params = [], 0.0, 0
+    n_blocks = 1 + max(q.block_index for q in plan.linears)
+    planned = [(q, fb) for q, fb in zip(plan.linears, formats) if fb is not None]
+    for index in tqdm(range(n_blocks), desc=f"quantize {recipe.label[:40]}", unit="block", disable=not progress):
+        for q, (fmt, block) in (item for item in planned if item[0].block_index == index):
+            t0 = time.perf_counter()
+            stored = tensors[q.key]
+            w = stored.to(torch.float32)
+            w_q = rtn_quantize(w, fmt, block_size=block)
+            rel = relative_error(w, w_q)
+            tensors[q.key] = w_q.to(stored.dtype)
+            layers.append(LayerReport(q.name, index, q.out_features, q.in_features, rel, nan, nan,
+                                      time.perf_counter() - t0))
+            n = q.out_features * q.in_features
+            q_bits += n * get_format(fmt).bits_per_element(block, row_length=q.in_features)
+            q_params += n
+    report = QuantReport(recipe_label=recipe.label, layers=tuple(layers), calibration_tokens=0,
+                         total_seconds=time.perf_counter() - t_start, output_errors_measured=False,
+                         **size_fields(q_bits, q_params, plan.total_params))
+    with staged_dir(out_dir) as stage:
+        for name in CARRIED_FILES:
+            if (plan.path / name).is_file():
+                shutil.copyfile(plan.path / name, stage / name)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(stage / "model.safetensors"),
+                  metadata={"format": "pt"})
+        meta = quantization_meta(recipe, report, build_version())
+        (stage / QUANT_CONFIG).write_text(quantization_json(meta))
+        honour_umask(*stage.glob("*.safetensors"))
+    return report
