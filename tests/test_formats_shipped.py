@@ -532,15 +532,39 @@ def test_dynamic_map_matches_description():
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler: the torch search is the only path")
-@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q3_k", "q4_k", "q5_k", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
 def test_native_search_matches_torch(fmt, monkeypatch):
-    # the C kernel's scale search (64 sub-blocks a pass) against the torch one, sub-block counts not a multiple of 64
+    # the C kernel's scale search (64 sub-blocks a pass) against the torch one, sub-block counts not a multiple of
+    # 64; the one-pass types quantized whole by the C kernel against the torch path
     x = torch.cat([torch.randn(37, 1024, generator=torch.Generator().manual_seed(9)) * 3, edge_cases(n=1024, seed=11)])
     got = fake_quantize(x, fmt)
     assert_bits_equal(got, fake_quantize_reference(x, fmt).numpy(), f"{fmt} native vs torch")
     monkeypatch.setenv("QUANTPREDICT_FORMATS_BACKEND", "torch")
     assert not native.available()
     assert_bits_equal(fake_quantize(x, fmt), got.numpy(), f"{fmt} with the torch backend")
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is the only path")
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_native_one_pass_types_match_torch_across_the_fp16_range(fmt, monkeypatch):
+    """Block scales from fp16's subnormals to its largest finite value, ties of the fp16 rounding, constant and
+    all-zero blocks: the C kernel's values against the torch path's, bit for bit; a scale past 65504 raises the
+    torch path's error either way."""
+    g = torch.Generator().manual_seed(3)
+    mags = torch.logspace(-9, 3.5, 400, dtype=torch.float64).to(torch.float32)
+    x = torch.randn(400, 32, generator=g) * mags[:, None]
+    ties = (torch.arange(1, 65, dtype=torch.float32) * 2.0**-24 + 2.0**-25)  # fp16 subnormal midpoints as scales
+    x = torch.cat([x, ties[:, None] * torch.linspace(-8, 7, 32)[None], torch.zeros(3, 32), torch.full((3, 32), 2.5),
+                   torch.full((1, 32), 65_500.0 if fmt in ("q4_1", "q5_1") else 524_000.0)])  # rounds to 65504
+    big = {"q4_0": 524_300.0, "q5_0": 1_048_600.0, "q8_0": 8_400_000.0}.get(fmt)
+    got = fake_quantize(x, fmt)
+    monkeypatch.setenv("QUANTPREDICT_FORMATS_BACKEND", "torch")
+    assert not native.available()
+    assert_bits_equal(got, fake_quantize(x, fmt).numpy(), f"{fmt} native vs torch")
+    monkeypatch.delenv("QUANTPREDICT_FORMATS_BACKEND")
+    if big is not None:  # a scale fp16 cannot hold: the torch path's FormatError through the native one too
+        with pytest.raises(FormatError, match="fp16"):
+            fake_quantize(torch.full((1, 32), big), fmt)
 
 
 # --------------------------------------------------------------------------------- gguf byte layouts

@@ -66,8 +66,8 @@ llama.cpp's usual builds compile ggml-quants.c with FMA contraction (GCC's defau
 ``-march=native``), which fuses some multiply-adds of the search; against such a build
 2.0% (Q4_K), 11% (Q5_K), 0.07% (Q6_K) and 0% (Q8_0) of the values differ, by a code step where the search picks a
 neighbouring scale, with the relative MSE within 0.1% (not measured for the types added later). The un-fused float32
-semantics of the source are followed here, as they are machine-independent. The searches of Q2_K, Q3_K and the IQ4
-types run in torch only (the C kernel of :mod:`~quantpredict.formats.native` covers Q4_K/Q5_K/Q6_K; ``use_native``
+semantics of the source are followed here, as they are machine-independent. The searches of Q2_K and the IQ4 types
+run in torch only (the C kernel of :mod:`~quantpredict.formats.native` covers Q3_K/Q4_K/Q5_K/Q6_K; ``use_native``
 changes nothing for them). Rows must be a multiple of the block (llama.cpp's rule): a :class:`FormatError`
 otherwise (naming llama.cpp's fallback type for that tensor).
 
@@ -422,7 +422,8 @@ def _chunked(sub: Tensor, search: Callable[[Tensor], tuple[Tensor, Tensor]]) -> 
 
 def _fit_q3_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]:
     sub = blocks.reshape(-1, 16)  # [M, 16]
-    scales, fallback = _chunked(sub, _q3_chunk)
+    found = native.q3_search(sub) if use_native else None
+    scales, fallback = found if found is not None else _chunked(sub, _q3_chunk)
     scales = scales.reshape(-1, 16)
     _, where_max = scales.abs().max(-1, keepdim=True)  # the first largest |scale|, with its sign
     max_scale = scales.gather(-1, where_max)
@@ -660,6 +661,10 @@ def _sub_blocks(blocks: Tensor, fmt: Format) -> Tensor:
 def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -> Tensor:
     """``quantize(blocks, fmt, fit(blocks, fmt))`` without spreading the sub-block parameters over the elements
     (the same values: each element meets the same operands). [R, nb, B] float32 -> the same shape."""
+    if use_native and fmt.name in native.LEGACY_KINDS:
+        y = native.ggml_legacy(blocks, fmt.name)  # None without the kernel, or for a scale fp16 cannot hold
+        if y is not None:
+            return y
     t = _TYPES[fmt.name]
     p = t.fit(blocks, fmt, use_native and native.available())
     xs = _sub_blocks(blocks, fmt)
