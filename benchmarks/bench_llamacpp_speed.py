@@ -97,7 +97,11 @@ def render_model(model: str, results: dict) -> list[str]:
     skipped = [f"- {name}: not one uniform recipe on this model ({why.rpartition(' | ')[2] or why})"
                for name, why in results.get("skipped", {}).items()]  # the error line, not a progress bar before it
     met = "**met**" if results.get("rows") and worst <= TARGET else "**not met**"
-    return [*rows, *([""] + skipped if skipped else []), "",
+    floor = results.get("startup_seconds")
+    floor_line = ([f"Python importing torch and safetensors took {floor:.1f} s in the same run: every project row "
+                   "pays it before it reads the model, and then writes a float32 checkpoint (4 bytes a weight, "
+                   "where llama-quantize writes its 0.5-1 byte GGUF blocks).", ""] if floor is not None else [])
+    return [*rows, *([""] + skipped if skipped else []), "", *floor_line,
             f"Target: every type and mix within {TARGET:.0f}x of llama-quantize: {met} (worst {worst:.1f}x).", ""]
 
 
@@ -108,8 +112,9 @@ def render(results: dict) -> str:
         "One thread each, the two commands of a row back to back. Each is a whole process under `/usr/bin/time -v`: "
         "llama-quantize from the F32 GGUF (`--pure` for a type, the embedding and head in F16), `quantpredict "
         "quantize --method rtn` from the float32 HF checkpoint (start Python and torch, load, quantize every linear "
-        "layer, save float32 safetensors). Types whose 256-element super-blocks do not tile a row fall back alike "
-        "on both sides (llama.cpp's rule).",
+        "layer, save float32 safetensors; for llama-layout checkpoints straight from the files, without building "
+        "the model: `quantpredict.checkpoint_rtn`). Types whose 256-element super-blocks do not tile a row fall "
+        "back alike on both sides (llama.cpp's rule).",
         "",
         *[line for model, r in results.items() for line in render_model(model, r)],
     ])
@@ -134,6 +139,10 @@ def main() -> int:
     if "rows" in everything:  # the first layout: one model's results
         everything = {everything["_meta"]["model"]: everything}
     results: dict = {"rows": {}, "skipped": {}}
+    # the project's floor: a Python that has imported torch and safetensors, before it reads a byte of the model
+    floor = timed([sys.executable, "-c", "import torch, safetensors.torch"],
+                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results["startup_seconds"] = floor["seconds"]
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-speed-") as tmp:
         for name in [t for t in args.types.split(",") if t]:
             is_mix = name in MIXES
