@@ -3,8 +3,9 @@
 Imports run one way, lowest first; a module imports its own layer or those below, never one above (lazy,
 in-function imports included), and no two modules import each other (``tests/test_layering.py`` checks all three):
 
-1. ``errors``, ``version``, ``threads``, ``files``: the user-facing exception types; the package and run-key
-   versions; torch's thread count for one call; output paths checked before any work, files written with the umask;
+1. ``errors``, ``version``, ``threads``, ``files``, ``lazy``: the user-facing exception types; the package and
+   run-key versions; torch's thread count for one call; output paths checked before any work, files written with
+   the umask; packages that import a name's module on first use;
 2. ``schema``, ``memory``, ``claims``, ``style``: torch-free utilities (feature names, memory budgets, verdict
    helpers, the figure look);
 3. ``formats``, ``arch``, ``data``, ``lmhead``: number formats, model architectures, text and windows;

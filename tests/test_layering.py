@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "quantpredict"
 
 #: Lowest first. Top-level modules and sub-packages alike; a module may import its own layer or any below.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "version", "threads", "files"),
+    ("errors", "version", "threads", "files", "lazy"),
     ("schema", "memory", "claims", "style"),  # torch-free utilities, no quantpredict imports but errors
     ("formats", "arch", "data", "lmhead"),
     ("recipe", "mixes"),  # the Recipe and llama.cpp's named mixes: formats + arch, no torch at import

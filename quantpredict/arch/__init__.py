@@ -23,8 +23,9 @@ checkpoint-only RTN path, :mod:`quantpredict.quantize.direct`, needs).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from quantpredict.lazy import lazy_exports
 
 #: every public name of the package -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -42,25 +43,11 @@ _EXPORTS: dict[str, str] = {
                      "architecture_table"), "table"),
 }
 #: the tests' old names: arch._ADAPTERS is table.ADAPTERS, arch._get is table.module_at
-_ALIASES = {"_ADAPTERS": ("table", "ADAPTERS"), "_get": ("table", "module_at")}
+_ALIASES = {"_ADAPTERS": (f"{__name__}.table", "ADAPTERS"), "_get": (f"{__name__}.table", "module_at")}
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        module, attr = _EXPORTS[name], name
-    elif name in _ALIASES:
-        module, attr = _ALIASES[name]
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
-    globals()[name] = value  # the next lookup is a plain module attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, {**{k: f"{__name__}.{v}" for k, v in _EXPORTS.items()}, **_ALIASES})
 
 
 if TYPE_CHECKING:  # what type checkers and editors see: the eager imports the lazy table stands for

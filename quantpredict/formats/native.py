@@ -291,6 +291,27 @@ void qp_kx2(const float* x, int64_t nsub, int nmax, float rmin, float rdelta, in
     }
 }
 
+/* The sub-blocks s0 .. s0 + LANES of x [nsub, 16], position-major (xs[i][lane]; zeros past the last, whose lanes
+   are never stored), with the reference's weights w = x*x and w*x, and each lane's first largest |x| (amax) with
+   its sign (big), as the C loop's strict '>' finds it. */
+static inline void load_sub16(const float* x, int64_t s0, int64_t lanes, float xs[16][LANES], float w[16][LANES],
+                              float wx[16][LANES], float amax[LANES], float big[LANES]) {
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < LANES; j++) {
+            xs[i][j] = j < lanes ? x[(s0 + j) * 16 + i] : 0.0f;
+            w[i][j] = xs[i][j] * xs[i][j];
+            wx[i][j] = w[i][j] * xs[i][j];
+        }
+    for (int j = 0; j < LANES; j++) { amax[j] = 0.0f; big[j] = 0.0f; }
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < LANES; j++) {
+            const float ax = fabsf(xs[i][j]);
+            const int gt = ax > amax[j];
+            big[j] = gt ? xs[i][j] : big[j];
+            amax[j] = gt ? ax : amax[j];
+        }
+}
+
 /* make_qx_quants(16, 32, x, L, 1, NULL). x: [nsub, 16]; scales [nsub]; codes [nsub, 16] (L - 32, as floats) */
 void qp_qx(const float* x, int64_t nsub, float* scales, float* codes) {
     const int nmax = 32;
@@ -298,20 +319,7 @@ void qp_qx(const float* x, int64_t nsub, float* scales, float* codes) {
         const int64_t lanes = nsub - s0 < LANES ? nsub - s0 : LANES;
         float xs[16][LANES], w[16][LANES], wx[16][LANES], best_l[16][LANES];
         float amax[LANES], big[LANES], scale[LANES], best[LANES];
-        for (int i = 0; i < 16; i++)
-            for (int j = 0; j < LANES; j++) {
-                xs[i][j] = j < lanes ? x[(s0 + j) * 16 + i] : 0.0f;
-                w[i][j] = xs[i][j] * xs[i][j];
-                wx[i][j] = w[i][j] * xs[i][j];
-            }
-        for (int j = 0; j < LANES; j++) { amax[j] = 0.0f; big[j] = 0.0f; }
-        for (int i = 0; i < 16; i++)
-            for (int j = 0; j < LANES; j++) {
-                const float ax = fabsf(xs[i][j]);
-                const int gt = ax > amax[j];
-                big[j] = gt ? xs[i][j] : big[j];
-                amax[j] = gt ? ax : amax[j];
-            }
+        load_sub16(x, s0, lanes, xs, w, wx, amax, big);
         for (int step = -10; step <= 9; ++step) {  /* -10 stands for the initial attempt (is = 0) */
             if (step == 0) continue;
             const int is = step == -10 ? 0 : step;
@@ -363,20 +371,7 @@ void qp_q3(const float* x, int64_t nsub, float* scales, float* codes) {
         const int64_t lanes = nsub - s0 < LANES ? nsub - s0 : LANES;
         float xs[16][LANES], w[16][LANES], wx[16][LANES], lv[16][LANES];
         float amax[LANES], big[LANES], sumlx[LANES], suml2[LANES], iscale[LANES];
-        for (int i = 0; i < 16; i++)
-            for (int j = 0; j < LANES; j++) {
-                xs[i][j] = j < lanes ? x[(s0 + j) * 16 + i] : 0.0f;
-                w[i][j] = xs[i][j] * xs[i][j];
-                wx[i][j] = w[i][j] * xs[i][j];
-            }
-        for (int j = 0; j < LANES; j++) { amax[j] = 0.0f; big[j] = 0.0f; }
-        for (int i = 0; i < 16; i++)
-            for (int j = 0; j < LANES; j++) {
-                const float ax = fabsf(xs[i][j]);
-                const int gt = ax > amax[j];
-                big[j] = gt ? xs[i][j] : big[j];
-                amax[j] = gt ? ax : amax[j];
-            }
+        load_sub16(x, s0, lanes, xs, w, wx, amax, big);
         for (int j = 0; j < LANES; j++) { iscale[j] = -4.0f / big[j]; sumlx[j] = 0.0f; suml2[j] = 0.0f; }
         for (int i = 0; i < 16; i++)
             for (int j = 0; j < LANES; j++) {
