@@ -35,6 +35,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from quantpredict.recipe import Recipe
@@ -68,14 +69,14 @@ class CheckpointLinear:
 class CheckpointPlan:
     """What the direct path needs of a model directory, from its config and safetensors headers alone.
 
-    ``linears``: every linear layer in ``arch.linear_layers`` order; ``tensors``: every stored tensor's key -> its
-    file; ``total_params``: the model's parameter count (a tied head counted once, as ``model.parameters()``
+    ``linears``: every linear layer in ``arch.linear_layers`` order; ``files``: the safetensors files;
+    ``total_params``: the model's parameter count (a tied head counted once, as ``model.parameters()``
     does); ``n_gqa``: attention heads per key/value head."""
 
     path: Path
     family: str
     linears: tuple[CheckpointLinear, ...]
-    tensors: dict[str, Path]
+    files: tuple[Path, ...]
     total_params: int
     n_gqa: int
 
@@ -128,9 +129,7 @@ def direct_plan(path: str | Path) -> CheckpointPlan | str:
     files = weight_files(path)
     if any(f.suffix != ".safetensors" for f in files):
         return "the weights are not safetensors"
-    headers = {f: safetensors_header(f) for f in files}
-    tensors = {k: f for f, h in headers.items() for k in h}
-    info = {k: h[k] for h in headers.values() for k in h}
+    info = {k: v for f in files for k, v in safetensors_header(f).items()}
     want = config.get("dtype") or config.get("torch_dtype") or "float32"
     want = _SAFETENSORS_DTYPES.get(str(want))
     if want is None:
@@ -159,15 +158,8 @@ def direct_plan(path: str | Path) -> CheckpointPlan | str:
             out_f, in_f = (int(x) for x in info[key]["shape"])
             linears.append(CheckpointLinear(f"{ad.blocks}.{i}.{sub}", sub, key, i, out_f, in_f))
     total = sum(math.prod(int(x) for x in t["shape"]) for t in info.values())
-    n_gqa = gqa_ratio(_ConfigHolder(config))
-    return CheckpointPlan(path, ad.family, tuple(linears), tensors, total, n_gqa)
-
-
-class _ConfigHolder:
-    """What ``mixes.gqa_ratio`` reads of a model (``model.config.<attribute>``), from config.json's dict."""
-
-    def __init__(self, config: dict[str, Any]):
-        self.config = type("Config", (), dict(config))()
+    n_gqa = gqa_ratio(SimpleNamespace(config=SimpleNamespace(**config)))  # it reads model.config.<attribute>
+    return CheckpointPlan(path, ad.family, tuple(linears), tuple(files), total, n_gqa)
 
 
 def resolve_recipe(plan: CheckpointPlan, recipe: Recipe, mix: str | None) -> Recipe:
@@ -208,7 +200,7 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
     t_start = time.perf_counter()
     formats = recipe.layer_formats_for([q.name for q in plan.linears])  # a per-layer list of the wrong length fails
     tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(set(plan.tensors.values())):
+    for f in plan.files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
                 tensors[key] = fh.get_tensor(key)

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
         raise RecipeError("--block-size does not apply to --mix: llama.cpp's layouts fix their blocks")
     options.check_texts(args)
-    options.check_model(args.model)  # every input and output checked before the weights load
+    model_dir = options.check_model(args.model)  # every input and output checked before the weights load
     options.check_out(args.out, "--out", kind="dir")
     imatrix_label = None
     if args.imatrix is not None:
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.mix:
             check_imatrix_recipe(recipe)  # GPTQ (the default method) and non-llama.cpp formats: before the load
         imatrix_label = load_imatrix(args.imatrix)[1]  # a missing or malformed file, before the weights load
-    direct = _quantize_from_files(args, recipe)
+    direct = _quantize_from_files(args, recipe, model_dir)
     if direct is not None:
         return _print_report(args, *direct)
     from quantpredict.models import load
@@ -116,16 +116,15 @@ def run(args: argparse.Namespace) -> int:
     return _print_report(args, report, out)
 
 
-def _quantize_from_files(args: argparse.Namespace, recipe):
+def _quantize_from_files(args: argparse.Namespace, recipe, model_dir):
     """``(report, out)`` of plain RTN done from the checkpoint's files alone (:mod:`quantpredict.checkpoint_rtn`:
     the model path's result, without building the model), or ``None`` where the recipe or checkpoint needs the
-    model path (``--debug`` says why)."""
+    model path (``--debug`` says why). ``model_dir``: the checked model directory."""
     from quantpredict import checkpoint_rtn
-    from quantpredict.models import check_model_dir
 
     why = checkpoint_rtn.recipe_problem(recipe, mix=args.mix, output_errors=args.output_errors,
                                         imatrix=args.imatrix)
-    plan = checkpoint_rtn.direct_plan(check_model_dir(args.model)) if why is None else why
+    plan = checkpoint_rtn.direct_plan(model_dir) if why is None else why
     if isinstance(plan, str):
         if getattr(args, "debug", False):
             print(f"note: quantizing through the built model: {plan}", file=sys.stderr)
