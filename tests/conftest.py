@@ -75,6 +75,16 @@ def any_family(request):
 
 
 @pytest.fixture
+def float32_prices(monkeypatch):
+    """The token-wise price's products in float32 on any CPU (``features.fisher.price_dtype``), for the tests that
+    compare a price with a float64 hand computation to float32's precision; the bfloat16 products that CPUs with
+    native bfloat16 get by default are checked against their own error bound (tests/test_price_dtype.py)."""
+    from quantpredict.features import fisher
+
+    monkeypatch.setattr(fisher, "price_dtype", lambda device_type="cpu": torch.float32)
+
+
+@pytest.fixture
 def token_windows():
     g = torch.Generator().manual_seed(0)
     return torch.randint(3, VOCAB, (6, 24), generator=g)

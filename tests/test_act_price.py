@@ -26,7 +26,7 @@ def _layer(seed=0, out=6, inp=64, T=40):
     return w, x, s, scale
 
 
-def test_act_quadratic_equals_a_float64_hand_computation():
+def test_act_quadratic_equals_a_float64_hand_computation(float32_prices):
     w, x, s, scale = _layer()
     w_q, delta = act_price.smoothed_quantized(w, scale, ("int4", None), "rtn", None)
     total, weight, act = act_price.act_quadratic(w_q, delta, x, s, scale, "mxint8", 32)

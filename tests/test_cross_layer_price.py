@@ -41,7 +41,7 @@ def _float64_cross(prof, refs, deltas, act=None):
     return 0.5 * float(total.pow(2).sum()) / total.shape[0]
 
 
-def test_cross_layer_price_equals_a_float64_sum_over_layers():
+def test_cross_layer_price_equals_a_float64_sum_over_layers(float32_prices):
     _, prof, refs, _, deltas = _setup()
     feats = price_deltas(prof, [r.name for r in refs], deltas, kfac=False)
     assert feats["token_cross_quad"] == pytest.approx(_float64_cross(prof, refs, deltas), rel=1e-5)
@@ -57,7 +57,7 @@ def test_one_layer_has_no_cross_terms():
     assert cross_layer_quadratic(torch.zeros(5, dtype=torch.float64), 5) == 0.0
 
 
-def test_weight_activation_path_gives_the_same_cross_price_and_adds_the_activation_terms():
+def test_weight_activation_path_gives_the_same_cross_price_and_adds_the_activation_terms(float32_prices):
     model, prof, refs, formats, deltas = _setup(("mxint4", 32))
     want = price_deltas(prof, [r.name for r in refs], deltas, kfac=False)
     got = act_price.price_act_recipe(model, prof, refs, formats, "rtn", act_format=None, act_block=None,

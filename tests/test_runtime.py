@@ -132,7 +132,7 @@ def test_install_runtime_act_hooks_and_removes(mp):
         assert torch.equal(model(input_ids=ids).logits, before)  # bit for bit
 
 
-def test_runtime_price_adds_the_activation_term(mp):
+def test_runtime_price_adds_the_activation_term(mp, float32_prices):
     from quantpredict.features.act_price import act_quadratic
     from quantpredict.predict.rank import fp_reference_of, price, recipe_row
     from quantpredict.predict.shipped import PROFILE_PREDICTOR_DIR, resolve_predictor

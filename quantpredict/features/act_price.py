@@ -67,37 +67,40 @@ def smoothing_scales_of(model: nn.Module, token_inputs: Mapping[str, torch.Tenso
 
 def act_quadratic(w_q: torch.Tensor, delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor,
                   scale: torch.Tensor | None, act_format: str | None, act_block: int | None,
-                  chunk: int = 512, positions: int | None = None,
-                  into: torch.Tensor | None = None) -> tuple[float, float, float]:
+                  chunk: int = 512, positions: int | None = None, into: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> tuple[float, float, float]:
     """``(total, weight part, activation part)`` of one layer's token-wise price, each ``0.5 / T sum_t (s_t^T v_t)^2``:
     ``v = W'_q (A(x') - x') + dW' x'`` (total), ``dW' x'`` (weight part), ``W'_q (A(x') - x')`` (activation part).
 
     ``w_q`` ``[out, in]``: the quantized (smoothed) weight ``W'_q``; ``delta`` ``[out, in]``: ``W'_q - W'``;
     ``x`` ``[T, in]`` the FP inputs, ``s`` ``[T, out]`` the sampled output gradients; ``scale`` ``[in]`` SmoothQuant's
-    ``s`` (``None``: 1); ``act_format`` ``None``: no activation quantization (then total = weight part). Float32
-    chunks, float64 sums. ``positions``: the denominator ``T`` (default ``x``'s rows;
-    :meth:`~quantpredict.features.fisher.SensitivityProfile.positions` for a profile that scores part of each
-    window). ``into`` ``[T]`` float64: each token's total term ``s_t^T v_t`` is added to it (the cross-layer sum of
-    :func:`~quantpredict.features.fisher.cross_layer_quadratic`)."""
+    ``s`` (``None``: 1); ``act_format`` ``None``: no activation quantization (then total = weight part). Chunks of
+    :func:`~quantpredict.features.fisher.token_terms` (products in ``dtype``, default
+    :func:`~quantpredict.features.fisher.price_dtype`), float64 sums. ``positions``: the denominator ``T``
+    (default ``x``'s rows; :meth:`~quantpredict.features.fisher.SensitivityProfile.positions` for a profile that
+    scores part of each window). ``into`` ``[T]`` float64: each token's total term ``s_t^T v_t`` is added to it (the
+    cross-layer sum of :func:`~quantpredict.features.fisher.cross_layer_quadratic`)."""
+    from quantpredict.features.fisher import price_dtype, token_terms
     from quantpredict.formats import fake_quantize
 
-    wq, d = w_q.float(), delta.float()
+    dtype = price_dtype(delta.device.type) if dtype is None else dtype
+    wq, d = w_q.to(dtype), delta.to(dtype)
     inv = None if scale is None else (1.0 / scale).float()
     sums = [0.0, 0.0, 0.0]
     for lo in range(0, x.shape[0], chunk):
         xs = x[lo: lo + chunk].float()
         if inv is not None:
             xs = xs * inv
-        g = s[lo: lo + chunk].float()
-        vw = ((g @ d) * xs).sum(1)
+        g = s[lo: lo + chunk]
+        vw = token_terms(g, d, xs, dtype)
         va = torch.zeros_like(vw)
         if act_format is not None:
             err = fake_quantize(xs, act_format, axis=-1, block_size=act_block) - xs
-            va = ((g @ wq) * err).sum(1)
+            va = token_terms(g, wq, err, dtype)
         for k, v in enumerate((vw + va, vw, va)):
-            sums[k] += float(v.double().pow(2).sum())
+            sums[k] += float(v.pow(2).sum())
         if into is not None:
-            into[lo: lo + chunk] += (vw + va).double()
+            into[lo: lo + chunk] += vw + va
     n = max(x.shape[0] if positions is None else positions, 1)
     return 0.5 * sums[0] / n, 0.5 * sums[1] / n, 0.5 * sums[2] / n
 

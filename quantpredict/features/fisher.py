@@ -24,6 +24,7 @@ Two ways to get it, at two costs:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -326,18 +327,49 @@ def kfac_quadratic(delta: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> tup
     return 0.5 * full, 0.5 * diag
 
 
+@functools.cache
+def price_dtype(device_type: str = "cpu") -> torch.dtype:
+    """The dtype of the token-wise price's matrix products (:func:`token_terms`): bfloat16 where the hardware
+    multiplies it natively (a CUDA device; a CPU with AVX512_BF16 or AMX-BF16, by
+    :func:`torch.cpu.get_capabilities`), else float32.
+
+    The profile stores its per-token inputs and output gradients in bfloat16 already, so the only roundings the
+    bfloat16 product adds are the weight change's and the product's own (2^-9 relative each, independent from
+    element to element): on SmolLM2's layers the price moves by 1-5e-4 relative, against the predictor's ~8%
+    scatter, and the product runs 2.1x faster (one AVX-512 core of an AMD EPYC: 93 -> 209 GFLOP/s). Without native
+    support a bfloat16 product is emulated and slower than float32, hence the check."""
+    if device_type == "cuda":
+        return torch.bfloat16
+    if device_type != "cpu":
+        return torch.float32
+    caps = torch.cpu.get_capabilities()
+    return torch.bfloat16 if caps.get("avx512_bf16") or caps.get("amx_bf16") else torch.float32
+
+
+def token_terms(s: torch.Tensor, d: torch.Tensor, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``[T]`` float64: each token's ``s_t^T d x_t`` for ``s`` ``[T, out]``, ``d`` ``[out, in]``, ``x`` ``[T, in]``.
+
+    The product ``s d`` is taken in ``dtype`` (default :func:`price_dtype` of ``d``'s device), its dot with ``x`` in
+    float32, the result returned in float64. Pass ``d`` already in ``dtype`` to round it once per layer rather than
+    once per chunk."""
+    dtype = price_dtype(d.device.type) if dtype is None else dtype
+    return ((s.to(dtype) @ d.to(dtype)).float() * x.float()).sum(1).double()
+
+
 def token_quadratic(delta: torch.Tensor, x: torch.Tensor, s: torch.Tensor, tokens: int,
-                    chunk: int = 512, into: torch.Tensor | None = None) -> float:
+                    chunk: int = 512, into: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> float:
     """``0.5 / T sum_t (s_t^T dW x_t)^2`` for ``dW`` ``[out, in]``, per-token inputs ``x`` ``[T, in]`` and sampled
     output gradients ``s`` ``[T, out]``: the layer's Gauss-Newton quadratic exact in every token's own input and
-    gradient (only the cross-position terms are dropped), in float32 chunks with a float64 sum.
+    gradient (only the cross-position terms are dropped), in chunks of :func:`token_terms` (products in ``dtype``,
+    default :func:`price_dtype`) with a float64 sum.
 
     ``into`` ``[T]`` float64: each token's term ``s_t^T dW x_t`` is added to it, for the sum over layers at one
     position that :func:`cross_layer_quadratic` squares."""
-    d = delta.float()
+    dtype = price_dtype(delta.device.type) if dtype is None else dtype
+    d = delta.to(dtype)
     total = 0.0
     for lo in range(0, x.shape[0], chunk):
-        v = ((s[lo: lo + chunk].float() @ d) * x[lo: lo + chunk].float()).sum(1).double()
+        v = token_terms(s[lo: lo + chunk], d, x[lo: lo + chunk], dtype)
         total += float(v.pow(2).sum())
         if into is not None:
             into[lo: lo + chunk] += v
