@@ -14,8 +14,8 @@ in-function imports included), and no two modules import each other (``tests/tes
    per-layer weights, computed on calibration text);
 6. ``quantize``, ``evaluate``, ``runtime``: post-training quantization, perplexity / KLD comparison, and a
    runtime's own activation rounding (llama.cpp's CPU backend);
-7. ``features``, ``models``, ``qat``, ``attention``: predictor features, model loading and the zoo, QAT (the
-   method), attention arithmetic;
+7. ``features``, ``models``, ``qat``, ``attention``, ``safetensors_stream``: predictor features, model loading and
+   the zoo, QAT (the method), attention arithmetic, safetensors files mapped and written one tensor at a time;
 8. ``runs``: the run store and sweeps (QAT only through the Recipe and ``runs.execute.PROCEDURES``); ``export``: a
    model under an RTN recipe of llama.cpp types as a GGUF file; ``checkpoint_rtn``: data-free RTN of a checkpoint's
    files without building the model (no transformers);

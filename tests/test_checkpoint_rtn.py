@@ -178,3 +178,35 @@ def test_a_failed_direct_quantization_leaves_no_folder(tmp_path, tokenizer, caps
     assert main(["quantize", str(src), "--format", "q2_k", "--method", "rtn", "--out", str(out)]) == 2
     assert "multiple of 256" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("out.partial-*"))
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_one_pass_types_round_and_measure_in_one_kernel_pass(fmt, tmp_path, tokenizer, monkeypatch):
+    """The one-pass llama.cpp types take the C kernel that rounds and sums in one pass, into one reused buffer, and
+    the result (weights and report, relative errors included) is still the model path's bit for bit."""
+    from quantpredict.formats import native
+
+    if not native.available():
+        pytest.skip("no C compiler: every type takes rtn_quantize")
+    calls = []
+    fused = native.ggml_legacy_with_sums
+    monkeypatch.setattr(native, "ggml_legacy_with_sums", lambda *a, **k: calls.append(a[1]) or fused(*a, **k))
+    src = _save(build("qwen2"), tmp_path / "src", tokenizer)
+    recipe = Recipe(weight_format=fmt, method="rtn")
+    direct = _direct_path(src, recipe, tmp_path / "direct")
+    assert calls and set(calls) == {fmt}
+    _assert_same_result(_model_path(src, recipe, tmp_path / "model"), direct)
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.mlp.down_proj.weight", "model.norm.weight"])
+@pytest.mark.parametrize("fmt", ["q4_0", "mxint4"])
+def test_a_nan_weight_is_the_model_error_that_names_it_and_leaves_no_folder(key, fmt, tmp_path, tokenizer, capsys):
+    """Checked as each tensor streams by (a linear weight of a one-pass type inside the kernel's pass): the same
+    error as the model path's check before any work, and the staged folder goes."""
+    src = _save(build("llama"), tmp_path / "src", tokenizer)
+    _edit_checkpoint(src, lambda t: t[key].view(-1).__setitem__(5, float("nan")))
+    out = tmp_path / "out"
+    assert main(["quantize", str(src), "--format", fmt, "--method", "rtn", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "NaN/Inf" in err
+    assert not out.exists() and not list(tmp_path.glob("out.partial-*"))

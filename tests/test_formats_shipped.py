@@ -567,6 +567,53 @@ def test_native_one_pass_types_match_torch_across_the_fp16_range(fmt, monkeypatc
             fake_quantize(torch.full((1, 32), big), fmt)
 
 
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is the only path")
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0"])
+def test_native_one_pass_reductions_keep_the_scans_element(fmt, monkeypatch):
+    """The C kernel reduces each block's max |x|, min and max in 16 lanes and takes the element back from a scan
+    (which matters for Q4_0/Q5_0's signed largest element and Q4_1/Q5_1's signed-zero min and max): blocks whose
+    largest magnitude comes as +a and -a in either order, several times, and blocks of non-negative or non-positive
+    values with zeros of both signs, bit for bit against the torch path's sequential semantics."""
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for i in range(64):
+        b = torch.randn(32, generator=g) * 0.5
+        a = 2.0 + i / 64
+        idx = torch.randperm(32, generator=g)[:4]
+        b[idx] = torch.tensor([a, -a, a, -a]) * (1 if i % 2 else -1)  # ties of the largest magnitude, both signs
+        rows.append(b)
+        z = torch.rand(32, generator=g)
+        zidx = torch.randperm(32, generator=g)[:6]
+        z[zidx] = torch.tensor([0.0, -0.0, 0.0, -0.0, -0.0, 0.0]) if i % 2 else torch.tensor([-0.0, 0.0] * 3)
+        rows += [z, -z]  # min (or max) is a zero: which sign the scan keeps shows in Q4_1/Q5_1's stored min
+    rows += [torch.full((32,), -0.0), torch.tensor([-0.0, 0.0] * 16), torch.tensor([0.0, -0.0] * 16)]
+    x = torch.stack(rows)
+    got = fake_quantize(x, fmt)
+    monkeypatch.setenv("QUANTPREDICT_FORMATS_BACKEND", "torch")
+    assert not native.available()
+    assert_bits_equal(got, fake_quantize(x, fmt).numpy(), f"{fmt} native vs torch")
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is the only path")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_pass_with_sums_is_the_kernel_and_squared_sums_bit_for_bit(threads):
+    """``ggml_legacy_with_sums`` (round, then both squared sums in the same pass, into a reused buffer) gives the
+    rounding of ``fake_quantize`` and the sums of ``squared_sums`` exactly, over several threads' chunks."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 1024, generator=g) * 0.05  # 307 200 elements: 75 chunks of 4096
+    buf = torch.full((400 * 1024,), float("nan"))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for fmt in native.LEGACY_KINDS:
+            y, sx, sd = native.ggml_legacy_with_sums(x, fmt, out=buf)
+            assert y.data_ptr() == buf.data_ptr() and y.shape == x.shape
+            assert_bits_equal(y, fake_quantize(x, fmt).numpy(), f"{fmt} with sums")
+            assert (sx, sd) == native.squared_sums(x, y)
+    finally:
+        torch.set_num_threads(saved)
+
+
 # --------------------------------------------------------------------------------- gguf byte layouts
 
 

@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("recipe", "mixes"),  # the Recipe and llama.cpp's named mixes: formats + arch, no torch at import
     ("gguf_names", "imatrix"),  # llama.cpp's tensor names of a model, its importance-matrix files and computation
     ("quantize", "evaluate", "runtime"),  # runtime: a runtime's activation rounding, as quantize.act hooks
-    ("features", "models", "qat", "attention"),
+    ("features", "models", "qat", "attention", "safetensors_stream"),  # safetensors_stream: models.checks' header
     ("runs", "export", "checkpoint_rtn"),  # export: a model as a GGUF file (models, quantize.plan, formats.ggml);
     # checkpoint_rtn: data-free RTN from a checkpoint's files (models.checks, quantize.rtn, mixes), no model built
     ("predict",),

@@ -1,6 +1,7 @@
 """quantize_model, SmoothQuant on real blocks, activation fake-quant, Hessian capture, save/load and the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -376,3 +377,31 @@ def test_layer_norm_is_float64_accurate():
     assert _norm(x) == pytest.approx(float(x.double().norm()), rel=1e-9)
     assert _norm(x[0]) == pytest.approx(float(x[0].double().norm()), rel=1e-6)
     assert _norm(x.bfloat16()) == pytest.approx(float(x.bfloat16().double().norm()), rel=1e-6)
+
+
+def test_relative_error_kernel_matches_float64():
+    """The C kernel's ``relative_error`` (float32 CPU tensors: squares and sums in float64, the difference in float32
+    as the torch path takes it) equals the float64 computation of the same float32 difference to float64's summation
+    error (n 2^-53 relative, ~1e-10 here), with one and with two threads, and a NaN weight gives a non-finite sum."""
+    from quantpredict.formats import native
+    from quantpredict.quantize.rtn import relative_error, rtn_quantize
+
+    if not native.available():
+        pytest.skip("no C compiler: relative_error takes the torch path, tested above")
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, 777, generator=g) * 0.02  # 777 000 elements: not a multiple of 8 or of a chunk
+    q = rtn_quantize(w, "int4")
+    want = float((q - w).double().norm() / w.double().norm())
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert relative_error(w, q) == pytest.approx(want, rel=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = native.squared_sums(w)
+    assert a == pytest.approx(float(w.double().pow(2).sum()), rel=1e-10) and b == 0.0
+    bad = w.clone()
+    bad[3, 5] = float("nan")
+    assert not math.isfinite(native.squared_sums(bad)[0])
+    assert native.squared_sums(w.double()) is None  # another dtype: the caller's torch path

@@ -40,33 +40,18 @@ class CorruptMomentsError(ValueError):
     """A moments directory that is missing, partial or unreadable (the caller measures again)."""
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                       torch.bool: "BOOL"}
-
-
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> int:
-    """Write ``tensors`` (CPU) as a safetensors file, streaming each tensor's bytes from its own storage:
-    ``safetensors.torch.save_file`` first copies every tensor into a bytes object, doubling the peak (a 1.5B
-    Qwen2 block's moments are 349 MB). Returns the file's size."""
-    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    items = [(k, v.detach().contiguous()) for k, v in tensors.items()]
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(path, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little"))
-        fh.write(raw)
-        for _, t in items:
-            if t.numel():
-                fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return 8 + len(raw) + offset
+    """Write ``tensors`` (CPU) as a safetensors file, streaming each tensor's bytes from its own storage
+    (:func:`quantpredict.safetensors_stream.write_streamed`): ``safetensors.torch.save_file`` first copies every
+    tensor into a bytes object, doubling the peak (a 1.5B Qwen2 block's moments are 349 MB). Returns the file's
+    size."""
+    from quantpredict.safetensors_stream import SAFETENSORS_DTYPES, TensorSpec, file_order, write_streamed
+
+    items = {k: v.detach().contiguous() for k, v in tensors.items()}
+    specs = {k: TensorSpec(SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for k, t in items.items()}
+    write_streamed(path, specs, ((k, items[k]) for k in file_order(specs)), metadata)
+    return os.path.getsize(path)
 
 
 def _at_least_float32(z: torch.Tensor) -> torch.Tensor:

@@ -137,6 +137,9 @@ def _fit_sym(half: int):
     def fit_(blocks: Tensor, fmt: Format) -> dict[str, Tensor]:
         where = blocks.abs().argmax(-1, keepdim=True)  # the first largest |x|, as the C loop's strict '<'
         big = blocks.gather(-1, where)
+        # a block of zeros: the C loop never updates its initial max = +0 (argmax would give its first zero, maybe
+        # -0: d = +0 where llama.cpp stores -0)
+        big = torch.where(big == 0, torch.zeros_like(big), big)
         d = big / float(-half)
         inv = torch.where(d != 0, rdiv(1.0, d), torch.zeros_like(d))
         return {"inv": inv, "d": to_fp16(d, f"block scale (max / -{half})", fmt.name)}
