@@ -111,9 +111,9 @@ def render(results: dict) -> str:
         "",
         "One thread each, the two commands of a row back to back. Each is a whole process under `/usr/bin/time -v`: "
         "llama-quantize from the F32 GGUF (`--pure` for a type, the embedding and head in F16), `quantpredict "
-        "quantize --method rtn` from the float32 HF checkpoint (start Python and torch, load, quantize every linear "
-        "layer, save float32 safetensors; for llama-layout checkpoints straight from the files, without building "
-        "the model: `quantpredict.checkpoint_rtn`). Types whose 256-element super-blocks do not tile a row fall "
+        "quantize --method rtn` from the float32 HF checkpoint (start Python and torch, read, quantize every linear "
+        "layer, write float32 safetensors; for llama-layout checkpoints straight from the files, mapped and written "
+        "tensor by tensor, without building the model: `quantpredict.checkpoint_rtn`). Types whose 256-element super-blocks do not tile a row fall "
         "back alike on both sides (llama.cpp's rule).",
         "",
         *[line for model, r in results.items() for line in render_model(model, r)],
