@@ -94,6 +94,13 @@ def render_model(model: str, results: dict) -> list[str]:
         rows.append(f"| {name} | `{r['project']['recipe']}` | {r['llama']['seconds']:.1f} | "
                     f"{r['project']['seconds']:.1f} | {ratio:.1f}x | {r['project']['quantize_seconds']:.1f} | "
                     f"{r['llama']['peak_rss_bytes'] / 2**30:.2f} | {r['project']['peak_rss_bytes'] / 2**30:.2f} |")
+    earlier: dict[tuple, list[str]] = {}  # rows kept from an earlier run by --merge
+    for name, r in results.get("rows", {}).items():
+        if "measured" in r:
+            m = r["measured"]
+            earlier.setdefault((m.get("date"), m.get("load"), m.get("load_note")), []).append(name)
+    kept = [f"- {', '.join(names)}: kept from the run of {d} (load average {ld} at its end; "
+            f"{note or 'other jobs not stated'})" for (d, ld, note), names in earlier.items()]
     skipped = [f"- {name}: not one uniform recipe on this model ({why.rpartition(' | ')[2] or why})"
                for name, why in results.get("skipped", {}).items()]  # the error line, not a progress bar before it
     met = "**met**" if results.get("rows") and worst <= TARGET else "**not met**"
@@ -101,7 +108,7 @@ def render_model(model: str, results: dict) -> list[str]:
     floor_line = ([f"Python importing torch and safetensors took {floor:.1f} s in the same run: every project row "
                    "pays it before it reads the model, and then writes a float32 checkpoint (4 bytes a weight, "
                    "where llama-quantize writes its 0.5-1 byte GGUF blocks).", ""] if floor is not None else [])
-    return [*rows, *([""] + skipped if skipped else []), "", *floor_line,
+    return [*rows, *([""] + kept if kept else []), *([""] + skipped if skipped else []), "", *floor_line,
             f"Target: every type and mix within {TARGET:.0f}x of llama-quantize: {met} (worst {worst:.1f}x).", ""]
 
 
@@ -113,8 +120,8 @@ def render(results: dict) -> str:
         "llama-quantize from the F32 GGUF (`--pure` for a type, the embedding and head in F16), `quantpredict "
         "quantize --method rtn` from the float32 HF checkpoint (start Python and torch, read, quantize every linear "
         "layer, write float32 safetensors; for llama-layout checkpoints straight from the files, mapped and written "
-        "tensor by tensor, without building the model: `quantpredict.checkpoint_rtn`). Types whose 256-element super-blocks do not tile a row fall "
-        "back alike on both sides (llama.cpp's rule).",
+        "tensor by tensor, without building the model: `quantpredict.checkpoint_rtn`). Types whose 256-element "
+        "super-blocks do not tile a row fall back alike on both sides (llama.cpp's rule).",
         "",
         *[line for model, r in results.items() for line in render_model(model, r)],
     ])
@@ -127,6 +134,8 @@ def main() -> int:
     ap.add_argument("--f32", type=Path, default=None, help="the model's F32 GGUF (default: the reference's cache)")
     ap.add_argument("--load-note", default=None, help="what else ran on the machine")
     ap.add_argument("--write", action="store_true", help="write the section of reports/benchmarks.md")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the model's stored rows of the types not in --types (each row says when it ran)")
     args = ap.parse_args()
     if not ref.built():
         raise SystemExit("llama.cpp's tools are not built: make llamacpp")
@@ -139,6 +148,11 @@ def main() -> int:
     if "rows" in everything:  # the first layout: one model's results
         everything = {everything["_meta"]["model"]: everything}
     results: dict = {"rows": {}, "skipped": {}}
+    previous = everything.get(args.model, {})
+    if args.merge and previous:
+        stamp = {k: previous.get("_meta", {}).get(k) for k in ("date", "load", "load_note")}
+        results["rows"] = {k: {"measured": stamp, **v} for k, v in previous.get("rows", {}).items()}
+        results["skipped"] = dict(previous.get("skipped", {}))
     # the project's floor: a Python that has imported torch and safetensors, before it reads a byte of the model
     floor = timed([sys.executable, "-c", "import torch, safetensors.torch"],
                   env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -160,6 +174,7 @@ def main() -> int:
             llama = llama_quantize(f32, Path(tmp) / "out.gguf", ftype, pure=not is_mix)
             (Path(tmp) / "out.gguf").unlink(missing_ok=True)
             llama.pop("stdout")
+            results["skipped"].pop(name, None)
             results["rows"][name] = {"llama": llama, "project": project}
             print(f"{name:12s} llama-quantize {llama['seconds']:6.1f} s   project {project['seconds']:6.1f} s "
                   f"(quantizing {project['quantize_seconds']:.1f} s)   {project['seconds'] / llama['seconds']:.1f}x",

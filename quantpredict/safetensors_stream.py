@@ -98,7 +98,8 @@ def mapped_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``, mapped from its pages without a copy (copy-on-write: writing
     to one changes neither the file nor the others). The header is checked as
     :func:`quantpredict.models.checks.safetensors_header` checks it (a :class:`~quantpredict.errors.ModelError` for
-    a damaged file); a tensor whose offset does not align to its element size is copied instead."""
+    a damaged file); a tensor whose offset does not align to its element size is copied instead. The file is read
+    ahead of use (``madvise`` WILLNEED, where the platform has it)."""
     from quantpredict.models.checks import safetensors_header
 
     p = Path(path)
@@ -106,6 +107,11 @@ def mapped_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     with open(p, "rb") as fh:
         start = 8 + struct.unpack("<Q", fh.read(8))[0]
         buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if p.stat().st_size else None
+    if buf is not None and hasattr(mmap, "MADV_WILLNEED"):
+        # read ahead of use, as llama.cpp's own loader does (posix_madvise WILLNEED on its mapping): pages not in
+        # the page cache arrive while the caller works on the tensors before them
+        buf.madvise(mmap.MADV_SEQUENTIAL)
+        buf.madvise(mmap.MADV_WILLNEED)
     out = {}
     for name, t in table.items():
         dtype = TORCH_DTYPES[t["dtype"]]
