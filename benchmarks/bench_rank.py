@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compare-windows", type=int, default=64)
+    ap.add_argument("--load-note", default="other jobs not stated", help="what else ran on the machine")
     args = ap.parse_args(argv)
     import torch
 
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
                  else "")
     lines = [
         f"{stamp()} {args.threads} thread(s); load average {load_start} at the start and {_load_avg()} at the end "
-        "(background jobs: ratios within this run are the meaningful numbers).", "",
+        f"({args.load_note}; ratios within this run are the meaningful numbers).", "",
         f"Model `{args.model}`{real_note}. Each recipe is "
         "priced from the weights (`recipe_row`, the path `predict`, `rank` and `allocate` share); the medians are "
         "over the recipes of each class.", "",
