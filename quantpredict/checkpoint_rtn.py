@@ -5,12 +5,14 @@ Why: ``quantpredict quantize --method rtn`` spent most of its time around the ro
 (AMD EPYC, one thread) the whole command took 8 s, of which the rounding was 0.6 s: importing transformers and its
 model code took about 3 s, building the model 0.5 s and re-serializing it 0.7 s. llama-quantize does the same job
 in 2-7 s, and issue #30 asks for every type within 3x of it. This path imports neither transformers nor the model
-code (torch and safetensors only) and touches no tensor but the linear weights.
+code (torch only: the files are mapped and written by :mod:`quantpredict.safetensors_stream`) and rounds no tensor
+but the linear weights, one at a time as the output is written.
 
 **The same result as the model path, bit for bit** (``tests/test_checkpoint_rtn.py`` compares it with
 :func:`~quantpredict.quantize.model.quantize_model` + :func:`~quantpredict.quantize.model.save_quantized` per
-family): each weight is upcast to float32 and rounded by :func:`~quantpredict.quantize.rtn.rtn_quantize`, written
-back in the checkpoint's dtype; every other tensor is copied as stored; the report (per-layer relative weight
+family): each weight is upcast to float32 and rounded by :func:`~quantpredict.quantize.rtn.rtn_quantize` (the
+one-pass llama.cpp types by the same C kernel, with the relative error summed in the same pass), written back in
+the checkpoint's dtype; every other tensor is copied as stored; the report (per-layer relative weight
 error, sizes) and ``quantization.json`` are the model path's. What differs is only what transformers would
 re-serialize: ``config.json``, ``generation_config.json`` and the tokenizer files are copied as they are, not
 re-written (the same settings), and the weights go to one ``model.safetensors``.
