@@ -53,6 +53,13 @@ def kld_of(base: Path, quant: Path, *, text: Path, chunks: int, logits: Path) ->
     return float(m.group(1)), float(m.group(2))
 
 
+def _kld(x) -> str:
+    """A KLD to four decimals, or to three significant digits below 0.001 (an allocation that reproduces weights
+    already on llama.cpp's grid is priced near 0, which four decimals would print as 0.0000)."""
+    x = float("nan") if x is None else float(x)
+    return f"{x:.4f}" if not abs(x) < 1e-3 else f"{x:.3g}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -118,8 +125,7 @@ def main() -> int:
         *table, "",
         f"The allocation's predicted KLD, for the project's protocol (256-token windows, embedding and head in 16 "
         f"bits, no runtime activation rounding{', priced without the imatrix' if args.imatrix else ''}): "
-        f"{pred.get('kld', float('nan')):.4f} "
-        f"[{pred.get('kld_low', float('nan')):.4f}, {pred.get('kld_high', float('nan')):.4f}]; the allocation: "
+        f"{_kld(pred.get('kld'))} [{_kld(pred.get('kld_low'))}, {_kld(pred.get('kld_high'))}]; the allocation: "
         f"`{answer.get('recipe', '?')[:80]}{'...' if len(answer.get('recipe', '')) > 80 else ''}`.",
         f"Target (lower KLD at no more bytes): {verdict}.",
     ])
