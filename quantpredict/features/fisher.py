@@ -334,9 +334,10 @@ def price_dtype(device_type: str = "cpu") -> torch.dtype:
     :func:`torch.cpu.get_capabilities`), else float32.
 
     The profile stores its per-token inputs and output gradients in bfloat16 already, so the only roundings the
-    bfloat16 product adds are the weight change's and the product's own (2^-9 relative each, independent from
-    element to element): on SmolLM2's layers the price moves by 1-5e-4 relative, against the predictor's ~8%
-    scatter, and the product runs 2.1x faster (one AVX-512 core of an AMD EPYC: 93 -> 209 GFLOP/s). Without native
+    bfloat16 product adds are the weight change's and the product's own (bfloat16's unit roundoff 2^-8 relative
+    each, independent from element to element): on SmolLM2's recipes the price moves by 1e-4 to 9e-4 relative
+    (GPTQ's cancellation the most), against the predictor's ~8% scatter, and the product runs 2.1x faster (one
+    AVX-512 core of an AMD EPYC: 93 -> 209 GFLOP/s). Without native
     support a bfloat16 product is emulated and slower than float32, hence the check."""
     if device_type == "cuda":
         return torch.bfloat16

@@ -446,13 +446,14 @@ void qp_q3(const float* x, int64_t nsub, float* scales, float* codes) {
     }
 }
 
-/* sums[0] = sum x^2 and sums[1] = sum (y - x)^2 over x, y [n] (y may be NULL: sums[1] = 0): each difference in
-   float32, each square and sum in double, over 8 lanes (lane k takes the elements k mod 8; the lanes are added in
-   order at the end), so the result does not depend on how the compiler vectorises. */
-void qp_sq_sums(const float* x, const float* y, int64_t n, double* sums) {
-    double a[8] = {0}, b[8] = {0};
+/* lanes[k] += x^2 and lanes[8 + k] += (y - x)^2 over x, y [n] (y may be NULL), lane k taking the elements k mod 8:
+   each difference in float32, each square and sum in double, so the result does not depend on how the compiler
+   vectorises; the caller adds the lanes in order (native.py _lane_sums), as for qp_ggml_legacy's lanes. */
+void qp_sq_sums(const float* x, const float* y, int64_t n, double* lanes) {
+    double a[8], b[8];
+    for (int k = 0; k < 8; k++) { a[k] = lanes[k]; b[k] = lanes[8 + k]; }
     const int64_t whole = n - n % 8;
-    for (int64_t i = 0; i < whole; i += 8)
+    for (int64_t i = 0; i < whole; i += 8)  /* whole rows of 8 lanes: vectorised across the lanes */
         for (int k = 0; k < 8; k++) {
             const double v = x[i + k];
             a[k] += v * v;
@@ -471,13 +472,7 @@ void qp_sq_sums(const float* x, const float* y, int64_t n, double* sums) {
             b[i % 8] += d * d;
         }
     }
-    double sa = 0.0, sb = 0.0;
-    for (int k = 0; k < 8; k++) {
-        sa += a[k];
-        sb += b[k];
-    }
-    sums[0] = sa;
-    sums[1] = sb;
+    for (int k = 0; k < 8; k++) { lanes[k] = a[k]; lanes[8 + k] = b[k]; }
 }
 """
 
@@ -671,13 +666,42 @@ def ggml_legacy(blocks: Tensor, name: str) -> Tensor | None:
     return None if any(bad) else y
 
 
+def _lane_sums(call, n: int) -> tuple[float, float, bool]:
+    """``(sum x^2, sum (y - x)^2, flagged)`` of a kernel that adds into 16 lanes (``[0..7]`` x^2, ``[8..15]``
+    (y - x)^2, lane k the elements k mod 8 of its range): ``call(a, b, lanes)`` over the elements [a, b) of [0, n),
+    in chunks of multiples of 4096 (one per thread), each chunk's lanes added in order and the chunks in order, so
+    every kernel that keeps these lanes gives the same sums of the same data; ``flagged``: any call returned
+    non-zero. The sums depend on the thread count only in float64's last bits."""
+    parts: dict[int, tuple[int, list[float]]] = {}
+
+    def run(a: int, b: int) -> None:
+        lanes = (ctypes.c_double * 16)()
+        parts[a] = (call(a, b, lanes) or 0, list(lanes))
+
+    if n:
+        _run_chunks(run, n, 4096)
+    first = second = 0.0
+    flagged = False
+    for a in sorted(parts):
+        flag, lanes = parts[a]
+        flagged |= bool(flag)
+        sa = sb = 0.0
+        for k in range(8):
+            sa += lanes[k]
+            sb += lanes[8 + k]
+        first += sa
+        second += sb
+    return first, second, flagged
+
+
 def ggml_legacy_with_sums(x: Tensor, name: str, out: Tensor | None = None) -> tuple[Tensor, float, float] | None:
     """:func:`ggml_legacy` of ``x`` (float32, contiguous, ``numel`` a multiple of 32, its blocks along the last
     axis) and :func:`squared_sums` of ``x`` and the result in the same pass: ``(y, sum x^2, sum (y - x)^2)``, the
-    sums bit for bit :func:`squared_sums`'s (the same lanes and chunks). ``out``: a float32 buffer of at least
-    ``x.numel()`` elements to write ``y`` into (its first ``numel`` elements, shaped as ``x``), so that a caller
-    quantizing many layers reuses one allocation. None without the kernel or where a scale overflows fp16; a
-    non-finite first sum where ``x`` holds NaN or Inf (``y`` is then meaningless: the caller raises)."""
+    sums bit for bit :func:`squared_sums`'s (the same lanes and chunks, :func:`_lane_sums`). ``out``: a float32
+    buffer of at least ``x.numel()`` elements to write ``y`` into (its first ``numel`` elements, shaped as ``x``),
+    so that a caller quantizing many layers reuses one allocation. None without the kernel or where a scale
+    overflows fp16; a non-finite first sum where ``x`` holds NaN or Inf (``y`` is then meaningless: the caller
+    raises)."""
     lib = library()
     if lib is None:
         return None
@@ -685,56 +709,26 @@ def ggml_legacy_with_sums(x: Tensor, name: str, out: Tensor | None = None) -> tu
     n = x.numel()
     y = torch.empty_like(x) if out is None else out.view(-1)[:n].view(x.shape)
     px, py, kind = x.data_ptr(), y.data_ptr(), LEGACY_KINDS[name]
-    parts: dict[int, tuple[int, list[float]]] = {}
-
-    def run(a: int, b: int) -> None:  # elements [a, b): multiples of 4096 (the last ends at n), as squared_sums
-        lanes = (ctypes.c_double * 16)()
-        bad = lib.qp_ggml_legacy(px + 4 * a, py + 4 * a, (b - a) // 32, kind, lanes)
-        parts[a] = (bad, list(lanes))
-
-    if n:
-        _run_chunks(run, n, 4096)
-    first = second = 0.0
-    for a in sorted(parts):
-        bad, lanes = parts[a]
-        if bad:
-            return None
-        sa = sb = 0.0
-        for k in range(8):  # the lanes added in order, as qp_sq_sums adds its own
-            sa += lanes[k]
-            sb += lanes[8 + k]
-        first += sa
-        second += sb
-    return y, first, second
+    first, second, overflow = _lane_sums(
+        lambda a, b, lanes: lib.qp_ggml_legacy(px + 4 * a, py + 4 * a, (b - a) // 32, kind, lanes), n)
+    return None if overflow else (y, first, second)
 
 
 def squared_sums(x: Tensor, y: Tensor | None = None) -> tuple[float, float] | None:
     """``(sum x^2, sum (y - x)^2)`` of float32 CPU tensors ``x`` and ``y`` of one shape (``y`` None: the second is
     0): each difference in float32, squares and sums in float64, in one pass over memory (NaN or Inf in ``x`` shows as
-    a non-finite first sum). None without the kernel or for other dtypes and devices. The chunks (one per thread,
-    multiples of 4096 elements) are added in order: the result depends on the thread count only in float64's last
-    bits."""
+    a non-finite first sum; :func:`_lane_sums` adds them). None without the kernel or for other dtypes and
+    devices."""
     lib = library()
     ok = lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
     if not ok or (y is not None and (y.dtype != torch.float32 or y.shape != x.shape or y.device.type != "cpu")):
         return None
     xc = x.contiguous()
     yc = None if y is None else y.contiguous()
-    n = xc.numel()
     px, py = xc.data_ptr(), (0 if yc is None else yc.data_ptr())
-    parts: dict[int, tuple[float, float]] = {}
-
-    def run(a: int, b: int) -> None:
-        out = (ctypes.c_double * 2)()
-        lib.qp_sq_sums(px + 4 * a, (py + 4 * a) if yc is not None else None, b - a, out)
-        parts[a] = (out[0], out[1])
-
-    if n:
-        _run_chunks(run, n, 4096)
-    first = second = 0.0
-    for a in sorted(parts):
-        first += parts[a][0]
-        second += parts[a][1]
+    first, second, _ = _lane_sums(
+        lambda a, b, lanes: lib.qp_sq_sums(px + 4 * a, (py + 4 * a) if yc is not None else None, b - a, lanes),
+        xc.numel())
     return first, second
 
 
