@@ -5,7 +5,8 @@ Why: ``quantpredict quantize --method rtn`` spent most of its time around the ro
 (AMD EPYC, one thread) the whole command took 8 s, of which the rounding was 0.6 s: importing transformers and its
 model code took about 3 s, building the model 0.5 s and re-serializing it 0.7 s. llama-quantize does the same job
 in 2-7 s, and issue #30 asks for every type within 3x of it. This path imports neither transformers nor the model
-code (torch only: the files are mapped and written by :mod:`quantpredict.safetensors_stream`) and rounds no tensor
+code (the files are mapped and written as numpy arrays by :mod:`quantpredict.safetensors_stream`), imports torch
+only for a format the C kernel does not round whole (all but the one-pass llama.cpp types), and rounds no tensor
 but the linear weights, one at a time as the output is written.
 
 **The same result as the model path, bit for bit** (``tests/test_checkpoint_rtn.py`` compares it with
@@ -176,21 +177,29 @@ def resolve_recipe(plan: CheckpointPlan, recipe: Recipe, mix: str | None) -> Rec
     return slots_mix(found, base, slots, plan.family, plan.n_gqa)
 
 
-def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Path, *, progress: bool = True):
+def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Path, *, progress: bool = True,
+                        threads: int | None = None):
     """Quantize the checkpoint of ``plan`` by ``recipe`` (plain RTN, resolved per layer) and write the model
     directory ``out_dir`` (a new one appears whole or not at all). Returns the
     :class:`~quantpredict.quantize.report.QuantReport` the model path gives, output errors not measured.
+    ``threads``: the rounding's threads (``None``: :func:`quantpredict.threads.default_threads` for the C kernel,
+    torch's own count for torch).
 
     One tensor at a time: the source files are mapped without a copy
-    (:func:`~quantpredict.safetensors_stream.mapped_tensors`), each tensor is checked for NaN/Inf, rounded if it is
+    (:func:`~quantpredict.safetensors_stream.mapped_arrays`), each tensor is checked for NaN/Inf, rounded if it is
     a planned linear weight, and written at once (:func:`~quantpredict.safetensors_stream.write_streamed`), so
     memory holds one rounded layer besides the mapped pages. A NaN found part-way leaves no folder, as before any
     work (``files.staged_dir``). The report's ``total_seconds`` includes the writing, which the rounding is
-    interleaved with (the model path's excludes its save)."""
-    import torch
+    interleaved with (the model path's excludes its save).
+
+    **Torch is imported only for a layer that needs it.** The tensors are numpy arrays over the mapping, and the
+    one-pass llama.cpp types (:data:`~quantpredict.formats.native.LEGACY_KINDS`, blocks of 32) round in the C
+    kernel through ctypes; any other format goes to :func:`~quantpredict.quantize.rtn.rtn_quantize` on a torch view
+    of the same memory. Importing torch takes about 1 s, most of a 135M model's whole quantization."""
+    import numpy as np
     from tqdm.auto import tqdm
 
-    from quantpredict.arch.finite import check_finite_tensors
+    from quantpredict.arch.finite import nonfinite_error
     from quantpredict.files import honour_umask, staged_dir
     from quantpredict.formats import get_format, native
     from quantpredict.quantize.report import (
@@ -201,22 +210,25 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
         quantization_meta,
         size_fields,
     )
-    from quantpredict.quantize.rtn import relative_error, rtn_quantize
     from quantpredict.safetensors_stream import (
-        SAFETENSORS_DTYPES,
-        TensorSpec,
+        FLOAT_DTYPES,
         file_order,
-        mapped_tensors,
+        from_float32,
+        mapped_arrays,
+        to_float32,
         write_streamed,
     )
+    from quantpredict.threads import default_threads, torch_threads
     from quantpredict.version import build_version
 
     t_start = time.perf_counter()
+    kernel_threads = threads or default_threads()
     formats = recipe.layer_formats_for([q.name for q in plan.linears])  # a per-layer list of the wrong length fails
-    source: dict[str, torch.Tensor] = {}
+    specs, source = {}, {}
     for f in plan.files:
-        source |= mapped_tensors(f)
-    specs = {k: TensorSpec(SAFETENSORS_DTYPES[t.dtype], tuple(t.shape)) for k, t in source.items()}
+        file_specs, arrays = mapped_arrays(f)
+        specs |= file_specs
+        source |= arrays
     planned = {q.key: (q, fb) for q, fb in zip(plan.linears, formats, strict=True) if fb is not None}
     nan = float("nan")
     layers: dict[str, LayerReport] = {}
@@ -227,19 +239,36 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
     one_pass = {k for k, (q, (fmt, block)) in planned.items()
                 if fmt in native.LEGACY_KINDS and block in (None, 32) and q.in_features % 32 == 0}
     one_pass = one_pass if native.available() else set()
-    scratch = torch.empty(max((planned[k][0].out_features * planned[k][0].in_features for k in one_pass), default=0))
+    scratch = np.empty(max((planned[k][0].out_features * planned[k][0].in_features for k in one_pass), default=0),
+                       dtype=np.float32)
 
-    def round_layer(key: str, w: torch.Tensor, fmt: str, block: int | None) -> tuple[torch.Tensor, float]:
+    def refuse_nonfinite(key: str, x: np.ndarray) -> None:
+        """The error naming ``key`` where the float array ``x`` holds NaN or Inf."""
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        if bad:
+            raise nonfinite_error(key, bad, x.size)
+
+    def round_layer(key: str, w: np.ndarray, fmt: str, block: int | None) -> tuple[np.ndarray, float]:
         """``(w_q, relative error)`` of one float32 weight, what ``rtn_quantize`` and ``relative_error`` give."""
-        fused = native.ggml_legacy_with_sums(w.contiguous(), fmt, out=scratch) if key in one_pass else None
-        if fused is None:  # another type, or a scale past fp16's range (rtn_quantize raises the error naming it)
-            check_finite_tensors([(key, w)])
-            w_q = rtn_quantize(w, fmt, block_size=block)
-            return w_q, relative_error(w, w_q)
-        w_q, sum_w, sum_d = fused
-        if not math.isfinite(sum_w):  # NaN or Inf in the weight: the error that names it
-            check_finite_tensors([(key, w)])
-        return w_q, (math.sqrt(sum_d) / math.sqrt(sum_w) if sum_w > 0 else 0.0)
+        if key in one_pass:
+            y = scratch[:w.size].reshape(w.shape)
+            sums = native.legacy_sums_at(w.ctypes.data, y.ctypes.data, w.size, fmt, kernel_threads)
+            if sums is not None:
+                sum_w, sum_d = sums
+                if not math.isfinite(sum_w):  # NaN or Inf in the weight: the error that names it
+                    refuse_nonfinite(key, w)
+                return y, (math.sqrt(sum_d) / math.sqrt(sum_w) if sum_w > 0 else 0.0)
+        # another type, or a scale past fp16's range (rtn_quantize raises the error naming it): torch, on a view
+        # of the same memory
+        import torch
+
+        from quantpredict.quantize.rtn import relative_error, rtn_quantize
+
+        refuse_nonfinite(key, w)
+        with torch_threads(threads):
+            wt = torch.from_numpy(w)
+            w_q = rtn_quantize(wt, fmt, block_size=block)
+            return w_q.numpy(), relative_error(wt, w_q)
 
     def produce():
         nonlocal q_bits, q_params
@@ -247,13 +276,14 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
         with bar:
             for key in file_order(specs):
                 t0 = time.perf_counter()
-                stored = source.pop(key)  # dropped once written: the mapping's pages can be reclaimed
+                stored, dtype = source.pop(key), specs[key].dtype  # dropped once written: its pages can go
                 if key not in planned:
-                    check_finite_tensors([(key, stored)])  # as quantize_model checks the model's parameters
+                    if dtype in FLOAT_DTYPES:  # as quantize_model checks the model's parameters
+                        refuse_nonfinite(key, to_float32(stored, dtype) if dtype == "BF16" else stored)
                 else:
                     q, (fmt, block) = planned[key]
-                    w_q, rel = round_layer(key, stored.to(torch.float32), fmt, block)
-                    stored = w_q.to(stored.dtype)  # written before the next layer reuses the buffer
+                    w_q, rel = round_layer(key, to_float32(stored, dtype), fmt, block)
+                    stored = from_float32(w_q, dtype)  # written before the next layer reuses the buffer
                     layers[key] = LayerReport(q.name, q.block_index, q.out_features, q.in_features, rel, nan, nan,
                                               time.perf_counter() - t0)
                     n = q.out_features * q.in_features

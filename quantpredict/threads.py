@@ -10,6 +10,7 @@ in *other* threads that do not use this context still sees the temporary count w
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,3 +33,17 @@ def torch_threads(n: int | None) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(before)
+
+
+def default_threads() -> int:
+    """The thread count of work that runs without importing torch (the C kernels of
+    :mod:`quantpredict.checkpoint_rtn`'s one-pass path): ``OMP_NUM_THREADS`` where it is a positive integer, as torch
+    reads it, else the CPUs this process may run on. Torch's own default is its count of physical cores, which
+    differs from the second on machines with SMT."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1

@@ -86,10 +86,11 @@ def test_named_mixes_and_llama_types_match_the_model_path(recipe, tmp_path, toke
     _assert_same_result(_model_path(src, recipe, tmp_path / "model"), _direct_path(src, recipe, tmp_path / "direct"))
 
 
+@pytest.mark.parametrize("fmt", ["mxint4", "q4_0"])  # through torch, and through the C kernel without it
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_16_bit_checkpoint_stays_16_bit_and_matches(dtype, tmp_path, tokenizer):
+def test_a_16_bit_checkpoint_stays_16_bit_and_matches(dtype, fmt, tmp_path, tokenizer):
     src = _save(build("llama"), tmp_path / "src", tokenizer, dtype=dtype)
-    recipe = Recipe(weight_format="mxint4", method="rtn")
+    recipe = Recipe(weight_format=fmt, method="rtn")
     _assert_same_result(_model_path(src, recipe, tmp_path / "model"), _direct_path(src, recipe, tmp_path / "direct"))
     assert load_file(tmp_path / "direct" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == dtype
 
@@ -189,8 +190,8 @@ def test_one_pass_types_round_and_measure_in_one_kernel_pass(fmt, tmp_path, toke
     if not native.available():
         pytest.skip("no C compiler: every type takes rtn_quantize")
     calls = []
-    fused = native.ggml_legacy_with_sums
-    monkeypatch.setattr(native, "ggml_legacy_with_sums", lambda *a, **k: calls.append(a[1]) or fused(*a, **k))
+    fused = native.legacy_sums_at
+    monkeypatch.setattr(native, "legacy_sums_at", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
     src = _save(build("qwen2"), tmp_path / "src", tokenizer)
     recipe = Recipe(weight_format=fmt, method="rtn")
     direct = _direct_path(src, recipe, tmp_path / "direct")
@@ -210,3 +211,25 @@ def test_a_nan_weight_is_the_model_error_that_names_it_and_leaves_no_folder(key,
     err = capsys.readouterr().err
     assert key in err and "NaN/Inf" in err
     assert not out.exists() and not list(tmp_path.glob("out.partial-*"))
+
+
+def test_the_one_pass_types_quantize_without_importing_torch(tmp_path, tokenizer):
+    """``quantpredict quantize --method rtn`` of a one-pass type from a llama-layout checkpoint runs without torch
+    (importing it is about 1 s, most of a 135M model's whole quantization), and writes what the model path writes;
+    another format on the same path imports it for its rounding."""
+    from quantpredict.formats import native
+
+    if not native.available():
+        pytest.skip("no C compiler: every type takes rtn_quantize")
+    src = _save(build("llama"), tmp_path / "src", tokenizer)
+    code = ("import sys; from quantpredict.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules); sys.exit(rc)")
+    for fmt, torch_wanted in (("q4_0", False), ("mxint4", True)):
+        out = tmp_path / f"cli-{fmt}"
+        run = subprocess.run([sys.executable, "-c", code, "quantize", str(src), "--format", fmt, "--method", "rtn",
+                              "--threads", "1", "--out", str(out)], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip().splitlines()[-1] == f"{torch_wanted} False", run.stdout
+    _assert_same_result(_model_path(src, Recipe(weight_format="q4_0", method="rtn"), tmp_path / "model"),
+                        tmp_path / "cli-q4_0")

@@ -290,7 +290,7 @@ def test_flag_values_in_the_flags_words(argv, must_name, tmp_path, monkeypatch, 
     assert "None" not in line and "_" not in line.split("error:")[1].split("(see")[0].replace("--", ""), line
 
 
-THREADED = ("demo", "eval", "quantize", "export", "features", "predict", "rank", "allocate")
+THREADED = ("demo", "eval", "export", "features", "predict", "rank", "allocate")  # quantize: the test below
 
 
 @pytest.mark.parametrize("command", THREADED)
@@ -317,6 +317,33 @@ def test_threads_flag_sets_torchs_count_before_the_command_runs(command, monkeyp
     seen.clear()
     assert main(argv) == 0
     assert seen == ["ran"]
+
+
+def test_quantize_applies_threads_itself_where_it_needs_torch(tmp_path, monkeypatch):
+    """``quantize`` sets torch's count itself, before the model loads, not in main(): its direct path of the one-pass
+    types never imports torch, and there ``--threads`` goes to the C kernel's thread pool instead."""
+    import torch
+
+    import quantpredict.models
+    from quantpredict import checkpoint_rtn
+
+    seen = []
+    target = 1 if torch.get_num_threads() != 1 else 2
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+
+    def stop_at_load(*args, **kwargs):
+        seen.append("load")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantpredict.models, "load", stop_at_load)
+    argv = ["quantize", "llama-xs", "--format", "int4", "--out", str(tmp_path / "o"), "--threads", str(target)]
+    assert main(argv) == 130  # the model path (GPTQ): the count is set, then the model loads
+    assert seen == [target, "load"]
+    seen.clear()
+    monkeypatch.setattr(checkpoint_rtn, "quantize_checkpoint", lambda *a, **k: seen.append(k["threads"]) or 0)
+    main(["quantize", "llama-xs", "--format", "q4_0", "--method", "rtn", "--out", str(tmp_path / "o"), "--threads",
+          str(target)])
+    assert seen[0] == target  # the direct path: handed to the kernels, torch's count untouched
 
 
 def test_rank_table_survives_a_failing_plot(tmp_path, monkeypatch, capsys):

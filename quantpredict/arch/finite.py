@@ -1,6 +1,6 @@
 """Weights that hold NaN or Inf, refused before any quantization or measurement: the one check shared by a built
 model (:func:`quantpredict.arch.check_finite`) and a checkpoint's tensors read without one
-(:mod:`quantpredict.checkpoint_rtn`). Torch only, no transformers."""
+(:mod:`quantpredict.checkpoint_rtn`). Torch only, no transformers; :func:`nonfinite_error` imports neither."""
 
 from __future__ import annotations
 
@@ -24,7 +24,11 @@ def check_finite_tensors(named: Iterable[tuple[str, Any]]) -> None:
             continue
         bad = (~torch.isfinite(p.detach())).sum().item()
         if bad:
-            raise ModelError(
-                f"parameter {name!r} holds {bad} NaN/Inf value(s) of {p.numel()}; the model's weights are corrupt "
-                "(re-load or re-train it) and cannot be quantized or measured"
-            )
+            raise nonfinite_error(name, bad, p.numel())
+
+
+def nonfinite_error(name: str, bad: int, total: int) -> ModelError:
+    """The error for the tensor ``name`` whose ``bad`` values of ``total`` are NaN or Inf (callers that count them
+    without torch raise it too)."""
+    return ModelError(f"parameter {name!r} holds {bad} NaN/Inf value(s) of {total}; the model's weights are corrupt "
+                      "(re-load or re-train it) and cannot be quantized or measured")

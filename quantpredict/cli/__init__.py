@@ -66,10 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        if getattr(args, "process_threads", False) and args.threads:  # options.add_threads: the whole process
-            import torch
+        if getattr(args, "process_threads", False):  # options.add_threads: the whole process
+            from quantpredict.cli.options import set_process_threads
 
-            torch.set_num_threads(args.threads)
+            set_process_threads(args)
         return int(args.func(args) or 0)
     except QuantpredictError as exc:
         if args.debug:

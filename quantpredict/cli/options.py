@@ -27,6 +27,16 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     p.set_defaults(process_threads=True)
 
 
+def set_process_threads(args: argparse.Namespace) -> None:
+    """``--threads`` as torch's intra-op thread count for the rest of the process (nothing without the flag). The
+    CLI's main does it before the command runs; a command that may finish without torch (``quantize``'s torch-free
+    direct path) opts out (``process_threads=False``) and calls this where it needs torch."""
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def add_dtype(p: argparse.ArgumentParser, what: str = "forward passes") -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help=f"compute dtype of the {what} (default fp32); bf16 keeps float32 for the head, softmax, "
@@ -76,6 +86,11 @@ def calib_stream(args: argparse.Namespace, tokenizer) -> Any:
     from quantpredict import data
 
     return data.token_stream(tokenizer, "wikitext2", "train", text_file=getattr(args, "calib_text", None))
+
+
+def cpu_device(args: argparse.Namespace) -> bool:
+    """Whether ``--device`` asks for the CPU (its default), told without importing torch."""
+    return str(getattr(args, "device", None) or "cpu").strip().lower() == "cpu"
 
 
 def device(args: argparse.Namespace) -> Any:

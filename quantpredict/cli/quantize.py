@@ -63,7 +63,8 @@ def register(subparsers) -> None:
     options.add_dtype(p, "calibration's block forward passes (the model stays in its checkpoint's dtype)")
     options.add_max_memory(p)
     options.add_threads(p)
-    p.set_defaults(func=run)
+    # --threads applied by run itself: the direct path of the one-pass types never imports torch (about 1 s)
+    p.set_defaults(func=run, process_threads=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, gptq_blocksize=args.gptq_blocksize,
         percdamp=args.percdamp, act_order=args.act_order, skip=tuple(args.skip), seed=args.seed, awq=args.awq,
     )
-    device, dtype, budget = options.device(args), options.dtype(args), options.max_memory(args)
+    budget = options.max_memory(args)
+    if not options.cpu_device(args):
+        options.device(args)  # a device this machine lacks is refused before any work (resolving it needs torch)
     if args.mix and args.block_size is not None:
         from quantpredict.errors import RecipeError
 
@@ -96,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         return _print_report(args, *direct)
     from quantpredict.models import load
     from quantpredict.quantize import needs_calibration, quantize_model, sample_calibration, save_quantized
+
+    options.set_process_threads(args)
+    device, dtype = options.device(args), options.dtype(args)
 
     # the checkpoint's own dtype in memory (a bf16 checkpoint stays bf16), blocks computed in --dtype on --device
     model, tokenizer = load(args.model, dtype="auto")
@@ -131,7 +137,7 @@ def _quantize_from_files(args: argparse.Namespace, recipe, model_dir):
         return None
     resolved = checkpoint_rtn.resolve_recipe(plan, recipe, args.mix)
     _note_unread_text(args)
-    report = checkpoint_rtn.quantize_checkpoint(plan, resolved, args.out)
+    report = checkpoint_rtn.quantize_checkpoint(plan, resolved, args.out, threads=args.threads)
     return report, args.out
 
 

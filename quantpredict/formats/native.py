@@ -31,11 +31,12 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from quantpredict.formats.table import ELEMENTS, Format
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SOURCE = r"""
 #include <math.h>
@@ -574,6 +575,8 @@ def fake_quantize_rows(x: Tensor, fmt: Format, block: int) -> Tensor | None:
 
     Returns the result, or None if the input holds NaN/Inf (the caller raises). Requires ``available()``.
     """
+    import torch
+
     lib = library()
     assert lib is not None and x.dtype == torch.float32 and x.is_contiguous() and x.dim() == 2
     el = ELEMENTS[fmt.element_format]
@@ -609,10 +612,14 @@ def _pool() -> ThreadPoolExecutor:
         return _state["pool"]  # type: ignore[return-value]
 
 
-def _run_chunks(fn, total: int, align: int, *per_chunk) -> None:
+def _run_chunks(fn, total: int, align: int, threads: int | None = None) -> None:
     """Call ``fn(start, stop)`` over [0, total) in chunks (multiples of ``align``) on the pool's threads, or inline
-    with one torch thread."""
-    threads = min(torch.get_num_threads(), max(total // 4096, 1))
+    with one thread; ``threads``: at most this many (``None``: torch's intra-op thread count)."""
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    threads = min(threads, max(total // 4096, 1))
     if threads <= 1:
         fn(0, total)
         return
@@ -626,6 +633,8 @@ def _run_chunks(fn, total: int, align: int, *per_chunk) -> None:
 def kx2_search(sub: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Tensor, Tensor] | None:
     """llama.cpp's ``make_qkx2_quants`` on sub-blocks ``sub`` [M, 32] (contiguous float32): (scales, mins) [M], or
     None without the kernel. Bit-identical to the torch search in :mod:`quantpredict.formats.ggml`."""
+    import torch
+
     lib = library()
     if lib is None:
         return None
@@ -650,6 +659,8 @@ def ggml_legacy(blocks: Tensor, name: str) -> Tensor | None:
     :data:`LEGACY_KINDS`) and dequantized, or None without the kernel or where a block's fp16 scale overflows (the
     torch path then raises the error that names it). Bit-identical to :mod:`quantpredict.formats.ggml`'s torch path,
     in one pass over memory instead of about ten."""
+    import torch
+
     lib = library()
     if lib is None:
         return None
@@ -666,12 +677,13 @@ def ggml_legacy(blocks: Tensor, name: str) -> Tensor | None:
     return None if any(bad) else y
 
 
-def _lane_sums(call, n: int) -> tuple[float, float, bool]:
+def _lane_sums(call, n: int, threads: int | None = None) -> tuple[float, float, bool]:
     """``(sum x^2, sum (y - x)^2, flagged)`` of a kernel that adds into 16 lanes (``[0..7]`` x^2, ``[8..15]``
     (y - x)^2, lane k the elements k mod 8 of its range): ``call(a, b, lanes)`` over the elements [a, b) of [0, n),
-    in chunks of multiples of 4096 (one per thread), each chunk's lanes added in order and the chunks in order, so
-    every kernel that keeps these lanes gives the same sums of the same data; ``flagged``: any call returned
-    non-zero. The sums depend on the thread count only in float64's last bits."""
+    in chunks of multiples of 4096 (one per thread, at most ``threads``; ``None``: torch's count), each chunk's lanes
+    added in order and the chunks in order, so every kernel that keeps these lanes gives the same sums of the same
+    data; ``flagged``: any call returned non-zero. The sums depend on the thread count only in float64's last
+    bits."""
     parts: dict[int, tuple[int, list[float]]] = {}
 
     def run(a: int, b: int) -> None:
@@ -679,7 +691,7 @@ def _lane_sums(call, n: int) -> tuple[float, float, bool]:
         parts[a] = (call(a, b, lanes) or 0, list(lanes))
 
     if n:
-        _run_chunks(run, n, 4096)
+        _run_chunks(run, n, 4096, threads)
     first = second = 0.0
     flagged = False
     for a in sorted(parts):
@@ -694,6 +706,34 @@ def _lane_sums(call, n: int) -> tuple[float, float, bool]:
     return first, second, flagged
 
 
+def legacy_sums_at(px: int, py: int, n: int, name: str, threads: int | None = None) -> tuple[float, float] | None:
+    """The C kernel of :func:`ggml_legacy_with_sums` on raw memory, for callers without torch tensors (the
+    numpy arrays of :mod:`quantpredict.checkpoint_rtn`): the ``n`` float32 values at address ``px`` (``n`` a
+    multiple of 32, blocks of 32 consecutive values) quantized to the one-pass type ``name`` and dequantized into
+    the ``n`` float32 values at ``py``; returns ``(sum x^2, sum (y - x)^2)``, or None without the kernel or where a
+    scale overflows fp16. ``threads``: at most this many (``None``: torch's intra-op count)."""
+    lib = library()
+    if lib is None:
+        return None
+    assert n % 32 == 0
+    kind = LEGACY_KINDS[name]
+    first, second, overflow = _lane_sums(
+        lambda a, b, lanes: lib.qp_ggml_legacy(px + 4 * a, py + 4 * a, (b - a) // 32, kind, lanes), n, threads)
+    return None if overflow else (first, second)
+
+
+def squared_sums_at(px: int, py: int | None, n: int, threads: int | None = None) -> tuple[float, float] | None:
+    """The C kernel of :func:`squared_sums` on raw memory: the ``n`` float32 values at ``px`` and (``py`` not None)
+    at ``py``; None without the kernel. ``threads`` as in :func:`legacy_sums_at`."""
+    lib = library()
+    if lib is None:
+        return None
+    first, second, _ = _lane_sums(
+        lambda a, b, lanes: lib.qp_sq_sums(px + 4 * a, (py + 4 * a) if py is not None else None, b - a, lanes),
+        n, threads)
+    return first, second
+
+
 def ggml_legacy_with_sums(x: Tensor, name: str, out: Tensor | None = None) -> tuple[Tensor, float, float] | None:
     """:func:`ggml_legacy` of ``x`` (float32, contiguous, ``numel`` a multiple of 32, its blocks along the last
     axis) and :func:`squared_sums` of ``x`` and the result in the same pass: ``(y, sum x^2, sum (y - x)^2)``, the
@@ -702,16 +742,15 @@ def ggml_legacy_with_sums(x: Tensor, name: str, out: Tensor | None = None) -> tu
     so that a caller quantizing many layers reuses one allocation. None without the kernel or where a scale
     overflows fp16; a non-finite first sum where ``x`` holds NaN or Inf (``y`` is then meaningless: the caller
     raises)."""
-    lib = library()
-    if lib is None:
+    import torch
+
+    if not available():
         return None
     assert x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 32 == 0
     n = x.numel()
     y = torch.empty_like(x) if out is None else out.view(-1)[:n].view(x.shape)
-    px, py, kind = x.data_ptr(), y.data_ptr(), LEGACY_KINDS[name]
-    first, second, overflow = _lane_sums(
-        lambda a, b, lanes: lib.qp_ggml_legacy(px + 4 * a, py + 4 * a, (b - a) // 32, kind, lanes), n)
-    return None if overflow else (y, first, second)
+    sums = legacy_sums_at(x.data_ptr(), y.data_ptr(), n, name)
+    return None if sums is None else (y, *sums)
 
 
 def squared_sums(x: Tensor, y: Tensor | None = None) -> tuple[float, float] | None:
@@ -719,17 +758,14 @@ def squared_sums(x: Tensor, y: Tensor | None = None) -> tuple[float, float] | No
     0): each difference in float32, squares and sums in float64, in one pass over memory (NaN or Inf in ``x`` shows as
     a non-finite first sum; :func:`_lane_sums` adds them). None without the kernel or for other dtypes and
     devices."""
-    lib = library()
-    ok = lib is not None and x.dtype == torch.float32 and x.device.type == "cpu"
+    import torch
+
+    ok = available() and x.dtype == torch.float32 and x.device.type == "cpu"
     if not ok or (y is not None and (y.dtype != torch.float32 or y.shape != x.shape or y.device.type != "cpu")):
         return None
     xc = x.contiguous()
     yc = None if y is None else y.contiguous()
-    px, py = xc.data_ptr(), (0 if yc is None else yc.data_ptr())
-    first, second, _ = _lane_sums(
-        lambda a, b, lanes: lib.qp_sq_sums(px + 4 * a, (py + 4 * a) if yc is not None else None, b - a, lanes),
-        xc.numel())
-    return first, second
+    return squared_sums_at(xc.data_ptr(), None if yc is None else yc.data_ptr(), xc.numel())
 
 
 def qx_search(sub: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -747,6 +783,8 @@ def q3_search(sub: Tensor) -> tuple[Tensor, Tensor] | None:
 
 
 def _sub_block_search(name: str, sub: Tensor) -> tuple[Tensor, Tensor] | None:
+    import torch
+
     lib = library()
     if lib is None:
         return None
