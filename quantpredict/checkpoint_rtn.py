@@ -6,8 +6,8 @@ Why: ``quantpredict quantize --method rtn`` spent most of its time around the ro
 model code took about 3 s, building the model 0.5 s and re-serializing it 0.7 s. llama-quantize does the same job
 in 2-7 s, and issue #30 asks for every type within 3x of it. This path imports neither transformers nor the model
 code (the files are mapped and written as numpy arrays by :mod:`quantpredict.safetensors_stream`), imports torch
-only for a format the C kernel does not round whole (all but the one-pass llama.cpp types), and rounds no tensor
-but the linear weights, one at a time as the output is written.
+only for a format the C kernel does not round whole (all but the one-pass llama.cpp types and Q3_K), and rounds no
+tensor but the linear weights, one at a time as the output is written.
 
 **The same result as the model path, bit for bit** (``tests/test_checkpoint_rtn.py`` compares it with
 :func:`~quantpredict.quantize.model.quantize_model` + :func:`~quantpredict.quantize.model.save_quantized` per
@@ -193,9 +193,10 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
     interleaved with (the model path's excludes its save).
 
     **Torch is imported only for a layer that needs it.** The tensors are numpy arrays over the mapping, and the
-    one-pass llama.cpp types (:data:`~quantpredict.formats.native.LEGACY_KINDS`, blocks of 32) round in the C
-    kernel through ctypes; any other format goes to :func:`~quantpredict.quantize.rtn.rtn_quantize` on a torch view
-    of the same memory. Importing torch takes about 1 s, most of a 135M model's whole quantization."""
+    llama.cpp types the C kernel quantizes whole (:data:`~quantpredict.formats.native.WHOLE_BLOCKS`: the one-pass
+    types and Q3_K) round in it through ctypes; any other format goes to
+    :func:`~quantpredict.quantize.rtn.rtn_quantize` on a torch view of the same memory. Importing torch takes about
+    1 s, most of a 135M model's whole quantization."""
     import numpy as np
     from tqdm.auto import tqdm
 
@@ -221,7 +222,6 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
     from quantpredict.threads import default_threads, torch_threads
     from quantpredict.version import build_version
 
-    t_start = time.perf_counter()
     kernel_threads = threads or default_threads()
     formats = recipe.layer_formats_for([q.name for q in plan.linears])  # a per-layer list of the wrong length fails
     specs, source = {}, {}
@@ -234,13 +234,18 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
     layers: dict[str, LayerReport] = {}
     q_bits, q_params = 0.0, 0
 
-    # the one-pass llama.cpp types round, check and measure each layer in one pass of the C kernel, into one buffer
-    # that every such layer reuses (a fresh one per layer cost a page fault per 4 KiB: a second at 1.5B)
-    one_pass = {k for k, (q, (fmt, block)) in planned.items()
-                if fmt in native.LEGACY_KINDS and block in (None, 32) and q.in_features % 32 == 0}
-    one_pass = one_pass if native.available() else set()
-    scratch = np.empty(max((planned[k][0].out_features * planned[k][0].in_features for k in one_pass), default=0),
+    # the llama.cpp types the C kernel quantizes whole (the one-pass types, Q3_K) round, check and measure each layer
+    # in one pass, into one buffer that every such layer reuses (a fresh one per layer cost a page fault per 4 KiB:
+    # a second at 1.5B)
+    whole = {k for k, (q, (fmt, block)) in planned.items() if fmt in native.WHOLE_BLOCKS
+             and block in (None, native.WHOLE_BLOCKS[fmt]) and q.in_features % native.WHOLE_BLOCKS[fmt] == 0}
+    whole = whole if native.available() else set()
+    scratch = np.empty(max((planned[k][0].out_features * planned[k][0].in_features for k in whole), default=0),
                        dtype=np.float32)
+    if set(planned) - whole:
+        import torch  # noqa: F401 - imported before the clock starts: the report times the rounding, not the import
+
+    t_start = time.perf_counter()
 
     def refuse_nonfinite(key: str, x: np.ndarray) -> None:
         """The error naming ``key`` where the float array ``x`` holds NaN or Inf."""
@@ -250,9 +255,9 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
 
     def round_layer(key: str, w: np.ndarray, fmt: str, block: int | None) -> tuple[np.ndarray, float]:
         """``(w_q, relative error)`` of one float32 weight, what ``rtn_quantize`` and ``relative_error`` give."""
-        if key in one_pass:
+        if key in whole:
             y = scratch[:w.size].reshape(w.shape)
-            sums = native.legacy_sums_at(w.ctypes.data, y.ctypes.data, w.size, fmt, kernel_threads)
+            sums = native.whole_sums_at(w.ctypes.data, y.ctypes.data, w.size, fmt, kernel_threads)
             if sums is not None:
                 sum_w, sum_d = sums
                 if not math.isfinite(sum_w):  # NaN or Inf in the weight: the error that names it

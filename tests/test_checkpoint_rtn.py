@@ -106,6 +106,28 @@ def test_an_untied_head_is_copied_and_left_unquantized(tmp_path, tokenizer):
     _assert_same_result(_model_path(src, recipe, tmp_path / "model"), _direct_path(src, recipe, tmp_path / "direct"))
 
 
+@pytest.mark.parametrize("recipe", ["q3_k_s", Recipe(weight_format="q3_k", method="rtn")])
+def test_q3_k_through_the_whole_kernel_is_the_model_paths_bit_for_bit(recipe, tmp_path, tokenizer, monkeypatch):
+    """Q3_K on rows of 256 goes through the C kernel that quantizes it whole (no torch on the direct path); the
+    model path rounds it with the torch path (its sub-block search in C), and the two results are equal bit for bit:
+    a uniform q3_k and the Q3_K_S mix (q3_k where rows tile 256, the fallback type elsewhere)."""
+    from quantpredict.formats import native
+
+    if not native.available():
+        pytest.skip("no C compiler: every type takes rtn_quantize")
+    cls, fields = CONFIGS["qwen2"]
+    cfg = cls(**{**fields, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                 "num_key_value_heads": 2}, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    src = _save(tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), tmp_path / "src", tokenizer)
+    calls = []
+    fused = native.whole_sums_at
+    monkeypatch.setattr(native, "whole_sums_at", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
+    direct = _direct_path(src, recipe, tmp_path / "direct")
+    assert "q3_k" in calls
+    _assert_same_result(_model_path(src, recipe, tmp_path / "model"), direct)
+
+
 def _edit_checkpoint(src: Path, edit) -> None:
     tensors = load_file(src / "model.safetensors")
     edit(tensors)
@@ -190,8 +212,8 @@ def test_one_pass_types_round_and_measure_in_one_kernel_pass(fmt, tmp_path, toke
     if not native.available():
         pytest.skip("no C compiler: every type takes rtn_quantize")
     calls = []
-    fused = native.legacy_sums_at
-    monkeypatch.setattr(native, "legacy_sums_at", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
+    fused = native.whole_sums_at
+    monkeypatch.setattr(native, "whole_sums_at", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
     src = _save(build("qwen2"), tmp_path / "src", tokenizer)
     recipe = Recipe(weight_format=fmt, method="rtn")
     direct = _direct_path(src, recipe, tmp_path / "direct")

@@ -600,7 +600,7 @@ def test_one_pass_with_sums_is_the_kernel_and_squared_sums_bit_for_bit(threads):
     """``ggml_legacy_with_sums`` (round, then both squared sums in the same pass, into a reused buffer) gives the
     rounding of ``fake_quantize`` and the sums of ``squared_sums`` exactly, over several threads' chunks."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(300, 1024, generator=g) * 0.05  # 307 200 elements: 75 chunks of 4096
+    x = torch.randn(300, 1024, generator=g) * 0.05  # 307 200 elements: 5 chunks of native.SUM_CHUNK
     buf = torch.full((400 * 1024,), float("nan"))
     saved = torch.get_num_threads()
     try:
@@ -612,6 +612,52 @@ def test_one_pass_with_sums_is_the_kernel_and_squared_sums_bit_for_bit(threads):
             assert (sx, sd) == native.squared_sums(x, y)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is the only path")
+def test_the_kernels_sums_do_not_depend_on_the_thread_count():
+    """The partial sums run over fixed chunks (``native.SUM_CHUNK``) whatever the thread count, so a layer's relative
+    error is the same number on the direct path (the kernel's own thread count) and the model path (torch's)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(700, 1024, generator=g)  # 11 chunks, the last one short
+    y = torch.empty_like(x)
+    sums = {t: native.whole_sums_at(x.data_ptr(), y.data_ptr(), x.numel(), "q4_0", t) for t in (1, 2, 3, 7)}
+    assert len(set(sums.values())) == 1, sums
+    plain = {t: native.squared_sums_at(x.data_ptr(), y.data_ptr(), x.numel(), t) for t in (1, 2, 5)}
+    assert set(plain.values()) == {sums[1]}
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is the only path")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_whole_q3_k_kernel_is_the_torch_path_bit_for_bit(threads):
+    """``whole_sums_at("q3_k")`` (the C kernel that quantizes Q3_K whole: qp_q3's sub-block search, then the
+    super-block scale, codes and dequantization) against the torch path of ``formats.ggml`` (``use_native=False``):
+    normal rows with per-row scales, a zero super-block, zero sub-blocks of both signs (the search's codes kept where
+    d = 0), super-blocks whose sub-blocks are each other's negatives (ties of the largest |scale| with both signs),
+    half-integer grids, tiny and large values; the sums are ``squared_sums``'; a scale fp16 cannot hold is None."""
+    from quantpredict.formats.ggml import fake_quantize_blocks
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(96, 1024, generator=g) * torch.exp(torch.randn(96, 1, generator=g))
+    x[0, :256] = 0.0
+    x[1, 16:48] = -0.0
+    x[2, 256:512] = torch.cat([x[2, 256:384], -x[2, 256:384]])  # sub-block scales +s and -s
+    x[3, 512:768] = torch.cat([-x[3, 512:640], x[3, 512:640]])  # the same, the other sign first
+    x[4] = torch.round(x[4] * 2) / 2
+    x[5] *= 1e-20
+    x[6, 7] = 3e4
+    y = torch.full_like(x, float("nan"))
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        sums = native.whole_sums_at(x.data_ptr(), y.data_ptr(), x.numel(), "q3_k", threads)
+        ref = fake_quantize_blocks(x.reshape(96, 4, 256), get_format("q3_k"), use_native=False).reshape(x.shape)
+        assert_bits_equal(y, ref.numpy(), "q3_k whole vs torch")
+        assert sums == native.squared_sums(x, ref)
+    finally:
+        torch.set_num_threads(saved)
+    big = torch.full((1, 256), 1e9)
+    assert native.whole_sums_at(big.data_ptr(), torch.empty_like(big).data_ptr(), 256, "q3_k", 1) is None
 
 
 # --------------------------------------------------------------------------------- gguf byte layouts

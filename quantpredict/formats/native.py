@@ -447,6 +447,52 @@ void qp_q3(const float* x, int64_t nsub, float* scales, float* codes) {
     }
 }
 
+/* Q3_K whole (ggml-quants.c quantize_row_q3_K_ref, dequantized with gguf-py's d * q): x, y [nsuper, 256]
+   contiguous and finite; the sub-block search is qp_q3's, then the same float32 operations in the same order as the
+   torch path of quantpredict.formats.ggml (_fit_q3_k, _codes_with_fallback, _times_d). Returns 1 where a super-block
+   scale overflows fp16 (y is then unspecified: the caller raises through the torch path). sums: as qp_ggml_legacy's,
+   block_sq_sums over each 32 elements in order. */
+int qp_q3_k(const float* restrict x, float* restrict y, int64_t nsuper, double* restrict sums) {
+    int ovf = 0;
+    float scales[LANES], codes[LANES * 16];
+    for (int64_t s0 = 0; s0 < nsuper; s0 += LANES / 16) {
+        const int64_t ns = nsuper - s0 < LANES / 16 ? nsuper - s0 : LANES / 16;
+        qp_q3(x + s0 * 256, ns * 16, scales, codes);
+        for (int64_t b = 0; b < ns; b++) {
+            const float* restrict xb = x + (s0 + b) * 256;
+            float* restrict yb = y + (s0 + b) * 256;
+            const float* sc_b = scales + b * 16;
+            int where = 0;  /* the first largest |scale|, with its sign */
+            for (int i = 1; i < 16; i++) where = fabsf(sc_b[i]) > fabsf(sc_b[where]) ? i : where;
+            const float max_scale = sc_b[where];
+            const int some = max_scale != 0.0f;  /* else d = 0 and every 6-bit scale 0 (sub-block scale 0 - 32) */
+            const float iscale = some ? -32.0f / max_scale : 1.0f;
+            const float d16 = fp16_round(some ? 1.0f / iscale : 0.0f, &ovf);
+            for (int i = 0; i < 16; i++) {
+                int l = (int8_t)qp_nearest_int(iscale * sc_b[i]);  /* int8_t l = nearest_int(...) */
+                l = l < -32 ? -32 : (l > 31 ? 31 : l);
+                const float d = d16 * (float)(some ? l : -32);
+                const float* restrict xs = xb + 16 * i;
+                const float* fallback = codes + (b * 16 + i) * 16;
+                for (int k = 0; k < 16; k++) {
+                    float q;
+                    if (d == 0.0f) {
+                        q = fallback[k];  /* C: if (!d) continue, keeping the search's codes */
+                    } else {
+                        int c = qp_nearest_int(xs[k] / d);
+                        c = c < -4 ? -4 : (c > 3 ? 3 : c);
+                        q = (float)c;
+                    }
+                    yb[16 * i + k] = q * d;
+                }
+            }
+            if (sums != NULL)
+                for (int j = 0; j < 256; j += 32) block_sq_sums(xb + j, yb + j, sums);
+        }
+    }
+    return ovf;
+}
+
 /* lanes[k] += x^2 and lanes[8 + k] += (y - x)^2 over x, y [n] (y may be NULL), lane k taking the elements k mod 8:
    each difference in float32, each square and sum in double, so the result does not depend on how the compiler
    vectorises; the caller adds the lanes in order (native.py _lane_sums), as for qp_ggml_legacy's lanes. */
@@ -557,6 +603,8 @@ def library() -> ctypes.CDLL | None:
             lib.qp_ggml_legacy.argtypes = [vp, vp, i64, ci, vp]
             lib.qp_sq_sums.restype = None
             lib.qp_sq_sums.argtypes = [vp, vp, i64, vp]
+            lib.qp_q3_k.restype = ci
+            lib.qp_q3_k.argtypes = [vp, vp, i64, vp]
         except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
             warnings.warn(f"quantpredict.formats: fused kernel unavailable ({exc}); using the slower torch path",
                           RuntimeWarning, stacklevel=3)
@@ -677,25 +725,40 @@ def ggml_legacy(blocks: Tensor, name: str) -> Tensor | None:
     return None if any(bad) else y
 
 
+#: elements per partial sum of :func:`_lane_sums`: fixed (a multiple of every kernel's block), so that the sums do
+#: not depend on the thread count
+SUM_CHUNK = 1 << 16
+
+
 def _lane_sums(call, n: int, threads: int | None = None) -> tuple[float, float, bool]:
     """``(sum x^2, sum (y - x)^2, flagged)`` of a kernel that adds into 16 lanes (``[0..7]`` x^2, ``[8..15]``
     (y - x)^2, lane k the elements k mod 8 of its range): ``call(a, b, lanes)`` over the elements [a, b) of [0, n),
-    in chunks of multiples of 4096 (one per thread, at most ``threads``; ``None``: torch's count), each chunk's lanes
-    added in order and the chunks in order, so every kernel that keeps these lanes gives the same sums of the same
-    data; ``flagged``: any call returned non-zero. The sums depend on the thread count only in float64's last
-    bits."""
-    parts: dict[int, tuple[int, list[float]]] = {}
+    in chunks of :data:`SUM_CHUNK` spread over at most ``threads`` threads (``None``: torch's count), each chunk's
+    lanes added in order and the chunks in order, so every kernel that keeps these lanes gives the same sums of the
+    same data, whatever the thread count; ``flagged``: any call returned non-zero."""
+    starts = range(0, n, SUM_CHUNK)
+    parts: list[tuple[int, list[float]]] = [(0, [])] * len(starts)
 
-    def run(a: int, b: int) -> None:
-        lanes = (ctypes.c_double * 16)()
-        parts[a] = (call(a, b, lanes) or 0, list(lanes))
+    def run(i0: int, i1: int) -> None:
+        for i in range(i0, i1):
+            lanes = (ctypes.c_double * 16)()
+            a = starts[i]
+            parts[i] = (call(a, min(a + SUM_CHUNK, n), lanes) or 0, list(lanes))
 
-    if n:
-        _run_chunks(run, n, 4096, threads)
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    threads = min(threads, len(starts))
+    if threads <= 1:
+        run(0, len(starts))
+    else:
+        bounds = [len(starts) * i // threads for i in range(threads + 1)]
+        for f in [_pool().submit(run, bounds[i], bounds[i + 1]) for i in range(threads)]:
+            f.result()
     first = second = 0.0
     flagged = False
-    for a in sorted(parts):
-        flag, lanes = parts[a]
+    for flag, lanes in parts:
         flagged |= bool(flag)
         sa = sb = 0.0
         for k in range(8):
@@ -706,25 +769,38 @@ def _lane_sums(call, n: int, threads: int | None = None) -> tuple[float, float, 
     return first, second, flagged
 
 
-def legacy_sums_at(px: int, py: int, n: int, name: str, threads: int | None = None) -> tuple[float, float] | None:
-    """The C kernel of :func:`ggml_legacy_with_sums` on raw memory, for callers without torch tensors (the
-    numpy arrays of :mod:`quantpredict.checkpoint_rtn`): the ``n`` float32 values at address ``px`` (``n`` a
-    multiple of 32, blocks of 32 consecutive values) quantized to the one-pass type ``name`` and dequantized into
-    the ``n`` float32 values at ``py``; returns ``(sum x^2, sum (y - x)^2)``, or None without the kernel or where a
-    scale overflows fp16. ``threads``: at most this many (``None``: torch's intra-op count)."""
+#: the llama.cpp types the C kernel quantizes whole (:func:`whole_sums_at`), with the elements of their blocks
+WHOLE_BLOCKS = {**{name: 32 for name in LEGACY_KINDS}, "q3_k": 256}
+
+
+def whole_sums_at(px: int, py: int, n: int, name: str, threads: int | None = None) -> tuple[float, float] | None:
+    """A C kernel that quantizes a whole tensor on raw memory, for callers without torch tensors (the numpy arrays
+    of :mod:`quantpredict.checkpoint_rtn`): the ``n`` float32 values at address ``px`` (finite; ``n`` a multiple of
+    the type's block, :data:`WHOLE_BLOCKS`, blocks of consecutive values) quantized to ``name`` and dequantized into
+    the ``n`` float32 values at ``py``, bit for bit :mod:`quantpredict.formats.ggml`'s torch path; returns ``(sum
+    x^2, sum (y - x)^2)`` as :func:`squared_sums` adds them, or None without the kernel or where a scale overflows
+    fp16. ``threads``: at most this many (``None``: torch's intra-op count)."""
     lib = library()
     if lib is None:
         return None
-    assert n % 32 == 0
-    kind = LEGACY_KINDS[name]
-    first, second, overflow = _lane_sums(
-        lambda a, b, lanes: lib.qp_ggml_legacy(px + 4 * a, py + 4 * a, (b - a) // 32, kind, lanes), n, threads)
+    block = WHOLE_BLOCKS[name]
+    assert n % block == 0
+    if name == "q3_k":
+        def call(a: int, b: int, lanes) -> int:
+            return lib.qp_q3_k(px + 4 * a, py + 4 * a, (b - a) // 256, lanes)
+    else:
+        kind = LEGACY_KINDS[name]
+
+        def call(a: int, b: int, lanes) -> int:
+            return lib.qp_ggml_legacy(px + 4 * a, py + 4 * a, (b - a) // 32, kind, lanes)
+
+    first, second, overflow = _lane_sums(call, n, threads)  # SUM_CHUNK: whole blocks of either size
     return None if overflow else (first, second)
 
 
 def squared_sums_at(px: int, py: int | None, n: int, threads: int | None = None) -> tuple[float, float] | None:
     """The C kernel of :func:`squared_sums` on raw memory: the ``n`` float32 values at ``px`` and (``py`` not None)
-    at ``py``; None without the kernel. ``threads`` as in :func:`legacy_sums_at`."""
+    at ``py``; None without the kernel. ``threads`` as in :func:`whole_sums_at`."""
     lib = library()
     if lib is None:
         return None
@@ -749,7 +825,7 @@ def ggml_legacy_with_sums(x: Tensor, name: str, out: Tensor | None = None) -> tu
     assert x.dtype == torch.float32 and x.is_contiguous() and x.numel() % 32 == 0
     n = x.numel()
     y = torch.empty_like(x) if out is None else out.view(-1)[:n].view(x.shape)
-    sums = legacy_sums_at(x.data_ptr(), y.data_ptr(), n, name)
+    sums = whole_sums_at(x.data_ptr(), y.data_ptr(), n, name)
     return None if sums is None else (y, *sums)
 
 
