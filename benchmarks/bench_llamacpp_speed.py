@@ -105,9 +105,11 @@ def render_model(model: str, results: dict) -> list[str]:
                for name, why in results.get("skipped", {}).items()]  # the error line, not a progress bar before it
     met = "**met**" if results.get("rows") and worst <= TARGET else "**not met**"
     floor = results.get("startup_seconds")
-    floor_line = ([f"Python importing torch and safetensors took {floor:.1f} s in the same run: every project row "
-                   "pays it before it reads the model, and then writes a float32 checkpoint (4 bytes a weight, "
-                   "where llama-quantize writes its 0.5-1 byte GGUF blocks).", ""] if floor is not None else [])
+    floor_line = ([f"Python importing torch took {floor:.1f} s in the same run. The direct path imports it only "
+                   "for a layer whose type the C kernel does not quantize whole (all but Q4_0, Q4_1, Q5_0, Q5_1, "
+                   "Q8_0 and Q3_K; before 2026-12-08 every row imported it). Every project row writes a float32 "
+                   "checkpoint (4 bytes a weight, where llama-quantize writes its 0.5-1 byte GGUF blocks).", ""]
+                  if floor is not None else [])
     return [*rows, *([""] + kept if kept else []), *([""] + skipped if skipped else []), "", *floor_line,
             f"Target: every type and mix within {TARGET:.0f}x of llama-quantize: {met} (worst {worst:.1f}x).", ""]
 
@@ -118,10 +120,11 @@ def render(results: dict) -> str:
         "",
         "One thread each, the two commands of a row back to back. Each is a whole process under `/usr/bin/time -v`: "
         "llama-quantize from the F32 GGUF (`--pure` for a type, the embedding and head in F16), `quantpredict "
-        "quantize --method rtn` from the float32 HF checkpoint (start Python and torch, read, quantize every linear "
-        "layer, write float32 safetensors; for llama-layout checkpoints straight from the files, mapped and written "
-        "tensor by tensor, without building the model: `quantpredict.checkpoint_rtn`). Types whose 256-element "
-        "super-blocks do not tile a row fall back alike on both sides (llama.cpp's rule).",
+        "quantize --method rtn` from the float32 HF checkpoint (start Python, and torch where a layer's "
+        "type needs it, read, quantize every linear layer, write float32 safetensors; for llama-layout checkpoints "
+        "straight from the files, mapped and written tensor by tensor, without building the model: "
+        "`quantpredict.checkpoint_rtn`). Types whose 256-element super-blocks do not tile a row fall back alike on "
+        "both sides (llama.cpp's rule).",
         "",
         *[line for model, r in results.items() for line in render_model(model, r)],
     ])
@@ -153,8 +156,8 @@ def main() -> int:
         stamp = {k: previous.get("_meta", {}).get(k) for k in ("date", "load", "load_note")}
         results["rows"] = {k: {"measured": stamp, **v} for k, v in previous.get("rows", {}).items()}
         results["skipped"] = dict(previous.get("skipped", {}))
-    # the project's floor: a Python that has imported torch and safetensors, before it reads a byte of the model
-    floor = timed([sys.executable, "-c", "import torch, safetensors.torch"],
+    # what a row pays where a layer's type needs torch: a Python that has imported it
+    floor = timed([sys.executable, "-c", "import torch"],
                   env={**os.environ, "OMP_NUM_THREADS": "1"})
     results["startup_seconds"] = floor["seconds"]
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-speed-") as tmp:

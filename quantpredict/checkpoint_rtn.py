@@ -230,6 +230,9 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
         specs |= file_specs
         source |= arrays
     planned = {q.key: (q, fb) for q, fb in zip(plan.linears, formats, strict=True) if fb is not None}
+    for q, (fmt, block) in planned.values():  # a layout a layer's rows cannot take: before any work, not part-way
+        get_format(fmt).check_block(block)
+        get_format(fmt).check_row_length(q.in_features)
     nan = float("nan")
     layers: dict[str, LayerReport] = {}
     q_bits, q_params = 0.0, 0

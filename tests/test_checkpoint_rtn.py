@@ -194,9 +194,13 @@ def test_the_command_takes_the_direct_path_without_transformers(tmp_path, tokeni
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
-def test_a_failed_direct_quantization_leaves_no_folder(tmp_path, tokenizer, capsys):
-    """q2_k needs rows of a multiple of 256: the error names the fix (exit 2) and no output folder appears."""
+def test_a_failed_direct_quantization_leaves_no_folder(tmp_path, tokenizer, capsys, monkeypatch):
+    """q2_k needs rows of a multiple of 256: the error names the fix (exit 2), before any tensor is read (no staged
+    folder is begun), and no output folder appears."""
+    import quantpredict.files
+
     src = _save(build("llama"), tmp_path / "src", tokenizer)
+    monkeypatch.setattr(quantpredict.files, "staged_dir", lambda *a, **k: pytest.fail("work began"))
     out = tmp_path / "out"
     assert main(["quantize", str(src), "--format", "q2_k", "--method", "rtn", "--out", str(out)]) == 2
     assert "multiple of 256" in capsys.readouterr().err
