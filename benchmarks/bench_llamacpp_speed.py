@@ -107,7 +107,7 @@ def render_model(model: str, results: dict) -> list[str]:
     floor = results.get("startup_seconds")
     floor_line = ([f"Python importing torch took {floor:.1f} s in the same run. The direct path imports it only "
                    "for a layer whose type the C kernel does not quantize whole (all but Q4_0, Q4_1, Q5_0, Q5_1, "
-                   "Q8_0 and Q3_K; before 2026-12-08 every row imported it). Every project row writes a float32 "
+                   "Q8_0 and Q3_K-Q6_K; before 2026-12-08 every row imported it). Every project row writes a float32 "
                    "checkpoint (4 bytes a weight, where llama-quantize writes its 0.5-1 byte GGUF blocks).", ""]
                   if floor is not None else [])
     return [*rows, *([""] + kept if kept else []), *([""] + skipped if skipped else []), "", *floor_line,

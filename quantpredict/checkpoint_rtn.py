@@ -6,8 +6,8 @@ Why: ``quantpredict quantize --method rtn`` spent most of its time around the ro
 model code took about 3 s, building the model 0.5 s and re-serializing it 0.7 s. llama-quantize does the same job
 in 2-7 s, and issue #30 asks for every type within 3x of it. This path imports neither transformers nor the model
 code (the files are mapped and written as numpy arrays by :mod:`quantpredict.safetensors_stream`), imports torch
-only for a format the C kernel does not round whole (all but the one-pass llama.cpp types and Q3_K), and rounds no
-tensor but the linear weights, one at a time as the output is written.
+only for a format the C kernel does not round whole (all but the one-pass llama.cpp types and Q3_K-Q6_K), and
+rounds no tensor but the linear weights, one at a time as the output is written.
 
 **The same result as the model path, bit for bit** (``tests/test_checkpoint_rtn.py`` compares it with
 :func:`~quantpredict.quantize.model.quantize_model` + :func:`~quantpredict.quantize.model.save_quantized` per
@@ -194,7 +194,7 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
 
     **Torch is imported only for a layer that needs it.** The tensors are numpy arrays over the mapping, and the
     llama.cpp types the C kernel quantizes whole (:data:`~quantpredict.formats.native.WHOLE_BLOCKS`: the one-pass
-    types and Q3_K) round in it through ctypes; any other format goes to
+    types and the K types Q3_K-Q6_K) round in it through ctypes; any other format goes to
     :func:`~quantpredict.quantize.rtn.rtn_quantize` on a torch view of the same memory. Importing torch takes about
     1 s, most of a 135M model's whole quantization."""
     import numpy as np
@@ -237,7 +237,7 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
     layers: dict[str, LayerReport] = {}
     q_bits, q_params = 0.0, 0
 
-    # the llama.cpp types the C kernel quantizes whole (the one-pass types, Q3_K) round, check and measure each layer
+    # the llama.cpp types the C kernel quantizes whole (one-pass types, Q3_K-Q6_K) round, check and measure each layer
     # in one pass, into one buffer that every such layer reuses (a fresh one per layer cost a page fault per 4 KiB:
     # a second at 1.5B)
     whole = {k for k, (q, (fmt, block)) in planned.items() if fmt in native.WHOLE_BLOCKS

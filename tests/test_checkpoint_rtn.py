@@ -106,11 +106,14 @@ def test_an_untied_head_is_copied_and_left_unquantized(tmp_path, tokenizer):
     _assert_same_result(_model_path(src, recipe, tmp_path / "model"), _direct_path(src, recipe, tmp_path / "direct"))
 
 
-@pytest.mark.parametrize("recipe", ["q3_k_s", Recipe(weight_format="q3_k", method="rtn")])
-def test_q3_k_through_the_whole_kernel_is_the_model_paths_bit_for_bit(recipe, tmp_path, tokenizer, monkeypatch):
-    """Q3_K on rows of 256 goes through the C kernel that quantizes it whole (no torch on the direct path); the
-    model path rounds it with the torch path (its sub-block search in C), and the two results are equal bit for bit:
-    a uniform q3_k and the Q3_K_S mix (q3_k where rows tile 256, the fallback type elsewhere)."""
+@pytest.mark.parametrize("recipe", ["q3_k_s", "q4_k_m", "q5_k_m", "q6_k_pure",
+                                    *(Recipe(weight_format=f, method="rtn") for f in ("q3_k", "q4_k", "q5_k"))],
+                         ids=str)
+def test_k_types_through_the_whole_kernels_are_the_model_paths_bit_for_bit(recipe, tmp_path, tokenizer,
+                                                                          monkeypatch):
+    """The K types on rows of 256 go through the C kernels that quantize them whole (no torch on the direct path);
+    the model path rounds them with the torch path (its sub-block searches in C), and the two results are equal bit
+    for bit: uniform types and the named mixes built on them."""
     from quantpredict.formats import native
 
     if not native.available():
@@ -124,7 +127,7 @@ def test_q3_k_through_the_whole_kernel_is_the_model_paths_bit_for_bit(recipe, tm
     fused = native.whole_sums_at
     monkeypatch.setattr(native, "whole_sums_at", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
     direct = _direct_path(src, recipe, tmp_path / "direct")
-    assert "q3_k" in calls
+    assert {"q3_k", "q4_k", "q5_k", "q6_k"} & set(calls)
     _assert_same_result(_model_path(src, recipe, tmp_path / "model"), direct)
 
 

@@ -629,11 +629,13 @@ def test_the_kernels_sums_do_not_depend_on_the_thread_count():
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler: the torch path is the only path")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_whole_q3_k_kernel_is_the_torch_path_bit_for_bit(threads):
-    """``whole_sums_at("q3_k")`` (the C kernel that quantizes Q3_K whole: qp_q3's sub-block search, then the
-    super-block scale, codes and dequantization) against the torch path of ``formats.ggml`` (``use_native=False``):
-    normal rows with per-row scales, a zero super-block, zero sub-blocks of both signs (the search's codes kept where
-    d = 0), super-blocks whose sub-blocks are each other's negatives (ties of the largest |scale| with both signs),
+@pytest.mark.parametrize("fmt", ["q3_k", "q4_k", "q5_k", "q6_k"])
+def test_whole_k_kernels_are_the_torch_path_bit_for_bit(fmt, threads):
+    """``whole_sums_at`` for the K types (the C kernels that quantize them whole: the sub-block search, then the
+    super-block scales, codes and dequantization) against the torch path of ``formats.ggml``
+    (``use_native=False``): normal rows with per-row scales, a zero super-block, zero sub-blocks of both signs (the
+    search's codes kept where d = 0), super-blocks whose sub-blocks are each other's negatives (ties of the largest
+    |scale| with both signs), non-negative super-blocks (every Q4_K/Q5_K min -0), a constant super-block,
     half-integer grids, tiny and large values; the sums are ``squared_sums``'; a scale fp16 cannot hold is None."""
     from quantpredict.formats.ggml import fake_quantize_blocks
 
@@ -646,18 +648,23 @@ def test_whole_q3_k_kernel_is_the_torch_path_bit_for_bit(threads):
     x[4] = torch.round(x[4] * 2) / 2
     x[5] *= 1e-20
     x[6, 7] = 3e4
+    x[7] = x[7].abs()
+    x[8, :256] = torch.clamp_min(x[8, :256], 0.0)  # non-negative, with zeros
+    x[9, :256] = 1.0
+    x[10, :32] = 3.0
     y = torch.full_like(x, float("nan"))
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
-        sums = native.whole_sums_at(x.data_ptr(), y.data_ptr(), x.numel(), "q3_k", threads)
-        ref = fake_quantize_blocks(x.reshape(96, 4, 256), get_format("q3_k"), use_native=False).reshape(x.shape)
-        assert_bits_equal(y, ref.numpy(), "q3_k whole vs torch")
+        sums = native.whole_sums_at(x.data_ptr(), y.data_ptr(), x.numel(), fmt, threads)
+        ref = fake_quantize_blocks(x.reshape(96, 4, 256), get_format(fmt), use_native=False).reshape(x.shape)
+        assert_bits_equal(y, ref.numpy(), f"{fmt} whole vs torch")
         assert sums == native.squared_sums(x, ref)
     finally:
         torch.set_num_threads(saved)
     big = torch.full((1, 256), 1e9)
-    assert native.whole_sums_at(big.data_ptr(), torch.empty_like(big).data_ptr(), 256, "q3_k", 1) is None
+    big[0, :128] = -1e9  # Q4_K/Q5_K: a range the 6-bit scales times fp16 cannot hold either
+    assert native.whole_sums_at(big.data_ptr(), torch.empty_like(big).data_ptr(), 256, fmt, 1) is None
 
 
 # --------------------------------------------------------------------------------- gguf byte layouts

@@ -92,8 +92,8 @@ from quantpredict.formats.exact import nearest_int, rdiv, sqrt, to_fp16
 from quantpredict.formats.table import IQ4NL_VALUES, Format
 
 GROUP_MAX_EPS = float(np.float32(1e-15))  # ggml-quants.c: below this a group is "all zero"
-# make_qkx2_quants arguments of the reference quantizers: (nmax, rmin, rdelta, nstep)
-KX2 = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
+# make_qkx2_quants arguments of the reference quantizers, {type: (nmax, rmin, rdelta, nstep)}: the C kernel's table
+KX2 = native.KX2_SETTINGS
 CHUNK = 1 << 13  # sub-blocks per pass of the vectorised search: 8192 x 32 floats = 1 MB a tensor, cache-sized
 
 

@@ -11,7 +11,9 @@ matches bit for bit (tests/test_formats.py checks it). ``QUANTPREDICT_FORMATS_BA
 It also quantizes llama.cpp's one-pass types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) whole (``qp_ggml_legacy``), and runs
 llama.cpp's k-quant scale searches (``qp_kx2``, ``qp_qx``, ``qp_q3``), the slow part of
 Q3_K/Q4_K/Q5_K/Q6_K quantization, 64 sub-blocks per vectorised pass; :mod:`quantpredict.formats.ggml` has the
-same search in torch.
+same search in torch. For callers without torch (:mod:`quantpredict.checkpoint_rtn`) it also quantizes those four
+K types whole (``qp_q3_k``, ``qp_kx2_whole``, ``qp_q6_k``: the search, then the torch path's super-block arithmetic),
+through :func:`whole_sums_at`.
 
 Exactness: all arithmetic is IEEE float32 without fast-math or FMA contraction. Rounding to the element grid uses
 the add-and-subtract trick: for 0 <= a < 2^(e+1) and C = 2^(e - mbits + 23), (a + C) - C is a rounded to a multiple
@@ -493,6 +495,100 @@ int qp_q3_k(const float* restrict x, float* restrict y, int64_t nsuper, double* 
     return ovf;
 }
 
+/* Q4_K / Q5_K whole (quantize_row_q{4,5}_K_ref, dequantized with gguf-py's d * q - dm): x, y [nsuper, 256]
+   contiguous and finite; the sub-block search is qp_kx2's with (nmax, rmin, rdelta, nstep), then the torch path's
+   float32 operations in order (formats.ggml _fit_kx2, _codes_kx2, _d_times_q_minus_dm): the largest sub-block
+   scale and min as torch's amax (the first of equal values) and maximum with 0 (which keeps a -0) give them.
+   Returns 1 where a super-block scale or min scale overflows fp16; sums as qp_q3_k's. */
+int qp_kx2_whole(const float* restrict x, float* restrict y, int64_t nsuper, int nmax, float rmin, float rdelta,
+                 int nstep, double* restrict sums) {
+    int ovf = 0;
+    float scales[LANES], mins[LANES];
+    for (int64_t s0 = 0; s0 < nsuper; s0 += LANES / 8) {
+        const int64_t ns = nsuper - s0 < LANES / 8 ? nsuper - s0 : LANES / 8;
+        qp_kx2(x + s0 * 256, ns * 8, nmax, rmin, rdelta, nstep, scales, mins);
+        for (int64_t b = 0; b < ns; b++) {
+            const float* restrict xb = x + (s0 + b) * 256;
+            float* restrict yb = y + (s0 + b) * 256;
+            const float* sc = scales + b * 8;
+            const float* mn = mins + b * 8;
+            float max_scale = sc[0], max_min = mn[0];
+            for (int i = 1; i < 8; i++) {
+                max_scale = sc[i] > max_scale ? sc[i] : max_scale;
+                max_min = mn[i] > max_min ? mn[i] : max_min;
+            }
+            max_scale = 0.0f > max_scale ? 0.0f : max_scale;
+            max_min = 0.0f > max_min ? 0.0f : max_min;
+            const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+            const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+            const float d16 = fp16_round(max_scale / 63.0f, &ovf), dmin16 = fp16_round(max_min / 63.0f, &ovf);
+            for (int i = 0; i < 8; i++) {
+                int ls = qp_nearest_int(inv_scale * sc[i]) & 0xFF;  /* uint8_t ls = nearest_int(...) */
+                int lm = qp_nearest_int(inv_min * mn[i]) & 0xFF;
+                ls = ls > 63 ? 63 : ls;
+                lm = lm > 63 ? 63 : lm;
+                const float d = d16 * (float)ls, dm = dmin16 * (float)lm;
+                const float* restrict xs = xb + 32 * i;
+                float* restrict ys = yb + 32 * i;
+                for (int k = 0; k < 32; k++) {
+                    int c = 0;  /* d = 0: any code (the value is -dm); 0 as the torch path */
+                    if (d != 0.0f) {
+                        c = qp_nearest_int((xs[k] + dm) / d);
+                        c = c < 0 ? 0 : (c > nmax ? nmax : c);
+                    }
+                    ys[k] = (float)c * d - dm;
+                }
+            }
+            if (sums != NULL)
+                for (int j = 0; j < 256; j += 32) block_sq_sums(xb + j, yb + j, sums);
+        }
+    }
+    return ovf;
+}
+
+/* Q6_K whole (quantize_row_q6_K_ref, dequantized with gguf-py's d * q): x, y [nsuper, 256] contiguous and finite;
+   qp_qx's sub-block search, then formats.ggml's q6_k_params and _codes_with_fallback(-32, 31) in order (a block
+   whose largest |scale| is below 1e-15 is stored as zeros, its codes -32). Returns 1 where d overflows fp16. */
+int qp_q6_k(const float* restrict x, float* restrict y, int64_t nsuper, double* restrict sums) {
+    int ovf = 0;
+    float scales[LANES], codes[LANES * 16];
+    for (int64_t s0 = 0; s0 < nsuper; s0 += LANES / 16) {
+        const int64_t ns = nsuper - s0 < LANES / 16 ? nsuper - s0 : LANES / 16;
+        qp_qx(x + s0 * 256, ns * 16, scales, codes);
+        for (int64_t b = 0; b < ns; b++) {
+            const float* restrict xb = x + (s0 + b) * 256;
+            float* restrict yb = y + (s0 + b) * 256;
+            const float* sc_b = scales + b * 16;
+            int where = 0;  /* the first largest |scale|, with its sign */
+            for (int i = 1; i < 16; i++) where = fabsf(sc_b[i]) > fabsf(sc_b[where]) ? i : where;
+            const int zero = fabsf(sc_b[where]) < 1e-15f;
+            const float iscale = zero ? 1.0f : -128.0f / sc_b[where];
+            const float d16 = fp16_round(zero ? 0.0f : 1.0f / iscale, &ovf);
+            for (int i = 0; i < 16; i++) {
+                int l = qp_nearest_int(iscale * sc_b[i]);
+                l = l > 127 ? 127 : l;
+                const float d = d16 * (float)(zero ? 0 : l);
+                const float* restrict xs = xb + 16 * i;
+                const float* fallback = codes + (b * 16 + i) * 16;
+                for (int k = 0; k < 16; k++) {
+                    float q;
+                    if (d == 0.0f) {
+                        q = zero ? -32.0f : fallback[k];
+                    } else {
+                        int c = qp_nearest_int(xs[k] / d);
+                        c = c < -32 ? -32 : (c > 31 ? 31 : c);
+                        q = (float)c;
+                    }
+                    yb[16 * i + k] = q * d;
+                }
+            }
+            if (sums != NULL)
+                for (int j = 0; j < 256; j += 32) block_sq_sums(xb + j, yb + j, sums);
+        }
+    }
+    return ovf;
+}
+
 /* lanes[k] += x^2 and lanes[8 + k] += (y - x)^2 over x, y [n] (y may be NULL), lane k taking the elements k mod 8:
    each difference in float32, each square and sum in double, so the result does not depend on how the compiler
    vectorises; the caller adds the lanes in order (native.py _lane_sums), as for qp_ggml_legacy's lanes. */
@@ -605,6 +701,10 @@ def library() -> ctypes.CDLL | None:
             lib.qp_sq_sums.argtypes = [vp, vp, i64, vp]
             lib.qp_q3_k.restype = ci
             lib.qp_q3_k.argtypes = [vp, vp, i64, vp]
+            lib.qp_q6_k.restype = ci
+            lib.qp_q6_k.argtypes = [vp, vp, i64, vp]
+            lib.qp_kx2_whole.restype = ci
+            lib.qp_kx2_whole.argtypes = [vp, vp, i64, ci, cf, cf, ci, vp]
         except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
             warnings.warn(f"quantpredict.formats: fused kernel unavailable ({exc}); using the slower torch path",
                           RuntimeWarning, stacklevel=3)
@@ -770,7 +870,9 @@ def _lane_sums(call, n: int, threads: int | None = None) -> tuple[float, float, 
 
 
 #: the llama.cpp types the C kernel quantizes whole (:func:`whole_sums_at`), with the elements of their blocks
-WHOLE_BLOCKS = {**{name: 32 for name in LEGACY_KINDS}, "q3_k": 256}
+WHOLE_BLOCKS = {**{name: 32 for name in LEGACY_KINDS}, "q3_k": 256, "q4_k": 256, "q5_k": 256, "q6_k": 256}
+#: Q4_K's and Q5_K's sub-block search settings (nmax, rmin, rdelta, nstep): ggml-quants.c's, as formats.ggml.KX2
+KX2_SETTINGS = {"q4_k": (15, -1.0, 0.1, 20), "q5_k": (31, -0.5, 0.1, 15)}
 
 
 def whole_sums_at(px: int, py: int, n: int, name: str, threads: int | None = None) -> tuple[float, float] | None:
@@ -785,9 +887,16 @@ def whole_sums_at(px: int, py: int, n: int, name: str, threads: int | None = Non
         return None
     block = WHOLE_BLOCKS[name]
     assert n % block == 0
-    if name == "q3_k":
+    if name in ("q3_k", "q6_k"):
+        fn = lib.qp_q3_k if name == "q3_k" else lib.qp_q6_k
+
         def call(a: int, b: int, lanes) -> int:
-            return lib.qp_q3_k(px + 4 * a, py + 4 * a, (b - a) // 256, lanes)
+            return fn(px + 4 * a, py + 4 * a, (b - a) // 256, lanes)
+    elif name in KX2_SETTINGS:
+        nmax, rmin, rdelta, nstep = KX2_SETTINGS[name]
+
+        def call(a: int, b: int, lanes) -> int:
+            return lib.qp_kx2_whole(px + 4 * a, py + 4 * a, (b - a) // 256, nmax, rmin, rdelta, nstep, lanes)
     else:
         kind = LEGACY_KINDS[name]
 
