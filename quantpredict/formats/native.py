@@ -12,7 +12,7 @@ It also quantizes llama.cpp's one-pass types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) whol
 llama.cpp's k-quant scale searches (``qp_kx2``, ``qp_qx``, ``qp_q3``), the slow part of
 Q3_K/Q4_K/Q5_K/Q6_K quantization, 64 sub-blocks per vectorised pass; :mod:`quantpredict.formats.ggml` has the
 same search in torch. For callers without torch (:mod:`quantpredict.checkpoint_rtn`) it also quantizes those four
-K types whole (``qp_q3_k``, ``qp_kx2_whole``, ``qp_q6_k``: the search, then the torch path's super-block arithmetic),
+K types whole (``qp_sub16_k``, ``qp_kx2_whole``: the search, then the torch path's super-block arithmetic),
 through :func:`whole_sums_at`.
 
 Exactness: all arithmetic is IEEE float32 without fast-math or FMA contraction. Rounding to the element grid uses
@@ -449,17 +449,41 @@ void qp_q3(const float* x, int64_t nsub, float* scales, float* codes) {
     }
 }
 
-/* Q3_K whole (ggml-quants.c quantize_row_q3_K_ref, dequantized with gguf-py's d * q): x, y [nsuper, 256]
-   contiguous and finite; the sub-block search is qp_q3's, then the same float32 operations in the same order as the
-   torch path of quantpredict.formats.ggml (_fit_q3_k, _codes_with_fallback, _times_d). Returns 1 where a super-block
-   scale overflows fp16 (y is then unspecified: the caller raises through the torch path). sums: as qp_ggml_legacy's,
-   block_sq_sums over each 32 elements in order. */
-int qp_q3_k(const float* restrict x, float* restrict y, int64_t nsuper, double* restrict sums) {
+/* One sub-block of 16 of Q3_K or Q6_K: codes clamp(nearest_int(x / d), lo, hi), or where d is 0 the codes the
+   search left (fallback; C: if (!d) continue), dequantized as code * d (formats.ggml _codes_with_fallback,
+   _times_d) */
+static inline void sub16_with_fallback(const float* restrict xs, float* restrict ys, float d, const float* fallback,
+                                       int lo, int hi) {
+    for (int k = 0; k < 16; k++) {
+        float q;
+        if (d == 0.0f) {
+            q = fallback[k];
+        } else {
+            int c = qp_nearest_int(xs[k] / d);
+            c = c < lo ? lo : (c > hi ? hi : c);
+            q = (float)c;
+        }
+        ys[k] = q * d;
+    }
+}
+
+/* Q3_K (six = 0) or Q6_K (six = 1) whole (ggml-quants.c quantize_row_q3_K_ref / quantize_row_q6_K_ref,
+   dequantized with gguf-py's d * q): x, y [nsuper, 256] contiguous and finite; qp_q3's or qp_qx's sub-block search,
+   then the torch path's float32 operations in the same order (quantpredict.formats.ggml _fit_q3_k / q6_k_params,
+   _codes_with_fallback, _times_d). They differ in the 16 sub-block scales: Q3_K's are 6-bit (int8_t wrap, then
+   -32..31; a block without a non-zero scale has d = 0 and every scale -32), Q6_K's 8-bit (at most 127; a block whose
+   largest |scale| is below 1e-15 is stored as zeros, its codes -32). Returns 1 where a super-block scale overflows
+   fp16 (y is then unspecified: the caller raises through the torch path). sums: as qp_ggml_legacy's, block_sq_sums
+   over each 32 elements in order. */
+int qp_sub16_k(const float* restrict x, float* restrict y, int64_t nsuper, int six, double* restrict sums) {
+    static const float all_zero[16] = {-32, -32, -32, -32, -32, -32, -32, -32,
+                                       -32, -32, -32, -32, -32, -32, -32, -32};
     int ovf = 0;
     float scales[LANES], codes[LANES * 16];
     for (int64_t s0 = 0; s0 < nsuper; s0 += LANES / 16) {
         const int64_t ns = nsuper - s0 < LANES / 16 ? nsuper - s0 : LANES / 16;
-        qp_q3(x + s0 * 256, ns * 16, scales, codes);
+        if (six) qp_qx(x + s0 * 256, ns * 16, scales, codes);
+        else qp_q3(x + s0 * 256, ns * 16, scales, codes);
         for (int64_t b = 0; b < ns; b++) {
             const float* restrict xb = x + (s0 + b) * 256;
             float* restrict yb = y + (s0 + b) * 256;
@@ -467,26 +491,20 @@ int qp_q3_k(const float* restrict x, float* restrict y, int64_t nsuper, double* 
             int where = 0;  /* the first largest |scale|, with its sign */
             for (int i = 1; i < 16; i++) where = fabsf(sc_b[i]) > fabsf(sc_b[where]) ? i : where;
             const float max_scale = sc_b[where];
-            const int some = max_scale != 0.0f;  /* else d = 0 and every 6-bit scale 0 (sub-block scale 0 - 32) */
-            const float iscale = some ? -32.0f / max_scale : 1.0f;
-            const float d16 = fp16_round(some ? 1.0f / iscale : 0.0f, &ovf);
+            const int none = six ? fabsf(max_scale) < 1e-15f : max_scale == 0.0f;
+            const float iscale = none ? 1.0f : (six ? -128.0f : -32.0f) / max_scale;
+            const float d16 = fp16_round(none ? 0.0f : 1.0f / iscale, &ovf);
             for (int i = 0; i < 16; i++) {
-                int l = (int8_t)qp_nearest_int(iscale * sc_b[i]);  /* int8_t l = nearest_int(...) */
-                l = l < -32 ? -32 : (l > 31 ? 31 : l);
-                const float d = d16 * (float)(some ? l : -32);
-                const float* restrict xs = xb + 16 * i;
-                const float* fallback = codes + (b * 16 + i) * 16;
-                for (int k = 0; k < 16; k++) {
-                    float q;
-                    if (d == 0.0f) {
-                        q = fallback[k];  /* C: if (!d) continue, keeping the search's codes */
-                    } else {
-                        int c = qp_nearest_int(xs[k] / d);
-                        c = c < -4 ? -4 : (c > 3 ? 3 : c);
-                        q = (float)c;
-                    }
-                    yb[16 * i + k] = q * d;
+                int l = qp_nearest_int(iscale * sc_b[i]);
+                if (six) {
+                    l = l > 127 ? 127 : l;
+                } else {
+                    l = (int8_t)l;  /* int8_t l = nearest_int(...) */
+                    l = l < -32 ? -32 : (l > 31 ? 31 : l);
                 }
+                const float d = d16 * (float)(none ? (six ? 0 : -32) : l);
+                const float* fallback = none && six ? all_zero : codes + (b * 16 + i) * 16;
+                sub16_with_fallback(xb + 16 * i, yb + 16 * i, d, fallback, six ? -32 : -4, six ? 31 : 3);
             }
             if (sums != NULL)
                 for (int j = 0; j < 256; j += 32) block_sq_sums(xb + j, yb + j, sums);
@@ -499,7 +517,7 @@ int qp_q3_k(const float* restrict x, float* restrict y, int64_t nsuper, double* 
    contiguous and finite; the sub-block search is qp_kx2's with (nmax, rmin, rdelta, nstep), then the torch path's
    float32 operations in order (formats.ggml _fit_kx2, _codes_kx2, _d_times_q_minus_dm): the largest sub-block
    scale and min as torch's amax (the first of equal values) and maximum with 0 (which keeps a -0) give them.
-   Returns 1 where a super-block scale or min scale overflows fp16; sums as qp_q3_k's. */
+   Returns 1 where a super-block scale or min scale overflows fp16; sums as qp_sub16_k's. */
 int qp_kx2_whole(const float* restrict x, float* restrict y, int64_t nsuper, int nmax, float rmin, float rdelta,
                  int nstep, double* restrict sums) {
     int ovf = 0;
@@ -537,49 +555,6 @@ int qp_kx2_whole(const float* restrict x, float* restrict y, int64_t nsuper, int
                         c = c < 0 ? 0 : (c > nmax ? nmax : c);
                     }
                     ys[k] = (float)c * d - dm;
-                }
-            }
-            if (sums != NULL)
-                for (int j = 0; j < 256; j += 32) block_sq_sums(xb + j, yb + j, sums);
-        }
-    }
-    return ovf;
-}
-
-/* Q6_K whole (quantize_row_q6_K_ref, dequantized with gguf-py's d * q): x, y [nsuper, 256] contiguous and finite;
-   qp_qx's sub-block search, then formats.ggml's q6_k_params and _codes_with_fallback(-32, 31) in order (a block
-   whose largest |scale| is below 1e-15 is stored as zeros, its codes -32). Returns 1 where d overflows fp16. */
-int qp_q6_k(const float* restrict x, float* restrict y, int64_t nsuper, double* restrict sums) {
-    int ovf = 0;
-    float scales[LANES], codes[LANES * 16];
-    for (int64_t s0 = 0; s0 < nsuper; s0 += LANES / 16) {
-        const int64_t ns = nsuper - s0 < LANES / 16 ? nsuper - s0 : LANES / 16;
-        qp_qx(x + s0 * 256, ns * 16, scales, codes);
-        for (int64_t b = 0; b < ns; b++) {
-            const float* restrict xb = x + (s0 + b) * 256;
-            float* restrict yb = y + (s0 + b) * 256;
-            const float* sc_b = scales + b * 16;
-            int where = 0;  /* the first largest |scale|, with its sign */
-            for (int i = 1; i < 16; i++) where = fabsf(sc_b[i]) > fabsf(sc_b[where]) ? i : where;
-            const int zero = fabsf(sc_b[where]) < 1e-15f;
-            const float iscale = zero ? 1.0f : -128.0f / sc_b[where];
-            const float d16 = fp16_round(zero ? 0.0f : 1.0f / iscale, &ovf);
-            for (int i = 0; i < 16; i++) {
-                int l = qp_nearest_int(iscale * sc_b[i]);
-                l = l > 127 ? 127 : l;
-                const float d = d16 * (float)(zero ? 0 : l);
-                const float* restrict xs = xb + 16 * i;
-                const float* fallback = codes + (b * 16 + i) * 16;
-                for (int k = 0; k < 16; k++) {
-                    float q;
-                    if (d == 0.0f) {
-                        q = zero ? -32.0f : fallback[k];
-                    } else {
-                        int c = qp_nearest_int(xs[k] / d);
-                        c = c < -32 ? -32 : (c > 31 ? 31 : c);
-                        q = (float)c;
-                    }
-                    yb[16 * i + k] = q * d;
                 }
             }
             if (sums != NULL)
@@ -699,10 +674,8 @@ def library() -> ctypes.CDLL | None:
             lib.qp_ggml_legacy.argtypes = [vp, vp, i64, ci, vp]
             lib.qp_sq_sums.restype = None
             lib.qp_sq_sums.argtypes = [vp, vp, i64, vp]
-            lib.qp_q3_k.restype = ci
-            lib.qp_q3_k.argtypes = [vp, vp, i64, vp]
-            lib.qp_q6_k.restype = ci
-            lib.qp_q6_k.argtypes = [vp, vp, i64, vp]
+            lib.qp_sub16_k.restype = ci
+            lib.qp_sub16_k.argtypes = [vp, vp, i64, ci, vp]
             lib.qp_kx2_whole.restype = ci
             lib.qp_kx2_whole.argtypes = [vp, vp, i64, ci, cf, cf, ci, vp]
         except Exception as exc:  # noqa: BLE001 - any failure means: use the torch reference
@@ -888,10 +861,10 @@ def whole_sums_at(px: int, py: int, n: int, name: str, threads: int | None = Non
     block = WHOLE_BLOCKS[name]
     assert n % block == 0
     if name in ("q3_k", "q6_k"):
-        fn = lib.qp_q3_k if name == "q3_k" else lib.qp_q6_k
+        six = int(name == "q6_k")
 
         def call(a: int, b: int, lanes) -> int:
-            return fn(px + 4 * a, py + 4 * a, (b - a) // 256, lanes)
+            return lib.qp_sub16_k(px + 4 * a, py + 4 * a, (b - a) // 256, six, lanes)
     elif name in KX2_SETTINGS:
         nmax, rmin, rdelta, nstep = KX2_SETTINGS[name]
 
