@@ -522,18 +522,19 @@ def pack(data: Any, kind: str, imatrix: Any = None) -> Any:
 
 def rewrite(src: Path, out: Path, types: Mapping[str, str], file_type: int, *,
             progress: Callable[[int], None] | None = None,
-            imatrix: Mapping[str, Any] | None = None) -> list[tuple[str, str]]:
+            imatrix: Mapping[str, Any] | None = None, reader: Any = None) -> list[tuple[str, str]]:
     """Copy the F32 GGUF ``src`` to ``out`` with each tensor named in ``types`` (GGUF name -> ``q4_k``, ``f16``,
     ...) stored in that type, every other tensor and every key/value field as they were, ``general.file_type`` set
     to ``file_type`` and ``general.quantization_version`` to gguf's. Returns ``(name, type)`` of every tensor written,
     in order. ``progress`` is called with each tensor's element count as it is written. ``imatrix``: GGUF name ->
     float32 [n] quant_weights of the tensors quantized with an importance matrix (:func:`pack`); the tensor as it
     stands in ``src``, rows already moved by the converter: the weights are per column, and the converter moves
-    whole rows only, so they apply unchanged."""
+    whole rows only, so they apply unchanged. ``reader``: ``src`` already opened by ``gguf.GGUFReader`` (parsing a
+    file's tokenizer fields takes seconds: its caller reads it once)."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(src))
+    reader = gguf.GGUFReader(str(src)) if reader is None else reader
     arch_field = reader.fields.get(gguf.Keys.General.ARCHITECTURE)
     if arch_field is None:
         raise ModelError(f"{src} has no {gguf.Keys.General.ARCHITECTURE}")
@@ -679,7 +680,6 @@ def export_gguf(plan: ExportPlan, out: str | os.PathLike, *, progress: bool = Tr
         names = gguf_names(plan, arch_name, n_blocks)
         shapes = {t.name: tuple(int(s) for s in t.data.shape) for t in reader.tensors}
         total = sum(int(t.n_elements) for t in reader.tensors)
-        del reader
         types: dict[str, str] = {}
         for layer in plan.layers:
             name = names[layer.name]
@@ -697,7 +697,9 @@ def export_gguf(plan: ExportPlan, out: str | os.PathLike, *, progress: bool = Tr
         part = tmp / out.name
         with tqdm(total=total, desc=f"export {plan.llama_quantize_type}", unit="param", unit_scale=True,
                   disable=not progress) as bar:
-            written = rewrite(f32, part, types, int(ftype), progress=bar.update, imatrix=plan.imatrix_weights)
+            written = rewrite(f32, part, types, int(ftype), progress=bar.update, imatrix=plan.imatrix_weights,
+                              reader=reader)
+        del reader  # its mapping of the F32 file
         f32.unlink()
         honour_umask(part)
         os.replace(part, out)
