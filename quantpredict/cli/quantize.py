@@ -16,7 +16,10 @@ def register(subparsers) -> None:
         description="Quantize a zoo model or local Hugging Face causal LM, block by block, calibrated on WikiText-2 "
                     "train, and save it as a model directory that `quantpredict eval DIR` takes as is. Plain RTN "
                     "(no --smoothquant, no --awq; --act-format or not) is data-free: it reads no calibration text "
-                    "and runs no calibration pass unless --output-errors asks for its per-layer output errors.",
+                    "and runs no calibration pass unless --output-errors asks for its per-layer output errors. For "
+                    "llama-layout checkpoints it is read straight from the files without building the model, and "
+                    "the llama.cpp types Q4_0-Q8_0 and Q3_K-Q6_K without importing torch; there --threads sets the "
+                    "C kernel's threads (default: OMP_NUM_THREADS, else every CPU this process may use).",
     )
     p.add_argument("model", metavar="MODEL", help="zoo name or local Hugging Face model directory")
     what = p.add_mutually_exclusive_group(required=True)
