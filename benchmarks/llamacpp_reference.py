@@ -487,6 +487,61 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
                        f"and inside its interval, for at least 5 of 6): {target} ({hits} of {len(KLD_FILES)})."])
 
 
+def kld_target(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None,
+               files: Sequence[tuple[str, str]] | None = None) -> str:
+    """:func:`kld_table`'s target column alone, the cheaper run for a large model: for each of ``files`` ((ftype,
+    project recipe); default :data:`KLD_IMATRIX_FILES` with ``imatrix``, :data:`KLD_FILES` without), llama.cpp's own
+    KLD of its file (as written, and with the embedding and head in F16), beside the prediction of the whole file as
+    llama.cpp measures it (``rank_recipes(..., runtime="llama.cpp-cpu", protocol="llama.cpp")``) with its interval.
+    ``imatrix``: both llama-quantize and the prediction take it."""
+    from quantpredict.models import skeleton
+    from quantpredict.predict.rank import PROTOCOLS, rank_recipes
+
+    if PROTOCOLS["llama.cpp"] != (ctx, ctx // 2 + 1):
+        raise SystemExit(f"kld-target predicts llama-perplexity's protocol at -c {PROTOCOLS['llama.cpp'][0]}; "
+                         f"got --ctx {ctx}")
+    files = tuple(files or (KLD_IMATRIX_FILES if imatrix is not None else KLD_FILES))
+    base, text, logits = _kld_inputs(model, chunks, ctx)
+    with_im = ["--imatrix", str(imatrix)] if imatrix is not None else []
+    got = {f: [_llama_kld(model, base, f, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx, threads=threads,
+                          logits=logits) for extra in ([], list(F16_IO))] for f, _ in files}  # before the profile
+    net = skeleton(model)
+    whole = [file_recipe(r, net) for _, r in files]
+    pred = rank_recipes(model, whole, runtime="llama.cpp-cpu", protocol="llama.cpp",
+                        imatrix=imatrix).set_index("recipe")
+    rows = ["| llama.cpp file | its KLD (llama.cpp) | embedding and head in F16 | prediction: the file as llama.cpp "
+            "measures it [90%] | vs llama.cpp | embedding + head share of the price | project recipe |",
+            "|---|---|---|---|---|---|---|"]
+    hits = 0
+    for (ftype, recipe), w in zip(files, whole, strict=True):
+        q = pred.loc[w.label]
+        (kl, f16) = got[ftype]
+        verdict = "n/a"
+        if kl:
+            rel = q["kld"] / kl[0] - 1
+            inside = q["kld_low"] <= kl[0] <= q["kld_high"]
+            hits += abs(rel) <= 0.10 and inside
+            verdict = f"{rel * 100:+.0f}%, {'inside' if inside else 'outside'}"
+        share = (q["embedding_quad"] + q["head_quad"]) / q["token_gn_quad"] if q["token_gn_quad"] > 0 else 0.0
+        cells = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in (kl, f16)]
+        name = f"{ftype} + imatrix" if imatrix is not None else ftype
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] "
+                    f"| {verdict} | {share * 100:.0f}% | {recipe} |")
+    im_words = (f" Both llama-quantize and the prediction take the importance matrix {imatrix.name} (from "
+                "`quantpredict imatrix`, WikiText-2 train)." if imatrix is not None else "")
+    return "\n".join([
+        f"### {model} (**4-bit on the way in**): llama.cpp's own KLD beside the prediction of the file as it "
+        f"measures it{' (with an importance matrix)' if imatrix is not None else ''}", "",
+        f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of WikiText-2 test "
+        f"(the second half of each scored), {threads} thread(s). The prediction is `kld-table`'s target column "
+        "alone: the whole file (embedding and head in llama-quantize's types), the llama.cpp-cpu runtime, "
+        "llama-perplexity's windows. The real models were 4-bit on the way in (their GGUF packages): the FP model "
+        f"is that dequantized model.{im_words} `python benchmarks/llamacpp_reference.py kld-target --model {model} "
+        f"--chunks {chunks}{' --imatrix FILE' if imatrix is not None else ''}`.", "", *rows, "",
+        f"Within 10% and inside the interval: {hits} of {len(files)}"
+        + (" (the headline target counts the six files without an imatrix)." if imatrix is not None else ".")])
+
+
 def file_recipe(name: str, model: Any) -> Any:
     """The recipe of llama-quantize's whole file for the headline's ``name`` (:data:`KLD_FILES`): a named mix's
     ``-file`` form, or for a uniform ``q8_0-rtn`` the embedding and head in Q8_0 (llama.cpp keeps a Q8_0 file's
@@ -747,6 +802,13 @@ def main(argv: list[str] | None = None) -> int:
     t2.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     t2.add_argument("--imatrix", type=Path, default=None, help="also Q4_K_M and IQ4_XS made and priced with it")
     t2.add_argument("--note", default="", help="a paragraph the section adds after the table (what limits it)")
+    kt = sub.add_parser("kld-target", help="kld-table's target column alone (cheaper, for a large model)")
+    kt.add_argument("--model", default="smollm2-135m")
+    kt.add_argument("--chunks", type=int, default=32)
+    kt.add_argument("--threads", type=int, default=1, help="llama-quantize's and llama-perplexity's threads")
+    kt.add_argument("--imatrix", type=Path, default=None,
+                    help="the files of the imatrix rows, made and priced with it")
+    kt.add_argument("--out", type=Path, default=ROOT / "reports" / "llamacpp.md")
     m2 = sub.add_parser("measure-table", help="the project's measurement of llama.cpp's files under both protocols")
     m2.add_argument("--model", default="smollm2-135m")
     m2.add_argument("--chunks", type=int, default=32)
@@ -813,6 +875,14 @@ def main(argv: list[str] | None = None) -> int:
 
         table = kld_table(args.model, chunks=args.chunks, imatrix=args.imatrix)
         write_between(args.out, f"llamacpp:kld:{args.model}", table + (f"\n\n{args.note}" if args.note else ""))
+        print(f"wrote {args.out}")
+    elif args.cmd == "kld-target":
+        from _common import write_between
+
+        table = kld_target(args.model, chunks=args.chunks, threads=args.threads, imatrix=args.imatrix)
+        key = f"llamacpp:kld-target:{args.model}" + (":imatrix" if args.imatrix is not None else "")
+        write_between(args.out, key, table)
+        print(table)
         print(f"wrote {args.out}")
     elif args.cmd == "types-table":
         from _common import write_between
