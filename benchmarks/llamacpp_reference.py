@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -494,6 +495,8 @@ def kld_target(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
     KLD of its file (as written, and with the embedding and head in F16), beside the prediction of the whole file as
     llama.cpp measures it (``rank_recipes(..., runtime="llama.cpp-cpu", protocol="llama.cpp")``) with its interval.
     ``imatrix``: both llama-quantize and the prediction take it."""
+    from _common import machine
+
     from quantpredict.models import skeleton
     from quantpredict.predict.rank import PROTOCOLS, rank_recipes
 
@@ -537,7 +540,8 @@ def kld_target(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
         "alone: the whole file (embedding and head in llama-quantize's types), the llama.cpp-cpu runtime, "
         "llama-perplexity's windows. The real models were 4-bit on the way in (their GGUF packages): the FP model "
         f"is that dequantized model.{im_words} `python benchmarks/llamacpp_reference.py kld-target --model {model} "
-        f"--chunks {chunks}{' --imatrix FILE' if imatrix is not None else ''}`.", "", *rows, "",
+        f"--chunks {chunks}{' --imatrix FILE' if imatrix is not None else ''}`, measured {time.strftime('%Y-%m-%d')} "
+        f"on {machine()}.", "", *rows, "",
         f"Within 10% and inside the interval: {hits} of {len(files)}"
         + (" (the headline target counts the six files without an imatrix)." if imatrix is not None else ".")])
 
