@@ -95,6 +95,20 @@ def test_a_16_bit_checkpoint_stays_16_bit_and_matches(dtype, fmt, tmp_path, toke
     assert load_file(tmp_path / "direct" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == dtype
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "mxint4"])
+def test_a_sharded_checkpoint_is_read_shard_by_shard_and_written_whole(fmt, tmp_path, tokenizer):
+    """Checkpoints of larger models come in shards with an index: every shard is mapped, the tensors are written
+    into one ``model.safetensors`` (no index is carried), and the result is the model path's bit for bit."""
+    src = tmp_path / "src"
+    build("llama").save_pretrained(src, max_shard_size="20KB")
+    tokenizer.save_pretrained(src)
+    assert len(list(src.glob("model-*.safetensors"))) > 1 and (src / "model.safetensors.index.json").is_file()
+    recipe = Recipe(weight_format=fmt, method="rtn")
+    direct = _direct_path(src, recipe, tmp_path / "direct")
+    assert not (direct / "model.safetensors.index.json").exists()
+    _assert_same_result(_model_path(src, recipe, tmp_path / "model"), direct)
+
+
 def test_an_untied_head_is_copied_and_left_unquantized(tmp_path, tokenizer):
     cls, fields = CONFIGS["qwen2"]
     cfg = cls(**fields, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
