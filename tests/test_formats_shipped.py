@@ -706,10 +706,15 @@ _NO_ORACLE = ggml_oracle.why_unavailable()
 
 
 def oracle_data() -> list[torch.Tensor]:
-    """The edge cases above and 1M normal values with per-row scales (1024 rows of 1024, scales e^N(0, 1))."""
+    """The edge cases above, 1M normal values with per-row scales (1024 rows of 1024, scales e^N(0, 1)), and rows
+    whose first 32 values are 1000x the rest: beside that sub-block, the others' 6-bit scales round to 0, and
+    llama.cpp stores for them the codes its scale search left (Qwen2.5-Coder-1.5B's blk.4.ffn_down has such a
+    super-block; the project wrote 0 there until 2026-12-08)."""
     g = torch.Generator().manual_seed(30)
     big = torch.randn(1024, 1024, generator=g) * torch.exp(torch.randn(1024, 1, generator=g))
-    return [*DATA, big]
+    outlier = torch.randn(64, 512, generator=g) * 0.01
+    outlier[:, :32] *= 1000
+    return [*DATA, big, outlier]
 
 
 @pytest.mark.llama_cpp

@@ -258,13 +258,13 @@ def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]
     sub = blocks.reshape(-1, 32)  # [M, 32]: sub-blocks in order, 8 per super-block
     found = native.kx2_search(sub, nmax, _f32(rmin), _f32(rdelta), nstep) if use_native else None
     if found is not None:
-        scales, mins = found
+        scales, mins, fallback = found
     else:
-        scales, mins = torch.empty(sub.shape[0]), torch.empty(sub.shape[0])
+        scales, mins, fallback = torch.empty(sub.shape[0]), torch.empty(sub.shape[0]), torch.empty_like(sub)
         for a in range(0, sub.shape[0], CHUNK):
             xt = sub[a : a + CHUNK].t().contiguous()
-            scales[a : a + CHUNK], mins[a : a + CHUNK], _ = _qkx2_chunk(xt, _kx2_weights(xt), nmax, rmin, rdelta,
-                                                                        nstep)
+            s, m, c = _qkx2_chunk(xt, _kx2_weights(xt), nmax, rmin, rdelta, nstep)
+            scales[a : a + CHUNK], mins[a : a + CHUNK], fallback[a : a + CHUNK] = s, m, c.t()
     scales = scales.reshape(-1, 8)
     mins = mins.reshape(-1, 8)
     zero = torch.zeros(())
@@ -278,9 +278,10 @@ def _fit_kx2(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor]
     lm = torch.clamp_max(nearest_int(inv_min * mins) & 0xFF, 63).to(torch.float32)
     d16 = to_fp16(max_scale / 63.0, "super-block scale (max sub-block scale / 63)", fmt.name)
     dmin16 = to_fp16(max_min / 63.0, "super-block min scale (max sub-block min / 63)", fmt.name)
-    # per sub-block [S, 8, 1]: the d * sc and dmin * m every element of the sub-block is rounded with
+    # per sub-block [S, 8, 1]: the d * sc and dmin * m every element of the sub-block is rounded with; per element
+    # [S, 8, 32]: the codes the search left, which llama.cpp keeps where d * sc is 0
     return {"d": (d16 * ls).unsqueeze(-1), "dm": (dmin16 * lm).unsqueeze(-1), "d16": d16, "dmin16": dmin16,
-            "sc": ls, "m": lm}
+            "sc": ls, "m": lm, "fallback": fallback.reshape(-1, 8, 32)}
 
 
 def _rounded(v: Tensor, lo: int, hi: int) -> Tensor:
@@ -293,12 +294,16 @@ def _rounded(v: Tensor, lo: int, hi: int) -> Tensor:
 
 
 def _codes_kx2(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
+    """``clamp(nearest_int((x + dm) / d), 0, nmax)``; where ``d`` is 0 (a sub-block scale that rounds to 0 beside a
+    much larger one) the codes make_qkx2_quants left (C: ``if (!d) continue``; the value is ``-dm`` whatever the
+    code, but the file stores the code)."""
     nmax = KX2[fmt.name][0]
     d = p["d"]
     v = (x + p["dm"]).div_(d)
-    dead = d == 0  # sub-block scale 0: any code (the value is -dm); 0 here, llama.cpp keeps its search's codes
+    dead = d == 0
     if bool(dead.any()):
         v.masked_fill_(dead.expand_as(v), 0.0)
+        return torch.where(dead, p["fallback"], _rounded(v, 0, nmax))
     return _rounded(v, 0, nmax)
 
 
@@ -632,11 +637,9 @@ def _dequantize_iq4(q: Tensor, p: Mapping[str, Tensor]) -> Tensor:
 def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tensor]:
     """Parameters of each block of ``blocks`` [R, nb, B] (float32, finite, B the layout's block), broadcasting
     against ``blocks``: ``inv``/``d`` (Q8_0, Q5_0, Q4_0, per block), ``inv``/``min``/``d``/``m`` (Q5_1, Q4_1, per
-    block),
-    ``d``/``dm`` (Q4_K, Q5_K: the sub-block's ``d * sc`` and
-    ``dmin * m``, per element), ``d``/``fallback`` (Q6_K, Q3_K: ``d * sc`` and the codes left where that is 0) or
-    ``d``/``dm``/``fallback`` (Q2_K) or ``id``/``d`` (IQ4_NL, IQ4_XS: the inverse scale the codes are chosen with
-    and the scale the value is dequantized with).
+    block), ``d``/``fallback`` (Q6_K, Q3_K: ``d * sc`` and the codes left where that is 0) or
+    ``d``/``dm``/``fallback`` (Q4_K, Q5_K, Q2_K: also the sub-block's ``dmin * m``) or ``id``/``d`` (IQ4_NL,
+    IQ4_XS: the inverse scale the codes are chosen with and the scale the value is dequantized with).
 
     ``use_native``: run the k-quant scale search in the C kernel of :mod:`quantpredict.formats.native` when it is
     available (bit-identical to the torch search here, which runs otherwise: without a compiler, with
@@ -902,10 +905,10 @@ _TYPES: dict[str, _GgmlType] = {
     "q5_1": _GgmlType(fit=_simple_fit(_fit_min(31)), elementwise=("inv", "min", "d", "m"),
                       codes=_fmt_free(_codes_min(31)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
                       stored=_d_m_stored, pack=_pack_q5_1),
-    "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
-                      stored=_kx2_stored, pack=_pack_q4_k),
-    "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm"), codes=_codes_kx2, dequantize=_d_times_q_minus_dm,
-                      stored=_kx2_stored, pack=_pack_q5_k),
+    "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm", "fallback"), codes=_codes_kx2,
+                      dequantize=_d_times_q_minus_dm, stored=_kx2_stored, pack=_pack_q4_k),
+    "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm", "fallback"), codes=_codes_kx2,
+                      dequantize=_d_times_q_minus_dm, stored=_kx2_stored, pack=_pack_q5_k),
     "q3_k": _GgmlType(fit=_fit_q3_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_with_fallback(-4, 3)),
                       dequantize=_times_d,
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),

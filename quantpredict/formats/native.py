@@ -244,12 +244,13 @@ static inline int32_t qp_nearest_int(float f) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
-/* x: [nsub, 32] row-major; scales, mins: [nsub] */
+/* x: [nsub, 32] row-major; scales, mins: [nsub]; codes (or NULL): [nsub, 32], the codes L the search leaves (as
+   floats), which llama.cpp keeps where a sub-block's quantized scale is 0 */
 void qp_kx2(const float* x, int64_t nsub, int nmax, float rmin, float rdelta, int nstep, float* scales,
-            float* mins) {
+            float* mins, float* codes) {
     for (int64_t s0 = 0; s0 < nsub; s0 += LANES) {
         const int64_t lanes = nsub - s0 < LANES ? nsub - s0 : LANES;
-        float xs[32][LANES], w[32][LANES];
+        float xs[32][LANES], w[32][LANES], best_l[32][LANES];
         float sum_x2[LANES], sum_w[LANES], sum_x[LANES], mn[LANES], mx[LANES], iscale[LANES], scale[LANES];
         float best[LANES], rng[LANES];
         int flat[LANES];
@@ -282,6 +283,7 @@ void qp_kx2(const float* x, int64_t nsub, int nmax, float rmin, float rdelta, in
                 int l = qp_nearest_int(iscale[j] * (xs[i][j] - mn[j]));
                 l = l < 0 ? 0 : l;  /* two statements: a nested ?: stops GCC's vectoriser */
                 l = l > nmax ? nmax : l;
+                best_l[i][j] = (float)l;
                 float diff = scale[j] * l + mn[j] - xs[i][j];
                 best[j] += w[i][j] * (diff * diff);
             }
@@ -318,16 +320,22 @@ void qp_kx2(const float* x, int64_t nsub, int nmax, float rmin, float rdelta, in
                     float diff = ts[j] * lv[i][j] + tm[j] - xs[i][j];
                     cur[j] += w[i][j] * (diff * diff);
                 }
+            int better[LANES];
             for (int j = 0; j < LANES; j++) {
-                const int better = D[j] > 0 && cur[j] < best[j] && !flat[j];
-                best[j] = better ? cur[j] : best[j];
-                scale[j] = better ? ts[j] : scale[j];
-                mn[j] = better ? tm[j] : mn[j];
+                better[j] = D[j] > 0 && cur[j] < best[j] && !flat[j];
+                best[j] = better[j] ? cur[j] : best[j];
+                scale[j] = better[j] ? ts[j] : scale[j];
+                mn[j] = better[j] ? tm[j] : mn[j];
             }
+            if (codes != NULL)
+                for (int i = 0; i < 32; i++)
+                    for (int j = 0; j < LANES; j++) best_l[i][j] = better[j] ? lv[i][j] : best_l[i][j];
         }
         for (int j = 0; j < lanes; j++) {
             scales[s0 + j] = flat[j] ? 0.0f : scale[j];
             mins[s0 + j] = -mn[j];
+            if (codes != NULL)
+                for (int i = 0; i < 32; i++) codes[(s0 + j) * 32 + i] = flat[j] ? 0.0f : best_l[i][j];
         }
     }
 }
@@ -524,7 +532,7 @@ int qp_kx2_whole(const float* restrict x, float* restrict y, int64_t nsuper, int
     float scales[LANES], mins[LANES];
     for (int64_t s0 = 0; s0 < nsuper; s0 += LANES / 8) {
         const int64_t ns = nsuper - s0 < LANES / 8 ? nsuper - s0 : LANES / 8;
-        qp_kx2(x + s0 * 256, ns * 8, nmax, rmin, rdelta, nstep, scales, mins);
+        qp_kx2(x + s0 * 256, ns * 8, nmax, rmin, rdelta, nstep, scales, mins, NULL);  /* d = 0: the value is -dm */
         for (int64_t b = 0; b < ns; b++) {
             const float* restrict xb = x + (s0 + b) * 256;
             float* restrict yb = y + (s0 + b) * 256;
@@ -665,7 +673,7 @@ def library() -> ctypes.CDLL | None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, i64, ci, ci, ci, ci, ci, ctypes.c_float, ci]
             cf, vp = ctypes.c_float, ctypes.c_void_p
             lib.qp_kx2.restype = None
-            lib.qp_kx2.argtypes = [vp, i64, ci, cf, cf, ci, vp, vp]
+            lib.qp_kx2.argtypes = [vp, i64, ci, cf, cf, ci, vp, vp, vp]
             lib.qp_qx.restype = None
             lib.qp_qx.argtypes = [vp, i64, vp, vp]
             lib.qp_q3.restype = None
@@ -751,9 +759,11 @@ def _run_chunks(fn, total: int, align: int, threads: int | None = None) -> None:
         f.result()
 
 
-def kx2_search(sub: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -> tuple[Tensor, Tensor] | None:
-    """llama.cpp's ``make_qkx2_quants`` on sub-blocks ``sub`` [M, 32] (contiguous float32): (scales, mins) [M], or
-    None without the kernel. Bit-identical to the torch search in :mod:`quantpredict.formats.ggml`."""
+def kx2_search(sub: Tensor, nmax: int, rmin: float, rdelta: float,
+               nstep: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """llama.cpp's ``make_qkx2_quants`` on sub-blocks ``sub`` [M, 32] (contiguous float32): (scales, mins) [M] and
+    the codes L it leaves [M, 32] (as float32), or None without the kernel. Bit-identical to the torch search in
+    :mod:`quantpredict.formats.ggml`."""
     import torch
 
     lib = library()
@@ -761,14 +771,14 @@ def kx2_search(sub: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int) -
         return None
     sub = sub.contiguous()
     m = sub.shape[0]
-    scales, mins = torch.empty(m), torch.empty(m)
-    px, ps, pm = sub.data_ptr(), scales.data_ptr(), mins.data_ptr()
+    scales, mins, codes = torch.empty(m), torch.empty(m), torch.empty(m, 32)
+    px, ps, pm, pc = sub.data_ptr(), scales.data_ptr(), mins.data_ptr(), codes.data_ptr()
 
     def run(a: int, b: int) -> None:
-        lib.qp_kx2(px + 4 * 32 * a, b - a, nmax, rmin, rdelta, nstep, ps + 4 * a, pm + 4 * a)
+        lib.qp_kx2(px + 4 * 32 * a, b - a, nmax, rmin, rdelta, nstep, ps + 4 * a, pm + 4 * a, pc + 4 * 32 * a)
 
     _run_chunks(run, m, 8)
-    return scales, mins
+    return scales, mins, codes
 
 
 #: llama.cpp's one-pass types the C kernel quantizes whole (the kind number it takes)
