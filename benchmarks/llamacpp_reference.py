@@ -277,7 +277,9 @@ def report(models: Sequence[tuple[str, str | None]], out: Path) -> Path:
               "- llama.cpp's own KLD of its files beside the predictions: `kld-table` (below, where it was run).", "",
               "## Reproduce", "", "```bash", "make llamacpp",
               "python benchmarks/llamacpp_reference.py report",
-              "python benchmarks/llamacpp_reference.py kld-table --model smollm2-135m", "```", ""]
+              "python benchmarks/llamacpp_reference.py kld-table --model smollm2-135m",
+              "python benchmarks/llamacpp_reference.py kld-target --model qwen2.5-coder-1.5b --chunks 8 --threads 2 "
+              "--imatrix FILE  # the target column alone", "```", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     old = out.read_text() if out.exists() else ""
     # the sections other commands write (kld-table, measure-table, types-table, the allocation): kept as they are
