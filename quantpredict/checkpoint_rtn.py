@@ -11,9 +11,9 @@ rounds no tensor but the linear weights, one at a time as the output is written.
 
 **The same result as the model path, bit for bit** (``tests/test_checkpoint_rtn.py`` compares it with
 :func:`~quantpredict.quantize.model.quantize_model` + :func:`~quantpredict.quantize.model.save_quantized` per
-family): each weight is upcast to float32 and rounded by :func:`~quantpredict.quantize.rtn.rtn_quantize` (the
-one-pass llama.cpp types by the same C kernel, with the relative error summed in the same pass), written back in
-the checkpoint's dtype; every other tensor is copied as stored; the report (per-layer relative weight
+family): each weight is upcast to float32 and rounded as :func:`~quantpredict.quantize.rtn.rtn_quantize` rounds
+it (the llama.cpp types of ``native.WHOLE_BLOCKS`` by C kernels, with the relative error summed in the same pass),
+written back in the checkpoint's dtype; every other tensor is copied as stored; the report (per-layer relative weight
 error, sizes) and ``quantization.json`` are the model path's. What differs is only what transformers would
 re-serialize: ``config.json``, ``generation_config.json`` and the tokenizer files are copied as they are, not
 re-written (the same settings), and the weights go to one ``model.safetensors``.
@@ -231,8 +231,9 @@ def quantize_checkpoint(plan: CheckpointPlan, recipe: Recipe, out_dir: str | Pat
         source |= arrays
     planned = {q.key: (q, fb) for q, fb in zip(plan.linears, formats, strict=True) if fb is not None}
     for q, (fmt, block) in planned.values():  # a layout a layer's rows cannot take: before any work, not part-way
-        get_format(fmt).check_block(block)
-        get_format(fmt).check_row_length(q.in_features)
+        f = get_format(fmt)
+        f.check_block(block)
+        f.check_row_length(q.in_features)
     nan = float("nan")
     layers: dict[str, LayerReport] = {}
     q_bits, q_params = 0.0, 0

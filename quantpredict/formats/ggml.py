@@ -293,20 +293,6 @@ def _rounded(v: Tensor, lo: int, hi: int) -> Tensor:
     return nearest_int(v).clamp_(lo, hi).to(torch.float32)
 
 
-def _codes_kx2(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
-    """``clamp(nearest_int((x + dm) / d), 0, nmax)``; where ``d`` is 0 (a sub-block scale that rounds to 0 beside a
-    much larger one) the codes make_qkx2_quants left (C: ``if (!d) continue``; the value is ``-dm`` whatever the
-    code, but the file stores the code)."""
-    nmax = KX2[fmt.name][0]
-    d = p["d"]
-    v = (x + p["dm"]).div_(d)
-    dead = d == 0
-    if bool(dead.any()):
-        v.masked_fill_(dead.expand_as(v), 0.0)
-        return torch.where(dead, p["fallback"], _rounded(v, 0, nmax))
-    return _rounded(v, 0, nmax)
-
-
 # ------------------------------------------------------------------------------------------------------- Q6_K
 
 
@@ -446,13 +432,15 @@ def _fit_q3_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor
 
 
 def _codes_with_fallback(lo: int, hi: int):
-    """Q3_K / Q6_K: ``clamp(nearest_int(x / d), lo, hi)``, and where ``d`` (d * sc) is 0 the codes the search left
-    (C: ``if (!d) continue``; the value is +-0, its sign from the code)."""
+    """``clamp(nearest_int(x / d), lo, hi)`` (Q3_K, Q6_K) or, with a ``dm`` parameter, ``clamp(nearest_int((x + dm)
+    / d), lo, hi)`` (Q2_K, Q4_K, Q5_K); where ``d`` (d * sc) is 0 (a sub-block scale that rounds to 0 beside a much
+    larger one) the codes the search left (C: ``if (!d) continue``). The value is then +-0, or ``-dm``, whatever
+    the code, but the file stores the code."""
 
     def codes_(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
         d = p["d"]
         dead = d == 0
-        v = x / d
+        v = x / d if "dm" not in p else (x + p["dm"]).div_(d)
         if bool(dead.any()):
             v.masked_fill_(dead.expand_as(v), 0.0)
             return torch.where(dead, p["fallback"], _rounded(v, lo, hi))
@@ -487,18 +475,6 @@ def _fit_q2_k(blocks: Tensor, fmt: Format, use_native: bool) -> dict[str, Tensor
     dmin16 = to_fp16(max_min / 15.0, "super-block min scale (max sub-block min / 15)", fmt.name)
     return {"d": (d16 * sc).unsqueeze(-1), "dm": (dmin16 * m).unsqueeze(-1), "fallback": fallback.reshape(-1, 16, 16),
             "d16": d16, "dmin16": dmin16, "sc": sc, "m": m}
-
-
-def _codes_q2_k(x: Tensor, p: Mapping[str, Tensor]) -> Tensor:
-    """``clamp(nearest_int((x + dm) / d), 0, 3)``; where ``d`` is 0 the codes make_qkx2_quants left (C: ``if (!d)
-    continue``; the value is ``-dm`` whatever the code)."""
-    d = p["d"]
-    v = (x + p["dm"]).div_(d)
-    dead = d == 0
-    if bool(dead.any()):
-        v.masked_fill_(dead.expand_as(v), 0.0)
-        return torch.where(dead, p["fallback"], _rounded(v, 0, 3))
-    return _rounded(v, 0, 3)
 
 
 # ------------------------------------------------------------------------------------------------ IQ4_NL / IQ4_XS
@@ -681,7 +657,7 @@ def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The integer codes (float32, x's shape): Q8_0 -127..127, Q6_K -32..31 (before llama.cpp's +32), Q3_K -4..3
     (before its +4), Q2_K 0..3, Q4_K, Q4_0 and Q4_1 0..15, Q5_K, Q5_0 and Q5_1 0..31, IQ4_NL and IQ4_XS 0..15
     (indices into kvalues_iq4nl)."""
-    return _TYPES[fmt.name].codes(x, fmt, p)
+    return _TYPES[fmt.name].codes(x, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
@@ -689,7 +665,7 @@ def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     ``(q - 8) * d`` (Q4_0), ``d * q + m`` (Q5_1, Q4_1), ``d * q - dm`` (Q4_K, Q5_K, Q2_K), ``d * q`` (Q6_K, Q3_K; d =
     fp16 d times the sub-block scale), ``d * kvalues_iq4nl[q]`` (IQ4_NL, IQ4_XS). float32, x's shape."""
     t = _TYPES[fmt.name]
-    return t.dequantize(t.codes(x, fmt, p), p)
+    return t.dequantize(t.codes(x, p), p)
 
 
 # ---------------------------------------------------------------------------------------------------- packing
@@ -718,7 +694,7 @@ def encode(x: Tensor, fmt: Format) -> Encoded:
     blocks = x32.reshape(rows, n // block, block)
     t = _TYPES[fmt.name]
     p = t.fit(blocks, fmt, native.available())
-    q = t.codes(_sub_blocks(blocks, fmt), fmt, {k: p[k] for k in t.elementwise}).reshape(rows, n)
+    q = t.codes(_sub_blocks(blocks, fmt), {k: p[k] for k in t.elementwise}).reshape(rows, n)
     return Encoded(fmt.name, q, *t.stored(p, rows, n // block))
 
 
@@ -854,7 +830,7 @@ class _GgmlType(NamedTuple):
 
     fit: Callable[[Tensor, Format, bool], dict[str, Tensor]]  # (blocks [R, nb, B], fmt, use_native) -> parameters
     elementwise: tuple[str, ...]  # the parameters that codes and dequantize read (fit spreads them per element)
-    codes: Callable[[Tensor, Format, Mapping[str, Tensor]], Tensor]
+    codes: Callable[[Tensor, Mapping[str, Tensor]], Tensor]
     dequantize: Callable[[Tensor, Mapping[str, Tensor]], Tensor]  # codes -> values, in place (gguf-py's arithmetic)
     stored: Callable[[Mapping[str, Tensor], int, int], tuple]  # (p, rows, nb) -> Encoded's (d, dmin, sc, m)
     pack: Callable[[Encoded], np.ndarray]
@@ -863,11 +839,6 @@ class _GgmlType(NamedTuple):
 def _simple_fit(fit_: Callable[[Tensor, Format], dict[str, Tensor]]):
     """A one-pass fit (Q8_0, Q5_0, Q5_1, Q4_0, Q4_1: no scale search, so ``use_native`` has nothing to run)."""
     return lambda blocks, fmt, use_native: fit_(blocks, fmt)
-
-
-def _fmt_free(codes_: Callable[[Tensor, Mapping[str, Tensor]], Tensor]):
-    """Codes that read only the parameters (every type but Q4_K/Q5_K, whose ``nmax`` comes from the format)."""
-    return lambda x, fmt, p: codes_(x, p)
 
 
 def _times_d(q: Tensor, p: Mapping[str, Tensor]) -> Tensor:
@@ -893,40 +864,43 @@ def _kx2_stored(p: Mapping[str, Tensor], rows: int, nb: int) -> tuple:
 
 #: Every llama.cpp type, by format name.
 _TYPES: dict[str, _GgmlType] = {
-    "q8_0": _GgmlType(fit=_simple_fit(_fit_q8_0), elementwise=("inv", "d"), codes=_fmt_free(_codes_q8_0),
+    "q8_0": _GgmlType(fit=_simple_fit(_fit_q8_0), elementwise=("inv", "d"), codes=_codes_q8_0,
                       dequantize=_times_d, stored=_d_stored, pack=_pack_q8_0),
-    "q4_0": _GgmlType(fit=_simple_fit(_fit_sym(8)), elementwise=("inv", "d"), codes=_fmt_free(_codes_sym(8)),
+    "q4_0": _GgmlType(fit=_simple_fit(_fit_sym(8)), elementwise=("inv", "d"), codes=_codes_sym(8),
                       dequantize=lambda q, p: q.sub_(8.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q4_0),
     "q4_1": _GgmlType(fit=_simple_fit(_fit_min(15)), elementwise=("inv", "min", "d", "m"),
-                      codes=_fmt_free(_codes_min(15)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      codes=_codes_min(15), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
                       stored=_d_m_stored, pack=_pack_q4_1),
-    "q5_0": _GgmlType(fit=_simple_fit(_fit_sym(16)), elementwise=("inv", "d"), codes=_fmt_free(_codes_sym(16)),
+    "q5_0": _GgmlType(fit=_simple_fit(_fit_sym(16)), elementwise=("inv", "d"), codes=_codes_sym(16),
                       dequantize=lambda q, p: q.sub_(16.0).mul_(p["d"]), stored=_d_stored, pack=_pack_q5_0),
     "q5_1": _GgmlType(fit=_simple_fit(_fit_min(31)), elementwise=("inv", "min", "d", "m"),
-                      codes=_fmt_free(_codes_min(31)), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
+                      codes=_codes_min(31), dequantize=lambda q, p: q.mul_(p["d"]).add_(p["m"]),
                       stored=_d_m_stored, pack=_pack_q5_1),
-    "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm", "fallback"), codes=_codes_kx2,
+    "q4_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm", "fallback"),
+                      codes=_codes_with_fallback(0, KX2["q4_k"][0]),
                       dequantize=_d_times_q_minus_dm, stored=_kx2_stored, pack=_pack_q4_k),
-    "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm", "fallback"), codes=_codes_kx2,
+    "q5_k": _GgmlType(fit=_fit_kx2, elementwise=("d", "dm", "fallback"),
+                      codes=_codes_with_fallback(0, KX2["q5_k"][0]),
                       dequantize=_d_times_q_minus_dm, stored=_kx2_stored, pack=_pack_q5_k),
-    "q3_k": _GgmlType(fit=_fit_q3_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_with_fallback(-4, 3)),
+    "q3_k": _GgmlType(fit=_fit_q3_k, elementwise=("d", "fallback"), codes=_codes_with_fallback(-4, 3),
                       dequantize=_times_d,
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),
                                                   None),
                       pack=_pack_q3_k),
-    "q2_k": _GgmlType(fit=_fit_q2_k, elementwise=("d", "dm", "fallback"), codes=_fmt_free(_codes_q2_k),
+    "q2_k": _GgmlType(fit=_fit_q2_k, elementwise=("d", "dm", "fallback"),
+                      codes=_codes_with_fallback(0, 3),
                       dequantize=_d_times_q_minus_dm,
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), p["dmin16"].reshape(rows, nb),
                                                   p["sc"].reshape(rows, nb, 16), p["m"].reshape(rows, nb, 16)),
                       pack=_pack_q2_k),
-    "iq4_nl": _GgmlType(fit=_fit_iq4_nl, elementwise=("id", "d"), codes=_fmt_free(_codes_iq4),
+    "iq4_nl": _GgmlType(fit=_fit_iq4_nl, elementwise=("id", "d"), codes=_codes_iq4,
                         dequantize=_dequantize_iq4, stored=_d_stored, pack=_pack_iq4_nl),
-    "iq4_xs": _GgmlType(fit=_fit_iq4_xs, elementwise=("id", "d"), codes=_fmt_free(_codes_iq4),
+    "iq4_xs": _GgmlType(fit=_fit_iq4_xs, elementwise=("id", "d"), codes=_codes_iq4,
                         dequantize=_dequantize_iq4,
                         stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 8),
                                                     None),
                         pack=_pack_iq4_xs),
-    "q6_k": _GgmlType(fit=_fit_q6_k, elementwise=("d", "fallback"), codes=_fmt_free(_codes_with_fallback(-32, 31)),
+    "q6_k": _GgmlType(fit=_fit_q6_k, elementwise=("d", "fallback"), codes=_codes_with_fallback(-32, 31),
                       dequantize=_times_d,
                       stored=lambda p, rows, nb: (p["d16"].reshape(rows, nb), None, p["sc"].reshape(rows, nb, 16),
                                                   None),

@@ -109,9 +109,9 @@ def _pack_q8_k(e: Encoded) -> np.ndarray:
 #: Every activation format, by name: how it fits, codes, dequantizes, stores and packs (:mod:`.ggml`'s record).
 _TYPES: dict[str, _GgmlType] = {
     "q8_0_x86": _GgmlType(fit=_simple_fit(_fit_q8_0_x86), elementwise=("inv", "d"),
-                          codes=lambda x, fmt, p: _codes_round_even(x, p), dequantize=_times_d, stored=_d_stored,
+                          codes=_codes_round_even, dequantize=_times_d, stored=_d_stored,
                           pack=_pack_q8_0),
-    "q8_k": _GgmlType(fit=_simple_fit(_fit_q8_k), elementwise=("inv", "d"), codes=lambda x, fmt, p: _codes_q8_k(x, p),
+    "q8_k": _GgmlType(fit=_simple_fit(_fit_q8_k), elementwise=("inv", "d"), codes=_codes_q8_k,
                       dequantize=_times_d, stored=_d_stored, pack=_pack_q8_k),
 }
 
@@ -128,13 +128,13 @@ def fit(blocks: Tensor, fmt: Format, use_native: bool = True) -> dict[str, Tenso
 
 def codes(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """The int8 codes -127..127 (float32, x's shape) of ``x`` with parameters ``p`` broadcasting against it."""
-    return _TYPES[fmt.name].codes(x, fmt, p)
+    return _TYPES[fmt.name].codes(x, p)
 
 
 def quantize(x: Tensor, fmt: Format, p: Mapping[str, Tensor]) -> Tensor:
     """``q * d`` elementwise (float32, x's shape): what the runtime's integer dot product stands for."""
     t = _TYPES[fmt.name]
-    return t.dequantize(t.codes(x, fmt, p), p)
+    return t.dequantize(t.codes(x, p), p)
 
 
 def fake_quantize_blocks(blocks: Tensor, fmt: Format, use_native: bool = True) -> Tensor:
@@ -159,6 +159,6 @@ def to_ggml_bytes(x: Tensor, fmt: Format | str) -> np.ndarray:
     blocks = x32.reshape(rows, n // f.default_block_size, f.default_block_size)
     t = _TYPES[f.name]
     p = t.fit(blocks, f, False)
-    q = t.codes(blocks, f, p).reshape(rows, n)
+    q = t.codes(blocks, p).reshape(rows, n)
     e = Encoded(f.name, q, *t.stored(p, rows, n // f.default_block_size))
     return t.pack(e).reshape(rows, -1)

@@ -523,7 +523,7 @@ int qp_sub16_k(const float* restrict x, float* restrict y, int64_t nsuper, int s
 
 /* Q4_K / Q5_K whole (quantize_row_q{4,5}_K_ref, dequantized with gguf-py's d * q - dm): x, y [nsuper, 256]
    contiguous and finite; the sub-block search is qp_kx2's with (nmax, rmin, rdelta, nstep), then the torch path's
-   float32 operations in order (formats.ggml _fit_kx2, _codes_kx2, _d_times_q_minus_dm): the largest sub-block
+   float32 operations in order (formats.ggml _fit_kx2, _codes_with_fallback, _d_times_q_minus_dm): the largest sub-block
    scale and min as torch's amax (the first of equal values) and maximum with 0 (which keeps a -0) give them.
    Returns 1 where a super-block scale or min scale overflows fp16; sums as qp_sub16_k's. */
 int qp_kx2_whole(const float* restrict x, float* restrict y, int64_t nsuper, int nmax, float rmin, float rdelta,
@@ -557,7 +557,7 @@ int qp_kx2_whole(const float* restrict x, float* restrict y, int64_t nsuper, int
                 const float* restrict xs = xb + 32 * i;
                 float* restrict ys = yb + 32 * i;
                 for (int k = 0; k < 32; k++) {
-                    int c = 0;  /* d = 0: any code (the value is -dm); 0 as the torch path */
+                    int c = 0;  /* d = 0: the value is -dm whatever the code (the packed file keeps the search's) */
                     if (d != 0.0f) {
                         c = qp_nearest_int((xs[k] + dm) / d);
                         c = c < 0 ? 0 : (c > nmax ? nmax : c);
