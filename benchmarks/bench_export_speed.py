@@ -26,6 +26,7 @@ import llamacpp_reference as ref  # noqa: E402
 from _common import load_average, machine, write_section  # noqa: E402
 from bench_llamacpp_speed import MIXES, timed  # noqa: E402
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 REAL = {"smollm2-135m": " (**4-bit on the way in**: its GGUF package)",
         "qwen2.5-coder-1.5b": " (**4-bit on the way in**: its GGUF package)"}
 
@@ -35,12 +36,9 @@ def llama_route(model: str, mix: str, tmp: Path, env: dict) -> dict:
     from quantpredict import export
     from quantpredict.models import resolve
 
-    model_dir = resolve(model)
-    src = export.converter_dir(download=False)
     f32, out = tmp / "f32.gguf", tmp / "llama.gguf"
-    conv = timed([sys.executable, "-c", export._RUNNER, str(src), "1" if export.gpt2_byte_level(model_dir) else "0",
-                  str(model_dir), "--outfile", str(f32), "--outtype", "f32"],
-                 env={**env, "PYTHONPATH": str(src / "gguf-py")})
+    cmd, conv_env = export.converter_command(resolve(model), f32, "f32", export.converter_dir(download=False))
+    conv = timed(cmd, env={**conv_env, **ONE_THREAD})
     quant = timed([str(ref._need("llama-quantize")), str(f32), str(out), MIXES[mix], "1"], env=env)
     f32.unlink()
     return {"convert": conv["seconds"], "quantize": quant["seconds"], "seconds": conv["seconds"] + quant["seconds"],
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not ref.built():
         raise SystemExit("llama.cpp's tools are not built: make llamacpp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, **ONE_THREAD}
     rows = ["| model | llama.cpp: convert s | llama-quantize s | llama.cpp route s | `quantpredict export` s | "
             "ratio | same contents | peak GiB (llama.cpp / project) |", "|---|---:|---:|---:|---:|---:|---|---|"]
     for model in args.models:

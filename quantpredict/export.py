@@ -224,13 +224,19 @@ class Conversion:
     log: str
 
 
-def convert(model_dir: Path, out: Path, outtype: str = "f32", *, src: Path | None = None) -> Conversion:
-    """llama.cpp's ``convert_hf_to_gguf.py`` on ``model_dir``, writing ``out`` in ``outtype`` (f32: the checkpoint's
-    weights exactly); its log is kept, and shown in the error when it fails. An interrupt stops the child too."""
-    src = src or converter_dir()
+def converter_command(model_dir: Path, out: Path, outtype: str, src: Path) -> tuple[list[str], dict[str, str]]:
+    """``(argv, environment)`` of llama.cpp's ``convert_hf_to_gguf.py`` (unpacked at ``src``) on ``model_dir``,
+    writing ``out`` in ``outtype``, as :func:`convert` runs it (benchmarks time the same command)."""
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-c", _RUNNER, str(src), "1" if gpt2_byte_level(model_dir) else "0", str(model_dir),
            "--outfile", str(out), "--outtype", outtype]
+    return cmd, env
+
+
+def convert(model_dir: Path, out: Path, outtype: str = "f32", *, src: Path | None = None) -> Conversion:
+    """llama.cpp's ``convert_hf_to_gguf.py`` on ``model_dir``, writing ``out`` in ``outtype`` (f32: the checkpoint's
+    weights exactly); its log is kept, and shown in the error when it fails. An interrupt stops the child too."""
+    cmd, env = converter_command(model_dir, out, outtype, src or converter_dir())
     log_path = out.with_name(out.name + ".log")
     with open(log_path, "w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(out.parent))
