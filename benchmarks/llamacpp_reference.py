@@ -410,6 +410,34 @@ def llama_klds(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
             + (f" {note}" if note else ""), "", *rows]
 
 
+def _check_protocol(ctx: int, command: str) -> None:
+    """The predictions price llama-perplexity's windows at the one context :data:`PROTOCOLS` names: stop otherwise."""
+    from quantpredict.predict.rank import PROTOCOLS
+
+    if PROTOCOLS["llama.cpp"] != (ctx, ctx // 2 + 1):
+        raise SystemExit(f"{command} predicts llama-perplexity's protocol at -c {PROTOCOLS['llama.cpp'][0]}; "
+                         f"got --ctx {ctx}")
+
+
+def _kld_cell(got: tuple[float, float] | None) -> str:
+    return f"{got[0]:.4f} ± {got[1]:.4f}" if got else "n/a"
+
+
+def _judged(q: Any, measured: tuple[float, float] | None) -> tuple[str, bool]:
+    """The verdict of a prediction row ``q`` (``kld``, ``kld_low``, ``kld_high``) against llama.cpp's ``measured``
+    (KLD, SE): ``("+4%, inside", hit)``, a hit within 10% and inside the interval; ``("n/a", False)`` unmeasured."""
+    if not measured:
+        return "n/a", False
+    rel = q["kld"] / measured[0] - 1
+    inside = q["kld_low"] <= measured[0] <= q["kld_high"]
+    return f"{rel * 100:+.0f}%, {'inside' if inside else 'outside'}", bool(abs(rel) <= 0.10 and inside)
+
+
+def _head_share(q: Any) -> float:
+    """The token embedding's and output head's share of a prediction row's price."""
+    return (q["embedding_quad"] + q["head_quad"]) / q["token_gn_quad"] if q["token_gn_quad"] > 0 else 0.0
+
+
 def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1, imatrix: Path | None = None) -> str:
     """The headline table: for each of :data:`KLD_FILES`, llama.cpp's own ``--kl-divergence`` of its file against
     the F32 GGUF (as llama-quantize writes it, and with the token embedding and output head kept in F16), beside two
@@ -425,11 +453,9 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
     ``imatrix``: an importance-matrix file; :data:`KLD_IMATRIX_FILES` are then also made with it
     (``llama-quantize --imatrix``) and priced with it (``rank_recipes(..., imatrix=)``), in rows of their own."""
     from quantpredict.models import skeleton
-    from quantpredict.predict.rank import PROTOCOLS, rank_recipes
+    from quantpredict.predict.rank import rank_recipes
 
-    if PROTOCOLS["llama.cpp"] != (ctx, ctx // 2 + 1):
-        raise SystemExit(f"kld-table predicts llama-perplexity's protocol at -c {PROTOCOLS['llama.cpp'][0]}; "
-                         f"got --ctx {ctx}")
+    _check_protocol(ctx, "kld-table")
     base, text, logits = _kld_inputs(model, chunks, ctx)
     net = skeleton(model)
 
@@ -455,19 +481,14 @@ def kld_table(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1,
         got = [_llama_kld(model, base, ftype, [*with_im, *extra], text=text, chunks=chunks, ctx=ctx,
                           threads=threads, logits=logits)
                for extra in ([], list(F16_IO))]
-        shown = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in got]
-        verdict = "n/a"
-        if got[0]:
-            rel = q["kld"] / got[0][0] - 1
-            inside = q["kld_low"] <= got[0][0] <= q["kld_high"]
-            ok = abs(rel) <= 0.10 and inside
-            hits += ok and im is None
-            verdict = f"{rel * 100:+.0f}%{', inside' if inside else ', outside'}{' (**hit**)' if ok else ''}"
-        share = (q["embedding_quad"] + q["head_quad"]) / q["token_gn_quad"] if q["token_gn_quad"] > 0 else 0.0
+        verdict, ok = _judged(q, got[0])
+        hits += ok and im is None
         name = f"{ftype} + imatrix" if im is not None else ftype
-        rows.append(f"| {name} | {shown[0]} | {shown[1]} | {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] "
-                    f"| {verdict} | {share * 100:.0f}% of the price | {r['kld']:.4f} [{r['kld_low']:.4f}, "
-                    f"{r['kld_high']:.4f}] | {p['kld']:.4f} [{p['kld_low']:.4f}, {p['kld_high']:.4f}] | {recipe} |")
+        hit = " (**hit**)" if ok else ""
+        rows.append(f"| {name} | {_kld_cell(got[0])} | {_kld_cell(got[1])} | {q['kld']:.4f} [{q['kld_low']:.4f}, "
+                    f"{q['kld_high']:.4f}] | {verdict}{hit} | {_head_share(q) * 100:.0f}% of the price | "
+                    f"{r['kld']:.4f} [{r['kld_low']:.4f}, {r['kld_high']:.4f}] | {p['kld']:.4f} [{p['kld_low']:.4f}, "
+                    f"{p['kld_high']:.4f}] | {recipe} |")
     target = "**met**" if hits >= 5 else "**not met**"
     return "\n".join([f"### {model} (**4-bit on the way in**): llama.cpp's own KLD beside the prediction", "",
                        f"llama-perplexity `--kl-divergence` against the F32 GGUF, {chunks} chunks of {ctx} tokens of "
@@ -500,11 +521,9 @@ def kld_target(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
     from _common import machine
 
     from quantpredict.models import skeleton
-    from quantpredict.predict.rank import PROTOCOLS, rank_recipes
+    from quantpredict.predict.rank import rank_recipes
 
-    if PROTOCOLS["llama.cpp"] != (ctx, ctx // 2 + 1):
-        raise SystemExit(f"kld-target predicts llama-perplexity's protocol at -c {PROTOCOLS['llama.cpp'][0]}; "
-                         f"got --ctx {ctx}")
+    _check_protocol(ctx, "kld-target")
     files = tuple(files or (KLD_IMATRIX_FILES if imatrix is not None else KLD_FILES))
     base, text, logits = _kld_inputs(model, chunks, ctx)
     with_im = ["--imatrix", str(imatrix)] if imatrix is not None else []
@@ -520,18 +539,12 @@ def kld_target(model: str, *, chunks: int = 32, ctx: int = 512, threads: int = 1
     hits = 0
     for (ftype, recipe), w in zip(files, whole, strict=True):
         q = pred.loc[w.label]
-        (kl, f16) = got[ftype]
-        verdict = "n/a"
-        if kl:
-            rel = q["kld"] / kl[0] - 1
-            inside = q["kld_low"] <= kl[0] <= q["kld_high"]
-            hits += abs(rel) <= 0.10 and inside
-            verdict = f"{rel * 100:+.0f}%, {'inside' if inside else 'outside'}"
-        share = (q["embedding_quad"] + q["head_quad"]) / q["token_gn_quad"] if q["token_gn_quad"] > 0 else 0.0
-        cells = [f"{g[0]:.4f} ± {g[1]:.4f}" if g else "n/a" for g in (kl, f16)]
+        kl, f16 = got[ftype]
+        verdict, ok = _judged(q, kl)
+        hits += ok
         name = f"{ftype} + imatrix" if imatrix is not None else ftype
-        rows.append(f"| {name} | {cells[0]} | {cells[1]} | {q['kld']:.4f} [{q['kld_low']:.4f}, {q['kld_high']:.4f}] "
-                    f"| {verdict} | {share * 100:.0f}% | {recipe} |")
+        rows.append(f"| {name} | {_kld_cell(kl)} | {_kld_cell(f16)} | {q['kld']:.4f} [{q['kld_low']:.4f}, "
+                    f"{q['kld_high']:.4f}] | {verdict} | {_head_share(q) * 100:.0f}% | {recipe} |")
     im_words = (f" Both llama-quantize and the prediction take the importance matrix {imatrix.name} (from "
                 "`quantpredict imatrix`, WikiText-2 train)." if imatrix is not None else "")
     return "\n".join([
